@@ -1,0 +1,298 @@
+"""Argument normalization and validation: done once, at the public entry points.
+
+Every public call turns its arguments into a :class:`Problem` here; backends
+trust it and never re-validate. Errors are ``TypeError`` for the wrong kind of
+thing and ``ValueError`` for the wrong value, and always name the argument and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from . import _arrays
+from .window import Axis
+
+FUSED, QK, AV = "fused", "qk", "av"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated neighborhood attention call (shapes, window, dtype, placement)."""
+
+    op: str
+    axes: tuple[Axis, ...]
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    kind: str
+    device: str
+    has_rpb: bool = False
+    scale: float | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.axes)
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(a.length for a in self.axes)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(a.kernel_size for a in self.axes)
+
+    @property
+    def slots(self) -> int:
+        """Window slots per query (last dimension of the attention weights)."""
+        return math.prod(self.kernel_size)
+
+    @property
+    def rpb_shape(self) -> tuple[int, ...]:
+        return (self.heads, *(2 * k - 1 for k in self.kernel_size))
+
+    @property
+    def attn_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.spatial, self.heads, self.slots)
+
+    @property
+    def qkv_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.spatial, self.heads, self.head_dim)
+
+    @property
+    def lse_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.spatial, self.heads)
+
+
+# ---------------------------------------------------------------- scalars
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def per_axis_ints(name: str, value, ndim: int) -> tuple[int, ...]:
+    """An int, or a tuple/list of ``ndim`` ints, as a tuple of ints."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+    if len(items) != ndim or not all(_is_int(v) for v in items):
+        raise TypeError(
+            f"{name} must be an int or a tuple of {ndim} ints (one per spatial axis), got {value!r}"
+        )
+    return tuple(int(v) for v in items)
+
+
+def per_axis_bools(name: str, value, ndim: int) -> tuple[bool, ...]:
+    """A bool, or a tuple/list of ``ndim`` bools, as a tuple of bools."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+
+    def is_bool(v):
+        return isinstance(v, bool) or type(v).__name__ == "bool_"
+
+    if len(items) != ndim or not all(is_bool(v) for v in items):
+        raise TypeError(
+            f"{name} must be a bool or a tuple of {ndim} bools (one per spatial axis), got {value!r}"
+        )
+    return tuple(bool(v) for v in items)
+
+
+def _scale(value, head_dim: int) -> float:
+    if value is None:
+        return head_dim**-0.5
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def _array_kind(name: str, x) -> str:
+    kind = _arrays.kind_of(x)
+    if kind is None:
+        raise TypeError(
+            f"{name} must be a NumPy array, CuPy array or torch tensor, got {type(x).__qualname__}"
+        )
+    return kind
+
+
+def _floating(name: str, x) -> str:
+    dtype = _arrays.dtype_name(x)
+    if dtype not in _arrays.FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype ({', '.join(_arrays.FLOAT_DTYPES)}), got {dtype}")
+    return dtype
+
+
+def _same_placement(reference_name: str, reference, others: dict) -> None:
+    """Every array in ``others`` has the kind, device and dtype of ``reference``."""
+    kind = _arrays.kind_of(reference)
+    for name, x in others.items():
+        if _array_kind(name, x) != kind:
+            raise TypeError(
+                f"{name} is a {_arrays.describe(x)} but {reference_name} is a "
+                f"{_arrays.describe(reference)}: all inputs must be the same kind of array"
+            )
+        if _arrays.device_of(x) != _arrays.device_of(reference):
+            raise ValueError(
+                f"{name} is on {_arrays.device_of(x)} but {reference_name} is on "
+                f"{_arrays.device_of(reference)}: all inputs must be on one device"
+            )
+        if _arrays.dtype_name(x) != _arrays.dtype_name(reference):
+            raise TypeError(
+                f"{name} has dtype {_arrays.dtype_name(x)} but {reference_name} has "
+                f"{_arrays.dtype_name(reference)}: inputs must share one dtype"
+            )
+
+
+def _unpack_heads_last(name: str, x, ndim: int) -> tuple[int, tuple[int, ...], int, int]:
+    """(batch, spatial, heads, last) of a ``[batch, *spatial, heads, last]`` array."""
+    expected = ndim + 3
+    if len(x.shape) != expected:
+        layout = "[batch, length, heads, head_dim]" if ndim == 1 else "[batch, height, width, heads, head_dim]"
+        raise ValueError(
+            f"{name} must have {expected} dimensions {layout} (heads-last) for {ndim}D "
+            f"neighborhood attention, got shape {tuple(x.shape)}"
+        )
+    shape = tuple(int(s) for s in x.shape)
+    return shape[0], shape[1:-2], shape[-2], shape[-1]
+
+
+def _axes(ndim, spatial, kernel_size, stride, dilation, is_causal) -> tuple[Axis, ...]:
+    kernel_size = per_axis_ints("kernel_size", kernel_size, ndim)
+    stride = per_axis_ints("stride", stride, ndim)
+    dilation = per_axis_ints("dilation", dilation, ndim)
+    causal = per_axis_bools("is_causal", is_causal, ndim)
+    if any(k < 2 for k in kernel_size):
+        raise ValueError(f"kernel_size must be >= 2 on every axis, got {kernel_size}")
+    if any(d < 1 for d in dilation):
+        raise ValueError(f"dilation must be >= 1 on every axis, got {dilation}")
+    for axis, (k, s) in enumerate(zip(kernel_size, stride)):
+        if not 1 <= s <= k:
+            raise ValueError(
+                f"stride must be between 1 and kernel_size on every axis, got stride {stride} "
+                f"with kernel_size {kernel_size} (axis {axis})"
+            )
+    for axis, (length, k, d) in enumerate(zip(spatial, kernel_size, dilation)):
+        if k * d > length:
+            raise ValueError(
+                f"kernel_size * dilation must not exceed the input size on every axis: axis {axis} "
+                f"has size {length} but kernel_size {k} * dilation {d} = {k * d}"
+            )
+    return tuple(
+        Axis(length, k, s, d, c) for length, k, s, d, c in zip(spatial, kernel_size, stride, dilation, causal)
+    )
+
+
+def _check_rpb(rpb, primary_name, primary, axes, heads) -> bool:
+    if rpb is None:
+        return False
+    kind = _array_kind("rpb", rpb)
+    if kind != _arrays.kind_of(primary):
+        raise TypeError(
+            f"rpb is a {_arrays.describe(rpb)} but {primary_name} is a {_arrays.describe(primary)}: "
+            "all inputs must be the same kind of array"
+        )
+    if _arrays.device_of(rpb) != _arrays.device_of(primary):
+        raise ValueError(f"rpb is on {_arrays.device_of(rpb)} but {primary_name} is on {_arrays.device_of(primary)}")
+    _floating("rpb", rpb)
+    if any(a.kernel_size % 2 == 0 for a in axes):
+        raise ValueError(
+            f"rpb needs an odd kernel_size on every axis, got kernel_size "
+            f"{tuple(a.kernel_size for a in axes)}"
+        )
+    if any(a.causal for a in axes):
+        raise ValueError("rpb cannot be combined with is_causal (relative positional bias is defined for centered windows)")
+    expected = (heads, *(2 * a.kernel_size - 1 for a in axes))
+    if tuple(rpb.shape) != expected:
+        raise ValueError(f"rpb must have shape [heads, *(2 * kernel_size - 1)] = {expected}, got {tuple(rpb.shape)}")
+    return True
+
+
+def _check_grad(name: str, grad, primary_name: str, primary, shape) -> None:
+    _array_kind(name, grad)
+    _same_placement(primary_name, primary, {name: grad})
+    if tuple(grad.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(grad.shape)}")
+
+
+# ---------------------------------------------------------------- problems
+
+
+def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb) -> Problem:
+    """Validate the arguments of ``na1d``/``na2d``."""
+    kind = _array_kind("query", query)
+    _same_placement("query", query, {"key": key, "value": value})
+    dtype = _floating("query", query)
+    batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
+    for name, x in (("key", key), ("value", value)):
+        if tuple(x.shape) != tuple(query.shape):
+            raise ValueError(f"{name} must have the shape of query {tuple(query.shape)}, got {tuple(x.shape)}")
+    if head_dim < 1:
+        raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
+    axes = _axes(ndim, spatial, kernel_size, stride, dilation, is_causal)
+    has_rpb = _check_rpb(rpb, "query", query, axes, heads)
+    return Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, _scale(scale, head_dim))
+
+
+def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Problem:
+    """Validate the arguments of ``na1d_qk``/``na2d_qk``."""
+    kind = _array_kind("query", query)
+    _same_placement("query", query, {"key": key})
+    dtype = _floating("query", query)
+    batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
+    if tuple(key.shape) != tuple(query.shape):
+        raise ValueError(f"key must have the shape of query {tuple(query.shape)}, got {tuple(key.shape)}")
+    if head_dim < 1:
+        raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
+    axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal)
+    has_rpb = _check_rpb(rpb, "query", query, axes, heads)
+    return Problem(QK, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb)
+
+
+def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
+    """Validate the arguments of ``na1d_av``/``na2d_av``."""
+    kind = _array_kind("attn", attn)
+    _same_placement("value", value, {"attn": attn})
+    dtype = _floating("value", value)
+    batch, spatial, heads, head_dim = _unpack_heads_last("value", value, ndim)
+    if head_dim < 1:
+        raise ValueError(f"value head_dim (last dimension) must be >= 1, got {head_dim}")
+    axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal)
+    slots = math.prod(a.kernel_size for a in axes)
+    expected = (batch, *spatial, heads, slots)
+    if len(attn.shape) != len(expected):
+        raise ValueError(f"attn must have {len(expected)} dimensions {expected}, got shape {tuple(attn.shape)}")
+    if int(attn.shape[-1]) != slots:
+        raise ValueError(
+            f"attn's last dimension must be the number of window slots prod(kernel_size) = {slots}, "
+            f"got {int(attn.shape[-1])}"
+        )
+    if tuple(attn.shape) != expected:
+        raise ValueError(f"attn must have shape [batch, *spatial, heads, slots] = {expected} to match value, got {tuple(attn.shape)}")
+    return Problem(AV, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(value))
+
+
+def check_fused_backward(problem: Problem, grad_out, query, output, logsumexp) -> None:
+    _check_grad("grad_out", grad_out, "query", query, problem.qkv_shape)
+    if output is not None:
+        _check_grad("output", output, "query", query, problem.qkv_shape)
+    if logsumexp is not None:
+        _array_kind("logsumexp", logsumexp)
+        if tuple(logsumexp.shape) != problem.lse_shape:
+            raise ValueError(f"logsumexp must have shape {problem.lse_shape}, got {tuple(logsumexp.shape)}")
+    if (output is None) != (logsumexp is None):
+        raise ValueError("output and logsumexp must be given together (or both left out to recompute them)")
+
+
+def check_qk_backward(problem: Problem, grad_attn, query) -> None:
+    _check_grad("grad_attn", grad_attn, "query", query, problem.attn_shape)
+
+
+def check_av_backward(problem: Problem, grad_out, value) -> None:
+    _check_grad("grad_out", grad_out, "value", value, problem.qkv_shape)

@@ -1,0 +1,162 @@
+"""Backend registry and selection.
+
+A backend is a table of ops (``fused_forward``, ``fused_backward``,
+``qk_forward``, ...; see :data:`na_rtc.reference.OPS`) plus what it can serve.
+Selection order for a call: ``use_backend(...)`` if active, else the
+``NA_RTC_BACKEND`` environment variable, else the default for the array kind
+(``reference`` for CPU arrays, ``cuda`` for CuPy arrays and CUDA tensors).
+Arrays are never copied to another device to fit a backend: a mismatch is an
+error that says what to do.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import _arrays, config
+from ._args import Problem
+
+
+@dataclass
+class Backend:
+    """One way of executing the ops."""
+
+    name: str
+    summary: str
+    #: which (array kind, device type) pairs it can run, e.g. ("numpy", "cpu")
+    serves: frozenset
+    #: () -> (available, reason); reason explains unavailability or what it serves
+    probe: Callable[[], tuple[bool, str]]
+    #: op name -> callable(problem, *arrays); filled lazily by ``load``
+    load: Callable[[], dict] = field(repr=False, default=dict)
+    _ops: dict | None = field(default=None, repr=False)
+
+    @property
+    def ops(self) -> dict:
+        if self._ops is None:
+            available, reason = self.probe()
+            if not available:
+                raise RuntimeError(f"the {self.name} backend is not available here: {reason}")
+            self._ops = self.load()
+        return self._ops
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def describe() -> list[tuple[str, bool, str]]:
+    """``(name, available, reason)`` for every registered backend, for ``info``."""
+    return [(b.name, *b.probe()) for b in _REGISTRY.values()]
+
+
+# ---------------------------------------------------------------- choosing one
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("na_rtc_backend", default=None)
+
+
+class use_backend:
+    """Force a backend for subsequent calls (in this thread / context).
+
+    ``na_rtc.use_backend("emulator")`` sets it until changed;
+    ``with na_rtc.use_backend("emulator"): ...`` restores the previous choice
+    on exit. ``use_backend(None)`` returns to automatic selection.
+    """
+
+    def __init__(self, name: str | None):
+        if name is not None:
+            get(name)  # unknown names fail here, not at the next call
+        self.name = name
+        self._token = _forced.set(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        _forced.reset(self._token)
+        return False
+
+    def __repr__(self):
+        return f"use_backend({self.name!r})"
+
+
+def current_backend_name() -> str | None:
+    """The forced backend (``use_backend`` or ``NA_RTC_BACKEND``), or None for automatic."""
+    return _forced.get() or config.backend_override()
+
+
+def _default_name(kind: str, device: str) -> str:
+    return "reference" if device == "cpu" and kind != _arrays.CUPY else "cuda"
+
+
+def select(problem: Problem, name: str | None = None) -> Backend:
+    """The backend that runs ``problem``: ``name`` if given, else the forced one, else the default."""
+    forced = name or current_backend_name()
+    chosen = get(forced) if forced else get(_default_name(problem.kind, problem.device))
+    placement = (problem.kind, problem.device.split(":")[0])
+    if placement not in chosen.serves:
+        where = "CPU" if placement[1] == "cpu" else "CUDA"
+        raise ValueError(
+            f"the {chosen.name} backend cannot run {problem.kind} arrays on {where} "
+            f"({chosen.summary}); move the inputs or choose another backend with na_rtc.use_backend"
+        )
+    available, reason = chosen.probe()
+    if not available:
+        raise RuntimeError(f"the {chosen.name} backend is not available here: {reason}")
+    return chosen
+
+
+# ---------------------------------------------------------------- the backends
+
+
+def _load_reference() -> dict:
+    from . import reference
+
+    return reference.OPS
+
+
+def _not_yet(what: str) -> Callable[[], tuple[bool, str]]:
+    return lambda: (False, f"not implemented yet in na_rtc: {what}")
+
+
+register(
+    Backend(
+        "reference",
+        "vectorized NumPy/torch math; NumPy arrays and torch tensors, differentiable",
+        frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), (_arrays.TORCH, "cuda")}),
+        lambda: (True, "NumPy arrays and torch tensors (CPU; CUDA tensors when forced)"),
+        _load_reference,
+    )
+)
+register(
+    Backend(
+        "cuda",
+        "NVRTC-compiled kernels on the GPU; CuPy arrays and CUDA torch tensors",
+        frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda")}),
+        _not_yet("the CUDA kernels land with the kernel toolchain"),
+    )
+)
+register(
+    Backend(
+        "emulator",
+        "the CUDA kernels executed on the CPU; CPU arrays only",
+        frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu")}),
+        _not_yet("the CPU emulator of the CUDA kernels lands with the kernel toolchain"),
+    )
+)

@@ -1,0 +1,54 @@
+"""Every environment setting na_rtc reads, in one place (all prefixed ``NA_RTC_``).
+
+Settings are read when asked for, not at import, so tests and users can change
+them at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Names of every environment variable na_rtc reads, with what it does.
+SETTINGS = {
+    "NA_RTC_BACKEND": "force a backend for every call: reference, emulator or cuda",
+    "NA_RTC_CACHE_DIR": "where compiled kernels are cached (default: the user cache dir)",
+    "NA_RTC_REFERENCE_CHUNK_MB": "memory budget of one query chunk in the reference backend (default 32)",
+    "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: small (default) or large",
+}
+
+
+def backend_override() -> str | None:
+    """The backend forced by ``NA_RTC_BACKEND``, or None when unset/empty."""
+    value = os.environ.get("NA_RTC_BACKEND", "").strip().lower()
+    return value or None
+
+
+def cache_dir() -> Path:
+    """Root of the compiled-kernel cache (``NA_RTC_CACHE_DIR`` or the user cache dir)."""
+    explicit = os.environ.get("NA_RTC_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "na_rtc"
+
+
+def reference_chunk_bytes() -> int:
+    """Budget for the largest gathered tensor of one reference query chunk."""
+    raw = os.environ.get("NA_RTC_REFERENCE_CHUNK_MB", "32")
+    try:
+        megabytes = float(raw)
+    except ValueError:
+        raise ValueError(f"NA_RTC_REFERENCE_CHUNK_MB must be a number of megabytes, got {raw!r}") from None
+    if megabytes <= 0:
+        raise ValueError(f"NA_RTC_REFERENCE_CHUNK_MB must be positive, got {raw!r}")
+    return int(megabytes * 2**20)
+
+
+def sweep_size() -> str:
+    """``small`` (CI) or ``large`` randomized test sweeps."""
+    value = os.environ.get("NA_RTC_SWEEP", "small").strip().lower()
+    if value not in ("small", "large"):
+        raise ValueError(f"NA_RTC_SWEEP must be 'small' or 'large', got {value!r}")
+    return value

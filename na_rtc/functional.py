@@ -1,0 +1,165 @@
+"""Public neighborhood attention functions: validate once, pick a backend, run.
+
+All tensors are heads-last, ``[batch, *spatial, heads, head_dim]``; integer
+arguments may be one int or a tuple with one entry per spatial axis. Inputs
+may be NumPy arrays, CuPy arrays or torch tensors; outputs have the input's
+kind, dtype and device. torch inputs are differentiable. Every function takes
+a keyword-only ``backend`` that overrides :func:`na_rtc.use_backend` for one
+call.
+"""
+
+from __future__ import annotations
+
+from . import _args, backends
+
+
+def _run(op: str, problem: _args.Problem, backend: str | None, *arrays):
+    """Forward ``op`` on the chosen backend, through autograd for torch inputs."""
+    chosen = backends.select(problem, backend)
+    if problem.kind == "torch":
+        from . import _torch
+
+        return _torch.FUNCTIONS[op].apply(chosen, problem, *arrays)
+    return chosen.ops[f"{op}_forward"](problem, *arrays)
+
+
+def _fused(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend):
+    problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
+    out, lse = _run(_args.FUSED, problem, backend, query, key, value, rpb)
+    return (out, lse) if return_lse else out
+
+
+def _qk(ndim, query, key, kernel_size, dilation, is_causal, rpb, backend):
+    problem = _args.qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb)
+    return _run(_args.QK, problem, backend, query, key, rpb)
+
+
+def _av(ndim, attn, value, kernel_size, dilation, is_causal, backend):
+    problem = _args.av_problem(ndim, attn, value, kernel_size, dilation, is_causal)
+    return _run(_args.AV, problem, backend, attn, value)
+
+
+def _fused_backward(ndim, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                    output, logsumexp, backend):
+    problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
+    _args.check_fused_backward(problem, grad_out, query, output, logsumexp)
+    chosen = backends.select(problem, backend)
+    return chosen.ops["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp)
+
+
+def _qk_backward(ndim, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend):
+    problem = _args.qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb)
+    _args.check_qk_backward(problem, grad_attn, query)
+    return backends.select(problem, backend).ops["qk_backward"](problem, grad_attn, query, key, rpb)
+
+
+def _av_backward(ndim, grad_out, attn, value, kernel_size, dilation, is_causal, backend):
+    problem = _args.av_problem(ndim, attn, value, kernel_size, dilation, is_causal)
+    _args.check_av_backward(problem, grad_out, value)
+    return backends.select(problem, backend).ops["av_backward"](problem, grad_out, attn, value)
+
+
+# ---------------------------------------------------------------- fused
+
+
+def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
+         return_lse=False, *, backend=None):
+    """1D neighborhood attention, ``[batch, length, heads, head_dim]``.
+
+    Each query attends to ``kernel_size`` keys around it (the window shifts
+    inward at the borders; causal windows hold 1 to ``kernel_size`` keys).
+    ``scale`` defaults to ``head_dim ** -0.5``; ``rpb`` (``[heads, 2k - 1]``,
+    odd ``k``, not causal) is added to the logits unscaled. With
+    ``return_lse=True`` returns ``(output, logsumexp)``, the logsumexp being
+    ``[batch, length, heads]`` float32 (float64 for float64 inputs) with no
+    gradient.
+    """
+    return _fused(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+
+
+def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
+         return_lse=False, *, backend=None):
+    """2D neighborhood attention, ``[batch, height, width, heads, head_dim]``.
+
+    As :func:`na1d` per axis; ``kernel_size``, ``stride``, ``dilation`` and
+    ``is_causal`` may be pairs. ``rpb`` is ``[heads, 2kx - 1, 2ky - 1]``.
+    """
+    return _fused(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+
+
+# ---------------------------------------------------------------- split
+
+
+def na1d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
+    """Attention logits ``[batch, length, heads, kernel_size]``: ``q . k`` per window slot.
+
+    Not scaled (pre-scale the query); ``rpb`` added; ``-inf`` in causal slots
+    past the query.
+    """
+    return _qk(1, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
+def na2d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
+    """Attention logits ``[batch, height, width, heads, kx * ky]``; slot ``t = tx * ky + ty``."""
+    return _qk(2, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
+def na1d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
+    """Weighted sum of neighbor values: ``attn [batch, length, heads, k]`` x ``value``.
+
+    Weights of slots outside a causal window are ignored.
+    """
+    return _av(1, attn, value, kernel_size, dilation, is_causal, backend)
+
+
+def na2d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
+    """2D :func:`na1d_av`: ``attn [batch, height, width, heads, kx * ky]``."""
+    return _av(2, attn, value, kernel_size, dilation, is_causal, backend)
+
+
+# ---------------------------------------------------------------- backward as plain functions
+
+
+def na1d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                  rpb=None, output=None, logsumexp=None, *, backend=None):
+    """Gradients ``(dq, dk, dv, drpb)`` of :func:`na1d` (``drpb`` is None without ``rpb``).
+
+    For NumPy/CuPy users without autograd. Pass the forward's ``output`` and
+    ``logsumexp`` (``return_lse=True``) to skip recomputing them.
+    """
+    return _fused_backward(1, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                           output, logsumexp, backend)
+
+
+def na2d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                  rpb=None, output=None, logsumexp=None, *, backend=None):
+    """Gradients ``(dq, dk, dv, drpb)`` of :func:`na2d`."""
+    return _fused_backward(2, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                           output, logsumexp, backend)
+
+
+def na1d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
+    """Gradients ``(dq, dk, drpb)`` of :func:`na1d_qk` (``drpb`` is None without ``rpb``)."""
+    return _qk_backward(1, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
+def na2d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
+    """Gradients ``(dq, dk, drpb)`` of :func:`na2d_qk`."""
+    return _qk_backward(2, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
+def na1d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
+    """Gradients ``(dattn, dv)`` of :func:`na1d_av`."""
+    return _av_backward(1, grad_out, attn, value, kernel_size, dilation, is_causal, backend)
+
+
+def na2d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
+    """Gradients ``(dattn, dv)`` of :func:`na2d_av`."""
+    return _av_backward(2, grad_out, attn, value, kernel_size, dilation, is_causal, backend)
+
+
+__all__ = [
+    "na1d", "na2d", "na1d_qk", "na2d_qk", "na1d_av", "na2d_av",
+    "na1d_backward", "na2d_backward", "na1d_qk_backward", "na2d_qk_backward",
+    "na1d_av_backward", "na2d_av_backward",
+]
