@@ -1,0 +1,67 @@
+# na_rtc developer commands. From a fresh clone:
+#   make demo    set up .venv, run the demo, write na_rtc_demo.png
+#   make test    set up .venv, run the test suite
+#
+# Settings (override on the command line or in the environment):
+#   PYTHON            interpreter that creates .venv              (python3)
+#   PYTEST_ARGS       extra pytest arguments, e.g. PYTEST_ARGS="-k na1d -x"
+#   NA_RTC_SKIP_TORCH=1   do not install torch into .venv
+#   TORCH_SPEC        the torch requirement installed first        (torch==2.13.0)
+#   TORCH_PIP_ARGS    extra pip arguments for that install, e.g. an index URL
+#                     that serves CPU-only torch wheels on a machine where
+#                     plain PyPI would pick the large CUDA build
+#   DIST              where `make wheel` writes the wheel          (dist)
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.na_rtc-setup-stamp
+PYTEST_ARGS ?=
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+NA_RTC_SKIP_TORCH ?=
+DIST ?= dist
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test wheel clean distclean
+
+help:
+	@echo "make demo       set up $(VENV) (once), run 1D/2D NA forward+backward, check it, write na_rtc_demo.png"
+	@echo "make test       set up $(VENV) (once), run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
+	@echo "make wheel      build the wheel into $(DIST)/"
+	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot]"
+	@echo "make clean      remove build outputs and caches (keeps $(VENV))"
+	@echo "make distclean  clean, and remove $(VENV) too"
+
+# Set up once; redone only when pyproject.toml changes (the install is
+# editable, so code changes need no reinstall). Torch goes in first, pinned,
+# so that the [tests,plot] install never pulls a different torch build.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	@if [ "$(NA_RTC_SKIP_TORCH)" = "1" ]; then \
+		echo "NA_RTC_SKIP_TORCH=1: not installing torch"; \
+	else \
+		echo "$(VPY) -m pip install $(TORCH_PIP_ARGS) $(TORCH_SPEC)"; \
+		$(VPY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; \
+	fi
+	$(VPY) -m pip install -e ".[tests,plot]" build
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m na_rtc demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+wheel: $(STAMP)
+	$(VPY) -m build --wheel --outdir $(DIST) .
+
+clean:
+	rm -rf build $(DIST) *.egg-info .pytest_cache .hypothesis na_rtc_demo.png
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
