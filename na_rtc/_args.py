@@ -12,6 +12,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import _arrays
 from .window import Axis
 
@@ -91,11 +93,7 @@ def per_axis_ints(name: str, value, ndim: int) -> tuple[int, ...]:
 def per_axis_bools(name: str, value, ndim: int) -> tuple[bool, ...]:
     """A bool, or a tuple/list of ``ndim`` bools, as a tuple of bools."""
     items = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
-
-    def is_bool(v):
-        return isinstance(v, bool) or type(v).__name__ == "bool_"
-
-    if len(items) != ndim or not all(is_bool(v) for v in items):
+    if len(items) != ndim or not all(isinstance(v, (bool, np.bool_)) for v in items):
         raise TypeError(
             f"{name} must be a bool or a tuple of {ndim} bools (one per spatial axis), got {value!r}"
         )
