@@ -1,0 +1,144 @@
+"""Shared test helpers: the tolerance table (DESIGN.md section 8), comparison
+and input generation. Import as ``from helpers import ...`` (pytest puts the
+``tests/`` directory on ``sys.path``; there is no ``tests/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "TOLERANCES",
+    "dtype_name",
+    "tolerance",
+    "to_numpy64",
+    "assert_close",
+    "make_inputs",
+    "noncontiguous",
+]
+
+# DESIGN.md section 8, the one table: dtype -> kind -> (atol, rtol).
+# "forward": out, lse, attn.  "grad": dq, dk, dv, dattn, drpb.
+TOLERANCES = {
+    "float64": {"forward": (1e-10, 1e-10), "grad": (1e-9, 1e-9)},
+    "float32": {"forward": (1e-4, 1e-4), "grad": (1e-3, 1e-3)},
+    "float16": {"forward": (1e-2, 1e-2), "grad": (2e-2, 2e-2)},
+    "bfloat16": {"forward": (5e-2, 5e-2), "grad": (1e-1, 5e-2)},
+}
+
+_ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "half": "float16",
+            "bf16": "bfloat16", "double": "float64", "float": "float32"}
+
+
+def dtype_name(dtype) -> str:
+    """Canonical name (``float64``/``float32``/``float16``/``bfloat16``) of a
+    NumPy dtype, torch dtype, array, tensor or string."""
+    if not isinstance(dtype, type) and hasattr(dtype, "dtype"):  # an array or tensor
+        dtype = dtype.dtype
+    name = str(dtype)
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+    elif not isinstance(dtype, str):
+        name = np.dtype(dtype).name
+    name = _ALIASES.get(name, name)
+    if name not in TOLERANCES:
+        raise KeyError(f"no tolerance for dtype {dtype!r}")
+    return name
+
+
+def tolerance(dtype, kind: str) -> tuple[float, float]:
+    """``(atol, rtol)`` for ``kind`` in ``{"forward", "grad"}``."""
+    return TOLERANCES[dtype_name(dtype)][kind]
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def to_numpy64(x) -> np.ndarray:
+    """Any torch tensor (any device/dtype, bf16 too) or array-like as float64 NumPy."""
+    if _is_torch(x):
+        return x.detach().to("cpu").double().numpy()
+    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+        x = x.get()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_close(actual, expected, dtype, kind: str, name: str = "value") -> None:
+    """Elementwise ``|actual - expected| <= atol + rtol * |expected|`` with the
+    tolerances of ``dtype``/``kind``. Non-finite entries must match exactly
+    (same positions, same value; NaN matches NaN)."""
+    atol, rtol = tolerance(dtype, kind)
+    a = to_numpy64(actual)
+    e = to_numpy64(expected)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != expected {e.shape}"
+    a_fin, e_fin = np.isfinite(a), np.isfinite(e)
+    nonfinite_bad = (a_fin != e_fin) | (~e_fin & ~((a == e) | (np.isnan(a) & np.isnan(e))))
+    if nonfinite_bad.any():
+        idx = tuple(int(i) for i in np.argwhere(nonfinite_bad)[0])
+        raise AssertionError(
+            f"{name} ({dtype_name(dtype)}, {kind}): {int(nonfinite_bad.sum())} non-finite "
+            f"mismatches; first at {idx}: actual {a[idx]!r}, expected {e[idx]!r}")
+    both = a_fin & e_fin
+    a_safe, e_safe = np.where(both, a, 0.0), np.where(both, e, 0.0)
+    err = np.abs(a_safe - e_safe)
+    allowed = atol + rtol * np.abs(e_safe)
+    bad = err > allowed
+    if bad.any():
+        ratio = np.where(both, err / allowed, 0.0)
+        worst = np.unravel_index(int(np.argmax(ratio)), a.shape)
+        worst = tuple(int(i) for i in worst)
+        raise AssertionError(
+            f"{name} ({dtype_name(dtype)}, {kind}: atol={atol:g}, rtol={rtol:g}): "
+            f"{int(bad.sum())}/{bad.size} elements out of tolerance; "
+            f"max abs error {float(err.max()):.3e}; worst at {worst}: "
+            f"actual {a[worst]!r}, expected {e[worst]!r}, error {err[worst]:.3e} "
+            f"(allowed {allowed[worst]:.3e})")
+
+
+def make_inputs(rng: np.random.Generator, shape, dtype, count: int = 1, *, requires_grad=False):
+    """Draw ``count`` arrays of ``shape`` from N(0, 1), rounded to ``dtype``
+    (DESIGN.md section 8).
+
+    ``dtype`` is a torch dtype (gives torch CPU tensors, rounded by torch, so
+    bf16 works) or a NumPy dtype / name (gives NumPy arrays rounded by
+    ``astype``). Returns ``(arrays, arrays64)``: lists of the inputs in the
+    tested dtype and of the same rounded values as float64 NumPy, the input of
+    the float64 reference::
+
+        (q, k, v), (q64, k64, v64) = make_inputs(rng, shape, torch.float16, 3)
+    """
+    shape = tuple(shape)
+    arrays, arrays64 = [], []
+    for _ in range(count):
+        x = rng.standard_normal(shape)
+        if _is_torch(dtype):
+            import torch
+
+            t = torch.from_numpy(x).to(dtype)
+            x64 = t.double().numpy()
+            if requires_grad:
+                t.requires_grad_(True)
+            arrays.append(t)
+        else:
+            assert not requires_grad, "requires_grad needs a torch dtype"
+            a = x.astype(np.dtype(dtype))
+            x64 = a.astype(np.float64)
+            arrays.append(a)
+        arrays64.append(x64)
+    return arrays, arrays64
+
+
+def noncontiguous(x):
+    """Same values as heads-last ``x`` (``[batch, *spatial, heads, dim]``), as a
+    non-contiguous heads-last view of a heads-first buffer."""
+    ndim = x.ndim
+    heads_first_order = (0, ndim - 2, *range(1, ndim - 2), ndim - 1)
+    back = (0, *range(2, ndim - 1), 1, ndim - 1)
+    if _is_torch(x):
+        view = x.permute(heads_first_order).contiguous().permute(back)
+        assert not view.is_contiguous() or x.shape[-2] == 1
+    else:
+        view = np.ascontiguousarray(x.transpose(heads_first_order)).transpose(back)
+        assert not view.flags.c_contiguous or x.shape[-2] == 1
+    return view
