@@ -1,0 +1,181 @@
+"""The public API's contract: outputs keep the input's kind, dtype and device;
+backend selection; import hygiene; bounded reference memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import na_rtc
+from na_rtc import backends
+
+RNG = np.random.default_rng(7)
+
+SHAPES = {1: (2, 12, 3, 8), 2: (2, 7, 6, 3, 8)}
+KERNEL = {1: 5, 2: (3, 5)}
+FUSED = {1: na_rtc.na1d, 2: na_rtc.na2d}
+QK = {1: na_rtc.na1d_qk, 2: na_rtc.na2d_qk}
+AV = {1: na_rtc.na1d_av, 2: na_rtc.na2d_av}
+
+NUMPY_DTYPES = [np.float16, np.float32, np.float64]
+TORCH_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _numpy(shape, dtype):
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+def _torch(shape, dtype, requires_grad=False):
+    return torch.tensor(RNG.standard_normal(shape), dtype=dtype, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_numpy_in_numpy_out(ndim, dtype):
+    q, k, v = (_numpy(SHAPES[ndim], dtype) for _ in range(3))
+    out, lse = FUSED[ndim](q, k, v, KERNEL[ndim], return_lse=True)
+    assert isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    assert lse.shape == q.shape[:-1]
+    attn = QK[ndim](q, k, KERNEL[ndim])
+    assert attn.dtype == dtype and attn.shape == (*q.shape[:-1], int(np.prod(KERNEL[ndim])))
+    assert AV[ndim](attn, v, KERNEL[ndim]).dtype == dtype
+
+
+@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_torch_in_torch_out_with_gradients(ndim, dtype):
+    q, k, v = (_torch(SHAPES[ndim], dtype, requires_grad=True) for _ in range(3))
+    out, lse = FUSED[ndim](q, k, v, KERNEL[ndim], return_lse=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == dtype and out.device == q.device
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not lse.requires_grad
+    out.float().square().sum().backward()
+    for x in (q, k, v):
+        assert x.grad is not None and x.grad.dtype == dtype and x.grad.shape == x.shape
+        assert torch.isfinite(x.grad).all()
+
+
+def test_rpb_gradient_flows_and_keeps_its_dtype():
+    q, k, v = (_torch(SHAPES[2], torch.float16, requires_grad=True) for _ in range(3))
+    rpb = _torch((3, 5, 9), torch.float32, requires_grad=True)  # a float32 parameter with fp16 activations
+    na_rtc.na2d(q, k, v, (3, 5), rpb=rpb).float().sum().backward()
+    assert rpb.grad is not None and rpb.grad.dtype == torch.float32 and rpb.grad.abs().sum() > 0
+
+
+def test_no_grad_inputs_give_no_grad_output():
+    q = _torch(SHAPES[1], torch.float32)
+    assert not na_rtc.na1d(q, q, q, 5).requires_grad
+
+
+@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+def test_empty_batch(ndim):
+    shape = (0, *SHAPES[ndim][1:])
+    q = np.zeros(shape, np.float32)
+    out, lse = FUSED[ndim](q, q, q, KERNEL[ndim], return_lse=True)
+    assert out.shape == shape and lse.shape == shape[:-1]
+    grads = (na_rtc.na1d_backward if ndim == 1 else na_rtc.na2d_backward)(q, q, q, q, KERNEL[ndim])
+    assert all(g.shape == shape for g in grads[:3])
+
+
+def test_top_level_and_reference_module_agree():
+    q, k, v = (_numpy(SHAPES[2], np.float64) for _ in range(3))
+    from na_rtc import reference
+
+    np.testing.assert_array_equal(na_rtc.na2d(q, k, v, (3, 5)), reference.na2d(q, k, v, (3, 5)))
+    assert reference.na2d.__name__ == "na2d" and "2D neighborhood attention" in reference.na2d.__doc__
+
+
+# ---------------------------------------------------------------- backends
+
+
+def test_default_backend_for_cpu_arrays_is_reference():
+    assert backends.current_backend_name() is None
+    problem = na_rtc._args.fused_problem(1, *(np.zeros(SHAPES[1]),) * 3, 5, 1, 1, False, None, None)
+    assert backends.select(problem).name == "reference"
+
+
+def test_use_backend_as_context_manager_restores():
+    with na_rtc.use_backend("emulator"):
+        assert backends.current_backend_name() == "emulator"
+        with na_rtc.use_backend("reference"):
+            assert backends.current_backend_name() == "reference"
+        assert backends.current_backend_name() == "emulator"
+    assert backends.current_backend_name() is None
+
+
+def test_use_backend_plain_call_persists_until_reset():
+    q = _numpy(SHAPES[1], np.float32)
+    token = na_rtc.use_backend("emulator")
+    try:
+        with pytest.raises(RuntimeError, match="emulator backend is not available"):
+            na_rtc.na1d(q, q, q, 5)
+    finally:
+        token.__exit__(None, None, None)
+    assert na_rtc.na1d(q, q, q, 5).shape == q.shape
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    q = _numpy(SHAPES[1], np.float32)
+    monkeypatch.setenv("NA_RTC_BACKEND", "emulator")
+    with pytest.raises(RuntimeError, match="emulator backend is not available"):
+        na_rtc.na1d(q, q, q, 5)
+    with na_rtc.use_backend("reference"):  # explicit choice beats the environment
+        assert na_rtc.na1d(q, q, q, 5).shape == q.shape
+    monkeypatch.setenv("NA_RTC_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        na_rtc.na1d(q, q, q, 5)
+
+
+def test_describe_lists_every_backend_with_a_reason():
+    described = {name: (available, reason) for name, available, reason in backends.describe()}
+    assert set(described) == {"reference", "cuda", "emulator"}
+    assert described["reference"][0] is True
+    assert all(reason for _, reason in described.values())
+
+
+# ---------------------------------------------------------------- import hygiene and memory
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_import_does_not_import_torch_or_cupy():
+    out = _python(
+        """
+        import sys, numpy as np, na_rtc
+        q = np.zeros((1, 8, 1, 4))
+        na_rtc.na1d(q, q, q, 3)
+        print(sorted(m for m in ("torch", "cupy") if m in sys.modules))
+        """
+    )
+    assert out.strip() == "[]"
+
+
+def test_reference_memory_stays_bounded_2d_128x128():
+    """Issue 2: 128x128 tokens, 4 heads, head_dim 32, k=13, fp32 forward+backward
+    peaks under 1 GB beyond its inputs (a full gather would need ~2.8 GB)."""
+    out = _python(
+        """
+        import json, resource, torch, na_rtc
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 128, 128, 4, 32, requires_grad=True) for _ in range(3))
+        grad = torch.randn(1, 128, 128, 4, 32)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        na_rtc.na2d(q, k, v, 13).backward(grad)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"growth_mb": (after - before) / 1024, "finite": bool(torch.isfinite(q.grad).all())}))
+        """
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["finite"]
+    assert result["growth_mb"] < 1024, result
