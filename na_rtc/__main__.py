@@ -1,0 +1,138 @@
+"""Command line: ``python -m na_rtc <command>``.
+
+Each command is one function ``(args) -> exit code`` plus one entry in
+:data:`COMMANDS` (its help line and its arguments). Heavy imports (torch,
+cupy, matplotlib) happen inside the commands, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, NamedTuple, Sequence
+
+
+class Arg(NamedTuple):
+    """One ``parser.add_argument(*flags, **options)`` call."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    return Arg(flags, options)
+
+
+class Command(NamedTuple):
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    arguments: tuple[Arg, ...] = ()
+
+
+# ---------------------------------------------------------------- info
+
+
+def _rows(rows: Sequence[tuple[str, str]], indent: str = "  ") -> str:
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{indent}{label:<{width}}  {text}" for label, text in rows)
+
+
+def _backend_table(table: Sequence[tuple[str, bool, str]]) -> str:
+    rows = [("name", "available", "notes")] + [
+        (name, "yes" if available else "no", reason) for name, available, reason in table
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(2)]
+    lines = [f"  {name:<{widths[0]}}  {available:<{widths[1]}}  {reason}" for name, available, reason in rows]
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from na_rtc import _environment as env
+
+    version = env.na_rtc_version()
+    print(f"na_rtc {version}")
+    print(
+        _rows(
+            [
+                ("Python", str(env.python_version())),
+                ("NumPy", str(env.numpy_version())),
+                ("torch", str(env.torch_version())),
+                ("CuPy", str(env.cupy_version())),
+                ("GPU", str(env.gpus())),
+                ("NVRTC", str(env.nvrtc_version())),
+                ("cache", str(env.cache_dir())),
+                ("settings", str(env.settings())),
+            ]
+        )
+    )
+    print()
+    print(f"backends (selected: {env.selected_backend()})")
+    backends = env.backends()
+    print(_backend_table(backends.value) if backends.ok else f"  {backends}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from na_rtc import demo
+
+    return demo.run_from_args(args)
+
+
+def _demo_arguments() -> tuple[Arg, ...]:
+    from na_rtc.demo import DEFAULT_OUT
+
+    return (
+        arg("--out", default=DEFAULT_OUT, metavar="PATH", help=f"where to write the PNG (default: {DEFAULT_OUT})"),
+        arg("--no-png", action="store_true", help="skip the neighborhood picture"),
+        arg(
+            "--arrays",
+            choices=("auto", "torch", "numpy"),
+            default="auto",
+            help="array library to run on (default: torch if installed, else NumPy)",
+        ),
+        arg("--repeat", type=int, default=1, metavar="N", help="timed runs per problem, median reported (default: 1)"),
+        arg("--quick", action="store_true", help="smaller problems (a few seconds)"),
+    )
+
+
+# ---------------------------------------------------------------- table
+
+
+COMMANDS: dict[str, Command] = {
+    "info": Command(cmd_info, "versions, backends, GPU, NVRTC and cache directory"),
+    "demo": Command(
+        cmd_demo,
+        "run 1D/2D neighborhood attention, check it against dense masked attention, time it, draw neighborhoods",
+        _demo_arguments(),
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m na_rtc",
+        description="na_rtc: neighborhood attention with run-time compiled CUDA kernels.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="command")
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        for argument in command.arguments:
+            sub.add_argument(*argument.flags, **argument.options)
+        sub.set_defaults(handler=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 0
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Probes of the environment na_rtc runs in: versions, GPUs, NVRTC, cache.
+
+Each probe is a small function that never raises: it returns a :class:`Probe`
+whose ``text`` is either the found value, formatted for people, or the reason
+it was not found. ``value`` carries the machine-readable result (``None``
+when not found), so ``python -m na_rtc info``, ``check``, ``bench`` and
+bug reports share one set of probes.
+
+Nothing here imports cupy, torch or the CUDA bindings at module import time;
+each probe imports what it needs, so a broken optional dependency only turns
+its own line into a reason.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any, NamedTuple
+
+__all__ = [
+    "CUDA_INSTALL_HINT",
+    "GpuInfo",
+    "Probe",
+    "na_rtc_version",
+    "python_version",
+    "numpy_version",
+    "torch_version",
+    "cupy_version",
+    "gpus",
+    "nvrtc_version",
+    "backends",
+    "selected_backend",
+    "cache_dir",
+    "settings",
+]
+
+CUDA_INSTALL_HINT = "pip install 'na_rtc[cuda13]' or '[cuda12]'"
+
+
+class Probe(NamedTuple):
+    """Result of one probe: ``ok`` with ``value``, or not ok with a reason."""
+
+    ok: bool
+    value: Any
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class GpuInfo(NamedTuple):
+    index: int
+    name: str
+    arch: str  # "sm_90"
+    memory_bytes: int
+
+    def __str__(self) -> str:
+        gib = self.memory_bytes / 2**30
+        return f"{self.index}: {self.name}, {self.arch}, {gib:.1f} GiB"
+
+
+def _found(value: Any, text: str | None = None) -> Probe:
+    return Probe(True, value, str(value) if text is None else text)
+
+
+def _missing(reason: str) -> Probe:
+    return Probe(False, None, reason)
+
+
+def _describe_error(error: BaseException) -> str:
+    """One line naming the error: multi-line messages (cupy's) are cut."""
+    message = str(error).strip().splitlines()
+    first = message[0] if message else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def na_rtc_version() -> Probe:
+    try:
+        from na_rtc import __version__
+    except Exception as error:  # noqa: BLE001 - a probe reports, never raises
+        return _missing(f"unknown ({_describe_error(error)})")
+    return _found(__version__)
+
+
+def python_version() -> Probe:
+    version = platform.python_version()
+    return _found(version, f"{version} ({platform.python_implementation()}, {sys.executable})")
+
+
+def numpy_version() -> Probe:
+    try:
+        import numpy
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"not importable ({_describe_error(error)})")
+    return _found(numpy.__version__)
+
+
+def torch_version() -> Probe:
+    """torch version and what it was built for; torch is optional."""
+    try:
+        import torch
+    except ImportError as error:
+        if getattr(error, "name", None) == "torch":
+            return _missing("not installed (optional: pip install torch)")
+        return _missing(f"not importable ({_describe_error(error)})")
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"not importable ({_describe_error(error)})")
+    try:
+        built_cuda = torch.version.cuda
+        if built_cuda is None:
+            detail = "CPU build"
+        elif torch.cuda.is_available():
+            detail = f"CUDA {built_cuda}, {torch.cuda.device_count()} device(s) visible"
+        else:
+            detail = f"CUDA {built_cuda}, no device visible"
+    except Exception as error:  # noqa: BLE001
+        detail = f"CUDA state unknown ({_describe_error(error)})"
+    return _found(torch.__version__, f"{torch.__version__} ({detail})")
+
+
+def _import_cupy():
+    """cupy module, or a Probe saying why not."""
+    try:
+        import cupy
+    except ImportError as error:
+        if getattr(error, "name", None) == "cupy" or "No module named 'cupy'" in str(error):
+            return _missing(f"cupy not installed ({CUDA_INSTALL_HINT})")
+        return _missing(f"cupy not importable ({_describe_error(error)})")
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"cupy not importable ({_describe_error(error)})")
+    return cupy
+
+
+def cupy_version() -> Probe:
+    cupy = _import_cupy()
+    if isinstance(cupy, Probe):
+        return _missing("not installed") if cupy.text.startswith("cupy not installed") else cupy
+    return _found(cupy.__version__)
+
+
+def gpus() -> Probe:
+    """Visible CUDA devices through cupy: a list of :class:`GpuInfo`."""
+    cupy = _import_cupy()
+    if isinstance(cupy, Probe):
+        return cupy
+    try:
+        runtime = cupy.cuda.runtime
+        count = runtime.getDeviceCount()
+    except Exception as error:  # noqa: BLE001 - CUDARuntimeError: no driver or device
+        return _missing(f"no GPU or no CUDA driver ({_describe_error(error)})")
+    if count == 0:
+        return _missing("no GPU visible (CUDA reports 0 devices)")
+    devices = []
+    try:
+        driver = runtime.driverGetVersion()
+        for index in range(count):
+            props = runtime.getDeviceProperties(index)
+            name = props["name"]
+            if isinstance(name, bytes):
+                name = name.decode(errors="replace")
+            arch = f"sm_{props['major']}{props['minor']}"
+            devices.append(GpuInfo(index, name, arch, int(props["totalGlobalMem"])))
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"{count} device(s), properties unreadable ({_describe_error(error)})")
+    lines = "; ".join(str(device) for device in devices)
+    driver_text = f"driver CUDA {driver // 1000}.{driver % 1000 // 10}"
+    return _found(devices, f"{lines} ({driver_text})")
+
+
+def _nvrtc_module():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        try:  # cuda-python before 12.6 exposed the bindings here
+            from cuda import nvrtc  # type: ignore[no-redef]
+        except Exception:  # noqa: BLE001
+            return _missing(f"not installed (cuda.bindings missing: {CUDA_INSTALL_HINT})")
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"cuda.bindings not importable ({_describe_error(error)})")
+    return nvrtc
+
+
+def _nvrtc_archs(nvrtc) -> list[int]:
+    """Architectures the NVRTC library compiles for (e.g. [75, 80, ...]); [] if unknown."""
+    try:
+        result = nvrtc.nvrtcGetSupportedArchs()
+        error, archs = result[0], result[1]
+        if int(error) != 0:
+            return []
+        return [int(arch) for arch in archs]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def nvrtc_version() -> Probe:
+    """NVRTC version as ``(major, minor)`` through cuda.bindings."""
+    nvrtc = _nvrtc_module()
+    if isinstance(nvrtc, Probe):
+        return nvrtc
+    try:
+        error, major, minor = nvrtc.nvrtcVersion()
+    except Exception as error:  # noqa: BLE001 - the library itself may be missing
+        return _missing(f"bindings present, library not loadable ({_describe_error(error)})")
+    if int(error) != 0:
+        return _missing(f"nvrtcVersion failed ({error})")
+    text = f"{major}.{minor}"
+    archs = _nvrtc_archs(nvrtc)
+    if archs:
+        text += f" (sm_{min(archs)} .. sm_{max(archs)})"
+    return _found((int(major), int(minor)), text)
+
+
+def backends() -> Probe:
+    """``na_rtc.backends.describe()``: a list of (name, available, reason)."""
+    try:
+        from na_rtc import backends as backends_module
+
+        table = [(str(name), bool(available), str(reason)) for name, available, reason in backends_module.describe()]
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"backend table unavailable ({_describe_error(error)})")
+    names = ", ".join(name for name, available, _ in table if available)
+    return _found(table, f"available: {names or 'none'}")
+
+
+def selected_backend() -> Probe:
+    """The backend forced by ``NA_RTC_BACKEND`` / ``use_backend``, or automatic."""
+    try:
+        from na_rtc import backends as backends_module
+
+        name = backends_module.current_backend_name()
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"unknown ({_describe_error(error)})")
+    if name is None:
+        return Probe(True, None, "automatic (cuda for GPU arrays, reference for CPU arrays)")
+    return _found(name)
+
+
+def cache_dir() -> Probe:
+    """Kernel cache directory and whether it exists yet."""
+    try:
+        from na_rtc import config
+
+        path = config.cache_dir()
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"unknown ({_describe_error(error)})")
+    if not path.exists():
+        state = "not created yet"
+    elif os.access(path, os.W_OK):
+        state = "writable"
+    else:
+        state = "read-only: compiled kernels are kept in memory only"
+    return _found(path, f"{path} ({state})")
+
+
+def settings() -> Probe:
+    """``NA_RTC_*`` environment variables that are set."""
+    found = {key: value for key, value in sorted(os.environ.items()) if key.startswith("NA_RTC_")}
+    if not found:
+        return Probe(True, {}, "none set")
+    return _found(found, ", ".join(f"{key}={value}" for key, value in found.items()))

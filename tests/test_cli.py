@@ -1,0 +1,251 @@
+"""``python -m na_rtc``: the command line, its environment probes and the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import na_rtc
+from na_rtc import _environment as env
+from na_rtc import demo
+from na_rtc.__main__ import COMMANDS, main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PROBES = [
+    env.na_rtc_version,
+    env.python_version,
+    env.numpy_version,
+    env.torch_version,
+    env.cupy_version,
+    env.gpus,
+    env.nvrtc_version,
+    env.backends,
+    env.selected_backend,
+    env.cache_dir,
+    env.settings,
+]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m na_rtc ARGS`` in a fresh interpreter that imports this checkout."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    environment.pop("NA_RTC_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, "-m", "na_rtc", *args],
+        cwd=cwd or REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_no_arguments_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_info_runs_and_names_version_and_backends():
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    assert na_rtc.__version__ in result.stdout
+    assert "reference" in result.stdout
+    assert "cache" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run_cli("demo", "--out", "tmp/x.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    picture = tmp_path / "tmp" / "x.png"
+    assert picture.stat().st_size > 0
+    assert picture.read_bytes()[:8] == PNG_SIGNATURE
+    assert "x.png" in result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_demo_numpy_quick_passes(capsys):
+    assert main(["demo", "--quick", "--arrays", "numpy", "--no-png"]) == 0
+    out = capsys.readouterr().out
+    assert "reference (numpy)" in out
+    assert "full attention" in out
+    assert "FAIL" not in out
+
+
+def test_demo_fails_when_an_output_is_wrong(monkeypatch, capsys):
+    """The dense check catches a wrong answer and the exit code says so."""
+    correct = na_rtc.na1d
+
+    def off_by_a_little(*args, **kwargs):
+        result = correct(*args, **kwargs)
+        if isinstance(result, tuple):
+            return (result[0] + 1e-3, *result[1:])
+        return result + 1e-3
+
+    monkeypatch.setattr(na_rtc, "na1d", off_by_a_little)
+    assert demo.run(out=None, arrays="numpy", quick=True) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_dense_definition_without_mask_is_full_attention():
+    """With k equal to the axis length, NA is full attention (DESIGN.md section 2)."""
+    np = pytest.importorskip("numpy")
+    problem = demo.Problem("full", (9,), 9, heads=2, head_dim=4)
+    q, k, v, dout = demo._inputs(problem.shape, seed=3)
+    masked = demo.dense_attention(q, k, v, dout, 0.5, axes=problem.axes)
+    full = demo.dense_attention(q, k, v, dout, 0.5)
+    for a, b in zip(masked, full):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_picture_is_skipped_without_matplotlib(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert demo.draw_neighborhoods(str(tmp_path / "x.png")) is None
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------- environment probes
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=lambda probe: probe.__name__)
+def test_probe_returns_text(probe):
+    result = probe()
+    assert isinstance(result, env.Probe)
+    assert isinstance(result.text, str) and result.text
+
+
+def _block_imports(monkeypatch, *names: str) -> None:
+    """Make ``import NAME`` fail as if the package were not installed."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize("probe", PROBES, ids=lambda probe: probe.__name__)
+def test_probes_never_raise_without_optional_packages(monkeypatch, probe):
+    _block_imports(monkeypatch, "cupy", "cuda", "cuda.bindings", "cuda.bindings.nvrtc", "torch")
+    result = probe()
+    assert isinstance(result.text, str) and result.text
+
+
+def test_missing_cupy_says_how_to_install(monkeypatch):
+    _block_imports(monkeypatch, "cupy")
+    gpus = env.gpus()
+    assert not gpus.ok
+    assert "cupy not installed" in gpus.text
+    assert "na_rtc[cuda13]" in gpus.text
+    assert env.cupy_version().text == "not installed"
+
+
+def test_missing_nvrtc_says_not_installed(monkeypatch):
+    _block_imports(monkeypatch, "cuda", "cuda.bindings", "cuda.bindings.nvrtc")
+    nvrtc = env.nvrtc_version()
+    assert not nvrtc.ok
+    assert "not installed" in nvrtc.text
+
+
+def test_missing_torch_is_not_an_error(monkeypatch):
+    _block_imports(monkeypatch, "torch")
+    torch = env.torch_version()
+    assert not torch.ok
+    assert "not installed" in torch.text
+
+
+class _CudaRuntimeError(RuntimeError):
+    pass
+
+
+def _fake_cupy(device_count):
+    """A cupy stand-in whose runtime reports ``device_count`` (or raises it)."""
+
+    def get_device_count():
+        if isinstance(device_count, BaseException):
+            raise device_count
+        return device_count
+
+    runtime = types.SimpleNamespace(
+        CUDARuntimeError=_CudaRuntimeError,
+        getDeviceCount=get_device_count,
+        driverGetVersion=lambda: 13000,
+        getDeviceProperties=lambda index: {
+            "name": b"NVIDIA H100 80GB HBM3",
+            "major": 9,
+            "minor": 0,
+            "totalGlobalMem": 80 * 2**30,
+        },
+    )
+    module = types.ModuleType("cupy")
+    module.__version__ = "13.6.0"
+    module.cuda = types.SimpleNamespace(runtime=runtime)
+    return module
+
+
+def test_no_driver_is_reported_not_raised(monkeypatch):
+    error = _CudaRuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(error))
+    gpus = env.gpus()
+    assert not gpus.ok
+    assert "no GPU or no CUDA driver" in gpus.text
+    assert "InsufficientDriver" in gpus.text
+
+
+def test_gpu_is_described_with_its_arch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(1))
+    gpus = env.gpus()
+    assert gpus.ok
+    assert gpus.value[0].arch == "sm_90"
+    assert "NVIDIA H100" in gpus.text and "driver CUDA 13.0" in gpus.text
+
+
+def test_nvrtc_version_and_archs(monkeypatch):
+    nvrtc = types.ModuleType("cuda.bindings.nvrtc")
+    nvrtc.nvrtcVersion = lambda: (0, 13, 0)
+    nvrtc.nvrtcGetSupportedArchs = lambda: (0, [75, 80, 86, 89, 90, 100, 120])
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.nvrtc = nvrtc
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = bindings
+    for name, module in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.nvrtc", nvrtc)):
+        monkeypatch.setitem(sys.modules, name, module)
+    result = env.nvrtc_version()
+    assert result.ok and result.value == (13, 0)
+    assert result.text == "13.0 (sm_75 .. sm_120)"
+
+
+def test_nvrtc_library_missing_is_reported(monkeypatch):
+    nvrtc = types.ModuleType("cuda.bindings.nvrtc")
+
+    def broken():
+        raise RuntimeError("Failed to dlopen libnvrtc.so.13")
+
+    nvrtc.nvrtcVersion = broken
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.nvrtc = nvrtc
+    monkeypatch.setitem(sys.modules, "cuda", types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", nvrtc)
+    result = env.nvrtc_version()
+    assert not result.ok
+    assert "libnvrtc" in result.text
+
+
+def test_cache_dir_follows_the_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("NA_RTC_CACHE_DIR", str(tmp_path / "kernels"))
+    result = env.cache_dir()
+    assert result.value == tmp_path / "kernels"
+    assert "not created yet" in result.text
+    assert "NA_RTC_CACHE_DIR" in env.settings().text
