@@ -142,8 +142,9 @@ class SlotTable(NamedTuple):
     ``keys[i, t]`` is the key position held by window slot ``t`` of query
     ``i``; ``valid[i, t]`` says whether that slot is inside the window (causal
     windows can be shorter than ``kernel_size``); ``bias[i, t]`` indexes the
-    (flattened) relative positional bias table. Invalid slots point at a real
-    key so gathers stay in bounds; callers mask them.
+    (flattened) relative positional bias table. Invalid slots point at the
+    window's first key, so gathers stay in bounds and inside the window;
+    callers mask them.
     """
 
     keys: np.ndarray
@@ -164,7 +165,9 @@ def slot_table(axis: Axis) -> SlotTable:
     slots = np.arange(axis.kernel_size, dtype=np.int64)
     key_group_coord = start[:, None] + slots[None, :]
     valid = key_group_coord < end[:, None]
-    key_group_coord = np.minimum(key_group_coord, group_length(axis, g)[:, None] - 1)
+    # out-of-window slots point at the window's first key: in bounds, and never
+    # a key the query must not see (a NaN there could otherwise leak through 0 * NaN)
+    key_group_coord = np.where(valid, key_group_coord, start[:, None])
     keys = key_group_coord * axis.dilation + g[:, None]
     bias = key_group_coord - ig[:, None] + axis.kernel_size - 1
     for array in (keys, valid, bias):

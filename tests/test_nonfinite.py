@@ -1,0 +1,63 @@
+"""Non-finite inputs poison exactly the queries that see them (DESIGN.md section 8).
+
+The reference is the spec for the kernels here too: a NaN or Inf in a key or
+value makes the output of every query whose neighborhood holds it non-finite,
+and leaves every other query finite, including causal queries whose
+out-of-window slots lie next to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import na_rtc
+from na_rtc.window import Axis, is_neighbor
+
+CONFIGS = {
+    "1d-causal": dict(spatial=(12,), kernel_size=(4,), dilation=(1,), is_causal=(True,)),
+    "1d-causal-dilated": dict(spatial=(13,), kernel_size=(3,), dilation=(2,), is_causal=(True,)),
+    "1d-centered": dict(spatial=(12,), kernel_size=(5,), dilation=(1,), is_causal=(False,)),
+    "2d-causal-rows": dict(spatial=(6, 7), kernel_size=(3, 3), dilation=(1, 2), is_causal=(True, False)),
+}
+
+
+def _seen_by(config, token):
+    """Boolean [*spatial] map of the queries whose neighborhood holds ``token``."""
+    grids = np.meshgrid(*(np.arange(n) for n in config["spatial"]), indexing="ij")
+    seen = np.ones(config["spatial"], bool)
+    for axis, (grid, n, k, d, c) in enumerate(zip(grids, config["spatial"], config["kernel_size"],
+                                                   config["dilation"], config["is_causal"])):
+        seen &= is_neighbor(Axis(n, k, 1, d, c), grid, token[axis])
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("poisoned", ["key", "value"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_and_split_poison_exactly_the_queries_that_see_it(name, bad, poisoned):
+    config = CONFIGS[name]
+    ndim = len(config["spatial"])
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, *config["spatial"], 2, 4)) for _ in range(3))
+    # on causal axes, near the start: there short windows have out-of-window
+    # slots, and the token lies right after some of their queries
+    token = tuple(2 if c else n // 2 for n, c in zip(config["spatial"], config["is_causal"]))
+    (k if poisoned == "key" else v)[(0, *token, 1)] = bad
+    # an Inf key gives a logit of +-inf; -inf is a legitimate zero weight, so
+    # make every query's dot product with it +inf (DESIGN.md's "non-finite"
+    # holds for NaN anywhere, Inf values, and +inf logits)
+    q[..., 1, :] = np.abs(q[..., 1, :]) + 0.1
+    window = dict(kernel_size=config["kernel_size"], dilation=config["dilation"], is_causal=config["is_causal"])
+    fused = (na_rtc.na1d if ndim == 1 else na_rtc.na2d)(q, k, v, **window)
+    qk, av = (na_rtc.na1d_qk, na_rtc.na1d_av) if ndim == 1 else (na_rtc.na2d_qk, na_rtc.na2d_av)
+    logits = qk(q * 0.5, k, **window)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    split = av(weights / weights.sum(-1, keepdims=True), v, **window)
+    expected = _seen_by(config, token)
+    assert expected.any() and not expected.all()
+    for out in (fused, split):
+        poisoned_queries = ~np.isfinite(out[0, ..., 1, :]).all(-1)
+        np.testing.assert_array_equal(poisoned_queries, expected)
+        assert np.isfinite(out[0, ..., 0, :]).all()  # the other head never sees it
