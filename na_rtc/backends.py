@@ -111,7 +111,7 @@ def select(problem: Problem, name: str | None = None) -> Backend:
     chosen = get(forced) if forced else get(_default_name(problem.kind, problem.device))
     placement = (problem.kind, problem.device.split(":")[0])
     if placement not in chosen.serves:
-        where = "CPU" if placement[1] == "cpu" else "CUDA"
+        where = {"cpu": "CPU", "cuda": "CUDA"}.get(placement[1], f"the {placement[1]} device")
         raise ValueError(
             f"the {chosen.name} backend cannot run {problem.kind} arrays on {where} "
             f"({chosen.summary}); move the inputs or choose another backend with na_rtc.use_backend"
