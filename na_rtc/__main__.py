@@ -8,6 +8,7 @@ cupy, matplotlib) happen inside the commands, so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -98,6 +99,40 @@ def _demo_arguments() -> tuple[Arg, ...]:
     )
 
 
+# ---------------------------------------------------------------- precompile, check
+
+
+def cmd_precompile(args: argparse.Namespace) -> int:
+    from na_rtc.runtime import check
+
+    return check.run_precompile(args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from na_rtc.runtime import check
+
+    return check.run_check(args)
+
+
+def _kernel_arguments(arch_help: str) -> tuple[Arg, ...]:
+    return (
+        arg("--arch", metavar="LIST", help=arch_help),
+        arg("--family", metavar="NAMES", help="only these kernel families (comma-separated; default: all)"),
+        arg(
+            "--jobs",
+            type=int,
+            default=min(4, os.cpu_count() or 1),
+            metavar="N",
+            help="compiles at once, in threads (default: CPU cores, at most 4)",
+        ),
+        arg(
+            "--family-module",
+            metavar="MODULE",
+            help="module name or .py file defining FAMILIES (default: na_rtc.runtime.families)",
+        ),
+    )
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -107,6 +142,17 @@ COMMANDS: dict[str, Command] = {
         cmd_demo,
         "run 1D/2D neighborhood attention, check it against dense masked attention, time it, draw neighborhoods",
         _demo_arguments(),
+    ),
+    "precompile": Command(
+        cmd_precompile,
+        "compile every kernel with NVRTC into the disk cache (no GPU needed), e.g. --arch sm_80,sm_90",
+        _kernel_arguments("architectures, e.g. sm_80,sm_90, or all (default: the GPUs in this machine)"),
+    ),
+    "check": Command(
+        cmd_check,
+        "compile every kernel instantiation and check registers, spills and shared memory against its launch",
+        _kernel_arguments("architectures, e.g. sm_80,sm_90, or all (default: sm_80,sm_90)")
+        + (arg("--json", metavar="PATH", help="also write the report as JSON"),),
     ),
 }
 

@@ -1,0 +1,370 @@
+"""The compiled-kernel cache (``na_rtc.runtime.cache``): keys, disk entries,
+damaged entries, unwritable folders and processes compiling at once.
+
+Compiles the test kernels in ``tests/nvrtc_kernels/``; tests that compile
+skip when NVRTC is unavailable. Hits and misses are read from
+``cache_stats()``, never from timings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+import na_rtc
+from na_rtc.runtime import cache, nvrtc
+
+KERNELS = Path(__file__).resolve().parent / "nvrtc_kernels"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("scale<float, 2>", "na_test::block_sum<float>")
+
+
+def _nvrtc_missing() -> str | None:
+    try:
+        nvrtc.nvrtc_version()
+    except nvrtc.NvrtcUnavailable as error:
+        return str(error)
+    return None
+
+
+requires_nvrtc = pytest.mark.skipif(_nvrtc_missing() is not None, reason=f"NVRTC unavailable: {_nvrtc_missing()}")
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """A fresh, empty kernel cache for the test (disk and memory)."""
+    root = tmp_path / "kernel_cache"
+    monkeypatch.setenv("NA_RTC_CACHE_DIR", str(root))
+    cache.clear_memory_cache()
+    cache.reset_cache_stats()
+    yield root
+    cache.clear_memory_cache()
+
+
+@pytest.fixture
+def sources(tmp_path):
+    """A private copy of the test kernels, free to edit."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for name in ("kernels.cu", "common.cuh"):
+        shutil.copy(KERNELS / name, folder / name)
+    return folder
+
+
+def _stats_delta(**expected):
+    stats = cache.cache_stats()
+    return {name: stats[name] for name in expected}
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted(root.glob("sm_*/*.bin"))
+
+
+def _forget_memory():
+    cache.clear_memory_cache()
+
+
+# ---------------------------------------------------------------- keys
+
+
+@pytest.fixture
+def fixed_nvrtc_version(monkeypatch):
+    """Keys without the NVRTC library: its version is pinned."""
+    monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (13, 0))
+
+
+def test_key_depends_on_sources_options_arch_and_names(sources, fixed_nvrtc_version):
+    source = sources / "kernels.cu"
+    base = cache.cache_key(source, NAMES, 90)
+    assert len(base) == 64 and base == cache.cache_key(source, NAMES, 90)
+    assert cache.cache_key(source, reversed(NAMES), 90) == base  # order and duplicates do not matter
+    assert cache.cache_key(source, NAMES + NAMES[:1], 90) == base
+    assert cache.cache_key(source, NAMES[:1], 90) != base
+    assert cache.cache_key(source, NAMES, 80) != base
+    assert cache.cache_key(source, NAMES, 90, ["-DX=1"]) != base
+    assert cache.cache_key(source, NAMES, 90, ["-DX=2"]) != cache.cache_key(source, NAMES, 90, ["-DX=1"])
+
+    seen = {base}
+    for edit in (
+        lambda: source.write_text(source.read_text() + "\n// edited\n"),
+        lambda: (sources / "common.cuh").write_text((sources / "common.cuh").read_text() + "\n"),
+        lambda: (sources / "new_header.cuh").write_text("#pragma once\n"),  # anything includable counts
+    ):
+        edit()
+        key = cache.cache_key(source, NAMES, 90)
+        assert key not in seen
+        seen.add(key)
+    (sources / "notes.txt").write_text("not a source")
+    assert cache.cache_key(source, NAMES, 90) in seen  # non-source files do not
+
+    other = sources / "other.cu"
+    shutil.copy(source, other)
+    assert cache.cache_key(other, NAMES, 90) not in seen  # same folder and text, another file
+
+
+def test_key_depends_on_nvrtc_and_na_rtc_versions(sources, monkeypatch):
+    source = sources / "kernels.cu"
+    monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (13, 0))
+    base = cache.cache_key(source, NAMES, 90)
+    monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (13, 1))
+    newer_nvrtc = cache.cache_key(source, NAMES, 90)
+    monkeypatch.setattr(na_rtc, "__version__", "99.0.0")
+    newer_na_rtc = cache.cache_key(source, NAMES, 90)
+    assert len({base, newer_nvrtc, newer_na_rtc}) == 3
+
+
+def test_relative_sources_are_files_in_cuda_src():
+    from na_rtc._resources import cuda_src_dir
+
+    assert cache.resolve_source("na_types.cuh") == cuda_src_dir() / "na_types.cuh"
+    assert cache.resolve_source(KERNELS / "kernels.cu") == KERNELS / "kernels.cu"
+
+
+def test_entry_path_is_per_arch(tmp_path, monkeypatch):
+    monkeypatch.setenv("NA_RTC_CACHE_DIR", str(tmp_path))
+    assert cache.entry_path("ab" * 32, 90, "na_naive.cu") == tmp_path / "sm_90" / f"na_naive-{'ab' * 32}.bin"
+
+
+# ---------------------------------------------------------------- hits and misses
+
+
+@requires_nvrtc
+def test_second_use_hits_memory_then_disk_without_nvrtc(kernel_cache, monkeypatch):
+    source = KERNELS / "kernels.cu"
+    first, origin = cache.lookup(source, NAMES, 90)
+    assert origin == "compiled" and first.kind == "cubin"
+    assert _stats_delta(compiles=1, disk_writes=1) == {"compiles": 1, "disk_writes": 1}
+    (entry,) = _entries(kernel_cache)
+    assert entry.parent.name == "sm_90" and entry.read_bytes()[:8] == cache.MAGIC
+
+    assert cache.get_program(source, NAMES, "sm_90") is first
+    assert cache.cache_stats()["memory_hits"] == 1
+
+    def no_nvrtc(*args, **kwargs):
+        raise AssertionError("NVRTC called on a cache hit")
+
+    monkeypatch.setattr(nvrtc, "compile_program", no_nvrtc)
+    _forget_memory()
+    again, origin = cache.lookup(source, list(reversed(NAMES)), 90)
+    assert origin == "disk"
+    assert (again.binary, again.lowered, again.log, again.kind, again.target) == (
+        first.binary, first.lowered, first.log, first.kind, first.target
+    )
+    assert again.compile_seconds == first.compile_seconds
+    stats = cache.cache_stats()
+    assert (stats["compiles"], stats["disk_hits"], stats["bad_entries"]) == (1, 1, 0)
+
+
+@requires_nvrtc
+def test_ptx_programs_are_cached_too(kernel_cache):
+    program, origin = cache.lookup(KERNELS / "kernels.cu", NAMES, 200)
+    assert (origin, program.kind) == ("compiled", "ptx")
+    _forget_memory()
+    again, origin = cache.lookup(KERNELS / "kernels.cu", NAMES, 200)
+    assert (origin, again.kind, again.binary) == ("disk", "ptx", program.binary)
+    assert [p.parent.name for p in _entries(kernel_cache)] == ["sm_200"]
+
+
+@requires_nvrtc
+def test_edited_sources_are_seen_after_clear_memory_cache(kernel_cache, sources):
+    source = sources / "kernels.cu"
+    cache.get_program(source, NAMES, 90)
+    source.write_text(source.read_text() + "\n// edited\n")
+    assert cache.lookup(source, NAMES, 90)[1] == "memory"  # a process keeps what it compiled
+    _forget_memory()
+    assert cache.lookup(source, NAMES, 90)[1] == "compiled"
+    assert len(_entries(kernel_cache)) == 2
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_payload_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _flip_metadata_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[cache._HEADER.size + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _bad_magic(path: Path) -> None:
+    path.write_bytes(b"GARBAGE!" + path.read_bytes()[8:])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _other_format(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:12] = (cache.FORMAT_VERSION + 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+@requires_nvrtc
+@pytest.mark.parametrize(
+    "damage", [_truncate, _flip_payload_byte, _flip_metadata_byte, _bad_magic, _empty, _other_format],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_damaged_entry_is_recompiled_with_a_warning(kernel_cache, damage):
+    source = KERNELS / "kernels.cu"
+    good = cache.get_program(source, NAMES, 90)
+    (entry,) = _entries(kernel_cache)
+    damage(entry)
+    _forget_memory()
+    with pytest.warns(cache.KernelCacheWarning, match="unusable"):
+        program, origin = cache.lookup(source, NAMES, 90)
+    assert origin == "compiled" and program.lowered == good.lowered and program.binary[:4] == b"\x7fELF"
+    assert cache.cache_stats()["bad_entries"] == 1
+    # the entry was overwritten with a good one
+    _forget_memory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.lookup(source, NAMES, 90)[1] == "disk"
+    assert _entries(kernel_cache) == [entry]
+
+
+@requires_nvrtc
+def test_entry_of_another_key_is_a_miss(kernel_cache):
+    source = KERNELS / "kernels.cu"
+    cache.get_program(source, NAMES, 90)
+    cache.get_program(source, NAMES, 90, ["-DOTHER=1"])
+    first, second = _entries(kernel_cache)
+    key_other = cache.cache_key(source, NAMES, 90, ["-DOTHER=1"])
+    renamed, target = (first, second) if key_other in second.name else (second, first)
+    shutil.copy(renamed, target)  # a file renamed/copied under another key's name
+    _forget_memory()
+    with pytest.warns(cache.KernelCacheWarning, match="another key"):
+        program, origin = cache.lookup(source, NAMES, 90, ["-DOTHER=1"])
+    assert origin == "compiled" and "-DOTHER=1" in program.options
+
+
+@requires_nvrtc
+def test_entry_missing_a_name_is_a_miss(kernel_cache, monkeypatch):
+    source = KERNELS / "kernels.cu"
+    cache.get_program(source, NAMES, 90)
+    (entry,) = _entries(kernel_cache)
+    # an entry whose metadata lacks a kernel (written by a buggy version) under the right key
+    key = cache.cache_key(source, NAMES, 90)
+    program = cache._decode(entry.read_bytes(), key)
+    broken = nvrtc.CompiledProgram(**{**program.__dict__, "lowered": {NAMES[0]: program.lowered[NAMES[0]]}})
+    entry.write_bytes(cache._encode(broken, key))
+    _forget_memory()
+    with pytest.warns(cache.KernelCacheWarning, match="lacks kernels"):
+        assert cache.lookup(source, NAMES, 90)[1] == "compiled"
+
+
+# ---------------------------------------------------------------- unwritable folders
+
+
+@requires_nvrtc
+def test_unusable_cache_folder_keeps_programs_in_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("NA_RTC_CACHE_DIR", str(blocker))
+    cache.clear_memory_cache()
+    cache.reset_cache_stats()
+    source = KERNELS / "kernels.cu"
+    with pytest.warns(cache.KernelCacheWarning, match="memory only") as caught:
+        program = cache.get_program(source, NAMES, 90)
+    assert len(caught) == 1 and program.binary[:4] == b"\x7fELF"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per folder, not again
+        assert cache.get_program(source, NAMES[:1], 90).lowered == {NAMES[0]: program.lowered[NAMES[0]]}
+        assert cache.lookup(source, NAMES, 90)[1] == "memory"
+    stats = cache.cache_stats()
+    assert (stats["write_failures"], stats["disk_writes"], stats["compiles"]) == (2, 0, 2)
+    cache.clear_memory_cache()
+
+
+@requires_nvrtc
+def test_read_only_cache_still_serves_its_entries(kernel_cache, monkeypatch):
+    source = KERNELS / "kernels.cu"
+    cache.get_program(source, NAMES, 90)  # filled while writable
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
+    _forget_memory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.lookup(source, NAMES, 90)[1] == "disk"
+    with pytest.warns(cache.KernelCacheWarning, match="not writable"):
+        assert cache.lookup(source, NAMES, 80)[1] == "compiled"
+    assert len(_entries(kernel_cache)) == 1
+
+
+@requires_nvrtc
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
+def test_read_only_folder_permissions(kernel_cache):
+    kernel_cache.mkdir()
+    kernel_cache.chmod(0o500)
+    try:
+        with pytest.warns(cache.KernelCacheWarning, match="not writable"):
+            assert cache.get_program(KERNELS / "kernels.cu", NAMES, 90).kind == "cubin"
+    finally:
+        kernel_cache.chmod(0o700)
+
+
+# ---------------------------------------------------------------- processes at once
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from na_rtc.runtime import cache
+    start, source = float(sys.argv[1]), sys.argv[2]
+    names = sys.argv[3:]
+    while time.time() < start:
+        time.sleep(0.001)
+    program, origin = cache.lookup(source, names, 90)
+    print(origin, program.kind, len(program.binary), program.lowered[names[-1]])
+    """
+)
+
+
+@requires_nvrtc
+def test_processes_compiling_the_same_kernel_at_once(kernel_cache):
+    source = KERNELS / "spills.cu"  # slow enough to compile that the processes overlap
+    names = ["pressure<96>", "heavy<32>", "pressure<8>"]
+    environment = dict(os.environ)
+    environment["NA_RTC_CACHE_DIR"] = str(kernel_cache)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    start = time.time() + 2.0  # after every interpreter has started
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, repr(start), str(source), *names],
+            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [worker.communicate(timeout=120) + (worker.returncode,) for worker in workers]
+    for out, err, code in results:
+        assert code == 0, err
+    lines = [out.split() for out, _, _ in results]
+    assert all(line[1] == "cubin" and line[3] == "_Z8pressureILi8EEvPf" for line in lines)
+    assert len({line[2] for line in lines}) == 1  # same cubin size everywhere
+    assert any(line[0] == "compiled" for line in lines)
+    # one valid entry, no temporary files left behind
+    (entry,) = _entries(kernel_cache)
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]
+    key = cache.cache_key(source, names, 90)
+    assert cache._decode(entry.read_bytes(), key).lowered["pressure<8>"] == "_Z8pressureILi8EEvPf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.lookup(source, names, 90)[1] == "disk"
