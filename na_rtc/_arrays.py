@@ -59,3 +59,52 @@ def describe(x) -> str:
     if kind == CUPY:
         return f"cupy.ndarray on {device_of(x)}"
     return type(x).__qualname__
+
+
+# ---------------------------------------------------------------- for kernel launches
+# (each uses the array's own library, which is imported whenever such an array exists)
+
+
+def element_strides(x) -> tuple[int, ...]:
+    """Strides in elements (NumPy and CuPy report bytes, torch elements)."""
+    if kind_of(x) == TORCH:
+        return tuple(int(s) for s in x.stride())
+    return tuple(int(s) // x.itemsize for s in x.strides)
+
+
+def data_ptr(x) -> int:
+    """Address of the first element of the view."""
+    kind = kind_of(x)
+    if kind == TORCH:
+        return int(x.data_ptr())
+    if kind == CUPY:
+        return int(x.data.ptr)
+    return int(x.ctypes.data)
+
+
+def library_dtype(like, dtype: str):
+    """``dtype`` (a name from FLOAT_DTYPES) as the dtype object of ``like``'s library."""
+    if kind_of(like) == TORCH:
+        return getattr(sys.modules["torch"], dtype)
+    return np.dtype(dtype)
+
+
+def empty(like, shape, dtype: str):
+    """An uninitialized contiguous array of ``like``'s kind and device."""
+    kind = kind_of(like)
+    if kind == TORCH:
+        return sys.modules["torch"].empty(tuple(shape), dtype=library_dtype(like, dtype), device=like.device)
+    if kind == CUPY:
+        cupy = sys.modules["cupy"]
+        with cupy.cuda.Device(like.device.id):
+            return cupy.empty(tuple(shape), dtype=dtype)
+    return np.empty(tuple(shape), dtype=dtype)
+
+
+def cast(x, dtype: str):
+    """``x`` in ``dtype`` (no copy when it already is)."""
+    if dtype_name(x) == dtype:
+        return x
+    if kind_of(x) == TORCH:
+        return x.to(library_dtype(x, dtype))
+    return x.astype(dtype)

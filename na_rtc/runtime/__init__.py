@@ -1,0 +1,2 @@
+"""Kernel runtime: launch plans, NVRTC compilation, the disk cache and the
+``cuda`` backend. Nothing here imports cupy or torch at module import."""

@@ -1,0 +1,104 @@
+"""The ``cuda`` executor: launch plans on the GPU through CuPy.
+
+Kernels are compiled by NVRTC (through the disk cache) for the device's
+architecture and loaded as CuPy modules, memoized per (device, family).
+Inputs may be CuPy arrays or CUDA torch tensors; torch launches go on torch's
+current stream of the tensor's device, so they order with the surrounding
+torch work without any synchronization.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+
+from .. import _arrays
+from .._resources import cuda_src_dir
+from . import plan as P
+from .families import family_of
+
+_NUMPY_SCALARS = {"i64": np.int64, "i32": np.int32, "f32": np.float32, "f64": np.float64}
+_modules: dict = {}
+_lock = threading.Lock()
+
+
+def availability() -> tuple[bool, str]:
+    """Whether CuPy, a GPU and NVRTC are usable here, and why not."""
+    try:
+        import cupy
+    except Exception as error:  # ImportError, or a broken CUDA install
+        return False, f"cupy is not importable ({error}); pip install 'na_rtc[cuda13]' (or '[cuda12]')"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:
+        return False, f"no usable GPU or CUDA driver ({type(error).__name__}: {error})"
+    if count == 0:
+        return False, "no GPU found"
+    try:
+        from . import nvrtc
+
+        nvrtc.nvrtc_version()
+    except Exception as error:
+        return False, f"NVRTC is not usable ({error})"
+    return True, f"{count} GPU(s); CuPy arrays and CUDA torch tensors"
+
+
+def _device_index(array) -> int:
+    if _arrays.kind_of(array) == _arrays.TORCH:
+        return array.device.index if array.device.index is not None else sys.modules["torch"].cuda.current_device()
+    return array.device.id
+
+
+def _module(device: int, source: str, names: tuple[str, ...]):
+    """The loaded CuPy module of a family on ``device`` (compiled or from the cache)."""
+    key = (device, source)
+    with _lock:
+        if key not in _modules:
+            import cupy
+
+            from . import cache
+
+            arch = int(cupy.cuda.Device(device).compute_capability)  # "90" -> 90, "120" -> 120
+            program = cache.get_program(cuda_src_dir() / source, names, arch)
+            with cupy.cuda.Device(device):
+                module = cupy.cuda.function.Module()
+                module.load(program.binary)
+            _modules[key] = (module, program.lowered, {})
+        return _modules[key]
+
+
+def _function(device: int, kernel: P.Kernel):
+    module, lowered, functions = _module(device, kernel.source, family_of(kernel.name).names)
+    if kernel.name not in functions:
+        functions[kernel.name] = module.get_function(lowered[kernel.name])
+    return functions[kernel.name]
+
+
+def _stream(array):
+    """The stream to launch on: torch's current stream for torch tensors, CuPy's otherwise."""
+    import cupy
+
+    if _arrays.kind_of(array) == _arrays.TORCH:
+        torch = sys.modules["torch"]
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(array.device).cuda_stream, _device_index(array))
+    return cupy.cuda.get_current_stream()
+
+
+def _argument(arg: P.Arg):
+    if arg.kind == "ptr":
+        return np.uint64(0 if arg.value is None else _arrays.data_ptr(arg.value))
+    return _NUMPY_SCALARS[arg.kind](arg.value)
+
+
+def run(plan: P.LaunchPlan) -> None:
+    """Launch ``plan`` on the device of its first array argument."""
+    import cupy
+
+    anchor = next(a.value for a in plan.args if a.kind == "ptr" and a.value is not None)
+    device = _device_index(anchor)
+    function = _function(device, plan.kernel)
+    with cupy.cuda.Device(device):
+        function(plan.grid, plan.block, tuple(_argument(a) for a in plan.args),
+                 shared_mem=plan.shared_bytes, stream=_stream(anchor))

@@ -1,0 +1,80 @@
+"""Launch plans: one description of a kernel launch, executed by any backend.
+
+Ops code (``na_rtc/runtime/ops.py``) turns a validated problem into a list of
+:class:`LaunchPlan`; the ``cuda`` backend runs them with CuPy on the GPU and
+the ``emulator`` backend runs the same plans on the CPU. A plan names its
+kernel by source file and C++ name expression (``na_qk_fwd<float>``), so the
+same string selects the NVRTC lowered name and the emulator trampoline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: argument kinds a kernel parameter can have, with their C++ types
+ARG_CTYPES = {
+    "ptr": "void*",  # value: an array (NumPy, CuPy, torch); the backend passes its data pointer
+    "i64": "long long",
+    "i32": "int",
+    "f32": "float",
+    "f64": "double",
+}
+
+#: CUDA grid limits (x, y, z); plans fold work into grid.x to stay inside them
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_BLOCK_THREADS = 1024
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel instantiation: ``source`` is a file in ``cuda_src/``."""
+
+    source: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Arg:
+    kind: str
+    value: Any
+
+    def __post_init__(self):
+        if self.kind not in ARG_CTYPES:
+            raise ValueError(f"unknown kernel argument kind {self.kind!r}")
+
+
+def ptr(array) -> Arg:
+    return Arg("ptr", array)
+
+
+def i64(value: int) -> Arg:
+    return Arg("i64", int(value))
+
+
+def i32(value: int) -> Arg:
+    return Arg("i32", int(value))
+
+
+def f32(value: float) -> Arg:
+    return Arg("f32", float(value))
+
+
+def f64(value: float) -> Arg:
+    return Arg("f64", float(value))
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    kernel: Kernel
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int
+    args: tuple[Arg, ...]
+
+    def __post_init__(self):
+        if any(g < 1 or g > limit for g, limit in zip(self.grid, MAX_GRID)):
+            raise ValueError(f"grid {self.grid} is outside the CUDA limits {MAX_GRID}")
+        threads = self.block[0] * self.block[1] * self.block[2]
+        if not 1 <= threads <= MAX_BLOCK_THREADS:
+            raise ValueError(f"block {self.block} has {threads} threads; 1..{MAX_BLOCK_THREADS} allowed")
