@@ -29,7 +29,7 @@ help:
 	@echo "make demo       set up $(VENV) (once), run 1D/2D NA forward+backward, check it, write na_rtc_demo.png"
 	@echo "make test       set up $(VENV) (once), run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
 	@echo "make wheel      build the wheel into $(DIST)/"
-	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot]"
+	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot,nvrtc]"
 	@echo "make clean      remove build outputs and caches (keeps $(VENV))"
 	@echo "make distclean  clean, and remove $(VENV) too"
 
@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 		echo "$(VPY) -m pip install $(TORCH_PIP_ARGS) $(TORCH_SPEC)"; \
 		$(VPY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; \
 	fi
-	$(VPY) -m pip install -e ".[tests,plot]" build
+	$(VPY) -m pip install -e ".[tests,plot,nvrtc]" build
 	touch $@
 
 venv: $(STAMP)
