@@ -82,7 +82,7 @@ class _NumpyMath:
 
     def heads_last(self, x, dtype_name: str, shape):
         """``[batch, heads, tokens, ...]`` -> ``shape`` (heads-last) in ``dtype_name``."""
-        return x.swapaxes(1, 2).reshape(shape).astype(dtype_name, copy=False)
+        return np.ascontiguousarray(x.swapaxes(1, 2).reshape(shape), dtype=dtype_name)
 
     def finish(self, x, dtype_name: str, shape):
         return x.reshape(shape).astype(dtype_name, copy=False)
@@ -138,7 +138,7 @@ class _TorchMath:
         target.index_add_(axis, index, source)
 
     def heads_last(self, x, dtype_name: str, shape):
-        return x.transpose(1, 2).reshape(shape).to(getattr(self.torch, dtype_name))
+        return x.transpose(1, 2).reshape(shape).to(getattr(self.torch, dtype_name)).contiguous()
 
     def finish(self, x, dtype_name: str, shape):
         return x.reshape(shape).to(getattr(self.torch, dtype_name))

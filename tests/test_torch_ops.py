@@ -1,0 +1,53 @@
+"""The torch.library custom ops behind the autograd Functions (DESIGN.md section 3):
+registered with fake implementations that agree with the real ones, so
+torch.compile and export can trace them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import na_rtc
+from na_rtc import _torch  # noqa: F401 - registers the ops
+
+torch.manual_seed(0)
+Q1 = torch.randn(2, 12, 3, 8, dtype=torch.float64)
+Q2 = torch.randn(1, 7, 6, 2, 8, dtype=torch.float64)
+RPB1 = torch.randn(3, 9, dtype=torch.float64)
+
+SAMPLES = {
+    "fused_fwd-1d-rpb": (torch.ops.na_rtc.fused_fwd, (Q1, Q1 + 1, Q1 - 1, RPB1, [5], [1], [2], [False], 0.3, "reference")),
+    "fused_fwd-2d-causal-stride": (torch.ops.na_rtc.fused_fwd,
+                                   (Q2, Q2 + 1, Q2 - 1, None, [3, 4], [2, 3], [1, 1], [True, False], 0.5, "reference")),
+    "qk_fwd-1d": (torch.ops.na_rtc.qk_fwd, (Q1, Q1 + 1, RPB1, [5], [1], [False], "reference")),
+    "av_fwd-2d": (torch.ops.na_rtc.av_fwd, (torch.randn(1, 7, 6, 2, 12, dtype=torch.float64), Q2, [3, 4], [2, 1],
+                                           [False, True], "reference")),
+    "qk_bwd-1d": (torch.ops.na_rtc.qk_bwd, (torch.randn(2, 12, 3, 5, dtype=torch.float64), Q1, Q1 + 1, RPB1, [5], [2],
+                                           [False], "reference")),
+    "av_bwd-1d": (torch.ops.na_rtc.av_bwd, (Q1, torch.randn(2, 12, 3, 5, dtype=torch.float64), Q1 - 1, [5], [1],
+                                           [True], "reference")),
+}
+
+
+@pytest.mark.parametrize("op, args", SAMPLES.values(), ids=SAMPLES.keys())
+def test_custom_op_passes_opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fused_bwd_fake_matches_real():
+    out, lse = torch.ops.na_rtc.fused_fwd(Q1, Q1, Q1, RPB1, [5], [1], [1], [False], 0.3, "reference")
+    args = (torch.randn_like(Q1), Q1, Q1, Q1, RPB1, out, lse, [5], [1], [1], [False], 0.3, "reference")
+    torch.library.opcheck(torch.ops.na_rtc.fused_bwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_model_matches_eager_without_graph_breaks():
+    def layer(q, k, v, rpb):
+        return na_rtc.na2d(q, k, v, (3, 5), rpb=rpb).sum()
+
+    q, k, v = (torch.randn(1, 8, 9, 2, 8, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 9, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(layer(q, k, v, rpb), (q, k, v, rpb))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v, rpb), (q, k, v, rpb))
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
