@@ -11,7 +11,7 @@ error that says what to do.
 
 from __future__ import annotations
 
-import contextvars
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,11 +68,14 @@ def describe() -> list[tuple[str, bool, str]]:
 
 # ---------------------------------------------------------------- choosing one
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("na_rtc_backend", default=None)
+# A plain module global, not a ContextVar or thread-local: torch.compile traces
+# (and guards on) globals, and a process-wide choice matches how backends are
+# used (like torch's default dtype).
+_forced: str | None = None
 
 
 class use_backend:
-    """Force a backend for subsequent calls (in this thread / context).
+    """Force a backend for subsequent calls (process-wide).
 
     ``na_rtc.use_backend("emulator")`` sets it until changed;
     ``with na_rtc.use_backend("emulator"): ...`` restores the previous choice
@@ -80,16 +83,18 @@ class use_backend:
     """
 
     def __init__(self, name: str | None):
+        global _forced
         if name is not None:
             get(name)  # unknown names fail here, not at the next call
-        self.name = name
-        self._token = _forced.set(name)
+        self.name, self._previous = name, _forced
+        _forced = name
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        _forced.reset(self._token)
+        global _forced
+        _forced = self._previous
         return False
 
     def __repr__(self):
@@ -98,7 +103,7 @@ class use_backend:
 
 def current_backend_name() -> str | None:
     """The forced backend (``use_backend`` or ``NA_RTC_BACKEND``), or None for automatic."""
-    return _forced.get() or config.backend_override()
+    return _forced or config.backend_override()
 
 
 def _default_name(kind: str, device: str) -> str:
@@ -131,8 +136,27 @@ def _load_reference() -> dict:
     return reference.OPS
 
 
-def _not_yet(what: str) -> Callable[[], tuple[bool, str]]:
-    return lambda: (False, f"not implemented yet in na_rtc: {what}")
+def executor(name: str):
+    """The function that runs a launch plan on backend ``name`` (``cuda`` or ``emulator``)."""
+    from .runtime import cuda, emulated
+
+    return {"cuda": cuda.run, "emulator": emulated.run}[name]
+
+
+def _kernel_ops(name: str) -> Callable[[], dict]:
+    def load() -> dict:
+        from .runtime import naive
+
+        return naive.make_ops(executor(name), name)
+
+    return load
+
+
+@functools.lru_cache(maxsize=None)  # a compiler or a GPU does not come or go within a process
+def _probe(name: str) -> tuple[bool, str]:
+    from .runtime import cuda, emulated
+
+    return {"cuda": cuda.availability, "emulator": emulated.availability}[name]()
 
 
 register(
@@ -149,7 +173,8 @@ register(
         "cuda",
         "NVRTC-compiled kernels on the GPU; CuPy arrays and CUDA torch tensors",
         frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda")}),
-        _not_yet("the CUDA kernels land with the kernel toolchain"),
+        lambda: _probe("cuda"),
+        _kernel_ops("cuda"),
     )
 )
 register(
@@ -157,6 +182,7 @@ register(
         "emulator",
         "the CUDA kernels executed on the CPU; CPU arrays only",
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu")}),
-        _not_yet("the CPU emulator of the CUDA kernels lands with the kernel toolchain"),
+        lambda: _probe("emulator"),
+        _kernel_ops("emulator"),
     )
 )

@@ -15,6 +15,9 @@ SETTINGS = {
     "NA_RTC_CACHE_DIR": "where compiled kernels are cached (default: the user cache dir)",
     "NA_RTC_REFERENCE_CHUNK_MB": "memory budget of one query chunk in the reference backend (default 32)",
     "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: small (default) or large",
+    "NA_RTC_EMULATOR_CHECKED": "1: the emulator runs every launch on guarded buffer copies (out-of-bounds checks)",
+    "NA_RTC_EMULATOR_THREADS": "OS threads the emulator runs blocks on (default: all cores)",
+    "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
 
 
@@ -52,3 +55,8 @@ def sweep_size() -> str:
     if value not in ("small", "large"):
         raise ValueError(f"NA_RTC_SWEEP must be 'small' or 'large', got {value!r}")
     return value
+
+
+def emulator_checked() -> bool:
+    """Whether every emulator launch runs in checked (out-of-bounds detecting) mode."""
+    return os.environ.get("NA_RTC_EMULATOR_CHECKED", "").strip() == "1"

@@ -119,8 +119,10 @@ def test_unknown_backend_fails_at_use_backend():
         na_rtc.use_backend("fpga")
 
 
-def test_unavailable_backend_says_why():
-    with pytest.raises(RuntimeError, match="the emulator backend is not available here: not implemented yet"):
+def test_unavailable_backend_says_why(monkeypatch):
+    emulator = na_rtc.backends.get("emulator")
+    monkeypatch.setattr(emulator, "probe", lambda: (False, "no C++ compiler found (set CXX)"))
+    with pytest.raises(RuntimeError, match=r"the emulator backend is not available here: no C\+\+ compiler found"):
         na_rtc.na1d(Q1, Q1, Q1, 5, backend="emulator")
 
 

@@ -53,6 +53,7 @@ def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
 
 FAMILIES: dict[str, Family] = {
     "naive": _family("na_naive.cu", naive_names(), NAIVE_THREADS),
+    "selftest": _family("na_selftest.cu", ("na_selftest_convert",), 256),
 }
 
 

@@ -1,0 +1,27 @@
+"""The ``emulator`` executor: launch plans on the CPU (see :mod:`na_rtc.emulator`).
+
+Each kernel family is built once into a shared library (cached on disk like
+cubins) holding every instantiation, then plans launch from it.
+"""
+
+from __future__ import annotations
+
+from .. import config
+from .._resources import cuda_src_dir
+from . import plan as P
+from .families import family_of
+
+
+def availability() -> tuple[bool, str]:
+    try:
+        from .. import emulator
+    except ImportError as error:  # a broken install: say so instead of failing every call
+        return False, f"the emulator package is not importable ({error})"
+    return emulator.available()
+
+
+def run(plan: P.LaunchPlan) -> None:
+    from .. import emulator
+
+    module = emulator.load_module(cuda_src_dir() / plan.kernel.source, family_of(plan.kernel.name).names)
+    module.launch(plan, checked=config.emulator_checked())

@@ -1,0 +1,78 @@
+"""The conversion primitives of cuda_src/na_types.cuh (inline PTX on the GPU,
+software in the emulator) against their definitions: IEEE round to nearest
+even, bit for bit. ``make gpu-check`` runs the GPU half first."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import na_rtc
+from na_rtc.runtime import plan as P
+
+
+def _usable(name):
+    return na_rtc.backends.get(name).probe()[0]
+
+
+BACKENDS = [
+    pytest.param("emulator", marks=pytest.mark.skipif(not _usable("emulator"), reason="no C++ compiler")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _usable("cuda"), reason="no usable GPU")]),
+]
+
+
+def _samples() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    f16 = np.arange(0, 2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    f16 = f16[np.isfinite(f16)]
+    # midpoints between neighbouring fp16 values: every tie case, both parities
+    ties = ((f16[:-1].astype(np.float64) + f16[1:]) / 2).astype(np.float32)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    bf16_ties = (rng.integers(0, 2**16, 20_000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)
+    edges = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65520.0, 65519.996, 6e-8, 3e-8, 1e-45,
+                      3.4028235e38, -3.4028235e38, 1.0 + 2**-11, 1.0 + 3 * 2**-11], np.float32)
+    return np.concatenate([f16, ties, bits, bf16_ties, edges]).astype(np.float32)
+
+
+def _bf16_reference(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 at the bit level."""
+    u = values.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return rounded
+
+
+def _run_convert(backend: str, values: np.ndarray):
+    outputs = {name: np.zeros(values.shape, dtype) for name, dtype in
+               (("f16", np.uint16), ("bf16", np.uint16), ("f16_back", np.float32), ("bf16_back", np.float32))}
+    if backend == "cuda":
+        import cupy
+
+        device = {name: cupy.asarray(a) for name, a in outputs.items()}
+        source = cupy.asarray(values)
+    else:
+        device, source = outputs, values
+    n = values.size
+    args = [P.ptr(source)] + [P.ptr(device[k]) for k in ("f16", "bf16", "f16_back", "bf16_back")] + [P.i64(n)]
+    launch = P.LaunchPlan(P.Kernel("na_selftest.cu", "na_selftest_convert"), (-(-n // 256), 1, 1), (256, 1, 1), 0,
+                          tuple(args))
+    na_rtc.backends.executor(backend)(launch)
+    if backend == "cuda":
+        return {name: a.get() for name, a in device.items()}
+    return device
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_and_bf16_conversions_round_to_nearest_even(backend):
+    values = _samples()
+    got = _run_convert(backend, values)
+    nan = np.isnan(values)
+    want_f16 = values.astype(np.float16)
+    np.testing.assert_array_equal(got["f16"][~nan], want_f16.view(np.uint16)[~nan])
+    assert np.isnan(got["f16"].view(np.float16)[nan]).all()
+    np.testing.assert_array_equal(got["f16_back"][~nan], want_f16.astype(np.float32)[~nan])
+    np.testing.assert_array_equal(got["bf16"][~nan], _bf16_reference(values)[~nan])
+    bf16_as_f32 = (got["bf16"].astype(np.uint32) << 16).view(np.float32)
+    assert np.isnan(bf16_as_f32[nan]).all()
+    # widening is exact (a 16-bit shift); NaN payloads are not specified, only NaN-ness
+    np.testing.assert_array_equal(got["bf16_back"].view(np.uint32)[~nan], bf16_as_f32.view(np.uint32)[~nan])
+    assert np.isnan(got["bf16_back"][nan]).all()
