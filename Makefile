@@ -21,14 +21,18 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 NA_RTC_SKIP_TORCH ?=
 DIST ?= dist
+GPU_PYTHON ?= python3
+RESULTS ?= benchmarks/results
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test wheel clean distclean
+.PHONY: help venv demo test wheel clean distclean gpu-check
 
 help:
 	@echo "make demo       set up $(VENV) (once), run 1D/2D NA forward+backward, check it, write na_rtc_demo.png"
 	@echo "make test       set up $(VENV) (once), run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
 	@echo "make wheel      build the wheel into $(DIST)/"
+	@echo "make gpu-check  on a GPU machine, with its own python (no .venv, no network): GPU self-tests,"
+	@echo "                gpu-marked tests, quick benchmark; JSON into RESULTS=$(RESULTS)"
 	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot,nvrtc]"
 	@echo "make clean      remove build outputs and caches (keeps $(VENV))"
 	@echo "make distclean  clean, and remove $(VENV) too"
@@ -55,6 +59,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# Deliberately not on the .venv: GPU machines have no network, so this runs
+# the checkout with the python that is there (torch, cupy, NVRTC installed).
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m na_rtc.gpu_check --results $(RESULTS)
 
 wheel: $(STAMP)
 	$(VPY) -m build --wheel --outdir $(DIST) .

@@ -61,6 +61,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 ("CuPy", str(env.cupy_version())),
                 ("GPU", str(env.gpus())),
                 ("NVRTC", str(env.nvrtc_version())),
+                ("verdict", str(env.hardware_verdict())),
                 ("cache", str(env.cache_dir())),
                 ("settings", str(env.settings())),
             ]

@@ -33,6 +33,7 @@ __all__ = [
     "selected_backend",
     "cache_dir",
     "settings",
+    "hardware_verdict",
 ]
 
 CUDA_INSTALL_HINT = "pip install 'na_rtc[cuda13]' or '[cuda12]'"
@@ -259,3 +260,46 @@ def settings() -> Probe:
     if not found:
         return Probe(True, {}, "none set")
     return _found(found, ", ".join(f"{key}={value}" for key, value in found.items()))
+
+
+def _driver_version() -> int | None:
+    """CUDA driver version as an int (13000 = 13.0), or None."""
+    cupy = _import_cupy()
+    if isinstance(cupy, Probe):
+        return None
+    try:
+        return int(cupy.cuda.runtime.driverGetVersion())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _device_verdict(arch: int, nvrtc: tuple[int, int], archs: list[int], driver: int | None) -> str:
+    """DESIGN.md section 3's supported-hardware table, applied to one device."""
+    if arch < 70:
+        return f"unsupported: na_rtc needs sm_70 or newer, this is sm_{arch}"
+    if nvrtc[0] >= 13 and arch < 75:
+        return f"unsupported with NVRTC {nvrtc[0]} (sm_75+ only): pip install 'na_rtc[cuda12]'"
+    if driver is not None and driver // 1000 < nvrtc[0]:
+        return (f"driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, older than NVRTC {nvrtc[0]}: "
+                f"update the driver, or use NVRTC 12 (pip install 'na_rtc[cuda12]')")
+    if archs and arch > max(archs):
+        return f"supported through PTX (sm_{arch} is newer than NVRTC {nvrtc[0]}.{nvrtc[1]} knows; the driver JITs it)"
+    return f"supported: cubin for sm_{arch}"
+
+
+def hardware_verdict() -> Probe:
+    """Can the kernels run here, per GPU, and if not what to install."""
+    devices = gpus()
+    nvrtc = nvrtc_version()
+    if not devices.ok:
+        compile_note = "precompile/check work here" if nvrtc.ok else f"NVRTC missing for precompile/check ({CUDA_INSTALL_HINT})"
+        return Probe(True, [], f"no GPU: kernels run on the emulator backend; {compile_note}")
+    if not nvrtc.ok:
+        return _missing(f"GPU found but NVRTC is not usable ({nvrtc.text})")
+    module = _nvrtc_module()
+    archs = [] if isinstance(module, Probe) else _nvrtc_archs(module)
+    driver = _driver_version()
+    verdicts = [(device.index, _device_verdict(int(device.arch[3:]), nvrtc.value, archs, driver))
+                for device in devices.value]
+    ok = all(text.startswith("supported") for _, text in verdicts)
+    return Probe(ok, verdicts, "; ".join(f"GPU {index}: {text}" for index, text in verdicts))

@@ -1,0 +1,22 @@
+"""The supported-hardware table of DESIGN.md section 3, as ``info`` applies it."""
+
+import pytest
+
+from na_rtc._environment import _device_verdict
+
+ARCHS_13 = [75, 80, 86, 87, 89, 90, 100, 120, 121]
+ARCHS_12 = [50, 60, 70, 72, 75, 80, 86, 89, 90]
+
+CASES = {
+    "h100-nvrtc13": (90, (13, 5), ARCHS_13, 13000, "supported: cubin for sm_90"),
+    "v100-nvrtc13": (70, (13, 5), ARCHS_13, 13000, "pip install 'na_rtc[cuda12]'"),
+    "v100-nvrtc12": (70, (12, 9), ARCHS_12, 12080, "supported: cubin for sm_70"),
+    "pascal": (61, (12, 9), ARCHS_12, 12080, "unsupported: na_rtc needs sm_70"),
+    "old-driver": (90, (13, 0), ARCHS_13, 12040, "older than NVRTC 13"),
+    "newer-than-nvrtc": (130, (13, 5), ARCHS_13, 13050, "supported through PTX"),
+}
+
+
+@pytest.mark.parametrize("arch, nvrtc, archs, driver, expected", CASES.values(), ids=CASES.keys())
+def test_device_verdict(arch, nvrtc, archs, driver, expected):
+    assert expected in _device_verdict(arch, nvrtc, archs, driver)
