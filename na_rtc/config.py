@@ -59,4 +59,23 @@ def sweep_size() -> str:
 
 def emulator_checked() -> bool:
     """Whether every emulator launch runs in checked (out-of-bounds detecting) mode."""
-    return os.environ.get("NA_RTC_EMULATOR_CHECKED", "").strip() == "1"
+    raw = os.environ.get("NA_RTC_EMULATOR_CHECKED", "").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"NA_RTC_EMULATOR_CHECKED must be 1 or 0, got {raw!r}")
+
+
+def emulator_threads() -> int:
+    """Worker threads of an emulator launch (``NA_RTC_EMULATOR_THREADS``); 0 means every available core."""
+    raw = os.environ.get("NA_RTC_EMULATOR_THREADS", "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise ValueError(f"NA_RTC_EMULATOR_THREADS must be a positive number of threads, got {raw!r}")
+    return value

@@ -6,7 +6,6 @@ cubins) holding every instantiation, then plans launch from it.
 
 from __future__ import annotations
 
-from .. import config
 from .._resources import cuda_src_dir
 from . import plan as P
 from .families import family_of
@@ -24,4 +23,4 @@ def run(plan: P.LaunchPlan) -> None:
     from .. import emulator
 
     module = emulator.load_module(cuda_src_dir() / plan.kernel.source, family_of(plan.kernel.name).names)
-    module.launch(plan, checked=config.emulator_checked())
+    module.launch(plan)  # checked mode when NA_RTC_EMULATOR_CHECKED=1 (the module reads config)
