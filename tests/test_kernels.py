@@ -36,7 +36,7 @@ def place(x, backend: str):
         return x
     return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).cuda()
 
-SEEDS = range(12 if config.sweep_size() == "small" else 80)
+SEEDS = range(40 if config.sweep_size() == "small" else 300)
 DTYPES = ["float64", "float32", "float16", "bfloat16"]
 
 
