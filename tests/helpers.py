@@ -6,6 +6,7 @@ and input generation. Import as ``from helpers import ...`` (pytest puts the
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 __all__ = [
     "TOLERANCES",
@@ -15,6 +16,7 @@ __all__ = [
     "assert_close",
     "make_inputs",
     "noncontiguous",
+    "requires_nvrtc",
 ]
 
 # DESIGN.md section 8, the one table: dtype -> kind -> (atol, rtol).
@@ -142,3 +144,17 @@ def noncontiguous(x):
         view = np.ascontiguousarray(x.transpose(heads_first_order)).transpose(back)
         assert not view.flags.c_contiguous or x.shape[-2] == 1
     return view
+
+
+def _nvrtc_missing() -> str | None:
+    """Why NVRTC cannot compile here, or None when it can."""
+    from na_rtc.runtime import nvrtc
+
+    try:
+        nvrtc.nvrtc_version()
+    except nvrtc.NvrtcUnavailable as error:
+        return str(error)
+    return None
+
+
+requires_nvrtc = pytest.mark.skipif(_nvrtc_missing() is not None, reason=f"NVRTC unavailable: {_nvrtc_missing()}")

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import requires_nvrtc
 
 import na_rtc
 from na_rtc.runtime import cache, nvrtc
@@ -27,26 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("scale<float, 2>", "na_test::block_sum<float>")
 
 
-def _nvrtc_missing() -> str | None:
-    try:
-        nvrtc.nvrtc_version()
-    except nvrtc.NvrtcUnavailable as error:
-        return str(error)
-    return None
-
-
-requires_nvrtc = pytest.mark.skipif(_nvrtc_missing() is not None, reason=f"NVRTC unavailable: {_nvrtc_missing()}")
-
-
-@pytest.fixture
-def kernel_cache(tmp_path, monkeypatch):
-    """A fresh, empty kernel cache for the test (disk and memory)."""
-    root = tmp_path / "kernel_cache"
-    monkeypatch.setenv("NA_RTC_CACHE_DIR", str(root))
-    cache.clear_memory_cache()
-    cache.reset_cache_stats()
-    yield root
-    cache.clear_memory_cache()
 
 
 @pytest.fixture

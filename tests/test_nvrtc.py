@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import requires_nvrtc
 
 from na_rtc.__main__ import main
 from na_rtc.runtime import cache, check, nvrtc
@@ -33,26 +34,6 @@ TEMPLATED = {
 }
 
 
-def _nvrtc_missing() -> str | None:
-    try:
-        nvrtc.nvrtc_version()
-    except nvrtc.NvrtcUnavailable as error:
-        return str(error)
-    return None
-
-
-requires_nvrtc = pytest.mark.skipif(_nvrtc_missing() is not None, reason=f"NVRTC unavailable: {_nvrtc_missing()}")
-
-
-@pytest.fixture
-def kernel_cache(tmp_path, monkeypatch):
-    """A fresh, empty kernel cache for the test (disk and memory)."""
-    root = tmp_path / "kernel_cache"
-    monkeypatch.setenv("NA_RTC_CACHE_DIR", str(root))
-    cache.clear_memory_cache()
-    cache.reset_cache_stats()
-    yield root
-    cache.clear_memory_cache()
 
 
 def _family(source, names, threads=128, shared=0):

@@ -531,7 +531,7 @@ def _softmax(x):
 
 def _full_attention(q, k, v, scale, mask=None):
     """Heads-last attention over flattened tokens with an optional [N, N] mask."""
-    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    B, H = q.shape[0], q.shape[-2]
     qf, kf, vf = (x.reshape(B, -1, H, x.shape[-1]) for x in (q, k, v))
     logits = scale * np.einsum("bnhd,bmhd->bhnm", qf, kf)
     if mask is not None:
