@@ -62,9 +62,11 @@ def _module(device: int, source: str, names: tuple[str, ...]):
 
             arch = int(cupy.cuda.Device(device).compute_capability)  # "90" -> 90, "120" -> 120
             program = cache.get_program(cuda_src_dir() / source, names, arch)
+            # cuModuleLoadData reads PTX as a C string: it needs the terminator the cache strips
+            image = program.binary + b"\x00" if program.kind == "ptx" else program.binary
             with cupy.cuda.Device(device):
                 module = cupy.cuda.function.Module()
-                module.load(program.binary)
+                module.load(image)
             _modules[key] = (module, program.lowered, {})
         return _modules[key]
 
