@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: our element types: dtype name -> C++ type in cuda_src/na_types.cuh
-CTYPES = {"float32": "float", "float64": "double", "float16": "fp16_t", "bfloat16": "bf16_t"}
-
-
-def accumulator_dtype(dtype: str) -> str:
-    """Kernels accumulate in float32, or float64 for float64 inputs."""
-    return "float64" if dtype == "float64" else "float32"
+from .tiling import CTYPES, accumulator_dtype  # noqa: F401 - re-exported for the launchers
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,39 @@ def naive_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+# tiled split-op forward kernels (cuda_src/na_tiled.cu; dispatch in runtime/tiled.py)
+TILED_THREADS = 256
+TILED_SHARED_BUDGET = 48 * 1024  # the most dynamic shared memory a launch gets: no opt-in needed
+TILED_HEAD_DIMS = (32, 64, 128)  # head-dim buckets: runtime head_dim <= bucket
+#: (ndim, head-dim bucket, dtype) -> query tile (TX, TY), group coordinates; 1D tiles have TY = 1
+TILED_TILES = {
+    (ndim, hd, dtype): tile
+    for dtype in ("float32", "float16", "bfloat16")
+    for (ndim, hd), tile in {
+        (1, 32): (64, 1), (1, 64): (64, 1), (1, 128): (32, 1),
+        (2, 32): (8, 8), (2, 64): (4, 4) if dtype == "float32" else (8, 8), (2, 128): (4, 4),
+    }.items()
+}
+
+
+def tiled_names() -> tuple[str, ...]:
+    names = []
+    for (_, hd, dtype), (tx, ty) in TILED_TILES.items():
+        element, acc = CTYPES[dtype], CTYPES[accumulator_dtype(dtype)]
+        for weights in (element, acc):
+            names += [f"na_tiled_qk<{element}, {weights}, {hd}, {tx}, {ty}>",
+                      f"na_tiled_av<{weights}, {element}, {hd}, {tx}, {ty}>"]
+    return tuple(dict.fromkeys(names))
+
+
+def tiled_bwd_family() -> Family:
+    """Tiled dK/dV and dRPB kernels (cuda_src/na_tiled_bwd.cu; tables and dispatch in runtime/tiled_bwd.py)."""
+    from . import tiled_bwd
+
+    return Family(tiled_bwd.SOURCE, tiled_bwd.tiled_bwd_names(), tiled_bwd.tiled_bwd_threads(),
+                  tiled_bwd.tiled_bwd_shared())
+
+
 def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
     return Family(source, names, {n: threads for n in names}, {n: 0 for n in names})
 
@@ -54,6 +81,9 @@ def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
 FAMILIES: dict[str, Family] = {
     "naive": _family("na_naive.cu", naive_names(), NAIVE_THREADS),
     "selftest": _family("na_selftest.cu", ("na_selftest_convert",), 256),
+    "tiled": Family("na_tiled.cu", tiled_names(), {n: TILED_THREADS for n in tiled_names()},
+                    {n: TILED_SHARED_BUDGET for n in tiled_names()}),
+    "tiled_bwd": tiled_bwd_family(),
 }
 
 

@@ -1,0 +1,199 @@
+// Tiled split-op forward kernels (the NAT paper's "tiled NA"), 1D and 2D.
+//
+// Same runtime arguments, layouts and results as na_qk_fwd / na_av_fwd in
+// na_naive.cu (so launch plans are packed the same way): one block per
+// (batch, head, query tile of TX x TY group coordinates inside ONE dilation
+// group per axis). The block copies the tile's queries (qk) or weights (av)
+// and the halo of keys (values) that the union of the tile's windows covers
+// into dynamic shared memory once, as raw elements, then computes every
+// (query, slot) / (query, d) pair from there. Window start and end never
+// decrease with the query inside a group (DESIGN.md section 2), so the halo
+// per axis is [start(first query), end(last query)): at most T + k - 1 wide
+// for stride 1, the only stride the dispatcher launches these with.
+//
+// Accumulation order is the naive kernels' (d in order for qk, window slots
+// in row-major order for av) and elements convert to the accumulator exactly
+// as there, so tiled == naive bit for bit where both run the same compiler.
+//
+// Template parameters: element types, head-dim bucket HD (runtime D <= HD;
+// it fixes the shared row pitch) and the query tile TX x TY (1D: TY = 1).
+// Shared memory depends on the runtime kernel size; the launcher computes it
+// with the same formulas (na_rtc/runtime/tiled.py, keep in step).
+#include "na_types.cuh"
+#include "na_window.cuh"
+#include "na_shared.cuh"
+
+#define NA_PROBLEM                                                                         \
+    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
+        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
+#define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
+#define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
+
+// shared row pitch in elements: HD plus one 32-bit word, so consecutive rows
+// start in different banks (an odd word pitch for every HD bucket)
+template <class T, int HD>
+struct na_tiled_pitch {
+    static constexpr int value = HD + (int)(4 / sizeof(T));
+};
+
+// One axis of a block's tile: the dilation group, the group length, the
+// first query (group coordinate), the number of valid queries, and the halo
+// [h0, h1) of keys the tile's windows cover.
+struct na_tile_axis {
+    long long g, lg, q0, n, h0, h1;
+};
+
+// tile index `tile` of an axis cut into `d` groups of ceil(ceil(L / d) / T)
+// tiles each; returns false when the tile lies past its group's end
+__device__ __forceinline__ bool na_tile_axis_of(const na_axis& a, long long tile, long long T, na_tile_axis& t) {
+    t.g = tile % a.dilation;
+    t.q0 = (tile / a.dilation) * T;
+    t.lg = na_group_length(a, t.g);
+    if (t.q0 >= t.lg) return false;
+    t.n = na_min(T, t.lg - t.q0);
+    long long s, e;
+    na_window(a, t.q0 * a.dilation + t.g, t.h0, e);
+    na_window(a, (t.q0 + t.n - 1) * a.dilation + t.g, s, t.h1);
+    return true;
+}
+
+__device__ __forceinline__ long long na_tiles_per_axis(const na_axis& a, long long T) {
+    const long long longest = (a.length + a.dilation - 1) / a.dilation;  // group 0
+    return a.dilation * ((longest + T - 1) / T);
+}
+
+// Decode the block into (b, h, tile x, tile y); false: nothing to do here.
+template <int TX, int TY>
+__device__ __forceinline__ bool na_tile_of_block(const na_axis& ax, const na_axis& ay, long long H, long long& b,
+                                                 long long& h, na_tile_axis& tx, na_tile_axis& ty) {
+    const long long nty = na_tiles_per_axis(ay, TY), ntx = na_tiles_per_axis(ax, TX);
+    long long n = blockIdx.x;
+    const long long iy = n % nty; n /= nty;
+    const long long ix = n % ntx; n /= ntx;
+    h = n % H;
+    b = n / H;
+    return na_tile_axis_of(ax, ix, TX, tx) && na_tile_axis_of(ay, iy, TY, ty);
+}
+
+// copy `rows` rows of D elements (row r at global offset base(r)) into shared
+// rows of pitch P; consecutive threads take consecutive d (coalesced)
+template <class T, int P, class Base>
+__device__ __forceinline__ void na_tile_copy(T* dst, long long rows, long long D, long long step, const T* src,
+                                             Base base) {
+    for (long long e = threadIdx.x; e < rows * D; e += blockDim.x) {
+        const long long r = e / D, d = e % D;
+        dst[r * P + d] = src[base(r) + d * step];
+    }
+}
+
+// logits: attn[b,i,h,t] = scale * q[b,i,h] . k[b,key(i,t),h] + rpb[h, rel(i,t)],
+// `fill` outside (causal) windows: na_qk_fwd, from shared memory
+template <class T, class TA, int HD, int TX, int TY>
+__global__ void __launch_bounds__(256) na_tiled_qk(
+    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
+    const typename na_acc<T>::type* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
+    TA* __restrict__ attn, NA_STRIDES5(a), double scale, double fill, NA_PROBLEM) {
+    typedef typename na_acc<T>::type A;
+    constexpr int P = na_tiled_pitch<T, HD>::value;
+    const na_axis ax = {X, kx, sx, dx, cx};
+    const na_axis ay = {Y, ky, sy, dy, cy};
+    long long b, h;
+    na_tile_axis tx, ty;
+    if (!na_tile_of_block<TX, TY>(ax, ay, H, b, h, tx, ty)) return;  // uniform over the block
+    const long long hyw = TY + ky - 1;  // halo row width the launcher sized shared memory for
+    T* sq = reinterpret_cast<T*>(na_dynamic_shared());
+    T* sk = sq + TX * TY * P;
+
+    // queries: row qx * TY + qy; keys: row (j'x - h0x) * hyw + (j'y - h0y)
+    na_tile_copy<T, P>(sq, tx.n * TY, D, q_l, q, [&](long long r) {
+        const long long qx = r / TY, qy = r % TY;
+        const long long y = qy < ty.n ? (ty.q0 + qy) * dy + ty.g : ty.g;  // rows past the end: never read
+        return NA_AT5(q, b, (tx.q0 + qx) * dx + tx.g, y, h, 0);
+    });
+    const long long hx = tx.h1 - tx.h0, hy = ty.h1 - ty.h0;
+    if (hx > TX + kx - 1 || hy > hyw) __trap();  // a stride > 1 launch: shared memory was sized for stride 1
+    for (long long e = threadIdx.x; e < hx * hy * D; e += blockDim.x) {
+        const long long r = e / D, d = e % D, wx = r / hy, wy = r % hy;
+        sk[(wx * hyw + wy) * P + d] =
+            k[NA_AT5(k, b, (tx.h0 + wx) * dx + tx.g, (ty.h0 + wy) * dy + ty.g, h, d)];
+    }
+    __syncthreads();
+
+    const long long slots = kx * ky;
+    for (long long p = threadIdx.x; p < TX * TY * slots; p += blockDim.x) {
+        const long long t = p % slots, qi = p / slots, qx = qi / TY, qy = qi % TY;
+        if (qx >= tx.n || qy >= ty.n) continue;
+        const long long gx = tx.q0 + qx, gy = ty.q0 + qy;
+        const long long x = gx * dx + tx.g, y = gy * dy + ty.g;
+        const long long wtx = t / ky, wty = t % ky;
+        long long x0, x1, y0, y1;
+        na_window(ax, x, x0, x1);
+        na_window(ay, y, y0, y1);
+        const long long out = NA_AT5(a, b, x, y, h, t);
+        if (x0 + wtx >= x1 || y0 + wty >= y1) {
+            na_store<TA, A>(attn, out, (A)fill);
+            continue;
+        }
+        const T* qrow = sq + qi * P;
+        const T* krow = sk + ((x0 + wtx - tx.h0) * hyw + (y0 + wty - ty.h0)) * P;
+        A dot = 0;
+        for (long long d = 0; d < D; ++d) dot += na_load(qrow, d) * na_load(krow, d);
+        A logit = dot * (A)scale;
+        if (rpb) logit += rpb[h * rpb_h + (x0 + wtx - gx + kx - 1) * rpb_x + (y0 + wty - gy + ky - 1) * rpb_y];
+        na_store<TA, A>(attn, out, logit);
+    }
+}
+
+// weighted sum over the window: out[b,i,h,d] = scale * sum_t attn[b,i,h,t] * v[b,key(i,t),h,d]
+// (slots outside the window are skipped): na_av_fwd, from shared memory
+template <class TA, class T, int HD, int TX, int TY>
+__global__ void __launch_bounds__(256) na_tiled_av(
+    const TA* __restrict__ attn, NA_STRIDES5(a), const T* __restrict__ v, NA_STRIDES5(v), T* __restrict__ out,
+    NA_STRIDES5(o), double scale, NA_PROBLEM) {
+    typedef typename na_acc<T>::type A;
+    constexpr int P = na_tiled_pitch<T, HD>::value;
+    const na_axis ax = {X, kx, sx, dx, cx};
+    const na_axis ay = {Y, ky, sy, dy, cy};
+    long long b, h;
+    na_tile_axis tx, ty;
+    if (!na_tile_of_block<TX, TY>(ax, ay, H, b, h, tx, ty)) return;  // uniform over the block
+    const long long hyw = TY + ky - 1;
+    const long long slots = kx * ky;
+    // weights first (TX*TY rows of `slots`, padded to 16 bytes), then the value halo
+    TA* sa = reinterpret_cast<TA*>(na_dynamic_shared());
+    const long long weight_bytes = ((long long)(TX * TY) * slots * (long long)sizeof(TA) + 15) / 16 * 16;
+    T* sv = reinterpret_cast<T*>(na_dynamic_shared() + weight_bytes);
+
+    na_tile_copy<TA, 1>(sa, tx.n * TY * slots, 1, 1, attn, [&](long long e) {  // element e: (qx, qy, t)
+        const long long t = e % slots, qi = e / slots, qx = qi / TY, qy = qi % TY;
+        const long long y = qy < ty.n ? (ty.q0 + qy) * dy + ty.g : ty.g;
+        return NA_AT5(a, b, (tx.q0 + qx) * dx + tx.g, y, h, t);
+    });
+    const long long hx = tx.h1 - tx.h0, hy = ty.h1 - ty.h0;
+    if (hx > TX + kx - 1 || hy > hyw) __trap();  // a stride > 1 launch: shared memory was sized for stride 1
+    for (long long e = threadIdx.x; e < hx * hy * D; e += blockDim.x) {
+        const long long r = e / D, d = e % D, wx = r / hy, wy = r % hy;
+        sv[(wx * hyw + wy) * P + d] =
+            v[NA_AT5(v, b, (tx.h0 + wx) * dx + tx.g, (ty.h0 + wy) * dy + ty.g, h, d)];
+    }
+    __syncthreads();
+
+    for (long long p = threadIdx.x; p < TX * TY * D; p += blockDim.x) {
+        const long long d = p % D, qi = p / D, qx = qi / TY, qy = qi % TY;
+        if (qx >= tx.n || qy >= ty.n) continue;
+        const long long x = (tx.q0 + qx) * dx + tx.g, y = (ty.q0 + qy) * dy + ty.g;
+        long long x0, x1, y0, y1;
+        na_window(ax, x, x0, x1);
+        na_window(ay, y, y0, y1);
+        const TA* arow = sa + qi * slots;
+        A sum = 0;
+        for (long long wx = x0; wx < x1; ++wx) {
+            const T* vrow = sv + ((wx - tx.h0) * hyw + (y0 - ty.h0)) * P + d;
+            for (long long wy = y0; wy < y1; ++wy) {
+                const long long t = (wx - x0) * ky + (wy - y0);
+                sum += (A)na_load(arow, t) * na_load(vrow, (wy - y0) * P);
+            }
+        }
+        na_store<T, A>(out, NA_AT5(o, b, x, y, h, d), sum * (A)scale);
+    }
+}

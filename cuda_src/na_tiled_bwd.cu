@@ -1,0 +1,282 @@
+// Tiled backward kernels of the split ops: dK / dV through the inverse
+// neighborhood, and a two-pass deterministic bias gradient.
+//
+// Layouts and the problem argument list are na_naive.cu's (int64 element
+// strides, 1D runs as 2D with Y = 1, ky = 1). Tiles live inside one dilation
+// group per axis, so a tile's keys (or queries) are dense in group coordinates.
+//
+// na_tiled_inv: one block per (b, h, key tile of TX x TY keys). The queries
+// whose windows hold a key of the tile form one box (contiguous per axis; at
+// most TX + 2kx - 2 by TY + 2ky - 2, DESIGN.md section 2; checked exhaustively
+// for L < 60 with stride 1). The box's source
+// rows are staged in dynamic shared memory TX query rows (x) at a time, each
+// chunk the full box height (y), in the element type. Every key is owned by a
+// group of NA_TINV_LANES(HD) threads, a lane holding dims lane, lane + lanes,
+// ... in registers; it sums over its queries in increasing x then y order,
+// exactly as na_inv_fwd does (bit-for-bit the same sums). Weights are read
+// from global memory (each is used once; the lanes of a group read the same
+// address). Deterministic, no atomics.
+//
+// Dynamic shared memory of na_tiled_inv (the host computes the same number):
+//   NA_TINV_BOX_Y(...) ints of window starts of the box's y queries, padded to
+//   16 bytes, then TX * NA_TINV_BOX_Y(...) * D elements of T.
+//
+// na_tiled_rpb_partial / na_tiled_rpb_reduce: pass 1, one block per
+// (b, h, query tile of TX x TY queries in one dilation group), stages the
+// tile's logit gradients in shared memory and writes one partial sum per bias
+// entry (fixed order); pass 2 sums the partials of each (h, entry) over tiles
+// in tile order. Deterministic, no atomics.
+#include "na_types.cuh"
+#include "na_window.cuh"
+#include "na_shared.cuh"
+
+#define NA_TPROBLEM                                                                          \
+    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
+        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
+#define NA_TSTRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
+#define NA_TAT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
+
+#define NA_TINV_THREADS 256
+#define NA_TRPB_THREADS 256
+// threads sharing one key: a warp, or the head-dim bucket when smaller
+#define NA_TINV_LANES(HD) ((HD) < 32 ? (HD) : 32)
+
+// box height (y) the shared memory is sized for: at most TY + 2ky - 2 queries,
+// never more than the longest dilation group
+__device__ __forceinline__ long long na_tinv_box_y(long long TY, long long Y, long long ky, long long dy) {
+    return na_min(TY + 2 * ky - 2, (Y + dy - 1) / dy);
+}
+
+template <class TA, class T, int HD, int TX, int TY>
+__global__ void __launch_bounds__(NA_TINV_THREADS)
+    na_tiled_inv(const TA* __restrict__ w, NA_TSTRIDES5(w), const T* __restrict__ src, NA_TSTRIDES5(s),
+                 T* __restrict__ out, NA_TSTRIDES5(o), double scale, NA_TPROBLEM) {
+    typedef typename na_acc<T>::type A;
+    const na_axis ax = {X, kx, sx, dx, cx};
+    const na_axis ay = {Y, ky, sy, dy, cy};
+    constexpr int LANES = NA_TINV_LANES(HD);
+    constexpr int GROUPS = NA_TINV_THREADS / LANES;
+    constexpr int KEYS = TX * TY;
+    constexpr int KPG = (KEYS + GROUPS - 1) / GROUPS;  // keys per lane group
+    constexpr int DPL = HD / LANES;                    // dims per lane
+    static_assert(TX <= 128 && TY <= 128 && HD % LANES == 0, "the prologue gives threads 0.. and 128.. the axes");
+
+    __shared__ int key_first_x[TX], key_last_x[TX], key_first_y[TY], key_last_y[TY];
+    __shared__ int start_x[TX];  // window starts of the chunk's query rows
+
+    // block -> (b, h, tile x, tile y); tiles per axis: dilation * ceil(ceil(L / d) / T)
+    const long long ntx = dx * (((X + dx - 1) / dx + TX - 1) / TX);
+    const long long nty = dy * (((Y + dy - 1) / dy + TY - 1) / TY);
+    long long n = blockIdx.x;
+    const long long tile_y = n % nty; n /= nty;
+    const long long tile_x = n % ntx; n /= ntx;
+    const long long h = n % H;
+    const long long b = n / H;
+    const long long gx = tile_x % dx, gy = tile_y % dy;
+    const long long kx0 = (tile_x / dx) * TX, ky0 = (tile_y / dy) * TY;
+    const long long lgx = na_group_length(ax, gx), lgy = na_group_length(ay, gy);
+    if (kx0 >= lgx || ky0 >= lgy) return;  // an empty tile of a shorter group: the whole block leaves
+    const long long nkx = na_min(TX, lgx - kx0), nky = na_min(TY, lgy - ky0);
+
+    const int tid = threadIdx.x;
+    if (tid < TX) {
+        long long f = 0, l = 0;
+        if (tid < nkx) na_inverse_range(ax, (kx0 + tid) * dx + gx, f, l);
+        key_first_x[tid] = f;
+        key_last_x[tid] = l;
+    } else if (tid >= 128 && tid - 128 < TY) {
+        const int t = tid - 128;
+        long long f = 0, l = 0;
+        if (t < nky) na_inverse_range(ay, (ky0 + t) * dy + gy, f, l);
+        key_first_y[t] = f;
+        key_last_y[t] = l;
+    }
+    __syncthreads();
+    // the query box: union of the keys' ranges (ranges never decrease with the key)
+    const long long bx0 = key_first_x[0], bx1 = key_last_x[nkx - 1];
+    const long long by0 = key_first_y[0], by1 = key_last_y[nky - 1];
+    const long long nby = by1 - by0;
+    const long long cap_y = na_tinv_box_y(TY, Y, ky, dy);
+
+    unsigned char* smem = na_dynamic_shared();
+    int* start_y = (int*)smem;  // window starts of the box's y queries
+    T* rows = (T*)(smem + ((cap_y * (long long)sizeof(int) + 15) / 16) * 16);
+    for (long long i = tid; i < nby; i += NA_TINV_THREADS) {
+        long long s0, s1;
+        na_window(ay, (by0 + i) * dy + gy, s0, s1);
+        start_y[i] = (int)s0;
+    }
+
+    const int lane = tid % LANES, group = tid / LANES;
+    A acc[KPG][DPL];
+#pragma unroll
+    for (int m = 0; m < KPG; ++m)
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) acc[m][c] = 0;
+
+    for (long long c0 = bx0; c0 < bx1; c0 += TX) {
+        const long long nrows = na_min(TX, bx1 - c0);
+        __syncthreads();  // the previous chunk is consumed (and start_y is written)
+        if (tid < nrows) {
+            long long s0, s1;
+            na_window(ax, (c0 + tid) * dx + gx, s0, s1);
+            start_x[tid] = s0;
+        }
+        const long long elems = nrows * nby * D;
+        for (long long e = tid; e < elems; e += NA_TINV_THREADS) {
+            const long long d = e % D, r = e / D;
+            const long long x = (c0 + r / nby) * dx + gx, y = (by0 + r % nby) * dy + gy;
+            rows[e] = src[NA_TAT5(s, b, x, y, h, d)];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < KPG; ++m) {
+            const int key = group + m * GROUPS;
+            const int kxi = key / TY, kyi = key % TY;
+            const bool live = (KEYS % GROUPS == 0 || key < KEYS) && kxi < nkx && kyi < nky;
+            const int kx_ = live ? kxi : 0, ky_ = live ? kyi : 0;
+            const long long jx = kx0 + kx_, jy = ky0 + ky_;  // key group coordinates
+            const long long qx0 = na_max(key_first_x[kx_], c0), qx1 = live ? na_min(key_last_x[kx_], c0 + nrows) : 0;
+            const long long qy0 = key_first_y[ky_], qy1 = key_last_y[ky_];
+            A part[DPL];
+#pragma unroll
+            for (int c = 0; c < DPL; ++c) part[c] = acc[m][c];
+            for (long long qx = qx0; qx < qx1; ++qx) {
+                const long long x = qx * dx + gx;
+                const long long tbase = (jx - start_x[qx - c0]) * ky + jy;
+                const T* row = rows + (qx - c0) * nby * D;
+                for (long long qy = qy0; qy < qy1; ++qy) {
+                    const long long t = tbase - start_y[qy - by0];
+                    const A wt = (A)na_load(w, NA_TAT5(w, b, x, qy * dy + gy, h, t));
+                    const T* r = row + (qy - by0) * D;
+#pragma unroll
+                    for (int c = 0; c < DPL; ++c) {
+                        const int d = lane + c * LANES;
+                        if (d < D) part[c] += wt * na_load(r, d);
+                    }
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < DPL; ++c) acc[m][c] = part[c];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < KPG; ++m) {
+        const int key = group + m * GROUPS;
+        if (KEYS % GROUPS != 0 && key >= KEYS) continue;
+        const int kxi = key / TY, kyi = key % TY;
+        if (kxi >= nkx || kyi >= nky) continue;
+        const long long x = (kx0 + kxi) * dx + gx, y = (ky0 + kyi) * dy + gy;
+#pragma unroll
+        for (int c = 0; c < DPL; ++c) {
+            const int d = lane + c * LANES;
+            if (d < D) na_store<T, A>(out, NA_TAT5(o, b, x, y, h, d), acc[m][c] * (A)scale);
+        }
+    }
+}
+
+// bias gradient, pass 1: partial[h, tile, entry] = sum over the tile's queries
+// of dattn at the slot of relative offset `entry` (zero for an empty tile).
+// Tiles per (b, h): ntx * nty as in na_tiled_inv, tile = (b * ntx + tile_x) * nty + tile_y.
+// Dynamic shared memory: TX * TY * kx * ky elements of TA (the tile's rows),
+// then NA_TRPB_THREADS floats for combining the parts of an entry.
+template <class TA, int TX, int TY>
+__global__ void __launch_bounds__(NA_TRPB_THREADS)
+    na_tiled_rpb_partial(const TA* __restrict__ dattn, NA_TSTRIDES5(a), float* __restrict__ partial, NA_TPROBLEM) {
+    typedef typename na_acc<TA>::type A;
+    static_assert(TX <= 128 && TY <= 128, "the prologue gives threads 0.. and 128.. the axes");
+    const na_axis ax = {X, kx, sx, dx, cx};
+    const na_axis ay = {Y, ky, sy, dy, cy};
+    __shared__ long long win_x0[TX], win_x1[TX], win_y0[TY], win_y1[TY];
+
+    const long long ntx = dx * (((X + dx - 1) / dx + TX - 1) / TX);
+    const long long nty = dy * (((Y + dy - 1) / dy + TY - 1) / TY);
+    const long long tiles = B * ntx * nty;
+    long long n = blockIdx.x;
+    const long long tile = n % tiles;  // (b, tile_x, tile_y)
+    const long long h = n / tiles;
+    const long long tile_y = tile % nty, tile_x = (tile / nty) % ntx, b = tile / (nty * ntx);
+    const long long gx = tile_x % dx, gy = tile_y % dy;
+    const long long qx0 = (tile_x / dx) * TX, qy0 = (tile_y / dy) * TY;
+    const long long nqx = na_max(0, na_min(TX, na_group_length(ax, gx) - qx0));
+    const long long nqy = na_max(0, na_min(TY, na_group_length(ay, gy) - qy0));
+    const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw, slots = kx * ky;
+    float* out = partial + (h * tiles + tile) * entries;
+    const int tid = threadIdx.x;
+    if (nqx == 0 || nqy == 0) {
+        for (long long e = tid; e < entries; e += NA_TRPB_THREADS) out[e] = 0.0f;
+        return;
+    }
+    if (tid < TX) {
+        long long s0 = 0, s1 = 0;
+        if (tid < nqx) na_window(ax, (qx0 + tid) * dx + gx, s0, s1);
+        win_x0[tid] = s0;
+        win_x1[tid] = s1;
+    } else if (tid >= 128 && tid - 128 < TY) {
+        const int t = tid - 128;
+        long long s0 = 0, s1 = 0;
+        if (t < nqy) na_window(ay, (qy0 + t) * dy + gy, s0, s1);
+        win_y0[t] = s0;
+        win_y1[t] = s1;
+    }
+    unsigned char* smem = na_dynamic_shared();
+    TA* rows = (TA*)smem;  // [query (x-major), slot]
+    float* red = (float*)(smem + ((TX * TY * slots * (long long)sizeof(TA) + 15) / 16) * 16);
+    const long long queries = nqx * nqy, elems = queries * slots;
+    for (long long e = tid; e < elems; e += NA_TRPB_THREADS) {
+        const long long t = e % slots, q = e / slots;
+        const long long x = (qx0 + q / nqy) * dx + gx, y = (qy0 + q % nqy) * dy + gy;
+        rows[e] = dattn[NA_TAT5(a, b, x, y, h, t)];
+    }
+    __syncthreads();
+    // thread (part, entry): part p sums queries p, p + parts, ... (x-major order)
+    const long long parts = entries >= NA_TRPB_THREADS ? 1 : NA_TRPB_THREADS / entries;
+    for (long long e0 = tid; e0 < parts * entries; e0 += NA_TRPB_THREADS) {
+        const long long e = e0 % entries, p = e0 / entries;
+        const long long rx = e / rw, ry = e % rw;
+        A sum = 0;
+        for (long long q = p; q < queries; q += parts) {
+            const long long i = q / nqy, j = q % nqy;
+            const long long wx = qx0 + i + rx - (kx - 1), wy = qy0 + j + ry - (ky - 1);
+            if (wx >= win_x0[i] && wx < win_x1[i] && wy >= win_y0[j] && wy < win_y1[j])
+                sum += (A)na_load(rows, q * slots + (wx - win_x0[i]) * ky + (wy - win_y0[j]));
+        }
+        if (parts == 1) out[e] = (float)sum;
+        else red[p * entries + e] = (float)sum;
+    }
+    if (parts > 1) {
+        __syncthreads();
+        for (long long e = tid; e < entries; e += NA_TRPB_THREADS) {
+            float sum = red[e];
+            for (long long p = 1; p < parts; ++p) sum += red[p * entries + e];
+            out[e] = sum;
+        }
+    }
+}
+
+// bias gradient, pass 2: drpb[h, rx, ry] = sum over tiles of the partials, in a
+// fixed order: a block holds 32 entries of one head (lane = entry) and 8 parts,
+// part p summing tiles p, p + 8, ... in increasing order; then the 8 parts in
+// order. Grid: H * ceil(entries / 32) blocks of NA_TRPB_THREADS.
+__global__ void __launch_bounds__(NA_TRPB_THREADS)
+    na_tiled_rpb_reduce(const float* __restrict__ partial, long long tiles, float* __restrict__ drpb, long long rpb_h,
+                        long long rpb_x, long long rpb_y, long long H, long long kx, long long ky) {
+    constexpr int PARTS = NA_TRPB_THREADS / 32;
+    __shared__ float red[PARTS][32];
+    const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw;
+    const long long chunks = (entries + 31) / 32;
+    const long long h = blockIdx.x / chunks, e = (blockIdx.x % chunks) * 32 + threadIdx.x % 32;
+    const int part = threadIdx.x / 32;
+    float sum = 0.0f;
+    if (e < entries) {
+        const float* p = partial + h * tiles * entries + e;
+        for (long long t = part; t < tiles; t += PARTS) sum += p[t * entries];
+    }
+    red[part][threadIdx.x % 32] = sum;
+    __syncthreads();
+    if (part == 0 && e < entries) {
+        float total = red[0][threadIdx.x];
+        for (int q = 1; q < PARTS; ++q) total += red[q][threadIdx.x];
+        drpb[h * rpb_h + (e / rw) * rpb_x + (e % rw) * rpb_y] = total;
+    }
+}
