@@ -145,9 +145,9 @@ def executor(name: str):
 
 def _kernel_ops(name: str) -> Callable[[], dict]:
     def load() -> dict:
-        from .runtime import naive
+        from .runtime import ops
 
-        return naive.make_ops(executor(name), name)
+        return ops.make_ops(executor(name), name)
 
     return load
 

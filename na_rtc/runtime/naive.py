@@ -1,11 +1,11 @@
-"""Ops on the straightforward kernels (``cuda_src/na_naive.cu``), for any executor.
+"""The straightforward kernels (``cuda_src/na_naive.cu``) as allocating calls.
 
-Each op allocates its outputs with the inputs' library (torch outputs come
+Each call allocates its outputs with the inputs' library (torch outputs come
 from torch's allocator) and describes its launches as
 :class:`~na_rtc.runtime.plan.LaunchPlan`; the executor (``cuda`` or
-``emulator``) runs them. Fused ops follow DESIGN.md section 3's fallback rule
-until fused kernels exist: split kernels composed (qk, softmax, av) for
-stride 1, an error naming the reason otherwise.
+``emulator``) runs them. They are the fallback of every faster kernel
+(:mod:`na_rtc.runtime.kernels` picks), and the argument packing here is
+shared by all kernel families.
 
 1D problems run as 2D ones with a second axis of length 1 and kernel 1: every
 tensor gets a zero stride for that axis, so no data moves.
@@ -134,71 +134,3 @@ class NaiveKernels:
         name = f"na_softmax_bwd<{CTYPES[_arrays.dtype_name(probs)]}>"
         args = _tensor(probs, problem) + _tensor(grad, problem) + _problem_args(problem)
         _launch(self.run, name, math.prod(problem.lse_shape), args)
-
-
-# ---------------------------------------------------------------- the backend op table
-
-
-def _require_stride_one(problem: Problem, backend: str) -> None:
-    if any(axis.stride != 1 for axis in problem.axes):
-        raise ValueError(
-            f"stride {tuple(a.stride for a in problem.axes)} needs the fused kernels, which the {backend} backend "
-            "does not have yet; use stride=1 or the reference backend (na_rtc.use_backend('reference'))"
-        )
-
-
-def make_ops(run: Executor, backend: str) -> dict:
-    """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
-    kernels = NaiveKernels(run)
-
-    def bias_in_accumulator(problem, rpb):
-        return None if rpb is None else _arrays.cast(rpb, accumulator_dtype(problem.dtype))
-
-    def probabilities(problem, query, key, rpb, lse=None):
-        logits = kernels.qk(problem, query, key, bias_in_accumulator(problem, rpb),
-                            accumulator_dtype(problem.dtype), problem.scale, -math.inf)
-        kernels.softmax(problem, logits, lse)
-        return logits
-
-    def fused_forward(problem, query, key, value, rpb=None):
-        _require_stride_one(problem, backend)
-        lse = _arrays.empty(query, problem.lse_shape, accumulator_dtype(problem.dtype))
-        probs = probabilities(problem, query, key, rpb, lse)
-        return kernels.av(problem, probs, value), lse
-
-    def fused_backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
-        _require_stride_one(problem, backend)
-        acc = accumulator_dtype(problem.dtype)
-        probs = probabilities(problem, query, key, rpb)  # recomputed: cheaper to store nothing
-        grad_logits = kernels.qk(problem, grad_out, value, None, acc, 1.0, 0.0)
-        kernels.softmax_backward(problem, probs, grad_logits)
-        dq = kernels.av(problem, grad_logits, key, problem.scale)
-        dk = kernels.inverse(problem, grad_logits, query, problem.scale)
-        dv = kernels.inverse(problem, probs, grad_out)
-        drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_logits), _arrays.dtype_name(rpb))
-        return dq, dk, dv, drpb
-
-    def qk_forward(problem, query, key, rpb=None):
-        return kernels.qk(problem, query, key, bias_in_accumulator(problem, rpb), problem.dtype, 1.0, -math.inf)
-
-    def qk_backward(problem, grad_attn, query, key, rpb=None):
-        dq = kernels.av(problem, grad_attn, key)
-        dk = kernels.inverse(problem, grad_attn, query)
-        drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_attn), _arrays.dtype_name(rpb))
-        return dq, dk, drpb
-
-    def av_forward(problem, attn, value):
-        return kernels.av(problem, attn, value)
-
-    def av_backward(problem, grad_out, attn, value):
-        dattn = kernels.qk(problem, grad_out, value, None, problem.dtype, 1.0, 0.0)
-        return dattn, kernels.inverse(problem, attn, grad_out)
-
-    return {
-        "fused_forward": fused_forward,
-        "fused_backward": fused_backward,
-        "qk_forward": qk_forward,
-        "qk_backward": qk_backward,
-        "av_forward": av_forward,
-        "av_backward": av_backward,
-    }

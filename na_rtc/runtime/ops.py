@@ -1,0 +1,82 @@
+"""The backend op table on the kernels, for any executor (``cuda`` or ``emulator``).
+
+Same signatures as :data:`na_rtc.reference.OPS`. Fused ops follow DESIGN.md
+section 3's fallback rule until fused kernels exist: split kernels composed
+(qk, softmax, av) for stride 1, an error naming the reason otherwise. Every
+kernel call goes through :class:`~na_rtc.runtime.kernels.Kernels`, which
+picks tiled kernels where its tables cover the problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import _arrays
+from .._args import Problem
+from .families import accumulator_dtype
+from .kernels import Kernels
+from .naive import Executor
+
+def _require_stride_one(problem: Problem, backend: str) -> None:
+    if any(axis.stride != 1 for axis in problem.axes):
+        raise ValueError(
+            f"stride {tuple(a.stride for a in problem.axes)} needs the fused kernels, which the {backend} backend "
+            "does not have yet; use stride=1 or the reference backend (na_rtc.use_backend('reference'))"
+        )
+
+
+def make_ops(run: Executor, backend: str) -> dict:
+    """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
+    kernels = Kernels(run)
+
+    def bias_in_accumulator(problem, rpb):
+        return None if rpb is None else _arrays.cast(rpb, accumulator_dtype(problem.dtype))
+
+    def probabilities(problem, query, key, rpb, lse=None):
+        logits = kernels.qk(problem, query, key, bias_in_accumulator(problem, rpb),
+                            accumulator_dtype(problem.dtype), problem.scale, -math.inf)
+        kernels.softmax(problem, logits, lse)
+        return logits
+
+    def fused_forward(problem, query, key, value, rpb=None):
+        _require_stride_one(problem, backend)
+        lse = _arrays.empty(query, problem.lse_shape, accumulator_dtype(problem.dtype))
+        probs = probabilities(problem, query, key, rpb, lse)
+        return kernels.av(problem, probs, value), lse
+
+    def fused_backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
+        _require_stride_one(problem, backend)
+        acc = accumulator_dtype(problem.dtype)
+        probs = probabilities(problem, query, key, rpb)  # recomputed: cheaper to store nothing
+        grad_logits = kernels.qk(problem, grad_out, value, None, acc, 1.0, 0.0)
+        kernels.softmax_backward(problem, probs, grad_logits)
+        dq = kernels.av(problem, grad_logits, key, problem.scale)
+        dk = kernels.inverse(problem, grad_logits, query, problem.scale)
+        dv = kernels.inverse(problem, probs, grad_out)
+        drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_logits), _arrays.dtype_name(rpb))
+        return dq, dk, dv, drpb
+
+    def qk_forward(problem, query, key, rpb=None):
+        return kernels.qk(problem, query, key, bias_in_accumulator(problem, rpb), problem.dtype, 1.0, -math.inf)
+
+    def qk_backward(problem, grad_attn, query, key, rpb=None):
+        dq = kernels.av(problem, grad_attn, key)
+        dk = kernels.inverse(problem, grad_attn, query)
+        drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_attn), _arrays.dtype_name(rpb))
+        return dq, dk, drpb
+
+    def av_forward(problem, attn, value):
+        return kernels.av(problem, attn, value)
+
+    def av_backward(problem, grad_out, attn, value):
+        dattn = kernels.qk(problem, grad_out, value, None, problem.dtype, 1.0, 0.0)
+        return dattn, kernels.inverse(problem, attn, grad_out)
+
+    return {
+        "fused_forward": fused_forward,
+        "fused_backward": fused_backward,
+        "qk_forward": qk_forward,
+        "qk_backward": qk_backward,
+        "av_forward": av_forward,
+        "av_backward": av_backward,
+    }
