@@ -92,6 +92,48 @@ def _bench_problem(problem, repeat: int) -> dict:
     return row
 
 
+#: issue 4's split-op targets: (label, spatial, batch, heads, head_dim, kernel, dtype)
+SPLIT_PROBLEMS = [
+    ("split 2D 56x56 b8 k=7", (56, 56), 8, 4, 32, 7, "float16"),
+    ("split 2D 128x128 b2 h8 k=7", (128, 128), 2, 8, 32, 7, "float16"),
+]
+
+
+def _bench_split(problem, repeat: int) -> dict:
+    """QK + AV forward: tiled kernels (the dispatcher), straightforward kernels, torch gather (reference)."""
+    import torch
+
+    import na_rtc
+    from na_rtc import _args
+    from na_rtc.runtime import cuda, naive
+
+    label, spatial, batch, heads, head_dim, kernel, dtype = problem
+    shape = (batch, *spatial, heads, head_dim)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=getattr(torch, dtype)) for _ in range(3))
+    qk_problem = _args.qk_problem(len(spatial), q, k, kernel, 1, False, None)
+    av_problem = _args.av_problem(len(spatial), na_rtc.na2d_qk(q, k, kernel), v, kernel, 1, False)
+    straightforward = naive.NaiveKernels(cuda.run)
+
+    def split(backend):
+        attn = na_rtc.na2d_qk(q, k, kernel, backend=backend).softmax(-1)
+        na_rtc.na2d_av(attn, v, kernel, backend=backend)
+
+    def straightforward_split():
+        attn = straightforward.qk(qk_problem, q, k, None, dtype, 1.0, float("-inf")).softmax(-1)
+        straightforward.av(av_problem, attn, v)
+
+    row = {"problem": label, "shape": list(shape), "kernel_size": kernel, "dtype": dtype}
+    for name, fn in (("tiled", lambda: split("cuda")), ("straightforward", straightforward_split),
+                     ("torch gather (reference)", lambda: split("reference"))):
+        try:
+            with torch.no_grad():
+                row[name] = _time_cuda(fn, repeat)
+        except Exception as error:
+            row[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return row
+
+
 def _environment() -> dict:
     import torch
 
@@ -146,6 +188,14 @@ def main(argv=None) -> int:
             cells.append(f"{backend}: " + (entry["error"] if "error" in entry else
                          f"fwd {entry['forward']['median_ms']:.2f} ms, fwd+bwd {entry['forward_backward']['median_ms']:.2f} ms, "
                          f"peak {entry['peak_memory_mb']:.0f} MiB"))
+        print(f"  {row['problem']:32s} " + " | ".join(cells))
+    print("-- 4. split ops (qk, softmax, av) forward")
+    report["split_benchmarks"] = []
+    for problem in SPLIT_PROBLEMS:
+        row = _bench_split(problem, args.repeat)
+        report["split_benchmarks"].append(row)
+        cells = [f"{name}: " + (row[name]["error"] if "error" in row[name] else f"{row[name]['median_ms']:.2f} ms")
+                 for name in ("tiled", "straightforward", "torch gather (reference)")]
         print(f"  {row['problem']:32s} " + " | ".join(cells))
     path = results / f"gpu-check-{stamp}.json"
     path.write_text(json.dumps(report, indent=2))
