@@ -5,6 +5,8 @@ and input generation. Import as ``from helpers import ...`` (pytest puts the
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,8 @@ __all__ = [
     "make_inputs",
     "noncontiguous",
     "requires_nvrtc",
+    "SweepConfig",
+    "RecordingExecutor",
 ]
 
 # DESIGN.md section 8, the one table: dtype -> kind -> (atol, rtol).
@@ -158,3 +162,50 @@ def _nvrtc_missing() -> str | None:
 
 
 requires_nvrtc = pytest.mark.skipif(_nvrtc_missing() is not None, reason=f"NVRTC unavailable: {_nvrtc_missing()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """One configuration of a kernel sweep; ``str()`` is its readable test id."""
+
+    spatial: tuple
+    kernel_size: tuple
+    dilation: tuple
+    causal: tuple
+    batch: int
+    heads: int
+    head_dim: int
+    rpb: bool
+    heads_first: bool
+    dtype: str
+
+    @property
+    def ndim(self):
+        return len(self.spatial)
+
+    @property
+    def shape(self):
+        return (self.batch, *self.spatial, self.heads, self.head_dim)
+
+    @property
+    def window(self):
+        return dict(kernel_size=self.kernel_size, dilation=self.dilation, is_causal=self.causal)
+
+    def __str__(self):
+        axes = ",".join(f"L{n}k{k}d{d}{'c' if c else ''}" for n, k, d, c in
+                        zip(self.spatial, self.kernel_size, self.dilation, self.causal))
+        return (f"{self.ndim}d-{axes}-b{self.batch}h{self.heads}D{self.head_dim}-{self.dtype}"
+                f"{'-rpb' if self.rpb else ''}{'-headsfirst' if self.heads_first else ''}")
+
+
+class RecordingExecutor:
+    """An executor that runs launch plans on the emulator and remembers the kernel names."""
+
+    def __init__(self):
+        self.names = []
+
+    def __call__(self, plan):
+        from na_rtc.runtime import emulated
+
+        self.names.append(plan.kernel.name)
+        emulated.run(plan)

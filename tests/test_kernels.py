@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, make_inputs, noncontiguous, to_numpy64
+from helpers import assert_close, make_inputs, noncontiguous, to_numpy64, SweepConfig
 
 import na_rtc
 from na_rtc import config, reference
@@ -40,32 +40,8 @@ SEEDS = range(40 if config.sweep_size() == "small" else 300)
 DTYPES = ["float64", "float32", "float16", "bfloat16"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    spatial: tuple
-    kernel_size: tuple
-    dilation: tuple
-    causal: tuple
-    batch: int
-    heads: int
-    head_dim: int
-    rpb: bool
-    heads_first: bool
-    dtype: str
+Config = SweepConfig
 
-    @property
-    def ndim(self):
-        return len(self.spatial)
-
-    @property
-    def window(self):
-        return dict(kernel_size=self.kernel_size, dilation=self.dilation, is_causal=self.causal)
-
-    def __str__(self):
-        axes = ",".join(f"L{n}k{k}d{d}{'c' if c else ''}" for n, k, d, c in
-                        zip(self.spatial, self.kernel_size, self.dilation, self.causal))
-        return (f"{self.ndim}d-{axes}-b{self.batch}h{self.heads}D{self.head_dim}-{self.dtype}"
-                f"{'-rpb' if self.rpb else ''}{'-headsfirst' if self.heads_first else ''}")
 
 
 def random_config(seed: int) -> Config:

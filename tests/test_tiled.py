@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, make_inputs, noncontiguous
+from helpers import assert_close, make_inputs, noncontiguous, RecordingExecutor, SweepConfig
 
 import na_rtc
 from na_rtc import _args
@@ -33,43 +33,11 @@ DTYPES = ["float32", "float16", "bfloat16"]
 HEAD_DIMS = [16, 32, 64, 128, 24, 40]
 
 
-class Recorder:
-    """An executor that runs plans on the emulator and remembers the kernel names."""
-
-    def __init__(self):
-        self.names = []
-
-    def __call__(self, plan):
-        self.names.append(plan.kernel.name)
-        emulated.run(plan)
+Recorder = RecordingExecutor
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    spatial: tuple
-    kernel_size: tuple
-    dilation: tuple
-    causal: tuple
-    batch: int
-    heads: int
-    head_dim: int
-    rpb: bool
-    heads_first: bool
-    dtype: str
+Config = SweepConfig
 
-    @property
-    def ndim(self):
-        return len(self.spatial)
-
-    @property
-    def shape(self):
-        return (self.batch, *self.spatial, self.heads, self.head_dim)
-
-    def __str__(self):
-        axes = ",".join(f"L{n}k{k}d{d}{'c' if c else ''}" for n, k, d, c in
-                        zip(self.spatial, self.kernel_size, self.dilation, self.causal))
-        return (f"{self.ndim}d-{axes}-b{self.batch}h{self.heads}D{self.head_dim}-{self.dtype}"
-                f"{'-rpb' if self.rpb else ''}{'-headsfirst' if self.heads_first else ''}")
 
 
 def _problem(cfg: Config, q):

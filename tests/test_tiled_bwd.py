@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, make_inputs, noncontiguous, to_numpy64
+from helpers import assert_close, make_inputs, noncontiguous, to_numpy64, RecordingExecutor
 
 import na_rtc
 from na_rtc import _args
@@ -27,15 +27,7 @@ from na_rtc.runtime.families import FAMILIES
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
 
 
-class _Recorder:
-    """An executor that runs plans on the emulator and remembers the kernel names."""
-
-    def __init__(self):
-        self.names = []
-
-    def __call__(self, plan):
-        self.names.append(plan.kernel.name)
-        emulated.run(plan)
+_Recorder = RecordingExecutor
 
 
 class _K(tiled_bwd.TiledBackwardMixin, naive.NaiveKernels):
