@@ -13,6 +13,7 @@ This module imports torch; it is only imported once a torch tensor is seen.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -32,6 +33,20 @@ def _ops(backend: str) -> dict:
     return backends.get(backend).ops
 
 
+def _without_autocast(impl):
+    """Run a custom op's implementation with autocast off: inputs arrive already
+    in the autocast dtype (functional._autocast), and the backends' own math
+    (the reference's matmuls) must keep its fp32/fp64 accumulation."""
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        device_type = args[0].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return impl(*args, **kwargs)
+
+    return run
+
+
 def _no_rpb_grad(like: Tensor) -> Tensor:
     """Stand-in for a missing bias gradient (custom ops cannot return None)."""
     return like.new_empty((0,))
@@ -45,6 +60,7 @@ def _lse_dtype(query: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("na_rtc::fused_fwd", mutates_args=())
+@_without_autocast
 def fused_fwd(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], kernel_size: list[int],
               stride: list[int], dilation: list[int], is_causal: list[bool], scale: float,
               backend: str) -> tuple[Tensor, Tensor]:
@@ -59,6 +75,7 @@ def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, b
 
 
 @torch.library.custom_op("na_rtc::fused_bwd", mutates_args=())
+@_without_autocast
 def fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], output: Tensor,
               logsumexp: Tensor, kernel_size: list[int], stride: list[int], dilation: list[int],
               is_causal: list[bool], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -97,6 +114,7 @@ class FusedNA(torch.autograd.Function):
 
 
 @torch.library.custom_op("na_rtc::qk_fwd", mutates_args=())
+@_without_autocast
 def qk_fwd(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size: list[int], dilation: list[int],
            is_causal: list[bool], backend: str) -> Tensor:
     problem = _args.qk_problem(len(kernel_size), query, key, kernel_size, dilation, is_causal, rpb)
@@ -112,6 +130,7 @@ def _(query, key, rpb, kernel_size, dilation, is_causal, backend):
 
 
 @torch.library.custom_op("na_rtc::qk_bwd", mutates_args=())
+@_without_autocast
 def qk_bwd(grad_attn: Tensor, query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size: list[int],
            dilation: list[int], is_causal: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     problem = _args.qk_problem(len(kernel_size), query, key, kernel_size, dilation, is_causal, rpb)
@@ -147,6 +166,7 @@ class NAQK(torch.autograd.Function):
 
 
 @torch.library.custom_op("na_rtc::av_fwd", mutates_args=())
+@_without_autocast
 def av_fwd(attn: Tensor, value: Tensor, kernel_size: list[int], dilation: list[int], is_causal: list[bool],
            backend: str) -> Tensor:
     problem = _args.av_problem(len(kernel_size), attn, value, kernel_size, dilation, is_causal)
@@ -159,6 +179,7 @@ def _(attn, value, kernel_size, dilation, is_causal, backend):
 
 
 @torch.library.custom_op("na_rtc::av_bwd", mutates_args=())
+@_without_autocast
 def av_bwd(grad_out: Tensor, attn: Tensor, value: Tensor, kernel_size: list[int], dilation: list[int],
            is_causal: list[bool], backend: str) -> tuple[Tensor, Tensor]:
     problem = _args.av_problem(len(kernel_size), attn, value, kernel_size, dilation, is_causal)

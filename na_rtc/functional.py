@@ -10,7 +10,23 @@ call.
 
 from __future__ import annotations
 
-from . import _args, backends
+from . import _args, _arrays, backends
+
+
+def _autocast(*tensors):
+    """Under ``torch.autocast``, the tensors in the autocast dtype (NA runs like a
+    matmul: low precision in, fp32 accumulation inside); unchanged otherwise.
+    The cast is differentiable, so fp32 leaves still get fp32 gradients."""
+    first = tensors[0]
+    if _arrays.kind_of(first) != _arrays.TORCH:
+        return tensors
+    import torch
+
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if _arrays.kind_of(t) == _arrays.TORCH and t.is_floating_point() else t for t in tensors)
 
 
 def _run(op: str, problem: _args.Problem, backend: str | None, *arrays):
@@ -24,17 +40,20 @@ def _run(op: str, problem: _args.Problem, backend: str | None, *arrays):
 
 
 def _fused(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend):
+    query, key, value = _autocast(query, key, value)
     problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
     out, lse = _run(_args.FUSED, problem, backend, query, key, value, rpb)
     return (out, lse) if return_lse else out
 
 
 def _qk(ndim, query, key, kernel_size, dilation, is_causal, rpb, backend):
+    query, key = _autocast(query, key)
     problem = _args.qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb)
     return _run(_args.QK, problem, backend, query, key, rpb)
 
 
 def _av(ndim, attn, value, kernel_size, dilation, is_causal, backend):
+    attn, value = _autocast(attn, value)
     problem = _args.av_problem(ndim, attn, value, kernel_size, dilation, is_causal)
     return _run(_args.AV, problem, backend, attn, value)
 

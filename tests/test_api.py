@@ -182,3 +182,23 @@ def test_reference_memory_stays_bounded_2d_128x128():
     result = json.loads(out.strip().splitlines()[-1])
     assert result["finite"]
     assert result["growth_mb"] < 1024, result
+
+
+# ---------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("backend", ["reference", "emulator"])
+def test_autocast_runs_in_the_autocast_dtype_and_gradients_reach_fp32_leaves(backend):
+    q, k, v = (_torch(SHAPES[2], torch.float32, requires_grad=True) for _ in range(3))
+    rpb = _torch((3, 5, 9), torch.float32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = na_rtc.na2d(q, k, v, (3, 5), rpb=rpb, backend=backend)
+        attn = na_rtc.na2d_qk(q, k, (3, 5), backend=backend)
+        mixed = na_rtc.na2d_av(attn.float().softmax(-1), v, (3, 5), backend=backend)
+    assert out.dtype == attn.dtype == mixed.dtype == torch.bfloat16
+    (out.float().sum() + mixed.float().sum()).backward()
+    for leaf in (q, k, v, rpb):
+        assert leaf.grad is not None and leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
+    with torch.no_grad():  # same numbers as an explicit bf16 call
+        expected = na_rtc.na2d(q.bfloat16(), k.bfloat16(), v.bfloat16(), (3, 5), rpb=rpb, backend=backend)
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
