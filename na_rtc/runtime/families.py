@@ -74,6 +74,13 @@ def tiled_bwd_family() -> Family:
                   tiled_bwd.tiled_bwd_shared())
 
 
+def fused_family() -> Family:
+    """Fused forward kernel (cuda_src/na_fused.cu; tile table and dispatch in runtime/fused.py)."""
+    from . import fused
+
+    return Family(fused.SOURCE, fused.fused_names(), fused.fused_threads(), fused.fused_shared())
+
+
 def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
     return Family(source, names, {n: threads for n in names}, {n: 0 for n in names})
 
@@ -84,6 +91,7 @@ FAMILIES: dict[str, Family] = {
     "tiled": Family("na_tiled.cu", tiled_names(), {n: TILED_THREADS for n in tiled_names()},
                     {n: TILED_SHARED_BUDGET for n in tiled_names()}),
     "tiled_bwd": tiled_bwd_family(),
+    "fused": fused_family(),
 }
 
 

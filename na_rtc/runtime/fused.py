@@ -1,0 +1,131 @@
+"""The fused (flash-style) forward kernel (``cuda_src/na_fused.cu``), for any executor.
+
+:class:`FusedKernels` launches ``na_fused_fwd<T, HD, TX, TY>``: one block of
+:data:`THREADS` threads per (batch, head, query tile inside one dilation
+group per axis); the key/value box the tile's windows cover is streamed
+through shared memory in chunks, softmax is online in fp32, and the kernel
+writes the output (problem dtype) and the logsumexp (float32).
+
+Covered: float32 / float16 / bfloat16, head dim <= 128, every kernel size,
+stride, dilation and causal combination, with or without RPB. Shared memory
+is fixed per instantiation (``2 * chunk_keys * HD`` elements, at most 16
+KiB: no opt-in). The query tile comes from :data:`TILES`, keyed by (ndim,
+head-dim bucket, dtype); a group of ``THREADS / (TX * TY)`` lanes owns one
+query and holds ``HD / lanes`` output dims in registers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import _arrays
+from .._args import Problem
+from . import plan as P
+from . import tiling
+from .tiling import CTYPES
+
+SOURCE = "na_fused.cu"
+THREADS = 256  # NA_FUSED_THREADS in na_fused.cu
+SHARED_BUDGET = 48 * 1024
+DTYPES = ("float32", "float16", "bfloat16")
+HEAD_DIMS = (32, 64, 128)  # head-dim buckets: runtime head_dim <= bucket
+
+#: (ndim, head-dim bucket, dtype) -> query tile (TX, TY) in group coordinates (1D: TY = 1).
+#: TX * TY queries per 256-thread block, 256 / (TX * TY) lanes per query, 8 dims per lane.
+TILES: dict[tuple[int, int, str], tuple[int, int]] = {
+    (ndim, hd, dtype): tile
+    for dtype in DTYPES
+    for (ndim, hd), tile in {
+        (1, 32): (64, 1), (1, 64): (32, 1), (1, 128): (16, 1),
+        (2, 32): (8, 8), (2, 64): (8, 4), (2, 128): (4, 4),
+    }.items()
+}
+
+
+def head_dim_bucket(head_dim: int) -> int | None:
+    return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
+
+
+def chunk_keys(hd: int) -> int:
+    """Keys per staged chunk (na_fused_chunk in na_fused.cu)."""
+    return 32 if hd <= 64 else 16
+
+
+def shared_bytes(hd: int, dtype: str) -> int:
+    """Dynamic shared memory of one block: a chunk of K rows and of V rows, HD elements each."""
+    return 2 * chunk_keys(hd) * hd * tiling.ITEMSIZE[dtype]
+
+
+def kernel_name_of(hd: int, dtype: str, tile: tuple[int, int]) -> str:
+    return f"na_fused_fwd<{CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}>"
+
+
+def fused_names() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(kernel_name_of(hd, dtype, tile) for (_, hd, dtype), tile in TILES.items()))
+
+
+def fused_threads() -> dict:
+    return {name: THREADS for name in fused_names()}
+
+
+def fused_shared() -> dict:
+    return {kernel_name_of(hd, dtype, tile): shared_bytes(hd, dtype) for (_, hd, dtype), tile in TILES.items()}
+
+
+def _tile(problem: Problem):
+    hd = head_dim_bucket(problem.head_dim)
+    return hd, TILES.get((problem.ndim, hd, problem.dtype))
+
+
+def _grid(problem: Problem, tile: tuple[int, int]) -> int:
+    axes = list(problem.axes)
+    blocks = problem.batch * problem.heads * tiling.tiles_per_axis(axes[0].length, axes[0].dilation, tile[0])
+    if problem.ndim == 2:
+        blocks *= tiling.tiles_per_axis(axes[1].length, axes[1].dilation, tile[1])
+    return blocks
+
+
+class FusedKernels:
+    """The fused forward kernel as an allocating call, for one executor."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def covers(self, problem: Problem) -> bool:
+        hd, tile = _tile(problem)
+        if tile is None or problem.ndim not in (1, 2):
+            return False
+        if shared_bytes(hd, problem.dtype) > SHARED_BUDGET:
+            return False
+        return _grid(problem, tile) <= P.MAX_GRID[0]
+
+    def kernel_name(self, problem: Problem) -> str:
+        hd, tile = _tile(problem)
+        if tile is None:
+            raise ValueError(
+                f"no fused kernel for dtype {problem.dtype} with head_dim {problem.head_dim} "
+                f"({problem.ndim}D): fused kernels take float32/float16/bfloat16 and head_dim <= {HEAD_DIMS[-1]}")
+        return kernel_name_of(hd, problem.dtype, tile)
+
+    def forward(self, problem: Problem, query, key, value, rpb_acc=None):
+        """``(out, lse)``: out in the problem dtype, lse float32 ``[batch, *spatial, heads]``.
+
+        ``rpb_acc``: the bias table in the accumulator dtype (float32), or None.
+        """
+        from .naive import _bias, _problem_args, _rows, _tensor
+
+        if not self.covers(problem):
+            raise ValueError(f"the fused kernel does not cover this problem ({problem.ndim}D, {problem.dtype}, "
+                             f"head_dim {problem.head_dim}); check covers() first")
+        name = self.kernel_name(problem)
+        hd, tile = _tile(problem)
+        out = _arrays.empty(query, problem.qkv_shape, problem.dtype)
+        lse = _arrays.empty(query, problem.lse_shape, "float32")
+        blocks = _grid(problem, tile)
+        if blocks == 0 or math.prod(problem.qkv_shape) == 0:
+            return out, lse
+        args = (_tensor(query, problem) + _tensor(key, problem) + _tensor(value, problem) + _bias(rpb_acc, problem)
+                + _tensor(out, problem) + _rows(lse, problem) + [P.f64(problem.scale)] + _problem_args(problem))
+        self.run(P.LaunchPlan(P.Kernel(SOURCE, name), (blocks, 1, 1), (THREADS, 1, 1),
+                              shared_bytes(hd, problem.dtype), tuple(args)))
+        return out, lse
