@@ -1,10 +1,11 @@
 """The backend op table on the kernels, for any executor (``cuda`` or ``emulator``).
 
 Same signatures as :data:`na_rtc.reference.OPS`. Fused ops follow DESIGN.md
-section 3's fallback rule until fused kernels exist: split kernels composed
-(qk, softmax, av) for stride 1, an error naming the reason otherwise. Every
-kernel call goes through :class:`~na_rtc.runtime.kernels.Kernels`, which
-picks tiled kernels where its tables cover the problem.
+section 3's fallback rule: the fused kernel when one covers the problem,
+otherwise the split kernels composed (qk, softmax, av) for stride 1,
+otherwise an error naming the reason. Split kernel calls go through
+:class:`~na_rtc.runtime.kernels.Kernels`, which picks tiled kernels where its
+tables cover the problem.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import math
 from .. import _arrays
 from .._args import Problem
 from .families import accumulator_dtype
+from .fused import FusedKernels
 from .kernels import Kernels
 from .naive import Executor
 
-def _require_stride_one(problem: Problem, backend: str) -> None:
+def _require_stride_one(problem: Problem, backend: str, what: str) -> None:
+    """The composed split-kernel path has no stride: say why and what works instead."""
     if any(axis.stride != 1 for axis in problem.axes):
         raise ValueError(
-            f"stride {tuple(a.stride for a in problem.axes)} needs the fused kernels, which the {backend} backend "
-            "does not have yet; use stride=1 or the reference backend (na_rtc.use_backend('reference'))"
+            f"stride {tuple(a.stride for a in problem.axes)} needs the fused {what} kernels, which do not cover this "
+            f"problem on the {backend} backend (dtype {problem.dtype}, head_dim {problem.head_dim}); use stride=1, "
+            "a supported dtype / head_dim, or the reference backend (na_rtc.use_backend('reference'))"
         )
 
 
 def make_ops(run: Executor, backend: str) -> dict:
     """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
     kernels = Kernels(run)
+    fused = FusedKernels(run)
 
     def bias_in_accumulator(problem, rpb):
         return None if rpb is None else _arrays.cast(rpb, accumulator_dtype(problem.dtype))
@@ -39,13 +44,15 @@ def make_ops(run: Executor, backend: str) -> dict:
         return logits
 
     def fused_forward(problem, query, key, value, rpb=None):
-        _require_stride_one(problem, backend)
+        if fused.covers(problem):
+            return fused.forward(problem, query, key, value, bias_in_accumulator(problem, rpb))
+        _require_stride_one(problem, backend, "forward")
         lse = _arrays.empty(query, problem.lse_shape, accumulator_dtype(problem.dtype))
         probs = probabilities(problem, query, key, rpb, lse)
         return kernels.av(problem, probs, value), lse
 
     def fused_backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
-        _require_stride_one(problem, backend)
+        _require_stride_one(problem, backend, "backward")
         acc = accumulator_dtype(problem.dtype)
         probs = probabilities(problem, query, key, rpb)  # recomputed: cheaper to store nothing
         grad_logits = kernels.qk(problem, grad_out, value, None, acc, 1.0, 0.0)
