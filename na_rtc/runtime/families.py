@@ -81,6 +81,14 @@ def fused_family() -> Family:
     return Family(fused.SOURCE, fused.fused_names(), fused.fused_threads(), fused.fused_shared())
 
 
+def fused_bwd_family() -> Family:
+    """Fused backward kernels (cuda_src/na_fused_bwd.cu; tile table and dispatch in runtime/fused_bwd.py)."""
+    from . import fused_bwd
+
+    return Family(fused_bwd.SOURCE, fused_bwd.fused_bwd_names(), fused_bwd.fused_bwd_threads(),
+                  fused_bwd.fused_bwd_shared())
+
+
 def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
     return Family(source, names, {n: threads for n in names}, {n: 0 for n in names})
 
@@ -91,6 +99,7 @@ FAMILIES: dict[str, Family] = {
     "tiled": Family("na_tiled.cu", tiled_names(), {n: TILED_THREADS for n in tiled_names()},
                     {n: TILED_SHARED_BUDGET for n in tiled_names()}),
     "tiled_bwd": tiled_bwd_family(),
+    "fused_bwd": fused_bwd_family(),
     "fused": fused_family(),
 }
 

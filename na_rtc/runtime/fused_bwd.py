@@ -1,0 +1,236 @@
+"""Fused (flash-style) backward kernels (``cuda_src/na_fused_bwd.cu``).
+
+:class:`FusedBackwardKernels` computes ``(dq, dk, dv, drpb)`` of the fused op
+from the forward's ``output`` and ``logsumexp`` without materializing the
+attention matrix (DESIGN.md section 7):
+
+1. ``na_fused_delta<T>``: ``delta = rowsum(dOut * out)`` (float32 workspace,
+   one thread per row);
+2. ``na_fused_bwd_dq<T, HD, TX, TY, KC>``: one block per (batch, head, query
+   tile in one dilation group), the union of the tile's windows streamed KC
+   keys at a time; with a bias, per-tile partial sums of the logit gradient
+   per relative offset (float32 workspace ``[heads, tiles, entries]``);
+3. ``na_fused_bwd_dkdv<T, HD, TX, TY, QC>``: one block per (batch, head, key
+   tile), the box of queries that can see the tile streamed QC at a time;
+4. ``na_fused_rpb_reduce`` (bias only): a fixed-order sum of the partials.
+
+Every sum has a fixed order and there are no atomics: run-to-run bitwise
+deterministic. :meth:`FusedBackwardKernels.covers` says whether a problem is
+handled (fp32/fp16/bf16, head dim <= 128, every stride / dilation / causal
+combination, shared memory within :data:`SHARED_BUDGET`, grid within CUDA's
+limit); callers fall back otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .. import _arrays
+from .._args import Problem
+from . import plan as P
+from . import tiling
+from .tiling import CTYPES
+
+# families.py builds its "fused_bwd" entry from this module's tables; this
+# module imports naive (which imports families) only inside functions.
+
+SOURCE = "na_fused_bwd.cu"
+THREADS = 256  # NA_FB_THREADS in na_fused_bwd.cu
+SHARED_BUDGET = 46 * 1024  # dynamic shared memory; static + dynamic stays under 48 KiB (no opt-in)
+DTYPES = ("float32", "float16", "bfloat16")
+HEAD_DIM_BUCKETS = (32, 64, 128)
+
+#: (ndim, head-dim bucket, dtype) -> {"dq": (TX, TY, KC), "dkdv": (TX, TY, QC)}.
+#: dq: TX x TY queries per block (256 / (TX TY) threads per query hold HD / that
+#: dims of dq in registers), KC keys per streamed chunk. dkdv: TX x TY keys per
+#: block (threads per key hold dk and dv dims), QC queries per chunk.
+#: Shared memory at D = HD, see :func:`dq_shared_bytes` / :func:`dkdv_shared_bytes`:
+#: dq   2 TQ RS s + 2 KC RS s + 4 TQ (KC + 1) (+ 4 bias entries)
+#: dkdv 2 TK RS s + 2 QC RS s + 8 TK (QC + 1) + 24 QC
+#: (RS = :func:`row_stride`: D padded to an odd number of 4-byte words)
+_QTILE = {64: {1: (64, 1), 2: (8, 8)}, 32: {1: (32, 1), 2: (8, 4)}, 16: {1: (16, 1), 2: (4, 4)}}
+_CONFIG = {  # (hd, itemsize) -> ((query tile size, KC), (key tile size, QC)); bytes at D = HD, no bias
+    (32, 4): ((64, 32), (16, 64)),   # dq 33.0 KiB, dkdv 30.2 KiB
+    (64, 4): ((32, 32), (32, 32)),   # dq 36.6 KiB, dkdv 41.5 KiB
+    (128, 4): ((16, 16), (16, 16)),  # dq 33.3 KiB, dkdv 34.8 KiB
+    (32, 2): ((64, 64), (64, 32)),   # dq 33.3 KiB, dkdv 30.0 KiB
+    (64, 2): ((64, 32), (32, 64)),   # dq 33.0 KiB, dkdv 42.5 KiB
+    (128, 2): ((32, 32), (16, 32)),  # dq 36.6 KiB, dkdv 29.3 KiB
+}
+TABLE: dict[tuple[int, int, str], dict[str, tuple[int, int, int]]] = {}
+for _dtype in DTYPES:
+    for _ndim in (1, 2):
+        for _hd in HEAD_DIM_BUCKETS:
+            (_tq, _kc), (_tk, _qc) = _CONFIG[(_hd, tiling.ITEMSIZE[_dtype])]
+            TABLE[(_ndim, _hd, _dtype)] = {"dq": (*_QTILE[_tq][_ndim], _kc), "dkdv": (*_QTILE[_tk][_ndim], _qc)}
+
+DELTA_PREFIX = "na_fused_delta"
+RPB_REDUCE = "na_fused_rpb_reduce"
+
+
+def head_dim_bucket(head_dim: int) -> int | None:
+    return tiling.head_dim_bucket(head_dim, HEAD_DIM_BUCKETS)
+
+
+def delta_name(dtype: str) -> str:
+    return f"na_fused_delta<{CTYPES[dtype]}>"
+
+
+def dq_name(dtype: str, hd: int, cfg) -> str:
+    return f"na_fused_bwd_dq<{CTYPES[dtype]}, {hd}, {cfg[0]}, {cfg[1]}, {cfg[2]}>"
+
+
+def dkdv_name(dtype: str, hd: int, cfg) -> str:
+    return f"na_fused_bwd_dkdv<{CTYPES[dtype]}, {hd}, {cfg[0]}, {cfg[1]}, {cfg[2]}>"
+
+
+def _axes(problem: Problem):
+    """``(length, kernel, dilation)`` for x and y (1D: a trivial y axis)."""
+    axes = [(a.length, a.kernel_size, a.dilation) for a in problem.axes]
+    if len(axes) == 1:
+        axes.append((1, 1, 1))
+    return axes
+
+
+def _entries(problem: Problem) -> int:
+    return math.prod(problem.rpb_shape[1:])
+
+
+def row_stride(head_dim: int, itemsize: int) -> int:
+    """Elements per staged row (na_fb_row): an odd number of 4-byte words."""
+    if itemsize >= 4:
+        return head_dim | 1
+    return ((-(-head_dim * itemsize // 4)) | 1) * 4 // itemsize
+
+
+def dq_shared_bytes(problem: Problem, cfg, with_rpb: bool) -> int:
+    tq, kc, s = cfg[0] * cfg[1], cfg[2], tiling.ITEMSIZE[problem.dtype]
+    rs = row_stride(problem.head_dim, s)
+    return 2 * tiling.align16(tq * rs * s) + 2 * tiling.align16(kc * rs * s) + 4 * tq * (kc + 1) + (
+        4 * _entries(problem) if with_rpb else 0)
+
+
+def dkdv_shared_bytes(problem: Problem, cfg) -> int:
+    tk, qc, s = cfg[0] * cfg[1], cfg[2], tiling.ITEMSIZE[problem.dtype]
+    rs = row_stride(problem.head_dim, s)
+    return 2 * tiling.align16(tk * rs * s) + 2 * tiling.align16(qc * rs * s) + 8 * tk * (qc + 1) + 24 * qc
+
+
+def _blocks(problem: Problem, tile) -> int:
+    (lx, _, dx), (ly, _, dy) = _axes(problem)
+    return tiling.tiles_per_axis(lx, dx, tile[0]) * tiling.tiles_per_axis(ly, dy, tile[1])
+
+
+def _plan(problem: Problem):
+    """``(hd, dq cfg, dkdv cfg, dq shared, dkdv shared)`` or None when not covered."""
+    if problem.dtype not in DTYPES:
+        return None
+    hd = head_dim_bucket(problem.head_dim)
+    if hd is None or math.prod(problem.qkv_shape) == 0:
+        return None
+    cfg = TABLE[(problem.ndim, hd, problem.dtype)]
+    dq_shared = dq_shared_bytes(problem, cfg["dq"], problem.has_rpb)
+    dkdv_shared = dkdv_shared_bytes(problem, cfg["dkdv"])
+    if max(dq_shared, dkdv_shared) > SHARED_BUDGET:
+        return None
+    bh = problem.batch * problem.heads
+    if max(bh * _blocks(problem, cfg["dq"]), bh * _blocks(problem, cfg["dkdv"]),
+           -(-math.prod(problem.lse_shape) // THREADS)) > P.MAX_GRID[0]:
+        return None
+    return hd, cfg["dq"], cfg["dkdv"], dq_shared, dkdv_shared
+
+
+class FusedBackwardKernels:
+    """The fused backward on one executor (``cuda`` or ``emulator``)."""
+
+    def __init__(self, run: Callable[[P.LaunchPlan], None]):
+        self.run = run
+
+    def covers(self, problem: Problem) -> bool:
+        return _plan(problem) is not None
+
+    def kernel_names(self, problem: Problem) -> tuple[str, ...]:
+        """The kernels :meth:`backward` launches for ``problem`` (empty when not covered)."""
+        plan = _plan(problem)
+        if plan is None:
+            return ()
+        hd, dq_cfg, dkdv_cfg, _, _ = plan
+        names = [delta_name(problem.dtype), dq_name(problem.dtype, hd, dq_cfg), dkdv_name(problem.dtype, hd, dkdv_cfg)]
+        if problem.has_rpb:
+            names.append(RPB_REDUCE)
+        return tuple(names)
+
+    def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse):
+        """``(dq, dk, dv, drpb)``: dq/dk/dv in the problem dtype, drpb float32
+        ``[heads, *(2k-1)]`` (None without ``rpb_acc``). ``output`` and ``lse``
+        are the forward's (``lse`` float32 ``[b, *spatial, heads]``)."""
+        from .naive import _bias, _problem_args, _rows, _tensor
+
+        plan = _plan(problem)
+        if plan is None:
+            raise ValueError("the fused backward kernels do not cover this problem; check covers() first")
+        if output is None or lse is None:
+            raise ValueError("the fused backward needs the forward's output and logsumexp")
+        hd, dq_cfg, dkdv_cfg, dq_shared, dkdv_shared = plan
+        dtype = problem.dtype
+        lse = _arrays.cast(lse, "float32")
+        if rpb_acc is not None:
+            rpb_acc = _arrays.cast(rpb_acc, "float32")
+        problem_args = _problem_args(problem)
+
+        delta = _arrays.empty(query, problem.lse_shape, "float32")
+        rows = math.prod(problem.lse_shape)
+        args = _tensor(grad_out, problem) + _tensor(output, problem) + _rows(delta, problem) + problem_args
+        self.run(P.LaunchPlan(P.Kernel(SOURCE, delta_name(dtype)), (-(-rows // THREADS), 1, 1), (THREADS, 1, 1), 0,
+                              tuple(args)))
+
+        inputs = _tensor(query, problem) + _tensor(key, problem) + _tensor(value, problem) + _tensor(grad_out, problem)
+        inputs += _rows(lse, problem) + _rows(delta, problem) + _bias(rpb_acc, problem)
+        bh = problem.batch * problem.heads
+
+        dq = _arrays.empty(query, problem.qkv_shape, dtype)
+        tiles = problem.batch * _blocks(problem, dq_cfg)
+        entries = _entries(problem)
+        partial = drpb = None
+        if rpb_acc is not None:
+            partial = _arrays.empty(query, (problem.heads * tiles * entries,), "float32")
+            drpb = _arrays.empty(query, problem.rpb_shape, "float32")
+        args = inputs + _tensor(dq, problem) + [P.Arg("ptr", partial), P.f64(problem.scale)] + problem_args
+        self.run(P.LaunchPlan(P.Kernel(SOURCE, dq_name(dtype, hd, dq_cfg)), (bh * _blocks(problem, dq_cfg), 1, 1),
+                              (THREADS, 1, 1), dq_shared, tuple(args)))
+
+        dk = _arrays.empty(query, problem.qkv_shape, dtype)
+        dv = _arrays.empty(query, problem.qkv_shape, dtype)
+        args = inputs + _tensor(dk, problem) + _tensor(dv, problem) + [P.f64(problem.scale)] + problem_args
+        self.run(P.LaunchPlan(P.Kernel(SOURCE, dkdv_name(dtype, hd, dkdv_cfg)),
+                              (bh * _blocks(problem, dkdv_cfg), 1, 1), (THREADS, 1, 1), dkdv_shared, tuple(args)))
+
+        if drpb is not None:
+            (_, kx, _), (_, ky, _) = _axes(problem)
+            args = [P.ptr(partial), P.i64(tiles), *_bias(drpb, problem), P.i64(problem.heads), P.i64(kx), P.i64(ky)]
+            blocks = problem.heads * -(-entries // 32)  # 32 entries of one head per block
+            self.run(P.LaunchPlan(P.Kernel(SOURCE, RPB_REDUCE), (blocks, 1, 1), (THREADS, 1, 1), 0, tuple(args)))
+        return dq, dk, dv, drpb
+
+
+# ---------------------------------------------------------------- the family (families.py imports these)
+
+
+def fused_bwd_names() -> tuple[str, ...]:
+    """Every instantiation the tables can pick."""
+    names = [delta_name(dtype) for dtype in DTYPES]
+    for (_, hd, dtype), cfg in TABLE.items():
+        names += [dq_name(dtype, hd, cfg["dq"]), dkdv_name(dtype, hd, cfg["dkdv"])]
+    names.append(RPB_REDUCE)
+    return tuple(dict.fromkeys(names))
+
+
+def fused_bwd_threads() -> dict:
+    return {n: THREADS for n in fused_bwd_names()}
+
+
+def fused_bwd_shared() -> dict:
+    """The largest dynamic shared memory any launch of each kernel uses: the budget (larger ones are not covered)."""
+    return {n: (SHARED_BUDGET if n.startswith(("na_fused_bwd_dq", "na_fused_bwd_dkdv")) else 0)
+            for n in fused_bwd_names()}
