@@ -178,6 +178,7 @@ class SweepConfig:
     rpb: bool
     heads_first: bool
     dtype: str
+    stride: tuple | None = None  # fused ops only; None means 1 on every axis
 
     @property
     def ndim(self):
@@ -194,7 +195,8 @@ class SweepConfig:
     def __str__(self):
         axes = ",".join(f"L{n}k{k}d{d}{'c' if c else ''}" for n, k, d, c in
                         zip(self.spatial, self.kernel_size, self.dilation, self.causal))
-        return (f"{self.ndim}d-{axes}-b{self.batch}h{self.heads}D{self.head_dim}-{self.dtype}"
+        stride = f"-s{'x'.join(map(str, self.stride))}" if self.stride and max(self.stride) > 1 else ""
+        return (f"{self.ndim}d-{axes}{stride}-b{self.batch}h{self.heads}D{self.head_dim}-{self.dtype}"
                 f"{'-rpb' if self.rpb else ''}{'-headsfirst' if self.heads_first else ''}")
 
 

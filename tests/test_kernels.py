@@ -52,8 +52,11 @@ def random_config(seed: int) -> Config:
     spatial = tuple(k * d + int(rng.integers(0, 6)) for k, d in zip(kernel, dilation))
     causal = tuple(bool(rng.random() < 0.3) for _ in range(ndim))
     rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.7
+    dtype = DTYPES[seed % len(DTYPES)]
+    # stride is a fused-op feature: kernels exist for fp32/fp16/bf16 (fp64 composes split kernels: stride 1)
+    stride = tuple(int(rng.integers(1, k + 1)) if dtype != "float64" and rng.random() < 0.4 else 1 for k in kernel)
     return Config(spatial, kernel, dilation, causal, int(rng.integers(1, 3)), int(rng.integers(1, 3)),
-                  int(rng.choice([3, 8, 16])), bool(rpb), bool(rng.random() < 0.4), DTYPES[seed % len(DTYPES)])
+                  int(rng.choice([3, 8, 16])), bool(rpb), bool(rng.random() < 0.4), dtype, stride)
 
 
 CONFIGS = [random_config(seed) for seed in SEEDS]
@@ -108,12 +111,14 @@ def test_fused_forward_and_gradients(backend, cfg):
     (q, k, v, g), (q64, k64, v64, g64) = _inputs(cfg, 4, _shape(cfg))
     rpb, rpb64 = _rpb(cfg, q)
     q, k, v, g, rpb = (place(x, backend) for x in (q, k, v, g, rpb))
-    out, lse = f["fused"](q, k, v, **cfg.window, rpb=rpb, return_lse=True, backend=backend)
-    ref_out, ref_lse = f["fused"](q64, k64, v64, **cfg.window, rpb=rpb64, return_lse=True, backend="reference")
+    stride = cfg.stride or 1
+    out, lse = f["fused"](q, k, v, **cfg.window, stride=stride, rpb=rpb, return_lse=True, backend=backend)
+    ref_out, ref_lse = f["fused"](q64, k64, v64, **cfg.window, stride=stride, rpb=rpb64, return_lse=True,
+                                  backend="reference")
     assert_close(out, ref_out, cfg.dtype, "forward", "out")
     assert_close(lse, ref_lse, cfg.dtype, "forward", "lse")
-    grads = f["bwd"](g, q, k, v, **cfg.window, rpb=rpb, backend=backend)
-    ref_grads = f["bwd"](g64, q64, k64, v64, **cfg.window, rpb=rpb64, backend="reference")
+    grads = f["bwd"](g, q, k, v, **cfg.window, stride=stride, rpb=rpb, backend=backend)
+    ref_grads = f["bwd"](g64, q64, k64, v64, **cfg.window, stride=stride, rpb=rpb64, backend="reference")
     for name, got, want in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
         if want is None:
             assert got is None

@@ -16,6 +16,7 @@ from .. import _arrays
 from .._args import Problem
 from .families import accumulator_dtype
 from .fused import FusedKernels
+from .fused_bwd import FusedBackwardKernels
 from .kernels import Kernels
 from .naive import Executor
 
@@ -33,6 +34,7 @@ def make_ops(run: Executor, backend: str) -> dict:
     """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
     kernels = Kernels(run)
     fused = FusedKernels(run)
+    fused_backward_kernels = FusedBackwardKernels(run)
 
     def bias_in_accumulator(problem, rpb):
         return None if rpb is None else _arrays.cast(rpb, accumulator_dtype(problem.dtype))
@@ -52,6 +54,13 @@ def make_ops(run: Executor, backend: str) -> dict:
         return kernels.av(problem, probs, value), lse
 
     def fused_backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
+        if fused_backward_kernels.covers(problem):
+            if output is None:  # the plain backward functions may be called without the forward's results
+                output, logsumexp = fused_forward(problem, query, key, value, rpb)
+            lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
+            dq, dk, dv, drpb = fused_backward_kernels.backward(problem, grad_out, query, key, value,
+                                                              bias_in_accumulator(problem, rpb), output, lse)
+            return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
         _require_stride_one(problem, backend, "backward")
         acc = accumulator_dtype(problem.dtype)
         probs = probabilities(problem, query, key, rpb)  # recomputed: cheaper to store nothing
