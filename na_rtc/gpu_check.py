@@ -24,8 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: (label, ndim, spatial, kernel, dilation, causal, heads, head_dim, dtype)
+#: (label, spatial, kernel, dilation, causal, heads, head_dim, dtype[, batch])
 QUICK_PROBLEMS = [
+    ("2D 128x128 b2 h8 D64 k=13 (fused target)", (128, 128), 13, 1, False, 8, 64, "float16", 2),
     ("1D 4096 k=127", (4096,), 127, 1, False, 4, 64, "float16"),
     ("2D 56x56 k=7 (NAT stage 1)", (56, 56), 7, 1, False, 4, 32, "float16"),
     ("2D 128x128 k=13", (128, 128), 13, 1, False, 4, 32, "float16"),
@@ -65,9 +66,9 @@ def _bench_problem(problem, repeat: int) -> dict:
 
     import na_rtc
 
-    label, spatial, kernel, dilation, causal, heads, head_dim, dtype = problem
+    label, spatial, kernel, dilation, causal, heads, head_dim, dtype, *batch = problem
     fused = na_rtc.na1d if len(spatial) == 1 else na_rtc.na2d
-    shape = (1, *spatial, heads, head_dim)
+    shape = (batch[0] if batch else 1, *spatial, heads, head_dim)
     torch.manual_seed(0)
     q, k, v = (torch.randn(shape, device="cuda", dtype=getattr(torch, dtype), requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device="cuda", dtype=q.dtype)
