@@ -29,6 +29,7 @@
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
+#include "na_tile.cuh"
 
 #define NA_PROBLEM                                                                         \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
@@ -44,32 +45,6 @@ template <int HD>
 struct na_fused_chunk {
     static constexpr int value = HD <= 64 ? 32 : 16;
 };
-
-// One axis of a block's tile: the dilation group, the group length, the first
-// query (group coordinate), the number of valid queries, and the box [h0, h1)
-// of keys the tile's windows cover.
-struct na_fused_axis {
-    long long g, lg, q0, n, h0, h1;
-};
-
-// tile `tile` of an axis cut into `d` groups of ceil(ceil(L / d) / T) tiles
-// each (as na_tiled.cu); false when the tile lies past its group's end
-__device__ __forceinline__ bool na_fused_axis_of(const na_axis& a, long long tile, long long T, na_fused_axis& t) {
-    t.g = tile % a.dilation;
-    t.q0 = (tile / a.dilation) * T;
-    t.lg = na_group_length(a, t.g);
-    if (t.q0 >= t.lg) return false;
-    t.n = na_min(T, t.lg - t.q0);
-    long long s, e;
-    na_window(a, t.q0 * a.dilation + t.g, t.h0, e);
-    na_window(a, (t.q0 + t.n - 1) * a.dilation + t.g, s, t.h1);
-    return true;
-}
-
-__device__ __forceinline__ long long na_fused_tiles(const na_axis& a, long long T) {
-    const long long longest = (a.length + a.dilation - 1) / a.dilation;  // group 0
-    return a.dilation * ((longest + T - 1) / T);
-}
 
 template <class T, int HD, int TX, int TY>
 __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
@@ -88,13 +63,13 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
     const na_axis ax = {X, kx, sx, dx, cx};
     const na_axis ay = {Y, ky, sy, dy, cy};
     // block -> (b, h, tile x, tile y); uniform over the block
-    const long long nty = na_fused_tiles(ay, TY), ntx = na_fused_tiles(ax, TX);
+    const long long nty = na_tiles_per_axis(ay, TY), ntx = na_tiles_per_axis(ax, TX);
     long long n = blockIdx.x;
     const long long ity = n % nty; n /= nty;
     const long long itx = n % ntx; n /= ntx;
     const long long h = n % H, b = n / H;
-    na_fused_axis tx, ty;
-    if (!na_fused_axis_of(ax, itx, TX, tx) || !na_fused_axis_of(ay, ity, TY, ty)) return;
+    na_tile_axis tx, ty;
+    if (!na_tile_axis_of(ax, itx, TX, tx) || !na_tile_axis_of(ay, ity, TY, ty)) return;
     const long long hx = tx.h1 - tx.h0, hy = ty.h1 - ty.h0, keys = hx * hy;
 
     T* sk = reinterpret_cast<T*>(na_dynamic_shared());
