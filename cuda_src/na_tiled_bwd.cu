@@ -29,6 +29,7 @@
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
+#include "na_rpb_reduce.cuh"
 
 #define NA_TPROBLEM                                                                          \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
@@ -254,29 +255,9 @@ __global__ void __launch_bounds__(NA_TRPB_THREADS)
     }
 }
 
-// bias gradient, pass 2: drpb[h, rx, ry] = sum over tiles of the partials, in a
-// fixed order: a block holds 32 entries of one head (lane = entry) and 8 parts,
-// part p summing tiles p, p + 8, ... in increasing order; then the 8 parts in
-// order. Grid: H * ceil(entries / 32) blocks of NA_TRPB_THREADS.
+// bias gradient, pass 2 (na_rpb_reduce.cuh)
 __global__ void __launch_bounds__(NA_TRPB_THREADS)
     na_tiled_rpb_reduce(const float* __restrict__ partial, long long tiles, float* __restrict__ drpb, long long rpb_h,
                         long long rpb_x, long long rpb_y, long long H, long long kx, long long ky) {
-    constexpr int PARTS = NA_TRPB_THREADS / 32;
-    __shared__ float red[PARTS][32];
-    const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw;
-    const long long chunks = (entries + 31) / 32;
-    const long long h = blockIdx.x / chunks, e = (blockIdx.x % chunks) * 32 + threadIdx.x % 32;
-    const int part = threadIdx.x / 32;
-    float sum = 0.0f;
-    if (e < entries) {
-        const float* p = partial + h * tiles * entries + e;
-        for (long long t = part; t < tiles; t += PARTS) sum += p[t * entries];
-    }
-    red[part][threadIdx.x % 32] = sum;
-    __syncthreads();
-    if (part == 0 && e < entries) {
-        float total = red[0][threadIdx.x];
-        for (int q = 1; q < PARTS; ++q) total += red[q][threadIdx.x];
-        drpb[h * rpb_h + (e / rw) * rpb_x + (e % rw) * rpb_y] = total;
-    }
+    na_rpb_reduce<NA_TRPB_THREADS>(partial, tiles, drpb, rpb_h, rpb_x, rpb_y, H, kx, ky);
 }
