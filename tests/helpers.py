@@ -21,6 +21,8 @@ __all__ = [
     "requires_nvrtc",
     "SweepConfig",
     "RecordingExecutor",
+    "sweep_inputs",
+    "sweep_bias",
 ]
 
 # DESIGN.md section 8, the one table: dtype -> kind -> (atol, rtol).
@@ -211,3 +213,26 @@ class RecordingExecutor:
 
         self.names.append(plan.kernel.name)
         emulated.run(plan)
+
+
+def sweep_inputs(cfg: SweepConfig, count: int, shape=None, seed: int = 0):
+    """``count`` torch inputs of ``shape`` (default ``cfg.shape``) in ``cfg.dtype``,
+    as heads-first views when the config says so, plus their float64 copies."""
+    import torch
+
+    arrays, arrays64 = make_inputs(np.random.default_rng(seed), shape or cfg.shape, getattr(torch, cfg.dtype), count)
+    if cfg.heads_first:
+        arrays = [noncontiguous(a) for a in arrays]
+    return arrays, arrays64
+
+
+def sweep_bias(cfg: SweepConfig):
+    """A float32 bias table (the accumulator dtype the ops hand to kernels) and its
+    float64 copy, or ``(None, None)`` when the config has no bias."""
+    import torch
+
+    if not cfg.rpb:
+        return None, None
+    shape = (cfg.heads, *(2 * k - 1 for k in cfg.kernel_size))
+    (bias,), (bias64,) = make_inputs(np.random.default_rng(99), shape, torch.float32)
+    return bias, bias64

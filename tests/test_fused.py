@@ -21,7 +21,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, make_inputs, noncontiguous, RecordingExecutor, SweepConfig
+from helpers import assert_close, RecordingExecutor, SweepConfig, sweep_bias, sweep_inputs
 
 import na_rtc
 from na_rtc import _args, config
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
 
 DTYPES = ["float32", "float16", "bfloat16"]
 HEAD_DIMS = [16, 32, 64, 128, 40]
-TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,31 +83,14 @@ CONFIGS += [
 ]
 
 
-def _inputs(cfg: Config, seed=0):
-    rng = np.random.default_rng(seed)
-    arrays, arrays64 = make_inputs(rng, cfg.shape, TORCH[cfg.dtype], 3)
-    if cfg.heads_first:
-        arrays = [noncontiguous(a) for a in arrays]
-    return arrays, arrays64
-
-
-def _rpb(cfg: Config):
-    """A bias table in the accumulator dtype (as the ops pass it), and as float64."""
-    if not cfg.rpb:
-        return None, None
-    shape = (cfg.heads, *(2 * k - 1 for k in cfg.kernel_size))
-    (bias,), (bias64,) = make_inputs(np.random.default_rng(99), shape, torch.float32)
-    return bias, bias64
-
-
 def _problem(cfg: Config, q, k, v, bias):
     return _args.fused_problem(cfg.ndim, q, k, v, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.causal,
                                cfg.scale, bias)
 
 
 def _run(cfg: Config, executor=emulated.run, arrays=None):
-    (q, k, v), _ = _inputs(cfg) if arrays is None else (arrays, None)
-    bias, _ = _rpb(cfg)
+    (q, k, v), _ = sweep_inputs(cfg, 3) if arrays is None else (arrays, None)
+    bias, _ = sweep_bias(cfg)
     problem = _problem(cfg, q, k, v, bias)
     kernels = fused.FusedKernels(executor)
     assert kernels.covers(problem)
@@ -128,10 +110,10 @@ def _reference(cfg: Config, q64, k64, v64, bias64):
 def test_fused_matches_reference(cfg):
     recorder = RecordingExecutor()
     out, lse = _run(cfg, recorder)
-    (q, _, _), (q64, k64, v64) = _inputs(cfg)
-    _, bias64 = _rpb(cfg)
+    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    _, bias64 = sweep_bias(cfg)
     want_out, want_lse = _reference(cfg, q64, k64, v64, bias64)
-    bias, _ = _rpb(cfg)
+    bias, _ = sweep_bias(cfg)
     expected_name = fused.FusedKernels(emulated.run).kernel_name(_problem(cfg, q, q, q, bias))
     assert recorder.names == [expected_name]
     assert str(out.dtype) == f"torch.{cfg.dtype}" and str(lse.dtype) == "torch.float32"
@@ -154,7 +136,7 @@ def test_full_kernel_is_full_attention():
     for cfg in (Config((23,), (23,), (1,), (False,), 2, 2, 48, False, False, "float32", (1,)),
                 Config((7, 9), (7, 9), (1, 1), (False, False), 1, 3, 32, False, True, "float32", (1, 1))):
         out, lse = _run(cfg)
-        _, (q64, k64, v64) = _inputs(cfg)
+        _, (q64, k64, v64) = sweep_inputs(cfg, 3)
         b, h, d = cfg.batch, cfg.heads, cfg.head_dim
         q, k, v = (torch.from_numpy(a).reshape(b, -1, h, d).transpose(1, 2) for a in (q64, k64, v64))
         logits = (q @ k.transpose(-1, -2)) * d**-0.5
@@ -198,7 +180,7 @@ def test_nan_key_poisons_its_queries_only(ndim):
     else:
         cfg = Config((30, 26), (5, 3), (1, 2), (True, False), 1, 1, 64, False, False, "float16", (2, 1))
         where = (13, 11)
-    (q, k, v), _ = _inputs(cfg)
+    (q, k, v), _ = sweep_inputs(cfg, 3)
     k = k.clone()
     k[(0, *where, 0, 3)] = float("nan")
     out, lse = _run(cfg, arrays=(q, k, v))

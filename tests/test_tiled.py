@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, make_inputs, noncontiguous, RecordingExecutor, SweepConfig
+from helpers import assert_close, RecordingExecutor, SweepConfig, sweep_bias, sweep_inputs
 
 import na_rtc
 from na_rtc import _args
@@ -83,23 +83,6 @@ CONFIGS += [
 assert all(_covered(cfg) for cfg in CONFIGS)
 
 
-def _inputs(cfg: Config, count: int, shape, seed=0):
-    rng = np.random.default_rng(seed)
-    arrays, arrays64 = make_inputs(rng, shape, getattr(torch, cfg.dtype), count)
-    if cfg.heads_first:
-        arrays = [noncontiguous(a) for a in arrays]
-    return arrays, arrays64
-
-
-def _rpb(cfg: Config):
-    """A bias table in the accumulator dtype (as ``make_ops`` passes it), and as float64."""
-    if not cfg.rpb:
-        return None, None
-    shape = (cfg.heads, *(2 * k - 1 for k in cfg.kernel_size))
-    (bias,), (bias64,) = make_inputs(np.random.default_rng(99), shape, torch.float32)
-    return bias, bias64
-
-
 def _reference(cfg: Config, op: str):
     fn = {("qk", 1): na_rtc.na1d_qk, ("qk", 2): na_rtc.na2d_qk, ("av", 1): na_rtc.na1d_av, ("av", 2): na_rtc.na2d_av}
     window = dict(kernel_size=cfg.kernel_size, dilation=cfg.dilation, is_causal=cfg.causal)
@@ -115,8 +98,8 @@ def _qk_variants(cfg: Config):
 
 def _qk_both(cfg: Config):
     """For every qk variant: (variant, tiled logits, naive logits, kernel names launched tiled)."""
-    (q, k), _ = _inputs(cfg, 2, cfg.shape)
-    bias, _ = _rpb(cfg)
+    (q, k), _ = sweep_inputs(cfg, 2, cfg.shape)
+    bias, _ = sweep_bias(cfg)
     problem, recorder = _problem(cfg, q), Recorder()
     tiled_kernels, naive_kernels = tiled.TiledKernels(recorder), naive.NaiveKernels(emulated.run)
     for variant in _qk_variants(cfg):
@@ -129,7 +112,7 @@ def _qk_both(cfg: Config):
 def _av_both(cfg: Config):
     """For weights in the element and the accumulator dtype: (weights dtype, tiled, naive, kernel)."""
     slots = math.prod(cfg.kernel_size)
-    (v,), _ = _inputs(cfg, 1, cfg.shape)
+    (v,), _ = sweep_inputs(cfg, 1, cfg.shape)
     recorder = Recorder()
     tiled_kernels, naive_kernels = tiled.TiledKernels(recorder), naive.NaiveKernels(emulated.run)
     # the problem as the public op validates it (weights in the element dtype); the fused
@@ -137,7 +120,7 @@ def _av_both(cfg: Config):
     problem = _args.av_problem(cfg.ndim, torch.empty((*cfg.shape[:-1], slots), dtype=v.dtype), v,
                                cfg.kernel_size, cfg.dilation, cfg.causal)
     for weights_dtype in (cfg.dtype, "float32"):
-        (w,), _ = _inputs(dataclasses.replace(cfg, dtype=weights_dtype), 1, (*cfg.shape[:-1], slots), seed=1)
+        (w,), _ = sweep_inputs(dataclasses.replace(cfg, dtype=weights_dtype), 1, (*cfg.shape[:-1], slots), seed=1)
         got = tiled_kernels.av(problem, w, v)
         yield weights_dtype, got, naive_kernels.av(problem, w, v), recorder.names[-1]
 
@@ -147,8 +130,8 @@ def _av_both(cfg: Config):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_tiled_qk_matches_reference(cfg):
-    (_, _), (q64, k64) = _inputs(cfg, 2, cfg.shape)
-    _, bias64 = _rpb(cfg)
+    (_, _), (q64, k64) = sweep_inputs(cfg, 2, cfg.shape)
+    _, bias64 = sweep_bias(cfg)
     reference = _reference(cfg, "qk")
     for (out_dtype, scale, fill, with_rpb), got, _, name in _qk_both(cfg):
         assert name.startswith("na_tiled_qk<"), name
@@ -161,11 +144,11 @@ def test_tiled_qk_matches_reference(cfg):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_tiled_av_matches_reference(cfg):
     slots = math.prod(cfg.kernel_size)
-    (_,), (v64,) = _inputs(cfg, 1, cfg.shape)
+    (_,), (v64,) = sweep_inputs(cfg, 1, cfg.shape)
     reference = _reference(cfg, "av")
     for weights_dtype, got, _, name in _av_both(cfg):
         assert name.startswith("na_tiled_av<"), name
-        _, (w64,) = _inputs(dataclasses.replace(cfg, dtype=weights_dtype), 1, (*cfg.shape[:-1], slots), seed=1)
+        _, (w64,) = sweep_inputs(dataclasses.replace(cfg, dtype=weights_dtype), 1, (*cfg.shape[:-1], slots), seed=1)
         assert_close(got, reference(w64, v64), cfg.dtype, "forward", f"av (weights {weights_dtype})")
 
 
