@@ -32,6 +32,20 @@ __device__ __forceinline__ long long na_thread_index() {
     return (long long)blockIdx.x * blockDim.x + threadIdx.x;
 }
 
+// a flat thread index over [b, x, y, h, last] (row-major) as its coordinates
+struct na_coords {
+    long long b, x, y, h, last;
+};
+__device__ __forceinline__ na_coords na_unravel(long long n, long long X, long long Y, long long H, long long L) {
+    na_coords c;
+    c.last = n % L; n /= L;
+    c.h = n % H; n /= H;
+    c.y = n % Y; n /= Y;
+    c.x = n % X;
+    c.b = n / X;
+    return c;
+}
+
 // logits: attn[b,i,h,t] = scale * q[b,i,h] . k[b,key(i,t),h] + rpb[h, rel(i,t)]
 // slots outside a (causal) window get `fill` (-inf for logits, 0 for gradients)
 template <class T, class TA>
@@ -42,13 +56,10 @@ __global__ void na_qk_fwd(const T* __restrict__ q, NA_STRIDES5(q), const T* __re
     typedef typename na_acc<T>::type A;
     NA_AXES
     const long long slots = kx * ky;
-    long long n = na_thread_index();
+    const long long n = na_thread_index();
     if (n >= B * X * Y * H * slots) return;
-    const long long t = n % slots; n /= slots;
-    const long long h = n % H; n /= H;
-    const long long y = n % Y; n /= Y;
-    const long long x = n % X;
-    const long long b = n / X;
+    const na_coords c = na_unravel(n, X, Y, H, slots);
+    const long long b = c.b, x = c.x, y = c.y, h = c.h, t = c.last;
     const long long tx = t / ky, ty = t % ky;
     long long x0, x1, y0, y1;
     na_window(ax, x, x0, x1);
@@ -74,13 +85,10 @@ __global__ void na_av_fwd(const TA* __restrict__ attn, NA_STRIDES5(a), const T* 
                           T* __restrict__ out, NA_STRIDES5(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     NA_AXES
-    long long n = na_thread_index();
+    const long long n = na_thread_index();
     if (n >= B * X * Y * H * D) return;
-    const long long d = n % D; n /= D;
-    const long long h = n % H; n /= H;
-    const long long y = n % Y; n /= Y;
-    const long long x = n % X;
-    const long long b = n / X;
+    const na_coords c = na_unravel(n, X, Y, H, D);
+    const long long b = c.b, x = c.x, y = c.y, h = c.h, d = c.last;
     long long x0, x1, y0, y1;
     na_window(ax, x, x0, x1);
     na_window(ay, y, y0, y1);
@@ -104,13 +112,10 @@ __global__ void na_inv_fwd(const TA* __restrict__ w, NA_STRIDES5(w), const T* __
                            T* __restrict__ out, NA_STRIDES5(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     NA_AXES
-    long long n = na_thread_index();
+    const long long n = na_thread_index();
     if (n >= B * X * Y * H * D) return;
-    const long long d = n % D; n /= D;
-    const long long h = n % H; n /= H;
-    const long long jy = n % Y; n /= Y;
-    const long long jx = n % X;
-    const long long b = n / X;
+    const na_coords c = na_unravel(n, X, Y, H, D);
+    const long long b = c.b, jx = c.x, jy = c.y, h = c.h, d = c.last;
     long long qx0, qx1, qy0, qy1, x0, x1, y0, y1;
     na_inverse_range(ax, jx, qx0, qx1);
     na_inverse_range(ay, jy, qy0, qy1);
@@ -167,12 +172,10 @@ __global__ void na_softmax_fwd(TA* __restrict__ attn, NA_STRIDES5(a), typename n
                                long long l_b, long long l_x, long long l_y, long long l_h, NA_PROBLEM) {
     typedef typename na_acc<TA>::type A;
     const long long slots = kx * ky;
-    long long n = na_thread_index();
+    const long long n = na_thread_index();
     if (n >= B * X * Y * H) return;
-    const long long h = n % H; n /= H;
-    const long long y = n % Y; n /= Y;
-    const long long x = n % X;
-    const long long b = n / X;
+    const na_coords c = na_unravel(n, X, Y, H, 1);
+    const long long b = c.b, x = c.x, y = c.y, h = c.h;
     A peak = na_load(attn, NA_AT5(a, b, x, y, h, 0));  // slot 0 is always inside the window
     for (long long t = 1; t < slots; ++t) {
         const A v = na_load(attn, NA_AT5(a, b, x, y, h, t));
@@ -195,12 +198,10 @@ __global__ void na_softmax_bwd(const TA* __restrict__ probs, NA_STRIDES5(p), TA*
                                NA_PROBLEM) {
     typedef typename na_acc<TA>::type A;
     const long long slots = kx * ky;
-    long long n = na_thread_index();
+    const long long n = na_thread_index();
     if (n >= B * X * Y * H) return;
-    const long long h = n % H; n /= H;
-    const long long y = n % Y; n /= Y;
-    const long long x = n % X;
-    const long long b = n / X;
+    const na_coords c = na_unravel(n, X, Y, H, 1);
+    const long long b = c.b, x = c.x, y = c.y, h = c.h;
     A delta = 0;
     for (long long t = 0; t < slots; ++t)
         delta += na_load(probs, NA_AT5(p, b, x, y, h, t)) * na_load(grad, NA_AT5(g, b, x, y, h, t));
