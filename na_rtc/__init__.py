@@ -2,8 +2,11 @@
 
 Public API (DESIGN.md section 3): fused ``na1d``/``na2d``, split
 ``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``, their backward functions, and
-backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``. Importing
-na_rtc never imports torch or cupy.
+backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``, and the
+torch layers ``NeighborhoodAttention1D``/``NeighborhoodAttention2D``. Importing
+na_rtc never imports torch or cupy: the torch names are resolved on first
+access (module ``__getattr__``). The historical NATTEN APIs live in
+``na_rtc.compat.natten014`` and ``na_rtc.compat.natten017``.
 """
 
 __version__ = "0.1.0"
@@ -39,4 +42,27 @@ __all__ = [
     "na2d_qk_backward",
     "na1d_av_backward",
     "na2d_av_backward",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
 ]
+
+# name -> submodule that defines it; those submodules import torch, so they
+# are loaded only when one of their names is first used.
+_LAZY = {
+    "NeighborhoodAttention1D": "modules",
+    "NeighborhoodAttention2D": "modules",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

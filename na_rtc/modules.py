@@ -1,0 +1,208 @@
+"""Neighborhood attention layers: ``NeighborhoodAttention1D`` / ``NeighborhoodAttention2D``.
+
+Input and output are heads-last token maps ``[batch, *spatial, embed_dim]``.
+A layer is a qkv projection, neighborhood attention over ``num_heads`` heads
+and an output projection, with an optional relative positional bias ``rpb``.
+
+Two execution paths give the same numbers (within the tolerances of DESIGN.md
+section 8):
+
+- fused (``na1d``/``na2d``): the default, including training without
+  attention dropout; stride and the bias are handled inside the kernel.
+- split (``na*_qk``, softmax, dropout, ``na*_av``): taken only while training
+  with ``attn_drop > 0``, because dropout on the attention weights needs the
+  weights, which the fused kernels never materialize. Split ops have no
+  stride, so that combination is an error instead of a silent change of the
+  model.
+
+This module imports torch; ``na_rtc`` exposes it lazily.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _args
+from .functional import na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk
+
+__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D"]
+
+# ndim -> (fused, qk, av)
+_OPS = {1: (na1d, na1d_qk, na1d_av), 2: (na2d, na2d_qk, na2d_av)}
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+class _NeighborhoodAttention(nn.Module):
+    """Shared implementation; subclasses fix the number of spatial axes."""
+
+    ndim: int
+
+    def __init__(self, embed_dim, num_heads, kernel_size, *, stride=1, dilation=1, is_causal=False,
+                 rel_pos_bias=False, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        ndim = self.ndim
+        embed_dim = _positive_int("embed_dim", embed_dim)
+        num_heads = _positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        # The same per-axis normalization as the functional API, so a module
+        # rejects at construction what the ops would reject at the first call.
+        kernel = _args.per_axis_ints("kernel_size", kernel_size, ndim)
+        strides = _args.per_axis_ints("stride", stride, ndim)
+        dilations = _args.per_axis_ints("dilation", dilation, ndim)
+        causal = _args.per_axis_bools("is_causal", is_causal, ndim)
+        if any(k < 2 for k in kernel):
+            raise ValueError(f"kernel_size must be >= 2 on every axis, got {kernel}")
+        if any(d < 1 for d in dilations):
+            raise ValueError(f"dilation must be >= 1 on every axis, got {dilations}")
+        if not all(1 <= s <= k for s, k in zip(strides, kernel)):
+            raise ValueError(f"stride must be between 1 and kernel_size on every axis, got stride {strides} "
+                             f"with kernel_size {kernel}")
+        rel_pos_bias = _flag("rel_pos_bias", rel_pos_bias)
+        if rel_pos_bias and any(k % 2 == 0 for k in kernel):
+            raise ValueError(f"rel_pos_bias needs an odd kernel_size on every axis, got {kernel}")
+        if rel_pos_bias and any(causal):
+            raise ValueError("rel_pos_bias cannot be combined with is_causal (the bias is defined for centered "
+                             "windows)")
+        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, numbers.Real)):
+            raise TypeError(f"qk_scale must be a real number or None, got {qk_scale!r}")
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scale = self.head_dim**-0.5 if qk_scale is None else float(qk_scale)
+        self.kernel_size, self.stride, self.dilation, self.is_causal = kernel, strides, dilations, causal
+        # Normalized copies the forward reads: subclasses for the historical
+        # APIs may replace the public attributes with the old int forms.
+        self._window = (kernel, strides, dilations, causal)
+        self._min_size = tuple(k * d for k, d in zip(kernel, dilations))
+
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=_flag("qkv_bias", qkv_bias))
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in kernel)))
+        else:
+            self.register_parameter("rpb", None)
+        self.attn_drop = nn.Dropout(_probability("attn_drop", attn_drop))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(_probability("proj_drop", proj_drop))
+        self._reset_rpb()
+
+    def _reset_rpb(self) -> None:
+        if self.rpb is not None:
+            # NATTEN's initialization: std 0.02 with absolute bounds +-2, i.e.
+            # practically untruncated; kept so models trained from scratch
+            # start from the same distribution.
+            nn.init.trunc_normal_(self.rpb, mean=0.0, std=0.02, a=-2.0, b=2.0)
+
+    # ------------------------------------------------------------ forward
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__qualname__}")
+        layout = "[batch, length, embed_dim]" if self.ndim == 1 else "[batch, height, width, embed_dim]"
+        if x.dim() != self.ndim + 2:
+            raise ValueError(f"{type(self).__name__} expects input of rank {self.ndim + 2} {layout}, "
+                             f"got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"input's last dimension must be embed_dim={self.embed_dim}, got shape "
+                             f"{tuple(x.shape)}")
+
+    def _use_split_path(self) -> bool:
+        return self.training and self.attn_drop.p > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        kernel, strides, dilations, causal = self._window
+        split = self._use_split_path()
+        if split and any(s > 1 for s in strides):
+            raise ValueError(
+                f"attn_drop={self.attn_drop.p} in training needs the split ops, which have no stride, but "
+                f"stride={strides}; use attn_drop=0 (or proj_drop) with stride > 1, or call .eval()")
+
+        spatial = tuple(x.shape[1:-1])
+        # NATTEN's modules zero-pad inputs smaller than the window at the end
+        # of each axis (before the qkv projection) and crop the output back;
+        # the ops themselves require kernel_size * dilation <= size.
+        pads = tuple(max(0, m - n) for m, n in zip(self._min_size, spatial))
+        if any(pads):
+            spec = []
+            for p in reversed(pads):
+                spec += [0, p]
+            x = F.pad(x, [0, 0, *spec])
+        padded = tuple(x.shape[1:-1])
+
+        batch = x.shape[0]
+        qkv = self.qkv(x).reshape(batch, *padded, 3, self.num_heads, self.head_dim)
+        # unbind gives heads-last strided views; the ops read them through
+        # strides, so no copy is made here.
+        q, k, v = qkv.unbind(dim=-3)
+        fused, qk, av = _OPS[self.ndim]
+        if split:
+            attn = qk(q * self.scale, k, kernel, dilations, causal, rpb=self.rpb)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            out = av(attn, v, kernel, dilations, causal)
+        else:
+            out = fused(q, k, v, kernel, strides, dilations, causal, scale=self.scale, rpb=self.rpb)
+        out = out.reshape(batch, *padded, self.embed_dim)
+        if any(pads):
+            out = out[(slice(None), *(slice(0, n) for n in spatial))]
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"kernel_size={self._window[0]}, stride={self._window[1]}, dilation={self._window[2]}, "
+                f"is_causal={self._window[3]}, rel_pos_bias={self.rpb is not None}, scale={self.scale:g}")
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttention):
+    """1D neighborhood attention layer on ``[batch, length, embed_dim]``.
+
+    ``NeighborhoodAttention1D(embed_dim, num_heads, kernel_size, *, stride=1,
+    dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
+    qk_scale=None, attn_drop=0.0, proj_drop=0.0)``. Everything after
+    ``kernel_size`` is keyword-only: NATTEN versions disagree on what came
+    fourth (dilation in 0.14-0.17, stride later), so a positional call could
+    silently mean something else; for the historical signatures use
+    :mod:`na_rtc.compat`. Parameters: ``qkv`` (Linear), ``rpb``
+    (``[num_heads, 2k - 1]`` when ``rel_pos_bias``), ``proj`` (Linear).
+    Inputs shorter than ``kernel_size * dilation`` are zero-padded at the end
+    and the output cropped back.
+    """
+
+    ndim = 1
+
+
+class NeighborhoodAttention2D(_NeighborhoodAttention):
+    """2D neighborhood attention layer on ``[batch, height, width, embed_dim]``.
+
+    As :class:`NeighborhoodAttention1D`; ``kernel_size``, ``stride``,
+    ``dilation`` and ``is_causal`` may be pairs; ``rpb`` is
+    ``[num_heads, 2kx - 1, 2ky - 1]``.
+    """
+
+    ndim = 2
