@@ -105,12 +105,14 @@ class _NeighborhoodAttention(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=_flag("qkv_bias", qkv_bias))
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in kernel)))
+            # Drawn between qkv and proj, as NATTEN does: under one seed the
+            # layer starts from NATTEN's exact weights.
+            self._reset_rpb()
         else:
             self.register_parameter("rpb", None)
         self.attn_drop = nn.Dropout(_probability("attn_drop", attn_drop))
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(_probability("proj_drop", proj_drop))
-        self._reset_rpb()
 
     def _reset_rpb(self) -> None:
         if self.rpb is not None:

@@ -1,0 +1,131 @@
+"""NATTEN 0.14's API on na_rtc: replace ``from natten import ...`` /
+``from natten.functional import ...`` with ``from na_rtc.compat.natten014 import ...``.
+
+Functions (heads-first, ``[batch, heads, *spatial, dim]``; attention weights
+``[batch, heads, *spatial, kernel_size ** ndim]``; every argument positional
+and required, as in NATTEN 0.14)::
+
+    natten1dqkrpb(query, key, rpb, kernel_size, dilation)
+    natten1dqk(query, key, kernel_size, dilation)
+    natten1dav(attn, value, kernel_size, dilation)
+    natten2dqkrpb / natten2dqk / natten2dav   # the same, 2D
+
+They run na_rtc's split ops on heads-last *views* of the inputs (no copies)
+and return heads-first views of na_rtc's outputs: values and shapes are
+NATTEN's, but the results are not contiguous (use ``reshape``, not ``view``,
+on them directly). ``natten*qk`` does not scale the query (NATTEN's modules
+pre-scale it).
+
+Modules ``NeighborhoodAttention1D/2D(dim, num_heads, kernel_size, dilation=1,
+bias=True, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0)``: the
+relative positional bias is on by default (``bias``) and the state-dict keys
+are NATTEN's (``qkv.weight``, ``qkv.bias``, ``rpb``, ``proj.weight``,
+``proj.bias``), so 0.14 checkpoints (NAT, DiNAT) load as they are. They run
+na_rtc's layer (:mod:`na_rtc.modules`): fused kernels unless attention
+dropout is active in training.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from .. import functional
+from ..modules import NeighborhoodAttention1D as _Native1D
+from ..modules import NeighborhoodAttention2D as _Native2D
+from ._layout import heads_first, heads_last
+
+__all__ = [
+    "natten1dqkrpb", "natten1dqk", "natten1dav",
+    "natten2dqkrpb", "natten2dqk", "natten2dav",
+    "NeighborhoodAttention1D", "NeighborhoodAttention2D",
+]
+
+_QK = {1: functional.na1d_qk, 2: functional.na2d_qk}
+_AV = {1: functional.na1d_av, 2: functional.na2d_av}
+
+
+def _qk(ndim, query, key, rpb, kernel_size, dilation):
+    attn = _QK[ndim](heads_last("query", query, ndim), heads_last("key", key, ndim), kernel_size, dilation,
+                     rpb=rpb)
+    return heads_first(attn, ndim)
+
+
+def _av(ndim, attn, value, kernel_size, dilation):
+    out = _AV[ndim](heads_last("attn", attn, ndim), heads_last("value", value, ndim), kernel_size, dilation)
+    return heads_first(out, ndim)
+
+
+def natten1dqkrpb(query, key, rpb, kernel_size, dilation):
+    """Logits ``query . key`` per window slot plus ``rpb`` (``[heads, 2k - 1]`` or None):
+    ``[batch, heads, length, dim]`` -> ``[batch, heads, length, kernel_size]``."""
+    return _qk(1, query, key, rpb, kernel_size, dilation)
+
+
+def natten1dqk(query, key, kernel_size, dilation):
+    """:func:`natten1dqkrpb` without a bias."""
+    return _qk(1, query, key, None, kernel_size, dilation)
+
+
+def natten1dav(attn, value, kernel_size, dilation):
+    """``attn [batch, heads, length, kernel_size]`` x neighbor values -> ``[batch, heads, length, dim]``."""
+    return _av(1, attn, value, kernel_size, dilation)
+
+
+def natten2dqkrpb(query, key, rpb, kernel_size, dilation):
+    """2D :func:`natten1dqkrpb`: ``[batch, heads, height, width, dim]`` ->
+    ``[batch, heads, height, width, kernel_size ** 2]``; ``rpb`` is ``[heads, 2k - 1, 2k - 1]``."""
+    return _qk(2, query, key, rpb, kernel_size, dilation)
+
+
+def natten2dqk(query, key, kernel_size, dilation):
+    """:func:`natten2dqkrpb` without a bias."""
+    return _qk(2, query, key, None, kernel_size, dilation)
+
+
+def natten2dav(attn, value, kernel_size, dilation):
+    """2D :func:`natten1dav`."""
+    return _av(2, attn, value, kernel_size, dilation)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class _Natten014Layer:
+    """NATTEN 0.14's constructor and attributes on top of na_rtc's layer."""
+
+    def _setup(self, native, dim, num_heads, kernel_size, dilation, bias, qkv_bias, qk_scale, attn_drop,
+               proj_drop):
+        dilation = dilation or 1  # 0.14 accepted dilation=None for 1
+        for name, value in (("kernel_size", kernel_size), ("dilation", dilation)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int in NATTEN 0.14's modules (one value for every axis), "
+                                f"got {value!r}; na_rtc.NeighborhoodAttention{self.ndim}D takes per-axis tuples")
+        native.__init__(self, dim, num_heads, kernel_size, dilation=dilation, rel_pos_bias=bias,
+                        qkv_bias=qkv_bias, qk_scale=qk_scale or None, attn_drop=attn_drop, proj_drop=proj_drop)
+        # 0.14 kept plain ints here and code (FLOP counters, DiNAT's dilation
+        # schedules) reads them.
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.window_size = kernel_size * dilation
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, rel_pos_bias={self.rpb is not None}")
+
+
+class NeighborhoodAttention1D(_Natten014Layer, _Native1D):
+    """NATTEN 0.14's ``NeighborhoodAttention1D`` on ``[batch, length, dim]``."""
+
+    def __init__(self, dim, num_heads, kernel_size, dilation=1, bias=True, qkv_bias=True, qk_scale=None,
+                 attn_drop=0.0, proj_drop=0.0):
+        self._setup(_Native1D, dim, num_heads, kernel_size, dilation, bias, qkv_bias, qk_scale, attn_drop,
+                    proj_drop)
+
+
+class NeighborhoodAttention2D(_Natten014Layer, _Native2D):
+    """NATTEN 0.14's ``NeighborhoodAttention2D`` on ``[batch, height, width, dim]``."""
+
+    def __init__(self, dim, num_heads, kernel_size, dilation=1, bias=True, qkv_bias=True, qk_scale=None,
+                 attn_drop=0.0, proj_drop=0.0):
+        self._setup(_Native2D, dim, num_heads, kernel_size, dilation, bias, qkv_bias, qk_scale, attn_drop,
+                    proj_drop)

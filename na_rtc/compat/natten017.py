@@ -1,0 +1,231 @@
+"""NATTEN 0.17's API on na_rtc: replace ``from natten import ...`` /
+``from natten.functional import ...`` with ``from na_rtc.compat.natten017 import ...``.
+
+Split ops, heads-first (``[batch, heads, *spatial, dim]``, attention weights
+``[batch, heads, *spatial, prod(kernel_size)]``)::
+
+    na1d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None)
+    na1d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False)
+    na2d_qk(...), na2d_av(...)                  # the same, 2D
+
+Fused ops, heads-last (``[batch, *spatial, heads, dim]``)::
+
+    na1d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None,
+         additional_keys=None, additional_values=None, xformers_kwargs=None)
+    na2d(...)
+
+and NATTEN 0.14's ``natten1dqkrpb`` ... ``natten2dav`` (still present, deprecated,
+in 0.17.0-0.17.4). Modules ``NeighborhoodAttention1D/2D(dim, num_heads,
+kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
+qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False)``
+with NATTEN's state-dict keys (``qkv``, ``rpb``, ``proj``).
+
+Inputs reach na_rtc's kernels as strided views (no copies); split-op results
+are heads-first views of na_rtc's heads-last outputs (not contiguous).
+``additional_keys``/``additional_values`` (extra tokens every query attends
+to, besides its neighborhood) are supported, computed with torch matmuls:
+in the split ops as NATTEN does (extra columns after the window slots), in
+the fused ops through the split ops and one softmax over both, so gradients
+stay exact; they need torch tensors. ``xformers_kwargs`` is refused. NATTEN's
+3D ops do not exist in na_rtc.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import _args, _arrays, functional
+from ..modules import NeighborhoodAttention1D as _Native1D
+from ..modules import NeighborhoodAttention2D as _Native2D
+from ._layout import heads_first, heads_last
+from .natten014 import natten1dav, natten1dqk, natten1dqkrpb, natten2dav, natten2dqk, natten2dqkrpb
+
+__all__ = [
+    "na1d_qk", "na1d_av", "na2d_qk", "na2d_av", "na1d", "na2d",
+    "natten1dqkrpb", "natten1dqk", "natten1dav", "natten2dqkrpb", "natten2dqk", "natten2dav",
+    "NeighborhoodAttention1D", "NeighborhoodAttention2D",
+]
+
+_FUSED = {1: functional.na1d, 2: functional.na2d}
+_QK = {1: functional.na1d_qk, 2: functional.na2d_qk}
+_AV = {1: functional.na1d_av, 2: functional.na2d_av}
+
+
+def _slots(kernel_size, ndim) -> int:
+    return math.prod(_args.per_axis_ints("kernel_size", kernel_size, ndim))
+
+
+def _extra_tokens(name: str, extra, batch: int, heads: int, dim: int, heads_first_layout: bool) -> int:
+    """Validate additional keys/values; the number of extra tokens."""
+    if _arrays.kind_of(extra) != _arrays.TORCH:
+        raise TypeError(f"{name} must be a torch tensor, got {type(extra).__qualname__}")
+    layout = "[batch, heads, tokens, dim]" if heads_first_layout else "[batch, tokens, heads, dim]"
+    if extra.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(extra.shape)}")
+    b, h, d = (extra.shape[0], extra.shape[1], extra.shape[3]) if heads_first_layout else \
+        (extra.shape[0], extra.shape[2], extra.shape[3])
+    if (b, h, d) != (batch, heads, dim):
+        raise ValueError(f"{name} must be {layout} with batch={batch}, heads={heads}, dim={dim}, "
+                         f"got shape {tuple(extra.shape)}")
+    return int(extra.shape[2] if heads_first_layout else extra.shape[1])
+
+
+# ---------------------------------------------------------------- split ops (heads-first)
+
+
+def _qk(ndim, query, key, kernel_size, dilation, additional_keys, is_causal, rpb):
+    attn = heads_first(_QK[ndim](heads_last("query", query, ndim), heads_last("key", key, ndim), kernel_size,
+                                 dilation, is_causal, rpb), ndim)
+    if additional_keys is None:
+        return attn
+    import torch
+
+    batch, heads, dim = query.shape[0], query.shape[1], query.shape[-1]
+    tokens = _extra_tokens("additional_keys", additional_keys, batch, heads, dim, True)
+    extra = torch.matmul(query.flatten(2, -2), additional_keys.transpose(-2, -1))
+    return torch.cat([attn, extra.reshape(*attn.shape[:-1], tokens).to(attn.dtype)], dim=-1)
+
+
+def _av(ndim, attn, value, kernel_size, dilation, additional_values, is_causal):
+    window = attn
+    if additional_values is not None:
+        batch, heads, dim = value.shape[0], value.shape[1], value.shape[-1]
+        tokens = _extra_tokens("additional_values", additional_values, batch, heads, dim, True)
+        slots = _slots(kernel_size, ndim)
+        if attn.shape[-1] != slots + tokens:
+            raise ValueError(f"attn's last dimension must be prod(kernel_size) + additional tokens = "
+                             f"{slots} + {tokens}, got {attn.shape[-1]}")
+        window, extra = attn[..., :slots], attn[..., slots:]
+    out = heads_first(_AV[ndim](heads_last("attn", window, ndim), heads_last("value", value, ndim), kernel_size,
+                                dilation, is_causal), ndim)
+    if additional_values is None:
+        return out
+    import torch
+
+    added = torch.matmul(extra.flatten(2, -2), additional_values).reshape(out.shape)
+    return out + added.to(out.dtype)
+
+
+def na1d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
+    """Logits ``[batch, heads, length, kernel_size (+ additional tokens)]``; the query is not scaled."""
+    return _qk(1, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
+
+
+def na1d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
+    """Weighted sum of neighbor (and additional) values: ``[batch, heads, length, dim]``."""
+    return _av(1, attn, value, kernel_size, dilation, additional_values, is_causal)
+
+
+def na2d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
+    """Logits ``[batch, heads, height, width, kx * ky (+ additional tokens)]``."""
+    return _qk(2, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
+
+
+def na2d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
+    """Weighted sum of neighbor (and additional) values: ``[batch, heads, height, width, dim]``."""
+    return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal)
+
+
+# ---------------------------------------------------------------- fused ops (heads-last)
+
+
+def _with_additional(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, extra_k, extra_v):
+    """Fused NA plus extra tokens: one softmax over window slots and extra tokens.
+
+    Composed from the split ops because na_rtc's logsumexp carries no gradient,
+    so merging two separately normalized outputs would not be differentiable
+    in the query and keys.
+    """
+    import torch
+
+    batch, heads, dim = query.shape[0], query.shape[-2], query.shape[-1]
+    tokens = _extra_tokens("additional_keys", extra_k, batch, heads, dim, False)
+    if _extra_tokens("additional_values", extra_v, batch, heads, dim, False) != tokens:
+        raise ValueError(f"additional_keys and additional_values must hold the same number of tokens, got "
+                         f"{tuple(extra_k.shape)} and {tuple(extra_v.shape)}")
+    q = query * scale
+    logits = _QK[ndim](q, key, kernel_size, dilation, is_causal, rpb)
+    flat = logits.shape[-1]
+    extra = torch.einsum("bnhd,bthd->bnht", q.reshape(batch, -1, heads, dim), extra_k)
+    probs = torch.cat([logits, extra.reshape(*logits.shape[:-1], tokens).to(logits.dtype)], dim=-1).softmax(-1)
+    out = _AV[ndim](probs[..., :flat], value, kernel_size, dilation, is_causal)
+    added = torch.einsum("bnht,bthd->bnhd", probs[..., flat:].reshape(batch, -1, heads, tokens), extra_v)
+    return out + added.reshape(out.shape).to(out.dtype)
+
+
+def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+           additional_values, xformers_kwargs):
+    if xformers_kwargs:
+        raise NotImplementedError("xformers_kwargs is not supported: na_rtc computes additional keys/values "
+                                  "itself, without xFormers")
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("additional_keys and additional_values must be given together (or both left out)")
+    scale = scale or query.shape[-1] ** -0.5  # NATTEN's rule: a falsy scale means the default
+    if additional_keys is None:
+        return _FUSED[ndim](query, key, value, kernel_size, 1, dilation, is_causal, scale, rpb)
+    return _with_additional(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                            additional_values)
+
+
+def na1d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
+         additional_values=None, xformers_kwargs=None):
+    """Fused 1D NA on heads-last ``[batch, length, heads, dim]``; ``scale`` defaults to ``dim ** -0.5``.
+    ``additional_keys``/``additional_values`` are ``[batch, tokens, heads, dim]``."""
+    return _fused(1, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                  additional_values, xformers_kwargs)
+
+
+def na2d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
+         additional_values=None, xformers_kwargs=None):
+    """Fused 2D NA on heads-last ``[batch, height, width, heads, dim]``."""
+    return _fused(2, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                  additional_values, xformers_kwargs)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class _Natten017Layer:
+    """NATTEN 0.17's constructor and attributes on top of na_rtc's layer."""
+
+    def _setup(self, native, dim, num_heads, kernel_size, dilation, is_causal, rel_pos_bias, qkv_bias, qk_scale,
+               attn_drop, proj_drop, use_experimental_ops):
+        native.__init__(self, dim, num_heads, kernel_size, dilation=dilation, is_causal=is_causal,
+                        rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, qk_scale=qk_scale or None,
+                        attn_drop=attn_drop, proj_drop=proj_drop)
+        self.attn_drop_rate = attn_drop
+        # NATTEN's experimental (torch.compile-friendly) ops: na_rtc's ops
+        # always are, so the flag changes nothing.
+        self.use_experimental_ops = use_experimental_ops
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, is_causal={self.is_causal}, has_bias={self.rpb is not None}")
+
+
+class NeighborhoodAttention1D(_Natten017Layer, _Native1D):
+    """NATTEN 0.17's ``NeighborhoodAttention1D`` on ``[batch, length, dim]``."""
+
+    def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
+                 qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False):
+        self._setup(_Native1D, dim, num_heads, kernel_size, dilation, is_causal, rel_pos_bias, qkv_bias, qk_scale,
+                    attn_drop, proj_drop, use_experimental_ops)
+
+
+class NeighborhoodAttention2D(_Natten017Layer, _Native2D):
+    """NATTEN 0.17's ``NeighborhoodAttention2D`` on ``[batch, height, width, dim]``."""
+
+    def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
+                 qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False):
+        self._setup(_Native2D, dim, num_heads, kernel_size, dilation, is_causal, rel_pos_bias, qkv_bias, qk_scale,
+                    attn_drop, proj_drop, use_experimental_ops)
+
+
+_NO_3D = {"na3d", "na3d_qk", "na3d_av", "natten3dqkrpb", "natten3dqk", "natten3dav", "NeighborhoodAttention3D"}
+
+
+def __getattr__(name):
+    if name in _NO_3D:
+        raise AttributeError(f"{name} is not available: na_rtc implements 1D and 2D neighborhood attention only "
+                             f"(NATTEN 0.17's 3D ops have no counterpart)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
