@@ -9,8 +9,9 @@
 // so the union of the tile's windows is the box [start(first query),
 // end(last query)) per axis. The box is walked in row-major order in chunks
 // of KC keys: K and V rows of a chunk are staged in dynamic shared memory
-// (raw elements), so shared memory and registers do not grow with the kernel
-// size (a 1D k = 255 runs like a k = 3).
+// (raw elements, 16-byte loads where the layout allows), so shared memory
+// and registers do not grow with the kernel size (a 1D k = 255 runs like a
+// k = 3).
 //
 // Thread mapping: a group of G = threads / (TX * TY) consecutive lanes owns
 // one query; lane l of the group holds q, and the output accumulator, for
@@ -74,9 +75,11 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
 
     T* sk = reinterpret_cast<T*>(na_dynamic_shared());
     T* sv = sk + KC * HD;
+    const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
+    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
 
     // this thread's query and its window, relative to the box
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const int qi = tid / G, gl = tid % G;
     const long long qx = qi / TY, qy = qi % TY;
     const bool valid = qx < tx.n && qy < ty.n;
@@ -106,14 +109,15 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
     for (long long c0 = 0; c0 < keys; c0 += KC) {
         const int cn = (int)na_min(KC, keys - c0);
         __syncthreads();  // the previous chunk is consumed
-        for (int r = warp; r < cn; r += NA_FUSED_THREADS / 32) {
-            const long long key = c0 + r, bx = key / hy, by = key % hy;
-            const long long kxp = (tx.h0 + bx) * dx + tx.g, kyp = (ty.h0 + by) * dy + ty.g;
-            for (int d = lane; d < D; d += 32) {
-                sk[r * HD + d] = k[NA_AT5(k, b, kxp, kyp, h, d)];
-                sv[r * HD + d] = v[NA_AT5(v, b, kxp, kyp, h, d)];
-            }
-        }
+        // chunk row r: box key c0 + r (row-major)
+        na_copy_rows(sk, HD, k, cn, D, k_l, k_vec, [&](long long r) {
+            const long long kxp = (tx.h0 + (c0 + r) / hy) * dx + tx.g, kyp = (ty.h0 + (c0 + r) % hy) * dy + ty.g;
+            return na_row_ref{NA_AT5(k, b, kxp, kyp, h, 0), r};
+        });
+        na_copy_rows(sv, HD, v, cn, D, v_l, v_vec, [&](long long r) {
+            const long long kxp = (tx.h0 + (c0 + r) / hy) * dx + tx.g, kyp = (ty.h0 + (c0 + r) % hy) * dy + ty.g;
+            return na_row_ref{NA_AT5(v, b, kxp, kyp, h, 0), r};
+        });
         __syncthreads();
 
         // pass 1: logits of the chunk (masked: -inf), chunk max

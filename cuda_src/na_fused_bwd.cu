@@ -16,6 +16,9 @@
 // strides, 1D runs as 2D with Y = 1, ky = 1). Tiles live inside one dilation
 // group per axis (group coordinates), so a tile's queries (or keys) are dense.
 // Deterministic: every sum has a fixed order, no atomics.
+// Pairs outside a query's window add nothing to any gradient (skipped, not
+// multiplied by zero), so a NaN or Inf reaches exactly the gradients that
+// depend on it (tests/test_nonfinite.py).
 //
 // na_fused_bwd_dq<T, HD, TX, TY, KC>: one block per (b, h, query tile of TX x
 // TY queries). The union of the tile's windows is one box (window bounds never
@@ -143,6 +146,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     unsigned char* smem = na_dynamic_shared();
     constexpr int KS = KC + 1;  // ds row stride (floats)
     const long long RS = na_fb_row<T>(D);
+    const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
+    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
     T* qs = (T*)smem;
     T* gs = (T*)(smem + na_fb_align16(TQ * RS * (long long)sizeof(T)));
     T* ks = (T*)(smem + 2 * na_fb_align16(TQ * RS * (long long)sizeof(T)));
@@ -188,12 +193,15 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     for (long long c0 = 0; c0 < nkeys; c0 += KC) {
         const long long nc = na_min(KC, nkeys - c0);
         __syncthreads();  // the previous chunk is consumed
-        for (long long i = tid; i < nc * D; i += NA_FB_THREADS) {
-            const long long kk = (c0 + i / D), d = i % D;
-            const long long x = (bx0 + kk / nby) * dx + gx, y = (by0 + kk % nby) * dy + gy;
-            ks[(i / D) * RS + d] = k[NA_FB_AT5(k, b, x, y, h, d)];
-            vs[(i / D) * RS + d] = v[NA_FB_AT5(v, b, x, y, h, d)];
-        }
+        // chunk row r: box key c0 + r (x-major)
+        na_copy_rows(ks, RS, k, nc, D, k_l, k_vec, [&](long long r) {
+            const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
+            return na_row_ref{NA_FB_AT5(k, b, x, y, h, 0), r};
+        });
+        na_copy_rows(vs, RS, v, nc, D, v_l, v_vec, [&](long long r) {
+            const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
+            return na_row_ref{NA_FB_AT5(v, b, x, y, h, 0), r};
+        });
         __syncthreads();
         // pass 1: ds per (query, key) pair
         for (int p = tid; p < TQ * KC; p += NA_FB_THREADS) {
@@ -222,17 +230,23 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
             ds[qi * KS + kk] = s;
         }
         __syncthreads();
-        // pass 2: dq of my query, my dims
+        // pass 2: dq of my query, my dims. Keys outside my window add nothing
+        // (not 0 * k: a NaN or Inf key another query sees must not reach me)
         {
             const float* dsr = ds + my_q * KS;
+            const int qxi = my_q / TY, qyi = my_q % TY;
+            const long long x0 = win_x0[qxi], x1 = win_x1[qxi], y0 = win_y0[qyi], y1 = win_y1[qyi];
+            long long wx = bx0 + c0 / nby, wy = by0 + c0 % nby;  // key c0 + kk, walked x-major
             for (int kk = 0; kk < nc; ++kk) {
+                const bool in = wx >= x0 && wx < x1 && wy >= y0 && wy < y1;
                 const float w = dsr[kk];
                 const T* kr = ks + kk * RS;
 #pragma unroll
                 for (int c = 0; c < DPT; ++c) {
                     const int d = lane + c * LANES;
-                    if (d < D) acc[c] += w * (float)na_load(kr, d);
+                    if (in && d < D) acc[c] += w * (float)na_load(kr, d);
                 }
+                if (++wy == by1) { wy = by0; ++wx; }
             }
         }
         // bias partials: entry e gets the ds of every query whose key at offset e lies in the chunk
@@ -307,6 +321,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     unsigned char* smem = na_dynamic_shared();
     constexpr int PS = QC + 1;  // p / ds row stride (floats)
     const long long RS = na_fb_row<T>(D);
+    const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
+    const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
     const long long krow = na_fb_align16(TK * RS * (long long)sizeof(T));
     const long long qrow = na_fb_align16(QC * RS * (long long)sizeof(T));
     T* ks = (T*)smem;
@@ -345,12 +361,15 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     for (long long c0 = 0; c0 < nqueries; c0 += QC) {
         const long long nc = na_min(QC, nqueries - c0);
         __syncthreads();  // the previous chunk is consumed
-        for (long long i = tid; i < nc * D; i += NA_FB_THREADS) {
-            const long long qq = c0 + i / D, d = i % D;
-            const long long x = (bx0 + qq / nby) * dx + gx, y = (by0 + qq % nby) * dy + gy;
-            qs[(i / D) * RS + d] = q[NA_FB_AT5(q, b, x, y, h, d)];
-            gs[(i / D) * RS + d] = g[NA_FB_AT5(g, b, x, y, h, d)];
-        }
+        // chunk row r: box query c0 + r (x-major)
+        na_copy_rows(qs, RS, q, nc, D, q_l, q_vec, [&](long long r) {
+            const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
+            return na_row_ref{NA_FB_AT5(q, b, x, y, h, 0), r};
+        });
+        na_copy_rows(gs, RS, g, nc, D, g_l, g_vec, [&](long long r) {
+            const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
+            return na_row_ref{NA_FB_AT5(g, b, x, y, h, 0), r};
+        });
         for (long long i = tid; i < nc; i += NA_FB_THREADS) {
             const long long qq = c0 + i;
             const long long x = (bx0 + qq / nby) * dx + gx, y = (by0 + qq % nby) * dy + gy;
@@ -400,14 +419,19 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         {
             const float* pr = ps + my_k * PS;
             const float* sr = dss + my_k * PS;
+            // queries whose window does not hold my key add nothing (not 0 * q:
+            // a NaN or Inf query must not reach keys it does not see)
+            const long long jx = tx0 + my_k / TY, jy = ty0 + my_k % TY;
             for (int qq = 0; qq < nc; ++qq) {
+                const int* w = c_win + 4 * qq;
+                const bool in = jx >= w[0] && jx < w[1] && jy >= w[2] && jy < w[3];
                 const float pw = pr[qq], sw = sr[qq];
                 const T* qrow_ = qs + qq * RS;
                 const T* grow_ = gs + qq * RS;
 #pragma unroll
                 for (int c = 0; c < DPT; ++c) {
                     const int d = lane + c * LANES;
-                    if (d < D) {
+                    if (in && d < D) {
                         acc_v[c] += pw * (float)na_load(grow_, d);
                         acc_k[c] += sw * (float)na_load(qrow_, d);
                     }

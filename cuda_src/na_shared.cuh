@@ -9,3 +9,62 @@ __device__ __forceinline__ unsigned char* na_dynamic_shared() {
     return na_smem_;
 }
 #endif
+
+// Staging rows of global memory into shared memory, 16 bytes per load where
+// the layout allows it.
+//
+// A row is `len` elements (element stride `step` in global memory). When the
+// rows are contiguous (step 1), `len` is a multiple of 16 / sizeof(T) and every
+// row starts 16-byte aligned, each thread moves 16 bytes with one vector load
+// (ld.global.v4: 8x fewer load instructions than element loads for 16-bit
+// types) and stores them as four 32-bit words, so shared rows only need word
+// alignment and keep their bank-conflict padding. Otherwise element by
+// element. Either way consecutive threads take consecutive pieces of a row
+// (coalesced) and the shared contents are identical.
+struct __align__(16) na_bytes16 {
+    unsigned int w[4];
+};
+
+// global element offset of a staged row and its row index in shared memory
+struct na_row_ref {
+    long long src, dst;
+};
+
+// Rows start 16-byte aligned if the base pointer does and every stride that
+// moves between rows is a multiple of 16 bytes (pass 0 for unused strides).
+template <class T>
+__device__ __forceinline__ bool na_rows_vectorizable(const T* base, long long len, long long step, long long s0,
+                                                     long long s1, long long s2, long long s3) {
+    constexpr long long V = 16 / (long long)sizeof(T);
+    return step == 1 && len % V == 0 && (reinterpret_cast<unsigned long long>(base) & 15ull) == 0 && s0 % V == 0 &&
+           s1 % V == 0 && s2 % V == 0 && s3 % V == 0;
+}
+
+// copy `rows` rows of `len` elements: row r comes from src + ref(r).src (element
+// stride `step`) and goes to dst + ref(r).dst * pitch (`pitch` elements, a
+// whole number of 32-bit words when `vec`); `vec` must be block-uniform and
+// true only where na_rows_vectorizable holds
+template <class T, class Ref>
+__device__ __forceinline__ void na_copy_rows(T* dst, long long pitch, const T* src, long long rows, long long len,
+                                             long long step, bool vec, Ref ref) {
+    if (vec) {
+        constexpr long long V = 16 / (long long)sizeof(T);
+        const long long pieces = len / V;
+        for (long long e = threadIdx.x; e < rows * pieces; e += blockDim.x) {
+            const long long r = e / pieces, c = (e % pieces) * V;
+            const na_row_ref at = ref(r);
+            const na_bytes16 piece = *reinterpret_cast<const na_bytes16*>(src + at.src + c);
+            unsigned int* to = reinterpret_cast<unsigned int*>(dst + at.dst * pitch + c);
+            to[0] = piece.w[0];
+            to[1] = piece.w[1];
+            to[2] = piece.w[2];
+            to[3] = piece.w[3];
+        }
+        return;
+    }
+    for (long long e = threadIdx.x; e < rows * len; e += blockDim.x) {
+        const long long r = e / len, c = e % len;
+        const na_row_ref at = ref(r);
+        dst[at.dst * pitch + c] = src[at.src + c * step];
+    }
+}

@@ -5,7 +5,8 @@
 // (batch, head, query tile of TX x TY group coordinates inside ONE dilation
 // group per axis). The block copies the tile's queries (qk) or weights (av)
 // and the halo of keys (values) that the union of the tile's windows covers
-// into dynamic shared memory once, as raw elements, then computes every
+// into dynamic shared memory once, as raw elements (16-byte vector loads
+// where the layout allows: na_copy_rows in na_shared.cuh), then computes every
 // (query, slot) / (query, d) pair from there. Window start and end never
 // decrease with the query inside a group (DESIGN.md section 2), so the halo
 // per axis is [start(first query), end(last query)): at most T + k - 1 wide
@@ -50,15 +51,21 @@ __device__ __forceinline__ bool na_tile_of_block(const na_axis& ax, const na_axi
     return na_tile_axis_of(ax, ix, TX, tx) && na_tile_axis_of(ay, iy, TY, ty);
 }
 
-// copy `rows` rows of D elements (row r at global offset base(r)) into shared
-// rows of pitch P; consecutive threads take consecutive d (coalesced)
-template <class T, int P, class Base>
-__device__ __forceinline__ void na_tile_copy(T* dst, long long rows, long long D, long long step, const T* src,
-                                             Base base) {
-    for (long long e = threadIdx.x; e < rows * D; e += blockDim.x) {
-        const long long r = e / D, d = e % D;
-        dst[r * P + d] = src[base(r) + d * step];
-    }
+// stage the key (value) halo [h0, h1) per axis of one (b, h): box row
+// (wx, wy) goes to shared row wx * hyw + wy (pitch P elements)
+template <class T>
+__device__ __forceinline__ void na_stage_halo(T* dst, long long P, const T* src, long long s_b, long long s_x,
+                                              long long s_y, long long s_h, long long s_l, long long b, long long h,
+                                              long long D, long long dx, long long dy, const na_tile_axis& tx,
+                                              const na_tile_axis& ty, long long hyw) {
+    const long long hy = ty.h1 - ty.h0;
+    const long long base = b * s_b + h * s_h;
+    na_copy_rows(dst, P, src, (tx.h1 - tx.h0) * hy, D, s_l, na_rows_vectorizable(src + base, D, s_l, s_x, s_y, 0, 0),
+                 [&](long long r) {
+                     const long long wx = r / hy, wy = r % hy;
+                     return na_row_ref{base + ((tx.h0 + wx) * dx + tx.g) * s_x + ((ty.h0 + wy) * dy + ty.g) * s_y,
+                                       wx * hyw + wy};
+                 });
 }
 
 // logits: attn[b,i,h,t] = scale * q[b,i,h] . k[b,key(i,t),h] + rpb[h, rel(i,t)],
@@ -80,18 +87,15 @@ __global__ void __launch_bounds__(256) na_tiled_qk(
     T* sk = sq + TX * TY * P;
 
     // queries: row qx * TY + qy; keys: row (j'x - h0x) * hyw + (j'y - h0y)
-    na_tile_copy<T, P>(sq, tx.n * TY, D, q_l, q, [&](long long r) {
-        const long long qx = r / TY, qy = r % TY;
-        const long long y = qy < ty.n ? (ty.q0 + qy) * dy + ty.g : ty.g;  // rows past the end: never read
-        return NA_AT5(q, b, (tx.q0 + qx) * dx + tx.g, y, h, 0);
-    });
+    na_copy_rows(sq, P, q, tx.n * TY, D, q_l, na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h),
+                 [&](long long r) {
+                     const long long qx = r / TY, qy = r % TY;
+                     const long long y = qy < ty.n ? (ty.q0 + qy) * dy + ty.g : ty.g;  // rows past the end: never read
+                     return na_row_ref{NA_AT5(q, b, (tx.q0 + qx) * dx + tx.g, y, h, 0), r};
+                 });
     const long long hx = tx.h1 - tx.h0, hy = ty.h1 - ty.h0;
     if (hx > TX + kx - 1 || hy > hyw) __trap();  // a stride > 1 launch: shared memory was sized for stride 1
-    for (long long e = threadIdx.x; e < hx * hy * D; e += blockDim.x) {
-        const long long r = e / D, d = e % D, wx = r / hy, wy = r % hy;
-        sk[(wx * hyw + wy) * P + d] =
-            k[NA_AT5(k, b, (tx.h0 + wx) * dx + tx.g, (ty.h0 + wy) * dy + ty.g, h, d)];
-    }
+    na_stage_halo(sk, P, k, k_b, k_x, k_y, k_h, k_l, b, h, D, dx, dy, tx, ty, hyw);
     __syncthreads();
 
     const long long slots = kx * ky;
@@ -139,18 +143,16 @@ __global__ void __launch_bounds__(256) na_tiled_av(
     const long long weight_bytes = ((long long)(TX * TY) * slots * (long long)sizeof(TA) + 15) / 16 * 16;
     T* sv = reinterpret_cast<T*>(na_dynamic_shared() + weight_bytes);
 
-    na_tile_copy<TA, 1>(sa, tx.n * TY * slots, 1, 1, attn, [&](long long e) {  // element e: (qx, qy, t)
-        const long long t = e % slots, qi = e / slots, qx = qi / TY, qy = qi % TY;
-        const long long y = qy < ty.n ? (ty.q0 + qy) * dy + ty.g : ty.g;
-        return NA_AT5(a, b, (tx.q0 + qx) * dx + tx.g, y, h, t);
-    });
+    // weights: row qx * TY + qy of `slots` elements
+    na_copy_rows(sa, slots, attn, tx.n * TY, slots, a_l, na_rows_vectorizable(attn, slots, a_l, a_b, a_x, a_y, a_h),
+                 [&](long long r) {
+                     const long long qx = r / TY, qy = r % TY;
+                     const long long y = qy < ty.n ? (ty.q0 + qy) * dy + ty.g : ty.g;
+                     return na_row_ref{NA_AT5(a, b, (tx.q0 + qx) * dx + tx.g, y, h, 0), r};
+                 });
     const long long hx = tx.h1 - tx.h0, hy = ty.h1 - ty.h0;
     if (hx > TX + kx - 1 || hy > hyw) __trap();  // a stride > 1 launch: shared memory was sized for stride 1
-    for (long long e = threadIdx.x; e < hx * hy * D; e += blockDim.x) {
-        const long long r = e / D, d = e % D, wx = r / hy, wy = r % hy;
-        sv[(wx * hyw + wy) * P + d] =
-            v[NA_AT5(v, b, (tx.h0 + wx) * dx + tx.g, (ty.h0 + wy) * dy + ty.g, h, d)];
-    }
+    na_stage_halo(sv, P, v, v_b, v_x, v_y, v_h, v_l, b, h, D, dx, dy, tx, ty, hyw);
     __syncthreads();
 
     for (long long p = threadIdx.x; p < TX * TY * D; p += blockDim.x) {

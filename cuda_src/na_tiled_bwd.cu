@@ -48,8 +48,10 @@ __device__ __forceinline__ long long na_tinv_box_y(long long TY, long long Y, lo
     return na_min(TY + 2 * ky - 2, (Y + dy - 1) / dy);
 }
 
+// (at least 2 blocks per SM: a 128-register cap; without it ptxas picked 80
+// registers and spilled for HD 128, TX 16)
 template <class TA, class T, int HD, int TX, int TY>
-__global__ void __launch_bounds__(NA_TINV_THREADS)
+__global__ void __launch_bounds__(NA_TINV_THREADS, 2)
     na_tiled_inv(const TA* __restrict__ w, NA_TSTRIDES5(w), const T* __restrict__ src, NA_TSTRIDES5(s),
                  T* __restrict__ out, NA_TSTRIDES5(o), double scale, NA_TPROBLEM) {
     typedef typename na_acc<T>::type A;
@@ -108,6 +110,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS)
         start_y[i] = (int)s0;
     }
 
+    const bool vectorizable = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
     const int lane = tid % LANES, group = tid / LANES;
     A acc[KPG][DPL];
 #pragma unroll
@@ -123,12 +126,10 @@ __global__ void __launch_bounds__(NA_TINV_THREADS)
             na_window(ax, (c0 + tid) * dx + gx, s0, s1);
             start_x[tid] = s0;
         }
-        const long long elems = nrows * nby * D;
-        for (long long e = tid; e < elems; e += NA_TINV_THREADS) {
-            const long long d = e % D, r = e / D;
+        na_copy_rows(rows, D, src, nrows * nby, D, s_l, vectorizable, [&](long long r) {
             const long long x = (c0 + r / nby) * dx + gx, y = (by0 + r % nby) * dy + gy;
-            rows[e] = src[NA_TAT5(s, b, x, y, h, d)];
-        }
+            return na_row_ref{NA_TAT5(s, b, x, y, h, 0), r};
+        });
         __syncthreads();
 #pragma unroll
         for (int m = 0; m < KPG; ++m) {

@@ -236,3 +236,16 @@ def sweep_bias(cfg: SweepConfig):
     shape = (cfg.heads, *(2 * k - 1 for k in cfg.kernel_size))
     (bias,), (bias64,) = make_inputs(np.random.default_rng(99), shape, torch.float32)
     return bias, bias64
+
+
+def misaligned_copy(x):
+    """``x``'s values in storage shifted by one element, so rows no longer start 16-byte aligned.
+
+    Kernels stage 16-byte-aligned contiguous rows with vector loads and
+    anything else element by element; comparing a result on ``x`` with the
+    result on this copy compares the two staging paths.
+    """
+    import torch
+
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype)[1:]
+    return flat.view(x.shape).copy_(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import RecordingExecutor, assert_close
+from helpers import RecordingExecutor, assert_close, misaligned_copy
 
 import na_rtc
 from na_rtc import _args
@@ -63,3 +63,24 @@ def test_fused_memory_does_not_grow_with_the_kernel_size():
     small, large = _fused_allocations(3), _fused_allocations(13)
     assert small == large  # the same buffers (q, k, v, out, lse, grads, delta): nothing is [tokens, kernel_size]
     assert large[0] == 1 * 20 * 18 * 2 * 32 * 2  # the largest is an input-sized tensor
+
+
+@pytest.mark.parametrize("ndim, dtype, head_dim, stride", [(2, "float16", 32, 2), (1, "bfloat16", 64, 1),
+                                                           (2, "float32", 24, 1)])
+def test_vector_and_element_staging_agree_bit_for_bit(ndim, dtype, head_dim, stride):
+    """Forward and backward on 16-byte-aligned rows (vector staging) and on misaligned ones: same bits."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+    shape = (2, *(11,) * ndim, 2, head_dim)
+    tensors = [torch.randn(shape).to(getattr(torch, dtype)) for _ in range(4)]  # q, k, v, dOut
+    fwd, bwd = getattr(na_rtc, f"na{ndim}d"), getattr(na_rtc, f"na{ndim}d_backward")
+
+    def run(q, k, v, g):
+        out, lse = fwd(q, k, v, 5, stride=stride, return_lse=True, backend="emulator")
+        return (out, lse, *bwd(g, q, k, v, 5, stride=stride, output=out, logsumexp=lse, backend="emulator")[:3])
+
+    assert all(t.data_ptr() % 16 == 0 for t in tensors)
+    shifted = [misaligned_copy(t) for t in tensors]
+    assert all(t.data_ptr() % 16 != 0 for t in shifted)
+    for a, b in zip(run(*tensors), run(*shifted)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, RecordingExecutor, SweepConfig, sweep_bias, sweep_inputs
+from helpers import assert_close, misaligned_copy, RecordingExecutor, SweepConfig, sweep_bias, sweep_inputs
 
 import na_rtc
 from na_rtc import _args
@@ -254,4 +254,26 @@ def test_tiled_is_deterministic():
     first = [got for _, got, _, _ in _qk_both(cfg)] + [got for _, got, _, _ in _av_both(cfg)]
     second = [got for _, got, _, _ in _qk_both(cfg)] + [got for _, got, _, _ in _av_both(cfg)]
     for a, b in zip(first, second):
+        assert torch.equal(_bits(a), _bits(b))
+
+
+# ---------------------------------------------------------------- (e) 16-byte staging
+
+
+@pytest.mark.parametrize("ndim, dtype, head_dim", [(1, "float16", 32), (2, "bfloat16", 64), (2, "float32", 24)])
+def test_vector_and_element_staging_agree_bit_for_bit(ndim, dtype, head_dim):
+    """Aligned rows are staged with 16-byte loads, misaligned ones element by element: same bits."""
+    torch.manual_seed(7)
+    shape = (2, *(13,) * ndim, 3, head_dim)
+    q, k, v = (torch.randn(shape).to(getattr(torch, dtype)) for _ in range(3))
+    qk, av = (getattr(na_rtc, f"na{ndim}d_{op}") for op in ("qk", "av"))
+    problem = _args.qk_problem(ndim, q, k, 5, 1, False, None)
+    assert tiled.TiledKernels(emulated.run).choice(problem, "qk").startswith("na_tiled_qk")
+    assert all(t.data_ptr() % 16 == 0 for t in (q, k, v))
+    attn = torch.softmax(qk(q, k, 5, backend="emulator").float(), -1).to(q.dtype)
+    aligned = (qk(q, k, 5, backend="emulator"), av(attn, v, 5, backend="emulator"))
+    q2, k2, v2, attn2 = map(misaligned_copy, (q, k, v, attn))
+    assert all(t.data_ptr() % 16 != 0 for t in (q2, k2, v2, attn2))
+    element = (qk(q2, k2, 5, backend="emulator"), av(attn2, v2, 5, backend="emulator"))
+    for a, b in zip(aligned, element):
         assert torch.equal(_bits(a), _bits(b))
