@@ -80,6 +80,10 @@ CONFIGS += [
     Config((12, 12), (4, 4), (1, 1), (False, False), 2, 2, 32, False, True, "float32", (4, 4)),
     Config((13, 11), (13, 11), (1, 1), (False, False), 1, 2, 100, True, False, "float32", (1, 1)),
     Config((30, 20), (9, 5), (3, 2), (False, False), 1, 1, 128, True, True, "bfloat16", (5, 3)),
+    # the 256 bucket (a warp per query): full and odd head dims, 1D and 2D
+    Config((40,), (9,), (2,), (True,), 1, 2, 256, False, False, "float16", (2,)),
+    Config((14, 12), (5, 3), (2, 1), (False, True), 2, 1, 200, False, True, "float32", (2, 1)),
+    Config((11, 13), (5, 5), (1, 1), (False, False), 1, 2, 256, True, False, "bfloat16", (1, 1)),
 ]
 
 
@@ -241,8 +245,10 @@ def _empty_problem(ndim, dtype, head_dim, kernel=3, length=20, stride=1):
     (2, "float32", 40, "na_fused_fwd<float, 64, 8, 4>"),
     (2, "bfloat16", 32, "na_fused_fwd<bf16_t, 32, 8, 8>"),
     (2, "float16", 128, "na_fused_fwd<fp16_t, 128, 4, 4>"),
+    (1, "float32", 129, "na_fused_fwd<float, 256, 8, 1>"),
+    (2, "bfloat16", 256, "na_fused_fwd<bf16_t, 256, 4, 2>"),
     (1, "float64", 32, None),
-    (2, "float32", 129, None),
+    (2, "float32", 257, None),
 ])
 def test_covers_and_kernel_name(ndim, dtype, head_dim, expected):
     kernels = fused.FusedKernels(emulated.run)

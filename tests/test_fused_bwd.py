@@ -97,6 +97,10 @@ CASES = [_random_case(s) for s in range(24)] + [
     Case((21, 26), (5, 7), (2, 3), (4, 3), (False, False), 24, "bfloat16", heads_first=True, rpb=True),
     Case((9, 10), (3, 3), (1, 1), (3, 3), (False, False), 128, "float16", rpb=True),
     Case((17, 7), (7, 2), (7, 1), (2, 1), (False, True), 33, "float32", batch=2),
+    # the 256 bucket (a warp per query / key): full and odd head dims, bias, strides, causal
+    Case((30,), (7,), (2,), (2,), (False,), 256, "float16", rpb=True),
+    Case((9, 8), (3, 5), (1, 2), (1, 1), (False, True), 200, "float32", heads_first=True),
+    Case((10, 9), (5, 3), (1, 1), (1, 2), (False, False), 256, "bfloat16", rpb=True, batch=2),
 ]
 
 
@@ -171,8 +175,8 @@ def test_covers():
     kernels = FusedBackwardKernels(emulated.run)
     q = torch.zeros(1, 20, 2, 32, dtype=torch.float64)
     assert not kernels.covers(_args.fused_problem(1, q, q, q, 5, 1, 1, False, None, None))  # float64
-    q = torch.zeros(1, 20, 2, 160)
-    assert not kernels.covers(_args.fused_problem(1, q, q, q, 5, 1, 1, False, None, None))  # head dim > 128
+    q = torch.zeros(1, 20, 2, 260)
+    assert not kernels.covers(_args.fused_problem(1, q, q, q, 5, 1, 1, False, None, None))  # head dim > 256
     assert kernels.kernel_names(_args.fused_problem(1, q, q, q, 5, 1, 1, False, None, None)) == ()
     q = torch.zeros(1, 20, 2, 128, dtype=torch.bfloat16)
     assert kernels.covers(_args.fused_problem(1, q, q, q, 5, 3, 2, True, None, None))

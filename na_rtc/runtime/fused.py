@@ -6,9 +6,9 @@ group per axis); the key/value box the tile's windows cover is streamed
 through shared memory in chunks, softmax is online in fp32, and the kernel
 writes the output (problem dtype) and the logsumexp (float32).
 
-Covered: float32 / float16 / bfloat16, head dim <= 128, every kernel size,
+Covered: float32 / float16 / bfloat16, head dim <= 256, every kernel size,
 stride, dilation and causal combination, with or without RPB. Shared memory
-is fixed per instantiation (``2 * chunk_keys * HD`` elements, at most 16
+is fixed per instantiation (``2 * chunk_keys * HD`` elements, at most 32
 KiB: no opt-in). The query tile comes from :data:`TILES`, keyed by (ndim,
 head-dim bucket, dtype); a group of ``THREADS / (TX * TY)`` lanes owns one
 query and holds ``HD / lanes`` output dims in registers.
@@ -28,16 +28,17 @@ SOURCE = "na_fused.cu"
 THREADS = 256  # NA_FUSED_THREADS in na_fused.cu
 SHARED_BUDGET = 48 * 1024
 DTYPES = ("float32", "float16", "bfloat16")
-HEAD_DIMS = (32, 64, 128)  # head-dim buckets: runtime head_dim <= bucket
+HEAD_DIMS = (32, 64, 128, 256)  # head-dim buckets: runtime head_dim <= bucket
 
 #: (ndim, head-dim bucket, dtype) -> query tile (TX, TY) in group coordinates (1D: TY = 1).
-#: TX * TY queries per 256-thread block, 256 / (TX * TY) lanes per query, 8 dims per lane.
+#: TX * TY queries per 256-thread block, 256 / (TX * TY) lanes per query, 8 dims per lane
+#: (head dim 256: a whole warp per query, 8 queries per block).
 TILES: dict[tuple[int, int, str], tuple[int, int]] = {
     (ndim, hd, dtype): tile
     for dtype in DTYPES
     for (ndim, hd), tile in {
-        (1, 32): (64, 1), (1, 64): (32, 1), (1, 128): (16, 1),
-        (2, 32): (8, 8), (2, 64): (8, 4), (2, 128): (4, 4),
+        (1, 32): (64, 1), (1, 64): (32, 1), (1, 128): (16, 1), (1, 256): (8, 1),
+        (2, 32): (8, 8), (2, 64): (8, 4), (2, 128): (4, 4), (2, 256): (4, 2),
     }.items()
 }
 

@@ -16,7 +16,7 @@ attention matrix (DESIGN.md section 7):
 
 Every sum has a fixed order and there are no atomics: run-to-run bitwise
 deterministic. :meth:`FusedBackwardKernels.covers` says whether a problem is
-handled (fp32/fp16/bf16, head dim <= 128, every stride / dilation / causal
+handled (fp32/fp16/bf16, head dim <= 256, every stride / dilation / causal
 combination, shared memory within :data:`SHARED_BUDGET`, grid within CUDA's
 limit); callers fall back otherwise.
 """
@@ -39,7 +39,7 @@ SOURCE = "na_fused_bwd.cu"
 THREADS = 256  # NA_FB_THREADS in na_fused_bwd.cu
 SHARED_BUDGET = 46 * 1024  # dynamic shared memory; static + dynamic stays under 48 KiB (no opt-in)
 DTYPES = ("float32", "float16", "bfloat16")
-HEAD_DIM_BUCKETS = (32, 64, 128)
+HEAD_DIM_BUCKETS = (32, 64, 128, 256)
 
 #: (ndim, head-dim bucket, dtype) -> {"dq": (TX, TY, KC), "dkdv": (TX, TY, QC)}.
 #: dq: TX x TY queries per block (256 / (TX TY) threads per query hold HD / that
@@ -49,7 +49,8 @@ HEAD_DIM_BUCKETS = (32, 64, 128)
 #: dq   2 TQ RS s + 2 KC RS s + 4 TQ (KC + 1) (+ 4 bias entries)
 #: dkdv 2 TK RS s + 2 QC RS s + 8 TK (QC + 1) + 24 QC
 #: (RS = :func:`row_stride`: D padded to an odd number of 4-byte words)
-_QTILE = {64: {1: (64, 1), 2: (8, 8)}, 32: {1: (32, 1), 2: (8, 4)}, 16: {1: (16, 1), 2: (4, 4)}}
+_QTILE = {64: {1: (64, 1), 2: (8, 8)}, 32: {1: (32, 1), 2: (8, 4)}, 16: {1: (16, 1), 2: (4, 4)},
+          8: {1: (8, 1), 2: (4, 2)}}
 _CONFIG = {  # (hd, itemsize) -> ((query tile size, KC), (key tile size, QC)); bytes at D = HD, no bias
     (32, 4): ((64, 32), (16, 64)),   # dq 33.0 KiB, dkdv 30.2 KiB
     (64, 4): ((32, 32), (32, 32)),   # dq 36.6 KiB, dkdv 41.5 KiB
@@ -57,6 +58,8 @@ _CONFIG = {  # (hd, itemsize) -> ((query tile size, KC), (key tile size, QC)); b
     (32, 2): ((64, 64), (64, 32)),   # dq 33.3 KiB, dkdv 30.0 KiB
     (64, 2): ((64, 32), (32, 64)),   # dq 33.0 KiB, dkdv 42.5 KiB
     (128, 2): ((32, 32), (16, 32)),  # dq 36.6 KiB, dkdv 29.3 KiB
+    (256, 4): ((8, 8), (8, 8)),      # dq 32.4 KiB, dkdv 32.8 KiB (a warp per query / key)
+    (256, 2): ((8, 16), (8, 16)),    # dq 24.7 KiB, dkdv 25.6 KiB
 }
 TABLE: dict[tuple[int, int, str], dict[str, tuple[int, int, int]]] = {}
 for _dtype in DTYPES:
