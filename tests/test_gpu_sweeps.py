@@ -1,0 +1,121 @@
+"""GPU versions of the kernel sweeps: the configurations of test_fused,
+test_fused_bwd, test_tiled and test_tiled_bwd, run through the public API on
+the ``cuda`` backend (so the dispatcher picks the same fused / tiled kernels
+as in the emulator sweeps) against the float64 reference, with the DESIGN.md
+section 8 tolerances; plus run-to-run determinism on the GPU.
+
+Skipped without a usable GPU; ``make gpu-check`` runs them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import test_fused
+import test_fused_bwd
+import test_tiled
+import test_tiled_bwd
+from helpers import assert_close, sweep_bias, sweep_inputs
+
+import na_rtc
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not na_rtc.backends.get("cuda").probe()[0], reason="no usable GPU")]
+
+
+def _cuda(x):
+    """A CUDA copy with the same strides (heads-first views stay heads-first views)."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        x = torch.from_numpy(np.asarray(x))
+    return x.to("cuda")  # preserve_format keeps the strides of a dense view
+
+
+def _cpu(x):
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
+def _ops(ndim):
+    return {name: getattr(na_rtc, f"na{ndim}d{suffix}") for name, suffix in
+            (("fused", ""), ("bwd", "_backward"), ("qk", "_qk"), ("av", "_av"), ("qk_bwd", "_qk_backward"),
+             ("av_bwd", "_av_backward"))}
+
+
+@pytest.mark.parametrize("cfg", test_fused.CONFIGS, ids=str)
+def test_fused_forward_on_gpu(cfg):
+    (q, k, v), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    bias, bias64 = sweep_bias(cfg)
+    out, lse = _ops(cfg.ndim)["fused"](*map(_cuda, (q, k, v)), cfg.kernel_size, stride=cfg.stride,
+                                       dilation=cfg.dilation, is_causal=cfg.causal, scale=cfg.scale,
+                                       rpb=_cuda(bias), return_lse=True)
+    want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
+    assert out.is_cuda and out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(_cpu(out), want_out, cfg.dtype, "forward", "out")
+    assert_close(_cpu(lse), want_lse, cfg.dtype, "forward", "lse")
+
+
+@pytest.mark.parametrize("case", test_fused_bwd.CASES, ids=str)
+def test_fused_backward_on_gpu(case):
+    (q, k, v, g, rpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._inputs(case)
+    window = test_fused_bwd._window(case)
+    got = _ops(case.ndim)["bwd"](*map(_cuda, (g, q, k, v)), **window, rpb=_cuda(rpb))
+    want = _ops(case.ndim)["bwd"](g64, q64, k64, v64, **window, rpb=rpb64, backend="reference")
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), got, want):
+        if b is None:
+            assert a is None, name
+        else:
+            assert a.is_cuda, name
+            assert_close(_cpu(a), b, case.dtype, "grad", name)
+
+
+@pytest.mark.parametrize("cfg", test_tiled.CONFIGS, ids=str)
+def test_split_forward_on_gpu(cfg):
+    ops = _ops(cfg.ndim)
+    (q, k, v), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    bias, bias64 = sweep_bias(cfg)
+    window = dict(dilation=cfg.dilation, is_causal=cfg.causal)
+    attn = ops["qk"](*map(_cuda, (q, k)), cfg.kernel_size, rpb=_cuda(bias), **window)
+    want = ops["qk"](q64, k64, cfg.kernel_size, rpb=bias64, **window, backend="reference")
+    assert_close(_cpu(attn), want, cfg.dtype, "forward", "attn")  # -inf in causal slots on both sides
+    slots = math.prod(cfg.kernel_size)
+    (w,), (w64,) = sweep_inputs(cfg, 1, (*cfg.shape[:-1], slots), seed=1)
+    out = ops["av"](_cuda(w), _cuda(v), cfg.kernel_size, **window)
+    assert_close(_cpu(out), ops["av"](w64, v64, cfg.kernel_size, **window, backend="reference"), cfg.dtype,
+                 "forward", "av")
+
+
+@pytest.mark.parametrize("case", test_tiled_bwd.CASES, ids=str)
+def test_split_backward_on_gpu(case):
+    ops = _ops(case.ndim)
+    shape = (case.batch, *case.spatial, case.heads, case.head_dim)
+    slots = math.prod(case.kernel_size)
+    (q, k, v, g), (q64, k64, v64, g64) = test_tiled_bwd._arrays(case, shape, 4, seed=0)
+    (w, gw), (w64, gw64) = test_tiled_bwd._arrays(case, (*shape[:-1], slots), 2, seed=1)
+    rpb = rpb64 = None
+    if case.rpb:
+        rpb64 = np.random.default_rng(2).standard_normal((case.heads, *(2 * n - 1 for n in case.kernel_size)))
+        rpb = rpb64.astype(np.float32)
+    window = dict(dilation=case.dilation, is_causal=case.causal)
+    got = ops["qk_bwd"](*map(_cuda, (gw, q, k)), case.kernel_size, rpb=_cuda(rpb), **window)
+    want = ops["qk_bwd"](gw64, q64, k64, case.kernel_size, rpb=rpb64, **window, backend="reference")
+    got += ops["av_bwd"](*map(_cuda, (g, w, v)), case.kernel_size, **window)
+    want += ops["av_bwd"](g64, w64, v64, case.kernel_size, **window, backend="reference")
+    for name, a, b in zip(("dq", "dk", "drpb", "dattn", "dv"), got, want):
+        if b is None:
+            assert a is None, name
+        else:
+            assert_close(_cpu(a), b, case.dtype, "grad", name)
+
+
+def test_gpu_runs_are_bitwise_deterministic():
+    case = next(c for c in test_fused_bwd.CASES if c.rpb and c.ndim == 2)
+    (q, k, v, g, rpb), _ = test_fused_bwd._inputs(case)
+    args = [_cuda(x) for x in (g, q, k, v)]
+    runs = [_ops(case.ndim)["bwd"](*args, **test_fused_bwd._window(case), rpb=_cuda(rpb)) for _ in range(3)]
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
