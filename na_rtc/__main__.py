@@ -134,6 +134,21 @@ def _kernel_arguments(arch_help: str) -> tuple[Arg, ...]:
     )
 
 
+# ---------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from na_rtc.bench import cli
+
+    return cli.run(args)
+
+
+def _bench_arguments() -> tuple[Arg, ...]:
+    from na_rtc.bench.cli import ARGUMENTS  # flags only: no torch import
+
+    return tuple(arg(*flags, **options) for flags, options in ARGUMENTS)
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -154,6 +169,11 @@ COMMANDS: dict[str, Command] = {
         "compile every kernel instantiation and check registers, spills and shared memory against its launch",
         _kernel_arguments("architectures, e.g. sm_80,sm_90, or all (default: sm_80,sm_90)")
         + (arg("--json", metavar="PATH", help="also write the report as JSON"),),
+    ),
+    "bench": Command(
+        cmd_bench,
+        "time na_rtc's fused, split and straightforward kernels next to naive torch NA, FlexAttention and SDPA",
+        _bench_arguments(),
     ),
 }
 

@@ -1,0 +1,258 @@
+"""What the harness compares: the entry interface, and na_rtc's own entries.
+
+An :class:`Entry` turns one problem's shared inputs into a :class:`Prepared`:
+a forward callable and a forward+backward callable, plus notes (which kernels
+run, how long a mask took to build). Everything outside those callables
+(layout copies, index tables, masks) happens in ``prepare``, untimed.
+
+An entry that cannot run raises :class:`Unavailable` with the reason (no
+stride in the split ops, no FlexAttention in this torch, no GPU), and the
+runner reports it. The other libraries' entries live in :mod:`.peers`.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .presets import Spec
+
+
+class Unavailable(Exception):
+    """This entry cannot run this problem here; the message says why."""
+
+
+@dataclass
+class Inputs:
+    """The one set of inputs every entry of a problem uses, heads-last torch tensors."""
+
+    query: Any
+    key: Any
+    value: Any
+    grad_out: Any
+    device: str
+    #: ``cuda`` or ``emulator``: where na_rtc's kernels run for this device
+    kernel_backend: str
+    #: why the kernel backend cannot run here (None when it can)
+    kernel_backend_missing: str | None = None
+
+    @property
+    def qkv(self):
+        return self.query, self.key, self.value
+
+
+@dataclass
+class Prepared:
+    forward: Callable[[], Any]
+    #: None when the entry has no backward; ``no_backward`` then says why
+    forward_backward: Callable[[], Any] | None
+    no_backward: str | None = None
+    notes: dict = field(default_factory=dict)
+    #: the forward's output as ``[batch, *spatial, heads, head_dim]`` in natural token order
+    natural_output: Callable[[Any], Any] = lambda out: out
+    #: whether the output should equal NA's (full attention does not)
+    comparable: bool = True
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    label: str
+    prepare: Callable[[Spec, Inputs], Prepared]
+    #: na_rtc kernel families the entry launches (for the compile-time table)
+    families: tuple[str, ...] = ()
+    #: runs na_rtc kernels on ``cuda``/``emulator`` (sized for the emulator on a CPU)
+    uses_kernels: bool = False
+    #: chosen when --entries is not given, on a GPU / on a CPU machine
+    default_gpu: bool = True
+    default_cpu: bool = True
+    #: why the entry is not run on a CPU machine by default (shown as its reason)
+    cpu_note: str | None = None
+
+
+def make_inputs(spec: Spec, device: str, kernel_backend: str, kernel_backend_missing: str | None = None) -> Inputs:
+    """q, k, v and the output gradient, N(0, 1) in the problem's dtype, seeded by the problem."""
+    import torch
+
+    # seeded by the problem (crc32: Python's hash() is salted per process), so every run draws the same inputs
+    generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(spec.key.encode()))
+    dtype = getattr(torch, spec.dtype)
+    draw = [torch.randn(spec.qkv_shape, generator=generator).to(device=device, dtype=dtype) for _ in range(4)]
+    q, k, v, g = draw
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    return Inputs(q, k, v, g, device, kernel_backend, kernel_backend_missing)
+
+
+def window_kwargs(spec: Spec) -> dict:
+    return {"stride": spec.stride, "dilation": spec.dilation, "is_causal": spec.causal}
+
+
+def grads(out, inputs: Inputs, leaves=None):
+    """Gradients of ``out`` (with the shared output gradient) for the leaves, not accumulated into ``.grad``."""
+    import torch
+
+    leaves = leaves if leaves is not None else inputs.qkv
+    grad = inputs.grad_out if out.shape == inputs.grad_out.shape else inputs.grad_out.reshape(out.shape)
+    return torch.autograd.grad(out, leaves, grad)
+
+
+def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run():
+        import torch
+
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+def _require_kernels(inputs: Inputs) -> None:
+    if inputs.kernel_backend_missing:
+        raise Unavailable(f"the {inputs.kernel_backend} backend is not available: {inputs.kernel_backend_missing}")
+
+
+def _problem(spec: Spec, inputs: Inputs):
+    from .. import _args
+
+    q, k, v = inputs.qkv
+    return _args.fused_problem(spec.ndim, q, k, v, spec.kernel, spec.stride, spec.dilation, spec.causal, None, None)
+
+
+def _executor(inputs: Inputs):
+    from ..backends import executor
+
+    return executor(inputs.kernel_backend)
+
+
+# ---------------------------------------------------------------- na_rtc fused
+
+
+def _fused_kernels_used(spec: Spec, inputs: Inputs) -> dict:
+    """Which kernels the fused op will launch: fused ones, or the split ones composed (the fallback rule)."""
+    from ..runtime.fused import FusedKernels
+    from ..runtime.fused_bwd import FusedBackwardKernels
+
+    problem = _problem(spec, inputs)
+    forward, backward = FusedKernels(None), FusedBackwardKernels(None)
+    return {
+        "forward_kernels": forward.kernel_name(problem) if forward.covers(problem) else "split kernels composed",
+        "backward_kernels": ", ".join(backward.kernel_names(problem)) if backward.covers(problem)
+        else "split kernels composed",
+    }
+
+
+def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None) -> Prepared:
+    import na_rtc
+
+    backend = backend or inputs.kernel_backend
+    if backend != "reference":
+        _require_kernels(inputs)
+    fn = na_rtc.na1d if spec.ndim == 1 else na_rtc.na2d
+    kwargs = window_kwargs(spec)
+
+    def forward():
+        return fn(*inputs.qkv, spec.kernel, backend=backend, **kwargs)
+
+    def forward_backward():
+        return grads(forward(), inputs)
+
+    notes = {"backend": backend}
+    if backend != "reference":
+        notes.update(_fused_kernels_used(spec, inputs))
+    return Prepared(no_grad(forward), forward_backward, notes=notes)
+
+
+# ---------------------------------------------------------------- na_rtc split: qk, softmax, av
+
+
+def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
+    import na_rtc
+
+    from ..runtime.tiled import TiledKernels
+
+    _require_kernels(inputs)
+    if any(s != 1 for s in spec.stride):
+        raise Unavailable("the split ops take no stride (DESIGN.md section 3); only the fused ops do")
+    qk, av = (na_rtc.na1d_qk, na_rtc.na1d_av) if spec.ndim == 1 else (na_rtc.na2d_qk, na_rtc.na2d_av)
+    backend, scale = inputs.kernel_backend, spec.head_dim**-0.5
+    window = {"dilation": spec.dilation, "is_causal": spec.causal}
+
+    def forward():
+        # qk does not scale (DESIGN.md section 2): callers pre-scale the query, as NATTEN's modules do
+        attn = qk(inputs.query * scale, inputs.key, spec.kernel, backend=backend, **window).softmax(-1)
+        return av(attn, inputs.value, spec.kernel, backend=backend, **window)
+
+    def forward_backward():
+        return grads(forward(), inputs)
+
+    problem = _problem(spec, inputs)
+    chooser = TiledKernels(None)  # the forward chooser: Kernels.choice answers for the backward ops only
+    notes = {"backend": backend, "forward_kernels": f"{chooser.choice(problem, 'qk')}, torch softmax, "
+                                                    f"{chooser.choice(problem, 'av')}"}
+    return Prepared(no_grad(forward), forward_backward, notes=notes)
+
+
+# ---------------------------------------------------------------- na_rtc straightforward kernels
+
+
+def _prepare_naive_kernels(spec: Spec, inputs: Inputs) -> Prepared:
+    """The straightforward kernels (one thread per output element) composed into attention.
+
+    The same composition as the kernel backend's fallback (runtime/ops.py),
+    forced onto :class:`~na_rtc.runtime.naive.NaiveKernels` so the tiled and
+    fused kernels can be compared with what they replace.
+    """
+    from ..runtime.families import accumulator_dtype
+    from ..runtime.naive import NaiveKernels
+
+    _require_kernels(inputs)
+    kernels = NaiveKernels(_executor(inputs))
+    problem = _problem(spec, inputs)
+    acc = accumulator_dtype(problem.dtype)
+    q, k, v = (x.detach() for x in inputs.qkv)
+    grad_out = inputs.grad_out
+
+    def probabilities():
+        logits = kernels.qk(problem, q, k, None, acc, problem.scale, -math.inf)
+        kernels.softmax(problem, logits)
+        return logits
+
+    def forward():
+        probs = probabilities()
+        return kernels.av(problem, probs, v), probs
+
+    def forward_backward():
+        out, probs = forward()
+        grad_logits = kernels.qk(problem, grad_out, v, None, acc, 1.0, 0.0)
+        kernels.softmax_backward(problem, probs, grad_logits)
+        dq = kernels.av(problem, grad_logits, k, problem.scale)
+        dk = kernels.inverse(problem, grad_logits, q, problem.scale)
+        dv = kernels.inverse(problem, probs, grad_out)
+        return out, dq, dk, dv
+
+    return Prepared(lambda: forward()[0], forward_backward,
+                    notes={"backend": inputs.kernel_backend, "forward_kernels": "na_qk_fwd, na_softmax_fwd, na_av_fwd"})
+
+
+# ---------------------------------------------------------------- the table
+
+
+def na_rtc_entries() -> list[Entry]:
+    return [
+        Entry("fused", "na_rtc fused", _prepare_fused, families=("fused", "fused_bwd"), uses_kernels=True),
+        Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
+              uses_kernels=True),
+        Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),
+              uses_kernels=True),
+        Entry("reference", "na_rtc reference (torch)", lambda spec, inputs: _prepare_fused(spec, inputs, "reference"),
+              default_gpu=False),
+    ]
+
+
+def all_entries() -> list[Entry]:
+    from .peers import peer_entries
+
+    return na_rtc_entries() + peer_entries()

@@ -1,0 +1,266 @@
+"""The other libraries' entries: naive torch NA, FlexAttention with an NA mask, SDPA.
+
+- naive torch NA (DESIGN.md section 9): one unchunked gather of every
+  neighborhood plus einsum, in the input dtype; the index tables are built
+  once in ``prepare``, outside the timed region. It is what a model author
+  writes first, and what runs out of memory first.
+- FlexAttention: ``torch.compile``-d ``flex_attention`` with a block mask
+  whose ``mask_mod`` is the exact NA neighbor test (the same window math,
+  :func:`na_rtc.window.window`, as tables). Two token orders: natural
+  (row-major) and tiled (tokens of one dilation group and one spatial tile
+  contiguous, so a 128-token block is a compact 2D patch and more blocks are
+  empty). The tiled order is applied to the inputs in ``prepare``: a model can
+  keep its tokens in that order, so the permutation is not timed. Building the
+  block mask is timed separately (``mask_build_ms``).
+- SDPA: full self-attention over every token, the cost NA avoids.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..window import window
+from .entries import Entry, Inputs, Prepared, Unavailable, grads, no_grad
+from .flops import axes_of
+from .presets import Spec
+
+FLEX_BLOCK = 128
+
+
+def _heads_first(x, order=None):
+    """``[B, *spatial, H, D]`` -> contiguous ``[B, H, tokens, D]`` leaf (token order ``order`` if given)."""
+    b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
+    flat = x.detach().reshape(b, -1, h, d)
+    if order is not None:
+        flat = flat[:, order]
+    return flat.transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
+
+
+def _heads_last(out, spec: Spec, order=None):
+    """``[B, H, tokens, D]`` (token order ``order``) -> ``[B, *spatial, H, D]`` in natural order."""
+    tokens_first = out.transpose(1, 2)
+    if order is not None:
+        natural = tokens_first.new_empty(tokens_first.shape)
+        natural[:, order] = tokens_first
+        tokens_first = natural
+    return tokens_first.reshape(spec.qkv_shape)
+
+
+# ---------------------------------------------------------------- naive torch NA
+
+
+def _prepare_naive_torch(spec: Spec, inputs: Inputs) -> Prepared:
+    import torch
+
+    from ..window import flat_slot_table
+
+    table = flat_slot_table(axes_of(spec))
+    keys = torch.as_tensor(table.keys, device=inputs.device)  # [tokens, slots]
+    # causal windows can hold fewer keys than slots: those slots are masked, every other slot is a neighbor
+    invalid = None if table.all_valid else torch.as_tensor(~table.valid, device=inputs.device)[None, :, None, :]
+    scale = spec.head_dim**-0.5
+    b, h, d = spec.batch, spec.heads, spec.head_dim
+
+    def forward():
+        q, k, v = (x.reshape(b, spec.tokens, h, d) for x in inputs.qkv)
+        # t: query token, s: window slot; k[:, keys] is the one unchunked gather, [b, t, s, h, d]
+        logits = torch.einsum("bthd,btshd->bths", q, k[:, keys]) * scale  # [b, t, h, s]
+        if invalid is not None:
+            logits = logits.masked_fill(invalid, -math.inf)
+        attn = logits.softmax(dim=-1)
+        return torch.einsum("bths,btshd->bthd", attn, v[:, keys]).reshape(spec.qkv_shape)
+
+    return Prepared(no_grad(forward), lambda: grads(forward(), inputs))
+
+
+# ---------------------------------------------------------------- FlexAttention
+
+
+def _flex_module():
+    """``torch.nn.attention.flex_attention``, or :class:`Unavailable` saying why not."""
+    try:
+        from torch.nn.attention import flex_attention
+    except Exception as error:  # ImportError on old torch; anything else on a broken install
+        raise Unavailable(f"FlexAttention is not available in this torch ({type(error).__name__}: {error}); "
+                          "it needs torch >= 2.5") from error
+    return flex_attention
+
+
+_COMPILED = {}
+
+
+def _compiled_flex(module):
+    """One ``torch.compile``-d flex_attention per process (recompiles per shape are its own business)."""
+    if "flex" not in _COMPILED:
+        import torch
+
+        _COMPILED["flex"] = torch.compile(module.flex_attention, dynamic=False)
+    return _COMPILED["flex"]
+
+
+def tile_shape(spec: Spec) -> tuple[int, ...]:
+    """Query tile (per axis, group coordinates) of the tiled token order: FLEX_BLOCK tokens when it fits.
+
+    The first candidate whose sides divide every dilation group's length, so
+    blocks hold whole tiles; otherwise the first candidate (edge tiles partial).
+    """
+    if spec.ndim == 1:
+        candidates = [(FLEX_BLOCK,), (64,), (32,)]
+    else:
+        candidates = [(16, 8), (8, 16), (8, 8), (4, 8), (8, 4)]
+    group_lengths = [{-(-(length - g) // d) for g in range(d)} for length, d in zip(spec.spatial, spec.dilation)]
+    for tile in candidates:
+        if all(all(n % t == 0 for n in lengths) for t, lengths in zip(tile, group_lengths)):
+            return tile
+    return candidates[0]
+
+
+def tiled_order(spec: Spec, tile: tuple[int, ...]) -> np.ndarray:
+    """``order[p]`` = natural (row-major) token index of the token at tiled position ``p``.
+
+    Sorted by dilation group, then tile, then position inside the tile, per
+    axis in that priority: a dilation group's tokens never share a block with
+    another group's unless the group is smaller than a block.
+    """
+    coords = np.indices(spec.spatial).reshape(spec.ndim, -1)
+    sort_keys = []
+    for axis_coords, d, t in zip(coords, spec.dilation, tile):
+        group, inside = axis_coords % d, axis_coords // d
+        sort_keys.append((group, inside // t, inside % t))
+    # np.lexsort sorts by the last key first: list keys least significant first
+    groups = [k[0] for k in sort_keys]
+    tiles = [k[1] for k in sort_keys]
+    inner = [k[2] for k in sort_keys]
+    return np.lexsort(list(reversed(groups + tiles + inner)))
+
+
+def na_mask_mod(spec: Spec, device: str, order=None):
+    """FlexAttention ``mask_mod``: key ``kv`` is in query ``q``'s neighborhood (DESIGN.md section 2).
+
+    ``order`` maps positions in the (tiled) token order back to natural token indices.
+    """
+    import torch
+
+    axes = axes_of(spec)
+    tables = []
+    for axis in axes:
+        start, end = window(axis, np.arange(axis.length, dtype=np.int64))
+        tables.append((axis, torch.as_tensor(start, device=device), torch.as_tensor(end, device=device)))
+    natural = None if order is None else torch.as_tensor(order, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q, k = (q_idx, kv_idx) if natural is None else (natural[q_idx], natural[kv_idx])
+        inside = None
+        for axis, start, end in reversed(tables):  # row-major: the last axis varies fastest
+            qa, ka = q % axis.length, k % axis.length
+            q, k = q // axis.length, k // axis.length
+            kg = ka // axis.dilation
+            ok = (start[qa] <= kg) & (kg < end[qa])
+            if axis.dilation > 1:
+                ok = ok & (qa % axis.dilation == ka % axis.dilation)
+            inside = ok if inside is None else inside & ok
+        return inside
+
+    return mask_mod
+
+
+def _timed_block_mask(module, mask_mod, tokens: int, device: str):
+    """The block mask and the seconds building it took (synchronized)."""
+    import torch
+
+    def build():
+        return module.create_block_mask(mask_mod, None, None, tokens, tokens, device=device, BLOCK_SIZE=FLEX_BLOCK,
+                                        _compile=device.startswith("cuda"))
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    started = time.perf_counter()
+    mask = build()
+    sync()
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    mask = build()  # again: the first build includes tracing / compiling the mask function
+    sync()
+    return mask, first, time.perf_counter() - started
+
+
+def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
+    module = _flex_module()
+    tile = tile_shape(spec) if tiled else None
+    order = tiled_order(spec, tile) if tiled else None
+    if order is not None and np.array_equal(order, np.arange(spec.tokens)):
+        raise Unavailable(f"the tiled token order (tile {tile}) is the natural order for this problem: "
+                          "see the flex_natural entry")
+    mask_mod = na_mask_mod(spec, inputs.device, order)
+    block_mask, first_build, build = _timed_block_mask(module, mask_mod, spec.tokens, inputs.device)
+    flex = _compiled_flex(module)
+    order_t = None
+    if order is not None:
+        import torch
+
+        order_t = torch.as_tensor(order, device=inputs.device)
+    q, k, v = (_heads_first(x, order_t) for x in inputs.qkv)
+    grad = _heads_first(inputs.grad_out, order_t).detach()
+    scale = spec.head_dim**-0.5
+
+    def forward():
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
+
+    def forward_backward():
+        import torch
+
+        return torch.autograd.grad(forward(), (q, k, v), grad)
+
+    notes = {"mask_build_ms": build * 1e3, "mask_build_first_ms": first_build * 1e3,
+             "block_sparsity_percent": float(block_mask.sparsity()),
+             "token_order": f"tiled {'x'.join(map(str, tile))} per dilation group" if tiled else "natural"}
+    no_backward = None
+    if not inputs.device.startswith("cuda"):
+        no_backward = "FlexAttention has no backward on the CPU"
+    return Prepared(no_grad(forward), None if no_backward else forward_backward, no_backward, notes,
+                    natural_output=lambda out: _heads_last(out, spec, order_t))
+
+
+# ---------------------------------------------------------------- SDPA
+
+
+def _prepare_sdpa(spec: Spec, inputs: Inputs) -> Prepared:
+    import torch.nn.functional as F
+
+    q, k, v = (_heads_first(x) for x in inputs.qkv)
+    grad = _heads_first(inputs.grad_out).detach()
+
+    def forward():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def forward_backward():
+        import torch
+
+        return torch.autograd.grad(forward(), (q, k, v), grad)
+
+    return Prepared(no_grad(forward), forward_backward,
+                    notes={"attends_to": f"all {spec.tokens} tokens (full attention, not NA)"}, comparable=False)
+
+
+FLEX_CPU_NOTE = ("FlexAttention is timed on a GPU only: on the CPU torch has no FlexAttention backward and compiles "
+                 "C++ for the forward (name it with --entries to try the forward here)")
+
+
+def peer_entries() -> list[Entry]:
+    return [
+        Entry("naive_torch", "naive torch NA (gather + einsum)", _prepare_naive_torch),
+        Entry("flex_natural", "FlexAttention, natural order", lambda s, i: _prepare_flex(s, i, tiled=False),
+              default_cpu=False, cpu_note=FLEX_CPU_NOTE),
+        Entry("flex_tiled", "FlexAttention, tiled order", lambda s, i: _prepare_flex(s, i, tiled=True),
+              default_cpu=False, cpu_note=FLEX_CPU_NOTE),
+        Entry("sdpa", "torch SDPA (full attention)", _prepare_sdpa),
+    ]
+
+
+__all__ = ["peer_entries", "na_mask_mod", "tiled_order", "tile_shape"]

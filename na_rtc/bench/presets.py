@@ -1,0 +1,167 @@
+"""Benchmark problems: one :class:`Spec` per problem, named presets of them.
+
+A spec is everything that decides the work: spatial shape, kernel, dilation,
+stride, causal flags (one per axis), batch, heads, head dim and dtype. Its
+:attr:`Spec.key` names it in the results JSON, so a resumed run recognises
+problems it has already measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmark problem; per-axis fields are tuples with one entry per spatial axis."""
+
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    causal: tuple[bool, ...]
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    #: where the problem comes from (an issue's target, a model's stage), shown in reports
+    note: str = ""
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def qkv_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.spatial, self.heads, self.head_dim)
+
+    @property
+    def key(self) -> str:
+        """A stable, readable identity (the note is left out: it does not change the work)."""
+        def axes(values):
+            return "x".join(str(int(v)) for v in values)
+
+        parts = [f"{self.ndim}d", axes(self.spatial), f"k{axes(self.kernel)}"]
+        if any(d != 1 for d in self.dilation):
+            parts.append(f"d{axes(self.dilation)}")
+        if any(s != 1 for s in self.stride):
+            parts.append(f"s{axes(self.stride)}")
+        if any(self.causal):
+            parts.append(f"c{axes(self.causal)}")
+        parts += [f"b{self.batch}", f"h{self.heads}", f"D{self.head_dim}", SHORT_DTYPE[self.dtype]]
+        return "-".join(parts)
+
+    @property
+    def label(self) -> str:
+        """Short human name: ``2D 128x128 k=13 dil=4 b2 h8 D64 fp16``."""
+        def axes(values):
+            return "x".join(str(int(v)) for v in values) if len(set(values)) > 1 else str(int(values[0]))
+
+        text = f"{self.ndim}D {'x'.join(map(str, self.spatial))} k={axes(self.kernel)}"
+        if any(d != 1 for d in self.dilation):
+            text += f" dil={axes(self.dilation)}"
+        if any(s != 1 for s in self.stride):
+            text += f" stride={axes(self.stride)}"
+        if any(self.causal):
+            text += " causal" if all(self.causal) else f" causal={axes(self.causal)}"
+        return text + f" b{self.batch} h{self.heads} D{self.head_dim} {SHORT_DTYPE[self.dtype]}"
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        record["key"], record["label"] = self.key, self.label
+        return record
+
+
+def spec(spatial, kernel, *, dilation=1, stride=1, causal=False, batch=1, heads=4, head_dim=32,
+         dtype="float16", note="") -> Spec:
+    """A :class:`Spec` with scalar per-axis arguments broadcast over the axes."""
+    spatial = tuple(spatial) if isinstance(spatial, (tuple, list)) else (spatial,)
+    ndim = len(spatial)
+
+    def per_axis(value):
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+        if len(values) != ndim:
+            raise ValueError(f"expected {ndim} values (one per spatial axis), got {value!r}")
+        return values
+
+    return Spec(spatial, tuple(int(v) for v in per_axis(kernel)), tuple(int(v) for v in per_axis(dilation)),
+                tuple(int(v) for v in per_axis(stride)), tuple(bool(v) for v in per_axis(causal)),
+                int(batch), int(heads), int(head_dim), DTYPES[dtype], note)
+
+
+# ---------------------------------------------------------------- presets
+
+ISSUE_4 = "issue 4 (split ops)"
+ISSUE_5 = "issue 5 (fused fwd/bwd, memory)"
+ISSUE_9 = "issue 9 (fused vs FlexAttention)"
+
+#: the exact target shapes the issues name
+ISSUES = (
+    spec((56, 56), 7, batch=8, heads=4, head_dim=32, dtype="fp16", note=ISSUE_4),
+    spec((128, 128), 7, batch=2, heads=8, head_dim=32, dtype="fp16", note=ISSUE_4),
+    spec((128, 128), 13, batch=2, heads=8, head_dim=64, dtype="fp16", note=ISSUE_5),
+    spec((128, 128), 13, batch=2, heads=8, head_dim=64, dtype="bf16", note=ISSUE_9),
+    spec((128, 128), 13, batch=2, heads=8, head_dim=128, dtype="bf16", note=ISSUE_9),
+    spec(32768, 2047, batch=1, heads=8, head_dim=128, dtype="bf16", note=ISSUE_9),
+)
+
+#: the shapes issue 7 lists (NAT/DiNAT-like sizes)
+SHAPES = (
+    spec(4096, 127, batch=1, heads=4, head_dim=64, note="1D long kernel"),
+    spec(32768, 2047, batch=1, heads=4, head_dim=64, note="1D very long kernel"),
+    spec((56, 56), 7, batch=8, heads=2, head_dim=32, note="NAT-tiny stage 1"),
+    spec((128, 128), 13, batch=2, heads=4, head_dim=32),
+    spec((256, 256), 13, batch=1, heads=4, head_dim=32),
+    spec((256, 256), 13, dilation=4, batch=1, heads=4, head_dim=32, note="DiNAT-style dilation"),
+)
+
+#: head dims x dtypes on one 2D problem
+DTYPE_SWEEP = tuple(
+    spec((128, 128), 13, batch=1, heads=4, head_dim=head_dim, dtype=dtype, note="head dim / dtype sweep")
+    for dtype in ("fp32", "fp16", "bf16") for head_dim in (32, 64, 128)
+)
+
+#: tiny problems that run on the emulator in seconds: a CPU-only machine's view of the harness
+QUICK = (
+    spec(128, 15, batch=1, heads=2, head_dim=32, dtype="fp32", note="tiny 1D"),
+    spec((12, 12), 5, batch=1, heads=2, head_dim=32, dtype="fp32", note="tiny 2D"),
+    spec((12, 12), 3, dilation=2, causal=(True, False), batch=1, heads=2, head_dim=32, dtype="fp32",
+         note="tiny 2D, dilation + causal"),
+    spec((12, 12), 5, stride=2, batch=1, heads=2, head_dim=16, dtype="bf16", note="tiny 2D, stride, bf16"),
+)
+
+
+def _unique(*groups) -> tuple[Spec, ...]:
+    seen, out = set(), []
+    for group in groups:
+        for item in group:
+            if item.key not in seen:
+                seen.add(item.key)
+                out.append(item)
+    return tuple(out)
+
+
+PRESETS: dict[str, tuple[Spec, ...]] = {
+    "quick": QUICK,
+    "issues": ISSUES,
+    "shapes": SHAPES,
+    "dtypes": DTYPE_SWEEP,
+    "full": _unique(ISSUES, SHAPES, DTYPE_SWEEP),
+}
+
+PRESET_HELP = {
+    "quick": "tiny 1D/2D problems (fp32, dilation+causal, stride+bf16); runs on a CPU in well under a minute",
+    "issues": "the exact target shapes of issues 4, 5 and 9 (GPU sizes)",
+    "shapes": "1D 4096 k=127, 1D 32768 k=2047, 2D 56x56 k=7, 128x128 k=13, 256x256 k=13 (+ dilation 4)",
+    "dtypes": "2D 128x128 k=13 with head dims 32/64/128 in fp32/fp16/bf16",
+    "full": "issues + shapes + dtypes (several slices on a GPU: use --resume)",
+}
