@@ -30,13 +30,13 @@ from .presets import Spec
 FLEX_BLOCK = 128
 
 
-def _heads_first(x, order=None):
+def _heads_first(x, order=None, requires_grad=None):
     """``[B, *spatial, H, D]`` -> contiguous ``[B, H, tokens, D]`` leaf (token order ``order`` if given)."""
     b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
     flat = x.detach().reshape(b, -1, h, d)
     if order is not None:
         flat = flat[:, order]
-    return flat.transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
+    return flat.transpose(1, 2).contiguous().requires_grad_(x.requires_grad if requires_grad is None else requires_grad)
 
 
 def _heads_last(out, spec: Spec, order=None):
@@ -205,7 +205,9 @@ def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
         import torch
 
         order_t = torch.as_tensor(order, device=inputs.device)
-    q, k, v = (_heads_first(x, order_t) for x in inputs.qkv)
+    on_gpu = inputs.device.startswith("cuda")
+    # on the CPU FlexAttention refuses inputs that require grad, even under no_grad
+    q, k, v = (_heads_first(x, order_t, requires_grad=on_gpu) for x in inputs.qkv)
     grad = _heads_first(inputs.grad_out, order_t).detach()
     scale = spec.head_dim**-0.5
 
@@ -221,7 +223,7 @@ def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
              "block_sparsity_percent": float(block_mask.sparsity()),
              "token_order": f"tiled {'x'.join(map(str, tile))} per dilation group" if tiled else "natural"}
     no_backward = None
-    if not inputs.device.startswith("cuda"):
+    if not on_gpu:
         no_backward = "FlexAttention has no backward on the CPU"
     return Prepared(no_grad(forward), None if no_backward else forward_backward, no_backward, notes,
                     natural_output=lambda out: _heads_last(out, spec, order_t))
