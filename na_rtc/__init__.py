@@ -42,9 +42,10 @@ __all__ = [
     "na2d_qk_backward",
     "na1d_av_backward",
     "na2d_av_backward",
-    "NeighborhoodAttention1D",
-    "NeighborhoodAttention2D",
 ]
+# The torch layers (NeighborhoodAttention1D/2D) are left out of __all__ on
+# purpose: `from na_rtc import *` must neither import torch nor fail without
+# it. Import them by name.
 
 # name -> submodule that defines it; those submodules import torch, so they
 # are loaded only when one of their names is first used.

@@ -262,7 +262,7 @@ def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
     if head_dim < 1:
         raise ValueError(f"value head_dim (last dimension) must be >= 1, got {head_dim}")
     axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal)
-    slots = math.prod(a.kernel_size for a in axes)
+    slots = math.prod([a.kernel_size for a in axes])  # a list: torch.compile cannot trace a generator here
     expected = (batch, *spatial, heads, slots)
     if len(attn.shape) != len(expected):
         raise ValueError(f"attn must have {len(expected)} dimensions {expected}, got shape {tuple(attn.shape)}")

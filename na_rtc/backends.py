@@ -121,9 +121,12 @@ def select(problem: Problem, name: str | None = None) -> Backend:
             f"the {chosen.name} backend cannot run {problem.kind} arrays on {where} "
             f"({chosen.summary}); move the inputs or choose another backend with na_rtc.use_backend"
         )
-    available, reason = chosen.probe()
-    if not available:
-        raise RuntimeError(f"the {chosen.name} backend is not available here: {reason}")
+    # torch calls probe inside their custom ops (Backend.ops), which torch.compile
+    # does not trace; probing here would make it trace the compiler/GPU checks
+    if problem.kind != _arrays.TORCH:
+        available, reason = chosen.probe()
+        if not available:
+            raise RuntimeError(f"the {chosen.name} backend is not available here: {reason}")
     return chosen
 
 

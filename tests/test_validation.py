@@ -119,11 +119,15 @@ def test_unknown_backend_fails_at_use_backend():
         na_rtc.use_backend("fpga")
 
 
-def test_unavailable_backend_says_why(monkeypatch):
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_unavailable_backend_says_why(monkeypatch, kind):
     emulator = na_rtc.backends.get("emulator")
     monkeypatch.setattr(emulator, "probe", lambda: (False, "no C++ compiler found (set CXX)"))
+    monkeypatch.setattr(emulator, "_ops", None)  # ops loaded by earlier tests would skip the probe
+    q = Q1 if kind == "numpy" else pytest.importorskip("torch").from_numpy(Q1)
+    # (torch calls probe inside the custom op, numpy calls in backends.select: same message)
     with pytest.raises(RuntimeError, match=r"the emulator backend is not available here: no C\+\+ compiler found"):
-        na_rtc.na1d(Q1, Q1, Q1, 5, backend="emulator")
+        na_rtc.na1d(q, q, q, 5, backend="emulator")
 
 
 @pytest.mark.parametrize("kernel_size", [(5,), [5]], ids=["tuple", "list"])
