@@ -280,7 +280,7 @@ def test_read_only_cache_still_serves_its_entries(kernel_cache, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("tempfile.mkstemp", read_only)  # every way a cache creates a file
     _forget_memory()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -27,7 +27,6 @@ import atexit
 import ctypes
 import functools
 import hashlib
-import json
 import os
 import platform
 import re
@@ -36,12 +35,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
+from .. import _diskcache
 from .module import EmulatedModule, EmulatorError
 
 __all__ = [
@@ -97,45 +95,31 @@ class EmulatorBuildError(EmulatorError):
         self.line = line
 
 
-class EmulatorCacheWarning(UserWarning):
+class EmulatorCacheWarning(_diskcache.CacheWarning):
     """A cached emulator library was unusable (rebuilt) or the cache folder is not writable."""
 
 
-_lock = threading.Lock()
-_key_locks: dict[str, threading.Lock] = {}
-_modules: dict[str, EmulatedModule] = {}  # by key
-_calls: dict[tuple, EmulatedModule] = {}  # by (source path, names)
-_warned_dirs: set[str] = set()
+# modules by key and by (source path, names)
+_memo = _diskcache.Memo(("memory_hits", "disk_hits", "compiles", "bad_entries", "write_failures"))
+_count = _memo.count
 _private_dir: Path | None = None
-_STAT_NAMES = ("memory_hits", "disk_hits", "compiles", "bad_entries", "write_failures")
-_stats = dict.fromkeys(_STAT_NAMES, 0)
-
-
-def _count(name: str) -> None:
-    with _lock:
-        _stats[name] += 1
 
 
 def cache_stats() -> dict[str, int]:
     """Counters since start (or :func:`reset_cache_stats`): ``memory_hits``,
     ``disk_hits``, ``compiles`` (compiler runs), ``bad_entries`` (libraries
     rebuilt because they were corrupt or did not load), ``write_failures``."""
-    with _lock:
-        return dict(_stats)
+    return _memo.stats()
 
 
 def reset_cache_stats() -> None:
-    with _lock:
-        _stats.update(dict.fromkeys(_STAT_NAMES, 0))
+    _memo.reset_stats()
 
 
 def clear_memory_cache() -> None:
     """Forget the loaded modules (their libraries stay loaded) and the folder
     warnings: the next :func:`load_module` reads the sources again."""
-    with _lock:
-        _modules.clear()
-        _calls.clear()
-        _warned_dirs.clear()
+    _memo.clear()
 
 
 # ---------------------------------------------------------------- the compiler
@@ -191,12 +175,6 @@ def available() -> tuple[bool, str]:
 # ---------------------------------------------------------------- keys and paths
 
 
-def _na_rtc_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 def _source_files(source: Path) -> list[Path]:
     files = sorted(p for p in source.parent.iterdir() if p.is_file() and p.suffix in HEADER_SUFFIXES)
     if source not in files:
@@ -205,15 +183,10 @@ def _source_files(source: Path) -> list[Path]:
 
 
 def _key(source: Path, names: tuple[str, ...], command: list[str]) -> str:
-    digest = hashlib.sha256()
-
-    def part(label: str, value) -> None:
-        data = value if isinstance(value, bytes) else json.dumps(value).encode()
-        digest.update(f"{label}:{len(data)}:".encode())
-        digest.update(data)
-
+    digest = _diskcache.KeyDigest()
+    part = digest.part
     part("abi", _ABI_VERSION)
-    part("na_rtc", _na_rtc_version())
+    part("na_rtc", _diskcache.na_rtc_version())
     part("machine", [sys.platform, platform.machine()])
     part("compiler", [command, _compiler_version(tuple(command))])
     part("flags", list(FLAGS))
@@ -230,7 +203,7 @@ def _key(source: Path, names: tuple[str, ...], command: list[str]) -> str:
 def _private_folder() -> Path:
     """This process's temporary build folder (removed at exit)."""
     global _private_dir
-    with _lock:
+    with _memo.lock:
         if _private_dir is None:
             _private_dir = Path(tempfile.mkdtemp(prefix="na_rtc-emulator-"))
             atexit.register(shutil.rmtree, _private_dir, True)
@@ -238,15 +211,11 @@ def _private_folder() -> Path:
 
 
 def _warn_unwritable(folder: Path, error: BaseException, private: Path) -> None:
-    with _lock:
-        if str(folder) in _warned_dirs:
-            return
-        _warned_dirs.add(str(folder))
-    warnings.warn(
+    _memo.warn_once(
+        folder,
         f"na_rtc: emulator cache folder {folder} is not writable ({type(error).__name__}: {error}); "
         f"building in {private} for this process. Set NA_RTC_CACHE_DIR to a writable folder to keep builds.",
         EmulatorCacheWarning,
-        stacklevel=5,
     )
 
 
@@ -357,18 +326,20 @@ def _compile(source: Path, names: tuple[str, ...], target: Path, command: list[s
         if done.returncode != 0 or not built.exists():
             raise _build_error(source, names, tu_path, (done.stderr or "") + (done.stdout or ""), command)
         digest = hashlib.sha256(built.read_bytes()).hexdigest()
-        checksum = work / (target.name + ".sha256")
-        checksum.write_text(digest + "\n")
         os.chmod(built, 0o755)
-        os.replace(checksum, target.with_name(target.name + ".sha256"))
+        _diskcache.write_atomically(_checksum_path(target), (digest + "\n").encode())
         os.replace(built, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _checksum_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
 def _verified(target: Path) -> bool:
     try:
-        expected = target.with_name(target.name + ".sha256").read_text().strip()
+        expected = _checksum_path(target).read_text().strip()
         actual = hashlib.sha256(target.read_bytes()).hexdigest()
     except OSError:
         return False
@@ -394,54 +365,37 @@ def load_module(source: str | os.PathLike, names: Sequence[str]) -> EmulatedModu
     names = tuple(dict.fromkeys(names))
     if not names:
         raise ValueError("load_module needs at least one kernel name expression")
-    call = (os.fspath(source), names)
-    with _lock:
-        module = _calls.get(call)
-    if module is not None:
-        _count("memory_hits")
-        return module
-    path = Path(source).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"kernel source {path} does not exist")
-    command = compiler_command()
-    key = _key(path, names, command)
-    with _key_lock(key):  # one build per key among this process's threads
-        with _lock:
-            module = _modules.get(key)
-        if module is not None:
-            _count("memory_hits")
-        else:
-            module = _load_or_build(path, names, key, command)
-            with _lock:
-                _modules[key] = module
-    with _lock:
-        _calls[call] = module
-    return module
+    path = command = None
+
+    def key_of() -> str:
+        nonlocal path, command
+        path = Path(source).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"kernel source {path} does not exist")
+        command = compiler_command()
+        return _key(path, names, command)
+
+    def produce(key: str) -> tuple[EmulatedModule, str]:
+        return _load_or_build(path, names, key, command)
+
+    return _memo.get((os.fspath(source), names), key_of, produce)[0]
 
 
-def _key_lock(key: str) -> threading.Lock:
-    with _lock:
-        return _key_locks.setdefault(key, threading.Lock())
-
-
-def _load_or_build(source: Path, names: tuple[str, ...], key: str, command: list[str]) -> EmulatedModule:
+def _load_or_build(source: Path, names: tuple[str, ...], key: str, command: list[str]) -> tuple[EmulatedModule, str]:
+    """The module and where it came from: ``"disk"`` or ``"compiled"``."""
     target = _cache_folder() / f"{source.stem}-{key}.so"
     if target.exists():
         if _verified(target):
             try:
                 module = _open(target, source, names)
                 _count("disk_hits")
-                return module
+                return module, "disk"
             except (OSError, EmulatorError) as error:
                 reason = f"it does not load ({error})"
         else:
             reason = "its checksum does not match"
         _count("bad_entries")
-        warnings.warn(
-            f"na_rtc: cached emulator library {target} is unusable ({reason}); rebuilding it",
-            EmulatorCacheWarning,
-            stacklevel=4,
-        )
+        _diskcache.warn(f"na_rtc: cached emulator library {target} is unusable ({reason}); rebuilding it", EmulatorCacheWarning)
     started = time.perf_counter()
     try:
         _compile(source, names, target, command)
@@ -456,4 +410,4 @@ def _load_or_build(source: Path, names: tuple[str, ...], key: str, command: list
     except OSError as error:
         raise EmulatorError(f"the emulator library {target} was built but does not load: {error}") from error
     module.compile_seconds = time.perf_counter() - started
-    return module
+    return module, "compiled"

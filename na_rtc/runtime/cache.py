@@ -44,13 +44,11 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
-import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
+from .. import _diskcache
 from . import nvrtc as _nvrtc
 from .nvrtc import CompiledProgram
 
@@ -72,46 +70,31 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<8sIIQ32s")  # magic, format, metadata length, payload length, sha256
 
 
-class KernelCacheWarning(UserWarning):
+class KernelCacheWarning(_diskcache.CacheWarning):
     """A cache entry was unusable (recompiled) or the cache folder is not writable."""
 
 
-_lock = threading.Lock()
-_key_locks: dict[str, threading.Lock] = {}
-_memory: dict[str, CompiledProgram] = {}  # by cache key
-# by call arguments: a process sees cuda_src as it was at its first use of a
-# family (no file is read again); clear_memory_cache() after editing kernels
-_calls: dict[tuple, CompiledProgram] = {}
-_warned_dirs: set[str] = set()
-_STAT_NAMES = ("memory_hits", "disk_hits", "compiles", "disk_writes", "bad_entries", "write_failures")
-_stats = dict.fromkeys(_STAT_NAMES, 0)
-
-
-def _count(name: str) -> None:
-    with _lock:
-        _stats[name] += 1
+# programs by cache key and by call arguments: a process sees cuda_src as it
+# was at its first use of a family; clear_memory_cache() after editing kernels
+_memo = _diskcache.Memo(("memory_hits", "disk_hits", "compiles", "disk_writes", "bad_entries", "write_failures"))
+_count = _memo.count
 
 
 def cache_stats() -> dict[str, int]:
     """Counters since start (or :func:`reset_cache_stats`): ``memory_hits``,
     ``disk_hits``, ``compiles`` (NVRTC runs), ``disk_writes``, ``bad_entries``
     (corrupt/truncated/foreign entries found) and ``write_failures``."""
-    with _lock:
-        return dict(_stats)
+    return _memo.stats()
 
 
 def reset_cache_stats() -> None:
-    with _lock:
-        _stats.update(dict.fromkeys(_STAT_NAMES, 0))
+    _memo.reset_stats()
 
 
 def clear_memory_cache() -> None:
     """Forget the in-process programs (the disk cache stays) and the per-folder
     warnings; the next :func:`get_program` reads the sources again."""
-    with _lock:
-        _memory.clear()
-        _calls.clear()
-        _warned_dirs.clear()
+    _memo.clear()
 
 
 # ---------------------------------------------------------------- keys
@@ -127,12 +110,6 @@ def resolve_source(source: str | os.PathLike) -> Path:
     return cuda_src_dir() / path
 
 
-def _na_rtc_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 def cache_key(
     source_path: str | os.PathLike,
     names: Sequence[str],
@@ -143,15 +120,10 @@ def cache_key(
     """The sha256 (hex) identifying one compiled program; see the module docstring."""
     source_path = resolve_source(source_path).resolve()
     include_dir = Path(include_dir).resolve() if include_dir is not None else source_path.parent
-    digest = hashlib.sha256()
-
-    def part(label: str, value) -> None:
-        data = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True).encode()
-        digest.update(f"{label}:{len(data)}:".encode())
-        digest.update(data)
-
+    digest = _diskcache.KeyDigest()
+    part = digest.part
     part("format", FORMAT_VERSION)
-    part("na_rtc", _na_rtc_version())
+    part("na_rtc", _diskcache.na_rtc_version())
     part("nvrtc", list(_nvrtc.nvrtc_version()))
     part("arch", _nvrtc.parse_arch(arch))
     part("options", [*_nvrtc.DEFAULT_OPTIONS, *options])
@@ -211,7 +183,7 @@ def _encode(program: CompiledProgram, key: str) -> bytes:
             "compile_seconds": program.compile_seconds,
             "source": program.source,
             "names": list(program.names),
-            "na_rtc": _na_rtc_version(),
+            "na_rtc": _diskcache.na_rtc_version(),
         },
         sort_keys=True,
     ).encode()
@@ -263,7 +235,7 @@ def _load(path: Path, key: str, names: Sequence[str]) -> CompiledProgram | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as error:
-        warnings.warn(f"na_rtc: cannot read kernel cache entry {path} ({error}); recompiling", KernelCacheWarning, stacklevel=4)
+        _diskcache.warn(f"na_rtc: cannot read kernel cache entry {path} ({error}); recompiling", KernelCacheWarning)
         return None
     try:
         program = _decode(data, key)
@@ -272,46 +244,24 @@ def _load(path: Path, key: str, names: Sequence[str]) -> CompiledProgram | None:
             raise _BadEntry(f"lacks kernels {missing}")
     except _BadEntry as error:
         _count("bad_entries")
-        warnings.warn(f"na_rtc: kernel cache entry {path} is unusable ({error}); recompiling it", KernelCacheWarning, stacklevel=4)
+        _diskcache.warn(f"na_rtc: kernel cache entry {path} is unusable ({error}); recompiling it", KernelCacheWarning)
         return None
     return program
 
 
-def _warn_unwritable(folder: Path, error: BaseException) -> None:
-    with _lock:
-        if str(folder) in _warned_dirs:
-            return
-        _warned_dirs.add(str(folder))
-    warnings.warn(
-        f"na_rtc: kernel cache folder {folder} is not writable ({type(error).__name__}: {error}); compiled kernels "
-        "are kept in memory only for this process. Set NA_RTC_CACHE_DIR to a writable folder to keep them.",
-        KernelCacheWarning,
-        stacklevel=4,
-    )
-
-
 def _store(path: Path, program: CompiledProgram, key: str) -> bool:
     """Write the entry atomically; False (with one warning per folder) when the folder is unusable."""
-    folder = path.parent
-    tmp = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_encode(program, key))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
+        _diskcache.write_atomically(path, _encode(program, key))
     except OSError as error:
         _count("write_failures")
-        _warn_unwritable(folder, error)
+        _memo.warn_once(
+            path.parent,
+            f"na_rtc: kernel cache folder {path.parent} is not writable ({type(error).__name__}: {error}); compiled "
+            "kernels are kept in memory only for this process. Set NA_RTC_CACHE_DIR to a writable folder to keep them.",
+            KernelCacheWarning,
+        )
         return False
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     _count("disk_writes")
     return True
 
@@ -334,39 +284,25 @@ def lookup(
     arch = _nvrtc.parse_arch(arch)
     options = tuple(options)
     call = (os.fspath(source_path), names, arch, options, include_dir and os.fspath(include_dir), cache_root and os.fspath(cache_root))
-    with _lock:
-        program = _calls.get(call)
-    if program is None:  # first call with these arguments in this process: key from the files
+    source = None
+
+    def key_of() -> str:  # first call with these arguments in this process: key from the files
+        nonlocal source
         source = resolve_source(source_path).resolve()
-        key = cache_key(source, names, arch, options, include_dir)
-        with _lock:
-            program = _memory.get(key)
-            key_lock = _key_locks.setdefault(key, threading.Lock())
-    if program is not None:
-        _count("memory_hits")
-        with _lock:
-            _calls[call] = program
-        return program, "memory"
-    with key_lock:  # one compile per key among this process's threads
-        with _lock:
-            program = _memory.get(key)
-        if program is not None:
-            _count("memory_hits")
-            return program, "memory"
+        return cache_key(source, names, arch, options, include_dir)
+
+    def produce(key: str) -> tuple[CompiledProgram, str]:
         path = entry_path(key, arch, source.name, cache_root)
         program = _load(path, key, names)
-        origin = "disk"
-        if program is None:
-            program = _nvrtc.compile_program(source, names, arch, options, include_dir)
-            _count("compiles")
-            origin = "compiled"
-            _store(path, program, key)
-        else:
+        if program is not None:
             _count("disk_hits")
-        with _lock:
-            _memory[key] = program
-            _calls[call] = program
-    return program, origin
+            return program, "disk"
+        program = _nvrtc.compile_program(source, names, arch, options, include_dir)
+        _count("compiles")
+        _store(path, program, key)
+        return program, "compiled"
+
+    return _memo.get(call, key_of, produce)
 
 
 def get_program(

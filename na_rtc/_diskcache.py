@@ -1,0 +1,179 @@
+"""Bookkeeping shared by na_rtc's two on-disk caches: NVRTC programs
+(:mod:`na_rtc.runtime.cache`) and emulator libraries
+(:mod:`na_rtc.emulator.build`).
+
+Both caches follow one discipline, kept here so that a fix reaches both:
+
+* a key is a sha256 over labelled, length-prefixed parts (:class:`KeyDigest`),
+  so no two different lists of parts can hash alike;
+* a process memoizes what it produced, by call arguments and by key, and lets
+  one thread per key do the expensive work (:class:`Memo`);
+* files appear atomically: written under a temporary name in the target
+  folder, then moved into place with ``os.replace`` (:func:`write_atomically`),
+  so concurrent writers each leave a whole file and readers never see half of
+  one;
+* an unwritable folder is reported once per folder, as a warning pointing at
+  the caller's code rather than at na_rtc's internals (:meth:`Memo.warn_once`);
+* counters of hits, misses and failures (:meth:`Memo.count`), so tests can
+  tell a hit from a miss without timing.
+
+The cache-specific parts (entry formats, what goes into a key, how to build)
+stay in the two modules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Hashable, Sequence, TypeVar
+
+__all__ = ["CacheWarning", "KeyDigest", "Memo", "na_rtc_version", "warn", "write_atomically"]
+
+V = TypeVar("V")
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
+
+
+class CacheWarning(UserWarning):
+    """Base of the kernel-cache warnings (a bad entry rebuilt, a folder that cannot be written)."""
+
+
+def na_rtc_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+class KeyDigest:
+    """sha256 over labelled parts; each part is ``label:length:`` then its bytes
+    (bytes as given, anything else as JSON with sorted keys)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def part(self, label: str, value) -> None:
+        data = value if isinstance(value, bytes) else json.dumps(value, sort_keys=True).encode()
+        self._digest.update(f"{label}:{len(data)}:".encode())
+        self._digest.update(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside
+    na_rtc: the user's line, however deep inside na_rtc the cache was reached."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the caller of na_rtc."""
+    warnings.warn(message, category, stacklevel=_caller_stacklevel())
+
+
+class Memo:
+    """One cache's in-process state: values by call arguments and by key, a
+    lock per key, named counters and the folders already warned about."""
+
+    def __init__(self, stat_names: Sequence[str]) -> None:
+        self.lock = threading.Lock()
+        self._stat_names = tuple(stat_names)
+        self._stats = dict.fromkeys(self._stat_names, 0)
+        self._by_key: dict[str, object] = {}
+        # by call arguments: a process sees the sources as they were at its
+        # first call with those arguments (no file is read again)
+        self._by_call: dict[Hashable, object] = {}
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._warned: set[str] = set()
+
+    # counters
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            self._stats[name] += 1
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self._stats)
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self._stats = dict.fromkeys(self._stat_names, 0)
+
+    def clear(self) -> None:
+        """Forget the values and the warned folders (counters stay)."""
+        with self.lock:
+            self._by_key.clear()
+            self._by_call.clear()
+            self._warned.clear()
+
+    # values
+
+    def get(self, call: Hashable, key_of: Callable[[], str], produce: Callable[[str], tuple[V, str]]) -> tuple[V, str]:
+        """The value for ``call`` and where it came from: ``"memory"``, or the
+        origin ``produce(key)`` reports. ``key_of()`` runs only on the first
+        call with these arguments; ``produce`` at most once per key among this
+        process's threads (the others wait for it and count a memory hit)."""
+        with self.lock:
+            value = self._by_call.get(call)
+        if value is not None:
+            self.count("memory_hits")
+            return value, "memory"
+        key = key_of()
+        with self.lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self.lock:
+                value = self._by_key.get(key)
+            if value is not None:
+                self.count("memory_hits")
+                origin = "memory"
+            else:
+                value, origin = produce(key)
+            with self.lock:
+                self._by_key[key] = value
+                self._by_call[call] = value
+        return value, origin
+
+    # warnings
+
+    def warn_once(self, folder: Path, message: str, category: type[Warning]) -> None:
+        """Warn about ``folder`` unless this process already did (until :meth:`clear`)."""
+        with self.lock:
+            if str(folder) in self._warned:
+                return
+            self._warned.add(str(folder))
+        warn(message, category)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder
+    and ``os.replace``; OSError (nothing left behind) when the folder cannot
+    be written."""
+    folder = path.parent
+    tmp = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
