@@ -261,10 +261,12 @@ def _run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.entries.split(",") if n.strip()] if args.entries else None
     resumed = _load(args.resume) if args.resume and Path(args.resume).exists() else None
     preset, plan = plan_from_args(args, resumed)
+    if names is None and resumed is not None:  # a resumed run keeps the entries it started with
+        names = resumed.get("settings", {}).get("entries")
     return _measure(args, names, resumed, preset, plan)
 
 
-def _set_threads(threads: int | None, gpu: bool) -> None:
+def _set_threads(threads: int | None, gpu: bool) -> int:
     """torch's CPU thread count for this run.
 
     CPU-only default 1: the emulator runs blocks on its own worker threads,
@@ -274,16 +276,18 @@ def _set_threads(threads: int | None, gpu: bool) -> None:
     """
     import torch
 
+    previous = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     elif not gpu:
         torch.set_num_threads(1)
+    return previous
 
 
 def _measure(args, names, resumed, preset, plan) -> int:
-    from . import report, runner, timing
+    from . import runner, timing
 
     try:
         machine = runner.detect_machine()
@@ -305,7 +309,18 @@ def _measure(args, names, resumed, preset, plan) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if machine.gpu else 1)
     settings = timing.Settings(warmup=warmup, repeat=args.repeat, min_repeat=min(3, args.repeat), min_time=min_time)
     compile_timing = args.compile_timing if args.compile_timing is not None else machine.gpu
-    _set_threads(args.threads, machine.gpu)
+    previous_threads = _set_threads(args.threads, machine.gpu)
+    try:
+        return _run_slice(args, resumed, preset, plan, machine, selection, settings, compile_timing)
+    finally:  # a caller in the same process (tests, a notebook) gets its torch back as it was
+        import torch
+
+        torch.set_num_threads(previous_threads)
+
+
+def _run_slice(args, resumed, preset, plan, machine, selection, settings, compile_timing) -> int:
+    from . import report, runner
+
     if resumed is not None:
         here = report.environment(machine.device)["device"]
         if resumed["environment"].get("device") != here:

@@ -58,7 +58,7 @@ def _prepare_naive_torch(spec: Spec, inputs: Inputs) -> Prepared:
     from ..window import flat_slot_table
 
     table = flat_slot_table(axes_of(spec))
-    keys = torch.as_tensor(table.keys, device=inputs.device)  # [tokens, slots]
+    keys = torch.tensor(table.keys, device=inputs.device)  # [tokens, slots]; a copy: the table is read-only
     # causal windows can hold fewer keys than slots: those slots are masked, every other slot is a neighbor
     invalid = None if table.all_valid else torch.as_tensor(~table.valid, device=inputs.device)[None, :, None, :]
     scale = spec.head_dim**-0.5

@@ -75,12 +75,10 @@ def select_entries(names: list[str] | None, machine: Machine) -> Selection:
         raise ValueError(f"unknown entries {', '.join(unknown)}; choose from {', '.join(table)}")
     selection = Selection()
     for entry in table.values():
-        if names is not None:
-            if entry.name in names:
-                selection.run.append(entry)
-        elif entry.default_gpu if machine.gpu else entry.default_cpu:
+        chosen = entry.name in names if names is not None else (entry.default_gpu if machine.gpu else entry.default_cpu)
+        if chosen:
             selection.run.append(entry)
-        elif not machine.gpu and entry.cpu_note:
+        elif not machine.gpu and entry.cpu_note:  # a CPU run says what only a GPU run measures
             selection.skipped[entry.name] = (entry, entry.cpu_note)
     return selection
 

@@ -1,0 +1,378 @@
+"""``python -m na_rtc bench``: FLOP counts, the harness end to end on the CPU, reports, errors.
+
+The end-to-end runs use tiny problems and few repeats: they check that the
+harness measures, cross-checks, writes and reports, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from na_rtc.bench import cli, flops, peers, plot, report, runner, timing
+from na_rtc.bench.presets import PRESETS, spec
+from na_rtc.window import Axis, is_neighbor
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FAST = ["--repeat", "2", "--warmup", "0", "--min-time", "0"]
+
+
+# ---------------------------------------------------------------- FLOP counting, against counts done by hand
+
+
+def test_non_causal_windows_hold_k_keys():
+    # 1D, L=5, k=3: the window shifts inward at the borders, so every query has 3 neighbors: 15 pairs
+    problem = spec(5, 3, batch=2, heads=3, head_dim=4, dtype="fp32")
+    assert flops.neighbor_pairs(problem) == 15
+    assert flops.forward_flops(problem) == 4 * 4 * 2 * 3 * 15  # 4 * head_dim * batch * heads * pairs = 1440
+    assert flops.forward_backward_flops(problem) == 1440 * 3.5
+
+
+def test_causal_counts_grow_from_one():
+    # 1D causal, L=5, k=3: queries 0..4 see 1, 2, 3, 3, 3 keys
+    assert flops.neighbor_pairs(spec(5, 3, causal=True, dtype="fp32")) == 12
+
+
+def test_causal_strided_counts_by_hand():
+    # 1D causal, L=6, k=3, stride 2: leader c' = min((i div 2) * 2 + 1, 5), window [max(c' - 2, 0), i + 1)
+    #   i=0: c'=1, [0, 1) -> 1     i=1: c'=1, [0, 2) -> 2
+    #   i=2: c'=3, [1, 3) -> 2     i=3: c'=3, [1, 4) -> 3
+    #   i=4: c'=5, [3, 5) -> 2     i=5: c'=5, [3, 6) -> 3      total 13
+    assert flops.neighbor_pairs(spec(6, 3, stride=2, causal=True, dtype="fp32")) == 13
+
+
+def test_strided_non_causal_and_dilated_causal():
+    # stride without causal keeps k neighbors per query: L=7, k=3, s=3 -> 21
+    assert flops.neighbor_pairs(spec(7, 3, stride=3, dtype="fp32")) == 21
+    # dilation 2 splits L=6 into two groups of 3; causal k=2 in a group: 1, 2, 2 -> 5 per group, 10 in all
+    assert flops.neighbor_pairs(spec(6, 2, dilation=2, causal=True, dtype="fp32")) == 10
+
+
+def test_2d_counts_are_products_of_the_axes():
+    # x: L=5, k=3 causal -> 12 (above); y: L=6, k=3, stride 2, causal -> 13 (above); 2D pairs = 12 * 13
+    problem = spec((5, 6), 3, stride=(1, 2), causal=True, batch=1, heads=1, head_dim=8, dtype="fp32")
+    assert flops.neighbor_pairs(problem) == 156
+    assert flops.forward_flops(problem) == 4 * 8 * 156
+    assert flops.full_attention_flops(problem) == 4 * 8 * 30 * 30
+
+
+def test_tflops():
+    assert flops.tflops(2e12, 0.5) == pytest.approx(4.0)
+    assert flops.tflops(1e12, 0.0) is None
+
+
+def test_summary_of_samples():
+    stats = timing.summarize([0.005, 0.001, 0.004, 0.002, 0.003])
+    assert stats == pytest.approx({"median_ms": 3.0, "min_ms": 1.0, "max_ms": 5.0, "q1_ms": 2.0, "q3_ms": 4.0,
+                                   "repeats": 5})
+
+
+def test_measure_respects_repeat_bounds():
+    calls = []
+    settings = timing.Settings(warmup=1, repeat=4, min_repeat=2, min_time=10.0)
+    measured = timing.measure(lambda: calls.append(1), timing.Clock("cpu"), settings)
+    # first call + 1 warm-up + 1 estimate + at most `repeat` timed calls (min_time asks for more)
+    assert measured["repeats"] == 4 and len(calls) == 1 + 1 + 1 + 4
+    assert measured["first_call_ms"] >= 0 and measured["min_ms"] <= measured["median_ms"] <= measured["max_ms"]
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_presets_hold_the_issue_targets():
+    keys = {problem.key for problem in PRESETS["issues"]}
+    assert {"2d-56x56-k7x7-b8-h4-D32-fp16", "2d-128x128-k7x7-b2-h8-D32-fp16", "2d-128x128-k13x13-b2-h8-D64-fp16",
+            "2d-128x128-k13x13-b2-h8-D64-bf16", "2d-128x128-k13x13-b2-h8-D128-bf16",
+            "1d-32768-k2047-b1-h8-D128-bf16"} == keys
+    full = [problem.key for problem in PRESETS["full"]]
+    assert len(full) == len(set(full)) and keys <= set(full)
+    assert "2d-256x256-k13x13-d4x4-b1-h4-D32-fp16" in full
+
+
+def test_quick_preset_fits_the_emulator_limit():
+    assert all(flops.forward_flops(problem) <= runner.EMULATOR_FLOP_LIMIT for problem in PRESETS["quick"])
+
+
+# ---------------------------------------------------------------- FlexAttention's mask is the NA definition
+
+
+def _dense_neighbors(problem) -> np.ndarray:
+    """Brute force over every (query, key) pair with the per-axis neighbor test of DESIGN.md section 2."""
+    coords = np.indices(problem.spatial).reshape(problem.ndim, -1)
+    mask = np.ones((problem.tokens, problem.tokens), dtype=bool)
+    for axis_coords, length, k, s, d, c in zip(coords, problem.spatial, problem.kernel, problem.stride,
+                                               problem.dilation, problem.causal):
+        axis = Axis(length, k, s, d, c)
+        mask &= is_neighbor(axis, axis_coords[:, None], axis_coords[None, :])
+    return mask
+
+
+@pytest.mark.parametrize("problem", [
+    spec((9, 12), (3, 5), dilation=(1, 2), stride=(2, 1), causal=(True, False), dtype="fp32"),
+    spec((16, 8), 3, dilation=2, dtype="fp32"),
+    spec(40, 7, dilation=3, stride=2, dtype="fp32"),
+], ids=lambda p: p.key)
+@pytest.mark.parametrize("tiled", [False, True], ids=["natural", "tiled"])
+def test_flex_mask_mod_is_the_neighborhood(problem, tiled):
+    order = peers.tiled_order(problem, peers.tile_shape(problem)) if tiled else None
+    if tiled:
+        assert sorted(order) == list(range(problem.tokens))  # a permutation of the tokens
+    mask_mod = peers.na_mask_mod(problem, "cpu", order)
+    positions = torch.arange(problem.tokens)
+    got = mask_mod(0, 0, positions[:, None], positions[None, :]).numpy()
+    expected = _dense_neighbors(problem)
+    if tiled:  # position p of the tiled order holds natural token order[p]
+        expected = expected[np.ix_(order, order)]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_tiled_order_groups_a_dilation_group():
+    problem = spec((8, 8), 3, dilation=2, dtype="fp32")
+    order = peers.tiled_order(problem, (4, 4))
+    first = np.array(order[:16])  # the first 16 positions: group (0, 0), one whole 4x4 tile
+    assert set((first // 8) % 2) == {0} and set((first % 8) % 2) == {0}
+
+
+# ---------------------------------------------------------------- the harness end to end, on the CPU
+
+# 2D 10x10, k=3, dilation 2 and causal on the first axis, batch 1, 1 head, head_dim 8:
+#   x: two dilation groups of 5, causal k=3 -> 1, 2, 3, 3, 3 = 12 per group, 24; y: 10 queries x 3 = 30
+HARNESS_PROBLEM = ["--shape", "10x10", "--kernel", "3", "--dilation", "2,1", "--causal", "1,0", "--dtype", "fp32",
+                   "--heads", "1", "--head-dim", "8", "--batch", "1"]
+HARNESS_FLOPS = 4 * 8 * 24 * 30
+HARNESS_ENTRIES = ("reference", "fused", "naive_kernels", "naive_torch", "sdpa")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    """One CPU run of the harness: (exit status, results, JSON path, printed output)."""
+    folder = tmp_path_factory.mktemp("bench")
+    path = folder / "results.json"
+    threads = torch.get_num_threads()
+    capture = _Capture()
+    with capture:
+        status = cli.main([*HARNESS_PROBLEM, *FAST, "--entries", ",".join(HARNESS_ENTRIES), "--out", str(path),
+                           "--plot"])
+    assert torch.get_num_threads() == threads, "the harness must give torch its thread count back"
+    return status, json.loads(path.read_text()), path, capture.text
+
+
+class _Capture:
+    """stdout of an in-process CLI run (capsys is function-scoped; the harness runs once per module)."""
+
+    def __enter__(self):
+        import io
+
+        self._stdout, sys.stdout = sys.stdout, io.StringIO()
+        return self
+
+    def __exit__(self, *exc):
+        self.text = sys.stdout.getvalue()
+        sys.stdout = self._stdout
+        return False
+
+
+def test_harness_writes_valid_json(harness):
+    status, results, path, _ = harness
+    assert status == 0
+    assert results["schema"] == runner.SCHEMA and results["complete"] and results["remaining"] == []
+    env = results["environment"]
+    for key in ("device", "driver", "cuda", "torch", "cupy", "nvrtc", "commit", "na_rtc", "command", "utc"):
+        assert env.get(key), f"environment lacks {key}"
+    assert env["device_type"] == "cpu"
+    assert any("GPU figures need a GPU" in note for note in results["notes"])
+    [problem] = results["problems"]
+    assert problem["key"] == "2d-10x10-k3x3-d2x1-c1x0-b1-h1-D8-fp32"
+    assert problem["flops_forward"] == HARNESS_FLOPS
+
+
+def test_every_entry_measured_and_agrees(harness):
+    _, results, _, _ = harness
+    entries = results["problems"][0]["entries"]
+    for name in HARNESS_ENTRIES:
+        entry = entries[name]
+        assert entry["status"] == "ok", (name, entry)
+        for mode, factor in (("forward", 1.0), ("forward_backward", 3.5)):
+            measured = entry[mode]
+            assert measured["repeats"] == 2
+            assert 0 < measured["min_ms"] <= measured["median_ms"] <= measured["max_ms"]
+            assert measured["tflops"] == pytest.approx(HARNESS_FLOPS * factor / (measured["median_ms"] / 1e3) / 1e12)
+            if "VmHWM" in results["settings"]["memory"]:
+                assert measured["peak_extra_mb"] >= 0
+        if name == "sdpa":  # full attention is a different function: never compared
+            assert "output_check" not in entry
+        else:
+            assert entry["output_check"]["agrees"], (name, entry["output_check"])
+    assert entries["fused"]["label"] == "na_rtc fused (emulator)"
+    assert entries["fused"]["notes"]["forward_kernels"].startswith("na_fused_fwd<float")
+
+
+def test_cpu_run_reports_gpu_only_entries(harness):
+    _, results, _, _ = harness
+    entries = results["problems"][0]["entries"]
+    for name in ("flex_natural", "flex_tiled"):
+        assert entries[name]["status"] == "skipped"
+        assert "GPU" in entries[name]["reason"]
+    assert "not measured" in results["compile"]["skipped"]
+
+
+def test_markdown_and_readme_table(harness, capsys):
+    _, results, path, printed = harness
+    text = path.with_suffix(".md").read_text()
+    assert text == report.markdown(results)
+    assert text in printed
+    assert "| entry | fwd ms [min-max] |" in text and "GPU figures need a GPU" in text
+    for name in HARNESS_ENTRIES:
+        assert results["problems"][0]["entries"][name]["label"] in text
+    assert cli.main(["--readme-table", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "| 2D 10x10 k=3 dil=2x1 causal=1x0 b1 h1 D8 fp32 |" in table
+    assert "CPU only" in table and "emulator" in table
+    assert cli.main(["--from-json", str(path)]) == 0
+    assert capsys.readouterr().out == text
+
+
+def test_png_chart(harness, tmp_path):
+    _, results, path, _ = harness
+    assert path.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
+    again = plot.draw(results, tmp_path / "again.png")
+    assert again.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_missing_matplotlib_is_reported(harness, monkeypatch, tmp_path, capsys):
+    _, results, _, _ = harness
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(plot.PlotUnavailable, match="matplotlib is not installed"):
+        plot.draw(results, tmp_path / "no.png")
+    cli._plot(results, str(tmp_path / "no.png"), None)
+    assert "chart: not drawn" in capsys.readouterr().out
+    assert not (tmp_path / "no.png").exists()
+
+
+def test_missing_flex_attention_is_reported_not_a_crash(monkeypatch, tmp_path, capsys):
+    import torch.nn.attention
+
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.flex_attention", None)
+    monkeypatch.delattr(torch.nn.attention, "flex_attention", raising=False)
+    path = tmp_path / "noflex.json"
+    status = cli.main(["--shape", "16", "--kernel", "5", "--dtype", "fp32", "--heads", "1", "--head-dim", "8", *FAST,
+                       "--entries", "flex_natural,flex_tiled,naive_torch", "--out", str(path)])
+    assert status == 0
+    entries = json.loads(path.read_text())["problems"][0]["entries"]
+    for name in ("flex_natural", "flex_tiled"):
+        assert entries[name]["status"] == "unavailable"
+        assert "FlexAttention is not available" in entries[name]["reason"]
+    assert entries["naive_torch"]["status"] == "ok"
+    assert "unavailable: FlexAttention is not available" in capsys.readouterr().out
+
+
+def test_split_ops_have_no_stride():
+    problem = spec((8, 8), 3, stride=2, dtype="fp32", heads=1, head_dim=8)
+    machine = runner.Machine("cpu", "emulator")
+    selection = runner.select_entries(["split"], machine)
+    record = runner.run_problem(problem, selection, machine, timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    entry = record["entries"]["split"]
+    assert entry["status"] == "unavailable" and "no stride" in entry["reason"]
+
+
+def test_emulator_entries_are_not_asked_for_gpu_sizes():
+    problem = PRESETS["issues"][2]
+    machine = runner.Machine("cpu", "emulator")
+    selection = runner.select_entries(["fused", "naive_torch"], machine)
+    record = runner.run_problem(problem, selection, machine, timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    for name in ("fused", "naive_torch"):
+        assert record["entries"][name]["status"] == "skipped"
+        assert "GPU figures need a GPU" in record["entries"][name]["reason"]
+
+
+def test_slices_resume_where_they_stopped(tmp_path):
+    path = tmp_path / "slices.json"
+    # a tiny budget: every slice measures one problem (the first always runs), then stops with status 3
+    statuses = [cli.main(["--preset", "quick", "--entries", "naive_torch", *FAST, "--budget", "1e-6",
+                          "--out", str(path)])]
+    while statuses[-1] == cli.INCOMPLETE and len(statuses) < 10:
+        statuses.append(cli.main(["--resume", str(path), *FAST, "--budget", "1e-6"]))
+    results = json.loads(path.read_text())
+    quick = [problem.key for problem in PRESETS["quick"]]
+    assert statuses == [cli.INCOMPLETE] * (len(quick) - 1) + [0]
+    assert [problem["key"] for problem in results["problems"]] == quick
+    assert [s["problems"] for s in results["slices"]] == [[key] for key in quick]
+    assert results["complete"] and results["settings"]["entries"] == ["naive_torch"]
+
+
+def test_resume_refuses_another_machine(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"environment": {"device": "NVIDIA H100 80GB HBM3"}, "problems": [], "plan": [],
+                                "settings": {}}))
+    assert cli.main(["--resume", str(path), "--preset", "quick"]) == 2
+    assert "was measured on NVIDIA H100" in capsys.readouterr().err
+
+
+def test_profile_prints_the_kernel_table(capsys):
+    status = cli.main(["--profile", "--shape", "16", "--kernel", "5", "--dtype", "fp32", "--heads", "1",
+                       "--head-dim", "8", "--entries", "naive_torch"])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "profile of 1D 16 k=5" in out and "bench:naive_torch" in out and "aten::einsum" in out
+
+
+# ---------------------------------------------------------------- bad command lines
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "12x", "--kernel", "3"], "--shape must be an integer or one per axis"),
+    (["--shape", "16"], "--shape needs --kernel"),
+    (["--kernel", "3"], "a free-form problem needs --shape"),
+    (["--shape", "8", "--kernel", "9"], "kernel_size * dilation must not exceed the input size"),
+    (["--shape", "16x16", "--kernel", "3x3x3"], "--kernel has 3 values but --shape has 2 axes"),
+    (["--shape", "16x16x16", "--kernel", "3"], "--shape must have 1 or 2 axes"),
+    (["--shape", "16", "--kernel", "5", "--stride", "6"], "stride must be between 1 and kernel_size"),
+    (["--shape", "16", "--kernel", "5", "--causal", "2"], "--causal takes no value"),
+    (["--shape", "16", "--kernel", "5", "--heads", "0"], "--heads must be at least 1"),
+    (["--preset", "quick", "--shape", "16", "--kernel", "5"], "not both"),
+    (["--preset", "quick", "--entries", "fused,nope"], "unknown entries nope"),
+    (["--preset", "quick", "--problem", "99"], "--problem 99: the plan has 4 problems"),
+    (["--preset", "quick", "--repeat", "0"], "--repeat must be positive"),
+    (["--readme-table", "/nonexistent/results.json"], "cannot read /nonexistent/results.json"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_arguments_give_a_clear_error(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m na_rtc bench: error: ") and message in err, err
+
+
+def test_argparse_choices_are_checked(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--dtype", "fp64"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'fp64'" in capsys.readouterr().err
+
+
+def test_not_a_results_file(tmp_path, capsys):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"hello": 1}))
+    assert cli.main(["--from-json", str(path)]) == 2
+    assert "not a na_rtc bench results file" in capsys.readouterr().err
+
+
+def test_bench_is_a_subcommand(capsys):
+    from na_rtc.__main__ import main
+
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "issues" in out and "2D 128x128 k=13 b2 h8 D64 fp16" in out and "flex_tiled" in out
+
+
+def test_compile_and_cached_load_are_timed_apart():
+    from na_rtc.bench.compile import measure_families
+
+    [(name, row)] = measure_families(["naive"], "emulator").items()
+    assert name == "naive" and "error" not in row, row
+    # an empty cache folder: the first load compiles; the second, with memory cleared, reads the disk entry
+    assert row["first_origin"] == "compiled" and row["cached_origin"] == "disk"
+    assert 0 < row["cached_load_s"] < row["compile_s"]
+    assert row["kernels"] > 0
