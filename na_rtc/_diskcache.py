@@ -11,7 +11,13 @@ Both caches follow one discipline, kept here so that a fix reaches both:
 * files appear atomically: written under a temporary name in the target
   folder, then moved into place with ``os.replace`` (:func:`write_atomically`),
   so concurrent writers each leave a whole file and readers never see half of
-  one;
+  one; a folder deleted meanwhile (``rm -r`` of the cache while a process
+  runs) is created again;
+* processes that miss the same entry at once build it once: the first takes
+  an advisory lock (:func:`build_lock`), the others wait for it and then read
+  its entry (:func:`file_signature` tells them it appeared). The lock is only
+  an economy: where it cannot be taken (read-only folder, no ``flock``) every
+  process builds, and the atomic writes keep the cache whole;
 * an unwritable folder is reported once per folder, as a warning pointing at
   the caller's code rather than at na_rtc's internals (:meth:`Memo.warn_once`);
 * counters of hits, misses and failures (:meth:`Memo.count`), so tests can
@@ -23,17 +29,28 @@ stay in the two modules.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Callable, Hashable, Sequence, TypeVar
+from typing import Callable, Hashable, Iterator, Sequence, TypeVar
 
-__all__ = ["CacheWarning", "KeyDigest", "Memo", "na_rtc_version", "warn", "write_atomically"]
+__all__ = [
+    "CacheWarning",
+    "KeyDigest",
+    "Memo",
+    "build_lock",
+    "file_signature",
+    "na_rtc_version",
+    "warn",
+    "write_atomically",
+]
 
 V = TypeVar("V")
 
@@ -157,17 +174,32 @@ class Memo:
         warn(message, category)
 
 
+def _write(fd: int, data: bytes) -> None:
+    """Write and close ``fd`` (tests replace this to simulate a full disk)."""
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder
     and ``os.replace``; OSError (nothing left behind) when the folder cannot
-    be written."""
+    be written. A folder that vanishes on the way is created again, once."""
+    for attempt in (1, 2):
+        try:
+            _write_once(path, data, mode)
+            return
+        except FileNotFoundError:
+            if attempt == 2 or path.parent.is_dir():  # not a deleted folder: report it
+                raise
+
+
+def _write_once(path: Path, data: bytes, mode: int) -> None:
     folder = path.parent
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        _write(fd, data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
         tmp = None
@@ -177,3 +209,61 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def file_signature(path: Path) -> tuple[int, ...] | None:
+    """What identifies this version of a file (None when there is none): a
+    change means another process replaced it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
+
+
+#: how long a process waits for another one building the same entry before
+#: building it itself (a stuck process must not stall the others forever)
+LOCK_TIMEOUT_SECONDS = 600.0
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, timeout: float | None = None) -> Iterator[bool]:
+    """Hold the advisory lock of entry ``path`` (a hidden ``.<name>.lock``
+    beside it) for the duration; yields whether it is held. Best effort: a
+    lock that cannot be created, or a wait past ``timeout`` seconds, yields
+    False and the caller builds unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield False
+        return
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # read-only or vanished folder: nothing to coordinate through
+        yield False
+        return
+    held = False
+    try:
+        deadline = time.monotonic() + (LOCK_TIMEOUT_SECONDS if timeout is None else timeout)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+            except OSError:  # a file system without flock
+                break
+        yield held
+    finally:
+        if held:
+            # the entry exists now (or the build failed): later processes read it
+            # without locking, so the lock file can go; a process that opened it
+            # before this unlink and locks it afterwards finds the entry and builds nothing
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+        os.close(fd)  # releases the lock

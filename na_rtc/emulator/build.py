@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import functools
 import hashlib
 import os
@@ -324,26 +325,55 @@ def _compile(source: Path, names: tuple[str, ...], target: Path, command: list[s
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
         _count("compiles")
         if done.returncode != 0 or not built.exists():
-            raise _build_error(source, names, tu_path, (done.stderr or "") + (done.stdout or ""), command)
+            log = (done.stderr or "") + (done.stdout or "")
+            _raise_if_the_folder_failed(work, log)
+            raise _build_error(source, names, tu_path, log, command)
         digest = hashlib.sha256(built.read_bytes()).hexdigest()
         os.chmod(built, 0o755)
-        _diskcache.write_atomically(_checksum_path(target), (digest + "\n").encode())
+        _diskcache.write_atomically(_checksum_path(target), f"{digest} {_key_of(target)}\n".encode())
         os.replace(built, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+#: compiler messages that blame the disk, not the source
+_DISK_ERRORS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                "Read-only file system": errno.EROFS}
+
+
+def _raise_if_the_folder_failed(work: Path, log: str) -> None:
+    """OSError when a failed compile was the build folder's fault (deleted,
+    full, read-only), so the caller builds elsewhere instead of blaming the source."""
+    if not work.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "the build folder was deleted during the build", str(work))
+    for text, number in _DISK_ERRORS.items():
+        if text in log:
+            raise OSError(number, f"the compiler could not write its output: {text}", str(work))
 
 
 def _checksum_path(target: Path) -> Path:
     return target.with_name(target.name + ".sha256")
 
 
-def _verified(target: Path) -> bool:
+def _key_of(target: Path) -> str:
+    return target.stem.rpartition("-")[2]
+
+
+def _verify(target: Path) -> str | None:
+    """Why the library ``target`` must not be used, or None when it may.
+
+    Its ``.sha256`` file holds the library's sha256 and the key it was built
+    for (files written before the key was recorded hold the digest alone)."""
     try:
-        expected = _checksum_path(target).read_text().strip()
+        recorded = _checksum_path(target).read_text().split()
         actual = hashlib.sha256(target.read_bytes()).hexdigest()
-    except OSError:
-        return False
-    return expected == actual
+    except OSError as error:
+        return f"its checksum cannot be read ({type(error).__name__})"
+    if not recorded or recorded[0] != actual:
+        return "its checksum does not match"
+    if len(recorded) > 1 and recorded[1] != _key_of(target):
+        return "it belongs to another key (renamed or copied file)"
+    return None
 
 
 def _open(target: Path, source: Path, names: tuple[str, ...]) -> EmulatedModule:
@@ -384,18 +414,36 @@ def load_module(source: str | os.PathLike, names: Sequence[str]) -> EmulatedModu
 def _load_or_build(source: Path, names: tuple[str, ...], key: str, command: list[str]) -> tuple[EmulatedModule, str]:
     """The module and where it came from: ``"disk"`` or ``"compiled"``."""
     target = _cache_folder() / f"{source.stem}-{key}.so"
-    if target.exists():
-        if _verified(target):
-            try:
-                module = _open(target, source, names)
-                _count("disk_hits")
-                return module, "disk"
-            except (OSError, EmulatorError) as error:
-                reason = f"it does not load ({error})"
-        else:
-            reason = "its checksum does not match"
+    seen = _diskcache.file_signature(target)
+    module = _load_built(target, source, names, warn=True)
+    if module is None:
+        with _diskcache.build_lock(target):  # another process building this key finishes first
+            if _diskcache.file_signature(target) not in (None, seen):  # ... and left its library
+                module = _load_built(target, source, names, warn=False)
+            if module is None:
+                return _build(source, names, target, command), "compiled"
+    _count("disk_hits")
+    return module, "disk"
+
+
+def _load_built(target: Path, source: Path, names: tuple[str, ...], *, warn: bool) -> EmulatedModule | None:
+    """The module of a cached library, or None (with a warning when ``warn``)
+    when there is none or it is unusable."""
+    if not target.exists():
+        return None
+    reason = _verify(target)
+    if reason is None:
+        try:
+            return _open(target, source, names)
+        except (OSError, EmulatorError) as error:
+            reason = f"it does not load ({error})"
+    if warn:
         _count("bad_entries")
         _diskcache.warn(f"na_rtc: cached emulator library {target} is unusable ({reason}); rebuilding it", EmulatorCacheWarning)
+    return None
+
+
+def _build(source: Path, names: tuple[str, ...], target: Path, command: list[str]) -> EmulatedModule:
     started = time.perf_counter()
     try:
         _compile(source, names, target, command)
@@ -410,4 +458,4 @@ def _load_or_build(source: Path, names: tuple[str, ...], key: str, command: list
     except OSError as error:
         raise EmulatorError(f"the emulator library {target} was built but does not load: {error}") from error
     module.compile_seconds = time.perf_counter() - started
-    return module, "compiled"
+    return module

@@ -229,7 +229,7 @@ def _decode(data: bytes, key: str) -> CompiledProgram:
         raise _BadEntry(f"unreadable metadata ({type(error).__name__}: {error})") from None
 
 
-def _load(path: Path, key: str, names: Sequence[str]) -> CompiledProgram | None:
+def _load(path: Path, key: str, names: Sequence[str], arch: int) -> CompiledProgram | None:
     try:
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
@@ -242,6 +242,10 @@ def _load(path: Path, key: str, names: Sequence[str]) -> CompiledProgram | None:
         missing = [name for name in names if name not in program.lowered]
         if missing:
             raise _BadEntry(f"lacks kernels {missing}")
+        # the key covers the arch; this also catches a writer that recorded the wrong one
+        kind, target = program.kind, program.target
+        if program.arch != arch or not (target == f"sm_{arch}" if kind == "cubin" else kind == "ptx" and target.startswith("compute_")):
+            raise _BadEntry(f"compiled for {target} ({kind}) of sm_{program.arch}, not for sm_{arch}")
     except _BadEntry as error:
         _count("bad_entries")
         _diskcache.warn(f"na_rtc: kernel cache entry {path} is unusable ({error}); recompiling it", KernelCacheWarning)
@@ -293,14 +297,19 @@ def lookup(
 
     def produce(key: str) -> tuple[CompiledProgram, str]:
         path = entry_path(key, arch, source.name, cache_root)
-        program = _load(path, key, names)
-        if program is not None:
-            _count("disk_hits")
-            return program, "disk"
-        program = _nvrtc.compile_program(source, names, arch, options, include_dir)
-        _count("compiles")
-        _store(path, program, key)
-        return program, "compiled"
+        seen = _diskcache.file_signature(path)
+        program = _load(path, key, names, arch)
+        if program is None:
+            with _diskcache.build_lock(path):  # another process compiling this key finishes first
+                if _diskcache.file_signature(path) not in (None, seen):  # ... and left its entry
+                    program = _load(path, key, names, arch)
+                if program is None:
+                    program = _nvrtc.compile_program(source, names, arch, options, include_dir)
+                    _count("compiles")
+                    _store(path, program, key)
+                    return program, "compiled"
+        _count("disk_hits")
+        return program, "disk"
 
     return _memo.get(call, key_of, produce)
 
