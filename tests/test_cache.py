@@ -8,10 +8,12 @@ skip when NVRTC is unavailable. Hits and misses are read from
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -21,6 +23,7 @@ import pytest
 from helpers import requires_nvrtc
 
 import na_rtc
+from na_rtc import _diskcache
 from na_rtc.runtime import cache, nvrtc
 
 KERNELS = Path(__file__).resolve().parent / "nvrtc_kernels"
@@ -290,16 +293,190 @@ def test_read_only_cache_still_serves_its_entries(kernel_cache, monkeypatch):
     assert len(_entries(kernel_cache)) == 1
 
 
+def _make_read_only(folder: Path, monkeypatch) -> None:
+    """Make ``folder`` and its subfolders read-only: by permissions, or, for
+    root (whom permissions do not bind), by refusing every file creation below
+    it the way the kernel would."""
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    real_open, real_mkdir, real_mkstemp = os.open, os.mkdir, tempfile.mkstemp
+    inside = str(folder) + os.sep
+
+    def denied(path) -> bool:
+        return str(Path(path).absolute()).startswith(inside)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and denied(path):
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if denied(path) and not Path(path).is_dir():
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def guarded_mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and denied(Path(dir) / "x"):
+            refuse(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+    monkeypatch.setattr(tempfile, "mkstemp", guarded_mkstemp)
+
+
 @requires_nvrtc
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
-def test_read_only_folder_permissions(kernel_cache):
-    kernel_cache.mkdir()
-    kernel_cache.chmod(0o500)
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_read_only_folder_permissions(kernel_cache, monkeypatch):
+    """A read-only cache folder (a shared, precompiled cache): its entries are
+    served without a warning, new programs are kept in memory with one."""
+    source = KERNELS / "kernels.cu"
+    cache.get_program(source, NAMES, 90)  # filled while writable
     try:
-        with pytest.warns(cache.KernelCacheWarning, match="not writable"):
-            assert cache.get_program(KERNELS / "kernels.cu", NAMES, 90).kind == "cubin"
+        _make_read_only(kernel_cache, monkeypatch)
+        _forget_memory()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cache.lookup(source, NAMES, 90)[1] == "disk"
+        with pytest.warns(cache.KernelCacheWarning, match="not writable.*memory only") as caught:
+            program, origin = cache.lookup(source, NAMES, 80)
+            assert cache.lookup(source, NAMES[:1], 80)[1] == "compiled"  # one warning per folder
+        assert len(caught) == 1 and (origin, program.kind) == ("compiled", "cubin")
+        assert [p.parent.name for p in _entries(kernel_cache)] == ["sm_90"]  # nothing written
     finally:
-        kernel_cache.chmod(0o700)
+        monkeypatch.undo()
+        for path in [kernel_cache, *kernel_cache.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+
+
+# ---------------------------------------------------------------- other faults
+
+
+@requires_nvrtc
+def test_entry_of_another_arch_is_a_miss(kernel_cache):
+    """An sm_80 cubin under sm_90's name (a copied folder, a mixed-up
+    NA_RTC_CACHE_DIR) is never handed to an sm_90 device."""
+    source = KERNELS / "kernels.cu"
+    sm80 = cache.get_program(source, NAMES, 80)
+    cache.get_program(source, NAMES, 90)
+    (entry80, entry90) = _entries(kernel_cache)
+    shutil.copy(entry80, entry90)
+    _forget_memory()
+    with pytest.warns(cache.KernelCacheWarning, match="another key"):
+        program, origin = cache.lookup(source, NAMES, 90)
+    assert (origin, program.target, program.arch) == ("compiled", "sm_90", 90)
+
+    # an entry under the right key that records another arch (a buggy writer)
+    key = cache.cache_key(source, NAMES, 90)
+    entry90.write_bytes(cache._encode(sm80, key))
+    _forget_memory()
+    with pytest.warns(cache.KernelCacheWarning, match="compiled for sm_80 .*not for sm_90"):
+        program, origin = cache.lookup(source, NAMES, 90)
+    assert (origin, program.target) == ("compiled", "sm_90")
+    _forget_memory()
+    assert cache.lookup(source, NAMES, 90)[1] == "disk"  # overwritten with the right one
+
+
+@requires_nvrtc
+def test_entry_from_an_older_na_rtc_is_not_used(kernel_cache, monkeypatch):
+    """The key holds na_rtc's version: an upgrade compiles afresh and never
+    loads what an older version wrote, even under the new name."""
+    source = KERNELS / "kernels.cu"
+    with monkeypatch.context() as patch:
+        patch.setattr(na_rtc, "__version__", "0.0.1")
+        cache.get_program(source, NAMES, 90)
+    (old,) = _entries(kernel_cache)
+    _forget_memory()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program, origin = cache.lookup(source, NAMES, 90)
+    assert origin == "compiled"
+    new = next(p for p in _entries(kernel_cache) if p != old)
+    assert cache._decode(new.read_bytes(), cache.cache_key(source, NAMES, 90)).lowered == program.lowered
+    shutil.copy(old, new)  # the old entry under the new name
+    _forget_memory()
+    with pytest.warns(cache.KernelCacheWarning, match="another key"):
+        assert cache.lookup(source, NAMES, 90)[1] == "compiled"
+
+
+@requires_nvrtc
+def test_cache_folder_deleted_while_running(kernel_cache):
+    source = KERNELS / "kernels.cu"
+    first = cache.get_program(source, NAMES, 90)
+    shutil.rmtree(kernel_cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.get_program(source, NAMES, 90) is first  # memory still serves
+        assert cache.lookup(source, NAMES, 80)[1] == "compiled"  # folder created again
+        _forget_memory()
+        assert cache.lookup(source, NAMES, 90)[1] == "compiled"
+    assert [p.parent.name for p in _entries(kernel_cache)] == ["sm_80", "sm_90"]
+    assert cache.cache_stats()["write_failures"] == 0
+
+
+@requires_nvrtc
+def test_cache_folder_deleted_between_mkdir_and_write(kernel_cache, monkeypatch):
+    real_mkstemp = tempfile.mkstemp
+    deleted = []
+
+    def delete_first(*args, **kwargs):
+        if not deleted:
+            deleted.append(kwargs["dir"])
+            shutil.rmtree(kernel_cache)  # another process's `rm -r` at the worst moment
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr("tempfile.mkstemp", delete_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.lookup(KERNELS / "kernels.cu", NAMES, 90)[1] == "compiled"
+    assert deleted and len(_entries(kernel_cache)) == 1
+    assert cache.cache_stats()["disk_writes"] == 1
+
+
+@requires_nvrtc
+def test_full_disk_keeps_the_program_in_memory(kernel_cache, monkeypatch):
+    def disk_full(fd, data):
+        os.write(fd, data[: len(data) // 3])  # part of it fits, then the disk is full
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    source = KERNELS / "kernels.cu"
+    with monkeypatch.context() as patch:
+        patch.setattr(_diskcache, "_write", disk_full)
+        with pytest.warns(cache.KernelCacheWarning, match="No space left on device.*memory only") as caught:
+            program, origin = cache.lookup(source, NAMES, 90)
+    assert len(caught) == 1 and origin == "compiled"
+    assert program.binary[:4] == b"\x7fELF" and set(program.lowered) == set(NAMES)
+    assert list(kernel_cache.rglob("*")) == [kernel_cache / "sm_90"]  # no entry, no partial temp file
+    assert cache.cache_stats()["write_failures"] == 1
+    # space again: the next program is stored
+    assert cache.lookup(source, NAMES, 80)[1] == "compiled" and len(_entries(kernel_cache)) == 1
+
+
+@requires_nvrtc
+def test_unreadable_entry_is_recompiled(kernel_cache, monkeypatch):
+    source = KERNELS / "kernels.cu"
+    cache.get_program(source, NAMES, 90)
+    (entry,) = _entries(kernel_cache)
+    real_read = Path.read_bytes
+
+    def unreadable(path):
+        if path == entry:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    _forget_memory()
+    with pytest.warns(cache.KernelCacheWarning, match="cannot read"):
+        program, origin = cache.lookup(source, NAMES, 90)
+    assert origin == "compiled" and program.kind == "cubin"
 
 
 # ---------------------------------------------------------------- processes at once
@@ -307,10 +484,13 @@ def test_read_only_folder_permissions(kernel_cache):
 
 WORKER = textwrap.dedent(
     """
-    import sys, time
+    import contextlib, sys, time
+    from na_rtc import _diskcache
     from na_rtc.runtime import cache
-    start, source = float(sys.argv[1]), sys.argv[2]
-    names = sys.argv[3:]
+    start, locking, source = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+    names = sys.argv[4:]
+    if locking == "unlocked":  # as on a file system without flock: only the atomic writes protect
+        _diskcache.build_lock = lambda path: contextlib.nullcontext(False)
     while time.time() < start:
         time.sleep(0.001)
     program, origin = cache.lookup(source, names, 90)
@@ -319,33 +499,43 @@ WORKER = textwrap.dedent(
 )
 
 
-@requires_nvrtc
-def test_processes_compiling_the_same_kernel_at_once(kernel_cache):
-    source = KERNELS / "spills.cu"  # slow enough to compile that the processes overlap
-    names = ["pressure<96>", "heavy<32>", "pressure<8>"]
-    environment = dict(os.environ)
-    environment["NA_RTC_CACHE_DIR"] = str(kernel_cache)
+def start_workers(code: str, count: int, *args: str, cache_root: Path) -> list[subprocess.Popen]:
+    """``count`` interpreters running ``code``, released together ``start`` (argv[1]) seconds from now."""
+    environment = dict(os.environ, NA_RTC_CACHE_DIR=str(cache_root))
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    start = time.time() + 2.0  # after every interpreter has started
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, repr(start), str(source), *names],
-            env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for _ in range(3)
+    start = time.time() + 3.0  # after every interpreter has started, even on a busy machine
+    return [
+        subprocess.Popen([sys.executable, "-c", code, repr(start), *args], env=environment,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
     ]
-    results = [worker.communicate(timeout=120) + (worker.returncode,) for worker in workers]
+
+
+def finish_workers(workers: list[subprocess.Popen]) -> list[list[str]]:
+    results = [worker.communicate(timeout=180) + (worker.returncode,) for worker in workers]
     for out, err, code in results:
         assert code == 0, err
-    lines = [out.split() for out, _, _ in results]
-    assert all(line[1] == "cubin" and line[3] == "_Z8pressureILi8EEvPf" for line in lines)
+    return [out.split() for out, _, _ in results]
+
+
+@requires_nvrtc
+@pytest.mark.parametrize("locking", ["locked", "unlocked"])
+def test_eight_processes_compiling_the_same_kernels_at_once(kernel_cache, locking):
+    source = KERNELS / "kernels.cu"
+    names = list(NAMES)
+    lines = finish_workers(start_workers(WORKER, 8, locking, str(source), *names, cache_root=kernel_cache))
+    origins = sorted(line[0] for line in lines)
+    if locking == "locked":  # one compiles, the others wait and read its entry
+        assert origins == ["compiled"] + ["disk"] * 7
+    else:
+        assert "compiled" in origins
+    assert all(line[1] == "cubin" and line[3] == "_ZN7na_test9block_sumIfEEvPT_PKS1_" for line in lines)
     assert len({line[2] for line in lines}) == 1  # same cubin size everywhere
-    assert any(line[0] == "compiled" for line in lines)
-    # one valid entry, no temporary files left behind
+    # one valid entry, no temporary or lock files left behind
     (entry,) = _entries(kernel_cache)
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]
     key = cache.cache_key(source, names, 90)
-    assert cache._decode(entry.read_bytes(), key).lowered["pressure<8>"] == "_Z8pressureILi8EEvPf"
+    assert set(cache._decode(entry.read_bytes(), key).lowered) == set(names)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cache.lookup(source, names, 90)[1] == "disk"
