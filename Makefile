@@ -33,7 +33,7 @@ help:
 	@echo "make wheel      build the wheel into $(DIST)/"
 	@echo "make gpu-check  on a GPU machine, with its own python (no .venv, no network): GPU self-tests,"
 	@echo "                gpu-marked tests, quick benchmark; JSON into RESULTS=$(RESULTS)"
-	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot,nvrtc]"
+	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot,nvrtc,examples]"
 	@echo "make clean      remove build outputs and caches (keeps $(VENV))"
 	@echo "make distclean  clean, and remove $(VENV) too"
 
@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml
 		echo "$(VPY) -m pip install $(TORCH_PIP_ARGS) $(TORCH_SPEC)"; \
 		$(VPY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; \
 	fi
-	$(VPY) -m pip install -e ".[tests,plot,nvrtc]" build
+	$(VPY) -m pip install -e ".[tests,plot,nvrtc,examples]" build
 	touch $@
 
 venv: $(STAMP)
