@@ -101,6 +101,13 @@ def empty(like, shape, dtype: str):
     return np.empty(tuple(shape), dtype=dtype)
 
 
+def zeros(like, shape, dtype: str):
+    """A zero-filled contiguous array of ``like``'s kind and device."""
+    out = empty(like, shape, dtype)
+    out[...] = 0
+    return out
+
+
 def cast(x, dtype: str):
     """``x`` in ``dtype`` (no copy when it already is)."""
     if dtype_name(x) == dtype:

@@ -130,7 +130,7 @@ def _plan(problem: Problem):
     if problem.dtype not in DTYPES:
         return None
     hd = head_dim_bucket(problem.head_dim)
-    if hd is None or math.prod(problem.qkv_shape) == 0:
+    if hd is None:
         return None
     cfg = TABLE[(problem.ndim, hd, problem.dtype)]
     dq_shared = dq_shared_bytes(problem, cfg["dq"], problem.has_rpb)
@@ -177,6 +177,9 @@ class FusedBackwardKernels:
             raise ValueError("the fused backward needs the forward's output and logsumexp")
         hd, dq_cfg, dkdv_cfg, dq_shared, dkdv_shared = plan
         dtype = problem.dtype
+        if math.prod(problem.qkv_shape) == 0:  # batch or heads 0: nothing to launch; a bias gets a zero gradient
+            grads = tuple(_arrays.empty(query, problem.qkv_shape, dtype) for _ in range(3))
+            return (*grads, None if rpb_acc is None else _arrays.zeros(query, problem.rpb_shape, "float32"))
         lse = _arrays.cast(lse, "float32")
         if rpb_acc is not None:
             rpb_acc = _arrays.cast(rpb_acc, "float32")
