@@ -8,17 +8,22 @@ empty cache folder, so "compile" really compiles whatever the user's cache
 holds, and then again from that folder's disk entry with the in-memory cache
 cleared ("cached load": what every later process pays).
 
-The programs stay in this process's memory afterwards, so the entries that
-follow reuse them instead of compiling a second time.
+Families compile in parallel threads when the machine has cores to spare
+(NVRTC and the C++ compiler are single-threaded; each family's time is its
+own wall time), so a GPU machine spends about the slowest family's compile on
+this, not the sum. The programs stay in this process's memory afterwards:
+the entries that follow reuse them instead of compiling a second time.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _folders: list[Path] = []
@@ -33,62 +38,80 @@ def _scratch() -> Path:
     return folder
 
 
-def _cuda_family(family, device_index: int, root: Path) -> dict:
-    import cupy
+class _Cuda:
+    """NVRTC through the disk cache (``cache_root``), then a CuPy module load, as runtime/cuda.py does."""
 
-    from .._resources import cuda_src_dir
-    from ..runtime import cache
+    def __init__(self, root: Path, device_index: int):
+        import cupy
 
-    source = cuda_src_dir() / family.source
-    arch = int(cupy.cuda.Device(device_index).compute_capability)
+        self.root, self.device_index = root, device_index
+        self.arch = int(cupy.cuda.Device(device_index).compute_capability)
 
-    def load() -> tuple[float, str]:
+    @contextlib.contextmanager
+    def session(self):
+        yield
+
+    def clear(self) -> None:
+        from ..runtime import cache
+
+        cache.clear_memory_cache()
+
+    def load(self, family) -> tuple[float, str]:
+        import cupy
+
+        from .._resources import cuda_src_dir
+        from ..runtime import cache
+
         started = time.perf_counter()
-        program, origin = cache.lookup(source, family.names, arch, cache_root=root)
+        program, origin = cache.lookup(cuda_src_dir() / family.source, family.names, self.arch, cache_root=self.root)
         image = program.binary + b"\x00" if program.kind == "ptx" else program.binary  # as runtime/cuda.py loads it
-        with cupy.cuda.Device(device_index):
+        with cupy.cuda.Device(self.device_index):
             cupy.cuda.function.Module().load(image)
         return time.perf_counter() - started, origin
 
-    cache.clear_memory_cache()
-    first, first_origin = load()
-    cache.clear_memory_cache()
-    cached, cached_origin = load()
-    return {"compile_s": first, "cached_load_s": cached, "first_origin": first_origin,
-            "cached_origin": cached_origin, "kernels": len(family.names), "arch": f"sm_{arch}"}
+    def describe(self) -> dict:
+        return {"arch": f"sm_{self.arch}"}
 
 
-def _emulator_family(family, root: Path) -> dict:
-    from .. import emulator
-    from .._resources import cuda_src_dir
+class _Emulator:
+    """The system C++ compiler through the emulator's build cache (its folder comes from NA_RTC_CACHE_DIR)."""
 
-    source = cuda_src_dir() / family.source
-    previous = os.environ.get("NA_RTC_CACHE_DIR")
-    os.environ["NA_RTC_CACHE_DIR"] = str(root)  # the emulator's cache folder comes from the setting
-    try:
+    def __init__(self, root: Path):
+        self.root = root
+
+    @contextlib.contextmanager
+    def session(self):
+        previous = os.environ.get("NA_RTC_CACHE_DIR")
+        os.environ["NA_RTC_CACHE_DIR"] = str(self.root)
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("NA_RTC_CACHE_DIR", None)
+            else:
+                os.environ["NA_RTC_CACHE_DIR"] = previous
+
+    def clear(self) -> None:
+        from .. import emulator
+
         emulator.clear_memory_cache()
-        before = emulator.cache_stats()
+
+    def load(self, family) -> tuple[float, str]:
+        from .. import emulator
+        from .._resources import cuda_src_dir
+
+        source = cuda_src_dir() / family.source
+        existed = emulator.library_path(source, family.names).exists()
         started = time.perf_counter()
         emulator.load_module(source, family.names)
-        first = time.perf_counter() - started
-        compiled = emulator.cache_stats()["compiles"] > before["compiles"]
-        emulator.clear_memory_cache()
-        before = emulator.cache_stats()
-        started = time.perf_counter()
-        emulator.load_module(source, family.names)
-        cached = time.perf_counter() - started
-        disk_hit = emulator.cache_stats()["disk_hits"] > before["disk_hits"]
-    finally:
-        if previous is None:
-            os.environ.pop("NA_RTC_CACHE_DIR", None)
-        else:
-            os.environ["NA_RTC_CACHE_DIR"] = previous
-    return {"compile_s": first, "cached_load_s": cached, "first_origin": "compiled" if compiled else "unknown",
-            "cached_origin": "disk" if disk_hit else "unknown", "kernels": len(family.names),
-            "note": "the library is already mapped in this process: the cached load is the lookup, checksum and dlopen"}
+        return time.perf_counter() - started, "disk" if existed else "compiled"
+
+    def describe(self) -> dict:
+        return {"note": "the cached load of a library already mapped in this process is the lookup, "
+                        "checksum and dlopen"}
 
 
-def measure_families(names, backend: str, device_index: int = 0) -> dict:
+def measure_families(names, backend: str, device_index: int = 0, jobs: int | None = None) -> dict:
     """``{family: {compile_s, cached_load_s, ...}}`` on ``backend`` (``cuda`` or ``emulator``).
 
     A family that fails is reported with its error, and the others still run.
@@ -96,12 +119,33 @@ def measure_families(names, backend: str, device_index: int = 0) -> dict:
     from ..runtime.families import FAMILIES
 
     root = _scratch()
-    out = {}
-    for name in names:
+    try:
+        tool = _Cuda(root, device_index) if backend == "cuda" else _Emulator(root)
+    except Exception as error:  # noqa: BLE001 - no device to ask for its architecture, say so per family
+        return {name: {"error": f"{type(error).__name__}: {error}"[:400]} for name in names}
+    jobs = jobs or min(len(names), max(1, (os.cpu_count() or 1) // 2))
+    out: dict = {}
+
+    def timed(name):
         try:
-            family = FAMILIES[name]
-            out[name] = (_cuda_family(family, device_index, root) if backend == "cuda"
-                         else _emulator_family(family, root))
+            return tool.load(FAMILIES[name])
         except Exception as error:  # noqa: BLE001 - reported in the results, the run goes on
-            out[name] = {"error": f"{type(error).__name__}: {error}"[:400]}
+            return f"{type(error).__name__}: {error}"[:400]
+
+    with tool.session():
+        tool.clear()
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            first = dict(zip(names, pool.map(timed, names)))
+        tool.clear()
+        for name in names:  # one at a time: loads are short and would only measure each other
+            if isinstance(first[name], str):
+                out[name] = {"error": first[name]}
+                continue
+            cached = timed(name)
+            if isinstance(cached, str):
+                out[name] = {"error": cached}
+                continue
+            out[name] = {"compile_s": first[name][0], "first_origin": first[name][1], "cached_load_s": cached[0],
+                         "cached_origin": cached[1], "kernels": len(FAMILIES[name].names), "parallel_jobs": jobs,
+                         **tool.describe()}
     return out

@@ -89,16 +89,19 @@ def _flex_module():
     return flex_attention
 
 
-_COMPILED = {}
-
-
 def _compiled_flex(module):
-    """One ``torch.compile``-d flex_attention per process (recompiles per shape are its own business)."""
-    if "flex" not in _COMPILED:
-        import torch
+    """A fresh ``torch.compile`` of flex_attention, for one entry on one problem.
 
-        _COMPILED["flex"] = torch.compile(module.flex_attention, dynamic=False)
-    return _COMPILED["flex"]
+    dynamo keeps compiled code per function and, after a few recompiles (each
+    shape, dtype and mask is one), silently runs flex_attention eagerly, which
+    materializes the whole score matrix: a different and much slower function.
+    Resetting before each entry keeps every measurement compiled and puts the
+    compile into that entry's first call, where the report shows it.
+    """
+    import torch
+
+    torch._dynamo.reset()
+    return torch.compile(module.flex_attention, dynamic=False)
 
 
 def tile_shape(spec: Spec) -> tuple[int, ...]:
