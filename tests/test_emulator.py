@@ -8,8 +8,16 @@ float64 nearest-value reference (bfloat16).
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import platform
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,7 @@ KERNELS = Path(__file__).parent / "emulator_kernels"
 SELFTEST = KERNELS / "selftest.cu"
 TINY = KERNELS / "tiny.cu"
 BROKEN = KERNELS / "broken.cu"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 NAMES = (
     "shared_isolation",
@@ -578,3 +587,231 @@ def test_a_missing_compiler_is_a_clear_error(fresh_cache, monkeypatch):
     assert not available and "C++ compiler" in reason
     with pytest.raises(RuntimeError, match=r"the emulator needs a C\+\+ compiler"):
         emulator.load_module(TINY, ["tiny_add"])
+
+
+# ---------------------------------------------------------------- cache faults (DESIGN.md section 5's guarantees)
+
+
+def _library(cache_root) -> Path:
+    (library,) = (cache_root / "emulator").glob("tiny-*.so")
+    return library
+
+
+def _environment(cache_root: Path) -> dict:
+    environment = dict(os.environ, NA_RTC_CACHE_DIR=str(cache_root))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
+    return environment
+
+
+def _in_another_process(code: str, cache_root: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", "import sys; " + code, str(TINY)], env=_environment(cache_root),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def _checksum(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _truncate(library: Path) -> None:
+    library.write_bytes(library.read_bytes()[:1000])
+
+
+def _flip_a_byte(library: Path) -> None:
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+
+
+def _drop_checksum(library: Path) -> None:
+    _checksum(library).unlink()
+
+
+def _garbage_with_its_checksum(library: Path) -> None:  # passes the checksum, fails to load
+    library.write_bytes(b"not a shared library")
+    _checksum(library).write_text(hashlib.sha256(b"not a shared library").hexdigest() + "\n")
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _drop_checksum, _garbage_with_its_checksum],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_a_damaged_library_is_rebuilt(fresh_cache, damage):
+    # built by another process: this one must not have the file mapped already
+    # (the dynamic loader hands out a library it has loaded by its path again)
+    _in_another_process("from na_rtc import emulator; emulator.load_module(sys.argv[1], ['tiny_add'])", fresh_cache)
+    library = _library(fresh_cache)
+    damage(library)
+    with pytest.warns(EmulatorCacheWarning, match="unusable .*rebuilding"):
+        module = emulator.load_module(TINY, ["tiny_add"])
+    assert tiny_works(module)
+    stats = emulator.cache_stats()
+    assert (stats["compiles"], stats["bad_entries"]) == (1, 1)
+    emulator.clear_memory_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emulator.load_module(TINY, ["tiny_add"])  # the rebuilt library is whole
+    assert emulator.cache_stats()["disk_hits"] == 1
+
+
+def test_a_library_of_another_key_is_never_run(fresh_cache, tmp_path):
+    """Another source's library (same kernel name and signature, other
+    arithmetic) copied under this key's name is rebuilt, not launched."""
+    other = tmp_path / "other" / "tiny.cu"
+    other.parent.mkdir()
+    other.write_text(TINY.read_text().replace("in[i] + value", "in[i] - value"))
+    wrong = emulator.load_module(other, ["tiny_add"])
+    assert not tiny_works(wrong)
+    target = emulator.library_path(TINY, ["tiny_add"])  # never loaded in this process
+    shutil.copy(wrong.path, target)
+    shutil.copy(_checksum(wrong.path), _checksum(target))
+    with pytest.warns(EmulatorCacheWarning, match="belongs to another key"):
+        module = emulator.load_module(TINY, ["tiny_add"])
+    assert tiny_works(module)
+
+
+def test_a_library_from_an_older_na_rtc_is_not_used(fresh_cache, monkeypatch):
+    import na_rtc
+
+    with monkeypatch.context() as patch:
+        patch.setattr(na_rtc, "__version__", "0.0.1")
+        old = emulator.load_module(TINY, ["tiny_add"]).path
+    emulator.clear_memory_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = emulator.load_module(TINY, ["tiny_add"])
+    assert module.path != old and tiny_works(module)
+    assert emulator.cache_stats()["compiles"] == 2
+
+
+def test_the_cache_folder_deleted_while_running(fresh_cache):
+    first = emulator.load_module(TINY, ["tiny_add"])
+    shutil.rmtree(fresh_cache / "emulator")
+    assert tiny_works(first)  # a loaded library outlives its file
+    emulator.clear_memory_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = emulator.load_module(TINY, ["tiny_add"])
+    assert tiny_works(module) and module.path.parent == fresh_cache / "emulator" and module.path.exists()
+
+
+def _failing_run_once(monkeypatch, fault):
+    """Replace the compiler run: the first call suffers ``fault(cwd)`` and
+    fails as the compiler would, later calls compile for real."""
+    from na_rtc.emulator import build
+
+    real_run = build.subprocess.run
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(kwargs.get("cwd"))
+        if len(calls) == 1:
+            message = fault(Path(kwargs["cwd"]))
+            return subprocess.CompletedProcess(command, 1, "", message)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(build.subprocess, "run", run)
+    return calls
+
+
+def _delete_the_folder(work: Path) -> str:
+    shutil.rmtree(work.parent)  # another process's `rm -r` of the cache during the build
+    return "/usr/bin/ld: cannot open output file tiny.so: No such file or directory\n"
+
+
+def _fill_the_disk(work: Path) -> str:
+    return "{}: fatal error: error writing to /tmp/ccAbc.s: No space left on device\ncompilation terminated.\n".format(
+        work / "tiny.cpp")
+
+
+@pytest.mark.parametrize("fault", [_delete_the_folder, _fill_the_disk], ids=["folder-deleted", "disk-full"])
+def test_a_build_the_folder_spoiled_is_redone_privately(fresh_cache, monkeypatch, fault):
+    """A compile that failed because of the cache folder, not the source, is
+    not reported as a compile error: the library is built in a private folder."""
+    calls = _failing_run_once(monkeypatch, fault)
+    with pytest.warns(EmulatorCacheWarning, match="not writable"):
+        module = emulator.load_module(TINY, ["tiny_add"])
+    assert tiny_works(module) and len(calls) == 2
+    assert not str(module.path).startswith(str(fresh_cache))
+
+
+def test_no_folder_at_all_is_a_clear_error(fresh_cache, monkeypatch):
+    from na_rtc.emulator import build
+
+    monkeypatch.setattr(build.subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(
+        command, 1, "", _fill_the_disk(Path(kwargs["cwd"]))))
+    with pytest.warns(EmulatorCacheWarning), pytest.raises(EmulatorError, match=r"(?s)No space left on device.*"
+                                                           r"free disk space, or set NA_RTC_CACHE_DIR and TMPDIR"):
+        emulator.load_module(TINY, ["tiny_add"])
+
+
+def test_a_full_disk_while_writing_the_checksum(fresh_cache, monkeypatch):
+    from na_rtc import _diskcache
+
+    def disk_full(fd, data):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_diskcache, "_write", disk_full)
+        with pytest.warns(EmulatorCacheWarning, match="No space left on device"):
+            module = emulator.load_module(TINY, ["tiny_add"])
+    assert tiny_works(module)
+    assert sorted(p.name for p in (fresh_cache / "emulator").iterdir()) == []  # nothing half-written
+
+
+def test_a_read_only_cache_serves_its_libraries(fresh_cache, monkeypatch):
+    emulator.load_module(TINY, ["tiny_add"])
+    emulator.clear_memory_cache()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    monkeypatch.setattr("os.access", lambda path, mode, **kwargs: False if mode & os.W_OK else True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = emulator.load_module(TINY, ["tiny_add"])
+    assert tiny_works(module)
+    # the library was served; the unwritable folder is mentioned at most once
+    assert emulator.cache_stats()["disk_hits"] == 1 and emulator.cache_stats()["compiles"] == 1
+    assert len(caught) <= 1
+
+
+EMULATOR_WORKER = textwrap.dedent(
+    """
+    import contextlib, sys, time
+    import numpy as np
+    from na_rtc import _diskcache, emulator
+    from na_rtc.runtime.plan import Kernel, LaunchPlan, f32, i32, ptr
+    start, locking, source = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if locking == "unlocked":
+        _diskcache.build_lock = lambda path: contextlib.nullcontext(False)
+    while time.time() < start:
+        time.sleep(0.001)
+    module = emulator.load_module(source, ["tiny_add"])
+    x = np.arange(5, dtype=np.float32)
+    out = np.zeros_like(x)
+    module.launch(LaunchPlan(Kernel("tiny.cu", "tiny_add"), (1, 1, 1), (8, 1, 1), 0, (ptr(out), ptr(x), f32(0.5), i32(5))))
+    print(emulator.cache_stats()["compiles"], bool(np.array_equal(out, x + 0.5)))
+    """
+)
+
+
+@pytest.mark.parametrize("locking", ["locked", "unlocked"])
+def test_eight_processes_building_the_same_library_at_once(fresh_cache, locking):
+    environment = _environment(fresh_cache)
+    start = time.time() + 3.0
+    count = 8 if locking == "locked" else 3  # unlocked, every process compiles: keep CI's two cores free
+    workers = [
+        subprocess.Popen([sys.executable, "-c", EMULATOR_WORKER, repr(start), locking, str(TINY)], env=environment,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(count)
+    ]
+    results = [worker.communicate(timeout=300) + (worker.returncode,) for worker in workers]
+    for out, err, code in results:
+        assert code == 0, err
+    lines = [out.split() for out, _, _ in results]
+    assert all(correct == "True" for _, correct in lines)
+    compiles = sum(int(count) for count, _ in lines)
+    assert compiles == 1 if locking == "locked" else compiles >= 1
+    library = _library(fresh_cache)
+    assert sorted(p.name for p in library.parent.iterdir()) == [library.name, _checksum(library).name]

@@ -312,7 +312,7 @@ def _build_error(source: Path, names: tuple[str, ...], tu_path: Path, log: str, 
     return EmulatorBuildError(message, source=source, log=log, file=file, line=line)
 
 
-def _compile(source: Path, names: tuple[str, ...], target: Path, command: list[str]) -> None:
+def _compile(source: Path, names: tuple[str, ...], target: Path, command: list[str], checksum: bool = True) -> None:
     """Build the library into ``target`` (atomically), with its checksum file."""
     folder = target.parent
     work = Path(tempfile.mkdtemp(prefix=f".{target.stem}.", dir=folder))
@@ -330,7 +330,8 @@ def _compile(source: Path, names: tuple[str, ...], target: Path, command: list[s
             raise _build_error(source, names, tu_path, log, command)
         digest = hashlib.sha256(built.read_bytes()).hexdigest()
         os.chmod(built, 0o755)
-        _diskcache.write_atomically(_checksum_path(target), f"{digest} {_key_of(target)}\n".encode())
+        if checksum:
+            _diskcache.write_atomically(_checksum_path(target), f"{digest} {_key_of(target)}\n".encode())
         os.replace(built, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -452,7 +453,14 @@ def _build(source: Path, names: tuple[str, ...], target: Path, command: list[str
         private = _private_folder()
         _warn_unwritable(target.parent, error, private)
         target = private / target.name
-        _compile(source, names, target, command)
+        try:  # no checksum file: nothing reads a private library back
+            _compile(source, names, target, command, checksum=False)
+        except OSError as again:
+            raise EmulatorError(
+                f"cannot build the emulator library of {source.name}: neither the cache folder {error.filename or ''} "
+                f"({error.strerror or error}) nor the private folder {private} ({again.strerror or again}) can take it; "
+                "free disk space, or set NA_RTC_CACHE_DIR and TMPDIR to writable folders"
+            ) from again
     try:
         module = _open(target, source, names)
     except OSError as error:
