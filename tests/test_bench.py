@@ -376,3 +376,48 @@ def test_compile_and_cached_load_are_timed_apart():
     assert row["first_origin"] == "compiled" and row["cached_origin"] == "disk"
     assert 0 < row["cached_load_s"] < row["compile_s"]
     assert row["kernels"] > 0
+
+
+def _gpu_like_results() -> dict:
+    """A results file as a GPU run writes it (numbers made up, shaped like the real thing)."""
+    def timed(ms, peak):
+        return {"median_ms": ms, "min_ms": ms * 0.9, "max_ms": ms * 1.2, "q1_ms": ms, "q3_ms": ms, "repeats": 10,
+                "tflops": 1.0, "first_call_ms": ms * 100, "peak_extra_mb": peak}
+
+    def entry(label, forward, backward, peak=10.0):
+        return {"label": label, "status": "ok", "forward": timed(forward, peak),
+                "forward_backward": timed(backward, peak * 3)}
+
+    problem = spec((128, 128), 13, batch=2, heads=8, head_dim=64, dtype="fp16")
+    record = {**problem.to_json(), "flops_forward": flops.forward_flops(problem), "output_mb": 32.0, "entries": {
+        "fused": entry("na_rtc fused (cuda)", 2.0, 8.0),
+        "naive_torch": {"label": "naive torch NA", "status": "oom", "reason": "out of memory: CUDA out of memory"},
+        "flex_natural": entry("FlexAttention, natural order", 4.0, 20.0),
+        "flex_tiled": entry("FlexAttention, tiled order", 3.0, 24.0),
+        "sdpa": entry("torch SDPA", 10.0, 40.0),
+    }}
+    environment = {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3", "capability": "sm_90",
+                   "driver": "driver 570.1 (CUDA 12.8)", "cuda": "torch built with CUDA 12.8", "nvrtc": "12.8",
+                   "torch": "2.13.0", "na_rtc": "0.1.0", "commit": "0123456789abcdef", "utc": "2026-01-01T00:00:00Z",
+                   "command": "python -m na_rtc bench --preset issues"}
+    return {"schema": runner.SCHEMA, "preset": "issues", "environment": environment,
+            "settings": {"clock": "CUDA events", "memory": "torch CUDA allocator peak"}, "notes": [],
+            "problems": [record]}
+
+
+def test_readme_table_speedups():
+    table = report.readme_table(_gpu_like_results())
+    assert "Measured on NVIDIA H100 80GB HBM3 (sm_90; driver 570.1 (CUDA 12.8)" in table
+    assert "CPU only" not in table
+    row = next(line for line in table.splitlines() if line.startswith("| 2D 128x128 k=13"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    # naive torch ran out of memory: no speedup, and the memory cell says so
+    assert cells[3] == "- / -" and cells[6] == "30 / out of memory"
+    # FlexAttention: the faster order per mode, tiled 3 ms forward and natural 20 ms forward+backward
+    assert cells[4] == "1.50x / 2.50x"
+    assert cells[5] == "5.00x / 5.00x"
+
+
+def test_chart_with_flex_figures(tmp_path):
+    out = plot.draw(_gpu_like_results(), tmp_path / "gpu.png")
+    assert out.read_bytes()[:8] == PNG_SIGNATURE

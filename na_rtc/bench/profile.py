@@ -54,8 +54,13 @@ def profile(spec: Spec, selection: Selection, machine: Machine, mode: str = "for
                     fn()
             if machine.gpu:
                 torch.cuda.synchronize()
-    sort_by = "cuda_time_total" if machine.gpu else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+    averages = prof.key_averages()
+    sort_by = "device_time_total" if machine.gpu else "cpu_time_total"
+    try:
+        table = averages.table(sort_by=sort_by, row_limit=rows)
+    except AttributeError:  # torch before device_time_total (2.3 and older) spells it cuda_time_total
+        sort_by = "cuda_time_total"
+        table = averages.table(sort_by=sort_by, row_limit=rows)
     header = (f"profile of {spec.label}, {mode}, {steps} steps per entry "
               f"({', '.join(entry.label for entry, _ in runnable)}); sorted by {sort_by}")
     log(header)

@@ -48,6 +48,17 @@ def _git() -> dict:
     return {"commit": commit, "dirty": bool(dirty)}
 
 
+def _nvidia_smi_driver() -> str | None:
+    """The driver's own version (e.g. 570.124.06), which CUDA's API does not give; None without nvidia-smi."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None
+
+
 def environment(device: str) -> dict:
     """Device, driver and library versions, git commit and command line (never raises)."""
     from .. import _environment as env
@@ -77,7 +88,9 @@ def environment(device: str) -> dict:
         except Exception as error:  # noqa: BLE001
             info["device"] = f"unknown GPU ({type(error).__name__}: {error})"
         gpus = env.gpus()
-        info["driver"] = gpus.text.rsplit("(", 1)[-1].rstrip(")") if gpus.ok else gpus.text
+        supported = gpus.text.rsplit("(", 1)[-1].rstrip(")") if gpus.ok else gpus.text  # "driver CUDA 12.8"
+        version = _nvidia_smi_driver()
+        info["driver"] = f"driver {version} ({supported.removeprefix('driver ')})" if version else supported
     else:
         info["device"] = f"CPU: {info['cpu']}"
         info["driver"] = "n/a (no GPU)"
@@ -170,19 +183,21 @@ def problem_table(problem: dict) -> str:
              f"output {problem['output_mb']:.3g} MB",
              "",
              "| entry | fwd ms [min-max] | fwd TFLOP/s | fwd+bwd ms [min-max] | fwd+bwd TFLOP/s "
-             "| peak extra MB (fwd / fwd+bwd) | first call ms | vs naive torch (fwd / fwd+bwd) | output max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| peak extra MB (fwd / fwd+bwd) | first call ms | vs naive torch (fwd / fwd+bwd) "
+             "| vs FlexAttention (fwd / fwd+bwd) | output max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in problem["entries"].items():
         label = entry.get("label", name)
         if entry.get("status") in ("skipped", "unavailable", "error", "oom"):
-            lines.append(f"| {label} | {entry['status']}: {entry.get('reason', '')} | | | | | | | |")
+            lines.append(f"| {label} | {entry['status']}: {entry.get('reason', '')} | | | | | | | | |")
             continue
         fwd, fwd_t = _mode_cells(entry, "forward")
         both, both_t = _mode_cells(entry, "forward_backward")
         first = _ms((entry.get("forward") or {}).get("first_call_ms"))
-        vs = " / ".join(_x(speedup(problem, name, "naive_torch", mode)) for mode in ("forward", "forward_backward"))
-        lines.append(f"| {label} | {fwd} | {fwd_t} | {both} | {both_t} | {_memory_cell(entry)} | {first} | {vs} "
-                     f"| {_check_cell(entry.get('output_check'))} |")
+        vs = [" / ".join(_x(speedup(problem, name, baseline, mode)) for mode in ("forward", "forward_backward"))
+              for baseline in ("naive_torch", "flex")]
+        lines.append(f"| {label} | {fwd} | {fwd_t} | {both} | {both_t} | {_memory_cell(entry)} | {first} | {vs[0]} "
+                     f"| {vs[1]} | {_check_cell(entry.get('output_check'))} |")
     notes = [f"{entry.get('label', name)}: " + ", ".join(f"{k} {_note(v)}" for k, v in entry["notes"].items())
              for name, entry in problem["entries"].items() if entry.get("notes")]
     if notes:

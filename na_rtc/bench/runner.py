@@ -258,7 +258,8 @@ def _memory_label(machine: Machine) -> str:
     from ..demo import PeakMemory
 
     label = PeakMemory(machine.device).label
-    return label.removeprefix("peak memory: ") + ", above the inputs, on a separate untimed call"
+    return (label.removeprefix("peak memory: ") + ", above the inputs and the entry's prepared buffers (layout "
+            "copies, masks, index tables), on a separate untimed call")
 
 
 def spec_from_json(record: dict) -> Spec:
