@@ -421,3 +421,27 @@ def test_readme_table_speedups():
 def test_chart_with_flex_figures(tmp_path):
     out = plot.draw(_gpu_like_results(), tmp_path / "gpu.png")
     assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_out_of_memory_and_errors_are_reported_and_the_run_goes_on():
+    from na_rtc.bench.entries import Entry, Prepared
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 137.00 GiB")
+
+    def broken(spec, inputs):
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    selection = runner.Selection(run=[
+        Entry("hungry", "hungry entry", lambda spec, inputs: Prepared(out_of_memory, out_of_memory)),
+        Entry("broken", "broken entry", broken),
+        *runner.select_entries(["naive_torch"], runner.Machine("cpu", "emulator")).run,
+    ])
+    problem = spec(16, 5, dtype="fp32", heads=1, head_dim=8)
+    record = runner.run_problem(problem, selection, runner.Machine("cpu", "emulator"), timing.Settings(0, 2, 2, 0.0),
+                                log=lambda _: None)
+    hungry, failed, fine = (record["entries"][name] for name in ("hungry", "broken", "naive_torch"))
+    assert hungry["status"] == "oom" and "137.00 GiB" in hungry["reason"]
+    assert hungry["forward_backward"]["reason"] == "not tried: the forward alone ran out of memory"
+    assert failed == {"label": "broken entry", "status": "error", "reason": "RuntimeError: no kernel for this"}
+    assert fine["status"] == "ok"

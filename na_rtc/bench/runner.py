@@ -160,6 +160,9 @@ def run_entry(entry: Entry, spec: Spec, inputs, machine: Machine, settings: timi
         if fn is None:
             record[mode] = {"status": "unavailable", "reason": prepared.no_backward or "no backward"}
             continue
+        if mode == "forward_backward" and record["forward"].get("status") == "oom":  # it would only fail slower
+            record[mode] = {"status": "oom", "reason": "not tried: the forward alone ran out of memory"}
+            continue
         try:
             measured = timing.measure(fn, clock, settings, memory)
             measured["tflops"] = flops.tflops(forward_flops * factor, measured["median_ms"] / 1e3)
@@ -193,7 +196,7 @@ def run_problem(spec: Spec, selection: Selection, machine: Machine, settings: ti
 
     forward_flops = flops.forward_flops(spec)
     itemsize = 4 if spec.dtype == "float32" else 2
-    record = {**spec.to_json(), "flops_forward": forward_flops, "flops_forward_backward": forward_flops * 3.5,
+    record = {**spec.to_json(), "flops_forward": forward_flops, "flops_forward_backward": flops.forward_backward_flops(spec),
               "neighbor_pairs": flops.neighbor_pairs(spec), "full_attention_flops_forward": flops.full_attention_flops(spec),
               "output_mb": spec.batch * spec.tokens * spec.heads * spec.head_dim * itemsize / 2**20, "entries": {}}
     memory = PeakMemory(machine.device)
