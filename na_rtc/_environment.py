@@ -13,6 +13,7 @@ its own line into a reason.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
@@ -34,6 +35,8 @@ __all__ = [
     "cache_dir",
     "settings",
     "hardware_verdict",
+    "cuda_extra",
+    "cuda_install_hint",
 ]
 
 CUDA_INSTALL_HINT = "pip install 'na_rtc[cuda13]' or '[cuda12]'"
@@ -120,13 +123,72 @@ def torch_version() -> Probe:
     return _found(torch.__version__, f"{torch.__version__} ({detail})")
 
 
+# CUdevice_attribute values of the driver API (cuda.h): compute capability
+_CC_MAJOR, _CC_MINOR = 75, 76
+
+
+def _libcuda_probe() -> tuple[int | None, list[int]]:
+    """CUDA driver version (13000 = 13.0) and the GPUs' archs, straight from
+    libcuda: what to install must be known before cupy is. ``(None, [])``
+    without a driver."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None, []
+    try:
+        version = ctypes.c_int()
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None, []
+        archs = []
+        count = ctypes.c_int()
+        if lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0:
+            for index in range(count.value):
+                device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+                if (lib.cuDeviceGet(ctypes.byref(device), index) == 0
+                        and lib.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, device) == 0
+                        and lib.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, device) == 0):
+                    archs.append(major.value * 10 + minor.value)
+        return version.value, archs
+    except Exception:  # noqa: BLE001 - a probe reports, never raises
+        return None, []
+
+
+def cuda_extra() -> tuple[str | None, str]:
+    """Which extra serves this machine, ``"cuda13"`` or ``"cuda12"``, and why
+    (DESIGN.md section 3); ``(None, reason)`` when the driver cannot tell."""
+    driver, archs = _libcuda_probe()
+    if driver is None:
+        return None, "no CUDA driver found to choose by"
+    driver_text = f"driver CUDA {driver // 1000}.{driver % 1000 // 10}"
+    gpus = ", ".join(f"sm_{arch}" for arch in archs) or "no GPU visible"
+    if driver < 13000:
+        return "cuda12", f"{driver_text} is older than CUDA 13"
+    old = [arch for arch in archs if arch < 75]
+    if old:
+        return "cuda12", f"NVRTC 13 does not compile for sm_{min(old)}; {driver_text}, {gpus}"
+    return "cuda13", f"{driver_text}, {gpus}"
+
+
+def cuda_install_hint() -> str:
+    """The install command for the ``cuda`` backend, for this machine's driver and GPUs."""
+    extra, reason = cuda_extra()
+    if extra is None:
+        return ("pip install 'na_rtc[cuda13]' (CUDA 13 driver, sm_75+) or 'na_rtc[cuda12]' "
+                "(older drivers, sm_70/72)")
+    return f"pip install 'na_rtc[{extra}]' ({reason})"
+
+
 def _import_cupy():
     """cupy module, or a Probe saying why not."""
     try:
         import cupy
     except ImportError as error:
         if getattr(error, "name", None) == "cupy" or "No module named 'cupy'" in str(error):
-            return _missing(f"cupy not installed ({CUDA_INSTALL_HINT})")
+            return _missing(f"cupy not installed ({cuda_install_hint()})")
         return _missing(f"cupy not importable ({_describe_error(error)})")
     except Exception as error:  # noqa: BLE001
         return _missing(f"cupy not importable ({_describe_error(error)})")
@@ -277,12 +339,18 @@ def _device_verdict(arch: int, nvrtc: tuple[int, int], archs: list[int], driver:
     """DESIGN.md section 3's supported-hardware table, applied to one device."""
     if arch < 70:
         return f"unsupported: na_rtc needs sm_70 or newer, this is sm_{arch}"
-    if nvrtc[0] >= 13 and arch < 75:
-        return f"unsupported with NVRTC {nvrtc[0]} (sm_75+ only): pip install 'na_rtc[cuda12]'"
+    if (nvrtc[0] >= 13 and arch < 75) or (archs and arch < min(archs)):
+        return (f"unsupported with NVRTC {nvrtc[0]}.{nvrtc[1]} (sm_{min(archs) if archs else 75}+ only): "
+                "pip install 'na_rtc[cuda12]'")
+    driver_text = "" if driver is None else f"{driver // 1000}.{driver % 1000 // 10}"
     if driver is not None and driver // 1000 < nvrtc[0]:
-        return (f"driver supports CUDA {driver // 1000}.{driver % 1000 // 10}, older than NVRTC {nvrtc[0]}: "
+        return (f"driver supports CUDA {driver_text}, older than NVRTC {nvrtc[0]}: "
                 f"update the driver, or use NVRTC 12 (pip install 'na_rtc[cuda12]')")
-    if archs and arch > max(archs):
+    if archs and arch not in archs:
+        # PTX is JIT-compiled by the driver, which must know the PTX version of this very NVRTC release
+        if driver is not None and driver < nvrtc[0] * 1000 + nvrtc[1] * 10:
+            return (f"sm_{arch} needs PTX from NVRTC {nvrtc[0]}.{nvrtc[1]}, but the driver supports CUDA {driver_text} "
+                    f"and cannot JIT it: update the driver to CUDA {nvrtc[0]}.{nvrtc[1]}+")
         return f"supported through PTX (sm_{arch} is newer than NVRTC {nvrtc[0]}.{nvrtc[1]} knows; the driver JITs it)"
     return f"supported: cubin for sm_{arch}"
 

@@ -14,6 +14,10 @@ CASES = {
     "pascal": (61, (12, 9), ARCHS_12, 12080, "unsupported: na_rtc needs sm_70"),
     "old-driver": (90, (13, 0), ARCHS_13, 12040, "older than NVRTC 13"),
     "newer-than-nvrtc": (130, (13, 5), ARCHS_13, 13050, "supported through PTX"),
+    "newer-than-nvrtc-old-driver": (130, (13, 5), ARCHS_13, 13000, "cannot JIT it: update the driver to CUDA 13.5+"),
+    "gap-in-nvrtc-list": (88, (13, 5), ARCHS_13, 13050, "supported through PTX"),
+    "no-driver-known": (90, (13, 0), ARCHS_13, None, "supported: cubin for sm_90"),
+    "older-than-nvrtc-12-knows": (70, (12, 9), [75, 80, 90], 12080, "sm_75+ only"),
 }
 
 

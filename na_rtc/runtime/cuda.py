@@ -26,16 +26,20 @@ _lock = threading.Lock()
 
 def availability() -> tuple[bool, str]:
     """Whether CuPy, a GPU and NVRTC are usable here, and why not."""
+    from .._environment import cuda_install_hint
+
     try:
         import cupy
     except Exception as error:  # ImportError, or a broken CUDA install
-        return False, f"cupy is not importable ({error}); pip install 'na_rtc[cuda13]' (or '[cuda12]')"
+        return False, f"cupy is not importable ({error}); {cuda_install_hint()}"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as error:
-        return False, f"no usable GPU or CUDA driver ({type(error).__name__}: {error})"
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return False, (f"no usable GPU or CUDA driver ({type(error).__name__}: {first_line}); "
+                       "CPU arrays run on the reference or emulator backend")
     if count == 0:
-        return False, "no GPU found"
+        return False, "no GPU found (CUDA reports 0 devices; check CUDA_VISIBLE_DEVICES)"
     try:
         from . import nvrtc
 
@@ -66,9 +70,40 @@ def _module(device: int, source: str, names: tuple[str, ...]):
             image = program.binary + b"\x00" if program.kind == "ptx" else program.binary
             with cupy.cuda.Device(device):
                 module = cupy.cuda.function.Module()
-                module.load(image)
+                try:
+                    module.load(image)
+                except Exception as error:
+                    raise _load_error(error, program, device) from error
             _modules[key] = (module, program.lowered, {})
         return _modules[key]
+
+
+#: driver errors that mean "this driver is too old for what NVRTC produced"
+_TOO_NEW_FOR_THE_DRIVER = ("UNSUPPORTED_PTX_VERSION", "INVALID_PTX", "NO_BINARY_FOR_GPU", "INVALID_IMAGE",
+                           "INVALID_SOURCE")
+
+
+def _load_error(error: Exception, program, device: int) -> Exception:
+    """A precise error for a module the driver refuses; other errors unchanged."""
+    text = f"{type(error).__name__}: {error}"
+    if not any(code in text for code in _TOO_NEW_FOR_THE_DRIVER):
+        return error
+    import cupy
+
+    from . import nvrtc
+
+    try:
+        driver = cupy.cuda.runtime.driverGetVersion()
+        driver_text = f"CUDA {driver // 1000}.{driver % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - only for the message
+        driver_text = "unknown"
+    major, minor = nvrtc.nvrtc_version()
+    return RuntimeError(
+        f"the CUDA driver ({driver_text}) cannot load the {program.kind} that NVRTC {major}.{minor} compiled for "
+        f"{program.target} on GPU {device} ({text}): the driver is older than the NVRTC. Update the driver to "
+        f"CUDA {major}.{minor} or newer, or install the NVRTC that matches it (pip install 'na_rtc[cuda12]' for "
+        "CUDA 12 drivers). `python -m na_rtc info` shows both versions."
+    )
 
 
 def _function(device: int, kernel: P.Kernel):
