@@ -302,7 +302,13 @@ def _measure(args, names, resumed, preset, plan) -> int:
     if args.profile:
         from .profile import profile
 
-        profile(plan[0], selection, machine, mode=args.profile_mode)
+        previous_threads = _set_threads(args.threads, machine.gpu)
+        try:
+            profile(plan[0], selection, machine, mode=args.profile_mode)
+        finally:
+            import torch
+
+            torch.set_num_threads(previous_threads)
         return 0
     # a CPU run only checks the harness: fewer, shorter measurements keep the quick preset under a minute
     min_time = args.min_time if args.min_time is not None else (0.5 if machine.gpu else 0.1)
