@@ -81,3 +81,68 @@ def test_cpu_tensors_are_refused_by_the_cuda_backend():
     q, k, v = _qkv(device="cpu")
     with pytest.raises(ValueError, match="cuda backend cannot run torch arrays on CPU"):
         na_rtc.na2d(q, k, v, 5, backend="cuda")
+
+
+# ---------------------------------------------------------------- CUDA graphs, torch.compile, autocast (issue 6)
+
+
+def _layer():
+    torch.manual_seed(0)
+    layer = na_rtc.NeighborhoodAttention2D(64, 4, 7, rel_pos_bias=True).cuda()
+    with torch.no_grad():
+        layer.rpb.normal_()
+    return layer
+
+
+def test_cuda_graph_capture_and_replay_of_forward_and_backward_equals_eager():
+    layer = _layer()
+    x = torch.randn(2, 20, 24, 64, device="cuda", requires_grad=True)
+    grad = torch.randn(2, 20, 24, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: kernels compiled and loaded, allocator pools populated
+        for _ in range(3):
+            layer(x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a host sync, a compile or a foreign allocation here fails the capture
+        out = layer(x)
+        out.backward(grad)
+    new_x, new_grad = torch.randn_like(x), torch.randn_like(grad)
+    with torch.no_grad():
+        x.copy_(new_x)
+        grad.copy_(new_grad)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = (out.clone(), x.grad.clone(), layer.rpb.grad.clone())
+    x2 = new_x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    eager = layer(x2)
+    eager.backward(new_grad)
+    for a, b in zip(got, (eager, x2.grad, layer.rpb.grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_reduce_overhead_equals_eager():
+    layer = _layer()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(2, 20, 24, 64, device="cuda")
+    for _ in range(3):  # record, then replay the CUDA graph
+        out = compiled(x)
+    torch.testing.assert_close(out, layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_on_cuda(dtype):
+    layer = _layer()
+    x = torch.randn(2, 20, 24, 64, device="cuda")
+    expected = layer(x)
+    with torch.autocast("cuda", dtype=dtype):
+        out = layer(x)
+    assert out.dtype == dtype
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in layer.parameters())
+    assert_close(out, expected, dtype, "forward", "output")

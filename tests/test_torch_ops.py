@@ -34,6 +34,17 @@ def test_custom_op_passes_opcheck(op, args):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def _on_emulator(args):
+    """The sample as float32 (the fused kernels' dtypes) on the emulator backend."""
+    return tuple(a.float() if isinstance(a, torch.Tensor) else "emulator" if a == "reference" else a for a in args)
+
+
+@pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
+@pytest.mark.parametrize("op, args", SAMPLES.values(), ids=SAMPLES.keys())
+def test_custom_op_passes_opcheck_on_the_emulator(op, args):
+    torch.library.opcheck(op, _on_emulator(args), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_fused_bwd_fake_matches_real():
     out, lse = torch.ops.na_rtc.fused_fwd(Q1, Q1, Q1, RPB1, [5], [1], [1], [False], 0.3, "reference")
     args = (torch.randn_like(Q1), Q1, Q1, Q1, RPB1, out, lse, [5], [1], [1], [False], 0.3, "reference")
