@@ -51,6 +51,8 @@ import na_rtc
 
 # ---------------------------------------------------------------- sizing
 
+NAMES = {"nat": "NAT", "dinat": "DiNAT"}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -325,7 +327,7 @@ def train(variant: str, epochs: int, device: torch.device, quick: bool, seed: in
     mean, std = x_train.mean(), x_train.std()
 
     model = NATClassifier(config, variant).to(device)
-    log(f"{variant.upper()} on {device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+    log(f"{NAMES[variant]} on {device}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(x_train)} training / {len(x_test)} test images at {config.image_size}x{config.image_size}")
     for line in describe_levels(model):
         log("  " + line)
@@ -409,6 +411,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, a few batches on a subset (for tests)")
     args = parser.parse_args(argv)
     epochs = args.epochs if args.epochs is not None else (3 if args.quick else 12)
+    if epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {epochs}")
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -416,7 +420,7 @@ def main(argv=None) -> int:
     history = train(args.variant, epochs, device, args.quick, args.seed)
     path = args.plot or f"nat_digits_{args.variant}.png"
     threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
-    summary = (f"{args.variant.upper()}: test accuracy {100 * history['test_acc'][-1]:.1f}% after {epochs} epochs, "
+    summary = (f"{NAMES[args.variant]}: test accuracy {100 * history['test_acc'][-1]:.1f}% after {epochs} epoch{'s' * (epochs != 1)}, "
                f"{history['total_seconds']:.0f}s ({history['total_seconds'] / epochs:.1f}s per epoch) on "
                f"{device}{threads}")
     plot(history, path, summary)
