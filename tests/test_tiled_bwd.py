@@ -229,3 +229,17 @@ def test_family_lists_every_choice_with_its_launch():
     assert all(family.launch_shared_bytes[n] <= tiled_bwd.SHARED_BUDGET for n in family.names)
     assert all(family.launch_threads[n] == 256 for n in family.names)
     assert not any("double" in n for n in family.names)
+
+
+def test_the_dispatcher_names_the_kernel_of_every_op():
+    """Kernels.choice answers for forward and backward ops alike (the backward mixin defers qk/av)."""
+    from na_rtc.runtime.kernels import Kernels
+
+    q = torch.zeros(1, 40, 2, 32, dtype=torch.float16)
+    problem = _args.qk_problem(1, q, q, 7, 1, False, None)
+    kernels = Kernels(emulated.run)
+    names = {op: kernels.choice(problem, op) for op in ("qk", "av", "inverse", "bias_grad")}
+    assert names["qk"].startswith("na_tiled_qk<") and names["av"].startswith("na_tiled_av<")
+    assert names["inverse"].startswith("na_tiled_inv<") and names["bias_grad"].startswith("na_tiled_rpb")
+    with pytest.raises(ValueError, match="op must be"):
+        kernels.choice(problem, "softmax_backward")

@@ -133,8 +133,14 @@ class TiledBackwardMixin:
     """Tiled ``inverse`` and ``bias_grad``; everything else from the next class in the MRO."""
 
     def choice(self, problem: Problem, op: str, weights_dtype: str | None = None) -> str:
-        """The kernel ``op`` (``"inverse"`` or ``"bias_grad"``) would launch for ``problem``
-        with weights (grad logits) of ``weights_dtype`` (default: the problem dtype)."""
+        """The kernel ``op`` (``"inverse"`` or ``"bias_grad"``; other ops: the next class
+        in the MRO) would launch for ``problem`` with weights (grad logits) of
+        ``weights_dtype`` (default: the problem dtype)."""
+        if op not in ("inverse", "bias_grad"):
+            forward = getattr(super(), "choice", None)  # TiledKernels' qk / av, when it follows in the MRO
+            if forward is None:
+                raise ValueError(f"op must be 'inverse' or 'bias_grad', got {op!r}")
+            return forward(problem, op, weights_dtype)
         weights_dtype = weights_dtype or problem.dtype
         if op == "inverse":
             plan = _inv_plan(problem, weights_dtype, problem.dtype)
@@ -145,8 +151,7 @@ class TiledBackwardMixin:
             plan = _rpb_plan(problem, weights_dtype)
             if plan is not None:
                 return plan[0]
-            return f"na_rpb_bwd<{CTYPES[weights_dtype]}>"
-        raise ValueError(f"op must be 'inverse' or 'bias_grad', got {op!r}")
+        return f"na_rpb_bwd<{CTYPES[weights_dtype]}>"
 
     def inverse(self, problem, weights, source, scale=1.0):
         plan = _inv_plan(problem, _arrays.dtype_name(weights), _arrays.dtype_name(source))
