@@ -503,7 +503,7 @@ def start_workers(code: str, count: int, *args: str, cache_root: Path) -> list[s
     """``count`` interpreters running ``code``, released together ``start`` (argv[1]) seconds from now."""
     environment = dict(os.environ, NA_RTC_CACHE_DIR=str(cache_root))
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    start = time.time() + 3.0  # after every interpreter has started, even on a busy machine
+    start = time.time() + 2.0  # after every interpreter has started (a late one just runs later)
     return [
         subprocess.Popen([sys.executable, "-c", code, repr(start), *args], env=environment,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -799,7 +799,7 @@ EMULATOR_WORKER = textwrap.dedent(
 @pytest.mark.parametrize("locking", ["locked", "unlocked"])
 def test_eight_processes_building_the_same_library_at_once(fresh_cache, locking):
     environment = _environment(fresh_cache)
-    start = time.time() + 3.0
+    start = time.time() + 2.0
     count = 8 if locking == "locked" else 3  # unlocked, every process compiles: keep CI's two cores free
     workers = [
         subprocess.Popen([sys.executable, "-c", EMULATOR_WORKER, repr(start), locking, str(TINY)], env=environment,
