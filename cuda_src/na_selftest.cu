@@ -14,3 +14,51 @@ __global__ void na_selftest_convert(const float* __restrict__ in, unsigned short
     f16_back[i] = na_f16_to_f32(f16[i]);
     bf16_back[i] = na_bf16_to_f32(bf16[i]);
 }
+
+// mma.sync m16n8k16 and ldmatrix, one warp: D = A (16x16, row major) x B
+// (16x8, row major [k][n]) + C (16x8), three ways:
+//   d_layout: fragments built from global memory with the documented layout (na_mma.cuh)
+//   d_ldm:    A with ldmatrix.x4, B with ldmatrix.x2 on B^T ([n][k] rows)
+//   d_trans:  A with ldmatrix.x4, B with ldmatrix.x2.trans on B's own [k][n] rows
+// and every D written back with the documented C/D layout.
+#include "na_mma.cuh"
+
+template <class T>
+__global__ void __launch_bounds__(32) na_selftest_mma(const T* __restrict__ a, const T* __restrict__ b,
+                                                      const float* __restrict__ c, float* __restrict__ d_layout,
+                                                      float* __restrict__ d_ldm, float* __restrict__ d_trans) {
+    __shared__ __align__(16) T sa[16][24], sbt[8][24], sb[16][16];  // rows padded to 16-byte multiples
+    const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    for (int i = lane; i < 256; i += 32) sa[i / 16][i % 16] = a[i];
+    for (int i = lane; i < 128; i += 32) {
+        sbt[i % 8][i / 8] = b[i];  // b[k][n] -> sbt[n][k]
+        sb[i / 8][i % 8] = b[i];
+    }
+    __syncthreads();
+    const auto bits = [](T x) { return (unsigned)x.bits; };
+    unsigned fa[4], fb[2];
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r % 2), col = 2 * t + 8 * (r / 2);
+        fa[r] = bits(a[row * 16 + col]) | (bits(a[row * 16 + col + 1]) << 16);
+    }
+    for (int r = 0; r < 2; ++r) {
+        const int k = 2 * t + 8 * r;
+        fb[r] = bits(b[k * 8 + g]) | (bits(b[(k + 1) * 8 + g]) << 16);
+    }
+    float fc[4], out[4];
+    for (int i = 0; i < 4; ++i) fc[i] = c[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+    const auto store = [&](float* dst) {
+        for (int i = 0; i < 4; ++i) dst[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = out[i];
+    };
+    na_mma<T>::run(out, fa, fb, fc);
+    store(d_layout);
+
+    unsigned la[4], lb[2], tb[2];
+    na_ldmatrix<4, false>(la, &sa[lane % 16][8 * (lane / 16)]);
+    na_ldmatrix<2, false>(lb, &sbt[lane % 8][8 * ((lane / 8) % 2)]);  // lanes 16..31: addresses unused
+    na_ldmatrix<2, true>(tb, &sb[lane % 16][0]);                      // matrix j = rows 8j..8j+7 of B
+    na_mma<T>::run(out, la, lb, fc);
+    store(d_ldm);
+    na_mma<T>::run(out, la, tb, fc);
+    store(d_trans);
+}

@@ -144,6 +144,7 @@ def test_probes_never_raise_without_optional_packages(monkeypatch, probe):
 
 def test_missing_cupy_says_how_to_install(monkeypatch):
     _block_imports(monkeypatch, "cupy")
+    monkeypatch.setattr(env, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver and an H100, here or not
     gpus = env.gpus()
     assert not gpus.ok
     assert "cupy not installed" in gpus.text

@@ -30,5 +30,8 @@ def test_unavailable_without_cupy_says_how_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cupy)
+    from na_rtc import _environment
+
+    monkeypatch.setattr(_environment, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver, here or not
     available, reason = cuda.availability()
     assert not available and "pip install 'na_rtc[cuda13]'" in reason

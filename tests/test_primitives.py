@@ -77,3 +77,48 @@ def test_fp16_and_bf16_conversions_round_to_nearest_even(backend):
     # widening is exact (a 16-bit shift); NaN payloads are not specified, only NaN-ness
     np.testing.assert_array_equal(got["bf16_back"].view(np.uint32)[~nan], bf16_as_f32.view(np.uint32)[~nan])
     assert np.isnan(got["bf16_back"][nan]).all()
+
+
+# ---------------------------------------------------------------- tensor cores: mma.sync m16n8k16, ldmatrix
+
+
+def _run_mma(backend: str, dtype: str, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> dict:
+    import torch
+
+    bits = {name: torch.from_numpy(x).to(getattr(torch, dtype)).view(torch.int16).numpy().view(np.uint16)
+            for name, x in (("a", a), ("b", b))}
+    outputs = {name: np.full((16, 8), np.nan, np.float32) for name in ("layout", "ldmatrix", "trans")}
+    inputs = [bits["a"], bits["b"], c.astype(np.float32)]
+    if backend == "cuda":
+        import cupy
+
+        inputs = [cupy.asarray(x) for x in inputs]
+        device = {name: cupy.asarray(x) for name, x in outputs.items()}
+    else:
+        device = outputs
+    ctype = {"float16": "fp16_t", "bfloat16": "bf16_t"}[dtype]
+    args = [P.ptr(x) for x in inputs] + [P.ptr(device[k]) for k in ("layout", "ldmatrix", "trans")]
+    launch = P.LaunchPlan(P.Kernel("na_selftest.cu", f"na_selftest_mma<{ctype}>"), (1, 1, 1), (32, 1, 1), 0,
+                          tuple(args))
+    na_rtc.backends.executor(backend)(launch)
+    return {name: (x.get() if backend == "cuda" else x) for name, x in device.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mma_and_ldmatrix_compute_a_plain_matrix_product(backend, dtype):
+    """D = A B + C through the documented fragment layout, through ldmatrix and through ldmatrix.trans."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    # distinct, exactly representable values: a layout mix-up moves them and changes D
+    a = torch.from_numpy(rng.standard_normal((16, 16))).to(getattr(torch, dtype)).double().numpy()
+    b = torch.from_numpy(rng.standard_normal((16, 8))).to(getattr(torch, dtype)).double().numpy()
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    want = a @ b + c
+    got = _run_mma(backend, dtype, a, b, c)
+    for name, d in got.items():
+        # fp32 accumulation of 16 exact products: a few float32 ulps of the sum of magnitudes
+        bound = 1e-6 * (np.abs(a) @ np.abs(b) + np.abs(c)) + 1e-7
+        assert (np.abs(d - want) <= bound).all(), f"{name}: max error {np.abs(d - want).max():.3g}"
+

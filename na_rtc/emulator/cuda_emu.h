@@ -96,7 +96,8 @@
 //
 // Limits: no preemption (see above); __activemask() as described; static
 // __shared__ arrays are not poisoned between blocks; no race detection on
-// shared memory; mma/ldmatrix not yet (see "tensor cores" below).
+// shared memory; mma.sync m16n8k16 (f16/bf16 -> f32) and ldmatrix m8n8 only
+// (see "tensor cores" below).
 // ---------------------------------------------------------------------------
 #pragma once
 
@@ -185,6 +186,10 @@ constexpr int warpSize = 32;
 
 // ============================================================ runtime state
 
+// 16-bit conversions (defined with the other fp16/bf16 helpers below), used by mma
+static inline float na_emu_f16_to_f32(unsigned short h);
+static inline float na_emu_bf16_to_f32(unsigned short b);
+
 namespace na_emu {
 
 constexpr unsigned kMaxBlockThreads = 1024;
@@ -221,6 +226,8 @@ enum WarpKind : int {
     W_REDUCE_XOR,
     W_MATCH_ANY,
     W_MATCH_ALL,
+    W_MMA,       // mma.sync.m16n8k16 (tag: element type), lanes exchange operand addresses
+    W_LDMATRIX,  // ldmatrix.m8n8 (tag: matrix count, + 8 for .trans)
 };
 
 static const char* warp_kind_name(int kind) {
@@ -241,6 +248,8 @@ static const char* warp_kind_name(int kind) {
         case W_REDUCE_XOR: return "__reduce_xor_sync";
         case W_MATCH_ANY: return "__match_any_sync";
         case W_MATCH_ALL: return "__match_all_sync";
+        case W_MMA: return "mma.sync.m16n8k16";
+        case W_LDMATRIX: return "ldmatrix.m8n8";
     }
     return "warp collective";
 }
@@ -670,6 +679,105 @@ static inline bool op_complete(const Warp* ws, const WarpOp* op) {
     return ((op->arrived | ws->exited) & op->mask) == op->mask;
 }
 
+
+// ------------------------------------------------------------ tensor cores (mma.sync, ldmatrix)
+//
+// Every lane deposits the address of its operands (a lane-local struct on its
+// fiber stack, alive while it waits); the lane that completes the collective
+// computes the whole warp's result with the PTX ISA fragment layouts and
+// writes each lane's part back through its address.
+
+enum MmaType : int { MMA_F16 = 0, MMA_BF16 = 1 };
+
+struct MmaLane {  // one lane's mma.m16n8k16 operands: a 4 x b32, b 2 x b32, c and d 4 x f32
+    const unsigned* a;
+    const unsigned* b;
+    const float* c;
+    float* d;
+};
+
+struct LdmatrixLane {  // one lane's ldmatrix row address and destination registers
+    const unsigned char* row;
+    unsigned* out;
+};
+
+static inline float mma_element(unsigned bits, int type) {
+    return type == MMA_F16 ? na_emu_f16_to_f32((unsigned short)bits) : na_emu_bf16_to_f32((unsigned short)bits);
+}
+
+static void require_full_warp(Worker* w, const WarpOp* op, const Warp* ws) {
+    if (op->mask != 0xffffffffu || (op->arrived | 0u) != 0xffffffffu || ws->exited) {
+        failf(w, "%s in %s block (%u,%u,%u): all 32 lanes must take part (mask 0x%08x, arrived 0x%08x, exited 0x%08x) "
+                 "(%s:%u)", warp_kind_name(op->kind), w->L->name, w->block.x, w->block.y, w->block.z, op->mask,
+              op->arrived, ws->exited, base_name(op->file), op->line);
+    }
+}
+
+// D = A (16x16, row) * B (16x8, col) + C (16x8), f32 accumulation. Fragments
+// (PTX ISA, "Matrix Fragments for mma.m16n8k16"): g = lane / 4, t = lane % 4;
+// A reg r holds row g + 8 (r % 2), cols 2t + 8 (r / 2) + {0, 1} (low half
+// first); B reg r holds rows (k) 2t + 8 r + {0, 1} of col (n) g; C/D element
+// i is row g + 8 (i / 2), col 2t + i % 2.
+static void mma_complete(Worker* w, Warp* ws, const WarpOp* op) {
+    require_full_warp(w, op, ws);
+    float A[16][16], B[16][8], C[16][8];
+    for (unsigned l = 0; l < 32; ++l) {
+        const MmaLane* m = (const MmaLane*)ws->val[l];
+        const unsigned g = l >> 2, t = l & 3u;
+        for (unsigned r = 0; r < 4; ++r)
+            for (unsigned h = 0; h < 2; ++h) A[g + 8 * (r & 1u)][2 * t + 8 * (r >> 1) + h] = mma_element(m->a[r] >> (16 * h) & 0xffffu, op->tag);
+        for (unsigned r = 0; r < 2; ++r)
+            for (unsigned h = 0; h < 2; ++h) B[2 * t + 8 * r + h][g] = mma_element(m->b[r] >> (16 * h) & 0xffffu, op->tag);
+        for (unsigned i = 0; i < 4; ++i) C[g + 8 * (i >> 1)][2 * t + (i & 1u)] = m->c[i];
+    }
+    float D[16][8];
+    for (unsigned r = 0; r < 16; ++r)
+        for (unsigned c = 0; c < 8; ++c) {
+            // products of 16-bit values are exact in double; the sum is rounded once (the hardware's order
+            // and internal precision are unspecified: kernels are compared within tolerances, not bits)
+            double acc = C[r][c];
+            for (unsigned k = 0; k < 16; ++k) acc += (double)A[r][k] * (double)B[k][c];
+            D[r][c] = (float)acc;
+        }
+    for (unsigned l = 0; l < 32; ++l) {  // C may alias D: everything was read above
+        const MmaLane* m = (const MmaLane*)ws->val[l];
+        const unsigned g = l >> 2, t = l & 3u;
+        for (unsigned i = 0; i < 4; ++i) m->d[i] = D[g + 8 * (i >> 1)][2 * t + (i & 1u)];
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16: lanes 8j..8j+7 give
+// the row addresses (16 bytes each, 16-byte aligned) of matrix j; lane l
+// receives in register j the elements (l / 4, 2 (l % 4) + {0, 1}) of matrix j,
+// or with .trans the elements (2 (l % 4) + {0, 1}, l / 4).
+static void ldmatrix_complete(Worker* w, Warp* ws, const WarpOp* op) {
+    require_full_warp(w, op, ws);
+    const unsigned count = (unsigned)op->tag & 7u;
+    const bool trans = (op->tag & 8) != 0;
+    for (unsigned l = 0; l < 8 * count; ++l) {
+        const LdmatrixLane* m = (const LdmatrixLane*)ws->val[l];
+        if ((uintptr_t)m->row & 15u) {
+            failf(w, "ldmatrix in %s block (%u,%u,%u): lane %u's row address %p is not 16-byte aligned (%s:%u)",
+                  w->L->name, w->block.x, w->block.y, w->block.z, l, (const void*)m->row, base_name(op->file), op->line);
+        }
+    }
+    unsigned out[32][4];
+    for (unsigned j = 0; j < count; ++j)
+        for (unsigned l = 0; l < 32; ++l) {
+            unsigned short e[2];
+            for (unsigned h = 0; h < 2; ++h) {
+                const unsigned row = trans ? 2 * (l & 3u) + h : l >> 2, col = trans ? l >> 2 : 2 * (l & 3u) + h;
+                const LdmatrixLane* src = (const LdmatrixLane*)ws->val[8 * j + row];
+                memcpy(&e[h], src->row + 2 * col, 2);
+            }
+            out[l][j] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+        }
+    for (unsigned l = 0; l < 32; ++l) {
+        const LdmatrixLane* m = (const LdmatrixLane*)ws->val[l];
+        for (unsigned j = 0; j < count; ++j) m->out[j] = out[l][j];
+    }
+}
+
 // compute the results of a complete op for the lanes that arrived, wake them
 // (except `self`, which returns its result directly) and remove the op
 static void complete_op(Worker* w, unsigned warp, WarpOp* op, unsigned self) {
@@ -746,6 +854,12 @@ static void complete_op(Worker* w, unsigned warp, WarpOp* op, unsigned self) {
             r = all ? op->mask : 0;
             break;
         }
+        case W_MMA:
+            mma_complete(w, ws, op);
+            break;
+        case W_LDMATRIX:
+            ldmatrix_complete(w, ws, op);
+            break;
         default:
             break;
     }
@@ -1388,10 +1502,32 @@ static inline void na_cp_async_wait_all() {
 
 // ============================================================ tensor cores
 //
-// mma.sync / ldmatrix wrappers (fragment layouts of the PTX ISA, m16n8k16
-// f16/bf16 with f32 accumulators) belong here, as warp collectives built on
-// na_emu::warp_collective-style exchange (every lane of the warp deposits its
-// fragment, the last one computes the product for all). Not implemented yet.
+// The spellings of cuda_src/na_mma.cuh (inline PTX there): warp collectives
+// of all 32 lanes with the PTX ISA fragment layouts (see mma_complete and
+// ldmatrix_complete above).
+
+static inline void na_mma_m16n8k16_f16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                       const float (&c)[4], unsigned line = __builtin_LINE(),
+                                       const char* file = __builtin_FILE()) {
+    ::na_emu::MmaLane lane{a, b, c, d};
+    ::na_emu::warp_collective(::na_emu::W_MMA, ::na_emu::MMA_F16, 0xffffffffu, (unsigned long long)(uintptr_t)&lane, 0,
+                              line, file);
+}
+static inline void na_mma_m16n8k16_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                        const float (&c)[4], unsigned line = __builtin_LINE(),
+                                        const char* file = __builtin_FILE()) {
+    ::na_emu::MmaLane lane{a, b, c, d};
+    ::na_emu::warp_collective(::na_emu::W_MMA, ::na_emu::MMA_BF16, 0xffffffffu, (unsigned long long)(uintptr_t)&lane,
+                              0, line, file);
+}
+template <int N, bool TRANS>
+static inline void na_ldmatrix(unsigned (&r)[N], const void* row, unsigned line = __builtin_LINE(),
+                               const char* file = __builtin_FILE()) {
+    static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+    ::na_emu::LdmatrixLane lane{(const unsigned char*)row, r};
+    ::na_emu::warp_collective(::na_emu::W_LDMATRIX, N + (TRANS ? 8 : 0), 0xffffffffu,
+                              (unsigned long long)(uintptr_t)&lane, 0, line, file);
+}
 
 // ============================================================ launching
 

@@ -89,13 +89,17 @@ def fused_bwd_family() -> Family:
                   fused_bwd.fused_bwd_shared())
 
 
+#: the primitive self-tests (cuda_src/na_selftest.cu) and their block sizes
+SELFTEST_THREADS = {"na_selftest_convert": 256, "na_selftest_mma<fp16_t>": 32, "na_selftest_mma<bf16_t>": 32}
+
+
 def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
     return Family(source, names, {n: threads for n in names}, {n: 0 for n in names})
 
 
 FAMILIES: dict[str, Family] = {
     "naive": _family("na_naive.cu", naive_names(), NAIVE_THREADS),
-    "selftest": _family("na_selftest.cu", ("na_selftest_convert",), 256),
+    "selftest": Family("na_selftest.cu", tuple(SELFTEST_THREADS), SELFTEST_THREADS, {n: 0 for n in SELFTEST_THREADS}),
     "tiled": Family("na_tiled.cu", tiled_names(), {n: TILED_THREADS for n in tiled_names()},
                     {n: TILED_SHARED_BUDGET for n in tiled_names()}),
     "tiled_bwd": tiled_bwd_family(),
