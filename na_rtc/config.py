@@ -17,6 +17,8 @@ SETTINGS = {
     "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: small (default) or large",
     "NA_RTC_EMULATOR_CHECKED": "1: the emulator runs every launch on guarded buffer copies (out-of-bounds checks)",
     "NA_RTC_EMULATOR_THREADS": "OS threads the emulator runs blocks on (default: all cores)",
+    "NA_RTC_TENSOR_CORES": "0: fp16/bf16 fused forward on the SIMT kernels even where tensor-core kernels serve "
+                           "(default 1: tensor cores on sm_80+ and in the emulator)",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
 
@@ -65,6 +67,16 @@ def emulator_checked() -> bool:
     if raw in ("", "0", "false", "no", "off"):
         return False
     raise ValueError(f"NA_RTC_EMULATOR_CHECKED must be 1 or 0, got {raw!r}")
+
+
+def tensor_cores() -> bool:
+    """Whether fp16/bf16 fused ops may use the tensor-core kernels (``NA_RTC_TENSOR_CORES``, default on)."""
+    raw = os.environ.get("NA_RTC_TENSOR_CORES", "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"NA_RTC_TENSOR_CORES must be 1 or 0, got {raw!r}")
 
 
 def emulator_threads() -> int:

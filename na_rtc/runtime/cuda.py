@@ -9,6 +9,7 @@ torch work without any synchronization.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 
@@ -53,6 +54,23 @@ def _device_index(array) -> int:
     if _arrays.kind_of(array) == _arrays.TORCH:
         return array.device.index if array.device.index is not None else sys.modules["torch"].cuda.current_device()
     return array.device.id
+
+
+@functools.lru_cache(maxsize=None)  # a device's architecture does not change within a process
+def _arch(index: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(index).compute_capability)  # "90" -> 90
+
+
+def arch_of(device: str) -> int:
+    """Compute capability (80 for sm_80) of a torch-style device string (``"cuda:1"``, ``"cuda"``)."""
+    _, _, index = device.partition(":")
+    if not index:
+        import cupy
+
+        return _arch(cupy.cuda.runtime.getDevice())
+    return _arch(int(index))
 
 
 def _module(device: int, source: str, names: tuple[str, ...]):

@@ -81,6 +81,13 @@ def fused_family() -> Family:
     return Family(fused.SOURCE, fused.fused_names(), fused.fused_threads(), fused.fused_shared())
 
 
+def fused_tc_family() -> Family:
+    """Tensor-core fused forward (cuda_src/na_fused_tc.cu; table and dispatch in runtime/fused_tc.py)."""
+    from . import fused_tc
+
+    return Family(fused_tc.SOURCE, fused_tc.names(), fused_tc.family_threads(), fused_tc.family_shared())
+
+
 def fused_bwd_family() -> Family:
     """Fused backward kernels (cuda_src/na_fused_bwd.cu; tile table and dispatch in runtime/fused_bwd.py)."""
     from . import fused_bwd
@@ -105,6 +112,7 @@ FAMILIES: dict[str, Family] = {
     "tiled_bwd": tiled_bwd_family(),
     "fused_bwd": fused_bwd_family(),
     "fused": fused_family(),
+    "fused_tc": fused_tc_family(),
 }
 
 

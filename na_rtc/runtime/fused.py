@@ -20,6 +20,7 @@ import math
 
 from .. import _arrays
 from .._args import Problem
+from . import fused_tc
 from . import plan as P
 from . import tiling
 from .tiling import CTYPES
@@ -87,12 +88,24 @@ def _grid(problem: Problem, tile: tuple[int, int]) -> int:
 
 
 class FusedKernels:
-    """The fused forward kernel as an allocating call, for one executor."""
+    """The fused forward kernels as an allocating call, for one executor.
 
-    def __init__(self, run):
+    ``tensor_cores(problem) -> bool`` says whether the tensor-core kernel
+    (``fused_tc.py``) may serve ``problem`` (the executor's device is sm_80+
+    and ``NA_RTC_TENSOR_CORES`` allows it); where it may and covers the
+    problem it runs, else the SIMT kernel of this module. Default: SIMT only.
+    """
+
+    def __init__(self, run, tensor_cores=None):
         self.run = run
+        self.tensor_cores = tensor_cores or (lambda problem: False)
+
+    def _uses_tensor_cores(self, problem: Problem) -> bool:
+        return fused_tc.covers(problem) and bool(self.tensor_cores(problem))
 
     def covers(self, problem: Problem) -> bool:
+        if self._uses_tensor_cores(problem):
+            return True
         hd, tile = _tile(problem)
         if tile is None or problem.ndim not in (1, 2):
             return False
@@ -101,6 +114,8 @@ class FusedKernels:
         return _grid(problem, tile) <= P.MAX_GRID[0]
 
     def kernel_name(self, problem: Problem) -> str:
+        if self._uses_tensor_cores(problem):
+            return fused_tc.kernel_name(problem)
         hd, tile = _tile(problem)
         if tile is None:
             raise ValueError(
@@ -119,14 +134,17 @@ class FusedKernels:
             raise ValueError(f"the fused kernel does not cover this problem ({problem.ndim}D, {problem.dtype}, "
                              f"head_dim {problem.head_dim}); check covers() first")
         name = self.kernel_name(problem)
-        hd, tile = _tile(problem)
+        if self._uses_tensor_cores(problem):
+            source, threads, blocks = fused_tc.SOURCE, fused_tc.THREADS, fused_tc.grid(problem)
+            smem = fused_tc.shared_bytes(fused_tc.head_dim_bucket(problem.head_dim), problem.dtype)
+        else:
+            hd, tile = _tile(problem)
+            source, threads, blocks, smem = SOURCE, THREADS, _grid(problem, tile), shared_bytes(hd, problem.dtype)
         out = _arrays.empty(query, problem.qkv_shape, problem.dtype)
         lse = _arrays.empty(query, problem.lse_shape, "float32")
-        blocks = _grid(problem, tile)
         if blocks == 0 or math.prod(problem.qkv_shape) == 0:
             return out, lse
         args = (_tensor(query, problem) + _tensor(key, problem) + _tensor(value, problem) + _bias(rpb_acc, problem)
                 + _tensor(out, problem) + _rows(lse, problem) + [P.f64(problem.scale)] + _problem_args(problem))
-        self.run(P.LaunchPlan(P.Kernel(SOURCE, name), (blocks, 1, 1), (THREADS, 1, 1),
-                              shared_bytes(hd, problem.dtype), tuple(args)))
+        self.run(P.LaunchPlan(P.Kernel(source, name), (blocks, 1, 1), (threads, 1, 1), smem, tuple(args)))
         return out, lse

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from .. import _arrays
+from .. import _arrays, config
 from .._args import Problem
 from .families import accumulator_dtype
 from .fused import FusedKernels
@@ -30,10 +30,25 @@ def _require_stride_one(problem: Problem, backend: str, what: str) -> None:
         )
 
 
+def _tensor_core_policy(backend: str):
+    """problem -> may the tensor-core kernels run it: sm_80+ GPUs (cuda), always in the emulator
+    (so CI runs what such GPUs run); never with NA_RTC_TENSOR_CORES=0."""
+    def allowed(problem: Problem) -> bool:
+        if not config.tensor_cores():
+            return False
+        if backend == "cuda":
+            from . import cuda
+
+            return cuda.arch_of(problem.device) >= 80
+        return True
+
+    return allowed
+
+
 def make_ops(run: Executor, backend: str) -> dict:
     """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
     kernels = Kernels(run)
-    fused = FusedKernels(run)
+    fused = FusedKernels(run, _tensor_core_policy(backend))
     fused_backward_kernels = FusedBackwardKernels(run)
 
     def bias_in_accumulator(problem, rpb):

@@ -1,0 +1,270 @@
+// Fused neighborhood attention forward on tensor cores (fp16 / bf16, sm_80+).
+//
+// Same arguments, layouts and results as na_fused_fwd (na_fused.cu): out in
+// the input dtype, lse in float32. One block of 4 warps per (batch, head,
+// query tile of TX x TY = 64 group coordinates inside ONE dilation group per
+// axis); warp w owns the tile's queries 16w .. 16w + 15 (tile order, y
+// fastest), the 16 rows of its mma tiles. The key box (union of the tile's
+// windows, DESIGN.md section 2) is walked in row-major order in chunks of KC
+// keys staged in shared memory; per chunk and warp:
+//   S = Q K^T    mma.m16n8k16: Q fragments (ldmatrix.x4, kept in registers
+//                for the whole block) x K rows (ldmatrix.x2 on [key][d] rows);
+//                8-key column tiles that none of the warp's 16 queries sees
+//                are skipped (warp-uniform);
+//   mask         logits outside each query's own window are -inf (exact
+//                causal / strided / dilated windows), then scale and bias;
+//   softmax      online per row in fp32 (the 4 lanes of a quad share a row:
+//                max and sum reduced with __shfl_xor_sync), never exp(-inf - -inf);
+//   O += P V     P rounded to T and repacked from the accumulator layout
+//                into A fragments, V with ldmatrix.x2.trans on [key][d] rows.
+// Rows of K/V past the chunk's end and head dims past D are zero in shared
+// memory, so padding contributes exact zeros. A NaN or Inf in a key poisons
+// exactly the queries whose windows hold it; a NaN or Inf in a value can also
+// reach the other queries of the same warp whose 16-key step holds it (as
+// 0 * NaN in P V): fused kernels may poison queries of the same tile
+// (DESIGN.md section 8).
+//
+// Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
+// (16 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64; 1D: TY = 1),
+// keys per chunk KC (16 | KC). Dynamic shared memory (na_rtc/runtime/fused_tc.py
+// mirrors it): (64 + 2 KC) rows of HD + 8 elements.
+#include "na_types.cuh"
+#include "na_window.cuh"
+#include "na_shared.cuh"
+#include "na_tile.cuh"
+#include "na_mma.cuh"
+
+#define NA_PROBLEM                                                                         \
+    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
+        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
+#define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
+#define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
+
+#define NA_TC_WARPS 4
+#define NA_TC_THREADS (32 * NA_TC_WARPS)
+#define NA_TC_FULL 0xffffffffu
+
+// stage `rows` rows of D elements into shared rows of pitch P, zero-filling
+// head dims D..HD and the rows up to `capacity` (disjoint elements: no barrier
+// needed between the two passes); ref(r) gives row r's global offset
+template <class T, int HD, int P, class Ref>
+__device__ __forceinline__ void na_tc_stage(T* dst, const T* src, long long rows, long long capacity, long long D,
+                                            long long step, bool vec, Ref ref) {
+    na_copy_rows(dst, P, src, rows, D, step, vec, [&](long long r) { return na_row_ref{ref(r), r}; });
+    const T zero = T();
+    const int pad = HD - (int)D, full = (int)rows;
+    for (int e = threadIdx.x; e < full * pad; e += NA_TC_THREADS) dst[(e / pad) * P + D + e % pad] = zero;
+    for (int e = threadIdx.x; e < ((int)capacity - full) * HD; e += NA_TC_THREADS)
+        dst[(full + e / HD) * P + e % HD] = zero;
+}
+
+template <class T, int HD, int TX, int TY, int KC>
+__global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
+    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
+    NA_STRIDES5(v), const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
+    T* __restrict__ out, NA_STRIDES5(o), float* __restrict__ lse, long long l_b, long long l_x, long long l_y,
+    long long l_h, double scale, NA_PROBLEM) {
+    constexpr int NQ = TX * TY;
+    constexpr int P = HD + 8;         // row pitch: 16-byte rows, shifted 4 banks per row for ldmatrix
+    constexpr int KSTEPS = HD / 16;   // k-steps of Q K^T over head dims
+    constexpr int NT = KC / 8;        // 8-key column tiles per chunk
+    constexpr int DT = HD / 8;        // 8-dim column tiles of the output
+    static_assert(NQ == 16 * NA_TC_WARPS, "one 16-row mma tile per warp");
+    static_assert(HD % 16 == 0 && KC % 16 == 0, "mma shapes");
+    const float NEG_INF = __int_as_float(0xff800000);
+
+    const na_axis ax = {X, kx, sx, dx, cx};
+    const na_axis ay = {Y, ky, sy, dy, cy};
+    const long long nty = na_tiles_per_axis(ay, TY), ntx = na_tiles_per_axis(ax, TX);
+    long long n = blockIdx.x;
+    const long long ity = n % nty; n /= nty;
+    const long long itx = n % ntx; n /= ntx;
+    const long long h = n % H, b = n / H;
+    na_tile_axis tx, ty;
+    if (!na_tile_axis_of(ax, itx, TX, tx) || !na_tile_axis_of(ay, ity, TY, ty)) return;  // uniform
+    const int hy = (int)(ty.h1 - ty.h0);
+    const int keys = (int)(tx.h1 - tx.h0) * hy;
+
+    T* sq = reinterpret_cast<T*>(na_dynamic_shared());
+    T* sk = sq + NQ * P;
+    T* sv = sk + KC * P;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+
+    // the tile's queries: valid ones at row qx * TY + qy, zeros elsewhere
+    {
+        const long long nqy = ty.n;
+        na_copy_rows(sq, P, q, tx.n * nqy, D, q_l, na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h),
+                     [&](long long r) {
+                         const long long qx = r / nqy, qy = r % nqy;
+                         return na_row_ref{NA_AT5(q, b, (tx.q0 + qx) * dx + tx.g, (ty.q0 + qy) * dy + ty.g, h, 0),
+                                           qx * TY + qy};
+                     });
+        const T zero = T();
+        for (int e = tid; e < NQ * HD; e += NA_TC_THREADS) {
+            const int r = e / HD, c = e % HD;
+            if (r / TY >= tx.n || r % TY >= nqy || c >= D) sq[r * P + c] = zero;
+        }
+    }
+    const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
+    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
+    __syncthreads();
+
+    unsigned qf[KSTEPS][4];
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) na_ldmatrix<4, false>(qf[ks], sq + (16 * warp + (lane & 15)) * P + 16 * ks + 8 * (lane >> 4));
+
+    // this lane's two query rows (g and g + 8 of the warp's tile): windows in box coordinates
+    bool valid[2];
+    int wx0[2], wx1[2], wy0[2], wy1[2];
+    long long bias0[2], row_x[2], row_y[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int qi = 16 * warp + g + 8 * i, qx = qi / TY, qy = qi % TY;
+        valid[i] = qx < tx.n && qy < ty.n;
+        const long long gx = tx.q0 + qx, gy = ty.q0 + qy;
+        row_x[i] = gx * dx + tx.g;
+        row_y[i] = gy * dy + ty.g;
+        long long s0 = 0, s1 = 0, u0 = 0, u1 = 0;
+        if (valid[i]) {
+            na_window(ax, row_x[i], s0, s1);
+            na_window(ay, row_y[i], u0, u1);
+        }
+        wx0[i] = (int)(s0 - tx.h0); wx1[i] = (int)(s1 - tx.h0);
+        wy0[i] = (int)(u0 - ty.h0); wy1[i] = (int)(u1 - ty.h0);
+        bias0[i] = h * rpb_h + (tx.h0 - gx + kx - 1) * rpb_x + (ty.h0 - gy + ky - 1) * rpb_y;
+    }
+
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    const float fscale = (float)scale;
+
+    for (int c0 = 0; c0 < keys; c0 += KC) {
+        const int cn = keys - c0 < KC ? keys - c0 : KC;
+        __syncthreads();  // the previous chunk is consumed
+        const auto key_row = [&](long long r, long long sb, long long sx_, long long sy_, long long sh) {
+            const long long key = c0 + r, bx = key / hy, by = key % hy;
+            return b * sb + ((tx.h0 + bx) * dx + tx.g) * sx_ + ((ty.h0 + by) * dy + ty.g) * sy_ + h * sh;
+        };
+        na_tc_stage<T, HD, P>(sk, k, cn, KC, D, k_l, k_vec, [&](long long r) { return key_row(r, k_b, k_x, k_y, k_h); });
+        na_tc_stage<T, HD, P>(sv, v, cn, KC, D, v_l, v_vec, [&](long long r) { return key_row(r, v_b, v_x, v_y, v_h); });
+        __syncthreads();
+
+        // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf
+        float s[NT][4];
+        bool tile_live[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int key0 = c0 + 8 * nt + 2 * t;
+            int bx = key0 / hy, by = key0 % hy;
+            bool in[4];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {  // the lane's two columns: keys key0, key0 + 1
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    in[2 * i + e] = valid[i] && key0 + e < keys && bx >= wx0[i] && bx < wx1[i] && by >= wy0[i] &&
+                                    by < wy1[i];
+                if (++by == hy) { by = 0; ++bx; }
+            }
+            tile_live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            if (tile_live[nt]) {  // warp-uniform: ldmatrix and mma need every lane
+#pragma unroll
+                for (int ks = 0; ks < KSTEPS; ++ks) {
+                    unsigned kf[2];
+                    na_ldmatrix<2, false>(kf, sk + (8 * nt + (lane & 7)) * P + 16 * ks + 8 * ((lane >> 3) & 1));
+                    na_mma<T>::run(s[nt], qf[ks], kf, s[nt]);
+                }
+            }
+            bx = key0 / hy; by = key0 % hy;
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    float logit = NEG_INF;
+                    if (in[2 * i + e]) {
+                        logit = s[nt][2 * i + e] * fscale;
+                        if (rpb) logit += rpb[bias0[i] + bx * rpb_x + by * rpb_y];
+                    }
+                    s[nt][2 * i + e] = logit;
+                }
+                if (++by == hy) { by = 0; ++bx; }
+            }
+        }
+
+        // online softmax, row i of this lane = rows g and g + 8; a quad (4 lanes) shares a row
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float cmax = NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) cmax = s[nt][2 * i + e] > cmax ? s[nt][2 * i + e] : cmax;
+            for (int off = 1; off < 4; off *= 2) {
+                const float other = __shfl_xor_sync(NA_TC_FULL, cmax, off);
+                cmax = other > cmax ? other : cmax;
+            }
+            const float mnew = cmax > m[i] ? cmax : m[i];
+            float alpha = 1.f;
+            if (mnew != NEG_INF) {
+                alpha = na_exp(m[i] - mnew);  // m = -inf: 0
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float x = s[nt][2 * i + e];
+                        const float p = x == NEG_INF ? 0.f : na_exp(x - mnew);  // a NaN logit stays NaN
+                        s[nt][2 * i + e] = p;
+                    }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) s[nt][2 * i] = s[nt][2 * i + 1] = 0.f;
+            }
+            float rowsum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) rowsum += s[nt][2 * i] + s[nt][2 * i + 1];
+            l[i] = l[i] * alpha + rowsum;
+            m[i] = mnew;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][2 * i] *= alpha;
+                o[dt][2 * i + 1] *= alpha;
+            }
+        }
+
+        // O += P V over 16-key steps (pairs of 8-key tiles); steps no query of the warp sees add nothing
+#pragma unroll
+        for (int ps = 0; ps < KC / 16; ++ps) {
+            if (!tile_live[2 * ps] && !tile_live[2 * ps + 1]) continue;  // warp-uniform
+            const unsigned pa[4] = {na_pack2<T>(s[2 * ps][0], s[2 * ps][1]), na_pack2<T>(s[2 * ps][2], s[2 * ps][3]),
+                                    na_pack2<T>(s[2 * ps + 1][0], s[2 * ps + 1][1]),
+                                    na_pack2<T>(s[2 * ps + 1][2], s[2 * ps + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                unsigned vf[2];
+                na_ldmatrix<2, true>(vf, sv + (16 * ps + (lane & 15)) * P + 8 * dt);
+                na_mma<T>::run(o[dt], pa, vf, o[dt]);
+            }
+        }
+    }
+
+    // the row sums are spread over the quad
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(NA_TC_FULL, l[i], 1);
+        l[i] += __shfl_xor_sync(NA_TC_FULL, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!valid[i]) continue;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const long long d = 8 * dt + 2 * t + e;
+                if (d < D) na_store<T, float>(out, NA_AT5(o, b, row_x[i], row_y[i], h, d), o[dt][2 * i + e] / l[i]);
+            }
+        if (t == 0) lse[b * l_b + row_x[i] * l_x + row_y[i] * l_y + h * l_h] = m[i] + na_log(l[i]);
+    }
+}

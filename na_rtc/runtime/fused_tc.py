@@ -1,0 +1,73 @@
+"""The tensor-core fused forward (``cuda_src/na_fused_tc.cu``): fp16 / bf16 on sm_80+.
+
+``na_fused_tc_fwd<T, HD, TX, TY, KC>``: one block of :data:`THREADS` threads
+(4 warps) per (batch, head, query tile of 64 group coordinates inside one
+dilation group per axis), 16 queries per warp as the rows of its
+``mma.m16n8k16`` tiles; the key box streamed KC keys at a time. Same
+arguments and results as the SIMT kernel (``fused.py``), which serves
+everything this one does not (fp32, head dim > 128, GPUs below sm_80).
+"""
+
+from __future__ import annotations
+
+from .._args import Problem
+from . import plan as P
+from . import tiling
+from .tiling import CTYPES
+
+SOURCE = "na_fused_tc.cu"
+THREADS = 128  # NA_TC_THREADS in na_fused_tc.cu
+SHARED_BUDGET = 48 * 1024
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (32, 64, 128)  # head-dim buckets (multiples of 16: the mma k-step)
+#: ndim -> query tile (TX, TY): 64 queries, 16 per warp (2D: two rows of 8)
+TILES = {1: (64, 1), 2: (8, 8)}
+#: head-dim bucket -> keys per staged chunk (registers: the 16 x KC logits of a warp)
+CHUNK_KEYS = {32: 64, 64: 64, 128: 32}
+
+
+def head_dim_bucket(head_dim: int) -> int | None:
+    return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
+
+
+def shared_bytes(hd: int, dtype: str) -> int:
+    """Q tile (64 rows) and a chunk of K and V rows, ``hd + 8`` elements each."""
+    return (64 + 2 * CHUNK_KEYS[hd]) * (hd + 8) * tiling.ITEMSIZE[dtype]
+
+
+def kernel_name_of(hd: int, dtype: str, ndim: int) -> str:
+    tx, ty = TILES[ndim]
+    return f"na_fused_tc_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}>"
+
+
+def names() -> tuple[str, ...]:
+    return tuple(kernel_name_of(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2))
+
+
+def grid(problem: Problem) -> int:
+    tile = TILES[problem.ndim]
+    blocks = problem.batch * problem.heads
+    for axis, size in zip(problem.axes, tile):
+        blocks *= tiling.tiles_per_axis(axis.length, axis.dilation, size)
+    return blocks
+
+
+def covers(problem: Problem) -> bool:
+    """fp16/bf16, 1D/2D, head dim <= 128, within shared memory and the grid limit (any window)."""
+    if problem.dtype not in DTYPES or problem.ndim not in TILES:
+        return False
+    hd = head_dim_bucket(problem.head_dim)
+    return hd is not None and shared_bytes(hd, problem.dtype) <= SHARED_BUDGET and grid(problem) <= P.MAX_GRID[0]
+
+
+def kernel_name(problem: Problem) -> str:
+    return kernel_name_of(head_dim_bucket(problem.head_dim), problem.dtype, problem.ndim)
+
+
+def family_threads() -> dict:
+    return {name: THREADS for name in names()}
+
+
+def family_shared() -> dict:
+    return {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype) for dtype in DTYPES for hd in HEAD_DIMS
+            for ndim in (1, 2)}

@@ -1,0 +1,111 @@
+"""The tensor-core fused forward (``cuda_src/na_fused_tc.cu``) through the emulator.
+
+* the fp16/bf16 configurations of the fused sweep (tests/test_fused.py: 1D
+  and 2D, kernel sizes 2 to 65 and 255, dilation, stride 1 to k, every causal
+  combination, rpb, scale, head dims up to 128, heads-first views, sizes that
+  are not multiples of the tile) against the float64 reference: output and
+  logsumexp within the DESIGN.md section 8 tolerances;
+* the tensor-core and SIMT kernels agree on the same inputs;
+* dispatch: tensor cores serve fp16/bf16 with head dim <= 128 where allowed
+  (sm_80+, the emulator, NA_RTC_TENSOR_CORES unset or 1), SIMT otherwise;
+* run-to-run determinism.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import test_fused
+from helpers import assert_close, RecordingExecutor, sweep_bias, sweep_inputs
+
+import na_rtc
+from na_rtc.runtime import emulated, fused, fused_tc, ops
+
+pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
+                                reason="emulator needs a C++ compiler")
+
+CONFIGS = [c for c in test_fused.CONFIGS if c.dtype in fused_tc.DTYPES and c.head_dim <= 128]
+
+
+def _always(problem):
+    return True
+
+
+def _run(cfg, tensor_cores=True, executor=emulated.run, arrays=None):
+    (q, k, v), _ = sweep_inputs(cfg, 3) if arrays is None else (arrays, None)
+    bias, _ = sweep_bias(cfg)
+    problem = test_fused._problem(cfg, q, k, v, bias)
+    kernels = fused.FusedKernels(executor, _always if tensor_cores else None)
+    assert kernels.covers(problem)
+    return kernels.forward(problem, q, k, v, bias)
+
+
+def test_the_sweep_has_both_dtypes_both_ndims_and_every_bucket():
+    assert {c.dtype for c in CONFIGS} == set(fused_tc.DTYPES) and {c.ndim for c in CONFIGS} == {1, 2}
+    assert {fused_tc.head_dim_bucket(c.head_dim) for c in CONFIGS} == set(fused_tc.HEAD_DIMS)
+    assert any(c.rpb for c in CONFIGS) and any(any(c.causal) for c in CONFIGS)
+    assert any(s > 1 for c in CONFIGS for s in c.stride) and any(d > 1 for c in CONFIGS for d in c.dilation)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_tensor_core_forward_matches_reference(cfg):
+    recorder = RecordingExecutor()
+    out, lse = _run(cfg, executor=recorder)
+    assert len(recorder.names) == 1 and recorder.names[0].startswith("na_fused_tc_fwd<")
+    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    _, bias64 = sweep_bias(cfg)
+    want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and tuple(out.shape) == cfg.shape
+    assert_close(out, want_out, cfg.dtype, "forward", "out")
+    assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[::4], ids=str)
+def test_tensor_core_and_simt_kernels_agree(cfg):
+    tc_out, tc_lse = _run(cfg, tensor_cores=True)
+    simt_out, simt_lse = _run(cfg, tensor_cores=False)
+    assert_close(tc_out, simt_out.double(), cfg.dtype, "forward", "out")
+    assert_close(tc_lse, simt_lse.double(), cfg.dtype, "forward", "lse")
+
+
+def test_tensor_core_forward_is_deterministic():
+    cfg = next(c for c in CONFIGS if c.ndim == 2 and c.rpb)
+    first, second = _run(cfg), _run(cfg)
+    for a, b in zip(first, second):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _problem(ndim, dtype, head_dim):
+    q = torch.empty((1, *(20,) * ndim, 2, head_dim), dtype=getattr(torch, dtype))
+    return na_rtc._args.fused_problem(ndim, q, q, q, 5, 1, 1, False, None, None)
+
+
+@pytest.mark.parametrize("ndim, dtype, head_dim, allowed, expected", [
+    (1, "float16", 64, True, "na_fused_tc_fwd<fp16_t, 64, 64, 1, 64>"),
+    (2, "bfloat16", 100, True, "na_fused_tc_fwd<bf16_t, 128, 8, 8, 32>"),
+    (2, "float16", 24, True, "na_fused_tc_fwd<fp16_t, 32, 8, 8, 64>"),
+    (2, "float16", 64, False, "na_fused_fwd<fp16_t, 64, 8, 4>"),     # not allowed (pre-sm_80 GPU, or disabled)
+    (1, "float32", 64, True, "na_fused_fwd<float, 64, 32, 1>"),      # fp32: SIMT
+    (2, "bfloat16", 256, True, "na_fused_fwd<bf16_t, 256, 4, 2>"),   # head dim > 128: SIMT
+])
+def test_dispatch(ndim, dtype, head_dim, allowed, expected):
+    kernels = fused.FusedKernels(emulated.run, lambda problem: allowed)
+    assert kernels.kernel_name(_problem(ndim, dtype, head_dim)) == expected
+
+
+def test_the_emulator_runs_tensor_cores_unless_disabled(monkeypatch):
+    policy = ops._tensor_core_policy("emulator")
+    problem = _problem(2, "float16", 64)
+    assert policy(problem)
+    monkeypatch.setenv("NA_RTC_TENSOR_CORES", "0")
+    assert not policy(problem)
+
+
+def test_cuda_policy_follows_the_device_architecture(monkeypatch):
+    from na_rtc.runtime import cuda
+
+    policy = ops._tensor_core_policy("cuda")
+    problem = _problem(1, "bfloat16", 64)
+    for arch, expected in ((75, False), (80, True), (90, True)):
+        monkeypatch.setattr(cuda, "arch_of", lambda device, arch=arch: arch)
+        assert policy(problem) is expected
