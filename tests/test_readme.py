@@ -23,3 +23,11 @@ def test_readme_block_runs(source):
         import numpy as np
 
         np.testing.assert_allclose(namespace["out2"], namespace["out"], rtol=1e-10, atol=1e-10)
+
+
+def test_every_setting_is_documented():
+    from na_rtc import config
+
+    text = README.read_text()
+    missing = [name for name in config.SETTINGS if f"`{name}`" not in text]
+    assert not missing, f"settings missing from README's settings table: {missing}"
