@@ -109,3 +109,23 @@ def test_cuda_policy_follows_the_device_architecture(monkeypatch):
     for arch, expected in ((75, False), (80, True), (90, True)):
         monkeypatch.setattr(cuda, "arch_of", lambda device, arch=arch: arch)
         assert policy(problem) is expected
+
+
+@pytest.mark.parametrize("poisoned", ["key", "value"])
+def test_nan_reach_on_tensor_cores(poisoned):
+    """A NaN key poisons exactly the queries that see it (masked logits are replaced, not multiplied);
+    a NaN value poisons those and at most other queries of the same 64-query tile (0 * NaN in P V)."""
+    cfg = test_fused.Config((150,), (9,), (1,), (False,), 1, 1, 32, False, False, "float16", (1,))
+    (q, k, v), _ = sweep_inputs(cfg, 3)
+    k, v = k.clone(), v.clone()
+    (k if poisoned == "key" else v)[0, 77, 0, 3] = float("nan")
+    out, _ = _run(cfg, arrays=(q, k, v))
+    bad = ~torch.isfinite(out[0, :, 0].float()).all(-1)
+    starts = [min(max(i - 4, 0), 150 - 9) for i in range(150)]
+    sees = torch.tensor([s <= 77 < s + 9 for s in starts])
+    same_tile = torch.tensor([i // 64 == 77 // 64 for i in range(150)])
+    assert sees.any() and bool((bad >= sees).all()), "a query whose window holds the NaN is finite"
+    if poisoned == "key":
+        assert torch.equal(bad, sees)
+    else:
+        assert bool((bad <= same_tile).all()), "a query of another tile is poisoned"
