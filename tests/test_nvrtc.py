@@ -292,6 +292,22 @@ def test_ptx_for_an_arch_newer_than_nvrtc_knows():
 
 
 @requires_nvrtc
+def test_an_empty_log_does_not_corrupt_shared_bytes_objects():
+    """NVRTC writes a lone NUL for an empty log (PTX targets run no ptxas): into a fresh
+    buffer, never into CPython's shared 1-byte bytes objects (``b" " * 1`` is one of them)."""
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from na_rtc.runtime import nvrtc
+        program = nvrtc.compile_program(Path({str(KERNELS / "kernels.cu")!r}), ["plain_copy"], 200)
+        assert program.kind == "ptx" and program.log == ""
+        assert (b" " * 1)[0] == 32 and bytes([32]).decode() == " ", "b' ' was overwritten"
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # a fresh, clean process
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@requires_nvrtc
 def test_arch_older_than_nvrtc_supports_points_to_cuda12():
     oldest = nvrtc.supported_archs()[0]
     with pytest.raises(nvrtc.ArchUnsupported, match=r"cuda12"):

@@ -269,11 +269,19 @@ def _first_error(log: str, include_dir: Path, main_name: str, source_path: Path)
     return None, None, ""
 
 
+def _out_buffer(size: int) -> bytearray:
+    """A fresh writable buffer for NVRTC to fill. Never ``b" " * size``: CPython
+    shares every 1-byte bytes object, so NVRTC writing an empty log's NUL into
+    one turned ``b" "`` into ``b"\\x00"`` for the whole process (it broke
+    torch.save after a PTX compile)."""
+    return bytearray(max(int(size), 1))
+
+
 def _read_log(nvrtc, prog) -> str:
     size = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-    buffer = b" " * max(int(size), 1)
+    buffer = _out_buffer(size)
     _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, buffer), "nvrtcGetProgramLog")
-    return buffer.rstrip(b"\x00 \n").decode(errors="replace")
+    return bytes(buffer).rstrip(b"\x00 \n").decode(errors="replace")
 
 
 def compile_program(
@@ -331,13 +339,14 @@ def compile_program(
             lowered[name] = mangled.decode() if isinstance(mangled, bytes) else str(mangled)
         if kind == "cubin":
             size = _check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-            binary = b" " * int(size)
-            _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, binary), "nvrtcGetCUBIN")
+            buffer = _out_buffer(size)
+            _check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, buffer), "nvrtcGetCUBIN")
+            binary = bytes(buffer[: int(size)])
         else:
             size = _check(nvrtc, nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-            binary = b" " * int(size)
-            _check(nvrtc, nvrtc.nvrtcGetPTX(prog, binary), "nvrtcGetPTX")
-            binary = binary.rstrip(b"\x00")  # text, without the C terminator
+            buffer = _out_buffer(size)
+            _check(nvrtc, nvrtc.nvrtcGetPTX(prog, buffer), "nvrtcGetPTX")
+            binary = bytes(buffer).rstrip(b"\x00")  # text, without the C terminator
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     return CompiledProgram(
