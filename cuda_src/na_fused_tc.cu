@@ -33,30 +33,13 @@
 #include "na_shared.cuh"
 #include "na_tile.cuh"
 #include "na_mma.cuh"
+#include "na_tc_common.cuh"
 
 #define NA_PROBLEM                                                                         \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
         long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
 #define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
 #define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
-
-#define NA_TC_WARPS 4
-#define NA_TC_THREADS (32 * NA_TC_WARPS)
-#define NA_TC_FULL 0xffffffffu
-
-// stage `rows` rows of D elements into shared rows of pitch P, zero-filling
-// head dims D..HD and the rows up to `capacity` (disjoint elements: no barrier
-// needed between the two passes); ref(r) gives row r's global offset
-template <class T, int HD, int P, class Ref>
-__device__ __forceinline__ void na_tc_stage(T* dst, const T* src, long long rows, long long capacity, long long D,
-                                            long long step, bool vec, Ref ref) {
-    na_copy_rows(dst, P, src, rows, D, step, vec, [&](long long r) { return na_row_ref{ref(r), r}; });
-    const T zero = T();
-    const int pad = HD - (int)D, full = (int)rows;
-    for (int e = threadIdx.x; e < full * pad; e += NA_TC_THREADS) dst[(e / pad) * P + D + e % pad] = zero;
-    for (int e = threadIdx.x; e < ((int)capacity - full) * HD; e += NA_TC_THREADS)
-        dst[(full + e / HD) * P + e % HD] = zero;
-}
 
 template <class T, int HD, int TX, int TY, int KC>
 __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
@@ -91,20 +74,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 
     // the tile's queries: valid ones at row qx * TY + qy, zeros elsewhere
-    {
-        const long long nqy = ty.n;
-        na_copy_rows(sq, P, q, tx.n * nqy, D, q_l, na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h),
-                     [&](long long r) {
-                         const long long qx = r / nqy, qy = r % nqy;
-                         return na_row_ref{NA_AT5(q, b, (tx.q0 + qx) * dx + tx.g, (ty.q0 + qy) * dy + ty.g, h, 0),
-                                           qx * TY + qy};
-                     });
-        const T zero = T();
-        for (int e = tid; e < NQ * HD; e += NA_TC_THREADS) {
-            const int r = e / HD, c = e % HD;
-            if (r / TY >= tx.n || r % TY >= nqy || c >= D) sq[r * P + c] = zero;
-        }
-    }
+    na_tc_stage_tile<T, HD, P, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, D, dx, dy, tx, ty);
     const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
     const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
     __syncthreads();

@@ -124,7 +124,7 @@ def _forward(case: Case, q64, k64, v64, rpb64):
     return out64.to(TORCH_DTYPES[case.dtype]), lse64.float()
 
 
-def _run(case: Case, run=emulated.run, seed: int = 0):
+def _run(case: Case, run=emulated.run, seed: int = 0, tensor_cores=None):
     (q, k, v, g, rpb), (q64, k64, v64, g64, rpb64) = _inputs(case, seed)
     out, lse = _forward(case, q64, k64, v64, rpb64)
     if case.heads_first:
@@ -132,7 +132,7 @@ def _run(case: Case, run=emulated.run, seed: int = 0):
         lse = lse.movedim(-1, 1).contiguous().movedim(1, -1)  # heads-first rows too
     problem = _args.fused_problem(case.ndim, q, k, v, case.kernel_size, case.stride, case.dilation, case.causal,
                                   None, rpb)
-    kernels = FusedBackwardKernels(run)
+    kernels = FusedBackwardKernels(run, tensor_cores)
     assert kernels.covers(problem)
     grads = kernels.backward(problem, g, q, k, v, rpb, out, lse)
     return problem, kernels, grads, (q64, k64, v64, g64, rpb64)

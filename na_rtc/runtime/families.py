@@ -88,6 +88,14 @@ def fused_tc_family() -> Family:
     return Family(fused_tc.SOURCE, fused_tc.names(), fused_tc.family_threads(), fused_tc.family_shared())
 
 
+def fused_tc_bwd_family() -> Family:
+    """Tensor-core fused backward dq/dkdv (cuda_src/na_fused_tc_bwd.cu; tables in runtime/fused_tc.py)."""
+    from . import fused_tc
+
+    return Family(fused_tc.BWD_SOURCE, fused_tc.bwd_names(), fused_tc.bwd_family_threads(),
+                  fused_tc.bwd_family_shared())
+
+
 def fused_bwd_family() -> Family:
     """Fused backward kernels (cuda_src/na_fused_bwd.cu; tile table and dispatch in runtime/fused_bwd.py)."""
     from . import fused_bwd
@@ -113,6 +121,7 @@ FAMILIES: dict[str, Family] = {
     "fused_bwd": fused_bwd_family(),
     "fused": fused_family(),
     "fused_tc": fused_tc_family(),
+    "fused_tc_bwd": fused_tc_bwd_family(),
 }
 
 

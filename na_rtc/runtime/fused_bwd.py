@@ -24,10 +24,12 @@ limit); callers fall back otherwise.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from .. import _arrays
 from .._args import Problem
+from . import fused_tc
 from . import plan as P
 from . import tiling
 from .tiling import CTYPES
@@ -144,22 +146,67 @@ def _plan(problem: Problem):
     return hd, cfg["dq"], cfg["dkdv"], dq_shared, dkdv_shared
 
 
-class FusedBackwardKernels:
-    """The fused backward on one executor (``cuda`` or ``emulator``)."""
+@dataclass(frozen=True)
+class _Launches:
+    """The dq and dkdv kernels of one backward: names, sources, grids, shared memory, query-tile count."""
 
-    def __init__(self, run: Callable[[P.LaunchPlan], None]):
+    dq: str
+    dkdv: str
+    source: str
+    dq_blocks: int
+    dkdv_blocks: int
+    dq_shared: int
+    dkdv_shared: int
+    tiles: int  # query tiles per head (the bias partials' middle dimension)
+
+
+def _simt_launches(problem: Problem) -> _Launches | None:
+    plan = _plan(problem)
+    if plan is None:
+        return None
+    hd, dq_cfg, dkdv_cfg, dq_shared, dkdv_shared = plan
+    bh = problem.batch * problem.heads
+    return _Launches(dq_name(problem.dtype, hd, dq_cfg), dkdv_name(problem.dtype, hd, dkdv_cfg), SOURCE,
+                     bh * _blocks(problem, dq_cfg), bh * _blocks(problem, dkdv_cfg), dq_shared, dkdv_shared,
+                     problem.batch * _blocks(problem, dq_cfg))
+
+
+def _tensor_core_launches(problem: Problem) -> _Launches:
+    hd = fused_tc.head_dim_bucket(problem.head_dim)
+    entries = _entries(problem) if problem.has_rpb else 0
+    blocks = fused_tc.grid(problem)
+    return _Launches(fused_tc.dq_name_of(hd, problem.dtype, problem.ndim),
+                     fused_tc.dkdv_name_of(hd, problem.dtype, problem.ndim), fused_tc.BWD_SOURCE, blocks, blocks,
+                     fused_tc.dq_shared_bytes(hd, problem.dtype, entries),
+                     fused_tc.dkdv_shared_bytes(hd, problem.dtype), blocks // max(problem.heads, 1))
+
+
+class FusedBackwardKernels:
+    """The fused backward on one executor (``cuda`` or ``emulator``).
+
+    ``tensor_cores(problem) -> bool``: may the tensor-core dq/dkdv kernels
+    (``fused_tc.py``) serve ``problem``; they do where they cover it, the SIMT
+    kernels of this module otherwise. Default: SIMT only.
+    """
+
+    def __init__(self, run: Callable[[P.LaunchPlan], None], tensor_cores=None):
         self.run = run
+        self.tensor_cores = tensor_cores or (lambda problem: False)
+
+    def _launches(self, problem: Problem) -> _Launches | None:
+        if problem.dtype in fused_tc.DTYPES and fused_tc.bwd_covers(problem) and self.tensor_cores(problem):
+            return _tensor_core_launches(problem)
+        return _simt_launches(problem)
 
     def covers(self, problem: Problem) -> bool:
-        return _plan(problem) is not None
+        return self._launches(problem) is not None
 
     def kernel_names(self, problem: Problem) -> tuple[str, ...]:
         """The kernels :meth:`backward` launches for ``problem`` (empty when not covered)."""
-        plan = _plan(problem)
-        if plan is None:
+        launches = self._launches(problem)
+        if launches is None:
             return ()
-        hd, dq_cfg, dkdv_cfg, _, _ = plan
-        names = [delta_name(problem.dtype), dq_name(problem.dtype, hd, dq_cfg), dkdv_name(problem.dtype, hd, dkdv_cfg)]
+        names = [delta_name(problem.dtype), launches.dq, launches.dkdv]
         if problem.has_rpb:
             names.append(RPB_REDUCE)
         return tuple(names)
@@ -170,12 +217,11 @@ class FusedBackwardKernels:
         are the forward's (``lse`` float32 ``[b, *spatial, heads]``)."""
         from .naive import _bias, _problem_args, _rows, _tensor
 
-        plan = _plan(problem)
-        if plan is None:
+        launches = self._launches(problem)
+        if launches is None:
             raise ValueError("the fused backward kernels do not cover this problem; check covers() first")
         if output is None or lse is None:
             raise ValueError("the fused backward needs the forward's output and logsumexp")
-        hd, dq_cfg, dkdv_cfg, dq_shared, dkdv_shared = plan
         dtype = problem.dtype
         if math.prod(problem.qkv_shape) == 0:  # batch or heads 0: nothing to launch; a bias gets a zero gradient
             grads = tuple(_arrays.empty(query, problem.qkv_shape, dtype) for _ in range(3))
@@ -193,24 +239,23 @@ class FusedBackwardKernels:
 
         inputs = _tensor(query, problem) + _tensor(key, problem) + _tensor(value, problem) + _tensor(grad_out, problem)
         inputs += _rows(lse, problem) + _rows(delta, problem) + _bias(rpb_acc, problem)
-        bh = problem.batch * problem.heads
+        threads = fused_tc.THREADS if launches.source == fused_tc.BWD_SOURCE else THREADS
 
         dq = _arrays.empty(query, problem.qkv_shape, dtype)
-        tiles = problem.batch * _blocks(problem, dq_cfg)
-        entries = _entries(problem)
+        tiles, entries = launches.tiles, _entries(problem)
         partial = drpb = None
         if rpb_acc is not None:
             partial = _arrays.empty(query, (problem.heads * tiles * entries,), "float32")
             drpb = _arrays.empty(query, problem.rpb_shape, "float32")
         args = inputs + _tensor(dq, problem) + [P.Arg("ptr", partial), P.f64(problem.scale)] + problem_args
-        self.run(P.LaunchPlan(P.Kernel(SOURCE, dq_name(dtype, hd, dq_cfg)), (bh * _blocks(problem, dq_cfg), 1, 1),
-                              (THREADS, 1, 1), dq_shared, tuple(args)))
+        self.run(P.LaunchPlan(P.Kernel(launches.source, launches.dq), (launches.dq_blocks, 1, 1), (threads, 1, 1),
+                              launches.dq_shared, tuple(args)))
 
         dk = _arrays.empty(query, problem.qkv_shape, dtype)
         dv = _arrays.empty(query, problem.qkv_shape, dtype)
         args = inputs + _tensor(dk, problem) + _tensor(dv, problem) + [P.f64(problem.scale)] + problem_args
-        self.run(P.LaunchPlan(P.Kernel(SOURCE, dkdv_name(dtype, hd, dkdv_cfg)),
-                              (bh * _blocks(problem, dkdv_cfg), 1, 1), (THREADS, 1, 1), dkdv_shared, tuple(args)))
+        self.run(P.LaunchPlan(P.Kernel(launches.source, launches.dkdv), (launches.dkdv_blocks, 1, 1), (threads, 1, 1),
+                              launches.dkdv_shared, tuple(args)))
 
         if drpb is not None:
             (_, kx, _), (_, ky, _) = _axes(problem)

@@ -10,6 +10,8 @@ everything this one does not (fp32, head dim > 128, GPUs below sm_80).
 
 from __future__ import annotations
 
+import math
+
 from .._args import Problem
 from . import plan as P
 from . import tiling
@@ -71,3 +73,61 @@ def family_threads() -> dict:
 def family_shared() -> dict:
     return {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype) for dtype in DTYPES for hd in HEAD_DIMS
             for ndim in (1, 2)}
+
+
+# ---------------------------------------------------------------- backward (cuda_src/na_fused_tc_bwd.cu)
+
+BWD_SOURCE = "na_fused_tc_bwd.cu"
+BWD_SHARED_BUDGET = 46 * 1024  # dynamic; the dkdv kernel's static window ranges stay under 48 KiB in all
+#: head-dim bucket -> keys per chunk (dq) and queries per chunk (dkdv)
+BWD_CHUNK = {32: 64, 64: 32, 128: 16}
+
+
+def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
+    tx, ty = TILES[ndim]
+    return f"na_fused_tc_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {BWD_CHUNK[hd]}>"
+
+
+def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
+    tx, ty = TILES[ndim]
+    return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {BWD_CHUNK[hd]}>"
+
+
+def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
+    """Q and dOut tiles (64 rows each, reused for the K/V chunks), ds floats, one float per bias entry."""
+    return tiling.align16(2 * 64 * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * 64 * (BWD_CHUNK[hd] + 1) + 4 * bias_entries
+
+
+def dkdv_shared_bytes(hd: int, dtype: str) -> int:
+    """K and V tiles (64 rows), Q and dOut chunks, then lse, delta and 4 window bounds per chunk query."""
+    qc = BWD_CHUNK[hd]
+    return tiling.align16((2 * 64 + 2 * qc) * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * qc * 2 + 16 * qc
+
+
+def bwd_covers(problem: Problem) -> bool:
+    """What the forward covers, with the bias partials within shared memory."""
+    if not covers(problem):
+        return False
+    hd = head_dim_bucket(problem.head_dim)
+    entries = math.prod(problem.rpb_shape[1:]) if problem.has_rpb else 0
+    return max(dq_shared_bytes(hd, problem.dtype, entries), dkdv_shared_bytes(hd, problem.dtype)) <= BWD_SHARED_BUDGET
+
+
+def bwd_names() -> tuple[str, ...]:
+    return tuple(name for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)
+                 for name in (dq_name_of(hd, dtype, ndim), dkdv_name_of(hd, dtype, ndim)))
+
+
+def bwd_family_threads() -> dict:
+    return {name: THREADS for name in bwd_names()}
+
+
+def bwd_family_shared() -> dict:
+    """The largest launch of each: dkdv's fixed size, dq's budget (larger bias tables are not covered)."""
+    shared = {}
+    for dtype in DTYPES:
+        for hd in HEAD_DIMS:
+            for ndim in (1, 2):
+                shared[dq_name_of(hd, dtype, ndim)] = BWD_SHARED_BUDGET
+                shared[dkdv_name_of(hd, dtype, ndim)] = dkdv_shared_bytes(hd, dtype)
+    return shared

@@ -1,0 +1,426 @@
+// Fused neighborhood attention backward on tensor cores (fp16 / bf16, sm_80+).
+//
+// Same arguments, layouts and results as na_fused_bwd_dq / na_fused_bwd_dkdv
+// (na_fused_bwd.cu), which also give the math; delta = rowsum(dOut * out) and
+// the bias-gradient reduce are that file's kernels. Probabilities are
+// recomputed from the logsumexp, p = exp(scale q.k + bias - lse), and
+// ds = p (dOut.v - delta). Blocks of 4 warps; every product is an
+// mma.m16n8k16 with fp32 accumulators; p and ds are rounded to T as A
+// operands (as in FlashAttention 2). Deterministic: fixed summation orders,
+// no atomics.
+//
+// na_fused_tc_bwd_dq<T, HD, TX, TY, KC>: one block per (b, h, query tile of
+//   64 group coordinates, as the forward); warp w owns queries 16w..16w+15.
+//   Q and dOut fragments stay in registers; per chunk of KC box keys:
+//   S = Q K^T and dP = dOut V^T (K, V rows through ldmatrix.x2), ds in
+//   registers, dQ += ds K (K through ldmatrix.x2.trans). With a bias, ds also
+//   goes to shared memory and the block adds, per relative offset, the ds of
+//   its queries in tile order (the order of the SIMT kernel) into per-tile
+//   partials [h, tiles, entries].
+// na_fused_tc_bwd_dkdv<T, HD, TX, TY, QC>: one block per (b, h, key tile of 64
+//   group coordinates); warp w owns keys 16w..16w+15. The queries whose windows
+//   can hold a key of the tile (one box, na_inverse_range per axis) are
+//   streamed QC at a time with their windows, lse and delta: S^T = K Q^T,
+//   dP^T = V dOut^T, then dV += p^T dOut and dK += ds^T Q (Q and dOut rows
+//   through ldmatrix.x2.trans).
+// Pairs outside a query's window have p = ds = 0 but still pass through the
+// mma, so a NaN or Inf in a K, V, Q or dOut row can reach the gradients of
+// other rows of the same warp tile (DESIGN.md section 8: fused kernels may
+// poison the queries of a tile); the SIMT backward skips such pairs.
+//
+// Dynamic shared memory (na_rtc/runtime/fused_tc.py mirrors it), rows of
+// P = HD + 8 elements:
+//   dq:   2 x 64 rows (Q, dOut; reused for the K and V chunks, KC <= 64), then
+//         64 x (KC + 1) floats of ds and one float per bias entry;
+//   dkdv: 2 x 64 rows (K, V), 2 x QC rows (Q, dOut), then QC floats of lse,
+//         QC of delta and 4 QC ints of window bounds.
+#include "na_types.cuh"
+#include "na_window.cuh"
+#include "na_shared.cuh"
+#include "na_tile.cuh"
+#include "na_mma.cuh"
+#include "na_tc_common.cuh"
+
+#define NA_TCB_PROBLEM                                                                        \
+    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
+        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
+#define NA_TCB_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
+#define NA_TCB_STRIDES4(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h
+#define NA_TCB_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
+#define NA_TCB_AT4(t, b, x, y, h) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h)
+
+__device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 15) / 16 * 16; }
+
+// block -> (b, h, tile x, tile y) and the tile's linear index among the B * ntx * nty tiles of a head
+#define NA_TCB_DECODE(TX_, TY_)                                                   \
+    const na_axis ax = {X, kx, sx, dx, cx};                                       \
+    const na_axis ay = {Y, ky, sy, dy, cy};                                       \
+    const long long nty = na_tiles_per_axis(ay, TY_), ntx = na_tiles_per_axis(ax, TX_); \
+    long long n_ = blockIdx.x;                                                    \
+    const long long ity = n_ % nty; n_ /= nty;                                    \
+    const long long itx = n_ % ntx; n_ /= ntx;                                    \
+    const long long h = n_ % H, b = n_ / H;                                       \
+    na_tile_axis tx, ty;                                                          \
+    const bool tile_ok = na_tile_axis_of(ax, itx, TX_, tx) && na_tile_axis_of(ay, ity, TY_, ty);
+
+template <class T, int HD, int TX, int TY, int KC>
+__global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
+    const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
+    const T* __restrict__ v, NA_TCB_STRIDES5(v), const T* __restrict__ g, NA_TCB_STRIDES5(g),
+    const float* __restrict__ lse, NA_TCB_STRIDES4(l), const float* __restrict__ delta, NA_TCB_STRIDES4(e),
+    const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y, T* __restrict__ dq,
+    NA_TCB_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_TCB_PROBLEM) {
+    constexpr int NQ = TX * TY;
+    constexpr int P = HD + 8;
+    constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
+    static_assert(NQ == 16 * NA_TC_WARPS && HD % 16 == 0 && KC % 16 == 0 && KC <= NQ, "tile shapes");
+
+    NA_TCB_DECODE(TX, TY)
+    const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw;
+    const long long tiles = B * ntx * nty;
+    float* partial_out = rpb_partial ? rpb_partial + (h * tiles + (b * ntx + itx) * nty + ity) * entries : nullptr;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
+    if (!tile_ok) {  // an empty tile of a shorter group: its partials are zero
+        if (partial_out)
+            for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = 0.0f;
+        return;
+    }
+    const int hy = (int)(ty.h1 - ty.h0);
+    const int keys = (int)(tx.h1 - tx.h0) * hy;
+
+    unsigned char* smem = na_dynamic_shared();
+    T* rows = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the K and V chunks
+    float* sds = reinterpret_cast<float*>(smem + na_tcb_align16(2LL * NQ * P * (long long)sizeof(T)));
+    float* racc = sds + NQ * KS;
+
+    na_tc_stage_tile<T, HD, P, TX, TY>(rows, q, q_b, q_x, q_y, q_h, q_l, b, h, D, dx, dy, tx, ty);
+    na_tc_stage_tile<T, HD, P, TX, TY>(rows + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, D, dx, dy, tx, ty);
+    if (partial_out)
+        for (long long i = tid; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
+    __syncthreads();
+    unsigned qf[KSTEPS][4], gf[KSTEPS][4];
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+        const int r = 16 * warp + (lane & 15), c = 16 * ks + 8 * (lane >> 4);
+        na_ldmatrix<4, false>(qf[ks], rows + r * P + c);
+        na_ldmatrix<4, false>(gf[ks], rows + (NQ + r) * P + c);
+    }
+
+    // this lane's rows g and g + 8 of the warp's 16 queries
+    bool valid[2];
+    int wx0[2], wx1[2], wy0[2], wy1[2];
+    long long bias0[2], row_x[2], row_y[2];
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int qi = 16 * warp + gq + 8 * i, qx = qi / TY, qy = qi % TY;
+        valid[i] = qx < tx.n && qy < ty.n;
+        const long long gx = tx.q0 + qx, gy = ty.q0 + qy;
+        row_x[i] = gx * dx + tx.g;
+        row_y[i] = gy * dy + ty.g;
+        long long s0 = 0, s1 = 0, u0 = 0, u1 = 0;
+        row_lse[i] = row_delta[i] = 0.f;
+        if (valid[i]) {
+            na_window(ax, row_x[i], s0, s1);
+            na_window(ay, row_y[i], u0, u1);
+            row_lse[i] = lse[NA_TCB_AT4(l, b, row_x[i], row_y[i], h)];
+            row_delta[i] = delta[NA_TCB_AT4(e, b, row_x[i], row_y[i], h)];
+        }
+        wx0[i] = (int)(s0 - tx.h0); wx1[i] = (int)(s1 - tx.h0);
+        wy0[i] = (int)(u0 - ty.h0); wy1[i] = (int)(u1 - ty.h0);
+        bias0[i] = h * rpb_h + (tx.h0 - gx + kx - 1) * rpb_x + (ty.h0 - gy + ky - 1) * rpb_y;
+    }
+    const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
+    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
+    const float fscale = (float)scale;
+    float acc[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    T* sk = rows;
+    T* sv = rows + KC * P;
+
+    for (int c0 = 0; c0 < keys; c0 += KC) {
+        const int cn = keys - c0 < KC ? keys - c0 : KC;
+        __syncthreads();  // fragments loaded / the previous chunk and its ds consumed
+        const auto key_offset = [&](long long r, long long sb, long long sx_, long long sy_, long long sh) {
+            const long long key = c0 + r, bx = key / hy, by = key % hy;
+            return b * sb + ((tx.h0 + bx) * dx + tx.g) * sx_ + ((ty.h0 + by) * dy + ty.g) * sy_ + h * sh;
+        };
+        na_tc_stage<T, HD, P>(sk, k, cn, KC, D, k_l, k_vec, [&](long long r) { return key_offset(r, k_b, k_x, k_y, k_h); });
+        na_tc_stage<T, HD, P>(sv, v, cn, KC, D, v_l, v_vec, [&](long long r) { return key_offset(r, v_b, v_x, v_y, v_h); });
+        __syncthreads();
+
+        float ds[NT][4];
+        bool live[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int key0 = c0 + 8 * nt + 2 * t;
+            bool in[4];
+            {
+                int bx = key0 / hy, by = key0 % hy;
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+                        in[2 * i + e2] = valid[i] && key0 + e2 < keys && bx >= wx0[i] && bx < wx1[i] &&
+                                         by >= wy0[i] && by < wy1[i];
+                    if (++by == hy) { by = 0; ++bx; }
+                }
+            }
+            live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
+            float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+            if (live[nt]) {  // warp-uniform
+#pragma unroll
+                for (int ks = 0; ks < KSTEPS; ++ks) {
+                    unsigned kb[2], vb[2];
+                    const int r = 8 * nt + (lane & 7), c = 16 * ks + 8 * ((lane >> 3) & 1);
+                    na_ldmatrix<2, false>(kb, sk + r * P + c);
+                    na_ldmatrix<2, false>(vb, sv + r * P + c);
+                    na_mma<T>::run(s, qf[ks], kb, s);
+                    na_mma<T>::run(dp, gf[ks], vb, dp);
+                }
+            }
+            int bx = key0 / hy, by = key0 % hy;
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    float d = 0.f;
+                    if (in[2 * i + e2]) {
+                        float logit = s[2 * i + e2] * fscale;
+                        if (rpb) logit += rpb[bias0[i] + bx * rpb_x + by * rpb_y];
+                        const float p = na_exp(logit - row_lse[i]);
+                        d = p * (dp[2 * i + e2] - row_delta[i]);
+                    }
+                    ds[nt][2 * i + e2] = d;
+                    if (partial_out) sds[(16 * warp + gq + 8 * i) * KS + 8 * nt + 2 * t + e2] = d;
+                }
+                if (++by == hy) { by = 0; ++bx; }
+            }
+        }
+        // dQ += ds K over 16-key steps
+#pragma unroll
+        for (int ps = 0; ps < KC / 16; ++ps) {
+            if (!live[2 * ps] && !live[2 * ps + 1]) continue;  // warp-uniform
+            const unsigned pa[4] = {na_pack2<T>(ds[2 * ps][0], ds[2 * ps][1]), na_pack2<T>(ds[2 * ps][2], ds[2 * ps][3]),
+                                    na_pack2<T>(ds[2 * ps + 1][0], ds[2 * ps + 1][1]),
+                                    na_pack2<T>(ds[2 * ps + 1][2], ds[2 * ps + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                unsigned kb[2];
+                na_ldmatrix<2, true>(kb, sk + (16 * ps + (lane & 15)) * P + 8 * dt);
+                na_mma<T>::run(acc[dt], pa, kb, acc[dt]);
+            }
+        }
+        // bias partials: entry (rx, ry) gets the ds of every query of the tile whose key at that offset is in the chunk
+        if (partial_out) {
+            __syncthreads();
+            for (long long en = tid; en < entries; en += NA_TC_THREADS) {
+                const long long rx = en / rw - (kx - 1), ry = en % rw - (ky - 1);
+                float sum = 0.0f;
+                for (int qxi = 0; qxi < (int)tx.n; ++qxi) {
+                    const long long bx = tx.q0 + qxi + rx - tx.h0;
+                    if (bx < 0 || bx >= tx.h1 - tx.h0) continue;
+                    for (int qyi = 0; qyi < (int)ty.n; ++qyi) {
+                        const long long by = ty.q0 + qyi + ry - ty.h0;
+                        if (by < 0 || by >= hy) continue;
+                        const long long kk = bx * hy + by - c0;
+                        if (kk >= 0 && kk < cn) sum += sds[(qxi * TY + qyi) * KS + kk];
+                    }
+                }
+                racc[en] += sum;
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!valid[i]) continue;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const long long d = 8 * dt + 2 * t + e2;
+                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, row_x[i], row_y[i], h, d), acc[dt][2 * i + e2] * fscale);
+            }
+    }
+    if (partial_out) {
+        __syncthreads();
+        for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = racc[i];
+    }
+}
+
+template <class T, int HD, int TX, int TY, int QC>
+__global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dkdv(
+    const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
+    const T* __restrict__ v, NA_TCB_STRIDES5(v), const T* __restrict__ g, NA_TCB_STRIDES5(g),
+    const float* __restrict__ lse, NA_TCB_STRIDES4(l), const float* __restrict__ delta, NA_TCB_STRIDES4(e),
+    const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y, T* __restrict__ dk,
+    NA_TCB_STRIDES5(dk), T* __restrict__ dv, NA_TCB_STRIDES5(dv), double scale, NA_TCB_PROBLEM) {
+    constexpr int NK = TX * TY;
+    constexpr int P = HD + 8;
+    constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
+    static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
+    __shared__ int first_x[TX], last_x[TX], first_y[TY], last_y[TY];
+
+    NA_TCB_DECODE(TX, TY)
+    if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
+    for (int i = tid; i < TX + TY; i += NA_TC_THREADS) {  // each key's inverse range per axis (group coordinates)
+        long long f = 0, last = 0;
+        if (i < TX) {
+            if (i < tx.n) na_inverse_range(ax, (tx.q0 + i) * dx + tx.g, f, last);
+            first_x[i] = (int)f;
+            last_x[i] = (int)last;
+        } else {
+            const int j = i - TX;
+            if (j < ty.n) na_inverse_range(ay, (ty.q0 + j) * dy + ty.g, f, last);
+            first_y[j] = (int)f;
+            last_y[j] = (int)last;
+        }
+    }
+    unsigned char* smem = na_dynamic_shared();
+    T* sk = reinterpret_cast<T*>(smem);
+    T* sv = sk + NK * P;
+    T* sq = sv + NK * P;
+    T* sg = sq + QC * P;
+    float* c_lse = reinterpret_cast<float*>(smem + na_tcb_align16((2LL * NK + 2LL * QC) * P * (long long)sizeof(T)));
+    float* c_delta = c_lse + QC;
+    int* c_win = reinterpret_cast<int*>(c_delta + QC);  // [QC][4]: x0, x1, y0, y1 (group coordinates)
+
+    na_tc_stage_tile<T, HD, P, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, D, dx, dy, tx, ty);
+    na_tc_stage_tile<T, HD, P, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, D, dx, dy, tx, ty);
+    __syncthreads();
+    // the query box: union of the keys' inverse ranges (ranges never decrease with the key)
+    const long long bx0 = first_x[0], bx1 = last_x[tx.n - 1], by0 = first_y[0], by1 = last_y[ty.n - 1];
+    const int nby = (int)na_max(0, by1 - by0), nqueries = (int)na_max(0, bx1 - bx0) * nby;
+
+    // this lane's key rows g and g + 8 of the warp's 16 keys (group coordinates)
+    bool kvalid[2];
+    long long jx[2], jy[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int ki = 16 * warp + gq + 8 * i, kxi = ki / TY, kyi = ki % TY;
+        kvalid[i] = kxi < tx.n && kyi < ty.n;
+        jx[i] = tx.q0 + kxi;
+        jy[i] = ty.q0 + kyi;
+    }
+    const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
+    const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
+    const float fscale = (float)scale;
+    float acc_k[DT][4], acc_v[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc_k[dt][c] = acc_v[dt][c] = 0.f;
+
+    for (int c0 = 0; c0 < nqueries; c0 += QC) {
+        const int cn = nqueries - c0 < QC ? nqueries - c0 : QC;
+        __syncthreads();  // the previous chunk is consumed
+        const auto query_offset = [&](long long r, long long sb, long long sx_, long long sy_, long long sh) {
+            const long long qq = c0 + r, qgx = bx0 + qq / nby, qgy = by0 + qq % nby;
+            return b * sb + (qgx * dx + tx.g) * sx_ + (qgy * dy + ty.g) * sy_ + h * sh;
+        };
+        na_tc_stage<T, HD, P>(sq, q, cn, QC, D, q_l, q_vec, [&](long long r) { return query_offset(r, q_b, q_x, q_y, q_h); });
+        na_tc_stage<T, HD, P>(sg, g, cn, QC, D, g_l, g_vec, [&](long long r) { return query_offset(r, g_b, g_x, g_y, g_h); });
+        for (int i = tid; i < QC; i += NA_TC_THREADS) {
+            int w[4] = {0, 0, 0, 0};
+            float ls = 0.f, dl = 0.f;
+            if (i < cn) {
+                const long long qq = c0 + i, x = (bx0 + qq / nby) * dx + tx.g, y = (by0 + qq % nby) * dy + ty.g;
+                long long s0, s1, u0, u1;
+                na_window(ax, x, s0, s1);
+                na_window(ay, y, u0, u1);
+                w[0] = (int)s0; w[1] = (int)s1; w[2] = (int)u0; w[3] = (int)u1;
+                ls = lse[NA_TCB_AT4(l, b, x, y, h)];
+                dl = delta[NA_TCB_AT4(e, b, x, y, h)];
+            }
+            for (int j = 0; j < 4; ++j) c_win[4 * i + j] = w[j];
+            c_lse[i] = ls;
+            c_delta[i] = dl;
+        }
+        __syncthreads();
+
+        float pr[NT][4], ds[NT][4];
+        bool live[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            bool in[4];
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const int* w = c_win + 4 * (8 * nt + 2 * t + e2);  // empty windows past cn
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    in[2 * i + e2] = kvalid[i] && jx[i] >= w[0] && jx[i] < w[1] && jy[i] >= w[2] && jy[i] < w[3];
+            }
+            live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
+            float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
+            if (live[nt]) {  // warp-uniform
+#pragma unroll
+                for (int ks = 0; ks < KSTEPS; ++ks) {
+                    unsigned ka[4], va[4], qb[2], gb[2];
+                    const int r = 16 * warp + (lane & 15), c = 16 * ks + 8 * (lane >> 4);
+                    na_ldmatrix<4, false>(ka, sk + r * P + c);
+                    na_ldmatrix<4, false>(va, sv + r * P + c);
+                    const int qr = 8 * nt + (lane & 7), qc = 16 * ks + 8 * ((lane >> 3) & 1);
+                    na_ldmatrix<2, false>(qb, sq + qr * P + qc);
+                    na_ldmatrix<2, false>(gb, sg + qr * P + qc);
+                    na_mma<T>::run(s, ka, qb, s);
+                    na_mma<T>::run(dp, va, gb, dp);
+                }
+            }
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const int col = 8 * nt + 2 * t + e2;
+                const long long qq = c0 + col, qgx = bx0 + qq / (nby ? nby : 1), qgy = by0 + qq % (nby ? nby : 1);
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    float p = 0.f, d = 0.f;
+                    if (in[2 * i + e2]) {
+                        float logit = s[2 * i + e2] * fscale;
+                        if (rpb) logit += rpb[h * rpb_h + (jx[i] - qgx + kx - 1) * rpb_x + (jy[i] - qgy + ky - 1) * rpb_y];
+                        p = na_exp(logit - c_lse[col]);
+                        d = p * (dp[2 * i + e2] - c_delta[col]);
+                    }
+                    pr[nt][2 * i + e2] = p;
+                    ds[nt][2 * i + e2] = d;
+                }
+            }
+        }
+        // dV += p^T dOut and dK += ds^T Q over 16-query steps
+#pragma unroll
+        for (int ps = 0; ps < QC / 16; ++ps) {
+            if (!live[2 * ps] && !live[2 * ps + 1]) continue;  // warp-uniform
+            const unsigned pa[4] = {na_pack2<T>(pr[2 * ps][0], pr[2 * ps][1]), na_pack2<T>(pr[2 * ps][2], pr[2 * ps][3]),
+                                    na_pack2<T>(pr[2 * ps + 1][0], pr[2 * ps + 1][1]),
+                                    na_pack2<T>(pr[2 * ps + 1][2], pr[2 * ps + 1][3])};
+            const unsigned da[4] = {na_pack2<T>(ds[2 * ps][0], ds[2 * ps][1]), na_pack2<T>(ds[2 * ps][2], ds[2 * ps][3]),
+                                    na_pack2<T>(ds[2 * ps + 1][0], ds[2 * ps + 1][1]),
+                                    na_pack2<T>(ds[2 * ps + 1][2], ds[2 * ps + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                unsigned gb[2], qb[2];
+                na_ldmatrix<2, true>(gb, sg + (16 * ps + (lane & 15)) * P + 8 * dt);
+                na_ldmatrix<2, true>(qb, sq + (16 * ps + (lane & 15)) * P + 8 * dt);
+                na_mma<T>::run(acc_v[dt], pa, gb, acc_v[dt]);
+                na_mma<T>::run(acc_k[dt], da, qb, acc_k[dt]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!kvalid[i]) continue;
+        const long long x = jx[i] * dx + tx.g, y = jy[i] * dy + ty.g;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const long long d = 8 * dt + 2 * t + e2;
+                if (d < D) {
+                    na_store<T, float>(dk, NA_TCB_AT5(dk, b, x, y, h, d), acc_k[dt][2 * i + e2] * fscale);
+                    na_store<T, float>(dv, NA_TCB_AT5(dv, b, x, y, h, d), acc_v[dt][2 * i + e2]);
+                }
+            }
+    }
+}

@@ -1,0 +1,86 @@
+"""The tensor-core fused backward (``cuda_src/na_fused_tc_bwd.cu``) through the emulator.
+
+* the fp16/bf16 cases of the fused-backward sweep (tests/test_fused_bwd.py: 1D
+  and 2D, kernels up to 67, stride, dilation, every causal combination, rpb,
+  head dims up to 128, heads-first views, batch and heads > 1) against the
+  float64 reference: dq, dk, dv, drpb within the DESIGN.md section 8
+  tolerances, from the reference's out and lse;
+* the tensor-core and SIMT backward agree;
+* dispatch (tensor cores where the policy allows and they cover the problem)
+  and run-to-run determinism, bias gradients included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import test_fused_bwd
+from helpers import assert_close, RecordingExecutor
+
+import na_rtc
+from na_rtc.runtime import emulated, fused_tc
+from na_rtc.runtime.fused_bwd import FusedBackwardKernels
+
+pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
+                                reason="emulator needs a C++ compiler")
+
+CASES = [c for c in test_fused_bwd.CASES if c.dtype in fused_tc.DTYPES and c.head_dim <= 128]
+
+
+def _always(problem):
+    return True
+
+
+def test_the_sweep_covers_both_dtypes_every_bucket_bias_and_causal():
+    assert {c.dtype for c in CASES} == set(fused_tc.DTYPES) and {c.ndim for c in CASES} == {1, 2}
+    assert {fused_tc.head_dim_bucket(c.head_dim) for c in CASES} == set(fused_tc.HEAD_DIMS)
+    assert any(c.rpb for c in CASES) and any(any(c.causal) for c in CASES)
+    assert any(s > 1 for c in CASES for s in c.stride)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_tensor_core_backward_matches_reference(case):
+    run = RecordingExecutor()
+    problem, kernels, (dq, dk, dv, drpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._run(case, run,
+                                                                                          tensor_cores=_always)
+    assert any(n.startswith("na_fused_tc_bwd_dq<") for n in run.names)
+    assert tuple(run.names) == kernels.kernel_names(problem)
+    bwd = na_rtc.na1d_backward if case.ndim == 1 else na_rtc.na2d_backward
+    ref = bwd(g64, q64, k64, v64, **test_fused_bwd._window(case), rpb=rpb64, backend="reference")
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
+        assert got.dtype == test_fused_bwd.TORCH_DTYPES[case.dtype] and tuple(got.shape) == case.shape
+        assert_close(got, want, case.dtype, "grad", name)
+    if case.rpb:
+        assert_close(drpb, ref[3], case.dtype, "grad", "drpb")
+    else:
+        assert drpb is None
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=str)
+def test_tensor_core_and_simt_backward_agree(case):
+    tc = test_fused_bwd._run(case, tensor_cores=_always)[2]
+    simt = test_fused_bwd._run(case)[2]
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), tc, simt):
+        if b is None:
+            assert a is None
+        else:
+            assert_close(a, b.double(), case.dtype, "grad", name)
+
+
+def test_tensor_core_backward_is_deterministic():
+    case = next(c for c in CASES if c.rpb and c.ndim == 2)
+    first = test_fused_bwd._run(case, tensor_cores=_always)[2]
+    second = test_fused_bwd._run(case, tensor_cores=_always)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_dispatch_prefers_tensor_cores_where_allowed():
+    q = torch.zeros(1, 40, 2, 64, dtype=torch.bfloat16)
+    problem = na_rtc._args.fused_problem(1, q, q, q, 7, 2, 1, False, None, None)
+    assert FusedBackwardKernels(emulated.run, _always).kernel_names(problem)[1:] == (
+        "na_fused_tc_bwd_dq<bf16_t, 64, 64, 1, 32>", "na_fused_tc_bwd_dkdv<bf16_t, 64, 64, 1, 32>")
+    assert FusedBackwardKernels(emulated.run).kernel_names(problem)[1].startswith("na_fused_bwd_dq<")
+    q32 = q.float()
+    problem32 = na_rtc._args.fused_problem(1, q32, q32, q32, 7, 2, 1, False, None, None)
+    assert FusedBackwardKernels(emulated.run, _always).kernel_names(problem32)[1].startswith("na_fused_bwd_dq<float")
