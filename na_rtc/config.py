@@ -17,7 +17,7 @@ SETTINGS = {
     "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: small (default) or large",
     "NA_RTC_EMULATOR_CHECKED": "1: the emulator runs every launch on guarded buffer copies (out-of-bounds checks)",
     "NA_RTC_EMULATOR_THREADS": "OS threads the emulator runs blocks on (default: all cores)",
-    "NA_RTC_TENSOR_CORES": "0: fp16/bf16 fused forward on the SIMT kernels even where tensor-core kernels serve "
+    "NA_RTC_TENSOR_CORES": "0: fp16/bf16 fused ops on the SIMT kernels even where tensor-core kernels serve "
                            "(default 1: tensor cores on sm_80+ and in the emulator)",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
