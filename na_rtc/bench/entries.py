@@ -12,7 +12,9 @@ runner reports it. The other libraries' entries live in :mod:`.peers`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -134,9 +136,11 @@ def _fused_kernels_used(spec: Spec, inputs: Inputs) -> dict:
     """Which kernels the fused op will launch: fused ones, or the split ones composed (the fallback rule)."""
     from ..runtime.fused import FusedKernels
     from ..runtime.fused_bwd import FusedBackwardKernels
+    from ..runtime.ops import _tensor_core_policy
 
     problem = _problem(spec, inputs)
-    forward, backward = FusedKernels(None), FusedBackwardKernels(None)
+    policy = _tensor_core_policy(inputs.kernel_backend)  # the dispatcher's own rule (device, NA_RTC_TENSOR_CORES)
+    forward, backward = FusedKernels(None, policy), FusedBackwardKernels(None, policy)
     return {
         "forward_kernels": forward.kernel_name(problem) if forward.covers(problem) else "split kernels composed",
         "backward_kernels": ", ".join(backward.kernel_names(problem)) if backward.covers(problem)
@@ -144,7 +148,21 @@ def _fused_kernels_used(spec: Spec, inputs: Inputs) -> dict:
     }
 
 
-def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None) -> Prepared:
+@contextlib.contextmanager
+def _tensor_cores_off():
+    """NA_RTC_TENSOR_CORES=0 for the duration (the dispatcher reads it per call)."""
+    saved = os.environ.get("NA_RTC_TENSOR_CORES")
+    os.environ["NA_RTC_TENSOR_CORES"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["NA_RTC_TENSOR_CORES"]
+        else:
+            os.environ["NA_RTC_TENSOR_CORES"] = saved
+
+
+def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, simt: bool = False) -> Prepared:
     import na_rtc
 
     backend = backend or inputs.kernel_backend
@@ -152,16 +170,21 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None) -> Pr
         _require_kernels(inputs)
     fn = na_rtc.na1d if spec.ndim == 1 else na_rtc.na2d
     kwargs = window_kwargs(spec)
+    mode = _tensor_cores_off if simt else contextlib.nullcontext
 
     def forward():
-        return fn(*inputs.qkv, spec.kernel, backend=backend, **kwargs)
+        with mode():
+            return fn(*inputs.qkv, spec.kernel, backend=backend, **kwargs)
 
     def forward_backward():
-        return grads(forward(), inputs)
+        out = forward()
+        with mode():  # the backward dispatches when autograd runs it
+            return grads(out, inputs)
 
     notes = {"backend": backend}
     if backend != "reference":
-        notes.update(_fused_kernels_used(spec, inputs))
+        with mode():
+            notes.update(_fused_kernels_used(spec, inputs))
     return Prepared(no_grad(forward), forward_backward, notes=notes)
 
 
@@ -242,7 +265,11 @@ def _prepare_naive_kernels(spec: Spec, inputs: Inputs) -> Prepared:
 
 def na_rtc_entries() -> list[Entry]:
     return [
-        Entry("fused", "na_rtc fused", _prepare_fused, families=("fused", "fused_bwd"), uses_kernels=True),
+        Entry("fused", "na_rtc fused", _prepare_fused, families=("fused", "fused_bwd", "fused_tc", "fused_tc_bwd"),
+              uses_kernels=True),
+        Entry("fused_simt", "na_rtc fused, SIMT kernels (NA_RTC_TENSOR_CORES=0)",
+              lambda spec, inputs: _prepare_fused(spec, inputs, simt=True), families=("fused", "fused_bwd"),
+              uses_kernels=True, default_cpu=False, cpu_note="tensor cores against SIMT is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
               uses_kernels=True),
         Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),
