@@ -56,15 +56,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
     static_assert(HD % 16 == 0 && KC % 16 == 0, "mma shapes");
     const float NEG_INF = __int_as_float(0xff800000);
 
-    const na_axis ax = {X, kx, sx, dx, cx};
-    const na_axis ay = {Y, ky, sy, dy, cy};
-    const long long nty = na_tiles_per_axis(ay, TY), ntx = na_tiles_per_axis(ax, TX);
-    long long n = blockIdx.x;
-    const long long ity = n % nty; n /= nty;
-    const long long itx = n % ntx; n /= ntx;
-    const long long h = n % H, b = n / H;
-    na_tile_axis tx, ty;
-    if (!na_tile_axis_of(ax, itx, TX, tx) || !na_tile_axis_of(ay, ity, TY, ty)) return;  // uniform
+    NA_TC_DECODE_BLOCK(TX, TY)
+    if (!tile_ok) return;  // uniform over the block
     const int hy = (int)(ty.h1 - ty.h0);
     const int keys = (int)(tx.h1 - tx.h0) * hy;
 
@@ -84,25 +77,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
     for (int ks = 0; ks < KSTEPS; ++ks) na_ldmatrix<4, false>(qf[ks], sq + (16 * warp + (lane & 15)) * P + 16 * ks + 8 * (lane >> 4));
 
     // this lane's two query rows (g and g + 8 of the warp's tile): windows in box coordinates
-    bool valid[2];
-    int wx0[2], wx1[2], wy0[2], wy1[2];
-    long long bias0[2], row_x[2], row_y[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int qi = 16 * warp + g + 8 * i, qx = qi / TY, qy = qi % TY;
-        valid[i] = qx < tx.n && qy < ty.n;
-        const long long gx = tx.q0 + qx, gy = ty.q0 + qy;
-        row_x[i] = gx * dx + tx.g;
-        row_y[i] = gy * dy + ty.g;
-        long long s0 = 0, s1 = 0, u0 = 0, u1 = 0;
-        if (valid[i]) {
-            na_window(ax, row_x[i], s0, s1);
-            na_window(ay, row_y[i], u0, u1);
-        }
-        wx0[i] = (int)(s0 - tx.h0); wx1[i] = (int)(s1 - tx.h0);
-        wy0[i] = (int)(u0 - ty.h0); wy1[i] = (int)(u1 - ty.h0);
-        bias0[i] = h * rpb_h + (tx.h0 - gx + kx - 1) * rpb_x + (ty.h0 - gy + ky - 1) * rpb_y;
-    }
+    const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
 
     float o[DT][4];
 #pragma unroll
@@ -113,12 +88,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
     for (int c0 = 0; c0 < keys; c0 += KC) {
         const int cn = keys - c0 < KC ? keys - c0 : KC;
         __syncthreads();  // the previous chunk is consumed
-        const auto key_row = [&](long long r, long long sb, long long sx_, long long sy_, long long sh) {
-            const long long key = c0 + r, bx = key / hy, by = key % hy;
-            return b * sb + ((tx.h0 + bx) * dx + tx.g) * sx_ + ((ty.h0 + by) * dy + ty.g) * sy_ + h * sh;
-        };
-        na_tc_stage<T, HD, P>(sk, k, cn, KC, D, k_l, k_vec, [&](long long r) { return key_row(r, k_b, k_x, k_y, k_h); });
-        na_tc_stage<T, HD, P>(sv, v, cn, KC, D, v_l, v_vec, [&](long long r) { return key_row(r, v_b, v_x, v_y, v_h); });
+        na_tc_stage<T, HD, P>(sk, k, cn, KC, D, k_l, k_vec, [&](long long r) {
+            return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, k_b, k_x, k_y, k_h);
+        });
+        na_tc_stage<T, HD, P>(sv, v, cn, KC, D, v_l, v_vec, [&](long long r) {
+            return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, v_b, v_x, v_y, v_h);
+        });
         __syncthreads();
 
         // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf
@@ -126,17 +101,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
         bool tile_live[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            const int key0 = c0 + 8 * nt + 2 * t;
-            int bx = key0 / hy, by = key0 % hy;
+            const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
             bool in[4];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {  // the lane's two columns: keys key0, key0 + 1
-#pragma unroll
-                for (int i = 0; i < 2; ++i)
-                    in[2 * i + e] = valid[i] && key0 + e < keys && bx >= wx0[i] && bx < wx1[i] && by >= wy0[i] &&
-                                    by < wy1[i];
-                if (++by == hy) { by = 0; ++bx; }
-            }
+            na_tc_visible(rows, key0, keys, hy, in);
             tile_live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
             if (tile_live[nt]) {  // warp-uniform: ldmatrix and mma need every lane
@@ -147,20 +114,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
                     na_mma<T>::run(s[nt], qf[ks], kf, s[nt]);
                 }
             }
-            bx = key0 / hy; by = key0 % hy;
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    float logit = NEG_INF;
-                    if (in[2 * i + e]) {
-                        logit = s[nt][2 * i + e] * fscale;
-                        if (rpb) logit += rpb[bias0[i] + bx * rpb_x + by * rpb_y];
-                    }
-                    s[nt][2 * i + e] = logit;
-                }
-                if (++by == hy) { by = 0; ++bx; }
-            }
+            for (int c = 0; c < 4; ++c)
+                s[nt][c] = in[c] ? na_tc_logit(rows, c / 2, key0 + c % 2, hy, s[nt][c], fscale, rpb, rpb_x, rpb_y)
+                                 : NEG_INF;
         }
 
         // online softmax, row i of this lane = rows g and g + 8; a quad (4 lanes) shares a row
@@ -227,14 +184,14 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        if (!valid[i]) continue;
+        if (!rows.valid[i]) continue;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const long long d = 8 * dt + 2 * t + e;
-                if (d < D) na_store<T, float>(out, NA_AT5(o, b, row_x[i], row_y[i], h, d), o[dt][2 * i + e] / l[i]);
+                if (d < D) na_store<T, float>(out, NA_AT5(o, b, rows.x[i], rows.y[i], h, d), o[dt][2 * i + e] / l[i]);
             }
-        if (t == 0) lse[b * l_b + row_x[i] * l_x + row_y[i] * l_y + h * l_h] = m[i] + na_log(l[i]);
+        if (t == 0) lse[b * l_b + rows.x[i] * l_x + rows.y[i] * l_y + h * l_h] = m[i] + na_log(l[i]);
     }
 }

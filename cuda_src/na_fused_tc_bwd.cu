@@ -51,18 +51,6 @@
 
 __device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 15) / 16 * 16; }
 
-// block -> (b, h, tile x, tile y) and the tile's linear index among the B * ntx * nty tiles of a head
-#define NA_TCB_DECODE(TX_, TY_)                                                   \
-    const na_axis ax = {X, kx, sx, dx, cx};                                       \
-    const na_axis ay = {Y, ky, sy, dy, cy};                                       \
-    const long long nty = na_tiles_per_axis(ay, TY_), ntx = na_tiles_per_axis(ax, TX_); \
-    long long n_ = blockIdx.x;                                                    \
-    const long long ity = n_ % nty; n_ /= nty;                                    \
-    const long long itx = n_ % ntx; n_ /= ntx;                                    \
-    const long long h = n_ % H, b = n_ / H;                                       \
-    na_tile_axis tx, ty;                                                          \
-    const bool tile_ok = na_tile_axis_of(ax, itx, TX_, tx) && na_tile_axis_of(ay, ity, TY_, ty);
-
 template <class T, int HD, int TX, int TY, int KC>
 __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
     const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
@@ -75,7 +63,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
     static_assert(NQ == 16 * NA_TC_WARPS && HD % 16 == 0 && KC % 16 == 0 && KC <= NQ, "tile shapes");
 
-    NA_TCB_DECODE(TX, TY)
+    NA_TC_DECODE_BLOCK(TX, TY)
     const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw;
     const long long tiles = B * ntx * nty;
     float* partial_out = rpb_partial ? rpb_partial + (h * tiles + (b * ntx + itx) * nty + ity) * entries : nullptr;
@@ -89,12 +77,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
     const int keys = (int)(tx.h1 - tx.h0) * hy;
 
     unsigned char* smem = na_dynamic_shared();
-    T* rows = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the K and V chunks
+    T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the K and V chunks
     float* sds = reinterpret_cast<float*>(smem + na_tcb_align16(2LL * NQ * P * (long long)sizeof(T)));
     float* racc = sds + NQ * KS;
 
-    na_tc_stage_tile<T, HD, P, TX, TY>(rows, q, q_b, q_x, q_y, q_h, q_l, b, h, D, dx, dy, tx, ty);
-    na_tc_stage_tile<T, HD, P, TX, TY>(rows + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, D, dx, dy, tx, ty);
+    na_tc_stage_tile<T, HD, P, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, D, dx, dy, tx, ty);
+    na_tc_stage_tile<T, HD, P, TX, TY>(tiles_q_g + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, D, dx, dy, tx, ty);
     if (partial_out)
         for (long long i = tid; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
     __syncthreads();
@@ -102,33 +90,17 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
         const int r = 16 * warp + (lane & 15), c = 16 * ks + 8 * (lane >> 4);
-        na_ldmatrix<4, false>(qf[ks], rows + r * P + c);
-        na_ldmatrix<4, false>(gf[ks], rows + (NQ + r) * P + c);
+        na_ldmatrix<4, false>(qf[ks], tiles_q_g + r * P + c);
+        na_ldmatrix<4, false>(gf[ks], tiles_q_g + (NQ + r) * P + c);
     }
 
-    // this lane's rows g and g + 8 of the warp's 16 queries
-    bool valid[2];
-    int wx0[2], wx1[2], wy0[2], wy1[2];
-    long long bias0[2], row_x[2], row_y[2];
+    // this lane's rows g and g + 8 of the warp's 16 queries, with their lse and delta
+    const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        const int qi = 16 * warp + gq + 8 * i, qx = qi / TY, qy = qi % TY;
-        valid[i] = qx < tx.n && qy < ty.n;
-        const long long gx = tx.q0 + qx, gy = ty.q0 + qy;
-        row_x[i] = gx * dx + tx.g;
-        row_y[i] = gy * dy + ty.g;
-        long long s0 = 0, s1 = 0, u0 = 0, u1 = 0;
-        row_lse[i] = row_delta[i] = 0.f;
-        if (valid[i]) {
-            na_window(ax, row_x[i], s0, s1);
-            na_window(ay, row_y[i], u0, u1);
-            row_lse[i] = lse[NA_TCB_AT4(l, b, row_x[i], row_y[i], h)];
-            row_delta[i] = delta[NA_TCB_AT4(e, b, row_x[i], row_y[i], h)];
-        }
-        wx0[i] = (int)(s0 - tx.h0); wx1[i] = (int)(s1 - tx.h0);
-        wy0[i] = (int)(u0 - ty.h0); wy1[i] = (int)(u1 - ty.h0);
-        bias0[i] = h * rpb_h + (tx.h0 - gx + kx - 1) * rpb_x + (ty.h0 - gy + ky - 1) * rpb_y;
+        row_lse[i] = rows.valid[i] ? lse[NA_TCB_AT4(l, b, rows.x[i], rows.y[i], h)] : 0.f;
+        row_delta[i] = rows.valid[i] ? delta[NA_TCB_AT4(e, b, rows.x[i], rows.y[i], h)] : 0.f;
     }
     const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
     const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
@@ -136,18 +108,18 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    T* sk = rows;
-    T* sv = rows + KC * P;
+    T* sk = tiles_q_g;
+    T* sv = tiles_q_g + KC * P;
 
     for (int c0 = 0; c0 < keys; c0 += KC) {
         const int cn = keys - c0 < KC ? keys - c0 : KC;
         __syncthreads();  // fragments loaded / the previous chunk and its ds consumed
-        const auto key_offset = [&](long long r, long long sb, long long sx_, long long sy_, long long sh) {
-            const long long key = c0 + r, bx = key / hy, by = key % hy;
-            return b * sb + ((tx.h0 + bx) * dx + tx.g) * sx_ + ((ty.h0 + by) * dy + ty.g) * sy_ + h * sh;
-        };
-        na_tc_stage<T, HD, P>(sk, k, cn, KC, D, k_l, k_vec, [&](long long r) { return key_offset(r, k_b, k_x, k_y, k_h); });
-        na_tc_stage<T, HD, P>(sv, v, cn, KC, D, v_l, v_vec, [&](long long r) { return key_offset(r, v_b, v_x, v_y, v_h); });
+        na_tc_stage<T, HD, P>(sk, k, cn, KC, D, k_l, k_vec, [&](long long r) {
+            return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, k_b, k_x, k_y, k_h);
+        });
+        na_tc_stage<T, HD, P>(sv, v, cn, KC, D, v_l, v_vec, [&](long long r) {
+            return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, v_b, v_x, v_y, v_h);
+        });
         __syncthreads();
 
         float ds[NT][4];
@@ -156,17 +128,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;
             bool in[4];
-            {
-                int bx = key0 / hy, by = key0 % hy;
-#pragma unroll
-                for (int e2 = 0; e2 < 2; ++e2) {
-#pragma unroll
-                    for (int i = 0; i < 2; ++i)
-                        in[2 * i + e2] = valid[i] && key0 + e2 < keys && bx >= wx0[i] && bx < wx1[i] &&
-                                         by >= wy0[i] && by < wy1[i];
-                    if (++by == hy) { by = 0; ++bx; }
-                }
-            }
+            na_tc_visible(rows, key0, keys, hy, in);
             live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform
@@ -180,22 +142,16 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
                     na_mma<T>::run(dp, gf[ks], vb, dp);
                 }
             }
-            int bx = key0 / hy, by = key0 % hy;
 #pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    float d = 0.f;
-                    if (in[2 * i + e2]) {
-                        float logit = s[2 * i + e2] * fscale;
-                        if (rpb) logit += rpb[bias0[i] + bx * rpb_x + by * rpb_y];
-                        const float p = na_exp(logit - row_lse[i]);
-                        d = p * (dp[2 * i + e2] - row_delta[i]);
-                    }
-                    ds[nt][2 * i + e2] = d;
-                    if (partial_out) sds[(16 * warp + gq + 8 * i) * KS + 8 * nt + 2 * t + e2] = d;
+            for (int c = 0; c < 4; ++c) {
+                const int i = c / 2;
+                float d = 0.f;
+                if (in[c]) {
+                    const float logit = na_tc_logit(rows, i, key0 + c % 2, hy, s[c], fscale, rpb, rpb_x, rpb_y);
+                    d = na_exp(logit - row_lse[i]) * (dp[c] - row_delta[i]);
                 }
-                if (++by == hy) { by = 0; ++bx; }
+                ds[nt][c] = d;
+                if (partial_out) sds[(16 * warp + gq + 8 * i) * KS + 8 * nt + 2 * t + c % 2] = d;
             }
         }
         // dQ += ds K over 16-key steps
@@ -235,13 +191,13 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        if (!valid[i]) continue;
+        if (!rows.valid[i]) continue;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e2 = 0; e2 < 2; ++e2) {
                 const long long d = 8 * dt + 2 * t + e2;
-                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, row_x[i], row_y[i], h, d), acc[dt][2 * i + e2] * fscale);
+                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, rows.x[i], rows.y[i], h, d), acc[dt][2 * i + e2] * fscale);
             }
     }
     if (partial_out) {
@@ -263,7 +219,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dkdv(
     static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
     __shared__ int first_x[TX], last_x[TX], first_y[TY], last_y[TY];
 
-    NA_TCB_DECODE(TX, TY)
+    NA_TC_DECODE_BLOCK(TX, TY)
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
     for (int i = tid; i < TX + TY; i += NA_TC_THREADS) {  // each key's inverse range per axis (group coordinates)

@@ -47,3 +47,82 @@ __device__ __forceinline__ void na_tc_stage_tile(T* dst, const T* src, long long
         if (r / TY >= tx.n || r % TY >= nqy || c >= D) dst[r * P + c] = zero;
     }
 }
+
+// The two query rows an mma lane holds (rows g and g + 8 of its warp's 16, g =
+// lane / 4): whether they exist, their positions, their windows in box
+// coordinates (box = the union of the tile's windows, origin tx.h0 / ty.h0)
+// and the rpb index of box key (0, 0) for each.
+struct na_tc_rows {
+    bool valid[2];
+    int wx0[2], wx1[2], wy0[2], wy1[2];
+    long long x[2], y[2], bias0[2];
+};
+
+template <int TY>
+__device__ __forceinline__ na_tc_rows na_tc_query_rows(int warp, int lane, const na_axis& ax, const na_axis& ay,
+                                                       const na_tile_axis& tx, const na_tile_axis& ty, long long h,
+                                                       long long rpb_h, long long rpb_x, long long rpb_y) {
+    na_tc_rows r;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int qi = 16 * warp + (lane >> 2) + 8 * i, qx = qi / TY, qy = qi % TY;
+        r.valid[i] = qx < tx.n && qy < ty.n;
+        const long long gx = tx.q0 + qx, gy = ty.q0 + qy;  // group coordinates
+        r.x[i] = gx * ax.dilation + tx.g;
+        r.y[i] = gy * ay.dilation + ty.g;
+        long long s0 = 0, s1 = 0, u0 = 0, u1 = 0;
+        if (r.valid[i]) {
+            na_window(ax, r.x[i], s0, s1);
+            na_window(ay, r.y[i], u0, u1);
+        }
+        r.wx0[i] = (int)(s0 - tx.h0); r.wx1[i] = (int)(s1 - tx.h0);
+        r.wy0[i] = (int)(u0 - ty.h0); r.wy1[i] = (int)(u1 - ty.h0);
+        r.bias0[i] = h * rpb_h + (tx.h0 - gx + ax.kernel - 1) * rpb_x + (ty.h0 - gy + ay.kernel - 1) * rpb_y;
+    }
+    return r;
+}
+
+// which of a lane's 4 accumulator elements of an 8-key tile are visible: rows
+// g, g + 8 (i) by box keys key0, key0 + 1 (e) at element 2 i + e; the box is
+// `keys` keys walked row-major, hy per row
+__device__ __forceinline__ void na_tc_visible(const na_tc_rows& r, int key0, int keys, int hy, bool (&in)[4]) {
+    int bx = key0 / hy, by = key0 % hy;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            in[2 * i + e] = r.valid[i] && key0 + e < keys && bx >= r.wx0[i] && bx < r.wx1[i] && by >= r.wy0[i] &&
+                            by < r.wy1[i];
+        if (++by == hy) { by = 0; ++bx; }
+    }
+}
+
+// the logit of element 2 i + e from its raw dot product (callers pass only visible elements)
+__device__ __forceinline__ float na_tc_logit(const na_tc_rows& r, int i, int key, int hy, float dot, float scale,
+                                             const float* rpb, long long rpb_x, long long rpb_y) {
+    float logit = dot * scale;
+    if (rpb) logit += rpb[r.bias0[i] + (long long)(key / hy) * rpb_x + (long long)(key % hy) * rpb_y];
+    return logit;
+}
+
+// global offset of box key `key` of one (b, h) in a tensor with the given strides
+__device__ __forceinline__ long long na_tc_key_offset(long long key, int hy, const na_tile_axis& tx,
+                                                      const na_tile_axis& ty, long long dx, long long dy, long long b,
+                                                      long long h, long long sb, long long sx, long long sy,
+                                                      long long sh) {
+    const long long bx = key / hy, by = key % hy;
+    return b * sb + ((tx.h0 + bx) * dx + tx.g) * sx + ((ty.h0 + by) * dy + ty.g) * sy + h * sh;
+}
+
+// block -> (b, h, tile itx, ity): ax / ay, the tile axes tx / ty and tile_ok (false: an
+// empty tile of a shorter dilation group); kernels take the NA problem arguments
+#define NA_TC_DECODE_BLOCK(TX_, TY_)                                                   \
+    const na_axis ax = {X, kx, sx, dx, cx};                                       \
+    const na_axis ay = {Y, ky, sy, dy, cy};                                       \
+    const long long nty = na_tiles_per_axis(ay, TY_), ntx = na_tiles_per_axis(ax, TX_); \
+    long long n_ = blockIdx.x;                                                    \
+    const long long ity = n_ % nty; n_ /= nty;                                    \
+    const long long itx = n_ % ntx; n_ /= ntx;                                    \
+    const long long h = n_ % H, b = n_ / H;                                       \
+    na_tile_axis tx, ty;                                                          \
+    const bool tile_ok = na_tile_axis_of(ax, itx, TX_, tx) && na_tile_axis_of(ay, ity, TY_, ty);
