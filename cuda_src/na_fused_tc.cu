@@ -42,7 +42,7 @@
 #define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
 
 template <class T, int HD, int TX, int TY, int KC>
-__global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_fwd(
+__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
     NA_STRIDES5(v), const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
     T* __restrict__ out, NA_STRIDES5(o), float* __restrict__ lse, long long l_b, long long l_x, long long l_y,

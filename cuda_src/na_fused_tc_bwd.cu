@@ -52,7 +52,7 @@
 __device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 15) / 16 * 16; }
 
 template <class T, int HD, int TX, int TY, int KC>
-__global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
+__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
     const T* __restrict__ v, NA_TCB_STRIDES5(v), const T* __restrict__ g, NA_TCB_STRIDES5(g),
     const float* __restrict__ lse, NA_TCB_STRIDES4(l), const float* __restrict__ delta, NA_TCB_STRIDES4(e),
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dq(
 }
 
 template <class T, int HD, int TX, int TY, int QC>
-__global__ void __launch_bounds__(NA_TC_THREADS) na_fused_tc_bwd_dkdv(
+__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
     const T* __restrict__ v, NA_TCB_STRIDES5(v), const T* __restrict__ g, NA_TCB_STRIDES5(g),
     const float* __restrict__ lse, NA_TCB_STRIDES4(l), const float* __restrict__ delta, NA_TCB_STRIDES4(e),

@@ -6,6 +6,8 @@
 #include "na_shared.cuh"
 #include "na_tile.cuh"
 
+// Kernels declare __launch_bounds__(NA_TC_THREADS, 1): without the minimum of one
+// block per SM ptxas capped some instantiations at 168 registers and spilled.
 #define NA_TC_WARPS 4
 #define NA_TC_THREADS (32 * NA_TC_WARPS)
 #define NA_TC_FULL 0xffffffffu
