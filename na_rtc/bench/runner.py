@@ -282,7 +282,7 @@ def write(results: dict, path: Path) -> None:
 def run_slice(results: dict, plan: list[Spec], selection: Selection, machine: Machine, settings: timing.Settings,
               path: Path, budget_s: float, compile_timing: bool, log: Callable[[str], None] = print) -> dict:
     """Measure the plan's problems not yet in ``results`` until the budget is spent; returns ``results``."""
-    from .compile import measure_families
+    from .compile import measure_families, warm_emulator_families
 
     started = time.perf_counter()
     done = {problem["key"] for problem in results["problems"]}
@@ -295,6 +295,8 @@ def run_slice(results: dict, plan: list[Spec], selection: Selection, machine: Ma
         results["compile"] = {"backend": machine.kernel_backend,
                               "families": measure_families(families, machine.kernel_backend)}
         write(results, path)
+    elif families and machine.kernel_backend == "emulator" and not machine.kernel_backend_missing and todo:
+        warm_emulator_families(families)  # C++ builds in parallel, not inside the first timed entries
     slowest = 0.0
     for spec in todo:
         elapsed = time.perf_counter() - started
