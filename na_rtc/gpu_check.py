@@ -67,8 +67,12 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        print(f"gpu-check needs torch (and cupy) in the python that runs it; {sys.executable} has no torch. "
+              "On a GPU machine run it with the python that holds PyTorch (make gpu-check GPU_PYTHON=...)")
+        return 2
     if not torch.cuda.is_available():
         print("gpu-check needs a CUDA GPU visible to torch; none found")
         return 2
