@@ -78,6 +78,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
 
     // this lane's two query rows (g and g + 8 of the warp's tile): windows in box coordinates
     const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
+    const na_tc_warp_window common = na_tc_common_window(rows);
 
     float o[DT][4];
 #pragma unroll
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
             bool in[4];
-            na_tc_visible(rows, key0, keys, hy, in);
+            na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, keys, hy, in);
             tile_live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
             if (tile_live[nt]) {  // warp-uniform: ldmatrix and mma need every lane

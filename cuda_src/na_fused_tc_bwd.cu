@@ -96,6 +96,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
 
     // this lane's rows g and g + 8 of the warp's 16 queries, with their lse and delta
     const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
+    // the common-window shortcut costs 4 registers: HD 128 (at 255) would spill
+    const na_tc_warp_window common = HD < 128 ? na_tc_common_window(rows) : na_tc_warp_window{1, 0, 1, 0};
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;
             bool in[4];
-            na_tc_visible(rows, key0, keys, hy, in);
+            na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, keys, hy, in);
             live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform

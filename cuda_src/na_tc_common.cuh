@@ -128,3 +128,53 @@ __device__ __forceinline__ long long na_tc_key_offset(long long key, int hy, con
     const long long h = n_ % H, b = n_ / H;                                       \
     na_tile_axis tx, ty;                                                          \
     const bool tile_ok = na_tile_axis_of(ax, itx, TX_, tx) && na_tile_axis_of(ay, ity, TY_, ty);
+
+// The keys every valid row of a warp sees: the intersection of their windows
+// (box coordinates). An 8-key tile inside it needs no per-element window test
+// (DESIGN.md section 7: mask only partially covered tiles).
+struct na_tc_warp_window {
+    int x0, x1, y0, y1;
+};
+
+__device__ __forceinline__ na_tc_warp_window na_tc_common_window(const na_tc_rows& r) {
+    na_tc_warp_window w = {-(1 << 30), 1 << 30, -(1 << 30), 1 << 30};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!r.valid[i]) continue;
+        w.x0 = w.x0 > r.wx0[i] ? w.x0 : r.wx0[i];
+        w.x1 = w.x1 < r.wx1[i] ? w.x1 : r.wx1[i];
+        w.y0 = w.y0 > r.wy0[i] ? w.y0 : r.wy0[i];
+        w.y1 = w.y1 < r.wy1[i] ? w.y1 : r.wy1[i];
+    }
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+        const int x0 = __shfl_xor_sync(NA_TC_FULL, w.x0, off), x1 = __shfl_xor_sync(NA_TC_FULL, w.x1, off);
+        const int y0 = __shfl_xor_sync(NA_TC_FULL, w.y0, off), y1 = __shfl_xor_sync(NA_TC_FULL, w.y1, off);
+        w.x0 = w.x0 > x0 ? w.x0 : x0;
+        w.x1 = w.x1 < x1 ? w.x1 : x1;
+        w.y0 = w.y0 > y0 ? w.y0 : y0;
+        w.y1 = w.y1 < y1 ? w.y1 : y1;
+    }
+    return w;  // no valid row in the warp: x0 > x1, every tile partial
+}
+
+// whether the 8 box keys key_tile .. key_tile + 7 (row-major, hy per row) all lie in w
+__device__ __forceinline__ bool na_tc_tile_full(const na_tc_warp_window& w, int key_tile, int keys, int hy) {
+    if (key_tile + 8 > keys) return false;
+    const int last = key_tile + 7, bx0 = key_tile / hy, by0 = key_tile % hy, bx1 = last / hy, by1 = last % hy;
+    if (bx0 < w.x0 || bx1 >= w.x1) return false;
+    if (bx0 == bx1) return by0 >= w.y0 && by1 < w.y1;
+    return w.y0 <= 0 && w.y1 >= hy;  // the tile wraps to the next box row: the window must span the box's width
+}
+
+// the visibility of a lane's 4 elements of an 8-key tile (see na_tc_visible), skipping the per-element test
+// for tiles inside the warp's common window
+__device__ __forceinline__ void na_tc_visible_tile(const na_tc_rows& r, const na_tc_warp_window& w, int key_tile,
+                                                   int key0, int keys, int hy, bool (&in)[4]) {
+    if (na_tc_tile_full(w, key_tile, keys, hy)) {  // warp-uniform
+        in[0] = in[1] = r.valid[0];
+        in[2] = in[3] = r.valid[1];
+    } else {
+        na_tc_visible(r, key0, keys, hy, in);
+    }
+}
