@@ -79,13 +79,6 @@ def _tile(problem: Problem):
     return hd, TILES.get((problem.ndim, hd, problem.dtype))
 
 
-def _grid(problem: Problem, tile: tuple[int, int]) -> int:
-    axes = list(problem.axes)
-    blocks = problem.batch * problem.heads * tiling.tiles_per_axis(axes[0].length, axes[0].dilation, tile[0])
-    if problem.ndim == 2:
-        blocks *= tiling.tiles_per_axis(axes[1].length, axes[1].dilation, tile[1])
-    return blocks
-
 
 class FusedKernels:
     """The fused forward kernels as an allocating call, for one executor.
@@ -111,7 +104,7 @@ class FusedKernels:
             return False
         if shared_bytes(hd, problem.dtype) > SHARED_BUDGET:
             return False
-        return _grid(problem, tile) <= P.MAX_GRID[0]
+        return tiling.grid(problem, tile) <= P.MAX_GRID[0]
 
     def kernel_name(self, problem: Problem) -> str:
         if self._uses_tensor_cores(problem):
@@ -139,7 +132,7 @@ class FusedKernels:
             smem = fused_tc.shared_bytes(fused_tc.head_dim_bucket(problem.head_dim), problem.dtype)
         else:
             hd, tile = _tile(problem)
-            source, threads, blocks, smem = SOURCE, THREADS, _grid(problem, tile), shared_bytes(hd, problem.dtype)
+            source, threads, blocks, smem = SOURCE, THREADS, tiling.grid(problem, tile), shared_bytes(hd, problem.dtype)
         out = _arrays.empty(query, problem.qkv_shape, problem.dtype)
         lse = _arrays.empty(query, problem.lse_shape, "float32")
         if blocks == 0 or math.prod(problem.qkv_shape) == 0:

@@ -122,11 +122,6 @@ def dkdv_shared_bytes(problem: Problem, cfg) -> int:
     return 2 * tiling.align16(tk * rs * s) + 2 * tiling.align16(qc * rs * s) + 8 * tk * (qc + 1) + 24 * qc
 
 
-def _blocks(problem: Problem, tile) -> int:
-    (lx, _, dx), (ly, _, dy) = _axes(problem)
-    return tiling.tiles_per_axis(lx, dx, tile[0]) * tiling.tiles_per_axis(ly, dy, tile[1])
-
-
 def _plan(problem: Problem):
     """``(hd, dq cfg, dkdv cfg, dq shared, dkdv shared)`` or None when not covered."""
     if problem.dtype not in DTYPES:
@@ -140,7 +135,7 @@ def _plan(problem: Problem):
     if max(dq_shared, dkdv_shared) > SHARED_BUDGET:
         return None
     bh = problem.batch * problem.heads
-    if max(bh * _blocks(problem, cfg["dq"]), bh * _blocks(problem, cfg["dkdv"]),
+    if max(bh * tiling.tiles(problem, cfg["dq"]), bh * tiling.tiles(problem, cfg["dkdv"]),
            -(-math.prod(problem.lse_shape) // THREADS)) > P.MAX_GRID[0]:
         return None
     return hd, cfg["dq"], cfg["dkdv"], dq_shared, dkdv_shared
@@ -167,8 +162,8 @@ def _simt_launches(problem: Problem) -> _Launches | None:
     hd, dq_cfg, dkdv_cfg, dq_shared, dkdv_shared = plan
     bh = problem.batch * problem.heads
     return _Launches(dq_name(problem.dtype, hd, dq_cfg), dkdv_name(problem.dtype, hd, dkdv_cfg), SOURCE,
-                     bh * _blocks(problem, dq_cfg), bh * _blocks(problem, dkdv_cfg), dq_shared, dkdv_shared,
-                     problem.batch * _blocks(problem, dq_cfg))
+                     bh * tiling.tiles(problem, dq_cfg), bh * tiling.tiles(problem, dkdv_cfg), dq_shared, dkdv_shared,
+                     problem.batch * tiling.tiles(problem, dq_cfg))
 
 
 def _tensor_core_launches(problem: Problem) -> _Launches:

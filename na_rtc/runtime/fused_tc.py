@@ -47,11 +47,7 @@ def names() -> tuple[str, ...]:
 
 
 def grid(problem: Problem) -> int:
-    tile = TILES[problem.ndim]
-    blocks = problem.batch * problem.heads
-    for axis, size in zip(problem.axes, tile):
-        blocks *= tiling.tiles_per_axis(axis.length, axis.dilation, size)
-    return blocks
+    return tiling.grid(problem, TILES[problem.ndim])
 
 
 def covers(problem: Problem) -> bool:

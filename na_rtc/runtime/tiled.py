@@ -51,13 +51,6 @@ def shared_bytes(problem: Problem, op: str, tile: tuple[int, int], hd: int, weig
     return weights + halo_rows * pitch * item
 
 
-def _grid(problem: Problem, tile: tuple[int, int]) -> int:
-    axes = list(problem.axes)
-    blocks = problem.batch * problem.heads * tiling.tiles_per_axis(axes[0].length, axes[0].dilation, tile[0])
-    if problem.ndim == 2:
-        blocks *= tiling.tiles_per_axis(axes[1].length, axes[1].dilation, tile[1])
-    return blocks
-
 
 class TiledKernels(NaiveKernels):
     """Naive kernels, with the split forward ops tiled where a tiled kernel serves."""
@@ -72,7 +65,7 @@ class TiledKernels(NaiveKernels):
         if weights_dtype not in (dtype, accumulator_dtype(dtype)):
             return None
         smem = shared_bytes(problem, op, tile, hd, weights_dtype)
-        if smem > TILED_SHARED_BUDGET or not 1 <= _grid(problem, tile) <= P.MAX_GRID[0]:
+        if smem > TILED_SHARED_BUDGET or not 1 <= tiling.grid(problem, tile) <= P.MAX_GRID[0]:
             return None
         element, weights = CTYPES[dtype], CTYPES[weights_dtype]
         types = f"{element}, {weights}" if op == "qk" else f"{weights}, {element}"
@@ -96,7 +89,7 @@ class TiledKernels(NaiveKernels):
         return f"na_qk_fwd<{element}, {weights}>" if op == "qk" else f"na_av_fwd<{weights}, {element}>"
 
     def _launch_tiled(self, name: str, problem: Problem, tile, smem: int, args: list[P.Arg]) -> None:
-        grid = (_grid(problem, tile), 1, 1)
+        grid = (tiling.grid(problem, tile), 1, 1)
         self.run(P.LaunchPlan(P.Kernel(FAMILY.source, name), grid, (TILED_THREADS, 1, 1), smem, tuple(args)))
 
     def qk(self, problem, query, key, bias, out_dtype, scale, fill):

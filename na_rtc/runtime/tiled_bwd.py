@@ -104,8 +104,7 @@ def _inv_plan(problem: Problem, weights_dtype: str, source_dtype: str):
         return None
     tile = INV_TILES[(problem.ndim, hd, problem.dtype)]
     shared = inv_shared_bytes(problem, tile)
-    (lx, _, dx), (ly, _, dy) = _axes(problem)
-    blocks = problem.batch * problem.heads * tiling.tiles_per_axis(lx, dx, tile[0]) * tiling.tiles_per_axis(ly, dy, tile[1])
+    blocks = tiling.grid(problem, tile)
     if shared > SHARED_BUDGET or blocks > P.MAX_GRID[0]:
         return None
     return inv_name(weights_dtype, problem.dtype, hd, tile), blocks, shared
@@ -117,12 +116,11 @@ def _rpb_plan(problem: Problem, weights_dtype: str):
         return None
     if weights_dtype not in RPB_WEIGHT_DTYPES:
         return None
-    (lx, _, dx), (ly, _, dy) = _axes(problem)
     for tile in RPB_TILES[problem.ndim]:
         shared = rpb_shared_bytes(problem, weights_dtype, tile)
         if shared > SHARED_BUDGET:
             continue
-        tiles = problem.batch * tiling.tiles_per_axis(lx, dx, tile[0]) * tiling.tiles_per_axis(ly, dy, tile[1])
+        tiles = problem.batch * tiling.tiles(problem, tile)
         if tiles * problem.heads > P.MAX_GRID[0]:
             return None
         return rpb_name(weights_dtype, tile), tiles, tiles * problem.heads, shared

@@ -25,5 +25,18 @@ def tiles_per_axis(length: int, dilation: int, tile: int) -> int:
     return dilation * -(-longest_group // tile)
 
 
+def tiles(problem, tile) -> int:
+    """Tiles of one (batch, head) of a validated problem for a (TX, TY) tile (1D: TY ignored)."""
+    count = 1
+    for axis, size in zip(problem.axes, tile):
+        count *= tiles_per_axis(axis.length, axis.dilation, size)
+    return count
+
+
+def grid(problem, tile) -> int:
+    """Blocks of a launch with one block per (batch, head, tile)."""
+    return problem.batch * problem.heads * tiles(problem, tile)
+
+
 def align16(n: int) -> int:
     return -(-n // 16) * 16
