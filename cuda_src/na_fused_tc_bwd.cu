@@ -116,12 +116,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     for (int c0 = 0; c0 < keys; c0 += KC) {
         const int cn = keys - c0 < KC ? keys - c0 : KC;
         __syncthreads();  // fragments loaded / the previous chunk and its ds consumed
-        na_tc_stage<T, HD, P>(sk, k, cn, KC, D, k_l, k_vec, [&](long long r) {
-            return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, k_b, k_x, k_y, k_h);
-        });
-        na_tc_stage<T, HD, P>(sv, v, cn, KC, D, v_l, v_vec, [&](long long r) {
-            return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, v_b, v_x, v_y, v_h);
-        });
+        na_tc_stage_kv<T, HD, P, KC>(sk, sv, k, v, {k_b, k_x, k_y, k_h, k_l}, {v_b, v_x, v_y, v_h, v_l}, k_vec, v_vec,
+                                     c0, cn, hy, tx, ty, dx, dy, b, h, D);
         __syncthreads();
 
         float ds[NT][4];

@@ -178,3 +178,19 @@ __device__ __forceinline__ void na_tc_visible_tile(const na_tc_rows& r, const na
         na_tc_visible(r, key0, keys, hy, in);
     }
 }
+
+// stage box keys c0 .. c0 + cn - 1 of one (b, h) from K and V into chunk rows
+// of pitch P (KC rows each; padding rows and head dims zero), as the forward
+// and the dq kernel stream them
+template <class T, int HD, int P, int KC>
+__device__ __forceinline__ void na_tc_stage_kv(T* sk, T* sv, const T* k, const T* v, const long long (&ks)[5],
+                                               const long long (&vs)[5], bool k_vec, bool v_vec, int c0, int cn,
+                                               int hy, const na_tile_axis& tx, const na_tile_axis& ty, long long dx,
+                                               long long dy, long long b, long long h, long long D) {
+    na_tc_stage<T, HD, P>(sk, k, cn, KC, D, ks[4], k_vec, [&](long long r) {
+        return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, ks[0], ks[1], ks[2], ks[3]);
+    });
+    na_tc_stage<T, HD, P>(sv, v, cn, KC, D, vs[4], v_vec, [&](long long r) {
+        return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, vs[0], vs[1], vs[2], vs[3]);
+    });
+}
