@@ -6,13 +6,18 @@
 // axis); warp w owns the tile's queries 16w .. 16w + 15 (tile order, y
 // fastest), the 16 rows of its mma tiles. The key box (union of the tile's
 // windows, DESIGN.md section 2) is walked in row-major order in chunks of KC
-// keys staged in shared memory; per chunk and warp:
+// keys, double-buffered in shared memory: while the warps compute on chunk c,
+// cp.async copies bring chunk c + 1 (na_async.cuh; element copies instead
+// where rows are strided or unaligned). Per chunk and warp:
 //   S = Q K^T    mma.m16n8k16: Q fragments (ldmatrix.x4, kept in registers
 //                for the whole block) x K rows (ldmatrix.x2 on [key][d] rows);
 //                8-key column tiles that none of the warp's 16 queries sees
 //                are skipped (warp-uniform);
 //   mask         logits outside each query's own window are -inf (exact
-//                causal / strided / dilated windows), then scale and bias;
+//                causal / strided / dilated windows), then scale and bias,
+//                in log2 units (scale and bias times log2 e) so that the
+//                softmax needs one ex2 per logit; tiles inside the common
+//                window of the warp's rows skip the per-element test;
 //   softmax      online per row in fp32 (the 4 lanes of a quad share a row:
 //                max and sum reduced with __shfl_xor_sync), never exp(-inf - -inf);
 //   O += P V     P rounded to T and repacked from the accumulator layout
@@ -25,9 +30,11 @@
 // (DESIGN.md section 8).
 //
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
-// (16 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64; 1D: TY = 1),
-// keys per chunk KC (16 | KC). Dynamic shared memory (na_rtc/runtime/fused_tc.py
-// mirrors it): (64 + 2 KC) rows of HD + 8 elements.
+// (32 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64; 1D: TY = 1),
+// keys per chunk KC (16 | KC, 2 KC >= 64). Dynamic shared memory
+// (na_rtc/runtime/fused_tc.py mirrors it): 4 KC rows of HD + 8 elements, two
+// stages of a K and a V chunk; the Q tile is staged in stage 1's rows until
+// its fragments are in registers.
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -52,29 +59,39 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     constexpr int KSTEPS = HD / 16;   // k-steps of Q K^T over head dims
     constexpr int NT = KC / 8;        // 8-key column tiles per chunk
     constexpr int DT = HD / 8;        // 8-dim column tiles of the output
+    constexpr int STAGE = 2 * KC;     // rows of one pipeline stage: a K chunk, then a V chunk
     static_assert(NQ == 16 * NA_TC_WARPS, "one 16-row mma tile per warp");
-    static_assert(HD % 16 == 0 && KC % 16 == 0, "mma shapes");
+    static_assert(HD % 32 == 0 && KC % 16 == 0 && NQ <= STAGE, "mma shapes; the Q tile fits in a stage");
     const float NEG_INF = __int_as_float(0xff800000);
 
     NA_TC_DECODE_BLOCK(TX, TY)
     if (!tile_ok) return;  // uniform over the block
-    const int hy = (int)(ty.h1 - ty.h0);
-    const int keys = (int)(tx.h1 - tx.h0) * hy;
+    const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
+    const int d_len = (int)D;
 
-    T* sq = reinterpret_cast<T*>(na_dynamic_shared());
-    T* sk = sq + NQ * P;
-    T* sv = sk + KC * P;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    T* smem = reinterpret_cast<T*>(na_dynamic_shared());
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
 
-    // the tile's queries: valid ones at row qx * TY + qy, zeros elsewhere
-    na_tc_stage_tile<T, HD, P, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, D, dx, dy, tx, ty);
     const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
     const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
-    __syncthreads();
+    const na_tc_box_rows k_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, k_b, k_x, k_y, k_h);
+    const na_tc_box_rows v_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, v_b, v_x, v_y, v_h);
+    const auto load_chunk = [&](int chunk) {  // chunk -> stage chunk % 2, one cp.async group
+        T* sk = smem + (chunk & 1) * STAGE * P;
+        na_tc_load_box_keys<T, HD, P, KC>(sk, k, k_l, k_vec, d_len, box, k_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, P, KC>(sk + KC * P, v, v_l, v_vec, d_len, box, v_at, chunk * KC);
+        na_cp_async_commit();
+    };
 
+    // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere) into stage 1, chunk 0 into stage 0
+    na_tc_load_tile<T, HD, P, TX, TY>(smem + STAGE * P, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    load_chunk(0);
+    na_cp_async_wait_group<0>();
+    __syncthreads();
     unsigned qf[KSTEPS][4];
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) na_ldmatrix<4, false>(qf[ks], sq + (16 * warp + (lane & 15)) * P + 16 * ks + 8 * (lane >> 4));
+    for (int ks = 0; ks < KSTEPS; ++ks)
+        na_ldmatrix<4, false>(qf[ks], smem + (STAGE + 16 * warp + (lane & 15)) * P + 16 * ks + 8 * (lane >> 4));
 
     // this lane's two query rows (g and g + 8 of the warp's tile): windows in box coordinates
     const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
@@ -83,15 +100,19 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     float o[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-    const float fscale = (float)scale;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // running max (log2 units) and sum per row
+    const float scale2 = (float)scale * NA_TC_LOG2E;
+    const int chunks = (box.keys + KC - 1) / KC;
+    __syncthreads();  // every warp holds its Q fragments: stage 1 is free
 
-    for (int c0 = 0; c0 < keys; c0 += KC) {
-        const int cn = keys - c0 < KC ? keys - c0 : KC;
-        __syncthreads();  // the previous chunk is consumed
-        na_tc_stage_kv<T, HD, P, KC>(sk, sv, k, v, {k_b, k_x, k_y, k_h, k_l}, {v_b, v_x, v_y, v_h, v_l}, k_vec, v_vec,
-                                     c0, cn, hy, tx, ty, dx, dy, b, h, D);
-        __syncthreads();
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        if (chunk + 1 < chunks) load_chunk(chunk + 1);
+        else na_cp_async_commit();  // an empty group keeps the wait below uniform
+        na_cp_async_wait_group<1>();
+        __syncthreads();  // chunk `chunk` landed for every thread
+        const T* sk = smem + (chunk & 1) * STAGE * P;
+        const T* sv = sk + KC * P;
+        const int c0 = chunk * KC;
 
         // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf
         float s[NT][4];
@@ -100,21 +121,25 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
             bool in[4];
-            na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, keys, hy, in);
-            tile_live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
+            tile_live[nt] = na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, box, in);
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
             if (tile_live[nt]) {  // warp-uniform: ldmatrix and mma need every lane
 #pragma unroll
-                for (int ks = 0; ks < KSTEPS; ++ks) {
-                    unsigned kf[2];
-                    na_ldmatrix<2, false>(kf, sk + (8 * nt + (lane & 7)) * P + 16 * ks + 8 * ((lane >> 3) & 1));
-                    na_mma<T>::run(s[nt], qf[ks], kf, s[nt]);
+                for (int ks = 0; ks < KSTEPS; ks += 2) {  // x4: the B fragments of k-steps ks and ks + 1
+                    unsigned kf[4];
+                    na_ldmatrix<4, false>(kf, sk + (8 * nt + (lane & 7)) * P + 16 * ks + 8 * (lane >> 3));
+                    const unsigned k0[2] = {kf[0], kf[1]}, k1[2] = {kf[2], kf[3]};
+                    na_mma<T>::run(s[nt], qf[ks], k0, s[nt]);
+                    na_mma<T>::run(s[nt], qf[ks + 1], k1, s[nt]);
                 }
             }
 #pragma unroll
-            for (int c = 0; c < 4; ++c)
-                s[nt][c] = in[c] ? na_tc_logit(rows, c / 2, key0 + c % 2, hy, s[nt][c], fscale, rpb, rpb_x, rpb_y)
-                                 : NEG_INF;
+            for (int c = 0; c < 4; ++c) {
+                float x = s[nt][c] * scale2;
+                if (rpb && in[c])
+                    x += rpb[na_tc_bias_index(rows, c / 2, key0 + c % 2, box, rpb_x, rpb_y)] * NA_TC_LOG2E;
+                s[nt][c] = in[c] ? x : NEG_INF;
+            }
         }
 
         // online softmax, row i of this lane = rows g and g + 8; a quad (4 lanes) shares a row
@@ -130,24 +155,18 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
                 cmax = other > cmax ? other : cmax;
             }
             const float mnew = cmax > m[i] ? cmax : m[i];
-            float alpha = 1.f;
-            if (mnew != NEG_INF) {
-                alpha = na_exp(m[i] - mnew);  // m = -inf: 0
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float x = s[nt][2 * i + e];
-                        const float p = x == NEG_INF ? 0.f : na_exp(x - mnew);  // a NaN logit stays NaN
-                        s[nt][2 * i + e] = p;
-                    }
-            } else {
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) s[nt][2 * i] = s[nt][2 * i + 1] = 0.f;
-            }
+            // a row with no visible key yet keeps m = -inf (p = alpha = 0, o and l stay 0): never -inf - -inf
+            const float mref = mnew == NEG_INF ? 0.f : mnew;
+            const float alpha = na_exp2_fast(m[i] - mref);  // m = -inf: 0
             float rowsum = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) rowsum += s[nt][2 * i] + s[nt][2 * i + 1];
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = na_exp2_fast(s[nt][2 * i + e] - mref);  // -inf: 0; a NaN logit stays NaN
+                    s[nt][2 * i + e] = p;
+                    rowsum += p;
+                }
             l[i] = l[i] * alpha + rowsum;
             m[i] = mnew;
 #pragma unroll
@@ -165,12 +184,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
                                     na_pack2<T>(s[2 * ps + 1][0], s[2 * ps + 1][1]),
                                     na_pack2<T>(s[2 * ps + 1][2], s[2 * ps + 1][3])};
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                unsigned vf[2];
-                na_ldmatrix<2, true>(vf, sv + (16 * ps + (lane & 15)) * P + 8 * dt);
-                na_mma<T>::run(o[dt], pa, vf, o[dt]);
+            for (int dt = 0; dt < DT; dt += 2) {  // x4.trans: the B fragments of dim tiles dt and dt + 1
+                unsigned vf[4];
+                na_ldmatrix<4, true>(vf, sv + (16 * ps + (lane & 15)) * P + 8 * dt + 8 * (lane >> 4));
+                const unsigned v0[2] = {vf[0], vf[1]}, v1[2] = {vf[2], vf[3]};
+                na_mma<T>::run(o[dt], pa, v0, o[dt]);
+                na_mma<T>::run(o[dt + 1], pa, v1, o[dt + 1]);
             }
         }
+        __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
     }
 
     // the row sums are spread over the quad
@@ -182,13 +204,14 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (!rows.valid[i]) continue;
+        const float inv = 1.f / l[i];
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const long long d = 8 * dt + 2 * t + e;
-                if (d < D) na_store<T, float>(out, NA_AT5(o, b, rows.x[i], rows.y[i], h, d), o[dt][2 * i + e] / l[i]);
+                if (d < D) na_store<T, float>(out, NA_AT5(o, b, rows.x[i], rows.y[i], h, d), o[dt][2 * i + e] * inv);
             }
-        if (t == 0) lse[b * l_b + rows.x[i] * l_x + rows.y[i] * l_y + h * l_h] = m[i] + na_log(l[i]);
+        if (t == 0) lse[b * l_b + rows.x[i] * l_x + rows.y[i] * l_y + h * l_h] = (m[i] + na_log2(l[i])) * NA_TC_LN2;
     }
 }

@@ -11,7 +11,9 @@
 //
 // na_fused_tc_bwd_dq<T, HD, TX, TY, KC>: one block per (b, h, query tile of
 //   64 group coordinates, as the forward); warp w owns queries 16w..16w+15.
-//   Q and dOut fragments stay in registers; per chunk of KC box keys:
+//   Q and dOut fragments stay in registers; the key box is streamed KC keys
+//   at a time, double-buffered as in the forward (cp.async loads chunk c + 1
+//   while the warps compute on chunk c); per chunk:
 //   S = Q K^T and dP = dOut V^T (K, V rows through ldmatrix.x2), ds in
 //   registers, dQ += ds K (K through ldmatrix.x2.trans). With a bias, ds also
 //   goes to shared memory and the block adds, per relative offset, the ds of
@@ -30,8 +32,8 @@
 //
 // Dynamic shared memory (na_rtc/runtime/fused_tc.py mirrors it), rows of
 // P = HD + 8 elements:
-//   dq:   2 x 64 rows (Q, dOut; reused for the K and V chunks, KC <= 64), then
-//         64 x (KC + 1) floats of ds and one float per bias entry;
+//   dq:   2 x 64 rows (Q, dOut; then two stages of a K and a V chunk, 4 KC <= 128),
+//         then 64 x (KC + 1) floats of ds and one float per bias entry;
 //   dkdv: 2 x 64 rows (K, V), 2 x QC rows (Q, dOut), then QC floats of lse,
 //         QC of delta and 4 QC ints of window bounds.
 #include "na_types.cuh"
@@ -61,7 +63,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     constexpr int NQ = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
-    static_assert(NQ == 16 * NA_TC_WARPS && HD % 16 == 0 && KC % 16 == 0 && KC <= NQ, "tile shapes");
+    constexpr int STAGE = 2 * KC;  // rows of one pipeline stage: a K chunk, then a V chunk
+    static_assert(NQ == 16 * NA_TC_WARPS && HD % 16 == 0 && KC % 16 == 0 && 2 * STAGE <= 2 * NQ, "tile shapes");
 
     NA_TC_DECODE_BLOCK(TX, TY)
     const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw;
@@ -73,18 +76,20 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
             for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = 0.0f;
         return;
     }
-    const int hy = (int)(ty.h1 - ty.h0);
-    const int keys = (int)(tx.h1 - tx.h0) * hy;
+    const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
+    const int d_len = (int)D;
 
     unsigned char* smem = na_dynamic_shared();
-    T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the K and V chunks
+    T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the two stages of K and V chunks
     float* sds = reinterpret_cast<float*>(smem + na_tcb_align16(2LL * NQ * P * (long long)sizeof(T)));
     float* racc = sds + NQ * KS;
 
-    na_tc_stage_tile<T, HD, P, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, D, dx, dy, tx, ty);
-    na_tc_stage_tile<T, HD, P, TX, TY>(tiles_q_g + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, D, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, P, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, P, TX, TY>(tiles_q_g + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, d_len, dx, dy, tx, ty);
+    na_cp_async_commit();
     if (partial_out)
         for (long long i = tid; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
+    na_cp_async_wait_group<0>();
     __syncthreads();
     unsigned qf[KSTEPS][4], gf[KSTEPS][4];
 #pragma unroll
@@ -98,6 +103,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
     // the common-window shortcut costs 4 registers: HD 128 (at 255) would spill
     const na_tc_warp_window common = HD < 128 ? na_tc_common_window(rows) : na_tc_warp_window{1, 0, 1, 0};
+    const int chunks = (box.keys + KC - 1) / KC;
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -110,15 +116,25 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    T* sk = tiles_q_g;
-    T* sv = tiles_q_g + KC * P;
+    const na_tc_box_rows k_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, k_b, k_x, k_y, k_h);
+    const na_tc_box_rows v_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, v_b, v_x, v_y, v_h);
+    const auto load_chunk = [&](int chunk) {  // chunk -> stage chunk % 2, one cp.async group
+        T* stage = tiles_q_g + (chunk & 1) * STAGE * P;
+        na_tc_load_box_keys<T, HD, P, KC>(stage, k, k_l, k_vec, d_len, box, k_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, P, KC>(stage + KC * P, v, v_l, v_vec, d_len, box, v_at, chunk * KC);
+        na_cp_async_commit();
+    };
+    __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
+    load_chunk(0);
 
-    for (int c0 = 0; c0 < keys; c0 += KC) {
-        const int cn = keys - c0 < KC ? keys - c0 : KC;
-        __syncthreads();  // fragments loaded / the previous chunk and its ds consumed
-        na_tc_stage_kv<T, HD, P, KC>(sk, sv, k, v, {k_b, k_x, k_y, k_h, k_l}, {v_b, v_x, v_y, v_h, v_l}, k_vec, v_vec,
-                                     c0, cn, hy, tx, ty, dx, dy, b, h, D);
-        __syncthreads();
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int c0 = chunk * KC, cn = box.keys - c0 < KC ? box.keys - c0 : KC;
+        if (chunk + 1 < chunks) load_chunk(chunk + 1);
+        else na_cp_async_commit();  // an empty group keeps the wait below uniform
+        na_cp_async_wait_group<1>();
+        __syncthreads();  // chunk `chunk` landed for every thread
+        const T* sk = tiles_q_g + (chunk & 1) * STAGE * P;
+        const T* sv = sk + KC * P;
 
         float ds[NT][4];
         bool live[NT];
@@ -126,8 +142,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;
             bool in[4];
-            na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, keys, hy, in);
-            live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
+            live[nt] = na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, box, in);
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform
 #pragma unroll
@@ -145,7 +160,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                 const int i = c / 2;
                 float d = 0.f;
                 if (in[c]) {
-                    const float logit = na_tc_logit(rows, i, key0 + c % 2, hy, s[c], fscale, rpb, rpb_x, rpb_y);
+                    float logit = s[c] * fscale;
+                    if (rpb) logit += rpb[na_tc_bias_index(rows, i, key0 + c % 2, box, rpb_x, rpb_y)];
                     d = na_exp(logit - row_lse[i]) * (dp[c] - row_delta[i]);
                 }
                 ds[nt][c] = d;
@@ -168,7 +184,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         }
         // bias partials: entry (rx, ry) gets the ds of every query of the tile whose key at that offset is in the chunk
         if (partial_out) {
-            __syncthreads();
+            __syncthreads();  // every warp's ds of this chunk is in sds
             for (long long en = tid; en < entries; en += NA_TC_THREADS) {
                 const long long rx = en / rw - (kx - 1), ry = en % rw - (ky - 1);
                 float sum = 0.0f;
@@ -177,14 +193,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                     if (bx < 0 || bx >= tx.h1 - tx.h0) continue;
                     for (int qyi = 0; qyi < (int)ty.n; ++qyi) {
                         const long long by = ty.q0 + qyi + ry - ty.h0;
-                        if (by < 0 || by >= hy) continue;
-                        const long long kk = bx * hy + by - c0;
+                        if (by < 0 || by >= box.hy) continue;
+                        const long long kk = bx * box.hy + by - c0;
                         if (kk >= 0 && kk < cn) sum += sds[(qxi * TY + qyi) * KS + kk];
                     }
                 }
                 racc[en] += sum;
             }
         }
+        __syncthreads();  // this stage (and sds) is consumed before chunk + 2 is loaded into it
     }
 
 #pragma unroll
@@ -242,22 +259,29 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     float* c_delta = c_lse + QC;
     int* c_win = reinterpret_cast<int*>(c_delta + QC);  // [QC][4]: x0, x1, y0, y1 (group coordinates)
 
-    na_tc_stage_tile<T, HD, P, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, D, dx, dy, tx, ty);
-    na_tc_stage_tile<T, HD, P, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, D, dx, dy, tx, ty);
-    __syncthreads();
-    // the query box: union of the keys' inverse ranges (ranges never decrease with the key)
+    const int d_len = (int)D;
+    na_tc_load_tile<T, HD, P, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, P, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
+    na_cp_async_commit();
+    __syncthreads();  // the inverse ranges
+    // the query box: union of the keys' inverse ranges (ranges never decrease with the key), walked
+    // row-major like a key box (query n at group coordinates bx0 + n / nby, by0 + n % nby)
     const long long bx0 = first_x[0], bx1 = last_x[tx.n - 1], by0 = first_y[0], by1 = last_y[ty.n - 1];
     const int nby = (int)na_max(0, by1 - by0), nqueries = (int)na_max(0, bx1 - bx0) * nby;
+    na_tc_box<TY> qbox;
+    qbox.keys = nqueries;
+    qbox.hy = TY == 1 ? 1 : nby;
+    qbox.div = na_make_divisor(nby > 0 ? (unsigned)nby : 1u);
 
     // this lane's key rows g and g + 8 of the warp's 16 keys (group coordinates)
     bool kvalid[2];
-    long long jx[2], jy[2];
+    int jx[2], jy[2];  // group coordinates (int: HD 128 is at 255 registers)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int ki = 16 * warp + gq + 8 * i, kxi = ki / TY, kyi = ki % TY;
         kvalid[i] = kxi < tx.n && kyi < ty.n;
-        jx[i] = tx.q0 + kxi;
-        jy[i] = ty.q0 + kyi;
+        jx[i] = (int)tx.q0 + kxi;
+        jy[i] = (int)ty.q0 + kyi;
     }
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
     const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
@@ -271,17 +295,20 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     for (int c0 = 0; c0 < nqueries; c0 += QC) {
         const int cn = nqueries - c0 < QC ? nqueries - c0 : QC;
         __syncthreads();  // the previous chunk is consumed
-        const auto query_offset = [&](long long r, long long sb, long long sx_, long long sy_, long long sh) {
-            const long long qq = c0 + r, qgx = bx0 + qq / nby, qgy = by0 + qq % nby;
-            return b * sb + (qgx * dx + tx.g) * sx_ + (qgy * dy + ty.g) * sy_ + h * sh;
-        };
-        na_tc_stage<T, HD, P>(sq, q, cn, QC, D, q_l, q_vec, [&](long long r) { return query_offset(r, q_b, q_x, q_y, q_h); });
-        na_tc_stage<T, HD, P>(sg, g, cn, QC, D, g_l, g_vec, [&](long long r) { return query_offset(r, g_b, g_x, g_y, g_h); });
+        {  // row offsets made here, not kept across the chunk loop: HD 128 is at 255 registers
+            const na_tc_box_rows q_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, q_b, q_x, q_y, q_h);
+            const na_tc_box_rows g_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, g_b, g_x, g_y, g_h);
+            na_tc_load_box_keys<T, HD, P, QC>(sq, q, q_l, q_vec, d_len, qbox, q_at, c0);
+            na_tc_load_box_keys<T, HD, P, QC>(sg, g, g_l, g_vec, d_len, qbox, g_at, c0);
+        }
+        na_cp_async_commit();
         for (int i = tid; i < QC; i += NA_TC_THREADS) {
             int w[4] = {0, 0, 0, 0};
             float ls = 0.f, dl = 0.f;
             if (i < cn) {
-                const long long qq = c0 + i, x = (bx0 + qq / nby) * dx + tx.g, y = (by0 + qq % nby) * dy + ty.g;
+                int qx, qy;
+                qbox.split(c0 + i, qx, qy);
+                const long long x = (bx0 + qx) * dx + tx.g, y = (by0 + qy) * dy + ty.g;
                 long long s0, s1, u0, u1;
                 na_window(ax, x, s0, s1);
                 na_window(ay, y, u0, u1);
@@ -293,6 +320,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
             c_lse[i] = ls;
             c_delta[i] = dl;
         }
+        na_cp_async_wait_group<0>();  // the chunk's rows, and at the first chunk the K and V tiles
         __syncthreads();
 
         float pr[NT][4], ds[NT][4];
@@ -326,7 +354,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
             for (int e2 = 0; e2 < 2; ++e2) {
                 const int col = 8 * nt + 2 * t + e2;
-                const long long qq = c0 + col, qgx = bx0 + qq / (nby ? nby : 1), qgy = by0 + qq % (nby ? nby : 1);
+                int qx, qy;
+                qbox.split(c0 + col, qx, qy);
+                const int qgx = (int)bx0 + qx, qgy = (int)by0 + qy;
 #pragma unroll
                 for (int i = 0; i < 2; ++i) {
                     float p = 0.f, d = 0.f;
@@ -365,7 +395,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (!kvalid[i]) continue;
-        const long long x = jx[i] * dx + tx.g, y = jy[i] * dy + ty.g;
+        const long long x = (long long)jx[i] * dx + tx.g, y = (long long)jy[i] * dy + ty.g;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll

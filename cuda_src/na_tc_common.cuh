@@ -1,9 +1,17 @@
 // Pieces shared by the tensor-core fused kernels (na_fused_tc.cu forward,
-// na_fused_tc_bwd.cu backward): block shape and the staging of rows into
-// shared memory with exact zeros for padding.
+// na_fused_tc_bwd.cu backward): block shape, the key box of a query tile,
+// row staging into shared memory (cp.async where the layout allows) and the
+// per-lane window tests.
+//
+// Everything here runs inside the kernels' key loops, so it is written for
+// few instructions per 8-key tile: 32-bit indices inside a block, division by
+// the box width through a multiply-high (na_divisor), 1D boxes (TY == 1)
+// without any division, and row staging whose piece indices are compile-time
+// shifts.
 #pragma once
 
 #include "na_shared.cuh"
+#include "na_async.cuh"
 #include "na_tile.cuh"
 
 // Kernels declare __launch_bounds__(NA_TC_THREADS, 1): without the minimum of one
@@ -11,43 +19,127 @@
 #define NA_TC_WARPS 4
 #define NA_TC_THREADS (32 * NA_TC_WARPS)
 #define NA_TC_FULL 0xffffffffu
+#define NA_TC_LOG2E 1.4426950408889634f
+#define NA_TC_LN2 0.6931471805599453f
 
-// stage `rows` rows of D elements into shared rows of pitch P, zero-filling
-// head dims D..HD and the rows up to `capacity` (disjoint elements: no barrier
-// needed between the two passes); ref(r) gives row r's global offset
-template <class T, int HD, int P, class Ref>
-__device__ __forceinline__ void na_tc_stage(T* dst, const T* src, long long rows, long long capacity, long long D,
-                                            long long step, bool vec, Ref ref) {
-    na_copy_rows(dst, P, src, rows, D, step, vec, [&](long long r) { return na_row_ref{ref(r), r}; });
-    const T zero = T();
-    const int pad = HD - (int)D, full = (int)rows;
-    for (int e = threadIdx.x; e < full * pad; e += NA_TC_THREADS) dst[(e / pad) * P + D + e % pad] = zero;
-    for (int e = threadIdx.x; e < ((int)capacity - full) * HD; e += NA_TC_THREADS)
-        dst[(full + e / HD) * P + e % HD] = zero;
+// n / d for 0 <= n < 2^31 and a block-uniform 1 <= d < 2^31 without a
+// division instruction (Granlund & Montgomery): with s = ceil(log2 d) and
+// m = floor(2^32 (2^s - d) / d) + 1 (< 2^32), n / d = (umulhi(m, n) + n) >> s,
+// where the sum stays below 2^32 because umulhi(m, n) <= n.
+struct na_divisor {
+    unsigned m, s;
+};
+
+__device__ __forceinline__ na_divisor na_make_divisor(unsigned d) {
+    unsigned s = 0;
+    while ((1u << s) < d) ++s;
+    return {(unsigned)((((1ull << s) - d) << 32) / d + 1), s};
 }
 
+__device__ __forceinline__ int na_divide(const na_divisor& dv, int n) {
+    return (int)((__umulhi(dv.m, (unsigned)n) + (unsigned)n) >> dv.s);
+}
 
-// stage a tile of NROWS = TX * TY rows of one (b, h) (row qx * TY + qy: group
-// coordinates tx.q0 + qx, ty.q0 + qy) into rows of pitch P: the tile's valid
-// rows from global memory, every other row and the head dims past D zero
-template <class T, int HD, int P, int TX, int TY>
-__device__ __forceinline__ void na_tc_stage_tile(T* dst, const T* src, long long s_b, long long s_x, long long s_y,
-                                                 long long s_h, long long s_l, long long b, long long h, long long D,
-                                                 long long dx, long long dy, const na_tile_axis& tx,
-                                                 const na_tile_axis& ty) {
-    const long long nqy = ty.n;
-    na_copy_rows(dst, P, src, tx.n * nqy, D, s_l, na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h),
-                 [&](long long r) {
-                     const long long qx = r / nqy, qy = r % nqy;
-                     return na_row_ref{b * s_b + ((tx.q0 + qx) * dx + tx.g) * s_x + ((ty.q0 + qy) * dy + ty.g) * s_y +
-                                           h * s_h,
-                                       qx * TY + qy};
-                 });
-    const T zero = T();
-    for (int e = threadIdx.x; e < TX * TY * HD; e += NA_TC_THREADS) {
-        const int r = e / HD, c = e % HD;
-        if (r / TY >= tx.n || r % TY >= nqy || c >= D) dst[r * P + c] = zero;
+// The key box of a block's query tile (the union of its queries' windows,
+// DESIGN.md section 2), walked row-major: box key n sits at box coordinates
+// (n / hy, n % hy), origin (tx.h0, ty.h0). 1D tiles (TY == 1) have hy == 1.
+template <int TY>
+struct na_tc_box {
+    int keys, hy;
+    na_divisor div;
+
+    __device__ __forceinline__ void split(int n, int& bx, int& by) const {
+        if (TY == 1) {
+            bx = n;
+            by = 0;
+        } else {
+            bx = na_divide(div, n);
+            by = n - bx * hy;
+        }
     }
+};
+
+template <int TY>
+__device__ __forceinline__ na_tc_box<TY> na_tc_box_of(const na_tile_axis& tx, const na_tile_axis& ty) {
+    na_tc_box<TY> box;
+    box.hy = TY == 1 ? 1 : (int)(ty.h1 - ty.h0);
+    box.keys = (int)(tx.h1 - tx.h0) * box.hy;
+    box.div = na_make_divisor((unsigned)box.hy);
+    return box;
+}
+
+// Element offsets of box row (bx, by) of one (b, h) in a tensor: base + bx * step_x + by * step_y, for a
+// box with origin (x0, y0) in the dilation groups gx, gy (group coordinates; position = x * dx + gx).
+struct na_tc_box_rows {
+    long long base, step_x, step_y;
+};
+
+__device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long long y0, long long gx, long long gy,
+                                                            long long dx, long long dy, long long b, long long h,
+                                                            long long sb, long long sx, long long sy, long long sh) {
+    return {b * sb + (x0 * dx + gx) * sx + (y0 * dy + gy) * sy + h * sh, dx * sx, dy * sy};
+}
+
+// Load ROWS rows of HD elements into shared rows of pitch P: row r comes from
+// src + offset(r) (element stride `step`), or is zero when offset(r) < 0; head
+// dims D..HD are zero. With `vec` (block-uniform, na_rows_vectorizable: rows
+// contiguous and 16-byte aligned, D a multiple of 16 bytes) every 16-byte
+// piece is one cp.async (zero-filling ones included), which lands at the next
+// na_cp_async_wait_group: the caller commits and waits. Otherwise element by
+// element, landed on return (for strided head dims and unaligned rows).
+template <class T, int HD, int P, int ROWS, class Offset>
+__device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long step, bool vec, int D,
+                                                Offset offset) {
+    if (vec) {
+        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, N = ROWS * PIECES;
+        static_assert(HD % V == 0 && (P * (int)sizeof(T)) % 16 == 0, "16-byte pieces of 16-byte aligned rows");
+#pragma unroll
+        for (int i = 0; i < (N + NA_TC_THREADS - 1) / NA_TC_THREADS; ++i) {
+            const int e = (int)threadIdx.x + i * NA_TC_THREADS;
+            if (N % NA_TC_THREADS == 0 || e < N) {
+                const int r = e / PIECES, c = (e % PIECES) * V;
+                const long long at = offset(r);
+                const bool ok = at >= 0 && c < D;
+                na_cp_async_zfill_16(dst + r * P + c, ok ? src + at + c : src, ok ? 16 : 0);
+            }
+        }
+        return;
+    }
+    for (int e = threadIdx.x; e < ROWS * HD; e += NA_TC_THREADS) {
+        const int r = e / HD, c = e % HD;
+        const long long at = offset(r);
+        dst[r * P + c] = at >= 0 && c < D ? src[at + c * step] : T();
+    }
+}
+
+// load box keys c0 .. c0 + KC - 1 of one tensor into KC shared rows (keys past the box: zero); the
+// dkdv kernel walks its box of queries the same way
+template <class T, int HD, int P, int KC, int TY>
+__device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
+                                                    const na_tc_box<TY>& box, const na_tc_box_rows& at, int c0) {
+    na_tc_load_rows<T, HD, P, KC>(dst, src, step, vec, D, [&](int r) -> long long {
+        const int key = c0 + r;
+        if (key >= box.keys) return -1;
+        int bx, by;
+        box.split(key, bx, by);
+        return at.base + bx * at.step_x + by * at.step_y;
+    });
+}
+
+// load the NROWS = TX * TY rows of a tile of one (b, h) (row qx * TY + qy: group
+// coordinates tx.q0 + qx, ty.q0 + qy; rows of missing queries zero)
+template <class T, int HD, int P, int TX, int TY>
+__device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long s_b, long long s_x, long long s_y,
+                                                long long s_h, long long s_l, long long b, long long h, int D,
+                                                long long dx, long long dy, const na_tile_axis& tx,
+                                                const na_tile_axis& ty) {
+    const bool vec = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
+    const long long base = b * s_b + (tx.q0 * dx + tx.g) * s_x + (ty.q0 * dy + ty.g) * s_y + h * s_h;
+    const long long step_x = dx * s_x, step_y = dy * s_y;
+    na_tc_load_rows<T, HD, P, TX * TY>(dst, src, s_l, vec, D, [&](int r) -> long long {
+        const int qx = r / TY, qy = r % TY;
+        return qx < tx.n && qy < ty.n ? base + qx * step_x + qy * step_y : -1;
+    });
 }
 
 // The two query rows an mma lane holds (rows g and g + 8 of its warp's 16, g =
@@ -85,35 +177,28 @@ __device__ __forceinline__ na_tc_rows na_tc_query_rows(int warp, int lane, const
 }
 
 // which of a lane's 4 accumulator elements of an 8-key tile are visible: rows
-// g, g + 8 (i) by box keys key0, key0 + 1 (e) at element 2 i + e; the box is
-// `keys` keys walked row-major, hy per row
-__device__ __forceinline__ void na_tc_visible(const na_tc_rows& r, int key0, int keys, int hy, bool (&in)[4]) {
-    int bx = key0 / hy, by = key0 % hy;
+// g, g + 8 (i) by box keys key0, key0 + 1 (e) at element 2 i + e
+template <int TY>
+__device__ __forceinline__ void na_tc_visible(const na_tc_rows& r, int key0, const na_tc_box<TY>& box, bool (&in)[4]) {
+    int bx, by;
+    box.split(key0, bx, by);
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-            in[2 * i + e] = r.valid[i] && key0 + e < keys && bx >= r.wx0[i] && bx < r.wx1[i] && by >= r.wy0[i] &&
-                            by < r.wy1[i];
-        if (++by == hy) { by = 0; ++bx; }
+            in[2 * i + e] = r.valid[i] && key0 + e < box.keys && bx >= r.wx0[i] && bx < r.wx1[i] &&
+                            by >= r.wy0[i] && by < r.wy1[i];
+        if (++by == box.hy) { by = 0; ++bx; }
     }
 }
 
-// the logit of element 2 i + e from its raw dot product (callers pass only visible elements)
-__device__ __forceinline__ float na_tc_logit(const na_tc_rows& r, int i, int key, int hy, float dot, float scale,
-                                             const float* rpb, long long rpb_x, long long rpb_y) {
-    float logit = dot * scale;
-    if (rpb) logit += rpb[r.bias0[i] + (long long)(key / hy) * rpb_x + (long long)(key % hy) * rpb_y];
-    return logit;
-}
-
-// global offset of box key `key` of one (b, h) in a tensor with the given strides
-__device__ __forceinline__ long long na_tc_key_offset(long long key, int hy, const na_tile_axis& tx,
-                                                      const na_tile_axis& ty, long long dx, long long dy, long long b,
-                                                      long long h, long long sb, long long sx, long long sy,
-                                                      long long sh) {
-    const long long bx = key / hy, by = key % hy;
-    return b * sb + ((tx.h0 + bx) * dx + tx.g) * sx + ((ty.h0 + by) * dy + ty.g) * sy + h * sh;
+// the rpb index of box key `key` for row i
+template <int TY>
+__device__ __forceinline__ long long na_tc_bias_index(const na_tc_rows& r, int i, int key, const na_tc_box<TY>& box,
+                                                      long long rpb_x, long long rpb_y) {
+    int bx, by;
+    box.split(key, bx, by);
+    return r.bias0[i] + bx * rpb_x + by * rpb_y;
 }
 
 // block -> (b, h, tile itx, ity): ax / ay, the tile axes tx / ty and tile_ok (false: an
@@ -158,39 +243,30 @@ __device__ __forceinline__ na_tc_warp_window na_tc_common_window(const na_tc_row
     return w;  // no valid row in the warp: x0 > x1, every tile partial
 }
 
-// whether the 8 box keys key_tile .. key_tile + 7 (row-major, hy per row) all lie in w
-__device__ __forceinline__ bool na_tc_tile_full(const na_tc_warp_window& w, int key_tile, int keys, int hy) {
-    if (key_tile + 8 > keys) return false;
-    const int last = key_tile + 7, bx0 = key_tile / hy, by0 = key_tile % hy, bx1 = last / hy, by1 = last % hy;
+// whether the 8 box keys key_tile .. key_tile + 7 all lie in w
+template <int TY>
+__device__ __forceinline__ bool na_tc_tile_full(const na_tc_warp_window& w, int key_tile, const na_tc_box<TY>& box) {
+    if (key_tile + 8 > box.keys) return false;
+    int bx0, by0, bx1, by1;
+    box.split(key_tile, bx0, by0);
+    box.split(key_tile + 7, bx1, by1);
     if (bx0 < w.x0 || bx1 >= w.x1) return false;
     if (bx0 == bx1) return by0 >= w.y0 && by1 < w.y1;
-    return w.y0 <= 0 && w.y1 >= hy;  // the tile wraps to the next box row: the window must span the box's width
+    return w.y0 <= 0 && w.y1 >= box.hy;  // the tile wraps to the next box row: the window must span the box's width
 }
 
-// the visibility of a lane's 4 elements of an 8-key tile (see na_tc_visible), skipping the per-element test
-// for tiles inside the warp's common window
-__device__ __forceinline__ void na_tc_visible_tile(const na_tc_rows& r, const na_tc_warp_window& w, int key_tile,
-                                                   int key0, int keys, int hy, bool (&in)[4]) {
-    if (na_tc_tile_full(w, key_tile, keys, hy)) {  // warp-uniform
+// The visibility of a lane's 4 elements of the 8-key tile at key_tile (see
+// na_tc_visible; key0 = key_tile + 2 (lane % 4)) and whether any lane of the
+// warp sees one of its elements (warp-uniform). Tiles inside the warp's common
+// window skip the per-element test and the vote.
+template <int TY>
+__device__ __forceinline__ bool na_tc_visible_tile(const na_tc_rows& r, const na_tc_warp_window& w, int key_tile,
+                                                   int key0, const na_tc_box<TY>& box, bool (&in)[4]) {
+    if (na_tc_tile_full(w, key_tile, box)) {  // warp-uniform; a full tile has a valid row
         in[0] = in[1] = r.valid[0];
         in[2] = in[3] = r.valid[1];
-    } else {
-        na_tc_visible(r, key0, keys, hy, in);
+        return true;
     }
-}
-
-// stage box keys c0 .. c0 + cn - 1 of one (b, h) from K and V into chunk rows
-// of pitch P (KC rows each; padding rows and head dims zero), as the forward
-// and the dq kernel stream them
-template <class T, int HD, int P, int KC>
-__device__ __forceinline__ void na_tc_stage_kv(T* sk, T* sv, const T* k, const T* v, const long long (&ks)[5],
-                                               const long long (&vs)[5], bool k_vec, bool v_vec, int c0, int cn,
-                                               int hy, const na_tile_axis& tx, const na_tile_axis& ty, long long dx,
-                                               long long dy, long long b, long long h, long long D) {
-    na_tc_stage<T, HD, P>(sk, k, cn, KC, D, ks[4], k_vec, [&](long long r) {
-        return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, ks[0], ks[1], ks[2], ks[3]);
-    });
-    na_tc_stage<T, HD, P>(sv, v, cn, KC, D, vs[4], v_vec, [&](long long r) {
-        return na_tc_key_offset(c0 + r, hy, tx, ty, dx, dy, b, h, vs[0], vs[1], vs[2], vs[3]);
-    });
+    na_tc_visible(r, key0, box, in);
+    return __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
 }

@@ -68,3 +68,17 @@ __device__ __forceinline__ float na_exp(float x) { return expf(x); }
 __device__ __forceinline__ double na_exp(double x) { return exp(x); }
 __device__ __forceinline__ float na_log(float x) { return logf(x); }
 __device__ __forceinline__ double na_log(double x) { return log(x); }
+
+// 2^x for the tensor-core softmax, whose logits are kept in log2 units:
+// ex2.approx on the GPU (one instruction, about 2 ulp, subnormal results
+// flushed to 0), exact in the emulator; 2^-inf = 0 and NaN stays NaN on both.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ float na_exp2_fast(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#else
+__device__ __forceinline__ float na_exp2_fast(float x) { return exp2f(x); }
+#endif
+__device__ __forceinline__ float na_log2(float x) { return log2f(x); }

@@ -3,7 +3,8 @@
 ``na_fused_tc_fwd<T, HD, TX, TY, KC>``: one block of :data:`THREADS` threads
 (4 warps) per (batch, head, query tile of 64 group coordinates inside one
 dilation group per axis), 16 queries per warp as the rows of its
-``mma.m16n8k16`` tiles; the key box streamed KC keys at a time. Same
+``mma.m16n8k16`` tiles; the key box streamed KC keys at a time, double-buffered
+(cp.async loads chunk c + 1 during the math on chunk c). Same
 arguments and results as the SIMT kernel (``fused.py``), which serves
 everything this one does not (fp32, head dim > 128, GPUs below sm_80).
 """
@@ -33,8 +34,8 @@ def head_dim_bucket(head_dim: int) -> int | None:
 
 
 def shared_bytes(hd: int, dtype: str) -> int:
-    """Q tile (64 rows) and a chunk of K and V rows, ``hd + 8`` elements each."""
-    return (64 + 2 * CHUNK_KEYS[hd]) * (hd + 8) * tiling.ITEMSIZE[dtype]
+    """Two pipeline stages of a K and a V chunk, rows of ``hd + 8`` elements (the Q tile borrows stage 1)."""
+    return 4 * CHUNK_KEYS[hd] * (hd + 8) * tiling.ITEMSIZE[dtype]
 
 
 def kernel_name_of(hd: int, dtype: str, ndim: int) -> str:
@@ -75,28 +76,31 @@ def family_shared() -> dict:
 
 BWD_SOURCE = "na_fused_tc_bwd.cu"
 BWD_SHARED_BUDGET = 46 * 1024  # dynamic; the dkdv kernel's static window ranges stay under 48 KiB in all
-#: head-dim bucket -> keys per chunk (dq) and queries per chunk (dkdv)
-BWD_CHUNK = {32: 64, 64: 32, 128: 16}
+#: head-dim bucket -> keys per chunk of the dq kernel (two stages of K and V chunks live in the 128 rows
+#: of the Q and dOut tiles: 4 * keys <= 128)
+DQ_CHUNK = {32: 32, 64: 32, 128: 16}
+#: head-dim bucket -> queries per chunk of the dkdv kernel
+DKDV_CHUNK = {32: 64, 64: 32, 128: 16}
 
 
 def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
     tx, ty = TILES[ndim]
-    return f"na_fused_tc_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {BWD_CHUNK[hd]}>"
+    return f"na_fused_tc_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK[hd]}>"
 
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
     tx, ty = TILES[ndim]
-    return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {BWD_CHUNK[hd]}>"
+    return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK[hd]}>"
 
 
 def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
-    """Q and dOut tiles (64 rows each, reused for the K/V chunks), ds floats, one float per bias entry."""
-    return tiling.align16(2 * 64 * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * 64 * (BWD_CHUNK[hd] + 1) + 4 * bias_entries
+    """Q and dOut tiles (64 rows each, then the K/V chunks' two stages), ds floats, one float per bias entry."""
+    return tiling.align16(2 * 64 * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * 64 * (DQ_CHUNK[hd] + 1) + 4 * bias_entries
 
 
 def dkdv_shared_bytes(hd: int, dtype: str) -> int:
     """K and V tiles (64 rows), Q and dOut chunks, then lse, delta and 4 window bounds per chunk query."""
-    qc = BWD_CHUNK[hd]
+    qc = DKDV_CHUNK[hd]
     return tiling.align16((2 * 64 + 2 * qc) * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * qc * 2 + 16 * qc
 
 
