@@ -62,3 +62,40 @@ __global__ void __launch_bounds__(32) na_selftest_mma(const T* __restrict__ a, c
     na_mma<T>::run(out, la, tb, fc);
     store(d_trans);
 }
+
+// na_divisor (na_tc_common.cuh): q[i] = n[i] / d[i] through the multiply-high, for 0 <= n < 2^31, 1 <= d < 2^31
+#include "na_tc_common.cuh"
+
+__global__ void na_selftest_divide(const int* __restrict__ n, const int* __restrict__ d, int* __restrict__ q,
+                                   long long count) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) q[i] = na_divide(na_make_divisor((unsigned)d[i]), n[i]);
+}
+
+// na_exp2_fast (na_types.cuh): ex2.approx on the GPU
+__global__ void na_selftest_exp2(const float* __restrict__ x, float* __restrict__ y, long long count) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < count) y[i] = na_exp2_fast(x[i]);
+}
+
+// cp.async (na_async.cuh), one block of 128 threads: thread i copies bytes 16 i .. 16 i + 15 of src into
+// shared memory, the first i % 17 of them for real and the rest zero-filled, in two groups (even threads'
+// pieces first, then odd threads'): after wait_group<1> the first group has landed; after wait_group<0>
+// both. out[0 .. 2047] is the shared copy after the first wait for even threads' pieces (odd ones
+// unspecified there: they may land early), out[2048 .. 4095] after the second.
+__global__ void __launch_bounds__(128) na_selftest_cp_async(const unsigned char* __restrict__ src,
+                                                            unsigned char* __restrict__ out) {
+    __shared__ __align__(16) unsigned char piece[128 * 16];
+    const int i = threadIdx.x;
+    const auto issue = [&]() { na_cp_async_zfill_16(piece + 16 * i, src + 16 * i, i % 17); };
+    if (i % 2 == 0) issue();
+    na_cp_async_commit();
+    if (i % 2 == 1) issue();
+    na_cp_async_commit();
+    na_cp_async_wait_group<1>();
+    if (i % 2 == 0)
+        for (int b = 0; b < 16; ++b) out[16 * i + b] = piece[16 * i + b];
+    na_cp_async_wait_group<0>();
+    __syncthreads();
+    for (int b = 0; b < 16; ++b) out[2048 + 16 * i + b] = piece[16 * i + b];
+}

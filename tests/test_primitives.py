@@ -122,3 +122,68 @@ def test_mma_and_ldmatrix_compute_a_plain_matrix_product(backend, dtype):
         bound = 1e-6 * (np.abs(a) @ np.abs(b) + np.abs(c)) + 1e-7
         assert (np.abs(d - want) <= bound).all(), f"{name}: max error {np.abs(d - want).max():.3g}"
 
+
+
+# ---------------------------------------------------------------- key-loop helpers: divisor, ex2, cp.async
+
+
+def _launch(backend: str, name: str, threads: int, blocks: int, arrays: list[np.ndarray], scalars=()) -> list:
+    """Run self-test ``name`` on copies of ``arrays`` (device copies on cuda); returns them after the launch."""
+    if backend == "cuda":
+        import cupy
+
+        device = [cupy.asarray(a) for a in arrays]
+    else:
+        device = [a.copy() for a in arrays]
+    args = tuple(P.ptr(a) for a in device) + tuple(P.i64(s) for s in scalars)
+    launch = P.LaunchPlan(P.Kernel("na_selftest.cu", name), (blocks, 1, 1), (threads, 1, 1), 0, args)
+    na_rtc.backends.executor(backend)(launch)
+    return [a.get() if backend == "cuda" else a for a in device]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_divisor_divides_exactly(backend):
+    """na_divide(na_make_divisor(d), n) == n // d over random and edge pairs of 0 <= n < 2^31, 1 <= d < 2^31."""
+    rng = np.random.default_rng(7)
+    top = 2**31 - 1
+    d_edges = np.array([1, 2, 3, 7, 8, 20, 63, 64, 65, 1000, 2**16, 2**30, 2**30 + 1, top - 1, top], np.int64)
+    n = [rng.integers(0, 2**31, 100_000), rng.integers(0, 4096, 50_000)]
+    d = [rng.integers(1, 2**31, 100_000), rng.integers(1, 64, 50_000)]
+    for dv in d_edges:  # around multiples of the divisor and at the ends of the range
+        multiples = np.array([0, 1, 2, 3, 1000, top // dv], np.int64) * dv
+        cand = np.concatenate([multiples - 1, multiples, multiples + 1, [0, top]])
+        cand = cand[(cand >= 0) & (cand <= top)]
+        n.append(cand)
+        d.append(np.full(cand.size, dv))
+    n = np.concatenate(n).astype(np.int32)
+    d = np.concatenate(d).astype(np.int32)
+    (_, _, got) = _launch(backend, "na_selftest_divide", 256, -(-n.size // 256), [n, d, np.zeros_like(n)],
+                          (n.size,))
+    np.testing.assert_array_equal(got, n.astype(np.int64) // d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exp2_fast_is_within_two_ulp(backend):
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.uniform(-126, 127, 100_000), rng.uniform(-1, 1, 10_000), np.arange(-126, 128),
+                        [0.0, -0.0, np.inf, -np.inf, np.nan, -1e30]]).astype(np.float32)
+    (_, got) = _launch(backend, "na_selftest_exp2", 256, -(-x.size // 256), [x, np.zeros_like(x)], (x.size,))
+    want = np.exp2(x.astype(np.float64))
+    finite = np.isfinite(want) & (want > 0)
+    rel = np.abs(got[finite] - want[finite]) / want[finite]
+    assert rel.max() <= 2 * 2.0**-23, f"max relative error {rel.max():.3g}"
+    assert got[x == np.inf][0] == np.inf and got[x == -np.inf][0] == 0.0 and got[x == np.float32(-1e30)][0] == 0.0
+    assert np.isnan(got[np.isnan(x)]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cp_async_zero_fills_and_lands_by_group(backend):
+    src = np.random.default_rng(9).integers(1, 256, 128 * 16).astype(np.uint8)  # no zero bytes
+    (_, out) = _launch(backend, "na_selftest_cp_async", 128, 1, [src, np.zeros(4096, np.uint8)])
+    want = src.reshape(128, 16).copy()
+    for i in range(128):
+        want[i, i % 17:] = 0  # the zero-filled tail of each piece
+    final = out[2048:].reshape(128, 16)
+    np.testing.assert_array_equal(final, want)
+    first = out[:2048].reshape(128, 16)
+    np.testing.assert_array_equal(first[0::2], want[0::2])  # the older group has landed at wait_group<1>
