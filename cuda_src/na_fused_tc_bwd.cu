@@ -233,10 +233,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
     static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
     __shared__ int first_x[TX], last_x[TX], first_y[TY], last_y[TY];
+    __shared__ na_tc_group_axis group_axes[2];  // x, y: the windows of each chunk's queries (kept out of registers)
 
     NA_TC_DECODE_BLOCK(TX, TY)
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
+    if (tid == 0) {
+        group_axes[0] = na_tc_group_axis_of(ax, tx);
+        group_axes[1] = na_tc_group_axis_of(ay, ty);
+    }
     for (int i = tid; i < TX + TY; i += NA_TC_THREADS) {  // each key's inverse range per axis (group coordinates)
         long long f = 0, last = 0;
         if (i < TX) {
@@ -309,10 +314,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                 int qx, qy;
                 qbox.split(c0 + i, qx, qy);
                 const long long x = (bx0 + qx) * dx + tx.g, y = (by0 + qy) * dy + ty.g;
-                long long s0, s1, u0, u1;
-                na_window(ax, x, s0, s1);
-                na_window(ay, y, u0, u1);
-                w[0] = (int)s0; w[1] = (int)s1; w[2] = (int)u0; w[3] = (int)u1;
+                na_tc_group_window(group_axes[0], (int)bx0 + qx, w[0], w[1]);
+                na_tc_group_window(group_axes[1], (int)by0 + qy, w[2], w[3]);
                 ls = lse[NA_TCB_AT4(l, b, x, y, h)];
                 dl = delta[NA_TCB_AT4(e, b, x, y, h)];
             }

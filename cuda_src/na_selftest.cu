@@ -99,3 +99,20 @@ __global__ void __launch_bounds__(128) na_selftest_cp_async(const unsigned char*
     __syncthreads();
     for (int b = 0; b < 16; ++b) out[2048 + 16 * i + b] = piece[16 * i + b];
 }
+
+// na_tc_group_window (na_tc_common.cuh) on every position of each axis: axes[a] = (length, kernel, stride,
+// dilation, causal); window[a][i] = (start, end) of position i, group coordinates; one block per axis
+__global__ void na_selftest_group_window(const long long* __restrict__ axes, int* __restrict__ window,
+                                         long long max_length) {
+    const long long* c = axes + 5 * blockIdx.x;
+    const na_axis a = {c[0], c[1], c[2], c[3], c[4]};
+    for (long long i = threadIdx.x; i < a.length; i += blockDim.x) {
+        na_tile_axis t;
+        t.g = i % a.dilation;
+        t.lg = na_group_length(a, t.g);
+        int start, end;
+        na_tc_group_window(na_tc_group_axis_of(a, t), (int)(i / a.dilation), start, end);
+        window[2 * (blockIdx.x * max_length + i)] = start;
+        window[2 * (blockIdx.x * max_length + i) + 1] = end;
+    }
+}

@@ -31,13 +31,39 @@ struct na_divisor {
 };
 
 __device__ __forceinline__ na_divisor na_make_divisor(unsigned d) {
-    unsigned s = 0;
-    while ((1u << s) < d) ++s;
+    const unsigned s = d > 1 ? 32 - __clz((int)(d - 1)) : 0;
     return {(unsigned)((((1ull << s) - d) << 32) / d + 1), s};
 }
 
 __device__ __forceinline__ int na_divide(const na_divisor& dv, int n) {
     return (int)((__umulhi(dv.m, (unsigned)n) + (unsigned)n) >> dv.s);
+}
+
+// One axis of a tile's dilation group for window math in 32-bit group
+// coordinates: na_tc_group_window(a, i') gives na_window(axis, i' * d + g)
+// (na_window.cuh, DESIGN.md section 2) without its 64-bit divisions, for
+// windows computed inside a kernel's chunk loop.
+struct na_tc_group_axis {
+    int kernel, stride, lg, causal;
+    na_divisor by_stride;
+};
+
+__device__ __forceinline__ na_tc_group_axis na_tc_group_axis_of(const na_axis& a, const na_tile_axis& t) {
+    return {(int)a.kernel, (int)a.stride, (int)t.lg, (int)a.causal, na_make_divisor((unsigned)a.stride)};
+}
+
+__device__ __forceinline__ void na_tc_group_window(const na_tc_group_axis& a, int ig, int& start, int& end) {
+    const int block = na_divide(a.by_stride, ig) * a.stride;
+    if (a.causal) {
+        const int leader = block + a.stride - 1 < a.lg - 1 ? block + a.stride - 1 : a.lg - 1;
+        start = leader - a.kernel + 1 > 0 ? leader - a.kernel + 1 : 0;
+        end = ig + 1 < a.lg ? ig + 1 : a.lg;
+    } else {
+        const int leader = block + a.stride / 2 < a.lg - 1 ? block + a.stride / 2 : a.lg - 1;
+        const int lo = leader - a.kernel / 2 > 0 ? leader - a.kernel / 2 : 0;
+        start = lo < a.lg - a.kernel ? lo : a.lg - a.kernel;
+        end = start + a.kernel;
+    }
 }
 
 // The key box of a block's query tile (the union of its queries' windows,

@@ -187,3 +187,24 @@ def test_cp_async_zero_fills_and_lands_by_group(backend):
     np.testing.assert_array_equal(final, want)
     first = out[:2048].reshape(128, 16)
     np.testing.assert_array_equal(first[0::2], want[0::2])  # the older group has landed at wait_group<1>
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_window_equals_the_definition(backend):
+    """na_tc_group_window (32-bit, in group coordinates) against na_rtc.window.window on every position of
+    every axis with L < 40: each kernel size, dilation, stride, causal flag."""
+    from na_rtc.window import Axis, window
+
+    axes = [Axis(length, k, s, d, causal) for length in range(2, 40) for k in range(2, length + 1)
+            for d in range(1, length // k + 1) for s in range(1, k + 1) for causal in (False, True)
+            if length >= k * d]
+    rng = np.random.default_rng(10)
+    axes = [axes[i] for i in sorted(rng.choice(len(axes), 4000, replace=False))]
+    max_length = max(a.length for a in axes)
+    table = np.array([[a.length, a.kernel_size, a.stride, a.dilation, a.causal] for a in axes], np.int64)
+    (_, got) = _launch(backend, "na_selftest_group_window", 64, len(axes),
+                       [table, np.full((len(axes), max_length, 2), -7, np.int32)], (max_length,))
+    for a, row in zip(axes, got):
+        start, end = window(a, np.arange(a.length))
+        np.testing.assert_array_equal(row[:a.length, 0], start, err_msg=str(a))
+        np.testing.assert_array_equal(row[:a.length, 1], end, err_msg=str(a))

@@ -106,7 +106,8 @@ def fused_bwd_family() -> Family:
 
 #: the primitive self-tests (cuda_src/na_selftest.cu) and their block sizes
 SELFTEST_THREADS = {"na_selftest_convert": 256, "na_selftest_mma<fp16_t>": 32, "na_selftest_mma<bf16_t>": 32,
-                    "na_selftest_divide": 256, "na_selftest_exp2": 256, "na_selftest_cp_async": 128}
+                    "na_selftest_divide": 256, "na_selftest_exp2": 256, "na_selftest_cp_async": 128,
+                    "na_selftest_group_window": 64}
 
 
 def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
