@@ -106,26 +106,30 @@ __device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long l
     return {b * sb + (x0 * dx + gx) * sx + (y0 * dy + gy) * sy + h * sh, dx * sx, dy * sy};
 }
 
-// Load ROWS rows of HD elements into shared rows of pitch P: row r comes from
-// src + offset(r) (element stride `step`), or is zero when offset(r) < 0; head
-// dims D..HD are zero. With `vec` (block-uniform, na_rows_vectorizable: rows
-// contiguous and 16-byte aligned, D a multiple of 16 bytes) every 16-byte
-// piece is one cp.async (zero-filling ones included), which lands at the next
-// na_cp_async_wait_group: the caller commits and waits. Otherwise element by
+// Load ROWS rows of HD elements into shared rows of pitch P: row(r, at) says
+// whether row r exists and sets `at`, its element offset in src (element
+// stride `step`); missing rows and head dims D..HD are zero. With `vec`
+// (block-uniform, na_rows_vectorizable: rows contiguous and 16-byte aligned,
+// D a multiple of 16 bytes) every 16-byte piece is one cp.async (zero-filling
+// ones included), which lands at the next na_cp_async_wait_group: the caller
+// commits and waits. A thread always takes the same column of rows r0,
+// r0 + RSTEP, ... (NA_TC_THREADS is a multiple of the pieces per row), so the
+// per-piece work is the row's offset and one copy. Otherwise element by
 // element, landed on return (for strided head dims and unaligned rows).
-template <class T, int HD, int P, int ROWS, class Offset>
-__device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long step, bool vec, int D,
-                                                Offset offset) {
+template <class T, int HD, int P, int ROWS, class Row>
+__device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long step, bool vec, int D, Row row) {
     if (vec) {
-        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, N = ROWS * PIECES;
-        static_assert(HD % V == 0 && (P * (int)sizeof(T)) % 16 == 0, "16-byte pieces of 16-byte aligned rows");
+        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, RSTEP = NA_TC_THREADS / PIECES;
+        static_assert(HD % V == 0 && NA_TC_THREADS % PIECES == 0 && (P * (int)sizeof(T)) % 16 == 0,
+                      "16-byte pieces of 16-byte aligned rows, a whole number of rows per pass");
+        const int c = ((int)threadIdx.x % PIECES) * V, r0 = (int)threadIdx.x / PIECES;
+        const bool column_ok = c < D;
 #pragma unroll
-        for (int i = 0; i < (N + NA_TC_THREADS - 1) / NA_TC_THREADS; ++i) {
-            const int e = (int)threadIdx.x + i * NA_TC_THREADS;
-            if (N % NA_TC_THREADS == 0 || e < N) {
-                const int r = e / PIECES, c = (e % PIECES) * V;
-                const long long at = offset(r);
-                const bool ok = at >= 0 && c < D;
+        for (int i = 0; i < (ROWS + RSTEP - 1) / RSTEP; ++i) {
+            const int r = r0 + i * RSTEP;
+            if (ROWS % RSTEP == 0 || r < ROWS) {
+                long long at = 0;
+                const bool ok = row(r, at) && column_ok;
                 na_cp_async_zfill_16(dst + r * P + c, ok ? src + at + c : src, ok ? 16 : 0);
             }
         }
@@ -133,8 +137,9 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
     }
     for (int e = threadIdx.x; e < ROWS * HD; e += NA_TC_THREADS) {
         const int r = e / HD, c = e % HD;
-        const long long at = offset(r);
-        dst[r * P + c] = at >= 0 && c < D ? src[at + c * step] : T();
+        long long at = 0;
+        const bool ok = row(r, at) && c < D;
+        dst[r * P + c] = ok ? src[at + c * step] : T();
     }
 }
 
@@ -142,13 +147,13 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
 // dkdv kernel walks its box of queries the same way
 template <class T, int HD, int P, int KC, int TY>
 __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
-                                                    const na_tc_box<TY>& box, const na_tc_box_rows& at, int c0) {
-    na_tc_load_rows<T, HD, P, KC>(dst, src, step, vec, D, [&](int r) -> long long {
+                                                    const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
+    na_tc_load_rows<T, HD, P, KC>(dst, src, step, vec, D, [&](int r, long long& at) {
         const int key = c0 + r;
-        if (key >= box.keys) return -1;
         int bx, by;
         box.split(key, bx, by);
-        return at.base + bx * at.step_x + by * at.step_y;
+        at = rows.base + bx * rows.step_x + by * rows.step_y;
+        return key < box.keys;
     });
 }
 
@@ -162,9 +167,10 @@ __device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long 
     const bool vec = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
     const long long base = b * s_b + (tx.q0 * dx + tx.g) * s_x + (ty.q0 * dy + ty.g) * s_y + h * s_h;
     const long long step_x = dx * s_x, step_y = dy * s_y;
-    na_tc_load_rows<T, HD, P, TX * TY>(dst, src, s_l, vec, D, [&](int r) -> long long {
+    na_tc_load_rows<T, HD, P, TX * TY>(dst, src, s_l, vec, D, [&](int r, long long& at) {
         const int qx = r / TY, qy = r % TY;
-        return qx < tx.n && qy < ty.n ? base + qx * step_x + qy * step_y : -1;
+        at = base + qx * step_x + qy * step_y;
+        return qx < tx.n && qy < ty.n;
     });
 }
 
