@@ -112,24 +112,21 @@ __device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long l
 // (block-uniform, na_rows_vectorizable: rows contiguous and 16-byte aligned,
 // D a multiple of 16 bytes) every 16-byte piece is one cp.async (zero-filling
 // ones included), which lands at the next na_cp_async_wait_group: the caller
-// commits and waits. A thread always takes the same column of rows r0,
-// r0 + RSTEP, ... (NA_TC_THREADS is a multiple of the pieces per row), so the
-// per-piece work is the row's offset and one copy. Otherwise element by
-// element, landed on return (for strided head dims and unaligned rows).
+// commits and waits; the per-piece work is the row's offset and one copy.
+// Otherwise element by element, landed on return (for strided head dims and
+// unaligned rows).
 template <class T, int HD, int P, int ROWS, class Row>
 __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long step, bool vec, int D, Row row) {
     if (vec) {
-        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, RSTEP = NA_TC_THREADS / PIECES;
-        static_assert(HD % V == 0 && NA_TC_THREADS % PIECES == 0 && (P * (int)sizeof(T)) % 16 == 0,
-                      "16-byte pieces of 16-byte aligned rows, a whole number of rows per pass");
-        const int c = ((int)threadIdx.x % PIECES) * V, r0 = (int)threadIdx.x / PIECES;
-        const bool column_ok = c < D;
+        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, N = ROWS * PIECES;
+        static_assert(HD % V == 0 && (P * (int)sizeof(T)) % 16 == 0, "16-byte pieces of 16-byte aligned rows");
 #pragma unroll
-        for (int i = 0; i < (ROWS + RSTEP - 1) / RSTEP; ++i) {
-            const int r = r0 + i * RSTEP;
-            if (ROWS % RSTEP == 0 || r < ROWS) {
+        for (int i = 0; i < (N + NA_TC_THREADS - 1) / NA_TC_THREADS; ++i) {
+            const int e = (int)threadIdx.x + i * NA_TC_THREADS;
+            if (N % NA_TC_THREADS == 0 || e < N) {
+                const int r = e / PIECES, c = (e % PIECES) * V;
                 long long at = 0;
-                const bool ok = row(r, at) && column_ok;
+                const bool ok = row(r, at) && c < D;
                 na_cp_async_zfill_16(dst + r * P + c, ok ? src + at + c : src, ok ? 16 : 0);
             }
         }
@@ -150,10 +147,11 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
                                                     const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
     na_tc_load_rows<T, HD, P, KC>(dst, src, step, vec, D, [&](int r, long long& at) {
         const int key = c0 + r;
+        if (key >= box.keys) return false;
         int bx, by;
         box.split(key, bx, by);
         at = rows.base + bx * rows.step_x + by * rows.step_y;
-        return key < box.keys;
+        return true;
     });
 }
 
