@@ -2,16 +2,17 @@
 //
 // Same arguments, layouts and results as na_fused_fwd (na_fused.cu): out in
 // the input dtype, lse in float32. One block of 4 warps per (batch, head,
-// query tile of TX x TY = 64 group coordinates inside ONE dilation group per
-// axis); warp w owns the tile's queries 16w .. 16w + 15 (tile order, y
-// fastest), the 16 rows of its mma tiles. The key box (union of the tile's
+// query tile of TX x TY = 64 MT group coordinates inside ONE dilation group
+// per axis); warp w owns the tile's queries 16 MT w .. 16 MT (w + 1) - 1 (tile
+// order, y fastest): MT mma tiles of 16 rows, which share every K and V
+// fragment the warp loads (MT = 2 halves the shared-memory reads per mma). The key box (union of the tile's
 // windows, DESIGN.md section 2) is walked in row-major order in chunks of KC
 // keys, double-buffered in shared memory: while the warps compute on chunk c,
 // cp.async copies bring chunk c + 1 (na_async.cuh; element copies instead
 // where rows are strided or unaligned). Per chunk and warp:
 //   S = Q K^T    mma.m16n8k16: Q fragments (ldmatrix.x4, kept in registers
 //                for the whole block) x K rows (ldmatrix.x2 on [key][d] rows);
-//                8-key column tiles that none of the warp's 16 queries sees
+//                8-key column tiles that none of the warp's queries sees
 //                are skipped (warp-uniform);
 //   mask         logits outside each query's own window are -inf (exact
 //                causal / strided / dilated windows), then scale and bias,
@@ -21,20 +22,21 @@
 //   softmax      online per row in fp32 (the 4 lanes of a quad share a row:
 //                max and sum reduced with __shfl_xor_sync), never exp(-inf - -inf);
 //   O += P V     P rounded to T and repacked from the accumulator layout
-//                into A fragments, V with ldmatrix.x2.trans on [key][d] rows.
+//                into A fragments, V with ldmatrix.x4.trans on [key][d] rows.
 // Rows of K/V past the chunk's end and head dims past D are zero in shared
 // memory, so padding contributes exact zeros. A NaN or Inf in a key poisons
 // exactly the queries whose windows hold it; a NaN or Inf in a value can also
-// reach the other queries of the same warp whose 16-key step holds it (as
-// 0 * NaN in P V): fused kernels may poison queries of the same tile
-// (DESIGN.md section 8).
+// reach the other queries of the block's tile whose 16-row mma tile sees a
+// key of the 16-key step that holds it (as 0 * NaN in P V): fused kernels
+// may poison queries of the same tile (DESIGN.md section 8).
 //
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
-// (32 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64; 1D: TY = 1),
-// keys per chunk KC (16 | KC, 2 KC >= 64). Dynamic shared memory
-// (na_rtc/runtime/fused_tc.py mirrors it): 4 KC rows of HD + 8 elements, two
-// stages of a K and a V chunk; the Q tile is staged in stage 1's rows until
-// its fragments are in registers.
+// (32 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64 MT; 1D: TY =
+// 1), keys per chunk KC (16 | KC), mma tiles per warp MT (1 or 2). Dynamic
+// shared memory (na_rtc/runtime/fused_tc.py mirrors it): max(4 KC, 64 MT)
+// rows of HD + 8 elements, two stages of a K and a V chunk; the Q tile is
+// staged there until its fragments are in registers (in stage 1's rows when
+// it fits, so that chunk 0 loads at the same time).
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -48,7 +50,7 @@
 #define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
 #define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
 
-template <class T, int HD, int TX, int TY, int KC>
+template <class T, int HD, int TX, int TY, int KC, int MT>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
     NA_STRIDES5(v), const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
@@ -60,8 +62,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     constexpr int NT = KC / 8;        // 8-key column tiles per chunk
     constexpr int DT = HD / 8;        // 8-dim column tiles of the output
     constexpr int STAGE = 2 * KC;     // rows of one pipeline stage: a K chunk, then a V chunk
-    static_assert(NQ == 16 * NA_TC_WARPS, "one 16-row mma tile per warp");
-    static_assert(HD % 32 == 0 && KC % 16 == 0 && NQ <= STAGE, "mma shapes; the Q tile fits in a stage");
+    constexpr bool Q_IN_STAGE1 = NQ <= STAGE;  // else Q takes both stages before chunk 0 loads
+    static_assert((MT == 1 || MT == 2) && NQ == 16 * MT * NA_TC_WARPS, "MT mma tiles of 16 rows per warp");
+    static_assert(HD % 32 == 0 && KC % 16 == 0 && NQ <= 2 * STAGE, "mma shapes; the Q tile fits in the stages");
     const float NEG_INF = __int_as_float(0xff800000);
 
     NA_TC_DECODE_BLOCK(TX, TY)
@@ -70,6 +73,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     const int d_len = (int)D;
 
     T* smem = reinterpret_cast<T*>(na_dynamic_shared());
+    T* sq = Q_IN_STAGE1 ? smem + STAGE * P : smem;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
 
     const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
@@ -83,27 +87,38 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         na_cp_async_commit();
     };
 
-    // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere) into stage 1, chunk 0 into stage 0
-    na_tc_load_tile<T, HD, P, TX, TY>(smem + STAGE * P, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
-    load_chunk(0);
+    // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere), with chunk 0 if Q leaves stage 0 free
+    na_tc_load_tile<T, HD, P, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    if (Q_IN_STAGE1) load_chunk(0);
+    else na_cp_async_commit();
     na_cp_async_wait_group<0>();
     __syncthreads();
-    unsigned qf[KSTEPS][4];
+    unsigned qf[MT][KSTEPS][4];
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks)
-        na_ldmatrix<4, false>(qf[ks], smem + (STAGE + 16 * warp + (lane & 15)) * P + 16 * ks + 8 * (lane >> 4));
-
-    // this lane's two query rows (g and g + 8 of the warp's tile): windows in box coordinates
-    const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
-    const na_tc_warp_window common = na_tc_common_window(rows);
-
-    float o[DT][4];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};  // running max (log2 units) and sum per row
+        for (int ks = 0; ks < KSTEPS; ++ks)
+            na_ldmatrix<4, false>(qf[mt][ks], sq + (16 * (MT * warp + mt) + (lane & 15)) * P + 16 * ks + 8 * (lane >> 4));
+
+    // this lane's two query rows in each of its mma tiles: windows in box coordinates
+    na_tc_rows rows[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        rows[mt] = na_tc_query_rows<TY>(16 * (MT * warp + mt), lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
+    const na_tc_warp_window common = na_tc_common_window<MT>(rows);
+
+    float o[MT][DT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    float m[MT][2], l[MT][2];  // running max (log2 units) and sum per row
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.f;
     const float scale2 = (float)scale * NA_TC_LOG2E;
     const int chunks = (box.keys + KC - 1) / KC;
-    __syncthreads();  // every warp holds its Q fragments: stage 1 is free
+    __syncthreads();  // every warp holds its Q fragments: the Q rows are free
+    if (!Q_IN_STAGE1) load_chunk(0);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         if (chunk + 1 < chunks) load_chunk(chunk + 1);
@@ -115,103 +130,122 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         const int c0 = chunk * KC;
 
         // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf
-        float s[NT][4];
+        float s[MT][NT][4];
         bool tile_live[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
-            bool in[4];
-            tile_live[nt] = na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, box, in);
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            bool in[MT][4];
+            tile_live[nt] = na_tc_visible_tile<TY, MT>(rows, common, c0 + 8 * nt, key0, box, in);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
             if (tile_live[nt]) {  // warp-uniform: ldmatrix and mma need every lane
 #pragma unroll
                 for (int ks = 0; ks < KSTEPS; ks += 2) {  // x4: the B fragments of k-steps ks and ks + 1
                     unsigned kf[4];
                     na_ldmatrix<4, false>(kf, sk + (8 * nt + (lane & 7)) * P + 16 * ks + 8 * (lane >> 3));
                     const unsigned k0[2] = {kf[0], kf[1]}, k1[2] = {kf[2], kf[3]};
-                    na_mma<T>::run(s[nt], qf[ks], k0, s[nt]);
-                    na_mma<T>::run(s[nt], qf[ks + 1], k1, s[nt]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        na_mma<T>::run(s[mt][nt], qf[mt][ks], k0, s[mt][nt]);
+                        na_mma<T>::run(s[mt][nt], qf[mt][ks + 1], k1, s[mt][nt]);
+                    }
                 }
             }
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                float x = s[nt][c] * scale2;
-                if (rpb && in[c])
-                    x += rpb[na_tc_bias_index(rows, c / 2, key0 + c % 2, box, rpb_x, rpb_y)] * NA_TC_LOG2E;
-                s[nt][c] = in[c] ? x : NEG_INF;
-            }
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    float x = s[mt][nt][c] * scale2;
+                    if (rpb && in[mt][c])
+                        x += rpb[na_tc_bias_index(rows[mt], c / 2, key0 + c % 2, box, rpb_x, rpb_y)] * NA_TC_LOG2E;
+                    s[mt][nt][c] = in[mt][c] ? x : NEG_INF;
+                }
         }
 
-        // online softmax, row i of this lane = rows g and g + 8; a quad (4 lanes) shares a row
+        // online softmax, row i of this lane = rows g and g + 8 of each mma tile; a quad (4 lanes) shares a row
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float cmax = NEG_INF;
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            for (int i = 0; i < 2; ++i) {
+                float cmax = NEG_INF;
 #pragma unroll
-                for (int e = 0; e < 2; ++e) cmax = s[nt][2 * i + e] > cmax ? s[nt][2 * i + e] : cmax;
-            for (int off = 1; off < 4; off *= 2) {
-                const float other = __shfl_xor_sync(NA_TC_FULL, cmax, off);
-                cmax = other > cmax ? other : cmax;
-            }
-            const float mnew = cmax > m[i] ? cmax : m[i];
-            // a row with no visible key yet keeps m = -inf (p = alpha = 0, o and l stay 0): never -inf - -inf
-            const float mref = mnew == NEG_INF ? 0.f : mnew;
-            const float alpha = na_exp2_fast(m[i] - mref);  // m = -inf: 0
-            float rowsum = 0.f;
+                for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float p = na_exp2_fast(s[nt][2 * i + e] - mref);  // -inf: 0; a NaN logit stays NaN
-                    s[nt][2 * i + e] = p;
-                    rowsum += p;
+                    for (int e = 0; e < 2; ++e) cmax = s[mt][nt][2 * i + e] > cmax ? s[mt][nt][2 * i + e] : cmax;
+                for (int off = 1; off < 4; off *= 2) {
+                    const float other = __shfl_xor_sync(NA_TC_FULL, cmax, off);
+                    cmax = other > cmax ? other : cmax;
                 }
-            l[i] = l[i] * alpha + rowsum;
-            m[i] = mnew;
+                const float mnew = cmax > m[mt][i] ? cmax : m[mt][i];
+                // a row with no visible key yet keeps m = -inf (p = alpha = 0, o and l stay 0): never -inf - -inf
+                const float mref = mnew == NEG_INF ? 0.f : mnew;
+                const float alpha = na_exp2_fast(m[mt][i] - mref);  // m = -inf: 0
+                float rowsum = 0.f;
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                o[dt][2 * i] *= alpha;
-                o[dt][2 * i + 1] *= alpha;
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = na_exp2_fast(s[mt][nt][2 * i + e] - mref);  // -inf: 0; NaN stays NaN
+                        s[mt][nt][2 * i + e] = p;
+                        rowsum += p;
+                    }
+                l[mt][i] = l[mt][i] * alpha + rowsum;
+                m[mt][i] = mnew;
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    o[mt][dt][2 * i] *= alpha;
+                    o[mt][dt][2 * i + 1] *= alpha;
+                }
             }
-        }
 
         // O += P V over 16-key steps (pairs of 8-key tiles); steps no query of the warp sees add nothing
 #pragma unroll
         for (int ps = 0; ps < KC / 16; ++ps) {
             if (!tile_live[2 * ps] && !tile_live[2 * ps + 1]) continue;  // warp-uniform
-            const unsigned pa[4] = {na_pack2<T>(s[2 * ps][0], s[2 * ps][1]), na_pack2<T>(s[2 * ps][2], s[2 * ps][3]),
-                                    na_pack2<T>(s[2 * ps + 1][0], s[2 * ps + 1][1]),
-                                    na_pack2<T>(s[2 * ps + 1][2], s[2 * ps + 1][3])};
+            unsigned pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const float(&s0)[4] = s[mt][2 * ps];
+                const float(&s1)[4] = s[mt][2 * ps + 1];
+                pa[mt][0] = na_pack2<T>(s0[0], s0[1]);
+                pa[mt][1] = na_pack2<T>(s0[2], s0[3]);
+                pa[mt][2] = na_pack2<T>(s1[0], s1[1]);
+                pa[mt][3] = na_pack2<T>(s1[2], s1[3]);
+            }
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {  // x4.trans: the B fragments of dim tiles dt and dt + 1
                 unsigned vf[4];
                 na_ldmatrix<4, true>(vf, sv + (16 * ps + (lane & 15)) * P + 8 * dt + 8 * (lane >> 4));
                 const unsigned v0[2] = {vf[0], vf[1]}, v1[2] = {vf[2], vf[3]};
-                na_mma<T>::run(o[dt], pa, v0, o[dt]);
-                na_mma<T>::run(o[dt + 1], pa, v1, o[dt + 1]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    na_mma<T>::run(o[mt][dt], pa[mt], v0, o[mt][dt]);
+                    na_mma<T>::run(o[mt][dt + 1], pa[mt], v1, o[mt][dt + 1]);
+                }
             }
         }
         __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
     }
 
-    // the row sums are spread over the quad
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(NA_TC_FULL, l[i], 1);
-        l[i] += __shfl_xor_sync(NA_TC_FULL, l[i], 2);
-    }
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (!rows.valid[i]) continue;
-        const float inv = 1.f / l[i];
+        for (int i = 0; i < 2; ++i) {
+            float sum = l[mt][i];  // the row sum is spread over the quad
+            sum += __shfl_xor_sync(NA_TC_FULL, sum, 1);
+            sum += __shfl_xor_sync(NA_TC_FULL, sum, 2);
+            if (!rows[mt].valid[i]) continue;
+            long long x, y;
+            na_tc_row_position<TY>(16 * (MT * warp + mt) + (lane >> 2) + 8 * i, tx, ty, dx, dy, x, y);
+            const float inv = 1.f / sum;
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
+            for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const long long d = 8 * dt + 2 * t + e;
-                if (d < D) na_store<T, float>(out, NA_AT5(o, b, rows.x[i], rows.y[i], h, d), o[dt][2 * i + e] * inv);
-            }
-        if (t == 0) lse[b * l_b + rows.x[i] * l_x + rows.y[i] * l_y + h * l_h] = (m[i] + na_log2(l[i])) * NA_TC_LN2;
-    }
+                for (int e = 0; e < 2; ++e) {
+                    const long long d = 8 * dt + 2 * t + e;
+                    if (d < D) na_store<T, float>(out, NA_AT5(o, b, x, y, h, d), o[mt][dt][2 * i + e] * inv);
+                }
+            if (t == 0) lse[b * l_b + x * l_x + y * l_y + h * l_h] = (m[mt][i] + na_log2(sum)) * NA_TC_LN2;
+        }
 }

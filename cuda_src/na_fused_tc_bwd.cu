@@ -100,15 +100,17 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     }
 
     // this lane's rows g and g + 8 of the warp's 16 queries, with their lse and delta
-    const na_tc_rows rows = na_tc_query_rows<TY>(warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
+    const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
     // the common-window shortcut costs 4 registers: HD 128 (at 255) would spill
-    const na_tc_warp_window common = HD < 128 ? na_tc_common_window(rows) : na_tc_warp_window{1, 0, 1, 0};
+    const na_tc_warp_window common = HD < 128 ? na_tc_common_window(&rows) : na_tc_warp_window{1, 0, 1, 0};
     const int chunks = (box.keys + KC - 1) / KC;
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        row_lse[i] = rows.valid[i] ? lse[NA_TCB_AT4(l, b, rows.x[i], rows.y[i], h)] : 0.f;
-        row_delta[i] = rows.valid[i] ? delta[NA_TCB_AT4(e, b, rows.x[i], rows.y[i], h)] : 0.f;
+        long long x, y;
+        na_tc_row_position<TY>(16 * warp + gq + 8 * i, tx, ty, dx, dy, x, y);
+        row_lse[i] = rows.valid[i] ? lse[NA_TCB_AT4(l, b, x, y, h)] : 0.f;
+        row_delta[i] = rows.valid[i] ? delta[NA_TCB_AT4(e, b, x, y, h)] : 0.f;
     }
     const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
     const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
@@ -141,8 +143,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;
-            bool in[4];
-            live[nt] = na_tc_visible_tile(rows, common, c0 + 8 * nt, key0, box, in);
+            bool in_tiles[1][4];
+            live[nt] = na_tc_visible_tile(&rows, common, c0 + 8 * nt, key0, box, in_tiles);
+            const bool (&in)[4] = in_tiles[0];
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform
 #pragma unroll
@@ -207,12 +210,14 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         if (!rows.valid[i]) continue;
+        long long x, y;
+        na_tc_row_position<TY>(16 * warp + gq + 8 * i, tx, ty, dx, dy, x, y);
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
             for (int e2 = 0; e2 < 2; ++e2) {
                 const long long d = 8 * dt + 2 * t + e2;
-                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, rows.x[i], rows.y[i], h, d), acc[dt][2 * i + e2] * fscale);
+                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, x, y, h, d), acc[dt][2 * i + e2] * fscale);
             }
     }
     if (partial_out) {

@@ -172,32 +172,40 @@ __device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long 
     });
 }
 
-// The two query rows an mma lane holds (rows g and g + 8 of its warp's 16, g =
-// lane / 4): whether they exist, their positions, their windows in box
-// coordinates (box = the union of the tile's windows, origin tx.h0 / ty.h0)
-// and the rpb index of box key (0, 0) for each.
+// The two query rows an mma lane holds in the 16-row mma tile starting at tile
+// row row0 (rows row0 + g and row0 + g + 8, g = lane / 4): whether they
+// exist, their windows in box coordinates (box = the union of the tile's
+// windows, origin tx.h0 / ty.h0) and the rpb index of box key (0, 0) for each.
+// Their positions come from na_tc_row_position, not from the struct, which
+// lives in registers through the kernels' key loops.
 struct na_tc_rows {
     bool valid[2];
     int wx0[2], wx1[2], wy0[2], wy1[2];
-    long long x[2], y[2], bias0[2];
+    long long bias0[2];
 };
 
+// the position (x, y) of tile row qi (row qx * TY + qy)
 template <int TY>
-__device__ __forceinline__ na_tc_rows na_tc_query_rows(int warp, int lane, const na_axis& ax, const na_axis& ay,
+__device__ __forceinline__ void na_tc_row_position(int qi, const na_tile_axis& tx, const na_tile_axis& ty,
+                                                   long long dx, long long dy, long long& x, long long& y) {
+    x = (tx.q0 + qi / TY) * dx + tx.g;
+    y = (ty.q0 + qi % TY) * dy + ty.g;
+}
+
+template <int TY>
+__device__ __forceinline__ na_tc_rows na_tc_query_rows(int row0, int lane, const na_axis& ax, const na_axis& ay,
                                                        const na_tile_axis& tx, const na_tile_axis& ty, long long h,
                                                        long long rpb_h, long long rpb_x, long long rpb_y) {
     na_tc_rows r;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-        const int qi = 16 * warp + (lane >> 2) + 8 * i, qx = qi / TY, qy = qi % TY;
+        const int qi = row0 + (lane >> 2) + 8 * i, qx = qi / TY, qy = qi % TY;
         r.valid[i] = qx < tx.n && qy < ty.n;
         const long long gx = tx.q0 + qx, gy = ty.q0 + qy;  // group coordinates
-        r.x[i] = gx * ax.dilation + tx.g;
-        r.y[i] = gy * ay.dilation + ty.g;
         long long s0 = 0, s1 = 0, u0 = 0, u1 = 0;
         if (r.valid[i]) {
-            na_window(ax, r.x[i], s0, s1);
-            na_window(ay, r.y[i], u0, u1);
+            na_window(ax, gx * ax.dilation + tx.g, s0, s1);
+            na_window(ay, gy * ay.dilation + ty.g, u0, u1);
         }
         r.wx0[i] = (int)(s0 - tx.h0); r.wx1[i] = (int)(s1 - tx.h0);
         r.wy0[i] = (int)(u0 - ty.h0); r.wy1[i] = (int)(u1 - ty.h0);
@@ -245,22 +253,27 @@ __device__ __forceinline__ long long na_tc_bias_index(const na_tc_rows& r, int i
     const bool tile_ok = na_tile_axis_of(ax, itx, TX_, tx) && na_tile_axis_of(ay, ity, TY_, ty);
 
 // The keys every valid row of a warp sees: the intersection of their windows
-// (box coordinates). An 8-key tile inside it needs no per-element window test
-// (DESIGN.md section 7: mask only partially covered tiles).
+// (box coordinates) over the warp's MT mma tiles. An 8-key tile inside it
+// needs no per-element window test (DESIGN.md section 7: mask only partially
+// covered tiles).
 struct na_tc_warp_window {
     int x0, x1, y0, y1;
 };
 
-__device__ __forceinline__ na_tc_warp_window na_tc_common_window(const na_tc_rows& r) {
+template <int MT = 1>
+__device__ __forceinline__ na_tc_warp_window na_tc_common_window(const na_tc_rows* rows) {
     na_tc_warp_window w = {-(1 << 30), 1 << 30, -(1 << 30), 1 << 30};
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (!r.valid[i]) continue;
-        w.x0 = w.x0 > r.wx0[i] ? w.x0 : r.wx0[i];
-        w.x1 = w.x1 < r.wx1[i] ? w.x1 : r.wx1[i];
-        w.y0 = w.y0 > r.wy0[i] ? w.y0 : r.wy0[i];
-        w.y1 = w.y1 < r.wy1[i] ? w.y1 : r.wy1[i];
-    }
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const na_tc_rows& r = rows[mt];
+            if (!r.valid[i]) continue;
+            w.x0 = w.x0 > r.wx0[i] ? w.x0 : r.wx0[i];
+            w.x1 = w.x1 < r.wx1[i] ? w.x1 : r.wx1[i];
+            w.y0 = w.y0 > r.wy0[i] ? w.y0 : r.wy0[i];
+            w.y1 = w.y1 < r.wy1[i] ? w.y1 : r.wy1[i];
+        }
 #pragma unroll
     for (int off = 1; off < 32; off *= 2) {
         const int x0 = __shfl_xor_sync(NA_TC_FULL, w.x0, off), x1 = __shfl_xor_sync(NA_TC_FULL, w.x1, off);
@@ -285,18 +298,27 @@ __device__ __forceinline__ bool na_tc_tile_full(const na_tc_warp_window& w, int 
     return w.y0 <= 0 && w.y1 >= box.hy;  // the tile wraps to the next box row: the window must span the box's width
 }
 
-// The visibility of a lane's 4 elements of the 8-key tile at key_tile (see
-// na_tc_visible; key0 = key_tile + 2 (lane % 4)) and whether any lane of the
-// warp sees one of its elements (warp-uniform). Tiles inside the warp's common
-// window skip the per-element test and the vote.
-template <int TY>
-__device__ __forceinline__ bool na_tc_visible_tile(const na_tc_rows& r, const na_tc_warp_window& w, int key_tile,
-                                                   int key0, const na_tc_box<TY>& box, bool (&in)[4]) {
+// The visibility of a lane's 4 elements of the 8-key tile at key_tile in each
+// of the warp's MT mma tiles (see na_tc_visible; key0 = key_tile + 2 (lane %
+// 4)) and whether any lane of the warp sees one of them (warp-uniform). Tiles
+// inside the warp's common window skip the per-element test and the vote.
+template <int TY, int MT = 1>
+__device__ __forceinline__ bool na_tc_visible_tile(const na_tc_rows* rows, const na_tc_warp_window& w,
+                                                   int key_tile, int key0, const na_tc_box<TY>& box,
+                                                   bool (&in)[MT][4]) {
     if (na_tc_tile_full(w, key_tile, box)) {  // warp-uniform; a full tile has a valid row
-        in[0] = in[1] = r.valid[0];
-        in[2] = in[3] = r.valid[1];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            in[mt][0] = in[mt][1] = rows[mt].valid[0];
+            in[mt][2] = in[mt][3] = rows[mt].valid[1];
+        }
         return true;
     }
-    na_tc_visible(r, key0, box, in);
-    return __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
+    bool any = false;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        na_tc_visible(rows[mt], key0, box, in[mt]);
+        any = any || in[mt][0] || in[mt][1] || in[mt][2] || in[mt][3];
+    }
+    return __any_sync(NA_TC_FULL, any);
 }

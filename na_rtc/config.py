@@ -19,6 +19,8 @@ SETTINGS = {
     "NA_RTC_EMULATOR_THREADS": "OS threads the emulator runs blocks on (default: all cores)",
     "NA_RTC_TENSOR_CORES": "0: fp16/bf16 fused ops on the SIMT kernels even where tensor-core kernels serve "
                            "(default 1: tensor cores on sm_80+ and in the emulator)",
+    "NA_RTC_TC_WARP_ROWS": "16 or 32: query rows per warp of the tensor-core forward where both are built "
+                           "(head dims up to 64; default: the table in runtime/fused_tc.py), for benchmarking",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
 
@@ -91,3 +93,13 @@ def emulator_threads() -> int:
     if value < 1:
         raise ValueError(f"NA_RTC_EMULATOR_THREADS must be a positive number of threads, got {raw!r}")
     return value
+
+
+def tc_warp_rows() -> int | None:
+    """Query rows per warp the tensor-core forward should use (``NA_RTC_TC_WARP_ROWS``), or None: the table's."""
+    raw = os.environ.get("NA_RTC_TC_WARP_ROWS", "").strip()
+    if raw == "":
+        return None
+    if raw in ("16", "32"):
+        return int(raw)
+    raise ValueError(f"NA_RTC_TC_WARP_ROWS must be 16 or 32, got {raw!r}")

@@ -81,9 +81,9 @@ def _problem(ndim, dtype, head_dim):
 
 
 @pytest.mark.parametrize("ndim, dtype, head_dim, allowed, expected", [
-    (1, "float16", 64, True, "na_fused_tc_fwd<fp16_t, 64, 64, 1, 64>"),
-    (2, "bfloat16", 100, True, "na_fused_tc_fwd<bf16_t, 128, 8, 8, 32>"),
-    (2, "float16", 24, True, "na_fused_tc_fwd<fp16_t, 32, 8, 8, 64>"),
+    (1, "float16", 64, True, "na_fused_tc_fwd<fp16_t, 64, 128, 1, 32, 2>"),
+    (2, "bfloat16", 100, True, "na_fused_tc_fwd<bf16_t, 128, 8, 8, 32, 1>"),
+    (2, "float16", 24, True, "na_fused_tc_fwd<fp16_t, 32, 16, 8, 64, 2>"),
     (2, "float16", 64, False, "na_fused_fwd<fp16_t, 64, 8, 4>"),     # not allowed (pre-sm_80 GPU, or disabled)
     (1, "float32", 64, True, "na_fused_fwd<float, 64, 32, 1>"),      # fp32: SIMT
     (2, "bfloat16", 256, True, "na_fused_fwd<bf16_t, 256, 4, 2>"),   # head dim > 128: SIMT
@@ -91,6 +91,55 @@ def _problem(ndim, dtype, head_dim):
 def test_dispatch(ndim, dtype, head_dim, allowed, expected):
     kernels = fused.FusedKernels(emulated.run, lambda problem: allowed)
     assert kernels.kernel_name(_problem(ndim, dtype, head_dim)) == expected
+
+
+# the instantiations NA_RTC_TC_WARP_ROWS selects (16 rows per warp where the table picks 32): every one
+# of them, through a quarter of the sweep
+def _instantiation(cfg):
+    return cfg.ndim, fused_tc.head_dim_bucket(cfg.head_dim)
+
+
+def _quarter_covering_every_instantiation(configs):
+    chosen = configs[::4]
+    seen = {_instantiation(c) for c in chosen}
+    for c in configs:
+        if _instantiation(c) not in seen:
+            chosen.append(c)
+            seen.add(_instantiation(c))
+    return chosen
+
+
+ALTERNATIVES = _quarter_covering_every_instantiation(
+    [c for c in CONFIGS if fused_tc.FORWARD_ALTERNATIVES[fused_tc.head_dim_bucket(c.head_dim)]])
+
+
+def test_every_alternative_instantiation_is_in_the_sweep():
+    assert {_instantiation(c) for c in ALTERNATIVES} == {
+        (ndim, hd) for ndim in (1, 2) for hd, alternatives in fused_tc.FORWARD_ALTERNATIVES.items() if alternatives}
+
+
+@pytest.mark.parametrize("cfg", ALTERNATIVES, ids=str)
+def test_sixteen_rows_per_warp_matches_reference(cfg, monkeypatch):
+    monkeypatch.setenv("NA_RTC_TC_WARP_ROWS", "16")
+    recorder = RecordingExecutor()
+    out, lse = _run(cfg, executor=recorder)
+    assert recorder.names[0].endswith(", 1>"), recorder.names
+    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    _, bias64 = sweep_bias(cfg)
+    want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
+    assert_close(out, want_out, cfg.dtype, "forward", "out")
+    assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+
+
+def test_warp_rows_setting(monkeypatch):
+    kernels = fused.FusedKernels(emulated.run, _always)
+    monkeypatch.setenv("NA_RTC_TC_WARP_ROWS", "16")
+    assert kernels.kernel_name(_problem(1, "float16", 64)) == "na_fused_tc_fwd<fp16_t, 64, 64, 1, 64, 1>"
+    monkeypatch.setenv("NA_RTC_TC_WARP_ROWS", "32")  # not built for head dim 128: the table's choice
+    assert kernels.kernel_name(_problem(2, "bfloat16", 128)) == "na_fused_tc_fwd<bf16_t, 128, 8, 8, 32, 1>"
+    monkeypatch.setenv("NA_RTC_TC_WARP_ROWS", "8")
+    with pytest.raises(ValueError, match="NA_RTC_TC_WARP_ROWS"):
+        kernels.kernel_name(_problem(1, "float16", 64))
 
 
 def test_the_emulator_runs_tensor_cores_unless_disabled(monkeypatch):
@@ -114,7 +163,7 @@ def test_cuda_policy_follows_the_device_architecture(monkeypatch):
 @pytest.mark.parametrize("poisoned", ["key", "value"])
 def test_nan_reach_on_tensor_cores(poisoned):
     """A NaN key poisons exactly the queries that see it (masked logits are replaced, not multiplied);
-    a NaN value poisons those and at most other queries of the same 64-query tile (0 * NaN in P V)."""
+    a NaN value poisons those and at most other queries of the same block tile (0 * NaN in P V)."""
     cfg = test_fused.Config((150,), (9,), (1,), (False,), 1, 1, 32, False, False, "float16", (1,))
     (q, k, v), _ = sweep_inputs(cfg, 3)
     k, v = k.clone(), v.clone()
@@ -123,7 +172,8 @@ def test_nan_reach_on_tensor_cores(poisoned):
     bad = ~torch.isfinite(out[0, :, 0].float()).all(-1)
     starts = [min(max(i - 4, 0), 150 - 9) for i in range(150)]
     sees = torch.tensor([s <= 77 < s + 9 for s in starts])
-    same_tile = torch.tensor([i // 64 == 77 // 64 for i in range(150)])
+    tile = fused_tc.TILES[1, fused_tc.config(32).mma_tiles][0]  # queries per block of this problem
+    same_tile = torch.tensor([i // tile == 77 // tile for i in range(150)])
     assert sees.any() and bool((bad >= sees).all()), "a query whose window holds the NaN is finite"
     if poisoned == "key":
         assert torch.equal(bad, sees)

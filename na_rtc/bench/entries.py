@@ -149,20 +149,29 @@ def _fused_kernels_used(spec: Spec, inputs: Inputs) -> dict:
 
 
 @contextlib.contextmanager
-def _tensor_cores_off():
-    """NA_RTC_TENSOR_CORES=0 for the duration (the dispatcher reads it per call)."""
-    saved = os.environ.get("NA_RTC_TENSOR_CORES")
-    os.environ["NA_RTC_TENSOR_CORES"] = "0"
+def _setting(name: str, value: str):
+    """Environment setting ``name`` = ``value`` for the duration (the dispatcher reads settings per call)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            del os.environ["NA_RTC_TENSOR_CORES"]
+            del os.environ[name]
         else:
-            os.environ["NA_RTC_TENSOR_CORES"] = saved
+            os.environ[name] = saved
 
 
-def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, simt: bool = False) -> Prepared:
+def _tensor_cores_off():
+    return _setting("NA_RTC_TENSOR_CORES", "0")
+
+
+def _sixteen_warp_rows():
+    return _setting("NA_RTC_TC_WARP_ROWS", "16")
+
+
+def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=contextlib.nullcontext) -> Prepared:
+    """``mode``: a context manager the calls run under (a setting that steers the dispatch)."""
     import na_rtc
 
     backend = backend or inputs.kernel_backend
@@ -170,7 +179,6 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, simt:
         _require_kernels(inputs)
     fn = na_rtc.na1d if spec.ndim == 1 else na_rtc.na2d
     kwargs = window_kwargs(spec)
-    mode = _tensor_cores_off if simt else contextlib.nullcontext
 
     def forward():
         with mode():
@@ -268,8 +276,13 @@ def na_rtc_entries() -> list[Entry]:
         Entry("fused", "na_rtc fused", _prepare_fused, families=("fused", "fused_bwd", "fused_tc", "fused_tc_bwd"),
               uses_kernels=True),
         Entry("fused_simt", "na_rtc fused, SIMT kernels (NA_RTC_TENSOR_CORES=0)",
-              lambda spec, inputs: _prepare_fused(spec, inputs, simt=True), families=("fused", "fused_bwd"),
+              lambda spec, inputs: _prepare_fused(spec, inputs, mode=_tensor_cores_off), families=("fused", "fused_bwd"),
               uses_kernels=True, default_cpu=False, cpu_note="tensor cores against SIMT is a GPU comparison"),
+        Entry("fused_tc_rows16", "na_rtc fused, tensor-core forward with 16 query rows per warp "
+              "(NA_RTC_TC_WARP_ROWS=16)",
+              lambda spec, inputs: _prepare_fused(spec, inputs, mode=_sixteen_warp_rows),
+              families=("fused_tc", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
+              cpu_note="rows per warp of the tensor-core forward is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
               uses_kernels=True),
         Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),

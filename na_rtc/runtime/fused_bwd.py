@@ -169,7 +169,7 @@ def _simt_launches(problem: Problem) -> _Launches | None:
 def _tensor_core_launches(problem: Problem) -> _Launches:
     hd = fused_tc.head_dim_bucket(problem.head_dim)
     entries = _entries(problem) if problem.has_rpb else 0
-    blocks = fused_tc.grid(problem)
+    blocks = fused_tc.bwd_grid(problem)
     return _Launches(fused_tc.dq_name_of(hd, problem.dtype, problem.ndim),
                      fused_tc.dkdv_name_of(hd, problem.dtype, problem.ndim), fused_tc.BWD_SOURCE, blocks, blocks,
                      fused_tc.dq_shared_bytes(hd, problem.dtype, entries),

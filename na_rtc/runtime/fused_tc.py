@@ -1,18 +1,21 @@
 """The tensor-core fused forward (``cuda_src/na_fused_tc.cu``): fp16 / bf16 on sm_80+.
 
-``na_fused_tc_fwd<T, HD, TX, TY, KC>``: one block of :data:`THREADS` threads
-(4 warps) per (batch, head, query tile of 64 group coordinates inside one
-dilation group per axis), 16 queries per warp as the rows of its
-``mma.m16n8k16`` tiles; the key box streamed KC keys at a time, double-buffered
-(cp.async loads chunk c + 1 during the math on chunk c). Same
-arguments and results as the SIMT kernel (``fused.py``), which serves
-everything this one does not (fp32, head dim > 128, GPUs below sm_80).
+``na_fused_tc_fwd<T, HD, TX, TY, KC, MT>``: one block of :data:`THREADS`
+threads (4 warps) per (batch, head, query tile of 64 MT group coordinates
+inside one dilation group per axis), 16 MT queries per warp as the rows of its
+MT ``mma.m16n8k16`` tiles; the key box streamed KC keys at a time,
+double-buffered (cp.async loads chunk c + 1 during the math on chunk c). KC and
+MT per head dim come from :data:`FORWARD`. Same arguments and results as the
+SIMT kernel (``fused.py``), which serves everything this one does not (fp32,
+head dim > 128, GPUs below sm_80). The backward kernels are below.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+from .. import config as _config
 from .._args import Problem
 from . import plan as P
 from . import tiling
@@ -22,45 +25,86 @@ SOURCE = "na_fused_tc.cu"
 THREADS = 128  # NA_TC_THREADS in na_fused_tc.cu
 SHARED_BUDGET = 48 * 1024
 DTYPES = ("float16", "bfloat16")
-HEAD_DIMS = (32, 64, 128)  # head-dim buckets (multiples of 16: the mma k-step)
-#: ndim -> query tile (TX, TY): 64 queries, 16 per warp (2D: two rows of 8)
-TILES = {1: (64, 1), 2: (8, 8)}
-#: head-dim bucket -> keys per staged chunk (registers: the 16 x KC logits of a warp)
-CHUNK_KEYS = {32: 64, 64: 64, 128: 32}
+HEAD_DIMS = (32, 64, 128)  # head-dim buckets (multiples of 32: k-steps of the mma are taken in pairs)
+#: (ndim, mma tiles per warp) -> query tile (TX, TY): 64 queries per mma tile row of the block, 16 per
+#: warp and mma tile (2D: two rows of 8 per mma tile)
+TILES = {(1, 1): (64, 1), (2, 1): (8, 8), (1, 2): (128, 1), (2, 2): (16, 8)}
+
+
+class ForwardConfig(NamedTuple):
+    """One instantiation of the forward: keys per staged chunk and mma tiles (16 query rows each) per warp."""
+
+    chunk_keys: int
+    mma_tiles: int
+
+
+#: head-dim bucket -> the forward the dispatcher picks. Two mma tiles per warp share every K/V fragment
+#: (half the ldmatrix per mma) where registers allow: the logits of a warp are 16 x MT x KC floats.
+FORWARD = {32: ForwardConfig(64, 2), 64: ForwardConfig(32, 2), 128: ForwardConfig(32, 1)}
+#: head-dim bucket -> the other instantiations built, chosen with NA_RTC_TC_WARP_ROWS (measured against
+#: the table's choice by ``python -m na_rtc bench``'s fused_tc_rows16 entry)
+FORWARD_ALTERNATIVES = {32: (ForwardConfig(64, 1),), 64: (ForwardConfig(64, 1),), 128: ()}
 
 
 def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
 
 
+def configs_of(hd: int) -> tuple[ForwardConfig, ...]:
+    return (FORWARD[hd], *FORWARD_ALTERNATIVES[hd])
+
+
+def config(hd: int) -> ForwardConfig:
+    """The table's configuration, or the one NA_RTC_TC_WARP_ROWS asks for where it is built."""
+    rows = _config.tc_warp_rows()
+    if rows is not None:
+        for candidate in configs_of(hd):
+            if 16 * candidate.mma_tiles == rows:
+                return candidate
+    return FORWARD[hd]
+
+
+def shared_bytes_of(hd: int, dtype: str, cfg: ForwardConfig) -> int:
+    """Two pipeline stages of a K and a V chunk, rows of ``hd + 8`` elements (the Q tile borrows them)."""
+    return 4 * cfg.chunk_keys * (hd + 8) * tiling.ITEMSIZE[dtype]
+
+
 def shared_bytes(hd: int, dtype: str) -> int:
-    """Two pipeline stages of a K and a V chunk, rows of ``hd + 8`` elements (the Q tile borrows stage 1)."""
-    return 4 * CHUNK_KEYS[hd] * (hd + 8) * tiling.ITEMSIZE[dtype]
+    return shared_bytes_of(hd, dtype, config(hd))
 
 
-def kernel_name_of(hd: int, dtype: str, ndim: int) -> str:
-    tx, ty = TILES[ndim]
-    return f"na_fused_tc_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}>"
+def kernel_name_of(hd: int, dtype: str, ndim: int, cfg: ForwardConfig | None = None) -> str:
+    cfg = cfg or FORWARD[hd]
+    tx, ty = TILES[ndim, cfg.mma_tiles]
+    return f"na_fused_tc_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {cfg.chunk_keys}, {cfg.mma_tiles}>"
+
+
+def _instantiations():
+    return [(hd, dtype, ndim, cfg) for dtype in DTYPES for hd in HEAD_DIMS for cfg in configs_of(hd)
+            for ndim in (1, 2)]
 
 
 def names() -> tuple[str, ...]:
-    return tuple(kernel_name_of(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2))
+    return tuple(kernel_name_of(hd, dtype, ndim, cfg) for hd, dtype, ndim, cfg in _instantiations())
 
 
 def grid(problem: Problem) -> int:
-    return tiling.grid(problem, TILES[problem.ndim])
+    """Blocks of the forward for ``problem``."""
+    return tiling.grid(problem, TILES[problem.ndim, config(head_dim_bucket(problem.head_dim)).mma_tiles])
 
 
 def covers(problem: Problem) -> bool:
-    """fp16/bf16, 1D/2D, head dim <= 128, within shared memory and the grid limit (any window)."""
-    if problem.dtype not in DTYPES or problem.ndim not in TILES:
+    """fp16/bf16, 1D/2D, head dim <= 128, within shared memory and the grid limit of forward and backward."""
+    if problem.dtype not in DTYPES or problem.ndim not in (1, 2):
         return False
     hd = head_dim_bucket(problem.head_dim)
-    return hd is not None and shared_bytes(hd, problem.dtype) <= SHARED_BUDGET and grid(problem) <= P.MAX_GRID[0]
+    return (hd is not None and shared_bytes(hd, problem.dtype) <= SHARED_BUDGET
+            and max(grid(problem), bwd_grid(problem)) <= P.MAX_GRID[0])
 
 
 def kernel_name(problem: Problem) -> str:
-    return kernel_name_of(head_dim_bucket(problem.head_dim), problem.dtype, problem.ndim)
+    hd = head_dim_bucket(problem.head_dim)
+    return kernel_name_of(hd, problem.dtype, problem.ndim, config(hd))
 
 
 def family_threads() -> dict:
@@ -68,8 +112,8 @@ def family_threads() -> dict:
 
 
 def family_shared() -> dict:
-    return {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype) for dtype in DTYPES for hd in HEAD_DIMS
-            for ndim in (1, 2)}
+    return {kernel_name_of(hd, dtype, ndim, cfg): shared_bytes_of(hd, dtype, cfg)
+            for hd, dtype, ndim, cfg in _instantiations()}
 
 
 # ---------------------------------------------------------------- backward (cuda_src/na_fused_tc_bwd.cu)
@@ -83,13 +127,18 @@ DQ_CHUNK = {32: 32, 64: 32, 128: 16}
 DKDV_CHUNK = {32: 64, 64: 32, 128: 16}
 
 
+def bwd_grid(problem: Problem) -> int:
+    """Blocks of each backward kernel: 64 queries (dq) or keys (dkdv) per block."""
+    return tiling.grid(problem, TILES[problem.ndim, 1])
+
+
 def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
-    tx, ty = TILES[ndim]
+    tx, ty = TILES[ndim, 1]
     return f"na_fused_tc_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK[hd]}>"
 
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
-    tx, ty = TILES[ndim]
+    tx, ty = TILES[ndim, 1]
     return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK[hd]}>"
 
 
