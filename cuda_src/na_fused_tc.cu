@@ -76,16 +76,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     T* sq = Q_IN_STAGE1 ? smem + STAGE * P : smem;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
 
-    const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
-    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
-    const na_tc_box_rows k_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, k_b, k_x, k_y, k_h);
-    const na_tc_box_rows v_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, v_b, v_x, v_y, v_h);
-    const auto load_chunk = [&](int chunk) {  // chunk -> stage chunk % 2, one cp.async group
-        T* sk = smem + (chunk & 1) * STAGE * P;
-        na_tc_load_box_keys<T, HD, P, KC>(sk, k, k_l, k_vec, d_len, box, k_at, chunk * KC);
-        na_tc_load_box_keys<T, HD, P, KC>(sk + KC * P, v, v_l, v_vec, d_len, box, v_at, chunk * KC);
-        na_cp_async_commit();
-    };
+    const auto kv = na_tc_kv_stream_of<T, HD, P, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
+                                                         tx, ty, dx, dy, b, h);
+    const auto load_chunk = [&](int chunk) { kv.load(smem, box, chunk); };
 
     // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere), with chunk 0 if Q leaves stage 0 free
     na_tc_load_tile<T, HD, P, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);

@@ -3,7 +3,10 @@
 // Same arguments, layouts and results as na_fused_bwd_dq / na_fused_bwd_dkdv
 // (na_fused_bwd.cu), which also give the math; delta = rowsum(dOut * out) and
 // the bias-gradient reduce are that file's kernels. Probabilities are
-// recomputed from the logsumexp, p = exp(scale q.k + bias - lse), and
+// recomputed from the logsumexp, p = exp(scale q.k + bias - lse) (the dkdv
+// kernel: one ex2 of logit and lse in log2 units, as the forward's softmax;
+// the dq kernel keeps expf, as its HD-128 instantiations have no register
+// left for the log2 factors), and
 // ds = p (dOut.v - delta). Blocks of 4 warps; every product is an
 // mma.m16n8k16 with fp32 accumulators; p and ds are rounded to T as A
 // operands (as in FlashAttention 2). Deterministic: fixed summation orders,
@@ -112,20 +115,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         row_lse[i] = rows.valid[i] ? lse[NA_TCB_AT4(l, b, x, y, h)] : 0.f;
         row_delta[i] = rows.valid[i] ? delta[NA_TCB_AT4(e, b, x, y, h)] : 0.f;
     }
-    const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h);
-    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h);
-    const float fscale = (float)scale;
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    const na_tc_box_rows k_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, k_b, k_x, k_y, k_h);
-    const na_tc_box_rows v_at = na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, v_b, v_x, v_y, v_h);
-    const auto load_chunk = [&](int chunk) {  // chunk -> stage chunk % 2, one cp.async group
-        T* stage = tiles_q_g + (chunk & 1) * STAGE * P;
-        na_tc_load_box_keys<T, HD, P, KC>(stage, k, k_l, k_vec, d_len, box, k_at, chunk * KC);
-        na_tc_load_box_keys<T, HD, P, KC>(stage + KC * P, v, v_l, v_vec, d_len, box, v_at, chunk * KC);
-        na_cp_async_commit();
-    };
+    const auto kv = na_tc_kv_stream_of<T, HD, P, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
+                                                         tx, ty, dx, dy, b, h);
+    const auto load_chunk = [&](int chunk) { kv.load(tiles_q_g, box, chunk); };
     __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     load_chunk(0);
 
@@ -163,7 +158,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                 const int i = c / 2;
                 float d = 0.f;
                 if (in[c]) {
-                    float logit = s[c] * fscale;
+                    float logit = s[c] * (float)scale;
                     if (rpb) logit += rpb[na_tc_bias_index(rows, i, key0 + c % 2, box, rpb_x, rpb_y)];
                     d = na_exp(logit - row_lse[i]) * (dp[c] - row_delta[i]);
                 }
@@ -217,7 +212,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
 #pragma unroll
             for (int e2 = 0; e2 < 2; ++e2) {
                 const long long d = 8 * dt + 2 * t + e2;
-                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, x, y, h, d), acc[dt][2 * i + e2] * fscale);
+                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, x, y, h, d), acc[dt][2 * i + e2] * (float)scale);
             }
     }
     if (partial_out) {
@@ -295,7 +290,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     }
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
     const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
-    const float fscale = (float)scale;
+    const float scale2 = (float)scale * NA_TC_LOG2E;  // logits in log2 units
     float acc_k[DT][4], acc_v[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
@@ -321,7 +316,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                 const long long x = (bx0 + qx) * dx + tx.g, y = (by0 + qy) * dy + ty.g;
                 na_tc_group_window(group_axes[0], (int)bx0 + qx, w[0], w[1]);
                 na_tc_group_window(group_axes[1], (int)by0 + qy, w[2], w[3]);
-                ls = lse[NA_TCB_AT4(l, b, x, y, h)];
+                ls = lse[NA_TCB_AT4(l, b, x, y, h)] * NA_TC_LOG2E;  // log2 units
                 dl = delta[NA_TCB_AT4(e, b, x, y, h)];
             }
             for (int j = 0; j < 4; ++j) c_win[4 * i + j] = w[j];
@@ -369,9 +364,11 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                 for (int i = 0; i < 2; ++i) {
                     float p = 0.f, d = 0.f;
                     if (in[2 * i + e2]) {
-                        float logit = s[2 * i + e2] * fscale;
-                        if (rpb) logit += rpb[h * rpb_h + (jx[i] - qgx + kx - 1) * rpb_x + (jy[i] - qgy + ky - 1) * rpb_y];
-                        p = na_exp(logit - c_lse[col]);
+                        float logit = s[2 * i + e2] * scale2;  // log2 units: p is one ex2
+                        if (rpb)
+                            logit += rpb[h * rpb_h + (jx[i] - qgx + kx - 1) * rpb_x + (jy[i] - qgy + ky - 1) * rpb_y] *
+                                     NA_TC_LOG2E;
+                        p = na_exp2_fast(logit - c_lse[col]);
                         d = p * (dp[2 * i + e2] - c_delta[col]);
                     }
                     pr[nt][2 * i + e2] = p;
@@ -410,7 +407,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
             for (int e2 = 0; e2 < 2; ++e2) {
                 const long long d = 8 * dt + 2 * t + e2;
                 if (d < D) {
-                    na_store<T, float>(dk, NA_TCB_AT5(dk, b, x, y, h, d), acc_k[dt][2 * i + e2] * fscale);
+                    na_store<T, float>(dk, NA_TCB_AT5(dk, b, x, y, h, d), acc_k[dt][2 * i + e2] * (float)scale);
                     na_store<T, float>(dv, NA_TCB_AT5(dv, b, x, y, h, d), acc_v[dt][2 * i + e2]);
                 }
             }

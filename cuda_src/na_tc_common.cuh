@@ -155,6 +155,43 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
     });
 }
 
+// The K and V rows of a key box, streamed in chunks of KC box keys through two
+// shared-memory stages of 2 KC rows each (the K chunk, then the V chunk), as
+// the forward and the dq kernel walk the box: load(stages, chunk) issues chunk
+// `chunk` into stage chunk % 2 as one cp.async group.
+template <class T, int HD, int P, int KC, int TY>
+struct na_tc_kv_stream {
+    const T* k;
+    const T* v;
+    long long k_step, v_step;  // element strides of the head dim
+    bool k_vec, v_vec;
+    int d_len;
+    na_tc_box_rows k_at, v_at;
+
+    __device__ __forceinline__ void load(T* stages, const na_tc_box<TY>& box, int chunk) const {
+        T* stage = stages + (chunk & 1) * 2 * KC * P;
+        na_tc_load_box_keys<T, HD, P, KC>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, P, KC>(stage + KC * P, v, v_step, v_vec, d_len, box, v_at, chunk * KC);
+        na_cp_async_commit();
+    }
+};
+
+// the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty
+template <class T, int HD, int P, int KC, int TY>
+__device__ __forceinline__ na_tc_kv_stream<T, HD, P, KC, TY> na_tc_kv_stream_of(
+    const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D,
+    const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h) {
+    return {k,
+            v,
+            ks[4],
+            vs[4],
+            na_rows_vectorizable(k, D, ks[4], ks[0], ks[1], ks[2], ks[3]),
+            na_rows_vectorizable(v, D, vs[4], vs[0], vs[1], vs[2], vs[3]),
+            (int)D,
+            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, ks[0], ks[1], ks[2], ks[3]),
+            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, vs[0], vs[1], vs[2], vs[3])};
+}
+
 // load the NROWS = TX * TY rows of a tile of one (b, h) (row qx * TY + qy: group
 // coordinates tx.q0 + qx, ty.q0 + qy; rows of missing queries zero)
 template <class T, int HD, int P, int TX, int TY>
