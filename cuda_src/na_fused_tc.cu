@@ -78,11 +78,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
 
     const auto kv = na_tc_kv_stream_of<T, HD, P, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
                                                          tx, ty, dx, dy, b, h);
-    const auto load_chunk = [&](int chunk) { kv.load(smem, box, chunk); };
 
     // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere), with chunk 0 if Q leaves stage 0 free
     na_tc_load_tile<T, HD, P, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
-    if (Q_IN_STAGE1) load_chunk(0);
+    if (Q_IN_STAGE1) kv.load(smem, box, 0);
     else na_cp_async_commit();
     na_cp_async_wait_group<0>();
     __syncthreads();
@@ -111,14 +110,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     const float scale2 = (float)scale * NA_TC_LOG2E;
     const int chunks = (box.keys + KC - 1) / KC;
     __syncthreads();  // every warp holds its Q fragments: the Q rows are free
-    if (!Q_IN_STAGE1) load_chunk(0);
+    if (!Q_IN_STAGE1) kv.load(smem, box, 0);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        if (chunk + 1 < chunks) load_chunk(chunk + 1);
-        else na_cp_async_commit();  // an empty group keeps the wait below uniform
-        na_cp_async_wait_group<1>();
-        __syncthreads();  // chunk `chunk` landed for every thread
-        const T* sk = smem + (chunk & 1) * STAGE * P;
+        const T* sk = kv.arrive(smem, box, chunk, chunks);
         const T* sv = sk + KC * P;
         const int c0 = chunk * KC;
 

@@ -120,17 +120,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     const auto kv = na_tc_kv_stream_of<T, HD, P, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
                                                          tx, ty, dx, dy, b, h);
-    const auto load_chunk = [&](int chunk) { kv.load(tiles_q_g, box, chunk); };
     __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
-    load_chunk(0);
+    kv.load(tiles_q_g, box, 0);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int c0 = chunk * KC, cn = box.keys - c0 < KC ? box.keys - c0 : KC;
-        if (chunk + 1 < chunks) load_chunk(chunk + 1);
-        else na_cp_async_commit();  // an empty group keeps the wait below uniform
-        na_cp_async_wait_group<1>();
-        __syncthreads();  // chunk `chunk` landed for every thread
-        const T* sk = tiles_q_g + (chunk & 1) * STAGE * P;
+        const T* sk = kv.arrive(tiles_q_g, box, chunk, chunks);
         const T* sv = sk + KC * P;
 
         float ds[NT][4];

@@ -174,6 +174,18 @@ struct na_tc_kv_stream {
         na_tc_load_box_keys<T, HD, P, KC>(stage + KC * P, v, v_step, v_vec, d_len, box, v_at, chunk * KC);
         na_cp_async_commit();
     }
+
+    // the top of the iteration on chunk `chunk` of `chunks` (chunk 0 loaded before the loop): issue
+    // chunk + 1 (an empty group after the last keeps the wait uniform), wait for chunk `chunk` and
+    // make it visible to the block; returns its stage (K rows, then V rows from KC * P on). The
+    // caller ends each iteration with a barrier, before the stage it read is loaded again.
+    __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY>& box, int chunk, int chunks) const {
+        if (chunk + 1 < chunks) load(stages, box, chunk + 1);
+        else na_cp_async_commit();
+        na_cp_async_wait_group<1>();
+        __syncthreads();
+        return stages + (chunk & 1) * 2 * KC * P;
+    }
 };
 
 // the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty
