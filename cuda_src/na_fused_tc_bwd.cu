@@ -22,10 +22,12 @@
 //   goes to shared memory and the block adds, per relative offset, the ds of
 //   its queries in tile order (the order of the SIMT kernel) into per-tile
 //   partials [h, tiles, entries].
-// na_fused_tc_bwd_dkdv<T, HD, TX, TY, QC>: one block per (b, h, key tile of 64
-//   group coordinates); warp w owns keys 16w..16w+15. The queries whose windows
-//   can hold a key of the tile (one box, na_inverse_range per axis) are
-//   streamed QC at a time with their windows, lse and delta: S^T = K Q^T,
+// na_fused_tc_bwd_dkdv<T, HD, TX, TY, QC, STAGES>: one block per (b, h, key
+//   tile of 64 group coordinates); warp w owns keys 16w..16w+15. The queries
+//   whose windows can hold a key of the tile (one box, na_inverse_range per
+//   axis) are streamed QC at a time with their windows, lse and delta, through
+//   STAGES shared-memory stages (2: chunk c + 1 loads during chunk c; 1 where
+//   two do not fit, HD 128): S^T = K Q^T,
 //   dP^T = V dOut^T, then dV += p^T dOut and dK += ds^T Q (Q and dOut rows
 //   through ldmatrix.x2.trans).
 // Pairs outside a query's window have p = ds = 0 but still pass through the
@@ -37,8 +39,8 @@
 // P = HD + 8 elements:
 //   dq:   2 x 64 rows (Q, dOut; then two stages of a K and a V chunk, 4 KC <= 128),
 //         then 64 x (KC + 1) floats of ds and one float per bias entry;
-//   dkdv: 2 x 64 rows (K, V), 2 x QC rows (Q, dOut), then QC floats of lse,
-//         QC of delta and 4 QC ints of window bounds.
+//   dkdv: 2 x 64 rows (K, V), STAGES x 2 x QC rows (Q, dOut), then per stage
+//         QC floats of lse, QC of delta and 4 QC ints of window bounds.
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     }
 }
 
-template <class T, int HD, int TX, int TY, int QC>
+template <class T, int HD, int TX, int TY, int QC, int STAGES>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
     const T* __restrict__ v, NA_TCB_STRIDES5(v), const T* __restrict__ g, NA_TCB_STRIDES5(g),
@@ -226,7 +228,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     constexpr int NK = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
-    static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
+    static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0 && (STAGES == 1 || STAGES == 2),
+                  "tile shapes");
     __shared__ int first_x[TX], last_x[TX], first_y[TY], last_y[TY];
     __shared__ na_tc_group_axis group_axes[2];  // x, y: the windows of each chunk's queries (kept out of registers)
 
@@ -253,11 +256,11 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     unsigned char* smem = na_dynamic_shared();
     T* sk = reinterpret_cast<T*>(smem);
     T* sv = sk + NK * P;
-    T* sq = sv + NK * P;
-    T* sg = sq + QC * P;
-    float* c_lse = reinterpret_cast<float*>(smem + na_tcb_align16((2LL * NK + 2LL * QC) * P * (long long)sizeof(T)));
-    float* c_delta = c_lse + QC;
-    int* c_win = reinterpret_cast<int*>(c_delta + QC);  // [QC][4]: x0, x1, y0, y1 (group coordinates)
+    T* stage_rows = sv + NK * P;  // stage s: Q chunk at s * 2 QC rows, dOut chunk QC rows further
+    // stage s's chunk tables at 6 QC s words: QC floats of lse, QC of delta, [QC][4] ints of windows
+    // (x0, x1, y0, y1, group coordinates)
+    float* tables = reinterpret_cast<float*>(
+        smem + na_tcb_align16((2LL * NK + 2LL * STAGES * QC) * P * (long long)sizeof(T)));
 
     const int d_len = (int)D;
     na_tc_load_tile<T, HD, P, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
@@ -292,16 +295,20 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc_k[dt][c] = acc_v[dt][c] = 0.f;
 
-    for (int c0 = 0; c0 < nqueries; c0 += QC) {
-        const int cn = nqueries - c0 < QC ? nqueries - c0 : QC;
-        __syncthreads();  // the previous chunk is consumed
+    // chunk -> its stage: the Q and dOut rows as one cp.async group, then the window, lse and delta tables
+    const auto load_chunk = [&](int chunk) {
+        const int c0 = chunk * QC, cn = nqueries - c0 < QC ? nqueries - c0 : QC, st = chunk % STAGES;
+        T* sq = stage_rows + st * 2 * QC * P;
         {  // row offsets made here, not kept across the chunk loop: HD 128 is at 255 registers
             const na_tc_box_rows q_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, q_b, q_x, q_y, q_h);
             const na_tc_box_rows g_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, g_b, g_x, g_y, g_h);
             na_tc_load_box_keys<T, HD, P, QC>(sq, q, q_l, q_vec, d_len, qbox, q_at, c0);
-            na_tc_load_box_keys<T, HD, P, QC>(sg, g, g_l, g_vec, d_len, qbox, g_at, c0);
+            na_tc_load_box_keys<T, HD, P, QC>(sq + QC * P, g, g_l, g_vec, d_len, qbox, g_at, c0);
         }
         na_cp_async_commit();
+        float* c_lse = tables + st * 6 * QC;
+        float* c_delta = c_lse + QC;
+        int* c_win = reinterpret_cast<int*>(c_delta + QC);
         for (int i = tid; i < QC; i += NA_TC_THREADS) {
             int w[4] = {0, 0, 0, 0};
             float ls = 0.f, dl = 0.f;
@@ -318,8 +325,26 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
             c_lse[i] = ls;
             c_delta[i] = dl;
         }
-        na_cp_async_wait_group<0>();  // the chunk's rows, and at the first chunk the K and V tiles
-        __syncthreads();
+    };
+
+    const int chunks = (nqueries + QC - 1) / QC;
+    if (STAGES == 2 && chunks > 0) load_chunk(0);
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int c0 = chunk * QC, st = chunk % STAGES;
+        if constexpr (STAGES == 2) {
+            if (chunk + 1 < chunks) load_chunk(chunk + 1);
+            else na_cp_async_commit();  // an empty group keeps the wait uniform
+            na_cp_async_wait_group<1>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
+        } else {
+            load_chunk(chunk);
+            na_cp_async_wait_group<0>();
+        }
+        __syncthreads();  // rows and tables of this chunk are visible to every warp
+        const T* sq = stage_rows + st * 2 * QC * P;
+        const T* sg = sq + QC * P;
+        const float* c_lse = tables + st * 6 * QC;
+        const float* c_delta = c_lse + QC;
+        const int* c_win = reinterpret_cast<const int*>(c_delta + QC);
 
         float pr[NT][4], ds[NT][4];
         bool live[NT];
@@ -390,6 +415,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                 na_mma<T>::run(acc_k[dt], da, qb, acc_k[dt]);
             }
         }
+        __syncthreads();  // this stage is consumed before it is loaded again
     }
 
 #pragma unroll

@@ -123,8 +123,9 @@ BWD_SHARED_BUDGET = 46 * 1024  # dynamic; the dkdv kernel's static window ranges
 #: head-dim bucket -> keys per chunk of the dq kernel (two stages of K and V chunks live in the 128 rows
 #: of the Q and dOut tiles: 4 * keys <= 128)
 DQ_CHUNK = {32: 32, 64: 32, 128: 16}
-#: head-dim bucket -> queries per chunk of the dkdv kernel
-DKDV_CHUNK = {32: 64, 64: 32, 128: 16}
+#: head-dim bucket -> (queries per chunk, stages) of the dkdv kernel: two stages load chunk c + 1 during
+#: chunk c; HD 128 has room for one under 48 KiB
+DKDV_CHUNK = {32: (64, 2), 64: (32, 2), 128: (16, 1)}
 
 
 def bwd_grid(problem: Problem) -> int:
@@ -139,7 +140,8 @@ def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
     tx, ty = TILES[ndim, 1]
-    return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK[hd]}>"
+    qc, stages = DKDV_CHUNK[hd]
+    return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {qc}, {stages}>"
 
 
 def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
@@ -148,9 +150,10 @@ def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
 
 
 def dkdv_shared_bytes(hd: int, dtype: str) -> int:
-    """K and V tiles (64 rows), Q and dOut chunks, then lse, delta and 4 window bounds per chunk query."""
-    qc = DKDV_CHUNK[hd]
-    return tiling.align16((2 * 64 + 2 * qc) * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * qc * 2 + 16 * qc
+    """K and V tiles (64 rows), per stage the Q and dOut chunks and lse, delta and 4 window bounds per query."""
+    qc, stages = DKDV_CHUNK[hd]
+    return (tiling.align16((2 * 64 + 2 * stages * qc) * (hd + 8) * tiling.ITEMSIZE[dtype])
+            + stages * (4 * qc * 2 + 16 * qc))
 
 
 def bwd_covers(problem: Problem) -> bool:
