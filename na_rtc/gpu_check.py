@@ -1,5 +1,8 @@
 """``make gpu-check``: everything a GPU machine should run, in one command.
 
+0. every kernel family compiled for this machine's GPUs, in parallel, into the
+   kernel cache (``python -m na_rtc precompile``), so that the tests and the
+   benchmark below load kernels instead of compiling them one at a time,
 1. the GPU self-tests of the inline-PTX primitives (tests/test_primitives.py),
 2. every ``gpu``-marked test,
 3. one slice of the benchmark harness (``python -m na_rtc bench``, default
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,6 +41,17 @@ def _pytest(args: list[str], junit: Path) -> dict:
     print("\n".join(tail))
     return {"args": args, "returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1),
             "summary": tail[-1] if tail else ""}
+
+
+def _precompile(jobs: int) -> dict:
+    """Fill the kernel cache for this machine's GPUs, ``jobs`` NVRTC compiles at a time."""
+    command = [sys.executable, "-m", "na_rtc", "precompile", "--jobs", str(jobs)]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+    print("\n".join(tail))
+    return {"command": " ".join(command[1:]), "returncode": done.returncode,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _bench(results: Path, stamp: str, preset: str, budget: float, repeat: int) -> dict:
@@ -78,6 +93,8 @@ def main(argv=None) -> int:
         return 2
     report = {"kind": "gpu-check", "utc": stamp, "environment": environment("cuda:0")}
     print(f"== gpu-check on {report['environment']['device']} ==")
+    print("-- 0. compile every kernel for this machine's GPUs (in parallel, into the kernel cache)")
+    report["precompile"] = _precompile(jobs=max(1, min(16, os.cpu_count() or 1)))
     print("-- 1. primitive self-tests (inline PTX)")
     report["primitives"] = _pytest(["-m", "gpu", "tests/test_primitives.py"], results / f"junit-primitives-{stamp}.xml")
     print("-- 2. gpu-marked tests")

@@ -250,3 +250,21 @@ def test_cache_dir_follows_the_setting(monkeypatch, tmp_path):
     assert result.value == tmp_path / "kernels"
     assert "not created yet" in result.text
     assert "NA_RTC_CACHE_DIR" in env.settings().text
+
+
+def test_gpu_check_fills_the_kernel_cache_in_parallel_first(monkeypatch):
+    """Step 0 of make gpu-check: python -m na_rtc precompile for this machine's GPUs, many compiles at once."""
+    import subprocess
+
+    from na_rtc import gpu_check
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 3, stdout="sm_90  fused: compiled\n", stderr="")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    record = gpu_check._precompile(jobs=16)
+    assert calls and calls[0][1:] == ["-m", "na_rtc", "precompile", "--jobs", "16"]
+    assert record["returncode"] == 3 and "precompile --jobs 16" in record["command"]
