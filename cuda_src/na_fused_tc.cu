@@ -5,13 +5,15 @@
 // query tile of TX x TY = 64 MT group coordinates inside ONE dilation group
 // per axis); warp w owns the tile's queries 16 MT w .. 16 MT (w + 1) - 1 (tile
 // order, y fastest): MT mma tiles of 16 rows, which share every K and V
-// fragment the warp loads (MT = 2 halves the shared-memory reads per mma). The key box (union of the tile's
-// windows, DESIGN.md section 2) is walked in row-major order in chunks of KC
+// fragment the warp loads (MT = 2 halves the shared-memory reads per mma).
+// The key box (union of the tile's windows, DESIGN.md section 2) is walked in
+// row-major order in chunks of KC
 // keys, double-buffered in shared memory: while the warps compute on chunk c,
 // cp.async copies bring chunk c + 1 (na_async.cuh; element copies instead
 // where rows are strided or unaligned). Per chunk and warp:
 //   S = Q K^T    mma.m16n8k16: Q fragments (ldmatrix.x4, kept in registers
-//                for the whole block) x K rows (ldmatrix.x2 on [key][d] rows);
+//                for the whole block) x K rows (ldmatrix.x4 on [key][d] rows:
+//                two k-steps a load);
 //                8-key column tiles that none of the warp's queries sees
 //                are skipped (warp-uniform);
 //   mask         logits outside each query's own window are -inf (exact
@@ -32,8 +34,8 @@
 //
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
 // (32 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64 MT; 1D: TY =
-// 1), keys per chunk KC (16 | KC), mma tiles per warp MT (1 or 2). Dynamic
-// shared memory (na_rtc/runtime/fused_tc.py mirrors it): max(4 KC, 64 MT)
+// 1), keys per chunk KC (16 | KC, 4 KC >= 64 MT), mma tiles per warp MT (1 or
+// 2). Dynamic shared memory (na_rtc/runtime/fused_tc.py mirrors it): 4 KC
 // rows of HD + 8 elements, two stages of a K and a V chunk; the Q tile is
 // staged there until its fragments are in registers (in stage 1's rows when
 // it fits, so that chunk 0 loads at the same time).
