@@ -445,3 +445,19 @@ def test_out_of_memory_and_errors_are_reported_and_the_run_goes_on():
     assert hungry["forward_backward"]["reason"] == "not tried: the forward alone ran out of memory"
     assert failed == {"label": "broken entry", "status": "error", "reason": "RuntimeError: no kernel for this"}
     assert fine["status"] == "ok"
+
+
+@pytest.mark.parametrize("head_dim, picks", [(64, "na_fused_tc_fwd<bf16_t, 64, 64, 1, 64, 1>"), (128, None)])
+def test_sixteen_warp_rows_entry_runs_only_where_it_changes_the_kernel(head_dim, picks):
+    """fused_tc_rows16 times the one-mma-tile forward; where the table already picks it (HD 128) the entry
+    says so instead of timing the fused entry's kernel twice."""
+    from na_rtc.bench.entries import Unavailable, _prepare_sixteen_warp_rows, make_inputs
+    from na_rtc.bench.presets import Spec
+
+    problem = Spec((40,), (7,), (1,), (1,), (False,), 1, 1, head_dim, "bfloat16")
+    inputs = make_inputs(problem, "cpu", "emulator")
+    if picks is None:
+        with pytest.raises(Unavailable, match="16 query rows per warp"):
+            _prepare_sixteen_warp_rows(problem, inputs)
+    else:
+        assert _prepare_sixteen_warp_rows(problem, inputs).notes["forward_kernels"] == picks

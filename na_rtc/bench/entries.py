@@ -196,6 +196,16 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=
     return Prepared(no_grad(forward), forward_backward, notes=notes)
 
 
+def _prepare_sixteen_warp_rows(spec: Spec, inputs: Inputs) -> Prepared:
+    """The fused entry with NA_RTC_TC_WARP_ROWS=16, where that picks another forward than the table's."""
+    table = _prepare_fused(spec, inputs).notes.get("forward_kernels")
+    prepared = _prepare_fused(spec, inputs, mode=_sixteen_warp_rows)
+    if prepared.notes.get("forward_kernels") == table:
+        raise Unavailable(f"the table's forward already has 16 query rows per warp here ({table}): the fused "
+                          "entry measures it")
+    return prepared
+
+
 # ---------------------------------------------------------------- na_rtc split: qk, softmax, av
 
 
@@ -279,8 +289,7 @@ def na_rtc_entries() -> list[Entry]:
               lambda spec, inputs: _prepare_fused(spec, inputs, mode=_tensor_cores_off), families=("fused", "fused_bwd"),
               uses_kernels=True, default_cpu=False, cpu_note="tensor cores against SIMT is a GPU comparison"),
         Entry("fused_tc_rows16", "na_rtc fused, tensor-core forward with 16 query rows per warp "
-              "(NA_RTC_TC_WARP_ROWS=16)",
-              lambda spec, inputs: _prepare_fused(spec, inputs, mode=_sixteen_warp_rows),
+              "(NA_RTC_TC_WARP_ROWS=16)", _prepare_sixteen_warp_rows,
               families=("fused_tc", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="rows per warp of the tensor-core forward is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
