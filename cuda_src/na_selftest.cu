@@ -63,8 +63,10 @@ __global__ void __launch_bounds__(32) na_selftest_mma(const T* __restrict__ a, c
     store(d_trans);
 }
 
-// na_divisor (na_tc_common.cuh): q[i] = n[i] / d[i] through the multiply-high, for 0 <= n < 2^31, 1 <= d < 2^31
-#include "na_tc_common.cuh"
+// na_divisor (na_tc_box.cuh): q[i] = n[i] / d[i] through the multiply-high, for 0 <= n < 2^31, 1 <= d < 2^31
+#include "na_tc_box.cuh"
+#include "na_async.cuh"
+#include "na_shared.cuh"
 
 __global__ void na_selftest_divide(const int* __restrict__ n, const int* __restrict__ d, int* __restrict__ q,
                                    long long count) {
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(128) na_selftest_cp_async(const unsigned char*
     for (int b = 0; b < 16; ++b) out[2048 + 16 * i + b] = piece[16 * i + b];
 }
 
-// na_tc_group_window (na_tc_common.cuh) on every position of each axis: axes[a] = (length, kernel, stride,
+// na_tc_group_window (na_tc_box.cuh) on every position of each axis: axes[a] = (length, kernel, stride,
 // dilation, causal); window[a][i] = (start, end) of position i, group coordinates; one block per axis
 __global__ void na_selftest_group_window(const long long* __restrict__ axes, int* __restrict__ window,
                                          long long max_length) {

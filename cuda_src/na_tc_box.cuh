@@ -1,0 +1,92 @@
+// The key box of a tensor-core kernel's query tile in 32-bit block-local
+// coordinates, for the kernels' key loops: division by the box width through
+// a multiply-high (na_divisor; 1D boxes, TY == 1, divide by nothing), window
+// bounds in group coordinates without 64-bit divisions (na_tc_group_window),
+// and the element offsets of a box row in a tensor.
+#pragma once
+
+#include "na_tile.cuh"
+
+// n / d for 0 <= n < 2^31 and a block-uniform 1 <= d < 2^31 without a
+// division instruction (Granlund & Montgomery): with s = ceil(log2 d) and
+// m = floor(2^32 (2^s - d) / d) + 1 (< 2^32), n / d = (umulhi(m, n) + n) >> s,
+// where the sum stays below 2^32 because umulhi(m, n) <= n.
+struct na_divisor {
+    unsigned m, s;
+};
+
+__device__ __forceinline__ na_divisor na_make_divisor(unsigned d) {
+    const unsigned s = d > 1 ? 32 - __clz((int)(d - 1)) : 0;
+    return {(unsigned)((((1ull << s) - d) << 32) / d + 1), s};
+}
+
+__device__ __forceinline__ int na_divide(const na_divisor& dv, int n) {
+    return (int)((__umulhi(dv.m, (unsigned)n) + (unsigned)n) >> dv.s);
+}
+
+// One axis of a tile's dilation group for window math in 32-bit group
+// coordinates: na_tc_group_window(a, i') gives na_window(axis, i' * d + g)
+// (na_window.cuh, DESIGN.md section 2) without its 64-bit divisions, for
+// windows computed inside a kernel's chunk loop.
+struct na_tc_group_axis {
+    int kernel, stride, lg, causal;
+    na_divisor by_stride;
+};
+
+__device__ __forceinline__ na_tc_group_axis na_tc_group_axis_of(const na_axis& a, const na_tile_axis& t) {
+    return {(int)a.kernel, (int)a.stride, (int)t.lg, (int)a.causal, na_make_divisor((unsigned)a.stride)};
+}
+
+__device__ __forceinline__ void na_tc_group_window(const na_tc_group_axis& a, int ig, int& start, int& end) {
+    const int block = na_divide(a.by_stride, ig) * a.stride;
+    if (a.causal) {
+        const int leader = block + a.stride - 1 < a.lg - 1 ? block + a.stride - 1 : a.lg - 1;
+        start = leader - a.kernel + 1 > 0 ? leader - a.kernel + 1 : 0;
+        end = ig + 1 < a.lg ? ig + 1 : a.lg;
+    } else {
+        const int leader = block + a.stride / 2 < a.lg - 1 ? block + a.stride / 2 : a.lg - 1;
+        const int lo = leader - a.kernel / 2 > 0 ? leader - a.kernel / 2 : 0;
+        start = lo < a.lg - a.kernel ? lo : a.lg - a.kernel;
+        end = start + a.kernel;
+    }
+}
+
+// The key box of a block's query tile (the union of its queries' windows,
+// DESIGN.md section 2), walked row-major: box key n sits at box coordinates
+// (n / hy, n % hy), origin (tx.h0, ty.h0). 1D tiles (TY == 1) have hy == 1.
+template <int TY>
+struct na_tc_box {
+    int keys, hy;
+    na_divisor div;
+
+    __device__ __forceinline__ void split(int n, int& bx, int& by) const {
+        if (TY == 1) {
+            bx = n;
+            by = 0;
+        } else {
+            bx = na_divide(div, n);
+            by = n - bx * hy;
+        }
+    }
+};
+
+template <int TY>
+__device__ __forceinline__ na_tc_box<TY> na_tc_box_of(const na_tile_axis& tx, const na_tile_axis& ty) {
+    na_tc_box<TY> box;
+    box.hy = TY == 1 ? 1 : (int)(ty.h1 - ty.h0);
+    box.keys = (int)(tx.h1 - tx.h0) * box.hy;
+    box.div = na_make_divisor((unsigned)box.hy);
+    return box;
+}
+
+// Element offsets of box row (bx, by) of one (b, h) in a tensor: base + bx * step_x + by * step_y, for a
+// box with origin (x0, y0) in the dilation groups gx, gy (group coordinates; position = x * dx + gx).
+struct na_tc_box_rows {
+    long long base, step_x, step_y;
+};
+
+__device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long long y0, long long gx, long long gy,
+                                                            long long dx, long long dy, long long b, long long h,
+                                                            long long sb, long long sx, long long sy, long long sh) {
+    return {b * sb + (x0 * dx + gx) * sx + (y0 * dy + gy) * sy + h * sh, dx * sx, dy * sy};
+}

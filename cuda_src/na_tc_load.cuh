@@ -1,0 +1,131 @@
+// Staging rows of global memory into the tensor-core kernels' shared memory:
+// 16-byte cp.async pieces where the layout allows (element copies otherwise),
+// rows of a key box or of a query tile, and the two-stage stream of K/V
+// chunks that the forward and the dq kernel walk.
+#pragma once
+
+#include "na_async.cuh"
+#include "na_shared.cuh"
+#include "na_tc_box.cuh"
+
+// The block of every tensor-core kernel (the loads below split their work over
+// it). Kernels declare __launch_bounds__(NA_TC_THREADS, 1): without the
+// minimum of one block per SM ptxas capped some instantiations at 168
+// registers and spilled.
+#define NA_TC_WARPS 4
+#define NA_TC_THREADS (32 * NA_TC_WARPS)
+
+// Load ROWS rows of HD elements into shared rows of pitch P: row(r, at) says
+// whether row r exists and sets `at`, its element offset in src (element
+// stride `step`); missing rows and head dims D..HD are zero. With `vec`
+// (block-uniform, na_rows_vectorizable: rows contiguous and 16-byte aligned,
+// D a multiple of 16 bytes) every 16-byte piece is one cp.async (zero-filling
+// ones included), which lands at the next na_cp_async_wait_group: the caller
+// commits and waits; the per-piece work is the row's offset and one copy.
+// Otherwise element by element, landed on return (for strided head dims and
+// unaligned rows).
+template <class T, int HD, int P, int ROWS, class Row>
+__device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long step, bool vec, int D, Row row) {
+    if (vec) {
+        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, N = ROWS * PIECES;
+        static_assert(HD % V == 0 && (P * (int)sizeof(T)) % 16 == 0, "16-byte pieces of 16-byte aligned rows");
+#pragma unroll
+        for (int i = 0; i < (N + NA_TC_THREADS - 1) / NA_TC_THREADS; ++i) {
+            const int e = (int)threadIdx.x + i * NA_TC_THREADS;
+            if (N % NA_TC_THREADS == 0 || e < N) {
+                const int r = e / PIECES, c = (e % PIECES) * V;
+                long long at = 0;
+                const bool ok = row(r, at) && c < D;
+                na_cp_async_zfill_16(dst + r * P + c, ok ? src + at + c : src, ok ? 16 : 0);
+            }
+        }
+        return;
+    }
+    for (int e = threadIdx.x; e < ROWS * HD; e += NA_TC_THREADS) {
+        const int r = e / HD, c = e % HD;
+        long long at = 0;
+        const bool ok = row(r, at) && c < D;
+        dst[r * P + c] = ok ? src[at + c * step] : T();
+    }
+}
+
+// load box keys c0 .. c0 + KC - 1 of one tensor into KC shared rows (keys past the box: zero); the
+// dkdv kernel walks its box of queries the same way
+template <class T, int HD, int P, int KC, int TY>
+__device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
+                                                    const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
+    na_tc_load_rows<T, HD, P, KC>(dst, src, step, vec, D, [&](int r, long long& at) {
+        const int key = c0 + r;
+        if (key >= box.keys) return false;
+        int bx, by;
+        box.split(key, bx, by);
+        at = rows.base + bx * rows.step_x + by * rows.step_y;
+        return true;
+    });
+}
+
+// The K and V rows of a key box, streamed in chunks of KC box keys through two
+// shared-memory stages of 2 KC rows each (the K chunk, then the V chunk), as
+// the forward and the dq kernel walk the box: load(stages, chunk) issues chunk
+// `chunk` into stage chunk % 2 as one cp.async group.
+template <class T, int HD, int P, int KC, int TY>
+struct na_tc_kv_stream {
+    const T* k;
+    const T* v;
+    long long k_step, v_step;  // element strides of the head dim
+    bool k_vec, v_vec;
+    int d_len;
+    na_tc_box_rows k_at, v_at;
+
+    __device__ __forceinline__ void load(T* stages, const na_tc_box<TY>& box, int chunk) const {
+        T* stage = stages + (chunk & 1) * 2 * KC * P;
+        na_tc_load_box_keys<T, HD, P, KC>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, P, KC>(stage + KC * P, v, v_step, v_vec, d_len, box, v_at, chunk * KC);
+        na_cp_async_commit();
+    }
+
+    // the top of the iteration on chunk `chunk` of `chunks` (chunk 0 loaded before the loop): issue
+    // chunk + 1 (an empty group after the last keeps the wait uniform), wait for chunk `chunk` and
+    // make it visible to the block; returns its stage (K rows, then V rows from KC * P on). The
+    // caller ends each iteration with a barrier, before the stage it read is loaded again.
+    __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY>& box, int chunk, int chunks) const {
+        if (chunk + 1 < chunks) load(stages, box, chunk + 1);
+        else na_cp_async_commit();
+        na_cp_async_wait_group<1>();
+        __syncthreads();
+        return stages + (chunk & 1) * 2 * KC * P;
+    }
+};
+
+// the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty
+template <class T, int HD, int P, int KC, int TY>
+__device__ __forceinline__ na_tc_kv_stream<T, HD, P, KC, TY> na_tc_kv_stream_of(
+    const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D,
+    const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h) {
+    return {k,
+            v,
+            ks[4],
+            vs[4],
+            na_rows_vectorizable(k, D, ks[4], ks[0], ks[1], ks[2], ks[3]),
+            na_rows_vectorizable(v, D, vs[4], vs[0], vs[1], vs[2], vs[3]),
+            (int)D,
+            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, ks[0], ks[1], ks[2], ks[3]),
+            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, vs[0], vs[1], vs[2], vs[3])};
+}
+
+// load the NROWS = TX * TY rows of a tile of one (b, h) (row qx * TY + qy: group
+// coordinates tx.q0 + qx, ty.q0 + qy; rows of missing queries zero)
+template <class T, int HD, int P, int TX, int TY>
+__device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long s_b, long long s_x, long long s_y,
+                                                long long s_h, long long s_l, long long b, long long h, int D,
+                                                long long dx, long long dy, const na_tile_axis& tx,
+                                                const na_tile_axis& ty) {
+    const bool vec = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
+    const long long base = b * s_b + (tx.q0 * dx + tx.g) * s_x + (ty.q0 * dy + ty.g) * s_y + h * s_h;
+    const long long step_x = dx * s_x, step_y = dy * s_y;
+    na_tc_load_rows<T, HD, P, TX * TY>(dst, src, s_l, vec, D, [&](int r, long long& at) {
+        const int qx = r / TY, qy = r % TY;
+        at = base + qx * step_x + qy * step_y;
+        return qx < tx.n && qy < ty.n;
+    });
+}
