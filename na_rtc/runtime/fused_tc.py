@@ -26,8 +26,8 @@ THREADS = 128  # NA_TC_THREADS in na_fused_tc.cu
 SHARED_BUDGET = 48 * 1024
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 64, 128)  # head-dim buckets (multiples of 32: k-steps of the mma are taken in pairs)
-#: (ndim, mma tiles per warp) -> query tile (TX, TY): 64 queries per mma tile row of the block, 16 per
-#: warp and mma tile (2D: two rows of 8 per mma tile)
+#: (ndim, mma tiles per warp MT) -> query tile (TX, TY) of 64 MT queries: 16 MT per warp (2D: 2 MT rows
+#: of 8 per warp)
 TILES = {(1, 1): (64, 1), (2, 1): (8, 8), (1, 2): (128, 1), (2, 2): (16, 8)}
 
 
