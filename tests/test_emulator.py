@@ -52,6 +52,7 @@ NAMES = (
     "widen",
     "cp_async_groups",
     "cp_async_tile",
+    "cp_async_race",
     "dynamic_smem",
     "dynamic_smem_touch",
     "read_at",
@@ -387,6 +388,21 @@ def test_cp_async_tile_with_barrier(emu):
     run(emu, "cp_async_tile", (5,), (64,), ptr(src), ptr(out), shared=64 * 16)
     tiles = src.reshape(5, 64, 4)
     assert np.array_equal(out.reshape(5, 64, 4), np.roll(tiles, -1, axis=1))
+
+
+def test_a_read_of_rows_whose_cp_async_has_not_landed_is_reported(emu):
+    """ldmatrix of rows another warp's cp.async writes, with no wait and barrier between: a race on the GPU
+    (the copy may land before or after), which the deferred copies alone would hide."""
+    src = np.arange(128, dtype=np.uint32)
+    out = np.zeros(128, np.uint32)
+    run(emu, "cp_async_race", (1,), (64,), ptr(src), ptr(out), i64(1), shared=512)
+    # ldmatrix x4 of rows 16 lane: lane l gets (row l / 4, elements 2 (l % 4), +1) of matrix j (rows 8j..8j+7)
+    words = src.view(np.uint16).reshape(32, 8)
+    want = [[int(words[8 * j + lane // 4, 2 * (lane % 4)]) | int(words[8 * j + lane // 4, 2 * (lane % 4) + 1]) << 16
+             for j in range(4)] for lane in range(32)]
+    assert out.reshape(32, 4).tolist() == want
+    with pytest.raises(RuntimeError, match="has not landed in yet"):
+        run(emu, "cp_async_race", (1,), (64,), ptr(src), ptr(out), i64(0), shared=512)
 
 
 @pytest.mark.parametrize("nbytes", [16, 1000, 48 * 1024, 100 * 1024, 227 * 1024])

@@ -29,7 +29,9 @@
 //     past shared_bytes (rounded up to 16) is reported, not a crash.
 //
 //   cp.async (sm_80): copies are deferred until the matching wait, so a
-//   missing or too weak wait shows up as stale data:
+//   missing or too weak wait shows up as stale data, and an ldmatrix of rows
+//   that any thread's pending cp.async writes is reported (a missing wait or
+//   barrier: on the GPU the copy may land before or after the read):
 //       void na_cp_async_16(void* smem_dst, const void* gmem_src);  // also _8, _4
 //       void na_cp_async_zfill_16(void* smem_dst, const void* gmem_src, int src_bytes);
 //       void na_cp_async_commit();                  // cp.async.commit_group
@@ -258,6 +260,8 @@ struct CpAsync {
     void* dst;
     const void* src;
     unsigned bytes, src_bytes;
+    unsigned line;  // where it was issued, for the race report of pending_copy_at
+    const char* file;
 };
 
 struct Fiber {
@@ -275,9 +279,11 @@ struct Fiber {
     int wait_kind;
     unsigned wait_mask;
     int result;  // __syncthreads_count/and/or
-    // cp.async: issued copies in order; group_end[k] = entries in groups 0..k
+    // cp.async: issued copies in order; group_end[k] = entries in groups 0..k;
+    // [cp_lo, cp_hi) bounds the destinations of the cp_n pending ones
     CpAsync* cp;
     unsigned cp_n, cp_cap;
+    uintptr_t cp_lo, cp_hi;
     unsigned* group_end;
     unsigned group_n, group_cap;
     char* stack_lo;  // guard page
@@ -750,6 +756,33 @@ static void mma_complete(Worker* w, Warp* ws, const WarpOp* op) {
 // the row addresses (16 bytes each, 16-byte aligned) of matrix j; lane l
 // receives in register j the elements (l / 4, 2 (l % 4) + {0, 1}) of matrix j,
 // or with .trans the elements (2 (l % 4) + {0, 1}, l / 4).
+// A read of shared memory [p, p + bytes) while a cp.async of some thread of the
+// block into it is still pending: on the GPU the copy may land before or after
+// the read (a missing cp.async wait, or a missing __syncthreads between one
+// thread's copy and another's read, e.g. a stage reloaded before every warp is
+// done with it). The emulator performs copies only at the wait, so without
+// this check such a race would read the old contents and go unnoticed. Checked
+// by ldmatrix, which reads the staged rows of the tensor-core kernels.
+static void pending_copy_at(Worker* w, const unsigned char* p, unsigned bytes, const char* what, unsigned lane,
+                            unsigned line, const char* file) {
+    const uintptr_t lo = (uintptr_t)p, hi = lo + bytes;
+    for (unsigned j = 0; j < w->n; ++j) {
+        const Fiber* f = &w->fibers[j];
+        if (!f->cp_n || hi <= f->cp_lo || lo >= f->cp_hi) continue;
+        for (unsigned i = 0; i < f->cp_n; ++i) {
+            const CpAsync& c = f->cp[i];
+            const uintptr_t d = (uintptr_t)c.dst;
+            if (hi <= d || lo >= d + c.bytes) continue;
+            char t[48];
+            thread_str(t, sizeof t, f->tid);
+            failf(w, "%s in %s block (%u,%u,%u): lane %u reads shared memory at %p that a cp.async of thread %s "
+                  "(%s:%u) has not landed in yet: a missing cp.async wait, or no __syncthreads between that "
+                  "thread's wait and this read (%s:%u)", what, w->L->name, w->block.x, w->block.y, w->block.z, lane,
+                  (const void*)p, t, base_name(c.file), c.line, base_name(file), line);
+        }
+    }
+}
+
 static void ldmatrix_complete(Worker* w, Warp* ws, const WarpOp* op) {
     require_full_warp(w, op, ws);
     const unsigned count = (unsigned)op->tag & 7u;
@@ -760,6 +793,7 @@ static void ldmatrix_complete(Worker* w, Warp* ws, const WarpOp* op) {
             failf(w, "ldmatrix in %s block (%u,%u,%u): lane %u's row address %p is not 16-byte aligned (%s:%u)",
                   w->L->name, w->block.x, w->block.y, w->block.z, l, (const void*)m->row, base_name(op->file), op->line);
         }
+        pending_copy_at(w, m->row, 16, "ldmatrix", l, op->line, op->file);
     }
     unsigned out[32][4];
     for (unsigned j = 0; j < count; ++j)
@@ -1007,7 +1041,11 @@ static void cp_async_issue(void* dst, const void* src, unsigned bytes, unsigned 
         f->cp = grown;
         f->cp_cap = cap;
     }
-    f->cp[f->cp_n++] = CpAsync{dst, src, bytes, src_bytes};
+    const uintptr_t lo = (uintptr_t)dst, hi = lo + bytes;
+    if (!f->cp_n) f->cp_lo = lo, f->cp_hi = hi;
+    f->cp_lo = lo < f->cp_lo ? lo : f->cp_lo;
+    f->cp_hi = hi > f->cp_hi ? hi : f->cp_hi;
+    f->cp[f->cp_n++] = CpAsync{dst, src, bytes, src_bytes, line, file};
 }
 
 static void cp_async_commit() {
@@ -1037,6 +1075,13 @@ static void cp_async_wait(unsigned pending) {
     }
     memmove(f->cp, f->cp + entries, (f->cp_n - entries) * sizeof(CpAsync));
     f->cp_n -= entries;
+    f->cp_lo = UINTPTR_MAX;
+    f->cp_hi = 0;
+    for (unsigned i = 0; i < f->cp_n; ++i) {  // the bounds of what is still pending
+        const uintptr_t d = (uintptr_t)f->cp[i].dst;
+        f->cp_lo = d < f->cp_lo ? d : f->cp_lo;
+        f->cp_hi = d + f->cp[i].bytes > f->cp_hi ? d + f->cp[i].bytes : f->cp_hi;
+    }
     for (unsigned k = groups; k < f->group_n; ++k) f->group_end[k - groups] = f->group_end[k] - entries;
     f->group_n -= groups;
     __asm__ __volatile__("" ::: "memory");

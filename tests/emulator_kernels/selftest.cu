@@ -236,6 +236,29 @@ __global__ void cp_async_tile(const float* src, float* out) {
     for (int k = 0; k < 4; ++k) out[4 * (blockIdx.x * n + t) + k] = smem[4 * j + k];
 }
 
+#ifdef NA_RTC_EMULATOR
+// ldmatrix (emulator-only here: the GPU shims above have no tensor-core
+// spellings) reading rows that warp 0 copies with cp.async: mode 0 reads them
+// before warp 0's wait and barrier, which the emulator reports as a race;
+// mode 1 after both, which reads the copied rows.
+__global__ void cp_async_race(const unsigned* src, unsigned* out, long long mode) {
+    unsigned char* smem = na_dynamic_shared();
+    const unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
+    if (warp == 0) {
+        na_cp_async_16(smem + 16 * lane, src + 4 * lane);
+        na_cp_async_commit();
+        if (mode == 1) na_cp_async_wait_group<0>();
+    }
+    if (mode == 1) __syncthreads();
+    if (warp == 1) {
+        unsigned r[4];
+        na_ldmatrix<4, false>(r, smem + 16 * lane);
+        for (int j = 0; j < 4; ++j) out[4 * lane + j] = r[j];
+    }
+    if (mode == 0) __syncthreads();  // warp 0 waits here, its copies still pending
+}
+#endif
+
 // ------------------------------------------------------------ dynamic shared memory
 
 // out[0] += bytes that held the 0xFF fill at block start; out[1] += bytes
