@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
     constexpr int STAGE = 2 * KC;  // rows of one pipeline stage: a K chunk, then a V chunk
-    static_assert(NQ == 16 * NA_TC_WARPS && HD % 16 == 0 && KC % 16 == 0 && 2 * STAGE <= 2 * NQ, "tile shapes");
+    static_assert(NQ == 16 * NA_TC_WARPS && HD % 16 == 0 && KC % 16 == 0 && 2 * STAGE <= 2 * NQ,
+                  "tile shapes; the two stages fit in the rows of the Q and dOut tiles");
 
     NA_TC_DECODE_BLOCK(TX, TY)
     const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw;

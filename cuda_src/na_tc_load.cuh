@@ -121,11 +121,10 @@ __device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long 
                                                 long long dx, long long dy, const na_tile_axis& tx,
                                                 const na_tile_axis& ty) {
     const bool vec = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
-    const long long base = b * s_b + (tx.q0 * dx + tx.g) * s_x + (ty.q0 * dy + ty.g) * s_y + h * s_h;
-    const long long step_x = dx * s_x, step_y = dy * s_y;
+    const na_tc_box_rows rows = na_tc_box_rows_of(tx.q0, ty.q0, tx.g, ty.g, dx, dy, b, h, s_b, s_x, s_y, s_h);
     na_tc_load_rows<T, HD, P, TX * TY>(dst, src, s_l, vec, D, [&](int r, long long& at) {
         const int qx = r / TY, qy = r % TY;
-        at = base + qx * step_x + qy * step_y;
+        at = rows.base + qx * rows.step_x + qy * rows.step_y;
         return qx < tx.n && qy < ty.n;
     });
 }
