@@ -121,6 +121,32 @@ def test_parse_ptxas_log():
     assert (old.registers, old.barriers, old.static_shared) == (30, None, 0)
 
 
+def test_serialized_wgmma_warnings_are_found():
+    log = PTXAS_LOG + ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are "
+                       "serialized due to insufficient register resources for the wgmma pipeline in the function "
+                       "'_Z3fooILi1EEvPf'\n")
+    found = check._serialized_wgmma(log)
+    assert len(found) == 1 and "_Z3fooILi1EEvPf" in found[0] and "serialized" in found[0]
+    assert check._serialized_wgmma(PTXAS_LOG) == []
+
+
+def test_arch_specific_compile_targets_sm_90a(tmp_path):
+    """A wgmma instruction assembles for sm_90a only; the cache keeps sm_90a programs apart from sm_90's."""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from na_rtc.runtime import cache
+
+    source = tmp_path / "k.cu"
+    source.write_text('extern "C" __global__ void k() { asm volatile("wgmma.fence.sync.aligned;"); }\n')
+    program = nvrtc.compile_program(source, ("k",), 90, arch_specific=True)
+    assert program.target == "sm_90a" and program.kind == "cubin"
+    with pytest.raises(nvrtc.KernelCompileError):
+        nvrtc.compile_program(source, ("k",), 90)
+    assert cache.cache_key(source, ("k",), 90, arch_specific=True) != cache.cache_key(source, ("k",), 90)
+    assert cache.entry_path("0" * 64, 90, "k.cu", tmp_path, arch_specific=True).parent.name == "sm_90a"
+    got = cache.get_program(source, ("k",), 90, cache_root=tmp_path, arch_specific=True)
+    assert got.target == "sm_90a" and (tmp_path / "sm_90a").is_dir()
+
+
 def test_max_threads_follows_register_allocation_units():
     limits = check.limits_for(90)
     assert check.max_threads(32, limits) == 1024

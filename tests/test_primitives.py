@@ -9,6 +9,7 @@ import pytest
 
 import na_rtc
 from na_rtc.runtime import plan as P
+from na_rtc.runtime.families import SELFTEST_WGMMA_N, selftest_wgmma_name
 
 
 def _usable(name):
@@ -122,6 +123,47 @@ def test_mma_and_ldmatrix_compute_a_plain_matrix_product(backend, dtype):
         bound = 1e-6 * (np.abs(a) @ np.abs(b) + np.abs(c)) + 1e-7
         assert (np.abs(d - want) <= bound).all(), f"{name}: max error {np.abs(d - want).max():.3g}"
 
+
+
+# ---------------------------------------------------------------- Hopper: wgmma m64nNk16 (sm_90a)
+
+
+def _sm90(backend: str) -> bool:
+    from na_rtc.runtime import cuda
+
+    return backend != "cuda" or cuda.arch_of("cuda") == 90
+
+
+@pytest.mark.parametrize("n", SELFTEST_WGMMA_N)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wgmma_computes_a_plain_matrix_product_from_both_layouts(backend, dtype, n):
+    """64 x N = A (64 x 32) B (32 x N) in two k-steps with B read K-major (+ C) and MN-major (first k-step
+    without accumulation): fragment layouts, descriptor fields and the scale-d flag against numpy."""
+    import torch
+
+    if not _sm90(backend):
+        pytest.skip("wgmma (sm_90a) runs on Hopper GPUs only")
+    rng = np.random.default_rng(11 + n)
+    a = torch.from_numpy(rng.standard_normal((64, 32))).to(getattr(torch, dtype)).double().numpy()
+    b = torch.from_numpy(rng.standard_normal((32, n))).to(getattr(torch, dtype)).double().numpy()
+    c = rng.standard_normal((64, n)).astype(np.float32)
+    bits = [torch.from_numpy(x).to(getattr(torch, dtype)).view(torch.int16).numpy().view(np.uint16) for x in (a, b)]
+    arrays = [*bits, c, np.full((64, n), np.nan, np.float32), np.full((64, n), np.nan, np.float32)]
+    if backend == "cuda":
+        import cupy
+
+        device = [cupy.asarray(x) for x in arrays]
+    else:
+        device = arrays
+    ctype = {"float16": "fp16_t", "bfloat16": "bf16_t"}[dtype]
+    launch = P.LaunchPlan(P.Kernel("na_selftest_wgmma.cu", selftest_wgmma_name(ctype, n)), (1, 1, 1), (128, 1, 1),
+                          2 * 32 * n * 2, tuple(P.ptr(x) for x in device))
+    na_rtc.backends.executor(backend)(launch)
+    kmajor, mnmajor = (x.get() if backend == "cuda" else x for x in device[3:])
+    bound = 1e-6 * (np.abs(a) @ np.abs(b) + np.abs(c)) + 1e-7  # fp32 accumulation of exact products
+    for name, got, want in (("K-major + C", kmajor, a @ b + c), ("MN-major", mnmajor, a @ b)):
+        assert (np.abs(got - want) <= bound).all(), f"{name}: max error {np.abs(got - want).max():.3g}"
 
 
 # ---------------------------------------------------------------- key-loop helpers: divisor, ex2, cp.async

@@ -63,7 +63,8 @@ class _Cuda:
         from ..runtime import cache
 
         started = time.perf_counter()
-        program, origin = cache.lookup(cuda_src_dir() / family.source, family.names, self.arch, cache_root=self.root)
+        program, origin = cache.lookup(cuda_src_dir() / family.source, family.names, self.arch, cache_root=self.root,
+                                       arch_specific=family.arch_specific)
         image = program.binary + b"\x00" if program.kind == "ptx" else program.binary  # as runtime/cuda.py loads it
         with cupy.cuda.Device(self.device_index):
             cupy.cuda.function.Module().load(image)

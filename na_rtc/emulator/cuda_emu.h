@@ -230,6 +230,10 @@ enum WarpKind : int {
     W_MATCH_ALL,
     W_MMA,       // mma.sync.m16n8k16 (tag: element type), lanes exchange operand addresses
     W_LDMATRIX,  // ldmatrix.m8n8 (tag: matrix count, + 8 for .trans)
+    W_WGMMA,        // wgmma.mma_async m64nNk16, this warp's 16 rows (tag: N | .trans-b << 9 | bf16 << 10)
+    W_WGMMA_FENCE,  // wgmma.fence
+    W_WGMMA_COMMIT, // wgmma.commit_group
+    W_WGMMA_WAIT,   // wgmma.wait_group (tag: N)
 };
 
 static const char* warp_kind_name(int kind) {
@@ -252,6 +256,10 @@ static const char* warp_kind_name(int kind) {
         case W_MATCH_ALL: return "__match_all_sync";
         case W_MMA: return "mma.sync.m16n8k16";
         case W_LDMATRIX: return "ldmatrix.m8n8";
+        case W_WGMMA: return "wgmma.mma_async";
+        case W_WGMMA_FENCE: return "wgmma.fence";
+        case W_WGMMA_COMMIT: return "wgmma.commit_group";
+        case W_WGMMA_WAIT: return "wgmma.wait_group";
     }
     return "warp collective";
 }
@@ -286,6 +294,9 @@ struct Fiber {
     uintptr_t cp_lo, cp_hi;
     unsigned* group_end;
     unsigned group_n, group_cap;
+    // [uf_lo, uf_hi) bounds the shared memory its landed cp.async copies wrote since its last
+    // fence.proxy.async: wgmma (the async proxy) may not read there yet
+    uintptr_t uf_lo, uf_hi;
     char* stack_lo;  // guard page
     char* stack_hi;
 };
@@ -297,6 +308,18 @@ struct WarpOp {
     const char* file;
 };
 
+// one issued wgmma.mma_async of a warp, computed at the wait_group that covers it
+struct WgmmaOp {
+    unsigned long long desc;
+    unsigned n, trans, bf16, accumulate;
+    unsigned line;
+    const char* file;
+    const unsigned* a[32];  // each lane's A registers and D registers (its kernel's arrays)
+    float* d[32];
+};
+
+enum { kWgmmaMaxGroups = 64 };
+
 struct Warp {
     unsigned nops;
     unsigned exited;  // lanes that exited (or do not exist)
@@ -304,6 +327,12 @@ struct Warp {
     unsigned long long val[32];
     unsigned long long result[32];
     unsigned char src[32];
+    // wgmma: issued operations in order, wg_group_end[k] = operations in groups 0..k (committed),
+    // wg_fenced: a wgmma.fence since the last wait_group (or the start)
+    WgmmaOp* wg;
+    unsigned wg_n, wg_cap, wg_groups;
+    unsigned wg_group_end[kWgmmaMaxGroups];
+    unsigned char wg_fenced;
 };
 
 struct Launch {
@@ -615,6 +644,14 @@ static void warp_lane_exited(Worker* w, unsigned linear);
 static void fiber_main(Worker* w) {
     w->L->thread_fn(w->L->arg);
     Fiber* me = &w->fibers[w->cur];
+    if (w->warps[me->linear >> 5].wg_n) {
+        char t[48];
+        thread_str(t, sizeof t, me->tid);
+        const WgmmaOp& g = w->warps[me->linear >> 5].wg[0];
+        failf(w, "thread %s of %s block (%u,%u,%u) exits with a wgmma.mma_async (%s:%u) not waited for "
+                 "(wgmma.commit_group, then wgmma.wait_group)", t, w->L->name, w->block.x, w->block.y,
+              w->block.z, base_name(g.file), g.line);
+    }
     me->state = F_DONE;
     me->cp_n = 0;
     me->group_n = 0;
@@ -812,6 +849,153 @@ static void ldmatrix_complete(Worker* w, Warp* ws, const WarpOp* op) {
     }
 }
 
+// ------------------------------------------------------------ wgmma (sm_90a)
+//
+// wgmma.mma_async of a warpgroup: each warp's 16 rows of D depend only on its
+// own A registers and the shared B, so the emulator handles every warp on its
+// own. An issue records the operands (each lane's A and D register arrays
+// and the descriptor); the wait_group that covers it computes D, reading A,
+// D and B then: touching them in between (undefined on the GPU) gives wrong
+// results here. Checked: a fence before the first issue after a wait (and at
+// the start), B inside the dynamic shared memory with no swizzle, no pending
+// cp.async and no landed one without a fence.proxy.async in its rows, every
+// issue waited for before the thread exits, a block of whole warpgroups.
+
+struct WgmmaLane {  // one lane's operands
+    const unsigned* a;
+    float* d;
+    unsigned long long desc;
+    unsigned accumulate;
+};
+
+static void wgmma_issue(Worker* w, Warp* ws, const WarpOp* op) {
+    require_full_warp(w, op, ws);
+    if (w->n % 128u) {
+        failf(w, "wgmma.mma_async in %s block (%u,%u,%u): the block has %u threads, not whole warpgroups of 128 "
+                 "(%s:%u)", w->L->name, w->block.x, w->block.y, w->block.z, w->n, base_name(op->file), op->line);
+    }
+    if (!ws->wg_fenced) {
+        failf(w, "wgmma.mma_async in %s block (%u,%u,%u) without a wgmma.fence since the start or the last "
+                 "wgmma.wait_group: the registers it reads may still be written (%s:%u)", w->L->name, w->block.x,
+              w->block.y, w->block.z, base_name(op->file), op->line);
+    }
+    const WgmmaLane* first = (const WgmmaLane*)ws->val[0];
+    for (unsigned l = 1; l < 32; ++l) {
+        const WgmmaLane* m = (const WgmmaLane*)ws->val[l];
+        if (m->desc != first->desc || m->accumulate != first->accumulate) {
+            failf(w, "wgmma.mma_async in %s block (%u,%u,%u): lane %u's descriptor or scale-d (0x%016llx, %u) "
+                     "differs from lane 0's (0x%016llx, %u) (%s:%u)", w->L->name, w->block.x, w->block.y,
+                  w->block.z, l, m->desc, m->accumulate, first->desc, first->accumulate, base_name(op->file),
+                  op->line);
+        }
+    }
+    if (ws->wg_n == ws->wg_cap) {
+        const unsigned cap = ws->wg_cap ? 2 * ws->wg_cap : 16;
+        WgmmaOp* grown = (WgmmaOp*)realloc(ws->wg, cap * sizeof(WgmmaOp));
+        if (!grown) failf(w, "out of memory for wgmma bookkeeping");
+        ws->wg = grown;
+        ws->wg_cap = cap;
+    }
+    WgmmaOp* g = &ws->wg[ws->wg_n++];
+    g->desc = first->desc;
+    g->n = (unsigned)op->tag & 511u;
+    g->trans = ((unsigned)op->tag >> 9) & 1u;
+    g->bf16 = ((unsigned)op->tag >> 10) & 1u;
+    g->accumulate = first->accumulate;
+    g->line = op->line;
+    g->file = op->file;
+    for (unsigned l = 0; l < 32; ++l) {
+        const WgmmaLane* m = (const WgmmaLane*)ws->val[l];
+        g->a[l] = m->a;
+        g->d[l] = m->d;
+    }
+}
+
+// the 16-byte row of shared memory at `p` that a wgmma reads: no pending copy, no unfenced landed one
+static void wgmma_check_row(Worker* w, const unsigned char* p, const WgmmaOp* g) {
+    pending_copy_at(w, p, 16, "wgmma.mma_async", 0, g->line, g->file);
+    const uintptr_t lo = (uintptr_t)p, hi = lo + 16;
+    for (unsigned j = 0; j < w->n; ++j) {
+        const Fiber* f = &w->fibers[j];
+        if (hi <= f->uf_lo || lo >= f->uf_hi) continue;
+        char t[48];
+        thread_str(t, sizeof t, f->tid);
+        failf(w, "wgmma.mma_async in %s block (%u,%u,%u) reads shared memory at %p that a cp.async of thread %s "
+                 "wrote with no fence.proxy.async in that thread since (na_fence_proxy_async before the barrier) "
+                 "(%s:%u)", w->L->name, w->block.x, w->block.y, w->block.z, (const void*)p, t, base_name(g->file),
+              g->line);
+    }
+}
+
+// D (16 x N per warp) = A (16 x 16) B (16 x N) + (accumulate ? D : 0); B from the descriptor (see
+// cuda_src/na_wgmma.cuh for the no-swizzle core-matrix addressing of both majors)
+static void wgmma_compute(Worker* w, const WgmmaOp* g) {
+    const unsigned start = (unsigned)(g->desc & 0x3fffu) << 4, lbo = (unsigned)(g->desc >> 16 & 0x3fffu) << 4,
+                   sbo = (unsigned)(g->desc >> 32 & 0x3fffu) << 4;
+    const unsigned base_offset = (unsigned)(g->desc >> 49 & 7u), swizzle = (unsigned)(g->desc >> 62);
+    if (base_offset || swizzle) {
+        failf(w, "wgmma.mma_async in %s: descriptor 0x%016llx asks for swizzle mode %u / base offset %u; the "
+                 "emulator models the no-swizzle layout only (%s:%u)", w->L->name, g->desc, swizzle, base_offset,
+              base_name(g->file), g->line);
+    }
+    const int type = g->bf16 ? MMA_BF16 : MMA_F16;
+    static thread_local float B[16][256];
+    for (unsigned k = 0; k < 16; ++k)
+        for (unsigned n = 0; n < g->n; ++n) {
+            const unsigned off = g->trans ? start + n / 8 * sbo + k / 8 * lbo + k % 8 * 16 + n % 8 * 2
+                                          : start + n / 8 * sbo + k / 8 * lbo + n % 8 * 16 + k % 8 * 2;
+            if ((size_t)off + 2 > w->L->smem) {
+                failf(w, "wgmma.mma_async in %s block (%u,%u,%u): B element (k %u, n %u) at shared offset %u is "
+                         "outside the block's %zu bytes of dynamic shared memory (descriptor 0x%016llx) (%s:%u)",
+                      w->L->name, w->block.x, w->block.y, w->block.z, k, n, off, w->L->smem, g->desc,
+                      base_name(g->file), g->line);
+            }
+            if ((g->trans ? n : k) % 8 == 0) wgmma_check_row(w, w->dsmem + (off & ~15u), g);
+            unsigned short bits;
+            memcpy(&bits, w->dsmem + off, 2);
+            B[k][n] = mma_element(bits, type);
+        }
+    float A[16][16];
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned gr = l >> 2, t = l & 3u;
+        for (unsigned r = 0; r < 4; ++r)
+            for (unsigned h = 0; h < 2; ++h)
+                A[gr + 8 * (r & 1u)][2 * t + 8 * (r >> 1) + h] = mma_element(g->a[l][r] >> (16 * h) & 0xffffu, type);
+    }
+    for (unsigned l = 0; l < 32; ++l) {
+        const unsigned gr = l >> 2, t = l & 3u;
+        for (unsigned i = 0; i < g->n / 2; ++i) {
+            const unsigned r = gr + 8 * ((i >> 1) & 1u), c = 8 * (i >> 2) + 2 * t + (i & 1u);
+            double acc = g->accumulate ? g->d[l][i] : 0.0;  // exact products, one rounding (as mma_complete)
+            for (unsigned k = 0; k < 16; ++k) acc += (double)A[r][k] * (double)B[k][c];
+            g->d[l][i] = (float)acc;
+        }
+    }
+}
+
+// wgmma.wait_group N: compute every operation of the committed groups but the newest N
+static void wgmma_wait(Worker* w, Warp* ws, const WarpOp* op) {
+    require_full_warp(w, op, ws);
+    const unsigned pending = (unsigned)op->tag;
+    ws->wg_fenced = 0;
+    if (ws->wg_groups <= pending) return;
+    const unsigned groups = ws->wg_groups - pending, ops = ws->wg_group_end[groups - 1];
+    for (unsigned i = 0; i < ops; ++i) wgmma_compute(w, &ws->wg[i]);
+    memmove(ws->wg, ws->wg + ops, (ws->wg_n - ops) * sizeof(WgmmaOp));
+    ws->wg_n -= ops;
+    for (unsigned k = groups; k < ws->wg_groups; ++k) ws->wg_group_end[k - groups] = ws->wg_group_end[k] - ops;
+    ws->wg_groups -= groups;
+}
+
+static void wgmma_commit(Worker* w, Warp* ws, const WarpOp* op) {
+    require_full_warp(w, op, ws);
+    if (ws->wg_groups == kWgmmaMaxGroups) {
+        failf(w, "wgmma.commit_group in %s: more than %d groups pending (%s:%u)", w->L->name, (int)kWgmmaMaxGroups,
+              base_name(op->file), op->line);
+    }
+    ws->wg_group_end[ws->wg_groups++] = ws->wg_n;
+}
+
 // compute the results of a complete op for the lanes that arrived, wake them
 // (except `self`, which returns its result directly) and remove the op
 static void complete_op(Worker* w, unsigned warp, WarpOp* op, unsigned self) {
@@ -893,6 +1077,19 @@ static void complete_op(Worker* w, unsigned warp, WarpOp* op, unsigned self) {
             break;
         case W_LDMATRIX:
             ldmatrix_complete(w, ws, op);
+            break;
+        case W_WGMMA:
+            wgmma_issue(w, ws, op);
+            break;
+        case W_WGMMA_FENCE:
+            require_full_warp(w, op, ws);
+            ws->wg_fenced = 1;
+            break;
+        case W_WGMMA_COMMIT:
+            wgmma_commit(w, ws, op);
+            break;
+        case W_WGMMA_WAIT:
+            wgmma_wait(w, ws, op);
             break;
         default:
             break;
@@ -1072,6 +1269,10 @@ static void cp_async_wait(unsigned pending) {
         const CpAsync& c = f->cp[i];
         if (c.src_bytes) memcpy(c.dst, c.src, c.src_bytes);
         if (c.src_bytes < c.bytes) memset((char*)c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+        const uintptr_t d = (uintptr_t)c.dst;  // landed: unfenced for wgmma until this thread's proxy fence
+        if (f->uf_lo >= f->uf_hi) f->uf_lo = d, f->uf_hi = d + c.bytes;
+        f->uf_lo = d < f->uf_lo ? d : f->uf_lo;
+        f->uf_hi = d + c.bytes > f->uf_hi ? d + c.bytes : f->uf_hi;
     }
     memmove(f->cp, f->cp + entries, (f->cp_n - entries) * sizeof(CpAsync));
     f->cp_n -= entries;
@@ -1571,6 +1772,48 @@ static inline void na_ldmatrix(unsigned (&r)[N], const void* row, unsigned line 
     static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
     ::na_emu::LdmatrixLane lane{(const unsigned char*)row, r};
     ::na_emu::warp_collective(::na_emu::W_LDMATRIX, N + (TRANS ? 8 : 0), 0xffffffffu,
+                              (unsigned long long)(uintptr_t)&lane, 0, line, file);
+}
+
+// The spellings of cuda_src/na_wgmma.cuh (sm_90a inline PTX there): warp
+// collectives of all 32 lanes, computed at the wait (see wgmma_compute).
+// Shared addresses are offsets in the block's dynamic shared memory, the only
+// place the emulator lets a descriptor point to.
+static inline unsigned na_shared_address(const void* p, unsigned line = __builtin_LINE(),
+                                         const char* file = __builtin_FILE()) {
+    ::na_emu::Worker* w = ::na_emu::tl_worker;
+    const uintptr_t at = (uintptr_t)p, base = (uintptr_t)w->dsmem;
+    if (at < base || at >= base + w->L->smem) {
+        ::na_emu::trap("a shared address outside the block's dynamic shared memory (the emulator maps only that "
+                       "one to shared addresses)", line, file);
+    }
+    return (unsigned)(at - base);
+}
+static inline void na_wgmma_fence(unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+    ::na_emu::warp_collective(::na_emu::W_WGMMA_FENCE, 0, 0xffffffffu, 0, 0, line, file);
+}
+static inline void na_wgmma_commit(unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+    ::na_emu::warp_collective(::na_emu::W_WGMMA_COMMIT, 0, 0xffffffffu, 0, 0, line, file);
+}
+template <int N>
+static inline void na_wgmma_wait(unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+    ::na_emu::warp_collective(::na_emu::W_WGMMA_WAIT, N, 0xffffffffu, 0, 0, line, file);
+}
+static inline void na_fence_proxy_async() {
+    ::na_emu::Fiber* f = &::na_emu::tl_worker->fibers[::na_emu::tl_worker->cur];
+    f->uf_lo = UINTPTR_MAX;
+    f->uf_hi = 0;
+}
+template <int K>
+static inline void na_wgmma_hold(float (&)[K]) {}
+template <int K>
+static inline void na_wgmma_hold(unsigned (&)[K]) {}
+template <int N, bool TRANS_B, bool BF16>
+static inline void na_wgmma_m64k16(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc, int accumulate,
+                                   unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma m64nNk16: N is a multiple of 8 up to 256");
+    ::na_emu::WgmmaLane lane{a, d, desc, accumulate != 0};
+    ::na_emu::warp_collective(::na_emu::W_WGMMA, N | (TRANS_B ? 1 << 9 : 0) | (BF16 ? 1 << 10 : 0), 0xffffffffu,
                               (unsigned long long)(uintptr_t)&lane, 0, line, file);
 }
 

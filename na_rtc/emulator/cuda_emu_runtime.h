@@ -252,6 +252,8 @@ static bool run_block(Worker* w, Launch* L, unsigned long long b) {
     for (unsigned k = 0; k < (n + 31) / 32; ++k) {
         w->warps[k].nops = 0;
         w->warps[k].exited = ~lanes_of_warp(w, k);
+        w->warps[k].wg_n = w->warps[k].wg_groups = 0;
+        w->warps[k].wg_fenced = 0;
     }
     if (L->smem) memset(w->dsmem, 0xff, L->smem);
     for (unsigned j = 0; j < n; ++j) {
@@ -259,6 +261,8 @@ static bool run_block(Worker* w, Launch* L, unsigned long long b) {
         f->state = F_READY;
         f->cp_n = 0;
         f->group_n = 0;
+        f->uf_lo = UINTPTR_MAX;
+        f->uf_hi = 0;
         fiber_prepare(w, f);
     }
     for (;;) {

@@ -6,12 +6,14 @@ the in-process memo nor the disk cache has it.
 
 Key: sha256 over every file the source can include (all ``*.cuh``, ``*.cu``,
 ``*.h`` of its folder: name and contents), the source's name, the compile
-options (NVRTC defaults included), the arch, the NVRTC version,
+options (NVRTC defaults included), the arch (and whether the target is its
+arch-specific ``sm_<arch>a``), the NVRTC version,
 ``na_rtc.__version__`` and the sorted name expressions. Any edit to
 ``cuda_src/`` or upgrade therefore gives new entries; old ones stay until the
 folder is deleted (``rm -r`` it any time, it is only a cache).
 
-Disk layout: ``<cache dir>/sm_<arch>/<source stem>-<key>.bin``, where the cache
+Disk layout: ``<cache dir>/sm_<arch>/<source stem>-<key>.bin`` (``sm_<arch>a/`` for
+arch-specific programs), where the cache
 dir is ``NA_RTC_CACHE_DIR`` or the user cache dir (:func:`na_rtc.config.cache_dir`).
 An entry is one file::
 
@@ -116,6 +118,7 @@ def cache_key(
     arch: int,
     options: Sequence[str] = (),
     include_dir: Path | None = None,
+    arch_specific: bool = False,
 ) -> str:
     """The sha256 (hex) identifying one compiled program; see the module docstring."""
     source_path = resolve_source(source_path).resolve()
@@ -126,6 +129,8 @@ def cache_key(
     part("na_rtc", _diskcache.na_rtc_version())
     part("nvrtc", list(_nvrtc.nvrtc_version()))
     part("arch", _nvrtc.parse_arch(arch))
+    if arch_specific:  # sm_90a rather than sm_90 (absent otherwise: the keys of plain targets stay as they were)
+        part("arch_specific", True)
     part("options", [*_nvrtc.DEFAULT_OPTIONS, *options])
     part("names", sorted(set(names)))
     part("source", source_path.name)
@@ -155,16 +160,16 @@ def _file_digest(path: Path) -> str:
     return digest
 
 
-def _arch_dir(root: Path, arch: int) -> Path:
-    return root / f"sm_{arch}"
+def _arch_dir(root: Path, arch: int, arch_specific: bool = False) -> Path:
+    return root / f"sm_{arch}{'a' if arch_specific else ''}"
 
 
-def entry_path(key: str, arch: int, source_name: str, root: Path | None = None) -> Path:
+def entry_path(key: str, arch: int, source_name: str, root: Path | None = None, arch_specific: bool = False) -> Path:
     """Where the entry of ``key`` lives on disk."""
     from .. import config
 
     root = Path(root) if root is not None else config.cache_dir()
-    return _arch_dir(root, _nvrtc.parse_arch(arch)) / f"{Path(source_name).stem}-{key}.bin"
+    return _arch_dir(root, _nvrtc.parse_arch(arch), arch_specific) / f"{Path(source_name).stem}-{key}.bin"
 
 
 # ---------------------------------------------------------------- entries
@@ -229,7 +234,7 @@ def _decode(data: bytes, key: str) -> CompiledProgram:
         raise _BadEntry(f"unreadable metadata ({type(error).__name__}: {error})") from None
 
 
-def _load(path: Path, key: str, names: Sequence[str], arch: int) -> CompiledProgram | None:
+def _load(path: Path, key: str, names: Sequence[str], arch: int, arch_specific: bool = False) -> CompiledProgram | None:
     try:
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
@@ -244,7 +249,8 @@ def _load(path: Path, key: str, names: Sequence[str], arch: int) -> CompiledProg
             raise _BadEntry(f"lacks kernels {missing}")
         # the key covers the arch; this also catches a writer that recorded the wrong one
         kind, target = program.kind, program.target
-        if program.arch != arch or not (target == f"sm_{arch}" if kind == "cubin" else kind == "ptx" and target.startswith("compute_")):
+        cubin_target = f"sm_{arch}a" if arch_specific else f"sm_{arch}"
+        if program.arch != arch or not (target == cubin_target if kind == "cubin" else kind == "ptx" and target.startswith("compute_")):
             raise _BadEntry(f"compiled for {target} ({kind}) of sm_{program.arch}, not for sm_{arch}")
     except _BadEntry as error:
         _count("bad_entries")
@@ -281,30 +287,32 @@ def lookup(
     *,
     include_dir: Path | None = None,
     cache_root: Path | None = None,
+    arch_specific: bool = False,
 ) -> tuple[CompiledProgram, str]:
     """Like :func:`get_program`, also saying where the program came from:
     ``"memory"``, ``"disk"`` or ``"compiled"``."""
     names = tuple(dict.fromkeys(names))
     arch = _nvrtc.parse_arch(arch)
     options = tuple(options)
-    call = (os.fspath(source_path), names, arch, options, include_dir and os.fspath(include_dir), cache_root and os.fspath(cache_root))
+    call = (os.fspath(source_path), names, arch, options, include_dir and os.fspath(include_dir), cache_root and os.fspath(cache_root),
+            arch_specific)
     source = None
 
     def key_of() -> str:  # first call with these arguments in this process: key from the files
         nonlocal source
         source = resolve_source(source_path).resolve()
-        return cache_key(source, names, arch, options, include_dir)
+        return cache_key(source, names, arch, options, include_dir, arch_specific)
 
     def produce(key: str) -> tuple[CompiledProgram, str]:
-        path = entry_path(key, arch, source.name, cache_root)
+        path = entry_path(key, arch, source.name, cache_root, arch_specific)
         seen = _diskcache.file_signature(path)
-        program = _load(path, key, names, arch)
+        program = _load(path, key, names, arch, arch_specific)
         if program is None:
             with _diskcache.build_lock(path):  # another process compiling this key finishes first
                 if _diskcache.file_signature(path) not in (None, seen):  # ... and left its entry
-                    program = _load(path, key, names, arch)
+                    program = _load(path, key, names, arch, arch_specific)
                 if program is None:
-                    program = _nvrtc.compile_program(source, names, arch, options, include_dir)
+                    program = _nvrtc.compile_program(source, names, arch, options, include_dir, arch_specific)
                     _count("compiles")
                     _store(path, program, key)
                     return program, "compiled"
@@ -322,8 +330,10 @@ def get_program(
     *,
     include_dir: Path | None = None,
     cache_root: Path | None = None,
+    arch_specific: bool = False,
 ) -> CompiledProgram:
     """The compiled program of ``source_path`` (absolute, or a file name in
     ``cuda_src/``) with kernels ``names`` for ``sm_<arch>``: from memory, from
     the disk cache, or compiled now with NVRTC and stored."""
-    return lookup(source_path, names, arch, options, include_dir=include_dir, cache_root=cache_root)[0]
+    return lookup(source_path, names, arch, options, include_dir=include_dir, cache_root=cache_root,
+                  arch_specific=arch_specific)[0]

@@ -12,7 +12,12 @@ its largest launch (the family's ``launch_threads`` / ``launch_shared_bytes``):
   at most 65536 per block on every architecture we support;
 * shared memory: static + dynamic at most the per-block opt-in maximum of the
   architecture (:data:`ARCH_LIMITS`; above 48 KiB the launcher must opt in
-  with ``cudaFuncAttributeMaxDynamicSharedMemorySize``).
+  with ``cudaFuncAttributeMaxDynamicSharedMemorySize``, as ``runtime/cuda.py`` does);
+* sm_90a families (wgmma): no ptxas warning that it serialized the wgmma
+  instructions (they would run one after another, waiting for each).
+
+Families with ``archs`` are compiled for those architectures only (the wgmma
+families for sm_90, as its arch-specific target sm_90a).
 
 "max threads" is the largest block the kernel can launch with, given its
 registers: ``min(1024, 32 * floor(65536 / roundup(32 * regs, 256)))``.
@@ -286,6 +291,11 @@ def _kernel_report(name: str, family_name: str, family: Any, program: _nvrtc.Com
     return report
 
 
+def _serialized_wgmma(log: str) -> list[str]:
+    """ptxas's "wgmma.mma_async instructions are serialized" warnings (a kernel that runs, much slower)."""
+    return [line.split(":", 1)[-1].strip() for line in log.splitlines() if "wgmma" in line and "serialized" in line]
+
+
 def _other_functions(resources: Mapping[str, FunctionResources], known: set[str]) -> list[str]:
     """Problems of device functions (not kernels) in the report: spills there count too."""
     return [
@@ -321,7 +331,8 @@ def _compile(family_name: str, family: Any, arch: int, cache_root: Path | None):
     started = time.perf_counter()
     try:
         program, origin = _cache.lookup(
-            family.source, family.names, arch, tuple(getattr(family, "options", ()) or ()), cache_root=cache_root
+            family.source, family.names, arch, tuple(getattr(family, "options", ()) or ()), cache_root=cache_root,
+            arch_specific=bool(getattr(family, "arch_specific", False)),
         )
     except _nvrtc.NvrtcUnavailable:
         raise
@@ -331,8 +342,9 @@ def _compile(family_name: str, family: Any, arch: int, cache_root: Path | None):
 
 
 def _each(families: Mapping[str, Any], archs: Sequence[int], jobs: int, cache_root: Path | None):
-    """Compile every (arch, family), ``jobs`` at a time; yields in order."""
-    tasks = [(arch, name, family) for arch in archs for name, family in families.items()]
+    """Compile every (arch, family) the family is built for, ``jobs`` at a time; yields in order."""
+    tasks = [(arch, name, family) for arch in archs for name, family in families.items()
+             if not getattr(family, "archs", ()) or arch in family.archs]
     if jobs <= 1 or len(tasks) <= 1:
         for arch, name, family in tasks:
             yield arch, name, family, _compile(name, family, arch, cache_root)
@@ -360,11 +372,16 @@ def check_families(
                 f"sm_{arch} is newer than NVRTC {'.'.join(map(str, _nvrtc.nvrtc_version()))} knows: compiled to PTX "
                 f"for {program.target}; registers and spills are known only after the driver's JIT, not checked"
             )
+        if program.target.endswith("a"):
+            report.notes.append(f"built for {program.target} (arch-specific: runs on sm_{arch} GPUs only)")
         resources = parse_ptxas_log(program.log)
         report.kernels = [_kernel_report(n, name, family, program, resources, origin) for n in family.names]
         others = _other_functions(resources, set(program.lowered.values()))
         if others and report.kernels:
             report.kernels[0].problems.extend(others)
+        for line in _serialized_wgmma(program.log):  # ptxas made the asynchronous wgmma wait on each other
+            owner = next((k for k in report.kernels if k.mangled and k.mangled in line), None)
+            (owner or report.kernels[0]).problems.append(f"ptxas: {line}")
     return reports
 
 

@@ -73,9 +73,9 @@ def arch_of(device: str) -> int:
     return _arch(int(index))
 
 
-def _module(device: int, source: str, names: tuple[str, ...]):
+def _module(device: int, family):
     """The loaded CuPy module of a family on ``device`` (compiled or from the cache)."""
-    key = (device, source)
+    key = (device, family.source)
     with _lock:
         if key not in _modules:
             import cupy
@@ -83,7 +83,11 @@ def _module(device: int, source: str, names: tuple[str, ...]):
             from . import cache
 
             arch = int(cupy.cuda.Device(device).compute_capability)  # "90" -> 90, "120" -> 120
-            program = cache.get_program(cuda_src_dir() / source, names, arch)
+            if not family.builds_for(arch):  # the dispatcher checks first; this is the last line of defense
+                raise RuntimeError(f"the kernels of {family.source} are built for "
+                                   f"{', '.join(f'sm_{a}' for a in family.archs)} only, not for GPU {device} (sm_{arch})")
+            program = cache.get_program(cuda_src_dir() / family.source, family.names, arch,
+                                        arch_specific=family.arch_specific)
             # cuModuleLoadData reads PTX as a C string: it needs the terminator the cache strips
             image = program.binary + b"\x00" if program.kind == "ptx" else program.binary
             with cupy.cuda.Device(device):
@@ -124,11 +128,22 @@ def _load_error(error: Exception, program, device: int) -> Exception:
     )
 
 
-def _function(device: int, kernel: P.Kernel):
-    module, lowered, functions = _module(device, kernel.source, family_of(kernel.name).names)
+#: dynamic shared memory a launch gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize)
+DEFAULT_DYNAMIC_SHARED = 48 * 1024
+
+
+def _function(device: int, kernel: P.Kernel, shared_bytes: int):
+    module, lowered, functions = _module(device, family_of(kernel.name))
     if kernel.name not in functions:
-        functions[kernel.name] = module.get_function(lowered[kernel.name])
-    return functions[kernel.name]
+        functions[kernel.name] = [module.get_function(lowered[kernel.name]), DEFAULT_DYNAMIC_SHARED]
+    entry = functions[kernel.name]
+    if shared_bytes > entry[1]:  # opt in once per function, to the largest launch seen so far
+        from cupy_backends.cuda.api import driver
+
+        attribute = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
+        driver.funcSetAttribute(entry[0].ptr, attribute, int(shared_bytes))
+        entry[1] = shared_bytes
+    return entry[0]
 
 
 def _stream(array):
@@ -153,7 +168,7 @@ def run(plan: P.LaunchPlan) -> None:
 
     anchor = next(a.value for a in plan.args if a.kind == "ptr" and a.value is not None)
     device = _device_index(anchor)
-    function = _function(device, plan.kernel)
+    function = _function(device, plan.kernel, plan.shared_bytes)
     with cupy.cuda.Device(device):
         function(plan.grid, plan.block, tuple(_argument(a) for a in plan.args),
                  shared_mem=plan.shared_bytes, stream=_stream(anchor))

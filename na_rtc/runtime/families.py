@@ -21,6 +21,14 @@ class Family:
     launch_threads: dict = field(default_factory=dict)
     #: dynamic shared memory bytes at the largest launch, per name
     launch_shared_bytes: dict = field(default_factory=dict)
+    #: the architectures it is built for (empty: every one); ``check`` and ``precompile`` skip the others
+    archs: tuple[int, ...] = ()
+    #: built for the arch-specific target ``sm_<arch>a`` (Hopper's wgmma: sm_90a), whose cubin runs on
+    #: exactly that architecture
+    arch_specific: bool = False
+
+    def builds_for(self, arch: int) -> bool:
+        return not self.archs or arch in self.archs
 
 
 NAIVE_THREADS = 256  # one thread per output element; NA_RPB_THREADS in na_naive.cu matches
@@ -110,6 +118,20 @@ SELFTEST_THREADS = {"na_selftest_convert": 256, "na_selftest_mma<fp16_t>": 32, "
                     "na_selftest_group_window": 64}
 
 
+#: the wgmma self-test (cuda_src/na_selftest_wgmma.cu, sm_90a): element types x N of m64nNk16
+SELFTEST_WGMMA_N = (32, 64, 128)
+
+
+def selftest_wgmma_name(ctype: str, n: int) -> str:
+    return f"na_selftest_wgmma<{ctype}, {n}>"
+
+
+def selftest_wgmma_family() -> Family:
+    names = tuple(selftest_wgmma_name(t, n) for t in ("fp16_t", "bf16_t") for n in SELFTEST_WGMMA_N)
+    shared = {selftest_wgmma_name(t, n): 2 * 32 * n * 2 for t in ("fp16_t", "bf16_t") for n in SELFTEST_WGMMA_N}
+    return Family("na_selftest_wgmma.cu", names, {n: 128 for n in names}, shared, archs=(90,), arch_specific=True)
+
+
 def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
     return Family(source, names, {n: threads for n in names}, {n: 0 for n in names})
 
@@ -117,6 +139,7 @@ def _family(source: str, names: tuple[str, ...], threads: int) -> Family:
 FAMILIES: dict[str, Family] = {
     "naive": _family("na_naive.cu", naive_names(), NAIVE_THREADS),
     "selftest": Family("na_selftest.cu", tuple(SELFTEST_THREADS), SELFTEST_THREADS, {n: 0 for n in SELFTEST_THREADS}),
+    "selftest_wgmma": selftest_wgmma_family(),
     "tiled": Family("na_tiled.cu", tiled_names(), {n: TILED_THREADS for n in tiled_names()},
                     {n: TILED_SHARED_BUDGET for n in tiled_names()}),
     "tiled_bwd": tiled_bwd_family(),

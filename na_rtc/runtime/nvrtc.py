@@ -290,8 +290,12 @@ def compile_program(
     arch: int,
     options: Sequence[str] = (),
     include_dir: Path | None = None,
+    arch_specific: bool = False,
 ) -> CompiledProgram:
     """Compile ``source_path`` with NVRTC for ``sm_<arch>``, keeping the kernels ``names``.
+
+    ``arch_specific``: for ``sm_<arch>a`` (Hopper's wgmma needs ``sm_90a``), whose cubin runs on
+    exactly that architecture; only where NVRTC compiles ``sm_<arch>`` to a cubin.
 
     ``names`` are C++ name expressions (``"na_qk_fwd<float, float>"``, or a
     plain ``"kernel"``); each gets its lowered name in the result. Headers
@@ -304,6 +308,11 @@ def compile_program(
     include_dir = Path(include_dir).resolve() if include_dir is not None else source_path.parent
     arch = parse_arch(arch)
     kind, target = target_for(arch)
+    if arch_specific:
+        if kind != "cubin":
+            raise ArchUnsupported(f"the sm_{arch}a kernels of {Path(source_path).name} need an NVRTC that compiles "
+                                  f"sm_{arch}; NVRTC {'.'.join(map(str, nvrtc_version()))} compiles to {target}")
+        target += "a"
     all_options = (*DEFAULT_OPTIONS, *options, f"-arch={target}")
     main_name = _source_name(source_path, include_dir)
     source = source_path.read_bytes()

@@ -1,0 +1,56 @@
+// Self-test of the wgmma primitives (na_wgmma.cuh; built for sm_90a, like
+// the kernels that use them). One warpgroup: D (64 x N) from A (64 x 32, row
+// major) and B (32 x N, row major [k][n]) in two k-steps of 16, both B majors:
+//   d_kmajor = A B + C   B^T rows ([n][k]) as K-major core matrices, ordered
+//                        [n / 8][k / 8]: LBO 128 bytes, SBO 512 (4 along K);
+//   d_mnmajor = A B      B's rows ([k][n]) as MN-major core matrices, ordered
+//                        [k / 8][n / 8]: SBO 128, LBO 16 N; the first k-step
+//                        without accumulation (scale-d 0: C is not added).
+// A fragments come from global memory with the documented layout and D goes
+// back the same way, so the test checks the fragment layouts, the descriptor
+// fields and both flags against one plain matrix product.
+#include "na_types.cuh"
+#include "na_shared.cuh"
+#include "na_wgmma.cuh"
+
+template <class T, int N>
+__global__ void __launch_bounds__(128) na_selftest_wgmma(const T* __restrict__ a, const T* __restrict__ b,
+                                                         const float* __restrict__ c, float* __restrict__ d_kmajor,
+                                                         float* __restrict__ d_mnmajor) {
+    constexpr int K = 32;
+    T* sk = reinterpret_cast<T*>(na_dynamic_shared());  // K-major copy of B: K * N elements
+    T* sm = sk + K * N;                                 // MN-major copy of B
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    for (int i = tid; i < K * N; i += 128) {
+        const int k = i / N, n = i % N;
+        sk[((n / 8) * (K / 8) + k / 8) * 64 + (n % 8) * 8 + k % 8] = b[i];
+        sm[((k / 8) * (N / 8) + n / 8) * 64 + (k % 8) * 8 + n % 8] = b[i];
+    }
+    na_fence_proxy_async();  // plain stores, read next by the async proxy
+    __syncthreads();
+
+    unsigned fa[2][4];  // the two k-steps' A fragments of this warp's rows 16 warp ..
+    for (int ks = 0; ks < 2; ++ks)
+        for (int r = 0; r < 4; ++r) {
+            const int row = 16 * warp + g + 8 * (r % 2), col = 16 * ks + 2 * t + 8 * (r / 2);
+            fa[ks][r] = (unsigned)a[row * K + col].bits | ((unsigned)a[row * K + col + 1].bits << 16);
+        }
+    const auto at = [&](int i) { return (16 * warp + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * t + i % 2; };
+    float dk[N / 2], dm[N / 2];
+    for (int i = 0; i < N / 2; ++i) dk[i] = c[at(i)], dm[i] = c[at(i)];
+
+    const unsigned k_base = na_shared_address(sk), m_base = na_shared_address(sm);
+    constexpr unsigned K_LBO = 128, K_SBO = 128 * (K / 8), M_LBO = 128 * (N / 8), M_SBO = 128;
+    na_wgmma_hold(dk);
+    na_wgmma_hold(dm);
+    na_wgmma_fence();
+    for (int ks = 0; ks < 2; ++ks) {  // a k-step of 16 is two core matrices along K
+        na_wgmma_rs<T, N, false>(dk, fa[ks], na_wgmma_desc(k_base + 2 * ks * K_LBO, K_LBO, K_SBO), true);
+        na_wgmma_rs<T, N, true>(dm, fa[ks], na_wgmma_desc(m_base + 2 * ks * M_LBO, M_LBO, M_SBO), ks > 0);
+    }
+    na_wgmma_commit();
+    na_wgmma_wait<0>();
+    na_wgmma_hold(dk);
+    na_wgmma_hold(dm);
+    for (int i = 0; i < N / 2; ++i) d_kmajor[at(i)] = dk[i], d_mnmajor[at(i)] = dm[i];
+}
