@@ -13,6 +13,11 @@
 //   na_cp_async_wait_group<N>()            all but the newest N groups landed
 //                                          (for this thread: a barrier makes
 //                                          them visible to the block)
+//   na_fence_proxy_async()                 this thread's shared-memory writes so
+//                                          far (landed copies too) become visible
+//                                          to the async proxy (wgmma, sm_90):
+//                                          before the barrier that precedes the
+//                                          wgmma reading them
 // Below sm_80 the copies are plain loads and stores (the kernels that use
 // them are only launched on sm_80+, but the sources build everywhere).
 #pragma once
@@ -47,6 +52,12 @@ template <int N>
 __device__ __forceinline__ void na_cp_async_wait_group() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void na_fence_proxy_async() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
 

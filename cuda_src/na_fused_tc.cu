@@ -44,13 +44,12 @@
 #include "na_shared.cuh"
 #include "na_tile.cuh"
 #include "na_mma.cuh"
-#include "na_tc_common.cuh"
+#include "na_tc_softmax.cuh"
 
 #define NA_PROBLEM                                                                         \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
         long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
 #define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
-#define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
 
 template <class T, int HD, int TX, int TY, int KC, int MT>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
@@ -78,11 +77,11 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     T* sq = Q_IN_STAGE1 ? smem + STAGE * P : smem;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
 
-    const auto kv = na_tc_kv_stream_of<T, HD, P, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
+    const auto kv = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
                                                          tx, ty, dx, dy, b, h);
 
     // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere), with chunk 0 if Q leaves stage 0 free
-    na_tc_load_tile<T, HD, P, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
     if (Q_IN_STAGE1) kv.load(smem, box, 0);
     else na_cp_async_commit();
     na_cp_async_wait_group<0>();
@@ -143,51 +142,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
                 }
             }
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    float x = s[mt][nt][c] * scale2;
-                    if (rpb && in[mt][c])
-                        x += rpb[na_tc_bias_index(rows[mt], c / 2, key0 + c % 2, box, rpb_x, rpb_y)] * NA_TC_LOG2E;
-                    s[mt][nt][c] = in[mt][c] ? x : NEG_INF;
-                }
+            for (int mt = 0; mt < MT; ++mt) na_tc_logits<TY>(s[mt][nt], in[mt], rows[mt], key0, box, rpb, rpb_x, rpb_y, scale2);
         }
 
-        // online softmax, row i of this lane = rows g and g + 8 of each mma tile; a quad (4 lanes) shares a row
+        // online softmax, row i of this lane = rows g and g + 8 of each mma tile
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                float cmax = NEG_INF;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) cmax = s[mt][nt][2 * i + e] > cmax ? s[mt][nt][2 * i + e] : cmax;
-                for (int off = 1; off < 4; off *= 2) {
-                    const float other = __shfl_xor_sync(NA_TC_FULL, cmax, off);
-                    cmax = other > cmax ? other : cmax;
-                }
-                const float mnew = cmax > m[mt][i] ? cmax : m[mt][i];
-                // a row with no visible key yet keeps m = -inf (p = alpha = 0, o and l stay 0): never -inf - -inf
-                const float mref = mnew == NEG_INF ? 0.f : mnew;
-                const float alpha = na_exp2_fast(m[mt][i] - mref);  // m = -inf: 0
-                float rowsum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = na_exp2_fast(s[mt][nt][2 * i + e] - mref);  // -inf: 0; NaN stays NaN
-                        s[mt][nt][2 * i + e] = p;
-                        rowsum += p;
-                    }
-                l[mt][i] = l[mt][i] * alpha + rowsum;
-                m[mt][i] = mnew;
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    o[mt][dt][2 * i] *= alpha;
-                    o[mt][dt][2 * i + 1] *= alpha;
-                }
-            }
+        for (int mt = 0; mt < MT; ++mt) na_tc_softmax_chunk<NT, DT>(s[mt], o[mt], m[mt], l[mt]);
 
         // O += P V over 16-key steps (pairs of 8-key tiles); steps no query of the warp sees add nothing
 #pragma unroll
@@ -195,14 +155,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
             if (!tile_live[2 * ps] && !tile_live[2 * ps + 1]) continue;  // warp-uniform
             unsigned pa[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const float(&s0)[4] = s[mt][2 * ps];
-                const float(&s1)[4] = s[mt][2 * ps + 1];
-                pa[mt][0] = na_pack2<T>(s0[0], s0[1]);
-                pa[mt][1] = na_pack2<T>(s0[2], s0[3]);
-                pa[mt][2] = na_pack2<T>(s1[0], s1[1]);
-                pa[mt][3] = na_pack2<T>(s1[2], s1[3]);
-            }
+            for (int mt = 0; mt < MT; ++mt) na_tc_pack_p<T>(pa[mt], s[mt][2 * ps], s[mt][2 * ps + 1]);
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {  // x4.trans: the B fragments of dim tiles dt and dt + 1
                 unsigned vf[4];
@@ -218,24 +171,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
     }
 
+    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D};
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            float sum = l[mt][i];  // the row sum is spread over the quad
-            sum += __shfl_xor_sync(NA_TC_FULL, sum, 1);
-            sum += __shfl_xor_sync(NA_TC_FULL, sum, 2);
-            if (!rows[mt].valid[i]) continue;
-            long long x, y;
-            na_tc_row_position<TY>(16 * (MT * warp + mt) + (lane >> 2) + 8 * i, tx, ty, dx, dy, x, y);
-            const float inv = 1.f / sum;
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const long long d = 8 * dt + 2 * t + e;
-                    if (d < D) na_store<T, float>(out, NA_AT5(o, b, x, y, h, d), o[mt][dt][2 * i + e] * inv);
-                }
-            if (t == 0) lse[b * l_b + x * l_x + y * l_y + h * l_h] = (m[mt][i] + na_log2(sum)) * NA_TC_LN2;
-        }
+        na_tc_store_rows<T, DT, TY>(dst, o[mt], m[mt], l[mt], rows[mt], 16 * (MT * warp + mt), lane, tx, ty, dx, dy);
 }

@@ -90,8 +90,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     float* sds = reinterpret_cast<float*>(smem + na_tcb_align16(2LL * NQ * P * (long long)sizeof(T)));
     float* racc = sds + NQ * KS;
 
-    na_tc_load_tile<T, HD, P, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
-    na_tc_load_tile<T, HD, P, TX, TY>(tiles_q_g + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles_q_g + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, d_len, dx, dy, tx, ty);
     na_cp_async_commit();
     if (partial_out)
         for (long long i = tid; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    const auto kv = na_tc_kv_stream_of<T, HD, P, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
+    const auto kv = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
                                                          tx, ty, dx, dy, b, h);
     __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     kv.load(tiles_q_g, box, 0);
@@ -264,8 +264,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
         smem + na_tcb_align16((2LL * NK + 2LL * STAGES * QC) * P * (long long)sizeof(T)));
 
     const int d_len = (int)D;
-    na_tc_load_tile<T, HD, P, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
-    na_tc_load_tile<T, HD, P, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
     // the query box: union of the keys' inverse ranges (ranges never decrease with the key), walked
@@ -303,8 +303,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
         {  // row offsets made here, not kept across the chunk loop: HD 128 is at 255 registers
             const na_tc_box_rows q_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, q_b, q_x, q_y, q_h);
             const na_tc_box_rows g_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, g_b, g_x, g_y, g_h);
-            na_tc_load_box_keys<T, HD, P, QC>(sq, q, q_l, q_vec, d_len, qbox, q_at, c0);
-            na_tc_load_box_keys<T, HD, P, QC>(sq + QC * P, g, g_l, g_vec, d_len, qbox, g_at, c0);
+            na_tc_load_box_keys<T, HD, na_rows_pitch<P>, QC>(sq, q, q_l, q_vec, d_len, qbox, q_at, c0);
+            na_tc_load_box_keys<T, HD, na_rows_pitch<P>, QC>(sq + QC * P, g, g_l, g_vec, d_len, qbox, g_at, c0);
         }
         na_cp_async_commit();
         float* c_lse = tables + st * 6 * QC;

@@ -143,13 +143,13 @@ __device__ __forceinline__ bool na_tc_tile_full(const na_tc_warp_window& w, int 
 
 // The visibility of a lane's 4 elements of the 8-key tile at key_tile in each
 // of the warp's MT mma tiles (see na_tc_visible; key0 = key_tile + 2 (lane %
-// 4)) and whether any lane of the warp sees one of them (warp-uniform). Tiles
-// inside the warp's common window skip the per-element test and the vote.
+// 4)); returns whether the tile lies inside the warp's common window
+// (warp-uniform), where the per-element test is skipped.
 template <int TY, int MT = 1>
-__device__ __forceinline__ bool na_tc_visible_tile(const na_tc_rows* rows, const na_tc_warp_window& w,
-                                                   int key_tile, int key0, const na_tc_box<TY>& box,
-                                                   bool (&in)[MT][4]) {
-    if (na_tc_tile_full(w, key_tile, box)) {  // warp-uniform; a full tile has a valid row
+__device__ __forceinline__ bool na_tc_visible_elements(const na_tc_rows* rows, const na_tc_warp_window& w,
+                                                       int key_tile, int key0, const na_tc_box<TY>& box,
+                                                       bool (&in)[MT][4]) {
+    if (na_tc_tile_full(w, key_tile, box)) {  // a full tile has a valid row
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             in[mt][0] = in[mt][1] = rows[mt].valid[0];
@@ -157,11 +157,20 @@ __device__ __forceinline__ bool na_tc_visible_tile(const na_tc_rows* rows, const
         }
         return true;
     }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) na_tc_visible(rows[mt], key0, box, in[mt]);
+    return false;
+}
+
+// na_tc_visible_elements, and whether any lane of the warp sees one of the
+// tile's elements (warp-uniform): full tiles skip the vote
+template <int TY, int MT = 1>
+__device__ __forceinline__ bool na_tc_visible_tile(const na_tc_rows* rows, const na_tc_warp_window& w,
+                                                   int key_tile, int key0, const na_tc_box<TY>& box,
+                                                   bool (&in)[MT][4]) {
+    if (na_tc_visible_elements<TY, MT>(rows, w, key_tile, key0, box, in)) return true;
     bool any = false;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        na_tc_visible(rows[mt], key0, box, in[mt]);
-        any = any || in[mt][0] || in[mt][1] || in[mt][2] || in[mt][3];
-    }
+    for (int mt = 0; mt < MT; ++mt) any = any || in[mt][0] || in[mt][1] || in[mt][2] || in[mt][3];
     return __any_sync(NA_TC_FULL, any);
 }

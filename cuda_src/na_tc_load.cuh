@@ -15,7 +15,40 @@
 #define NA_TC_WARPS 4
 #define NA_TC_THREADS (32 * NA_TC_WARPS)
 
-// Load ROWS rows of HD elements into shared rows of pitch P: row(r, at) says
+// Shared-memory layouts of staged rows: L::at(r, c) is the element offset of
+// head dim c of row r, L::rows(n) the elements n rows take (n a multiple of 8),
+// L::piece(e, pieces, r, c) which 16-byte piece (row r, piece c) copy e of a
+// load moves (the order decides the bank conflicts of the copies).
+//   na_rows_pitch<P>   row major with pitch P (ldmatrix reads rows: P = HD + 8
+//                      shifts each row by 4 banks); consecutive copies along a row
+//   na_rows_core<HD>   wgmma core matrices (na_wgmma.cuh), 16-bit elements: 8
+//                      rows x 8 head dims as 64 contiguous elements, the HD / 8
+//                      matrices of a group of 8 rows one after another; 8
+//                      consecutive copies fill one matrix (128 contiguous bytes)
+template <int P>
+struct na_rows_pitch {
+    static constexpr __host__ __device__ int rows(int n) { return n * P; }
+    static __device__ __forceinline__ int at(int r, int c) { return r * P + c; }
+    static __device__ __forceinline__ void piece(int e, int pieces, int& r, int& c) {
+        r = e / pieces;
+        c = e % pieces;
+    }
+};
+
+template <int HD>
+struct na_rows_core {
+    static_assert(HD % 8 == 0, "whole core matrices of 8 head dims");
+    static constexpr __host__ __device__ int rows(int n) { return n * HD; }
+    static __device__ __forceinline__ int at(int r, int c) {
+        return ((r >> 3) * (HD / 8) + (c >> 3)) * 64 + (r & 7) * 8 + (c & 7);
+    }
+    static __device__ __forceinline__ void piece(int e, int pieces, int& r, int& c) {
+        r = (e & 7) + 8 * (e / (8 * pieces));
+        c = (e >> 3) % pieces;
+    }
+};
+
+// Load ROWS rows of HD elements into shared rows of layout L: row(r, at) says
 // whether row r exists and sets `at`, its element offset in src (element
 // stride `step`); missing rows and head dims D..HD are zero. With `vec`
 // (block-uniform, na_rows_vectorizable: rows contiguous and 16-byte aligned,
@@ -24,19 +57,21 @@
 // commits and waits; the per-piece work is the row's offset and one copy.
 // Otherwise element by element, landed on return (for strided head dims and
 // unaligned rows).
-template <class T, int HD, int P, int ROWS, class Row>
+template <class T, int HD, class L, int ROWS, class Row>
 __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long step, bool vec, int D, Row row) {
     if (vec) {
         constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, N = ROWS * PIECES;
-        static_assert(HD % V == 0 && (P * (int)sizeof(T)) % 16 == 0, "16-byte pieces of 16-byte aligned rows");
+        static_assert(HD % V == 0 && (L::rows(1) * (int)sizeof(T)) % 16 == 0, "16-byte pieces of 16-byte aligned rows");
 #pragma unroll
         for (int i = 0; i < (N + NA_TC_THREADS - 1) / NA_TC_THREADS; ++i) {
             const int e = (int)threadIdx.x + i * NA_TC_THREADS;
             if (N % NA_TC_THREADS == 0 || e < N) {
-                const int r = e / PIECES, c = (e % PIECES) * V;
+                int r, c;
+                L::piece(e, PIECES, r, c);
+                c *= V;
                 long long at = 0;
                 const bool ok = row(r, at) && c < D;
-                na_cp_async_zfill_16(dst + r * P + c, ok ? src + at + c : src, ok ? 16 : 0);
+                na_cp_async_zfill_16(dst + L::at(r, c), ok ? src + at + c : src, ok ? 16 : 0);
             }
         }
         return;
@@ -45,16 +80,16 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
         const int r = e / HD, c = e % HD;
         long long at = 0;
         const bool ok = row(r, at) && c < D;
-        dst[r * P + c] = ok ? src[at + c * step] : T();
+        dst[L::at(r, c)] = ok ? src[at + c * step] : T();
     }
 }
 
 // load box keys c0 .. c0 + KC - 1 of one tensor into KC shared rows (keys past the box: zero); the
 // dkdv kernel walks its box of queries the same way
-template <class T, int HD, int P, int KC, int TY>
+template <class T, int HD, class L, int KC, int TY>
 __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
                                                     const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
-    na_tc_load_rows<T, HD, P, KC>(dst, src, step, vec, D, [&](int r, long long& at) {
+    na_tc_load_rows<T, HD, L, KC>(dst, src, step, vec, D, [&](int r, long long& at) {
         const int key = c0 + r;
         if (key >= box.keys) return false;
         int bx, by;
@@ -67,8 +102,8 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
 // The K and V rows of a key box, streamed in chunks of KC box keys through two
 // shared-memory stages of 2 KC rows each (the K chunk, then the V chunk), as
 // the forward and the dq kernel walk the box: load(stages, chunk) issues chunk
-// `chunk` into stage chunk % 2 as one cp.async group.
-template <class T, int HD, int P, int KC, int TY>
+// `chunk` into stage chunk % 2 as one cp.async group. Rows in layout L.
+template <class T, int HD, class L, int KC, int TY>
 struct na_tc_kv_stream {
     const T* k;
     const T* v;
@@ -78,28 +113,32 @@ struct na_tc_kv_stream {
     na_tc_box_rows k_at, v_at;
 
     __device__ __forceinline__ void load(T* stages, const na_tc_box<TY>& box, int chunk) const {
-        T* stage = stages + (chunk & 1) * 2 * KC * P;
-        na_tc_load_box_keys<T, HD, P, KC>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
-        na_tc_load_box_keys<T, HD, P, KC>(stage + KC * P, v, v_step, v_vec, d_len, box, v_at, chunk * KC);
+        T* stage = stages + (chunk & 1) * L::rows(2 * KC);
+        na_tc_load_box_keys<T, HD, L, KC>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, L, KC>(stage + L::rows(KC), v, v_step, v_vec, d_len, box, v_at, chunk * KC);
         na_cp_async_commit();
     }
 
     // the top of the iteration on chunk `chunk` of `chunks` (chunk 0 loaded before the loop): issue
     // chunk + 1 (an empty group after the last keeps the wait uniform), wait for chunk `chunk` and
-    // make it visible to the block; returns its stage (K rows, then V rows from KC * P on). The
-    // caller ends each iteration with a barrier, before the stage it read is loaded again.
+    // make it visible to the block; returns its stage (K rows, then V rows from L::rows(KC) on).
+    // The caller ends each iteration with a barrier, before the stage it read is loaded again.
+    // ASYNC_PROXY: the rows are read by wgmma (the async proxy), so each thread fences its landed
+    // copies before the barrier (na_wgmma.cuh).
+    template <bool ASYNC_PROXY = false>
     __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY>& box, int chunk, int chunks) const {
         if (chunk + 1 < chunks) load(stages, box, chunk + 1);
         else na_cp_async_commit();
         na_cp_async_wait_group<1>();
+        if (ASYNC_PROXY) na_fence_proxy_async();
         __syncthreads();
-        return stages + (chunk & 1) * 2 * KC * P;
+        return stages + (chunk & 1) * L::rows(2 * KC);
     }
 };
 
 // the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty
-template <class T, int HD, int P, int KC, int TY>
-__device__ __forceinline__ na_tc_kv_stream<T, HD, P, KC, TY> na_tc_kv_stream_of(
+template <class T, int HD, class L, int KC, int TY>
+__device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY> na_tc_kv_stream_of(
     const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D,
     const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h) {
     return {k,
@@ -115,14 +154,14 @@ __device__ __forceinline__ na_tc_kv_stream<T, HD, P, KC, TY> na_tc_kv_stream_of(
 
 // load the NROWS = TX * TY rows of a tile of one (b, h) (row qx * TY + qy: group
 // coordinates tx.q0 + qx, ty.q0 + qy; rows of missing queries zero)
-template <class T, int HD, int P, int TX, int TY>
+template <class T, int HD, class L, int TX, int TY>
 __device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long s_b, long long s_x, long long s_y,
                                                 long long s_h, long long s_l, long long b, long long h, int D,
                                                 long long dx, long long dy, const na_tile_axis& tx,
                                                 const na_tile_axis& ty) {
     const bool vec = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
     const na_tc_box_rows rows = na_tc_box_rows_of(tx.q0, ty.q0, tx.g, ty.g, dx, dy, b, h, s_b, s_x, s_y, s_h);
-    na_tc_load_rows<T, HD, P, TX * TY>(dst, src, s_l, vec, D, [&](int r, long long& at) {
+    na_tc_load_rows<T, HD, L, TX * TY>(dst, src, s_l, vec, D, [&](int r, long long& at) {
         const int qx = r / TY, qy = r % TY;
         at = rows.base + qx * rows.step_x + qy * rows.step_y;
         return qx < tx.n && qy < ty.n;

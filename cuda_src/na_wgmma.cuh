@@ -31,13 +31,14 @@
 // na_wgmma_hold(d) keeps the compiler from moving register accesses across the
 // asynchronous instructions (after a wait, before an issue). Shared memory
 // written through the generic proxy (plain stores, cp.async) needs
-// na_fence_proxy_async() in the writing threads, then a barrier, before
-// wgmma reads it.
+// na_fence_proxy_async() (na_async.cuh) in the writing threads, then a
+// barrier, before wgmma reads it.
 //
 // Outside sm_90a (a plain sm_90 or sm_80 build) these compile to a trap, so the
 // sources build everywhere; the dispatcher launches them only on sm_90a builds.
 #pragma once
 
+#include "na_async.cuh"
 #include "na_mma.cuh"
 
 #if !defined(NA_RTC_EMULATOR) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -77,12 +78,6 @@ __device__ __forceinline__ void na_wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 #else
     __trap();
-#endif
-}
-
-__device__ __forceinline__ void na_fence_proxy_async() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
 

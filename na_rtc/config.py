@@ -95,6 +95,17 @@ def emulator_threads() -> int:
     return value
 
 
+def wgmma() -> bool:
+    """Whether fp16/bf16 fused forwards on sm_90 GPUs (and in the emulator) use the Hopper wgmma kernel
+    (``NA_RTC_WGMMA``, default off until GPU runs have measured it)."""
+    raw = os.environ.get("NA_RTC_WGMMA", "").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"NA_RTC_WGMMA must be 1 or 0, got {raw!r}")
+
+
 def tc_warp_rows() -> int | None:
     """Query rows per warp the tensor-core forward should use (``NA_RTC_TC_WARP_ROWS``), or None: the table's."""
     raw = os.environ.get("NA_RTC_TC_WARP_ROWS", "").strip()

@@ -53,6 +53,7 @@ NAMES = (
     "cp_async_groups",
     "cp_async_tile",
     "cp_async_race",
+    "wgmma_misuse",
     "dynamic_smem",
     "dynamic_smem_touch",
     "read_at",
@@ -403,6 +404,28 @@ def test_a_read_of_rows_whose_cp_async_has_not_landed_is_reported(emu):
     assert out.reshape(32, 4).tolist() == want
     with pytest.raises(RuntimeError, match="has not landed in yet"):
         run(emu, "cp_async_race", (1,), (64,), ptr(src), ptr(out), i64(0), shared=512)
+
+
+def test_wgmma_is_computed_at_the_wait_and_misuse_is_reported(emu):
+    """The emulator's wgmma: each warp's rows at wgmma.wait_group, with B through the descriptor; a missing
+    fence, proxy fence, cp.async wait or wgmma wait is an error, and D read before the wait is stale."""
+    import torch
+
+    values = torch.arange(128, dtype=torch.float32).reshape(2, 8, 8) / 8  # [k / 8][n][k % 8], exact in bf16
+    b = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).copy()
+    column_sums = values.sum(dim=(0, 2)).numpy()  # D[r][n] = sum over k of B[k][n] (A is all ones)
+    out = np.full(512, np.nan, np.float32)
+    run(emu, "wgmma_misuse", (1,), (128,), ptr(b), ptr(out), i64(0), shared=256)
+    lane = np.arange(128) % 32
+    want = np.stack([column_sums[2 * (lane % 4) + (i % 2)] for i in range(4)], axis=1).reshape(-1)
+    np.testing.assert_array_equal(out, want)
+    for mode, message in ((1, "without a wgmma.fence"), (2, "no fence.proxy.async"), (3, "has not landed in yet"),
+                          (4, "not waited for")):
+        with pytest.raises(EmulatorError, match=message):
+            run(emu, "wgmma_misuse", (1,), (128,), ptr(b), ptr(out), i64(mode), shared=256)
+    stale = np.full(512, np.nan, np.float32)
+    run(emu, "wgmma_misuse", (1,), (128,), ptr(b), ptr(stale), i64(5), shared=256)
+    assert (stale == 0).all()
 
 
 @pytest.mark.parametrize("nbytes", [16, 1000, 48 * 1024, 100 * 1024, 227 * 1024])

@@ -104,6 +104,13 @@ def fused_tc_bwd_family() -> Family:
                   fused_tc.bwd_family_shared())
 
 
+def fused_wg_family() -> Family:
+    """Hopper wgmma fused forward (cuda_src/na_fused_wg.cu, sm_90a; table and dispatch in runtime/fused_wg.py)."""
+    from . import fused_wg
+
+    return fused_wg.family()
+
+
 def fused_bwd_family() -> Family:
     """Fused backward kernels (cuda_src/na_fused_bwd.cu; tile table and dispatch in runtime/fused_bwd.py)."""
     from . import fused_bwd
@@ -147,6 +154,7 @@ FAMILIES: dict[str, Family] = {
     "fused": fused_family(),
     "fused_tc": fused_tc_family(),
     "fused_tc_bwd": fused_tc_bwd_family(),
+    "fused_wg": fused_wg_family(),
 }
 
 

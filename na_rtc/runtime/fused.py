@@ -20,7 +20,7 @@ import math
 
 from .. import _arrays
 from .._args import Problem
-from . import fused_tc
+from . import fused_tc, fused_wg
 from . import plan as P
 from . import tiling
 from .tiling import CTYPES
@@ -87,14 +87,20 @@ class FusedKernels:
     (``fused_tc.py``) may serve ``problem`` (the executor's device is sm_80+
     and ``NA_RTC_TENSOR_CORES`` allows it); where it may and covers the
     problem it runs, else the SIMT kernel of this module. Default: SIMT only.
+    ``wgmma(problem) -> bool``: whether the Hopper kernel (``fused_wg.py``)
+    may serve it instead (sm_90 and ``NA_RTC_WGMMA=1``). Default: never.
     """
 
-    def __init__(self, run, tensor_cores=None):
+    def __init__(self, run, tensor_cores=None, wgmma=None):
         self.run = run
         self.tensor_cores = tensor_cores or (lambda problem: False)
+        self.wgmma = wgmma or (lambda problem: False)
 
     def _uses_tensor_cores(self, problem: Problem) -> bool:
         return fused_tc.covers(problem) and bool(self.tensor_cores(problem))
+
+    def _uses_wgmma(self, problem: Problem) -> bool:
+        return self._uses_tensor_cores(problem) and fused_wg.covers(problem) and bool(self.wgmma(problem))
 
     def covers(self, problem: Problem) -> bool:
         if self._uses_tensor_cores(problem):
@@ -107,6 +113,8 @@ class FusedKernels:
         return tiling.grid(problem, tile) <= P.MAX_GRID[0]
 
     def kernel_name(self, problem: Problem) -> str:
+        if self._uses_wgmma(problem):
+            return fused_wg.kernel_name(problem)
         if self._uses_tensor_cores(problem):
             return fused_tc.kernel_name(problem)
         hd, tile = _tile(problem)
@@ -127,7 +135,9 @@ class FusedKernels:
             raise ValueError(f"the fused kernel does not cover this problem ({problem.ndim}D, {problem.dtype}, "
                              f"head_dim {problem.head_dim}); check covers() first")
         name = self.kernel_name(problem)
-        if self._uses_tensor_cores(problem):
+        if self._uses_wgmma(problem):
+            source, _, threads, blocks, smem = fused_wg.launch(problem)
+        elif self._uses_tensor_cores(problem):
             source, threads, blocks = fused_tc.SOURCE, fused_tc.THREADS, fused_tc.grid(problem)
             smem = fused_tc.shared_bytes(fused_tc.head_dim_bucket(problem.head_dim), problem.dtype)
         else:

@@ -45,10 +45,25 @@ def _tensor_core_policy(backend: str):
     return allowed
 
 
+def _wgmma_policy(backend: str):
+    """problem -> may the Hopper wgmma forward run it: with NA_RTC_WGMMA=1, on sm_90 GPUs (cuda) and in
+    the emulator (on top of the tensor-core policy)."""
+    def allowed(problem: Problem) -> bool:
+        if not config.wgmma():
+            return False
+        if backend == "cuda":
+            from . import cuda, fused_wg
+
+            return cuda.arch_of(problem.device) == fused_wg.ARCH
+        return True
+
+    return allowed
+
+
 def make_ops(run: Executor, backend: str) -> dict:
     """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
     kernels = Kernels(run)
-    fused = FusedKernels(run, _tensor_core_policy(backend))
+    fused = FusedKernels(run, _tensor_core_policy(backend), _wgmma_policy(backend))
     fused_backward_kernels = FusedBackwardKernels(run, _tensor_core_policy(backend))
 
     def bias_in_accumulator(problem, rpb):

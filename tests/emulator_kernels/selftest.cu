@@ -259,6 +259,38 @@ __global__ void cp_async_race(const unsigned* src, unsigned* out, long long mode
 }
 #endif
 
+#ifdef NA_RTC_EMULATOR
+// wgmma (the emulator's spellings of cuda_src/na_wgmma.cuh), one warpgroup: D
+// (64 x 8) = ones (64 x 16) B, B (16 x 8) staged by cp.async as two K-major
+// core matrices (descriptor by hand: start 0, LBO 128, SBO 256). out[4 t + i]
+// = thread t's d[i]. mode 0 is correct; the others break one rule each:
+// 1 no wgmma.fence, 2 no fence.proxy.async after the copies landed, 3 no
+// cp.async wait (nor barrier) before the wgmma, 4 exit before the wgmma wait,
+// 5 D read before the wait (stored then: the old zeros).
+__global__ void wgmma_misuse(const unsigned char* b, float* out, long long mode) {
+    unsigned char* smem = na_dynamic_shared();
+    const unsigned t = threadIdx.x;
+    if (t < 16) na_cp_async_16(smem + 16 * t, b + 16 * t);
+    na_cp_async_commit();
+    if (mode != 3) na_cp_async_wait_group<0>();
+    if (mode != 2) na_fence_proxy_async();
+    if (mode != 3) __syncthreads();
+    const unsigned a[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};  // bf16 ones
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    const unsigned long long desc = (128ull >> 4) << 16 | (256ull >> 4) << 32;
+    if (mode != 1) na_wgmma_fence();
+    na_wgmma_m64k16<8, false, true>(d, a, desc, 1);
+    na_wgmma_commit();
+    if (mode == 4) return;
+    if (mode == 5)
+        for (int i = 0; i < 4; ++i) out[4 * t + i] = d[i];
+    na_wgmma_wait<0>();
+    if (mode != 5)
+        for (int i = 0; i < 4; ++i) out[4 * t + i] = d[i];
+    if (mode == 3) __syncthreads();
+}
+#endif
+
 // ------------------------------------------------------------ dynamic shared memory
 
 // out[0] += bytes that held the 0xFF fill at block start; out[1] += bytes

@@ -1,0 +1,119 @@
+// The forward's per-row math on accumulator tiles, shared by the mma.sync
+// forward (na_fused_tc.cu) and the wgmma forward (na_fused_wg.cu), whose
+// logits and outputs have the same per-warp layout: a lane holds rows g and
+// g + 8 (g = lane / 4) of a 16-row tile, in 8-column tiles of 4 floats
+// (element 2 i + e: row g + 8 i, column 2 (lane % 4) + e).
+//
+//   na_tc_logits         one 8-key tile: scale and bias in log2 units, -inf
+//                        outside each row's window
+//   na_tc_softmax_chunk  online softmax over a chunk's tiles: logits become
+//                        probabilities, the output and the row sums rescale
+//   na_tc_pack_p         probabilities of a 16-key step as an mma A fragment
+//   na_tc_store_rows     the normalized output and the logsumexp of both rows
+#pragma once
+
+#include "na_mma.cuh"
+#include "na_tc_common.cuh"
+
+// the logits of one 8-key tile (box keys key0, key0 + 1 for this lane): in[c] says which are visible
+template <int TY>
+__device__ __forceinline__ void na_tc_logits(float (&s)[4], const bool (&in)[4], const na_tc_rows& rows, int key0,
+                                             const na_tc_box<TY>& box, const float* __restrict__ rpb,
+                                             long long rpb_x, long long rpb_y, float scale2) {
+    const float NEG_INF = __int_as_float(0xff800000);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        float x = s[c] * scale2;
+        if (rpb && in[c]) x += rpb[na_tc_bias_index(rows, c / 2, key0 + c % 2, box, rpb_x, rpb_y)] * NA_TC_LOG2E;
+        s[c] = in[c] ? x : NEG_INF;
+    }
+}
+
+// One chunk of the online softmax of a lane's two rows: s (log2-unit logits of
+// NT 8-key tiles) becomes exp2(s - m), m the running row max; o (DT 8-dim
+// tiles) and the running sum l are rescaled. The 4 lanes of a quad share a row.
+template <int NT, int DT>
+__device__ __forceinline__ void na_tc_softmax_chunk(float (&s)[NT][4], float (&o)[DT][4], float (&m)[2],
+                                                    float (&l)[2]) {
+    const float NEG_INF = __int_as_float(0xff800000);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float cmax = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) cmax = s[nt][2 * i + e] > cmax ? s[nt][2 * i + e] : cmax;
+        for (int off = 1; off < 4; off *= 2) {
+            const float other = __shfl_xor_sync(NA_TC_FULL, cmax, off);
+            cmax = other > cmax ? other : cmax;
+        }
+        const float mnew = cmax > m[i] ? cmax : m[i];
+        // a row with no visible key yet keeps m = -inf (p = alpha = 0, o and l stay 0): never -inf - -inf
+        const float mref = mnew == NEG_INF ? 0.f : mnew;
+        const float alpha = na_exp2_fast(m[i] - mref);  // m = -inf: 0
+        float rowsum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float p = na_exp2_fast(s[nt][2 * i + e] - mref);  // -inf: 0; NaN stays NaN
+                s[nt][2 * i + e] = p;
+                rowsum += p;
+            }
+        l[i] = l[i] * alpha + rowsum;
+        m[i] = mnew;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            o[dt][2 * i] *= alpha;
+            o[dt][2 * i + 1] *= alpha;
+        }
+    }
+}
+
+// the probabilities of 8-key tiles s0, s1 (one 16-key step) rounded to T, as the A fragment of P V:
+// the accumulator layout of two n8 tiles is the A layout of one k16 step
+template <class T>
+__device__ __forceinline__ void na_tc_pack_p(unsigned (&pa)[4], const float (&s0)[4], const float (&s1)[4]) {
+    pa[0] = na_pack2<T>(s0[0], s0[1]);
+    pa[1] = na_pack2<T>(s0[2], s0[3]);
+    pa[2] = na_pack2<T>(s1[0], s1[1]);
+    pa[3] = na_pack2<T>(s1[2], s1[3]);
+}
+
+// Where the forward writes: out (strides b, x, y, h, head dim) and lse (b, x, y, h), one (b, h).
+template <class T>
+struct na_tc_output {
+    T* out;
+    long long o_b, o_x, o_y, o_h, o_l;
+    float* lse;
+    long long l_b, l_x, l_y, l_h;
+    long long b, h, D;
+};
+
+// out = o / l and lse = (m + log2 l) ln 2 of the lane's valid rows of the 16-row tile at tile row row0
+template <class T, int DT, int TY>
+__device__ __forceinline__ void na_tc_store_rows(const na_tc_output<T>& w, const float (&o)[DT][4],
+                                                 const float (&m)[2], const float (&l)[2], const na_tc_rows& rows,
+                                                 int row0, int lane, const na_tile_axis& tx, const na_tile_axis& ty,
+                                                 long long dx, long long dy) {
+    const int t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        float sum = l[i];  // the row sum is spread over the quad
+        sum += __shfl_xor_sync(NA_TC_FULL, sum, 1);
+        sum += __shfl_xor_sync(NA_TC_FULL, sum, 2);
+        if (!rows.valid[i]) continue;
+        long long x, y;
+        na_tc_row_position<TY>(row0 + (lane >> 2) + 8 * i, tx, ty, dx, dy, x, y);
+        const long long at = w.b * w.o_b + x * w.o_x + y * w.o_y + w.h * w.o_h;
+        const float inv = 1.f / sum;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const long long d = 8 * dt + 2 * t + e;
+                if (d < w.D) na_store<T, float>(w.out, at + d * w.o_l, o[dt][2 * i + e] * inv);
+            }
+        if (t == 0) w.lse[w.b * w.l_b + x * w.l_x + y * w.l_y + w.h * w.l_h] = (m[i] + na_log2(sum)) * NA_TC_LN2;
+    }
+}

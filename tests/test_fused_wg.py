@@ -1,0 +1,147 @@
+"""The Hopper wgmma fused forward (``cuda_src/na_fused_wg.cu``) through the emulator.
+
+* the fp16/bf16 configurations of the fused sweep (the ones the mma.sync
+  forward takes, tests/test_fused_tc.py) against the float64 reference:
+  output and logsumexp within the DESIGN.md section 8 tolerances;
+* it agrees with the mma.sync forward on the same inputs;
+* NaN reach: a key poisons exactly the queries that see it, a value at most
+  its query tile;
+* dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
+  forward and backward through autograd (the mma.sync backward kernels take
+  this forward's output and logsumexp).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import test_fused
+import test_fused_tc
+from helpers import assert_close, RecordingExecutor, sweep_bias, sweep_inputs
+
+import na_rtc
+from na_rtc.runtime import emulated, fused, fused_wg, ops
+
+pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
+                                reason="emulator needs a C++ compiler")
+
+CONFIGS = test_fused_tc.CONFIGS
+
+
+def _always(problem):
+    return True
+
+
+def _run(cfg, wgmma=True, executor=emulated.run):
+    (q, k, v), _ = sweep_inputs(cfg, 3)
+    bias, _ = sweep_bias(cfg)
+    problem = test_fused._problem(cfg, q, k, v, bias)
+    kernels = fused.FusedKernels(executor, _always, _always if wgmma else None)
+    assert kernels.covers(problem)
+    return kernels.forward(problem, q, k, v, bias)
+
+
+def test_every_instantiation_is_in_the_sweep():
+    assert {(c.ndim, fused_wg.head_dim_bucket(c.head_dim), c.dtype) for c in CONFIGS} == {
+        (ndim, hd, dtype) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS for dtype in fused_wg.DTYPES}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_wgmma_forward_matches_reference(cfg):
+    recorder = RecordingExecutor()
+    out, lse = _run(cfg, executor=recorder)
+    assert len(recorder.names) == 1 and recorder.names[0].startswith("na_fused_wg_fwd<")
+    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    _, bias64 = sweep_bias(cfg)
+    want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and tuple(out.shape) == cfg.shape
+    assert_close(out, want_out, cfg.dtype, "forward", "out")
+    assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[::5], ids=str)
+def test_wgmma_and_mma_sync_forwards_agree(cfg):
+    wg_out, wg_lse = _run(cfg, wgmma=True)
+    tc_out, tc_lse = _run(cfg, wgmma=False)
+    assert_close(wg_out, tc_out.double(), cfg.dtype, "forward", "out")
+    assert_close(wg_lse, tc_lse.double(), cfg.dtype, "forward", "lse")
+
+
+@pytest.mark.parametrize("poisoned", ["key", "value"])
+def test_nan_reach(poisoned):
+    """A NaN key poisons exactly the queries that see it; a NaN value those and at most the other queries
+    of its 64-query tile (0 * NaN in P V: every warp of the warpgroup multiplies every key of the chunk)."""
+    cfg = test_fused.Config((150,), (9,), (1,), (False,), 1, 1, 32, False, False, "float16", (1,))
+    (q, k, v), _ = sweep_inputs(cfg, 3)
+    k, v = k.clone(), v.clone()
+    (k if poisoned == "key" else v)[0, 77, 0, 3] = float("nan")
+    problem = test_fused._problem(cfg, q, k, v, None)
+    out, _ = fused.FusedKernels(emulated.run, _always, _always).forward(problem, q, k, v)
+    bad = ~torch.isfinite(out[0, :, 0].float()).all(-1)
+    starts = [min(max(i - 4, 0), 150 - 9) for i in range(150)]
+    sees = torch.tensor([s <= 77 < s + 9 for s in starts])
+    tile = fused_wg.TILES[1][0]
+    same_tile = torch.tensor([i // tile == 77 // tile for i in range(150)])
+    assert sees.any() and bool((bad >= sees).all()), "a query whose window holds the NaN is finite"
+    if poisoned == "key":
+        assert torch.equal(bad, sees)
+    else:
+        assert bool((bad <= same_tile).all()), "a query of another tile is poisoned"
+
+
+def _problem(ndim, dtype, head_dim):
+    q = torch.empty((1, *(20,) * ndim, 2, head_dim), dtype=getattr(torch, dtype))
+    return na_rtc._args.fused_problem(ndim, q, q, q, 5, 1, 1, False, None, None)
+
+
+@pytest.mark.parametrize("ndim, dtype, head_dim, wgmma, expected", [
+    (1, "bfloat16", 128, True, "na_fused_wg_fwd<bf16_t, 128, 64, 1, 64>"),
+    (2, "float16", 40, True, "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64>"),
+    (2, "float16", 64, False, "na_fused_tc_fwd<fp16_t, 64, 16, 8, 32, 2>"),
+    (1, "float32", 64, True, "na_fused_fwd<float, 64, 32, 1>"),  # fp32: SIMT
+])
+def test_dispatch(ndim, dtype, head_dim, wgmma, expected):
+    kernels = fused.FusedKernels(emulated.run, _always, lambda problem: wgmma)
+    assert kernels.kernel_name(_problem(ndim, dtype, head_dim)) == expected
+
+
+def test_the_setting_is_opt_in(monkeypatch):
+    allowed = ops._wgmma_policy("emulator")
+    problem = _problem(1, "bfloat16", 64)
+    monkeypatch.delenv("NA_RTC_WGMMA", raising=False)
+    assert not allowed(problem)
+    monkeypatch.setenv("NA_RTC_WGMMA", "1")
+    assert allowed(problem)
+    monkeypatch.setenv("NA_RTC_WGMMA", "maybe")
+    with pytest.raises(ValueError, match="NA_RTC_WGMMA must be 1 or 0"):
+        allowed(problem)
+
+
+@pytest.mark.parametrize("arch, expected", [(90, True), (80, False), (100, False)])
+def test_cuda_runs_it_on_sm_90_only(monkeypatch, arch, expected):
+    from na_rtc.runtime import cuda
+
+    monkeypatch.setenv("NA_RTC_WGMMA", "1")
+    monkeypatch.setattr(cuda, "arch_of", lambda device: arch)
+    assert ops._wgmma_policy("cuda")(_problem(2, "float16", 64)) is expected
+
+
+def test_forward_and_backward_through_the_op_table(monkeypatch):
+    """With NA_RTC_WGMMA=1 the emulator's fused forward is the wgmma kernel, and the mma.sync backward
+    kernels take its output and logsumexp: every gradient within tolerance of the float64 reference."""
+    monkeypatch.setenv("NA_RTC_WGMMA", "1")
+    recorder = RecordingExecutor()
+    table = ops.make_ops(recorder, "emulator")
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 70, 2, 64, dtype=torch.bfloat16) for _ in range(4))
+    problem = na_rtc._args.fused_problem(1, q, k, v, 9, 1, 1, False, None, None)
+    out, lse = table["fused_forward"](problem, q, k, v)
+    dq, dk, dv, _ = table["fused_backward"](problem, grad, q, k, v, None, out, lse)
+    assert recorder.names[0].startswith("na_fused_wg_fwd<")
+    assert any(name.startswith("na_fused_tc_bwd_dq<") for name in recorder.names[1:])
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    want = na_rtc.na1d(qd, kd, vd, kernel_size=9, backend="reference")
+    want.backward(grad.double())
+    assert_close(out, want.detach(), "bfloat16", "forward", "out")
+    for name, got, ref in (("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)):
+        assert_close(got, ref, "bfloat16", "grad", name)
