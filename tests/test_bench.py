@@ -461,3 +461,19 @@ def test_sixteen_warp_rows_entry_runs_only_where_it_changes_the_kernel(head_dim,
             _prepare_sixteen_warp_rows(problem, inputs)
     else:
         assert _prepare_sixteen_warp_rows(problem, inputs).notes["forward_kernels"] == picks
+
+
+@pytest.mark.parametrize("dtype, picks", [("bfloat16", "na_fused_wg_fwd<bf16_t, 64, 64, 1, 64>"), ("float32", None)])
+def test_wgmma_entry_times_the_hopper_forward_or_says_why_not(dtype, picks):
+    """fused_wgmma runs the fused op with NA_RTC_WGMMA=1 (the emulator takes it like an sm_90 GPU); where the
+    wgmma forward does not serve the problem (fp32 here) the entry is unavailable instead of timing another."""
+    from na_rtc.bench.entries import Unavailable, _prepare_wgmma, make_inputs
+    from na_rtc.bench.presets import Spec
+
+    problem = Spec((40,), (7,), (1,), (1,), (False,), 1, 1, 64, dtype)
+    inputs = make_inputs(problem, "cpu", "emulator")
+    if picks is None:
+        with pytest.raises(Unavailable, match="wgmma forward does not serve"):
+            _prepare_wgmma(problem, inputs)
+    else:
+        assert _prepare_wgmma(problem, inputs).notes["forward_kernels"] == picks

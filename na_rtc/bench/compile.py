@@ -62,6 +62,9 @@ class _Cuda:
         from .._resources import cuda_src_dir
         from ..runtime import cache
 
+        if not family.builds_for(self.arch):
+            raise RuntimeError(f"not built for sm_{self.arch} ({family.source} is for "
+                               f"{', '.join(f'sm_{a}' for a in family.archs)})")
         started = time.perf_counter()
         program, origin = cache.lookup(cuda_src_dir() / family.source, family.names, self.arch, cache_root=self.root,
                                        arch_specific=family.arch_specific)

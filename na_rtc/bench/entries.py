@@ -136,11 +136,12 @@ def _fused_kernels_used(spec: Spec, inputs: Inputs) -> dict:
     """Which kernels the fused op will launch: fused ones, or the split ones composed (the fallback rule)."""
     from ..runtime.fused import FusedKernels
     from ..runtime.fused_bwd import FusedBackwardKernels
-    from ..runtime.ops import _tensor_core_policy
+    from ..runtime.ops import _tensor_core_policy, _wgmma_policy
 
     problem = _problem(spec, inputs)
     policy = _tensor_core_policy(inputs.kernel_backend)  # the dispatcher's own rule (device, NA_RTC_TENSOR_CORES)
-    forward, backward = FusedKernels(None, policy), FusedBackwardKernels(None, policy)
+    forward = FusedKernels(None, policy, _wgmma_policy(inputs.kernel_backend))
+    backward = FusedBackwardKernels(None, policy)
     return {
         "forward_kernels": forward.kernel_name(problem) if forward.covers(problem) else "split kernels composed",
         "backward_kernels": ", ".join(backward.kernel_names(problem)) if backward.covers(problem)
@@ -168,6 +169,10 @@ def _tensor_cores_off():
 
 def _sixteen_warp_rows():
     return _setting("NA_RTC_TC_WARP_ROWS", "16")
+
+
+def _wgmma_on():
+    return _setting("NA_RTC_WGMMA", "1")
 
 
 def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=contextlib.nullcontext) -> Prepared:
@@ -203,6 +208,16 @@ def _prepare_sixteen_warp_rows(spec: Spec, inputs: Inputs) -> Prepared:
     if prepared.notes.get("forward_kernels") == table:
         raise Unavailable(f"the table's forward already has 16 query rows per warp here ({table}): the fused "
                           "entry measures it")
+    return prepared
+
+
+def _prepare_wgmma(spec: Spec, inputs: Inputs) -> Prepared:
+    """The fused entry with NA_RTC_WGMMA=1, where that runs the Hopper forward (sm_90 GPUs, fp16/bf16)."""
+    prepared = _prepare_fused(spec, inputs, mode=_wgmma_on)
+    used = prepared.notes.get("forward_kernels") or ""
+    if "na_fused_wg_fwd" not in used:
+        raise Unavailable(f"the wgmma forward does not serve this problem here (sm_90 GPUs, float16/bfloat16, "
+                          f"head dim <= 128); the fused forward is {used or 'unknown'}")
     return prepared
 
 
@@ -292,6 +307,9 @@ def na_rtc_entries() -> list[Entry]:
               "(NA_RTC_TC_WARP_ROWS=16)", _prepare_sixteen_warp_rows,
               families=("fused_tc", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="rows per warp of the tensor-core forward is a GPU comparison"),
+        Entry("fused_wgmma", "na_rtc fused, Hopper wgmma forward (NA_RTC_WGMMA=1)", _prepare_wgmma,
+              families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
+              cpu_note="the wgmma forward against the mma.sync one is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
               uses_kernels=True),
         Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),

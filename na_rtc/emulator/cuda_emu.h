@@ -40,6 +40,18 @@
 //     Addresses must be aligned to the copy size (as in PTX); zfill copies
 //     src_bytes (0..16) and zero-fills the rest (src is not read when 0).
 //
+//   wgmma (sm_90a, cuda_src/na_wgmma.cuh's spellings): each warp's 16 rows of
+//   a warpgroup product, computed at the wgmma.wait_group that covers it, B
+//   through a no-swizzle descriptor into the dynamic shared memory
+//   (na_shared_address gives offsets there):
+//       void na_wgmma_fence(); void na_wgmma_commit(); template <int N> void na_wgmma_wait();
+//       template <int N, bool TRANS_B, bool BF16>
+//       void na_wgmma_m64k16(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc, int accumulate);
+//       void na_fence_proxy_async();  // clears this thread's landed-but-unfenced copies
+//     Reported: an issue without a fence since the last wait, B rows with a
+//     pending cp.async or a landed one its thread has not fenced, B outside
+//     the dynamic shared memory, a thread exiting with issues not waited for.
+//
 //   fp16 / bf16 conversions (bit-exact, round to nearest even, subnormals
 //   kept, overflow to inf; NaN gives the canonical NaN 0x7FFF like cvt.rn):
 //       unsigned short na_emu_f32_to_f16_rn(float);
@@ -98,8 +110,10 @@
 //
 // Limits: no preemption (see above); __activemask() as described; static
 // __shared__ arrays are not poisoned between blocks; no race detection on
-// shared memory; mma.sync m16n8k16 (f16/bf16 -> f32) and ldmatrix m8n8 only
-// (see "tensor cores" below).
+// shared memory; mma.sync m16n8k16 (f16/bf16 -> f32), ldmatrix m8n8 and
+// wgmma m64nNk16 with A from registers and an unswizzled B only (see "tensor
+// cores" and "wgmma" below); plain shared-memory stores are not tracked for
+// the async-proxy fence (only cp.async copies are).
 // ---------------------------------------------------------------------------
 #pragma once
 
