@@ -35,3 +35,29 @@ def test_unavailable_without_cupy_says_how_to_install(monkeypatch):
     monkeypatch.setattr(_environment, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver, here or not
     available, reason = cuda.availability()
     assert not available and "pip install 'na_rtc[cuda13]'" in reason
+
+
+def test_launches_above_48_kib_opt_in_once_per_function(monkeypatch):
+    """cudaFuncAttributeMaxDynamicSharedMemorySize is raised before the first launch that needs more than the
+    default 48 KiB (the wgmma forward at head dim 128 takes 64 KiB), and only when a launch needs more."""
+    import sys
+    import types
+
+    calls = []
+    driver = types.ModuleType("cupy_backends.cuda.api.driver")
+    driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+    driver.funcSetAttribute = lambda function, attribute, value: calls.append((function, attribute, value))
+    api = types.ModuleType("cupy_backends.cuda.api")
+    api.driver = driver
+    for name, module in (("cupy_backends", types.ModuleType("cupy_backends")),
+                         ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+                         ("cupy_backends.cuda.api", api), ("cupy_backends.cuda.api.driver", driver)):
+        monkeypatch.setitem(sys.modules, name, module)
+    name = "na_fused_wg_fwd<bf16_t, 128, 64, 1, 64>"
+    module = types.SimpleNamespace(get_function=lambda mangled: types.SimpleNamespace(ptr=1234, name=mangled))
+    functions: dict = {}
+    monkeypatch.setattr(cuda, "_module", lambda device, family: (module, {name: "_Z3wg"}, functions))
+    kernel = P.Kernel("na_fused_wg.cu", name)
+    for shared in (16 * 1024, 48 * 1024, 64 * 1024, 64 * 1024, 32 * 1024, 96 * 1024):
+        assert cuda._function(0, kernel, shared).name == "_Z3wg"
+    assert calls == [(1234, 8, 64 * 1024), (1234, 8, 96 * 1024)]

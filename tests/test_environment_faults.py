@@ -20,6 +20,7 @@ from na_rtc import _environment as env
 from na_rtc import backends
 from na_rtc.__main__ import main
 from na_rtc.emulator import build
+from na_rtc.runtime.families import Family
 from na_rtc.runtime import cuda, nvrtc
 
 ARCHS_13 = [75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121]
@@ -242,7 +243,7 @@ def test_a_module_the_driver_refuses_says_why(monkeypatch, code):
     monkeypatch.setattr(cuda, "_modules", {})
     with pytest.raises(RuntimeError, match=r"the CUDA driver \(CUDA 12.4\) cannot load the ptx that NVRTC 13.0 "
                                            r"compiled for compute_120 on GPU 0 .*Update the driver") as info:
-        cuda._module(0, "fake.cu", ("k",))
+        cuda._module(0, Family("fake.cu", ("k",)))
     assert code in str(info.value) and info.value.__cause__ is refused
 
 
@@ -254,7 +255,7 @@ def test_other_load_errors_pass_through(monkeypatch):
     monkeypatch.setattr(cache, "get_program", lambda *args, **kwargs: _program("cubin", "sm_90"))
     monkeypatch.setattr(cuda, "_modules", {})
     with pytest.raises(CUDADriverError) as info:
-        cuda._module(0, "fake.cu", ("k",))
+        cuda._module(0, Family("fake.cu", ("k",)))
     assert info.value is out_of_memory
 
 

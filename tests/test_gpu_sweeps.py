@@ -16,6 +16,7 @@ import pytest
 import torch
 import test_fused
 import test_fused_bwd
+import test_fused_tc
 import test_tiled
 import test_tiled_bwd
 from helpers import assert_close, sweep_bias, sweep_inputs
@@ -54,6 +55,30 @@ def test_fused_forward_on_gpu(cfg):
                                        rpb=_cuda(bias), return_lse=True)
     want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
     assert out.is_cuda and out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(_cpu(out), want_out, cfg.dtype, "forward", "out")
+    assert_close(_cpu(lse), want_lse, cfg.dtype, "forward", "lse")
+
+
+@pytest.mark.parametrize("cfg", test_fused_tc.CONFIGS, ids=str)
+def test_wgmma_forward_on_gpu(cfg):
+    """The Hopper forward (NA_RTC_WGMMA=1's kernel) on the fp16/bf16 sweep, on sm_90 GPUs."""
+    from na_rtc.runtime import cuda, fused
+
+    if cuda.arch_of("cuda") != 90:
+        pytest.skip("the wgmma forward is built for sm_90 GPUs only")
+    (q, k, v), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    bias, bias64 = sweep_bias(cfg)
+    q, k, v, bias = map(_cuda, (q, k, v, bias))
+    problem = test_fused._problem(cfg, q, k, v, bias)
+    names = []
+
+    def run(plan):
+        names.append(plan.kernel.name)
+        cuda.run(plan)
+
+    out, lse = fused.FusedKernels(run, lambda p: True, lambda p: True).forward(problem, q, k, v, bias)
+    assert names and names[0].startswith("na_fused_wg_fwd<")
+    want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
     assert_close(_cpu(out), want_out, cfg.dtype, "forward", "out")
     assert_close(_cpu(lse), want_lse, cfg.dtype, "forward", "lse")
 

@@ -19,7 +19,6 @@ from .._args import Problem
 from . import fused_tc
 from . import plan as P
 from . import tiling
-from .families import Family
 from .tiling import CTYPES
 
 SOURCE = "na_fused_wg.cu"
@@ -53,7 +52,10 @@ def names() -> tuple[str, ...]:
     return tuple(kernel_name_of(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2))
 
 
-def family() -> Family:
+def family():
+    """The kernel family (built for sm_90a only); imported late: families.py builds its table from here."""
+    from .families import Family
+
     shared = {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype)
               for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)}
     return Family(SOURCE, names(), {name: THREADS for name in names()}, shared, archs=(ARCH,), arch_specific=True)
