@@ -8,7 +8,11 @@
 //                        without accumulation (scale-d 0: C is not added).
 // A fragments come from global memory with the documented layout and D goes
 // back the same way, so the test checks the fragment layouts, the descriptor
-// fields and both flags against one plain matrix product.
+// fields and both flags against one plain matrix product. The LBO / SBO
+// values are arguments (the documented ones: 128, 512, 16 N, 128) so that a
+// GPU that disagrees can be asked which other reading of the fields it
+// follows (tests/test_primitives.py tries them when the documented one fails;
+// the launch's shared memory has room for what such a misreading reaches).
 #include "na_types.cuh"
 #include "na_shared.cuh"
 #include "na_wgmma.cuh"
@@ -16,7 +20,8 @@
 template <class T, int N>
 __global__ void __launch_bounds__(128) na_selftest_wgmma(const T* __restrict__ a, const T* __restrict__ b,
                                                          const float* __restrict__ c, float* __restrict__ d_kmajor,
-                                                         float* __restrict__ d_mnmajor) {
+                                                         float* __restrict__ d_mnmajor, int k_lbo, int k_sbo,
+                                                         int m_lbo, int m_sbo) {
     constexpr int K = 32;
     T* sk = reinterpret_cast<T*>(na_dynamic_shared());  // K-major copy of B: K * N elements
     T* sm = sk + K * N;                                 // MN-major copy of B
@@ -40,13 +45,13 @@ __global__ void __launch_bounds__(128) na_selftest_wgmma(const T* __restrict__ a
     for (int i = 0; i < N / 2; ++i) dk[i] = c[at(i)], dm[i] = c[at(i)];
 
     const unsigned k_base = na_shared_address(sk), m_base = na_shared_address(sm);
-    constexpr unsigned K_LBO = 128, K_SBO = 128 * (K / 8), M_LBO = 128 * (N / 8), M_SBO = 128;
+    constexpr unsigned K_STEP = 2 * 128, M_STEP = 2 * 128 * (N / 8);  // two core matrices along K
     na_wgmma_hold(dk);
     na_wgmma_hold(dm);
     na_wgmma_fence();
-    for (int ks = 0; ks < 2; ++ks) {  // a k-step of 16 is two core matrices along K
-        na_wgmma_rs<T, N, false>(dk, fa[ks], na_wgmma_desc(k_base + 2 * ks * K_LBO, K_LBO, K_SBO), true);
-        na_wgmma_rs<T, N, true>(dm, fa[ks], na_wgmma_desc(m_base + 2 * ks * M_LBO, M_LBO, M_SBO), ks > 0);
+    for (int ks = 0; ks < 2; ++ks) {
+        na_wgmma_rs<T, N, false>(dk, fa[ks], na_wgmma_desc(k_base + ks * K_STEP, k_lbo, k_sbo), true);
+        na_wgmma_rs<T, N, true>(dm, fa[ks], na_wgmma_desc(m_base + ks * M_STEP, m_lbo, m_sbo), ks > 0);
     }
     na_wgmma_commit();
     na_wgmma_wait<0>();

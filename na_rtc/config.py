@@ -21,6 +21,8 @@ SETTINGS = {
                            "(default 1: tensor cores on sm_80+ and in the emulator)",
     "NA_RTC_TC_WARP_ROWS": "16 or 32: query rows per warp of the tensor-core forward where both are built "
                            "(head dims up to 64; default: the table in runtime/fused_tc.py), for benchmarking",
+    "NA_RTC_WGMMA": "1: fp16/bf16 fused forwards on sm_90 GPUs (and in the emulator) use the Hopper wgmma kernel "
+                    "(default 0: opt-in until GPU runs have measured it)",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
 
@@ -61,24 +63,26 @@ def sweep_size() -> str:
     return value
 
 
-def emulator_checked() -> bool:
-    """Whether every emulator launch runs in checked (out-of-bounds detecting) mode."""
-    raw = os.environ.get("NA_RTC_EMULATOR_CHECKED", "").strip().lower()
+def _flag(name: str, default: bool) -> bool:
+    """An on/off setting: 1/true/yes/on or 0/false/no/off; unset or empty gives ``default``."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
     if raw in ("1", "true", "yes", "on"):
         return True
-    if raw in ("", "0", "false", "no", "off"):
+    if raw in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"NA_RTC_EMULATOR_CHECKED must be 1 or 0, got {raw!r}")
+    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def emulator_checked() -> bool:
+    """Whether every emulator launch runs in checked (out-of-bounds detecting) mode."""
+    return _flag("NA_RTC_EMULATOR_CHECKED", False)
 
 
 def tensor_cores() -> bool:
     """Whether fp16/bf16 fused ops may use the tensor-core kernels (``NA_RTC_TENSOR_CORES``, default on)."""
-    raw = os.environ.get("NA_RTC_TENSOR_CORES", "").strip().lower()
-    if raw in ("", "1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"NA_RTC_TENSOR_CORES must be 1 or 0, got {raw!r}")
+    return _flag("NA_RTC_TENSOR_CORES", True)
 
 
 def emulator_threads() -> int:
@@ -98,12 +102,7 @@ def emulator_threads() -> int:
 def wgmma() -> bool:
     """Whether fp16/bf16 fused forwards on sm_90 GPUs (and in the emulator) use the Hopper wgmma kernel
     (``NA_RTC_WGMMA``, default off until GPU runs have measured it)."""
-    raw = os.environ.get("NA_RTC_WGMMA", "").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    raise ValueError(f"NA_RTC_WGMMA must be 1 or 0, got {raw!r}")
+    return _flag("NA_RTC_WGMMA", False)
 
 
 def tc_warp_rows() -> int | None:

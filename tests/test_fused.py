@@ -107,6 +107,16 @@ def _reference(cfg: Config, q64, k64, v64, bias64):
               scale=cfg.scale, rpb=bias64, return_lse=True, backend="reference")
 
 
+def assert_forward_matches_reference(cfg: Config, out, lse):
+    """A kernel's (out, lse) on the sweep inputs of ``cfg`` against the float64 reference (DESIGN.md 8)."""
+    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    _, bias64 = sweep_bias(cfg)
+    want_out, want_lse = _reference(cfg, q64, k64, v64, bias64)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and tuple(out.shape) == cfg.shape
+    assert_close(out, want_out, cfg.dtype, "forward", "out")
+    assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+
+
 # ---------------------------------------------------------------- against the float64 reference
 
 

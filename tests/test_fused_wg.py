@@ -51,12 +51,7 @@ def test_wgmma_forward_matches_reference(cfg):
     recorder = RecordingExecutor()
     out, lse = _run(cfg, executor=recorder)
     assert len(recorder.names) == 1 and recorder.names[0].startswith("na_fused_wg_fwd<")
-    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
-    _, bias64 = sweep_bias(cfg)
-    want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
-    assert out.dtype == q.dtype and lse.dtype == torch.float32 and tuple(out.shape) == cfg.shape
-    assert_close(out, want_out, cfg.dtype, "forward", "out")
-    assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+    test_fused.assert_forward_matches_reference(cfg, out, lse)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS[::5], ids=str)

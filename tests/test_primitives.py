@@ -9,7 +9,7 @@ import pytest
 
 import na_rtc
 from na_rtc.runtime import plan as P
-from na_rtc.runtime.families import SELFTEST_WGMMA_N, selftest_wgmma_name
+from na_rtc.runtime.families import SELFTEST_WGMMA_N, selftest_wgmma_name, selftest_wgmma_shared
 
 
 def _usable(name):
@@ -134,20 +134,10 @@ def _sm90(backend: str) -> bool:
     return backend != "cuda" or cuda.arch_of("cuda") == 90
 
 
-@pytest.mark.parametrize("n", SELFTEST_WGMMA_N)
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_wgmma_computes_a_plain_matrix_product_from_both_layouts(backend, dtype, n):
-    """64 x N = A (64 x 32) B (32 x N) in two k-steps with B read K-major (+ C) and MN-major (first k-step
-    without accumulation): fragment layouts, descriptor fields and the scale-d flag against numpy."""
+def _run_wgmma(backend, dtype, n, a, b, c, fields):
+    """(K-major + C, MN-major) of the self-test with descriptor fields (k_lbo, k_sbo, m_lbo, m_sbo)."""
     import torch
 
-    if not _sm90(backend):
-        pytest.skip("wgmma (sm_90a) runs on Hopper GPUs only")
-    rng = np.random.default_rng(11 + n)
-    a = torch.from_numpy(rng.standard_normal((64, 32))).to(getattr(torch, dtype)).double().numpy()
-    b = torch.from_numpy(rng.standard_normal((32, n))).to(getattr(torch, dtype)).double().numpy()
-    c = rng.standard_normal((64, n)).astype(np.float32)
     bits = [torch.from_numpy(x).to(getattr(torch, dtype)).view(torch.int16).numpy().view(np.uint16) for x in (a, b)]
     arrays = [*bits, c, np.full((64, n), np.nan, np.float32), np.full((64, n), np.nan, np.float32)]
     if backend == "cuda":
@@ -158,12 +148,40 @@ def test_wgmma_computes_a_plain_matrix_product_from_both_layouts(backend, dtype,
         device = arrays
     ctype = {"float16": "fp16_t", "bfloat16": "bf16_t"}[dtype]
     launch = P.LaunchPlan(P.Kernel("na_selftest_wgmma.cu", selftest_wgmma_name(ctype, n)), (1, 1, 1), (128, 1, 1),
-                          2 * 32 * n * 2, tuple(P.ptr(x) for x in device))
+                          selftest_wgmma_shared(n), tuple(P.ptr(x) for x in device) + tuple(P.i32(f) for f in fields))
     na_rtc.backends.executor(backend)(launch)
-    kmajor, mnmajor = (x.get() if backend == "cuda" else x for x in device[3:])
+    return [x.get() if backend == "cuda" else x for x in device[3:]]
+
+
+@pytest.mark.parametrize("n", SELFTEST_WGMMA_N)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wgmma_computes_a_plain_matrix_product_from_both_layouts(backend, dtype, n):
+    """64 x N = A (64 x 32) B (32 x N) in two k-steps with B read K-major (+ C) and MN-major (first k-step
+    without accumulation): fragment layouts, descriptor fields and the scale-d flag against numpy. Where the
+    documented fields fail, the message says which other reading (LBO and SBO swapped) the device follows."""
+    import torch
+
+    if not _sm90(backend):
+        pytest.skip("wgmma (sm_90a) runs on Hopper GPUs only")
+    rng = np.random.default_rng(11 + n)
+    a = torch.from_numpy(rng.standard_normal((64, 32))).to(getattr(torch, dtype)).double().numpy()
+    b = torch.from_numpy(rng.standard_normal((32, n))).to(getattr(torch, dtype)).double().numpy()
+    c = rng.standard_normal((64, n)).astype(np.float32)
     bound = 1e-6 * (np.abs(a) @ np.abs(b) + np.abs(c)) + 1e-7  # fp32 accumulation of exact products
-    for name, got, want in (("K-major + C", kmajor, a @ b + c), ("MN-major", mnmajor, a @ b)):
-        assert (np.abs(got - want) <= bound).all(), f"{name}: max error {np.abs(got - want).max():.3g}"
+    wants = (a @ b + c, a @ b)
+    documented = (128, 512, 16 * n, 128)  # K-major LBO, SBO; MN-major LBO, SBO (cuda_src/na_wgmma.cuh)
+
+    def matches(fields):
+        return [bool((np.abs(got - want) <= bound).all()) for got, want in
+                zip(_run_wgmma(backend, dtype, n, a, b, c, fields), wants)]
+
+    ok = matches(documented)
+    if not all(ok):  # diagnose: does the device read the two offset fields the other way round?
+        swapped = matches((512, 128, 128, 16 * n))
+        readings = [f"{major}: {'ok' if good else 'matches with LBO and SBO swapped' if other else 'wrong'}"
+                    for major, good, other in zip(("K-major + C", "MN-major"), ok, swapped)]
+        pytest.fail(f"wgmma with the documented descriptor fields: {'; '.join(readings)}")
 
 
 # ---------------------------------------------------------------- key-loop helpers: divisor, ex2, cp.async

@@ -133,9 +133,14 @@ def selftest_wgmma_name(ctype: str, n: int) -> str:
     return f"na_selftest_wgmma<{ctype}, {n}>"
 
 
+def selftest_wgmma_shared(n: int) -> int:
+    """Two copies of B (32 x n, 16-bit), then room for what a misread descriptor reaches (the diagnosis)."""
+    return 2 * 32 * n * 2 + 2 * n * n + 1024
+
+
 def selftest_wgmma_family() -> Family:
     names = tuple(selftest_wgmma_name(t, n) for t in ("fp16_t", "bf16_t") for n in SELFTEST_WGMMA_N)
-    shared = {selftest_wgmma_name(t, n): 2 * 32 * n * 2 for t in ("fp16_t", "bf16_t") for n in SELFTEST_WGMMA_N}
+    shared = {selftest_wgmma_name(t, n): selftest_wgmma_shared(n) for t in ("fp16_t", "bf16_t") for n in SELFTEST_WGMMA_N}
     return Family("na_selftest_wgmma.cu", names, {n: 128 for n in names}, shared, archs=(90,), arch_specific=True)
 
 
