@@ -84,11 +84,37 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
     }
 }
 
-// load box keys c0 .. c0 + KC - 1 of one tensor into KC shared rows (keys past the box: zero); the
-// dkdv kernel walks its box of queries the same way
+// Load box keys c0 .. c0 + KC - 1 of one tensor into KC shared rows (keys past the box: zero); the
+// dkdv kernel walks its box of queries the same way. 1D boxes (TY == 1) with cp.async pieces take a
+// strength-reduced path: copy e + NA_TC_THREADS of a load moves the same piece of the row
+// NA_TC_THREADS / PIECES further on (both layouts' piece() orders; asserted below), and in 1D a box
+// key's row is a constant stride away from the previous one, so each thread forms one address per
+// chunk and steps it, instead of a 64-bit row offset per piece. Only where a thread copies at least 4
+// pieces of a tensor per chunk: below that the saving is small, and the backward kernels at head dim
+// 128 (255 registers) spill with it.
 template <class T, int HD, class L, int KC, int TY>
 __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
                                                     const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
+    constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, PASS = NA_TC_THREADS / PIECES;
+    if constexpr (TY == 1 && NA_TC_THREADS % PIECES == 0 && KC % PASS == 0 && PASS % 8 == 0 && KC / PASS >= 4) {
+        if (vec) {
+            int r0, c;
+            L::piece((int)threadIdx.x, PIECES, r0, c);
+            c *= V;
+            const bool c_ok = c < D;
+            // the address steps on past the box too: a zero-filling copy (0 source bytes) reads nothing
+            const T* from = src + rows.base + (long long)(c0 + r0) * rows.step_x + c;
+            const long long pass_step = (long long)PASS * rows.step_x;
+            T* to = dst + L::at(r0, c);
+#pragma unroll
+            for (int i = 0; i < KC / PASS; ++i) {
+                const bool ok = c_ok && c0 + r0 + i * PASS < box.keys;
+                na_cp_async_zfill_16(to + i * L::rows(PASS), from, ok ? 16 : 0);
+                from += pass_step;
+            }
+            return;
+        }
+    }
     na_tc_load_rows<T, HD, L, KC>(dst, src, step, vec, D, [&](int r, long long& at) {
         const int key = c0 + r;
         if (key >= box.keys) return false;
