@@ -118,14 +118,16 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         const T* sv = sk + KC * P;
         const int c0 = chunk * KC;
 
-        // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf
+        // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf. Without a
+        // bias, a chunk inside the window of each of the warp's rows takes no test per tile (warp-uniform)
+        const bool chunk_full = !rpb && na_tc_keys_full<TY>(common, c0, KC, box);
         float s[MT][NT][4];
         bool tile_live[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
             bool in[MT][4];
-            tile_live[nt] = na_tc_visible_tile<TY, MT>(rows, common, c0 + 8 * nt, key0, box, in);
+            tile_live[nt] = chunk_full || na_tc_visible_tile<TY, MT>(rows, common, c0 + 8 * nt, key0, box, in);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
             if (tile_live[nt]) {  // warp-uniform: ldmatrix and mma need every lane
@@ -142,7 +144,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
                 }
             }
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) na_tc_logits<TY>(s[mt][nt], in[mt], rows[mt], key0, box, rpb, rpb_x, rpb_y, scale2);
+            for (int mt = 0; mt < MT; ++mt) {
+                if (chunk_full) na_tc_scale_rows(s[mt][nt], rows[mt], scale2);
+                else na_tc_logits<TY>(s[mt][nt], in[mt], rows[mt], key0, box, rpb, rpb_x, rpb_y, scale2);
+            }
         }
 
         // online softmax, row i of this lane = rows g and g + 8 of each mma tile

@@ -108,12 +108,19 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_fwd(
         na_wgmma_wait<0>();
         na_wgmma_hold(sf);
 
+        // warp-uniform: without a bias, a chunk inside the window of each of the warp's rows needs no test
+        // per tile (with one, the per-tile path keeps the bias loads from taking registers for all tiles)
+        if (!rpb && na_tc_keys_full<TY>(common, c0, KC, box)) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
-            bool in[1][4];
-            na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
-            na_tc_logits<TY>(s[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, scale2);
+            for (int nt = 0; nt < NT; ++nt) na_tc_scale_rows(s[nt], rows, scale2);
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
+                bool in[1][4];
+                na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
+                na_tc_logits<TY>(s[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, scale2);
+            }
         }
         na_tc_softmax_chunk<NT, DT>(s, o, m, l);
 

@@ -129,16 +129,23 @@ __device__ __forceinline__ na_tc_warp_window na_tc_common_window(const na_tc_row
     return w;  // no valid row in the warp: x0 > x1, every tile partial
 }
 
+// whether the `count` box keys first .. first + count - 1 all lie in w
+template <int TY>
+__device__ __forceinline__ bool na_tc_keys_full(const na_tc_warp_window& w, int first, int count,
+                                                const na_tc_box<TY>& box) {
+    if (first + count > box.keys) return false;
+    int bx0, by0, bx1, by1;
+    box.split(first, bx0, by0);
+    box.split(first + count - 1, bx1, by1);
+    if (bx0 < w.x0 || bx1 >= w.x1) return false;
+    if (bx0 == bx1) return by0 >= w.y0 && by1 < w.y1;
+    return w.y0 <= 0 && w.y1 >= box.hy;  // the keys wrap to the next box row: the window must span the box's width
+}
+
 // whether the 8 box keys key_tile .. key_tile + 7 all lie in w
 template <int TY>
 __device__ __forceinline__ bool na_tc_tile_full(const na_tc_warp_window& w, int key_tile, const na_tc_box<TY>& box) {
-    if (key_tile + 8 > box.keys) return false;
-    int bx0, by0, bx1, by1;
-    box.split(key_tile, bx0, by0);
-    box.split(key_tile + 7, bx1, by1);
-    if (bx0 < w.x0 || bx1 >= w.x1) return false;
-    if (bx0 == bx1) return by0 >= w.y0 && by1 < w.y1;
-    return w.y0 <= 0 && w.y1 >= box.hy;  // the tile wraps to the next box row: the window must span the box's width
+    return na_tc_keys_full<TY>(w, key_tile, 8, box);
 }
 
 // The visibility of a lane's 4 elements of the 8-key tile at key_tile in each

@@ -6,6 +6,7 @@
 //
 //   na_tc_logits         one 8-key tile: scale and bias in log2 units, -inf
 //                        outside each row's window
+//   na_tc_scale_rows     the same for a tile inside both rows' windows, no bias
 //   na_tc_softmax_chunk  online softmax over a chunk's tiles: logits become
 //                        probabilities, the output and the row sums rescale
 //   na_tc_pack_p         probabilities of a 16-key step as an mma A fragment
@@ -29,6 +30,14 @@ __device__ __forceinline__ void na_tc_logits(float (&s)[4], const bool (&in)[4],
     }
 }
 
+// the logits of an 8-key tile that lies inside the window of both of the lane's rows, without a bias:
+// scaled (log2 units), -inf in a row that does not exist
+__device__ __forceinline__ void na_tc_scale_rows(float (&s)[4], const na_tc_rows& rows, float scale2) {
+    const float NEG_INF = __int_as_float(0xff800000);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[c] = rows.valid[c / 2] ? s[c] * scale2 : NEG_INF;
+}
+
 // One chunk of the online softmax of a lane's two rows: s (log2-unit logits of
 // NT 8-key tiles) becomes exp2(s - m), m the running row max; o (DT 8-dim
 // tiles) and the running sum l are rescaled. The 4 lanes of a quad share a row.
@@ -38,16 +47,15 @@ __device__ __forceinline__ void na_tc_softmax_chunk(float (&s)[NT][4], float (&o
     const float NEG_INF = __int_as_float(0xff800000);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
+        // fmaxf passes over a NaN logit like a comparison would (one instruction instead of two); a NaN
+        // reaches the output through its probability instead
         float cmax = NEG_INF;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) cmax = s[nt][2 * i + e] > cmax ? s[nt][2 * i + e] : cmax;
-        for (int off = 1; off < 4; off *= 2) {
-            const float other = __shfl_xor_sync(NA_TC_FULL, cmax, off);
-            cmax = other > cmax ? other : cmax;
-        }
-        const float mnew = cmax > m[i] ? cmax : m[i];
+            for (int e = 0; e < 2; ++e) cmax = fmaxf(cmax, s[nt][2 * i + e]);
+        for (int off = 1; off < 4; off *= 2) cmax = fmaxf(cmax, __shfl_xor_sync(NA_TC_FULL, cmax, off));
+        const float mnew = fmaxf(cmax, m[i]);
         // a row with no visible key yet keeps m = -inf (p = alpha = 0, o and l stay 0): never -inf - -inf
         const float mref = mnew == NEG_INF ? 0.f : mnew;
         const float alpha = na_exp2_fast(m[i] - mref);  // m = -inf: 0
