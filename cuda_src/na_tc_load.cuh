@@ -102,14 +102,15 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
             L::piece((int)threadIdx.x, PIECES, r0, c);
             c *= V;
             const bool c_ok = c < D;
-            // the address steps on past the box too: a zero-filling copy (0 source bytes) reads nothing
+            // past the box's end a zero-filling copy gets the tensor's own address (never an address
+            // outside it, whether or not a copy of 0 bytes touches its source)
             const T* from = src + rows.base + (long long)(c0 + r0) * rows.step_x + c;
             const long long pass_step = (long long)PASS * rows.step_x;
             T* to = dst + L::at(r0, c);
 #pragma unroll
             for (int i = 0; i < KC / PASS; ++i) {
                 const bool ok = c_ok && c0 + r0 + i * PASS < box.keys;
-                na_cp_async_zfill_16(to + i * L::rows(PASS), from, ok ? 16 : 0);
+                na_cp_async_zfill_16(to + i * L::rows(PASS), ok ? from : src, ok ? 16 : 0);
                 from += pass_step;
             }
             return;
