@@ -12,7 +12,8 @@
 //               once per block), K from shared memory (K-major descriptors);
 //   mask        logits outside each query's window are -inf, scale and bias
 //               in log2 units (na_tc_logits); tiles inside the common window
-//               of a warp's rows skip the per-element test;
+//               of a warp's rows skip the per-element test, and without a
+//               bias a whole chunk inside it skips the per-tile test too;
 //   softmax     online per row in fp32 (na_tc_softmax_chunk);
 //   O += P V    KC / 16 wgmma m64nHDk16: P repacked from the S accumulators
 //               into A fragments (registers), V MN-major from shared memory.
