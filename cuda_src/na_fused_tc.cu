@@ -20,7 +20,9 @@
 //                causal / strided / dilated windows), then scale and bias,
 //                in log2 units (scale and bias times log2 e) so that the
 //                softmax needs one ex2 per logit; tiles inside the common
-//                window of the warp's rows skip the per-element test;
+//                window of the warp's rows skip the per-element test, and
+//                without a bias a whole chunk inside it skips the per-tile
+//                tests and votes;
 //   softmax      online per row in fp32 (the 4 lanes of a quad share a row:
 //                max and sum reduced with __shfl_xor_sync), never exp(-inf - -inf);
 //   O += P V     P rounded to T and repacked from the accumulator layout
