@@ -466,3 +466,37 @@ def test_compile_error_survives_pickling(tmp_path):
         nvrtc.compile_program(_broken_copy(tmp_path), ["k<float>"], 90)
     copy = pickle.loads(pickle.dumps(info.value))
     assert (str(copy), copy.file, copy.line, copy.log) == (str(info.value), info.value.file, info.value.line, info.value.log)
+
+
+def _ptx_entries(text: str) -> dict[str, str]:
+    """mangled kernel name -> its PTX body."""
+    entries = {}
+    for match in re.finditer(r"\.entry (\S+)\(", text):
+        start = match.end()
+        nxt = text.find(".entry ", start)
+        entries[match.group(1)] = text[start: nxt if nxt >= 0 else len(text)]
+    return entries
+
+
+@pytest.mark.parametrize("family_name, arch, needed", [
+    ("fused_tc", 80, ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
+    ("fused_tc_bwd", 80, ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
+    ("fused_wg", 90, ("wgmma.mma_async.sync.aligned", "wgmma.wait_group", "fence.proxy.async", "cp.async.cg")),
+])
+def test_tensor_core_kernels_compile_to_tensor_core_instructions(family_name, arch, needed):
+    """Every tensor-core kernel's PTX holds its tensor-core and async-copy instructions and no trap (the
+    fallback the primitives compile to on a target without them, e.g. wgmma outside sm_90a)."""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from na_rtc._resources import cuda_src_dir
+    from na_rtc.runtime.families import FAMILIES
+
+    family = FAMILIES[family_name]
+    program = nvrtc.compile_program(cuda_src_dir() / family.source, family.names, arch,
+                                    arch_specific=family.arch_specific, ptx=True)
+    assert program.kind == "ptx" and program.target == f"compute_{arch}{'a' if family.arch_specific else ''}"
+    entries = _ptx_entries(program.binary.decode())
+    for name in family.names:
+        body = entries[program.lowered[name]]
+        missing = [instruction for instruction in needed if instruction not in body]
+        assert not missing, f"{name}: no {missing} in its PTX"
+        assert "trap;" not in body, f"{name}: compiles to a trap"

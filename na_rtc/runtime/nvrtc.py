@@ -291,11 +291,13 @@ def compile_program(
     options: Sequence[str] = (),
     include_dir: Path | None = None,
     arch_specific: bool = False,
+    ptx: bool = False,
 ) -> CompiledProgram:
     """Compile ``source_path`` with NVRTC for ``sm_<arch>``, keeping the kernels ``names``.
 
     ``arch_specific``: for ``sm_<arch>a`` (Hopper's wgmma needs ``sm_90a``), whose cubin runs on
-    exactly that architecture; only where NVRTC compiles ``sm_<arch>`` to a cubin.
+    exactly that architecture; only where NVRTC compiles ``sm_<arch>`` to a cubin. ``ptx``: PTX for
+    ``compute_<arch>`` (``compute_<arch>a``) instead of a cubin, to read what the kernels compile to.
 
     ``names`` are C++ name expressions (``"na_qk_fwd<float, float>"``, or a
     plain ``"kernel"``); each gets its lowered name in the result. Headers
@@ -313,6 +315,8 @@ def compile_program(
             raise ArchUnsupported(f"the sm_{arch}a kernels of {Path(source_path).name} need an NVRTC that compiles "
                                   f"sm_{arch}; NVRTC {'.'.join(map(str, nvrtc_version()))} compiles to {target}")
         target += "a"
+    if ptx and kind == "cubin":
+        kind, target = "ptx", target.replace("sm_", "compute_")
     all_options = (*DEFAULT_OPTIONS, *options, f"-arch={target}")
     main_name = _source_name(source_path, include_dir)
     source = source_path.read_bytes()
