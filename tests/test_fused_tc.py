@@ -31,11 +31,12 @@ def _always(problem):
     return True
 
 
-def _run(cfg, tensor_cores=True, executor=emulated.run, arrays=None):
+def _run(cfg, tensor_cores=True, executor=emulated.run, arrays=None, wgmma=False):
+    """The fused forward of ``cfg`` on the tensor-core kernels (the wgmma one with ``wgmma``) or SIMT."""
     (q, k, v), _ = sweep_inputs(cfg, 3) if arrays is None else (arrays, None)
     bias, _ = sweep_bias(cfg)
     problem = test_fused._problem(cfg, q, k, v, bias)
-    kernels = fused.FusedKernels(executor, _always if tensor_cores else None)
+    kernels = fused.FusedKernels(executor, _always if tensor_cores else None, _always if wgmma else None)
     assert kernels.covers(problem)
     return kernels.forward(problem, q, k, v, bias)
 
@@ -159,15 +160,19 @@ def test_cuda_policy_follows_the_device_architecture(monkeypatch):
 def test_nan_reach_on_tensor_cores(poisoned):
     """A NaN key poisons exactly the queries that see it (masked logits are replaced, not multiplied);
     a NaN value poisons those and at most other queries of the same block tile (0 * NaN in P V)."""
+    check_nan_reach(poisoned, fused_tc.TILES[1, fused_tc.config(32).mma_tiles][0])
+
+
+def check_nan_reach(poisoned, tile, wgmma=False):
+    """The NaN reach of the forward on 150 tokens, k = 9, head dim 32, ``tile`` queries per block."""
     cfg = test_fused.Config((150,), (9,), (1,), (False,), 1, 1, 32, False, False, "float16", (1,))
     (q, k, v), _ = sweep_inputs(cfg, 3)
     k, v = k.clone(), v.clone()
     (k if poisoned == "key" else v)[0, 77, 0, 3] = float("nan")
-    out, _ = _run(cfg, arrays=(q, k, v))
+    out, _ = _run(cfg, arrays=(q, k, v), wgmma=wgmma)
     bad = ~torch.isfinite(out[0, :, 0].float()).all(-1)
     starts = [min(max(i - 4, 0), 150 - 9) for i in range(150)]
     sees = torch.tensor([s <= 77 < s + 9 for s in starts])
-    tile = fused_tc.TILES[1, fused_tc.config(32).mma_tiles][0]  # queries per block of this problem
     same_tile = torch.tensor([i // tile == 77 // tile for i in range(150)])
     assert sees.any() and bool((bad >= sees).all()), "a query whose window holds the NaN is finite"
     if poisoned == "key":

@@ -17,7 +17,7 @@ import pytest
 import torch
 import test_fused
 import test_fused_tc
-from helpers import assert_close, RecordingExecutor, sweep_bias, sweep_inputs
+from helpers import assert_close, RecordingExecutor
 
 import na_rtc
 from na_rtc.runtime import emulated, fused, fused_wg, ops
@@ -33,12 +33,7 @@ def _always(problem):
 
 
 def _run(cfg, wgmma=True, executor=emulated.run):
-    (q, k, v), _ = sweep_inputs(cfg, 3)
-    bias, _ = sweep_bias(cfg)
-    problem = test_fused._problem(cfg, q, k, v, bias)
-    kernels = fused.FusedKernels(executor, _always, _always if wgmma else None)
-    assert kernels.covers(problem)
-    return kernels.forward(problem, q, k, v, bias)
+    return test_fused_tc._run(cfg, executor=executor, wgmma=wgmma)
 
 
 def test_every_instantiation_is_in_the_sweep():
@@ -66,22 +61,7 @@ def test_wgmma_and_mma_sync_forwards_agree(cfg):
 def test_nan_reach(poisoned):
     """A NaN key poisons exactly the queries that see it; a NaN value those and at most the other queries
     of its 64-query tile (0 * NaN in P V: every warp of the warpgroup multiplies every key of the chunk)."""
-    cfg = test_fused.Config((150,), (9,), (1,), (False,), 1, 1, 32, False, False, "float16", (1,))
-    (q, k, v), _ = sweep_inputs(cfg, 3)
-    k, v = k.clone(), v.clone()
-    (k if poisoned == "key" else v)[0, 77, 0, 3] = float("nan")
-    problem = test_fused._problem(cfg, q, k, v, None)
-    out, _ = fused.FusedKernels(emulated.run, _always, _always).forward(problem, q, k, v)
-    bad = ~torch.isfinite(out[0, :, 0].float()).all(-1)
-    starts = [min(max(i - 4, 0), 150 - 9) for i in range(150)]
-    sees = torch.tensor([s <= 77 < s + 9 for s in starts])
-    tile = fused_wg.TILES[1][0]
-    same_tile = torch.tensor([i // tile == 77 // tile for i in range(150)])
-    assert sees.any() and bool((bad >= sees).all()), "a query whose window holds the NaN is finite"
-    if poisoned == "key":
-        assert torch.equal(bad, sees)
-    else:
-        assert bool((bad <= same_tile).all()), "a query of another tile is poisoned"
+    test_fused_tc.check_nan_reach(poisoned, fused_wg.TILES[1][0], wgmma=True)
 
 
 def _problem(ndim, dtype, head_dim):
