@@ -47,6 +47,7 @@
 #include "na_tile.cuh"
 #include "na_mma.cuh"
 #include "na_tc_common.cuh"
+#include "na_tc_dq.cuh"
 
 #define NA_TCB_PROBLEM                                                                        \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
@@ -111,13 +112,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const na_tc_warp_window common = HD < 128 ? na_tc_common_window(&rows) : na_tc_warp_window{1, 0, 1, 0};
     const int chunks = (box.keys + KC - 1) / KC;
     float row_lse[2], row_delta[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        long long x, y;
-        na_tc_row_position<TY>(16 * warp + gq + 8 * i, tx, ty, dx, dy, x, y);
-        row_lse[i] = rows.valid[i] ? lse[NA_TCB_AT4(l, b, x, y, h)] : 0.f;
-        row_delta[i] = rows.valid[i] ? delta[NA_TCB_AT4(e, b, x, y, h)] : 0.f;
-    }
+    na_tc_row_stats<TY>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
+                        {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
@@ -151,18 +147,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                     na_mma<T>::run(dp, gf[ks], vb, dp);
                 }
             }
+            na_tc_dq_ds<TY>(ds[nt], s, dp, in, rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse, row_delta);
+            if (partial_out)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int i = c / 2;
-                float d = 0.f;
-                if (in[c]) {
-                    float logit = s[c] * (float)scale;
-                    if (rpb) logit += rpb[na_tc_bias_index(rows, i, key0 + c % 2, box, rpb_x, rpb_y)];
-                    d = na_exp(logit - row_lse[i]) * (dp[c] - row_delta[i]);
-                }
-                ds[nt][c] = d;
-                if (partial_out) sds[(16 * warp + gq + 8 * i) * KS + 8 * nt + 2 * t + c % 2] = d;
-            }
+                for (int c = 0; c < 4; ++c) sds[(16 * warp + gq + 8 * (c / 2)) * KS + 8 * nt + 2 * t + c % 2] = ds[nt][c];
         }
         // dQ += ds K over 16-key steps
 #pragma unroll
@@ -181,38 +169,13 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         // bias partials: entry (rx, ry) gets the ds of every query of the tile whose key at that offset is in the chunk
         if (partial_out) {
             __syncthreads();  // every warp's ds of this chunk is in sds
-            for (long long en = tid; en < entries; en += NA_TC_THREADS) {
-                const long long rx = en / rw - (kx - 1), ry = en % rw - (ky - 1);
-                float sum = 0.0f;
-                for (int qxi = 0; qxi < (int)tx.n; ++qxi) {
-                    const long long bx = tx.q0 + qxi + rx - tx.h0;
-                    if (bx < 0 || bx >= tx.h1 - tx.h0) continue;
-                    for (int qyi = 0; qyi < (int)ty.n; ++qyi) {
-                        const long long by = ty.q0 + qyi + ry - ty.h0;
-                        if (by < 0 || by >= box.hy) continue;
-                        const long long kk = bx * box.hy + by - c0;
-                        if (kk >= 0 && kk < cn) sum += sds[(qxi * TY + qyi) * KS + kk];
-                    }
-                }
-                racc[en] += sum;
-            }
+            na_tc_dq_bias_chunk<TY, KS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
         }
         __syncthreads();  // this stage (and sds) is consumed before chunk + 2 is loaded into it
     }
 
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (!rows.valid[i]) continue;
-        long long x, y;
-        na_tc_row_position<TY>(16 * warp + gq + 8 * i, tx, ty, dx, dy, x, y);
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-                const long long d = 8 * dt + 2 * t + e2;
-                if (d < D) na_store<T, float>(dq, NA_TCB_AT5(o, b, x, y, h, d), acc[dt][2 * i + e2] * (float)scale);
-            }
-    }
+    na_tc_dq_store<T, DT, TY>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b, h, D,
+                              (float)scale);
     if (partial_out) {
         __syncthreads();
         for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = racc[i];

@@ -1,5 +1,5 @@
-// Fused neighborhood attention forward on Hopper's warpgroup tensor cores
-// (wgmma, sm_90a; fp16 / bf16).
+// Fused neighborhood attention on Hopper's warpgroup tensor cores (wgmma,
+// sm_90a; fp16 / bf16): the forward, then the backward's dq kernel (below).
 //
 // Same arguments, layouts and results as na_fused_tc_fwd (na_fused_tc.cu),
 // whose structure it keeps: one block of one warpgroup (4 warps) per (batch,
@@ -35,6 +35,7 @@
 #include "na_tile.cuh"
 #include "na_wgmma.cuh"
 #include "na_tc_softmax.cuh"
+#include "na_tc_dq.cuh"
 
 #define NA_PROBLEM                                                                         \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
@@ -143,4 +144,152 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_fwd(
 
     const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D};
     na_tc_store_rows<T, DT, TY>(dst, o, m, l, rows, 16 * warp, lane, tx, ty, dx, dy);
+}
+
+// dq of the fused backward on wgmma: same arguments, layouts and results as
+// na_fused_tc_bwd_dq (na_fused_tc_bwd.cu), whose steps it keeps, with the
+// products as warpgroup products. One block of one warpgroup per (b, h, query
+// tile of 64); Q and dOut fragments from registers; K and V chunks of KC keys
+// staged as core matrices in two stages (in the rows the Q and dOut tiles
+// held), chunk c + 1 loading during chunk c. Per chunk:
+//   S = Q K^T, dP = dOut V^T   HD / 16 wgmma m64nKCk16 each, K and V K-major;
+//   ds = p (dp - delta)         p from the logit and the lse (na_tc_dq_ds),
+//                               0 outside each query's window;
+//   dQ += ds K                  KC / 16 wgmma m64nHDk16, ds from registers, K
+//                               MN-major (as V in the forward's P V);
+// with a bias, ds also goes to shared memory for the per-tile partials.
+// Every warp multiplies every key of the chunk (see the forward): a NaN in a
+// K or V row can reach every query of the tile. Dynamic shared memory: 2 x 64
+// rows of HD + 8 (Q, dOut; then the two stages, 4 KC HD elements), 64 x (KC +
+// 1) floats of ds, one float per bias entry (na_rtc/runtime/fused_wg.py).
+template <class T, int HD, int TX, int TY, int KC>
+__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
+    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
+    NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g), const float* __restrict__ lse, long long l_b,
+    long long l_x, long long l_y, long long l_h, const float* __restrict__ delta, long long e_b, long long e_x,
+    long long e_y, long long e_h, const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
+    T* __restrict__ dq, NA_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
+    constexpr int NQ = TX * TY;
+    constexpr int P = HD + 8;
+    constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
+    using L = na_rows_core<HD>;
+    constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
+    static_assert(sizeof(T) == 2 && NQ == 64 && NA_TC_THREADS == 128, "one warpgroup, 16-bit elements");
+    static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
+    static_assert(L::rows(4 * KC) <= 2 * NQ * P, "the two stages fit in the rows of the Q and dOut tiles");
+
+    NA_TC_DECODE_BLOCK(TX, TY)
+    const long long entries = (2 * kx - 1) * (2 * ky - 1);
+    const long long tiles = B * ntx * nty;
+    float* partial_out = rpb_partial ? rpb_partial + (h * tiles + (b * ntx + itx) * nty + ity) * entries : nullptr;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
+    if (!tile_ok) {  // an empty tile of a shorter group: its partials are zero
+        if (partial_out)
+            for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = 0.0f;
+        return;
+    }
+    const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
+    const int d_len = (int)D;
+
+    unsigned char* smem = na_dynamic_shared();
+    T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the two stages of K and V chunks
+    float* sds = reinterpret_cast<float*>(smem + (2 * NQ * P * (int)sizeof(T) + 15) / 16 * 16);
+    float* racc = sds + NQ * KS;
+    const unsigned smem_address = na_shared_address(smem);
+
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx,
+                                                     ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles_q_g + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, d_len, dx,
+                                                     dy, tx, ty);
+    na_cp_async_commit();
+    if (partial_out)
+        for (long long i = tid; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
+    na_cp_async_wait_group<0>();
+    __syncthreads();
+    unsigned qf[KSTEPS][4], gf[KSTEPS][4];
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+        const int r = 16 * warp + (lane & 15), c = 16 * ks + 8 * (lane >> 4);
+        na_ldmatrix<4, false>(qf[ks], tiles_q_g + r * P + c);
+        na_ldmatrix<4, false>(gf[ks], tiles_q_g + (NQ + r) * P + c);
+    }
+
+    const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
+    // the common-window shortcuts cost 4 registers: HD 128 (at 254) would spill; an empty window never holds a tile
+    const na_tc_warp_window common = HD < 128 ? na_tc_common_window<1>(&rows) : na_tc_warp_window{1, 0, 1, 0};
+    const int chunks = (box.keys + KC - 1) / KC;
+    float row_lse[2], row_delta[2];
+    na_tc_row_stats<TY>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
+                        {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
+    float acc[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    float(&accf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc);
+    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l},
+                                                         D, tx, ty, dx, dy, b, h);
+    __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
+    kv.load(tiles_q_g, box, 0);
+
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int c0 = chunk * KC, cn = box.keys - c0 < KC ? box.keys - c0 : KC;
+        const T* sk = kv.template arrive<true>(tiles_q_g, box, chunk, chunks);
+        const unsigned k_address = smem_address + (unsigned)((sk - tiles_q_g) * (int)sizeof(T));
+        const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
+
+        // S = Q K^T and dP = dOut V^T over the chunk's KC keys, one group
+        float s[NT][4], dp[NT][4];
+        float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
+        float(&dpf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(dp);
+        na_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+            na_wgmma_rs<T, KC, false>(sf, qf[ks], na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP), ks > 0);
+            na_wgmma_rs<T, KC, false>(dpf, gf[ks], na_wgmma_desc(v_address + 256u * ks, 128u, ROW_GROUP), ks > 0);
+        }
+        na_wgmma_commit();
+        na_wgmma_wait<0>();
+        na_wgmma_hold(sf);
+        na_wgmma_hold(dpf);
+
+        float ds[NT][4];
+        const bool chunk_full = !rpb && na_tc_keys_full<TY>(common, c0, KC, box);  // warp-uniform
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int key0 = c0 + 8 * nt + 2 * t;
+            bool in[1][4];
+            if (chunk_full) in[0][0] = in[0][1] = rows.valid[0], in[0][2] = in[0][3] = rows.valid[1];
+            else na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
+            na_tc_dq_ds<TY>(ds[nt], s[nt], dp[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse,
+                            row_delta);
+            if (partial_out)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) sds[(16 * warp + gq + 8 * (c / 2)) * KS + 8 * nt + 2 * t + c % 2] = ds[nt][c];
+        }
+
+        // dQ += ds K over 16-key steps: ds from registers, K's k-step is two row groups
+        unsigned da[KC / 16][4];
+#pragma unroll
+        for (int ps = 0; ps < KC / 16; ++ps) na_tc_pack_p<T>(da[ps], ds[2 * ps], ds[2 * ps + 1]);
+        na_wgmma_hold(accf);
+        na_wgmma_fence();
+#pragma unroll
+        for (int ps = 0; ps < KC / 16; ++ps)
+            na_wgmma_rs<T, HD, true>(accf, da[ps], na_wgmma_desc(k_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
+                                     true);
+        na_wgmma_commit();
+        na_wgmma_wait<0>();
+        na_wgmma_hold(accf);
+        if (partial_out) {
+            __syncthreads();  // every warp's ds of this chunk is in sds
+            na_tc_dq_bias_chunk<TY, KS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
+        }
+        __syncthreads();  // this stage (and sds) is consumed before chunk + 2 is loaded into it
+    }
+
+    na_tc_dq_store<T, DT, TY>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b, h, D,
+                              (float)scale);
+    if (partial_out) {
+        __syncthreads();
+        for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = racc[i];
+    }
 }

@@ -32,18 +32,23 @@ def _always(problem):
 
 
 def test_the_sweep_covers_both_dtypes_every_bucket_bias_and_causal():
-    assert {c.dtype for c in CASES} == set(fused_tc.DTYPES) and {c.ndim for c in CASES} == {1, 2}
-    assert {fused_tc.head_dim_bucket(c.head_dim) for c in CASES} == set(fused_tc.HEAD_DIMS)
+    assert {(c.ndim, fused_tc.head_dim_bucket(c.head_dim), c.dtype) for c in CASES} == {
+        (ndim, hd, dtype) for ndim in (1, 2) for hd in fused_tc.HEAD_DIMS for dtype in fused_tc.DTYPES}
     assert any(c.rpb for c in CASES) and any(any(c.causal) for c in CASES)
     assert any(s > 1 for c in CASES for s in c.stride)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_tensor_core_backward_matches_reference(case):
+    check_backward(case, "na_fused_tc_bwd_dq<")
+
+
+def check_backward(case, dq_kernel, wgmma=None):
+    """The tensor-core backward of ``case`` (dq on a kernel named ``dq_kernel``...) against the reference."""
     run = RecordingExecutor()
-    problem, kernels, (dq, dk, dv, drpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._run(case, run,
-                                                                                          tensor_cores=_always)
-    assert any(n.startswith("na_fused_tc_bwd_dq<") for n in run.names)
+    problem, kernels, (dq, dk, dv, drpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._run(
+        case, run, tensor_cores=_always, wgmma=wgmma)
+    assert any(n.startswith(dq_kernel) for n in run.names)
     assert tuple(run.names) == kernels.kernel_names(problem)
     bwd = na_rtc.na1d_backward if case.ndim == 1 else na_rtc.na2d_backward
     ref = bwd(g64, q64, k64, v64, **test_fused_bwd._window(case), rpb=rpb64, backend="reference")

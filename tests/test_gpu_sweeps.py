@@ -17,6 +17,7 @@ import torch
 import test_fused
 import test_fused_bwd
 import test_fused_tc
+import test_fused_tc_bwd
 import test_tiled
 import test_tiled_bwd
 from helpers import assert_close, sweep_bias, sweep_inputs
@@ -57,6 +58,17 @@ def test_fused_forward_on_gpu(cfg):
     assert out.is_cuda and out.dtype == q.dtype and lse.dtype == torch.float32
     assert_close(_cpu(out), want_out, cfg.dtype, "forward", "out")
     assert_close(_cpu(lse), want_lse, cfg.dtype, "forward", "lse")
+
+
+@pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)
+def test_wgmma_backward_on_gpu(case, monkeypatch):
+    """The backward through the public API with NA_RTC_WGMMA=1 (the wgmma forward and dq) on sm_90 GPUs."""
+    from na_rtc.runtime import cuda
+
+    if cuda.arch_of("cuda") != 90:
+        pytest.skip("the wgmma kernels are built for sm_90 GPUs only")
+    monkeypatch.setenv("NA_RTC_WGMMA", "1")
+    test_fused_backward_on_gpu(case)
 
 
 @pytest.mark.parametrize("cfg", test_fused_tc.CONFIGS, ids=str)

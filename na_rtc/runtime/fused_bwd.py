@@ -29,7 +29,7 @@ from typing import Callable
 
 from .. import _arrays
 from .._args import Problem
-from . import fused_tc
+from . import fused_tc, fused_wg
 from . import plan as P
 from . import tiling
 from .tiling import CTYPES
@@ -147,12 +147,13 @@ class _Launches:
 
     dq: str
     dkdv: str
-    source: str
+    source: str  # of the dkdv kernel, and of dq unless dq_source says otherwise
     dq_blocks: int
     dkdv_blocks: int
     dq_shared: int
     dkdv_shared: int
     tiles: int  # query tiles per head (the bias partials' middle dimension)
+    dq_source: str = ""
 
 
 def _simt_launches(problem: Problem) -> _Launches | None:
@@ -166,14 +167,20 @@ def _simt_launches(problem: Problem) -> _Launches | None:
                      problem.batch * tiling.tiles(problem, dq_cfg))
 
 
-def _tensor_core_launches(problem: Problem) -> _Launches:
+def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
+    """The mma.sync dq and dkdv kernels; with ``wgmma``, the Hopper dq kernel (same grid and partials)."""
     hd = fused_tc.head_dim_bucket(problem.head_dim)
     entries = _entries(problem) if problem.has_rpb else 0
     blocks = fused_tc.bwd_grid(problem)
-    return _Launches(fused_tc.dq_name_of(hd, problem.dtype, problem.ndim),
-                     fused_tc.dkdv_name_of(hd, problem.dtype, problem.ndim), fused_tc.BWD_SOURCE, blocks, blocks,
-                     fused_tc.dq_shared_bytes(hd, problem.dtype, entries),
-                     fused_tc.dkdv_shared_bytes(hd, problem.dtype), blocks // max(problem.heads, 1))
+    if wgmma:
+        dq, dq_source = fused_wg.dq_name_of(hd, problem.dtype, problem.ndim), fused_wg.SOURCE
+        dq_shared = fused_wg.dq_shared_bytes(hd, problem.dtype, entries)
+    else:
+        dq, dq_source = fused_tc.dq_name_of(hd, problem.dtype, problem.ndim), fused_tc.BWD_SOURCE
+        dq_shared = fused_tc.dq_shared_bytes(hd, problem.dtype, entries)
+    return _Launches(dq, fused_tc.dkdv_name_of(hd, problem.dtype, problem.ndim), fused_tc.BWD_SOURCE, blocks, blocks,
+                     dq_shared, fused_tc.dkdv_shared_bytes(hd, problem.dtype), blocks // max(problem.heads, 1),
+                     dq_source)
 
 
 class FusedBackwardKernels:
@@ -181,16 +188,19 @@ class FusedBackwardKernels:
 
     ``tensor_cores(problem) -> bool``: may the tensor-core dq/dkdv kernels
     (``fused_tc.py``) serve ``problem``; they do where they cover it, the SIMT
-    kernels of this module otherwise. Default: SIMT only.
+    kernels of this module otherwise. Default: SIMT only. ``wgmma(problem) ->
+    bool``: may the Hopper dq kernel (``fused_wg.py``) replace the mma.sync one
+    there (sm_90, ``NA_RTC_WGMMA=1``). Default: never.
     """
 
-    def __init__(self, run: Callable[[P.LaunchPlan], None], tensor_cores=None):
+    def __init__(self, run: Callable[[P.LaunchPlan], None], tensor_cores=None, wgmma=None):
         self.run = run
         self.tensor_cores = tensor_cores or (lambda problem: False)
+        self.wgmma = wgmma or (lambda problem: False)
 
     def _launches(self, problem: Problem) -> _Launches | None:
         if problem.dtype in fused_tc.DTYPES and fused_tc.bwd_covers(problem) and self.tensor_cores(problem):
-            return _tensor_core_launches(problem)
+            return _tensor_core_launches(problem, fused_wg.dq_covers(problem) and bool(self.wgmma(problem)))
         return _simt_launches(problem)
 
     def covers(self, problem: Problem) -> bool:
@@ -243,7 +253,8 @@ class FusedBackwardKernels:
             partial = _arrays.empty(query, (problem.heads * tiles * entries,), "float32")
             drpb = _arrays.empty(query, problem.rpb_shape, "float32")
         args = inputs + _tensor(dq, problem) + [P.Arg("ptr", partial), P.f64(problem.scale)] + problem_args
-        self.run(P.LaunchPlan(P.Kernel(launches.source, launches.dq), (launches.dq_blocks, 1, 1), (threads, 1, 1),
+        self.run(P.LaunchPlan(P.Kernel(launches.dq_source or launches.source, launches.dq), (launches.dq_blocks, 1, 1),
+                              (threads, 1, 1),
                               launches.dq_shared, tuple(args)))
 
         dk = _arrays.empty(query, problem.qkv_shape, dtype)

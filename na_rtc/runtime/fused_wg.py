@@ -1,11 +1,12 @@
-"""The Hopper (wgmma, sm_90a) fused forward (``cuda_src/na_fused_wg.cu``): fp16 / bf16 on sm_90 GPUs.
+"""The Hopper (wgmma, sm_90a) fused kernels (``cuda_src/na_fused_wg.cu``): fp16 / bf16 on sm_90 GPUs.
 
 ``na_fused_wg_fwd<T, HD, TX, TY, KC>``: one block of one warpgroup (128
 threads) per (batch, head, query tile of 64 group coordinates inside one
 dilation group per axis); Q K^T and P V as warpgroup products on the key box,
 KC keys at a time, double-buffered. Same arguments and results as the
-mma.sync forward (``fused_tc.py``), whose backward kernels serve its
-gradients.
+mma.sync forward (``fused_tc.py``). ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC>``:
+the backward's dq the same way (S, dP, dQ += ds K), in place of the mma.sync
+dq kernel; dK/dV stay on the mma.sync kernel.
 
 Opt-in (``NA_RTC_WGMMA=1``) until a GPU run has measured it against the
 mma.sync forward (``python -m na_rtc bench``'s ``fused_wgmma`` entry); the
@@ -13,6 +14,8 @@ emulator runs it under the same setting, so CI tests what an sm_90 GPU runs.
 """
 
 from __future__ import annotations
+
+import math
 
 from .. import config as _config
 from .._args import Problem
@@ -34,6 +37,14 @@ CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
 SHARED_BUDGET = 96 * 1024
 
 
+#: keys per staged chunk of the dq kernel (two stages of K and V chunks live in the Q and dOut tiles' rows)
+DQ_CHUNK_KEYS = 32
+#: (ndim, head-dim bucket) the wgmma dq kernel is built for: in 2D at head dim 128 it spills (Q and dOut
+#: fragments, S, dP and dQ in registers leave no room for the 2D box's index math), so the mma.sync dq
+#: kernel serves there
+DQ_BUILT = {(ndim, hd) for ndim in (1, 2) for hd in HEAD_DIMS} - {(2, 128)}
+
+
 def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
 
@@ -48,16 +59,37 @@ def kernel_name_of(hd: int, dtype: str, ndim: int) -> str:
     return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}>"
 
 
+def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
+    tx, ty = TILES[ndim]
+    return f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK_KEYS}>"
+
+
+def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
+    """Q and dOut tiles (64 rows of hd + 8, then the K/V stages), ds floats, one float per bias entry."""
+    return (tiling.align16(2 * 64 * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * 64 * (DQ_CHUNK_KEYS + 1)
+            + 4 * bias_entries)
+
+
+def _instantiations():
+    return [(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)]
+
+
+def _dq_instantiations():
+    return [(hd, dtype, ndim) for hd, dtype, ndim in _instantiations() if (ndim, hd) in DQ_BUILT]
+
+
 def names() -> tuple[str, ...]:
-    return tuple(kernel_name_of(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2))
+    return (tuple(kernel_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
+            + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _dq_instantiations()))
 
 
 def family():
     """The kernel family (built for sm_90a only); imported late: families.py builds its table from here."""
     from .families import Family
 
-    shared = {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype)
-              for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)}
+    shared = {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()}
+    # the dq kernel's largest launch: the budget (larger bias tables are not covered)
+    shared.update({dq_name_of(hd, dtype, ndim): fused_tc.BWD_SHARED_BUDGET for hd, dtype, ndim in _dq_instantiations()})
     return Family(SOURCE, names(), {name: THREADS for name in names()}, shared, archs=(ARCH,), arch_specific=True)
 
 
@@ -71,6 +103,17 @@ def covers(problem: Problem) -> bool:
         return False
     hd = head_dim_bucket(problem.head_dim)
     return shared_bytes(hd, problem.dtype) <= SHARED_BUDGET and grid(problem) <= P.MAX_GRID[0]
+
+
+def dq_covers(problem: Problem) -> bool:
+    """What the mma.sync backward covers, with the bias partials within the dq kernel's shared memory."""
+    if not (covers(problem) and fused_tc.bwd_covers(problem)):
+        return False
+    entries = math.prod(problem.rpb_shape[1:]) if problem.has_rpb else 0
+    hd = head_dim_bucket(problem.head_dim)
+    if (problem.ndim, hd) not in DQ_BUILT:
+        return False
+    return dq_shared_bytes(hd, problem.dtype, entries) <= fused_tc.BWD_SHARED_BUDGET
 
 
 def kernel_name(problem: Problem) -> str:

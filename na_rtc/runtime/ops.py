@@ -64,7 +64,7 @@ def make_ops(run: Executor, backend: str) -> dict:
     """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
     kernels = Kernels(run)
     fused = FusedKernels(run, _tensor_core_policy(backend), _wgmma_policy(backend))
-    fused_backward_kernels = FusedBackwardKernels(run, _tensor_core_policy(backend))
+    fused_backward_kernels = FusedBackwardKernels(run, _tensor_core_policy(backend), _wgmma_policy(backend))
 
     def bias_in_accumulator(problem, rpb):
         return None if rpb is None else _arrays.cast(rpb, accumulator_dtype(problem.dtype))

@@ -1,0 +1,100 @@
+// Pieces of the dq kernels on tensor cores (the mma.sync one in
+// na_fused_tc_bwd.cu, the wgmma one in na_fused_wg.cu), which share the
+// per-warp layout of the forwards (na_tc_softmax.cuh): a lane holds rows g
+// and g + 8 of its warp's 16 queries, in 8-column tiles of 4 floats.
+//
+//   na_tc_row_stats       lse and delta of the lane's two rows
+//   na_tc_dq_ds           ds = p (dp - delta) of one 8-key tile, p recomputed
+//                         from the logit and the lse (0 outside the window)
+//   na_tc_dq_bias_chunk   the bias-gradient partials of one chunk's ds
+//   na_tc_dq_store        dq = scale * acc of the lane's valid rows
+#pragma once
+
+#include "na_tc_common.cuh"
+
+// lse and delta (float32, strides b, x, y, h) of the lane's rows of the 16-row tile at tile row row0
+template <int TY>
+__device__ __forceinline__ void na_tc_row_stats(float (&row_lse)[2], float (&row_delta)[2], const na_tc_rows& rows,
+                                                int row0, int lane, const float* __restrict__ lse,
+                                                const long long (&ls)[4], const float* __restrict__ delta,
+                                                const long long (&es)[4], const na_tile_axis& tx,
+                                                const na_tile_axis& ty, long long dx, long long dy, long long b,
+                                                long long h) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        long long x, y;
+        na_tc_row_position<TY>(row0 + (lane >> 2) + 8 * i, tx, ty, dx, dy, x, y);
+        row_lse[i] = rows.valid[i] ? lse[b * ls[0] + x * ls[1] + y * ls[2] + h * ls[3]] : 0.f;
+        row_delta[i] = rows.valid[i] ? delta[b * es[0] + x * es[1] + y * es[2] + h * es[3]] : 0.f;
+    }
+}
+
+// ds of an 8-key tile from its logits s and dOut.v products dp (elements c = 2 i + e: row i, key key0 + e)
+template <int TY>
+__device__ __forceinline__ void na_tc_dq_ds(float (&ds)[4], const float (&s)[4], const float (&dp)[4],
+                                            const bool (&in)[4], const na_tc_rows& rows, int key0,
+                                            const na_tc_box<TY>& box, const float* __restrict__ rpb,
+                                            long long rpb_x, long long rpb_y, float scale,
+                                            const float (&row_lse)[2], const float (&row_delta)[2]) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const int i = c / 2;
+        float d = 0.f;
+        if (in[c]) {
+            float logit = s[c] * scale;
+            if (rpb) logit += rpb[na_tc_bias_index(rows, i, key0 + c % 2, box, rpb_x, rpb_y)];
+            d = na_exp(logit - row_lse[i]) * (dp[c] - row_delta[i]);
+        }
+        ds[c] = d;
+    }
+}
+
+// Bias partials of one chunk (box keys c0 .. c0 + cn - 1): entry (rx, ry) of racc adds the ds (in sds,
+// one row of KS floats per query in tile order, column = key - c0) of every query of the tile whose
+// key at that relative offset lies in the chunk; queries in tile order, as the SIMT kernel sums them.
+template <int TY, int KS>
+__device__ __forceinline__ void na_tc_dq_bias_chunk(float* racc, const float* sds, long long entries,
+                                                    long long kx, long long ky, const na_tile_axis& tx,
+                                                    const na_tile_axis& ty, const na_tc_box<TY>& box, int c0,
+                                                    int cn) {
+    const long long rw = 2 * ky - 1;
+    for (long long en = threadIdx.x; en < entries; en += NA_TC_THREADS) {
+        const long long rx = en / rw - (kx - 1), ry = en % rw - (ky - 1);
+        float sum = 0.0f;
+        for (int qxi = 0; qxi < (int)tx.n; ++qxi) {
+            const long long bx = tx.q0 + qxi + rx - tx.h0;
+            if (bx < 0 || bx >= tx.h1 - tx.h0) continue;
+            for (int qyi = 0; qyi < (int)ty.n; ++qyi) {
+                const long long by = ty.q0 + qyi + ry - ty.h0;
+                if (by < 0 || by >= box.hy) continue;
+                const long long kk = bx * box.hy + by - c0;
+                if (kk >= 0 && kk < cn) sum += sds[(qxi * TY + qyi) * KS + kk];
+            }
+        }
+        racc[en] += sum;
+    }
+}
+
+// dq = scale * acc (DT 8-dim tiles) of the lane's valid rows of the 16-row tile at tile row row0;
+// dq strides b, x, y, h, head dim
+template <class T, int DT, int TY>
+__device__ __forceinline__ void na_tc_dq_store(T* __restrict__ dq, const long long (&os)[5], const float (&acc)[DT][4],
+                                               const na_tc_rows& rows, int row0, int lane, const na_tile_axis& tx,
+                                               const na_tile_axis& ty, long long dx, long long dy, long long b,
+                                               long long h, long long D, float scale) {
+    const int t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!rows.valid[i]) continue;
+        long long x, y;
+        na_tc_row_position<TY>(row0 + (lane >> 2) + 8 * i, tx, ty, dx, dy, x, y);
+        const long long at = b * os[0] + x * os[1] + y * os[2] + h * os[3];
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const long long d = 8 * dt + 2 * t + e;
+                if (d < D) na_store<T, float>(dq, at + d * os[4], acc[dt][2 * i + e] * scale);
+            }
+    }
+}
