@@ -91,20 +91,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     float* sds = reinterpret_cast<float*>(smem + na_tcb_align16(2LL * NQ * P * (long long)sizeof(T)));
     float* racc = sds + NQ * KS;
 
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles_q_g + NQ * P, g, g_b, g_x, g_y, g_h, g_l, b, h, d_len, dx, dy, tx, ty);
-    na_cp_async_commit();
-    if (partial_out)
-        for (long long i = tid; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
-    na_cp_async_wait_group<0>();
-    __syncthreads();
     unsigned qf[KSTEPS][4], gf[KSTEPS][4];
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-        const int r = 16 * warp + (lane & 15), c = 16 * ks + 8 * (lane >> 4);
-        na_ldmatrix<4, false>(qf[ks], tiles_q_g + r * P + c);
-        na_ldmatrix<4, false>(gf[ks], tiles_q_g + (NQ + r) * P + c);
-    }
+    na_tc_dq_fragments<T, HD, P, TX, TY>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g, {g_b, g_x, g_y, g_h, g_l},
+                                         racc, partial_out ? entries : 0, b, h, d_len, dx, dy, tx, ty);
 
     // this lane's rows g and g + 8 of the warp's 16 queries, with their lse and delta
     const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);

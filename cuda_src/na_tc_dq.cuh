@@ -3,6 +3,7 @@
 // per-warp layout of the forwards (na_tc_softmax.cuh): a lane holds rows g
 // and g + 8 of its warp's 16 queries, in 8-column tiles of 4 floats.
 //
+//   na_tc_dq_fragments    the Q and dOut tiles staged, a warp's A fragments read
 //   na_tc_row_stats       lse and delta of the lane's two rows
 //   na_tc_dq_ds           ds = p (dp - delta) of one 8-key tile, p recomputed
 //                         from the logit and the lse (0 outside the window)
@@ -10,7 +11,34 @@
 //   na_tc_dq_store        dq = scale * acc of the lane's valid rows
 #pragma once
 
+#include "na_mma.cuh"
 #include "na_tc_common.cuh"
+
+// Stage the tile's Q rows and then its dOut rows (pitch P, from row TX TY on) in `tiles`, zero the
+// bias accumulators racc[0 .. entries) (none: entries 0), and read this warp's Q and dOut A fragments
+// (16 rows from row 16 warp); ends with the barrier after which every warp holds them.
+template <class T, int HD, int P, int TX, int TY>
+__device__ __forceinline__ void na_tc_dq_fragments(unsigned (&qf)[HD / 16][4], unsigned (&gf)[HD / 16][4], T* tiles,
+                                                   const T* q, const long long (&qs)[5], const T* g,
+                                                   const long long (&gs)[5], float* racc, long long entries,
+                                                   long long b, long long h, int D, long long dx, long long dy,
+                                                   const na_tile_axis& tx, const na_tile_axis& ty) {
+    constexpr int NQ = TX * TY;
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles, q, qs[0], qs[1], qs[2], qs[3], qs[4], b, h, D, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles + NQ * P, g, gs[0], gs[1], gs[2], gs[3], gs[4], b, h, D, dx,
+                                                     dy, tx, ty);
+    na_cp_async_commit();
+    for (long long i = threadIdx.x; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
+    na_cp_async_wait_group<0>();
+    __syncthreads();
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ++ks) {
+        const int r = 16 * warp + (lane & 15), c = 16 * ks + 8 * (lane >> 4);
+        na_ldmatrix<4, false>(qf[ks], tiles + r * P + c);
+        na_ldmatrix<4, false>(gf[ks], tiles + (NQ + r) * P + c);
+    }
+}
 
 // lse and delta (float32, strides b, x, y, h) of the lane's rows of the 16-row tile at tile row row0
 template <int TY>
