@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-from .. import config as _config
 from .._args import Problem
 from . import fused_tc
 from . import plan as P
@@ -124,7 +123,3 @@ def launch(problem: Problem) -> tuple[str, str, int, int, int]:
     """(source, kernel name, threads, blocks, dynamic shared bytes) of the forward of ``problem``."""
     hd = head_dim_bucket(problem.head_dim)
     return SOURCE, kernel_name(problem), THREADS, grid(problem), shared_bytes(hd, problem.dtype)
-
-
-def enabled() -> bool:
-    return _config.wgmma()
