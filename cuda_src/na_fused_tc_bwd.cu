@@ -73,16 +73,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     static_assert(NQ == 16 * NA_TC_WARPS && HD % 16 == 0 && KC % 16 == 0 && 2 * STAGE <= 2 * NQ,
                   "tile shapes; the two stages fit in the rows of the Q and dOut tiles");
 
-    NA_TC_DECODE_BLOCK(TX, TY)
-    const long long rw = 2 * ky - 1, entries = (2 * kx - 1) * rw;
-    const long long tiles = B * ntx * nty;
-    float* partial_out = rpb_partial ? rpb_partial + (h * tiles + (b * ntx + itx) * nty + ity) * entries : nullptr;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    if (!tile_ok) {  // an empty tile of a shorter group: its partials are zero
-        if (partial_out)
-            for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = 0.0f;
-        return;
-    }
+    NA_TC_DQ_DECODE_BLOCK(TX, TY)
     const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
     const int d_len = (int)D;
 

@@ -178,16 +178,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
     static_assert(L::rows(4 * KC) <= 2 * NQ * P, "the two stages fit in the rows of the Q and dOut tiles");
 
-    NA_TC_DECODE_BLOCK(TX, TY)
-    const long long entries = (2 * kx - 1) * (2 * ky - 1);
-    const long long tiles = B * ntx * nty;
-    float* partial_out = rpb_partial ? rpb_partial + (h * tiles + (b * ntx + itx) * nty + ity) * entries : nullptr;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    if (!tile_ok) {  // an empty tile of a shorter group: its partials are zero
-        if (partial_out)
-            for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = 0.0f;
-        return;
-    }
+    NA_TC_DQ_DECODE_BLOCK(TX, TY)
     const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
     const int d_len = (int)D;
 

@@ -3,6 +3,7 @@
 // per-warp layout of the forwards (na_tc_softmax.cuh): a lane holds rows g
 // and g + 8 of its warp's 16 queries, in 8-column tiles of 4 floats.
 //
+//   NA_TC_DQ_DECODE_BLOCK the block decode, the bias entries and this tile's partials
 //   na_tc_dq_fragments    the Q and dOut tiles staged, a warp's A fragments read
 //   na_tc_row_stats       lse and delta of the lane's two rows
 //   na_tc_dq_ds           ds = p (dp - delta) of one 8-key tile, p recomputed
@@ -13,6 +14,21 @@
 
 #include "na_mma.cuh"
 #include "na_tc_common.cuh"
+
+// NA_TC_DECODE_BLOCK (na_tc_common.cuh) for a dq kernel: also `entries` (bias entries per head) and
+// `partial_out`, this tile's row of the bias partials [h, tiles, entries] (null without a bias); an
+// empty tile of a shorter dilation group zeroes its partials and returns (uniform over the block).
+// Needs `tid` (threadIdx.x) declared before it.
+#define NA_TC_DQ_DECODE_BLOCK(TX_, TY_)                                                                          \
+    NA_TC_DECODE_BLOCK(TX_, TY_)                                                                                \
+    const long long rw_ = 2 * ky - 1, entries = (2 * kx - 1) * rw_;                                             \
+    const long long tiles_ = B * ntx * nty;                                                                     \
+    float* partial_out = rpb_partial ? rpb_partial + (h * tiles_ + (b * ntx + itx) * nty + ity) * entries : nullptr; \
+    if (!tile_ok) {                                                                                             \
+        if (partial_out)                                                                                        \
+            for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = 0.0f;                     \
+        return;                                                                                                 \
+    }
 
 // Stage the tile's Q rows and then its dOut rows (pitch P, from row TX TY on) in `tiles`, zero the
 // bias accumulators racc[0 .. entries) (none: entries 0), and read this warp's Q and dOut A fragments
