@@ -5,7 +5,10 @@
 //                        [n / 8][k / 8]: LBO 128 bytes, SBO 512 (4 along K);
 //   d_mnmajor = A B      B's rows ([k][n]) as MN-major core matrices, ordered
 //                        [k / 8][n / 8]: SBO 128, LBO 16 N; the first k-step
-//                        without accumulation (scale-d 0: C is not added).
+//                        without accumulation (scale-d 0: C is not added);
+//   d_ss = A B           the SS form: A's rows ([m][k]) as K-major core
+//                        matrices too (ordered [m / 8][k / 8], the K-major
+//                        fields), B K-major, the first k-step as d_mnmajor's.
 // A fragments come from global memory with the documented layout and D goes
 // back the same way, so the test checks the fragment layouts, the descriptor
 // fields and both flags against one plain matrix product. The LBO / SBO
@@ -20,16 +23,21 @@
 template <class T, int N>
 __global__ void __launch_bounds__(128) na_selftest_wgmma(const T* __restrict__ a, const T* __restrict__ b,
                                                          const float* __restrict__ c, float* __restrict__ d_kmajor,
-                                                         float* __restrict__ d_mnmajor, int k_lbo, int k_sbo,
-                                                         int m_lbo, int m_sbo) {
+                                                         float* __restrict__ d_mnmajor, float* __restrict__ d_ss,
+                                                         int k_lbo, int k_sbo, int m_lbo, int m_sbo) {
     constexpr int K = 32;
-    T* sk = reinterpret_cast<T*>(na_dynamic_shared());  // K-major copy of B: K * N elements
+    T* sa = reinterpret_cast<T*>(na_dynamic_shared());  // K-major copy of A: 64 * K elements
+    T* sk = sa + 64 * K;                                // K-major copy of B: K * N elements
     T* sm = sk + K * N;                                 // MN-major copy of B
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     for (int i = tid; i < K * N; i += 128) {
         const int k = i / N, n = i % N;
         sk[((n / 8) * (K / 8) + k / 8) * 64 + (n % 8) * 8 + k % 8] = b[i];
         sm[((k / 8) * (N / 8) + n / 8) * 64 + (k % 8) * 8 + n % 8] = b[i];
+    }
+    for (int i = tid; i < 64 * K; i += 128) {
+        const int m = i / K, k = i % K;
+        sa[((m / 8) * (K / 8) + k / 8) * 64 + (m % 8) * 8 + k % 8] = a[i];
     }
     na_fence_proxy_async();  // plain stores, read next by the async proxy
     __syncthreads();
@@ -41,21 +49,25 @@ __global__ void __launch_bounds__(128) na_selftest_wgmma(const T* __restrict__ a
             fa[ks][r] = (unsigned)a[row * K + col].bits | ((unsigned)a[row * K + col + 1].bits << 16);
         }
     const auto at = [&](int i) { return (16 * warp + g + 8 * ((i / 2) % 2)) * N + 8 * (i / 4) + 2 * t + i % 2; };
-    float dk[N / 2], dm[N / 2];
-    for (int i = 0; i < N / 2; ++i) dk[i] = c[at(i)], dm[i] = c[at(i)];
+    float dk[N / 2], dm[N / 2], ds[N / 2];
+    for (int i = 0; i < N / 2; ++i) dk[i] = c[at(i)], dm[i] = c[at(i)], ds[i] = c[at(i)];
 
-    const unsigned k_base = na_shared_address(sk), m_base = na_shared_address(sm);
+    const unsigned a_base = na_shared_address(sa), k_base = na_shared_address(sk), m_base = na_shared_address(sm);
     constexpr unsigned K_STEP = 2 * 128, M_STEP = 2 * 128 * (N / 8);  // two core matrices along K
     na_wgmma_hold(dk);
     na_wgmma_hold(dm);
+    na_wgmma_hold(ds);
     na_wgmma_fence();
     for (int ks = 0; ks < 2; ++ks) {
-        na_wgmma_rs<T, N, false>(dk, fa[ks], na_wgmma_desc(k_base + ks * K_STEP, k_lbo, k_sbo), true);
+        const unsigned long long kb = na_wgmma_desc(k_base + ks * K_STEP, k_lbo, k_sbo);
+        na_wgmma_rs<T, N, false>(dk, fa[ks], kb, true);
         na_wgmma_rs<T, N, true>(dm, fa[ks], na_wgmma_desc(m_base + ks * M_STEP, m_lbo, m_sbo), ks > 0);
+        na_wgmma_ss<T, N, false>(ds, na_wgmma_desc(a_base + ks * K_STEP, k_lbo, k_sbo), kb, ks > 0);
     }
     na_wgmma_commit();
     na_wgmma_wait<0>();
     na_wgmma_hold(dk);
     na_wgmma_hold(dm);
-    for (int i = 0; i < N / 2; ++i) d_kmajor[at(i)] = dk[i], d_mnmajor[at(i)] = dm[i];
+    na_wgmma_hold(ds);
+    for (int i = 0; i < N / 2; ++i) d_kmajor[at(i)] = dk[i], d_mnmajor[at(i)] = dm[i], d_ss[at(i)] = ds[i];
 }

@@ -1,7 +1,9 @@
 // Hopper warpgroup tensor-core primitives (wgmma, sm_90a): one warpgroup of 4
 // consecutive warps (threads 128 j .. 128 j + 127) computes D (64 x N, fp32)
-// += A (64 x 16) x B (16 x N) asynchronously, A from registers, B from shared
-// memory through a matrix descriptor. As inline PTX on the GPU; the emulator
+// += A (64 x 16) x B (16 x N) asynchronously, B from shared memory through a
+// matrix descriptor, A from registers (na_wgmma_rs, the RS form) or from
+// shared memory through a second descriptor (na_wgmma_ss, the SS form; A
+// K-major, read as B K-major with A's rows in place of B's columns). As inline PTX on the GPU; the emulator
 // (na_rtc/emulator/cuda_emu.h) provides the same spellings, computing each
 // warp's rows at the matching wait, so a missing wait, fence or barrier shows.
 //
@@ -19,6 +21,8 @@
 //       (k, n) at start + (n / 8) SBO + (k / 8) LBO + (n % 8) 16 + (k % 8) 2
 //   MN-major (TRANS_B true; B's own rows, [k][n] storage):
 //       (k, n) at start + (n / 8) SBO + (k / 8) LBO + (k % 8) 16 + (n % 8) 2
+// A in the SS form, K-major (A's rows, [m][k] storage), as B K-major:
+//       (m, k) at start + (m / 8) SBO + (k / 8) LBO + (m % 8) 16 + (k % 8) 2
 // The tensor-core kernels stage K and V rows as na_rows_core (na_tc_load.cuh):
 // core matrices of 8 consecutive rows x 8 head dims, the HD / 8 of a row group
 // in a row, so Q K^T reads K K-major (LBO 128, SBO 16 HD) and P V reads V
@@ -141,8 +145,48 @@ __device__ __forceinline__ void na_wgmma_m64k16(float (&d)[N / 2], const unsigne
 #endif
 }
 
+// The SS form: A (64 x 16, K-major, no transpose) from shared memory through its own descriptor; the
+// operands after the D registers are the A descriptor, the B descriptor, scale-d and .trans-b.
+#define NA_WG_SS_IN "l"(a_desc), "l"(desc), "r"(accumulate), "n"(TRANS_B ? 1 : 0)
+#define NA_WG_SS_TEXT(SHAPE, TYPE, DREGS, ADESC, BDESC, ACC, TR)                                             \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %" ACC ", 0;\nwgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE \
+    " {" DREGS "}, %" ADESC ", %" BDESC ", p, 1, 1, 0, %" TR ";\n}\n"
+
+template <int N, bool TRANS_B, bool BF16>
+__device__ __forceinline__ void na_wgmma_m64k16_ss(float (&d)[N / 2], unsigned long long a_desc,
+                                                   unsigned long long desc, int accumulate) {
+#ifdef NA_WGMMA_AVAILABLE
+    if constexpr (N == 32 && BF16)
+        asm volatile(NA_WG_SS_TEXT("m64n32k16", "bf16", NA_WG_R16, "16", "17", "18", "19")
+                     : NA_WG_D8(0), NA_WG_D8(8) : NA_WG_SS_IN);
+    else if constexpr (N == 32)
+        asm volatile(NA_WG_SS_TEXT("m64n32k16", "f16", NA_WG_R16, "16", "17", "18", "19")
+                     : NA_WG_D8(0), NA_WG_D8(8) : NA_WG_SS_IN);
+    else if constexpr (N == 64 && BF16)
+        asm volatile(NA_WG_SS_TEXT("m64n64k16", "bf16", NA_WG_R32, "32", "33", "34", "35")
+                     : NA_WG_D8(0), NA_WG_D8(8), NA_WG_D8(16), NA_WG_D8(24) : NA_WG_SS_IN);
+    else if constexpr (N == 64)
+        asm volatile(NA_WG_SS_TEXT("m64n64k16", "f16", NA_WG_R32, "32", "33", "34", "35")
+                     : NA_WG_D8(0), NA_WG_D8(8), NA_WG_D8(16), NA_WG_D8(24) : NA_WG_SS_IN);
+    else if constexpr (N == 128 && BF16)
+        asm volatile(NA_WG_SS_TEXT("m64n128k16", "bf16", NA_WG_R64, "64", "65", "66", "67")
+                     : NA_WG_D8(0), NA_WG_D8(8), NA_WG_D8(16), NA_WG_D8(24), NA_WG_D8(32), NA_WG_D8(40),
+                       NA_WG_D8(48), NA_WG_D8(56) : NA_WG_SS_IN);
+    else if constexpr (N == 128)
+        asm volatile(NA_WG_SS_TEXT("m64n128k16", "f16", NA_WG_R64, "64", "65", "66", "67")
+                     : NA_WG_D8(0), NA_WG_D8(8), NA_WG_D8(16), NA_WG_D8(24), NA_WG_D8(32), NA_WG_D8(40),
+                       NA_WG_D8(48), NA_WG_D8(56) : NA_WG_SS_IN);
+    else
+        static_assert(N == 32, "wgmma shapes built: N = 32, 64, 128");
+#else
+    __trap();
+#endif
+}
+
 #undef NA_WG_D8
 #undef NA_WG_IN
+#undef NA_WG_SS_IN
+#undef NA_WG_SS_TEXT
 #undef NA_WG_R16
 #undef NA_WG_R32
 #undef NA_WG_R64
@@ -155,4 +199,12 @@ template <class T, int N, bool TRANS_B>
 __device__ __forceinline__ void na_wgmma_rs(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc,
                                             bool accumulate) {
     na_wgmma_m64k16<N, TRANS_B, na_wgmma_bf16<T>::value>(d, a, desc, accumulate ? 1 : 0);
+}
+
+// D (this warp's 16 rows of 64 x N) = A B + (accumulate ? D : 0), asynchronously, with A (64 x 16 of the
+// whole warpgroup) K-major in shared memory too: the warp's rows are 16 w .. 16 w + 15 of it
+template <class T, int N, bool TRANS_B>
+__device__ __forceinline__ void na_wgmma_ss(float (&d)[N / 2], unsigned long long a_desc, unsigned long long desc,
+                                            bool accumulate) {
+    na_wgmma_m64k16_ss<N, TRANS_B, na_wgmma_bf16<T>::value>(d, a_desc, desc, accumulate ? 1 : 0);
 }

@@ -135,11 +135,11 @@ def _sm90(backend: str) -> bool:
 
 
 def _run_wgmma(backend, dtype, n, a, b, c, fields):
-    """(K-major + C, MN-major) of the self-test with descriptor fields (k_lbo, k_sbo, m_lbo, m_sbo)."""
+    """(K-major + C, MN-major, SS) of the self-test with descriptor fields (k_lbo, k_sbo, m_lbo, m_sbo)."""
     import torch
 
     bits = [torch.from_numpy(x).to(getattr(torch, dtype)).view(torch.int16).numpy().view(np.uint16) for x in (a, b)]
-    arrays = [*bits, c, np.full((64, n), np.nan, np.float32), np.full((64, n), np.nan, np.float32)]
+    arrays = [*bits, c, *(np.full((64, n), np.nan, np.float32) for _ in range(3))]
     if backend == "cuda":
         import cupy
 
@@ -158,8 +158,9 @@ def _run_wgmma(backend, dtype, n, a, b, c, fields):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wgmma_computes_a_plain_matrix_product_from_both_layouts(backend, dtype, n):
     """64 x N = A (64 x 32) B (32 x N) in two k-steps with B read K-major (+ C) and MN-major (first k-step
-    without accumulation): fragment layouts, descriptor fields and the scale-d flag against numpy. Where the
-    documented fields fail, the message says which other reading (LBO and SBO swapped) the device follows."""
+    without accumulation), and in the SS form (A K-major from shared memory too): fragment layouts, descriptor
+    fields and the scale-d flag against numpy. Where the documented fields fail, the message says which other
+    reading (LBO and SBO swapped) the device follows."""
     import torch
 
     if not _sm90(backend):
@@ -169,7 +170,7 @@ def test_wgmma_computes_a_plain_matrix_product_from_both_layouts(backend, dtype,
     b = torch.from_numpy(rng.standard_normal((32, n))).to(getattr(torch, dtype)).double().numpy()
     c = rng.standard_normal((64, n)).astype(np.float32)
     bound = 1e-6 * (np.abs(a) @ np.abs(b) + np.abs(c)) + 1e-7  # fp32 accumulation of exact products
-    wants = (a @ b + c, a @ b)
+    wants = (a @ b + c, a @ b, a @ b)
     documented = (128, 512, 16 * n, 128)  # K-major LBO, SBO; MN-major LBO, SBO (cuda_src/na_wgmma.cuh)
 
     def matches(fields):
@@ -180,7 +181,7 @@ def test_wgmma_computes_a_plain_matrix_product_from_both_layouts(backend, dtype,
     if not all(ok):  # diagnose: does the device read the two offset fields the other way round?
         swapped = matches((512, 128, 128, 16 * n))
         readings = [f"{major}: {'ok' if good else 'matches with LBO and SBO swapped' if other else 'wrong'}"
-                    for major, good, other in zip(("K-major + C", "MN-major"), ok, swapped)]
+                    for major, good, other in zip(("K-major + C", "MN-major", "SS (A and B K-major)"), ok, swapped)]
         pytest.fail(f"wgmma with the documented descriptor fields: {'; '.join(readings)}")
 
 

@@ -42,11 +42,14 @@
 //
 //   wgmma (sm_90a, cuda_src/na_wgmma.cuh's spellings): each warp's 16 rows of
 //   a warpgroup product, computed at the wgmma.wait_group that covers it, B
-//   through a no-swizzle descriptor into the dynamic shared memory
-//   (na_shared_address gives offsets there):
+//   (and, in the SS form, a K-major A) through no-swizzle descriptors into
+//   the dynamic shared memory (na_shared_address gives offsets there):
 //       void na_wgmma_fence(); void na_wgmma_commit(); template <int N> void na_wgmma_wait();
 //       template <int N, bool TRANS_B, bool BF16>
 //       void na_wgmma_m64k16(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc, int accumulate);
+//       template <int N, bool TRANS_B, bool BF16>
+//       void na_wgmma_m64k16_ss(float (&d)[N / 2], unsigned long long a_desc, unsigned long long desc,
+//                               int accumulate);
 //       void na_fence_proxy_async();  // clears this thread's landed-but-unfenced copies
 //     Reported: an issue without a fence since the last wait, B rows with a
 //     pending cp.async or a landed one its thread has not fenced, B outside
@@ -111,9 +114,10 @@
 // Limits: no preemption (see above); __activemask() as described; static
 // __shared__ arrays are not poisoned between blocks; no race detection on
 // shared memory; mma.sync m16n8k16 (f16/bf16 -> f32), ldmatrix m8n8 and
-// wgmma m64nNk16 with A from registers and an unswizzled B only (see "tensor
-// cores" and "wgmma" below); plain shared-memory stores are not tracked for
-// the async-proxy fence (only cp.async copies are).
+// wgmma m64nNk16 with A from registers or K-major from shared memory and
+// unswizzled operands only (see "tensor cores" and "wgmma" below); plain
+// shared-memory stores are not tracked for the async-proxy fence (only
+// cp.async copies are).
 // ---------------------------------------------------------------------------
 #pragma once
 
@@ -244,7 +248,7 @@ enum WarpKind : int {
     W_MATCH_ALL,
     W_MMA,       // mma.sync.m16n8k16 (tag: element type), lanes exchange operand addresses
     W_LDMATRIX,  // ldmatrix.m8n8 (tag: matrix count, + 8 for .trans)
-    W_WGMMA,        // wgmma.mma_async m64nNk16, this warp's 16 rows (tag: N | .trans-b << 9 | bf16 << 10)
+    W_WGMMA,        // wgmma.mma_async m64nNk16, this warp's 16 rows (tag: N | .trans-b << 9 | bf16 << 10 | SS << 11)
     W_WGMMA_FENCE,  // wgmma.fence
     W_WGMMA_COMMIT, // wgmma.commit_group
     W_WGMMA_WAIT,   // wgmma.wait_group (tag: N)
@@ -324,11 +328,11 @@ struct WarpOp {
 
 // one issued wgmma.mma_async of a warp, computed at the wait_group that covers it
 struct WgmmaOp {
-    unsigned long long desc;
-    unsigned n, trans, bf16, accumulate;
+    unsigned long long desc, a_desc;  // B's descriptor; A's (the SS form: A from shared memory too)
+    unsigned n, trans, bf16, accumulate, ss, rank;  // rank: the warp's place in its warpgroup (its rows of A)
     unsigned line;
     const char* file;
-    const unsigned* a[32];  // each lane's A registers and D registers (its kernel's arrays)
+    const unsigned* a[32];  // each lane's A registers (the RS form) and D registers (its kernel's arrays)
     float* d[32];
 };
 
@@ -876,9 +880,9 @@ static void ldmatrix_complete(Worker* w, Warp* ws, const WarpOp* op) {
 // issue waited for before the thread exits, a block of whole warpgroups.
 
 struct WgmmaLane {  // one lane's operands
-    const unsigned* a;
+    const unsigned* a;  // null in the SS form, which reads A through a_desc
     float* d;
-    unsigned long long desc;
+    unsigned long long desc, a_desc;
     unsigned accumulate;
 };
 
@@ -896,11 +900,11 @@ static void wgmma_issue(Worker* w, Warp* ws, const WarpOp* op) {
     const WgmmaLane* first = (const WgmmaLane*)ws->val[0];
     for (unsigned l = 1; l < 32; ++l) {
         const WgmmaLane* m = (const WgmmaLane*)ws->val[l];
-        if (m->desc != first->desc || m->accumulate != first->accumulate) {
-            failf(w, "wgmma.mma_async in %s block (%u,%u,%u): lane %u's descriptor or scale-d (0x%016llx, %u) "
-                     "differs from lane 0's (0x%016llx, %u) (%s:%u)", w->L->name, w->block.x, w->block.y,
-                  w->block.z, l, m->desc, m->accumulate, first->desc, first->accumulate, base_name(op->file),
-                  op->line);
+        if (m->desc != first->desc || m->a_desc != first->a_desc || m->accumulate != first->accumulate) {
+            failf(w, "wgmma.mma_async in %s block (%u,%u,%u): lane %u's descriptors or scale-d (0x%016llx, "
+                     "0x%016llx, %u) differ from lane 0's (0x%016llx, 0x%016llx, %u) (%s:%u)", w->L->name,
+                  w->block.x, w->block.y, w->block.z, l, m->desc, m->a_desc, m->accumulate, first->desc,
+                  first->a_desc, first->accumulate, base_name(op->file), op->line);
         }
     }
     if (ws->wg_n == ws->wg_cap) {
@@ -912,9 +916,12 @@ static void wgmma_issue(Worker* w, Warp* ws, const WarpOp* op) {
     }
     WgmmaOp* g = &ws->wg[ws->wg_n++];
     g->desc = first->desc;
+    g->a_desc = first->a_desc;
     g->n = (unsigned)op->tag & 511u;
     g->trans = ((unsigned)op->tag >> 9) & 1u;
     g->bf16 = ((unsigned)op->tag >> 10) & 1u;
+    g->ss = ((unsigned)op->tag >> 11) & 1u;
+    g->rank = (unsigned)(ws - w->warps) % 4u;
     g->accumulate = first->accumulate;
     g->line = op->line;
     g->file = op->file;
@@ -941,40 +948,52 @@ static void wgmma_check_row(Worker* w, const unsigned char* p, const WgmmaOp* g)
     }
 }
 
-// D (16 x N per warp) = A (16 x 16) B (16 x N) + (accumulate ? D : 0); B from the descriptor (see
-// cuda_src/na_wgmma.cuh for the no-swizzle core-matrix addressing of both majors)
-static void wgmma_compute(Worker* w, const WgmmaOp* g) {
-    const unsigned start = (unsigned)(g->desc & 0x3fffu) << 4, lbo = (unsigned)(g->desc >> 16 & 0x3fffu) << 4,
-                   sbo = (unsigned)(g->desc >> 32 & 0x3fffu) << 4;
-    const unsigned base_offset = (unsigned)(g->desc >> 49 & 7u), swizzle = (unsigned)(g->desc >> 62);
+// One element of a no-swizzle operand in shared memory, as a float: (k, n) of B, or (k, m) of A (A's
+// rows m play B's columns n), through descriptor `desc` read K-major or MN-major (see
+// cuda_src/na_wgmma.cuh for the core-matrix addressing); checks the bounds and, once per 16-byte row,
+// the copies that wrote it.
+static float wgmma_element(Worker* w, const WgmmaOp* g, unsigned long long desc, bool mn_major, unsigned k,
+                           unsigned n, const char* operand) {
+    const unsigned start = (unsigned)(desc & 0x3fffu) << 4, lbo = (unsigned)(desc >> 16 & 0x3fffu) << 4,
+                   sbo = (unsigned)(desc >> 32 & 0x3fffu) << 4;
+    const unsigned base_offset = (unsigned)(desc >> 49 & 7u), swizzle = (unsigned)(desc >> 62);
     if (base_offset || swizzle) {
-        failf(w, "wgmma.mma_async in %s: descriptor 0x%016llx asks for swizzle mode %u / base offset %u; the "
-                 "emulator models the no-swizzle layout only (%s:%u)", w->L->name, g->desc, swizzle, base_offset,
-              base_name(g->file), g->line);
+        failf(w, "wgmma.mma_async in %s: %s descriptor 0x%016llx asks for swizzle mode %u / base offset %u; the "
+                 "emulator models the no-swizzle layout only (%s:%u)", w->L->name, operand, desc, swizzle,
+              base_offset, base_name(g->file), g->line);
     }
-    const int type = g->bf16 ? MMA_BF16 : MMA_F16;
+    const unsigned off = mn_major ? start + n / 8 * sbo + k / 8 * lbo + k % 8 * 16 + n % 8 * 2
+                                  : start + n / 8 * sbo + k / 8 * lbo + n % 8 * 16 + k % 8 * 2;
+    if ((size_t)off + 2 > w->L->smem) {
+        failf(w, "wgmma.mma_async in %s block (%u,%u,%u): %s element (k %u, %s %u) at shared offset %u is "
+                 "outside the block's %zu bytes of dynamic shared memory (descriptor 0x%016llx) (%s:%u)",
+              w->L->name, w->block.x, w->block.y, w->block.z, operand, k, operand[0] == 'A' ? "m" : "n", n, off,
+              w->L->smem, desc, base_name(g->file), g->line);
+    }
+    if ((mn_major ? n : k) % 8 == 0) wgmma_check_row(w, w->dsmem + (off & ~15u), g);
+    unsigned short bits;
+    memcpy(&bits, w->dsmem + off, 2);
+    return mma_element(bits, g->bf16 ? MMA_BF16 : MMA_F16);
+}
+
+// D (16 x N per warp) = A (16 x 16) B (16 x N) + (accumulate ? D : 0); B from its descriptor, A from
+// the lanes' registers (RS) or, K-major, from its descriptor at the warp's rows 16 rank .. (SS)
+static void wgmma_compute(Worker* w, const WgmmaOp* g) {
     static thread_local float B[16][256];
     for (unsigned k = 0; k < 16; ++k)
-        for (unsigned n = 0; n < g->n; ++n) {
-            const unsigned off = g->trans ? start + n / 8 * sbo + k / 8 * lbo + k % 8 * 16 + n % 8 * 2
-                                          : start + n / 8 * sbo + k / 8 * lbo + n % 8 * 16 + k % 8 * 2;
-            if ((size_t)off + 2 > w->L->smem) {
-                failf(w, "wgmma.mma_async in %s block (%u,%u,%u): B element (k %u, n %u) at shared offset %u is "
-                         "outside the block's %zu bytes of dynamic shared memory (descriptor 0x%016llx) (%s:%u)",
-                      w->L->name, w->block.x, w->block.y, w->block.z, k, n, off, w->L->smem, g->desc,
-                      base_name(g->file), g->line);
-            }
-            if ((g->trans ? n : k) % 8 == 0) wgmma_check_row(w, w->dsmem + (off & ~15u), g);
-            unsigned short bits;
-            memcpy(&bits, w->dsmem + off, 2);
-            B[k][n] = mma_element(bits, type);
-        }
+        for (unsigned n = 0; n < g->n; ++n) B[k][n] = wgmma_element(w, g, g->desc, g->trans, k, n, "B");
     float A[16][16];
-    for (unsigned l = 0; l < 32; ++l) {
-        const unsigned gr = l >> 2, t = l & 3u;
-        for (unsigned r = 0; r < 4; ++r)
-            for (unsigned h = 0; h < 2; ++h)
-                A[gr + 8 * (r & 1u)][2 * t + 8 * (r >> 1) + h] = mma_element(g->a[l][r] >> (16 * h) & 0xffffu, type);
+    if (g->ss) {
+        for (unsigned r = 0; r < 16; ++r)
+            for (unsigned k = 0; k < 16; ++k) A[r][k] = wgmma_element(w, g, g->a_desc, false, k, 16 * g->rank + r, "A");
+    } else {
+        for (unsigned l = 0; l < 32; ++l) {
+            const unsigned gr = l >> 2, t = l & 3u;
+            for (unsigned r = 0; r < 4; ++r)
+                for (unsigned h = 0; h < 2; ++h)
+                    A[gr + 8 * (r & 1u)][2 * t + 8 * (r >> 1) + h] =
+                        mma_element(g->a[l][r] >> (16 * h) & 0xffffu, g->bf16 ? MMA_BF16 : MMA_F16);
+        }
     }
     for (unsigned l = 0; l < 32; ++l) {
         const unsigned gr = l >> 2, t = l & 3u;
@@ -1826,9 +1845,18 @@ template <int N, bool TRANS_B, bool BF16>
 static inline void na_wgmma_m64k16(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long desc, int accumulate,
                                    unsigned line = __builtin_LINE(), const char* file = __builtin_FILE()) {
     static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma m64nNk16: N is a multiple of 8 up to 256");
-    ::na_emu::WgmmaLane lane{a, d, desc, accumulate != 0};
+    ::na_emu::WgmmaLane lane{a, d, desc, 0, accumulate != 0};
     ::na_emu::warp_collective(::na_emu::W_WGMMA, N | (TRANS_B ? 1 << 9 : 0) | (BF16 ? 1 << 10 : 0), 0xffffffffu,
                               (unsigned long long)(uintptr_t)&lane, 0, line, file);
+}
+template <int N, bool TRANS_B, bool BF16>
+static inline void na_wgmma_m64k16_ss(float (&d)[N / 2], unsigned long long a_desc, unsigned long long desc,
+                                      int accumulate, unsigned line = __builtin_LINE(),
+                                      const char* file = __builtin_FILE()) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma m64nNk16: N is a multiple of 8 up to 256");
+    ::na_emu::WgmmaLane lane{nullptr, d, desc, a_desc, accumulate != 0};
+    ::na_emu::warp_collective(::na_emu::W_WGMMA, N | (TRANS_B ? 1 << 9 : 0) | (BF16 ? 1 << 10 : 0) | 1 << 11,
+                              0xffffffffu, (unsigned long long)(uintptr_t)&lane, 0, line, file);
 }
 
 // ============================================================ launching

@@ -134,8 +134,9 @@ def selftest_wgmma_name(ctype: str, n: int) -> str:
 
 
 def selftest_wgmma_shared(n: int) -> int:
-    """Two copies of B (32 x n, 16-bit), then room for what a misread descriptor reaches (the diagnosis)."""
-    return 2 * 32 * n * 2 + 2 * n * n + 1024
+    """A (64 x 32) and two copies of B (32 x n), 16-bit, then room for what a misread descriptor reaches (the
+    diagnosis)."""
+    return 64 * 32 * 2 + 2 * 32 * n * 2 + 2 * n * n + 1024
 
 
 def selftest_wgmma_family() -> Family:
