@@ -48,6 +48,7 @@
 #include "na_mma.cuh"
 #include "na_tc_common.cuh"
 #include "na_tc_dq.cuh"
+#include "na_tc_dkdv.cuh"
 
 #define NA_TCB_PROBLEM                                                                        \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
@@ -175,35 +176,17 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
     static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0 && (STAGES == 1 || STAGES == 2),
                   "tile shapes");
-    __shared__ int first_x[TX], last_x[TX], first_y[TY], last_y[TY];
-    __shared__ na_tc_group_axis group_axes[2];  // x, y: the windows of each chunk's queries (kept out of registers)
+    __shared__ na_tc_key_ranges<TX, TY> ranges;
 
     NA_TC_DECODE_BLOCK(TX, TY)
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    if (tid == 0) {
-        group_axes[0] = na_tc_group_axis_of(ax, tx);
-        group_axes[1] = na_tc_group_axis_of(ay, ty);
-    }
-    for (int i = tid; i < TX + TY; i += NA_TC_THREADS) {  // each key's inverse range per axis (group coordinates)
-        long long f = 0, last = 0;
-        if (i < TX) {
-            if (i < tx.n) na_inverse_range(ax, (tx.q0 + i) * dx + tx.g, f, last);
-            first_x[i] = (int)f;
-            last_x[i] = (int)last;
-        } else {
-            const int j = i - TX;
-            if (j < ty.n) na_inverse_range(ay, (ty.q0 + j) * dy + ty.g, f, last);
-            first_y[j] = (int)f;
-            last_y[j] = (int)last;
-        }
-    }
+    na_tc_key_ranges_fill(ranges, ax, ay, tx, ty, dx, dy);
     unsigned char* smem = na_dynamic_shared();
     T* sk = reinterpret_cast<T*>(smem);
     T* sv = sk + NK * P;
     T* stage_rows = sv + NK * P;  // stage s: Q chunk at s * 2 QC rows, dOut chunk QC rows further
-    // stage s's chunk tables at 6 QC s words: QC floats of lse, QC of delta, [QC][4] ints of windows
-    // (x0, x1, y0, y1, group coordinates)
+    // stage s's chunk tables at 6 QC s words (na_tc_dkdv.cuh)
     float* tables = reinterpret_cast<float*>(
         smem + na_tcb_align16((2LL * NK + 2LL * STAGES * QC) * P * (long long)sizeof(T)));
 
@@ -212,25 +195,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
-    // the query box: union of the keys' inverse ranges (ranges never decrease with the key), walked
-    // row-major like a key box (query n at group coordinates bx0 + n / nby, by0 + n % nby)
-    const long long bx0 = first_x[0], bx1 = last_x[tx.n - 1], by0 = first_y[0], by1 = last_y[ty.n - 1];
-    const int nby = (int)na_max(0, by1 - by0), nqueries = (int)na_max(0, bx1 - bx0) * nby;
-    na_tc_box<TY> qbox;
-    qbox.keys = nqueries;
-    qbox.hy = TY == 1 ? 1 : nby;
-    qbox.div = na_make_divisor(nby > 0 ? (unsigned)nby : 1u);
-
-    // this lane's key rows g and g + 8 of the warp's 16 keys (group coordinates)
-    bool kvalid[2];
-    int jx[2], jy[2];  // group coordinates (int: HD 128 is at 255 registers)
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int ki = 16 * warp + gq + 8 * i, kxi = ki / TY, kyi = ki % TY;
-        kvalid[i] = kxi < tx.n && kyi < ty.n;
-        jx[i] = (int)tx.q0 + kxi;
-        jy[i] = (int)ty.q0 + kyi;
-    }
+    long long bx0, by0;
+    const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
+    const int nqueries = qbox.keys;
+    const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
     const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
     const float scale2 = (float)scale * NA_TC_LOG2E;  // logits in log2 units
@@ -242,34 +210,11 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 
     // chunk -> its stage: the Q and dOut rows as one cp.async group, then the window, lse and delta tables
     const auto load_chunk = [&](int chunk) {
-        const int c0 = chunk * QC, cn = nqueries - c0 < QC ? nqueries - c0 : QC, st = chunk % STAGES;
-        T* sq = stage_rows + st * 2 * QC * P;
-        {  // row offsets made here, not kept across the chunk loop: HD 128 is at 255 registers
-            const na_tc_box_rows q_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, q_b, q_x, q_y, q_h);
-            const na_tc_box_rows g_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, g_b, g_x, g_y, g_h);
-            na_tc_load_box_keys<T, HD, na_rows_pitch<P>, QC>(sq, q, q_l, q_vec, d_len, qbox, q_at, c0);
-            na_tc_load_box_keys<T, HD, na_rows_pitch<P>, QC>(sq + QC * P, g, g_l, g_vec, d_len, qbox, g_at, c0);
-        }
-        na_cp_async_commit();
-        float* c_lse = tables + st * 6 * QC;
-        float* c_delta = c_lse + QC;
-        int* c_win = reinterpret_cast<int*>(c_delta + QC);
-        for (int i = tid; i < QC; i += NA_TC_THREADS) {
-            int w[4] = {0, 0, 0, 0};
-            float ls = 0.f, dl = 0.f;
-            if (i < cn) {
-                int qx, qy;
-                qbox.split(c0 + i, qx, qy);
-                const long long x = (bx0 + qx) * dx + tx.g, y = (by0 + qy) * dy + ty.g;
-                na_tc_group_window(group_axes[0], (int)bx0 + qx, w[0], w[1]);
-                na_tc_group_window(group_axes[1], (int)by0 + qy, w[2], w[3]);
-                ls = lse[NA_TCB_AT4(l, b, x, y, h)] * NA_TC_LOG2E;  // log2 units
-                dl = delta[NA_TCB_AT4(e, b, x, y, h)];
-            }
-            for (int j = 0; j < 4; ++j) c_win[4 * i + j] = w[j];
-            c_lse[i] = ls;
-            c_delta[i] = dl;
-        }
+        const int st = chunk % STAGES;
+        na_tc_dkdv_load_chunk<T, HD, na_rows_pitch<P>, QC, TY>(
+            stage_rows + st * 2 * QC * P, tables + st * 6 * QC, chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
+            {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
+            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
     };
 
     const int chunks = (nqueries + QC - 1) / QC;
@@ -296,13 +241,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             bool in[4];
-#pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-                const int* w = c_win + 4 * (8 * nt + 2 * t + e2);  // empty windows past cn
-#pragma unroll
-                for (int i = 0; i < 2; ++i)
-                    in[2 * i + e2] = kvalid[i] && jx[i] >= w[0] && jx[i] < w[1] && jy[i] >= w[2] && jy[i] < w[3];
-            }
+            na_tc_dkdv_visible(in, c_win, 8 * nt + 2 * t, keys);
             live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform
@@ -319,27 +258,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                     na_mma<T>::run(dp, va, gb, dp);
                 }
             }
-#pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-                const int col = 8 * nt + 2 * t + e2;
-                int qx, qy;
-                qbox.split(c0 + col, qx, qy);
-                const int qgx = (int)bx0 + qx, qgy = (int)by0 + qy;
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    float p = 0.f, d = 0.f;
-                    if (in[2 * i + e2]) {
-                        float logit = s[2 * i + e2] * scale2;  // log2 units: p is one ex2
-                        if (rpb)
-                            logit += rpb[h * rpb_h + (jx[i] - qgx + kx - 1) * rpb_x + (jy[i] - qgy + ky - 1) * rpb_y] *
-                                     NA_TC_LOG2E;
-                        p = na_exp2_fast(logit - c_lse[col]);
-                        d = p * (dp[2 * i + e2] - c_delta[col]);
-                    }
-                    pr[nt][2 * i + e2] = p;
-                    ds[nt][2 * i + e2] = d;
-                }
-            }
+            na_tc_dkdv_p_ds<TY>(pr[nt], ds[nt], s, dp, in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb, h * rpb_h,
+                                rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta);
         }
         // dV += p^T dOut and dK += ds^T Q over 16-query steps
 #pragma unroll
@@ -363,19 +283,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
         __syncthreads();  // this stage is consumed before it is loaded again
     }
 
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (!kvalid[i]) continue;
-        const long long x = (long long)jx[i] * dx + tx.g, y = (long long)jy[i] * dy + ty.g;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-                const long long d = 8 * dt + 2 * t + e2;
-                if (d < D) {
-                    na_store<T, float>(dk, NA_TCB_AT5(dk, b, x, y, h, d), acc_k[dt][2 * i + e2] * (float)scale);
-                    na_store<T, float>(dv, NA_TCB_AT5(dv, b, x, y, h, d), acc_v[dt][2 * i + e2]);
-                }
-            }
-    }
+    na_tc_dkdv_store<T, DT>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
+                            keys, t, tx, ty, dx, dy, b, h, D, (float)scale);
 }

@@ -1,5 +1,6 @@
 // Fused neighborhood attention on Hopper's warpgroup tensor cores (wgmma,
-// sm_90a; fp16 / bf16): the forward, then the backward's dq kernel (below).
+// sm_90a; fp16 / bf16): the forward, then the backward's dq and dK/dV kernels
+// (below).
 //
 // Same arguments, layouts and results as na_fused_tc_fwd (na_fused_tc.cu),
 // whose structure it keeps: one block of one warpgroup (4 warps) per (batch,
@@ -36,6 +37,7 @@
 #include "na_wgmma.cuh"
 #include "na_tc_softmax.cuh"
 #include "na_tc_dq.cuh"
+#include "na_tc_dkdv.cuh"
 
 #define NA_PROBLEM                                                                         \
     long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
@@ -271,4 +273,149 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
         __syncthreads();
         for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = racc[i];
     }
+}
+
+// dK and dV of the fused backward on wgmma: same arguments, layouts and
+// results as na_fused_tc_bwd_dkdv (na_fused_tc_bwd.cu), whose steps it keeps
+// (na_tc_dkdv.cuh), with keys as the M of every product. One block of one
+// warpgroup per (b, h, key tile of 64); the K and V tiles stay in shared
+// memory as core matrices, the query box is streamed QC queries at a time
+// (Q and dOut rows as core matrices, with their windows, lse and delta) in two
+// stages, chunk c + 1 loading during chunk c. Per chunk:
+//   S^T = K Q^T, dP^T = V dOut^T   HD / 16 wgmma m64nQCk16 each, in the SS form:
+//                                   K and V (A) and Q and dOut (B) K-major from
+//                                   shared memory, no fragments in registers;
+//   p, ds = p (dp - delta)          from the logit and the lse, 0 outside each
+//                                   query's window (na_tc_dkdv_p_ds);
+//   dV += p^T dOut, dK += ds^T Q    QC / 16 wgmma m64nHDk16 each: p and ds
+//                                   repacked from the accumulators into A
+//                                   fragments, dOut and Q MN-major (as V in the
+//                                   forward's P V).
+// Every key row meets every query of the chunk in the products (masked after):
+// a NaN in a Q or dOut row can reach every key of the tile. Dynamic shared
+// memory (na_rtc/runtime/fused_wg.py mirrors it): K and V tiles (2 x 64 rows),
+// two stages of a Q and a dOut chunk (4 QC rows), HD elements a row; then 2 x 6
+// QC words of chunk tables. Above 48 KiB the launcher opts in.
+template <class T, int HD, int TX, int TY, int QC>
+__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
+    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
+    NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g), const float* __restrict__ lse, long long l_b,
+    long long l_x, long long l_y, long long l_h, const float* __restrict__ delta, long long e_b, long long e_x,
+    long long e_y, long long e_h, const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
+    T* __restrict__ dk, NA_STRIDES5(dk), T* __restrict__ dv, NA_STRIDES5(dv), double scale, NA_PROBLEM) {
+    constexpr int NK = TX * TY;
+    constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
+    using L = na_rows_core<HD>;
+    constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
+    constexpr int STAGE = L::rows(2 * QC);   // elements of one stage: a Q chunk, then a dOut chunk
+    static_assert(sizeof(T) == 2 && NK == 64 && NA_TC_THREADS == 128, "one warpgroup, 16-bit elements");
+    static_assert((HD == 32 || HD == 64 || HD == 128) && (QC == 32 || QC == 64 || QC == 128), "wgmma N built");
+    __shared__ na_tc_key_ranges<TX, TY> ranges;
+
+    NA_TC_DECODE_BLOCK(TX, TY)
+    if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
+    na_tc_key_ranges_fill(ranges, ax, ay, tx, ty, dx, dy);
+    T* sk = reinterpret_cast<T*>(na_dynamic_shared());
+    T* sv = sk + L::rows(NK);
+    T* stages = sv + L::rows(NK);
+    float* tables = reinterpret_cast<float*>(stages + 2 * STAGE);  // 6 QC words a stage (na_tc_dkdv.cuh)
+    const unsigned k_address = na_shared_address(sk);
+    const unsigned v_address = k_address + (unsigned)(L::rows(NK) * (int)sizeof(T));
+
+    const int d_len = (int)D;
+    na_tc_load_tile<T, HD, L, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, L, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
+    na_cp_async_commit();
+    __syncthreads();  // the inverse ranges
+    long long bx0, by0;
+    const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
+    const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);
+    const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
+    const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
+    const float scale2 = (float)scale * NA_TC_LOG2E;  // logits in log2 units
+    float acc_k[DT][4], acc_v[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc_k[dt][c] = acc_v[dt][c] = 0.f;
+    float(&akf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc_k);  // the wgmma views of the same registers
+    float(&avf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc_v);
+
+    const auto load_chunk = [&](int chunk) {
+        na_tc_dkdv_load_chunk<T, HD, L, QC, TY>(stages + (chunk & 1) * STAGE, tables + (chunk & 1) * 6 * QC,
+                                                chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
+                                                {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec,
+                                                d_len, lse, {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty,
+                                                dx, dy, b, h);
+    };
+    const int chunks = (qbox.keys + QC - 1) / QC;
+    if (chunks > 0) load_chunk(0);
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        const int c0 = chunk * QC;
+        if (chunk + 1 < chunks) load_chunk(chunk + 1);
+        else na_cp_async_commit();  // an empty group keeps the wait uniform
+        na_cp_async_wait_group<1>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
+        na_fence_proxy_async();       // ... read next by wgmma
+        __syncthreads();              // rows and tables of this chunk are visible to every warp
+        const T* sq = stages + (chunk & 1) * STAGE;
+        const unsigned q_address = k_address + (unsigned)((sq - sk) * (int)sizeof(T));
+        const unsigned g_address = q_address + (unsigned)(L::rows(QC) * (int)sizeof(T));
+        const float* c_lse = tables + (chunk & 1) * 6 * QC;
+        const float* c_delta = c_lse + QC;
+        const int* c_win = reinterpret_cast<const int*>(c_delta + QC);
+
+        // S^T = K Q^T and dP^T = V dOut^T over the chunk's QC queries, one group: a k-step is two core
+        // matrices (16 head dims) of every row group of both operands
+        float s[NT][4], dp[NT][4];
+        float(&sf)[QC / 2] = reinterpret_cast<float(&)[QC / 2]>(s);
+        float(&dpf)[QC / 2] = reinterpret_cast<float(&)[QC / 2]>(dp);
+        na_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+            const unsigned step = 256u * ks;
+            na_wgmma_ss<T, QC, false>(sf, na_wgmma_desc(k_address + step, 128u, ROW_GROUP),
+                                      na_wgmma_desc(q_address + step, 128u, ROW_GROUP), ks > 0);
+            na_wgmma_ss<T, QC, false>(dpf, na_wgmma_desc(v_address + step, 128u, ROW_GROUP),
+                                      na_wgmma_desc(g_address + step, 128u, ROW_GROUP), ks > 0);
+        }
+        na_wgmma_commit();
+        na_wgmma_wait<0>();
+        na_wgmma_hold(sf);
+        na_wgmma_hold(dpf);
+
+        // p and ds in place of S^T and dP^T, then as A fragments of 16-query steps
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            bool in[4];
+            na_tc_dkdv_visible(in, c_win, 8 * nt + 2 * t, keys);
+            na_tc_dkdv_p_ds<TY>(s[nt], dp[nt], s[nt], dp[nt], in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb,
+                                h * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta);
+        }
+        unsigned pa[QC / 16][4], da[QC / 16][4];
+#pragma unroll
+        for (int ps = 0; ps < QC / 16; ++ps) {
+            na_tc_pack_p<T>(pa[ps], s[2 * ps], s[2 * ps + 1]);
+            na_tc_pack_p<T>(da[ps], dp[2 * ps], dp[2 * ps + 1]);
+        }
+
+        // dV += p^T dOut and dK += ds^T Q over 16-query steps: dOut's and Q's k-step is two row groups
+        na_wgmma_hold(akf);
+        na_wgmma_hold(avf);
+        na_wgmma_fence();
+#pragma unroll
+        for (int ps = 0; ps < QC / 16; ++ps) {
+            const unsigned step = 2u * ROW_GROUP * ps;
+            na_wgmma_rs<T, HD, true>(avf, pa[ps], na_wgmma_desc(g_address + step, ROW_GROUP, 128u), true);
+            na_wgmma_rs<T, HD, true>(akf, da[ps], na_wgmma_desc(q_address + step, ROW_GROUP, 128u), true);
+        }
+        na_wgmma_commit();
+        na_wgmma_wait<0>();
+        na_wgmma_hold(akf);
+        na_wgmma_hold(avf);
+        __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
+    }
+
+    na_tc_dkdv_store<T, DT>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
+                            keys, t, tx, ty, dx, dy, b, h, D, (float)scale);
 }

@@ -22,7 +22,7 @@ SETTINGS = {
     "NA_RTC_TC_WARP_ROWS": "16 or 32: query rows per warp of the tensor-core forward where both are built "
                            "(head dims up to 64; default: the table in runtime/fused_tc.py), for benchmarking",
     "NA_RTC_WGMMA": "1: fp16/bf16 fused ops on sm_90 GPUs (and in the emulator) use the Hopper wgmma kernels "
-                    "for the forward and dq (default 0: opt-in until GPU runs have measured them)",
+                    "for the forward and backward (default 0: opt-in until GPU runs have measured them)",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
 
@@ -100,8 +100,8 @@ def emulator_threads() -> int:
 
 
 def wgmma() -> bool:
-    """Whether fp16/bf16 fused ops on sm_90 GPUs (and in the emulator) use the Hopper wgmma forward and dq
-    kernels (``NA_RTC_WGMMA``, default off until GPU runs have measured them)."""
+    """Whether fp16/bf16 fused ops on sm_90 GPUs (and in the emulator) use the Hopper wgmma forward and
+    backward kernels (``NA_RTC_WGMMA``, default off until GPU runs have measured them)."""
     return _flag("NA_RTC_WGMMA", False)
 
 

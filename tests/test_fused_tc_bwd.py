@@ -43,12 +43,14 @@ def test_tensor_core_backward_matches_reference(case):
     check_backward(case, "na_fused_tc_bwd_dq<")
 
 
-def check_backward(case, dq_kernel, wgmma=None):
-    """The tensor-core backward of ``case`` (dq on a kernel named ``dq_kernel``...) against the reference."""
+def check_backward(case, dq_kernel, wgmma=None, dkdv_kernel="na_fused_tc_bwd_dkdv<"):
+    """The tensor-core backward of ``case`` (dq and dK/dV on kernels named ``dq_kernel...`` and
+    ``dkdv_kernel...``) against the reference."""
     run = RecordingExecutor()
     problem, kernels, (dq, dk, dv, drpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._run(
         case, run, tensor_cores=_always, wgmma=wgmma)
     assert any(n.startswith(dq_kernel) for n in run.names)
+    assert any(n.startswith(dkdv_kernel) for n in run.names)
     assert tuple(run.names) == kernels.kernel_names(problem)
     bwd = na_rtc.na1d_backward if case.ndim == 1 else na_rtc.na2d_backward
     ref = bwd(g64, q64, k64, v64, **test_fused_bwd._window(case), rpb=rpb64, backend="reference")

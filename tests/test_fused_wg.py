@@ -6,9 +6,10 @@
 * it agrees with the mma.sync forward on the same inputs;
 * NaN reach: a key poisons exactly the queries that see it, a value at most
   its query tile;
-* its dq kernel (``na_fused_wg_bwd_dq``) on the fp16/bf16 cases of the
-  fused-backward sweep, with the mma.sync dkdv kernel: every gradient against
-  the float64 reference, the bias gradient included;
+* its backward kernels (``na_fused_wg_bwd_dq``, mma.sync where it is not
+  built, and ``na_fused_wg_bwd_dkdv``) on the fp16/bf16 cases of the
+  fused-backward sweep: every gradient against the float64 reference, the
+  bias gradient included;
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
   forward and backward through the op table.
 """
@@ -68,9 +69,10 @@ def test_nan_reach(poisoned):
 
 
 @pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)  # every (ndim, head dim, dtype): asserted there
-def test_wgmma_dq_matches_reference(case):
+def test_wgmma_backward_matches_reference(case):
     built = (case.ndim, fused_wg.head_dim_bucket(case.head_dim)) in fused_wg.DQ_BUILT
-    test_fused_tc_bwd.check_backward(case, "na_fused_wg_bwd_dq<" if built else "na_fused_tc_bwd_dq<", wgmma=_always)
+    test_fused_tc_bwd.check_backward(case, "na_fused_wg_bwd_dq<" if built else "na_fused_tc_bwd_dq<", wgmma=_always,
+                                     dkdv_kernel="na_fused_wg_bwd_dkdv<")
 
 
 def _problem(ndim, dtype, head_dim):
@@ -111,8 +113,8 @@ def test_cuda_runs_it_on_sm_90_only(monkeypatch, arch, expected):
 
 
 def test_forward_and_backward_through_the_op_table(monkeypatch):
-    """With NA_RTC_WGMMA=1 the emulator's fused forward and dq are the wgmma kernels, with the mma.sync dkdv
-    kernel: every gradient within tolerance of the float64 reference."""
+    """With NA_RTC_WGMMA=1 the emulator's fused forward, dq and dK/dV are the wgmma kernels: every gradient
+    within tolerance of the float64 reference."""
     monkeypatch.setenv("NA_RTC_WGMMA", "1")
     recorder = RecordingExecutor()
     table = ops.make_ops(recorder, "emulator")
@@ -123,7 +125,7 @@ def test_forward_and_backward_through_the_op_table(monkeypatch):
     dq, dk, dv, _ = table["fused_backward"](problem, grad, q, k, v, None, out, lse)
     assert recorder.names[0].startswith("na_fused_wg_fwd<")
     assert any(name.startswith("na_fused_wg_bwd_dq<") for name in recorder.names[1:])
-    assert any(name.startswith("na_fused_tc_bwd_dkdv<") for name in recorder.names[1:])
+    assert any(name.startswith("na_fused_wg_bwd_dkdv<") for name in recorder.names[1:])
     qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
     want = na_rtc.na1d(qd, kd, vd, kernel_size=9, backend="reference")
     want.backward(grad.double())

@@ -62,7 +62,8 @@ def test_fused_forward_on_gpu(cfg):
 
 @pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)
 def test_wgmma_backward_on_gpu(case, monkeypatch):
-    """The backward through the public API with NA_RTC_WGMMA=1 (the wgmma forward and dq) on sm_90 GPUs."""
+    """The backward through the public API with NA_RTC_WGMMA=1 (the wgmma forward, dq and dK/dV) on sm_90
+    GPUs."""
     from na_rtc.runtime import cuda
 
     if cuda.arch_of("cuda") != 90:

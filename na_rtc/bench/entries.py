@@ -307,7 +307,7 @@ def na_rtc_entries() -> list[Entry]:
               "(NA_RTC_TC_WARP_ROWS=16)", _prepare_sixteen_warp_rows,
               families=("fused_tc", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="rows per warp of the tensor-core forward is a GPU comparison"),
-        Entry("fused_wgmma", "na_rtc fused, Hopper wgmma forward and dq (NA_RTC_WGMMA=1)", _prepare_wgmma,
+        Entry("fused_wgmma", "na_rtc fused, Hopper wgmma forward and backward (NA_RTC_WGMMA=1)", _prepare_wgmma,
               families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="the wgmma forward against the mma.sync one is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),

@@ -147,13 +147,14 @@ class _Launches:
 
     dq: str
     dkdv: str
-    source: str  # of the dkdv kernel, and of dq unless dq_source says otherwise
+    source: str  # of both kernels unless dq_source / dkdv_source say otherwise
     dq_blocks: int
     dkdv_blocks: int
     dq_shared: int
     dkdv_shared: int
     tiles: int  # query tiles per head (the bias partials' middle dimension)
     dq_source: str = ""
+    dkdv_source: str = ""
 
 
 def _simt_launches(problem: Problem) -> _Launches | None:
@@ -168,19 +169,26 @@ def _simt_launches(problem: Problem) -> _Launches | None:
 
 
 def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
-    """The mma.sync dq and dkdv kernels; with ``wgmma``, the Hopper dq kernel (same grid and partials)."""
+    """The mma.sync dq and dkdv kernels; with ``wgmma``, the Hopper ones where they cover the problem (same
+    grids and partials)."""
     hd = fused_tc.head_dim_bucket(problem.head_dim)
     entries = _entries(problem) if problem.has_rpb else 0
     blocks = fused_tc.bwd_grid(problem)
-    if wgmma:
-        dq, dq_source = fused_wg.dq_name_of(hd, problem.dtype, problem.ndim), fused_wg.SOURCE
-        dq_shared = fused_wg.dq_shared_bytes(hd, problem.dtype, entries)
+    dtype, ndim = problem.dtype, problem.ndim
+    if wgmma and fused_wg.dq_covers(problem):
+        dq, dq_source, dq_shared = (fused_wg.dq_name_of(hd, dtype, ndim), fused_wg.SOURCE,
+                                    fused_wg.dq_shared_bytes(hd, dtype, entries))
     else:
-        dq, dq_source = fused_tc.dq_name_of(hd, problem.dtype, problem.ndim), fused_tc.BWD_SOURCE
-        dq_shared = fused_tc.dq_shared_bytes(hd, problem.dtype, entries)
-    return _Launches(dq, fused_tc.dkdv_name_of(hd, problem.dtype, problem.ndim), fused_tc.BWD_SOURCE, blocks, blocks,
-                     dq_shared, fused_tc.dkdv_shared_bytes(hd, problem.dtype), blocks // max(problem.heads, 1),
-                     dq_source)
+        dq, dq_source, dq_shared = (fused_tc.dq_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
+                                    fused_tc.dq_shared_bytes(hd, dtype, entries))
+    if wgmma and fused_wg.dkdv_covers(problem):
+        dkdv, dkdv_source, dkdv_shared = (fused_wg.dkdv_name_of(hd, dtype, ndim), fused_wg.SOURCE,
+                                          fused_wg.dkdv_shared_bytes(hd, dtype))
+    else:
+        dkdv, dkdv_source, dkdv_shared = (fused_tc.dkdv_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
+                                          fused_tc.dkdv_shared_bytes(hd, dtype))
+    return _Launches(dq, dkdv, fused_tc.BWD_SOURCE, blocks, blocks, dq_shared, dkdv_shared,
+                     blocks // max(problem.heads, 1), dq_source, dkdv_source)
 
 
 class FusedBackwardKernels:
@@ -189,8 +197,9 @@ class FusedBackwardKernels:
     ``tensor_cores(problem) -> bool``: may the tensor-core dq/dkdv kernels
     (``fused_tc.py``) serve ``problem``; they do where they cover it, the SIMT
     kernels of this module otherwise. Default: SIMT only. ``wgmma(problem) ->
-    bool``: may the Hopper dq kernel (``fused_wg.py``) replace the mma.sync one
-    there (sm_90, ``NA_RTC_WGMMA=1``). Default: never.
+    bool``: may the Hopper dq and dK/dV kernels (``fused_wg.py``) replace the
+    mma.sync ones where they cover the problem (sm_90, ``NA_RTC_WGMMA=1``).
+    Default: never.
     """
 
     def __init__(self, run: Callable[[P.LaunchPlan], None], tensor_cores=None, wgmma=None):
@@ -200,7 +209,7 @@ class FusedBackwardKernels:
 
     def _launches(self, problem: Problem) -> _Launches | None:
         if problem.dtype in fused_tc.DTYPES and fused_tc.bwd_covers(problem) and self.tensor_cores(problem):
-            return _tensor_core_launches(problem, fused_wg.dq_covers(problem) and bool(self.wgmma(problem)))
+            return _tensor_core_launches(problem, bool(self.wgmma(problem)))
         return _simt_launches(problem)
 
     def covers(self, problem: Problem) -> bool:
@@ -260,7 +269,8 @@ class FusedBackwardKernels:
         dk = _arrays.empty(query, problem.qkv_shape, dtype)
         dv = _arrays.empty(query, problem.qkv_shape, dtype)
         args = inputs + _tensor(dk, problem) + _tensor(dv, problem) + [P.f64(problem.scale)] + problem_args
-        self.run(P.LaunchPlan(P.Kernel(launches.source, launches.dkdv), (launches.dkdv_blocks, 1, 1), (threads, 1, 1),
+        self.run(P.LaunchPlan(P.Kernel(launches.dkdv_source or launches.source, launches.dkdv),
+                              (launches.dkdv_blocks, 1, 1), (threads, 1, 1),
                               launches.dkdv_shared, tuple(args)))
 
         if drpb is not None:

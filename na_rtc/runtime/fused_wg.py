@@ -6,7 +6,10 @@ dilation group per axis); Q K^T and P V as warpgroup products on the key box,
 KC keys at a time, double-buffered. Same arguments and results as the
 mma.sync forward (``fused_tc.py``). ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC>``:
 the backward's dq the same way (S, dP, dQ += ds K), in place of the mma.sync
-dq kernel; dK/dV stay on the mma.sync kernel.
+dq kernel (except in 2D at head dim 128). ``na_fused_wg_bwd_dkdv<T, HD, TX,
+TY, QC>``: dK and dV per 64-key tile over its query box, QC queries at a time
+(S^T, dP^T in the SS form, then dV += P^T dOut, dK += dS^T Q), in place of the
+mma.sync dkdv kernel.
 
 Opt-in (``NA_RTC_WGMMA=1``) until a GPU run has measured it against the
 mma.sync forward (``python -m na_rtc bench``'s ``fused_wgmma`` entry); the
@@ -44,6 +47,11 @@ DQ_CHUNK_KEYS = 32
 DQ_BUILT = {(ndim, hd) for ndim in (1, 2) for hd in HEAD_DIMS} - {(2, 128)}
 
 
+#: head-dim bucket -> queries per staged chunk of the dK/dV kernel (the N of S^T = K Q^T); at head dim 128
+#: the dK and dV accumulators take 128 registers a thread, so S^T and dP^T get 16 each
+DKDV_CHUNK_QUERIES = {32: 64, 64: 64, 128: 32}
+
+
 def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
 
@@ -69,6 +77,18 @@ def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
             + 4 * bias_entries)
 
 
+def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
+    tx, ty = TILES[ndim]
+    return f"na_fused_wg_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK_QUERIES[hd]}>"
+
+
+def dkdv_shared_bytes(hd: int, dtype: str) -> int:
+    """K and V tiles (2 x 64 rows) and two stages of a Q and a dOut chunk as core matrices, then two stages of
+    chunk tables (lse, delta, 4 window bounds: 6 words a query)."""
+    qc = DKDV_CHUNK_QUERIES[hd]
+    return (2 * 64 + 4 * qc) * hd * tiling.ITEMSIZE[dtype] + 2 * 6 * qc * 4
+
+
 def _instantiations():
     return [(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)]
 
@@ -79,7 +99,8 @@ def _dq_instantiations():
 
 def names() -> tuple[str, ...]:
     return (tuple(kernel_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
-            + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _dq_instantiations()))
+            + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _dq_instantiations())
+            + tuple(dkdv_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations()))
 
 
 def family():
@@ -89,6 +110,7 @@ def family():
     shared = {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()}
     # the dq kernel's largest launch: the budget (larger bias tables are not covered)
     shared.update({dq_name_of(hd, dtype, ndim): fused_tc.BWD_SHARED_BUDGET for hd, dtype, ndim in _dq_instantiations()})
+    shared.update({dkdv_name_of(hd, dtype, ndim): dkdv_shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()})
     return Family(SOURCE, names(), {name: THREADS for name in names()}, shared, archs=(ARCH,), arch_specific=True)
 
 
@@ -113,6 +135,11 @@ def dq_covers(problem: Problem) -> bool:
     if (problem.ndim, hd) not in DQ_BUILT:
         return False
     return dq_shared_bytes(hd, problem.dtype, entries) <= fused_tc.BWD_SHARED_BUDGET
+
+
+def dkdv_covers(problem: Problem) -> bool:
+    """What the mma.sync backward covers (the dK/dV kernel's launch is the same for every problem size)."""
+    return covers(problem) and fused_tc.bwd_covers(problem)
 
 
 def kernel_name(problem: Problem) -> str:

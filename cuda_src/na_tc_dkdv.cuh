@@ -1,0 +1,207 @@
+// Pieces of the dK/dV kernels on tensor cores (the mma.sync one in
+// na_fused_tc_bwd.cu, the wgmma one in na_fused_wg.cu). A block owns a tile
+// of 64 keys inside one dilation group per axis (warp w: keys 16 w .. 16 w +
+// 15; a lane: rows g and g + 8 of them, in 8-query tiles of 4 floats, the
+// layout of mma and wgmma accumulators) and walks the box of the queries
+// whose windows can hold one of them, QC queries a chunk.
+//
+//   na_tc_key_ranges        each key's inverse range per axis and the axes of the
+//                           query windows, in static shared memory
+//   na_tc_query_box_of      the box of queries those ranges span
+//   na_tc_key_rows_of       the lane's two key rows: validity, group coordinates
+//   na_tc_dkdv_load_chunk   one chunk's Q and dOut rows (one cp.async group) and
+//                           its tables: windows, lse (log2 units) and delta
+//   na_tc_dkdv_visible      which of a lane's elements of an 8-query tile are
+//                           inside their query's window
+//   na_tc_dkdv_p_ds         p and ds = p (dp - delta) of them (0 outside)
+//   na_tc_dkdv_store        dK = scale acc_k and dV = acc_v of the lane's valid keys
+//
+// A chunk's tables hold 6 QC words: QC floats of lse, QC of delta, then [QC][4]
+// ints of windows (x0, x1, y0, y1, group coordinates; empty past the box).
+#pragma once
+
+#include "na_tc_box.cuh"
+#include "na_tc_common.cuh"
+#include "na_tc_load.cuh"
+
+#define NA_TC_AT5(s, b, x, y, h, l) ((b) * s[0] + (x) * s[1] + (y) * s[2] + (h) * s[3] + (l) * s[4])
+
+template <int TX, int TY>
+struct na_tc_key_ranges {
+    int first_x[TX], last_x[TX], first_y[TY], last_y[TY];  // group coordinates
+    na_tc_group_axis group_axes[2];  // x, y: the windows of each chunk's queries (kept out of registers)
+};
+
+// fill `r` (static shared memory) for the tile's keys; the caller's barrier makes it visible
+template <int TX, int TY>
+__device__ __forceinline__ void na_tc_key_ranges_fill(na_tc_key_ranges<TX, TY>& r, const na_axis& ax,
+                                                      const na_axis& ay, const na_tile_axis& tx,
+                                                      const na_tile_axis& ty, long long dx, long long dy) {
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        r.group_axes[0] = na_tc_group_axis_of(ax, tx);
+        r.group_axes[1] = na_tc_group_axis_of(ay, ty);
+    }
+    for (int i = tid; i < TX + TY; i += NA_TC_THREADS) {
+        long long f = 0, last = 0;
+        if (i < TX) {
+            if (i < tx.n) na_inverse_range(ax, (tx.q0 + i) * dx + tx.g, f, last);
+            r.first_x[i] = (int)f;
+            r.last_x[i] = (int)last;
+        } else {
+            const int j = i - TX;
+            if (j < ty.n) na_inverse_range(ay, (ty.q0 + j) * dy + ty.g, f, last);
+            r.first_y[j] = (int)f;
+            r.last_y[j] = (int)last;
+        }
+    }
+}
+
+// The query box: the union of the keys' inverse ranges (ranges never decrease with the key), walked
+// row-major like a key box (query n at group coordinates bx0 + n / nby, by0 + n % nby).
+template <int TX, int TY>
+__device__ __forceinline__ na_tc_box<TY> na_tc_query_box_of(const na_tc_key_ranges<TX, TY>& r,
+                                                            const na_tile_axis& tx, const na_tile_axis& ty,
+                                                            long long& bx0, long long& by0) {
+    bx0 = r.first_x[0];
+    by0 = r.first_y[0];
+    const long long bx1 = r.last_x[tx.n - 1], by1 = r.last_y[ty.n - 1];
+    const int nby = (int)na_max(0, by1 - by0), nqueries = (int)na_max(0, bx1 - bx0) * nby;
+    na_tc_box<TY> qbox;
+    qbox.keys = nqueries;
+    qbox.hy = TY == 1 ? 1 : nby;
+    qbox.div = na_make_divisor(nby > 0 ? (unsigned)nby : 1u);
+    return qbox;
+}
+
+// this lane's key rows g and g + 8 of the warp's 16 keys (int group coordinates: the HD-128 kernels are at
+// 255 registers)
+struct na_tc_key_rows {
+    bool valid[2];
+    int jx[2], jy[2];
+};
+
+template <int TY>
+__device__ __forceinline__ na_tc_key_rows na_tc_key_rows_of(int warp, int gq, const na_tile_axis& tx,
+                                                            const na_tile_axis& ty) {
+    na_tc_key_rows k;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int ki = 16 * warp + gq + 8 * i, kxi = ki / TY, kyi = ki % TY;
+        k.valid[i] = kxi < tx.n && kyi < ty.n;
+        k.jx[i] = (int)tx.q0 + kxi;
+        k.jy[i] = (int)ty.q0 + kyi;
+    }
+    return k;
+}
+
+// Chunk c0 .. c0 + QC - 1 of the query box into a stage: its Q rows at sq, its dOut rows QC rows further
+// (layout L) as one cp.async group (the caller waits), then its tables (plain stores; the caller's barrier).
+template <class T, int HD, class L, int QC, int TY>
+__device__ __forceinline__ void na_tc_dkdv_load_chunk(T* sq, float* table, int c0, const na_tc_box<TY>& qbox,
+                                                      long long bx0, long long by0, const na_tc_group_axis* axes,
+                                                      const T* q, const long long (&qs)[5], bool q_vec, const T* g,
+                                                      const long long (&gs)[5], bool g_vec, int d_len,
+                                                      const float* lse, const long long (&ls)[4],
+                                                      const float* delta, const long long (&es)[4],
+                                                      const na_tile_axis& tx, const na_tile_axis& ty, long long dx,
+                                                      long long dy, long long b, long long h) {
+    const int cn = qbox.keys - c0 < QC ? qbox.keys - c0 : QC;
+    {  // row offsets made here, not kept across the chunk loop: HD 128 is at 255 registers
+        const na_tc_box_rows q_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, qs[0], qs[1], qs[2], qs[3]);
+        const na_tc_box_rows g_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, gs[0], gs[1], gs[2], gs[3]);
+        na_tc_load_box_keys<T, HD, L, QC>(sq, q, qs[4], q_vec, d_len, qbox, q_at, c0);
+        na_tc_load_box_keys<T, HD, L, QC>(sq + L::rows(QC), g, gs[4], g_vec, d_len, qbox, g_at, c0);
+    }
+    na_cp_async_commit();
+    float* c_lse = table;
+    float* c_delta = c_lse + QC;
+    int* c_win = reinterpret_cast<int*>(c_delta + QC);
+    for (int i = threadIdx.x; i < QC; i += NA_TC_THREADS) {
+        int w[4] = {0, 0, 0, 0};
+        float lg = 0.f, dl = 0.f;
+        if (i < cn) {
+            int qx, qy;
+            qbox.split(c0 + i, qx, qy);
+            const long long x = (bx0 + qx) * dx + tx.g, y = (by0 + qy) * dy + ty.g;
+            na_tc_group_window(axes[0], (int)bx0 + qx, w[0], w[1]);
+            na_tc_group_window(axes[1], (int)by0 + qy, w[2], w[3]);
+            lg = lse[b * ls[0] + x * ls[1] + y * ls[2] + h * ls[3]] * NA_TC_LOG2E;  // log2 units
+            dl = delta[b * es[0] + x * es[1] + y * es[2] + h * es[3]];
+        }
+        for (int j = 0; j < 4; ++j) c_win[4 * i + j] = w[j];
+        c_lse[i] = lg;
+        c_delta[i] = dl;
+    }
+}
+
+// in[2 i + e] for key row i and the tile's query column col0 + e (col0 = 8 nt + 2t of the chunk)
+__device__ __forceinline__ void na_tc_dkdv_visible(bool (&in)[4], const int* c_win, int col0,
+                                                   const na_tc_key_rows& keys) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+        const int* w = c_win + 4 * (col0 + e2);  // empty windows past the box
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            in[2 * i + e2] = keys.valid[i] && keys.jx[i] >= w[0] && keys.jx[i] < w[1] && keys.jy[i] >= w[2] &&
+                             keys.jy[i] < w[3];
+    }
+}
+
+// p = exp2(scale2 s + bias log2e - lse) and ds = p (dp - delta) of the lane's 4 elements of one tile (columns
+// col0, col0 + 1 of chunk c0), 0 where `in` is false
+template <int TY>
+__device__ __forceinline__ void na_tc_dkdv_p_ds(float (&pr)[4], float (&ds)[4], const float (&s)[4],
+                                                const float (&dp)[4], const bool (&in)[4], int c0, int col0,
+                                                const na_tc_box<TY>& qbox, long long bx0, long long by0,
+                                                const na_tc_key_rows& keys, const float* rpb, long long rpb_at,
+                                                long long rpb_x, long long rpb_y, long long kx, long long ky,
+                                                float scale2, const float* c_lse, const float* c_delta) {
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+        const int col = col0 + e2;
+        int qx, qy;
+        qbox.split(c0 + col, qx, qy);
+        const int qgx = (int)bx0 + qx, qgy = (int)by0 + qy;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float p = 0.f, d = 0.f;
+            if (in[2 * i + e2]) {
+                float logit = s[2 * i + e2] * scale2;  // log2 units: p is one ex2
+                if (rpb)
+                    logit += rpb[rpb_at + (keys.jx[i] - qgx + kx - 1) * rpb_x + (keys.jy[i] - qgy + ky - 1) * rpb_y] *
+                             NA_TC_LOG2E;
+                p = na_exp2_fast(logit - c_lse[col]);
+                d = p * (dp[2 * i + e2] - c_delta[col]);
+            }
+            pr[2 * i + e2] = p;
+            ds[2 * i + e2] = d;
+        }
+    }
+}
+
+// dk = scale acc_k, dv = acc_v (strides b, x, y, h, head dim) of the lane's valid key rows, head dims < D
+template <class T, int DT>
+__device__ __forceinline__ void na_tc_dkdv_store(T* dk, const long long (&ks)[5], const float (&acc_k)[DT][4], T* dv,
+                                                 const long long (&vs)[5], const float (&acc_v)[DT][4],
+                                                 const na_tc_key_rows& keys, int t, const na_tile_axis& tx,
+                                                 const na_tile_axis& ty, long long dx, long long dy, long long b,
+                                                 long long h, long long D, float scale) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (!keys.valid[i]) continue;
+        const long long x = (long long)keys.jx[i] * dx + tx.g, y = (long long)keys.jy[i] * dy + ty.g;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+                const long long d = 8 * dt + 2 * t + e2;
+                if (d < D) {
+                    na_store<T, float>(dk, NA_TC_AT5(ks, b, x, y, h, d), acc_k[dt][2 * i + e2] * scale);
+                    na_store<T, float>(dv, NA_TC_AT5(vs, b, x, y, h, d), acc_v[dt][2 * i + e2]);
+                }
+            }
+    }
+}
+
+#undef NA_TC_AT5
