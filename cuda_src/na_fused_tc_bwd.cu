@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             bool in[4];
-            na_tc_dkdv_visible(in, c_win, 8 * nt + 2 * t, keys);
+            na_tc_dkdv_visible<TY>(in, c_win, 8 * nt + 2 * t, keys);
             live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform

@@ -343,21 +343,23 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
     float(&avf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc_v);
 
     const auto load_chunk = [&](int chunk) {
-        na_tc_dkdv_load_chunk<T, HD, L, QC, TY>(stages + (chunk & 1) * STAGE, tables + (chunk & 1) * 6 * QC,
+        return na_tc_dkdv_load_chunk<T, HD, L, QC, TY>(stages + (chunk & 1) * STAGE, tables + (chunk & 1) * 6 * QC,
                                                 chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
                                                 {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec,
                                                 d_len, lse, {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty,
                                                 dx, dy, b, h);
     };
     const int chunks = (qbox.keys + QC - 1) / QC;
-    if (chunks > 0) load_chunk(0);
+    bool covers_next = chunks > 0 && load_chunk(0);  // this thread's table entries of the next chunk to compute
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int c0 = chunk * QC;
-        if (chunk + 1 < chunks) load_chunk(chunk + 1);
+        const bool covers = covers_next;
+        if (chunk + 1 < chunks) covers_next = load_chunk(chunk + 1);
         else na_cp_async_commit();  // an empty group keeps the wait uniform
         na_cp_async_wait_group<1>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
         na_fence_proxy_async();       // ... read next by wgmma
-        __syncthreads();              // rows and tables of this chunk are visible to every warp
+        // rows and tables of this chunk are visible to every warp; whether every query of it sees every key
+        const bool chunk_full = __syncthreads_and(covers) != 0;
         const T* sq = stages + (chunk & 1) * STAGE;
         const unsigned q_address = k_address + (unsigned)((sq - sk) * (int)sizeof(T));
         const unsigned g_address = q_address + (unsigned)(L::rows(QC) * (int)sizeof(T));
@@ -384,13 +386,21 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
         na_wgmma_hold(sf);
         na_wgmma_hold(dpf);
 
-        // p and ds in place of S^T and dP^T, then as A fragments of 16-query steps
+        // p and ds in place of S^T and dP^T (block-uniform branch: in 1D without a bias, a chunk whose every
+        // query sees every key needs no window test; in 2D such chunks are rare, and the path would spill at
+        // QC 64), then as A fragments of 16-query steps
+        if (TY == 1 && !rpb && chunk_full) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            bool in[4];
-            na_tc_dkdv_visible(in, c_win, 8 * nt + 2 * t, keys);
-            na_tc_dkdv_p_ds<TY>(s[nt], dp[nt], s[nt], dp[nt], in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb,
-                                h * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta);
+            for (int nt = 0; nt < NT; ++nt)
+                na_tc_dkdv_p_ds_all(s[nt], dp[nt], s[nt], dp[nt], 8 * nt + 2 * t, scale2, c_lse, c_delta);
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                bool in[4];
+                na_tc_dkdv_visible<TY>(in, c_win, 8 * nt + 2 * t, keys);
+                na_tc_dkdv_p_ds<TY>(s[nt], dp[nt], s[nt], dp[nt], in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb,
+                                    h * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta);
+            }
         }
         unsigned pa[QC / 16][4], da[QC / 16][4];
 #pragma unroll

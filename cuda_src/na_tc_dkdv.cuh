@@ -14,10 +14,13 @@
 //   na_tc_dkdv_visible      which of a lane's elements of an 8-query tile are
 //                           inside their query's window
 //   na_tc_dkdv_p_ds         p and ds = p (dp - delta) of them (0 outside)
+//   na_tc_dkdv_p_ds_all     the same where every element is visible, no bias
 //   na_tc_dkdv_store        dK = scale acc_k and dV = acc_v of the lane's valid keys
 //
 // A chunk's tables hold 6 QC words: QC floats of lse, QC of delta, then [QC][4]
-// ints of windows (x0, x1, y0, y1, group coordinates; empty past the box).
+// ints of windows (x0, x1, y0, y1, group coordinates; empty past the box),
+// 16-byte aligned: a lane reads a window as one int4, the lse and delta of
+// its two columns as one float2 each.
 #pragma once
 
 #include "na_tc_box.cuh"
@@ -97,8 +100,11 @@ __device__ __forceinline__ na_tc_key_rows na_tc_key_rows_of(int warp, int gq, co
 
 // Chunk c0 .. c0 + QC - 1 of the query box into a stage: its Q rows at sq, its dOut rows QC rows further
 // (layout L) as one cp.async group (the caller waits), then its tables (plain stores; the caller's barrier).
+// Returns whether each query whose table entry this thread wrote is a query of the chunk whose window
+// holds every key of the tile (true where it wrote none): AND-ed over the block, whether the chunk needs
+// no window test.
 template <class T, int HD, class L, int QC, int TY>
-__device__ __forceinline__ void na_tc_dkdv_load_chunk(T* sq, float* table, int c0, const na_tc_box<TY>& qbox,
+__device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c0, const na_tc_box<TY>& qbox,
                                                       long long bx0, long long by0, const na_tc_group_axis* axes,
                                                       const T* q, const long long (&qs)[5], bool q_vec, const T* g,
                                                       const long long (&gs)[5], bool g_vec, int d_len,
@@ -117,6 +123,7 @@ __device__ __forceinline__ void na_tc_dkdv_load_chunk(T* sq, float* table, int c
     float* c_lse = table;
     float* c_delta = c_lse + QC;
     int* c_win = reinterpret_cast<int*>(c_delta + QC);
+    bool covers = true;
     for (int i = threadIdx.x; i < QC; i += NA_TC_THREADS) {
         int w[4] = {0, 0, 0, 0};
         float lg = 0.f, dl = 0.f;
@@ -132,10 +139,14 @@ __device__ __forceinline__ void na_tc_dkdv_load_chunk(T* sq, float* table, int c
         for (int j = 0; j < 4; ++j) c_win[4 * i + j] = w[j];
         c_lse[i] = lg;
         c_delta[i] = dl;
+        covers = covers && i < cn && w[0] <= tx.q0 && tx.q0 + tx.n <= w[1] && w[2] <= ty.q0 && ty.q0 + ty.n <= w[3];
     }
+    return covers;
 }
 
-// in[2 i + e] for key row i and the tile's query column col0 + e (col0 = 8 nt + 2t of the chunk)
+// in[2 i + e] for key row i and the tile's query column col0 + e (col0 = 8 nt + 2t of the chunk); in 1D
+// (TY == 1) every key and query has y 0, inside the window [0, 1)
+template <int TY>
 __device__ __forceinline__ void na_tc_dkdv_visible(bool (&in)[4], const int* c_win, int col0,
                                                    const na_tc_key_rows& keys) {
 #pragma unroll
@@ -143,8 +154,8 @@ __device__ __forceinline__ void na_tc_dkdv_visible(bool (&in)[4], const int* c_w
         const int* w = c_win + 4 * (col0 + e2);  // empty windows past the box
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-            in[2 * i + e2] = keys.valid[i] && keys.jx[i] >= w[0] && keys.jx[i] < w[1] && keys.jy[i] >= w[2] &&
-                             keys.jy[i] < w[3];
+            in[2 * i + e2] = keys.valid[i] && keys.jx[i] >= w[0] && keys.jx[i] < w[1] &&
+                             (TY == 1 || (keys.jy[i] >= w[2] && keys.jy[i] < w[3]));
     }
 }
 
@@ -177,6 +188,22 @@ __device__ __forceinline__ void na_tc_dkdv_p_ds(float (&pr)[4], float (&ds)[4], 
             pr[2 * i + e2] = p;
             ds[2 * i + e2] = d;
         }
+    }
+}
+
+// na_tc_dkdv_p_ds where every element is visible and there is no bias (col0 even: one float2 each of lse
+// and delta)
+__device__ __forceinline__ void na_tc_dkdv_p_ds_all(float (&pr)[4], float (&ds)[4], const float (&s)[4],
+                                                    const float (&dp)[4], int col0, float scale2,
+                                                    const float* c_lse, const float* c_delta) {
+    const float2 lg = *reinterpret_cast<const float2*>(c_lse + col0);
+    const float2 dl = *reinterpret_cast<const float2*>(c_delta + col0);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        pr[2 * i] = na_exp2_fast(s[2 * i] * scale2 - lg.x);
+        pr[2 * i + 1] = na_exp2_fast(s[2 * i + 1] * scale2 - lg.y);
+        ds[2 * i] = pr[2 * i] * (dp[2 * i] - dl.x);
+        ds[2 * i + 1] = pr[2 * i + 1] * (dp[2 * i + 1] - dl.y);
     }
 }
 

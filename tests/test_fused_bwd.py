@@ -105,6 +105,10 @@ CASES = [_random_case(s) for s in range(24)] + [
     Case((150,), (33,), (1,), (1,), (False,), 128, "bfloat16", rpb=True),
     Case((90,), (17,), (2,), (1,), (True,), 100, "float16"),
     Case((12, 14), (5, 7), (1, 1), (1, 2), (False, True), 128, "bfloat16", heads=1),
+    # 1D windows wider than a 64-key tile plus a query chunk: the dK/dV kernels' chunks where every query
+    # sees every key (the wgmma kernel skips the window test there), at 64 and 32 queries a chunk
+    Case((300,), (161,), (1,), (1,), (False,), 64, "bfloat16"),
+    Case((260,), (97,), (1,), (2,), (True,), 128, "float16"),
 ]
 
 
