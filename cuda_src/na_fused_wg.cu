@@ -161,10 +161,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_fwd(
 //                               MN-major (as V in the forward's P V);
 // with a bias, ds also goes to shared memory for the per-tile partials.
 // Every warp multiplies every key of the chunk (see the forward): a NaN in a
-// K or V row can reach every query of the tile. Dynamic shared memory: 2 x 64
-// rows of HD + 8 (Q, dOut; then the two stages, 4 KC HD elements), 64 x (KC +
-// 1) floats of ds, one float per bias entry (na_rtc/runtime/fused_wg.py).
-template <class T, int HD, int TX, int TY, int KC>
+// K or V row can reach every query of the tile. QS (operands in shared
+// memory): S and dP in the SS form, Q and dOut read as core matrices from
+// shared memory all along instead of 2 HD / 4 fragment registers, for the
+// instantiations that would spill otherwise (2D at head dim 128). Dynamic
+// shared memory (na_rtc/runtime/fused_wg.py mirrors it): without QS, 2 x 64
+// rows of HD + 8 (Q, dOut; then the two stages, 4 KC HD elements); with QS,
+// 2 x 64 rows of HD (Q, dOut as core matrices) and then the stages; then
+// 64 x (KC + 1) floats of ds, one float per bias entry.
+template <class T, int HD, int TX, int TY, int KC, bool QS>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
     NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g), const float* __restrict__ lse, long long l_b,
@@ -178,7 +183,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
     constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
     static_assert(sizeof(T) == 2 && NQ == 64 && NA_TC_THREADS == 128, "one warpgroup, 16-bit elements");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
-    static_assert(L::rows(4 * KC) <= 2 * NQ * P, "the two stages fit in the rows of the Q and dOut tiles");
+    static_assert(QS || L::rows(4 * KC) <= 2 * NQ * P, "the two stages fit in the rows of the Q and dOut tiles");
+    // elements before the ds floats: the Q and dOut tiles (pitch P; with QS core matrices, then the stages)
+    constexpr int TILE_ELEMENTS = QS ? 2 * L::rows(NQ) + L::rows(4 * KC) : 2 * NQ * P;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
     NA_TC_DQ_DECODE_BLOCK(TX, TY)
@@ -186,18 +193,31 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
     const int d_len = (int)D;
 
     unsigned char* smem = na_dynamic_shared();
-    T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the two stages of K and V chunks
-    float* sds = reinterpret_cast<float*>(smem + (2 * NQ * P * (int)sizeof(T) + 15) / 16 * 16);
+    T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles
+    T* stages = QS ? tiles_q_g + 2 * L::rows(NQ) : tiles_q_g;  // without QS, the stages reuse the tiles' rows
+    float* sds = reinterpret_cast<float*>(smem + (TILE_ELEMENTS * (int)sizeof(T) + 15) / 16 * 16);
     float* racc = sds + NQ * KS;
     const unsigned smem_address = na_shared_address(smem);
+    const unsigned q_address = smem_address, g_address = q_address + (unsigned)(L::rows(NQ) * (int)sizeof(T));
 
-    unsigned qf[KSTEPS][4], gf[KSTEPS][4];
-    na_tc_dq_fragments<T, HD, P, TX, TY>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g, {g_b, g_x, g_y, g_h, g_l},
-                                         racc, partial_out ? entries : 0, b, h, d_len, dx, dy, tx, ty);
+    unsigned qf[KSTEPS][4], gf[KSTEPS][4];  // without QS
+    if constexpr (QS) {  // the tiles' group lands with chunk 0 (the first wait); the stages are apart
+        na_tc_load_tile<T, HD, L, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+        na_tc_load_tile<T, HD, L, TX, TY>(tiles_q_g + L::rows(NQ), g, g_b, g_x, g_y, g_h, g_l, b, h, d_len, dx, dy,
+                                          tx, ty);
+        na_cp_async_commit();
+        for (long long i = tid; i < (partial_out ? entries : 0); i += NA_TC_THREADS) racc[i] = 0.0f;
+    } else {
+        na_tc_dq_fragments<T, HD, P, TX, TY>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
+                                             {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0, b, h, d_len,
+                                             dx, dy, tx, ty);
+    }
 
     const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
-    // the common-window shortcuts cost 4 registers: HD 128 (at 254) would spill; an empty window never holds a tile
-    const na_tc_warp_window common = HD < 128 ? na_tc_common_window<1>(&rows) : na_tc_warp_window{1, 0, 1, 0};
+    // the common-window shortcuts cost 4 registers: HD 128 without QS (at 252) would spill; an empty window
+    // never holds a tile
+    const na_tc_warp_window common =
+        HD < 128 || QS ? na_tc_common_window<1>(&rows) : na_tc_warp_window{1, 0, 1, 0};
     const int chunks = (box.keys + KC - 1) / KC;
     float row_lse[2], row_delta[2];
     na_tc_row_stats<TY>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
@@ -208,12 +228,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
     float(&accf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc);
     const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l},
                                                          D, tx, ty, dx, dy, b, h);
-    __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
-    kv.load(tiles_q_g, box, 0);
+    if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
+    kv.load(stages, box, 0);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int c0 = chunk * KC, cn = box.keys - c0 < KC ? box.keys - c0 : KC;
-        const T* sk = kv.template arrive<true>(tiles_q_g, box, chunk, chunks);
+        const T* sk = kv.template arrive<true>(stages, box, chunk, chunks);
         const unsigned k_address = smem_address + (unsigned)((sk - tiles_q_g) * (int)sizeof(T));
         const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
 
@@ -224,8 +244,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
         na_wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < KSTEPS; ++ks) {
-            na_wgmma_rs<T, KC, false>(sf, qf[ks], na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP), ks > 0);
-            na_wgmma_rs<T, KC, false>(dpf, gf[ks], na_wgmma_desc(v_address + 256u * ks, 128u, ROW_GROUP), ks > 0);
+            const unsigned long long kd = na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP);
+            const unsigned long long vd = na_wgmma_desc(v_address + 256u * ks, 128u, ROW_GROUP);
+            if constexpr (QS) {
+                na_wgmma_ss<T, KC, false>(sf, na_wgmma_desc(q_address + 256u * ks, 128u, ROW_GROUP), kd, ks > 0);
+                na_wgmma_ss<T, KC, false>(dpf, na_wgmma_desc(g_address + 256u * ks, 128u, ROW_GROUP), vd, ks > 0);
+            } else {
+                na_wgmma_rs<T, KC, false>(sf, qf[ks], kd, ks > 0);
+                na_wgmma_rs<T, KC, false>(dpf, gf[ks], vd, ks > 0);
+            }
         }
         na_wgmma_commit();
         na_wgmma_wait<0>();

@@ -6,8 +6,8 @@
 * it agrees with the mma.sync forward on the same inputs;
 * NaN reach: a key poisons exactly the queries that see it, a value at most
   its query tile;
-* its backward kernels (``na_fused_wg_bwd_dq``, mma.sync where it is not
-  built, and ``na_fused_wg_bwd_dkdv``) on the fp16/bf16 cases of the
+* its backward kernels (``na_fused_wg_bwd_dq``, with Q and dOut from shared
+  memory in 2D at head dim 128, and ``na_fused_wg_bwd_dkdv``) on the fp16/bf16 cases of the
   fused-backward sweep: every gradient against the float64 reference, the
   bias gradient included;
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
@@ -70,9 +70,14 @@ def test_nan_reach(poisoned):
 
 @pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)  # every (ndim, head dim, dtype): asserted there
 def test_wgmma_backward_matches_reference(case):
-    built = (case.ndim, fused_wg.head_dim_bucket(case.head_dim)) in fused_wg.DQ_BUILT
-    test_fused_tc_bwd.check_backward(case, "na_fused_wg_bwd_dq<" if built else "na_fused_tc_bwd_dq<", wgmma=_always,
-                                     dkdv_kernel="na_fused_wg_bwd_dkdv<")
+    hd = fused_wg.head_dim_bucket(case.head_dim)
+    test_fused_tc_bwd.check_backward(case, fused_wg.dq_name_of(hd, case.dtype, case.ndim), wgmma=_always,
+                                     dkdv_kernel=fused_wg.dkdv_name_of(hd, case.dtype, case.ndim))
+
+
+def test_dq_reads_q_and_dout_from_shared_memory_in_2d_at_head_dim_128():
+    names = {(ndim, hd): fused_wg.dq_name_of(hd, "bfloat16", ndim) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
+    assert {key for key, name in names.items() if name.endswith(", 1>")} == {(2, 128)}
 
 
 def _problem(ndim, dtype, head_dim):

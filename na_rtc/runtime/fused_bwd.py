@@ -177,7 +177,7 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
     dtype, ndim = problem.dtype, problem.ndim
     if wgmma and fused_wg.dq_covers(problem):
         dq, dq_source, dq_shared = (fused_wg.dq_name_of(hd, dtype, ndim), fused_wg.SOURCE,
-                                    fused_wg.dq_shared_bytes(hd, dtype, entries))
+                                    fused_wg.dq_shared_bytes(hd, dtype, ndim, entries))
     else:
         dq, dq_source, dq_shared = (fused_tc.dq_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                     fused_tc.dq_shared_bytes(hd, dtype, entries))

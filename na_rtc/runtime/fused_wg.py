@@ -4,9 +4,10 @@
 threads) per (batch, head, query tile of 64 group coordinates inside one
 dilation group per axis); Q K^T and P V as warpgroup products on the key box,
 KC keys at a time, double-buffered. Same arguments and results as the
-mma.sync forward (``fused_tc.py``). ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC>``:
-the backward's dq the same way (S, dP, dQ += ds K), in place of the mma.sync
-dq kernel (except in 2D at head dim 128). ``na_fused_wg_bwd_dkdv<T, HD, TX,
+mma.sync forward (``fused_tc.py``). ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC,
+QS>``: the backward's dq the same way (S, dP, dQ += ds K), in place of the
+mma.sync dq kernel (QS: Q and dOut from shared memory, in 2D at head dim
+128). ``na_fused_wg_bwd_dkdv<T, HD, TX,
 TY, QC>``: dK and dV per 64-key tile over its query box, QC queries at a time
 (S^T, dP^T in the SS form, then dV += P^T dOut, dK += dS^T Q), in place of the
 mma.sync dkdv kernel.
@@ -41,10 +42,10 @@ SHARED_BUDGET = 96 * 1024
 
 #: keys per staged chunk of the dq kernel (two stages of K and V chunks live in the Q and dOut tiles' rows)
 DQ_CHUNK_KEYS = 32
-#: (ndim, head-dim bucket) the wgmma dq kernel is built for: in 2D at head dim 128 it spills (Q and dOut
-#: fragments, S, dP and dQ in registers leave no room for the 2D box's index math), so the mma.sync dq
-#: kernel serves there
-DQ_BUILT = {(ndim, hd) for ndim in (1, 2) for hd in HEAD_DIMS} - {(2, 128)}
+#: (ndim, head-dim bucket) where the dq kernel reads Q and dOut from shared memory (the SS form) instead of
+#: fragment registers: in 2D at head dim 128, Q and dOut fragments, S, dP and dQ in registers leave no room
+#: for the 2D box's index math (12 to 16 bytes of spills)
+DQ_OPERANDS_SHARED = {(2, 128)}
 
 
 #: head-dim bucket -> queries per staged chunk of the dK/dV kernel (the N of S^T = K Q^T); at head dim 128
@@ -68,13 +69,22 @@ def kernel_name_of(hd: int, dtype: str, ndim: int) -> str:
 
 def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
     tx, ty = TILES[ndim]
-    return f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK_KEYS}>"
+    qs = int((ndim, hd) in DQ_OPERANDS_SHARED)
+    return f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK_KEYS}, {qs}>"
 
 
-def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
-    """Q and dOut tiles (64 rows of hd + 8, then the K/V stages), ds floats, one float per bias entry."""
-    return (tiling.align16(2 * 64 * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * 64 * (DQ_CHUNK_KEYS + 1)
-            + 4 * bias_entries)
+def dq_shared_bytes(hd: int, dtype: str, ndim: int, bias_entries: int = 0) -> int:
+    """Q and dOut tiles (64 rows of hd + 8, then the K/V stages; in the SS form 64 rows of hd, then the
+    stages apart), ds floats, one float per bias entry."""
+    item = tiling.ITEMSIZE[dtype]
+    tiles = (2 * 64 + 4 * DQ_CHUNK_KEYS) * hd * item if (ndim, hd) in DQ_OPERANDS_SHARED else 2 * 64 * (hd + 8) * item
+    return tiling.align16(tiles) + 4 * 64 * (DQ_CHUNK_KEYS + 1) + 4 * bias_entries
+
+
+def dq_shared_budget(hd: int, ndim: int) -> int:
+    """The most dynamic shared memory a dq launch takes: the mma.sync backward's budget, or this family's
+    where the SS form needs more (the launcher opts in above 48 KiB)."""
+    return SHARED_BUDGET if (ndim, hd) in DQ_OPERANDS_SHARED else fused_tc.BWD_SHARED_BUDGET
 
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
@@ -93,13 +103,9 @@ def _instantiations():
     return [(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)]
 
 
-def _dq_instantiations():
-    return [(hd, dtype, ndim) for hd, dtype, ndim in _instantiations() if (ndim, hd) in DQ_BUILT]
-
-
 def names() -> tuple[str, ...]:
     return (tuple(kernel_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
-            + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _dq_instantiations())
+            + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
             + tuple(dkdv_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations()))
 
 
@@ -109,7 +115,7 @@ def family():
 
     shared = {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()}
     # the dq kernel's largest launch: the budget (larger bias tables are not covered)
-    shared.update({dq_name_of(hd, dtype, ndim): fused_tc.BWD_SHARED_BUDGET for hd, dtype, ndim in _dq_instantiations()})
+    shared.update({dq_name_of(hd, dtype, ndim): dq_shared_budget(hd, ndim) for hd, dtype, ndim in _instantiations()})
     shared.update({dkdv_name_of(hd, dtype, ndim): dkdv_shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()})
     return Family(SOURCE, names(), {name: THREADS for name in names()}, shared, archs=(ARCH,), arch_specific=True)
 
@@ -132,9 +138,7 @@ def dq_covers(problem: Problem) -> bool:
         return False
     entries = math.prod(problem.rpb_shape[1:]) if problem.has_rpb else 0
     hd = head_dim_bucket(problem.head_dim)
-    if (problem.ndim, hd) not in DQ_BUILT:
-        return False
-    return dq_shared_bytes(hd, problem.dtype, entries) <= fused_tc.BWD_SHARED_BUDGET
+    return dq_shared_bytes(hd, problem.dtype, problem.ndim, entries) <= dq_shared_budget(hd, problem.ndim)
 
 
 def dkdv_covers(problem: Problem) -> bool:
