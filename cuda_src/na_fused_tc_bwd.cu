@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
-    long long bx0, by0;
+    int bx0, by0;  // the query box origin (group coordinates)
     const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
     const int nqueries = qbox.keys;
     const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);

@@ -3,12 +3,15 @@
 // (below).
 //
 // Same arguments, layouts and results as na_fused_tc_fwd (na_fused_tc.cu),
-// whose structure it keeps: one block of one warpgroup (4 warps) per (batch,
-// head, query tile of TX x TY = 64 group coordinates inside ONE dilation group
-// per axis); warp w holds the tile's rows 16 w .. 16 w + 15, which are also
-// its rows of every wgmma. The key box is walked in chunks of KC keys, staged
-// by cp.async in two shared-memory stages as wgmma core matrices
-// (na_rows_core), chunk c + 1 loading while chunk c is computed. Per chunk:
+// whose structure it keeps: one block of WG warpgroups (4 WG warps) per
+// (batch, head, query tile of TX x TY = 64 WG group coordinates inside ONE
+// dilation group per axis); warp w holds the tile's rows 16 w .. 16 w + 15,
+// and warpgroup j (warps 4 j .. 4 j + 3) multiplies its 64 rows. The key box
+// is walked in chunks of KC keys, staged by cp.async in two shared-memory
+// stages as wgmma core matrices (na_rows_core), chunk c + 1 loading while
+// chunk c is computed; with WG 2 (1D) both warpgroups read each staged chunk,
+// which halves the K and V traffic per query, and a warpgroup skips the
+// chunks outside its own queries' windows. Per chunk:
 //   S = Q K^T   HD / 16 wgmma m64nKCk16: Q fragments from registers (ldmatrix
 //               once per block), K from shared memory (K-major descriptors);
 //   mask        logits outside each query's window are -inf, scale and bias
@@ -24,12 +27,12 @@
 // entirely (1D with large kernels) and less on small 2D windows.
 //
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
-// (32, 64 or 128: the N of P V; runtime D <= HD), query tile TX x TY (64),
-// keys per chunk KC (32, 64 or 128: the N of Q K^T). Dynamic shared memory
-// (na_rtc/runtime/fused_wg.py mirrors it): two stages of a K and a V chunk,
-// 4 KC HD elements; the Q tile (64 rows of HD + 8) is staged in stage 1
-// until its fragments are in registers. Above 48 KiB (HD 128) the launcher
-// opts in.
+// (32, 64 or 128: the N of P V; runtime D <= HD), query tile TX x TY (64 WG),
+// keys per chunk KC (32, 64 or 128: the N of Q K^T), warpgroups WG (1; 2 in
+// 1D). Dynamic shared memory (na_rtc/runtime/fused_wg.py mirrors it): two
+// stages of a K and a V chunk, 4 KC HD elements; the Q tile (64 WG rows of
+// HD, core matrices) is staged in stage 1 until its fragments are in
+// registers. Above 48 KiB (HD 128) the launcher opts in.
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -44,23 +47,24 @@
         long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
 #define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
 
-template <class T, int HD, int TX, int TY, int KC>
-__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_fwd(
+template <class T, int HD, int TX, int TY, int KC, int WG>
+__global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
     NA_STRIDES5(v), const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
     T* __restrict__ out, NA_STRIDES5(o), float* __restrict__ lse, long long l_b, long long l_x, long long l_y,
     long long l_h, double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY;
-    constexpr int P = HD + 8;        // the Q tile's row pitch (ldmatrix)
+    constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int KSTEPS = HD / 16;  // k-steps of Q K^T
     constexpr int NT = KC / 8;       // 8-key tiles per chunk
     constexpr int DT = HD / 8;       // 8-dim tiles of the output
     using L = na_rows_core<HD>;
     constexpr int STAGE = L::rows(2 * KC);        // elements of one stage: a K chunk, then a V chunk
     constexpr unsigned ROW_GROUP = 16 * HD;       // bytes of 8 staged rows: SBO of K, LBO of V
-    static_assert(sizeof(T) == 2 && NQ == 64 && NA_TC_THREADS == 128, "one warpgroup, 16-bit elements");
+    static_assert(sizeof(T) == 2 && NQ == 64 * WG && NA_TC_THREADS == 128, "64 rows a warpgroup, 16-bit elements");
+    static_assert(WG == 1 || (WG == 2 && TY == 1), "two warpgroups in 1D only");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
-    static_assert(NQ * P <= STAGE, "the Q tile fits in stage 1");
+    static_assert(L::rows(NQ) <= STAGE, "the Q tile fits in stage 1");
     const float NEG_INF = __int_as_float(0xff800000);
 
     NA_TC_DECODE_BLOCK(TX, TY)
@@ -73,16 +77,32 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_fwd(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
     const unsigned smem_address = na_shared_address(smem);
 
-    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l},
-                                                         D, tx, ty, dx, dy, b, h);
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS>(k, {k_b, k_x, k_y, k_h, k_l}, v,
+                                                                  {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
+    na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
     kv.load(smem, box, 0);  // with the Q tile: chunk 0 into stage 0
     na_cp_async_wait_group<0>();
     __syncthreads();
     unsigned qf[KSTEPS][4];
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks)
-        na_ldmatrix<4, false>(qf[ks], sq + (16 * warp + (lane & 15)) * P + 16 * ks + 8 * (lane >> 4));
+    for (int ks = 0; ks < KSTEPS; ++ks)  // one 8 x 8 core matrix (128 contiguous bytes) per 8 lanes
+        na_ldmatrix<4, false>(qf[ks], sq + L::at(16 * warp + (lane & 15), 16 * ks + 8 * (lane >> 4)));
+
+    // the chunks holding keys of this warpgroup's queries (windows are monotone along the tile, so from the
+    // first query's window start to the last one's end); none past the last valid query
+    int chunk_lo = 0, chunk_hi = (box.keys + KC - 1) / KC;
+    if (WG > 1) {
+        const int first = 64 * (warp / 4), last = first + 63 < tx.n - 1 ? first + 63 : (int)tx.n - 1;
+        if (first > last) {
+            chunk_hi = 0;
+        } else {
+            long long s0, e0, s1, e1;
+            na_window(ax, (tx.q0 + first) * dx + tx.g, s0, e0);
+            na_window(ax, (tx.q0 + last) * dx + tx.g, s1, e1);
+            chunk_lo = (int)(s0 - tx.h0) / KC;
+            chunk_hi = ((int)(e1 - tx.h0) + KC - 1) / KC;
+        }
+    }
 
     const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
     const na_tc_warp_window common = na_tc_common_window<1>(&rows);
@@ -97,50 +117,52 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_fwd(
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const T* sk = kv.template arrive<true>(smem, box, chunk, chunks);
-        const unsigned k_address = smem_address + (unsigned)((sk - smem) * (int)sizeof(T));
-        const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
-        const int c0 = chunk * KC;
+        if (chunk >= chunk_lo && chunk < chunk_hi) {  // warpgroup-uniform: keys of its queries here
+            const unsigned k_address = smem_address + (unsigned)((sk - smem) * (int)sizeof(T));
+            const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
+            const int c0 = chunk * KC;
 
-        // S = Q K^T over the chunk's KC keys: a k-step is two core matrices (16 head dims) of every row group
-        float s[NT][4];
-        float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
-        na_wgmma_fence();
+            // S = Q K^T over the chunk's KC keys: a k-step is two core matrices (16 head dims) of every row group
+            float s[NT][4];
+            float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
+            na_wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks)
-            na_wgmma_rs<T, KC, false>(sf, qf[ks], na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP), ks > 0);
-        na_wgmma_commit();
-        na_wgmma_wait<0>();
-        na_wgmma_hold(sf);
+            for (int ks = 0; ks < KSTEPS; ++ks)
+                na_wgmma_rs<T, KC, false>(sf, qf[ks], na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP), ks > 0);
+            na_wgmma_commit();
+            na_wgmma_wait<0>();
+            na_wgmma_hold(sf);
 
-        // warp-uniform: without a bias, a chunk inside the window of each of the warp's rows needs no test
-        // per tile (with one, the per-tile path keeps the bias loads from taking registers for all tiles)
-        if (!rpb && na_tc_keys_full<TY>(common, c0, KC, box)) {
+            // warp-uniform: without a bias, a chunk inside the window of each of the warp's rows needs no test
+            // per tile (with one, the per-tile path keeps the bias loads from taking registers for all tiles)
+            if (!rpb && na_tc_keys_full<TY>(common, c0, KC, box)) {
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) na_tc_scale_rows(s[nt], rows, scale2);
-        } else {
+                for (int nt = 0; nt < NT; ++nt) na_tc_scale_rows(s[nt], rows, scale2);
+            } else {
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
-                bool in[1][4];
-                na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
-                na_tc_logits<TY>(s[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, scale2);
+                for (int nt = 0; nt < NT; ++nt) {
+                    const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
+                    bool in[1][4];
+                    na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
+                    na_tc_logits<TY>(s[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, scale2);
+                }
             }
-        }
-        na_tc_softmax_chunk<NT, DT>(s, o, m, l);
+            na_tc_softmax_chunk<NT, DT>(s, o, m, l);
 
-        // O += P V over 16-key steps: P from registers, V's k-step is two row groups
-        unsigned pa[KC / 16][4];
+            // O += P V over 16-key steps: P from registers, V's k-step is two row groups
+            unsigned pa[KC / 16][4];
 #pragma unroll
-        for (int ps = 0; ps < KC / 16; ++ps) na_tc_pack_p<T>(pa[ps], s[2 * ps], s[2 * ps + 1]);
-        na_wgmma_hold(of);
-        na_wgmma_fence();
+            for (int ps = 0; ps < KC / 16; ++ps) na_tc_pack_p<T>(pa[ps], s[2 * ps], s[2 * ps + 1]);
+            na_wgmma_hold(of);
+            na_wgmma_fence();
 #pragma unroll
-        for (int ps = 0; ps < KC / 16; ++ps)
-            na_wgmma_rs<T, HD, true>(of, pa[ps], na_wgmma_desc(v_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
-                                     true);
-        na_wgmma_commit();
-        na_wgmma_wait<0>();
-        na_wgmma_hold(of);
+            for (int ps = 0; ps < KC / 16; ++ps)
+                na_wgmma_rs<T, HD, true>(of, pa[ps], na_wgmma_desc(v_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
+                                         true);
+            na_wgmma_commit();
+            na_wgmma_wait<0>();
+            na_wgmma_hold(of);
+        }
         __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
     }
 
@@ -355,7 +377,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
     na_tc_load_tile<T, HD, L, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
-    long long bx0, by0;
+    int bx0, by0;  // the query box origin (group coordinates)
     const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
     const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);

@@ -65,7 +65,7 @@ __device__ __forceinline__ void na_tc_key_ranges_fill(na_tc_key_ranges<TX, TY>& 
 template <int TX, int TY>
 __device__ __forceinline__ na_tc_box<TY> na_tc_query_box_of(const na_tc_key_ranges<TX, TY>& r,
                                                             const na_tile_axis& tx, const na_tile_axis& ty,
-                                                            long long& bx0, long long& by0) {
+                                                            int& bx0, int& by0) {
     bx0 = r.first_x[0];
     by0 = r.first_y[0];
     const long long bx1 = r.last_x[tx.n - 1], by1 = r.last_y[ty.n - 1];
@@ -105,7 +105,7 @@ __device__ __forceinline__ na_tc_key_rows na_tc_key_rows_of(int warp, int gq, co
 // no window test.
 template <class T, int HD, class L, int QC, int TY>
 __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c0, const na_tc_box<TY>& qbox,
-                                                      long long bx0, long long by0, const na_tc_group_axis* axes,
+                                                      int bx0, int by0, const na_tc_group_axis* axes,
                                                       const T* q, const long long (&qs)[5], bool q_vec, const T* g,
                                                       const long long (&gs)[5], bool g_vec, int d_len,
                                                       const float* lse, const long long (&ls)[4],
@@ -131,8 +131,8 @@ __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c
             int qx, qy;
             qbox.split(c0 + i, qx, qy);
             const long long x = (bx0 + qx) * dx + tx.g, y = (by0 + qy) * dy + ty.g;
-            na_tc_group_window(axes[0], (int)bx0 + qx, w[0], w[1]);
-            na_tc_group_window(axes[1], (int)by0 + qy, w[2], w[3]);
+            na_tc_group_window(axes[0], bx0 + qx, w[0], w[1]);
+            na_tc_group_window(axes[1], by0 + qy, w[2], w[3]);
             lg = lse[b * ls[0] + x * ls[1] + y * ls[2] + h * ls[3]] * NA_TC_LOG2E;  // log2 units
             dl = delta[b * es[0] + x * es[1] + y * es[2] + h * es[3]];
         }
@@ -164,7 +164,7 @@ __device__ __forceinline__ void na_tc_dkdv_visible(bool (&in)[4], const int* c_w
 template <int TY>
 __device__ __forceinline__ void na_tc_dkdv_p_ds(float (&pr)[4], float (&ds)[4], const float (&s)[4],
                                                 const float (&dp)[4], const bool (&in)[4], int c0, int col0,
-                                                const na_tc_box<TY>& qbox, long long bx0, long long by0,
+                                                const na_tc_box<TY>& qbox, int bx0, int by0,
                                                 const na_tc_key_rows& keys, const float* rpb, long long rpb_at,
                                                 long long rpb_x, long long rpb_y, long long kx, long long ky,
                                                 float scale2, const float* c_lse, const float* c_delta) {
@@ -173,7 +173,7 @@ __device__ __forceinline__ void na_tc_dkdv_p_ds(float (&pr)[4], float (&ds)[4], 
         const int col = col0 + e2;
         int qx, qy;
         qbox.split(c0 + col, qx, qy);
-        const int qgx = (int)bx0 + qx, qgy = (int)by0 + qy;
+        const int qgx = bx0 + qx, qgy = by0 + qy;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             float p = 0.f, d = 0.f;

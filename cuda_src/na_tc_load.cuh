@@ -48,6 +48,9 @@ struct na_rows_core {
     }
 };
 
+// The loads below split their work over THREADS threads of the block (threadIdx.x < THREADS; the
+// tensor-core kernels' NA_TC_THREADS unless a kernel has more warpgroups).
+//
 // Load ROWS rows of HD elements into shared rows of layout L: row(r, at) says
 // whether row r exists and sets `at`, its element offset in src (element
 // stride `step`); missing rows and head dims D..HD are zero. With `vec`
@@ -57,15 +60,15 @@ struct na_rows_core {
 // commits and waits; the per-piece work is the row's offset and one copy.
 // Otherwise element by element, landed on return (for strided head dims and
 // unaligned rows).
-template <class T, int HD, class L, int ROWS, class Row>
+template <class T, int HD, class L, int ROWS, int THREADS = NA_TC_THREADS, class Row>
 __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long step, bool vec, int D, Row row) {
     if (vec) {
         constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, N = ROWS * PIECES;
         static_assert(HD % V == 0 && (L::rows(1) * (int)sizeof(T)) % 16 == 0, "16-byte pieces of 16-byte aligned rows");
 #pragma unroll
-        for (int i = 0; i < (N + NA_TC_THREADS - 1) / NA_TC_THREADS; ++i) {
-            const int e = (int)threadIdx.x + i * NA_TC_THREADS;
-            if (N % NA_TC_THREADS == 0 || e < N) {
+        for (int i = 0; i < (N + THREADS - 1) / THREADS; ++i) {
+            const int e = (int)threadIdx.x + i * THREADS;
+            if (N % THREADS == 0 || e < N) {
                 int r, c;
                 L::piece(e, PIECES, r, c);
                 c *= V;
@@ -76,7 +79,7 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
         }
         return;
     }
-    for (int e = threadIdx.x; e < ROWS * HD; e += NA_TC_THREADS) {
+    for (int e = threadIdx.x; e < ROWS * HD; e += THREADS) {
         const int r = e / HD, c = e % HD;
         long long at = 0;
         const bool ok = row(r, at) && c < D;
@@ -86,17 +89,17 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
 
 // Load box keys c0 .. c0 + KC - 1 of one tensor into KC shared rows (keys past the box: zero); the
 // dkdv kernel walks its box of queries the same way. 1D boxes (TY == 1) with cp.async pieces take a
-// strength-reduced path: copy e + NA_TC_THREADS of a load moves the same piece of the row
-// NA_TC_THREADS / PIECES further on (both layouts' piece() orders; asserted below), and in 1D a box
+// strength-reduced path: copy e + THREADS of a load moves the same piece of the row
+// THREADS / PIECES further on (both layouts' piece() orders; asserted below), and in 1D a box
 // key's row is a constant stride away from the previous one, so each thread forms one address per
 // chunk and steps it, instead of a 64-bit row offset per piece. Only where a thread copies at least 4
 // pieces of a tensor per chunk: below that the saving is small, and the backward kernels at head dim
 // 128 (255 registers) spill with it.
-template <class T, int HD, class L, int KC, int TY>
+template <class T, int HD, class L, int KC, int THREADS = NA_TC_THREADS, int TY>
 __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
                                                     const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
-    constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, PASS = NA_TC_THREADS / PIECES;
-    if constexpr (TY == 1 && NA_TC_THREADS % PIECES == 0 && KC % PASS == 0 && PASS % 8 == 0 && KC / PASS >= 4) {
+    constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, PASS = THREADS / PIECES;
+    if constexpr (TY == 1 && THREADS % PIECES == 0 && KC % PASS == 0 && PASS % 8 == 0 && KC / PASS >= 4) {
         if (vec) {
             int r0, c;
             L::piece((int)threadIdx.x, PIECES, r0, c);
@@ -116,7 +119,7 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
             return;
         }
     }
-    na_tc_load_rows<T, HD, L, KC>(dst, src, step, vec, D, [&](int r, long long& at) {
+    na_tc_load_rows<T, HD, L, KC, THREADS>(dst, src, step, vec, D, [&](int r, long long& at) {
         const int key = c0 + r;
         if (key >= box.keys) return false;
         int bx, by;
@@ -130,7 +133,7 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
 // shared-memory stages of 2 KC rows each (the K chunk, then the V chunk), as
 // the forward and the dq kernel walk the box: load(stages, chunk) issues chunk
 // `chunk` into stage chunk % 2 as one cp.async group. Rows in layout L.
-template <class T, int HD, class L, int KC, int TY>
+template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS>
 struct na_tc_kv_stream {
     const T* k;
     const T* v;
@@ -141,8 +144,9 @@ struct na_tc_kv_stream {
 
     __device__ __forceinline__ void load(T* stages, const na_tc_box<TY>& box, int chunk) const {
         T* stage = stages + (chunk & 1) * L::rows(2 * KC);
-        na_tc_load_box_keys<T, HD, L, KC>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
-        na_tc_load_box_keys<T, HD, L, KC>(stage + L::rows(KC), v, v_step, v_vec, d_len, box, v_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage + L::rows(KC), v, v_step, v_vec, d_len, box, v_at,
+                                                   chunk * KC);
         na_cp_async_commit();
     }
 
@@ -164,8 +168,8 @@ struct na_tc_kv_stream {
 };
 
 // the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty
-template <class T, int HD, class L, int KC, int TY>
-__device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY> na_tc_kv_stream_of(
+template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS>
+__device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY, THREADS> na_tc_kv_stream_of(
     const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D,
     const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h) {
     return {k,
@@ -181,14 +185,14 @@ __device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY> na_tc_kv_stream_of(
 
 // load the NROWS = TX * TY rows of a tile of one (b, h) (row qx * TY + qy: group
 // coordinates tx.q0 + qx, ty.q0 + qy; rows of missing queries zero)
-template <class T, int HD, class L, int TX, int TY>
+template <class T, int HD, class L, int TX, int TY, int THREADS = NA_TC_THREADS>
 __device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long s_b, long long s_x, long long s_y,
                                                 long long s_h, long long s_l, long long b, long long h, int D,
                                                 long long dx, long long dy, const na_tile_axis& tx,
                                                 const na_tile_axis& ty) {
     const bool vec = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
     const na_tc_box_rows rows = na_tc_box_rows_of(tx.q0, ty.q0, tx.g, ty.g, dx, dy, b, h, s_b, s_x, s_y, s_h);
-    na_tc_load_rows<T, HD, L, TX * TY>(dst, src, s_l, vec, D, [&](int r, long long& at) {
+    na_tc_load_rows<T, HD, L, TX * TY, THREADS>(dst, src, s_l, vec, D, [&](int r, long long& at) {
         const int qx = r / TY, qy = r % TY;
         at = rows.base + qx * rows.step_x + qy * rows.step_y;
         return qx < tx.n && qy < ty.n;

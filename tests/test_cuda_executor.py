@@ -53,7 +53,7 @@ def test_launches_above_48_kib_opt_in_once_per_function(monkeypatch):
                          ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
                          ("cupy_backends.cuda.api", api), ("cupy_backends.cuda.api.driver", driver)):
         monkeypatch.setitem(sys.modules, name, module)
-    name = "na_fused_wg_fwd<bf16_t, 128, 64, 1, 64>"
+    name = "na_fused_wg_fwd<bf16_t, 128, 128, 1, 64, 2>"
     module = types.SimpleNamespace(get_function=lambda mangled: types.SimpleNamespace(ptr=1234, name=mangled))
     functions: dict = {}
     monkeypatch.setattr(cuda, "_module", lambda device, family: (module, {name: "_Z3wg"}, functions))

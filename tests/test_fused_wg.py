@@ -5,7 +5,7 @@
   output and logsumexp within the DESIGN.md section 8 tolerances;
 * it agrees with the mma.sync forward on the same inputs;
 * NaN reach: a key poisons exactly the queries that see it, a value at most
-  its query tile;
+  its block's query tile;
 * its backward kernels (``na_fused_wg_bwd_dq``, with Q and dOut from shared
   memory in 2D at head dim 128, and ``na_fused_wg_bwd_dkdv``) on the fp16/bf16 cases of the
   fused-backward sweep: every gradient against the float64 reference, the
@@ -64,8 +64,9 @@ def test_wgmma_and_mma_sync_forwards_agree(cfg):
 @pytest.mark.parametrize("poisoned", ["key", "value"])
 def test_nan_reach(poisoned):
     """A NaN key poisons exactly the queries that see it; a NaN value those and at most the other queries
-    of its 64-query tile (0 * NaN in P V: every warp of the warpgroup multiplies every key of the chunk)."""
-    test_fused_tc.check_nan_reach(poisoned, fused_wg.TILES[1][0], wgmma=True)
+    of its block's tile, 128 in 1D (0 * NaN in P V: every warp of a warpgroup multiplies every key of the
+    chunks it computes)."""
+    test_fused_tc.check_nan_reach(poisoned, fused_wg.FORWARD_TILES[1][0], wgmma=True)
 
 
 @pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)  # every (ndim, head dim, dtype): asserted there
@@ -86,8 +87,8 @@ def _problem(ndim, dtype, head_dim):
 
 
 @pytest.mark.parametrize("ndim, dtype, head_dim, wgmma, expected", [
-    (1, "bfloat16", 128, True, "na_fused_wg_fwd<bf16_t, 128, 64, 1, 64>"),
-    (2, "float16", 40, True, "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64>"),
+    (1, "bfloat16", 128, True, "na_fused_wg_fwd<bf16_t, 128, 128, 1, 64, 2>"),
+    (2, "float16", 40, True, "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 1>"),
     (2, "float16", 64, False, "na_fused_tc_fwd<fp16_t, 64, 16, 8, 32, 2>"),
     (1, "float32", 64, True, "na_fused_fwd<float, 64, 32, 1>"),  # fp32: SIMT
 ])

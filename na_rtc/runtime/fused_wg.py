@@ -1,9 +1,9 @@
 """The Hopper (wgmma, sm_90a) fused kernels (``cuda_src/na_fused_wg.cu``): fp16 / bf16 on sm_90 GPUs.
 
-``na_fused_wg_fwd<T, HD, TX, TY, KC>``: one block of one warpgroup (128
-threads) per (batch, head, query tile of 64 group coordinates inside one
-dilation group per axis); Q K^T and P V as warpgroup products on the key box,
-KC keys at a time, double-buffered. Same arguments and results as the
+``na_fused_wg_fwd<T, HD, TX, TY, KC, WG>``: one block of WG warpgroups (128
+threads each; two in 1D, one in 2D) per (batch, head, query tile of 64 WG
+group coordinates inside one dilation group per axis); Q K^T and P V as
+warpgroup products on the key box, KC keys at a time, double-buffered. Same arguments and results as the
 mma.sync forward (``fused_tc.py``). ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC,
 QS>``: the backward's dq the same way (S, dP, dQ += ds K), in place of the
 mma.sync dq kernel (QS: Q and dOut from shared memory, in 2D at head dim
@@ -28,12 +28,18 @@ from . import tiling
 from .tiling import CTYPES
 
 SOURCE = "na_fused_wg.cu"
-THREADS = 128  # one warpgroup
+THREADS = 128  # one warpgroup: the backward kernels'; the forward has WARPGROUPS of them
 ARCH = 90  # wgmma is sm_90a: the cubin runs on compute capability 9.0 only
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 64, 128)
-#: ndim -> query tile (TX, TY): 64 queries, the M of every wgmma
+#: ndim -> query (dq) or key (dK/dV) tile (TX, TY) of the backward kernels: 64, the M of every wgmma
 TILES = {1: (64, 1), 2: (8, 8)}
+#: ndim -> warpgroups of the forward, each multiplying 64 rows of its query tile: in 1D two share every
+#: staged K/V chunk (half the K/V traffic per query); in 2D the box of a 128-query tile would add keys to
+#: every warpgroup's products (the wgmma computes the whole chunk for each)
+WARPGROUPS = {1: 2, 2: 1}
+#: ndim -> query tile (TX, TY) of the forward: 64 queries a warpgroup
+FORWARD_TILES = {1: (128, 1), 2: (8, 8)}
 #: head-dim bucket -> keys per staged chunk (the N of Q K^T); shared memory is 4 KC HD elements
 CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
 #: the most dynamic shared memory a launch takes (sm_90 allows 227 KiB after the opt-in)
@@ -58,13 +64,17 @@ def head_dim_bucket(head_dim: int) -> int | None:
 
 
 def shared_bytes(hd: int, dtype: str) -> int:
-    """Two stages of a K and a V chunk as core matrices (the 64-row Q tile borrows stage 1)."""
+    """Two stages of a K and a V chunk as core matrices (the Q tile, 64 rows a warpgroup, borrows stage 1)."""
     return 4 * CHUNK_KEYS[hd] * hd * tiling.ITEMSIZE[dtype]
 
 
 def kernel_name_of(hd: int, dtype: str, ndim: int) -> str:
-    tx, ty = TILES[ndim]
-    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}>"
+    tx, ty = FORWARD_TILES[ndim]
+    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}, {WARPGROUPS[ndim]}>"
+
+
+def forward_threads(ndim: int) -> int:
+    return THREADS * WARPGROUPS[ndim]
 
 
 def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
@@ -117,11 +127,14 @@ def family():
     # the dq kernel's largest launch: the budget (larger bias tables are not covered)
     shared.update({dq_name_of(hd, dtype, ndim): dq_shared_budget(hd, ndim) for hd, dtype, ndim in _instantiations()})
     shared.update({dkdv_name_of(hd, dtype, ndim): dkdv_shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()})
-    return Family(SOURCE, names(), {name: THREADS for name in names()}, shared, archs=(ARCH,), arch_specific=True)
+    threads = {name: THREADS for name in names()}
+    threads.update({kernel_name_of(hd, dtype, ndim): forward_threads(ndim) for hd, dtype, ndim in _instantiations()})
+    return Family(SOURCE, names(), threads, shared, archs=(ARCH,), arch_specific=True)
 
 
 def grid(problem: Problem) -> int:
-    return tiling.grid(problem, TILES[problem.ndim])
+    """Blocks of the forward (the backward kernels have the mma.sync backward's grid)."""
+    return tiling.grid(problem, FORWARD_TILES[problem.ndim])
 
 
 def covers(problem: Problem) -> bool:
@@ -153,4 +166,5 @@ def kernel_name(problem: Problem) -> str:
 def launch(problem: Problem) -> tuple[str, str, int, int, int]:
     """(source, kernel name, threads, blocks, dynamic shared bytes) of the forward of ``problem``."""
     hd = head_dim_bucket(problem.head_dim)
-    return SOURCE, kernel_name(problem), THREADS, grid(problem), shared_bytes(hd, problem.dtype)
+    return (SOURCE, kernel_name(problem), forward_threads(problem.ndim), grid(problem),
+            shared_bytes(hd, problem.dtype))
