@@ -175,7 +175,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
                 }
             }
         }
-        __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
     }
 
     const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D};

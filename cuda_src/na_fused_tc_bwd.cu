@@ -153,7 +153,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
             __syncthreads();  // every warp's ds of this chunk is in sds
             na_tc_dq_bias_chunk<TY, KS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
         }
-        __syncthreads();  // this stage (and sds) is consumed before chunk + 2 is loaded into it
     }
 
     na_tc_dq_store<T, DT, TY>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b, h, D,
@@ -218,18 +217,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     };
 
     const int chunks = (nqueries + QC - 1) / QC;
+    // two stages: chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is
+    // past chunk c - 1 there, so its stage is free) and lands during chunk c: one barrier a chunk
     if (STAGES == 2 && chunks > 0) load_chunk(0);
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int c0 = chunk * QC, st = chunk % STAGES;
-        if constexpr (STAGES == 2) {
-            if (chunk + 1 < chunks) load_chunk(chunk + 1);
-            else na_cp_async_commit();  // an empty group keeps the wait uniform
-            na_cp_async_wait_group<1>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
-        } else {
-            load_chunk(chunk);
-            na_cp_async_wait_group<0>();
-        }
+        if (STAGES == 1) load_chunk(chunk);
+        na_cp_async_wait_group<0>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
         __syncthreads();  // rows and tables of this chunk are visible to every warp
+        if (STAGES == 2 && chunk + 1 < chunks) load_chunk(chunk + 1);
         const T* sq = stage_rows + st * 2 * QC * P;
         const T* sg = sq + QC * P;
         const float* c_lse = tables + st * 6 * QC;
@@ -280,7 +276,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                 na_mma<T>::run(acc_k[dt], da, qb, acc_k[dt]);
             }
         }
-        __syncthreads();  // this stage is consumed before it is loaded again
+        if (STAGES == 1) __syncthreads();  // this stage is consumed before it is loaded again
     }
 
     na_tc_dkdv_store<T, DT>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,

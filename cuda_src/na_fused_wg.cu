@@ -163,7 +163,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
             na_wgmma_wait<0>();
             na_wgmma_hold(of);
         }
-        __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
     }
 
     const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D};
@@ -313,7 +312,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
             __syncthreads();  // every warp's ds of this chunk is in sds
             na_tc_dq_bias_chunk<TY, KS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
         }
-        __syncthreads();  // this stage (and sds) is consumed before chunk + 2 is loaded into it
     }
 
     na_tc_dq_store<T, DT, TY>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b, h, D,
@@ -399,16 +397,16 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
                                                 dx, dy, b, h);
     };
     const int chunks = (qbox.keys + QC - 1) / QC;
-    bool covers_next = chunks > 0 && load_chunk(0);  // this thread's table entries of the next chunk to compute
+    // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
+    // c - 1 there, so its stage is free) and lands during chunk c: one barrier a chunk
+    bool covers = chunks > 0 && load_chunk(0);  // this thread's table entries of the next chunk to compute
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int c0 = chunk * QC;
-        const bool covers = covers_next;
-        if (chunk + 1 < chunks) covers_next = load_chunk(chunk + 1);
-        else na_cp_async_commit();  // an empty group keeps the wait uniform
-        na_cp_async_wait_group<1>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
+        na_cp_async_wait_group<0>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
         na_fence_proxy_async();       // ... read next by wgmma
         // rows and tables of this chunk are visible to every warp; whether every query of it sees every key
         const bool chunk_full = __syncthreads_and(covers) != 0;
+        if (chunk + 1 < chunks) covers = load_chunk(chunk + 1);
         const T* sq = stages + (chunk & 1) * STAGE;
         const unsigned q_address = k_address + (unsigned)((sq - sk) * (int)sizeof(T));
         const unsigned g_address = q_address + (unsigned)(L::rows(QC) * (int)sizeof(T));
@@ -472,7 +470,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
         na_wgmma_wait<0>();
         na_wgmma_hold(akf);
         na_wgmma_hold(avf);
-        __syncthreads();  // this stage is consumed before chunk + 2 is loaded into it
     }
 
     na_tc_dkdv_store<T, DT>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,

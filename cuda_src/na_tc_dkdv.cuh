@@ -179,9 +179,10 @@ __device__ __forceinline__ void na_tc_dkdv_p_ds(float (&pr)[4], float (&ds)[4], 
             float p = 0.f, d = 0.f;
             if (in[2 * i + e2]) {
                 float logit = s[2 * i + e2] * scale2;  // log2 units: p is one ex2
-                if (rpb)
-                    logit += rpb[rpb_at + (keys.jx[i] - qgx + kx - 1) * rpb_x + (keys.jy[i] - qgy + ky - 1) * rpb_y] *
-                             NA_TC_LOG2E;
+                if (rpb) {  // in 1D the y offset is 0 (ky 1, every y 0)
+                    const long long y_at = TY == 1 ? 0 : (keys.jy[i] - qgy + ky - 1) * rpb_y;
+                    logit += rpb[rpb_at + (keys.jx[i] - qgx + kx - 1) * rpb_x + y_at] * NA_TC_LOG2E;
+                }
                 p = na_exp2_fast(logit - c_lse[col]);
                 d = p * (dp[2 * i + e2] - c_delta[col]);
             }

@@ -150,19 +150,19 @@ struct na_tc_kv_stream {
         na_cp_async_commit();
     }
 
-    // the top of the iteration on chunk `chunk` of `chunks` (chunk 0 loaded before the loop): issue
-    // chunk + 1 (an empty group after the last keeps the wait uniform), wait for chunk `chunk` and
-    // make it visible to the block; returns its stage (K rows, then V rows from L::rows(KC) on).
-    // The caller ends each iteration with a barrier, before the stage it read is loaded again.
+    // the top of the iteration on chunk `chunk` of `chunks` (chunk 0 loaded before the loop): wait for
+    // it and make it visible to the block, then issue chunk + 1 into the other stage (every warp is past
+    // chunk - 1 at this barrier, so that stage is free), which lands while the block computes this one:
+    // one barrier a chunk. Returns this chunk's stage (K rows, then V rows from L::rows(KC) on).
     // ASYNC_PROXY: the rows are read by wgmma (the async proxy), so each thread fences its landed
-    // copies before the barrier (na_wgmma.cuh).
+    // copies before the barrier (na_wgmma.cuh), and the caller waits for its wgmma before the next
+    // arrive.
     template <bool ASYNC_PROXY = false>
     __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY>& box, int chunk, int chunks) const {
-        if (chunk + 1 < chunks) load(stages, box, chunk + 1);
-        else na_cp_async_commit();
-        na_cp_async_wait_group<1>();
+        na_cp_async_wait_group<0>();
         if (ASYNC_PROXY) na_fence_proxy_async();
         __syncthreads();
+        if (chunk + 1 < chunks) load(stages, box, chunk + 1);
         return stages + (chunk & 1) * L::rows(2 * KC);
     }
 };
