@@ -11,7 +11,8 @@
   fused-backward sweep: every gradient against the float64 reference, the
   bias gradient included;
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
-  forward and backward through the op table.
+  forward and backward through the op table; NA_RTC_WGMMA_WARPGROUPS=1 and
+  the 1D forward with one warpgroup per block.
 """
 
 from __future__ import annotations
@@ -61,12 +62,53 @@ def test_wgmma_and_mma_sync_forwards_agree(cfg):
     assert_close(wg_lse, tc_lse.double(), cfg.dtype, "forward", "lse")
 
 
+def _half_covering_every_head_dim_and_dtype(configs):
+    chosen = configs[::2]
+    seen = {(fused_wg.head_dim_bucket(c.head_dim), c.dtype) for c in chosen}
+    for c in configs:
+        key = (fused_wg.head_dim_bucket(c.head_dim), c.dtype)
+        if key not in seen:
+            chosen.append(c)
+            seen.add(key)
+    return chosen
+
+
+ONE_WARPGROUP_1D = _half_covering_every_head_dim_and_dtype([c for c in CONFIGS if c.ndim == 1])
+
+
+def test_the_one_warpgroup_sweep_covers_every_head_dim_and_dtype():
+    assert {(fused_wg.head_dim_bucket(c.head_dim), c.dtype) for c in ONE_WARPGROUP_1D} == {
+        (hd, dtype) for hd in fused_wg.HEAD_DIMS for dtype in fused_wg.DTYPES}
+
+
+@pytest.mark.parametrize("cfg", ONE_WARPGROUP_1D, ids=str)
+def test_one_warpgroup_1d_forward_matches_reference(cfg, monkeypatch):
+    """NA_RTC_WGMMA_WARPGROUPS=1: the 1D forward with one warpgroup per 64-query block (the table's has two
+    per 128-query block), for the GPU comparison of the two."""
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
+    recorder = RecordingExecutor()
+    out, lse = _run(cfg, executor=recorder)
+    assert recorder.names[0].startswith("na_fused_wg_fwd<") and recorder.names[0].endswith(", 64, 1, 64, 1>")
+    test_fused.assert_forward_matches_reference(cfg, out, lse)
+
+
+def test_the_warpgroups_setting(monkeypatch):
+    kernels = fused.FusedKernels(emulated.run, _always, _always)
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
+    assert kernels.kernel_name(_problem(1, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 64, 1, 64, 1>"
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "2")  # not built in 2D: the table's one
+    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 1>"
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "4")
+    with pytest.raises(ValueError, match="NA_RTC_WGMMA_WARPGROUPS must be 1 or 2"):
+        kernels.kernel_name(_problem(1, "float16", 64))
+
+
 @pytest.mark.parametrize("poisoned", ["key", "value"])
 def test_nan_reach(poisoned):
     """A NaN key poisons exactly the queries that see it; a NaN value those and at most the other queries
     of its block's tile, 128 in 1D (0 * NaN in P V: every warp of a warpgroup multiplies every key of the
     chunks it computes)."""
-    test_fused_tc.check_nan_reach(poisoned, fused_wg.FORWARD_TILES[1][0], wgmma=True)
+    test_fused_tc.check_nan_reach(poisoned, fused_wg.FORWARD_TILES[1, fused_wg.WARPGROUPS[1]][0], wgmma=True)
 
 
 @pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)  # every (ndim, head dim, dtype): asserted there

@@ -175,6 +175,12 @@ def _wgmma_on():
     return _setting("NA_RTC_WGMMA", "1")
 
 
+@contextlib.contextmanager
+def _wgmma_one_warpgroup():
+    with _wgmma_on(), _setting("NA_RTC_WGMMA_WARPGROUPS", "1"):
+        yield
+
+
 def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=contextlib.nullcontext) -> Prepared:
     """``mode``: a context manager the calls run under (a setting that steers the dispatch)."""
     import na_rtc
@@ -218,6 +224,17 @@ def _prepare_wgmma(spec: Spec, inputs: Inputs) -> Prepared:
     if "na_fused_wg_fwd" not in used:
         raise Unavailable(f"the wgmma forward does not serve this problem here (sm_90 GPUs, float16/bfloat16, "
                           f"head dim <= 128); the fused forward is {used or 'unknown'}")
+    return prepared
+
+
+def _prepare_wgmma_one_warpgroup(spec: Spec, inputs: Inputs) -> Prepared:
+    """fused_wgmma with NA_RTC_WGMMA_WARPGROUPS=1, where that picks another forward (1D: one warpgroup per
+    64-query block instead of two per 128-query block)."""
+    table = _prepare_wgmma(spec, inputs).notes.get("forward_kernels")
+    prepared = _prepare_fused(spec, inputs, mode=_wgmma_one_warpgroup)
+    if prepared.notes.get("forward_kernels") == table:
+        raise Unavailable(f"the wgmma forward already has one warpgroup per block here ({table}): the "
+                          "fused_wgmma entry measures it")
     return prepared
 
 
@@ -310,6 +327,10 @@ def na_rtc_entries() -> list[Entry]:
         Entry("fused_wgmma", "na_rtc fused, Hopper wgmma forward and backward (NA_RTC_WGMMA=1)", _prepare_wgmma,
               families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="the wgmma forward against the mma.sync one is a GPU comparison"),
+        Entry("fused_wgmma_1wg", "na_rtc fused, Hopper wgmma with one warpgroup per 1D forward block "
+              "(NA_RTC_WGMMA=1 NA_RTC_WGMMA_WARPGROUPS=1)", _prepare_wgmma_one_warpgroup,
+              families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
+              cpu_note="warpgroups per block of the wgmma forward is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
               uses_kernels=True),
         Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+from .. import config as _config
 from .._args import Problem
 from . import fused_tc
 from . import plan as P
@@ -36,10 +37,11 @@ HEAD_DIMS = (32, 64, 128)
 TILES = {1: (64, 1), 2: (8, 8)}
 #: ndim -> warpgroups of the forward, each multiplying 64 rows of its query tile: in 1D two share every
 #: staged K/V chunk (half the K/V traffic per query); in 2D the box of a 128-query tile would add keys to
-#: every warpgroup's products (the wgmma computes the whole chunk for each)
+#: every warpgroup's products (the wgmma computes the whole chunk for each). In 1D both are built, and
+#: NA_RTC_WGMMA_WARPGROUPS picks the other (python -m na_rtc bench's fused_wgmma_1wg entry measures it)
 WARPGROUPS = {1: 2, 2: 1}
-#: ndim -> query tile (TX, TY) of the forward: 64 queries a warpgroup
-FORWARD_TILES = {1: (128, 1), 2: (8, 8)}
+#: (ndim, warpgroups) built -> query tile (TX, TY) of the forward: 64 queries a warpgroup
+FORWARD_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8)}
 #: head-dim bucket -> keys per staged chunk (the N of Q K^T); shared memory is 4 KC HD elements
 CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
 #: the most dynamic shared memory a launch takes (sm_90 allows 227 KiB after the opt-in)
@@ -68,13 +70,20 @@ def shared_bytes(hd: int, dtype: str) -> int:
     return 4 * CHUNK_KEYS[hd] * hd * tiling.ITEMSIZE[dtype]
 
 
-def kernel_name_of(hd: int, dtype: str, ndim: int) -> str:
-    tx, ty = FORWARD_TILES[ndim]
-    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}, {WARPGROUPS[ndim]}>"
+def forward_warpgroups(ndim: int) -> int:
+    """The table's warpgroups per forward block, or the built one NA_RTC_WGMMA_WARPGROUPS asks for."""
+    wanted = _config.wgmma_warpgroups()
+    return wanted if wanted is not None and (ndim, wanted) in FORWARD_TILES else WARPGROUPS[ndim]
 
 
-def forward_threads(ndim: int) -> int:
-    return THREADS * WARPGROUPS[ndim]
+def kernel_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
+    wg = warpgroups or forward_warpgroups(ndim)
+    tx, ty = FORWARD_TILES[ndim, wg]
+    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}, {wg}>"
+
+
+def forward_threads(ndim: int, warpgroups: int | None = None) -> int:
+    return THREADS * (warpgroups or forward_warpgroups(ndim))
 
 
 def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
@@ -113,8 +122,12 @@ def _instantiations():
     return [(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)]
 
 
+def _forward_instantiations():
+    return [(hd, dtype, ndim, wg) for dtype in DTYPES for hd in HEAD_DIMS for ndim, wg in FORWARD_TILES]
+
+
 def names() -> tuple[str, ...]:
-    return (tuple(kernel_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
+    return (tuple(kernel_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations())
             + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
             + tuple(dkdv_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations()))
 
@@ -123,18 +136,20 @@ def family():
     """The kernel family (built for sm_90a only); imported late: families.py builds its table from here."""
     from .families import Family
 
-    shared = {kernel_name_of(hd, dtype, ndim): shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()}
+    shared = {kernel_name_of(hd, dtype, ndim, wg): shared_bytes(hd, dtype)
+              for hd, dtype, ndim, wg in _forward_instantiations()}
     # the dq kernel's largest launch: the budget (larger bias tables are not covered)
     shared.update({dq_name_of(hd, dtype, ndim): dq_shared_budget(hd, ndim) for hd, dtype, ndim in _instantiations()})
     shared.update({dkdv_name_of(hd, dtype, ndim): dkdv_shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()})
     threads = {name: THREADS for name in names()}
-    threads.update({kernel_name_of(hd, dtype, ndim): forward_threads(ndim) for hd, dtype, ndim in _instantiations()})
+    threads.update({kernel_name_of(hd, dtype, ndim, wg): forward_threads(ndim, wg)
+                    for hd, dtype, ndim, wg in _forward_instantiations()})
     return Family(SOURCE, names(), threads, shared, archs=(ARCH,), arch_specific=True)
 
 
 def grid(problem: Problem) -> int:
     """Blocks of the forward (the backward kernels have the mma.sync backward's grid)."""
-    return tiling.grid(problem, FORWARD_TILES[problem.ndim])
+    return tiling.grid(problem, FORWARD_TILES[problem.ndim, forward_warpgroups(problem.ndim)])
 
 
 def covers(problem: Problem) -> bool:
