@@ -338,45 +338,61 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
 //                                   repacked from the accumulators into A
 //                                   fragments, dOut and Q MN-major (as V in the
 //                                   forward's P V).
-// Every key row meets every query of the chunk in the products (masked after):
-// a NaN in a Q or dOut row can reach every key of the tile. Dynamic shared
-// memory (na_rtc/runtime/fused_wg.py mirrors it): K and V tiles (2 x 64 rows),
-// two stages of a Q and a dOut chunk (4 QC rows), HD elements a row; then 2 x 6
-// QC words of chunk tables. Above 48 KiB the launcher opts in.
-template <class T, int HD, int TX, int TY, int QC>
-__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
+// With WG 2 (1D) a block owns 128 keys, warpgroup j keys 64 j .. 64 j + 63:
+// both read every staged chunk (half the Q and dOut traffic per key), and a
+// warpgroup skips the chunks outside its own keys' queries. Every key row
+// meets every query of the chunk in the products (masked after): a NaN in a
+// Q or dOut row can reach every key of the warpgroup. Dynamic shared memory
+// (na_rtc/runtime/fused_wg.py mirrors it): K and V tiles (2 x 64 WG rows),
+// two stages of a Q and a dOut chunk (4 QC rows), HD elements a row; then
+// 2 x 6 QC words of chunk tables. Above 48 KiB the launcher opts in.
+template <class T, int HD, int TX, int TY, int QC, int WG>
+__global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
     NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g), const float* __restrict__ lse, long long l_b,
     long long l_x, long long l_y, long long l_h, const float* __restrict__ delta, long long e_b, long long e_x,
     long long e_y, long long e_h, const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
     T* __restrict__ dk, NA_STRIDES5(dk), T* __restrict__ dv, NA_STRIDES5(dv), double scale, NA_PROBLEM) {
     constexpr int NK = TX * TY;
+    constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
     using L = na_rows_core<HD>;
     constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
     constexpr int STAGE = L::rows(2 * QC);   // elements of one stage: a Q chunk, then a dOut chunk
-    static_assert(sizeof(T) == 2 && NK == 64 && NA_TC_THREADS == 128, "one warpgroup, 16-bit elements");
+    static_assert(sizeof(T) == 2 && NK == 64 * WG && NA_TC_THREADS == 128, "64 keys a warpgroup, 16-bit elements");
+    static_assert(WG == 1 || (WG == 2 && TY == 1), "two warpgroups in 1D only");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (QC == 32 || QC == 64 || QC == 128), "wgmma N built");
     __shared__ na_tc_key_ranges<TX, TY> ranges;
 
     NA_TC_DECODE_BLOCK(TX, TY)
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    na_tc_key_ranges_fill(ranges, ax, ay, tx, ty, dx, dy);
+    na_tc_key_ranges_fill<TX, TY, THREADS>(ranges, ax, ay, tx, ty, dx, dy);
     T* sk = reinterpret_cast<T*>(na_dynamic_shared());
     T* sv = sk + L::rows(NK);
     T* stages = sv + L::rows(NK);
     float* tables = reinterpret_cast<float*>(stages + 2 * STAGE);  // 6 QC words a stage (na_tc_dkdv.cuh)
-    const unsigned k_address = na_shared_address(sk);
+    const unsigned smem_address = na_shared_address(sk);
+    // this warpgroup's 64 rows of the K and V tiles (the A of its products)
+    const unsigned k_address = smem_address + (WG > 1 ? (unsigned)(L::rows(64 * (warp / 4)) * (int)sizeof(T)) : 0u);
     const unsigned v_address = k_address + (unsigned)(L::rows(NK) * (int)sizeof(T));
 
     const int d_len = (int)D;
-    na_tc_load_tile<T, HD, L, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
-    na_tc_load_tile<T, HD, L, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
     int bx0, by0;  // the query box origin (group coordinates)
     const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
+    // WG > 1: the chunks [lo, hi) holding queries of each warpgroup's keys (the inverse ranges are monotone
+    // along the tile), none past the last valid key; in shared memory, read per chunk (HD 128 is at 255
+    // registers)
+    __shared__ int wg_chunks[WG][2];
+    if (WG > 1 && tid < WG) {
+        const int first = 64 * tid, last = first + 63 < tx.n - 1 ? first + 63 : (int)tx.n - 1;
+        wg_chunks[tid][0] = first > last ? 0 : (ranges.first_x[first] - bx0) / QC;
+        wg_chunks[tid][1] = first > last ? 0 : (ranges.last_x[last] - bx0 + QC - 1) / QC;
+    }
     const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
     const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
@@ -390,11 +406,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
     float(&avf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc_v);
 
     const auto load_chunk = [&](int chunk) {
-        return na_tc_dkdv_load_chunk<T, HD, L, QC, TY>(stages + (chunk & 1) * STAGE, tables + (chunk & 1) * 6 * QC,
-                                                chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
-                                                {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec,
-                                                d_len, lse, {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty,
-                                                dx, dy, b, h);
+        return na_tc_dkdv_load_chunk<T, HD, L, QC, TY, THREADS>(
+            stages + (chunk & 1) * STAGE, tables + (chunk & 1) * 6 * QC, chunk * QC, qbox, bx0, by0, ranges.group_axes,
+            q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
+            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
     };
     const int chunks = (qbox.keys + QC - 1) / QC;
     // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
@@ -407,8 +422,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dkdv(
         // rows and tables of this chunk are visible to every warp; whether every query of it sees every key
         const bool chunk_full = __syncthreads_and(covers) != 0;
         if (chunk + 1 < chunks) covers = load_chunk(chunk + 1);
+        // warpgroup-uniform: no query of its keys here (wg_chunks was written before this chunk's barrier)
+        if (WG > 1 && (chunk < wg_chunks[warp / 4][0] || chunk >= wg_chunks[warp / 4][1])) continue;
         const T* sq = stages + (chunk & 1) * STAGE;
-        const unsigned q_address = k_address + (unsigned)((sq - sk) * (int)sizeof(T));
+        const unsigned q_address = smem_address + (unsigned)((sq - sk) * (int)sizeof(T));
         const unsigned g_address = q_address + (unsigned)(L::rows(QC) * (int)sizeof(T));
         const float* c_lse = tables + (chunk & 1) * 6 * QC;
         const float* c_delta = c_lse + QC;

@@ -35,8 +35,8 @@ struct na_tc_key_ranges {
     na_tc_group_axis group_axes[2];  // x, y: the windows of each chunk's queries (kept out of registers)
 };
 
-// fill `r` (static shared memory) for the tile's keys; the caller's barrier makes it visible
-template <int TX, int TY>
+// fill `r` (static shared memory) for the tile's keys, THREADS threads; the caller's barrier makes it visible
+template <int TX, int TY, int THREADS = NA_TC_THREADS>
 __device__ __forceinline__ void na_tc_key_ranges_fill(na_tc_key_ranges<TX, TY>& r, const na_axis& ax,
                                                       const na_axis& ay, const na_tile_axis& tx,
                                                       const na_tile_axis& ty, long long dx, long long dy) {
@@ -45,7 +45,7 @@ __device__ __forceinline__ void na_tc_key_ranges_fill(na_tc_key_ranges<TX, TY>& 
         r.group_axes[0] = na_tc_group_axis_of(ax, tx);
         r.group_axes[1] = na_tc_group_axis_of(ay, ty);
     }
-    for (int i = tid; i < TX + TY; i += NA_TC_THREADS) {
+    for (int i = tid; i < TX + TY; i += THREADS) {
         long long f = 0, last = 0;
         if (i < TX) {
             if (i < tx.n) na_inverse_range(ax, (tx.q0 + i) * dx + tx.g, f, last);
@@ -102,8 +102,8 @@ __device__ __forceinline__ na_tc_key_rows na_tc_key_rows_of(int warp, int gq, co
 // (layout L) as one cp.async group (the caller waits), then its tables (plain stores; the caller's barrier).
 // Returns whether each query whose table entry this thread wrote is a query of the chunk whose window
 // holds every key of the tile (true where it wrote none): AND-ed over the block, whether the chunk needs
-// no window test.
-template <class T, int HD, class L, int QC, int TY>
+// no window test. THREADS threads share the work.
+template <class T, int HD, class L, int QC, int TY, int THREADS = NA_TC_THREADS>
 __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c0, const na_tc_box<TY>& qbox,
                                                       int bx0, int by0, const na_tc_group_axis* axes,
                                                       const T* q, const long long (&qs)[5], bool q_vec, const T* g,
@@ -116,15 +116,15 @@ __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c
     {  // row offsets made here, not kept across the chunk loop: HD 128 is at 255 registers
         const na_tc_box_rows q_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, qs[0], qs[1], qs[2], qs[3]);
         const na_tc_box_rows g_at = na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, gs[0], gs[1], gs[2], gs[3]);
-        na_tc_load_box_keys<T, HD, L, QC>(sq, q, qs[4], q_vec, d_len, qbox, q_at, c0);
-        na_tc_load_box_keys<T, HD, L, QC>(sq + L::rows(QC), g, gs[4], g_vec, d_len, qbox, g_at, c0);
+        na_tc_load_box_keys<T, HD, L, QC, THREADS>(sq, q, qs[4], q_vec, d_len, qbox, q_at, c0);
+        na_tc_load_box_keys<T, HD, L, QC, THREADS>(sq + L::rows(QC), g, gs[4], g_vec, d_len, qbox, g_at, c0);
     }
     na_cp_async_commit();
     float* c_lse = table;
     float* c_delta = c_lse + QC;
     int* c_win = reinterpret_cast<int*>(c_delta + QC);
     bool covers = true;
-    for (int i = threadIdx.x; i < QC; i += NA_TC_THREADS) {
+    for (int i = threadIdx.x; i < QC; i += THREADS) {
         int w[4] = {0, 0, 0, 0};
         float lg = 0.f, dl = 0.f;
         if (i < cn) {

@@ -93,13 +93,15 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
 // THREADS / PIECES further on (both layouts' piece() orders; asserted below), and in 1D a box
 // key's row is a constant stride away from the previous one, so each thread forms one address per
 // chunk and steps it, instead of a 64-bit row offset per piece. Only where a thread copies at least 4
-// pieces of a tensor per chunk: below that the saving is small, and the backward kernels at head dim
-// 128 (255 registers) spill with it.
+// pieces of a tensor per chunk (2 in blocks of more than one warpgroup): below that the saving is small,
+// and the one-warpgroup backward kernels at head dim 128 (255 registers) spill with it, while the
+// two-warpgroup wgmma dK/dV at head dim 128 spills without it.
 template <class T, int HD, class L, int KC, int THREADS = NA_TC_THREADS, int TY>
 __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
                                                     const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
     constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, PASS = THREADS / PIECES;
-    if constexpr (TY == 1 && THREADS % PIECES == 0 && KC % PASS == 0 && PASS % 8 == 0 && KC / PASS >= 4) {
+    if constexpr (TY == 1 && THREADS % PIECES == 0 && KC % PASS == 0 && PASS % 8 == 0 &&
+                  KC / PASS >= (THREADS > NA_TC_THREADS ? 2 : 4)) {
         if (vec) {
             int r0, c;
             L::piece((int)threadIdx.x, PIECES, r0, c);

@@ -12,7 +12,7 @@
   bias gradient included;
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
   forward and backward through the op table; NA_RTC_WGMMA_WARPGROUPS=1 and
-  the 1D forward with one warpgroup per block.
+  the 1D forward and dK/dV with one warpgroup per block.
 """
 
 from __future__ import annotations
@@ -90,6 +90,17 @@ def test_one_warpgroup_1d_forward_matches_reference(cfg, monkeypatch):
     out, lse = _run(cfg, executor=recorder)
     assert recorder.names[0].startswith("na_fused_wg_fwd<") and recorder.names[0].endswith(", 64, 1, 64, 1>")
     test_fused.assert_forward_matches_reference(cfg, out, lse)
+
+
+@pytest.mark.parametrize("case", [c for c in test_fused_tc_bwd.CASES if c.ndim == 1], ids=str)
+def test_one_warpgroup_1d_dkdv_matches_reference(case, monkeypatch):
+    """NA_RTC_WGMMA_WARPGROUPS=1: the 1D dK/dV kernel with one warpgroup per 64-key block (the table's has
+    two per 128-key block)."""
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
+    hd = fused_wg.head_dim_bucket(case.head_dim)
+    dkdv = fused_wg.dkdv_name_of(hd, case.dtype, 1)
+    assert dkdv.endswith(", 1>") and ", 64, 1, " in dkdv
+    test_fused_tc_bwd.check_backward(case, fused_wg.dq_name_of(hd, case.dtype, 1), wgmma=_always, dkdv_kernel=dkdv)
 
 
 def test_the_warpgroups_setting(monkeypatch):

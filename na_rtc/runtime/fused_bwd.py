@@ -155,6 +155,7 @@ class _Launches:
     tiles: int  # query tiles per head (the bias partials' middle dimension)
     dq_source: str = ""
     dkdv_source: str = ""
+    dkdv_threads: int = 0  # threads of the dkdv block where they differ from dq's
 
 
 def _simt_launches(problem: Problem) -> _Launches | None:
@@ -183,12 +184,14 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
                                     fused_tc.dq_shared_bytes(hd, dtype, entries))
     if wgmma and fused_wg.dkdv_covers(problem):
         dkdv, dkdv_source, dkdv_shared = (fused_wg.dkdv_name_of(hd, dtype, ndim), fused_wg.SOURCE,
-                                          fused_wg.dkdv_shared_bytes(hd, dtype))
+                                          fused_wg.dkdv_shared_bytes(hd, dtype, ndim))
+        dkdv_blocks, dkdv_threads = fused_wg.dkdv_grid(problem), fused_wg.forward_threads(ndim)
     else:
         dkdv, dkdv_source, dkdv_shared = (fused_tc.dkdv_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                           fused_tc.dkdv_shared_bytes(hd, dtype))
-    return _Launches(dq, dkdv, fused_tc.BWD_SOURCE, blocks, blocks, dq_shared, dkdv_shared,
-                     blocks // max(problem.heads, 1), dq_source, dkdv_source)
+        dkdv_blocks, dkdv_threads = blocks, fused_tc.THREADS
+    return _Launches(dq, dkdv, fused_tc.BWD_SOURCE, blocks, dkdv_blocks, dq_shared, dkdv_shared,
+                     blocks // max(problem.heads, 1), dq_source, dkdv_source, dkdv_threads)
 
 
 class FusedBackwardKernels:
@@ -270,7 +273,7 @@ class FusedBackwardKernels:
         dv = _arrays.empty(query, problem.qkv_shape, dtype)
         args = inputs + _tensor(dk, problem) + _tensor(dv, problem) + [P.f64(problem.scale)] + problem_args
         self.run(P.LaunchPlan(P.Kernel(launches.dkdv_source or launches.source, launches.dkdv),
-                              (launches.dkdv_blocks, 1, 1), (threads, 1, 1),
+                              (launches.dkdv_blocks, 1, 1), (launches.dkdv_threads or threads, 1, 1),
                               launches.dkdv_shared, tuple(args)))
 
         if drpb is not None:

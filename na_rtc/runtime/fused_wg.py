@@ -37,7 +37,8 @@ HEAD_DIMS = (32, 64, 128)
 TILES = {1: (64, 1), 2: (8, 8)}
 #: ndim -> warpgroups of the forward, each multiplying 64 rows of its query tile: in 1D two share every
 #: staged K/V chunk (half the K/V traffic per query); in 2D the box of a 128-query tile would add keys to
-#: every warpgroup's products (the wgmma computes the whole chunk for each). In 1D both are built, and
+#: every warpgroup's products (the wgmma computes the whole chunk for each). The dK/dV kernel has the same
+#: warpgroups, keys in place of queries (two share every staged Q/dOut chunk). In 1D both are built, and
 #: NA_RTC_WGMMA_WARPGROUPS picks the other (python -m na_rtc bench's fused_wgmma_1wg entry measures it)
 WARPGROUPS = {1: 2, 2: 1}
 #: (ndim, warpgroups) built -> query tile (TX, TY) of the forward: 64 queries a warpgroup
@@ -106,16 +107,22 @@ def dq_shared_budget(hd: int, ndim: int) -> int:
     return SHARED_BUDGET if (ndim, hd) in DQ_OPERANDS_SHARED else fused_tc.BWD_SHARED_BUDGET
 
 
-def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
-    tx, ty = TILES[ndim]
-    return f"na_fused_wg_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK_QUERIES[hd]}>"
+def dkdv_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
+    wg = warpgroups or forward_warpgroups(ndim)
+    tx, ty = FORWARD_TILES[ndim, wg]  # keys: 64 a warpgroup, as the forward's queries
+    return f"na_fused_wg_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK_QUERIES[hd]}, {wg}>"
 
 
-def dkdv_shared_bytes(hd: int, dtype: str) -> int:
-    """K and V tiles (2 x 64 rows) and two stages of a Q and a dOut chunk as core matrices, then two stages of
-    chunk tables (lse, delta, 4 window bounds: 6 words a query)."""
-    qc = DKDV_CHUNK_QUERIES[hd]
-    return (2 * 64 + 4 * qc) * hd * tiling.ITEMSIZE[dtype] + 2 * 6 * qc * 4
+def dkdv_shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> int:
+    """K and V tiles (2 x 64 rows a warpgroup) and two stages of a Q and a dOut chunk as core matrices, then two
+    stages of chunk tables (lse, delta, 4 window bounds: 6 words a query)."""
+    qc, wg = DKDV_CHUNK_QUERIES[hd], warpgroups or forward_warpgroups(ndim)
+    return (2 * 64 * wg + 4 * qc) * hd * tiling.ITEMSIZE[dtype] + 2 * 6 * qc * 4
+
+
+def dkdv_grid(problem: Problem) -> int:
+    """Blocks of the dK/dV kernel: one per key tile of 64 keys a warpgroup."""
+    return tiling.grid(problem, FORWARD_TILES[problem.ndim, forward_warpgroups(problem.ndim)])
 
 
 def _instantiations():
@@ -129,7 +136,7 @@ def _forward_instantiations():
 def names() -> tuple[str, ...]:
     return (tuple(kernel_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations())
             + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
-            + tuple(dkdv_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations()))
+            + tuple(dkdv_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations()))
 
 
 def family():
@@ -140,10 +147,11 @@ def family():
               for hd, dtype, ndim, wg in _forward_instantiations()}
     # the dq kernel's largest launch: the budget (larger bias tables are not covered)
     shared.update({dq_name_of(hd, dtype, ndim): dq_shared_budget(hd, ndim) for hd, dtype, ndim in _instantiations()})
-    shared.update({dkdv_name_of(hd, dtype, ndim): dkdv_shared_bytes(hd, dtype) for hd, dtype, ndim in _instantiations()})
+    shared.update({dkdv_name_of(hd, dtype, ndim, wg): dkdv_shared_bytes(hd, dtype, ndim, wg)
+                   for hd, dtype, ndim, wg in _forward_instantiations()})
     threads = {name: THREADS for name in names()}
-    threads.update({kernel_name_of(hd, dtype, ndim, wg): forward_threads(ndim, wg)
-                    for hd, dtype, ndim, wg in _forward_instantiations()})
+    threads.update({name_of(hd, dtype, ndim, wg): forward_threads(ndim, wg)
+                    for hd, dtype, ndim, wg in _forward_instantiations() for name_of in (kernel_name_of, dkdv_name_of)})
     return Family(SOURCE, names(), threads, shared, archs=(ARCH,), arch_specific=True)
 
 
@@ -171,7 +179,7 @@ def dq_covers(problem: Problem) -> bool:
 
 def dkdv_covers(problem: Problem) -> bool:
     """What the mma.sync backward covers (the dK/dV kernel's launch is the same for every problem size)."""
-    return covers(problem) and fused_tc.bwd_covers(problem)
+    return covers(problem) and fused_tc.bwd_covers(problem) and dkdv_grid(problem) <= P.MAX_GRID[0]
 
 
 def kernel_name(problem: Problem) -> str:
