@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                   "tile shapes; the two stages fit in the rows of the Q and dOut tiles");
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    NA_TC_DQ_DECODE_BLOCK(TX, TY)
+    NA_TC_DQ_DECODE_BLOCK(TX, TY, NA_TC_THREADS)
     const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
     const int d_len = (int)D;
 

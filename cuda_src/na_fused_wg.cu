@@ -185,33 +185,52 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
 // K or V row can reach every query of the tile. QS (operands in shared
 // memory): S and dP in the SS form, Q and dOut read as core matrices from
 // shared memory all along instead of 2 HD / 4 fragment registers, for the
-// instantiations that would spill otherwise (2D at head dim 128). Dynamic
-// shared memory (na_rtc/runtime/fused_wg.py mirrors it): without QS, 2 x 64
-// rows of HD + 8 (Q, dOut; then the two stages, 4 KC HD elements); with QS,
-// 2 x 64 rows of HD (Q, dOut as core matrices) and then the stages; then
-// 64 x (KC + 1) floats of ds, one float per bias entry.
-template <class T, int HD, int TX, int TY, int KC, bool QS>
-__global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
+// instantiations that would spill otherwise (2D at head dim 128). WG 2 (1D,
+// without QS): a block of 128 queries, both warpgroups reading every staged
+// K/V chunk, each skipping the chunks outside its queries' windows (its ds
+// rows zero there for the bias partials). Dynamic shared memory
+// (na_rtc/runtime/fused_wg.py mirrors it): without QS, 2 x 64 WG rows of
+// HD + 8 (Q, dOut; then the two stages, 4 KC HD elements); with QS, 2 x 64
+// rows of HD (Q, dOut as core matrices) and then the stages; then 64 WG x
+// (KC + 1) floats of ds, one float per bias entry.
+template <class T, int HD, int TX, int TY, int KC, bool QS, int WG>
+__global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
     NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g), const float* __restrict__ lse, long long l_b,
     long long l_x, long long l_y, long long l_h, const float* __restrict__ delta, long long e_b, long long e_x,
     long long e_y, long long e_h, const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
     T* __restrict__ dq, NA_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY;
+    constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
     using L = na_rows_core<HD>;
     constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
-    static_assert(sizeof(T) == 2 && NQ == 64 && NA_TC_THREADS == 128, "one warpgroup, 16-bit elements");
+    static_assert(sizeof(T) == 2 && NQ == 64 * WG && NA_TC_THREADS == 128, "64 rows a warpgroup, 16-bit elements");
+    static_assert(WG == 1 || (WG == 2 && TY == 1 && !QS), "two warpgroups in 1D, fragments in registers");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
     static_assert(QS || L::rows(4 * KC) <= 2 * NQ * P, "the two stages fit in the rows of the Q and dOut tiles");
     // elements before the ds floats: the Q and dOut tiles (pitch P; with QS core matrices, then the stages)
     constexpr int TILE_ELEMENTS = QS ? 2 * L::rows(NQ) + L::rows(4 * KC) : 2 * NQ * P;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    NA_TC_DQ_DECODE_BLOCK(TX, TY)
+    NA_TC_DQ_DECODE_BLOCK(TX, TY, THREADS)
     const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
     const int d_len = (int)D;
+    // WG > 1: the chunks [lo, hi) holding keys of each warpgroup's queries (windows are monotone along the
+    // tile), none past the last valid query; in shared memory (HD 128 is at 252 registers), visible from the
+    // first chunk's barrier on
+    __shared__ int wg_chunks[WG][2];
+    if (WG > 1 && tid < WG) {
+        const int first = 64 * tid, last = first + 63 < tx.n - 1 ? first + 63 : (int)tx.n - 1;
+        long long s0 = 0, e0 = 0, s1 = 0, e1 = 0;
+        if (first <= last) {
+            na_window(ax, (tx.q0 + first) * dx + tx.g, s0, e0);
+            na_window(ax, (tx.q0 + last) * dx + tx.g, s1, e1);
+        }
+        wg_chunks[tid][0] = first > last ? 0 : (int)(s0 - tx.h0) / KC;
+        wg_chunks[tid][1] = first > last ? 0 : ((int)(e1 - tx.h0) + KC - 1) / KC;
+    }
 
     unsigned char* smem = na_dynamic_shared();
     T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles
@@ -223,15 +242,16 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
 
     unsigned qf[KSTEPS][4], gf[KSTEPS][4];  // without QS
     if constexpr (QS) {  // the tiles' group lands with chunk 0 (the first wait); the stages are apart
-        na_tc_load_tile<T, HD, L, TX, TY>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
-        na_tc_load_tile<T, HD, L, TX, TY>(tiles_q_g + L::rows(NQ), g, g_b, g_x, g_y, g_h, g_l, b, h, d_len, dx, dy,
-                                          tx, ty);
+        na_tc_load_tile<T, HD, L, TX, TY, THREADS>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx,
+                                                   ty);
+        na_tc_load_tile<T, HD, L, TX, TY, THREADS>(tiles_q_g + L::rows(NQ), g, g_b, g_x, g_y, g_h, g_l, b, h, d_len,
+                                                   dx, dy, tx, ty);
         na_cp_async_commit();
-        for (long long i = tid; i < (partial_out ? entries : 0); i += NA_TC_THREADS) racc[i] = 0.0f;
+        for (long long i = tid; i < (partial_out ? entries : 0); i += THREADS) racc[i] = 0.0f;
     } else {
-        na_tc_dq_fragments<T, HD, P, TX, TY>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
-                                             {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0, b, h, d_len,
-                                             dx, dy, tx, ty);
+        na_tc_dq_fragments<T, HD, P, TX, TY, THREADS>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
+                                                      {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0, b,
+                                                      h, d_len, dx, dy, tx, ty);
     }
 
     const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
@@ -247,70 +267,80 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     float(&accf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc);
-    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l},
-                                                         D, tx, ty, dx, dy, b, h);
+    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS>(k, {k_b, k_x, k_y, k_h, k_l}, v,
+                                                                  {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
     if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     kv.load(stages, box, 0);
+    // this lane's 4 values of 8-key tile nt into its rows of sds (the bias partials' ds)
+    const auto put_ds = [&](int nt, const float(&d)[4]) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) sds[(16 * warp + gq + 8 * (c / 2)) * KS + 8 * nt + 2 * t + c % 2] = d[c];
+    };
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int c0 = chunk * KC, cn = box.keys - c0 < KC ? box.keys - c0 : KC;
         const T* sk = kv.template arrive<true>(stages, box, chunk, chunks);
-        const unsigned k_address = smem_address + (unsigned)((sk - tiles_q_g) * (int)sizeof(T));
-        const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
+        // warpgroup-uniform: keys of its queries here (otherwise its ds rows are zero for the bias partials)
+        if (WG == 1 || (chunk >= wg_chunks[warp / 4][0] && chunk < wg_chunks[warp / 4][1])) {
+            const unsigned k_address = smem_address + (unsigned)((sk - tiles_q_g) * (int)sizeof(T));
+            const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
 
-        // S = Q K^T and dP = dOut V^T over the chunk's KC keys, one group
-        float s[NT][4], dp[NT][4];
-        float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
-        float(&dpf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(dp);
-        na_wgmma_fence();
+            // S = Q K^T and dP = dOut V^T over the chunk's KC keys, one group
+            float s[NT][4], dp[NT][4];
+            float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
+            float(&dpf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(dp);
+            na_wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {
-            const unsigned long long kd = na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP);
-            const unsigned long long vd = na_wgmma_desc(v_address + 256u * ks, 128u, ROW_GROUP);
-            if constexpr (QS) {
-                na_wgmma_ss<T, KC, false>(sf, na_wgmma_desc(q_address + 256u * ks, 128u, ROW_GROUP), kd, ks > 0);
-                na_wgmma_ss<T, KC, false>(dpf, na_wgmma_desc(g_address + 256u * ks, 128u, ROW_GROUP), vd, ks > 0);
-            } else {
-                na_wgmma_rs<T, KC, false>(sf, qf[ks], kd, ks > 0);
-                na_wgmma_rs<T, KC, false>(dpf, gf[ks], vd, ks > 0);
+            for (int ks = 0; ks < KSTEPS; ++ks) {
+                const unsigned long long kd = na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP);
+                const unsigned long long vd = na_wgmma_desc(v_address + 256u * ks, 128u, ROW_GROUP);
+                if constexpr (QS) {
+                    na_wgmma_ss<T, KC, false>(sf, na_wgmma_desc(q_address + 256u * ks, 128u, ROW_GROUP), kd, ks > 0);
+                    na_wgmma_ss<T, KC, false>(dpf, na_wgmma_desc(g_address + 256u * ks, 128u, ROW_GROUP), vd, ks > 0);
+                } else {
+                    na_wgmma_rs<T, KC, false>(sf, qf[ks], kd, ks > 0);
+                    na_wgmma_rs<T, KC, false>(dpf, gf[ks], vd, ks > 0);
+                }
             }
-        }
-        na_wgmma_commit();
-        na_wgmma_wait<0>();
-        na_wgmma_hold(sf);
-        na_wgmma_hold(dpf);
+            na_wgmma_commit();
+            na_wgmma_wait<0>();
+            na_wgmma_hold(sf);
+            na_wgmma_hold(dpf);
 
-        float ds[NT][4];
-        const bool chunk_full = !rpb && na_tc_keys_full<TY>(common, c0, KC, box);  // warp-uniform
+            float ds[NT][4];
+            const bool chunk_full = !rpb && na_tc_keys_full<TY>(common, c0, KC, box);  // warp-uniform
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int key0 = c0 + 8 * nt + 2 * t;
-            bool in[1][4];
-            if (chunk_full) in[0][0] = in[0][1] = rows.valid[0], in[0][2] = in[0][3] = rows.valid[1];
-            else na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
-            na_tc_dq_ds<TY>(ds[nt], s[nt], dp[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse,
-                            row_delta);
-            if (partial_out)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) sds[(16 * warp + gq + 8 * (c / 2)) * KS + 8 * nt + 2 * t + c % 2] = ds[nt][c];
-        }
+            for (int nt = 0; nt < NT; ++nt) {
+                const int key0 = c0 + 8 * nt + 2 * t;
+                bool in[1][4];
+                if (chunk_full) in[0][0] = in[0][1] = rows.valid[0], in[0][2] = in[0][3] = rows.valid[1];
+                else na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
+                na_tc_dq_ds<TY>(ds[nt], s[nt], dp[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse,
+                                row_delta);
+                if (partial_out) put_ds(nt, ds[nt]);
+            }
 
-        // dQ += ds K over 16-key steps: ds from registers, K's k-step is two row groups
-        unsigned da[KC / 16][4];
+            // dQ += ds K over 16-key steps: ds from registers, K's k-step is two row groups
+            unsigned da[KC / 16][4];
 #pragma unroll
-        for (int ps = 0; ps < KC / 16; ++ps) na_tc_pack_p<T>(da[ps], ds[2 * ps], ds[2 * ps + 1]);
-        na_wgmma_hold(accf);
-        na_wgmma_fence();
+            for (int ps = 0; ps < KC / 16; ++ps) na_tc_pack_p<T>(da[ps], ds[2 * ps], ds[2 * ps + 1]);
+            na_wgmma_hold(accf);
+            na_wgmma_fence();
 #pragma unroll
-        for (int ps = 0; ps < KC / 16; ++ps)
-            na_wgmma_rs<T, HD, true>(accf, da[ps], na_wgmma_desc(k_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
-                                     true);
-        na_wgmma_commit();
-        na_wgmma_wait<0>();
-        na_wgmma_hold(accf);
+            for (int ps = 0; ps < KC / 16; ++ps)
+                na_wgmma_rs<T, HD, true>(accf, da[ps], na_wgmma_desc(k_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
+                                         true);
+            na_wgmma_commit();
+            na_wgmma_wait<0>();
+            na_wgmma_hold(accf);
+        } else if (partial_out) {
+            const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) put_ds(nt, zero);
+        }
         if (partial_out) {
             __syncthreads();  // every warp's ds of this chunk is in sds
-            na_tc_dq_bias_chunk<TY, KS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
+            na_tc_dq_bias_chunk<TY, KS, THREADS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
         }
     }
 
@@ -318,7 +348,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_wg_bwd_dq(
                               (float)scale);
     if (partial_out) {
         __syncthreads();
-        for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = racc[i];
+        for (long long i = tid; i < entries; i += THREADS) partial_out[i] = racc[i];
     }
 }
 

@@ -18,33 +18,34 @@
 // NA_TC_DECODE_BLOCK (na_tc_common.cuh) for a dq kernel: also `entries` (bias entries per head) and
 // `partial_out`, this tile's row of the bias partials [h, tiles, entries] (null without a bias); an
 // empty tile of a shorter dilation group zeroes its partials and returns (uniform over the block).
-// Needs `tid` (threadIdx.x) declared before it.
-#define NA_TC_DQ_DECODE_BLOCK(TX_, TY_)                                                                          \
+// Needs `tid` (threadIdx.x) declared before it; THREADS_ threads a block.
+#define NA_TC_DQ_DECODE_BLOCK(TX_, TY_, THREADS_)                                                                \
     NA_TC_DECODE_BLOCK(TX_, TY_)                                                                                \
     const long long rw_ = 2 * ky - 1, entries = (2 * kx - 1) * rw_;                                             \
     const long long tiles_ = B * ntx * nty;                                                                     \
     float* partial_out = rpb_partial ? rpb_partial + (h * tiles_ + (b * ntx + itx) * nty + ity) * entries : nullptr; \
     if (!tile_ok) {                                                                                             \
         if (partial_out)                                                                                        \
-            for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = 0.0f;                     \
+            for (long long i = tid; i < entries; i += (THREADS_)) partial_out[i] = 0.0f;                        \
         return;                                                                                                 \
     }
 
 // Stage the tile's Q rows and then its dOut rows (pitch P, from row TX TY on) in `tiles`, zero the
 // bias accumulators racc[0 .. entries) (none: entries 0), and read this warp's Q and dOut A fragments
-// (16 rows from row 16 warp); ends with the barrier after which every warp holds them.
-template <class T, int HD, int P, int TX, int TY>
+// (16 rows from row 16 warp); ends with the barrier after which every warp holds them. THREADS threads.
+template <class T, int HD, int P, int TX, int TY, int THREADS = NA_TC_THREADS>
 __device__ __forceinline__ void na_tc_dq_fragments(unsigned (&qf)[HD / 16][4], unsigned (&gf)[HD / 16][4], T* tiles,
                                                    const T* q, const long long (&qs)[5], const T* g,
                                                    const long long (&gs)[5], float* racc, long long entries,
                                                    long long b, long long h, int D, long long dx, long long dy,
                                                    const na_tile_axis& tx, const na_tile_axis& ty) {
     constexpr int NQ = TX * TY;
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles, q, qs[0], qs[1], qs[2], qs[3], qs[4], b, h, D, dx, dy, tx, ty);
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(tiles + NQ * P, g, gs[0], gs[1], gs[2], gs[3], gs[4], b, h, D, dx,
-                                                     dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, THREADS>(tiles, q, qs[0], qs[1], qs[2], qs[3], qs[4], b, h, D,
+                                                              dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, THREADS>(tiles + NQ * P, g, gs[0], gs[1], gs[2], gs[3], gs[4], b,
+                                                              h, D, dx, dy, tx, ty);
     na_cp_async_commit();
-    for (long long i = threadIdx.x; i < entries; i += NA_TC_THREADS) racc[i] = 0.0f;
+    for (long long i = threadIdx.x; i < entries; i += THREADS) racc[i] = 0.0f;
     na_cp_async_wait_group<0>();
     __syncthreads();
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
@@ -96,13 +97,14 @@ __device__ __forceinline__ void na_tc_dq_ds(float (&ds)[4], const float (&s)[4],
 // Bias partials of one chunk (box keys c0 .. c0 + cn - 1): entry (rx, ry) of racc adds the ds (in sds,
 // one row of KS floats per query in tile order, column = key - c0) of every query of the tile whose
 // key at that relative offset lies in the chunk; queries in tile order, as the SIMT kernel sums them.
-template <int TY, int KS>
+// THREADS threads.
+template <int TY, int KS, int THREADS = NA_TC_THREADS>
 __device__ __forceinline__ void na_tc_dq_bias_chunk(float* racc, const float* sds, long long entries,
                                                     long long kx, long long ky, const na_tile_axis& tx,
                                                     const na_tile_axis& ty, const na_tc_box<TY>& box, int c0,
                                                     int cn) {
     const long long rw = 2 * ky - 1;
-    for (long long en = threadIdx.x; en < entries; en += NA_TC_THREADS) {
+    for (long long en = threadIdx.x; en < entries; en += THREADS) {
         const long long rx = en / rw - (kx - 1), ry = en % rw - (ky - 1);
         float sum = 0.0f;
         for (int qxi = 0; qxi < (int)tx.n; ++qxi) {

@@ -109,6 +109,9 @@ CASES = [_random_case(s) for s in range(24)] + [
     # sees every key (the wgmma kernel skips the window test there), at 64 and 32 queries a chunk
     Case((300,), (161,), (1,), (1,), (False,), 64, "bfloat16"),
     Case((260,), (97,), (1,), (2,), (True,), 128, "float16"),
+    # a bias with windows wide enough that a warpgroup of the two-warpgroup wgmma dq skips chunks holding keys
+    # at bias offsets of its queries (its ds there must be zero)
+    Case((200,), (65,), (1,), (1,), (False,), 32, "bfloat16", rpb=True),
 ]
 
 

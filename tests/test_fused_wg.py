@@ -12,7 +12,7 @@
   bias gradient included;
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
   forward and backward through the op table; NA_RTC_WGMMA_WARPGROUPS=1 and
-  the 1D forward and dK/dV with one warpgroup per block.
+  the 1D kernels with one warpgroup per block.
 """
 
 from __future__ import annotations
@@ -93,14 +93,15 @@ def test_one_warpgroup_1d_forward_matches_reference(cfg, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [c for c in test_fused_tc_bwd.CASES if c.ndim == 1], ids=str)
-def test_one_warpgroup_1d_dkdv_matches_reference(case, monkeypatch):
-    """NA_RTC_WGMMA_WARPGROUPS=1: the 1D dK/dV kernel with one warpgroup per 64-key block (the table's has
-    two per 128-key block)."""
+def test_one_warpgroup_1d_backward_matches_reference(case, monkeypatch):
+    """NA_RTC_WGMMA_WARPGROUPS=1: the 1D dq and dK/dV kernels with one warpgroup per block of 64 queries or
+    keys (the table's have two per 128)."""
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
     hd = fused_wg.head_dim_bucket(case.head_dim)
     dkdv = fused_wg.dkdv_name_of(hd, case.dtype, 1)
-    assert dkdv.endswith(", 1>") and ", 64, 1, " in dkdv
-    test_fused_tc_bwd.check_backward(case, fused_wg.dq_name_of(hd, case.dtype, 1), wgmma=_always, dkdv_kernel=dkdv)
+    dq = fused_wg.dq_name_of(hd, case.dtype, 1)
+    assert dkdv.endswith(", 1>") and ", 64, 1, " in dkdv and dq.endswith(", 1>") and ", 64, 1, " in dq
+    test_fused_tc_bwd.check_backward(case, dq, wgmma=_always, dkdv_kernel=dkdv)
 
 
 def test_the_warpgroups_setting(monkeypatch):
@@ -131,7 +132,7 @@ def test_wgmma_backward_matches_reference(case):
 
 def test_dq_reads_q_and_dout_from_shared_memory_in_2d_at_head_dim_128():
     names = {(ndim, hd): fused_wg.dq_name_of(hd, "bfloat16", ndim) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
-    assert {key for key, name in names.items() if name.endswith(", 1>")} == {(2, 128)}
+    assert {key for key, name in names.items() if name.split(", ")[-2] == "1"} == {(2, 128)}  # QS
 
 
 def _problem(ndim, dtype, head_dim):

@@ -229,7 +229,7 @@ def _prepare_wgmma(spec: Spec, inputs: Inputs) -> Prepared:
 
 def _prepare_wgmma_one_warpgroup(spec: Spec, inputs: Inputs) -> Prepared:
     """fused_wgmma with NA_RTC_WGMMA_WARPGROUPS=1, where that picks another forward (1D: one warpgroup per
-    64-query block instead of two per 128-query block; the dK/dV kernel likewise per 64 keys)."""
+    64-query block instead of two per 128-query block; the backward kernels likewise)."""
     table = _prepare_wgmma(spec, inputs).notes.get("forward_kernels")
     prepared = _prepare_fused(spec, inputs, mode=_wgmma_one_warpgroup)
     if prepared.notes.get("forward_kernels") == table:
@@ -327,7 +327,7 @@ def na_rtc_entries() -> list[Entry]:
         Entry("fused_wgmma", "na_rtc fused, Hopper wgmma forward and backward (NA_RTC_WGMMA=1)", _prepare_wgmma,
               families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="the wgmma forward against the mma.sync one is a GPU comparison"),
-        Entry("fused_wgmma_1wg", "na_rtc fused, Hopper wgmma with one warpgroup per 1D forward and dK/dV block "
+        Entry("fused_wgmma_1wg", "na_rtc fused, Hopper wgmma with one warpgroup per 1D block "
               "(NA_RTC_WGMMA=1 NA_RTC_WGMMA_WARPGROUPS=1)", _prepare_wgmma_one_warpgroup,
               families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="warpgroups per block of the wgmma forward is a GPU comparison"),

@@ -155,7 +155,8 @@ class _Launches:
     tiles: int  # query tiles per head (the bias partials' middle dimension)
     dq_source: str = ""
     dkdv_source: str = ""
-    dkdv_threads: int = 0  # threads of the dkdv block where they differ from dq's
+    dkdv_threads: int = 0  # threads of each block where they differ from the family's
+    dq_threads: int = 0
 
 
 def _simt_launches(problem: Problem) -> _Launches | None:
@@ -179,9 +180,11 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
     if wgmma and fused_wg.dq_covers(problem):
         dq, dq_source, dq_shared = (fused_wg.dq_name_of(hd, dtype, ndim), fused_wg.SOURCE,
                                     fused_wg.dq_shared_bytes(hd, dtype, ndim, entries))
+        dq_blocks, dq_threads = fused_wg.dq_grid(problem), fused_wg.forward_threads(ndim)
     else:
         dq, dq_source, dq_shared = (fused_tc.dq_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                     fused_tc.dq_shared_bytes(hd, dtype, entries))
+        dq_blocks, dq_threads = blocks, fused_tc.THREADS
     if wgmma and fused_wg.dkdv_covers(problem):
         dkdv, dkdv_source, dkdv_shared = (fused_wg.dkdv_name_of(hd, dtype, ndim), fused_wg.SOURCE,
                                           fused_wg.dkdv_shared_bytes(hd, dtype, ndim))
@@ -190,8 +193,8 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
         dkdv, dkdv_source, dkdv_shared = (fused_tc.dkdv_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                           fused_tc.dkdv_shared_bytes(hd, dtype))
         dkdv_blocks, dkdv_threads = blocks, fused_tc.THREADS
-    return _Launches(dq, dkdv, fused_tc.BWD_SOURCE, blocks, dkdv_blocks, dq_shared, dkdv_shared,
-                     blocks // max(problem.heads, 1), dq_source, dkdv_source, dkdv_threads)
+    return _Launches(dq, dkdv, fused_tc.BWD_SOURCE, dq_blocks, dkdv_blocks, dq_shared, dkdv_shared,
+                     dq_blocks // max(problem.heads, 1), dq_source, dkdv_source, dkdv_threads, dq_threads)
 
 
 class FusedBackwardKernels:
@@ -266,7 +269,7 @@ class FusedBackwardKernels:
             drpb = _arrays.empty(query, problem.rpb_shape, "float32")
         args = inputs + _tensor(dq, problem) + [P.Arg("ptr", partial), P.f64(problem.scale)] + problem_args
         self.run(P.LaunchPlan(P.Kernel(launches.dq_source or launches.source, launches.dq), (launches.dq_blocks, 1, 1),
-                              (threads, 1, 1),
+                              (launches.dq_threads or threads, 1, 1),
                               launches.dq_shared, tuple(args)))
 
         dk = _arrays.empty(query, problem.qkv_shape, dtype)

@@ -1,19 +1,20 @@
 """The Hopper (wgmma, sm_90a) fused kernels (``cuda_src/na_fused_wg.cu``): fp16 / bf16 on sm_90 GPUs.
 
-``na_fused_wg_fwd<T, HD, TX, TY, KC, WG>``: one block of WG warpgroups (128
-threads each; two in 1D, one in 2D) per (batch, head, query tile of 64 WG
-group coordinates inside one dilation group per axis); Q K^T and P V as
-warpgroup products on the key box, KC keys at a time, double-buffered. Same arguments and results as the
-mma.sync forward (``fused_tc.py``). ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC,
-QS>``: the backward's dq the same way (S, dP, dQ += ds K), in place of the
-mma.sync dq kernel (QS: Q and dOut from shared memory, in 2D at head dim
-128). ``na_fused_wg_bwd_dkdv<T, HD, TX,
-TY, QC>``: dK and dV per 64-key tile over its query box, QC queries at a time
-(S^T, dP^T in the SS form, then dV += P^T dOut, dK += dS^T Q), in place of the
-mma.sync dkdv kernel.
+Every kernel has blocks of WG warpgroups (128 threads each, 64 queries or keys
+each; two in 1D, one in 2D: :data:`WARPGROUPS`) per (batch, head, tile inside
+one dilation group per axis), with the same arguments and results as the
+mma.sync kernels (``fused_tc.py``):
+
+* ``na_fused_wg_fwd<T, HD, TX, TY, KC, WG>``: Q K^T and P V as warpgroup
+  products on the key box, KC keys at a time, double-buffered;
+* ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC, QS, WG>``: dq the same way (S, dP,
+  dQ += ds K; QS: Q and dOut from shared memory, in 2D at head dim 128);
+* ``na_fused_wg_bwd_dkdv<T, HD, TX, TY, QC, WG>``: dK and dV per key tile over
+  its query box, QC queries at a time (S^T, dP^T in the SS form, then
+  dV += P^T dOut, dK += dS^T Q).
 
 Opt-in (``NA_RTC_WGMMA=1``) until a GPU run has measured it against the
-mma.sync forward (``python -m na_rtc bench``'s ``fused_wgmma`` entry); the
+mma.sync kernels (``python -m na_rtc bench``'s ``fused_wgmma`` entry); the
 emulator runs it under the same setting, so CI tests what an sm_90 GPU runs.
 """
 
@@ -37,8 +38,9 @@ HEAD_DIMS = (32, 64, 128)
 TILES = {1: (64, 1), 2: (8, 8)}
 #: ndim -> warpgroups of the forward, each multiplying 64 rows of its query tile: in 1D two share every
 #: staged K/V chunk (half the K/V traffic per query); in 2D the box of a 128-query tile would add keys to
-#: every warpgroup's products (the wgmma computes the whole chunk for each). The dK/dV kernel has the same
-#: warpgroups, keys in place of queries (two share every staged Q/dOut chunk). In 1D both are built, and
+#: every warpgroup's products (the wgmma computes the whole chunk for each). The dq kernel has the same
+#: warpgroups, the dK/dV kernel too with keys in place of queries (two share every staged Q/dOut chunk). In
+#: 1D both are built, and
 #: NA_RTC_WGMMA_WARPGROUPS picks the other (python -m na_rtc bench's fused_wgmma_1wg entry measures it)
 WARPGROUPS = {1: 2, 2: 1}
 #: (ndim, warpgroups) built -> query tile (TX, TY) of the forward: 64 queries a warpgroup
@@ -47,6 +49,9 @@ FORWARD_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8)}
 CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
 #: the most dynamic shared memory a launch takes (sm_90 allows 227 KiB after the opt-in)
 SHARED_BUDGET = 96 * 1024
+#: the dq kernel's, where its tiles do not fit the mma.sync backward's budget: room for bias tables (one float
+#: an entry) beside two warpgroups' Q and dOut tiles at head dim 128 (87 KiB)
+DQ_SHARED_BUDGET = 192 * 1024
 
 
 #: keys per staged chunk of the dq kernel (two stages of K and V chunks live in the Q and dOut tiles' rows)
@@ -87,24 +92,34 @@ def forward_threads(ndim: int, warpgroups: int | None = None) -> int:
     return THREADS * (warpgroups or forward_warpgroups(ndim))
 
 
-def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
-    tx, ty = TILES[ndim]
+def dq_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
+    wg = warpgroups or forward_warpgroups(ndim)
+    tx, ty = FORWARD_TILES[ndim, wg]  # 64 queries a warpgroup, as the forward
     qs = int((ndim, hd) in DQ_OPERANDS_SHARED)
-    return f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK_KEYS}, {qs}>"
+    return f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK_KEYS}, {qs}, {wg}>"
 
 
-def dq_shared_bytes(hd: int, dtype: str, ndim: int, bias_entries: int = 0) -> int:
-    """Q and dOut tiles (64 rows of hd + 8, then the K/V stages; in the SS form 64 rows of hd, then the
-    stages apart), ds floats, one float per bias entry."""
-    item = tiling.ITEMSIZE[dtype]
-    tiles = (2 * 64 + 4 * DQ_CHUNK_KEYS) * hd * item if (ndim, hd) in DQ_OPERANDS_SHARED else 2 * 64 * (hd + 8) * item
-    return tiling.align16(tiles) + 4 * 64 * (DQ_CHUNK_KEYS + 1) + 4 * bias_entries
+def dq_shared_bytes(hd: int, dtype: str, ndim: int, bias_entries: int = 0, warpgroups: int | None = None) -> int:
+    """Q and dOut tiles (64 rows a warpgroup of hd + 8, then the K/V stages; in the SS form 64 rows of hd,
+    then the stages apart), ds floats, one float per bias entry."""
+    item, rows = tiling.ITEMSIZE[dtype], 64 * (warpgroups or forward_warpgroups(ndim))
+    if (ndim, hd) in DQ_OPERANDS_SHARED:
+        tiles = (2 * rows + 4 * DQ_CHUNK_KEYS) * hd * item
+    else:
+        tiles = 2 * rows * (hd + 8) * item
+    return tiling.align16(tiles) + 4 * rows * (DQ_CHUNK_KEYS + 1) + 4 * bias_entries
 
 
-def dq_shared_budget(hd: int, ndim: int) -> int:
-    """The most dynamic shared memory a dq launch takes: the mma.sync backward's budget, or this family's
-    where the SS form needs more (the launcher opts in above 48 KiB)."""
-    return SHARED_BUDGET if (ndim, hd) in DQ_OPERANDS_SHARED else fused_tc.BWD_SHARED_BUDGET
+def dq_shared_budget(hd: int, ndim: int, warpgroups: int | None = None) -> int:
+    """The most dynamic shared memory a dq launch takes: the mma.sync backward's budget with one warpgroup
+    and fragments in registers, DQ_SHARED_BUDGET otherwise (the launcher opts in above 48 KiB)."""
+    one = (warpgroups or forward_warpgroups(ndim)) == 1 and (ndim, hd) not in DQ_OPERANDS_SHARED
+    return fused_tc.BWD_SHARED_BUDGET if one else DQ_SHARED_BUDGET
+
+
+def dq_grid(problem: Problem) -> int:
+    """Blocks of the dq kernel: one per query tile of 64 queries a warpgroup."""
+    return tiling.grid(problem, FORWARD_TILES[problem.ndim, forward_warpgroups(problem.ndim)])
 
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
@@ -135,7 +150,7 @@ def _forward_instantiations():
 
 def names() -> tuple[str, ...]:
     return (tuple(kernel_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations())
-            + tuple(dq_name_of(hd, dtype, ndim) for hd, dtype, ndim in _instantiations())
+            + tuple(dq_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations())
             + tuple(dkdv_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations()))
 
 
@@ -146,12 +161,14 @@ def family():
     shared = {kernel_name_of(hd, dtype, ndim, wg): shared_bytes(hd, dtype)
               for hd, dtype, ndim, wg in _forward_instantiations()}
     # the dq kernel's largest launch: the budget (larger bias tables are not covered)
-    shared.update({dq_name_of(hd, dtype, ndim): dq_shared_budget(hd, ndim) for hd, dtype, ndim in _instantiations()})
+    shared.update({dq_name_of(hd, dtype, ndim, wg): dq_shared_budget(hd, ndim, wg)
+                   for hd, dtype, ndim, wg in _forward_instantiations()})
     shared.update({dkdv_name_of(hd, dtype, ndim, wg): dkdv_shared_bytes(hd, dtype, ndim, wg)
                    for hd, dtype, ndim, wg in _forward_instantiations()})
     threads = {name: THREADS for name in names()}
     threads.update({name_of(hd, dtype, ndim, wg): forward_threads(ndim, wg)
-                    for hd, dtype, ndim, wg in _forward_instantiations() for name_of in (kernel_name_of, dkdv_name_of)})
+                    for hd, dtype, ndim, wg in _forward_instantiations()
+                    for name_of in (kernel_name_of, dq_name_of, dkdv_name_of)})
     return Family(SOURCE, names(), threads, shared, archs=(ARCH,), arch_specific=True)
 
 
@@ -174,7 +191,8 @@ def dq_covers(problem: Problem) -> bool:
         return False
     entries = math.prod(problem.rpb_shape[1:]) if problem.has_rpb else 0
     hd = head_dim_bucket(problem.head_dim)
-    return dq_shared_bytes(hd, problem.dtype, problem.ndim, entries) <= dq_shared_budget(hd, problem.ndim)
+    return (dq_shared_bytes(hd, problem.dtype, problem.ndim, entries) <= dq_shared_budget(hd, problem.ndim)
+            and dq_grid(problem) <= P.MAX_GRID[0])
 
 
 def dkdv_covers(problem: Problem) -> bool:
