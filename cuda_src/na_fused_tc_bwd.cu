@@ -155,12 +155,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         }
     }
 
-    na_tc_dq_store<T, DT, TY>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b, h, D,
-                              (float)scale);
-    if (partial_out) {
-        __syncthreads();
-        for (long long i = tid; i < entries; i += NA_TC_THREADS) partial_out[i] = racc[i];
-    }
+    na_tc_dq_finish<T, DT, TY>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b, h, D,
+                               (float)scale, partial_out, racc, entries);
 }
 
 template <class T, int HD, int TX, int TY, int QC, int STAGES>

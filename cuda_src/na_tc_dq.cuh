@@ -10,6 +10,7 @@
 //                         from the logit and the lse (0 outside the window)
 //   na_tc_dq_bias_chunk   the bias-gradient partials of one chunk's ds
 //   na_tc_dq_store        dq = scale * acc of the lane's valid rows
+//   na_tc_dq_finish       the store, then the tile's bias partials out of shared memory
 #pragma once
 
 #include "na_mma.cuh"
@@ -142,5 +143,21 @@ __device__ __forceinline__ void na_tc_dq_store(T* __restrict__ dq, const long lo
                 const long long d = 8 * dt + 2 * t + e;
                 if (d < D) na_store<T, float>(dq, at + d * os[4], acc[dt][2 * i + e] * scale);
             }
+    }
+}
+
+// The end of a dq kernel: dq of the lane's rows (na_tc_dq_store), then, with a bias, the block's accumulated
+// partials racc[0 .. entries) into partial_out (THREADS threads; a barrier first: every warp's last chunk)
+template <class T, int DT, int TY, int THREADS = NA_TC_THREADS>
+__device__ __forceinline__ void na_tc_dq_finish(T* __restrict__ dq, const long long (&os)[5],
+                                                const float (&acc)[DT][4], const na_tc_rows& rows, int row0,
+                                                int lane, const na_tile_axis& tx, const na_tile_axis& ty,
+                                                long long dx, long long dy, long long b, long long h, long long D,
+                                                float scale, float* partial_out, const float* racc,
+                                                long long entries) {
+    na_tc_dq_store<T, DT, TY>(dq, os, acc, rows, row0, lane, tx, ty, dx, dy, b, h, D, scale);
+    if (partial_out) {
+        __syncthreads();
+        for (long long i = threadIdx.x; i < entries; i += THREADS) partial_out[i] = racc[i];
     }
 }

@@ -207,14 +207,20 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=
     return Prepared(no_grad(forward), forward_backward, notes=notes)
 
 
+def _prepare_other_forward(spec: Spec, inputs: Inputs, table: Prepared, mode, already: str) -> Prepared:
+    """The fused op under ``mode`` (a setting), where that picks another forward than ``table``'s; otherwise
+    Unavailable: the forward ``already`` has that property, and the entry measuring ``table`` covers it."""
+    used = table.notes.get("forward_kernels")
+    prepared = _prepare_fused(spec, inputs, mode=mode)
+    if prepared.notes.get("forward_kernels") == used:
+        raise Unavailable(f"{already} here ({used})")
+    return prepared
+
+
 def _prepare_sixteen_warp_rows(spec: Spec, inputs: Inputs) -> Prepared:
     """The fused entry with NA_RTC_TC_WARP_ROWS=16, where that picks another forward than the table's."""
-    table = _prepare_fused(spec, inputs).notes.get("forward_kernels")
-    prepared = _prepare_fused(spec, inputs, mode=_sixteen_warp_rows)
-    if prepared.notes.get("forward_kernels") == table:
-        raise Unavailable(f"the table's forward already has 16 query rows per warp here ({table}): the fused "
-                          "entry measures it")
-    return prepared
+    return _prepare_other_forward(spec, inputs, _prepare_fused(spec, inputs), _sixteen_warp_rows,
+                                  "the table's forward already has 16 query rows per warp (the fused entry measures it)")
 
 
 def _prepare_wgmma(spec: Spec, inputs: Inputs) -> Prepared:
@@ -230,12 +236,8 @@ def _prepare_wgmma(spec: Spec, inputs: Inputs) -> Prepared:
 def _prepare_wgmma_one_warpgroup(spec: Spec, inputs: Inputs) -> Prepared:
     """fused_wgmma with NA_RTC_WGMMA_WARPGROUPS=1, where that picks another forward (1D: one warpgroup per
     64-query block instead of two per 128-query block; the backward kernels likewise)."""
-    table = _prepare_wgmma(spec, inputs).notes.get("forward_kernels")
-    prepared = _prepare_fused(spec, inputs, mode=_wgmma_one_warpgroup)
-    if prepared.notes.get("forward_kernels") == table:
-        raise Unavailable(f"the wgmma forward already has one warpgroup per block here ({table}): the "
-                          "fused_wgmma entry measures it")
-    return prepared
+    return _prepare_other_forward(spec, inputs, _prepare_wgmma(spec, inputs), _wgmma_one_warpgroup,
+                                  "the wgmma forward already has one warpgroup per block (fused_wgmma measures it)")
 
 
 # ---------------------------------------------------------------- na_rtc split: qk, softmax, av
