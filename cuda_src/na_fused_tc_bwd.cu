@@ -26,8 +26,8 @@
 //   tile of 64 group coordinates); warp w owns keys 16w..16w+15. The queries
 //   whose windows can hold a key of the tile (one box, na_inverse_range per
 //   axis) are streamed QC at a time with their windows, lse and delta, through
-//   STAGES shared-memory stages (2: chunk c + 1 loads during chunk c; 1 where
-//   two do not fit, HD 128): S^T = K Q^T,
+//   STAGES shared-memory stages (2: chunk c + 1 loads during chunk c; 1 in 2D
+//   at HD 128, where two spill): S^T = K Q^T,
 //   dP^T = V dOut^T, then dV += p^T dOut and dK += ds^T Q (Q and dOut rows
 //   through ldmatrix.x2.trans).
 // Pairs outside a query's window have p = ds = 0 but still pass through the

@@ -130,7 +130,8 @@ __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c
         if (i < cn) {
             int qx, qy;
             qbox.split(c0 + i, qx, qy);
-            const long long x = (bx0 + qx) * dx + tx.g, y = (by0 + qy) * dy + ty.g;
+            // in 1D every y is 0 (by0 0, qy 0, ty.g 0)
+            const long long x = (bx0 + qx) * dx + tx.g, y = TY == 1 ? 0 : (by0 + qy) * dy + ty.g;
             na_tc_group_window(axes[0], bx0 + qx, w[0], w[1]);
             na_tc_group_window(axes[1], by0 + qy, w[2], w[3]);
             lg = lse[b * ls[0] + x * ls[1] + y * ls[2] + h * ls[3]] * NA_TC_LOG2E;  // log2 units

@@ -191,7 +191,7 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
         dkdv_blocks, dkdv_threads = fused_wg.dkdv_grid(problem), fused_wg.forward_threads(ndim)
     else:
         dkdv, dkdv_source, dkdv_shared = (fused_tc.dkdv_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
-                                          fused_tc.dkdv_shared_bytes(hd, dtype))
+                                          fused_tc.dkdv_shared_bytes(hd, dtype, ndim))
         dkdv_blocks, dkdv_threads = blocks, fused_tc.THREADS
     return _Launches(dq, dkdv, fused_tc.BWD_SOURCE, dq_blocks, dkdv_blocks, dq_shared, dkdv_shared,
                      dq_blocks // max(problem.heads, 1), dq_source, dkdv_source, dkdv_threads, dq_threads)

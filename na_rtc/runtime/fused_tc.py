@@ -123,9 +123,14 @@ BWD_SHARED_BUDGET = 46 * 1024  # dynamic; the dkdv kernel's static window ranges
 #: head-dim bucket -> keys per chunk of the dq kernel (two stages of K and V chunks live in the 128 rows
 #: of the Q and dOut tiles: 4 * keys <= 128)
 DQ_CHUNK = {32: 32, 64: 32, 128: 16}
-#: head-dim bucket -> (queries per chunk, stages) of the dkdv kernel: two stages load chunk c + 1 during
-#: chunk c; HD 128 has room for one under 48 KiB
-DKDV_CHUNK = {32: (64, 2), 64: (32, 2), 128: (16, 1)}
+#: (ndim, head-dim bucket) -> (queries per chunk, stages) of the dkdv kernel: two stages load chunk c + 1
+#: during chunk c (at HD 128 in 1D 52 KiB: the launch opts in); in 2D at HD 128 one, as two spill 12 bytes
+#: on sm_90 (255 registers)
+DKDV_CHUNK = {(1, 32): (64, 2), (2, 32): (64, 2), (1, 64): (32, 2), (2, 64): (32, 2), (1, 128): (16, 2),
+              (2, 128): (16, 1)}
+#: the dkdv kernel's dynamic shared memory limit (its size does not depend on the problem); sm_86 / sm_89
+#: allow 99 KiB after the opt-in
+DKDV_SHARED_BUDGET = 96 * 1024
 
 
 def bwd_grid(problem: Problem) -> int:
@@ -140,7 +145,7 @@ def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
     tx, ty = TILES[ndim, 1]
-    qc, stages = DKDV_CHUNK[hd]
+    qc, stages = DKDV_CHUNK[ndim, hd]
     return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {qc}, {stages}>"
 
 
@@ -149,9 +154,9 @@ def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
     return tiling.align16(2 * 64 * (hd + 8) * tiling.ITEMSIZE[dtype]) + 4 * 64 * (DQ_CHUNK[hd] + 1) + 4 * bias_entries
 
 
-def dkdv_shared_bytes(hd: int, dtype: str) -> int:
+def dkdv_shared_bytes(hd: int, dtype: str, ndim: int) -> int:
     """K and V tiles (64 rows), per stage the Q and dOut chunks and lse, delta and 4 window bounds per query."""
-    qc, stages = DKDV_CHUNK[hd]
+    qc, stages = DKDV_CHUNK[ndim, hd]
     return (tiling.align16((2 * 64 + 2 * stages * qc) * (hd + 8) * tiling.ITEMSIZE[dtype])
             + stages * (4 * qc * 2 + 16 * qc))
 
@@ -162,7 +167,8 @@ def bwd_covers(problem: Problem) -> bool:
         return False
     hd = head_dim_bucket(problem.head_dim)
     entries = math.prod(problem.rpb_shape[1:]) if problem.has_rpb else 0
-    return max(dq_shared_bytes(hd, problem.dtype, entries), dkdv_shared_bytes(hd, problem.dtype)) <= BWD_SHARED_BUDGET
+    return (dq_shared_bytes(hd, problem.dtype, entries) <= BWD_SHARED_BUDGET
+            and dkdv_shared_bytes(hd, problem.dtype, problem.ndim) <= DKDV_SHARED_BUDGET)
 
 
 def bwd_names() -> tuple[str, ...]:
@@ -181,5 +187,5 @@ def bwd_family_shared() -> dict:
         for hd in HEAD_DIMS:
             for ndim in (1, 2):
                 shared[dq_name_of(hd, dtype, ndim)] = BWD_SHARED_BUDGET
-                shared[dkdv_name_of(hd, dtype, ndim)] = dkdv_shared_bytes(hd, dtype)
+                shared[dkdv_name_of(hd, dtype, ndim)] = dkdv_shared_bytes(hd, dtype, ndim)
     return shared
