@@ -408,7 +408,8 @@ def test_a_read_of_rows_whose_cp_async_has_not_landed_is_reported(emu):
 
 def test_wgmma_is_computed_at_the_wait_and_misuse_is_reported(emu):
     """The emulator's wgmma: each warp's rows at wgmma.wait_group, with B through the descriptor; a missing
-    fence, proxy fence, cp.async wait or wgmma wait is an error, and D read before the wait is stale."""
+    fence, proxy fence, cp.async wait or wgmma wait is an error, as is an SS-form A outside the shared memory
+    or swizzled, and D read before the wait is stale."""
     import torch
 
     values = torch.arange(128, dtype=torch.float32).reshape(2, 8, 8) / 8  # [k / 8][n][k % 8], exact in bf16
@@ -420,7 +421,8 @@ def test_wgmma_is_computed_at_the_wait_and_misuse_is_reported(emu):
     want = np.stack([column_sums[2 * (lane % 4) + (i % 2)] for i in range(4)], axis=1).reshape(-1)
     np.testing.assert_array_equal(out, want)
     for mode, message in ((1, "without a wgmma.fence"), (2, "no fence.proxy.async"), (3, "has not landed in yet"),
-                          (4, "not waited for")):
+                          (4, "not waited for"), (6, "A element .* outside the block's 256 bytes"),
+                          (7, "A descriptor .* swizzle mode 1")):
         with pytest.raises(EmulatorError, match=message):
             run(emu, "wgmma_misuse", (1,), (128,), ptr(b), ptr(out), i64(mode), shared=256)
     stale = np.full(512, np.nan, np.float32)

@@ -279,7 +279,12 @@ __global__ void wgmma_misuse(const unsigned char* b, float* out, long long mode)
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     const unsigned long long desc = (128ull >> 4) << 16 | (256ull >> 4) << 32;
     if (mode != 1) na_wgmma_fence();
-    na_wgmma_m64k16<8, false, true>(d, a, desc, 1);
+    if (mode == 6)  // the SS form with A (64 x 16: 2 KiB) from the 256 bytes of shared memory
+        na_wgmma_m64k16_ss<8, false, true>(d, desc, desc, 1);
+    else if (mode == 7)  // the SS form with a swizzled A
+        na_wgmma_m64k16_ss<8, false, true>(d, desc | 1ull << 62, desc, 1);
+    else
+        na_wgmma_m64k16<8, false, true>(d, a, desc, 1);
     na_wgmma_commit();
     if (mode == 4) return;
     if (mode == 5)
