@@ -171,10 +171,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
 
 // dq of the fused backward on wgmma: same arguments, layouts and results as
 // na_fused_tc_bwd_dq (na_fused_tc_bwd.cu), whose steps it keeps, with the
-// products as warpgroup products. One block of one warpgroup per (b, h, query
-// tile of 64); Q and dOut fragments from registers; K and V chunks of KC keys
-// staged as core matrices in two stages (in the rows the Q and dOut tiles
-// held), chunk c + 1 loading during chunk c. Per chunk:
+// products as warpgroup products. One block of WG warpgroups per (b, h,
+// query tile of 64 WG; see WG below); Q and dOut fragments from registers; K
+// and V chunks of KC keys staged as core matrices in two stages (in the rows
+// the Q and dOut tiles held), chunk c + 1 loading during chunk c. Per chunk:
 //   S = Q K^T, dP = dOut V^T   HD / 16 wgmma m64nKCk16 each, K and V K-major;
 //   ds = p (dp - delta)         p from the logit and the lse (na_tc_dq_ds),
 //                               0 outside each query's window;
@@ -350,8 +350,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 
 // dK and dV of the fused backward on wgmma: same arguments, layouts and
 // results as na_fused_tc_bwd_dkdv (na_fused_tc_bwd.cu), whose steps it keeps
-// (na_tc_dkdv.cuh), with keys as the M of every product. One block of one
-// warpgroup per (b, h, key tile of 64); the K and V tiles stay in shared
+// (na_tc_dkdv.cuh), with keys as the M of every product. One block of WG
+// warpgroups per (b, h, key tile of 64 WG); the K and V tiles stay in shared
 // memory as core matrices, the query box is streamed QC queries at a time
 // (Q and dOut rows as core matrices, with their windows, lse and delta) in two
 // stages, chunk c + 1 loading during chunk c. Per chunk:

@@ -30,7 +30,7 @@ from . import tiling
 from .tiling import CTYPES
 
 SOURCE = "na_fused_wg.cu"
-THREADS = 128  # one warpgroup: the backward kernels'; the forward has WARPGROUPS of them
+THREADS = 128  # one warpgroup; a block has WARPGROUPS[ndim] of them
 ARCH = 90  # wgmma is sm_90a: the cubin runs on compute capability 9.0 only
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 64, 128)
