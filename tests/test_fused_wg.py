@@ -120,7 +120,7 @@ def test_nan_reach(poisoned):
     """A NaN key poisons exactly the queries that see it; a NaN value those and at most the other queries
     of its block's tile, 128 in 1D (0 * NaN in P V: every warp of a warpgroup multiplies every key of the
     chunks it computes)."""
-    test_fused_tc.check_nan_reach(poisoned, fused_wg.FORWARD_TILES[1, fused_wg.WARPGROUPS[1]][0], wgmma=True)
+    test_fused_tc.check_nan_reach(poisoned, fused_wg.BLOCK_TILES[1, fused_wg.WARPGROUPS[1]][0], wgmma=True)
 
 
 @pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)  # every (ndim, head dim, dtype): asserted there

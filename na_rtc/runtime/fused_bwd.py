@@ -180,7 +180,7 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
     if wgmma and fused_wg.dq_covers(problem):
         dq, dq_source, dq_shared = (fused_wg.dq_name_of(hd, dtype, ndim), fused_wg.SOURCE,
                                     fused_wg.dq_shared_bytes(hd, dtype, ndim, entries))
-        dq_blocks, dq_threads = fused_wg.dq_grid(problem), fused_wg.forward_threads(ndim)
+        dq_blocks, dq_threads = fused_wg.grid(problem), fused_wg.block_threads(ndim)
     else:
         dq, dq_source, dq_shared = (fused_tc.dq_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                     fused_tc.dq_shared_bytes(hd, dtype, entries))
@@ -188,7 +188,7 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
     if wgmma and fused_wg.dkdv_covers(problem):
         dkdv, dkdv_source, dkdv_shared = (fused_wg.dkdv_name_of(hd, dtype, ndim), fused_wg.SOURCE,
                                           fused_wg.dkdv_shared_bytes(hd, dtype, ndim))
-        dkdv_blocks, dkdv_threads = fused_wg.dkdv_grid(problem), fused_wg.forward_threads(ndim)
+        dkdv_blocks, dkdv_threads = fused_wg.grid(problem), fused_wg.block_threads(ndim)
     else:
         dkdv, dkdv_source, dkdv_shared = (fused_tc.dkdv_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                           fused_tc.dkdv_shared_bytes(hd, dtype, ndim))

@@ -34,17 +34,14 @@ THREADS = 128  # one warpgroup; a block has WARPGROUPS[ndim] of them
 ARCH = 90  # wgmma is sm_90a: the cubin runs on compute capability 9.0 only
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 64, 128)
-#: ndim -> query (dq) or key (dK/dV) tile (TX, TY) of the backward kernels: 64, the M of every wgmma
-TILES = {1: (64, 1), 2: (8, 8)}
-#: ndim -> warpgroups of the forward, each multiplying 64 rows of its query tile: in 1D two share every
-#: staged K/V chunk (half the K/V traffic per query); in 2D the box of a 128-query tile would add keys to
-#: every warpgroup's products (the wgmma computes the whole chunk for each). The dq kernel has the same
-#: warpgroups, the dK/dV kernel too with keys in place of queries (two share every staged Q/dOut chunk). In
-#: 1D both are built, and
-#: NA_RTC_WGMMA_WARPGROUPS picks the other (python -m na_rtc bench's fused_wgmma_1wg entry measures it)
+#: ndim -> warpgroups a block, each multiplying 64 rows (queries; keys in the dK/dV kernel) of the block's
+#: tile. In 1D two share every staged chunk (half the K/V, or Q/dOut, traffic per row); in 2D the box of a
+#: 128-query tile would add keys to every warpgroup's products (the wgmma computes the whole chunk for
+#: each). In 1D one is built too, and NA_RTC_WGMMA_WARPGROUPS picks it (python -m na_rtc bench's
+#: fused_wgmma_1wg entry measures it).
 WARPGROUPS = {1: 2, 2: 1}
-#: (ndim, warpgroups) built -> query tile (TX, TY) of the forward: 64 queries a warpgroup
-FORWARD_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8)}
+#: (ndim, warpgroups) built -> the block's tile (TX, TY): 64 rows a warpgroup
+BLOCK_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8)}
 #: head-dim bucket -> keys per staged chunk (the N of Q K^T); shared memory is 4 KC HD elements
 CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
 #: the most dynamic shared memory a launch takes (sm_90 allows 227 KiB after the opt-in)
@@ -76,25 +73,25 @@ def shared_bytes(hd: int, dtype: str) -> int:
     return 4 * CHUNK_KEYS[hd] * hd * tiling.ITEMSIZE[dtype]
 
 
-def forward_warpgroups(ndim: int) -> int:
-    """The table's warpgroups per forward block, or the built one NA_RTC_WGMMA_WARPGROUPS asks for."""
+def block_warpgroups(ndim: int) -> int:
+    """The table's warpgroups a block, or the built number NA_RTC_WGMMA_WARPGROUPS asks for."""
     wanted = _config.wgmma_warpgroups()
-    return wanted if wanted is not None and (ndim, wanted) in FORWARD_TILES else WARPGROUPS[ndim]
+    return wanted if wanted is not None and (ndim, wanted) in BLOCK_TILES else WARPGROUPS[ndim]
 
 
 def kernel_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
-    wg = warpgroups or forward_warpgroups(ndim)
-    tx, ty = FORWARD_TILES[ndim, wg]
+    wg = warpgroups or block_warpgroups(ndim)
+    tx, ty = BLOCK_TILES[ndim, wg]
     return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}, {wg}>"
 
 
-def forward_threads(ndim: int, warpgroups: int | None = None) -> int:
-    return THREADS * (warpgroups or forward_warpgroups(ndim))
+def block_threads(ndim: int, warpgroups: int | None = None) -> int:
+    return THREADS * (warpgroups or block_warpgroups(ndim))
 
 
 def dq_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
-    wg = warpgroups or forward_warpgroups(ndim)
-    tx, ty = FORWARD_TILES[ndim, wg]  # 64 queries a warpgroup, as the forward
+    wg = warpgroups or block_warpgroups(ndim)
+    tx, ty = BLOCK_TILES[ndim, wg]
     qs = int((ndim, hd) in DQ_OPERANDS_SHARED)
     return f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK_KEYS}, {qs}, {wg}>"
 
@@ -102,7 +99,7 @@ def dq_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) ->
 def dq_shared_bytes(hd: int, dtype: str, ndim: int, bias_entries: int = 0, warpgroups: int | None = None) -> int:
     """Q and dOut tiles (64 rows a warpgroup of hd + 8, then the K/V stages; in the SS form 64 rows of hd,
     then the stages apart), ds floats, one float per bias entry."""
-    item, rows = tiling.ITEMSIZE[dtype], 64 * (warpgroups or forward_warpgroups(ndim))
+    item, rows = tiling.ITEMSIZE[dtype], 64 * (warpgroups or block_warpgroups(ndim))
     if (ndim, hd) in DQ_OPERANDS_SHARED:
         tiles = (2 * rows + 4 * DQ_CHUNK_KEYS) * hd * item
     else:
@@ -113,68 +110,50 @@ def dq_shared_bytes(hd: int, dtype: str, ndim: int, bias_entries: int = 0, warpg
 def dq_shared_budget(hd: int, ndim: int, warpgroups: int | None = None) -> int:
     """The most dynamic shared memory a dq launch takes: the mma.sync backward's budget with one warpgroup
     and fragments in registers, DQ_SHARED_BUDGET otherwise (the launcher opts in above 48 KiB)."""
-    one = (warpgroups or forward_warpgroups(ndim)) == 1 and (ndim, hd) not in DQ_OPERANDS_SHARED
+    one = (warpgroups or block_warpgroups(ndim)) == 1 and (ndim, hd) not in DQ_OPERANDS_SHARED
     return fused_tc.BWD_SHARED_BUDGET if one else DQ_SHARED_BUDGET
 
 
-def dq_grid(problem: Problem) -> int:
-    """Blocks of the dq kernel: one per query tile of 64 queries a warpgroup."""
-    return tiling.grid(problem, FORWARD_TILES[problem.ndim, forward_warpgroups(problem.ndim)])
-
-
 def dkdv_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
-    wg = warpgroups or forward_warpgroups(ndim)
-    tx, ty = FORWARD_TILES[ndim, wg]  # keys: 64 a warpgroup, as the forward's queries
+    wg = warpgroups or block_warpgroups(ndim)
+    tx, ty = BLOCK_TILES[ndim, wg]  # keys
     return f"na_fused_wg_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK_QUERIES[hd]}, {wg}>"
 
 
 def dkdv_shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> int:
     """K and V tiles (2 x 64 rows a warpgroup) and two stages of a Q and a dOut chunk as core matrices, then two
     stages of chunk tables (lse, delta, 4 window bounds: 6 words a query)."""
-    qc, wg = DKDV_CHUNK_QUERIES[hd], warpgroups or forward_warpgroups(ndim)
+    qc, wg = DKDV_CHUNK_QUERIES[hd], warpgroups or block_warpgroups(ndim)
     return (2 * 64 * wg + 4 * qc) * hd * tiling.ITEMSIZE[dtype] + 2 * 6 * qc * 4
 
 
-def dkdv_grid(problem: Problem) -> int:
-    """Blocks of the dK/dV kernel: one per key tile of 64 keys a warpgroup."""
-    return tiling.grid(problem, FORWARD_TILES[problem.ndim, forward_warpgroups(problem.ndim)])
-
-
 def _instantiations():
-    return [(hd, dtype, ndim) for dtype in DTYPES for hd in HEAD_DIMS for ndim in (1, 2)]
-
-
-def _forward_instantiations():
-    return [(hd, dtype, ndim, wg) for dtype in DTYPES for hd in HEAD_DIMS for ndim, wg in FORWARD_TILES]
+    return [(hd, dtype, ndim, wg) for dtype in DTYPES for hd in HEAD_DIMS for ndim, wg in BLOCK_TILES]
 
 
 def names() -> tuple[str, ...]:
-    return (tuple(kernel_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations())
-            + tuple(dq_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations())
-            + tuple(dkdv_name_of(hd, dtype, ndim, wg) for hd, dtype, ndim, wg in _forward_instantiations()))
+    return tuple(name_of(hd, dtype, ndim, wg) for name_of in (kernel_name_of, dq_name_of, dkdv_name_of)
+                 for hd, dtype, ndim, wg in _instantiations())
 
 
 def family():
     """The kernel family (built for sm_90a only); imported late: families.py builds its table from here."""
     from .families import Family
 
-    shared = {kernel_name_of(hd, dtype, ndim, wg): shared_bytes(hd, dtype)
-              for hd, dtype, ndim, wg in _forward_instantiations()}
-    # the dq kernel's largest launch: the budget (larger bias tables are not covered)
-    shared.update({dq_name_of(hd, dtype, ndim, wg): dq_shared_budget(hd, ndim, wg)
-                   for hd, dtype, ndim, wg in _forward_instantiations()})
-    shared.update({dkdv_name_of(hd, dtype, ndim, wg): dkdv_shared_bytes(hd, dtype, ndim, wg)
-                   for hd, dtype, ndim, wg in _forward_instantiations()})
-    threads = {name: THREADS for name in names()}
-    threads.update({name_of(hd, dtype, ndim, wg): forward_threads(ndim, wg)
-                    for hd, dtype, ndim, wg in _forward_instantiations()
-                    for name_of in (kernel_name_of, dq_name_of, dkdv_name_of)})
+    shared, threads = {}, {}
+    for hd, dtype, ndim, wg in _instantiations():
+        shared[kernel_name_of(hd, dtype, ndim, wg)] = shared_bytes(hd, dtype)
+        # the dq kernel's largest launch: the budget (larger bias tables are not covered)
+        shared[dq_name_of(hd, dtype, ndim, wg)] = dq_shared_budget(hd, ndim, wg)
+        shared[dkdv_name_of(hd, dtype, ndim, wg)] = dkdv_shared_bytes(hd, dtype, ndim, wg)
+        for name_of in (kernel_name_of, dq_name_of, dkdv_name_of):
+            threads[name_of(hd, dtype, ndim, wg)] = block_threads(ndim, wg)
     return Family(SOURCE, names(), threads, shared, archs=(ARCH,), arch_specific=True)
 
 
 def grid(problem: Problem) -> int:
-    """Blocks of the forward (the backward kernels have the mma.sync backward's grid)."""
-    return tiling.grid(problem, FORWARD_TILES[problem.ndim, forward_warpgroups(problem.ndim)])
+    """Blocks of every kernel of this family: one per tile of 64 rows a warpgroup."""
+    return tiling.grid(problem, BLOCK_TILES[problem.ndim, block_warpgroups(problem.ndim)])
 
 
 def covers(problem: Problem) -> bool:
@@ -191,13 +170,12 @@ def dq_covers(problem: Problem) -> bool:
         return False
     entries = math.prod(problem.rpb_shape[1:]) if problem.has_rpb else 0
     hd = head_dim_bucket(problem.head_dim)
-    return (dq_shared_bytes(hd, problem.dtype, problem.ndim, entries) <= dq_shared_budget(hd, problem.ndim)
-            and dq_grid(problem) <= P.MAX_GRID[0])
+    return dq_shared_bytes(hd, problem.dtype, problem.ndim, entries) <= dq_shared_budget(hd, problem.ndim)
 
 
 def dkdv_covers(problem: Problem) -> bool:
     """What the mma.sync backward covers (the dK/dV kernel's launch is the same for every problem size)."""
-    return covers(problem) and fused_tc.bwd_covers(problem) and dkdv_grid(problem) <= P.MAX_GRID[0]
+    return covers(problem) and fused_tc.bwd_covers(problem)
 
 
 def kernel_name(problem: Problem) -> str:
@@ -207,5 +185,5 @@ def kernel_name(problem: Problem) -> str:
 def launch(problem: Problem) -> tuple[str, str, int, int, int]:
     """(source, kernel name, threads, blocks, dynamic shared bytes) of the forward of ``problem``."""
     hd = head_dim_bucket(problem.head_dim)
-    return (SOURCE, kernel_name(problem), forward_threads(problem.ndim), grid(problem),
+    return (SOURCE, kernel_name(problem), block_threads(problem.ndim), grid(problem),
             shared_bytes(hd, problem.dtype))
