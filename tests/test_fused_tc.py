@@ -95,18 +95,19 @@ def _instantiation(cfg):
     return cfg.ndim, fused_tc.head_dim_bucket(cfg.head_dim)
 
 
-def _quarter_covering_every_instantiation(configs):
-    chosen = configs[::4]
-    seen = {_instantiation(c) for c in chosen}
+def every_nth_covering(configs, n, key):
+    """Every n-th of ``configs``, plus the first of each ``key(config)`` value that those miss."""
+    chosen = configs[::n]
+    seen = {key(c) for c in chosen}
     for c in configs:
-        if _instantiation(c) not in seen:
+        if key(c) not in seen:
             chosen.append(c)
-            seen.add(_instantiation(c))
+            seen.add(key(c))
     return chosen
 
 
-ALTERNATIVES = _quarter_covering_every_instantiation(
-    [c for c in CONFIGS if fused_tc.FORWARD_ALTERNATIVES[fused_tc.head_dim_bucket(c.head_dim)]])
+ALTERNATIVES = every_nth_covering(
+    [c for c in CONFIGS if fused_tc.FORWARD_ALTERNATIVES[fused_tc.head_dim_bucket(c.head_dim)]], 4, _instantiation)
 
 
 def test_every_alternative_instantiation_is_in_the_sweep():

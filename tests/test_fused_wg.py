@@ -62,18 +62,8 @@ def test_wgmma_and_mma_sync_forwards_agree(cfg):
     assert_close(wg_lse, tc_lse.double(), cfg.dtype, "forward", "lse")
 
 
-def _half_covering_every_head_dim_and_dtype(configs):
-    chosen = configs[::2]
-    seen = {(fused_wg.head_dim_bucket(c.head_dim), c.dtype) for c in chosen}
-    for c in configs:
-        key = (fused_wg.head_dim_bucket(c.head_dim), c.dtype)
-        if key not in seen:
-            chosen.append(c)
-            seen.add(key)
-    return chosen
-
-
-ONE_WARPGROUP_1D = _half_covering_every_head_dim_and_dtype([c for c in CONFIGS if c.ndim == 1])
+ONE_WARPGROUP_1D = test_fused_tc.every_nth_covering([c for c in CONFIGS if c.ndim == 1], 2,
+                                                    lambda c: (fused_wg.head_dim_bucket(c.head_dim), c.dtype))
 
 
 def test_the_one_warpgroup_sweep_covers_every_head_dim_and_dtype():
