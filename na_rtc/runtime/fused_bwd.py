@@ -143,20 +143,20 @@ def _plan(problem: Problem):
 
 @dataclass(frozen=True)
 class _Launches:
-    """The dq and dkdv kernels of one backward: names, sources, grids, shared memory, query-tile count."""
+    """The dq and dkdv kernels of one backward: names, sources, grids, block threads, shared memory, and the
+    query-tile count."""
 
     dq: str
     dkdv: str
-    source: str  # of both kernels unless dq_source / dkdv_source say otherwise
+    dq_source: str
+    dkdv_source: str
     dq_blocks: int
     dkdv_blocks: int
+    dq_threads: int
+    dkdv_threads: int
     dq_shared: int
     dkdv_shared: int
     tiles: int  # query tiles per head (the bias partials' middle dimension)
-    dq_source: str = ""
-    dkdv_source: str = ""
-    dkdv_threads: int = 0  # threads of each block where they differ from the family's
-    dq_threads: int = 0
 
 
 def _simt_launches(problem: Problem) -> _Launches | None:
@@ -165,9 +165,9 @@ def _simt_launches(problem: Problem) -> _Launches | None:
         return None
     hd, dq_cfg, dkdv_cfg, dq_shared, dkdv_shared = plan
     bh = problem.batch * problem.heads
-    return _Launches(dq_name(problem.dtype, hd, dq_cfg), dkdv_name(problem.dtype, hd, dkdv_cfg), SOURCE,
-                     bh * tiling.tiles(problem, dq_cfg), bh * tiling.tiles(problem, dkdv_cfg), dq_shared, dkdv_shared,
-                     problem.batch * tiling.tiles(problem, dq_cfg))
+    return _Launches(dq_name(problem.dtype, hd, dq_cfg), dkdv_name(problem.dtype, hd, dkdv_cfg), SOURCE, SOURCE,
+                     bh * tiling.tiles(problem, dq_cfg), bh * tiling.tiles(problem, dkdv_cfg), THREADS, THREADS,
+                     dq_shared, dkdv_shared, problem.batch * tiling.tiles(problem, dq_cfg))
 
 
 def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
@@ -193,8 +193,8 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
         dkdv, dkdv_source, dkdv_shared = (fused_tc.dkdv_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                           fused_tc.dkdv_shared_bytes(hd, dtype, ndim))
         dkdv_blocks, dkdv_threads = blocks, fused_tc.THREADS
-    return _Launches(dq, dkdv, fused_tc.BWD_SOURCE, dq_blocks, dkdv_blocks, dq_shared, dkdv_shared,
-                     dq_blocks // max(problem.heads, 1), dq_source, dkdv_source, dkdv_threads, dq_threads)
+    return _Launches(dq, dkdv, dq_source, dkdv_source, dq_blocks, dkdv_blocks, dq_threads, dkdv_threads, dq_shared,
+                     dkdv_shared, dq_blocks // max(problem.heads, 1))
 
 
 class FusedBackwardKernels:
@@ -259,7 +259,6 @@ class FusedBackwardKernels:
 
         inputs = _tensor(query, problem) + _tensor(key, problem) + _tensor(value, problem) + _tensor(grad_out, problem)
         inputs += _rows(lse, problem) + _rows(delta, problem) + _bias(rpb_acc, problem)
-        threads = fused_tc.THREADS if launches.source == fused_tc.BWD_SOURCE else THREADS
 
         dq = _arrays.empty(query, problem.qkv_shape, dtype)
         tiles, entries = launches.tiles, _entries(problem)
@@ -268,16 +267,14 @@ class FusedBackwardKernels:
             partial = _arrays.empty(query, (problem.heads * tiles * entries,), "float32")
             drpb = _arrays.empty(query, problem.rpb_shape, "float32")
         args = inputs + _tensor(dq, problem) + [P.Arg("ptr", partial), P.f64(problem.scale)] + problem_args
-        self.run(P.LaunchPlan(P.Kernel(launches.dq_source or launches.source, launches.dq), (launches.dq_blocks, 1, 1),
-                              (launches.dq_threads or threads, 1, 1),
-                              launches.dq_shared, tuple(args)))
+        self.run(P.LaunchPlan(P.Kernel(launches.dq_source, launches.dq), (launches.dq_blocks, 1, 1),
+                              (launches.dq_threads, 1, 1), launches.dq_shared, tuple(args)))
 
         dk = _arrays.empty(query, problem.qkv_shape, dtype)
         dv = _arrays.empty(query, problem.qkv_shape, dtype)
         args = inputs + _tensor(dk, problem) + _tensor(dv, problem) + [P.f64(problem.scale)] + problem_args
-        self.run(P.LaunchPlan(P.Kernel(launches.dkdv_source or launches.source, launches.dkdv),
-                              (launches.dkdv_blocks, 1, 1), (launches.dkdv_threads or threads, 1, 1),
-                              launches.dkdv_shared, tuple(args)))
+        self.run(P.LaunchPlan(P.Kernel(launches.dkdv_source, launches.dkdv), (launches.dkdv_blocks, 1, 1),
+                              (launches.dkdv_threads, 1, 1), launches.dkdv_shared, tuple(args)))
 
         if drpb is not None:
             (_, kx, _), (_, ky, _) = _axes(problem)
