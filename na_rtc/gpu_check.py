@@ -13,6 +13,11 @@ then one JSON file under ``--results`` (default ``benchmarks/results``) and a
 summary. Made for a bare GPU machine without network: it uses the python it
 is started with and the package from the checkout, and installs nothing;
 matplotlib and FlexAttention are optional (the harness says what it skipped).
+
+Lent GPU machines take one command of at most ten minutes, so the whole run
+keeps to ``--deadline`` seconds: every step runs with the time left as its
+limit, the benchmark slice gets what the tests left it, and the JSON report is
+rewritten after every step, so a run cut short still says how far it got.
 """
 
 from __future__ import annotations
@@ -33,37 +38,81 @@ from na_rtc.bench.report import environment
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pytest(args: list[str], junit: Path) -> dict:
+# What a step that ran past its limit reports as its exit status (as timeout(1) does).
+TIMED_OUT = 124
+# The whole run fits one ten-minute command on a lent GPU machine, with room for its start.
+DEFAULT_DEADLINE_S = 560.0
+# The least the tests leave to the benchmark slice (less when --bench-budget asks for less).
+MIN_BENCH_S = 200.0
+# Seconds kept back from the benchmark slice for its process start and the last write.
+BENCH_RESERVE_S = 20.0
+
+
+class Deadline:
+    """The seconds left of the run's time limit (``None``: no limit)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.perf_counter() + seconds
+
+    def left(self) -> float | None:
+        return None if self.end is None else max(0.0, self.end - time.perf_counter())
+
+
+def _captured(command: list[str], limit: float | None) -> tuple[int, str]:
+    """Run ``command`` in the checkout; (exit status, stdout+stderr), TIMED_OUT when it ran past ``limit``."""
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as expired:
+        text = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "")
+                       for part in (expired.stdout, expired.stderr))
+        return TIMED_OUT, text + f"\n(stopped: ran past its limit of {limit:.0f} s)"
+    return done.returncode, done.stdout + done.stderr
+
+
+def _pytest(args: list[str], junit: Path, limit: float | None = None) -> dict:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *args],
-                          cwd=ROOT, capture_output=True, text=True)
-    tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+    returncode, text = _captured(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *args], limit)
+    tail = text.strip().splitlines()[-15:]
     print("\n".join(tail))
-    return {"args": args, "returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1),
+    return {"args": args, "returncode": returncode, "seconds": round(time.perf_counter() - started, 1),
             "summary": tail[-1] if tail else ""}
 
 
-def _precompile(jobs: int) -> dict:
-    """Fill the kernel cache for this machine's GPUs, ``jobs`` NVRTC compiles at a time."""
+def _precompile(jobs: int, limit: float | None = None) -> dict:
+    """Fill the kernel cache for this machine's GPUs, ``jobs`` NVRTC compiles at a time.
+
+    Its per-family lines (compile seconds, or why one failed) go into the report:
+    they are the compile-time figures of the run, measured once here rather than
+    again by the benchmark harness.
+    """
     command = [sys.executable, "-m", "na_rtc", "precompile", "--jobs", str(jobs)]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
-    print("\n".join(tail))
-    return {"command": " ".join(command[1:]), "returncode": done.returncode,
-            "seconds": round(time.perf_counter() - started, 1)}
+    returncode, text = _captured(command, limit)
+    lines = text.strip().splitlines()
+    print("\n".join(lines[-3:]))
+    return {"command": " ".join(command[1:]), "returncode": returncode,
+            "seconds": round(time.perf_counter() - started, 1), "lines": lines[-200:]}
 
 
-def _bench(results: Path, stamp: str, preset: str, budget: float, repeat: int) -> dict:
-    """One slice of the harness in its own process (a crashing kernel cannot take gpu-check down with it)."""
+def _bench(results: Path, stamp: str, preset: str, budget: float, repeat: int, limit: float | None = None,
+           compile_timing: bool = False) -> dict:
+    """One slice of the harness in its own process (a crashing kernel cannot take gpu-check down with it).
+
+    The slice stops itself within ``budget``; ``limit`` only stops a slice that hangs.
+    """
     path = results / f"bench-{preset}-{stamp}.json"
-    command = [sys.executable, "-m", "na_rtc", "bench", "--preset", preset, "--out", str(path), "--budget", str(budget),
-               "--repeat", str(repeat), "--plot"]
+    command = [sys.executable, "-m", "na_rtc", "bench", "--preset", preset, "--out", str(path), "--budget",
+               f"{budget:.0f}", "--repeat", str(repeat), "--plot",
+               "--compile-timing" if compile_timing else "--no-compile-timing"]
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT)  # streamed: progress shows while it runs
-    record = {"command": " ".join(command[1:]), "returncode": done.returncode, "json": str(path),
+    try:
+        returncode = subprocess.run(command, cwd=ROOT, timeout=limit).returncode  # streamed: progress shows
+    except subprocess.TimeoutExpired:
+        returncode = TIMED_OUT  # the JSON holds every problem measured before the stop
+    record = {"command": " ".join(command[1:]), "returncode": returncode, "json": str(path),
               "seconds": round(time.perf_counter() - started, 1)}
-    if done.returncode == INCOMPLETE:
+    if returncode in (INCOMPLETE, TIMED_OUT):
         record["resume"] = f"python -m na_rtc bench --resume {path}"
     return record
 
@@ -77,6 +126,12 @@ def main(argv=None) -> int:
     parser.add_argument("--bench-budget", type=float, default=300.0, metavar="S",
                         help="time budget of the benchmark slice; the rest is resumed with --resume (default 300)")
     parser.add_argument("--no-bench", action="store_true", help="only the self-tests and the gpu tests")
+    parser.add_argument("--bench-compile-timing", action="store_true",
+                        help="let the benchmark compile every family again into an empty cache to time it "
+                             "(step 0 already reports each family's compile time)")
+    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, metavar="S",
+                        help=f"wall-clock limit of the whole run, steps included (default {DEFAULT_DEADLINE_S:.0f}: "
+                             "one ten-minute command on a lent machine); 0: none")
     args = parser.parse_args(argv)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -91,20 +146,41 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu-check needs a CUDA GPU visible to torch; none found")
         return 2
-    report = {"kind": "gpu-check", "utc": stamp, "environment": environment("cuda:0")}
+    deadline = Deadline(args.deadline if args.deadline > 0 else None)
+    report = {"kind": "gpu-check", "utc": stamp, "environment": environment("cuda:0"), "deadline_s": args.deadline}
+    path = results / f"gpu-check-{stamp}.json"
+
+    def save() -> None:  # after every step: a run stopped from outside still leaves what it measured
+        path.write_text(json.dumps(report, indent=2))
+
+    def limit(keep: float = 0.0) -> float | None:
+        left = deadline.left()
+        return None if left is None else max(1.0, left - keep)
+
+    # the tests may not eat the benchmark's share: it is what a lent machine is for
+    bench_share = 0.0 if args.no_bench else min(args.bench_budget, MIN_BENCH_S) + BENCH_RESERVE_S
     print(f"== gpu-check on {report['environment']['device']} ==")
     print("-- 0. compile every kernel for this machine's GPUs (in parallel, into the kernel cache)")
-    report["precompile"] = _precompile(jobs=max(1, min(16, os.cpu_count() or 1)))
+    report["precompile"] = _precompile(jobs=max(1, min(16, os.cpu_count() or 1)), limit=limit(bench_share))
+    save()
     print("-- 1. primitive self-tests (inline PTX)")
-    report["primitives"] = _pytest(["-m", "gpu", "tests/test_primitives.py"], results / f"junit-primitives-{stamp}.xml")
+    report["primitives"] = _pytest(["-m", "gpu", "tests/test_primitives.py"], results / f"junit-primitives-{stamp}.xml",
+                                   limit(bench_share))
+    save()
     print("-- 2. gpu-marked tests")
-    report["gpu_tests"] = _pytest(["-m", "gpu", "tests"], results / f"junit-gpu-{stamp}.xml")
+    report["gpu_tests"] = _pytest(["-m", "gpu", "tests"], results / f"junit-gpu-{stamp}.xml", limit(bench_share))
+    save()
     if not args.no_bench:
-        print(f"-- 3. benchmark harness, preset {args.bench_preset} (one slice of at most {args.bench_budget:.0f} s)")
-        report["benchmark"] = _bench(results, stamp, args.bench_preset, args.bench_budget, args.repeat)
-    path = results / f"gpu-check-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2))
+        left = deadline.left()
+        budget = args.bench_budget if left is None else max(30.0, min(args.bench_budget, left - BENCH_RESERVE_S))
+        print(f"-- 3. benchmark harness, preset {args.bench_preset} (one slice of at most {budget:.0f} s)")
+        report["benchmark"] = _bench(results, stamp, args.bench_preset, budget, args.repeat, limit(),
+                                     args.bench_compile_timing)
+    save()
     failed = report["primitives"]["returncode"] != 0 or report["gpu_tests"]["returncode"] != 0
+    for step in ("precompile", "primitives", "gpu_tests"):
+        if report[step]["returncode"] == TIMED_OUT:
+            print(f"   {step} ran past the time it was given (--deadline {args.deadline:.0f} s in all)")
     bench = report.get("benchmark")
     if bench is not None and bench["returncode"] not in (0, INCOMPLETE):
         failed = True

@@ -268,3 +268,75 @@ def test_gpu_check_fills_the_kernel_cache_in_parallel_first(monkeypatch):
     record = gpu_check._precompile(jobs=16)
     assert calls and calls[0][1:] == ["-m", "na_rtc", "precompile", "--jobs", "16"]
     assert record["returncode"] == 3 and "precompile --jobs 16" in record["command"]
+
+
+def test_gpu_check_step_past_its_limit_is_stopped_with_its_output_so_far():
+    """A hanging step cannot eat the lent machine's ten minutes: it is stopped at its limit, output kept."""
+    from na_rtc import gpu_check
+
+    script = "import time; print('step started', flush=True); time.sleep(60)"
+    returncode, text = gpu_check._captured([sys.executable, "-c", script], limit=2.0)
+    assert returncode == gpu_check.TIMED_OUT
+    assert "step started" in text and "limit of 2 s" in text
+
+
+def test_gpu_check_keeps_to_its_deadline_and_leaves_the_benchmark_its_share(monkeypatch, tmp_path):
+    """Every step gets the time left as its limit, the tests leave the benchmark its share, and the
+    report is on disk after every step (a run stopped from outside still says how far it got)."""
+    import json
+
+    import torch
+
+    from na_rtc import gpu_check
+
+    limits, reports = {}, []
+
+    def saved_report():
+        found = sorted(tmp_path.glob("gpu-check-*.json"))
+        return json.loads(found[0].read_text()) if found else {}
+
+    def fake_precompile(jobs, limit=None):
+        limits["precompile"] = limit
+        return {"returncode": 0, "seconds": 0.0}
+
+    def fake_pytest(args, junit, limit=None):
+        reports.append(sorted(saved_report()))
+        limits["tests" if args[-1] == "tests" else "primitives"] = limit
+        return {"returncode": 0, "seconds": 0.0, "summary": "1 passed"}
+
+    def fake_bench(results, stamp, preset, budget, repeat, limit=None, compile_timing=False):
+        reports.append(sorted(saved_report()))
+        limits["bench"], limits["bench_budget"], limits["compile_timing"] = limit, budget, compile_timing
+        return {"returncode": 0, "seconds": 0.0, "json": "bench.json"}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "environment", lambda device: {"device": "test GPU"})
+    monkeypatch.setattr(gpu_check, "_precompile", fake_precompile)
+    monkeypatch.setattr(gpu_check, "_pytest", fake_pytest)
+    monkeypatch.setattr(gpu_check, "_bench", fake_bench)
+    assert gpu_check.main(["--results", str(tmp_path), "--deadline", "500", "--bench-budget", "300"]) == 0
+
+    share = gpu_check.MIN_BENCH_S + gpu_check.BENCH_RESERVE_S
+    for step in ("precompile", "primitives", "tests"):
+        assert 500 - share - 5 < limits[step] <= 500 - share
+    assert limits["bench_budget"] == 300  # the budget asked for fits in the time left
+    assert limits["bench"] <= 500 and limits["compile_timing"] is False  # step 0 timed the compiles
+    assert reports[0] == ["deadline_s", "environment", "kind", "precompile", "utc"]
+    assert "gpu_tests" in reports[-1] and "benchmark" in saved_report()
+
+
+def test_gpu_check_bench_budget_shrinks_to_the_time_the_tests_left(monkeypatch, tmp_path):
+    import torch
+
+    from na_rtc import gpu_check
+
+    budgets = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "environment", lambda device: {"device": "test GPU"})
+    monkeypatch.setattr(gpu_check, "_precompile", lambda jobs, limit=None: {"returncode": 0, "seconds": 0.0})
+    monkeypatch.setattr(gpu_check, "_pytest", lambda args, junit, limit=None: {"returncode": 0, "summary": ""})
+    monkeypatch.setattr(gpu_check, "_bench", lambda *args, **kwargs: budgets.append(args[3]) or {"returncode": 0})
+    clock = iter([0.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0])
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: next(clock, 400.0))
+    assert gpu_check.main(["--results", str(tmp_path), "--deadline", "500", "--bench-budget", "300"]) == 0
+    assert budgets == [500 - 400 - gpu_check.BENCH_RESERVE_S]
