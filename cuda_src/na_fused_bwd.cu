@@ -130,18 +130,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
             for (long long i = tid; i < entries; i += NA_FB_THREADS) partial_out[i] = 0.0f;
         return;
     }
-    if (tid < TX) {
-        long long s0 = 0, s1 = 0;
-        if (tid < nqx) na_window(ax, (tx0 + tid) * dx + gx, s0, s1);
-        win_x0[tid] = (int)s0;
-        win_x1[tid] = (int)s1;
-    } else if (tid >= 128 && tid - 128 < TY) {
-        const int t = tid - 128;
-        long long s0 = 0, s1 = 0;
-        if (t < nqy) na_window(ay, (ty0 + t) * dy + gy, s0, s1);
-        win_y0[t] = (int)s0;
-        win_y1[t] = (int)s1;
-    }
+    na_axis_tables<false, TX, TY>(tid, ax, tx0, nqx, gx, ay, ty0, nqy, gy, win_x0, win_x1, win_y0, win_y1);
     const T zero = T();
     unsigned char* smem = na_dynamic_shared();
     constexpr int KS = KC + 1;  // ds row stride (floats)
@@ -305,18 +294,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     if (tx0 >= lgx || ty0 >= lgy) return;  // an empty tile of a shorter group: the whole block leaves
     const long long nkx = na_min(TX, lgx - tx0), nky = na_min(TY, lgy - ty0);
     const int tid = threadIdx.x;
-    if (tid < TX) {
-        long long f = 0, l = 0;
-        if (tid < nkx) na_inverse_range(ax, (tx0 + tid) * dx + gx, f, l);
-        key_first_x[tid] = (int)f;
-        key_last_x[tid] = (int)l;
-    } else if (tid >= 128 && tid - 128 < TY) {
-        const int t = tid - 128;
-        long long f = 0, l = 0;
-        if (t < nky) na_inverse_range(ay, (ty0 + t) * dy + gy, f, l);
-        key_first_y[t] = (int)f;
-        key_last_y[t] = (int)l;
-    }
+    na_axis_tables<true, TX, TY>(tid, ax, tx0, nkx, gx, ay, ty0, nky, gy, key_first_x, key_last_x, key_first_y,
+                                 key_last_y);
     const T zero = T();
     unsigned char* smem = na_dynamic_shared();
     constexpr int PS = QC + 1;  // p / ds row stride (floats)

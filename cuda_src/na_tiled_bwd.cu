@@ -82,18 +82,8 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, 2)
     const long long nkx = na_min(TX, lgx - kx0), nky = na_min(TY, lgy - ky0);
 
     const int tid = threadIdx.x;
-    if (tid < TX) {
-        long long f = 0, l = 0;
-        if (tid < nkx) na_inverse_range(ax, (kx0 + tid) * dx + gx, f, l);
-        key_first_x[tid] = f;
-        key_last_x[tid] = l;
-    } else if (tid >= 128 && tid - 128 < TY) {
-        const int t = tid - 128;
-        long long f = 0, l = 0;
-        if (t < nky) na_inverse_range(ay, (ky0 + t) * dy + gy, f, l);
-        key_first_y[t] = f;
-        key_last_y[t] = l;
-    }
+    na_axis_tables<true, TX, TY>(tid, ax, kx0, nkx, gx, ay, ky0, nky, gy, key_first_x, key_last_x, key_first_y,
+                                 key_last_y);
     __syncthreads();
     // the query box: union of the keys' ranges (ranges never decrease with the key)
     const long long bx0 = key_first_x[0], bx1 = key_last_x[nkx - 1];
@@ -209,18 +199,7 @@ __global__ void __launch_bounds__(NA_TRPB_THREADS)
         for (long long e = tid; e < entries; e += NA_TRPB_THREADS) out[e] = 0.0f;
         return;
     }
-    if (tid < TX) {
-        long long s0 = 0, s1 = 0;
-        if (tid < nqx) na_window(ax, (qx0 + tid) * dx + gx, s0, s1);
-        win_x0[tid] = s0;
-        win_x1[tid] = s1;
-    } else if (tid >= 128 && tid - 128 < TY) {
-        const int t = tid - 128;
-        long long s0 = 0, s1 = 0;
-        if (t < nqy) na_window(ay, (qy0 + t) * dy + gy, s0, s1);
-        win_y0[t] = s0;
-        win_y1[t] = s1;
-    }
+    na_axis_tables<false, TX, TY>(tid, ax, qx0, nqx, gx, ay, qy0, nqy, gy, win_x0, win_x1, win_y0, win_y1);
     unsigned char* smem = na_dynamic_shared();
     TA* rows = (TA*)smem;  // [query (x-major), slot]
     float* red = (float*)(smem + ((TX * TY * slots * (long long)sizeof(TA) + 15) / 16) * 16);

@@ -56,3 +56,28 @@ __device__ __forceinline__ void na_inverse_range(const na_axis& a, long long j, 
     }
     last = lo;
 }
+
+// The range tables of a block's tile rows on both axes, for kernels that keep
+// them in shared memory: row i of an axis (position (p0 + i) * dilation + g,
+// i < n) gets its window [start, end) or, with INVERSE, the queries that see
+// it [first, last); rows from n to the table's end get [0, 0). Threads
+// 0..TX-1 fill the x table and threads 128..128+TY-1 the y table (four warps
+// apart, so the two axes' searches run at once; the block needs 128 + TY
+// threads); the caller's barrier publishes them.
+template <bool INVERSE, int TX, int TY, typename I>
+__device__ __forceinline__ void na_axis_tables(int tid, const na_axis& ax, long long x0, long long nx, long long gx,
+                                               const na_axis& ay, long long y0, long long ny, long long gy,
+                                               I* lo_x, I* hi_x, I* lo_y, I* hi_y) {
+    const bool on_x = tid < TX;
+    if (!on_x && !(tid >= 128 && tid - 128 < TY)) return;
+    const na_axis& a = on_x ? ax : ay;
+    const int i = on_x ? tid : tid - 128;
+    long long lo = 0, hi = 0;
+    if (i < (on_x ? nx : ny)) {
+        const long long p = ((on_x ? x0 : y0) + i) * a.dilation + (on_x ? gx : gy);
+        if (INVERSE) na_inverse_range(a, p, lo, hi);
+        else na_window(a, p, lo, hi);
+    }
+    (on_x ? lo_x : lo_y)[i] = (I)lo;
+    (on_x ? hi_x : hi_y)[i] = (I)hi;
+}
