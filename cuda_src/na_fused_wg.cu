@@ -7,20 +7,26 @@
 // (batch, head, query tile of TX x TY = 64 WG group coordinates inside ONE
 // dilation group per axis); warp w holds the tile's rows 16 w .. 16 w + 15,
 // and warpgroup j (warps 4 j .. 4 j + 3) multiplies its 64 rows. The key box
-// is walked in chunks of KC keys, staged by cp.async in two shared-memory
-// stages as wgmma core matrices (na_rows_core), chunk c + 1 loading while
-// chunk c is computed; with WG 2 (1D) both warpgroups read each staged chunk,
-// which halves the K and V traffic per query, and a warpgroup skips the
-// chunks outside its own queries' windows. Per chunk:
-//   S = Q K^T   HD / 16 wgmma m64nKCk16: Q fragments from registers (ldmatrix
-//               once per block), K from shared memory (K-major descriptors);
+// is walked in chunks of KC keys, staged by cp.async in three shared-memory
+// stages as wgmma core matrices (na_rows_core): while chunk c is computed,
+// chunk c + 1 has landed and chunk c + 2 is loading. With WG 2 (1D) both
+// warpgroups read each staged chunk, which halves the K and V traffic per
+// query, and a warpgroup skips the chunks outside its own queries' windows.
+// Per chunk c:
+//   S' = Q K'^T  of chunk c + 1, issued first and left running on the tensor
+//               cores while this chunk's softmax runs on the other units (a
+//               warpgroup's first chunk is multiplied on its own): HD / 16
+//               wgmma m64nKCk16, K from shared memory (K-major descriptors),
+//               Q fragments from registers (ldmatrix once per block; QS:
+//               from shared memory, the SS form, where registers would spill);
 //   mask        logits outside each query's window are -inf, scale and bias
 //               in log2 units (na_tc_logits); tiles inside the common window
 //               of a warp's rows skip the per-element test, and without a
 //               bias a whole chunk inside it skips the per-tile test too;
 //   softmax     online per row in fp32 (na_tc_softmax_chunk);
 //   O += P V    KC / 16 wgmma m64nHDk16: P repacked from the S accumulators
-//               into A fragments (registers), V MN-major from shared memory.
+//               into A fragments (registers), V MN-major from shared memory;
+//   then both products are waited for and S' becomes the next chunk's S.
 // Unlike the mma.sync forward, every warp computes every 8-key tile of a
 // chunk (a warpgroup product has no per-warp columns): the work is that of
 // the whole box, which pays where the windows of a tile overlap almost
@@ -28,11 +34,12 @@
 //
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
 // (32, 64 or 128: the N of P V; runtime D <= HD), query tile TX x TY (64 WG),
-// keys per chunk KC (32, 64 or 128: the N of Q K^T), warpgroups WG (1; 2 in
-// 1D). Dynamic shared memory (na_rtc/runtime/fused_wg.py mirrors it): two
-// stages of a K and a V chunk, 4 KC HD elements; the Q tile (64 WG rows of
-// HD, core matrices) is staged in stage 1 until its fragments are in
-// registers. Above 48 KiB (HD 128) the launcher opts in.
+// keys per chunk KC (32, 64 or 128: the N of Q K^T), QS (Q read from shared
+// memory all along), warpgroups WG (1; 2 in 1D). Dynamic shared memory
+// (na_rtc/runtime/fused_wg.py mirrors it): with QS the Q tile (64 WG rows of
+// HD, core matrices) first; then three stages of a K and a V chunk, 6 KC HD
+// elements; without QS the Q tile is staged in stage 2 until its fragments
+// are in registers. Above 48 KiB the launcher opts in.
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -47,7 +54,7 @@
         long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
 #define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
 
-template <class T, int HD, int TX, int TY, int KC, int WG>
+template <class T, int HD, int TX, int TY, int KC, bool QS, int WG>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
     NA_STRIDES5(v), const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
@@ -60,37 +67,50 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     constexpr int DT = HD / 8;       // 8-dim tiles of the output
     using L = na_rows_core<HD>;
     constexpr int STAGE = L::rows(2 * KC);        // elements of one stage: a K chunk, then a V chunk
-    constexpr unsigned ROW_GROUP = 16 * HD;       // bytes of 8 staged rows: SBO of K, LBO of V
+    constexpr unsigned ROW_GROUP = 16 * HD;       // bytes of 8 staged rows: SBO of K (and Q), LBO of V
     static_assert(sizeof(T) == 2 && NQ == 64 * WG && NA_TC_THREADS == 128, "64 rows a warpgroup, 16-bit elements");
     static_assert(WG == 1 || (WG == 2 && TY == 1), "two warpgroups in 1D only");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
-    static_assert(L::rows(NQ) <= STAGE, "the Q tile fits in stage 1");
+    static_assert(QS || L::rows(NQ) <= STAGE, "the Q tile fits in stage 2");
     const float NEG_INF = __int_as_float(0xff800000);
 
     NA_TC_DECODE_BLOCK(TX, TY)
     if (!tile_ok) return;  // uniform over the block
     const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
     const int d_len = (int)D;
+    const int chunks = (box.keys + KC - 1) / KC;
 
     T* smem = reinterpret_cast<T*>(na_dynamic_shared());
-    T* sq = smem + STAGE;
+    T* stages = QS ? smem + L::rows(NQ) : smem;
+    T* sq = QS ? smem : stages + 2 * STAGE;  // without QS, stage 2 holds Q until chunk 2 loads
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
     const unsigned smem_address = na_shared_address(smem);
+    // this warpgroup's 64 rows of the Q tile (QS: the A of Q K^T)
+    const unsigned q_address = smem_address + (unsigned)(L::rows(64 * (warp / 4)) * (int)sizeof(T));
 
-    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS>(k, {k_b, k_x, k_y, k_h, k_l}, v,
-                                                                  {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
+    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 3>(
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
     na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
-    kv.load(smem, box, 0);  // with the Q tile: chunk 0 into stage 0
-    na_cp_async_wait_group<0>();
+    kv.load(stages, box, 0);  // with the Q tile: chunk 0 into stage 0
+    if (chunks > 1) {
+        kv.load(stages, box, 1);  // lands during the first iteration's softmax
+        na_cp_async_wait_group<1>();
+    } else {
+        na_cp_async_wait_group<0>();
+    }
+    na_fence_proxy_async();  // chunk 0 (and with QS the Q tile) is read by wgmma
     __syncthreads();
-    unsigned qf[KSTEPS][4];
+    unsigned qf[QS ? 1 : KSTEPS][4];
+    if constexpr (!QS) {
 #pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks)  // one 8 x 8 core matrix (128 contiguous bytes) per 8 lanes
-        na_ldmatrix<4, false>(qf[ks], sq + L::at(16 * warp + (lane & 15), 16 * ks + 8 * (lane >> 4)));
+        for (int ks = 0; ks < KSTEPS; ++ks)  // one 8 x 8 core matrix (128 contiguous bytes) per 8 lanes
+            na_ldmatrix<4, false>(qf[ks], sq + L::at(16 * warp + (lane & 15), 16 * ks + 8 * (lane >> 4)));
+    }
+    // the first iteration's barrier orders these reads before chunk 2 overwrites stage 2
 
     // the chunks holding keys of this warpgroup's queries (windows are monotone along the tile, so from the
     // first query's window start to the last one's end); none past the last valid query
-    int chunk_lo = 0, chunk_hi = (box.keys + KC - 1) / KC;
+    int chunk_lo = 0, chunk_hi = chunks;
     if (WG > 1) {
         const int first = 64 * (warp / 4), last = first + 63 < tx.n - 1 ? first + 63 : (int)tx.n - 1;
         if (first > last) {
@@ -112,27 +132,38 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     float(&of)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(o);  // the wgmma view of the same registers
     const float scale2 = (float)scale * NA_TC_LOG2E;
-    const int chunks = (box.keys + KC - 1) / KC;
-    __syncthreads();  // every warp holds its Q fragments: stage 1 is free for chunk 1
 
-    for (int chunk = 0; chunk < chunks; ++chunk) {
-        const T* sk = kv.template arrive<true>(smem, box, chunk, chunks);
-        if (chunk >= chunk_lo && chunk < chunk_hi) {  // warpgroup-uniform: keys of its queries here
-            const unsigned k_address = smem_address + (unsigned)((sk - smem) * (int)sizeof(T));
-            const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
-            const int c0 = chunk * KC;
-
-            // S = Q K^T over the chunk's KC keys: a k-step is two core matrices (16 head dims) of every row group
-            float s[NT][4];
-            float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
-            na_wgmma_fence();
+    // S (+)= Q K^T of the chunk staged at `stage` into d, issued as one group (not waited for)
+    const auto issue_qk = [&](float(&d)[KC / 2], const T* stage) {
+        const unsigned k_address = smem_address + (unsigned)((stage - smem) * (int)sizeof(T));
+        na_wgmma_fence();
 #pragma unroll
-            for (int ks = 0; ks < KSTEPS; ++ks)
-                na_wgmma_rs<T, KC, false>(sf, qf[ks], na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP), ks > 0);
-            na_wgmma_commit();
+        for (int ks = 0; ks < KSTEPS; ++ks) {  // a k-step is two core matrices (16 head dims) of every row group
+            const unsigned long long kd = na_wgmma_desc(k_address + 256u * ks, 128u, ROW_GROUP);
+            if constexpr (QS) na_wgmma_ss<T, KC, false>(d, na_wgmma_desc(q_address + 256u * ks, 128u, ROW_GROUP),
+                                                         kd, ks > 0);
+            else na_wgmma_rs<T, KC, false>(d, qf[ks], kd, ks > 0);
+        }
+        na_wgmma_commit();
+    };
+
+    float s[NT][4], sn[NT][4];  // this chunk's S; the next chunk's, in flight during this chunk's softmax
+    float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
+    float(&snf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(sn);
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+        const T* stage = kv.template arrive<true>(stages, box, chunk, chunks);  // chunk + 1 has landed too
+        const bool here = chunk >= chunk_lo && chunk < chunk_hi;  // warpgroup-uniform: keys of its queries
+        const bool next_here = chunk + 1 >= chunk_lo && chunk + 1 < chunk_hi;
+        if (here && chunk == chunk_lo) {  // the warpgroup's first chunk: nothing to overlap its S with
+            issue_qk(sf, stage);
             na_wgmma_wait<0>();
             na_wgmma_hold(sf);
-
+        }
+        if (next_here) issue_qk(snf, kv.stage_of(stages, chunk + 1));
+        if (here) {
+            const unsigned v_address =
+                smem_address + (unsigned)((stage - smem + L::rows(KC)) * (int)sizeof(T));
+            const int c0 = chunk * KC;
             // warp-uniform: without a bias, a chunk inside the window of each of the warp's rows needs no test
             // per tile (with one, the per-tile path keeps the bias loads from taking registers for all tiles)
             if (!rpb && na_tc_keys_full<TY>(common, c0, KC, box)) {
@@ -160,8 +191,13 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
                 na_wgmma_rs<T, HD, true>(of, pa[ps], na_wgmma_desc(v_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
                                          true);
             na_wgmma_commit();
-            na_wgmma_wait<0>();
-            na_wgmma_hold(of);
+        }
+        na_wgmma_wait<0>();  // S' and P V: the next arrive reuses this chunk's stage
+        na_wgmma_hold(of);
+        na_wgmma_hold(snf);
+        if (next_here) {
+#pragma unroll
+            for (int i = 0; i < KC / 2; ++i) sf[i] = snf[i];
         }
     }
 

@@ -131,12 +131,16 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
     });
 }
 
-// The K and V rows of a key box, streamed in chunks of KC box keys through two
-// shared-memory stages of 2 KC rows each (the K chunk, then the V chunk), as
-// the forward and the dq kernel walk the box: load(stages, chunk) issues chunk
-// `chunk` into stage chunk % 2 as one cp.async group. Rows in layout L.
-template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS>
+// The K and V rows of a key box, streamed in chunks of KC box keys through
+// STAGES shared-memory stages of 2 KC rows each (the K chunk, then the V
+// chunk), as the forward and the dq kernel walk the box: load(stages, chunk)
+// issues chunk `chunk` into stage chunk % STAGES as one cp.async group. Rows
+// in layout L. With STAGES 3 the stream runs one chunk further ahead: chunk
+// c + 1 has landed while chunk c is computed, for a forward that multiplies
+// the next chunk's Q K^T during this chunk's softmax (na_fused_wg.cu).
+template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2>
 struct na_tc_kv_stream {
+    static_assert(STAGES == 2 || STAGES == 3, "two or three stages");
     const T* k;
     const T* v;
     long long k_step, v_step;  // element strides of the head dim
@@ -144,34 +148,39 @@ struct na_tc_kv_stream {
     int d_len;
     na_tc_box_rows k_at, v_at;
 
+    // chunk `chunk`'s stage: its K rows, then its V rows from L::rows(KC) on
+    __device__ __forceinline__ T* stage_of(T* stages, int chunk) const {
+        return stages + (STAGES == 2 ? chunk & 1 : chunk % STAGES) * L::rows(2 * KC);
+    }
+
     __device__ __forceinline__ void load(T* stages, const na_tc_box<TY>& box, int chunk) const {
-        T* stage = stages + (chunk & 1) * L::rows(2 * KC);
+        T* stage = stage_of(stages, chunk);
         na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
         na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage + L::rows(KC), v, v_step, v_vec, d_len, box, v_at,
                                                    chunk * KC);
         na_cp_async_commit();
     }
 
-    // the top of the iteration on chunk `chunk` of `chunks` (chunk 0 loaded before the loop): wait for
-    // it and make it visible to the block, then issue chunk + 1 into the other stage (every warp is past
-    // chunk - 1 at this barrier, so that stage is free), which lands while the block computes this one:
-    // one barrier a chunk. Returns this chunk's stage (K rows, then V rows from L::rows(KC) on).
-    // ASYNC_PROXY: the rows are read by wgmma (the async proxy), so each thread fences its landed
-    // copies before the barrier (na_wgmma.cuh), and the caller waits for its wgmma before the next
-    // arrive.
+    // the top of the iteration on chunk `chunk` of `chunks` (chunks 0 .. STAGES - 2 loaded before the
+    // loop): wait for every chunk issued (the newest is chunk + STAGES - 2) and make it visible to the
+    // block, then issue chunk + STAGES - 1 into the stage chunk - 1 held (every warp is past chunk - 1 at
+    // this barrier, so that stage is free), which lands while the block computes this one: one barrier a
+    // chunk. Returns this chunk's stage. ASYNC_PROXY: the rows are read by wgmma (the async proxy), so
+    // each thread fences its landed copies before the barrier (na_wgmma.cuh), and the caller waits for
+    // its wgmma on chunk - 1 before the next arrive.
     template <bool ASYNC_PROXY = false>
     __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY>& box, int chunk, int chunks) const {
         na_cp_async_wait_group<0>();
         if (ASYNC_PROXY) na_fence_proxy_async();
         __syncthreads();
-        if (chunk + 1 < chunks) load(stages, box, chunk + 1);
-        return stages + (chunk & 1) * L::rows(2 * KC);
+        if (chunk + STAGES - 1 < chunks) load(stages, box, chunk + STAGES - 1);
+        return stage_of(stages, chunk);
     }
 };
 
 // the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty
-template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS>
-__device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY, THREADS> na_tc_kv_stream_of(
+template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2>
+__device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY, THREADS, STAGES> na_tc_kv_stream_of(
     const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D,
     const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h) {
     return {k,

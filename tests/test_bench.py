@@ -463,7 +463,7 @@ def test_sixteen_warp_rows_entry_runs_only_where_it_changes_the_kernel(head_dim,
         assert _prepare_sixteen_warp_rows(problem, inputs).notes["forward_kernels"] == picks
 
 
-@pytest.mark.parametrize("ndim, picks", [(1, "na_fused_wg_fwd<bf16_t, 64, 64, 1, 64, 1>"), (2, None)])
+@pytest.mark.parametrize("ndim, picks", [(1, "na_fused_wg_fwd<bf16_t, 64, 64, 1, 64, 0, 1>"), (2, None)])
 def test_one_warpgroup_entry_times_the_other_1d_forward_or_says_why_not(ndim, picks):
     """fused_wgmma_1wg: the wgmma forward with one warpgroup per block, where that is another forward than
     fused_wgmma's (1D); in 2D the table's forward has one already, and the entry says so."""
@@ -479,7 +479,7 @@ def test_one_warpgroup_entry_times_the_other_1d_forward_or_says_why_not(ndim, pi
         assert _prepare_wgmma_one_warpgroup(problem, inputs).notes["forward_kernels"] == picks
 
 
-@pytest.mark.parametrize("dtype, picks", [("bfloat16", "na_fused_wg_fwd<bf16_t, 64, 128, 1, 64, 2>"), ("float32", None)])
+@pytest.mark.parametrize("dtype, picks", [("bfloat16", "na_fused_wg_fwd<bf16_t, 64, 128, 1, 64, 0, 2>"), ("float32", None)])
 def test_wgmma_entry_times_the_hopper_forward_or_says_why_not(dtype, picks):
     """fused_wgmma runs the fused op with NA_RTC_WGMMA=1 (the emulator takes it like an sm_90 GPU); where the
     wgmma forward does not serve the problem (fp32 here) the entry is unavailable instead of timing another."""

@@ -7,7 +7,7 @@ import builtins
 
 import numpy as np
 
-from na_rtc.runtime import cuda
+from na_rtc.runtime import cuda, fused_wg
 from na_rtc.runtime import plan as P
 
 
@@ -39,7 +39,7 @@ def test_unavailable_without_cupy_says_how_to_install(monkeypatch):
 
 def test_launches_above_48_kib_opt_in_once_per_function(monkeypatch):
     """cudaFuncAttributeMaxDynamicSharedMemorySize is raised before the first launch that needs more than the
-    default 48 KiB (the wgmma forward at head dim 128 takes 64 KiB), and only when a launch needs more."""
+    default 48 KiB (the wgmma forward at head dim 128 takes 128 KiB), and only when a launch needs more."""
     import sys
     import types
 
@@ -53,7 +53,7 @@ def test_launches_above_48_kib_opt_in_once_per_function(monkeypatch):
                          ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
                          ("cupy_backends.cuda.api", api), ("cupy_backends.cuda.api.driver", driver)):
         monkeypatch.setitem(sys.modules, name, module)
-    name = "na_fused_wg_fwd<bf16_t, 128, 128, 1, 64, 2>"
+    name = fused_wg.kernel_name_of(128, "bfloat16", 1)
     module = types.SimpleNamespace(get_function=lambda mangled: types.SimpleNamespace(ptr=1234, name=mangled))
     functions: dict = {}
     monkeypatch.setattr(cuda, "_module", lambda device, family: (module, {name: "_Z3wg"}, functions))

@@ -78,7 +78,9 @@ def test_one_warpgroup_1d_forward_matches_reference(cfg, monkeypatch):
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
     recorder = RecordingExecutor()
     out, lse = _run(cfg, executor=recorder)
-    assert recorder.names[0].startswith("na_fused_wg_fwd<") and recorder.names[0].endswith(", 64, 1, 64, 1>")
+    hd = fused_wg.head_dim_bucket(cfg.head_dim)
+    assert recorder.names[0] == fused_wg.kernel_name_of(hd, cfg.dtype, 1, warpgroups=1)
+    assert recorder.names[0].startswith(f"na_fused_wg_fwd<{fused_wg.CTYPES[cfg.dtype]}, {hd}, 64, 1, ")
     test_fused.assert_forward_matches_reference(cfg, out, lse)
 
 
@@ -97,9 +99,9 @@ def test_one_warpgroup_1d_backward_matches_reference(case, monkeypatch):
 def test_the_warpgroups_setting(monkeypatch):
     kernels = fused.FusedKernels(emulated.run, _always, _always)
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
-    assert kernels.kernel_name(_problem(1, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 64, 1, 64, 1>"
+    assert kernels.kernel_name(_problem(1, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 64, 1, 64, 0, 1>"
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "2")  # not built in 2D: the table's one
-    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 1>"
+    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "4")
     with pytest.raises(ValueError, match="NA_RTC_WGMMA_WARPGROUPS must be 1 or 2"):
         kernels.kernel_name(_problem(1, "float16", 64))
@@ -131,8 +133,8 @@ def _problem(ndim, dtype, head_dim):
 
 
 @pytest.mark.parametrize("ndim, dtype, head_dim, wgmma, expected", [
-    (1, "bfloat16", 128, True, "na_fused_wg_fwd<bf16_t, 128, 128, 1, 64, 2>"),
-    (2, "float16", 40, True, "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 1>"),
+    (1, "bfloat16", 128, True, "na_fused_wg_fwd<bf16_t, 128, 128, 1, 64, 1, 2>"),
+    (2, "float16", 40, True, "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"),
     (2, "float16", 64, False, "na_fused_tc_fwd<fp16_t, 64, 16, 8, 32, 2>"),
     (1, "float32", 64, True, "na_fused_fwd<float, 64, 32, 1>"),  # fp32: SIMT
 ])

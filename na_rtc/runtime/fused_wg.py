@@ -5,8 +5,10 @@ each; two in 1D, one in 2D: :data:`WARPGROUPS`) per (batch, head, tile inside
 one dilation group per axis), with the same arguments and results as the
 mma.sync kernels (``fused_tc.py``):
 
-* ``na_fused_wg_fwd<T, HD, TX, TY, KC, WG>``: Q K^T and P V as warpgroup
-  products on the key box, KC keys at a time, double-buffered;
+* ``na_fused_wg_fwd<T, HD, TX, TY, KC, QS, WG>``: Q K^T and P V as warpgroup
+  products on the key box, KC keys at a time in three stages, the next
+  chunk's Q K^T running during this chunk's softmax (QS: Q from shared
+  memory, at head dim 128);
 * ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC, QS, WG>``: dq the same way (S, dP,
   dQ += ds K; QS: Q and dOut from shared memory, in 2D at head dim 128);
 * ``na_fused_wg_bwd_dkdv<T, HD, TX, TY, QC, WG>``: dK and dV per key tile over
@@ -42,10 +44,17 @@ HEAD_DIMS = (32, 64, 128)
 WARPGROUPS = {1: 2, 2: 1}
 #: (ndim, warpgroups) built -> the block's tile (TX, TY): 64 rows a warpgroup
 BLOCK_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8)}
-#: head-dim bucket -> keys per staged chunk (the N of Q K^T); shared memory is 4 KC HD elements
+#: head-dim bucket -> keys per staged chunk (the N of Q K^T); three stages of a K and a V chunk are 6 KC HD
+#: elements
 CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
+#: the forward's stages (na_tc_kv_stream): chunk c + 1 has landed while chunk c is computed
+FORWARD_STAGES = 3
+#: (ndim, head-dim bucket) where the forward reads Q from shared memory (the SS form) instead of fragment
+#: registers: at head dim 128 the O accumulators, this chunk's S and the next chunk's S in flight beside it
+#: leave no room for Q's 32 fragment registers (60 bytes of spills in 1D with two warpgroups, 48 in 2D)
+FORWARD_Q_SHARED = frozenset({(1, 128), (2, 128)})
 #: the most dynamic shared memory a launch takes (sm_90 allows 227 KiB after the opt-in)
-SHARED_BUDGET = 96 * 1024
+SHARED_BUDGET = 128 * 1024
 #: the dq kernel's, where its tiles do not fit the mma.sync backward's budget: room for bias tables (one float
 #: an entry) beside two warpgroups' Q and dOut tiles at head dim 128 (87 KiB)
 DQ_SHARED_BUDGET = 192 * 1024
@@ -68,9 +77,12 @@ def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
 
 
-def shared_bytes(hd: int, dtype: str) -> int:
-    """Two stages of a K and a V chunk as core matrices (the Q tile, 64 rows a warpgroup, borrows stage 1)."""
-    return 4 * CHUNK_KEYS[hd] * hd * tiling.ITEMSIZE[dtype]
+def shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> int:
+    """The forward's: three stages of a K and a V chunk as core matrices; the Q tile (64 rows a warpgroup)
+    borrows stage 2, or in the SS form comes first."""
+    wg = warpgroups or block_warpgroups(ndim)
+    q_tile = 64 * wg * hd if (ndim, hd) in FORWARD_Q_SHARED else 0
+    return (2 * FORWARD_STAGES * CHUNK_KEYS[hd] * hd + q_tile) * tiling.ITEMSIZE[dtype]
 
 
 def block_warpgroups(ndim: int) -> int:
@@ -82,7 +94,8 @@ def block_warpgroups(ndim: int) -> int:
 def kernel_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
     wg = warpgroups or block_warpgroups(ndim)
     tx, ty = BLOCK_TILES[ndim, wg]
-    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}, {wg}>"
+    qs = int((ndim, hd) in FORWARD_Q_SHARED)
+    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}, {qs}, {wg}>"
 
 
 def block_threads(ndim: int, warpgroups: int | None = None) -> int:
@@ -142,7 +155,7 @@ def family():
 
     shared, threads = {}, {}
     for hd, dtype, ndim, wg in _instantiations():
-        shared[kernel_name_of(hd, dtype, ndim, wg)] = shared_bytes(hd, dtype)
+        shared[kernel_name_of(hd, dtype, ndim, wg)] = shared_bytes(hd, dtype, ndim, wg)
         # the dq kernel's largest launch: the budget (larger bias tables are not covered)
         shared[dq_name_of(hd, dtype, ndim, wg)] = dq_shared_budget(hd, ndim, wg)
         shared[dkdv_name_of(hd, dtype, ndim, wg)] = dkdv_shared_bytes(hd, dtype, ndim, wg)
@@ -161,7 +174,7 @@ def covers(problem: Problem) -> bool:
     if not fused_tc.covers(problem):
         return False
     hd = head_dim_bucket(problem.head_dim)
-    return shared_bytes(hd, problem.dtype) <= SHARED_BUDGET and grid(problem) <= P.MAX_GRID[0]
+    return shared_bytes(hd, problem.dtype, problem.ndim) <= SHARED_BUDGET and grid(problem) <= P.MAX_GRID[0]
 
 
 def dq_covers(problem: Problem) -> bool:
@@ -186,4 +199,4 @@ def launch(problem: Problem) -> tuple[str, str, int, int, int]:
     """(source, kernel name, threads, blocks, dynamic shared bytes) of the forward of ``problem``."""
     hd = head_dim_bucket(problem.head_dim)
     return (SOURCE, kernel_name(problem), block_threads(problem.ndim), grid(problem),
-            shared_bytes(hd, problem.dtype))
+            shared_bytes(hd, problem.dtype, problem.ndim))
