@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import test_fused
@@ -60,6 +62,55 @@ def test_wgmma_and_mma_sync_forwards_agree(cfg):
     tc_out, tc_lse = _run(cfg, wgmma=False)
     assert_close(wg_out, tc_out.double(), cfg.dtype, "forward", "out")
     assert_close(wg_lse, tc_lse.double(), cfg.dtype, "forward", "lse")
+
+
+def _long_box(spatial, kernel, head_dim, dtype, rpb=False, causal=False):
+    ndim = len(spatial)
+    return test_fused.Config(spatial=spatial, kernel_size=kernel, dilation=(1,) * ndim, causal=(causal,) * ndim,
+                             batch=1, heads=2, head_dim=head_dim, rpb=rpb, heads_first=False, dtype=dtype,
+                             stride=(1,) * ndim)
+
+
+#: key boxes of at least four chunks for every (ndim, head-dim bucket): the random sweep's boxes are mostly
+#: one or two chunks, which never reuse a stage of the forward's three (nor, with two warpgroups in 1D, let
+#: one warpgroup start past chunk 0)
+LONG_BOXES = [
+    _long_box((400,), (129,), 32, "float16", rpb=True),
+    _long_box((400,), (129,), 64, "bfloat16"),
+    _long_box((400,), (129,), 128, "float16"),
+    _long_box((300,), (191,), 128, "bfloat16", rpb=True),
+    _long_box((330,), (200,), 64, "float16", causal=True),
+    _long_box((26, 20), (11, 9), 32, "bfloat16"),
+    _long_box((26, 20), (11, 9), 64, "float16", rpb=True),
+    _long_box((26, 20), (11, 9), 128, "bfloat16", rpb=True),
+    _long_box((30, 22), (13, 13), 128, "float16", causal=True),
+]
+
+
+def _box_chunks(cfg, warpgroups):
+    """Chunks of KC keys in the first block's key box (stride 1, no dilation: the tile plus the kernel)."""
+    tile = fused_wg.BLOCK_TILES[cfg.ndim, warpgroups]
+    keys = math.prod(min(length, t + k - 1) for length, t, k in zip(cfg.spatial, tile, cfg.kernel_size))
+    return -(-keys // fused_wg.CHUNK_KEYS[fused_wg.head_dim_bucket(cfg.head_dim)])
+
+
+def test_the_long_boxes_reuse_stages_for_every_head_dim():
+    assert all(_box_chunks(c, fused_wg.WARPGROUPS[c.ndim]) >= 4 for c in LONG_BOXES)
+    assert {(c.ndim, fused_wg.head_dim_bucket(c.head_dim)) for c in LONG_BOXES} == {
+        (ndim, hd) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
+
+
+@pytest.mark.parametrize("warpgroups", [None, 1])
+@pytest.mark.parametrize("cfg", LONG_BOXES, ids=str)
+def test_wgmma_forward_over_long_key_boxes(cfg, warpgroups, monkeypatch):
+    """Chunks past the third reuse stages while the next chunk's S is in flight; in 1D with two warpgroups
+    the second one starts past chunk 0 (its first chunk is multiplied on its own)."""
+    if warpgroups is not None:
+        if cfg.ndim == 2:
+            pytest.skip("2D blocks have one warpgroup only")
+        monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
+    out, lse = _run(cfg)
+    test_fused.assert_forward_matches_reference(cfg, out, lse)
 
 
 ONE_WARPGROUP_1D = test_fused_tc.every_nth_covering([c for c in CONFIGS if c.ndim == 1], 2,
