@@ -4,7 +4,9 @@
   and 2D, kernel sizes 2 to 65 and 255, dilation, stride 1 to k, every causal
   combination, rpb, scale, head dims up to 128, heads-first views, sizes that
   are not multiples of the tile) against the float64 reference: output and
-  logsumexp within the DESIGN.md section 8 tolerances;
+  logsumexp within the DESIGN.md section 8 tolerances; plus LONG_BOXES, key
+  boxes of many chunks for every (ndim, head dim), which the random sweep's
+  small boxes do not reach;
 * the tensor-core and SIMT kernels agree on the same inputs;
 * dispatch: tensor cores serve fp16/bf16 with head dim <= 128 where allowed
   (sm_80+, the emulator, NA_RTC_TENSOR_CORES unset or 1), SIMT otherwise;
@@ -39,6 +41,30 @@ def _run(cfg, tensor_cores=True, executor=emulated.run, arrays=None, wgmma=False
     kernels = fused.FusedKernels(executor, _always if tensor_cores else None, _always if wgmma else None)
     assert kernels.covers(problem)
     return kernels.forward(problem, q, k, v, bias)
+
+
+def _long_box(spatial, kernel, head_dim, dtype, rpb=False, causal=False):
+    ndim = len(spatial)
+    return test_fused.Config(spatial=spatial, kernel_size=kernel, dilation=(1,) * ndim, causal=(causal,) * ndim,
+                             batch=1, heads=2, head_dim=head_dim, rpb=rpb, heads_first=False, dtype=dtype,
+                             stride=(1,) * ndim)
+
+
+#: key boxes of at least four chunks of the wgmma forward (more of the mma.sync one) for every (ndim,
+#: head-dim bucket): the random sweep's boxes are mostly one or two chunks, which never reuse a stage of
+#: the wgmma forward's three (nor, with two warpgroups in 1D, let one warpgroup start past chunk 0);
+#: tests/test_fused_wg.py checks the chunk counts
+LONG_BOXES = [
+    _long_box((400,), (129,), 32, "float16", rpb=True),
+    _long_box((400,), (129,), 64, "bfloat16"),
+    _long_box((400,), (129,), 128, "float16"),
+    _long_box((300,), (191,), 128, "bfloat16", rpb=True),
+    _long_box((330,), (200,), 64, "float16", causal=True),
+    _long_box((26, 20), (11, 9), 32, "bfloat16"),
+    _long_box((26, 20), (11, 9), 64, "float16", rpb=True),
+    _long_box((26, 20), (11, 9), 128, "bfloat16", rpb=True),
+    _long_box((30, 22), (13, 13), 128, "float16", causal=True),
+]
 
 
 def test_the_sweep_has_both_dtypes_both_ndims_and_every_bucket():
@@ -180,3 +206,12 @@ def check_nan_reach(poisoned, tile, wgmma=False):
         assert torch.equal(bad, sees)
     else:
         assert bool((bad <= same_tile).all()), "a query of another tile is poisoned"
+
+
+@pytest.mark.parametrize("cfg", LONG_BOXES, ids=str)
+def test_tensor_core_forward_over_long_key_boxes(cfg):
+    """The mma.sync forward streams these boxes through both stages many times over."""
+    recorder = RecordingExecutor()
+    out, lse = _run(cfg, executor=recorder)
+    assert recorder.names[0].startswith("na_fused_tc_fwd<")
+    test_fused.assert_forward_matches_reference(cfg, out, lse)

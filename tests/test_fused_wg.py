@@ -2,7 +2,9 @@
 
 * the fp16/bf16 configurations of the fused sweep (the ones the mma.sync
   forward takes, tests/test_fused_tc.py) against the float64 reference:
-  output and logsumexp within the DESIGN.md section 8 tolerances;
+  output and logsumexp within the DESIGN.md section 8 tolerances, and the
+  long key boxes (four chunks and more: every stage reused, in 1D the
+  second warpgroup starting past chunk 0), with one and two warpgroups;
 * it agrees with the mma.sync forward on the same inputs;
 * NaN reach: a key poisons exactly the queries that see it, a value at most
   its block's query tile;
@@ -64,27 +66,7 @@ def test_wgmma_and_mma_sync_forwards_agree(cfg):
     assert_close(wg_lse, tc_lse.double(), cfg.dtype, "forward", "lse")
 
 
-def _long_box(spatial, kernel, head_dim, dtype, rpb=False, causal=False):
-    ndim = len(spatial)
-    return test_fused.Config(spatial=spatial, kernel_size=kernel, dilation=(1,) * ndim, causal=(causal,) * ndim,
-                             batch=1, heads=2, head_dim=head_dim, rpb=rpb, heads_first=False, dtype=dtype,
-                             stride=(1,) * ndim)
-
-
-#: key boxes of at least four chunks for every (ndim, head-dim bucket): the random sweep's boxes are mostly
-#: one or two chunks, which never reuse a stage of the forward's three (nor, with two warpgroups in 1D, let
-#: one warpgroup start past chunk 0)
-LONG_BOXES = [
-    _long_box((400,), (129,), 32, "float16", rpb=True),
-    _long_box((400,), (129,), 64, "bfloat16"),
-    _long_box((400,), (129,), 128, "float16"),
-    _long_box((300,), (191,), 128, "bfloat16", rpb=True),
-    _long_box((330,), (200,), 64, "float16", causal=True),
-    _long_box((26, 20), (11, 9), 32, "bfloat16"),
-    _long_box((26, 20), (11, 9), 64, "float16", rpb=True),
-    _long_box((26, 20), (11, 9), 128, "bfloat16", rpb=True),
-    _long_box((30, 22), (13, 13), 128, "float16", causal=True),
-]
+LONG_BOXES = test_fused_tc.LONG_BOXES
 
 
 def _box_chunks(cfg, warpgroups):

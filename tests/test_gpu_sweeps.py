@@ -1,5 +1,6 @@
 """GPU versions of the kernel sweeps: the configurations of test_fused,
-test_fused_bwd, test_tiled and test_tiled_bwd, run through the public API on
+test_fused_bwd, test_tiled and test_tiled_bwd (and test_fused_tc's long key
+boxes for the forwards), run through the public API on
 the ``cuda`` backend (so the dispatcher picks the same fused / tiled kernels
 as in the emulator sweeps) against the float64 reference, with the DESIGN.md
 section 8 tolerances; plus run-to-run determinism on the GPU.
@@ -47,7 +48,7 @@ def _ops(ndim):
              ("av_bwd", "_av_backward"))}
 
 
-@pytest.mark.parametrize("cfg", test_fused.CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", test_fused.CONFIGS + test_fused_tc.LONG_BOXES, ids=str)
 def test_fused_forward_on_gpu(cfg):
     (q, k, v), (q64, k64, v64) = sweep_inputs(cfg, 3)
     bias, bias64 = sweep_bias(cfg)
@@ -72,9 +73,10 @@ def test_wgmma_backward_on_gpu(case, monkeypatch):
     test_fused_backward_on_gpu(case)
 
 
-@pytest.mark.parametrize("cfg", test_fused_tc.CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", test_fused_tc.CONFIGS + test_fused_tc.LONG_BOXES, ids=str)
 def test_wgmma_forward_on_gpu(cfg):
-    """The Hopper forward (NA_RTC_WGMMA=1's kernel) on the fp16/bf16 sweep, on sm_90 GPUs."""
+    """The Hopper forward (NA_RTC_WGMMA=1's kernel) on the fp16/bf16 sweep and on key boxes of many chunks,
+    on sm_90 GPUs."""
     from na_rtc.runtime import cuda, fused
 
     if cuda.arch_of("cuda") != 90:
