@@ -4,7 +4,8 @@
   and 2D, kernels up to 67, stride, dilation, every causal combination, rpb,
   head dims up to 128, heads-first views, batch and heads > 1) against the
   float64 reference: dq, dk, dv, drpb within the DESIGN.md section 8
-  tolerances, from the reference's out and lse;
+  tolerances, from the reference's out and lse; plus LONG_BOX_CASES, boxes
+  of many chunks for every (ndim, head dim);
 * the tensor-core and SIMT backward agree;
 * dispatch (tensor cores where the policy allows and they cover the problem)
   and run-to-run determinism, bias gradients included.
@@ -25,6 +26,18 @@ pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
 
 CASES = [c for c in test_fused_bwd.CASES if c.dtype in fused_tc.DTYPES and c.head_dim <= 128]
+
+
+#: key boxes (dq) and query boxes (dK/dV) of many chunks for every (ndim, head-dim bucket), beyond the random
+#: sweep's small ones: every stage reused many times, and in 1D blocks whose two warpgroups' chunk ranges differ
+LONG_BOX_CASES = [
+    test_fused_bwd.Case((400,), (129,), (1,), (1,), (False,), 32, "float16", rpb=True),
+    test_fused_bwd.Case((330,), (200,), (1,), (1,), (True,), 64, "bfloat16"),
+    test_fused_bwd.Case((300,), (191,), (1,), (1,), (False,), 128, "bfloat16", rpb=True),
+    test_fused_bwd.Case((26, 20), (11, 9), (1, 1), (1, 1), (False, False), 32, "bfloat16"),
+    test_fused_bwd.Case((26, 20), (11, 9), (1, 1), (1, 1), (False, False), 64, "float16", rpb=True),
+    test_fused_bwd.Case((30, 22), (13, 13), (1, 1), (1, 1), (True, False), 128, "float16"),
+]
 
 
 def _always(problem):
@@ -91,3 +104,8 @@ def test_dispatch_prefers_tensor_cores_where_allowed():
     q32 = q.float()
     problem32 = na_rtc._args.fused_problem(1, q32, q32, q32, 7, 2, 1, False, None, None)
     assert FusedBackwardKernels(emulated.run, _always).kernel_names(problem32)[1].startswith("na_fused_bwd_dq<float")
+
+
+@pytest.mark.parametrize("case", LONG_BOX_CASES, ids=str)
+def test_tensor_core_backward_over_long_boxes(case):
+    check_backward(case, "na_fused_tc_bwd_dq<")

@@ -217,3 +217,10 @@ def test_forward_and_backward_through_the_op_table(monkeypatch):
     assert_close(out, want.detach(), "bfloat16", "forward", "out")
     for name, got, ref in (("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)):
         assert_close(got, ref, "bfloat16", "grad", name)
+
+
+@pytest.mark.parametrize("case", test_fused_tc_bwd.LONG_BOX_CASES, ids=str)
+def test_wgmma_backward_over_long_boxes(case):
+    hd = fused_wg.head_dim_bucket(case.head_dim)
+    test_fused_tc_bwd.check_backward(case, fused_wg.dq_name_of(hd, case.dtype, case.ndim), wgmma=_always,
+                                     dkdv_kernel=fused_wg.dkdv_name_of(hd, case.dtype, case.ndim))

@@ -1,6 +1,6 @@
 """GPU versions of the kernel sweeps: the configurations of test_fused,
-test_fused_bwd, test_tiled and test_tiled_bwd (and test_fused_tc's long key
-boxes for the forwards), run through the public API on
+test_fused_bwd, test_tiled and test_tiled_bwd (and the long key boxes of
+test_fused_tc and test_fused_tc_bwd), run through the public API on
 the ``cuda`` backend (so the dispatcher picks the same fused / tiled kernels
 as in the emulator sweeps) against the float64 reference, with the DESIGN.md
 section 8 tolerances; plus run-to-run determinism on the GPU.
@@ -61,7 +61,7 @@ def test_fused_forward_on_gpu(cfg):
     assert_close(_cpu(lse), want_lse, cfg.dtype, "forward", "lse")
 
 
-@pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)
+@pytest.mark.parametrize("case", test_fused_tc_bwd.CASES + test_fused_tc_bwd.LONG_BOX_CASES, ids=str)
 def test_wgmma_backward_on_gpu(case, monkeypatch):
     """The backward through the public API with NA_RTC_WGMMA=1 (the wgmma forward, dq and dK/dV) on sm_90
     GPUs."""
@@ -98,7 +98,7 @@ def test_wgmma_forward_on_gpu(cfg):
     assert_close(_cpu(lse), want_lse, cfg.dtype, "forward", "lse")
 
 
-@pytest.mark.parametrize("case", test_fused_bwd.CASES, ids=str)
+@pytest.mark.parametrize("case", test_fused_bwd.CASES + test_fused_tc_bwd.LONG_BOX_CASES, ids=str)
 def test_fused_backward_on_gpu(case):
     (q, k, v, g, rpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._inputs(case)
     window = test_fused_bwd._window(case)
