@@ -82,14 +82,15 @@ def test_the_long_boxes_reuse_stages_for_every_head_dim():
         (ndim, hd) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
 
 
-@pytest.mark.parametrize("warpgroups", [None, 1])
-@pytest.mark.parametrize("cfg", LONG_BOXES, ids=str)
+# (config, NA_RTC_WGMMA_WARPGROUPS): the table's blocks, and in 1D blocks of one warpgroup too
+LONG_BOX_RUNS = [(c, None) for c in LONG_BOXES] + [(c, 1) for c in LONG_BOXES if c.ndim == 1]
+
+
+@pytest.mark.parametrize("cfg, warpgroups", LONG_BOX_RUNS, ids=lambda x: "table" if x is None else f"{x}wg" if isinstance(x, int) else str(x))
 def test_wgmma_forward_over_long_key_boxes(cfg, warpgroups, monkeypatch):
     """Chunks past the third reuse stages while the next chunk's S is in flight; in 1D with two warpgroups
     the second one starts past chunk 0 (its first chunk is multiplied on its own)."""
     if warpgroups is not None:
-        if cfg.ndim == 2:
-            pytest.skip("2D blocks have one warpgroup only")
         monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
     out, lse = _run(cfg)
     test_fused.assert_forward_matches_reference(cfg, out, lse)
