@@ -1,5 +1,5 @@
 // Pieces of the dK/dV kernels on tensor cores (the mma.sync one in
-// na_fused_tc_bwd.cu, the wgmma one in na_fused_wg.cu). A block owns a tile
+// na_fused_tc_bwd.cu, the wgmma one in na_fused_wg_bwd.cu). A block owns a tile
 // of 64 keys inside one dilation group per axis (warp w: keys 16 w .. 16 w +
 // 15; a lane: rows g and g + 8 of them, in 8-query tiles of 4 floats, the
 // layout of mma and wgmma accumulators) and walks the box of the queries

@@ -1,5 +1,5 @@
 // Pieces of the dq kernels on tensor cores (the mma.sync one in
-// na_fused_tc_bwd.cu, the wgmma one in na_fused_wg.cu), which share the
+// na_fused_tc_bwd.cu, the wgmma one in na_fused_wg_bwd.cu), which share the
 // per-warp layout of the forwards (na_tc_softmax.cuh): a lane holds rows g
 // and g + 8 of its warp's 16 queries, in 8-column tiles of 4 floats.
 //

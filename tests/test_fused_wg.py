@@ -1,4 +1,4 @@
-"""The Hopper wgmma fused forward (``cuda_src/na_fused_wg.cu``) through the emulator.
+"""The Hopper wgmma fused kernels (``cuda_src/na_fused_wg.cu``, ``na_fused_wg_bwd.cu``) through the emulator.
 
 * the fp16/bf16 configurations of the fused sweep (the ones the mma.sync
   forward takes, tests/test_fused_tc.py) against the float64 reference:
@@ -12,6 +12,7 @@
   memory in 2D at head dim 128, and ``na_fused_wg_bwd_dkdv``) on the fp16/bf16 cases of the
   fused-backward sweep: every gradient against the float64 reference, the
   bias gradient included;
+* two families: a forward loads only the forward's kernels;
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
   forward and backward through the op table; NA_RTC_WGMMA_WARPGROUPS=1 and
   the 1D kernels with one warpgroup per block.
@@ -24,6 +25,7 @@ import math
 import pytest
 import torch
 import test_fused
+import test_fused_bwd
 import test_fused_tc
 import test_fused_tc_bwd
 from helpers import assert_close, RecordingExecutor
@@ -225,3 +227,21 @@ def test_wgmma_backward_over_long_boxes(case):
     hd = fused_wg.head_dim_bucket(case.head_dim)
     test_fused_tc_bwd.check_backward(case, fused_wg.dq_name_of(hd, case.dtype, case.ndim), wgmma=_always,
                                      dkdv_kernel=fused_wg.dkdv_name_of(hd, case.dtype, case.ndim))
+
+
+def test_a_forward_compiles_only_the_forward_family():
+    """The forward's kernels are a family of their own (what a first forward call compiles), and the backward
+    family holds every dq and dK/dV kernel the backward launches."""
+    from na_rtc.runtime.families import FAMILIES, family_of
+
+    forward, backward = FAMILIES["fused_wg"], FAMILIES["fused_wg_bwd"]
+    assert forward.source == "na_fused_wg.cu" and backward.source == "na_fused_wg_bwd.cu"
+    assert all(name.startswith("na_fused_wg_fwd<") for name in forward.names)
+    assert {name.split("<")[0] for name in backward.names} == {"na_fused_wg_bwd_dq", "na_fused_wg_bwd_dkdv"}
+    backward_run = RecordingExecutor()
+    test_fused_bwd._run(next(c for c in test_fused_tc_bwd.CASES if c.rpb), backward_run, tensor_cores=_always,
+                        wgmma=_always)
+    assert {family_of(name).source for name in backward_run.names if "_wg_" in name} == {"na_fused_wg_bwd.cu"}
+    forward_run = RecordingExecutor()
+    _run(test_fused_tc.CONFIGS[0], executor=forward_run)
+    assert [family_of(name) for name in forward_run.names] == [forward]

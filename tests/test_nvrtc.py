@@ -482,6 +482,7 @@ def _ptx_entries(text: str) -> dict[str, str]:
     ("fused_tc", 80, ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
     ("fused_tc_bwd", 80, ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
     ("fused_wg", 90, ("wgmma.mma_async.sync.aligned", "wgmma.wait_group", "fence.proxy.async", "cp.async.cg")),
+    ("fused_wg_bwd", 90, ("wgmma.mma_async.sync.aligned", "wgmma.wait_group", "fence.proxy.async", "cp.async.cg")),
 ])
 def test_tensor_core_kernels_compile_to_tensor_core_instructions(family_name, arch, needed):
     """Every tensor-core kernel's PTX holds its tensor-core and async-copy instructions and no trap (the

@@ -327,11 +327,11 @@ def na_rtc_entries() -> list[Entry]:
               families=("fused_tc", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="rows per warp of the tensor-core forward is a GPU comparison"),
         Entry("fused_wgmma", "na_rtc fused, Hopper wgmma forward and backward (NA_RTC_WGMMA=1)", _prepare_wgmma,
-              families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
+              families=("fused_wg", "fused_wg_bwd", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="the wgmma forward against the mma.sync one is a GPU comparison"),
         Entry("fused_wgmma_1wg", "na_rtc fused, Hopper wgmma with one warpgroup per 1D block "
               "(NA_RTC_WGMMA=1 NA_RTC_WGMMA_WARPGROUPS=1)", _prepare_wgmma_one_warpgroup,
-              families=("fused_wg", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
+              families=("fused_wg", "fused_wg_bwd", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="warpgroups per block of the wgmma forward is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
               uses_kernels=True),

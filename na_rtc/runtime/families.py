@@ -111,6 +111,13 @@ def fused_wg_family() -> Family:
     return fused_wg.family()
 
 
+def fused_wg_bwd_family() -> Family:
+    """Hopper wgmma fused backward dq/dkdv (cuda_src/na_fused_wg_bwd.cu, sm_90a; tables in runtime/fused_wg.py)."""
+    from . import fused_wg
+
+    return fused_wg.bwd_family()
+
+
 def fused_bwd_family() -> Family:
     """Fused backward kernels (cuda_src/na_fused_bwd.cu; tile table and dispatch in runtime/fused_bwd.py)."""
     from . import fused_bwd
@@ -161,6 +168,7 @@ FAMILIES: dict[str, Family] = {
     "fused_tc": fused_tc_family(),
     "fused_tc_bwd": fused_tc_bwd_family(),
     "fused_wg": fused_wg_family(),
+    "fused_wg_bwd": fused_wg_bwd_family(),
 }
 
 

@@ -178,7 +178,7 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
     blocks = fused_tc.bwd_grid(problem)
     dtype, ndim = problem.dtype, problem.ndim
     if wgmma and fused_wg.dq_covers(problem):
-        dq, dq_source, dq_shared = (fused_wg.dq_name_of(hd, dtype, ndim), fused_wg.SOURCE,
+        dq, dq_source, dq_shared = (fused_wg.dq_name_of(hd, dtype, ndim), fused_wg.BWD_SOURCE,
                                     fused_wg.dq_shared_bytes(hd, dtype, ndim, entries))
         dq_blocks, dq_threads = fused_wg.grid(problem), fused_wg.block_threads(ndim)
     else:
@@ -186,7 +186,7 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
                                     fused_tc.dq_shared_bytes(hd, dtype, entries))
         dq_blocks, dq_threads = blocks, fused_tc.THREADS
     if wgmma and fused_wg.dkdv_covers(problem):
-        dkdv, dkdv_source, dkdv_shared = (fused_wg.dkdv_name_of(hd, dtype, ndim), fused_wg.SOURCE,
+        dkdv, dkdv_source, dkdv_shared = (fused_wg.dkdv_name_of(hd, dtype, ndim), fused_wg.BWD_SOURCE,
                                           fused_wg.dkdv_shared_bytes(hd, dtype, ndim))
         dkdv_blocks, dkdv_threads = fused_wg.grid(problem), fused_wg.block_threads(ndim)
     else:

@@ -1,4 +1,8 @@
-"""The Hopper (wgmma, sm_90a) fused kernels (``cuda_src/na_fused_wg.cu``): fp16 / bf16 on sm_90 GPUs.
+"""The Hopper (wgmma, sm_90a) fused kernels: fp16 / bf16 on sm_90 GPUs.
+
+Two families, as for the mma.sync kernels: the forward (``fused_wg``,
+``cuda_src/na_fused_wg.cu``) and the dq and dK/dV kernels (``fused_wg_bwd``,
+``cuda_src/na_fused_wg_bwd.cu``), so that a forward compiles only its own.
 
 Every kernel has blocks of WG warpgroups (128 threads each, 64 queries or keys
 each; two in 1D, one in 2D: :data:`WARPGROUPS`) per (batch, head, tile inside
@@ -32,6 +36,7 @@ from . import tiling
 from .tiling import CTYPES
 
 SOURCE = "na_fused_wg.cu"
+BWD_SOURCE = "na_fused_wg_bwd.cu"
 THREADS = 128  # one warpgroup; a block has WARPGROUPS[ndim] of them
 ARCH = 90  # wgmma is sm_90a: the cubin runs on compute capability 9.0 only
 DTYPES = ("float16", "bfloat16")
@@ -145,23 +150,34 @@ def _instantiations():
 
 
 def names() -> tuple[str, ...]:
-    return tuple(name_of(hd, dtype, ndim, wg) for name_of in (kernel_name_of, dq_name_of, dkdv_name_of)
-                 for hd, dtype, ndim, wg in _instantiations())
+    """The forward family's kernels."""
+    return tuple(kernel_name_of(*instantiation) for instantiation in _instantiations())
+
+
+def bwd_names() -> tuple[str, ...]:
+    """The backward family's kernels: the dq kernels, then the dK/dV kernels."""
+    return tuple(name_of(*instantiation) for name_of in (dq_name_of, dkdv_name_of) for instantiation in _instantiations())
+
+
+def _family(source: str, kernel_shared: dict):
+    from .families import Family
+
+    threads = {name: block_threads(ndim, wg) for (name, (_, _, ndim, wg)) in kernel_shared}
+    return Family(source, tuple(name for name, _ in kernel_shared), threads,
+                  {name: shared for (name, _), shared in kernel_shared.items()}, archs=(ARCH,), arch_specific=True)
 
 
 def family():
-    """The kernel family (built for sm_90a only); imported late: families.py builds its table from here."""
-    from .families import Family
+    """The forward family (built for sm_90a only); imported late: families.py builds its table from here."""
+    return _family(SOURCE, {(kernel_name_of(*i), i): shared_bytes(*i) for i in _instantiations()})
 
-    shared, threads = {}, {}
-    for hd, dtype, ndim, wg in _instantiations():
-        shared[kernel_name_of(hd, dtype, ndim, wg)] = shared_bytes(hd, dtype, ndim, wg)
-        # the dq kernel's largest launch: the budget (larger bias tables are not covered)
-        shared[dq_name_of(hd, dtype, ndim, wg)] = dq_shared_budget(hd, ndim, wg)
-        shared[dkdv_name_of(hd, dtype, ndim, wg)] = dkdv_shared_bytes(hd, dtype, ndim, wg)
-        for name_of in (kernel_name_of, dq_name_of, dkdv_name_of):
-            threads[name_of(hd, dtype, ndim, wg)] = block_threads(ndim, wg)
-    return Family(SOURCE, names(), threads, shared, archs=(ARCH,), arch_specific=True)
+
+def bwd_family():
+    """The dq and dK/dV family (sm_90a only); a dq launch takes at most its budget (larger bias tables are not
+    covered)."""
+    dq = {(dq_name_of(*i), i): dq_shared_budget(i[0], i[2], i[3]) for i in _instantiations()}
+    dkdv = {(dkdv_name_of(*i), i): dkdv_shared_bytes(*i) for i in _instantiations()}
+    return _family(BWD_SOURCE, {**dq, **dkdv})
 
 
 def grid(problem: Problem) -> int:
