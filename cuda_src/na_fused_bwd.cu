@@ -51,14 +51,7 @@
 #include "na_window.cuh"
 #include "na_shared.cuh"
 #include "na_rpb_reduce.cuh"
-
-#define NA_FB_PROBLEM                                                                        \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
-#define NA_FB_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
-#define NA_FB_STRIDES4(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h
-#define NA_FB_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
-#define NA_FB_AT4(t, b, x, y, h) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h)
+#include "na_args.cuh"
 
 #define NA_FB_THREADS 256
 
@@ -74,8 +67,8 @@ template <class T> __device__ __forceinline__ long long na_fb_row(long long D) {
 // delta[b, i, h] = sum_d dout * out (float32), one thread per row
 template <class T>
 __global__ void __launch_bounds__(NA_FB_THREADS)
-    na_fused_delta(const T* __restrict__ g, NA_FB_STRIDES5(g), const T* __restrict__ o, NA_FB_STRIDES5(o),
-                   float* __restrict__ delta, NA_FB_STRIDES4(e), NA_FB_PROBLEM) {
+    na_fused_delta(const T* __restrict__ g, NA_STRIDES5(g), const T* __restrict__ o, NA_STRIDES5(o),
+                   float* __restrict__ delta, NA_STRIDES4(e), NA_PROBLEM) {
     long long n = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= B * X * Y * H) return;
     const long long h = n % H; n /= H;
@@ -84,8 +77,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long b = n / X;
     float sum = 0.0f;
     for (long long d = 0; d < D; ++d)
-        sum += (float)na_load(g, NA_FB_AT5(g, b, x, y, h, d)) * (float)na_load(o, NA_FB_AT5(o, b, x, y, h, d));
-    delta[NA_FB_AT4(e, b, x, y, h)] = sum;
+        sum += (float)na_load(g, NA_AT5(g, b, x, y, h, d)) * (float)na_load(o, NA_AT5(o, b, x, y, h, d));
+    delta[NA_AT4(e, b, x, y, h)] = sum;
 }
 
 // block -> (b, h, tile x, tile y); tiles per axis: dilation * ceil(ceil(L / d) / T)
@@ -102,12 +95,12 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 
 template <class T, int HD, int TX, int TY, int KC>
 __global__ void __launch_bounds__(NA_FB_THREADS)
-    na_fused_bwd_dq(const T* __restrict__ q, NA_FB_STRIDES5(q), const T* __restrict__ k, NA_FB_STRIDES5(k),
-                    const T* __restrict__ v, NA_FB_STRIDES5(v), const T* __restrict__ g, NA_FB_STRIDES5(g),
-                    const float* __restrict__ lse, NA_FB_STRIDES4(l), const float* __restrict__ delta,
-                    NA_FB_STRIDES4(e), const float* __restrict__ rpb, long long rpb_h, long long rpb_x,
-                    long long rpb_y, T* __restrict__ dq, NA_FB_STRIDES5(o), float* __restrict__ rpb_partial,
-                    double scale, NA_FB_PROBLEM) {
+    na_fused_bwd_dq(const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
+                    const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
+                    const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta,
+                    NA_STRIDES4(e), const float* __restrict__ rpb, long long rpb_h, long long rpb_x,
+                    long long rpb_y, T* __restrict__ dq, NA_STRIDES5(o), float* __restrict__ rpb_partial,
+                    double scale, NA_PROBLEM) {
     constexpr int TQ = TX * TY;
     constexpr int LANES = NA_FB_THREADS / TQ;  // threads per query in pass 2
     constexpr int DPT = HD / LANES;            // dims per thread
@@ -148,8 +141,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         const long long qi = i / D, d = i % D, qxi = qi / TY, qyi = qi % TY;
         if (qxi < nqx && qyi < nqy) {
             const long long x = (tx0 + qxi) * dx + gx, y = (ty0 + qyi) * dy + gy;
-            qs[qi * RS + d] = q[NA_FB_AT5(q, b, x, y, h, d)];
-            gs[qi * RS + d] = g[NA_FB_AT5(g, b, x, y, h, d)];
+            qs[qi * RS + d] = q[NA_AT5(q, b, x, y, h, d)];
+            gs[qi * RS + d] = g[NA_AT5(g, b, x, y, h, d)];
         } else {
             qs[qi * RS + d] = zero;
             gs[qi * RS + d] = zero;
@@ -160,8 +153,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         float l = 0.0f, dl = 0.0f;
         if (qxi < nqx && qyi < nqy) {
             const long long x = (tx0 + qxi) * dx + gx, y = (ty0 + qyi) * dy + gy;
-            l = lse[NA_FB_AT4(l, b, x, y, h)];
-            dl = delta[NA_FB_AT4(e, b, x, y, h)];
+            l = lse[NA_AT4(l, b, x, y, h)];
+            dl = delta[NA_AT4(e, b, x, y, h)];
         }
         s_lse[qi] = l;
         s_delta[qi] = dl;
@@ -185,11 +178,11 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         // chunk row r: box key c0 + r (x-major)
         na_copy_rows(ks, RS, k, nc, D, k_l, k_vec, [&](long long r) {
             const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
-            return na_row_ref{NA_FB_AT5(k, b, x, y, h, 0), r};
+            return na_row_ref{NA_AT5(k, b, x, y, h, 0), r};
         });
         na_copy_rows(vs, RS, v, nc, D, v_l, v_vec, [&](long long r) {
             const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
-            return na_row_ref{NA_FB_AT5(v, b, x, y, h, 0), r};
+            return na_row_ref{NA_AT5(v, b, x, y, h, 0), r};
         });
         __syncthreads();
         // pass 1: ds per (query, key) pair
@@ -264,7 +257,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 #pragma unroll
             for (int c = 0; c < DPT; ++c) {
                 const int d = lane + c * LANES;
-                if (d < D) na_store<T, float>(dq, NA_FB_AT5(o, b, x, y, h, d), acc[c] * fscale);
+                if (d < D) na_store<T, float>(dq, NA_AT5(o, b, x, y, h, d), acc[c] * fscale);
             }
         }
     }
@@ -274,12 +267,12 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 
 template <class T, int HD, int TX, int TY, int QC>
 __global__ void __launch_bounds__(NA_FB_THREADS)
-    na_fused_bwd_dkdv(const T* __restrict__ q, NA_FB_STRIDES5(q), const T* __restrict__ k, NA_FB_STRIDES5(k),
-                      const T* __restrict__ v, NA_FB_STRIDES5(v), const T* __restrict__ g, NA_FB_STRIDES5(g),
-                      const float* __restrict__ lse, NA_FB_STRIDES4(l), const float* __restrict__ delta,
-                      NA_FB_STRIDES4(e), const float* __restrict__ rpb, long long rpb_h, long long rpb_x,
-                      long long rpb_y, T* __restrict__ dk, NA_FB_STRIDES5(dk), T* __restrict__ dv,
-                      NA_FB_STRIDES5(dv), double scale, NA_FB_PROBLEM) {
+    na_fused_bwd_dkdv(const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
+                      const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
+                      const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta,
+                      NA_STRIDES4(e), const float* __restrict__ rpb, long long rpb_h, long long rpb_x,
+                      long long rpb_y, T* __restrict__ dk, NA_STRIDES5(dk), T* __restrict__ dv,
+                      NA_STRIDES5(dv), double scale, NA_PROBLEM) {
     constexpr int TK = TX * TY;
     constexpr int LANES = NA_FB_THREADS / TK;  // threads per key in pass 2
     constexpr int DPT = HD / LANES;
@@ -318,8 +311,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         const long long ki = i / D, d = i % D, kxi = ki / TY, kyi = ki % TY;
         if (kxi < nkx && kyi < nky) {
             const long long x = (tx0 + kxi) * dx + gx, y = (ty0 + kyi) * dy + gy;
-            ks[ki * RS + d] = k[NA_FB_AT5(k, b, x, y, h, d)];
-            vs[ki * RS + d] = v[NA_FB_AT5(v, b, x, y, h, d)];
+            ks[ki * RS + d] = k[NA_AT5(k, b, x, y, h, d)];
+            vs[ki * RS + d] = v[NA_AT5(v, b, x, y, h, d)];
         } else {
             ks[ki * RS + d] = zero;
             vs[ki * RS + d] = zero;
@@ -343,11 +336,11 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         // chunk row r: box query c0 + r (x-major)
         na_copy_rows(qs, RS, q, nc, D, q_l, q_vec, [&](long long r) {
             const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
-            return na_row_ref{NA_FB_AT5(q, b, x, y, h, 0), r};
+            return na_row_ref{NA_AT5(q, b, x, y, h, 0), r};
         });
         na_copy_rows(gs, RS, g, nc, D, g_l, g_vec, [&](long long r) {
             const long long x = (bx0 + (c0 + r) / nby) * dx + gx, y = (by0 + (c0 + r) % nby) * dy + gy;
-            return na_row_ref{NA_FB_AT5(g, b, x, y, h, 0), r};
+            return na_row_ref{NA_AT5(g, b, x, y, h, 0), r};
         });
         for (long long i = tid; i < nc; i += NA_FB_THREADS) {
             const long long qq = c0 + i;
@@ -359,8 +352,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
             c_win[4 * i + 1] = (int)s1;
             c_win[4 * i + 2] = (int)t0;
             c_win[4 * i + 3] = (int)t1;
-            c_lse[i] = lse[NA_FB_AT4(l, b, x, y, h)];
-            c_delta[i] = delta[NA_FB_AT4(e, b, x, y, h)];
+            c_lse[i] = lse[NA_AT4(l, b, x, y, h)];
+            c_delta[i] = delta[NA_AT4(e, b, x, y, h)];
         }
         __syncthreads();
         // pass 1: p and ds per (key, query) pair
@@ -425,8 +418,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         for (int c = 0; c < DPT; ++c) {
             const int d = lane + c * LANES;
             if (d < D) {
-                na_store<T, float>(dk, NA_FB_AT5(dk, b, x, y, h, d), acc_k[c] * fscale);
-                na_store<T, float>(dv, NA_FB_AT5(dv, b, x, y, h, d), acc_v[c]);
+                na_store<T, float>(dk, NA_AT5(dk, b, x, y, h, d), acc_k[c] * fscale);
+                na_store<T, float>(dv, NA_AT5(dv, b, x, y, h, d), acc_v[c]);
             }
         }
     }

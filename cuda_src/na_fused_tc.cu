@@ -47,11 +47,7 @@
 #include "na_tile.cuh"
 #include "na_mma.cuh"
 #include "na_tc_softmax.cuh"
-
-#define NA_PROBLEM                                                                         \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
-#define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
+#include "na_args.cuh"
 
 template <class T, int HD, int TX, int TY, int KC, int MT>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(

@@ -49,24 +49,17 @@
 #include "na_tc_common.cuh"
 #include "na_tc_dq.cuh"
 #include "na_tc_dkdv.cuh"
-
-#define NA_TCB_PROBLEM                                                                        \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
-#define NA_TCB_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
-#define NA_TCB_STRIDES4(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h
-#define NA_TCB_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
-#define NA_TCB_AT4(t, b, x, y, h) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h)
+#include "na_args.cuh"
 
 __device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 15) / 16 * 16; }
 
 template <class T, int HD, int TX, int TY, int KC>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
-    const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
-    const T* __restrict__ v, NA_TCB_STRIDES5(v), const T* __restrict__ g, NA_TCB_STRIDES5(g),
-    const float* __restrict__ lse, NA_TCB_STRIDES4(l), const float* __restrict__ delta, NA_TCB_STRIDES4(e),
+    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
+    const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
+    const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta, NA_STRIDES4(e),
     const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y, T* __restrict__ dq,
-    NA_TCB_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_TCB_PROBLEM) {
+    NA_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
@@ -161,11 +154,11 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
 
 template <class T, int HD, int TX, int TY, int QC, int STAGES>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
-    const T* __restrict__ q, NA_TCB_STRIDES5(q), const T* __restrict__ k, NA_TCB_STRIDES5(k),
-    const T* __restrict__ v, NA_TCB_STRIDES5(v), const T* __restrict__ g, NA_TCB_STRIDES5(g),
-    const float* __restrict__ lse, NA_TCB_STRIDES4(l), const float* __restrict__ delta, NA_TCB_STRIDES4(e),
+    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
+    const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
+    const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta, NA_STRIDES4(e),
     const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y, T* __restrict__ dk,
-    NA_TCB_STRIDES5(dk), T* __restrict__ dv, NA_TCB_STRIDES5(dv), double scale, NA_TCB_PROBLEM) {
+    NA_STRIDES5(dk), T* __restrict__ dv, NA_STRIDES5(dv), double scale, NA_PROBLEM) {
     constexpr int NK = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;

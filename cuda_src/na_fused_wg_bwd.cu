@@ -12,11 +12,7 @@
 #include "na_tc_softmax.cuh"
 #include "na_tc_dq.cuh"
 #include "na_tc_dkdv.cuh"
-
-#define NA_PROBLEM                                                                         \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
-#define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
+#include "na_args.cuh"
 
 // dq of the fused backward on wgmma: same arguments, layouts and results as
 // na_fused_tc_bwd_dq (na_fused_tc_bwd.cu), whose steps it keeps, with the

@@ -16,17 +16,11 @@
 // runtime arguments, so a new shape never recompiles.
 #include "na_types.cuh"
 #include "na_window.cuh"
+#include "na_args.cuh"
 
-// The problem: batch, heads, head dim, then (length, kernel, stride,
-// dilation, causal) for axis x and axis y.
-#define NA_PROBLEM                                                                         \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
 #define NA_AXES                                   \
     const na_axis ax = {X, kx, sx, dx, cx};       \
     const na_axis ay = {Y, ky, sy, dy, cy};
-#define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
-#define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
 
 __device__ __forceinline__ long long na_thread_index() {
     return (long long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -24,12 +24,7 @@
 #include "na_window.cuh"
 #include "na_shared.cuh"
 #include "na_tile.cuh"
-
-#define NA_PROBLEM                                                                         \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
-#define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
-#define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
+#include "na_args.cuh"
 
 // shared row pitch in elements: HD plus one 32-bit word, so consecutive rows
 // start in different banks (an odd word pitch for every HD bucket)

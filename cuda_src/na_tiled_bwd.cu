@@ -30,12 +30,7 @@
 #include "na_window.cuh"
 #include "na_shared.cuh"
 #include "na_rpb_reduce.cuh"
-
-#define NA_TPROBLEM                                                                          \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
-#define NA_TSTRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
-#define NA_TAT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
+#include "na_args.cuh"
 
 #define NA_TINV_THREADS 256
 #define NA_TRPB_THREADS 256
@@ -52,8 +47,8 @@ __device__ __forceinline__ long long na_tinv_box_y(long long TY, long long Y, lo
 // registers and spilled for HD 128, TX 16)
 template <class TA, class T, int HD, int TX, int TY>
 __global__ void __launch_bounds__(NA_TINV_THREADS, 2)
-    na_tiled_inv(const TA* __restrict__ w, NA_TSTRIDES5(w), const T* __restrict__ src, NA_TSTRIDES5(s),
-                 T* __restrict__ out, NA_TSTRIDES5(o), double scale, NA_TPROBLEM) {
+    na_tiled_inv(const TA* __restrict__ w, NA_STRIDES5(w), const T* __restrict__ src, NA_STRIDES5(s),
+                 T* __restrict__ out, NA_STRIDES5(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     const na_axis ax = {X, kx, sx, dx, cx};
     const na_axis ay = {Y, ky, sy, dy, cy};
@@ -118,7 +113,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, 2)
         }
         na_copy_rows(rows, D, src, nrows * nby, D, s_l, vectorizable, [&](long long r) {
             const long long x = (c0 + r / nby) * dx + gx, y = (by0 + r % nby) * dy + gy;
-            return na_row_ref{NA_TAT5(s, b, x, y, h, 0), r};
+            return na_row_ref{NA_AT5(s, b, x, y, h, 0), r};
         });
         __syncthreads();
 #pragma unroll
@@ -139,7 +134,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, 2)
                 const T* row = rows + (qx - c0) * nby * D;
                 for (long long qy = qy0; qy < qy1; ++qy) {
                     const long long t = tbase - start_y[qy - by0];
-                    const A wt = (A)na_load(w, NA_TAT5(w, b, x, qy * dy + gy, h, t));
+                    const A wt = (A)na_load(w, NA_AT5(w, b, x, qy * dy + gy, h, t));
                     const T* r = row + (qy - by0) * D;
 #pragma unroll
                     for (int c = 0; c < DPL; ++c) {
@@ -162,7 +157,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, 2)
 #pragma unroll
         for (int c = 0; c < DPL; ++c) {
             const int d = lane + c * LANES;
-            if (d < D) na_store<T, A>(out, NA_TAT5(o, b, x, y, h, d), acc[m][c] * (A)scale);
+            if (d < D) na_store<T, A>(out, NA_AT5(o, b, x, y, h, d), acc[m][c] * (A)scale);
         }
     }
 }
@@ -174,7 +169,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, 2)
 // then NA_TRPB_THREADS floats for combining the parts of an entry.
 template <class TA, int TX, int TY>
 __global__ void __launch_bounds__(NA_TRPB_THREADS)
-    na_tiled_rpb_partial(const TA* __restrict__ dattn, NA_TSTRIDES5(a), float* __restrict__ partial, NA_TPROBLEM) {
+    na_tiled_rpb_partial(const TA* __restrict__ dattn, NA_STRIDES5(a), float* __restrict__ partial, NA_PROBLEM) {
     typedef typename na_acc<TA>::type A;
     static_assert(TX <= 128 && TY <= 128, "the prologue gives threads 0.. and 128.. the axes");
     const na_axis ax = {X, kx, sx, dx, cx};
@@ -207,7 +202,7 @@ __global__ void __launch_bounds__(NA_TRPB_THREADS)
     for (long long e = tid; e < elems; e += NA_TRPB_THREADS) {
         const long long t = e % slots, q = e / slots;
         const long long x = (qx0 + q / nqy) * dx + gx, y = (qy0 + q % nqy) * dy + gy;
-        rows[e] = dattn[NA_TAT5(a, b, x, y, h, t)];
+        rows[e] = dattn[NA_AT5(a, b, x, y, h, t)];
     }
     __syncthreads();
     // thread (part, entry): part p sums queries p, p + parts, ... (x-major order)
