@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
             if (!tile_live[2 * ps] && !tile_live[2 * ps + 1]) continue;  // warp-uniform
             unsigned pa[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) na_tc_pack_p<T>(pa[mt], s[mt][2 * ps], s[mt][2 * ps + 1]);
+            for (int mt = 0; mt < MT; ++mt) na_mma_pack_a<T>(pa[mt], s[mt][2 * ps], s[mt][2 * ps + 1]);
 #pragma unroll
             for (int dt = 0; dt < DT; dt += 2) {  // x4.trans: the B fragments of dim tiles dt and dt + 1
                 unsigned vf[4];

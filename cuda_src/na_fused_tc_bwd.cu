@@ -131,9 +131,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
 #pragma unroll
         for (int ps = 0; ps < KC / 16; ++ps) {
             if (!live[2 * ps] && !live[2 * ps + 1]) continue;  // warp-uniform
-            const unsigned pa[4] = {na_pack2<T>(ds[2 * ps][0], ds[2 * ps][1]), na_pack2<T>(ds[2 * ps][2], ds[2 * ps][3]),
-                                    na_pack2<T>(ds[2 * ps + 1][0], ds[2 * ps + 1][1]),
-                                    na_pack2<T>(ds[2 * ps + 1][2], ds[2 * ps + 1][3])};
+            unsigned pa[4];
+            na_mma_pack_a<T>(pa, ds[2 * ps], ds[2 * ps + 1]);
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
                 unsigned kb[2];
@@ -250,12 +249,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
         for (int ps = 0; ps < QC / 16; ++ps) {
             if (!live[2 * ps] && !live[2 * ps + 1]) continue;  // warp-uniform
-            const unsigned pa[4] = {na_pack2<T>(pr[2 * ps][0], pr[2 * ps][1]), na_pack2<T>(pr[2 * ps][2], pr[2 * ps][3]),
-                                    na_pack2<T>(pr[2 * ps + 1][0], pr[2 * ps + 1][1]),
-                                    na_pack2<T>(pr[2 * ps + 1][2], pr[2 * ps + 1][3])};
-            const unsigned da[4] = {na_pack2<T>(ds[2 * ps][0], ds[2 * ps][1]), na_pack2<T>(ds[2 * ps][2], ds[2 * ps][3]),
-                                    na_pack2<T>(ds[2 * ps + 1][0], ds[2 * ps + 1][1]),
-                                    na_pack2<T>(ds[2 * ps + 1][2], ds[2 * ps + 1][3])};
+            unsigned pa[4];
+            na_mma_pack_a<T>(pa, pr[2 * ps], pr[2 * ps + 1]);
+            unsigned da[4];
+            na_mma_pack_a<T>(da, ds[2 * ps], ds[2 * ps + 1]);
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
                 unsigned gb[2], qb[2];

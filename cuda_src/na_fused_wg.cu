@@ -176,16 +176,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
             na_tc_softmax_chunk<NT, DT>(s, o, m, l);
 
             // O += P V over 16-key steps: P from registers, V's k-step is two row groups
-            unsigned pa[KC / 16][4];
-#pragma unroll
-            for (int ps = 0; ps < KC / 16; ++ps) na_tc_pack_p<T>(pa[ps], s[2 * ps], s[2 * ps + 1]);
-            na_wgmma_hold(of);
-            na_wgmma_fence();
-#pragma unroll
-            for (int ps = 0; ps < KC / 16; ++ps)
-                na_wgmma_rs<T, HD, true>(of, pa[ps], na_wgmma_desc(v_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
-                                         true);
-            na_wgmma_commit();
+            na_wgmma_rs_tiles<T, HD, KC>(of, s, v_address, ROW_GROUP);
         }
         na_wgmma_wait<0>();  // S' and P V: the next arrive reuses this chunk's stage
         na_wgmma_hold(of);

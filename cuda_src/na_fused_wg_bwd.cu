@@ -166,16 +166,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
             }
 
             // dQ += ds K over 16-key steps: ds from registers, K's k-step is two row groups
-            unsigned da[KC / 16][4];
-#pragma unroll
-            for (int ps = 0; ps < KC / 16; ++ps) na_tc_pack_p<T>(da[ps], ds[2 * ps], ds[2 * ps + 1]);
-            na_wgmma_hold(accf);
-            na_wgmma_fence();
-#pragma unroll
-            for (int ps = 0; ps < KC / 16; ++ps)
-                na_wgmma_rs<T, HD, true>(accf, da[ps], na_wgmma_desc(k_address + 2u * ROW_GROUP * ps, ROW_GROUP, 128u),
-                                         true);
-            na_wgmma_commit();
+            na_wgmma_rs_tiles<T, HD, KC>(accf, ds, k_address, ROW_GROUP);
             na_wgmma_wait<0>();
             na_wgmma_hold(accf);
         } else if (partial_out) {
@@ -340,8 +331,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
         unsigned pa[QC / 16][4], da[QC / 16][4];
 #pragma unroll
         for (int ps = 0; ps < QC / 16; ++ps) {
-            na_tc_pack_p<T>(pa[ps], s[2 * ps], s[2 * ps + 1]);
-            na_tc_pack_p<T>(da[ps], dp[2 * ps], dp[2 * ps + 1]);
+            na_mma_pack_a<T>(pa[ps], s[2 * ps], s[2 * ps + 1]);
+            na_mma_pack_a<T>(da[ps], dp[2 * ps], dp[2 * ps + 1]);
         }
 
         // dV += p^T dOut and dK += ds^T Q over 16-query steps: dOut's and Q's k-step is two row groups

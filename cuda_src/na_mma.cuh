@@ -109,3 +109,13 @@ template <> __device__ __forceinline__ unsigned na_pack2<fp16_t>(float lo, float
 template <> __device__ __forceinline__ unsigned na_pack2<bf16_t>(float lo, float hi) {
     return (unsigned)na_f32_to_bf16(lo) | ((unsigned)na_f32_to_bf16(hi) << 16);
 }
+
+// two 8-column accumulator tiles s0, s1 (P or dS of one 16-key step) rounded to T, as an A fragment: the
+// accumulator layout of two n8 tiles is the A layout of one k16 step
+template <class T>
+__device__ __forceinline__ void na_mma_pack_a(unsigned (&pa)[4], const float (&s0)[4], const float (&s1)[4]) {
+    pa[0] = na_pack2<T>(s0[0], s0[1]);
+    pa[1] = na_pack2<T>(s0[2], s0[3]);
+    pa[2] = na_pack2<T>(s1[0], s1[1]);
+    pa[3] = na_pack2<T>(s1[2], s1[3]);
+}

@@ -9,8 +9,9 @@
 //   na_tc_scale_rows     the same for a tile inside both rows' windows, no bias
 //   na_tc_softmax_chunk  online softmax over a chunk's tiles: logits become
 //                        probabilities, the output and the row sums rescale
-//   na_tc_pack_p         probabilities of a 16-key step as an mma A fragment
 //   na_tc_store_rows     the normalized output and the logsumexp of both rows
+// (the probabilities of a 16-key step become an mma A fragment with
+// na_mma_pack_a, na_mma.cuh)
 #pragma once
 
 #include "na_mma.cuh"
@@ -76,16 +77,6 @@ __device__ __forceinline__ void na_tc_softmax_chunk(float (&s)[NT][4], float (&o
             o[dt][2 * i + 1] *= alpha;
         }
     }
-}
-
-// the probabilities of 8-key tiles s0, s1 (one 16-key step) rounded to T, as the A fragment of P V:
-// the accumulator layout of two n8 tiles is the A layout of one k16 step
-template <class T>
-__device__ __forceinline__ void na_tc_pack_p(unsigned (&pa)[4], const float (&s0)[4], const float (&s1)[4]) {
-    pa[0] = na_pack2<T>(s0[0], s0[1]);
-    pa[1] = na_pack2<T>(s0[2], s0[3]);
-    pa[2] = na_pack2<T>(s1[0], s1[1]);
-    pa[3] = na_pack2<T>(s1[2], s1[3]);
 }
 
 // Where the forward writes: out (strides b, x, y, h, head dim) and lse (b, x, y, h), one (b, h).
