@@ -8,6 +8,7 @@
 3. one slice of the benchmark harness (``python -m na_rtc bench``, default
    preset ``issues``: the issues' target shapes, every entry side by side),
    writing its JSON, markdown and (with matplotlib) chart beside the rest,
+   then issue 9's targets from it, met or not (``bench --targets``),
 
 then one JSON file under ``--results`` (default ``benchmarks/results``) and a
 summary. Made for a bare GPU machine without network: it uses the python it
@@ -117,6 +118,20 @@ def _bench(results: Path, stamp: str, preset: str, budget: float, repeat: int, l
     return record
 
 
+def _targets(bench_json: Path) -> dict:
+    """Issue 9's targets from the slice's results (printed: the lent machine's output tail shows them)."""
+    from na_rtc.bench.cli import targets_report
+
+    if not bench_json.exists():
+        return {"skipped": f"{bench_json} was not written"}
+    try:
+        text = targets_report(json.loads(bench_json.read_text()))
+    except (ValueError, KeyError) as error:
+        return {"skipped": f"{bench_json} could not be read: {error}"}
+    print(text)
+    return {"table": text}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m na_rtc.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -176,6 +191,8 @@ def main(argv=None) -> int:
         print(f"-- 3. benchmark harness, preset {args.bench_preset} (one slice of at most {budget:.0f} s)")
         report["benchmark"] = _bench(results, stamp, args.bench_preset, budget, args.repeat, limit(),
                                      args.bench_compile_timing)
+        if report["benchmark"].get("json"):
+            report["issue9_targets"] = _targets(Path(report["benchmark"]["json"]))
     save()
     failed = report["primitives"]["returncode"] != 0 or report["gpu_tests"]["returncode"] != 0
     for step in ("precompile", "primitives", "gpu_tests"):

@@ -493,3 +493,57 @@ def test_wgmma_entry_times_the_hopper_forward_or_says_why_not(dtype, picks):
             _prepare_wgmma(problem, inputs)
     else:
         assert _prepare_wgmma(problem, inputs).notes["forward_kernels"] == picks
+
+
+def _measured(forward_ms, backward_ms, tflops=None):
+    return {"status": "ok", "forward": {"median_ms": forward_ms, "tflops": tflops},
+            "forward_backward": {"median_ms": backward_ms}}
+
+
+def _issue9_results(fused, wgmma, flex_natural, flex_tiled):
+    """A results file with the issue 9 problems and the given (forward ms, fwd+bwd ms[, TFLOP/s]) entries."""
+    from na_rtc.bench import targets
+
+    keys = dict.fromkeys(t.key for t in targets.issue9_targets())
+    entries = {"fused": fused, "fused_wgmma": wgmma, "flex_natural": flex_natural, "flex_tiled": flex_tiled}
+    return {"environment": {"device": "test GPU", "device_type": "cuda"},
+            "problems": [{"key": key, "label": key, "entries": {name: _measured(*figures)
+                                                               for name, figures in entries.items() if figures}}
+                         for key in keys]}
+
+
+def test_issue9_targets_are_judged_for_the_default_and_the_fastest_entry():
+    from na_rtc.bench import targets
+
+    # fused: 2x natural flex and 1.25x tiled forward, fwd+bwd as fast as flex; 160 TFLOP/s; wgmma faster still
+    results = _issue9_results((1.0, 4.0, 160.0), (0.5, 3.0, 320.0), (2.0, 5.0), (1.25, 4.0))
+    text, all_met = targets.table(results)
+    assert all_met and "MISSED" not in text and "not measured" not in text
+    assert "2x met" in text and "1.25x met" in text and "160 met" in text and "(fused_wgmma)" in text
+    assert len(text.strip().splitlines()) == 2 + len(targets.issue9_targets())
+
+
+def test_issue9_targets_missed_or_missing_are_said():
+    from na_rtc.bench import targets
+
+    # 1.4x natural flex (needs 1.5x), 120 TFLOP/s (needs 150), fwd+bwd slower than flex; no wgmma figures
+    results = _issue9_results((1.0, 6.0, 120.0), None, (1.4, 5.0), (0.9, 5.5))
+    text, all_met = targets.table(results)
+    assert not all_met
+    assert "1.4x MISSED" in text and "120 MISSED" in text and "0.833x MISSED" in text
+    assert "0.9x MISSED" in text
+    results["problems"] = results["problems"][:1]  # the 1D problem never ran
+    text, all_met = targets.table(results)
+    assert not all_met and "| not measured | not measured |" in text
+
+
+def test_bench_targets_prints_the_table_of_a_results_file(tmp_path, capsys):
+    import json
+
+    from na_rtc.bench.cli import main as bench_main
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_issue9_results((1.0, 4.0, 160.0), None, (2.0, 5.0), (1.25, 4.0))))
+    assert bench_main(["--targets", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Issue 9 targets") and "test GPU" in out and "every target met" in out

@@ -3,7 +3,8 @@
 Modes: run a preset or one free-form problem (the default), ``--profile``
 one problem, ``--list`` presets and entries, or report from an existing JSON
 (``--from-json`` for the markdown and chart, ``--readme-table`` for the
-README's performance section).
+README's performance section, ``--targets`` for issue 9's acceptance
+targets, met or not).
 
 Exit status: 0 done, 2 bad arguments, 3 the slice budget ran out with
 problems left (run again with ``--resume FILE`` to continue).
@@ -63,6 +64,8 @@ ARGUMENTS: tuple[tuple[tuple[str, ...], dict], ...] = (
                                                   "(and --plot it)"}),
     (("--readme-table",), {"metavar": "JSON", "help": "do not run: print the README performance table of "
                                                      "this results file"}),
+    (("--targets",), {"metavar": "JSON", "help": "do not run: print issue 9's acceptance targets, met or not, "
+                                                "from this results file"}),
     (("--profile",), {"action": "store_true", "help": "run one problem under torch.profiler and print the "
                                                      "per-kernel time table (default entries: fused)"}),
     (("--profile-mode",), {"choices": ("forward", "forward_backward"), "default": "forward_backward",
@@ -236,6 +239,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def targets_report(results: dict) -> str:
+    """Issue 9's targets from ``results``, with the device they were measured on."""
+    from . import report, targets
+
+    text, all_met = targets.table(results)
+    device = report.device_summary(results.get("environment", {}))
+    verdict = "every target met by the default fused op" if all_met else "not every target met by the default fused op"
+    return f"Issue 9 targets (the issue names an H100), measured on {device}: {verdict}\n\n{text}"
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import report
 
@@ -244,6 +257,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.readme_table:
         print(report.readme_table(_load(args.readme_table)), end="")
+        return 0
+    if args.targets:
+        print(targets_report(_load(args.targets)), end="")
         return 0
     if args.from_json:
         results = _load(args.from_json)
