@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -68,6 +69,25 @@ def _captured(command: list[str], limit: float | None) -> tuple[int, str]:
                        for part in (expired.stdout, expired.stderr))
         return TIMED_OUT, text + f"\n(stopped: ran past its limit of {limit:.0f} s)"
     return done.returncode, done.stdout + done.stderr
+
+
+#: the most pytest-xdist workers the gpu-marked tests get: they share one GPU, and their float64
+#: references run on the CPU, which is where the time goes
+MAX_TEST_WORKERS = 8
+#: seconds one test may take where pytest-timeout is installed (a hung kernel fails that test, not the run)
+TEST_TIMEOUT_S = 300
+
+
+def _plugin_args() -> list[str]:
+    """Parallel workers and a per-test timeout, where the machine's python has the plugins (the lent GPU
+    machines' image has pytest-xdist and pytest-timeout; CI's .venv need not)."""
+    args = []
+    workers = max(1, min(MAX_TEST_WORKERS, (os.cpu_count() or 1) // 2))
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:
+        args += ["-n", str(workers)]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        args += [f"--timeout={TEST_TIMEOUT_S}"]
+    return args
 
 
 def _pytest(args: list[str], junit: Path, limit: float | None = None) -> dict:
@@ -183,7 +203,8 @@ def main(argv=None) -> int:
                                    limit(bench_share))
     save()
     print("-- 2. gpu-marked tests")
-    report["gpu_tests"] = _pytest(["-m", "gpu", "tests"], results / f"junit-gpu-{stamp}.xml", limit(bench_share))
+    report["gpu_tests"] = _pytest([*_plugin_args(), "-m", "gpu", "tests"], results / f"junit-gpu-{stamp}.xml",
+                                  limit(bench_share))
     save()
     if not args.no_bench:
         left = deadline.left()

@@ -340,3 +340,19 @@ def test_gpu_check_bench_budget_shrinks_to_the_time_the_tests_left(monkeypatch, 
     monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: next(clock, 400.0))
     assert gpu_check.main(["--results", str(tmp_path), "--deadline", "500", "--bench-budget", "300"]) == 0
     assert budgets == [500 - 400 - gpu_check.BENCH_RESERVE_S]
+
+
+def test_gpu_check_runs_the_gpu_tests_in_parallel_with_a_timeout_where_the_plugins_are(monkeypatch):
+    """The lent GPU machines' python has pytest-xdist and pytest-timeout; CI's .venv need not have them."""
+    import importlib.util
+
+    from na_rtc import gpu_check
+
+    monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert gpu_check._plugin_args() == ["-n", str(gpu_check.MAX_TEST_WORKERS), f"--timeout={gpu_check.TEST_TIMEOUT_S}"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert gpu_check._plugin_args() == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 2)
+    assert gpu_check._plugin_args() == [f"--timeout={gpu_check.TEST_TIMEOUT_S}"]  # one worker: no xdist
