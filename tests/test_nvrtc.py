@@ -501,3 +501,20 @@ def test_tensor_core_kernels_compile_to_tensor_core_instructions(family_name, ar
         missing = [instruction for instruction in needed if instruction not in body]
         assert not missing, f"{name}: no {missing} in its PTX"
         assert "trap;" not in body, f"{name}: compiles to a trap"
+        if name.startswith("na_fused_wg_fwd<"):
+            assert _softmax_runs_beside_a_wgmma(body), f"{name}: no ex2 between a wgmma commit and its wait"
+
+
+def _softmax_runs_beside_a_wgmma(ptx: str) -> bool:
+    """Whether some committed wgmma group is still unwaited while ex2 (the softmax) runs: the wgmma forward
+    issues the next chunk's Q K^T before this chunk's softmax, and a wait moved before the softmax (or the
+    compiler hoisting it there) would serialize the two again."""
+    pending = False
+    for line in ptx.splitlines():
+        if "wgmma.commit_group" in line:
+            pending = True
+        elif "wgmma.wait_group" in line:
+            pending = False
+        elif pending and "ex2.approx" in line:
+            return True
+    return False
