@@ -116,8 +116,16 @@ def _precompile(jobs: int, limit: float | None = None) -> dict:
             "seconds": round(time.perf_counter() - started, 1), "lines": lines[-200:]}
 
 
+#: the benchmark entries gpu-check runs unless told otherwise: what issue 9 compares (the dispatcher's fused op,
+#: its GPU variants, FlexAttention in both token orders) and the cheap baselines of the README table. Left
+#: out: the SIMT fused kernels, the split ops and the straightforward kernels, slow on the large issue shapes,
+#: which would cost the slice problems (``--bench-entries all`` runs them too)
+BENCH_ENTRIES = ("fused", "fused_tc_rows16", "fused_wgmma", "fused_wgmma_1wg", "naive_torch", "flex_natural",
+                 "flex_tiled", "sdpa")
+
+
 def _bench(results: Path, stamp: str, preset: str, budget: float, repeat: int, limit: float | None = None,
-           compile_timing: bool = False) -> dict:
+           compile_timing: bool = False, entries: tuple[str, ...] | None = BENCH_ENTRIES) -> dict:
     """One slice of the harness in its own process (a crashing kernel cannot take gpu-check down with it).
 
     The slice stops itself within ``budget``; ``limit`` only stops a slice that hangs.
@@ -126,6 +134,8 @@ def _bench(results: Path, stamp: str, preset: str, budget: float, repeat: int, l
     command = [sys.executable, "-m", "na_rtc", "bench", "--preset", preset, "--out", str(path), "--budget",
                f"{budget:.0f}", "--repeat", str(repeat), "--plot",
                "--compile-timing" if compile_timing else "--no-compile-timing"]
+    if entries:
+        command += ["--entries", ",".join(entries)]
     started = time.perf_counter()
     try:
         returncode = subprocess.run(command, cwd=ROOT, timeout=limit).returncode  # streamed: progress shows
@@ -161,6 +171,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bench-budget", type=float, default=300.0, metavar="S",
                         help="time budget of the benchmark slice; the rest is resumed with --resume (default 300)")
     parser.add_argument("--no-bench", action="store_true", help="only the self-tests and the gpu tests")
+    parser.add_argument("--bench-entries", default=",".join(BENCH_ENTRIES), metavar="LIST",
+                        help="comma-separated benchmark entries, or 'all' for every entry the machine suits "
+                             "(default: issue 9's comparison and the cheap baselines)")
     parser.add_argument("--bench-compile-timing", action="store_true",
                         help="let the benchmark compile every family again into an empty cache to time it "
                              "(step 0 already reports each family's compile time)")
@@ -210,8 +223,9 @@ def main(argv=None) -> int:
         left = deadline.left()
         budget = args.bench_budget if left is None else max(30.0, min(args.bench_budget, left - BENCH_RESERVE_S))
         print(f"-- 3. benchmark harness, preset {args.bench_preset} (one slice of at most {budget:.0f} s)")
+        entries = None if args.bench_entries == "all" else tuple(args.bench_entries.split(","))
         report["benchmark"] = _bench(results, stamp, args.bench_preset, budget, args.repeat, limit(),
-                                     args.bench_compile_timing)
+                                     args.bench_compile_timing, entries)
         if report["benchmark"].get("json"):
             report["issue9_targets"] = _targets(Path(report["benchmark"]["json"]))
     save()

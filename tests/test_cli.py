@@ -304,9 +304,10 @@ def test_gpu_check_keeps_to_its_deadline_and_leaves_the_benchmark_its_share(monk
         limits["tests" if args[-1] == "tests" else "primitives"] = limit
         return {"returncode": 0, "seconds": 0.0, "summary": "1 passed"}
 
-    def fake_bench(results, stamp, preset, budget, repeat, limit=None, compile_timing=False):
+    def fake_bench(results, stamp, preset, budget, repeat, limit=None, compile_timing=False, entries=None):
         reports.append(sorted(saved_report()))
         limits["bench"], limits["bench_budget"], limits["compile_timing"] = limit, budget, compile_timing
+        limits["entries"] = entries
         return {"returncode": 0, "seconds": 0.0, "json": "bench.json"}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -321,6 +322,7 @@ def test_gpu_check_keeps_to_its_deadline_and_leaves_the_benchmark_its_share(monk
         assert 500 - share - 5 < limits[step] <= 500 - share
     assert limits["bench_budget"] == 300  # the budget asked for fits in the time left
     assert limits["bench"] <= 500 and limits["compile_timing"] is False  # step 0 timed the compiles
+    assert limits["entries"] == gpu_check.BENCH_ENTRIES and "flex_natural" in limits["entries"]
     assert reports[0] == ["deadline_s", "environment", "kind", "precompile", "utc"]
     assert "gpu_tests" in reports[-1] and "benchmark" in saved_report()
 
@@ -356,3 +358,21 @@ def test_gpu_check_runs_the_gpu_tests_in_parallel_with_a_timeout_where_the_plugi
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 2)
     assert gpu_check._plugin_args() == [f"--timeout={gpu_check.TEST_TIMEOUT_S}"]  # one worker: no xdist
+
+
+def test_gpu_check_asks_the_harness_for_its_entries(monkeypatch, tmp_path):
+    """The slice runs issue 9's comparison by default (the slow SIMT, split and straightforward entries would
+    cost the slice problems); --bench-entries all leaves the choice to the harness."""
+    import subprocess
+
+    from na_rtc import gpu_check
+    from na_rtc.bench.entries import all_entries
+
+    assert set(gpu_check.BENCH_ENTRIES) <= {entry.name for entry in all_entries()}
+    commands = []
+    monkeypatch.setattr(gpu_check.subprocess, "run",
+                        lambda command, **kwargs: commands.append(command) or subprocess.CompletedProcess(command, 0))
+    gpu_check._bench(tmp_path, "stamp", "issues", 100.0, 5)
+    gpu_check._bench(tmp_path, "stamp", "issues", 100.0, 5, entries=None)
+    assert commands[0][-2:] == ["--entries", ",".join(gpu_check.BENCH_ENTRIES)]
+    assert "--entries" not in commands[1]
