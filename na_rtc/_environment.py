@@ -335,6 +335,16 @@ def _driver_version() -> int | None:
         return None
 
 
+def _fused_path(arch: int) -> str:
+    """Which kernels serve fp16/bf16 fused ops on this arch (runtime/ops.py's policies), for the verdict."""
+    if arch < 80:
+        return "fp16/bf16 fused ops on the SIMT kernels (tensor-core kernels need sm_80+)"
+    if arch == 90:
+        return ("fp16/bf16 fused ops on mma.sync tensor cores; the Hopper wgmma kernels with NA_RTC_WGMMA=1 "
+                "(opt-in until GPU runs have measured them)")
+    return "fp16/bf16 fused ops on mma.sync tensor cores"
+
+
 def _device_verdict(arch: int, nvrtc: tuple[int, int], archs: list[int], driver: int | None) -> str:
     """DESIGN.md section 3's supported-hardware table, applied to one device."""
     if arch < 70:
@@ -351,8 +361,9 @@ def _device_verdict(arch: int, nvrtc: tuple[int, int], archs: list[int], driver:
         if driver is not None and driver < nvrtc[0] * 1000 + nvrtc[1] * 10:
             return (f"sm_{arch} needs PTX from NVRTC {nvrtc[0]}.{nvrtc[1]}, but the driver supports CUDA {driver_text} "
                     f"and cannot JIT it: update the driver to CUDA {nvrtc[0]}.{nvrtc[1]}+")
-        return f"supported through PTX (sm_{arch} is newer than NVRTC {nvrtc[0]}.{nvrtc[1]} knows; the driver JITs it)"
-    return f"supported: cubin for sm_{arch}"
+        return (f"supported through PTX (sm_{arch} is newer than NVRTC {nvrtc[0]}.{nvrtc[1]} knows; the driver JITs "
+                f"it); {_fused_path(arch)}")
+    return f"supported: cubin for sm_{arch}; {_fused_path(arch)}"
 
 
 def hardware_verdict() -> Probe:

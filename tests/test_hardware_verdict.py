@@ -24,3 +24,13 @@ CASES = {
 @pytest.mark.parametrize("arch, nvrtc, archs, driver, expected", CASES.values(), ids=CASES.keys())
 def test_device_verdict(arch, nvrtc, archs, driver, expected):
     assert expected in _device_verdict(arch, nvrtc, archs, driver)
+
+
+@pytest.mark.parametrize("arch, expected", [(70, "on the SIMT kernels"), (75, "need sm_80+"),
+                                            (80, "on mma.sync tensor cores"), (90, "NA_RTC_WGMMA=1"),
+                                            (120, "on mma.sync tensor cores")])
+def test_the_verdict_says_which_kernels_serve_fp16_and_bf16(arch, expected):
+    nvrtc, archs = ((12, 9), ARCHS_12 + [120]) if arch < 75 else ((13, 5), ARCHS_13)
+    verdict = _device_verdict(arch, nvrtc, archs, 13050 if nvrtc[0] == 13 else 12090)
+    assert verdict.startswith("supported") and expected in verdict
+    assert ("NA_RTC_WGMMA" in verdict) == (arch == 90)
