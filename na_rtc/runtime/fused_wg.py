@@ -159,25 +159,28 @@ def bwd_names() -> tuple[str, ...]:
     return tuple(name_of(*instantiation) for name_of in (dq_name_of, dkdv_name_of) for instantiation in _instantiations())
 
 
-def _family(source: str, kernel_shared: dict):
+def _family(source: str, names_: tuple[str, ...], shared: dict[str, int], threads: dict[str, int]):
     from .families import Family
 
-    threads = {name: block_threads(ndim, wg) for (name, (_, _, ndim, wg)) in kernel_shared}
-    return Family(source, tuple(name for name, _ in kernel_shared), threads,
-                  {name: shared for (name, _), shared in kernel_shared.items()}, archs=(ARCH,), arch_specific=True)
+    return Family(source, names_, threads, shared, archs=(ARCH,), arch_specific=True)
 
 
 def family():
     """The forward family (built for sm_90a only); imported late: families.py builds its table from here."""
-    return _family(SOURCE, {(kernel_name_of(*i), i): shared_bytes(*i) for i in _instantiations()})
+    shared = {kernel_name_of(*i): shared_bytes(*i) for i in _instantiations()}
+    threads = {kernel_name_of(*i): block_threads(i[2], i[3]) for i in _instantiations()}
+    return _family(SOURCE, names(), shared, threads)
 
 
 def bwd_family():
-    """The dq and dK/dV family (sm_90a only); a dq launch takes at most its budget (larger bias tables are not
-    covered)."""
-    dq = {(dq_name_of(*i), i): dq_shared_budget(i[0], i[2], i[3]) for i in _instantiations()}
-    dkdv = {(dkdv_name_of(*i), i): dkdv_shared_bytes(*i) for i in _instantiations()}
-    return _family(BWD_SOURCE, {**dq, **dkdv})
+    """The dq and dK/dV family (built for sm_90a only)."""
+    shared, threads = {}, {}
+    for hd, dtype, ndim, wg in _instantiations():
+        dq, dkdv = dq_name_of(hd, dtype, ndim, wg), dkdv_name_of(hd, dtype, ndim, wg)
+        shared[dq] = dq_shared_budget(hd, ndim, wg)  # its largest launch (larger bias tables are not covered)
+        shared[dkdv] = dkdv_shared_bytes(hd, dtype, ndim, wg)
+        threads[dq] = threads[dkdv] = block_threads(ndim, wg)
+    return _family(BWD_SOURCE, bwd_names(), shared, threads)
 
 
 def grid(problem: Problem) -> int:
