@@ -40,13 +40,13 @@ from na_rtc.bench.report import environment
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# What a step that ran past its limit reports as its exit status (as timeout(1) does).
+#: What a step that ran past its limit reports as its exit status (as timeout(1) does).
 TIMED_OUT = 124
-# The whole run fits one ten-minute command on a lent GPU machine, with room for its start.
+#: The whole run fits one ten-minute command on a lent GPU machine, with room for its start.
 DEFAULT_DEADLINE_S = 560.0
-# The least the tests leave to the benchmark slice (less when --bench-budget asks for less).
+#: The least the tests leave to the benchmark slice (less when --bench-budget asks for less).
 MIN_BENCH_S = 200.0
-# Seconds kept back from the benchmark slice for its process start and the last write.
+#: Seconds kept back from the benchmark slice for its process start and the last write.
 BENCH_RESERVE_S = 20.0
 
 
