@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     float(&snf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(sn);
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const T* stage = kv.template arrive<true>(stages, box, chunk, chunks);  // chunk + 1 has landed too
+        unsigned pa[KC / 16][4];  // P as the A of P V: read by the product until the wait below
         const bool here = chunk >= chunk_lo && chunk < chunk_hi;  // warpgroup-uniform: keys of its queries
         const bool next_here = chunk + 1 >= chunk_lo && chunk + 1 < chunk_hi;
         if (here && chunk == chunk_lo) {  // the warpgroup's first chunk: nothing to overlap its S with
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
             na_tc_softmax_chunk<NT, DT>(s, o, m, l);
 
             // O += P V over 16-key steps: P from registers, V's k-step is two row groups
-            na_wgmma_rs_tiles<T, HD, KC>(of, s, v_address, ROW_GROUP);
+            na_wgmma_rs_tiles<T, HD, KC>(of, pa, s, v_address, ROW_GROUP);
         }
         na_wgmma_wait<0>();  // S' and P V: the next arrive reuses this chunk's stage
         na_wgmma_hold(of);

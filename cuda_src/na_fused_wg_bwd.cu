@@ -166,7 +166,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
             }
 
             // dQ += ds K over 16-key steps: ds from registers, K's k-step is two row groups
-            na_wgmma_rs_tiles<T, HD, KC>(accf, ds, k_address, ROW_GROUP);
+            unsigned da[KC / 16][4];  // ds as the A of ds K: read by the product until the wait
+            na_wgmma_rs_tiles<T, HD, KC>(accf, da, ds, k_address, ROW_GROUP);
             na_wgmma_wait<0>();
             na_wgmma_hold(accf);
         } else if (partial_out) {

@@ -210,13 +210,15 @@ __device__ __forceinline__ void na_wgmma_ss(float (&d)[N / 2], unsigned long lon
 }
 
 // D += A B as one group, issued and not waited for, where A (this warp's 16 rows x K) is fp32 tiles in the
-// D layout (tiles[K / 8][4]: P in the forward's P V, dS in dq's dS K) rounded to T: the D layout of two
-// 8-column tiles is the A fragment of one k16 step. B (K x N) is staged as MN-major core matrices at
-// shared address b_address, a k-step being two row groups of `row_group` bytes (LBO row_group, SBO 128).
+// D layout (tiles[K / 8][4]: P in the forward's P V, dS in dq's dS K) rounded to T into `a`: the D layout
+// of two 8-column tiles is the A fragment of one k16 step. The caller keeps `a` alive (in scope, untouched)
+// until the wait: the product reads it asynchronously (the emulator at the wait). B (K x N) is staged as
+// MN-major core matrices at shared address b_address, a k-step being two row groups of `row_group` bytes
+// (LBO row_group, SBO 128).
 template <class T, int N, int K>
-__device__ __forceinline__ void na_wgmma_rs_tiles(float (&d)[N / 2], const float (&tiles)[K / 8][4],
-                                                  unsigned b_address, unsigned row_group) {
-    unsigned a[K / 16][4];
+__device__ __forceinline__ void na_wgmma_rs_tiles(float (&d)[N / 2], unsigned (&a)[K / 16][4],
+                                                  const float (&tiles)[K / 8][4], unsigned b_address,
+                                                  unsigned row_group) {
 #pragma unroll
     for (int ks = 0; ks < K / 16; ++ks) na_mma_pack_a<T>(a[ks], tiles[2 * ks], tiles[2 * ks + 1]);
     na_wgmma_hold(d);
