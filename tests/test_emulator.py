@@ -422,7 +422,8 @@ def test_wgmma_is_computed_at_the_wait_and_misuse_is_reported(emu):
     np.testing.assert_array_equal(out, want)
     for mode, message in ((1, "without a wgmma.fence"), (2, "no fence.proxy.async"), (3, "has not landed in yet"),
                           (4, "not waited for"), (6, "A element .* outside the block's 256 bytes"),
-                          (7, "A descriptor .* swizzle mode 1")):
+                          (7, "A descriptor .* swizzle mode 1"),
+                          (8, "A registers of a wgmma.mma_async .* changed before the wgmma.wait_group")):
         with pytest.raises(EmulatorError, match=message):
             run(emu, "wgmma_misuse", (1,), (128,), ptr(b), ptr(out), i64(mode), shared=256)
     stale = np.full(512, np.nan, np.float32)

@@ -334,6 +334,7 @@ struct WgmmaOp {
     const char* file;
     const unsigned* a[32];  // each lane's A registers (the RS form) and D registers (its kernel's arrays)
     float* d[32];
+    unsigned a_issued[32][4];  // the A registers' values at the issue (RS): they must hold until the wait
 };
 
 enum { kWgmmaMaxGroups = 64 };
@@ -929,6 +930,7 @@ static void wgmma_issue(Worker* w, Warp* ws, const WarpOp* op) {
         const WgmmaLane* m = (const WgmmaLane*)ws->val[l];
         g->a[l] = m->a;
         g->d[l] = m->d;
+        if (!g->ss) memcpy(g->a_issued[l], m->a, sizeof g->a_issued[l]);
     }
 }
 
@@ -988,11 +990,18 @@ static void wgmma_compute(Worker* w, const WgmmaOp* g) {
             for (unsigned k = 0; k < 16; ++k) A[r][k] = wgmma_element(w, g, g->a_desc, false, k, 16 * g->rank + r, "A");
     } else {
         for (unsigned l = 0; l < 32; ++l) {
+            // the PTX ISA: A's registers may not be written until the wait; an array that left scope before
+            // it (its frame reused) shows here too
+            if (memcmp(g->a[l], g->a_issued[l], sizeof g->a_issued[l]) != 0) {
+                failf(w, "the A registers of a wgmma.mma_async (%s:%u) in %s block (%u,%u,%u) changed before the "
+                         "wgmma.wait_group that covers it (lane %u): keep them untouched, and in scope, until the "
+                         "wait", base_name(g->file), g->line, w->L->name, w->block.x, w->block.y, w->block.z, l);
+            }
             const unsigned gr = l >> 2, t = l & 3u;
             for (unsigned r = 0; r < 4; ++r)
                 for (unsigned h = 0; h < 2; ++h)
                     A[gr + 8 * (r & 1u)][2 * t + 8 * (r >> 1) + h] =
-                        mma_element(g->a[l][r] >> (16 * h) & 0xffffu, g->bf16 ? MMA_BF16 : MMA_F16);
+                        mma_element(g->a_issued[l][r] >> (16 * h) & 0xffffu, g->bf16 ? MMA_BF16 : MMA_F16);
         }
     }
     for (unsigned l = 0; l < 32; ++l) {

@@ -266,7 +266,8 @@ __global__ void cp_async_race(const unsigned* src, unsigned* out, long long mode
 // = thread t's d[i]. mode 0 is correct; the others break one rule each:
 // 1 no wgmma.fence, 2 no fence.proxy.async after the copies landed, 3 no
 // cp.async wait (nor barrier) before the wgmma, 4 exit before the wgmma wait,
-// 5 D read before the wait (stored then: the old zeros).
+// 5 D read before the wait (stored then: the old zeros), 8 an A register
+// written before the wait.
 __global__ void wgmma_misuse(const unsigned char* b, float* out, long long mode) {
     unsigned char* smem = na_dynamic_shared();
     const unsigned t = threadIdx.x;
@@ -275,7 +276,7 @@ __global__ void wgmma_misuse(const unsigned char* b, float* out, long long mode)
     if (mode != 3) na_cp_async_wait_group<0>();
     if (mode != 2) na_fence_proxy_async();
     if (mode != 3) __syncthreads();
-    const unsigned a[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};  // bf16 ones
+    unsigned a[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};  // bf16 ones
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     const unsigned long long desc = (128ull >> 4) << 16 | (256ull >> 4) << 32;
     if (mode != 1) na_wgmma_fence();
@@ -286,6 +287,7 @@ __global__ void wgmma_misuse(const unsigned char* b, float* out, long long mode)
     else
         na_wgmma_m64k16<8, false, true>(d, a, desc, 1);
     na_wgmma_commit();
+    if (mode == 8) a[t % 4] = 0;
     if (mode == 4) return;
     if (mode == 5)
         for (int i = 0; i < 4; ++i) out[4 * t + i] = d[i];
