@@ -10,9 +10,13 @@
 // and warpgroup j (warps 4 j .. 4 j + 3) multiplies its 64 rows. The key box
 // is walked in chunks of KC keys, staged by cp.async in three shared-memory
 // stages as wgmma core matrices (na_rows_core): while chunk c is computed,
-// chunk c + 1 has landed and chunk c + 2 is loading. With WG 2 (1D) both
-// warpgroups read each staged chunk, which halves the K and V traffic per
-// query, and a warpgroup skips the chunks outside its own queries' windows.
+// chunk c + 1 has landed and chunk c + 2 is loading. With WG 2 both
+// warpgroups read each staged chunk, and a warpgroup skips the chunks
+// outside its own queries' windows (na_tc_warpgroup_chunks): in 1D that
+// halves the K and V traffic per query; in 2D (a 16 x 8 tile, warpgroup j
+// the x-rows 8 j .. 8 j + 7) a 28 x 20 box feeds 128 queries at k = 13, where
+// two 8 x 8 tiles load 2 x 20 x 20 keys, and each warpgroup still multiplies
+// only the chunks of its own 20 box rows.
 // Per chunk c:
 //   S' = Q K'^T  of chunk c + 1, issued first and left running on the tensor
 //               cores while this chunk's softmax runs on the other units (a
@@ -36,7 +40,7 @@
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
 // (32, 64 or 128: the N of P V; runtime D <= HD), query tile TX x TY (64 WG),
 // keys per chunk KC (32, 64 or 128: the N of Q K^T), QS (Q read from shared
-// memory all along), warpgroups WG (1; 2 in 1D). Dynamic shared memory
+// memory all along), warpgroups WG (1 or 2). Dynamic shared memory
 // (na_rtc/runtime/fused_wg.py mirrors it): with QS the Q tile (64 WG rows of
 // HD, core matrices) first; then three stages of a K and a V chunk, 6 KC HD
 // elements; without QS the Q tile is staged in stage 2 until its fragments
@@ -64,7 +68,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     constexpr int STAGE = L::rows(2 * KC);        // elements of one stage: a K chunk, then a V chunk
     constexpr unsigned ROW_GROUP = 16 * HD;       // bytes of 8 staged rows: SBO of K (and Q), LBO of V
     static_assert(sizeof(T) == 2 && NQ == 64 * WG && NA_TC_THREADS == 128, "64 rows a warpgroup, 16-bit elements");
-    static_assert(WG == 1 || (WG == 2 && TY == 1), "two warpgroups in 1D only");
+    static_assert(WG == 1 || WG == 2, "one or two warpgroups");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
     static_assert(QS || L::rows(NQ) <= STAGE, "the Q tile fits in stage 2");
     const float NEG_INF = __int_as_float(0xff800000);
@@ -103,21 +107,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     }
     // the first iteration's barrier orders these reads before chunk 2 overwrites stage 2
 
-    // the chunks holding keys of this warpgroup's queries (windows are monotone along the tile, so from the
-    // first query's window start to the last one's end); none past the last valid query
+    // the chunks holding keys of this warpgroup's queries; none past the last valid query
     int chunk_lo = 0, chunk_hi = chunks;
-    if (WG > 1) {
-        const int first = 64 * (warp / 4), last = first + 63 < tx.n - 1 ? first + 63 : (int)tx.n - 1;
-        if (first > last) {
-            chunk_hi = 0;
-        } else {
-            long long s0, e0, s1, e1;
-            na_window(ax, (tx.q0 + first) * dx + tx.g, s0, e0);
-            na_window(ax, (tx.q0 + last) * dx + tx.g, s1, e1);
-            chunk_lo = (int)(s0 - tx.h0) / KC;
-            chunk_hi = ((int)(e1 - tx.h0) + KC - 1) / KC;
-        }
-    }
+    if (WG > 1) na_tc_warpgroup_chunks<TY, KC>(ax, tx, dx, box.hy, warp / 4, chunk_lo, chunk_hi);
 
     const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
     const na_tc_warp_window common = na_tc_common_window<1>(&rows);

@@ -3,7 +3,7 @@
 // mma.sync backward (na_fused_tc_bwd.cu), with the products as warpgroup
 // products, and share the forward's block decode, staging and core-matrix
 // layouts (na_fused_wg.cu, na_tc_load.cuh); every kernel has blocks of WG
-// warpgroups, 64 queries or keys each (two in 1D, one in 2D).
+// warpgroups, 64 queries or keys each (na_rtc/runtime/fused_wg.py's WARPGROUPS).
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -30,10 +30,10 @@
 // K or V row can reach every query of the tile. QS (operands in shared
 // memory): S and dP in the SS form, Q and dOut read as core matrices from
 // shared memory all along instead of 2 HD / 4 fragment registers, for the
-// instantiations that would spill otherwise (2D at head dim 128). WG 2 (1D,
-// without QS): a block of 128 queries, both warpgroups reading every staged
-// K/V chunk, each skipping the chunks outside its queries' windows (its ds
-// rows zero there for the bias partials). Dynamic shared memory
+// instantiations that would spill otherwise (2D at head dim 128). WG 2 (as
+// in the forward: 128 queries in 1D, a 16 x 8 tile in 2D): both warpgroups
+// read every staged K/V chunk, each skipping the chunks outside its queries'
+// windows (its ds rows zero there for the bias partials). Dynamic shared memory
 // (na_rtc/runtime/fused_wg.py mirrors it): without QS, 2 x 64 WG rows of
 // HD + 8 (Q, dOut; then the two stages, 4 KC HD elements); with QS, 2 x 64
 // rows of HD (Q, dOut as core matrices) and then the stages; then 64 WG x
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     using L = na_rows_core<HD>;
     constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
     static_assert(sizeof(T) == 2 && NQ == 64 * WG && NA_TC_THREADS == 128, "64 rows a warpgroup, 16-bit elements");
-    static_assert(WG == 1 || (WG == 2 && TY == 1 && !QS), "two warpgroups in 1D, fragments in registers");
+    static_assert(WG == 1 || WG == 2, "one or two warpgroups");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
     static_assert(QS || L::rows(4 * KC) <= 2 * NQ * P, "the two stages fit in the rows of the Q and dOut tiles");
     // elements before the ds floats: the Q and dOut tiles (pitch P; with QS core matrices, then the stages)
@@ -62,20 +62,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     NA_TC_DQ_DECODE_BLOCK(TX, TY, THREADS)
     const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
     const int d_len = (int)D;
-    // WG > 1: the chunks [lo, hi) holding keys of each warpgroup's queries (windows are monotone along the
-    // tile), none past the last valid query; in shared memory (HD 128 is at 252 registers), visible from the
-    // first chunk's barrier on
+    // WG > 1: the chunks [lo, hi) holding keys of each warpgroup's queries (na_tc_warpgroup_chunks); in shared
+    // memory (HD 128 is at 252 registers), visible from the first chunk's barrier on
     __shared__ int wg_chunks[WG][2];
-    if (WG > 1 && tid < WG) {
-        const int first = 64 * tid, last = first + 63 < tx.n - 1 ? first + 63 : (int)tx.n - 1;
-        long long s0 = 0, e0 = 0, s1 = 0, e1 = 0;
-        if (first <= last) {
-            na_window(ax, (tx.q0 + first) * dx + tx.g, s0, e0);
-            na_window(ax, (tx.q0 + last) * dx + tx.g, s1, e1);
-        }
-        wg_chunks[tid][0] = first > last ? 0 : (int)(s0 - tx.h0) / KC;
-        wg_chunks[tid][1] = first > last ? 0 : ((int)(e1 - tx.h0) + KC - 1) / KC;
-    }
+    if (WG > 1 && tid < WG) na_tc_warpgroup_chunks<TY, KC>(ax, tx, dx, box.hy, tid, wg_chunks[tid][0], wg_chunks[tid][1]);
 
     unsigned char* smem = na_dynamic_shared();
     T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles
@@ -83,7 +73,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     float* sds = reinterpret_cast<float*>(smem + (TILE_ELEMENTS * (int)sizeof(T) + 15) / 16 * 16);
     float* racc = sds + NQ * KS;
     const unsigned smem_address = na_shared_address(smem);
-    const unsigned q_address = smem_address, g_address = q_address + (unsigned)(L::rows(NQ) * (int)sizeof(T));
+    // QS: this warpgroup's 64 rows of the Q and dOut tiles (the A of S and dP)
+    const unsigned q_address = smem_address + (unsigned)(L::rows(64 * (warp / 4)) * (int)sizeof(T));
+    const unsigned g_address = q_address + (unsigned)(L::rows(NQ) * (int)sizeof(T));
 
     unsigned qf[KSTEPS][4], gf[KSTEPS][4];  // without QS
     if constexpr (QS) {  // the tiles' group lands with chunk 0 (the first wait); the stages are apart
@@ -201,9 +193,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 //                                   repacked from the accumulators into A
 //                                   fragments, dOut and Q MN-major (as V in the
 //                                   forward's P V).
-// With WG 2 (1D) a block owns 128 keys, warpgroup j keys 64 j .. 64 j + 63:
-// both read every staged chunk (half the Q and dOut traffic per key), and a
-// warpgroup skips the chunks outside its own keys' queries. Every key row
+// With WG 2 a block owns 128 keys (1D; a 16 x 8 tile in 2D), warpgroup j the
+// tile rows 64 j .. 64 j + 63: both read every staged chunk (in 1D half the
+// Q and dOut traffic per key), and a warpgroup skips the chunks outside its
+// own keys' queries. Every key row
 // meets every query of the chunk in the products (masked after): a NaN in a
 // Q or dOut row can reach every key of the warpgroup. Dynamic shared memory
 // (na_rtc/runtime/fused_wg.py mirrors it): K and V tiles (2 x 64 WG rows),
@@ -223,7 +216,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
     constexpr int STAGE = L::rows(2 * QC);   // elements of one stage: a Q chunk, then a dOut chunk
     static_assert(sizeof(T) == 2 && NK == 64 * WG && NA_TC_THREADS == 128, "64 keys a warpgroup, 16-bit elements");
-    static_assert(WG == 1 || (WG == 2 && TY == 1), "two warpgroups in 1D only");
+    static_assert(WG == 1 || (WG == 2 && 64 % TY == 0), "one or two warpgroups, each of whole key x-rows");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (QC == 32 || QC == 64 || QC == 128), "wgmma N built");
     __shared__ na_tc_key_ranges<TX, TY> ranges;
 
@@ -236,9 +229,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     T* stages = sv + L::rows(NK);
     float* tables = reinterpret_cast<float*>(stages + 2 * STAGE);  // 6 QC words a stage (na_tc_dkdv.cuh)
     const unsigned smem_address = na_shared_address(sk);
-    // this warpgroup's 64 rows of the K and V tiles (the A of its products)
-    const unsigned k_address = smem_address + (WG > 1 ? (unsigned)(L::rows(64 * (warp / 4)) * (int)sizeof(T)) : 0u);
-    const unsigned v_address = k_address + (unsigned)(L::rows(NK) * (int)sizeof(T));
+    // this warpgroup's 64 rows of the K (tile 0) or V (tile 1) tile, the A of its products: made where used,
+    // from threadIdx, not kept across the chunk loop (2D at head dim 128 with two warpgroups would spill)
+    const auto kv_tile_address = [&](int tile) {
+        const int rows = L::rows(NK) * tile + (WG > 1 ? L::rows(64 * (int)(threadIdx.x / 128)) : 0);
+        return smem_address + (unsigned)(rows * (int)sizeof(T));
+    };
 
     const int d_len = (int)D;
     na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
@@ -247,14 +243,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     __syncthreads();  // the inverse ranges
     int bx0, by0;  // the query box origin (group coordinates)
     const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
-    // WG > 1: the chunks [lo, hi) holding queries of each warpgroup's keys (the inverse ranges are monotone
-    // along the tile), none past the last valid key; in shared memory, read per chunk (HD 128 is at 255
-    // registers)
+    // WG > 1: the chunks [lo, hi) holding queries of each warpgroup's keys: its whole key x-rows (as for the
+    // queries in na_tc_warpgroup_chunks; the inverse ranges are monotone along the tile), from the first
+    // x-row's first query row to the last one's end, each query row hy queries; none past the last valid key.
+    // In shared memory, read per chunk (HD 128 is at 255 registers)
     __shared__ int wg_chunks[WG][2];
     if (WG > 1 && tid < WG) {
-        const int first = 64 * tid, last = first + 63 < tx.n - 1 ? first + 63 : (int)tx.n - 1;
-        wg_chunks[tid][0] = first > last ? 0 : (ranges.first_x[first] - bx0) / QC;
-        wg_chunks[tid][1] = first > last ? 0 : (ranges.last_x[last] - bx0 + QC - 1) / QC;
+        const int first = 64 * tid / TY, last = first + 64 / TY - 1 < tx.n - 1 ? first + 64 / TY - 1 : (int)tx.n - 1;
+        wg_chunks[tid][0] = first > last ? 0 : (ranges.first_x[first] - bx0) * qbox.hy / QC;
+        wg_chunks[tid][1] = first > last ? 0 : ((ranges.last_x[last] - bx0) * qbox.hy + QC - 1) / QC;
     }
     const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
@@ -303,9 +300,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
 #pragma unroll
         for (int ks = 0; ks < KSTEPS; ++ks) {
             const unsigned step = 256u * ks;
-            na_wgmma_ss<T, QC, false>(sf, na_wgmma_desc(k_address + step, 128u, ROW_GROUP),
+            na_wgmma_ss<T, QC, false>(sf, na_wgmma_desc(kv_tile_address(0) + step, 128u, ROW_GROUP),
                                       na_wgmma_desc(q_address + step, 128u, ROW_GROUP), ks > 0);
-            na_wgmma_ss<T, QC, false>(dpf, na_wgmma_desc(v_address + step, 128u, ROW_GROUP),
+            na_wgmma_ss<T, QC, false>(dpf, na_wgmma_desc(kv_tile_address(1) + step, 128u, ROW_GROUP),
                                       na_wgmma_desc(g_address + step, 128u, ROW_GROUP), ks > 0);
         }
         na_wgmma_commit();

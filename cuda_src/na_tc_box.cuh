@@ -90,3 +90,22 @@ __device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long l
                                                             long long sb, long long sx, long long sy, long long sh) {
     return {b * sb + (x0 * dx + gx) * sx + (y0 * dy + gy) * sy + h * sh, dx * sx, dy * sy};
 }
+
+// The chunks [lo, hi) of KC keys of a tile's key box that hold keys of warpgroup j's queries, for blocks of
+// several warpgroups that share every staged chunk and skip the others. Warpgroup j owns tile rows
+// 64 j .. 64 j + 63, whole query x-rows (TY divides 64); their windows along x are monotone, so the box rows
+// from the first x-row's window start to the last one's end hold every key they see (each box row spans the
+// whole box along y, hy keys). Empty (0, 0) when none of those x-rows is a valid query.
+template <int TY, int KC>
+__device__ __forceinline__ void na_tc_warpgroup_chunks(const na_axis& ax, const na_tile_axis& tx, long long dx,
+                                                       int hy, int j, int& lo, int& hi) {
+    static_assert(64 % TY == 0, "a warpgroup owns whole x-rows of the tile");
+    const int first = 64 * j / TY, last = (int)na_min(first + 64 / TY - 1, tx.n - 1);
+    lo = hi = 0;
+    if (first > last) return;
+    long long s0, e0, s1, e1;
+    na_window(ax, (tx.q0 + first) * dx + tx.g, s0, e0);
+    na_window(ax, (tx.q0 + last) * dx + tx.g, s1, e1);
+    lo = (int)(s0 - tx.h0) * hy / KC;
+    hi = ((int)(e1 - tx.h0) * hy + KC - 1) / KC;
+}

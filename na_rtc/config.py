@@ -23,7 +23,7 @@ SETTINGS = {
                            "(head dims up to 64; default: the table in runtime/fused_tc.py), for benchmarking",
     "NA_RTC_WGMMA": "1: fp16/bf16 fused ops on sm_90 GPUs (and in the emulator) use the Hopper wgmma kernels "
                     "for the forward and backward (default 0: opt-in until GPU runs have measured them)",
-    "NA_RTC_WGMMA_WARPGROUPS": "1 or 2: warpgroups per block of the 1D Hopper wgmma kernels (64 queries or "
+    "NA_RTC_WGMMA_WARPGROUPS": "1 or 2: warpgroups per block of the Hopper wgmma kernels (64 queries or "
                                "keys each; default 2, which share every staged chunk), for benchmarking",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
@@ -108,7 +108,7 @@ def wgmma() -> bool:
 
 
 def wgmma_warpgroups() -> int | None:
-    """Warpgroups per block the 1D wgmma kernels should use (``NA_RTC_WGMMA_WARPGROUPS``), or None: the
+    """Warpgroups per block the wgmma kernels should use (``NA_RTC_WGMMA_WARPGROUPS``), or None: the
     table's."""
     raw = os.environ.get("NA_RTC_WGMMA_WARPGROUPS", "").strip()
     if raw == "":

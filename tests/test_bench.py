@@ -463,20 +463,31 @@ def test_sixteen_warp_rows_entry_runs_only_where_it_changes_the_kernel(head_dim,
         assert _prepare_sixteen_warp_rows(problem, inputs).notes["forward_kernels"] == picks
 
 
-@pytest.mark.parametrize("ndim, picks", [(1, "na_fused_wg_fwd<bf16_t, 64, 64, 1, 64, 0, 1>"), (2, None)])
-def test_one_warpgroup_entry_times_the_other_1d_forward_or_says_why_not(ndim, picks):
-    """fused_wgmma_1wg: the wgmma forward with one warpgroup per block, where that is another forward than
-    fused_wgmma's (1D); in 2D the table's forward has one already, and the entry says so."""
-    from na_rtc.bench.entries import Unavailable, _prepare_wgmma_one_warpgroup, make_inputs
+@pytest.mark.parametrize("ndim, picks", [(1, "na_fused_wg_fwd<bf16_t, 64, 64, 1, 64, 0, 1>"),
+                                         (2, "na_fused_wg_fwd<bf16_t, 64, 8, 8, 64, 0, 1>")])
+def test_one_warpgroup_entry_times_the_other_forward(ndim, picks):
+    """fused_wgmma_1wg: the wgmma forward with one warpgroup per block (64 queries, 8 x 8 in 2D), another
+    forward than fused_wgmma's two (128 queries, 16 x 8 in 2D)."""
+    from na_rtc.bench.entries import _prepare_wgmma, _prepare_wgmma_one_warpgroup, make_inputs
     from na_rtc.bench.presets import Spec
 
     problem = Spec((40,) * ndim, (7,) * ndim, (1,) * ndim, (1,) * ndim, (False,) * ndim, 1, 1, 64, "bfloat16")
     inputs = make_inputs(problem, "cpu", "emulator")
-    if picks is None:
-        with pytest.raises(Unavailable, match="one warpgroup per block"):
-            _prepare_wgmma_one_warpgroup(problem, inputs)
-    else:
-        assert _prepare_wgmma_one_warpgroup(problem, inputs).notes["forward_kernels"] == picks
+    assert _prepare_wgmma_one_warpgroup(problem, inputs).notes["forward_kernels"] == picks
+    assert _prepare_wgmma(problem, inputs).notes["forward_kernels"].endswith(", 2>")
+
+
+def test_one_warpgroup_entry_says_why_when_the_table_has_one(monkeypatch):
+    """Where the table's forward already has one warpgroup a block, fused_wgmma_1wg is unavailable and says
+    so instead of timing fused_wgmma's forward twice."""
+    from na_rtc.bench.entries import Unavailable, _prepare_wgmma_one_warpgroup, make_inputs
+    from na_rtc.bench.presets import Spec
+    from na_rtc.runtime import fused_wg
+
+    monkeypatch.setitem(fused_wg.WARPGROUPS, 2, 1)
+    problem = Spec((40, 40), (7, 7), (1, 1), (1, 1), (False, False), 1, 1, 64, "bfloat16")
+    with pytest.raises(Unavailable, match="one warpgroup per block"):
+        _prepare_wgmma_one_warpgroup(problem, make_inputs(problem, "cpu", "emulator"))
 
 
 @pytest.mark.parametrize("dtype, picks", [("bfloat16", "na_fused_wg_fwd<bf16_t, 64, 128, 1, 64, 0, 2>"), ("float32", None)])

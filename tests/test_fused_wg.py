@@ -15,7 +15,8 @@
 * two families: a forward loads only the forward's kernels;
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
   forward and backward through the op table; NA_RTC_WGMMA_WARPGROUPS=1 and
-  the 1D kernels with one warpgroup per block.
+  the kernels with one warpgroup per block (the table's have two: 128 queries
+  or keys in 1D, a 16 x 8 tile in 2D).
 """
 
 from __future__ import annotations
@@ -84,51 +85,62 @@ def test_the_long_boxes_reuse_stages_for_every_head_dim():
         (ndim, hd) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
 
 
-# (config, NA_RTC_WGMMA_WARPGROUPS): the table's blocks, and in 1D blocks of one warpgroup too
-LONG_BOX_RUNS = [(c, None) for c in LONG_BOXES] + [(c, 1) for c in LONG_BOXES if c.ndim == 1]
+# (config, NA_RTC_WGMMA_WARPGROUPS): the table's blocks, and blocks of one warpgroup too
+LONG_BOX_RUNS = [(c, None) for c in LONG_BOXES] + [(c, 1) for c in LONG_BOXES]
 
 
 @pytest.mark.parametrize("cfg, warpgroups", LONG_BOX_RUNS, ids=lambda x: "table" if x is None else f"{x}wg" if isinstance(x, int) else str(x))
 def test_wgmma_forward_over_long_key_boxes(cfg, warpgroups, monkeypatch):
-    """Chunks past the third reuse stages while the next chunk's S is in flight; in 1D with two warpgroups
-    the second one starts past chunk 0 (its first chunk is multiplied on its own)."""
+    """Chunks past the third reuse stages while the next chunk's S is in flight; with two warpgroups the
+    second one starts past chunk 0 (its first chunk is multiplied on its own)."""
     if warpgroups is not None:
         monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
     out, lse = _run(cfg)
     test_fused.assert_forward_matches_reference(cfg, out, lse)
 
 
-ONE_WARPGROUP_1D = test_fused_tc.every_nth_covering([c for c in CONFIGS if c.ndim == 1], 2,
-                                                    lambda c: (fused_wg.head_dim_bucket(c.head_dim), c.dtype))
+def _instantiation(c):
+    return c.ndim, fused_wg.head_dim_bucket(c.head_dim), c.dtype
 
 
-def test_the_one_warpgroup_sweep_covers_every_head_dim_and_dtype():
-    assert {(fused_wg.head_dim_bucket(c.head_dim), c.dtype) for c in ONE_WARPGROUP_1D} == {
-        (hd, dtype) for hd in fused_wg.HEAD_DIMS for dtype in fused_wg.DTYPES}
+ONE_WARPGROUP = test_fused_tc.every_nth_covering(CONFIGS, 2, _instantiation)
+ONE_WARPGROUP_BACKWARD = test_fused_tc.every_nth_covering(test_fused_tc_bwd.CASES, 2, _instantiation)
+#: the one-warpgroup tile of each ndim
+ONE_WARPGROUP_TILES = {1: (64, 1), 2: (8, 8)}
 
 
-@pytest.mark.parametrize("cfg", ONE_WARPGROUP_1D, ids=str)
-def test_one_warpgroup_1d_forward_matches_reference(cfg, monkeypatch):
-    """NA_RTC_WGMMA_WARPGROUPS=1: the 1D forward with one warpgroup per 64-query block (the table's has two
-    per 128-query block), for the GPU comparison of the two."""
+def test_the_one_warpgroup_sweeps_cover_every_instantiation():
+    every = {(ndim, hd, dtype) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS for dtype in fused_wg.DTYPES}
+    assert {_instantiation(c) for c in ONE_WARPGROUP} == every
+    assert {_instantiation(c) for c in ONE_WARPGROUP_BACKWARD} == every
+    assert all(fused_wg.BLOCK_TILES[ndim, 1] == tile for ndim, tile in ONE_WARPGROUP_TILES.items())
+    assert all(fused_wg.WARPGROUPS[ndim] == 2 for ndim in (1, 2))  # else these sweeps test the table's blocks
+
+
+@pytest.mark.parametrize("cfg", ONE_WARPGROUP, ids=str)
+def test_one_warpgroup_forward_matches_reference(cfg, monkeypatch):
+    """NA_RTC_WGMMA_WARPGROUPS=1: the forward with one warpgroup per block of 64 queries (the table's has
+    two per 128), for the GPU comparison of the two."""
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
     recorder = RecordingExecutor()
     out, lse = _run(cfg, executor=recorder)
     hd = fused_wg.head_dim_bucket(cfg.head_dim)
-    assert recorder.names[0] == fused_wg.kernel_name_of(hd, cfg.dtype, 1, warpgroups=1)
-    assert recorder.names[0].startswith(f"na_fused_wg_fwd<{fused_wg.CTYPES[cfg.dtype]}, {hd}, 64, 1, ")
+    assert recorder.names[0] == fused_wg.kernel_name_of(hd, cfg.dtype, cfg.ndim, warpgroups=1)
+    tx, ty = ONE_WARPGROUP_TILES[cfg.ndim]
+    assert recorder.names[0].startswith(f"na_fused_wg_fwd<{fused_wg.CTYPES[cfg.dtype]}, {hd}, {tx}, {ty}, ")
     test_fused.assert_forward_matches_reference(cfg, out, lse)
 
 
-@pytest.mark.parametrize("case", [c for c in test_fused_tc_bwd.CASES if c.ndim == 1], ids=str)
-def test_one_warpgroup_1d_backward_matches_reference(case, monkeypatch):
-    """NA_RTC_WGMMA_WARPGROUPS=1: the 1D dq and dK/dV kernels with one warpgroup per block of 64 queries or
+@pytest.mark.parametrize("case", ONE_WARPGROUP_BACKWARD, ids=str)
+def test_one_warpgroup_backward_matches_reference(case, monkeypatch):
+    """NA_RTC_WGMMA_WARPGROUPS=1: the dq and dK/dV kernels with one warpgroup per block of 64 queries or
     keys (the table's have two per 128)."""
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
     hd = fused_wg.head_dim_bucket(case.head_dim)
-    dkdv = fused_wg.dkdv_name_of(hd, case.dtype, 1)
-    dq = fused_wg.dq_name_of(hd, case.dtype, 1)
-    assert dkdv.endswith(", 1>") and ", 64, 1, " in dkdv and dq.endswith(", 1>") and ", 64, 1, " in dq
+    dkdv = fused_wg.dkdv_name_of(hd, case.dtype, case.ndim)
+    dq = fused_wg.dq_name_of(hd, case.dtype, case.ndim)
+    tile = ", {}, {}, ".format(*ONE_WARPGROUP_TILES[case.ndim])
+    assert dkdv.endswith(", 1>") and tile in dkdv and dq.endswith(", 1>") and tile in dq
     test_fused_tc_bwd.check_backward(case, dq, wgmma=_always, dkdv_kernel=dkdv)
 
 
@@ -136,8 +148,9 @@ def test_the_warpgroups_setting(monkeypatch):
     kernels = fused.FusedKernels(emulated.run, _always, _always)
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
     assert kernels.kernel_name(_problem(1, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 64, 1, 64, 0, 1>"
-    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "2")  # not built in 2D: the table's one
     assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "2")
+    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "4")
     with pytest.raises(ValueError, match="NA_RTC_WGMMA_WARPGROUPS must be 1 or 2"):
         kernels.kernel_name(_problem(1, "float16", 64))
@@ -170,7 +183,7 @@ def _problem(ndim, dtype, head_dim):
 
 @pytest.mark.parametrize("ndim, dtype, head_dim, wgmma, expected", [
     (1, "bfloat16", 128, True, "na_fused_wg_fwd<bf16_t, 128, 128, 1, 64, 1, 2>"),
-    (2, "float16", 40, True, "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"),
+    (2, "float16", 40, True, "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"),
     (2, "float16", 64, False, "na_fused_tc_fwd<fp16_t, 64, 16, 8, 32, 2>"),
     (1, "float32", 64, True, "na_fused_fwd<float, 64, 32, 1>"),  # fp32: SIMT
 ])

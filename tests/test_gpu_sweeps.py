@@ -61,26 +61,42 @@ def test_fused_forward_on_gpu(cfg):
     assert_close(_cpu(lse), want_lse, cfg.dtype, "forward", "lse")
 
 
-@pytest.mark.parametrize("case", test_fused_tc_bwd.CASES + test_fused_tc_bwd.LONG_BOX_CASES, ids=str)
-def test_wgmma_backward_on_gpu(case, monkeypatch):
+WGMMA_BACKWARD_RUNS = ([(c, None) for c in test_fused_tc_bwd.CASES + test_fused_tc_bwd.LONG_BOX_CASES]
+                       + [(c, 1) for c in test_fused_tc_bwd.LONG_BOX_CASES])
+
+
+@pytest.mark.parametrize("case, warpgroups", WGMMA_BACKWARD_RUNS,
+                         ids=lambda x: "table" if x is None else f"{x}wg" if isinstance(x, int) else str(x))
+def test_wgmma_backward_on_gpu(case, warpgroups, monkeypatch):
     """The backward through the public API with NA_RTC_WGMMA=1 (the wgmma forward, dq and dK/dV) on sm_90
-    GPUs."""
+    GPUs, with the table's warpgroups a block and (long boxes) with one."""
     from na_rtc.runtime import cuda
 
     if cuda.arch_of("cuda") != 90:
         pytest.skip("the wgmma kernels are built for sm_90 GPUs only")
     monkeypatch.setenv("NA_RTC_WGMMA", "1")
+    if warpgroups is not None:
+        monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
     test_fused_backward_on_gpu(case)
 
 
-@pytest.mark.parametrize("cfg", test_fused_tc.CONFIGS + test_fused_tc.LONG_BOXES, ids=str)
-def test_wgmma_forward_on_gpu(cfg):
+# (config, NA_RTC_WGMMA_WARPGROUPS): the table's blocks on the whole sweep, one warpgroup a block (the
+# bench's fused_wgmma_1wg) on the long boxes
+WGMMA_FORWARD_RUNS = ([(c, None) for c in test_fused_tc.CONFIGS + test_fused_tc.LONG_BOXES]
+                      + [(c, 1) for c in test_fused_tc.LONG_BOXES])
+
+
+@pytest.mark.parametrize("cfg, warpgroups", WGMMA_FORWARD_RUNS,
+                         ids=lambda x: "table" if x is None else f"{x}wg" if isinstance(x, int) else str(x))
+def test_wgmma_forward_on_gpu(cfg, warpgroups, monkeypatch):
     """The Hopper forward (NA_RTC_WGMMA=1's kernel) on the fp16/bf16 sweep and on key boxes of many chunks,
     on sm_90 GPUs."""
     from na_rtc.runtime import cuda, fused
 
     if cuda.arch_of("cuda") != 90:
         pytest.skip("the wgmma forward is built for sm_90 GPUs only")
+    if warpgroups is not None:
+        monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
     (q, k, v), (q64, k64, v64) = sweep_inputs(cfg, 3)
     bias, bias64 = sweep_bias(cfg)
     q, k, v, bias = map(_cuda, (q, k, v, bias))

@@ -234,8 +234,8 @@ def _prepare_wgmma(spec: Spec, inputs: Inputs) -> Prepared:
 
 
 def _prepare_wgmma_one_warpgroup(spec: Spec, inputs: Inputs) -> Prepared:
-    """fused_wgmma with NA_RTC_WGMMA_WARPGROUPS=1, where that picks another forward (1D: one warpgroup per
-    64-query block instead of two per 128-query block; the backward kernels likewise)."""
+    """fused_wgmma with NA_RTC_WGMMA_WARPGROUPS=1, where that picks another forward (one warpgroup per block
+    of 64 queries, 8 x 8 in 2D, instead of two per 128, 16 x 8 in 2D; the backward kernels likewise)."""
     return _prepare_other_forward(spec, inputs, _prepare_wgmma(spec, inputs), _wgmma_one_warpgroup,
                                   "the wgmma forward already has one warpgroup per block (fused_wgmma measures it)")
 
@@ -329,7 +329,7 @@ def na_rtc_entries() -> list[Entry]:
         Entry("fused_wgmma", "na_rtc fused, Hopper wgmma forward and backward (NA_RTC_WGMMA=1)", _prepare_wgmma,
               families=("fused_wg", "fused_wg_bwd", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="the wgmma forward against the mma.sync one is a GPU comparison"),
-        Entry("fused_wgmma_1wg", "na_rtc fused, Hopper wgmma with one warpgroup per 1D block "
+        Entry("fused_wgmma_1wg", "na_rtc fused, Hopper wgmma with one warpgroup per block "
               "(NA_RTC_WGMMA=1 NA_RTC_WGMMA_WARPGROUPS=1)", _prepare_wgmma_one_warpgroup,
               families=("fused_wg", "fused_wg_bwd", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="warpgroups per block of the wgmma forward is a GPU comparison"),

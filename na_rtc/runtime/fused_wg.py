@@ -5,7 +5,7 @@ Two families, as for the mma.sync kernels: the forward (``fused_wg``,
 ``cuda_src/na_fused_wg_bwd.cu``), so that a forward compiles only its own.
 
 Every kernel has blocks of WG warpgroups (128 threads each, 64 queries or keys
-each; two in 1D, one in 2D: :data:`WARPGROUPS`) per (batch, head, tile inside
+each; two: :data:`WARPGROUPS`) per (batch, head, tile inside
 one dilation group per axis), with the same arguments and results as the
 mma.sync kernels (``fused_tc.py``):
 
@@ -42,13 +42,14 @@ ARCH = 90  # wgmma is sm_90a: the cubin runs on compute capability 9.0 only
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 64, 128)
 #: ndim -> warpgroups a block, each multiplying 64 rows (queries; keys in the dK/dV kernel) of the block's
-#: tile. In 1D two share every staged chunk (half the K/V, or Q/dOut, traffic per row); in 2D the box of a
-#: 128-query tile would add keys to every warpgroup's products (the wgmma computes the whole chunk for
-#: each). In 1D one is built too, and NA_RTC_WGMMA_WARPGROUPS picks it (python -m na_rtc bench's
-#: fused_wgmma_1wg entry measures it).
-WARPGROUPS = {1: 2, 2: 1}
+#: tile. Two share every staged chunk, each skipping the chunks outside its own rows' windows: in 1D that
+#: halves the K/V (or Q/dOut) traffic per row; in 2D the 16 x 8 tile's box (28 x 20 keys at k = 13) feeds
+#: 128 queries where two 8 x 8 tiles load 2 x 20 x 20, while each warpgroup still multiplies only the
+#: chunks of its own 8 x-rows' windows (the same chunks as an 8 x 8 tile's). One is built too, and
+#: NA_RTC_WGMMA_WARPGROUPS picks it (python -m na_rtc bench's fused_wgmma_1wg entry measures it).
+WARPGROUPS = {1: 2, 2: 2}
 #: (ndim, warpgroups) built -> the block's tile (TX, TY): 64 rows a warpgroup
-BLOCK_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8)}
+BLOCK_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8), (2, 2): (16, 8)}
 #: head-dim bucket -> keys per staged chunk (the N of Q K^T); three stages of a K and a V chunk are 6 KC HD
 #: elements
 CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
