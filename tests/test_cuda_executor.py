@@ -1,14 +1,21 @@
 """The cuda executor's host-side logic, testable without a GPU: argument
-conversion for CuPy's launcher and the availability reasons."""
+conversion for CuPy's launcher, the availability reasons, the shared-memory
+opt-in, and which program a kernel's first use loads (its family's where the
+cache has it, its own otherwise)."""
 
 from __future__ import annotations
 
 import builtins
+import warnings
+from pathlib import Path
 
 import numpy as np
+import pytest
+from helpers import requires_nvrtc
 
-from na_rtc.runtime import cuda, fused_wg
+from na_rtc.runtime import cache, cuda, fused_wg, nvrtc
 from na_rtc.runtime import plan as P
+from na_rtc.runtime.families import Family
 
 
 def test_arguments_become_exact_width_numpy_scalars():
@@ -56,8 +63,61 @@ def test_launches_above_48_kib_opt_in_once_per_function(monkeypatch):
     name = fused_wg.kernel_name_of(128, "bfloat16", 1)
     module = types.SimpleNamespace(get_function=lambda mangled: types.SimpleNamespace(ptr=1234, name=mangled))
     functions: dict = {}
-    monkeypatch.setattr(cuda, "_module", lambda device, family: (module, {name: "_Z3wg"}, functions))
+    monkeypatch.setattr(cuda, "_module", lambda device, family, kernel: (module, {name: "_Z3wg"}, functions))
     kernel = P.Kernel("na_fused_wg.cu", name)
     for shared in (16 * 1024, 48 * 1024, 64 * 1024, 64 * 1024, 32 * 1024, 96 * 1024):
         assert cuda._function(0, kernel, shared).name == "_Z3wg"
     assert calls == [(1234, 8, 64 * 1024), (1234, 8, 96 * 1024)]
+
+
+KERNELS = Path(__file__).resolve().parent / "nvrtc_kernels"
+TEST_FAMILY = Family(str(KERNELS / "kernels.cu"), ("scale<float, 2>", "na_test::block_sum<float>"))
+
+
+def _compiles():
+    return cache.cache_stats()["compiles"]
+
+
+@requires_nvrtc
+def test_a_first_use_compiles_its_kernel_alone(kernel_cache):
+    """Without the family's program in the cache, a kernel's first use compiles that kernel only (a user's
+    first call waits for what it runs, not for every instantiation of the family), once."""
+    first = cuda.program_for(TEST_FAMILY, "scale<float, 2>", 90)
+    assert set(first.lowered) == {"scale<float, 2>"} and _compiles() == 1
+    assert cuda.program_for(TEST_FAMILY, "scale<float, 2>", 90) is first and _compiles() == 1
+    other = cuda.program_for(TEST_FAMILY, "na_test::block_sum<float>", 90)
+    assert set(other.lowered) == {"na_test::block_sum<float>"} and _compiles() == 2
+
+
+@requires_nvrtc
+def test_a_precompiled_family_serves_every_kernel_without_compiling(kernel_cache, monkeypatch):
+    """Once the family's whole program is in the cache (python -m na_rtc precompile), every kernel's first
+    use loads it, from memory or from disk, and NVRTC never runs."""
+    cache.get_program(TEST_FAMILY.source, TEST_FAMILY.names, 90)  # what precompile does
+    assert _compiles() == 1
+
+    def no_nvrtc(*args, **kwargs):
+        raise AssertionError("NVRTC called although the family's program is cached")
+
+    monkeypatch.setattr(nvrtc, "compile_program", no_nvrtc)
+    for name in TEST_FAMILY.names:
+        assert set(cuda.program_for(TEST_FAMILY, name, 90).lowered) == set(TEST_FAMILY.names)
+    cache.clear_memory_cache()
+    assert set(cuda.program_for(TEST_FAMILY, "scale<float, 2>", 90).lowered) == set(TEST_FAMILY.names)
+    assert cache.cache_stats()["disk_hits"] == 1
+
+
+@requires_nvrtc
+def test_a_damaged_family_entry_falls_back_to_the_kernel_alone_quietly(kernel_cache):
+    """A damaged family entry is not used: the kernel is compiled alone, without the 'recompiling it'
+    warning (nothing recompiles the family entry here; precompile does, and warns)."""
+    cache.get_program(TEST_FAMILY.source, TEST_FAMILY.names, 90)
+    (entry,) = sorted(kernel_cache.glob("sm_90/*.bin"))
+    entry.write_bytes(entry.read_bytes()[:-7])
+    cache.clear_memory_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program = cuda.program_for(TEST_FAMILY, "scale<float, 2>", 90)
+    assert set(program.lowered) == {"scale<float, 2>"} and _compiles() == 2
+    with pytest.warns(cache.KernelCacheWarning, match="unusable"):
+        cache.get_program(TEST_FAMILY.source, TEST_FAMILY.names, 90)

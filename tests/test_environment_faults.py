@@ -234,28 +234,24 @@ def _program(kind="ptx", target="compute_120"):
 
 @pytest.mark.parametrize("code", ["CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_NO_BINARY_FOR_GPU"])
 def test_a_module_the_driver_refuses_says_why(monkeypatch, code):
-    from na_rtc.runtime import cache
-
     refused = CUDADriverError(f"{code}: the provided PTX was compiled with an unsupported toolchain.")
     install(monkeypatch, cupy=fake_cupy(devices=(130,), driver=12040, load_error=refused))
-    monkeypatch.setattr(cache, "get_program", lambda *args, **kwargs: _program())
+    monkeypatch.setattr(cuda, "program_for", lambda *args, **kwargs: _program())
     monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (13, 0))
     monkeypatch.setattr(cuda, "_modules", {})
     with pytest.raises(RuntimeError, match=r"the CUDA driver \(CUDA 12.4\) cannot load the ptx that NVRTC 13.0 "
                                            r"compiled for compute_120 on GPU 0 .*Update the driver") as info:
-        cuda._module(0, Family("fake.cu", ("k",)))
+        cuda._module(0, Family("fake.cu", ("k",)), "k")
     assert code in str(info.value) and info.value.__cause__ is refused
 
 
 def test_other_load_errors_pass_through(monkeypatch):
-    from na_rtc.runtime import cache
-
     out_of_memory = CUDADriverError("CUDA_ERROR_OUT_OF_MEMORY: out of memory")
     install(monkeypatch, cupy=fake_cupy(load_error=out_of_memory))
-    monkeypatch.setattr(cache, "get_program", lambda *args, **kwargs: _program("cubin", "sm_90"))
+    monkeypatch.setattr(cuda, "program_for", lambda *args, **kwargs: _program("cubin", "sm_90"))
     monkeypatch.setattr(cuda, "_modules", {})
     with pytest.raises(CUDADriverError) as info:
-        cuda._module(0, Family("fake.cu", ("k",)))
+        cuda._module(0, Family("fake.cu", ("k",)), "k")
     assert info.value is out_of_memory
 
 

@@ -1,12 +1,15 @@
-"""First-call compile time and cached-load time of the kernel families.
+"""Compile time and cached-load time of the kernel families.
 
 A kernel family (one source file, every instantiation the dispatcher can
-pick; :data:`na_rtc.runtime.families.FAMILIES`) is compiled once per
-architecture and cached on disk, so its cost is per family, not per problem:
-a new shape never recompiles (DESIGN.md section 5). Measured here in a fresh,
-empty cache folder, so "compile" really compiles whatever the user's cache
-holds, and then again from that folder's disk entry with the in-memory cache
-cleared ("cached load": what every later process pays).
+pick; :data:`na_rtc.runtime.families.FAMILIES`) is compiled as one program
+by ``python -m na_rtc precompile`` and by the emulator's first call; on a GPU
+a first call without that program in the cache compiles only the kernels it
+runs, each alone (``runtime/cuda.py``'s ``program_for``). Its cost is per
+family and architecture, not per problem: a new shape never recompiles
+(DESIGN.md section 5). Measured here in a fresh, empty cache folder, so
+"compile" really compiles whatever the user's cache holds, and then again
+from that folder's disk entry with the in-memory cache cleared ("cached
+load": what every later process pays).
 
 Families compile in parallel threads when the machine has cores to spare
 (NVRTC and the C++ compiler are single-threaded; each family's time is its

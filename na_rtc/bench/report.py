@@ -228,7 +228,7 @@ def compile_table(results: dict) -> str:
         return f"Kernel compile and cached-load times: {compiled['skipped']}." if "skipped" in compiled else ""
     backend = results["compile"].get("backend", "?")
     lines = [f"Kernel families on the {backend} backend (compiled in an empty cache folder, then loaded from it):",
-             "", "| family | kernels | first call: compile s | cached load s |", "|---|---|---|---|"]
+             "", "| family | kernels | compile s (whole family) | cached load s |", "|---|---|---|---|"]
     for name, row in families.items():
         if "error" in row:
             lines.append(f"| {name} | error: {row['error']} | | |")

@@ -59,6 +59,7 @@ __all__ = [
     "KernelCacheWarning",
     "cache_key",
     "cache_stats",
+    "cached_program",
     "clear_memory_cache",
     "entry_path",
     "get_program",
@@ -234,13 +235,18 @@ def _decode(data: bytes, key: str) -> CompiledProgram:
         raise _BadEntry(f"unreadable metadata ({type(error).__name__}: {error})") from None
 
 
-def _load(path: Path, key: str, names: Sequence[str], arch: int, arch_specific: bool = False) -> CompiledProgram | None:
+def _load(path: Path, key: str, names: Sequence[str], arch: int, arch_specific: bool = False,
+          quiet: bool = False) -> CompiledProgram | None:
+    """The entry at ``path``, or None: absent, or unusable (with a warning that it is recompiled, unless
+    ``quiet``: the caller will not recompile it)."""
     try:
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as error:
-        _diskcache.warn(f"na_rtc: cannot read kernel cache entry {path} ({error}); recompiling", KernelCacheWarning)
+        if not quiet:
+            _diskcache.warn(f"na_rtc: cannot read kernel cache entry {path} ({error}); recompiling",
+                            KernelCacheWarning)
         return None
     try:
         program = _decode(data, key)
@@ -254,7 +260,9 @@ def _load(path: Path, key: str, names: Sequence[str], arch: int, arch_specific: 
             raise _BadEntry(f"compiled for {target} ({kind}) of sm_{program.arch}, not for sm_{arch}")
     except _BadEntry as error:
         _count("bad_entries")
-        _diskcache.warn(f"na_rtc: kernel cache entry {path} is unusable ({error}); recompiling it", KernelCacheWarning)
+        if not quiet:
+            _diskcache.warn(f"na_rtc: kernel cache entry {path} is unusable ({error}); recompiling it",
+                            KernelCacheWarning)
         return None
     return program
 
@@ -288,9 +296,11 @@ def lookup(
     include_dir: Path | None = None,
     cache_root: Path | None = None,
     arch_specific: bool = False,
-) -> tuple[CompiledProgram, str]:
+    compile: bool = True,
+) -> tuple[CompiledProgram | None, str]:
     """Like :func:`get_program`, also saying where the program came from:
-    ``"memory"``, ``"disk"`` or ``"compiled"``."""
+    ``"memory"``, ``"disk"`` or ``"compiled"``. With ``compile=False`` a program
+    neither in memory nor on disk is not compiled: ``(None, "absent")``."""
     names = tuple(dict.fromkeys(names))
     arch = _nvrtc.parse_arch(arch)
     options = tuple(options)
@@ -306,7 +316,9 @@ def lookup(
     def produce(key: str) -> tuple[CompiledProgram, str]:
         path = entry_path(key, arch, source.name, cache_root, arch_specific)
         seen = _diskcache.file_signature(path)
-        program = _load(path, key, names, arch, arch_specific)
+        program = _load(path, key, names, arch, arch_specific, quiet=not compile)
+        if program is None and not compile:
+            return None, "absent"  # memoized as a miss: a later call looks again
         if program is None:
             with _diskcache.build_lock(path):  # another process compiling this key finishes first
                 if _diskcache.file_signature(path) not in (None, seen):  # ... and left its entry
@@ -320,6 +332,22 @@ def lookup(
         return program, "disk"
 
     return _memo.get(call, key_of, produce)
+
+
+def cached_program(
+    source_path: str | os.PathLike,
+    names: Sequence[str],
+    arch: int,
+    options: Sequence[str] = (),
+    *,
+    include_dir: Path | None = None,
+    cache_root: Path | None = None,
+    arch_specific: bool = False,
+) -> CompiledProgram | None:
+    """The program :func:`get_program` would return, where memory or the disk cache has it; None otherwise
+    (never compiles)."""
+    return lookup(source_path, names, arch, options, include_dir=include_dir, cache_root=cache_root,
+                  arch_specific=arch_specific, compile=False)[0]
 
 
 def get_program(

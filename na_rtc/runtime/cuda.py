@@ -1,7 +1,9 @@
 """The ``cuda`` executor: launch plans on the GPU through CuPy.
 
 Kernels are compiled by NVRTC (through the disk cache) for the device's
-architecture and loaded as CuPy modules, memoized per (device, family).
+architecture and loaded as CuPy modules: a family's whole program where the
+cache holds it (``precompile``), otherwise each kernel's own, compiled at its
+first use (:func:`program_for`).
 Inputs may be CuPy arrays or CUDA torch tensors; torch launches go on torch's
 current stream of the tensor's device, so they order with the surrounding
 torch work without any synchronization.
@@ -73,30 +75,45 @@ def arch_of(device: str) -> int:
     return _arch(int(index))
 
 
-def _module(device: int, family):
-    """The loaded CuPy module of a family on ``device`` (compiled or from the cache)."""
-    key = (device, family.source)
+def program_for(family, name: str, arch: int):
+    """The compiled program to load for kernel ``name`` of ``family`` on ``sm_<arch>``: the whole family's
+    where the cache holds it (``precompile`` fills it), otherwise ``name``'s alone, compiled now if the
+    cache lacks it too. So a first call compiles the kernels it runs (a few seconds each), not every
+    instantiation of their families (tens of seconds for the tensor-core ones)."""
+    from . import cache
+
+    source = cuda_src_dir() / family.source
+    whole = cache.cached_program(source, family.names, arch, arch_specific=family.arch_specific)
+    if whole is not None:
+        return whole
+    return cache.get_program(source, (name,), arch, arch_specific=family.arch_specific)
+
+
+def _module(device: int, family, name: str):
+    """The loaded CuPy module holding kernel ``name`` of ``family`` on ``device``: the family's, or the
+    kernel's own (:func:`program_for`), memoized per (device, family) or per (device, family, kernel)."""
+    whole, alone = (device, family.source), (device, family.source, name)
     with _lock:
-        if key not in _modules:
-            import cupy
+        for key in (whole, alone):
+            if key in _modules:
+                return _modules[key]
+        import cupy
 
-            from . import cache
-
-            arch = int(cupy.cuda.Device(device).compute_capability)  # "90" -> 90, "120" -> 120
-            if not family.builds_for(arch):  # the dispatcher checks first; this is the last line of defense
-                raise RuntimeError(f"the kernels of {family.source} are built for "
-                                   f"{', '.join(f'sm_{a}' for a in family.archs)} only, not for GPU {device} (sm_{arch})")
-            program = cache.get_program(cuda_src_dir() / family.source, family.names, arch,
-                                        arch_specific=family.arch_specific)
-            # cuModuleLoadData reads PTX as a C string: it needs the terminator the cache strips
-            image = program.binary + b"\x00" if program.kind == "ptx" else program.binary
-            with cupy.cuda.Device(device):
-                module = cupy.cuda.function.Module()
-                try:
-                    module.load(image)
-                except Exception as error:
-                    raise _load_error(error, program, device) from error
-            _modules[key] = (module, program.lowered, {})
+        arch = int(cupy.cuda.Device(device).compute_capability)  # "90" -> 90, "120" -> 120
+        if not family.builds_for(arch):  # the dispatcher checks first; this is the last line of defense
+            raise RuntimeError(f"the kernels of {family.source} are built for "
+                               f"{', '.join(f'sm_{a}' for a in family.archs)} only, not for GPU {device} (sm_{arch})")
+        program = program_for(family, name, arch)
+        # cuModuleLoadData reads PTX as a C string: it needs the terminator the cache strips
+        image = program.binary + b"\x00" if program.kind == "ptx" else program.binary
+        with cupy.cuda.Device(device):
+            module = cupy.cuda.function.Module()
+            try:
+                module.load(image)
+            except Exception as error:
+                raise _load_error(error, program, device) from error
+        key = whole if all(n in program.lowered for n in family.names) else alone
+        _modules[key] = (module, program.lowered, {})
         return _modules[key]
 
 
@@ -133,7 +150,7 @@ DEFAULT_DYNAMIC_SHARED = 48 * 1024
 
 
 def _function(device: int, kernel: P.Kernel, shared_bytes: int):
-    module, lowered, functions = _module(device, family_of(kernel.name))
+    module, lowered, functions = _module(device, family_of(kernel.name), kernel.name)
     if kernel.name not in functions:
         functions[kernel.name] = [module.get_function(lowered[kernel.name]), DEFAULT_DYNAMIC_SHARED]
     entry = functions[kernel.name]
