@@ -22,12 +22,11 @@
 //   goes to shared memory and the block adds, per relative offset, the ds of
 //   its queries in tile order (the order of the SIMT kernel) into per-tile
 //   partials [h, tiles, entries].
-// na_fused_tc_bwd_dkdv<T, HD, TX, TY, QC, STAGES>: one block per (b, h, key
+// na_fused_tc_bwd_dkdv<T, HD, TX, TY, QC>: one block per (b, h, key
 //   tile of 64 group coordinates); warp w owns keys 16w..16w+15. The queries
 //   whose windows can hold a key of the tile (one box, na_inverse_range per
 //   axis) are streamed QC at a time with their windows, lse and delta, through
-//   STAGES shared-memory stages (2: chunk c + 1 loads during chunk c; 1 in 2D
-//   at HD 128, where two spill): S^T = K Q^T,
+//   two shared-memory stages (chunk c + 1 loads during chunk c): S^T = K Q^T,
 //   dP^T = V dOut^T, then dV += p^T dOut and dK += ds^T Q (Q and dOut rows
 //   through ldmatrix.x2.trans).
 // Pairs outside a query's window have p = ds = 0 but still pass through the
@@ -39,7 +38,7 @@
 // P = HD + 8 elements:
 //   dq:   2 x 64 rows (Q, dOut; then two stages of a K and a V chunk, 4 KC <= 128),
 //         then 64 x (KC + 1) floats of ds and one float per bias entry;
-//   dkdv: 2 x 64 rows (K, V), STAGES x 2 x QC rows (Q, dOut), then per stage
+//   dkdv: 2 x 64 rows (K, V), 2 x 2 x QC rows (Q, dOut: two stages), then per stage
 //         QC floats of lse, QC of delta and 4 QC ints of window bounds.
 #include "na_types.cuh"
 #include "na_window.cuh"
@@ -151,7 +150,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                                (float)scale, partial_out, racc, entries);
 }
 
-template <class T, int HD, int TX, int TY, int QC, int STAGES>
+template <class T, int HD, int TX, int TY, int QC>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
     const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
@@ -161,8 +160,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     constexpr int NK = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
-    static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0 && (STAGES == 1 || STAGES == 2),
-                  "tile shapes");
+    // k-steps of S^T and dP^T unrolled at once: in 2D at head dim 128 all 8 (their fragments loaded ahead)
+    // spill 12 bytes on sm_90; 4 at a time fit
+    constexpr int KS_UNROLL = TY > 1 && HD == 128 ? 4 : KSTEPS;
+    static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
     __shared__ na_tc_key_ranges<TX, TY> ranges;
 
     NA_TC_DECODE_BLOCK(TX, TY)
@@ -175,7 +176,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     T* stage_rows = sv + NK * P;  // stage s: Q chunk at s * 2 QC rows, dOut chunk QC rows further
     // stage s's chunk tables at 6 QC s words (na_tc_dkdv.cuh)
     float* tables = reinterpret_cast<float*>(
-        smem + na_tcb_align16((2LL * NK + 2LL * STAGES * QC) * P * (long long)sizeof(T)));
+        smem + na_tcb_align16((2LL * NK + 4LL * QC) * P * (long long)sizeof(T)));
 
     const int d_len = (int)D;
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 
     // chunk -> its stage: the Q and dOut rows as one cp.async group, then the window, lse and delta tables
     const auto load_chunk = [&](int chunk) {
-        const int st = chunk % STAGES;
+        const int st = chunk & 1;
         na_tc_dkdv_load_chunk<T, HD, na_rows_pitch<P>, QC, TY>(
             stage_rows + st * 2 * QC * P, tables + st * 6 * QC, chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
             {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
@@ -205,15 +206,14 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     };
 
     const int chunks = (nqueries + QC - 1) / QC;
-    // two stages: chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is
-    // past chunk c - 1 there, so its stage is free) and lands during chunk c: one barrier a chunk
-    if (STAGES == 2 && chunks > 0) load_chunk(0);
+    // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
+    // c - 1 there, so its stage is free) and lands during chunk c: one barrier a chunk
+    if (chunks > 0) load_chunk(0);
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int c0 = chunk * QC, st = chunk % STAGES;
-        if (STAGES == 1) load_chunk(chunk);
+        const int c0 = chunk * QC, st = chunk & 1;
         na_cp_async_wait_group<0>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
         __syncthreads();  // rows and tables of this chunk are visible to every warp
-        if (STAGES == 2 && chunk + 1 < chunks) load_chunk(chunk + 1);
+        if (chunk + 1 < chunks) load_chunk(chunk + 1);
         const T* sq = stage_rows + st * 2 * QC * P;
         const T* sg = sq + QC * P;
         const float* c_lse = tables + st * 6 * QC;
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
             live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform
-#pragma unroll
+#pragma unroll KS_UNROLL
                 for (int ks = 0; ks < KSTEPS; ++ks) {
                     unsigned ka[4], va[4], qb[2], gb[2];
                     const int r = 16 * warp + (lane & 15), c = 16 * ks + 8 * (lane >> 4);
@@ -262,7 +262,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                 na_mma<T>::run(acc_k[dt], da, qb, acc_k[dt]);
             }
         }
-        if (STAGES == 1) __syncthreads();  // this stage is consumed before it is loaded again
     }
 
     na_tc_dkdv_store<T, DT>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,

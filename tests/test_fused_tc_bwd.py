@@ -99,7 +99,7 @@ def test_dispatch_prefers_tensor_cores_where_allowed():
     q = torch.zeros(1, 40, 2, 64, dtype=torch.bfloat16)
     problem = na_rtc._args.fused_problem(1, q, q, q, 7, 2, 1, False, None, None)
     assert FusedBackwardKernels(emulated.run, _always).kernel_names(problem)[1:] == (
-        "na_fused_tc_bwd_dq<bf16_t, 64, 64, 1, 32>", "na_fused_tc_bwd_dkdv<bf16_t, 64, 64, 1, 32, 2>")
+        "na_fused_tc_bwd_dq<bf16_t, 64, 64, 1, 32>", "na_fused_tc_bwd_dkdv<bf16_t, 64, 64, 1, 32>")
     assert FusedBackwardKernels(emulated.run).kernel_names(problem)[1].startswith("na_fused_bwd_dq<")
     q32 = q.float()
     problem32 = na_rtc._args.fused_problem(1, q32, q32, q32, 7, 2, 1, False, None, None)

@@ -123,11 +123,9 @@ BWD_SHARED_BUDGET = 46 * 1024  # dynamic; the dkdv kernel's static window ranges
 #: head-dim bucket -> keys per chunk of the dq kernel (two stages of K and V chunks live in the 128 rows
 #: of the Q and dOut tiles: 4 * keys <= 128)
 DQ_CHUNK = {32: 32, 64: 32, 128: 16}
-#: (ndim, head-dim bucket) -> (queries per chunk, stages) of the dkdv kernel: two stages load chunk c + 1
-#: during chunk c (at HD 128 in 1D 52 KiB: the launch opts in); in 2D at HD 128 one, as two spill 12 bytes
-#: on sm_90 (255 registers)
-DKDV_CHUNK = {(1, 32): (64, 2), (2, 32): (64, 2), (1, 64): (32, 2), (2, 64): (32, 2), (1, 128): (16, 2),
-              (2, 128): (16, 1)}
+#: (ndim, head-dim bucket) -> queries per chunk of the dkdv kernel, streamed through two stages (chunk c + 1
+#: loads during chunk c; at HD 128 52 KiB: the launch opts in)
+DKDV_CHUNK = {(1, 32): 64, (2, 32): 64, (1, 64): 32, (2, 64): 32, (1, 128): 16, (2, 128): 16}
 #: the dkdv kernel's dynamic shared memory limit (its size does not depend on the problem); sm_86 / sm_89
 #: allow 99 KiB after the opt-in
 DKDV_SHARED_BUDGET = 96 * 1024
@@ -145,8 +143,7 @@ def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
     tx, ty = TILES[ndim, 1]
-    qc, stages = DKDV_CHUNK[ndim, hd]
-    return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {qc}, {stages}>"
+    return f"na_fused_tc_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK[ndim, hd]}>"
 
 
 def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
@@ -155,8 +152,9 @@ def dq_shared_bytes(hd: int, dtype: str, bias_entries: int = 0) -> int:
 
 
 def dkdv_shared_bytes(hd: int, dtype: str, ndim: int) -> int:
-    """K and V tiles (64 rows), per stage the Q and dOut chunks and lse, delta and 4 window bounds per query."""
-    qc, stages = DKDV_CHUNK[ndim, hd]
+    """K and V tiles (64 rows), per stage (two) the Q and dOut chunks and lse, delta and 4 window bounds per
+    query."""
+    qc, stages = DKDV_CHUNK[ndim, hd], 2
     return (tiling.align16((2 * 64 + 2 * stages * qc) * (hd + 8) * tiling.ITEMSIZE[dtype])
             + stages * (4 * qc * 2 + 16 * qc))
 
