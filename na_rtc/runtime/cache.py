@@ -59,7 +59,6 @@ __all__ = [
     "KernelCacheWarning",
     "cache_key",
     "cache_stats",
-    "cached_program",
     "clear_memory_cache",
     "entry_path",
     "get_program",
@@ -332,22 +331,6 @@ def lookup(
         return program, "disk"
 
     return _memo.get(call, key_of, produce)
-
-
-def cached_program(
-    source_path: str | os.PathLike,
-    names: Sequence[str],
-    arch: int,
-    options: Sequence[str] = (),
-    *,
-    include_dir: Path | None = None,
-    cache_root: Path | None = None,
-    arch_specific: bool = False,
-) -> CompiledProgram | None:
-    """The program :func:`get_program` would return, where memory or the disk cache has it; None otherwise
-    (never compiles)."""
-    return lookup(source_path, names, arch, options, include_dir=include_dir, cache_root=cache_root,
-                  arch_specific=arch_specific, compile=False)[0]
 
 
 def get_program(

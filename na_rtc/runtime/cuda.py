@@ -83,7 +83,7 @@ def program_for(family, name: str, arch: int):
     from . import cache
 
     source = cuda_src_dir() / family.source
-    whole = cache.cached_program(source, family.names, arch, arch_specific=family.arch_specific)
+    whole, _ = cache.lookup(source, family.names, arch, arch_specific=family.arch_specific, compile=False)
     if whole is not None:
         return whole
     return cache.get_program(source, (name,), arch, arch_specific=family.arch_specific)
