@@ -19,8 +19,8 @@
 // only the chunks of its own 20 box rows.
 // Per chunk c:
 //   S' = Q K'^T  of chunk c + 1, issued first and left running on the tensor
-//               cores while this chunk's softmax runs on the other units (a
-//               warpgroup's first chunk is multiplied on its own): HD / 16
+//               cores while this chunk's softmax runs on the other units (chunk
+//               0 is multiplied on its own): HD / 16
 //               wgmma m64nKCk16, K from shared memory (K-major descriptors),
 //               Q fragments from registers (ldmatrix once per block; QS:
 //               from shared memory, the SS form, where registers would spill);
@@ -142,7 +142,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
         unsigned pa[KC / 16][4];  // P as the A of P V: read by the product until the wait below
         const bool here = chunk >= chunk_lo && chunk < chunk_hi;  // warpgroup-uniform: keys of its queries
         const bool next_here = chunk + 1 >= chunk_lo && chunk + 1 < chunk_hi;
-        if (here && chunk == chunk_lo) {  // the warpgroup's first chunk: nothing to overlap its S with
+        // chunk 0 (the first of every warpgroup whose keys start there): nothing to overlap its S with; a
+        // warpgroup starting later issued its first S as the S' of the chunk before
+        if (here && chunk == 0) {
             issue_qk(sf, stage);
             na_wgmma_wait<0>();
             na_wgmma_hold(sf);

@@ -203,16 +203,18 @@ class SweepConfig:
 
 
 class RecordingExecutor:
-    """An executor that runs launch plans on the emulator and remembers the kernel names."""
+    """An executor that runs launch plans on the emulator and remembers the kernel names and, per launch, the
+    tensor-core instructions executed (``{"mma.sync": n, "wgmma": n}``, one per warp)."""
 
     def __init__(self):
         self.names = []
+        self.op_counts = []
 
     def __call__(self, plan):
         from na_rtc.runtime import emulated
 
         self.names.append(plan.kernel.name)
-        emulated.run(plan)
+        self.op_counts.append(emulated.run(plan))
 
 
 def sweep_inputs(cfg: SweepConfig, count: int, shape=None, seed: int = 0):

@@ -431,6 +431,20 @@ def test_wgmma_is_computed_at_the_wait_and_misuse_is_reported(emu):
     assert (stale == 0).all()
 
 
+def test_tensor_core_instructions_are_counted_per_launch(emu):
+    """``last_op_counts``: the tensor-core instructions of the last launch, one per warp (a warpgroup's wgmma
+    counts four), from zero at every launch; tests/test_tensor_core_work.py checks the kernels' work with
+    them (the mma.sync count: tests/test_primitives.py)."""
+    b = np.zeros(256, np.uint8)
+    out = np.zeros(512, np.float32)
+    run(emu, "wgmma_misuse", (1,), (128,), ptr(b), ptr(out), i64(0), shared=256)
+    assert emu.last_op_counts == {"mma.sync": 0, "wgmma": 4}
+    run(emu, "wgmma_misuse", (3,), (128,), ptr(b), ptr(out), i64(0), shared=256)
+    assert emu.last_op_counts == {"mma.sync": 0, "wgmma": 12}
+    run(emu, "dynamic_smem", (1,), (32,), ptr(np.zeros(2, np.int32)), i64(16), shared=16)
+    assert emu.last_op_counts == {"mma.sync": 0, "wgmma": 0}
+
+
 @pytest.mark.parametrize("nbytes", [16, 1000, 48 * 1024, 100 * 1024, 227 * 1024])
 def test_dynamic_shared_memory_of_the_requested_size(emu, nbytes):
     out = np.zeros(2, np.int32)

@@ -92,7 +92,7 @@ LONG_BOX_RUNS = [(c, None) for c in LONG_BOXES] + [(c, 1) for c in LONG_BOXES]
 @pytest.mark.parametrize("cfg, warpgroups", LONG_BOX_RUNS, ids=lambda x: "table" if x is None else f"{x}wg" if isinstance(x, int) else str(x))
 def test_wgmma_forward_over_long_key_boxes(cfg, warpgroups, monkeypatch):
     """Chunks past the third reuse stages while the next chunk's S is in flight; with two warpgroups the
-    second one starts past chunk 0 (its first chunk is multiplied on its own)."""
+    second one starts past chunk 0 (its first S issued in the chunk before, where it multiplies nothing)."""
     if warpgroups is not None:
         monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
     out, lse = _run(cfg)

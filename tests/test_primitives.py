@@ -101,7 +101,9 @@ def _run_mma(backend: str, dtype: str, a: np.ndarray, b: np.ndarray, c: np.ndarr
     args = [P.ptr(x) for x in inputs] + [P.ptr(device[k]) for k in ("layout", "ldmatrix", "trans")]
     launch = P.LaunchPlan(P.Kernel("na_selftest.cu", f"na_selftest_mma<{ctype}>"), (1, 1, 1), (32, 1, 1), 0,
                           tuple(args))
-    na_rtc.backends.executor(backend)(launch)
+    counts = na_rtc.backends.executor(backend)(launch)
+    if backend == "emulator":  # one warp, three mma.sync (from fragments, through ldmatrix, through .trans)
+        assert counts == {"mma.sync": 3, "wgmma": 0}
     return {name: (x.get() if backend == "cuda" else x) for name, x in device.items()}
 
 

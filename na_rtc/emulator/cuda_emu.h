@@ -1038,6 +1038,11 @@ static void wgmma_commit(Worker* w, Warp* ws, const WarpOp* op) {
     ws->wg_group_end[ws->wg_groups++] = ws->wg_n;
 }
 
+// tensor-core instructions executed since the last na_emu_op_counts reset, one per warp: [0] mma.sync,
+// [1] wgmma.mma_async (four per warpgroup instruction). Tests compare them with the work a kernel should do
+// (the chunks and tiles it skips), which no timing on a CPU could show.
+static unsigned long long g_op_counts[2];
+
 // compute the results of a complete op for the lanes that arrived, wake them
 // (except `self`, which returns its result directly) and remove the op
 static void complete_op(Worker* w, unsigned warp, WarpOp* op, unsigned self) {
@@ -1116,12 +1121,14 @@ static void complete_op(Worker* w, unsigned warp, WarpOp* op, unsigned self) {
         }
         case W_MMA:
             mma_complete(w, ws, op);
+            __atomic_fetch_add(&g_op_counts[0], 1ull, __ATOMIC_RELAXED);
             break;
         case W_LDMATRIX:
             ldmatrix_complete(w, ws, op);
             break;
         case W_WGMMA:
             wgmma_issue(w, ws, op);
+            __atomic_fetch_add(&g_op_counts[1], 1ull, __ATOMIC_RELAXED);
             break;
         case W_WGMMA_FENCE:
             require_full_warp(w, op, ws);

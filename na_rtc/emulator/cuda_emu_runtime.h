@@ -15,6 +15,8 @@
 //   void*       na_emu_guard_alloc(size_t nbytes);  // checked mode: see below
 //   void        na_emu_guard_free(void* start, size_t nbytes);
 //   int         na_emu_set_guards(int n, void* const* starts, const size_t* sizes, const int* labels);
+//   void        na_emu_op_counts(unsigned long long out[2], int reset);  // mma.sync, wgmma.mma_async warp
+//                 instructions executed (cuda_emu.h's g_op_counts); reset != 0 zeroes them after reading
 //
 // Checked mode (driven from Python): na_emu_guard_alloc returns `start` with
 // [start, start + nbytes) readable and writable, the page after
@@ -686,6 +688,12 @@ NA_EMU_EXPORT int na_emu_abi_version(void) { return 1; }
 NA_EMU_EXPORT void na_emu_set_threads(int count) { ::na_emu::g_threads = count > 0 ? count : 0; }
 
 NA_EMU_EXPORT size_t na_emu_page_size(void) { return ::na_emu::page_size(); }
+
+NA_EMU_EXPORT void na_emu_op_counts(unsigned long long* out, int reset) {
+    for (int i = 0; i < 2; ++i)
+        out[i] = reset ? __atomic_exchange_n(&::na_emu::g_op_counts[i], 0ull, __ATOMIC_RELAXED)
+                       : __atomic_load_n(&::na_emu::g_op_counts[i], __ATOMIC_RELAXED);
+}
 
 NA_EMU_EXPORT void* na_emu_guard_alloc(size_t nbytes) {
     const size_t page = ::na_emu::page_size();

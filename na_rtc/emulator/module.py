@@ -255,6 +255,9 @@ class EmulatedModule:
         self.names = tuple(names)
         self.path = Path(path)
         self.compile_seconds = 0.0
+        #: tensor-core instructions the last launch executed, one per warp: {"mma.sync": n, "wgmma": n} (a
+        #: warpgroup's wgmma counts four); tests check the work a kernel does with them
+        self.last_op_counts: dict[str, int] = {}
         self._library = library
         try:
             abi = library.na_emu_abi_version
@@ -270,6 +273,8 @@ class EmulatedModule:
             library.na_emu_set_guards.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             library.na_emu_set_threads.restype = None
             library.na_emu_set_threads.argtypes = [ctypes.c_int]
+            library.na_emu_op_counts.restype = None
+            library.na_emu_op_counts.argtypes = [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_int]
             self._launchers = {}
             self._signatures = {}
             for i, name in enumerate(self.names):
@@ -353,8 +358,12 @@ class EmulatedModule:
                 library.na_emu_set_threads(threads)
                 if guarded is not None:
                     guarded.register()
+                counts = (ctypes.c_ulonglong * 2)()
+                library.na_emu_op_counts(counts, 1)  # from zero for this launch (the lock keeps others out)
                 try:
                     rc = self._launchers[name](grid, block, plan.shared_bytes, args, error, len(error))
+                    library.na_emu_op_counts(counts, 1)
+                    self.last_op_counts = {"mma.sync": counts[0], "wgmma": counts[1]}
                 finally:
                     if guarded is not None:
                         guarded.unregister()

@@ -19,8 +19,10 @@ def availability() -> tuple[bool, str]:
     return emulator.available()
 
 
-def run(plan: P.LaunchPlan) -> None:
+def run(plan: P.LaunchPlan) -> dict[str, int]:
+    """Run ``plan``; returns the tensor-core instructions it executed (``EmulatedModule.last_op_counts``)."""
     from .. import emulator
 
     module = emulator.load_module(cuda_src_dir() / plan.kernel.source, family_of(plan.kernel.name).names)
     module.launch(plan)  # checked mode when NA_RTC_EMULATOR_CHECKED=1 (the module reads config)
+    return module.last_op_counts

@@ -1,0 +1,177 @@
+"""The work of the wgmma kernels, counted: the emulator counts the tensor-core
+instructions a launch executes (one per warp: a warpgroup's wgmma counts
+four), and the counts must equal a model of what each block must multiply.
+
+The wgmma kernels walk a block's box (keys for the forward and dq, queries
+for dK/dV) in chunks, and each warpgroup multiplies only the chunks that hold
+a key (query) one of its own rows sees: with two warpgroups a block, that is
+what keeps a 128-row block from doing more products than two 64-row ones. A
+kernel that multiplied chunks it could skip would still give right results,
+and no timing on a CPU would show it; these counts do. The model is
+independent of the kernels' formulas: the rows' windows (inverse ranges for
+dK/dV) from ``na_rtc.window``, the box positions of the keys they hold, and
+the chunks those fall in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import test_fused_bwd
+import test_fused_tc
+import test_fused_tc_bwd
+from helpers import RecordingExecutor
+
+import na_rtc
+from na_rtc import window
+from na_rtc.runtime import fused_wg
+
+pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
+                                reason="emulator needs a C++ compiler")
+
+
+def _always(problem):
+    return True
+
+
+def _axes(cfg) -> list[window.Axis]:
+    return [window.Axis(*a) for a in zip(cfg.spatial, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.causal)]
+
+
+@dataclasses.dataclass
+class _Tile:
+    """One axis of a block's tile: dilation group, first group coordinate, valid rows."""
+
+    g: int
+    q0: int
+    n: int
+
+    def rows(self) -> np.ndarray:
+        return np.arange(self.q0, self.q0 + self.n)
+
+
+def _tiles(axis: window.Axis, size: int) -> list[_Tile]:
+    """The tiles of ``size`` group coordinates along ``axis``, per dilation group (those past a group's end
+    launch no work)."""
+    out = []
+    for g in range(axis.dilation):
+        length = int(window.group_length(axis, g))
+        out += [_Tile(g, q0, min(size, length - q0)) for q0 in range(0, length, size)]
+    return out
+
+
+def _span(axis: window.Axis, tile: _Tile, rows: np.ndarray, inverse: bool) -> tuple[int, int]:
+    """[first, last] group coordinate of the keys the windows of ``rows`` hold (with ``inverse``: of the
+    queries whose windows hold the keys ``rows``); None when there are none."""
+    positions = rows * axis.dilation + tile.g
+    start, end = (window.inverse_range if inverse else window.window)(axis, positions)
+    start, end = np.atleast_1d(start), np.atleast_1d(end)
+    seen = end > start
+    return (int(start[seen].min()), int(end[seen].max()) - 1) if seen.any() else None
+
+
+def _chunk_counts(cfg, tile_shape, warpgroups, chunk, inverse=False):
+    """Per block of ``tile_shape``, per warpgroup (64 rows, whole x-rows), the chunks of ``chunk`` box
+    positions that hold a key (query) its rows' windows (inverse ranges) hold. The box is the union over the
+    block's rows, walked row-major."""
+    axes = _axes(cfg)
+    counts = []
+    per_axis = [_tiles(a, t) for a, t in zip(axes, tile_shape)]
+    for tiles in np.ndindex(*[len(p) for p in per_axis]):
+        block = [per_axis[i][t] for i, t in enumerate(tiles)]
+        spans = [_span(a, t, t.rows(), inverse) for a, t in zip(axes, block)]
+        if any(s is None for s in spans):  # no key (query) to multiply: the box is empty
+            counts += [0] * warpgroups
+            continue
+        width = spans[1][1] - spans[1][0] + 1 if cfg.ndim == 2 else 1  # box positions a box row
+        x_rows = tile_shape[0] // warpgroups
+        for j in range(warpgroups):
+            rows = block[0].rows()[j * x_rows:(j + 1) * x_rows]
+            x = _span(axes[0], block[0], rows, inverse) if len(rows) else None
+            if x is None:
+                counts.append(0)
+                continue
+            first = (x[0] - spans[0][0]) * width  # every box position of the first and last box rows is seen
+            last = (x[1] - spans[0][0]) * width + width - 1
+            counts.append(last // chunk - first // chunk + 1)
+    return counts
+
+
+def _instructions(counts, per_chunk, cfg):
+    return sum(counts) * per_chunk * cfg.batch * cfg.heads * 4  # four warps a warpgroup instruction
+
+
+def _forward_counted(cfg, warpgroups, monkeypatch):
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
+    run = RecordingExecutor()
+    test_fused_tc._run(cfg, executor=run, wgmma=True)
+    assert run.names[0].endswith(f", {warpgroups}>")
+    return run.op_counts[0]
+
+
+# long boxes (many chunks; in both ndims a second warpgroup whose chunks start past 0) and sweep
+# configurations with dilation, stride and causal windows
+FORWARD_CASES = test_fused_tc.LONG_BOXES + test_fused_tc.CONFIGS[::4]
+
+
+@pytest.mark.parametrize("warpgroups", [1, 2])
+@pytest.mark.parametrize("cfg", FORWARD_CASES, ids=str)
+def test_the_wgmma_forward_multiplies_the_chunks_its_warpgroups_see(cfg, warpgroups, monkeypatch):
+    hd = fused_wg.head_dim_bucket(cfg.head_dim)
+    kc = fused_wg.CHUNK_KEYS[hd]
+    counts = _chunk_counts(cfg, fused_wg.BLOCK_TILES[cfg.ndim, warpgroups], warpgroups, kc)
+    got = _forward_counted(cfg, warpgroups, monkeypatch)
+    assert got == {"mma.sync": 0, "wgmma": _instructions(counts, hd // 16 + kc // 16, cfg)}  # Q K^T, P V
+
+
+def test_two_warpgroups_skip_chunks_in_both_ndims():
+    """The long boxes hold blocks whose second warpgroup skips chunks at the start of the box and whose first
+    skips chunks at its end (else the test above would not test the skipping)."""
+    for ndim in (1, 2):
+        skipped = []
+        for cfg in (c for c in test_fused_tc.LONG_BOXES if c.ndim == ndim):
+            kc = fused_wg.CHUNK_KEYS[fused_wg.head_dim_bucket(cfg.head_dim)]
+            one = _chunk_counts(cfg, fused_wg.BLOCK_TILES[ndim, 2], 1, kc)
+            two = _chunk_counts(cfg, fused_wg.BLOCK_TILES[ndim, 2], 2, kc)
+            skipped += [a > b for a, b in zip(np.repeat(one, 2), two)]
+        assert any(skipped[0::2]) and any(skipped[1::2]), ndim
+
+
+def test_a_2d_block_of_two_warpgroups_loads_a_third_less_for_as_many_products():
+    """The reason for 16 x 8 blocks in 2D: on issue 9's 128 x 128 map at k = 13, their two warpgroups
+    multiply 1680 chunks where the 8 x 8 blocks of one warpgroup that cover the same queries multiply 1668
+    (a warpgroup's range may start inside a chunk), while the blocks stage 1056 chunks of K and V instead of
+    1668."""
+    cfg = dataclasses.replace(test_fused_tc.LONG_BOXES[-1], spatial=(128, 128), kernel_size=(13, 13),
+                              causal=(False, False))
+    kc = fused_wg.CHUNK_KEYS[fused_wg.head_dim_bucket(cfg.head_dim)]
+    multiplied = sum(_chunk_counts(cfg, fused_wg.BLOCK_TILES[2, 2], 2, kc))
+    staged = sum(_chunk_counts(cfg, fused_wg.BLOCK_TILES[2, 2], 1, kc))  # each block's whole box
+    one = sum(_chunk_counts(cfg, fused_wg.BLOCK_TILES[2, 1], 1, kc))  # multiplied and staged alike
+    assert multiplied <= 1.01 * one and staged <= 0.64 * one
+
+
+def _backward_counted(case, warpgroups, monkeypatch):
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
+    run = RecordingExecutor()
+    test_fused_bwd._run(case, run, tensor_cores=_always, wgmma=_always)
+    return {name.split("<")[0]: counts for name, counts in zip(run.names, run.op_counts)}
+
+
+BACKWARD_CASES = test_fused_tc_bwd.LONG_BOX_CASES + test_fused_tc_bwd.CASES[::4]
+
+
+@pytest.mark.parametrize("warpgroups", [1, 2])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+def test_the_wgmma_backward_multiplies_the_chunks_its_warpgroups_see(case, warpgroups, monkeypatch):
+    hd = fused_wg.head_dim_bucket(case.head_dim)
+    tile = fused_wg.BLOCK_TILES[case.ndim, warpgroups]
+    kc, qc = fused_wg.DQ_CHUNK_KEYS, fused_wg.DKDV_CHUNK_QUERIES[hd]
+    dq = _chunk_counts(case, tile, warpgroups, kc)
+    dkdv = _chunk_counts(case, tile, warpgroups, qc, inverse=True)
+    got = _backward_counted(case, warpgroups, monkeypatch)
+    assert got["na_fused_wg_bwd_dq"] == {"mma.sync": 0, "wgmma": _instructions(dq, 2 * hd // 16 + kc // 16, case)}
+    assert got["na_fused_wg_bwd_dkdv"] == {"mma.sync": 0,
+                                           "wgmma": _instructions(dkdv, 2 * hd // 16 + 2 * qc // 16, case)}
