@@ -126,7 +126,10 @@ __device__ __forceinline__ na_tc_warp_window na_tc_common_window(const na_tc_row
         w.y0 = w.y0 > y0 ? w.y0 : y0;
         w.y1 = w.y1 < y1 ? w.y1 : y1;
     }
-    return w;  // no valid row in the warp: x0 > x1, every tile partial
+    // no valid row in the warp: still the starting bounds (a valid row's window starts at box x 0 or later);
+    // make it empty (x0 > x1), so that no tile is full and the visibility test skips every tile
+    if (w.x0 == -(1 << 30)) w = {1, 0, 1, 0};
+    return w;
 }
 
 // whether the `count` box keys first .. first + count - 1 all lie in w

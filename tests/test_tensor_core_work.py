@@ -1,6 +1,7 @@
-"""The work of the wgmma kernels, counted: the emulator counts the tensor-core
-instructions a launch executes (one per warp: a warpgroup's wgmma counts
-four), and the counts must equal a model of what each block must multiply.
+"""The work of the tensor-core kernels, counted: the emulator counts the
+tensor-core instructions a launch executes (one per warp: a warpgroup's
+wgmma counts four), and the counts must equal a model of what each block
+must multiply.
 
 The wgmma kernels walk a block's box (keys for the forward and dq, queries
 for dK/dV) in chunks, and each warpgroup multiplies only the chunks that hold
@@ -11,11 +12,16 @@ and no timing on a CPU would show it; these counts do. The model is
 independent of the kernels' formulas: the rows' windows (inverse ranges for
 dK/dV) from ``na_rtc.window``, the box positions of the keys they hold, and
 the chunks those fall in.
+
+The mma.sync forward skips, per warp, the 8-key tiles that none of its rows
+sees (and the 16-key steps of P V with neither tile seen); its model is the
+same visibility, per warp and tile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -26,7 +32,7 @@ from helpers import RecordingExecutor
 
 import na_rtc
 from na_rtc import window
-from na_rtc.runtime import fused_wg
+from na_rtc.runtime import fused_tc, fused_wg
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
@@ -175,3 +181,72 @@ def test_the_wgmma_backward_multiplies_the_chunks_its_warpgroups_see(case, warpg
     assert got["na_fused_wg_bwd_dq"] == {"mma.sync": 0, "wgmma": _instructions(dq, 2 * hd // 16 + kc // 16, case)}
     assert got["na_fused_wg_bwd_dkdv"] == {"mma.sync": 0,
                                            "wgmma": _instructions(dkdv, 2 * hd // 16 + 2 * qc // 16, case)}
+
+
+def _box_visibility(cfg, axes, block, tile_shape, chunk, inverse=False):
+    """[tile row, box position] visibility of one block, over the box's chunks of ``chunk`` positions: the row
+    is a valid query whose window holds the key (with ``inverse``: a valid key in the window of the query) on
+    every axis; box positions row-major, none seen past the box's end."""
+    ranges = window.inverse_range if inverse else window.window
+
+    def bounds(axis, tile, q):
+        start, end = ranges(axis, q * axis.dilation + tile.g)
+        return np.atleast_1d(start), np.atleast_1d(end)
+
+    origins = [int(bounds(a, t, t.q0)[0][0]) for a, t in zip(axes, block)]
+    ends = [int(bounds(a, t, t.q0 + t.n - 1)[1][0]) for a, t in zip(axes, block)]
+    hy = ends[1] - origins[1] if cfg.ndim == 2 else 1
+    size = (ends[0] - origins[0]) * hy
+    n = np.arange(-(-size // chunk) * chunk)
+    box_coords = (n // hy, n % hy)
+    rows = np.arange(math.prod(tile_shape))
+    row_coords = (rows // tile_shape[1], rows % tile_shape[1]) if cfg.ndim == 2 else (rows,)
+    seen = np.broadcast_to(n < size, (len(rows), len(n))).copy()
+    for a, t, origin, q, position in zip(axes, block, origins, row_coords, box_coords):
+        start, end = bounds(a, t, t.q0 + np.minimum(q, t.n - 1))
+        seen &= ((q < t.n)[:, None] & (start[:, None] - origin <= position[None, :])
+                 & (position[None, :] < end[:, None] - origin))
+    return seen
+
+
+def _live_warp_tiles(cfg, tile_shape, chunk, rows_per_warp, inverse=False):
+    """Over every block: the 8-column tiles of the box (keys; queries with ``inverse``) some row of a warp
+    sees, and the 16-column steps with a tile seen, one per warp each."""
+    axes = _axes(cfg)
+    per_axis = [_tiles(a, t) for a, t in zip(axes, tile_shape)]
+    tiles = steps = 0
+    for index in np.ndindex(*[len(p) for p in per_axis]):
+        block = [per_axis[i][t] for i, t in enumerate(index)]
+        seen = _box_visibility(cfg, axes, block, tile_shape, chunk, inverse)
+        warps = math.prod(tile_shape) // rows_per_warp
+        live = seen.reshape(warps, rows_per_warp, -1, 8).any(axis=(1, 3))  # [warp, 8-column tile]
+        tiles += int(live.sum())
+        steps += int(live.reshape(warps, -1, 2).any(axis=2).sum())
+    return tiles * cfg.batch * cfg.heads, steps * cfg.batch * cfg.heads
+
+
+@pytest.mark.parametrize("cfg", FORWARD_CASES, ids=str)
+def test_the_mma_sync_forward_skips_the_key_tiles_no_row_of_a_warp_sees(cfg):
+    hd = fused_tc.head_dim_bucket(cfg.head_dim)
+    kc, mt = fused_tc.config(hd)
+    tiles, steps = _live_warp_tiles(cfg, fused_tc.TILES[cfg.ndim, mt], kc, 16 * mt)
+    run = RecordingExecutor()
+    test_fused_tc._run(cfg, executor=run)
+    assert run.names[0].startswith("na_fused_tc_fwd<")
+    # per live tile and mma tile of the warp: Q K^T's k-steps; per live step: P V's 8-dim tiles
+    assert run.op_counts[0] == {"mma.sync": (tiles * hd // 16 + steps * hd // 8) * mt, "wgmma": 0}
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+def test_the_mma_sync_backward_skips_the_tiles_no_row_of_a_warp_sees(case):
+    hd = fused_tc.head_dim_bucket(case.head_dim)
+    tile = fused_tc.TILES[case.ndim, 1]
+    dq_tiles, dq_steps = _live_warp_tiles(case, tile, fused_tc.DQ_CHUNK[hd], 16)
+    dkdv_tiles, dkdv_steps = _live_warp_tiles(case, tile, fused_tc.DKDV_CHUNK[case.ndim, hd], 16, inverse=True)
+    run = RecordingExecutor()
+    test_fused_bwd._run(case, run, tensor_cores=_always)
+    got = {name.split("<")[0]: counts for name, counts in zip(run.names, run.op_counts)}
+    # S and dP per live tile, dQ += ds K per live step; S^T and dP^T per live tile, dV and dK per live step
+    assert got["na_fused_tc_bwd_dq"] == {"mma.sync": 2 * dq_tiles * hd // 16 + dq_steps * hd // 8, "wgmma": 0}
+    assert got["na_fused_tc_bwd_dkdv"] == {"mma.sync": 2 * dkdv_tiles * hd // 16 + 2 * dkdv_steps * hd // 8,
+                                           "wgmma": 0}
