@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
     constexpr int STAGE = L::rows(2 * QC);   // elements of one stage: a Q chunk, then a dOut chunk
     static_assert(sizeof(T) == 2 && NK == 64 * WG && NA_TC_THREADS == 128, "64 keys a warpgroup, 16-bit elements");
-    static_assert(WG == 1 || (WG == 2 && 64 % TY == 0), "one or two warpgroups, each of whole key x-rows");
+    static_assert(WG == 1 || WG == 2, "one or two warpgroups");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (QC == 32 || QC == 64 || QC == 128), "wgmma N built");
     __shared__ na_tc_key_ranges<TX, TY> ranges;
 
@@ -249,7 +249,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     // In shared memory, read per chunk (HD 128 is at 255 registers)
     __shared__ int wg_chunks[WG][2];
     if (WG > 1 && tid < WG) {
-        const int first = 64 * tid / TY, last = first + 64 / TY - 1 < tx.n - 1 ? first + 64 / TY - 1 : (int)tx.n - 1;
+        int first, last;
+        na_tc_warpgroup_x_rows<TY>(tx, tid, first, last);
         wg_chunks[tid][0] = first > last ? 0 : (ranges.first_x[first] - bx0) * qbox.hy / QC;
         wg_chunks[tid][1] = first > last ? 0 : ((ranges.last_x[last] - bx0) * qbox.hy + QC - 1) / QC;
     }

@@ -96,11 +96,20 @@ __device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long l
 // 64 j .. 64 j + 63, whole query x-rows (TY divides 64); their windows along x are monotone, so the box rows
 // from the first x-row's window start to the last one's end hold every key they see (each box row spans the
 // whole box along y, hy keys). Empty (0, 0) when none of those x-rows is a valid query.
+// Warpgroup j's x-rows of the tile (64 rows, TY a row) that hold valid rows: [first, last], empty when
+// first > last.
+template <int TY>
+__device__ __forceinline__ void na_tc_warpgroup_x_rows(const na_tile_axis& tx, int j, int& first, int& last) {
+    static_assert(64 % TY == 0, "a warpgroup owns whole x-rows of the tile");
+    first = 64 * j / TY;
+    last = (int)na_min(first + 64 / TY - 1, tx.n - 1);
+}
+
 template <int TY, int KC>
 __device__ __forceinline__ void na_tc_warpgroup_chunks(const na_axis& ax, const na_tile_axis& tx, long long dx,
                                                        int hy, int j, int& lo, int& hi) {
-    static_assert(64 % TY == 0, "a warpgroup owns whole x-rows of the tile");
-    const int first = 64 * j / TY, last = (int)na_min(first + 64 / TY - 1, tx.n - 1);
+    int first, last;
+    na_tc_warpgroup_x_rows<TY>(tx, j, first, last);
     lo = hi = 0;
     if (first > last) return;
     long long s0, e0, s1, e1;
