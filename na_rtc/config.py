@@ -17,6 +17,8 @@ SETTINGS = {
     "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: small (default) or large",
     "NA_RTC_EMULATOR_CHECKED": "1: the emulator runs every launch on guarded buffer copies (out-of-bounds checks)",
     "NA_RTC_EMULATOR_THREADS": "OS threads the emulator runs blocks on (default: all cores)",
+    "NA_RTC_EMULATOR_SCHEDULE": "forward (default) or reverse: the order the emulator runs a block's threads "
+                                "in; a kernel with a shared-memory race gives wrong results in one of them",
     "NA_RTC_TENSOR_CORES": "0: fp16/bf16 fused ops on the SIMT kernels even where tensor-core kernels serve "
                            "(default 1: tensor cores on sm_80+ and in the emulator)",
     "NA_RTC_TC_WARP_ROWS": "16 or 32: query rows per warp of the tensor-core forward where both are built "
@@ -99,6 +101,19 @@ def emulator_threads() -> int:
     if value < 1:
         raise ValueError(f"NA_RTC_EMULATOR_THREADS must be a positive number of threads, got {raw!r}")
     return value
+
+
+#: NA_RTC_EMULATOR_SCHEDULE's values
+EMULATOR_SCHEDULES = ("forward", "reverse")
+
+
+def emulator_schedule() -> str:
+    """The order the emulator runs the threads of a block in (``NA_RTC_EMULATOR_SCHEDULE``): "forward",
+    lowest thread index first (the default), or "reverse"."""
+    raw = os.environ.get("NA_RTC_EMULATOR_SCHEDULE", "").strip().lower() or "forward"
+    if raw not in EMULATOR_SCHEDULES:
+        raise ValueError(f"NA_RTC_EMULATOR_SCHEDULE must be forward or reverse, got {raw!r}")
+    return raw
 
 
 def wgmma() -> bool:

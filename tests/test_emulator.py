@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NAMES = (
     "shared_isolation",
     "barrier_order",
+    "shared_race",
     "barrier_reductions",
     "diverge_skip",
     "diverge_sites",
@@ -101,6 +102,26 @@ def test_writes_before_a_barrier_are_visible_after_it(emu, block):
     t = np.arange(n)
     expected = (t + 1) % n + 1000 * 2 * ((t + 4) % n)
     assert np.array_equal(out, np.tile(expected, 3))
+
+
+@pytest.mark.parametrize("mode, hidden_by", [(0, "forward"), (1, "reverse"), (2, None)],
+                         ids=["read-after-write", "write-after-read", "synchronized"])
+def test_the_two_schedules_expose_a_shared_memory_race_in_one_of_them(emu, monkeypatch, mode, hidden_by):
+    """Without a race detector, NA_RTC_EMULATOR_SCHEDULE=reverse is how a race shows: each form of race gives
+    the right answer under one schedule only, and the synchronized kernel under both."""
+    right = {}
+    for schedule in ("forward", "reverse"):
+        monkeypatch.setenv("NA_RTC_EMULATOR_SCHEDULE", schedule)
+        out = np.zeros(64, np.int32)
+        run(emu, "shared_race", (1,), (64,), ptr(out), i32(mode), shared=4)
+        right[schedule] = bool((out == 42).all())
+    assert right == {"forward": hidden_by != "reverse", "reverse": hidden_by != "forward"}
+
+
+def test_an_unknown_schedule_is_refused(emu, monkeypatch):
+    monkeypatch.setenv("NA_RTC_EMULATOR_SCHEDULE", "random")
+    with pytest.raises(ValueError, match="NA_RTC_EMULATOR_SCHEDULE must be forward or reverse"):
+        run(emu, "shared_race", (1,), (64,), ptr(np.zeros(64, np.int32)), i32(2), shared=4)
 
 
 @pytest.mark.parametrize("k", [1, 3, 1000])

@@ -79,6 +79,13 @@
 //   there is no preemption, so a spin-wait on another thread of the same
 //   block never ends, and one on another block only ends if that block runs
 //   on another worker at the same time (as on a GPU: not guaranteed).
+// * Each pass of a block's scheduler runs its ready threads in index order,
+//   or, in a reversed launch (NA_RTC_EMULATOR_SCHEDULE=reverse from Python,
+//   na_emu_set_schedule here), highest index first. This model has no race
+//   detector, but a shared-memory write and a read of another thread with no
+//   barrier between them run in opposite orders under the two schedules, so a
+//   kernel that passes its tests under both has no such race between threads
+//   that reach it in one pass (the 0xFF fill makes early reads visible).
 // * `__shared__` expands to `thread_local`: a worker runs one block at a time
 //   and all its fibers share that worker's copy, which is exactly per-block
 //   shared memory. Static shared memory is not cleared between blocks (its
@@ -113,7 +120,7 @@
 //
 // Limits: no preemption (see above); __activemask() as described; static
 // __shared__ arrays are not poisoned between blocks; no race detection on
-// shared memory; mma.sync m16n8k16 (f16/bf16 -> f32), ldmatrix m8n8 and
+// shared memory (the reversed schedule above exposes races as wrong results); mma.sync m16n8k16 (f16/bf16 -> f32), ldmatrix m8n8 and
 // wgmma m64nNk16 with A from registers or K-major from shared memory and
 // unswizzled operands only (see "tensor cores" and "wgmma" below); plain
 // shared-memory stores are not tracked for the async-proxy fence (only
@@ -368,6 +375,7 @@ struct Launch {
     int has_error;
     unsigned long long err_block;
     char error[2048];
+    int reverse;  // the schedule: threads of a block run highest index first (na_emu_set_schedule)
 };
 
 struct Worker {
@@ -628,9 +636,16 @@ static inline void enter_fiber_state(Worker* w, unsigned j) {
 
 // The current fiber is blocked (or done): run the next ready fiber of the
 // block after it, or go back to the scheduler, which starts a new pass.
+// The schedule's order: position p of a pass runs thread p, or thread n - 1 - p
+// in a reversed launch (the same map turns a thread back into its position).
+// Running both orders flips which side of an unsynchronized shared-memory
+// write and read goes first, so a race that one order hides fails the other.
+static inline unsigned schedule_order(const Worker* w, unsigned p) { return w->L->reverse ? w->n - 1 - p : p; }
+
 static NA_EMU_NOINLINE void block_yield(Worker* w) {
     Fiber* me = &w->fibers[w->cur];
-    for (unsigned j = w->cur + 1; j < w->n; ++j) {
+    for (unsigned p = schedule_order(w, w->cur) + 1; p < w->n; ++p) {
+        const unsigned j = schedule_order(w, p);
         if (w->fibers[j].state == F_READY) {
             enter_fiber_state(w, j);
             switch_fiber(me, &w->fibers[j]);

@@ -269,7 +269,8 @@ static bool run_block(Worker* w, Launch* L, unsigned long long b) {
     }
     for (;;) {
         bool ran = false;
-        for (unsigned j = 0; j < n; ++j) {
+        for (unsigned p = 0; p < n; ++p) {
+            const unsigned j = schedule_order(w, p);
             if (w->fibers[j].state != F_READY) continue;
             ran = true;
             enter_fiber_state(w, j);
@@ -347,6 +348,7 @@ constexpr int kIdleReleaseSeconds = 2;
 static Pool* g_pool;
 static pthread_mutex_t g_launch_mu = PTHREAD_MUTEX_INITIALIZER;
 static int g_threads;
+static int g_reverse_schedule;  // na_emu_set_schedule
 
 static void* worker_main(void* arg) {
     WorkerStart start = *(WorkerStart*)arg;
@@ -581,6 +583,7 @@ static int run_launch(const char* name, const unsigned* grid, const unsigned* bl
     L.thread_fn = thread_fn;
     L.arg = arg;
     L.nblocks = (unsigned long long)grid[0] * grid[1] * grid[2];
+    L.reverse = g_reverse_schedule;
     pthread_mutex_init(&L.err_mu, nullptr);
 
     static pid_t lock_pid = getpid();
@@ -686,6 +689,8 @@ static int launch(const char* name, void (*kernel)(A...), const unsigned* grid, 
 NA_EMU_EXPORT int na_emu_abi_version(void) { return 1; }
 
 NA_EMU_EXPORT void na_emu_set_threads(int count) { ::na_emu::g_threads = count > 0 ? count : 0; }
+
+NA_EMU_EXPORT void na_emu_set_schedule(int reverse) { ::na_emu::g_reverse_schedule = reverse != 0; }
 
 NA_EMU_EXPORT size_t na_emu_page_size(void) { return ::na_emu::page_size(); }
 

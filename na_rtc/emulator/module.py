@@ -273,6 +273,8 @@ class EmulatedModule:
             library.na_emu_set_guards.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             library.na_emu_set_threads.restype = None
             library.na_emu_set_threads.argtypes = [ctypes.c_int]
+            library.na_emu_set_schedule.restype = None
+            library.na_emu_set_schedule.argtypes = [ctypes.c_int]
             library.na_emu_op_counts.restype = None
             library.na_emu_op_counts.argtypes = [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_int]
             self._launchers = {}
@@ -347,6 +349,7 @@ class EmulatedModule:
         block = (ctypes.c_uint * 3)(*plan.block)
         error = ctypes.create_string_buffer(4096)
         threads = config.emulator_threads()
+        reverse = int(config.emulator_schedule() == "reverse")
         library = self._library
         with _LAUNCH_LOCK:
             guarded = _Guarded(library, pointers) if checked else None
@@ -356,6 +359,7 @@ class EmulatedModule:
                         storage[position] = ctypes.c_void_p(guarded.address(p))
                 args = (ctypes.c_void_p * max(len(storage), 1))(*[ctypes.addressof(v) for v in storage])
                 library.na_emu_set_threads(threads)
+                library.na_emu_set_schedule(reverse)
                 if guarded is not None:
                     guarded.register()
                 counts = (ctypes.c_ulonglong * 2)()

@@ -50,6 +50,24 @@ __global__ void barrier_order(int* out) {
     out[block_linear() * n + t] = r1 + 1000 * r2;
 }
 
+// A race on shared memory in one of three forms: every thread stores what it
+// reads of word 0 into out[t], and the right answer is 42 for every thread.
+// mode 0: thread 0 stores 42, then every thread reads, with no barrier between
+//         (read-after-write race: right only if thread 0 runs first);
+// mode 1: every thread reads after a barrier, then the last thread stores 9
+//         with no barrier between (write-after-read race: right only if the
+//         last thread runs last);
+// mode 2: mode 0 and mode 1 with their barriers (right in any order).
+__global__ void shared_race(int* out, int mode) {
+    int* word = reinterpret_cast<int*>(na_dynamic_shared());
+    const unsigned t = thread_linear(), n = block_threads();
+    if (t == 0) *word = 42;
+    if (mode != 0) __syncthreads();
+    out[t] = *word;
+    if (mode == 2) __syncthreads();
+    if (mode != 0 && t == n - 1) *word = 9;
+}
+
 // __syncthreads_count / _and / _or with predicate "t % k == 0"
 __global__ void barrier_reductions(int* out, int k) {
     const unsigned t = thread_linear();
