@@ -41,10 +41,11 @@
 // (32, 64 or 128: the N of P V; runtime D <= HD), query tile TX x TY (64 WG),
 // keys per chunk KC (32, 64 or 128: the N of Q K^T), QS (Q read from shared
 // memory all along), warpgroups WG (1 or 2). Dynamic shared memory
-// (na_rtc/runtime/fused_wg.py mirrors it): with QS the Q tile (64 WG rows of
-// HD, core matrices) first; then three stages of a K and a V chunk, 6 KC HD
-// elements; without QS the Q tile is staged in stage 2 until its fragments
-// are in registers. Above 48 KiB the launcher opts in.
+// (na_rtc/runtime/fused_wg.py mirrors it): with QS, or where the Q tile is
+// larger than a stage (KC < 32 WG), the Q tile (64 WG rows of HD, core
+// matrices) first; then three stages of a K and a V chunk, 6 KC HD elements;
+// otherwise the Q tile is staged in stage 2 until its fragments are in
+// registers. Above 48 KiB the launcher opts in.
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -70,7 +71,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     static_assert(sizeof(T) == 2 && NQ == 64 * WG && NA_TC_THREADS == 128, "64 rows a warpgroup, 16-bit elements");
     static_assert(WG == 1 || WG == 2, "one or two warpgroups");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
-    static_assert(QS || L::rows(NQ) <= STAGE, "the Q tile fits in stage 2");
+    // the Q tile in a region of its own, before the stages: read from there all along (QS), or too large
+    // for stage 2 (KC < 32 WG); otherwise it borrows stage 2 until its fragments are in registers
+    constexpr bool Q_OWN = QS || L::rows(NQ) > STAGE;
     const float NEG_INF = __int_as_float(0xff800000);
 
     NA_TC_DECODE_BLOCK(TX, TY)
@@ -80,8 +83,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const int chunks = (box.keys + KC - 1) / KC;
 
     T* smem = reinterpret_cast<T*>(na_dynamic_shared());
-    T* stages = QS ? smem + L::rows(NQ) : smem;
-    T* sq = QS ? smem : stages + 2 * STAGE;  // without QS, stage 2 holds Q until chunk 2 loads
+    T* stages = Q_OWN ? smem + L::rows(NQ) : smem;
+    T* sq = Q_OWN ? smem : stages + 2 * STAGE;  // otherwise stage 2 holds Q until chunk 2 loads
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
     const unsigned smem_address = na_shared_address(smem);
     // this warpgroup's 64 rows of the Q tile (QS: the A of Q K^T)

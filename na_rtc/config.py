@@ -27,6 +27,8 @@ SETTINGS = {
                     "for the forward and backward (default 0: opt-in until GPU runs have measured them)",
     "NA_RTC_WGMMA_WARPGROUPS": "1 or 2: warpgroups per block of the Hopper wgmma kernels (64 queries or "
                                "keys each; default 2, which share every staged chunk), for benchmarking",
+    "NA_RTC_WGMMA_CHUNK_KEYS": "32 or 64: keys per staged chunk of the Hopper wgmma forward with the table's "
+                               "warpgroups (default 64: the table in runtime/fused_wg.py), for benchmarking",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
 
@@ -131,6 +133,20 @@ def wgmma_warpgroups() -> int | None:
     if raw in ("1", "2"):
         return int(raw)
     raise ValueError(f"NA_RTC_WGMMA_WARPGROUPS must be 1 or 2, got {raw!r}")
+
+
+#: NA_RTC_WGMMA_CHUNK_KEYS's values: the keys per chunk built for the wgmma forward (runtime/fused_wg.py)
+WGMMA_CHUNK_KEYS = (32, 64)
+
+
+def wgmma_chunk_keys() -> int | None:
+    """Keys per staged chunk the wgmma forward should use (``NA_RTC_WGMMA_CHUNK_KEYS``), or None: the table's."""
+    raw = os.environ.get("NA_RTC_WGMMA_CHUNK_KEYS", "").strip()
+    if raw == "":
+        return None
+    if raw in tuple(map(str, WGMMA_CHUNK_KEYS)):
+        return int(raw)
+    raise ValueError(f"NA_RTC_WGMMA_CHUNK_KEYS must be 32 or 64, got {raw!r}")
 
 
 def tc_warp_rows() -> int | None:

@@ -477,6 +477,30 @@ def test_one_warpgroup_entry_times_the_other_forward(ndim, picks):
     assert _prepare_wgmma(problem, inputs).notes["forward_kernels"].endswith(", 2>")
 
 
+@pytest.mark.parametrize("ndim, picks", [(1, "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 1, 2>"),
+                                         (2, "na_fused_wg_fwd<bf16_t, 128, 16, 8, 32, 1, 2>")])
+def test_32_key_chunk_entry_times_the_other_forward(ndim, picks):
+    """fused_wgmma_kc32: the wgmma forward with chunks of 32 keys, another forward than fused_wgmma's (64)."""
+    from na_rtc.bench.entries import _prepare_wgmma, _prepare_wgmma_32_key_chunks, make_inputs
+    from na_rtc.bench.presets import Spec
+
+    problem = Spec((40,) * ndim, (7,) * ndim, (1,) * ndim, (1,) * ndim, (False,) * ndim, 1, 1, 128, "bfloat16")
+    inputs = make_inputs(problem, "cpu", "emulator")
+    assert _prepare_wgmma_32_key_chunks(problem, inputs).notes["forward_kernels"] == picks
+    assert ", 64, 1, 2>" in _prepare_wgmma(problem, inputs).notes["forward_kernels"]
+
+
+def test_32_key_chunk_entry_says_why_when_the_table_has_them(monkeypatch):
+    from na_rtc.bench.entries import Unavailable, _prepare_wgmma_32_key_chunks, make_inputs
+    from na_rtc.bench.presets import Spec
+    from na_rtc.runtime import fused_wg
+
+    monkeypatch.setitem(fused_wg.CHUNK_KEYS, 64, 32)
+    problem = Spec((40,), (7,), (1,), (1,), (False,), 1, 1, 64, "bfloat16")
+    with pytest.raises(Unavailable, match="chunks of 32 keys"):
+        _prepare_wgmma_32_key_chunks(problem, make_inputs(problem, "cpu", "emulator"))
+
+
 def test_one_warpgroup_entry_says_why_when_the_table_has_one(monkeypatch):
     """Where the table's forward already has one warpgroup a block, fused_wgmma_1wg is unavailable and says
     so instead of timing fused_wgmma's forward twice."""

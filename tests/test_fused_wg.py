@@ -16,7 +16,8 @@
 * dispatch: only with NA_RTC_WGMMA=1, on sm_90 GPUs and in the emulator;
   forward and backward through the op table; NA_RTC_WGMMA_WARPGROUPS=1 and
   the kernels with one warpgroup per block (the table's have two: 128 queries
-  or keys in 1D, a 16 x 8 tile in 2D).
+  or keys in 1D, a 16 x 8 tile in 2D); NA_RTC_WGMMA_CHUNK_KEYS=32 and the
+  forward with chunks of 32 keys (the table's have 64).
 """
 
 from __future__ import annotations
@@ -85,16 +86,19 @@ def test_the_long_boxes_reuse_stages_for_every_head_dim():
         (ndim, hd) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
 
 
-# (config, NA_RTC_WGMMA_WARPGROUPS): the table's blocks, and blocks of one warpgroup too
-LONG_BOX_RUNS = [(c, None) for c in LONG_BOXES] + [(c, 1) for c in LONG_BOXES]
+#: the settings the long boxes run under: the table's blocks, blocks of one warpgroup, and every other chunk
+#: size built (32 keys: more chunks a box, and with two warpgroups a Q tile of its own in shared memory)
+BLOCK_SETTINGS = {"table": {}, "1wg": {"NA_RTC_WGMMA_WARPGROUPS": "1"},
+                  **{f"kc{kc}": {"NA_RTC_WGMMA_CHUNK_KEYS": str(kc)} for kc in fused_wg.OTHER_CHUNK_KEYS}}
+LONG_BOX_RUNS = [(c, setting) for setting in BLOCK_SETTINGS for c in LONG_BOXES]
 
 
-@pytest.mark.parametrize("cfg, warpgroups", LONG_BOX_RUNS, ids=lambda x: "table" if x is None else f"{x}wg" if isinstance(x, int) else str(x))
-def test_wgmma_forward_over_long_key_boxes(cfg, warpgroups, monkeypatch):
+@pytest.mark.parametrize("cfg, setting", LONG_BOX_RUNS, ids=str)
+def test_wgmma_forward_over_long_key_boxes(cfg, setting, monkeypatch):
     """Chunks past the third reuse stages while the next chunk's S is in flight; with two warpgroups the
     second one starts past chunk 0 (its first S issued in the chunk before, where it multiplies nothing)."""
-    if warpgroups is not None:
-        monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
+    for name, value in BLOCK_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
     out, lse = _run(cfg)
     test_fused.assert_forward_matches_reference(cfg, out, lse)
 
@@ -131,6 +135,20 @@ def test_one_warpgroup_forward_matches_reference(cfg, monkeypatch):
     test_fused.assert_forward_matches_reference(cfg, out, lse)
 
 
+@pytest.mark.parametrize("chunk_keys", fused_wg.OTHER_CHUNK_KEYS)
+@pytest.mark.parametrize("cfg", ONE_WARPGROUP, ids=str)
+def test_forward_with_other_chunk_sizes_matches_reference(cfg, chunk_keys, monkeypatch):
+    """NA_RTC_WGMMA_CHUNK_KEYS: the forward with another chunk size than the table's (for the GPU comparison),
+    on half the sweep: dilation, stride, causal windows and bias at every (ndim, head dim, dtype)."""
+    monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", str(chunk_keys))
+    recorder = RecordingExecutor()
+    out, lse = _run(cfg, executor=recorder)
+    hd = fused_wg.head_dim_bucket(cfg.head_dim)
+    assert recorder.names[0] == fused_wg.kernel_name_of(hd, cfg.dtype, cfg.ndim, chunk_keys=chunk_keys)
+    assert f", {chunk_keys}, " in recorder.names[0] and chunk_keys != fused_wg.CHUNK_KEYS[hd]
+    test_fused.assert_forward_matches_reference(cfg, out, lse)
+
+
 @pytest.mark.parametrize("case", ONE_WARPGROUP_BACKWARD, ids=str)
 def test_one_warpgroup_backward_matches_reference(case, monkeypatch):
     """NA_RTC_WGMMA_WARPGROUPS=1: the dq and dK/dV kernels with one warpgroup per block of 64 queries or
@@ -153,6 +171,27 @@ def test_the_warpgroups_setting(monkeypatch):
     assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "4")
     with pytest.raises(ValueError, match="NA_RTC_WGMMA_WARPGROUPS must be 1 or 2"):
+        kernels.kernel_name(_problem(1, "float16", 64))
+
+
+def test_the_chunk_keys_setting(monkeypatch):
+    """NA_RTC_WGMMA_CHUNK_KEYS picks a built chunk size of the forward (the table's warpgroups only: with one
+    warpgroup it keeps the table's); the backward kernels keep theirs."""
+    kernels = fused.FusedKernels(emulated.run, _always, _always)
+    monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", "32")
+    assert kernels.kernel_name(_problem(1, "bfloat16", 128)) == "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 1, 2>"
+    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 32, 0, 2>"
+    assert fused_wg.dq_name_of(64, "float16", 2) == "na_fused_wg_bwd_dq<fp16_t, 64, 16, 8, 32, 0, 2>"
+    # 16 KiB of Q beside three stages of 32-key chunks (it does not fit a stage)
+    assert fused_wg.shared_bytes(64, "float16", 2) == (128 * 64 + 6 * 32 * 64) * 2
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
+    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"
+    monkeypatch.delenv("NA_RTC_WGMMA_WARPGROUPS")
+    monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", "64")
+    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"
+    assert fused_wg.shared_bytes(64, "float16", 2) == 6 * 64 * 64 * 2  # Q borrows stage 2
+    monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", "128")
+    with pytest.raises(ValueError, match="NA_RTC_WGMMA_CHUNK_KEYS must be 32 or 64"):
         kernels.kernel_name(_problem(1, "float16", 64))
 
 

@@ -19,6 +19,7 @@ import test_fused
 import test_fused_bwd
 import test_fused_tc
 import test_fused_tc_bwd
+import test_fused_wg
 import test_tiled
 import test_tiled_bwd
 from helpers import assert_close, sweep_bias, sweep_inputs
@@ -80,23 +81,24 @@ def test_wgmma_backward_on_gpu(case, warpgroups, monkeypatch):
     test_fused_backward_on_gpu(case)
 
 
-# (config, NA_RTC_WGMMA_WARPGROUPS): the table's blocks on the whole sweep, one warpgroup a block (the
-# bench's fused_wgmma_1wg) on the long boxes
-WGMMA_FORWARD_RUNS = ([(c, None) for c in test_fused_tc.CONFIGS + test_fused_tc.LONG_BOXES]
-                      + [(c, 1) for c in test_fused_tc.LONG_BOXES])
+# (config, settings): the table's blocks on the whole sweep; one warpgroup a block (the bench's
+# fused_wgmma_1wg) and every other chunk size built (fused_wgmma_kc32) on the long boxes
+WGMMA_SETTINGS = test_fused_wg.BLOCK_SETTINGS
+WGMMA_FORWARD_RUNS = ([(c, "table") for c in test_fused_tc.CONFIGS + test_fused_tc.LONG_BOXES]
+                      + [(c, setting) for setting in WGMMA_SETTINGS if setting != "table"
+                         for c in test_fused_tc.LONG_BOXES])
 
 
-@pytest.mark.parametrize("cfg, warpgroups", WGMMA_FORWARD_RUNS,
-                         ids=lambda x: "table" if x is None else f"{x}wg" if isinstance(x, int) else str(x))
-def test_wgmma_forward_on_gpu(cfg, warpgroups, monkeypatch):
+@pytest.mark.parametrize("cfg, setting", WGMMA_FORWARD_RUNS, ids=str)
+def test_wgmma_forward_on_gpu(cfg, setting, monkeypatch):
     """The Hopper forward (NA_RTC_WGMMA=1's kernel) on the fp16/bf16 sweep and on key boxes of many chunks,
     on sm_90 GPUs."""
     from na_rtc.runtime import cuda, fused
 
     if cuda.arch_of("cuda") != 90:
         pytest.skip("the wgmma forward is built for sm_90 GPUs only")
-    if warpgroups is not None:
-        monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
+    for name, value in WGMMA_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
     (q, k, v), (q64, k64, v64) = sweep_inputs(cfg, 3)
     bias, bias64 = sweep_bias(cfg)
     q, k, v, bias = map(_cuda, (q, k, v, bias))

@@ -109,11 +109,13 @@ def _instructions(counts, per_chunk, cfg):
     return sum(counts) * per_chunk * cfg.batch * cfg.heads * 4  # four warps a warpgroup instruction
 
 
-def _forward_counted(cfg, warpgroups, monkeypatch):
+def _forward_counted(cfg, warpgroups, chunk_keys, monkeypatch):
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
+    monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", str(chunk_keys))
     run = RecordingExecutor()
     test_fused_tc._run(cfg, executor=run, wgmma=True)
-    assert run.names[0].endswith(f", {warpgroups}>")
+    args = run.names[0].removesuffix(">").split(", ")  # ..., KC, QS, WG
+    assert (int(args[-3]), int(args[-1])) == (chunk_keys, warpgroups), run.names[0]
     return run.op_counts[0]
 
 
@@ -122,13 +124,18 @@ def _forward_counted(cfg, warpgroups, monkeypatch):
 FORWARD_CASES = test_fused_tc.LONG_BOXES + test_fused_tc.CONFIGS[::4]
 
 
-@pytest.mark.parametrize("warpgroups", [1, 2])
+# (warpgroups, keys per chunk): the table's chunks with one and two warpgroups, and every other chunk size
+# built (with the table's two warpgroups)
+FORWARD_BLOCKS = [(1, None), (2, None)] + [(2, kc) for kc in fused_wg.OTHER_CHUNK_KEYS]
+
+
+@pytest.mark.parametrize("warpgroups, chunk_keys", FORWARD_BLOCKS, ids=lambda x: str(x or "table"))
 @pytest.mark.parametrize("cfg", FORWARD_CASES, ids=str)
-def test_the_wgmma_forward_multiplies_the_chunks_its_warpgroups_see(cfg, warpgroups, monkeypatch):
+def test_the_wgmma_forward_multiplies_the_chunks_its_warpgroups_see(cfg, warpgroups, chunk_keys, monkeypatch):
     hd = fused_wg.head_dim_bucket(cfg.head_dim)
-    kc = fused_wg.CHUNK_KEYS[hd]
+    kc = chunk_keys or fused_wg.CHUNK_KEYS[hd]
     counts = _chunk_counts(cfg, fused_wg.BLOCK_TILES[cfg.ndim, warpgroups], warpgroups, kc)
-    got = _forward_counted(cfg, warpgroups, monkeypatch)
+    got = _forward_counted(cfg, warpgroups, kc, monkeypatch)
     assert got == {"mma.sync": 0, "wgmma": _instructions(counts, hd // 16 + kc // 16, cfg)}  # Q K^T, P V
 
 

@@ -181,6 +181,12 @@ def _wgmma_one_warpgroup():
         yield
 
 
+@contextlib.contextmanager
+def _wgmma_chunk_keys(keys: int):
+    with _wgmma_on(), _setting("NA_RTC_WGMMA_CHUNK_KEYS", str(keys)):
+        yield
+
+
 def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=contextlib.nullcontext) -> Prepared:
     """``mode``: a context manager the calls run under (a setting that steers the dispatch)."""
     import na_rtc
@@ -238,6 +244,13 @@ def _prepare_wgmma_one_warpgroup(spec: Spec, inputs: Inputs) -> Prepared:
     of 64 queries, 8 x 8 in 2D, instead of two per 128, 16 x 8 in 2D; the backward kernels likewise)."""
     return _prepare_other_forward(spec, inputs, _prepare_wgmma(spec, inputs), _wgmma_one_warpgroup,
                                   "the wgmma forward already has one warpgroup per block (fused_wgmma measures it)")
+
+
+def _prepare_wgmma_32_key_chunks(spec: Spec, inputs: Inputs) -> Prepared:
+    """fused_wgmma with NA_RTC_WGMMA_CHUNK_KEYS=32, where that picks another forward (chunks of 32 keys
+    instead of the table's 64: less padding of a 2D box, twice the per-chunk work; the backward unchanged)."""
+    return _prepare_other_forward(spec, inputs, _prepare_wgmma(spec, inputs), lambda: _wgmma_chunk_keys(32),
+                                  "the wgmma forward already has chunks of 32 keys (fused_wgmma measures it)")
 
 
 # ---------------------------------------------------------------- na_rtc split: qk, softmax, av
@@ -333,6 +346,10 @@ def na_rtc_entries() -> list[Entry]:
               "(NA_RTC_WGMMA=1 NA_RTC_WGMMA_WARPGROUPS=1)", _prepare_wgmma_one_warpgroup,
               families=("fused_wg", "fused_wg_bwd", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="warpgroups per block of the wgmma forward is a GPU comparison"),
+        Entry("fused_wgmma_kc32", "na_rtc fused, Hopper wgmma forward with chunks of 32 keys "
+              "(NA_RTC_WGMMA=1 NA_RTC_WGMMA_CHUNK_KEYS=32)", _prepare_wgmma_32_key_chunks,
+              families=("fused_wg", "fused_wg_bwd", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
+              cpu_note="keys per chunk of the wgmma forward is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
               uses_kernels=True),
         Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),

@@ -22,7 +22,7 @@ from .presets import ISSUE_9, ISSUES
 from .report import FLEX, _median
 
 #: the na_rtc entries that compete for the default (the dispatcher's own first)
-NA_RTC_FUSED = ("fused", "fused_wgmma", "fused_wgmma_1wg", "fused_tc_rows16")
+NA_RTC_FUSED = ("fused", "fused_wgmma", "fused_wgmma_1wg", "fused_wgmma_kc32", "fused_tc_rows16")
 
 
 @dataclass(frozen=True)

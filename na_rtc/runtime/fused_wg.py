@@ -53,6 +53,13 @@ BLOCK_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8), (2, 2): (16, 8
 #: head-dim bucket -> keys per staged chunk (the N of Q K^T); three stages of a K and a V chunk are 6 KC HD
 #: elements
 CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
+#: the other chunk sizes built for the forward with the table's warpgroups, for NA_RTC_WGMMA_CHUNK_KEYS to
+#: pick (python -m na_rtc bench's fused_wgmma_kc32 entry): smaller chunks pad less of a 2D box (by the work
+#: model of tests/test_tensor_core_work.py, 44% of the products inside a window at 128 x 128, k = 13 with 32
+#: keys, 40% with 64) but pay the rescale, the barrier and the wait per chunk twice as often. Which wins is
+#: for a GPU run to measure. Chunks of 128 keys spill at every head dim (this chunk's S and the next one's
+#: alone take 128 fp32 registers a thread: 48 to 240 bytes of spills on sm_90a).
+OTHER_CHUNK_KEYS = (32,)
 #: the forward's stages (na_tc_kv_stream): chunk c + 1 has landed while chunk c is computed
 FORWARD_STAGES = 3
 #: (ndim, head-dim bucket) where the forward reads Q from shared memory (the SS form) instead of fragment
@@ -83,12 +90,14 @@ def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
 
 
-def shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> int:
+def shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None, chunk_keys: int | None = None) -> int:
     """The forward's: three stages of a K and a V chunk as core matrices; the Q tile (64 rows a warpgroup)
-    borrows stage 2, or in the SS form comes first."""
+    borrows stage 2, or comes first: in the SS form, and where it is larger than a stage (Q_OWN in
+    na_fused_wg.cu)."""
     wg = warpgroups or block_warpgroups(ndim)
-    q_tile = 64 * wg * hd if (ndim, hd) in FORWARD_Q_SHARED else 0
-    return (2 * FORWARD_STAGES * CHUNK_KEYS[hd] * hd + q_tile) * tiling.ITEMSIZE[dtype]
+    kc = chunk_keys or block_chunk_keys(hd, ndim, wg)
+    q_own = (ndim, hd) in FORWARD_Q_SHARED or 64 * wg > 2 * kc
+    return (2 * FORWARD_STAGES * kc * hd + (64 * wg * hd if q_own else 0)) * tiling.ITEMSIZE[dtype]
 
 
 def block_warpgroups(ndim: int) -> int:
@@ -97,11 +106,21 @@ def block_warpgroups(ndim: int) -> int:
     return wanted if wanted is not None and (ndim, wanted) in BLOCK_TILES else WARPGROUPS[ndim]
 
 
-def kernel_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
+def block_chunk_keys(hd: int, ndim: int, warpgroups: int) -> int:
+    """The forward's keys per chunk: the table's, or the built size NA_RTC_WGMMA_CHUNK_KEYS asks for (built
+    with the table's warpgroups only)."""
+    wanted = _config.wgmma_chunk_keys()
+    built = warpgroups == WARPGROUPS[ndim] and wanted in OTHER_CHUNK_KEYS
+    return wanted if built else CHUNK_KEYS[hd]
+
+
+def kernel_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None,
+                   chunk_keys: int | None = None) -> str:
     wg = warpgroups or block_warpgroups(ndim)
+    kc = chunk_keys or block_chunk_keys(hd, ndim, wg)
     tx, ty = BLOCK_TILES[ndim, wg]
     qs = int((ndim, hd) in FORWARD_Q_SHARED)
-    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {CHUNK_KEYS[hd]}, {qs}, {wg}>"
+    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {kc}, {qs}, {wg}>"
 
 
 def block_threads(ndim: int, warpgroups: int | None = None) -> int:
@@ -150,9 +169,18 @@ def _instantiations():
     return [(hd, dtype, ndim, wg) for dtype in DTYPES for hd in HEAD_DIMS for ndim, wg in BLOCK_TILES]
 
 
+def _forward_instantiations():
+    """(hd, dtype, ndim, warpgroups, chunk keys) of every forward built: the table's chunk size for every
+    block tile, the other sizes with the table's warpgroups."""
+    table = [(hd, dtype, ndim, wg, CHUNK_KEYS[hd]) for hd, dtype, ndim, wg in _instantiations()]
+    others = [(hd, dtype, ndim, wg, kc) for hd, dtype, ndim, wg in _instantiations() if wg == WARPGROUPS[ndim]
+              for kc in OTHER_CHUNK_KEYS]
+    return table + others
+
+
 def names() -> tuple[str, ...]:
     """The forward family's kernels."""
-    return tuple(kernel_name_of(*instantiation) for instantiation in _instantiations())
+    return tuple(kernel_name_of(*instantiation) for instantiation in _forward_instantiations())
 
 
 def bwd_names() -> tuple[str, ...]:
@@ -168,8 +196,8 @@ def _family(source: str, names_: tuple[str, ...], shared: dict[str, int], thread
 
 def family():
     """The forward family (built for sm_90a only); imported late: families.py builds its table from here."""
-    shared = {kernel_name_of(*i): shared_bytes(*i) for i in _instantiations()}
-    threads = {kernel_name_of(*i): block_threads(i[2], i[3]) for i in _instantiations()}
+    shared = {kernel_name_of(*i): shared_bytes(*i) for i in _forward_instantiations()}
+    threads = {kernel_name_of(*i): block_threads(i[2], i[3]) for i in _forward_instantiations()}
     return _family(SOURCE, names(), shared, threads)
 
 
