@@ -30,6 +30,7 @@ from helpers import RecordingExecutor, make_inputs
 
 import na_rtc
 from na_rtc import config
+from na_rtc.runtime import fused_wg
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
@@ -86,6 +87,20 @@ def test_the_fused_forward_has_no_schedule_dependence(monkeypatch, label, cfg, t
 
     names = _under_both_schedules(monkeypatch, compute)
     assert names[0].startswith(FORWARD_PREFIX[tensor_cores, wgmma]), names
+
+
+@pytest.mark.parametrize("chunk_keys", fused_wg.OTHER_CHUNK_KEYS)
+@pytest.mark.parametrize("cfg", test_fused_tc.LONG_BOXES, ids=str)
+def test_the_wgmma_forward_with_other_chunk_sizes_has_no_schedule_dependence(monkeypatch, cfg, chunk_keys):
+    """NA_RTC_WGMMA_CHUNK_KEYS's forwards (the Q tile in a region of its own where it outgrows a stage)."""
+    monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", str(chunk_keys))
+
+    def compute():
+        run = RecordingExecutor()
+        return run.names, test_fused_tc._run(cfg, executor=run, wgmma=True)
+
+    names = _under_both_schedules(monkeypatch, compute)
+    assert names[0].startswith("na_fused_wg_fwd<") and f", {chunk_keys}, " in names[0], names
 
 
 BACKWARD_CASES = _families(test_fused_tc_bwd.LONG_BOX_CASES, test_fused_bwd.CASES[::8])
