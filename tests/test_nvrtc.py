@@ -478,15 +478,37 @@ def _ptx_entries(text: str) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize("family_name, arch, needed", [
-    ("fused_tc", 80, ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
-    ("fused_tc_bwd", 80, ("mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
-    ("fused_wg", 90, ("wgmma.mma_async.sync.aligned", "wgmma.wait_group", "fence.proxy.async", "cp.async.cg")),
-    ("fused_wg_bwd", 90, ("wgmma.mma_async.sync.aligned", "wgmma.wait_group", "fence.proxy.async", "cp.async.cg")),
+def _in_loops(body: str) -> list[tuple[str, bool]]:
+    """Each PTX line of a kernel body, and whether it lies in a loop: between a label and a later branch
+    back to it (the key-chunk loops are not unrolled: their trip count is the problem's)."""
+    lines = body.splitlines()
+    label_at = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\w+):", line))}
+    inside = [False] * len(lines)
+    for i, line in enumerate(lines):
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\w+);", line)
+        if branch and label_at.get(branch.group(1), i + 1) <= i:
+            inside[label_at[branch.group(1)]:i + 1] = [True] * (i + 1 - label_at[branch.group(1)])
+    return list(zip(lines, inside))
+
+
+def test_the_loop_finder_tells_loop_bodies_apart():
+    body = "\n".join(["\tmma.sync.aligned a;", "$L__BB0_1:", "\twgmma.mma_async b;", "\t@%p1 bra \t$L__BB0_1;",
+                      "\tbra.uni \t$L__BB0_2;", "\tmma.sync.aligned c;", "$L__BB0_2:", "\tret;"])
+    assert [line.strip() for line, inside in _in_loops(body) if inside] == [
+        "$L__BB0_1:", "wgmma.mma_async b;", "@%p1 bra \t$L__BB0_1;"]
+
+
+@pytest.mark.parametrize("family_name, arch, product, needed", [
+    ("fused_tc", 80, "mma.sync.aligned.m16n8k16", ("ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
+    ("fused_tc_bwd", 80, "mma.sync.aligned.m16n8k16", ("ldmatrix.sync.aligned", "cp.async.cg.shared.global")),
+    ("fused_wg", 90, "wgmma.mma_async.sync.aligned", ("wgmma.wait_group", "fence.proxy.async", "cp.async.cg")),
+    ("fused_wg_bwd", 90, "wgmma.mma_async.sync.aligned", ("wgmma.wait_group", "fence.proxy.async", "cp.async.cg")),
 ])
-def test_tensor_core_kernels_compile_to_tensor_core_instructions(family_name, arch, needed):
+def test_tensor_core_kernels_compile_to_tensor_core_instructions(family_name, arch, product, needed):
     """Every tensor-core kernel's PTX holds its tensor-core and async-copy instructions and no trap (the
-    fallback the primitives compile to on a target without them, e.g. wgmma outside sm_90a)."""
+    fallback the primitives compile to on a target without them, e.g. wgmma outside sm_90a); every
+    tensor-core product is on the hot path, inside the loops over chunks, and so are async copies (the next
+    chunk loading while this one is multiplied)."""
     pytest.importorskip("cuda.bindings.nvrtc")
     from na_rtc._resources import cuda_src_dir
     from na_rtc.runtime.families import FAMILIES
@@ -498,8 +520,12 @@ def test_tensor_core_kernels_compile_to_tensor_core_instructions(family_name, ar
     entries = _ptx_entries(program.binary.decode())
     for name in family.names:
         body = entries[program.lowered[name]]
-        missing = [instruction for instruction in needed if instruction not in body]
+        missing = [instruction for instruction in (product, *needed) if instruction not in body]
         assert not missing, f"{name}: no {missing} in its PTX"
+        lines = _in_loops(body)
+        outside = sum(product in line for line, inside in lines if not inside)
+        assert outside == 0, f"{name}: {outside} {product} outside every loop"
+        assert any("cp.async" in line for line, inside in lines if inside), f"{name}: no cp.async in a loop"
         assert "trap;" not in body, f"{name}: compiles to a trap"
         if name.startswith("na_fused_wg_fwd<"):
             assert _softmax_runs_beside_a_wgmma(body), f"{name}: no ex2 between a wgmma commit and its wait"
