@@ -477,8 +477,8 @@ def test_one_warpgroup_entry_times_the_other_forward(ndim, picks):
     assert _prepare_wgmma(problem, inputs).notes["forward_kernels"].endswith(", 2>")
 
 
-@pytest.mark.parametrize("ndim, picks", [(1, "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 1, 2>"),
-                                         (2, "na_fused_wg_fwd<bf16_t, 128, 16, 8, 32, 1, 2>")])
+@pytest.mark.parametrize("ndim, picks", [(1, "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 0, 2>"),
+                                         (2, "na_fused_wg_fwd<bf16_t, 128, 16, 8, 32, 0, 2>")])
 def test_32_key_chunk_entry_times_the_other_forward(ndim, picks):
     """fused_wgmma_kc32: the wgmma forward with chunks of 32 keys, another forward than fused_wgmma's (64)."""
     from na_rtc.bench.entries import _prepare_wgmma, _prepare_wgmma_32_key_chunks, make_inputs

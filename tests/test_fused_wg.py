@@ -179,7 +179,7 @@ def test_the_chunk_keys_setting(monkeypatch):
     warpgroup it keeps the table's); the backward kernels keep theirs."""
     kernels = fused.FusedKernels(emulated.run, _always, _always)
     monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", "32")
-    assert kernels.kernel_name(_problem(1, "bfloat16", 128)) == "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 1, 2>"
+    assert kernels.kernel_name(_problem(1, "bfloat16", 128)) == "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 0, 2>"
     assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 32, 0, 2>"
     assert fused_wg.dq_name_of(64, "float16", 2) == "na_fused_wg_bwd_dq<fp16_t, 64, 16, 8, 32, 0, 2>"
     # 16 KiB of Q beside three stages of 32-key chunks (it does not fit a stage)

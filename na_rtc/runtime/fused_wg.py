@@ -62,10 +62,14 @@ CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
 OTHER_CHUNK_KEYS = (32,)
 #: the forward's stages (na_tc_kv_stream): chunk c + 1 has landed while chunk c is computed
 FORWARD_STAGES = 3
-#: (ndim, head-dim bucket) where the forward reads Q from shared memory (the SS form) instead of fragment
-#: registers: at head dim 128 the O accumulators, this chunk's S and the next chunk's S in flight beside it
-#: leave no room for Q's 32 fragment registers (60 bytes of spills in 1D with two warpgroups, 48 in 2D)
-FORWARD_Q_SHARED = frozenset({(1, 128), (2, 128)})
+#: (ndim, head-dim bucket, keys per chunk) where the forward reads Q from shared memory (the SS form)
+#: instead of fragment registers: at head dim 128 with 64-key chunks, the O accumulators, this chunk's S
+#: and the next chunk's S in flight beside it leave no room for Q's 32 fragment registers (60 bytes of
+#: spills in 1D with two warpgroups, 48 in 2D). With 32-key chunks they fit (240 and 232 registers on
+#: sm_90a), which matters more there: the SS form reads Q's 2 KiB a warpgroup from shared memory per 16
+#: head dims of every chunk, which at 32 keys is more than an SM's 128 bytes a cycle of shared memory
+#: deliver in the 16 cycles of the product (an estimate from the H100's published rates, not measured)
+FORWARD_Q_SHARED = frozenset({(1, 128, 64), (2, 128, 64)})
 #: the most dynamic shared memory a launch takes (sm_90 allows 227 KiB after the opt-in)
 SHARED_BUDGET = 128 * 1024
 #: the dq kernel's, where its tiles do not fit the mma.sync backward's budget: room for bias tables (one float
@@ -96,7 +100,7 @@ def shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None, 
     na_fused_wg.cu)."""
     wg = warpgroups or block_warpgroups(ndim)
     kc = chunk_keys or block_chunk_keys(hd, ndim, wg)
-    q_own = (ndim, hd) in FORWARD_Q_SHARED or 64 * wg > 2 * kc
+    q_own = (ndim, hd, kc) in FORWARD_Q_SHARED or 64 * wg > 2 * kc
     return (2 * FORWARD_STAGES * kc * hd + (64 * wg * hd if q_own else 0)) * tiling.ITEMSIZE[dtype]
 
 
@@ -119,7 +123,7 @@ def kernel_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None
     wg = warpgroups or block_warpgroups(ndim)
     kc = chunk_keys or block_chunk_keys(hd, ndim, wg)
     tx, ty = BLOCK_TILES[ndim, wg]
-    qs = int((ndim, hd) in FORWARD_Q_SHARED)
+    qs = int((ndim, hd, kc) in FORWARD_Q_SHARED)
     return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {kc}, {qs}, {wg}>"
 
 
