@@ -93,12 +93,17 @@ BLOCK_SETTINGS = {"table": {}, "1wg": {"NA_RTC_WGMMA_WARPGROUPS": "1"},
 LONG_BOX_RUNS = [(c, setting) for setting in BLOCK_SETTINGS for c in LONG_BOXES]
 
 
+def use_block_setting(monkeypatch, setting: str):
+    """The environment of BLOCK_SETTINGS[setting], for the rest of the test."""
+    for name, value in BLOCK_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize("cfg, setting", LONG_BOX_RUNS, ids=str)
 def test_wgmma_forward_over_long_key_boxes(cfg, setting, monkeypatch):
     """Chunks past the third reuse stages while the next chunk's S is in flight; with two warpgroups the
     second one starts past chunk 0 (its first S issued in the chunk before, where it multiplies nothing)."""
-    for name, value in BLOCK_SETTINGS[setting].items():
-        monkeypatch.setenv(name, value)
+    use_block_setting(monkeypatch, setting)
     out, lse = _run(cfg)
     test_fused.assert_forward_matches_reference(cfg, out, lse)
 

@@ -83,9 +83,8 @@ def test_wgmma_backward_on_gpu(case, warpgroups, monkeypatch):
 
 # (config, settings): the table's blocks on the whole sweep; one warpgroup a block (the bench's
 # fused_wgmma_1wg) and every other chunk size built (fused_wgmma_kc32) on the long boxes
-WGMMA_SETTINGS = test_fused_wg.BLOCK_SETTINGS
 WGMMA_FORWARD_RUNS = ([(c, "table") for c in test_fused_tc.CONFIGS + test_fused_tc.LONG_BOXES]
-                      + [(c, setting) for setting in WGMMA_SETTINGS if setting != "table"
+                      + [(c, setting) for setting in test_fused_wg.BLOCK_SETTINGS if setting != "table"
                          for c in test_fused_tc.LONG_BOXES])
 
 
@@ -97,8 +96,7 @@ def test_wgmma_forward_on_gpu(cfg, setting, monkeypatch):
 
     if cuda.arch_of("cuda") != 90:
         pytest.skip("the wgmma forward is built for sm_90 GPUs only")
-    for name, value in WGMMA_SETTINGS[setting].items():
-        monkeypatch.setenv(name, value)
+    test_fused_wg.use_block_setting(monkeypatch, setting)
     (q, k, v), (q64, k64, v64) = sweep_inputs(cfg, 3)
     bias, bias64 = sweep_bias(cfg)
     q, k, v, bias = map(_cuda, (q, k, v, bias))
