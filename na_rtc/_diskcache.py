@@ -83,12 +83,21 @@ class KeyDigest:
         return self._digest.hexdigest()
 
 
+def _library_dirs() -> tuple[str, ...]:
+    """na_rtc's folder, and torch's where torch is imported (its custom-op and autograd layers sit between a
+    user's call and na_rtc)."""
+    torch = sys.modules.get("torch")
+    torch_file = getattr(torch, "__file__", None) if torch is not None else None
+    return (_PACKAGE_DIR,) + ((str(Path(torch_file).resolve().parent) + os.sep,) if torch_file else ())
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning point at the first frame outside
-    na_rtc: the user's line, however deep inside na_rtc the cache was reached."""
+    na_rtc (and torch): the user's line, however deep inside na_rtc the cache was reached."""
     frame = sys._getframe(1)
     level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    skipped = _library_dirs()
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
         frame = frame.f_back
         level += 1
     return level

@@ -29,6 +29,9 @@ SETTINGS = {
                                "keys each; default 2, which share every staged chunk), for benchmarking",
     "NA_RTC_WGMMA_CHUNK_KEYS": "32 or 64: keys per staged chunk of the Hopper wgmma forward with the table's "
                                "warpgroups (default 64: the table in runtime/fused_wg.py), for benchmarking",
+    "NA_RTC_VERIFY": "0: do not verify kernels on the GPU before their first use (default 1: each kernel "
+                     "instantiation is checked once per GPU, driver and na_rtc version on a small problem against a "
+                     "float64 reference, and one that gives wrong results is not used; python -m na_rtc selftest)",
     "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
 }
 
@@ -157,3 +160,8 @@ def tc_warp_rows() -> int | None:
     if raw in ("16", "32"):
         return int(raw)
     raise ValueError(f"NA_RTC_TC_WARP_ROWS must be 16 or 32, got {raw!r}")
+
+
+def verify() -> bool:
+    """Whether kernels are verified on the GPU before their first use (``NA_RTC_VERIFY``, default on)."""
+    return _flag("NA_RTC_VERIFY", True)

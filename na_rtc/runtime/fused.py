@@ -80,31 +80,45 @@ def _tile(problem: Problem):
 
 
 
+#: the forward's kernel paths, in the order the dispatcher tries them
+WGMMA, MMA_SYNC, SIMT = "wgmma", "mma.sync", "simt"
+
+
+def _no_verification(problem: Problem, candidate) -> bool:
+    return True
+
+
 class FusedKernels:
     """The fused forward kernels as an allocating call, for one executor.
 
-    ``tensor_cores(problem) -> bool`` says whether the tensor-core kernel
-    (``fused_tc.py``) may serve ``problem`` (the executor's device is sm_80+
-    and ``NA_RTC_TENSOR_CORES`` allows it); where it may and covers the
-    problem it runs, else the SIMT kernel of this module. Default: SIMT only.
-    ``wgmma(problem) -> bool``: whether the Hopper kernel (``fused_wg.py``)
-    may serve it instead (sm_90 and ``NA_RTC_WGMMA=1``). Default: never.
+    Paths, in order: the Hopper wgmma kernel (``fused_wg.py``) where
+    ``wgmma(problem)`` allows it (sm_90 and ``NA_RTC_WGMMA=1``), the mma.sync
+    tensor-core kernel (``fused_tc.py``) where ``tensor_cores(problem)`` does
+    (sm_80+, ``NA_RTC_TENSOR_CORES``), then the SIMT kernel of this module;
+    each where it covers the problem. Default: SIMT only. The first path that
+    ``trusted(problem, candidate)`` accepts serves the call (first-use
+    verification, :mod:`na_rtc.verify.gate`; default: every path).
     """
 
-    def __init__(self, run, tensor_cores=None, wgmma=None):
+    def __init__(self, run, tensor_cores=None, wgmma=None, trusted=None):
         self.run = run
         self.tensor_cores = tensor_cores or (lambda problem: False)
         self.wgmma = wgmma or (lambda problem: False)
+        self.trusted = trusted or _no_verification
+        self._candidates = {}
 
-    def _uses_tensor_cores(self, problem: Problem) -> bool:
-        return fused_tc.covers(problem) and bool(self.tensor_cores(problem))
+    def paths(self, problem: Problem) -> list[str]:
+        """The paths that cover ``problem`` and the policies allow, best first (verification aside)."""
+        paths = []
+        if fused_tc.covers(problem) and self.tensor_cores(problem):
+            if fused_wg.covers(problem) and self.wgmma(problem):
+                paths.append(WGMMA)
+            paths.append(MMA_SYNC)
+        if self._simt_covers(problem):
+            paths.append(SIMT)
+        return paths
 
-    def _uses_wgmma(self, problem: Problem) -> bool:
-        return self._uses_tensor_cores(problem) and fused_wg.covers(problem) and bool(self.wgmma(problem))
-
-    def covers(self, problem: Problem) -> bool:
-        if self._uses_tensor_cores(problem):
-            return True
+    def _simt_covers(self, problem: Problem) -> bool:
         hd, tile = _tile(problem)
         if tile is None or problem.ndim not in (1, 2):
             return False
@@ -112,10 +126,31 @@ class FusedKernels:
             return False
         return tiling.grid(problem, tile) <= P.MAX_GRID[0]
 
-    def kernel_name(self, problem: Problem) -> str:
-        if self._uses_wgmma(problem):
+    def candidate(self, path: str):
+        """``path`` as a :class:`~na_rtc.verify.gate.Candidate`: its kernel and how to run it."""
+        if path not in self._candidates:
+            from ..verify.gate import Candidate
+
+            self._candidates[path] = Candidate(
+                "forward", path, lambda problem: {self.kernel_name(problem, path): ("out", "lse")},
+                lambda problem, query, key, value, rpb_acc: self.forward(problem, query, key, value, rpb_acc, path))
+        return self._candidates[path]
+
+    def path(self, problem: Problem) -> str | None:
+        """The path that serves ``problem``: the first one trusted, or None."""
+        for path in self.paths(problem):
+            if self.trusted(problem, self.candidate(path)):
+                return path
+        return None
+
+    def covers(self, problem: Problem) -> bool:
+        return self.path(problem) is not None
+
+    def kernel_name(self, problem: Problem, path: str | None = None) -> str:
+        path = path or self.path(problem) or SIMT
+        if path == WGMMA:
             return fused_wg.kernel_name(problem)
-        if self._uses_tensor_cores(problem):
+        if path == MMA_SYNC:
             return fused_tc.kernel_name(problem)
         hd, tile = _tile(problem)
         if tile is None:
@@ -124,20 +159,22 @@ class FusedKernels:
                 f"({problem.ndim}D): fused kernels take float32/float16/bfloat16 and head_dim <= {HEAD_DIMS[-1]}")
         return kernel_name_of(hd, problem.dtype, tile)
 
-    def forward(self, problem: Problem, query, key, value, rpb_acc=None):
+    def forward(self, problem: Problem, query, key, value, rpb_acc=None, path: str | None = None):
         """``(out, lse)``: out in the problem dtype, lse float32 ``[batch, *spatial, heads]``.
 
-        ``rpb_acc``: the bias table in the accumulator dtype (float32), or None.
+        ``rpb_acc``: the bias table in the accumulator dtype (float32), or None. ``path``: the kernel path
+        (default: :meth:`path`'s choice).
         """
         from .naive import _bias, _problem_args, _rows, _tensor
 
-        if not self.covers(problem):
+        path = path or self.path(problem)
+        if path is None:
             raise ValueError(f"the fused kernel does not cover this problem ({problem.ndim}D, {problem.dtype}, "
                              f"head_dim {problem.head_dim}); check covers() first")
-        name = self.kernel_name(problem)
-        if self._uses_wgmma(problem):
+        name = self.kernel_name(problem, path)
+        if path == WGMMA:
             source, _, threads, blocks, smem = fused_wg.launch(problem)
-        elif self._uses_tensor_cores(problem):
+        elif path == MMA_SYNC:
             source, threads, blocks = fused_tc.SOURCE, fused_tc.THREADS, fused_tc.grid(problem)
             smem = fused_tc.shared_bytes(fused_tc.head_dim_bucket(problem.head_dim), problem.dtype)
         else:

@@ -170,14 +170,13 @@ def _simt_launches(problem: Problem) -> _Launches | None:
                      dq_shared, dkdv_shared, problem.batch * tiling.tiles(problem, dq_cfg))
 
 
-def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
-    """The mma.sync dq and dkdv kernels; with ``wgmma``, the Hopper ones where they cover the problem (same
-    grids and partials)."""
+def _tensor_core_launches(problem: Problem, dq_wgmma: bool = False, dkdv_wgmma: bool = False) -> _Launches:
+    """The mma.sync dq and dkdv kernels; the Hopper ones instead where asked (same grids and partials)."""
     hd = fused_tc.head_dim_bucket(problem.head_dim)
     entries = _entries(problem) if problem.has_rpb else 0
     blocks = fused_tc.bwd_grid(problem)
     dtype, ndim = problem.dtype, problem.ndim
-    if wgmma and fused_wg.dq_covers(problem):
+    if dq_wgmma:
         dq, dq_source, dq_shared = (fused_wg.dq_name_of(hd, dtype, ndim), fused_wg.BWD_SOURCE,
                                     fused_wg.dq_shared_bytes(hd, dtype, ndim, entries))
         dq_blocks, dq_threads = fused_wg.grid(problem), fused_wg.block_threads(ndim)
@@ -185,7 +184,7 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
         dq, dq_source, dq_shared = (fused_tc.dq_name_of(hd, dtype, ndim), fused_tc.BWD_SOURCE,
                                     fused_tc.dq_shared_bytes(hd, dtype, entries))
         dq_blocks, dq_threads = blocks, fused_tc.THREADS
-    if wgmma and fused_wg.dkdv_covers(problem):
+    if dkdv_wgmma:
         dkdv, dkdv_source, dkdv_shared = (fused_wg.dkdv_name_of(hd, dtype, ndim), fused_wg.BWD_SOURCE,
                                           fused_wg.dkdv_shared_bytes(hd, dtype, ndim))
         dkdv_blocks, dkdv_threads = fused_wg.grid(problem), fused_wg.block_threads(ndim)
@@ -197,6 +196,19 @@ def _tensor_core_launches(problem: Problem, wgmma: bool = False) -> _Launches:
                      dkdv_shared, dq_blocks // max(problem.heads, 1))
 
 
+#: the kernel paths of dq and of dK/dV (each chosen on its own among the tensor-core ones)
+WGMMA, MMA_SYNC, SIMT = "wgmma", "mma.sync", "simt"
+
+
+def describe_paths(paths: tuple[str, str]) -> str:
+    """``("wgmma", "mma.sync")`` -> "wgmma dq + mma.sync dK/dV"; one name where both are the same."""
+    return paths[0] if paths[0] == paths[1] else f"{paths[0]} dq + {paths[1]} dK/dV"
+
+
+def _no_verification(problem: Problem, candidate) -> bool:
+    return True
+
+
 class FusedBackwardKernels:
     """The fused backward on one executor (``cuda`` or ``emulator``).
 
@@ -205,21 +217,63 @@ class FusedBackwardKernels:
     kernels of this module otherwise. Default: SIMT only. ``wgmma(problem) ->
     bool``: may the Hopper dq and dK/dV kernels (``fused_wg.py``) replace the
     mma.sync ones where they cover the problem (sm_90, ``NA_RTC_WGMMA=1``).
-    Default: never.
+    Default: never. The dq and dK/dV kernels are picked as a pair of paths
+    (:meth:`paths`, best first); the first pair that ``trusted(problem,
+    candidate)`` accepts serves the call (first-use verification,
+    :mod:`na_rtc.verify.gate`; default: every pair).
     """
 
-    def __init__(self, run: Callable[[P.LaunchPlan], None], tensor_cores=None, wgmma=None):
+    def __init__(self, run: Callable[[P.LaunchPlan], None], tensor_cores=None, wgmma=None, trusted=None):
         self.run = run
         self.tensor_cores = tensor_cores or (lambda problem: False)
         self.wgmma = wgmma or (lambda problem: False)
+        self.trusted = trusted or _no_verification
+        self._candidates = {}
 
-    def _launches(self, problem: Problem) -> _Launches | None:
+    def paths(self, problem: Problem) -> list[tuple[str, str]]:
+        """The (dq, dK/dV) paths that cover ``problem`` and the policies allow, best first."""
+        pairs = []
         if problem.dtype in fused_tc.DTYPES and fused_tc.bwd_covers(problem) and self.tensor_cores(problem):
-            return _tensor_core_launches(problem, bool(self.wgmma(problem)))
-        return _simt_launches(problem)
+            wgmma = bool(self.wgmma(problem))
+            dq_paths = ([WGMMA] if wgmma and fused_wg.dq_covers(problem) else []) + [MMA_SYNC]
+            dkdv_paths = ([WGMMA] if wgmma and fused_wg.dkdv_covers(problem) else []) + [MMA_SYNC]
+            pairs += [(dq, dkdv) for dq in dq_paths for dkdv in dkdv_paths]
+        if _simt_launches(problem) is not None:
+            pairs.append((SIMT, SIMT))
+        return pairs
+
+    def candidate(self, paths: tuple[str, str]):
+        """A pair of paths as a :class:`~na_rtc.verify.gate.Candidate`: which output each kernel computes."""
+        if paths not in self._candidates:
+            from ..verify.gate import Candidate
+
+            def kernels(problem):
+                launches = self._launches(problem, paths)
+                return {} if launches is None else {launches.dq: ("dq", "drpb"), launches.dkdv: ("dk", "dv")}
+
+            def run(problem, grad_out, query, key, value, rpb_acc, output, lse):
+                return self.backward(problem, grad_out, query, key, value, rpb_acc, output, lse, paths)
+
+            self._candidates[paths] = Candidate("backward", describe_paths(paths), kernels, run)
+        return self._candidates[paths]
+
+    def path(self, problem: Problem) -> tuple[str, str] | None:
+        """The (dq, dK/dV) paths that serve ``problem``: the first pair trusted, or None."""
+        for paths in self.paths(problem):
+            if self.trusted(problem, self.candidate(paths)):
+                return paths
+        return None
+
+    def _launches(self, problem: Problem, paths: tuple[str, str] | None = None) -> _Launches | None:
+        paths = paths or self.path(problem)
+        if paths is None:
+            return None
+        if paths == (SIMT, SIMT):
+            return _simt_launches(problem)
+        return _tensor_core_launches(problem, paths[0] == WGMMA, paths[1] == WGMMA)
 
     def covers(self, problem: Problem) -> bool:
-        return self._launches(problem) is not None
+        return self.path(problem) is not None
 
     def kernel_names(self, problem: Problem) -> tuple[str, ...]:
         """The kernels :meth:`backward` launches for ``problem`` (empty when not covered)."""
@@ -231,13 +285,15 @@ class FusedBackwardKernels:
             names.append(RPB_REDUCE)
         return tuple(names)
 
-    def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse):
+    def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse,
+                 paths: tuple[str, str] | None = None):
         """``(dq, dk, dv, drpb)``: dq/dk/dv in the problem dtype, drpb float32
         ``[heads, *(2k-1)]`` (None without ``rpb_acc``). ``output`` and ``lse``
-        are the forward's (``lse`` float32 ``[b, *spatial, heads]``)."""
+        are the forward's (``lse`` float32 ``[b, *spatial, heads]``). ``paths``: the (dq, dK/dV) kernel
+        paths (default: :meth:`path`'s choice)."""
         from .naive import _bias, _problem_args, _rows, _tensor
 
-        launches = self._launches(problem)
+        launches = self._launches(problem, paths)
         if launches is None:
             raise ValueError("the fused backward kernels do not cover this problem; check covers() first")
         if output is None or lse is None:

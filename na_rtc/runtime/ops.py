@@ -1,9 +1,12 @@
 """The backend op table on the kernels, for any executor (``cuda`` or ``emulator``).
 
-Same signatures as :data:`na_rtc.reference.OPS`. Fused ops follow DESIGN.md
-section 3's fallback rule: the fused kernel when one covers the problem,
-otherwise the split kernels composed (qk, softmax, av) for stride 1,
-otherwise an error naming the reason. Split kernel calls go through
+Same signatures as :data:`na_rtc.reference.OPS`. Fused ops follow the
+fallback rule of the kernel notes (``cuda_src/README.md``): the fused kernel
+when one covers the problem, otherwise the split kernels composed (qk,
+softmax, av) for stride 1, otherwise an error naming the reason. On the GPU a
+kernel path serves a call only once its kernels have passed first-use
+verification (:mod:`na_rtc.verify.gate`); one that failed is skipped like one
+that does not cover the problem. Split kernel calls go through
 :class:`~na_rtc.runtime.kernels.Kernels`, which picks tiled kernels where its
 tables cover the problem.
 """
@@ -19,6 +22,8 @@ from .fused import FusedKernels
 from .fused_bwd import FusedBackwardKernels
 from .kernels import Kernels
 from .naive import Executor
+
+SPLIT = "split"  # the composed split kernels, as a path name
 
 def _require_stride_one(problem: Problem, backend: str, what: str) -> None:
     """The composed split-kernel path has no stride: say why and what works instead."""
@@ -60,40 +65,52 @@ def _wgmma_policy(backend: str):
     return allowed
 
 
-def make_ops(run: Executor, backend: str) -> dict:
-    """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
-    kernels = Kernels(run)
-    fused = FusedKernels(run, _tensor_core_policy(backend), _wgmma_policy(backend))
-    fused_backward_kernels = FusedBackwardKernels(run, _tensor_core_policy(backend), _wgmma_policy(backend))
+def _split_kernels(op: str):
+    """problem -> the composed split path as one unit of verification (its kernels are picked per problem by
+    :class:`Kernels`; the canary shares the call's dtype, rank and head dim, hence its tiles)."""
+    outputs = ("out", "lse") if op == "forward" else ("dq", "dk", "dv", "drpb")
 
-    def bias_in_accumulator(problem, rpb):
-        return None if rpb is None else _arrays.cast(rpb, accumulator_dtype(problem.dtype))
+    def kernels(problem: Problem) -> dict:
+        return {f"composed split kernels ({op}, {problem.dtype}, {problem.ndim}D, head_dim {problem.head_dim})": outputs}
 
-    def probabilities(problem, query, key, rpb, lse=None):
-        logits = kernels.qk(problem, query, key, bias_in_accumulator(problem, rpb),
-                            accumulator_dtype(problem.dtype), problem.scale, -math.inf)
-        kernels.softmax(problem, logits, lse)
-        return logits
+    return kernels
 
-    def fused_forward(problem, query, key, value, rpb=None):
-        if fused.covers(problem):
-            return fused.forward(problem, query, key, value, bias_in_accumulator(problem, rpb))
-        _require_stride_one(problem, backend, "forward")
+
+def _untrusted_error(problem: Problem, what: str, verdicts, why_not_split: str) -> RuntimeError:
+    wrong = "; ".join(f"{v.kernel} ({v.path}): {v.detail}" for v in verdicts)
+    return RuntimeError(
+        f"na_rtc: no kernel that passed first-use verification on {problem.device} serves this fused {what} "
+        f"({problem.dtype}, {problem.ndim}D, head_dim {problem.head_dim}). Kernels that gave wrong results here: "
+        f"{wrong}. {why_not_split} `python -m na_rtc selftest` reports every kernel and primitive on this GPU; "
+        "the reference backend (na_rtc.use_backend('reference')) computes on the same device without these kernels; "
+        "NA_RTC_VERIFY=0 turns verification off (and trusts kernels that gave wrong results)."
+    )
+
+
+def _bias_in_accumulator(problem: Problem, rpb):
+    return None if rpb is None else _arrays.cast(rpb, accumulator_dtype(problem.dtype))
+
+
+def _probabilities(kernels: Kernels, problem: Problem, query, key, rpb, lse=None):
+    logits = kernels.qk(problem, query, key, _bias_in_accumulator(problem, rpb), accumulator_dtype(problem.dtype),
+                        problem.scale, -math.inf)
+    kernels.softmax(problem, logits, lse)
+    return logits
+
+
+def split_candidates(kernels: Kernels):
+    """The fused forward and backward as the split kernels composed (qk, softmax, av and their backwards;
+    stride 1 only), as :class:`~na_rtc.verify.gate.Candidate` s: the fallback of the fused kernels."""
+    from ..verify.gate import Candidate
+
+    def forward(problem, query, key, value, rpb=None):
         lse = _arrays.empty(query, problem.lse_shape, accumulator_dtype(problem.dtype))
-        probs = probabilities(problem, query, key, rpb, lse)
+        probs = _probabilities(kernels, problem, query, key, rpb, lse)
         return kernels.av(problem, probs, value), lse
 
-    def fused_backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
-        if fused_backward_kernels.covers(problem):
-            if output is None:  # the plain backward functions may be called without the forward's results
-                output, logsumexp = fused_forward(problem, query, key, value, rpb)
-            lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
-            dq, dk, dv, drpb = fused_backward_kernels.backward(problem, grad_out, query, key, value,
-                                                              bias_in_accumulator(problem, rpb), output, lse)
-            return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
-        _require_stride_one(problem, backend, "backward")
+    def backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
         acc = accumulator_dtype(problem.dtype)
-        probs = probabilities(problem, query, key, rpb)  # recomputed: cheaper to store nothing
+        probs = _probabilities(kernels, problem, query, key, rpb)  # recomputed: cheaper to store nothing
         grad_logits = kernels.qk(problem, grad_out, value, None, acc, 1.0, 0.0)
         kernels.softmax_backward(problem, probs, grad_logits)
         dq = kernels.av(problem, grad_logits, key, problem.scale)
@@ -102,8 +119,56 @@ def make_ops(run: Executor, backend: str) -> dict:
         drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_logits), _arrays.dtype_name(rpb))
         return dq, dk, dv, drpb
 
+    return (Candidate("forward", SPLIT, _split_kernels("forward"), forward),
+            Candidate("backward", SPLIT, _split_kernels("backward"), backward))
+
+
+def make_ops(run: Executor, backend: str) -> dict:
+    """The op table (same signatures as :data:`na_rtc.reference.OPS`) on ``run``."""
+    from ..verify.gate import Candidate, Gate
+
+    gate = Gate(backend)
+    kernels = Kernels(run)
+    fused = FusedKernels(run, _tensor_core_policy(backend), _wgmma_policy(backend), gate.trusted)
+    fused_backward_kernels = FusedBackwardKernels(run, _tensor_core_policy(backend), _wgmma_policy(backend),
+                                                  gate.trusted)
+
+    def split_path(problem, what: str, fused_candidates, split: Candidate) -> None:
+        """May the composed split kernels serve ``problem``? Raises saying why not: a stride they lack, or
+        (on the GPU) kernels that failed verification."""
+        distrusted = gate.distrusted(problem, fused_candidates)
+        if any(axis.stride != 1 for axis in problem.axes):
+            if distrusted:
+                raise _untrusted_error(problem, what, distrusted, "The composed split kernels have no stride.")
+            _require_stride_one(problem, backend, what)
+        if not gate.trusted(problem, split):
+            raise _untrusted_error(problem, what, distrusted + gate.distrusted(problem, [split]),
+                                   "The composed split kernels gave wrong results too.")
+
+    split_forward, split_backward = split_candidates(kernels)
+
+    def fused_forward(problem, query, key, value, rpb=None):
+        path = fused.path(problem)
+        if path is not None:
+            return fused.forward(problem, query, key, value, _bias_in_accumulator(problem, rpb), path)
+        split_path(problem, "forward", [fused.candidate(p) for p in fused.paths(problem)], split_forward)
+        return split_forward.run(problem, query, key, value, rpb)
+
+    def fused_backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
+        paths = fused_backward_kernels.path(problem)
+        if paths is not None:
+            if output is None:  # the plain backward functions may be called without the forward's results
+                output, logsumexp = fused_forward(problem, query, key, value, rpb)
+            lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
+            dq, dk, dv, drpb = fused_backward_kernels.backward(problem, grad_out, query, key, value,
+                                                              _bias_in_accumulator(problem, rpb), output, lse, paths)
+            return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
+        candidates = [fused_backward_kernels.candidate(p) for p in fused_backward_kernels.paths(problem)]
+        split_path(problem, "backward", candidates, split_backward)
+        return split_backward.run(problem, grad_out, query, key, value, rpb)
+
     def qk_forward(problem, query, key, rpb=None):
-        return kernels.qk(problem, query, key, bias_in_accumulator(problem, rpb), problem.dtype, 1.0, -math.inf)
+        return kernels.qk(problem, query, key, _bias_in_accumulator(problem, rpb), problem.dtype, 1.0, -math.inf)
 
     def qk_backward(problem, grad_attn, query, key, rpb=None):
         dq = kernels.av(problem, grad_attn, key)

@@ -1,0 +1,485 @@
+"""First-use kernel verification (na_rtc/verify/), on the emulator with deliberately broken kernels.
+
+On a GPU the dispatchers verify each kernel instantiation before its first use; here the emulator runs the
+same machinery (``gate.verify_automatically_on("emulator")``) with tensor-core kernels that return wrong
+numbers (tests/emulator_kernels/broken_fused_tc*.cu, explicit specializations of one instantiation each): a
+broken kernel must be caught, disabled, warned about once, the call must still be right through the next
+path, and a second process must read the recorded verdict instead of running the canary again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close
+
+import na_rtc
+from na_rtc import backends
+from na_rtc._args import Problem
+from na_rtc._resources import cuda_src_dir
+from na_rtc.runtime import families, fused, fused_bwd, fused_tc, fused_wg
+from na_rtc.runtime.families import Family
+from na_rtc.verify import canary, gate
+from na_rtc.verify.verdicts import Verdict, VerdictStore, VerdictStoreWarning, verdict_key
+from na_rtc.window import Axis, window
+
+pytestmark = pytest.mark.skipif(not backends.get("emulator").probe()[0], reason="no C++ compiler")
+
+TESTS = Path(__file__).resolve().parent
+BROKEN_FORWARD = "na_fused_tc_fwd<fp16_t, 32, 128, 1, 64, 2>"  # 1D, float16, head dim 32
+BROKEN_DQ = "na_fused_tc_bwd_dq<fp16_t, 32, 64, 1, 32>"
+GOOD_DKDV = "na_fused_tc_bwd_dkdv<fp16_t, 32, 64, 1, 64>"
+SIMT_FORWARD = "na_fused_fwd<fp16_t, 32, 64, 1>"
+
+
+def _broken_folder(folder: Path) -> Path:
+    """cuda_src/ and the broken sources in one folder: the emulator's build key covers every file there, so
+    an edit of the real kernels rebuilds the broken ones too."""
+    for path in cuda_src_dir().iterdir():
+        if path.suffix in (".cu", ".cuh", ".h"):
+            shutil.copy(path, folder / path.name)
+    for name in ("broken_fused_tc.cu", "broken_fused_tc_bwd.cu"):
+        shutil.copy(TESTS / "emulator_kernels" / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def broken_sources(tmp_path_factory) -> Path:
+    return _broken_folder(tmp_path_factory.mktemp("broken_cuda_src"))
+
+
+def _install_broken_families(folder: Path, patch) -> None:
+    """The tensor-core families of the 1D float16 head-dim-32 kernels, from the broken sources. ``patch(obj,
+    name, value)`` sets an attribute or item (monkeypatch, or plain setattr in a subprocess)."""
+    forward, backward = str(folder / "broken_fused_tc.cu"), str(folder / "broken_fused_tc_bwd.cu")
+    patch(families.FAMILIES, "fused_tc", Family(forward, (BROKEN_FORWARD,), {BROKEN_FORWARD: 128}, {BROKEN_FORWARD: 0}))
+    patch(families.FAMILIES, "fused_tc_bwd", Family(backward, (BROKEN_DQ, GOOD_DKDV), {BROKEN_DQ: 128, GOOD_DKDV: 128},
+                                                    {BROKEN_DQ: 0, GOOD_DKDV: 0}))
+    patch(fused_tc, "SOURCE", forward)
+    patch(fused_tc, "BWD_SOURCE", backward)
+
+
+def _fresh_ops(patch) -> None:
+    """A new op table (and gate, which remembers verdicts per process) for the emulator backend."""
+    patch(backends.get("emulator"), "_ops", None)
+
+
+@pytest.fixture
+def verdict_store(tmp_path, monkeypatch) -> VerdictStore:
+    store = VerdictStore(tmp_path / "verdicts")
+    monkeypatch.setattr(gate, "_store", store)
+    _fresh_ops(lambda obj, name, value: monkeypatch.setattr(obj, name, value))
+    monkeypatch.delenv("NA_RTC_VERIFY", raising=False)
+    with gate.verify_automatically_on("emulator"):
+        yield store
+
+
+def _setter(monkeypatch):
+    def patch(obj, name, value):
+        if isinstance(obj, dict):
+            monkeypatch.setitem(obj, name, value)
+        else:
+            monkeypatch.setattr(obj, name, value)
+    return patch
+
+
+@pytest.fixture
+def broken(broken_sources, verdict_store, monkeypatch) -> VerdictStore:
+    _install_broken_families(broken_sources, _setter(monkeypatch))
+    return verdict_store
+
+
+def _current_gate() -> gate.Gate:
+    """The gate of the emulator's op table."""
+    backends.get("emulator").ops  # builds the table (and its gate) if needed
+    return gate.Gate.of("emulator")
+
+
+def _inputs(seed=0, length=40, dtype=torch.float16, grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, length, 2, 32, generator=generator).to(dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def _reference(q, k, v, kernel_size):
+    return na_rtc.na1d(*(t.detach().double() for t in (q, k, v)), kernel_size, backend="reference")
+
+
+def _verification_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, gate.KernelVerificationWarning)]
+
+
+# ---------------------------------------------------------------- a broken kernel is caught
+
+
+def test_a_broken_forward_is_disabled_with_one_warning_and_the_call_stays_right(broken):
+    q, k, v = _inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = na_rtc.na1d(q, k, v, 5, backend="emulator")
+        second = na_rtc.na1d(*_inputs(seed=1), 5, backend="emulator")
+    messages = _verification_warnings(caught)
+    assert len(messages) == 1, messages
+    assert BROKEN_FORWARD in messages[0] and "python -m na_rtc selftest" in messages[0]
+    assert "out:" in messages[0] and "NA_RTC_VERIFY=0" in messages[0]
+    assert_close(first, _reference(q, k, v, 5), "float16", "forward")
+    assert_close(second, _reference(*_inputs(seed=1), 5), "float16", "forward")
+    verdicts = {v.kernel: v for v in broken.recorded()}
+    assert not verdicts[BROKEN_FORWARD].ok and verdicts[BROKEN_FORWARD].path == "mma.sync"
+    assert verdicts[SIMT_FORWARD].ok  # the next path, verified before it served the call
+    assert _current_gate().stats["canaries"] == 2  # once per kernel, not per call
+
+
+def test_a_broken_dq_condemns_the_dq_kernel_alone_and_gradients_stay_right(broken):
+    q, k, v = _inputs(grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = na_rtc.na1d(q, k, v, 5, backend="emulator")
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+        out.backward(grad)
+    messages = _verification_warnings(caught)
+    assert [m for m in messages if BROKEN_DQ in m] and not [m for m in messages if GOOD_DKDV in m]
+    verdicts = {v.kernel: v for v in broken.recorded()}
+    assert not verdicts[BROKEN_DQ].ok and "dq:" in verdicts[BROKEN_DQ].detail
+    assert verdicts[GOOD_DKDV].ok
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    na_rtc.na1d(q64, k64, v64, 5, backend="reference").backward(grad.double())
+    for got, want, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"), (v.grad, v64.grad, "dv")):
+        assert_close(got, want, "float16", "grad", name)
+
+
+def test_verification_off_runs_the_broken_kernel_unchecked(broken, monkeypatch):
+    """NA_RTC_VERIFY=0: no canary, no warning, and the broken kernel serves the call (its wrong numbers show
+    that the test's kernel really is broken, and that the setting really turns the check off)."""
+    monkeypatch.setenv("NA_RTC_VERIFY", "0")
+    q, k, v = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gate.KernelVerificationWarning)
+        out = na_rtc.na1d(q, k, v, 5, backend="emulator")
+    torch.testing.assert_close(out, v)  # the broken kernel's output: each query's own value row
+    assert _current_gate().stats["canaries"] == 0 and broken.recorded() == []
+
+
+def test_the_emulator_does_not_verify_unless_a_test_asks(verdict_store):
+    with gate.verify_automatically_on("cuda"):  # the default set, without the emulator
+        pass
+    gate._AUTOMATIC.discard("emulator")
+    try:
+        na_rtc.na1d(*_inputs(), 5, backend="emulator")
+    finally:
+        gate._AUTOMATIC.add("emulator")
+    assert _current_gate().stats["canaries"] == 0 and verdict_store.recorded() == []
+
+
+SECOND_PROCESS = textwrap.dedent("""
+    import json, sys, warnings
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import torch
+    import test_verify as t
+    from na_rtc.verify import gate
+    from na_rtc.verify.verdicts import VerdictStore
+
+    gate._store = VerdictStore(Path({verdicts!r}))
+    t._install_broken_families(Path({folder!r}), lambda obj, name, value: obj.__setitem__(name, value)
+                               if isinstance(obj, dict) else setattr(obj, name, value))
+    with gate.verify_automatically_on("emulator"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q, k, v = t._inputs(seed=3)
+        out = t.na_rtc.na1d(q, k, v, 5, backend="emulator")
+    error = (out.double() - t._reference(q, k, v, 5)).abs().max().item()
+    print(json.dumps({{"stats": t._current_gate().stats, "warnings": t._verification_warnings(caught),
+                      "error": error}}))
+""")
+
+
+def test_a_second_process_reads_the_recorded_verdict(broken, broken_sources, tmp_path):
+    with pytest.warns(gate.KernelVerificationWarning):
+        na_rtc.na1d(*_inputs(), 5, backend="emulator")  # records both verdicts
+    script = SECOND_PROCESS.format(tests=str(TESTS), verdicts=str(broken.folder), folder=str(broken_sources))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NA_RTC_VERIFY": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["stats"]["canaries"] == 0 and report["stats"]["recorded_verdicts_read"] >= 2
+    assert len(report["warnings"]) == 1 and BROKEN_FORWARD in report["warnings"][0]
+    assert report["error"] < 2e-2
+
+
+# ---------------------------------------------------------------- when every path fails
+
+
+@pytest.fixture
+def everything_wrong(verdict_store, monkeypatch):
+    """Every canary reports a wrong output (as on a GPU whose tensor cores and SIMT units both misbehave)."""
+    def wrong(op, problem, run):
+        return {name: f"{name}: wrong on purpose" for name in canary.OUTPUTS[op]}
+
+    monkeypatch.setattr(canary, "check", wrong)
+    return verdict_store
+
+
+def test_with_every_path_wrong_a_strided_call_says_why_and_what_to_do(everything_wrong):
+    with pytest.warns(gate.KernelVerificationWarning):
+        with pytest.raises(RuntimeError) as error:
+            na_rtc.na1d(*_inputs(), 5, stride=2, backend="emulator")
+    text = str(error.value)
+    assert "no kernel that passed first-use verification" in text and "no stride" in text
+    assert "python -m na_rtc selftest" in text and "use_backend('reference')" in text
+    assert SIMT_FORWARD in text and "na_fused_tc_fwd<" in text
+
+
+def test_with_every_path_wrong_the_split_kernels_are_verified_too(everything_wrong):
+    with pytest.warns(gate.KernelVerificationWarning):
+        with pytest.raises(RuntimeError, match="composed split kernels gave wrong results too"):
+            na_rtc.na1d(*_inputs(), 5, backend="emulator")
+
+
+def test_with_the_fused_paths_wrong_the_verified_split_kernels_serve(verdict_store, monkeypatch):
+    real = canary.check
+
+    def fused_wrong(op, problem, run):
+        results = real(op, problem, run)
+        if getattr(run, "__qualname__", "").startswith("split_candidates"):  # the composed split path
+            return results
+        return {name: f"{name}: wrong on purpose" for name in results}
+
+    monkeypatch.setattr(canary, "check", fused_wrong)
+    q, k, v = _inputs()
+    with pytest.warns(gate.KernelVerificationWarning):
+        out = na_rtc.na1d(q, k, v, 5, backend="emulator")
+    assert_close(out, _reference(q, k, v, 5), "float16", "forward")
+    split = [v for v in verdict_store.recorded() if v.path == "split"]
+    assert len(split) == 1 and split[0].ok
+
+
+def test_a_launch_error_in_a_canary_is_raised_not_recorded(verdict_store, monkeypatch):
+    def crash(op, problem, run):
+        raise RuntimeError("cudaErrorLaunchFailure: unspecified launch failure")
+
+    monkeypatch.setattr(canary, "check", crash)
+    with pytest.raises(RuntimeError, match="unspecified launch failure"):
+        na_rtc.na1d(*_inputs(), 5, backend="emulator")
+    assert verdict_store.recorded() == []
+
+
+def test_no_canary_under_graph_capture_or_tracing(verdict_store, monkeypatch):
+    monkeypatch.setattr(gate, "_capturing", lambda problem: True)
+    na_rtc.na1d(*_inputs(), 5, backend="emulator")
+    monkeypatch.setattr(gate, "_capturing", lambda problem: False)
+    monkeypatch.setattr(gate, "_tracing", lambda: True)
+    na_rtc.na1d(*_inputs(), 5, backend="emulator")
+    assert _current_gate().stats["canaries"] == 0 and verdict_store.recorded() == []
+
+
+# ---------------------------------------------------------------- canaries
+
+
+def _problem(ndim, dtype, head_dim):
+    axes = (Axis(64, 5),) if ndim == 1 else (Axis(24, 5), Axis(24, 5))
+    return Problem("fused", axes, 2, 4, head_dim, dtype, "numpy", "cpu", True, head_dim**-0.5)
+
+
+def _largest_box(axes, tile) -> int:
+    """The most keys the windows of one tile (``tile`` queries per axis, tiles from position 0) cover."""
+    size = 1
+    for axis, extent in zip(axes, tile):
+        widest = 0
+        for first in range(0, axis.length, extent):
+            start, end = window(axis, np.arange(first, min(first + extent, axis.length)))
+            widest = max(widest, int(end.max() - start.min()))
+        size *= widest
+    return size
+
+
+CASES = [(ndim, dtype, hd) for ndim in (1, 2) for dtype in ("float32", "float16", "bfloat16")
+         for hd in (32, 64, 128)]
+
+
+@pytest.mark.parametrize("ndim, dtype, head_dim", CASES, ids=[f"{n}d-{d}-hd{h}" for n, d, h in CASES])
+@pytest.mark.parametrize("warpgroups", ["1", "2"])
+def test_every_canary_runs_the_instantiation_it_vouches_for(ndim, dtype, head_dim, warpgroups, monkeypatch):
+    """For every path the dispatchers can pick (wgmma with one and two warpgroups, mma.sync, SIMT; forward and
+    each (dq, dK/dV) pair), the canary problem maps to the same kernels as the call."""
+    monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", warpgroups)
+    every = lambda problem: True  # noqa: E731
+    problem = _problem(ndim, dtype, head_dim)
+    test = canary.canary_problem(problem)
+    forward, backward = fused.FusedKernels(None, every, every), fused_bwd.FusedBackwardKernels(None, every, every)
+    paths = forward.paths(problem)
+    assert paths == forward.paths(test)
+    for path in paths:
+        assert forward.candidate(path).kernels(test) == forward.candidate(path).kernels(problem)
+    for pair in backward.paths(problem):
+        assert backward.candidate(pair).kernels(test) == backward.candidate(pair).kernels(problem)
+    assert len(backward.paths(problem)) == (5 if dtype != "float32" else 1)  # 2 x 2 tensor-core pairs, SIMT
+
+
+def _tiles_and_chunks(ndim):
+    """(query or key tile, keys or queries per staged chunk) of every kernel the dispatchers can pick."""
+    out = []
+    for hd in fused_tc.HEAD_DIMS:
+        for cfg in fused_tc.configs_of(hd):
+            out.append((fused_tc.TILES[ndim, cfg.mma_tiles], cfg.chunk_keys))
+        out.append((fused_tc.TILES[ndim, 1], fused_tc.DQ_CHUNK[hd]))
+        out.append((fused_tc.TILES[ndim, 1], fused_tc.DKDV_CHUNK[ndim, hd]))
+        for wg in (1, 2):
+            tile = fused_wg.BLOCK_TILES[ndim, wg]
+            out += [(tile, fused_wg.CHUNK_KEYS[hd]), (tile, fused_wg.DQ_CHUNK_KEYS),
+                    (tile, fused_wg.DKDV_CHUNK_QUERIES[hd])]
+            out += [(tile, kc) for kc in fused_wg.OTHER_CHUNK_KEYS]
+    for (n, hd, dtype), tile in fused.TILES.items():
+        if n == ndim:
+            out.append((tile, fused.chunk_keys(hd)))
+    for (n, hd, dtype), cfg in fused_bwd.TABLE.items():
+        if n == ndim:
+            out += [(cfg["dq"][:2], cfg["dq"][2]), (cfg["dkdv"][:2], cfg["dkdv"][2])]
+    return sorted(set(out))
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_every_canary_has_a_partial_tile_and_a_box_of_three_chunks(ndim):
+    """What the canary's docstring promises, for every tile and chunk size in the tables (a key tile's query
+    box is a query tile's key box: the windows are symmetric in non-causal problems)."""
+    axes = canary.AXES[ndim]
+    for tile, chunk in _tiles_and_chunks(ndim):
+        tile = tile[:ndim]
+        assert any(axis.length % extent for axis, extent in zip(axes, tile)), f"no partial tile for {tile}"
+        box = _largest_box(axes, tile)
+        assert box >= 3 * chunk, f"tile {tile}: at most a box of {box} keys, chunks of {chunk}"
+
+
+def test_a_canary_reports_the_worst_mismatch():
+    want = np.zeros((2, 3))
+    got = want.copy()
+    got[1, 2] = 0.5
+    got[0, 0] = 0.011
+    text = canary.mismatch("dq", got, want, "float16", "grad")
+    assert text.startswith("dq: 1 of 6 values") and "worst at (1, 2): got 0.5, expected 0" in text
+    assert canary.mismatch("dq", want, want, "float16", "grad") is None
+    nan = want.copy()
+    nan[0, 1] = np.nan
+    assert "got nan" in canary.mismatch("out", nan, want, "float32", "forward")
+
+
+# ---------------------------------------------------------------- the verdict store
+
+
+def _verdict(ok=True):
+    return Verdict("k<float>", ok, "GPU 0 (X, sm_90)", "out, lse within tolerance", "forward", "simt", "now")
+
+
+def test_verdicts_survive_a_new_store_and_damaged_files_are_ignored(tmp_path):
+    store = VerdictStore(tmp_path)
+    key = verdict_key("program", "device", "k<float>")
+    store.put(key, _verdict(False))
+    assert VerdictStore(tmp_path).get(key) == _verdict(False)
+    path = tmp_path / f"{key}.json"
+    data = json.loads(path.read_text())
+    data["verdict"]["ok"] = True  # a flipped verdict, checksum unchanged
+    path.write_text(json.dumps(data))
+    with pytest.warns(VerdictStoreWarning, match="unusable"):
+        assert VerdictStore(tmp_path).get(key) is None
+    path.write_text("{not json")
+    with pytest.warns(VerdictStoreWarning, match="unusable"):
+        assert VerdictStore(tmp_path).get(key) is None
+
+
+def test_a_read_only_verdict_folder_keeps_verdicts_in_memory(tmp_path):
+    folder = tmp_path / "verdicts"
+    folder.write_text("a file where the folder should be")
+    store = VerdictStore(folder)
+    with pytest.warns(VerdictStoreWarning, match="not writable"):
+        assert store.put("a", _verdict()) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.put("b", _verdict()) is False  # warned once per folder
+    assert store.get("a") == _verdict() and len(store.recorded()) == 2
+
+
+def test_the_verdict_key_covers_program_device_and_kernel():
+    keys = {verdict_key(p, d, k) for p in ("p1", "p2") for d in ("H100|driver 13000", "H100|driver 13010")
+            for k in ("a<1>", "a<2>")}
+    assert len(keys) == 8
+
+
+def test_the_program_identity_changes_with_the_kernel_sources(tmp_path, monkeypatch):
+    from na_rtc import _resources
+
+    folder = _broken_folder(tmp_path)
+    monkeypatch.setattr(_resources, "cuda_src_dir", lambda: folder)
+    problem = _problem(1, "float16", 32)
+    original = gate.program_identity("emulator", problem, SIMT_FORWARD)
+    assert original == gate.program_identity("emulator", problem, SIMT_FORWARD)
+    assert original != gate.program_identity("emulator", problem, "na_fused_fwd<float, 32, 64, 1>")
+    with open(folder / "na_window.cuh", "a") as header:  # any file a kernel can include
+        header.write("\n// edited\n")
+    assert gate.program_identity("emulator", problem, SIMT_FORWARD) != original
+
+
+# ---------------------------------------------------------------- python -m na_rtc selftest
+
+
+def test_selftest_reports_a_broken_kernel_and_exits_non_zero(broken, monkeypatch, tmp_path, capsys):
+    """The 1D float16 canaries of ``selftest --quick`` (with the broken tensor-core kernels): every other
+    kernel passes, the two broken ones fail with their mismatch, the exit status is 1 and the JSON holds
+    every verdict; the verdicts are recorded as a first use would record them."""
+    import argparse
+
+    from na_rtc.verify import selftest
+
+    every = selftest.units
+
+    def one_dtype(where, mode):
+        return [unit for unit in every(where, mode) if unit.problem.ndim == 1 and unit.problem.dtype == "float16"]
+
+    monkeypatch.setattr(selftest, "units", one_dtype)
+    monkeypatch.setattr(selftest, "_primitives", lambda where: [
+        {"name": "mma.sync (float16)", "ok": True, "detail": "", "seconds": 0.1}])
+    report = tmp_path / "selftest.json"
+    status = selftest.run(argparse.Namespace(device=None, quick=True, full=False, json=str(report)))
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "on the emulator" in out and f"FAIL  forward  mma.sync  float16  1D hd32   {BROKEN_FORWARD}" in out
+    kernels = {row["kernel"]: row for row in json.loads(report.read_text())["kernels"]}
+    assert {name for name, row in kernels.items() if not row["ok"]} == {BROKEN_FORWARD, BROKEN_DQ}
+    assert kernels[GOOD_DKDV]["ok"] and kernels[SIMT_FORWARD]["ok"]
+    assert any(name.startswith("na_fused_wg_fwd<fp16_t, 32") for name in kernels)  # wgmma too on the emulator
+    assert any(name.startswith("composed split kernels (backward") for name in kernels)
+    recorded = {v.kernel: v.ok for v in broken.recorded()}
+    assert recorded[BROKEN_FORWARD] is False and recorded[GOOD_DKDV] is True
+
+
+def test_selftest_quick_and_full_pick_their_canaries():
+    """--quick: one canary per family, dtype and rank at head dim 32; --full: every head-dim bucket and the
+    instantiations the settings pick, each kernel once."""
+    from na_rtc.verify import selftest
+
+    where = selftest.Target("emulator", "cpu", None, "torch", "the emulator")
+    quick, full = selftest.units(where, "quick"), selftest.units(where, "full")
+    assert {unit.problem.head_dim for unit in quick} == {32}
+    families = {(unit.family, unit.problem.dtype, unit.problem.ndim) for unit in quick}
+    assert len(families) == len(quick) == 2 * (3 * 4 + 2 * 4)  # per rank: SIMT and split x 3 dtypes, tc/wgmma x 2
+    names = []
+    for unit in full:
+        with selftest._settings(unit.settings):
+            names += list(unit.candidate.kernels(unit.problem))
+    assert len(names) == len(set(names))  # each kernel once
+    assert {unit.problem.head_dim for unit in full} == {32, 64, 128, 256}
+    assert any(unit.settings for unit in full)
+    with selftest._settings((("NA_RTC_TC_WARP_ROWS", "16"),)):
+        alternative = fused_tc.kernel_name_of(32, "float16", 1, fused_tc.config(32))
+    assert alternative in names
+    sm80 = selftest.Target("cuda", "cuda:0", 80, "torch", "GPU 0 (sm_80)")
+    assert not [unit for unit in selftest.units(sm80, "quick") if "wgmma" in unit.family]
+    sm75 = selftest.Target("cuda", "cuda:0", 75, "torch", "GPU 0 (sm_75)")
+    assert {unit.family.split()[1] for unit in selftest.units(sm75, "quick")} == {"simt", "split"}
