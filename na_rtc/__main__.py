@@ -63,6 +63,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 ("NVRTC", str(env.nvrtc_version())),
                 ("verdict", str(env.hardware_verdict())),
                 ("cache", str(env.cache_dir())),
+                ("verified", str(env.verdicts())),
                 ("settings", str(env.settings())),
             ]
         )
@@ -71,6 +72,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"backends (selected: {env.selected_backend()})")
     backends = env.backends()
     print(_backend_table(backends.value) if backends.ok else f"  {backends}")
+    verdicts = env.verdicts()
+    if verdicts.ok and verdicts.value:
+        print()
+        print("kernel verdicts (first-use verification; python -m na_rtc selftest re-checks them)")
+        print(_rows([(("ok" if v.ok else "WRONG"), f"{v.kernel} on {v.device} ({v.utc})"
+                      + ("" if v.ok else f": {v.detail}")) for v in verdicts.value]))
     return 0
 
 
@@ -149,6 +156,26 @@ def _bench_arguments() -> tuple[Arg, ...]:
     return tuple(arg(*flags, **options) for flags, options in ARGUMENTS)
 
 
+# ---------------------------------------------------------------- selftest
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from na_rtc.verify import selftest
+
+    return selftest.run(args)
+
+
+def _selftest_arguments() -> tuple[Arg, ...]:
+    return (
+        arg("--device", type=int, metavar="N", help="the GPU to check (default: GPU 0; without a GPU: the emulator)"),
+        arg("--quick", action="store_true",
+            help="one canary per kernel family, dtype and rank at the smallest head dim (the default)"),
+        arg("--full", action="store_true",
+            help="every kernel instantiation the dispatcher can pick on this GPU, forward and every gradient"),
+        arg("--json", metavar="FILE", help="also write the verdicts as JSON"),
+    )
+
+
 # ---------------------------------------------------------------- table
 
 
@@ -169,6 +196,12 @@ COMMANDS: dict[str, Command] = {
         "compile every kernel instantiation and check registers, spills and shared memory against its launch",
         _kernel_arguments("architectures, e.g. sm_80,sm_90, or all (default: sm_80,sm_90)")
         + (arg("--json", metavar="PATH", help="also write the report as JSON"),),
+    ),
+    "selftest": Command(
+        cmd_selftest,
+        "check the GPU's primitives and every kernel against a float64 reference before trusting them "
+        "(on the emulator without a GPU)",
+        _selftest_arguments(),
     ),
     "bench": Command(
         cmd_bench,

@@ -316,6 +316,24 @@ def cache_dir() -> Probe:
     return _found(path, f"{path} ({state})")
 
 
+def verdicts() -> Probe:
+    """The recorded verdicts of first-use kernel verification: a list of
+    :class:`na_rtc.verify.verdicts.Verdict`, failures first."""
+    try:
+        from na_rtc.verify.gate import store
+
+        found = store().recorded()
+        folder = store().folder
+    except Exception as error:  # noqa: BLE001
+        return _missing(f"unreadable ({_describe_error(error)})")
+    found.sort(key=lambda v: (v.ok, v.device, v.kernel))
+    failed = [v for v in found if not v.ok]
+    if not found:
+        return Probe(True, [], f"none recorded yet ({folder}); kernels are verified at their first use on a GPU")
+    text = f"{len(found)} kernels verified, {len(failed)} gave wrong results ({folder})"
+    return Probe(True, found, text)
+
+
 def settings() -> Probe:
     """``NA_RTC_*`` environment variables that are set."""
     found = {key: value for key, value in sorted(os.environ.items()) if key.startswith("NA_RTC_")}

@@ -3,7 +3,9 @@
 0. every kernel family compiled for this machine's GPUs, in parallel, into the
    kernel cache (``python -m na_rtc precompile``), so that the tests and the
    benchmark below load kernels instead of compiling them one at a time,
-1. the GPU self-tests of the inline-PTX primitives (tests/test_primitives.py),
+1. ``python -m na_rtc selftest --quick``: the primitive self-tests (inline
+   PTX) and a canary per kernel family, dtype and rank against the float64
+   reference, recording the verdicts first-use verification reads,
 2. every ``gpu``-marked test,
 3. one slice of the benchmark harness (``python -m na_rtc bench``, default
    preset ``issues``: the issues' target shapes, every entry side by side),
@@ -98,6 +100,18 @@ def _pytest(args: list[str], junit: Path, limit: float | None = None) -> dict:
     print("\n".join(tail))
     return {"args": args, "returncode": returncode, "seconds": round(time.perf_counter() - started, 1),
             "summary": tail[-1] if tail else ""}
+
+
+def _selftest(results: Path, stamp: str, limit: float | None = None) -> dict:
+    """``python -m na_rtc selftest --quick`` with its verdicts as JSON beside the report."""
+    path = results / f"selftest-{stamp}.json"
+    command = [sys.executable, "-m", "na_rtc", "selftest", "--quick", "--json", str(path)]
+    started = time.perf_counter()
+    returncode, text = _captured(command, limit)
+    lines = text.strip().splitlines()
+    print("\n".join(lines[-15:]))
+    return {"command": " ".join(command[1:]), "returncode": returncode, "json": str(path),
+            "seconds": round(time.perf_counter() - started, 1), "lines": lines[-200:]}
 
 
 def _precompile(jobs: int, limit: float | None = None) -> dict:
@@ -211,9 +225,8 @@ def main(argv=None) -> int:
     print("-- 0. compile every kernel for this machine's GPUs (in parallel, into the kernel cache)")
     report["precompile"] = _precompile(jobs=max(1, min(16, os.cpu_count() or 1)), limit=limit(bench_share))
     save()
-    print("-- 1. primitive self-tests (inline PTX)")
-    report["primitives"] = _pytest(["-m", "gpu", "tests/test_primitives.py"], results / f"junit-primitives-{stamp}.xml",
-                                   limit(bench_share))
+    print("-- 1. selftest --quick: primitives (inline PTX), then a canary per kernel family, dtype and rank")
+    report["selftest"] = _selftest(results, stamp, limit(bench_share))
     save()
     print("-- 2. gpu-marked tests")
     report["gpu_tests"] = _pytest([*_plugin_args(), "-m", "gpu", "tests"], results / f"junit-gpu-{stamp}.xml",
@@ -229,8 +242,8 @@ def main(argv=None) -> int:
         if report["benchmark"].get("json"):
             report["issue9_targets"] = _targets(Path(report["benchmark"]["json"]))
     save()
-    failed = report["primitives"]["returncode"] != 0 or report["gpu_tests"]["returncode"] != 0
-    for step in ("precompile", "primitives", "gpu_tests"):
+    failed = report["selftest"]["returncode"] != 0 or report["gpu_tests"]["returncode"] != 0
+    for step in ("precompile", "selftest", "gpu_tests"):
         if report[step]["returncode"] == TIMED_OUT:
             print(f"   {step} ran past the time it was given (--deadline {args.deadline:.0f} s in all)")
     bench = report.get("benchmark")

@@ -28,6 +28,7 @@ PROBES = [
     env.backends,
     env.selected_backend,
     env.cache_dir,
+    env.verdicts,
     env.settings,
 ]
 
@@ -299,9 +300,14 @@ def test_gpu_check_keeps_to_its_deadline_and_leaves_the_benchmark_its_share(monk
         limits["precompile"] = limit
         return {"returncode": 0, "seconds": 0.0}
 
+    def fake_selftest(results, stamp, limit=None):
+        reports.append(sorted(saved_report()))
+        limits["selftest"] = limit
+        return {"returncode": 0, "seconds": 0.0}
+
     def fake_pytest(args, junit, limit=None):
         reports.append(sorted(saved_report()))
-        limits["tests" if args[-1] == "tests" else "primitives"] = limit
+        limits["tests"] = limit
         return {"returncode": 0, "seconds": 0.0, "summary": "1 passed"}
 
     def fake_bench(results, stamp, preset, budget, repeat, limit=None, compile_timing=False, entries=None):
@@ -313,12 +319,13 @@ def test_gpu_check_keeps_to_its_deadline_and_leaves_the_benchmark_its_share(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_check, "environment", lambda device: {"device": "test GPU"})
     monkeypatch.setattr(gpu_check, "_precompile", fake_precompile)
+    monkeypatch.setattr(gpu_check, "_selftest", fake_selftest)
     monkeypatch.setattr(gpu_check, "_pytest", fake_pytest)
     monkeypatch.setattr(gpu_check, "_bench", fake_bench)
     assert gpu_check.main(["--results", str(tmp_path), "--deadline", "500", "--bench-budget", "300"]) == 0
 
     share = gpu_check.MIN_BENCH_S + gpu_check.BENCH_RESERVE_S
-    for step in ("precompile", "primitives", "tests"):
+    for step in ("precompile", "selftest", "tests"):
         assert 500 - share - 5 < limits[step] <= 500 - share
     assert limits["bench_budget"] == 300  # the budget asked for fits in the time left
     assert limits["bench"] <= 500 and limits["compile_timing"] is False  # step 0 timed the compiles
@@ -336,6 +343,7 @@ def test_gpu_check_bench_budget_shrinks_to_the_time_the_tests_left(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_check, "environment", lambda device: {"device": "test GPU"})
     monkeypatch.setattr(gpu_check, "_precompile", lambda jobs, limit=None: {"returncode": 0, "seconds": 0.0})
+    monkeypatch.setattr(gpu_check, "_selftest", lambda results, stamp, limit=None: {"returncode": 0})
     monkeypatch.setattr(gpu_check, "_pytest", lambda args, junit, limit=None: {"returncode": 0, "summary": ""})
     monkeypatch.setattr(gpu_check, "_bench", lambda *args, **kwargs: budgets.append(args[3]) or {"returncode": 0})
     clock = iter([0.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0, 400.0])
