@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from fake_cuda import cuda_tensor, install, torch_use_stream
 from fake_cuda import fake_cuda_fixture  # noqa: F401 - the fake_cuda fixture
+from helpers import requires_nvrtc
 
 from na_rtc import _arrays
 from na_rtc.runtime import cuda, device, fused_wg
@@ -189,6 +190,18 @@ def test_static_shared_memory_counts_toward_the_48_kib_opt_in(monkeypatch):
     cuda.run(plan_for(x, name, shared))
     assert machine.attribute_sets == [(name, shared)]
     assert [launch.detail["shared"] for launch in machine.launches()] == [48 * 1024 - 16, shared]
+
+
+@requires_nvrtc
+def test_the_wgmma_dq_kernel_has_the_static_shared_memory_the_opt_in_test_gives_it():
+    """The 16 bytes above are what ptxas reports for that kernel on sm_90a."""
+    from na_rtc._resources import cuda_src_dir
+    from na_rtc.runtime import check, nvrtc
+
+    name = fused_wg.dq_name_of(32, "float16", 1)
+    program = nvrtc.compile_program(cuda_src_dir() / fused_wg.BWD_SOURCE, [name], 90, options=("-Xptxas=-v",),
+                                    arch_specific=True)
+    assert check.parse_ptxas_log(program.log)[program.lowered[name]].static_shared == 16
 
 
 def test_concurrent_opt_ins_leave_the_attribute_at_the_largest(fake_cuda):
