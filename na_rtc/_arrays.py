@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from .runtime import device as _device
+
 NUMPY = "numpy"
 TORCH = "torch"
 CUPY = "cupy"
@@ -62,7 +64,10 @@ def describe(x) -> str:
 
 
 # ---------------------------------------------------------------- for kernel launches
-# (each uses the array's own library, which is imported whenever such an array exists)
+# (each uses the array's own library, which is imported whenever such an array exists). CuPy allocates,
+# copies and fills on the *current* device's current stream, so its arrays are made and filled under the
+# array's device guard: on that device, on the stream a launch there uses. torch ops follow the tensor's
+# own device and its current stream by themselves.
 
 
 def element_strides(x) -> tuple[int, ...]:
@@ -95,16 +100,19 @@ def empty(like, shape, dtype: str):
     if kind == TORCH:
         return sys.modules["torch"].empty(tuple(shape), dtype=library_dtype(like, dtype), device=like.device)
     if kind == CUPY:
-        cupy = sys.modules["cupy"]
-        with cupy.cuda.Device(like.device.id):
-            return cupy.empty(tuple(shape), dtype=dtype)
+        with _device.guard(like):
+            return sys.modules["cupy"].empty(tuple(shape), dtype=dtype)
     return np.empty(tuple(shape), dtype=dtype)
 
 
 def zeros(like, shape, dtype: str):
     """A zero-filled contiguous array of ``like``'s kind and device."""
     out = empty(like, shape, dtype)
-    out[...] = 0
+    if kind_of(out) == CUPY:
+        with _device.guard(out):
+            out[...] = 0
+    else:
+        out[...] = 0
     return out
 
 
@@ -112,6 +120,10 @@ def cast(x, dtype: str):
     """``x`` in ``dtype`` (no copy when it already is)."""
     if dtype_name(x) == dtype:
         return x
-    if kind_of(x) == TORCH:
+    kind = kind_of(x)
+    if kind == TORCH:
         return x.to(library_dtype(x, dtype))
+    if kind == CUPY:
+        with _device.guard(x):
+            return x.astype(dtype)
     return x.astype(dtype)

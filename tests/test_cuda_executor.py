@@ -1,7 +1,8 @@
 """The cuda executor's host-side logic, testable without a GPU: argument
 conversion for CuPy's launcher, the availability reasons, the shared-memory
-opt-in, and which program a kernel's first use loads (its family's where the
-cache has it, its own otherwise)."""
+opt-in (through the recording stand-in of tests/fake_cuda.py), and which
+program a kernel's first use loads (its family's where the cache has it, its
+own otherwise)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_cuda import fake_cuda_fixture  # noqa: F401 - the fake_cuda fixture
 from helpers import requires_nvrtc
 
 from na_rtc.runtime import cache, cuda, fused_wg, nvrtc
@@ -44,30 +46,16 @@ def test_unavailable_without_cupy_says_how_to_install(monkeypatch):
     assert not available and "pip install 'na_rtc[cuda13]'" in reason
 
 
-def test_launches_above_48_kib_opt_in_once_per_function(monkeypatch):
+def test_launches_above_48_kib_opt_in_once_per_function(fake_cuda):
     """cudaFuncAttributeMaxDynamicSharedMemorySize is raised before the first launch that needs more than the
-    default 48 KiB (the wgmma forward at head dim 128 takes 128 KiB), and only when a launch needs more."""
-    import sys
-    import types
-
-    calls = []
-    driver = types.ModuleType("cupy_backends.cuda.api.driver")
-    driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-    driver.funcSetAttribute = lambda function, attribute, value: calls.append((function, attribute, value))
-    api = types.ModuleType("cupy_backends.cuda.api")
-    api.driver = driver
-    for name, module in (("cupy_backends", types.ModuleType("cupy_backends")),
-                         ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
-                         ("cupy_backends.cuda.api", api), ("cupy_backends.cuda.api.driver", driver)):
-        monkeypatch.setitem(sys.modules, name, module)
+    default 48 KiB (the wgmma forward at head dim 128 takes 128 KiB), and only when a launch needs more.
+    (Static shared memory counts too: tests/test_launch_glue.py.)"""
     name = fused_wg.kernel_name_of(128, "bfloat16", 1)
-    module = types.SimpleNamespace(get_function=lambda mangled: types.SimpleNamespace(ptr=1234, name=mangled))
-    functions: dict = {}
-    monkeypatch.setattr(cuda, "_module", lambda device, family, kernel: (module, {name: "_Z3wg"}, functions))
-    kernel = P.Kernel("na_fused_wg.cu", name)
+    x = fake_cuda.cupy_array(0, (4, 8))
     for shared in (16 * 1024, 48 * 1024, 64 * 1024, 64 * 1024, 32 * 1024, 96 * 1024):
-        assert cuda._function(0, kernel, shared).name == "_Z3wg"
-    assert calls == [(1234, 8, 64 * 1024), (1234, 8, 96 * 1024)]
+        cuda.run(P.LaunchPlan(P.Kernel("na_fused_wg.cu", name), (1, 1, 1), (128, 1, 1), shared, (P.ptr(x),)))
+    assert fake_cuda.attribute_sets == [(name, 64 * 1024), (name, 96 * 1024)]
+    assert len(fake_cuda.launches()) == 6
 
 
 KERNELS = Path(__file__).resolve().parent / "nvrtc_kernels"

@@ -21,7 +21,7 @@ from na_rtc import backends
 from na_rtc.__main__ import main
 from na_rtc.emulator import build
 from na_rtc.runtime.families import Family
-from na_rtc.runtime import cuda, nvrtc
+from na_rtc.runtime import cuda, device, nvrtc
 
 ARCHS_13 = [75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121]
 
@@ -66,10 +66,15 @@ def fake_cupy(*, devices=(90,), driver=13000, count_error=None, load_error=None)
         def __exit__(self, *exc_info):
             return False
 
+    def attribute(which, index):  # cudaDevAttrComputeCapabilityMajor (75) and Minor (76)
+        return {75: devices[index] // 10, 76: devices[index] % 10}[which]
+
     module = types.ModuleType("cupy")
     module.__version__ = "14.0.0"
     runtime = types.SimpleNamespace(getDeviceCount=get_device_count, driverGetVersion=lambda: driver,
-                                    getDeviceProperties=properties, CUDARuntimeError=CUDARuntimeError)
+                                    getDeviceProperties=properties, CUDARuntimeError=CUDARuntimeError,
+                                    deviceGetAttribute=attribute, deviceAttributeComputeCapabilityMajor=75,
+                                    deviceAttributeComputeCapabilityMinor=76)
     module.cuda = types.SimpleNamespace(runtime=runtime, Device=Device,
                                         function=types.SimpleNamespace(Module=Module))
     return module
@@ -104,6 +109,7 @@ def fresh_probes(monkeypatch):
     """Every test starts and ends with no remembered probe result."""
     _forget_probes()
     monkeypatch.setattr(env, "_libcuda_probe", lambda: (None, []))  # this machine has no driver either way
+    monkeypatch.setattr(device, "_capabilities", {})  # the fake GPUs' archs stay in this test
     yield
     monkeypatch.undo()
     _forget_probes()

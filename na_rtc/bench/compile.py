@@ -45,10 +45,10 @@ class _Cuda:
     """NVRTC through the disk cache (``cache_root``), then a CuPy module load, as runtime/cuda.py does."""
 
     def __init__(self, root: Path, device_index: int):
-        import cupy
+        from ..runtime import device
 
         self.root, self.device_index = root, device_index
-        self.arch = int(cupy.cuda.Device(device_index).compute_capability)
+        self.arch = device.compute_capability(device_index)  # an attribute query: no context on other GPUs
 
     @contextlib.contextmanager
     def session(self):
@@ -63,7 +63,7 @@ class _Cuda:
         import cupy
 
         from .._resources import cuda_src_dir
-        from ..runtime import cache
+        from ..runtime import cache, device
 
         if not family.builds_for(self.arch):
             raise RuntimeError(f"not built for sm_{self.arch} ({family.source} is for "
@@ -72,7 +72,7 @@ class _Cuda:
         program, origin = cache.lookup(cuda_src_dir() / family.source, family.names, self.arch, cache_root=self.root,
                                        arch_specific=family.arch_specific)
         image = program.binary + b"\x00" if program.kind == "ptx" else program.binary  # as runtime/cuda.py loads it
-        with cupy.cuda.Device(self.device_index):
+        with device.guard(self.device_index):  # switches back only to a GPU that has a context already
             cupy.cuda.function.Module().load(image)
         return time.perf_counter() - started, origin
 

@@ -6,24 +6,30 @@ cache holds it (``precompile``), otherwise each kernel's own, compiled at its
 first use (:func:`program_for`).
 Inputs may be CuPy arrays or CUDA torch tensors; torch launches go on torch's
 current stream of the tensor's device, so they order with the surrounding
-torch work without any synchronization.
+torch work without any synchronization. Which device is current, which
+stream a launch takes and whether it is being captured into a CUDA graph is
+:mod:`na_rtc.runtime.device`'s business: nothing here touches another GPU.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 import threading
 
 import numpy as np
 
 from .. import _arrays
 from .._resources import cuda_src_dir
+from . import device as _device
 from . import plan as P
 from .families import family_of
 
 _NUMPY_SCALARS = {"i64": np.int64, "i32": np.int32, "f32": np.float32, "f64": np.float64}
+#: (device, family source) or (device, family source, kernel) -> (CuPy module, lowered names)
 _modules: dict = {}
+#: (device, kernel name) -> [CuPy function, dynamic shared bytes it may take now]
+_functions: dict = {}
+# One lock for both tables: a module load and a function's opt-in each happen once, never half-seen by
+# another thread (the opt-in's recorded size must never exceed the driver's attribute).
 _lock = threading.Lock()
 
 
@@ -52,27 +58,14 @@ def availability() -> tuple[bool, str]:
     return True, f"{count} GPU(s); CuPy arrays and CUDA torch tensors"
 
 
-def _device_index(array) -> int:
-    if _arrays.kind_of(array) == _arrays.TORCH:
-        return array.device.index if array.device.index is not None else sys.modules["torch"].cuda.current_device()
-    return array.device.id
-
-
-@functools.lru_cache(maxsize=None)  # a device's architecture does not change within a process
-def _arch(index: int) -> int:
-    import cupy
-
-    return int(cupy.cuda.Device(index).compute_capability)  # "90" -> 90
-
-
 def arch_of(device: str) -> int:
     """Compute capability (80 for sm_80) of a torch-style device string (``"cuda:1"``, ``"cuda"``)."""
     _, _, index = device.partition(":")
     if not index:
         import cupy
 
-        return _arch(cupy.cuda.runtime.getDevice())
-    return _arch(int(index))
+        return _device.compute_capability(cupy.cuda.runtime.getDevice())
+    return _device.compute_capability(int(index))
 
 
 def program_for(family, name: str, arch: int):
@@ -90,8 +83,10 @@ def program_for(family, name: str, arch: int):
 
 
 def _module(device: int, family, name: str):
-    """The loaded CuPy module holding kernel ``name`` of ``family`` on ``device``: the family's, or the
-    kernel's own (:func:`program_for`), memoized per (device, family) or per (device, family, kernel)."""
+    """The loaded CuPy module holding kernel ``name`` of ``family`` on ``device``, with its lowered names:
+    the family's, or the kernel's own (:func:`program_for`), memoized per (device, family) or per (device,
+    family, kernel). The caller holds :func:`na_rtc.runtime.device.guard` of ``device``: the module loads
+    into the current device's context."""
     whole, alone = (device, family.source), (device, family.source, name)
     with _lock:
         for key in (whole, alone):
@@ -99,21 +94,20 @@ def _module(device: int, family, name: str):
                 return _modules[key]
         import cupy
 
-        arch = int(cupy.cuda.Device(device).compute_capability)  # "90" -> 90, "120" -> 120
+        arch = _device.compute_capability(device)
         if not family.builds_for(arch):  # the dispatcher checks first; this is the last line of defense
             raise RuntimeError(f"the kernels of {family.source} are built for "
                                f"{', '.join(f'sm_{a}' for a in family.archs)} only, not for GPU {device} (sm_{arch})")
         program = program_for(family, name, arch)
         # cuModuleLoadData reads PTX as a C string: it needs the terminator the cache strips
         image = program.binary + b"\x00" if program.kind == "ptx" else program.binary
-        with cupy.cuda.Device(device):
-            module = cupy.cuda.function.Module()
-            try:
-                module.load(image)
-            except Exception as error:
-                raise _load_error(error, program, device) from error
+        module = cupy.cuda.function.Module()
+        try:
+            module.load(image)
+        except Exception as error:
+            raise _load_error(error, program, device) from error
         key = whole if all(n in program.lowered for n in family.names) else alone
-        _modules[key] = (module, program.lowered, {})
+        _modules[key] = (module, program.lowered)
         return _modules[key]
 
 
@@ -145,32 +139,51 @@ def _load_error(error: Exception, program, device: int) -> Exception:
     )
 
 
-#: dynamic shared memory a launch gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize)
+#: shared memory (static + dynamic) a launch gets without opting in; above it, a function needs
+#: cudaFuncAttributeMaxDynamicSharedMemorySize raised first
 DEFAULT_DYNAMIC_SHARED = 48 * 1024
 
 
-def _function(device: int, kernel: P.Kernel, shared_bytes: int):
-    module, lowered, functions = _module(device, family_of(kernel.name), kernel.name)
-    if kernel.name not in functions:
-        functions[kernel.name] = [module.get_function(lowered[kernel.name]), DEFAULT_DYNAMIC_SHARED]
-    entry = functions[kernel.name]
-    if shared_bytes > entry[1]:  # opt in once per function, to the largest launch seen so far
-        from cupy_backends.cuda.api import driver
+def _dynamic_limit(driver, function) -> int:
+    """The dynamic shared memory ``function`` may take before any opt-in: its attribute, which the driver
+    sets to 48 KiB less the function's static shared memory (taking the smaller also covers a driver
+    that reports 48 KiB)."""
+    static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, function.ptr)
+    allowed = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, function.ptr)
+    return min(int(allowed), DEFAULT_DYNAMIC_SHARED - int(static))
 
-        attribute = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
-        driver.funcSetAttribute(entry[0].ptr, attribute, int(shared_bytes))
-        entry[1] = shared_bytes
+
+def _function(device: int, kernel: P.Kernel, shared_bytes: int):
+    """The CuPy function of ``kernel`` on ``device``, opted in to ``shared_bytes`` of dynamic shared memory.
+
+    The caller holds :func:`na_rtc.runtime.device.guard` of ``device``. Each function opts in once per
+    larger launch, to the largest launch seen so far, under the lock: two threads opting in to different
+    sizes leave the attribute at the larger one.
+    """
+    entry = _functions.get((device, kernel.name))
+    if entry is not None and shared_bytes <= entry[1]:  # no lock: entry[1] grows only after the driver's limit
+        return entry[0]
+    module, lowered = _module(device, family_of(kernel.name), kernel.name)
+    from cupy_backends.cuda.api import driver
+
+    with _lock:
+        entry = _functions.get((device, kernel.name))
+        if entry is None:
+            function = module.get_function(lowered[kernel.name])
+            entry = _functions[device, kernel.name] = [function, _dynamic_limit(driver, function)]
+        if shared_bytes > entry[1]:
+            driver.funcSetAttribute(entry[0].ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                    int(shared_bytes))
+            entry[1] = max(entry[1], int(shared_bytes))
     return entry[0]
 
 
-def _stream(array):
-    """The stream to launch on: torch's current stream for torch tensors, CuPy's otherwise."""
-    import cupy
-
-    if _arrays.kind_of(array) == _arrays.TORCH:
-        torch = sys.modules["torch"]
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream(array.device).cuda_stream, _device_index(array))
-    return cupy.cuda.get_current_stream()
+def _capture_error(kernel: P.Kernel, device: int) -> RuntimeError:
+    return RuntimeError(
+        f"the first call of kernel {kernel.name} on GPU {device} happens while its stream is being captured "
+        "into a CUDA graph, and loading a kernel (NVRTC compile, cuModuleLoadData) is not allowed during "
+        "capture. Run the same call once eagerly, outside the capture (a warm-up iteration), then capture."
+    )
 
 
 def _argument(arg: P.Arg):
@@ -180,12 +193,17 @@ def _argument(arg: P.Arg):
 
 
 def run(plan: P.LaunchPlan) -> None:
-    """Launch ``plan`` on the device of its first array argument."""
-    import cupy
+    """Launch ``plan`` on the device of its first array argument, on the stream its library uses there.
 
+    A kernel's first use on a device loads it; inside CUDA graph capture that would break the capture, so
+    it raises instead (a kernel loaded by an earlier eager call launches, and is captured, as usual).
+    """
     anchor = next(a.value for a in plan.args if a.kind == "ptr" and a.value is not None)
-    device = _device_index(anchor)
-    function = _function(device, plan.kernel, plan.shared_bytes)
-    with cupy.cuda.Device(device):
+    index = _device.device_index(anchor)
+    with _device.guard(anchor):
+        stream = _device.launch_stream(anchor)
+        if (index, plan.kernel.name) not in _functions and _device.is_capturing(anchor):
+            raise _capture_error(plan.kernel, index)
+        function = _function(index, plan.kernel, plan.shared_bytes)
         function(plan.grid, plan.block, tuple(_argument(a) for a in plan.args),
-                 shared_mem=plan.shared_bytes, stream=_stream(anchor))
+                 shared_mem=plan.shared_bytes, stream=stream)
