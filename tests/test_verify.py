@@ -9,6 +9,7 @@ path, and a second process must read the recorded verdict instead of running the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -483,3 +484,28 @@ def test_selftest_quick_and_full_pick_their_canaries():
     assert not [unit for unit in selftest.units(sm80, "quick") if "wgmma" in unit.family]
     sm75 = selftest.Target("cuda", "cuda:0", 75, "torch", "GPU 0 (sm_75)")
     assert {unit.family.split()[1] for unit in selftest.units(sm75, "quick")} == {"simt", "split"}
+
+
+# ---------------------------------------------------------------- on the GPU launch path's stand-in
+
+
+@pytest.mark.parametrize("kind", ["torch", "cupy"])
+def test_on_a_gpu_the_gate_reads_the_device_and_capture_without_touching_another_gpu(kind, monkeypatch):
+    """What the gate asks the GPU (name, compute capability, driver, the kernel's program key, whether the
+    call's stream captures) is asked of the call's GPU only, without a device switch or a context anywhere;
+    capture of that GPU's launch stream stops a canary."""
+    from fake_cuda import install, torch_use_stream
+
+    machine = install(monkeypatch, archs=(80, 90))
+    problem = Problem("fused", (Axis(64, 5),), 1, 2, 32, "float16", kind, "cuda:1", True, 32**-0.5)
+    key, description = gate.device_identity("cuda", problem)
+    assert "Fake GPU" in key and "sm_90" in key and "driver 13000" in key and description == "GPU 1 (Fake GPU, sm_90)"
+    program = gate.program_identity("cuda", problem, SIMT_FORWARD)
+    assert program != gate.program_identity("cuda", dataclasses.replace(problem, device="cuda:0"), SIMT_FORWARD)
+    assert not gate._capturing(problem)
+    for index in (0, 1):  # streams of their own (the legacy stream counts as capturing beside any capture)
+        stream = torch_use_stream(machine, index) if kind == "torch" else machine.cupy_stream(index).ptr
+    machine.begin_capture(stream)
+    assert gate._capturing(problem) and not gate._capturing(dataclasses.replace(problem, device="cuda:0"))
+    machine.end_capture(stream)
+    assert machine.contexts == set() and machine.set_device_calls == []

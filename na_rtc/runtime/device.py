@@ -167,8 +167,12 @@ def _external_stream(index: int, handle: int):
 def launch_stream(array):
     """The CuPy stream object a launch on ``array`` uses: torch's current stream of the tensor's device, or
     CuPy's current stream of the array's device (not of the current device)."""
-    index = device_index(array)
-    if _torch_tensor(array):
+    return _stream_on(_torch_tensor(array), device_index(array))
+
+
+def _stream_on(torch_stream: bool, index: int):
+    """The stream launches on GPU ``index`` use: torch's current stream there, or CuPy's."""
+    if torch_stream:
         handle = sys.modules["torch"].cuda.current_stream(index).cuda_stream
         return _external_stream(index, int(handle))
     return _cupy().cuda.get_current_stream(index)
@@ -180,9 +184,19 @@ def is_capturing(array) -> bool:
     Querying the legacy default stream while another stream captures is itself an error
     (``cudaErrorStreamCaptureImplicit``): that counts as capturing, since work there would break the capture.
     """
+    return _capturing(_stream_on(_torch_tensor(array), device_index(array)))
+
+
+def stream_capturing(kind: str, index: int) -> bool:
+    """:func:`is_capturing` for the arrays of library ``kind`` ("torch" or "cupy") on GPU ``index``, before
+    any array exists (the dispatcher asks before it allocates)."""
+    return _capturing(_stream_on(kind == "torch", index))
+
+
+def _capturing(stream) -> bool:
     runtime = _cupy().cuda.runtime
     try:
-        return bool(runtime.streamIsCapturing(launch_stream(array).ptr))
+        return bool(runtime.streamIsCapturing(stream.ptr))
     except runtime.CUDARuntimeError as error:
         if getattr(error, "status", None) == _CAPTURE_IMPLICIT:
             return True
