@@ -343,9 +343,9 @@ def _exp2_samples() -> np.ndarray:
 
 
 def _check_exp2(runner: _Runner) -> tuple[bool, str]:
-    """ex2.approx.ftz.f32 (PTX ISA, section "Floating Point Instructions: ex2"): "The maximum ulp error is 2 ulp
-    from correctly rounded result across the full range of inputs", and .ftz "flushes subnormal inputs and
-    results to sign-preserving zero". So with want = f32(2^x) rounded correctly: |got - want| <= 2 ulp(want)
+    """ex2.approx.ftz.f32 (PTX ISA, section 9.7.3.21 "Floating Point Instructions: ex2"): "The maximum ulp
+    error is 2 ulp from correctly rounded result across the full range of inputs", and .ftz "flushes subnormal
+    inputs and results to sign-preserving zero". So with want = f32(2^x) rounded correctly: |got - want| <= 2 ulp(want)
     where want is a normal number, and got == 0 where want is subnormal or zero (x below -126); an
     approximation that falls under the normal range may be flushed too, as may one past the largest float
     overflow to inf. -inf gives +0, +inf gives inf, NaN stays NaN."""
