@@ -15,52 +15,147 @@ __global__ void na_selftest_convert(const float* __restrict__ in, unsigned short
     bf16_back[i] = na_bf16_to_f32(bf16[i]);
 }
 
-// mma.sync m16n8k16 and ldmatrix, one warp: D = A (16x16, row major) x B
-// (16x8, row major [k][n]) + C (16x8), three ways:
-//   d_layout: fragments built from global memory with the documented layout (na_mma.cuh)
-//   d_ldm:    A with ldmatrix.x4, B with ldmatrix.x2 on B^T ([n][k] rows)
-//   d_trans:  A with ldmatrix.x4, B with ldmatrix.x2.trans on B's own [k][n] rows
-// and every D written back with the documented C/D layout.
+// mma.sync m16n8k16 and ldmatrix, one warp: D = A (16 x 32, row major) x B (32 x 16, row major [k][n]) +
+// C (16 x 16), two k-steps of two 8-column tiles, five ways, each D written back with the documented C/D
+// layout into d[path][16][16]:
+//   0  fragments built from global memory with the documented layout (na_mma.cuh)
+//   1  A through ldmatrix.x4 (one per k-step, as the kernels load Q, dOut, K and V tiles as A), B through
+//      ldmatrix.x2 on the rows of B^T ([n][k] storage: the backward's K and V)
+//   2  B through ldmatrix.x2.trans on B's own [k][n] rows (the backward's dQ and dK/dV products)
+//   3  B through ldmatrix.x4 on the rows of B^T, both k-steps of a column tile at once (the forward's K)
+//   4  B through ldmatrix.x4.trans on B's rows, both column tiles of a k-step at once (the forward's V)
 #include "na_mma.cuh"
 
 template <class T>
 __global__ void __launch_bounds__(32) na_selftest_mma(const T* __restrict__ a, const T* __restrict__ b,
-                                                      const float* __restrict__ c, float* __restrict__ d_layout,
-                                                      float* __restrict__ d_ldm, float* __restrict__ d_trans) {
-    __shared__ __align__(16) T sa[16][24], sbt[8][24], sb[16][16];  // rows padded to 16-byte multiples
+                                                      const float* __restrict__ c, float* __restrict__ d) {
+    constexpr int K = 32, N = 16;
+    // rows padded by 8 elements: 16-byte multiples, as the kernels' staged rows (ldmatrix needs 16-byte rows)
+    __shared__ __align__(16) T sa[16][K + 8], sbt[N][K + 8], sb[K][N + 8];
     const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-    for (int i = lane; i < 256; i += 32) sa[i / 16][i % 16] = a[i];
-    for (int i = lane; i < 128; i += 32) {
-        sbt[i % 8][i / 8] = b[i];  // b[k][n] -> sbt[n][k]
-        sb[i / 8][i % 8] = b[i];
+    for (int i = lane; i < 16 * K; i += 32) sa[i / K][i % K] = a[i];
+    for (int i = lane; i < K * N; i += 32) {
+        sbt[i % N][i / N] = b[i];  // b[k][n] -> sbt[n][k]
+        sb[i / N][i % N] = b[i];
     }
     __syncthreads();
     const auto bits = [](T x) { return (unsigned)x.bits; };
-    unsigned fa[4], fb[2];
-    for (int r = 0; r < 4; ++r) {
-        const int row = g + 8 * (r % 2), col = 2 * t + 8 * (r / 2);
-        fa[r] = bits(a[row * 16 + col]) | (bits(a[row * 16 + col + 1]) << 16);
+    unsigned fa[2][4], fb[2][2][2];  // [k-step][register], [k-step][column tile][register]
+    for (int ks = 0; ks < 2; ++ks) {
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + 8 * (r % 2), col = 16 * ks + 2 * t + 8 * (r / 2);
+            fa[ks][r] = bits(a[row * K + col]) | (bits(a[row * K + col + 1]) << 16);
+        }
+        for (int nt = 0; nt < 2; ++nt)
+            for (int r = 0; r < 2; ++r) {
+                const int k = 16 * ks + 2 * t + 8 * r, n = 8 * nt + g;
+                fb[ks][nt][r] = bits(b[k * N + n]) | (bits(b[(k + 1) * N + n]) << 16);
+            }
     }
-    for (int r = 0; r < 2; ++r) {
-        const int k = 2 * t + 8 * r;
-        fb[r] = bits(b[k * 8 + g]) | (bits(b[(k + 1) * 8 + g]) << 16);
-    }
-    float fc[4], out[4];
-    for (int i = 0; i < 4; ++i) fc[i] = c[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
-    const auto store = [&](float* dst) {
-        for (int i = 0; i < 4; ++i) dst[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2] = out[i];
+    float acc[2][4];
+    const auto at = [&](int nt, int i) { return (g + 8 * (i / 2)) * N + 8 * nt + 2 * t + i % 2; };
+    const auto start = [&]() {
+        for (int nt = 0; nt < 2; ++nt)
+            for (int i = 0; i < 4; ++i) acc[nt][i] = c[at(nt, i)];
     };
-    na_mma<T>::run(out, fa, fb, fc);
-    store(d_layout);
+    const auto store = [&](int path) {
+        for (int nt = 0; nt < 2; ++nt)
+            for (int i = 0; i < 4; ++i) d[256 * path + at(nt, i)] = acc[nt][i];
+    };
 
-    unsigned la[4], lb[2], tb[2];
-    na_ldmatrix<4, false>(la, &sa[lane % 16][8 * (lane / 16)]);
-    na_ldmatrix<2, false>(lb, &sbt[lane % 8][8 * ((lane / 8) % 2)]);  // lanes 16..31: addresses unused
-    na_ldmatrix<2, true>(tb, &sb[lane % 16][0]);                      // matrix j = rows 8j..8j+7 of B
-    na_mma<T>::run(out, la, lb, fc);
-    store(d_ldm);
-    na_mma<T>::run(out, la, tb, fc);
-    store(d_trans);
+    start();
+    for (int ks = 0; ks < 2; ++ks)
+        for (int nt = 0; nt < 2; ++nt) na_mma<T>::run(acc[nt], fa[ks], fb[ks][nt], acc[nt]);
+    store(0);
+
+    unsigned la[2][4];
+    for (int ks = 0; ks < 2; ++ks) na_ldmatrix<4, false>(la[ks], &sa[lane % 16][16 * ks + 8 * (lane / 16)]);
+    start();
+    for (int ks = 0; ks < 2; ++ks)
+        for (int nt = 0; nt < 2; ++nt) {
+            unsigned f[2];  // lanes 16..31: addresses unused
+            na_ldmatrix<2, false>(f, &sbt[8 * nt + lane % 8][16 * ks + 8 * ((lane / 8) % 2)]);
+            na_mma<T>::run(acc[nt], la[ks], f, acc[nt]);
+        }
+    store(1);
+
+    start();
+    for (int ks = 0; ks < 2; ++ks)
+        for (int nt = 0; nt < 2; ++nt) {
+            unsigned f[2];  // matrix j: k rows 16 ks + 8 j .. + 7 of column tile nt
+            na_ldmatrix<2, true>(f, &sb[16 * ks + lane % 16][8 * nt]);
+            na_mma<T>::run(acc[nt], la[ks], f, acc[nt]);
+        }
+    store(2);
+
+    start();
+    for (int nt = 0; nt < 2; ++nt) {
+        unsigned f[4];  // matrix j: columns 8 j .. 8 j + 7 of B^T's rows 8 nt ..: registers 0, 1 k-step 0; 2, 3 k-step 1
+        na_ldmatrix<4, false>(f, &sbt[8 * nt + lane % 8][8 * (lane / 8)]);
+        const unsigned f0[2] = {f[0], f[1]}, f1[2] = {f[2], f[3]};
+        na_mma<T>::run(acc[nt], la[0], f0, acc[nt]);
+        na_mma<T>::run(acc[nt], la[1], f1, acc[nt]);
+    }
+    store(3);
+
+    start();
+    for (int ks = 0; ks < 2; ++ks) {
+        unsigned f[4];  // lanes 0..15: column tile 0's k rows, lanes 16..31: column tile 1's
+        na_ldmatrix<4, true>(f, &sb[16 * ks + lane % 16][8 * (lane / 16)]);
+        const unsigned f0[2] = {f[0], f[1]}, f1[2] = {f[2], f[3]};
+        na_mma<T>::run(acc[0], la[ks], f0, acc[0]);
+        na_mma<T>::run(acc[1], la[ks], f1, acc[1]);
+    }
+    store(4);
+}
+
+// ldmatrix m8n8 fragment layout, every variant (x1, x2, x4, each plain and .trans), one warp. Shared row s
+// (of 32, 16 bytes each) holds the 16-bit values 8 s .. 8 s + 7; lane l gives the address of row rows[l] (a
+// permutation from the caller, so that every lane's address matters and none is in lane order).
+// out[v][l][j] is register j of lane l for variant v = 2 log2(count) + trans (registers past the count are
+// not written). The caller compares them with the PTX ISA's layout.
+__global__ void __launch_bounds__(32) na_selftest_ldmatrix(const int* __restrict__ rows,
+                                                           unsigned* __restrict__ out) {
+    __shared__ __align__(16) unsigned short m[32][8];
+    const int lane = threadIdx.x;
+    for (int i = 0; i < 8; ++i) m[lane][i] = (unsigned short)(8 * lane + i);
+    __syncthreads();
+    const unsigned short* row = m[rows[lane]];
+    unsigned r1[1], r2[2], r4[4];
+    const auto put = [&](int variant, const unsigned* r, int count) {
+        for (int j = 0; j < count; ++j) out[(variant * 32 + lane) * 4 + j] = r[j];
+    };
+    na_ldmatrix<1, false>(r1, row);
+    put(0, r1, 1);
+    na_ldmatrix<1, true>(r1, row);
+    put(1, r1, 1);
+    na_ldmatrix<2, false>(r2, row);
+    put(2, r2, 2);
+    na_ldmatrix<2, true>(r2, row);
+    put(3, r2, 2);
+    na_ldmatrix<4, false>(r4, row);
+    put(4, r4, 4);
+    na_ldmatrix<4, true>(r4, row);
+    put(5, r4, 4);
+}
+
+// Warp shuffles and votes in the forms the kernels use: full mask, __shfl_xor_sync on int (na_tc_common.cuh)
+// and float (na_fused.cu, na_tc_softmax.cuh), __any_sync (na_fused.cu, na_tc_common.cuh); no kernel uses a
+// partial mask. Two warps, so that a lane is threadIdx.x % 32 and a vote stays inside its warp:
+//   xi[o][i] = __shfl_xor_sync(~0, vi[i], o), xf likewise for floats (bits must move unchanged: NaN
+//   payloads, -0, subnormals, inf), for every lane mask o = 0 .. 31;
+//   any[p][i] = __any_sync(~0, i == p) for p = 0 .. 64 (p = 64: no thread's predicate holds).
+__global__ void __launch_bounds__(64) na_selftest_shuffle(const int* __restrict__ vi, const float* __restrict__ vf,
+                                                          int* __restrict__ xi, float* __restrict__ xf,
+                                                          int* __restrict__ any) {
+    const int i = threadIdx.x;
+    const int v = vi[i];
+    const float f = vf[i];
+    for (int o = 0; o < 32; ++o) {
+        xi[64 * o + i] = __shfl_xor_sync(0xffffffffu, v, o);
+        xf[64 * o + i] = __shfl_xor_sync(0xffffffffu, f, o);
+    }
+    for (int p = 0; p <= 64; ++p) any[64 * p + i] = __any_sync(0xffffffffu, i == p);
 }
 
 // na_divisor (na_tc_box.cuh): q[i] = n[i] / d[i] through the multiply-high, for 0 <= n < 2^31, 1 <= d < 2^31

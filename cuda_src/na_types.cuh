@@ -70,8 +70,9 @@ __device__ __forceinline__ float na_log(float x) { return logf(x); }
 __device__ __forceinline__ double na_log(double x) { return log(x); }
 
 // 2^x for the tensor-core softmax, whose logits are kept in log2 units:
-// ex2.approx on the GPU (one instruction, about 2 ulp, subnormal results
-// flushed to 0), exact in the emulator; 2^-inf = 0 and NaN stays NaN on both.
+// ex2.approx.ftz on the GPU (one instruction, within 2 ulp of the correctly
+// rounded result, subnormal results flushed to 0); in the emulator the C
+// library's exp2f with the same flush; 2^-inf = 0 and NaN stays NaN on both.
 #if defined(__CUDA_ARCH__)
 __device__ __forceinline__ float na_exp2_fast(float x) {
     float y;
@@ -79,6 +80,6 @@ __device__ __forceinline__ float na_exp2_fast(float x) {
     return y;
 }
 #else
-__device__ __forceinline__ float na_exp2_fast(float x) { return exp2f(x); }
+__device__ __forceinline__ float na_exp2_fast(float x) { return na_emu_ex2_approx_ftz(x); }
 #endif
 __device__ __forceinline__ float na_log2(float x) { return log2f(x); }

@@ -62,6 +62,11 @@
 //       unsigned short na_emu_f32_to_bf16_rn(float);
 //       float          na_emu_bf16_to_f32(unsigned short);
 //
+//   ex2.approx.ftz.f32 (PTX ISA, "Floating Point Instructions: ex2"): the C
+//   library's exp2f (within 1 ulp of the correctly rounded 2^x; the GPU's is
+//   within 2), with subnormal inputs and results flushed to zero as .ftz does:
+//       float na_emu_ex2_approx_ftz(float);
+//
 //   Emulator-only helper (guard with #ifdef NA_RTC_EMULATOR):
 //       int na_emu_os_thread_index();  // which worker thread runs this block
 //
@@ -1587,6 +1592,13 @@ static inline int __double2hiint(double x) { return (int)(::na_emu::bit_cast<uns
 static inline int __double2loint(double x) { return (int)(unsigned)::na_emu::bit_cast<unsigned long long>(x); }
 static inline double __hiloint2double(int hi, int lo) {
     return ::na_emu::bit_cast<double>(((unsigned long long)(unsigned)hi << 32) | (unsigned)lo);
+}
+
+// ex2.approx.ftz.f32: a subnormal input counts as zero (2^0 = 1, which exp2f gives anyway) and a subnormal
+// result becomes +0 (results are positive), so softmax weights below 2^-126 vanish as they do on the GPU
+static inline float na_emu_ex2_approx_ftz(float x) {
+    const float y = exp2f(x);
+    return y < 1.17549435e-38f ? 0.0f : y;  // FLT_MIN; NaN compares false and stays NaN
 }
 
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }

@@ -128,8 +128,8 @@ def fused_bwd_family() -> Family:
 
 #: the primitive self-tests (cuda_src/na_selftest.cu) and their block sizes
 SELFTEST_THREADS = {"na_selftest_convert": 256, "na_selftest_mma<fp16_t>": 32, "na_selftest_mma<bf16_t>": 32,
-                    "na_selftest_divide": 256, "na_selftest_exp2": 256, "na_selftest_cp_async": 128,
-                    "na_selftest_group_window": 64}
+                    "na_selftest_ldmatrix": 32, "na_selftest_shuffle": 64, "na_selftest_divide": 256,
+                    "na_selftest_exp2": 256, "na_selftest_cp_async": 128, "na_selftest_group_window": 64}
 
 
 #: the wgmma self-test (cuda_src/na_selftest_wgmma.cu, sm_90a): element types x N of m64nNk16
@@ -140,16 +140,21 @@ def selftest_wgmma_name(ctype: str, n: int) -> str:
     return f"na_selftest_wgmma<{ctype}, {n}>"
 
 
+#: the wgmma self-test's largest block: two warpgroups, as the kernels with two
+SELFTEST_WGMMA_THREADS = 256
+
+
 def selftest_wgmma_shared(n: int) -> int:
-    """A (64 x 32) and two copies of B (32 x n), 16-bit, then room for what a misread descriptor reaches (the
-    diagnosis)."""
-    return 64 * 32 * 2 + 2 * 32 * n * 2 + 2 * n * n + 1024
+    """A (64 x 32 per warpgroup, two of them) and two copies of B (32 x n), 16-bit, then room for what a
+    misread descriptor reaches (the diagnosis)."""
+    return 2 * 64 * 32 * 2 + 2 * 32 * n * 2 + 2 * n * n + 1024
 
 
 def selftest_wgmma_family() -> Family:
     names = tuple(selftest_wgmma_name(t, n) for t in ("fp16_t", "bf16_t") for n in SELFTEST_WGMMA_N)
     shared = {selftest_wgmma_name(t, n): selftest_wgmma_shared(n) for t in ("fp16_t", "bf16_t") for n in SELFTEST_WGMMA_N}
-    return Family("na_selftest_wgmma.cu", names, {n: 128 for n in names}, shared, archs=(90,), arch_specific=True)
+    return Family("na_selftest_wgmma.cu", names, {n: SELFTEST_WGMMA_THREADS for n in names}, shared, archs=(90,),
+                  arch_specific=True)
 
 
 def _family(source: str, names: tuple[str, ...], threads: int) -> Family:

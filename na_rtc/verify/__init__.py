@@ -1,0 +1,1 @@
+"""First-use verification of kernels and primitive self-tests."""
