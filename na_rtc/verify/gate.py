@@ -80,12 +80,7 @@ def verify_automatically_on(backend: str) -> Iterator[None]:
 
 
 def _device_index(problem: Problem) -> int:
-    _, _, index = problem.device.partition(":")
-    if index:
-        return int(index)
-    from ..runtime import device
-
-    return device.current_index()
+    return int(problem.device.partition(":")[2] or 0)  # problems name their GPU ("cuda:1")
 
 
 # ---------------------------------------------------------------- identities (what a verdict's key covers)
