@@ -509,3 +509,38 @@ def test_on_a_gpu_the_gate_reads_the_device_and_capture_without_touching_another
     assert gate._capturing(problem) and not gate._capturing(dataclasses.replace(problem, device="cuda:0"))
     machine.end_capture(stream)
     assert machine.contexts == set() and machine.set_device_calls == []
+
+
+# ---------------------------------------------------------------- the canaries' reference
+
+
+DENSE_CASES = {
+    "canary-1d": canary.AXES[1],
+    "canary-2d": canary.AXES[2],
+    "dilated-causal-strided-2d": (Axis(13, 3, 2, 2, True), Axis(11, 4, 1, 2, False)),
+    "strided-1d": (Axis(30, 7, 3, 1, False),),
+    "dilated-strided-2d-with-bias": (Axis(13, 3, 1, 2, False), Axis(11, 5, 2, 2, False)),
+}
+
+
+@pytest.mark.parametrize("axes", DENSE_CASES.values(), ids=DENSE_CASES.keys())
+def test_dense_masked_attention_equals_the_reference_backend(axes):
+    """The canaries' reference (dense masked attention) against the reference backend, forward and every
+    gradient, in float64: two formulations of one definition."""
+    from na_rtc import reference
+    from na_rtc.verify import dense
+
+    rng = np.random.default_rng(3)
+    shape = (2, *(a.length for a in axes), 3, 8)
+    q, k, v, grad = (rng.standard_normal(shape) for _ in range(4))
+    has_rpb = not any(a.causal for a in axes)
+    rpb = rng.standard_normal((3, *(2 * a.kernel_size - 1 for a in axes))) if has_rpb else None
+    problem = Problem("fused", axes, 2, 3, 8, "float64", "numpy", "cpu", has_rpb, 0.7)
+    for got, want in zip(dense.forward(problem, q, k, v, rpb), reference.fused_forward(problem, q, k, v, rpb)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    wants = reference.fused_backward(problem, grad, q, k, v, rpb)
+    for got, want in zip(dense.backward(problem, grad, q, k, v, rpb), wants):
+        if want is None:
+            assert got is None
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)

@@ -1,0 +1,87 @@
+"""Neighborhood attention as dense masked attention in float64: the canaries' reference.
+
+A canary has a few hundred tokens, so the whole ``tokens x tokens`` score
+matrix per head is small, and attention with the neighborhood as a mask is a
+handful of matrix products: tens of milliseconds where the chunked gathers
+of the reference backend (made for problems of any size) take several times
+that for a backward. Being a second formulation of the definition (the
+mask and bias index from :mod:`na_rtc.window`, nothing else shared), it also
+keeps a kernel's canary independent of the reference backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .._args import Problem
+from ..window import Axis, is_neighbor, rpb_index
+
+
+@functools.lru_cache(maxsize=8)  # a backward canary needs them twice (its inputs' forward, then its gradients)
+def _pairs(axes: tuple[Axis, ...]):
+    """``(mask, bias_index)`` over (query token, key token), tokens in row-major spatial order: whether the
+    key is a neighbor (on every axis), and its flat index into the bias table ``[2k-1, ...]`` (0 elsewhere)."""
+    mask = index = None
+    for axis in axes:
+        positions = np.arange(axis.length)
+        near = is_neighbor(axis, positions[:, None], positions[None, :])
+        offset = np.where(near, rpb_index(axis, positions[:, None], positions[None, :]), 0)
+        if mask is None:
+            mask, index = near, offset
+            continue
+        # append this axis to the token order: (q, k) x (qa, ka) -> (q qa, k ka), the new axis varying fastest
+        tokens = mask.shape[0] * axis.length
+        mask = (mask[:, None, :, None] & near[None, :, None, :]).reshape(tokens, tokens)
+        index = (index[:, None, :, None] * (2 * axis.kernel_size - 1) + offset[None, :, None, :]).reshape(tokens, tokens)
+    return mask, index
+
+
+def _heads_first(x: np.ndarray) -> np.ndarray:
+    """``[batch, *spatial, heads, dim]`` -> ``[batch, heads, tokens, dim]``."""
+    return np.moveaxis(x.reshape(x.shape[0], -1, *x.shape[-2:]), 2, 1)
+
+
+def _heads_last(x: np.ndarray, like: tuple[int, ...]) -> np.ndarray:
+    return np.moveaxis(x, 1, -2).reshape(like)
+
+
+def _scores(problem: Problem, q, k, rpb):
+    mask, index = _pairs(problem.axes)
+    scores = problem.scale * (_heads_first(q) @ np.swapaxes(_heads_first(k), -1, -2))
+    if rpb is not None:
+        scores = scores + rpb.reshape(rpb.shape[0], -1)[:, index]
+    return np.where(mask, scores, -np.inf), mask, index
+
+
+def forward(problem: Problem, q, k, v, rpb=None):
+    """``(out, lse)`` of the fused op, float64."""
+    scores, _, _ = _scores(problem, q, k, rpb)
+    top = scores.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(scores - top).sum(-1))
+    out = np.exp(scores - lse[..., None]) @ _heads_first(v)
+    return _heads_last(out, q.shape), np.moveaxis(lse, 1, -1).reshape(q.shape[:-1])
+
+
+def backward(problem: Problem, grad_out, q, k, v, rpb=None):
+    """``(dq, dk, dv, drpb)`` of the fused op, float64 (``drpb`` None without ``rpb``)."""
+    scores, mask, index = _scores(problem, q, k, rpb)
+    top = scores.max(-1, keepdims=True)
+    p = np.exp(scores - top)
+    p /= p.sum(-1, keepdims=True)
+    g, vv = _heads_first(grad_out), _heads_first(v)
+    out = p @ vv
+    ds = p * (g @ np.swapaxes(vv, -1, -2) - (g * out).sum(-1, keepdims=True))
+    dq = problem.scale * (ds @ _heads_first(k))
+    dk = problem.scale * (np.swapaxes(ds, -1, -2) @ _heads_first(q))
+    dv = np.swapaxes(p, -1, -2) @ g
+    drpb = None
+    if rpb is not None:
+        flat = np.zeros((rpb.shape[0], int(np.prod(rpb.shape[1:]))))
+        per_head = np.where(mask, ds, 0.0).sum(0)  # over the batch
+        for h in range(rpb.shape[0]):
+            np.add.at(flat[h], index[mask], per_head[h][mask])
+        drpb = flat.reshape(rpb.shape)
+    shape = q.shape
+    return _heads_last(dq, shape), _heads_last(dk, shape), _heads_last(dv, shape), drpb
