@@ -450,7 +450,7 @@ def test_selftest_reports_a_broken_kernel_and_exits_non_zero(broken, monkeypatch
     status = selftest.run(argparse.Namespace(device=None, quick=True, full=False, json=str(report)))
     out = capsys.readouterr().out
     assert status == 1
-    assert "on the emulator" in out and f"FAIL  forward  mma.sync  float16  1D hd32   {BROKEN_FORWARD}" in out
+    assert "on the emulator" in out and f"FAIL  forward     mma.sync  float16  1D hd32   {BROKEN_FORWARD}" in out
     kernels = {row["kernel"]: row for row in json.loads(report.read_text())["kernels"]}
     assert {name for name, row in kernels.items() if not row["ok"]} == {BROKEN_FORWARD, BROKEN_DQ}
     assert kernels[GOOD_DKDV]["ok"] and kernels[SIMT_FORWARD]["ok"]
@@ -469,7 +469,8 @@ def test_selftest_quick_and_full_pick_their_canaries():
     quick, full = selftest.units(where, "quick"), selftest.units(where, "full")
     assert {unit.problem.head_dim for unit in quick} == {32}
     families = {(unit.family, unit.problem.dtype, unit.problem.ndim) for unit in quick}
-    assert len(families) == len(quick) == 2 * (3 * 4 + 2 * 4)  # per rank: SIMT and split x 3 dtypes, tc/wgmma x 2
+    # per rank: SIMT (2) and split (2 composed + 4 split ops) x 3 dtypes, mma.sync and wgmma (2 each) x 2 dtypes
+    assert len(families) == len(quick) == 2 * (3 * 8 + 2 * 4)
     names = []
     for unit in full:
         with selftest._settings(unit.settings):
@@ -544,3 +545,65 @@ def test_dense_masked_attention_equals_the_reference_backend(axes):
             assert got is None
         else:
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the split ops
+
+
+def _split_problem(op, ndim, dtype, head_dim, kernel, dilation=1, causal=False):
+    lengths = (200,) if ndim == 1 else (40, 36)
+    axes = tuple(Axis(length, kernel, 1, dilation, causal) for length in lengths)
+    return Problem(op, axes, 2, 3, head_dim, dtype, "numpy", "cpu", op != "av" and not causal, None)
+
+
+SPLIT_CASES = [(ndim, dtype, hd, k, d, causal) for ndim in (1, 2) for dtype in ("float32", "float16", "float64")
+               for hd in (32, 64, 128, 200) for k in ((3, 9, 31, 63) if ndim == 1 else (3, 7, 13))
+               for d, causal in ((1, False), (2, True))]
+
+
+def test_a_split_canary_runs_the_kernels_of_the_call():
+    """The split kernels are picked by the window (shared memory grows with it): each op's canary keeps the
+    call's windows, so it picks the tiled or straightforward kernels the call picks, for every op."""
+    from na_rtc.runtime.families import accumulator_dtype
+    from na_rtc.runtime.kernels import Kernels
+
+    kernels, picked = Kernels(None), set()
+    for ndim, dtype, hd, k, d, causal in SPLIT_CASES:
+        for op in ("fused", "qk", "av"):
+            problem = _split_problem(op, ndim, dtype, hd, k, d, causal)
+            test = canary.split_canary_problem(problem)
+            assert all(a.length % canary.SPLIT_TILE[ndim] for a in test.axes) or ndim == 2
+            for choice, weights in (("qk", dtype), ("qk", accumulator_dtype(dtype)), ("av", dtype),
+                                    ("av", accumulator_dtype(dtype)), ("inverse", dtype),
+                                    ("inverse", accumulator_dtype(dtype)), ("bias_grad", accumulator_dtype(dtype))):
+                assert kernels.choice(test, choice, weights) == kernels.choice(problem, choice, weights), (
+                    problem, choice, weights)
+                picked.add(kernels.choice(problem, choice, weights).split("<")[0])
+    assert {"na_tiled_qk", "na_qk_fwd", "na_tiled_av", "na_av_fwd", "na_inv_fwd"} <= picked  # both kinds, by window
+
+
+def test_split_ops_are_verified_once_per_window_and_stay_right(verdict_store):
+    q, k = (torch.randn(1, 40, 2, 32, generator=torch.Generator().manual_seed(s)).half() for s in (1, 2))
+    for kernel_size in (5, 7, 5):
+        got = na_rtc.na1d_qk(q, k, kernel_size, backend="emulator")
+        want = na_rtc.na1d_qk(q.double(), k.double(), kernel_size, backend="reference")
+        assert_close(got, want, "float16", "forward")
+    names = sorted(v.kernel for v in verdict_store.recorded())
+    assert names == ["split kernels (qk, float16, 1D, head_dim 32, kernel 5)",
+                     "split kernels (qk, float16, 1D, head_dim 32, kernel 7)"]
+    assert _current_gate().stats["canaries"] == 2
+
+
+@pytest.mark.parametrize("op, call", [
+    ("qk", lambda q, k, v, a: na_rtc.na1d_qk(q, k, 5, backend="emulator")),
+    ("av", lambda q, k, v, a: na_rtc.na1d_av(a, v, 5, backend="emulator")),
+    ("qk_backward", lambda q, k, v, a: na_rtc.na1d_qk_backward(a, q, k, 5, backend="emulator")),
+    ("av_backward", lambda q, k, v, a: na_rtc.na1d_av_backward(q, a, v, 5, backend="emulator")),
+])
+def test_a_split_op_whose_kernels_fail_verification_says_what_serves_instead(everything_wrong, op, call):
+    q, k, v = _inputs()
+    attn = torch.randn(1, 40, 2, 5).half()
+    with pytest.warns(gate.KernelVerificationWarning, match=f"split kernels \\({op},"):
+        with pytest.raises(RuntimeError) as error:
+            call(q, k, v, attn)
+    assert "The split ops have no other kernels" in str(error.value) and "selftest" in str(error.value)

@@ -65,13 +65,16 @@ def _wgmma_policy(backend: str):
     return allowed
 
 
-def _split_kernels(op: str):
-    """problem -> the composed split path as one unit of verification (its kernels are picked per problem by
-    :class:`Kernels`; the canary shares the call's dtype, rank and head dim, hence its tiles)."""
-    outputs = ("out", "lse") if op == "forward" else ("dq", "dk", "dv", "drpb")
+def _split_kernels(op: str, what: str = "split kernels"):
+    """problem -> the split kernels serving ``op`` as one unit of verification. :class:`Kernels` picks tiled or
+    straightforward kernels by dtype, rank, head dim and window size, so the unit is named by those, and its
+    canary keeps the call's windows (``canary.split_canary_problem``)."""
+    from ..verify.canary import OUTPUTS
 
     def kernels(problem: Problem) -> dict:
-        return {f"composed split kernels ({op}, {problem.dtype}, {problem.ndim}D, head_dim {problem.head_dim})": outputs}
+        window = "x".join(str(k) for k in problem.kernel_size)
+        return {f"{what} ({op}, {problem.dtype}, {problem.ndim}D, head_dim {problem.head_dim}, kernel {window})":
+                OUTPUTS[op]}
 
     return kernels
 
@@ -79,7 +82,7 @@ def _split_kernels(op: str):
 def _untrusted_error(problem: Problem, what: str, verdicts, why_not_split: str) -> RuntimeError:
     wrong = "; ".join(f"{v.kernel} ({v.path}): {v.detail}" for v in verdicts)
     return RuntimeError(
-        f"na_rtc: no kernel that passed first-use verification on {problem.device} serves this fused {what} "
+        f"na_rtc: no kernel that passed first-use verification on {problem.device} serves this {what} "
         f"({problem.dtype}, {problem.ndim}D, head_dim {problem.head_dim}). Kernels that gave wrong results here: "
         f"{wrong}. {why_not_split} `python -m na_rtc selftest` reports every kernel and primitive on this GPU; "
         "the reference backend (na_rtc.use_backend('reference')) computes on the same device without these kernels; "
@@ -101,6 +104,7 @@ def _probabilities(kernels: Kernels, problem: Problem, query, key, rpb, lse=None
 def split_candidates(kernels: Kernels):
     """The fused forward and backward as the split kernels composed (qk, softmax, av and their backwards;
     stride 1 only), as :class:`~na_rtc.verify.gate.Candidate` s: the fallback of the fused kernels."""
+    from ..verify.canary import split_canary_problem
     from ..verify.gate import Candidate
 
     def forward(problem, query, key, value, rpb=None):
@@ -119,8 +123,36 @@ def split_candidates(kernels: Kernels):
         drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_logits), _arrays.dtype_name(rpb))
         return dq, dk, dv, drpb
 
-    return (Candidate("forward", SPLIT, _split_kernels("forward"), forward),
-            Candidate("backward", SPLIT, _split_kernels("backward"), backward))
+    composed = "composed split kernels"
+    return (Candidate("forward", SPLIT, _split_kernels("forward", composed), forward, split_canary_problem),
+            Candidate("backward", SPLIT, _split_kernels("backward", composed), backward, split_canary_problem))
+
+
+def split_op_candidates(kernels: Kernels) -> dict:
+    """The split ops (``na*_qk``, ``na*_av`` and their backwards) as :class:`~na_rtc.verify.gate.Candidate` s,
+    by op name of ``canary.OPS``: their kernels have no other path, so on the GPU a failed verification is an
+    error that says what else serves."""
+    from ..verify.canary import split_canary_problem
+    from ..verify.gate import Candidate
+
+    def qk(problem, query, key, rpb=None):
+        return kernels.qk(problem, query, key, _bias_in_accumulator(problem, rpb), problem.dtype, 1.0, -math.inf)
+
+    def qk_backward(problem, grad_attn, query, key, rpb=None):
+        dq = kernels.av(problem, grad_attn, key)
+        dk = kernels.inverse(problem, grad_attn, query)
+        drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_attn), _arrays.dtype_name(rpb))
+        return dq, dk, drpb
+
+    def av(problem, attn, value):
+        return kernels.av(problem, attn, value)
+
+    def av_backward(problem, grad_out, attn, value):
+        dattn = kernels.qk(problem, grad_out, value, None, problem.dtype, 1.0, 0.0)
+        return dattn, kernels.inverse(problem, attn, grad_out)
+
+    runs = {"qk": qk, "qk_backward": qk_backward, "av": av, "av_backward": av_backward}
+    return {op: Candidate(op, SPLIT, _split_kernels(op), run, split_canary_problem) for op, run in runs.items()}
 
 
 def make_ops(run: Executor, backend: str) -> dict:
@@ -139,10 +171,11 @@ def make_ops(run: Executor, backend: str) -> dict:
         distrusted = gate.distrusted(problem, fused_candidates)
         if any(axis.stride != 1 for axis in problem.axes):
             if distrusted:
-                raise _untrusted_error(problem, what, distrusted, "The composed split kernels have no stride.")
+                raise _untrusted_error(problem, f"fused {what}", distrusted,
+                                       "The composed split kernels have no stride.")
             _require_stride_one(problem, backend, what)
         if not gate.trusted(problem, split):
-            raise _untrusted_error(problem, what, distrusted + gate.distrusted(problem, [split]),
+            raise _untrusted_error(problem, f"fused {what}", distrusted + gate.distrusted(problem, [split]),
                                    "The composed split kernels gave wrong results too.")
 
     split_forward, split_backward = split_candidates(kernels)
@@ -167,27 +200,26 @@ def make_ops(run: Executor, backend: str) -> dict:
         split_path(problem, "backward", candidates, split_backward)
         return split_backward.run(problem, grad_out, query, key, value, rpb)
 
-    def qk_forward(problem, query, key, rpb=None):
-        return kernels.qk(problem, query, key, _bias_in_accumulator(problem, rpb), problem.dtype, 1.0, -math.inf)
+    split_ops = split_op_candidates(kernels)
 
-    def qk_backward(problem, grad_attn, query, key, rpb=None):
-        dq = kernels.av(problem, grad_attn, key)
-        dk = kernels.inverse(problem, grad_attn, query)
-        drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_attn), _arrays.dtype_name(rpb))
-        return dq, dk, drpb
+    def split_op(op: str, function: str):
+        """The split op ``op`` (a name of ``canary.OPS``), refused where its kernels failed verification."""
+        candidate = split_ops[op]
 
-    def av_forward(problem, attn, value):
-        return kernels.av(problem, attn, value)
+        def run(problem, *arrays):
+            if not gate.trusted(problem, candidate):
+                raise _untrusted_error(problem, f"{function} call", gate.distrusted(problem, [candidate]),
+                                       "The split ops have no other kernels; the fused ops (na1d, na2d) compute "
+                                       "attention with their own, verified apart.")
+            return candidate.run(problem, *arrays)
 
-    def av_backward(problem, grad_out, attn, value):
-        dattn = kernels.qk(problem, grad_out, value, None, problem.dtype, 1.0, 0.0)
-        return dattn, kernels.inverse(problem, attn, grad_out)
+        return run
 
     return {
         "fused_forward": fused_forward,
         "fused_backward": fused_backward,
-        "qk_forward": qk_forward,
-        "qk_backward": qk_backward,
-        "av_forward": av_forward,
-        "av_backward": av_backward,
+        "qk_forward": split_op("qk", "na*_qk"),
+        "qk_backward": split_op("qk_backward", "na*_qk backward"),
+        "av_forward": split_op("av", "na*_av"),
+        "av_backward": split_op("av_backward", "na*_av backward"),
     }

@@ -9,10 +9,16 @@ so the bias paths of the forward and of the gradients run. It keeps the
 dtype, head dim, rank, array library and device of the call it vouches for,
 so it runs the same instantiation, on the same GPU.
 
+The split kernels (the split ops, and the fused ops composed of them) pick
+tiled or straightforward kernels by the window's size, so their canaries keep
+the call's windows (:func:`split_canary_problem`) on a short axis of their
+own, with a partial tile.
+
 Inputs are multiples of 1/64 in [-1, 1] (exact in float16 and bfloat16, so the
 reference sees exactly what the kernel sees); results are compared, with the
 tolerance table of :mod:`na_rtc.verify.tolerances`, against dense masked
-attention in float64 on the host (:mod:`na_rtc.verify.dense`). On the GPU a
+attention in float64 on the host (:mod:`na_rtc.verify.dense`; the split ops
+against the reference backend). On the GPU a
 canary costs a few milliseconds of kernel time and a few tens of
 milliseconds on the host.
 """
@@ -26,34 +32,68 @@ from typing import Callable
 import numpy as np
 
 from .. import _arrays
-from .._args import FUSED, Problem
+from .._args import AV, FUSED, Problem
 from ..window import Axis
 from . import dense
 from .tolerances import TOLERANCES
 
 FORWARD, BACKWARD = "forward", "backward"
-#: what each op returns, in order
-OUTPUTS = {FORWARD: ("out", "lse"), BACKWARD: ("dq", "dk", "dv", "drpb")}
 
-#: rank -> the canary's axes. 1D: 329 = 2 x 128 + 73 leaves a partial last tile for every tile of up to 128
-#: queries, and a window of 177 gives every tile, down to the 16 keys of a SIMT dK/dV tile, a box of three
-#: chunks (16 + 176 queries: three 64-query chunks). 2D: 23 x 21 leaves partial tiles on both axes for every
-#: tile of 16 x 8 or smaller, and an 11 x 11 window gives a 4 x 4 tile a box of 14 x 14 = 196 (three 64-row
-#: chunks) and an inner 8 x 8 tile one of 18 x 18. The dK/dV kernels' query boxes are as large as the
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """What a candidate's ``run`` takes after the problem, what it returns, and which tolerance applies."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    tolerance: str
+
+
+#: the ops a canary can check, by name: the fused op (its kernels get the bias in float32) and the split ops
+OPS = {
+    FORWARD: Op(("q", "k", "v", "rpb"), ("out", "lse"), "forward"),
+    BACKWARD: Op(("dout", "q", "k", "v", "rpb", "out", "lse"), ("dq", "dk", "dv", "drpb"), "grad"),
+    "qk": Op(("q", "k", "rpb"), ("attn",), "forward"),
+    "qk_backward": Op(("dattn", "q", "k", "rpb"), ("dq", "dk", "drpb"), "grad"),
+    "av": Op(("attn", "v"), ("out",), "forward"),
+    "av_backward": Op(("dout", "attn", "v"), ("dattn", "dv"), "grad"),
+}
+OUTPUTS = {name: op.outputs for name, op in OPS.items()}
+
+#: rank -> the fused kernels' canary axes. 1D: 329 = 2 x 128 + 73 leaves a partial last tile for every tile of
+#: up to 128 queries, and a window of 177 gives every tile, down to the 16 keys of a SIMT dK/dV tile, a box of
+#: three chunks (16 + 176 queries: three 64-query chunks). 2D: 23 x 21 leaves partial tiles on both axes for
+#: every tile of 16 x 8 or smaller, and an 11 x 11 window gives a 4 x 4 tile a box of 14 x 14 = 196 (three
+#: 64-row chunks) and an inner 8 x 8 tile one of 18 x 18. The dK/dV kernels' query boxes are as large as the
 #: forward's key boxes (non-causal windows are symmetric).
 AXES = {
     1: (Axis(329, 177),),
     2: (Axis(23, 11), Axis(21, 11)),
 }
+#: rank -> the largest query tile of the split kernels along each axis (runtime/families.py TILED_TILES)
+SPLIT_TILE = {1: 64, 2: 8}
 BATCH, HEADS = 1, 2
 SEED = 20260
 
 
 def canary_problem(like: Problem) -> Problem:
-    """The canary for the instantiation that serves ``like``: its dtype, head dim, rank, library and device."""
-    axes = AXES[like.ndim]
-    return Problem(FUSED, axes, BATCH, HEADS, like.head_dim, like.dtype, like.kind, like.device, has_rpb=True,
-                   scale=2.0 * like.head_dim**-0.5)  # a larger scale than the default: a less uniform softmax
+    """The canary of the fused kernel that serves ``like``: its dtype, head dim, rank, library and device."""
+    return Problem(FUSED, AXES[like.ndim], BATCH, HEADS, like.head_dim, like.dtype, like.kind, like.device,
+                   has_rpb=True, scale=2.0 * like.head_dim**-0.5)  # a larger scale: a less uniform softmax
+
+
+def split_canary_problem(like: Problem) -> Problem:
+    """The canary of the split kernels that serve ``like`` (an op of ``like.op``): the call's windows (the
+    kernel size picks tiled or straightforward kernels) with stride 1, on axes long enough for two tiles and a
+    partial third; a bias where the windows allow one."""
+    axes = []
+    for axis in like.axes:
+        span = axis.kernel_size * axis.dilation
+        length = max(span, 2 * SPLIT_TILE[like.ndim]) + 5
+        axes.append(Axis(length, axis.kernel_size, 1, axis.dilation, axis.causal))
+    bias = like.op != AV and all(a.kernel_size % 2 == 1 and not a.causal for a in axes)
+    return Problem(like.op, tuple(axes), BATCH, HEADS, like.head_dim, like.dtype, like.kind, like.device,
+                   has_rpb=bias, scale=2.0 * like.head_dim**-0.5 if like.op == FUSED else None)
 
 
 def _grid(rng: np.random.Generator, shape) -> np.ndarray:
@@ -65,12 +105,14 @@ def _grid(rng: np.random.Generator, shape) -> np.ndarray:
 class Inputs:
     """A canary's host (float64) inputs and their copies on the call's device, in its library and dtype."""
 
-    host: dict[str, np.ndarray]
+    host: dict[str, np.ndarray | None]
     device: dict[str, object]
 
 
-def _to_device(x: np.ndarray, problem: Problem, dtype: str):
+def _to_device(x: np.ndarray | None, problem: Problem, dtype: str):
     """``x`` (float64) in ``problem``'s array library, on its device, as ``dtype``."""
+    if x is None:
+        return None
     if problem.kind == _arrays.TORCH:
         torch = sys.modules["torch"]
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=problem.device, dtype=getattr(torch, dtype))
@@ -82,9 +124,11 @@ def _to_device(x: np.ndarray, problem: Problem, dtype: str):
     return x.astype(dtype)
 
 
-def to_host64(x) -> np.ndarray:
+def to_host64(x) -> np.ndarray | None:
     """A result as float64 NumPy, from any library and device."""
     kind = _arrays.kind_of(x)
+    if x is None:
+        return None
     if kind == _arrays.TORCH:
         return x.detach().to("cpu").double().numpy()
     if kind == _arrays.CUPY:
@@ -93,37 +137,49 @@ def to_host64(x) -> np.ndarray:
 
 
 def make_inputs(problem: Problem, op: str) -> Inputs:
-    """Deterministic inputs for ``op``; a backward also gets the forward's output and logsumexp (the
-    reference's, rounded to what a forward kernel returns)."""
+    """Deterministic inputs of ``op``, float64 on the host and on the call's device: the bias in float32 (what
+    the fused kernels read; the ops cast it), the fused backward's output and logsumexp from the reference,
+    rounded as a forward kernel returns them."""
     rng = np.random.default_rng(SEED)
-    host = {name: _grid(rng, problem.qkv_shape) for name in ("q", "k", "v")}
-    host["rpb"] = _grid(rng, problem.rpb_shape)
-    device = {name: _to_device(host[name], problem, problem.dtype) for name in ("q", "k", "v")}
-    device["rpb"] = _to_device(host["rpb"], problem, "float32")  # the kernels read the bias in float32
+    shapes = {"q": problem.qkv_shape, "k": problem.qkv_shape, "v": problem.qkv_shape, "dout": problem.qkv_shape,
+              "attn": problem.attn_shape, "dattn": problem.attn_shape, "rpb": problem.rpb_shape}
+    names = [name for name in OPS[op].inputs if name in shapes]
+    host = {name: _grid(rng, shapes[name]) for name in names}
+    if "rpb" in host and not problem.has_rpb:
+        host["rpb"] = None
     if op == BACKWARD:
-        host["dout"] = _grid(rng, problem.qkv_shape)
-        device["dout"] = _to_device(host["dout"], problem, problem.dtype)
-        out, lse = reference_forward(problem, host)
-        device["out"] = _to_device(out, problem, problem.dtype)
-        device["lse"] = _to_device(lse, problem, "float32")
+        host["out"], host["lse"] = dense.forward(problem, host["q"], host["k"], host["v"], host["rpb"])
+    dtypes = {"rpb": "float32", "lse": "float32"}
+    device = {name: _to_device(x, problem, dtypes.get(name, problem.dtype)) for name, x in host.items()}
     return Inputs(host, device)
 
 
-def reference_forward(problem: Problem, host: dict) -> tuple[np.ndarray, np.ndarray]:
-    return dense.forward(problem, host["q"], host["k"], host["v"], host["rpb"])
+def reference(op: str, problem: Problem, host: dict) -> tuple:
+    """``op``'s results in float64: dense masked attention for the fused op, the reference backend for the
+    split ops."""
+    args = [host[name] for name in OPS[op].inputs if name not in ("out", "lse")]
+    if op == FORWARD:
+        return dense.forward(problem, *args)
+    if op == BACKWARD:
+        return dense.backward(problem, *args)
+    from .. import reference as backend
+
+    exact = dataclasses.replace(problem, dtype="float64", kind=_arrays.NUMPY, device="cpu")
+    result = backend.OPS[op if op.endswith("_backward") else f"{op}_forward"](exact, *args)
+    return result if isinstance(result, tuple) else (result,)
 
 
-def reference_backward(problem: Problem, host: dict) -> tuple[np.ndarray, ...]:
-    return dense.backward(problem, host["dout"], host["q"], host["k"], host["v"], host["rpb"])
-
-
-def mismatch(name: str, got: np.ndarray, want: np.ndarray, dtype: str, kind: str) -> str | None:
-    """None when ``got`` is within the tolerance of ``want``; otherwise what is wrong, for a warning."""
+def mismatch(name: str, got: np.ndarray | None, want: np.ndarray | None, dtype: str, kind: str) -> str | None:
+    """None when ``got`` is within the tolerance of ``want`` (equal where ``want`` is infinite); otherwise
+    what is wrong, for a warning."""
+    if got is None or want is None:
+        return None if got is None and want is None else f"{name} is {'missing' if got is None else 'unexpected'}"
     atol, rtol = TOLERANCES[dtype][kind]
     if got.shape != want.shape:
         return f"{name} has shape {got.shape}, expected {want.shape}"
-    excess = np.abs(got - want) - (atol + rtol * np.abs(want))
-    excess = np.where(np.isnan(excess), np.inf, excess)  # a NaN anywhere is wrong
+    with np.errstate(invalid="ignore"):
+        excess = np.abs(got - want) - (atol + rtol * np.abs(want))
+    excess = np.where(got == want, 0.0, np.where(np.isnan(excess), np.inf, excess))  # -inf logits match exactly
     bad = excess > 0
     if not bad.any():
         return None
@@ -132,22 +188,17 @@ def mismatch(name: str, got: np.ndarray, want: np.ndarray, dtype: str, kind: str
             f"reference; worst at {tuple(int(i) for i in worst)}: got {got[worst]:.6g}, expected {want[worst]:.6g}")
 
 
-#: runs one op of a candidate kernel path: forward ``(problem, q, k, v, rpb) -> (out, lse)``; backward
-#: ``(problem, dout, q, k, v, rpb, out, lse) -> (dq, dk, dv, drpb)``; the bias arrives in float32
+#: runs ``op`` on one candidate kernel path: ``(problem, *inputs) -> outputs`` in the order of ``OPS[op]``
 Runner = Callable[..., tuple]
 
 
 def check(op: str, problem: Problem, run: Runner) -> dict[str, str | None]:
     """Run ``op`` on ``problem`` (a canary) through ``run``; per output, None or the mismatch."""
+    spec = OPS[op]
     inputs = make_inputs(problem, op)
-    d = inputs.device
-    if op == FORWARD:
-        got = run(problem, d["q"], d["k"], d["v"], d["rpb"])
-        want = reference_forward(problem, inputs.host)
-        kinds = ("forward", "forward")
-    else:
-        got = run(problem, d["dout"], d["q"], d["k"], d["v"], d["rpb"], d["out"], d["lse"])
-        want = reference_backward(problem, inputs.host)
-        kinds = ("grad",) * 4
-    return {name: mismatch(name, to_host64(g), np.asarray(w, np.float64), problem.dtype, kind)
-            for name, g, w, kind in zip(OUTPUTS[op], got, want, kinds)}
+    got = run(problem, *(inputs.device[name] for name in spec.inputs))
+    got = got if isinstance(got, tuple) else (got,)
+    want = reference(op, problem, inputs.host)
+    return {name: mismatch(name, to_host64(g), None if w is None else np.asarray(w, np.float64), problem.dtype,
+                           spec.tolerance)
+            for name, g, w in zip(spec.outputs, got, want)}

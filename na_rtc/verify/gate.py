@@ -47,14 +47,16 @@ class KernelVerificationWarning(UserWarning):
 class Candidate:
     """One way a dispatcher can serve an op: the kernels it launches and how to run it.
 
-    ``kernels(problem)``: name expression -> the outputs that kernel computes (``canary.OUTPUTS``), for the
-    kernels this path launches for ``problem``; ``run``: the op on this path (see ``canary.Runner``).
+    ``op``: a name of ``canary.OPS``; ``kernels(problem)``: name expression -> the outputs that kernel
+    computes (``canary.OUTPUTS``), for the kernels this path launches for ``problem``; ``run``: the op on this
+    path (see ``canary.Runner``); ``canary(problem)``: the canary problem that runs the same kernels.
     """
 
     op: str
     path: str
     kernels: Callable[[Problem], Mapping[str, tuple[str, ...]]]
     run: canary.Runner
+    canary: Callable[[Problem], Problem] = canary.canary_problem
 
 
 #: backends whose dispatchers verify automatically; tests add the emulator (verify_automatically_on)
@@ -204,7 +206,7 @@ class Gate:
         """Run ``candidate``'s canary now and record a verdict for each of its kernels (for ``problem``'s
         device): passing when every output the kernel computes is within the tolerance."""
         expected = dict(candidate.kernels(problem))
-        test = canary.canary_problem(problem)
+        test = candidate.canary(problem)
         actual = dict(candidate.kernels(test))
         if actual != expected:  # a canary must run the very instantiations it vouches for
             raise RuntimeError(f"na_rtc internal error: the canary of {candidate.path} runs {sorted(actual)}, not "

@@ -24,13 +24,17 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from .. import _arrays
-from .._args import FUSED, Problem
+from .._args import AV, FUSED, QK, Problem
+from ..window import Axis
 from . import canary
 
 #: the settings that pick other instantiations than the tables' (``--full`` checks those too)
 ALTERNATIVE_SETTINGS = ({"NA_RTC_TC_WARP_ROWS": "16"}, {"NA_RTC_WGMMA_WARPGROUPS": "1"},
                         {"NA_RTC_WGMMA_CHUNK_KEYS": "32"})
 HEAD_DIMS = {"quick": (32,), "full": (32, 64, 128, 256)}
+#: (mode, rank) -> window sizes of the split kernels' canaries: they pick tiled or straightforward kernels by
+#: the window, so --full also takes one large enough for the straightforward ones at the larger head dims
+SPLIT_WINDOWS = {("quick", 1): (7,), ("quick", 2): (7,), ("full", 1): (7, 63), ("full", 2): (7, 13)}
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,8 @@ def units(where: Target, mode: str) -> list[Unit]:
     tensor_cores, wgmma = (lambda problem: where.tensor_cores()), (lambda problem: where.wgmma())
     forward, backward = FusedKernels(run, tensor_cores, wgmma), fused_bwd.FusedBackwardKernels(run, tensor_cores, wgmma)
     split_forward, split_backward = ops.split_candidates(Kernels(run))
+    split = [(FUSED, split_forward), (FUSED, split_backward)] + [
+        (AV if op.startswith("av") else QK, candidate) for op, candidate in ops.split_op_candidates(Kernels(run)).items()]
     variants = [()] + ([tuple(s.items()) for s in ALTERNATIVE_SETTINGS] if mode == "full" else [])
     found: list[Unit] = []
     seen: set = set()
@@ -162,8 +168,12 @@ def units(where: Target, mode: str) -> list[Unit]:
                         add(problem, forward.candidate(path), f"forward {path}", settings)
                     for pair in pairs:
                         add(problem, backward.candidate(pair), f"backward {pair[0]}", settings)
-                add(problem, split_forward, "forward split")
-                add(problem, split_backward, "backward split")
+                for window in SPLIT_WINDOWS[mode, ndim]:
+                    axes = tuple(Axis(4 * window, window) for _ in range(ndim))
+                    for op, candidate in split:
+                        call = Problem(op, axes, canary.BATCH, canary.HEADS, head_dim, dtype, where.kind, where.device,
+                                       op != AV, head_dim**-0.5 if op == FUSED else None)
+                        add(call, candidate, f"{candidate.op} split")
     return found
 
 
@@ -211,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         for row in run_unit(where, unit):
             rows.append(row)
             extra = f" [{row.settings}]" if row.settings else ""
-            print(f"  {_mark(row.ok)}  {row.op:<8} {row.path:<9} {row.dtype:<8} {row.rank}D hd{row.head_dim:<4} "
+            print(f"  {_mark(row.ok)}  {row.op:<11} {row.path:<9} {row.dtype:<8} {row.rank}D hd{row.head_dim:<4} "
                   f"{row.kernel}{extra}  ({row.seconds:.2f} s)" + ("" if row.ok else f"\n        {row.detail}"))
             sys.stdout.flush()
     failed_primitives = [p for p in primitives if p["ok"] is False]
