@@ -126,13 +126,16 @@ def _to_device(x: np.ndarray | None, problem: Problem, dtype: str):
 
 def to_host64(x) -> np.ndarray | None:
     """A result as float64 NumPy, from any library and device."""
-    kind = _arrays.kind_of(x)
     if x is None:
         return None
+    kind = _arrays.kind_of(x)
     if kind == _arrays.TORCH:
         return x.detach().to("cpu").double().numpy()
     if kind == _arrays.CUPY:
-        return x.get().astype(np.float64)
+        from ..runtime import device
+
+        with device.guard(x):  # ndarray.get() switches to the array's device and back, as Device() does
+            return x.get().astype(np.float64)
     return np.asarray(x, dtype=np.float64)
 
 
