@@ -3,7 +3,8 @@
 The dispatchers (``runtime/fused.py``, ``runtime/fused_bwd.py``,
 ``runtime/ops.py``) offer their candidate kernel paths in order (wgmma,
 mma.sync, SIMT, the composed split kernels) and ask :meth:`Gate.trusted`
-about each; the first trusted one runs. A path is trusted when every kernel
+about each; the first trusted one runs. The split ops have one path each,
+which serves only once trusted. A path is trusted when every kernel
 instantiation it launches has a passing verdict. A kernel without a verdict
 gets one now: its path runs a canary (:mod:`na_rtc.verify.canary`) and the
 results are compared with the float64 reference, per output, so a wrong dq
@@ -221,8 +222,8 @@ class Gate:
         for name, outputs in expected.items():
             wrong = [results[output] for output in outputs if results.get(output)]
             detail = "; ".join(wrong) if wrong else (
-                f"{', '.join(outputs)} within the {test.dtype} tolerance of the float64 reference on a {shape} "
-                f"canary ({seconds:.2f} s)")
+                f"{', '.join(outputs)} within the {test.dtype} tolerance of the float64 reference on a canary of "
+                f"{shape} positions ({seconds:.2f} s)")
             verdict = Verdict(name, not wrong, description, detail, candidate.op, candidate.path, now_utc())
             key = verdict_key(program_identity(self.backend, problem, name), device_key, name)
             _store.put(key, verdict)
