@@ -67,6 +67,29 @@ def test_info_runs_and_names_version_and_backends():
     assert "cache" in result.stdout
 
 
+def test_info_lists_the_recorded_kernel_verdicts(tmp_path, monkeypatch, capsys):
+    """What first-use verification recorded in the cache folder, failures first with their mismatch."""
+    from na_rtc.verify import gate
+    from na_rtc.verify.verdicts import Verdict, VerdictStore
+
+    monkeypatch.setenv("NA_RTC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gate, "_store", VerdictStore())  # the folder follows the setting
+    assert main(["info"]) == 0
+    assert "none recorded yet" in capsys.readouterr().out
+    store = gate.store()
+    store.put("a", Verdict("na_fused_fwd<float, 32, 64, 1>", True, "GPU 0 (H100, sm_90)", "out, lse within", "forward",
+                           "simt", "2026-12-07T00:00:00Z"))
+    store.put("b", Verdict("na_fused_tc_fwd<fp16_t, 32, 128, 1, 64, 2>", False, "GPU 0 (H100, sm_90)",
+                           "out: 12 of 99 values outside", "forward", "mma.sync", "2026-12-07T00:00:00Z"))
+    store.forget()  # read back from the files
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "2 kernels verified, 1 gave wrong results" in out
+    lines = [line.strip() for line in out.splitlines() if "na_fused" in line]
+    assert lines[0].startswith("WRONG") and "out: 12 of 99 values outside" in lines[0]
+    assert lines[1].startswith("ok") and "na_fused_fwd<float, 32, 64, 1> on GPU 0 (H100, sm_90)" in lines[1]
+
+
 @pytest.mark.slow
 def test_demo_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
