@@ -317,7 +317,7 @@ def cache_dir() -> Probe:
 
 
 def verdicts() -> Probe:
-    """The recorded verdicts of first-use kernel verification: a list of
+    """The recorded verdicts of first-use kernel verification, the latest per (device, kernel): a list of
     :class:`na_rtc.verify.verdicts.Verdict`, failures first."""
     try:
         from na_rtc.verify.gate import store
@@ -326,12 +326,14 @@ def verdicts() -> Probe:
         folder = store().folder
     except Exception as error:  # noqa: BLE001
         return _missing(f"unreadable ({_describe_error(error)})")
-    found.sort(key=lambda v: (v.ok, v.device, v.kernel))
-    failed = [v for v in found if not v.ok]
+    latest: dict = {}
+    for verdict in sorted(found, key=lambda v: v.utc):  # older builds' verdicts stay on disk until replaced
+        latest[verdict.device, verdict.kernel] = verdict
+    found = sorted(latest.values(), key=lambda v: (v.ok, v.device, v.kernel))
     if not found:
         return Probe(True, [], f"none recorded yet ({folder}); kernels are verified at their first use on a GPU")
-    text = f"{len(found)} kernels verified, {len(failed)} gave wrong results ({folder})"
-    return Probe(True, found, text)
+    failed = [v for v in found if not v.ok]
+    return Probe(True, found, f"{len(found)} kernels verified, {len(failed)} gave wrong results ({folder})")
 
 
 def settings() -> Probe:

@@ -81,12 +81,17 @@ def test_info_lists_the_recorded_kernel_verdicts(tmp_path, monkeypatch, capsys):
                            "simt", "2026-12-07T00:00:00Z"))
     store.put("b", Verdict("na_fused_tc_fwd<fp16_t, 32, 128, 1, 64, 2>", False, "GPU 0 (H100, sm_90)",
                            "out: 12 of 99 values outside", "forward", "mma.sync", "2026-12-07T00:00:00Z"))
+    store.put("c", Verdict("na_fused_fwd<float, 32, 64, 1>", False, "GPU 0 (H100, sm_90)", "out: wrong",
+                           "forward", "simt", "2026-12-01T00:00:00Z"))  # an older build's verdict: replaced
     store.forget()  # read back from the files
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "2 kernels verified, 1 gave wrong results" in out
-    lines = [line.strip() for line in out.splitlines() if "na_fused" in line]
+    lines = [line.strip() for line in out.splitlines() if "na_fused" in line or "kernels on" in line]
     assert lines[0].startswith("WRONG") and "out: 12 of 99 values outside" in lines[0]
+    assert lines[1] == "ok     1 kernels on GPU 0 (H100, sm_90) (info --verdicts lists them)"
+    assert main(["info", "--verdicts"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if "na_fused" in line]
     assert lines[1].startswith("ok") and "na_fused_fwd<float, 32, 64, 1> on GPU 0 (H100, sm_90)" in lines[1]
 
 
