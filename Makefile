@@ -25,7 +25,7 @@ GPU_PYTHON ?= python3
 RESULTS ?= benchmarks/results
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test wheel clean distclean gpu-check
+.PHONY: help venv demo test wheel clean distclean gpu-check check-all
 
 help:
 	@echo "make demo       set up $(VENV) (once), run 1D/2D NA forward+backward, check it, write na_rtc_demo.png"
@@ -33,6 +33,8 @@ help:
 	@echo "make wheel      build the wheel into $(DIST)/"
 	@echo "make gpu-check  on a GPU machine, with its own python (no .venv, no network): GPU self-tests,"
 	@echo "                gpu-marked tests, quick benchmark; JSON into RESULTS=$(RESULTS)"
+	@echo "make check-all  compile every kernel for one GPU of each class it may run on (sm_75 ... sm_120) and"
+	@echo "                check spills, registers and shared memory (CI checks sm_80, sm_90 and one more a run)"
 	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot,nvrtc,examples]"
 	@echo "make clean      remove build outputs and caches (keeps $(VENV))"
 	@echo "make distclean  clean, and remove $(VENV) too"
@@ -72,6 +74,14 @@ BENCH_ARGS ?= --preset quick --plot
 .PHONY: bench
 bench: $(STAMP)
 	$(VPY) -m na_rtc bench $(BENCH_ARGS)
+
+# Every kernel family compiled with NVRTC (no GPU needed) for one architecture of each class of GPU it
+# may run on (na_rtc/runtime/archs.py CLASSES: sm_75, sm_80, sm_86, sm_90, sm_100, sm_120) and checked:
+# no spills, registers and shared memory fit the largest launch. CI checks sm_80 and sm_90 on every run
+# and one more class by rotation; this is the whole product. CHECK_JOBS compiles at once.
+CHECK_JOBS ?= 2
+check-all: $(STAMP)
+	$(VPY) -m na_rtc check --arch classes --jobs $(CHECK_JOBS)
 
 wheel: $(STAMP)
 	$(VPY) -m build --wheel --outdir $(DIST) .

@@ -52,7 +52,11 @@
 
 __device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 15) / 16 * 16; }
 
-template <class T, int HD, int TX, int TY, int KC>
+// KV_SHARED: the K/V stream's addresses and strides (block-uniform, about 24 registers: na_tc_kv_stream) are
+// kept in static shared memory and read once a chunk, instead of in registers through the chunk loop. At
+// head dim 128 the kernel is at 255 registers, and ptxas for sm_100 and sm_120 spills 4 to 16 bytes with
+// them in registers (sm_80 to sm_90 do not, and keep them there).
+template <class T, int HD, int TX, int TY, int KC, bool KV_SHARED = (HD == 128 && NA_TC_ARCH >= 1000)>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
     const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
@@ -91,8 +95,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    const auto kv = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
-                                                         tx, ty, dx, dy, b, h);
+    using kv_stream = na_tc_kv_stream<T, HD, na_rows_pitch<P>, KC, TY>;
+    const kv_stream kv_own = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY>(
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
+    __shared__ kv_stream kv_block;  // KV_SHARED: written by thread 0, read after the barrier below
+    if (KV_SHARED && tid == 0) kv_block = kv_own;
+    const kv_stream& kv = KV_SHARED ? kv_block : kv_own;
     __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     kv.load(tiles_q_g, box, 0);
 
@@ -160,9 +168,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     constexpr int NK = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
-    // k-steps of S^T and dP^T unrolled at once: in 2D at head dim 128 all 8 (their fragments loaded ahead)
-    // spill 12 bytes on sm_90; 4 at a time fit
-    constexpr int KS_UNROLL = TY > 1 && HD == 128 ? 4 : KSTEPS;
+    // k-steps of S^T and dP^T unrolled at once: at head dim 128 all 8 (their fragments loaded ahead) spill in
+    // 2D on sm_90 (12 bytes) and in 1D on sm_100 (24 bytes); 4 at a time fit (NA_TC_ARCH: only unrolling
+    // changes, not the math)
+    constexpr int KS_UNROLL = HD == 128 && (TY > 1 || NA_TC_ARCH >= 1000) ? 4 : KSTEPS;
     static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
     __shared__ na_tc_key_ranges<TX, TY> ranges;
 

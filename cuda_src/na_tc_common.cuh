@@ -15,6 +15,18 @@
 #define NA_TC_LOG2E 1.4426950408889634f
 #define NA_TC_LN2 0.6931471805599453f
 
+// The architecture being compiled for (__CUDA_ARCH__: 800 for sm_80, 1000 for sm_100), 0 in the emulator,
+// which compiles with no __CUDA_ARCH__. Kernels key register-use choices on it (how far a loop is
+// unrolled, whether a block-uniform value lives in a register or in shared memory): ptxas allocates
+// registers differently per architecture, and a choice that fits 255 registers on one spills on another.
+// The math never depends on it; a choice that changes code beyond unrolling is a template parameter whose
+// default comes from here, so that the emulator can build and test every variant.
+#ifdef __CUDA_ARCH__
+#define NA_TC_ARCH __CUDA_ARCH__
+#else
+#define NA_TC_ARCH 0
+#endif
+
 // The two query rows an mma lane holds in the 16-row mma tile starting at tile
 // row row0 (rows row0 + g and row0 + g + 8, g = lane / 4): whether they
 // exist, their windows in box coordinates (box = the union of the tile's

@@ -11,13 +11,18 @@ its largest launch (the family's ``launch_threads`` / ``launch_shared_bytes``):
   ``T`` threads needs ``ceil(T / 32) * roundup(32 * regs, 256)`` registers,
   at most 65536 per block on every architecture we support;
 * shared memory: static + dynamic at most the per-block opt-in maximum of the
-  architecture (:data:`ARCH_LIMITS`; above 48 KiB the launcher must opt in
-  with ``cudaFuncAttributeMaxDynamicSharedMemorySize``, as ``runtime/cuda.py`` does);
+  architecture, static at most 48 KiB (:func:`na_rtc.runtime.archs.fits`, the
+  table the families' budgets are tested against; above 48 KiB the launcher
+  must opt in with ``cudaFuncAttributeMaxDynamicSharedMemorySize``, as
+  ``runtime/cuda.py`` does);
 * sm_90a families (wgmma): no ptxas warning that it serialized the wgmma
   instructions (they would run one after another, waiting for each).
 
-Families with ``archs`` are compiled for those architectures only (the wgmma
-families for sm_90, as its arch-specific target sm_90a).
+A family is compiled only for the architectures the dispatcher may run it on
+(``Family.runs_on``): the tensor-core families for sm_80 and newer, the wgmma
+families for sm_90 only (as its arch-specific target sm_90a), the others for
+every architecture. ``--arch classes`` checks one architecture of each class
+of GPU (:data:`na_rtc.runtime.archs.CLASSES`, ``make check-all``).
 
 "max threads" is the largest block the kernel can launch with, given its
 registers: ``min(1024, 32 * floor(65536 / roundup(32 * regs, 256)))``.
@@ -37,10 +42,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence, TextIO
+from typing import Any, Iterable, Mapping, Sequence, TextIO
 
+from . import archs as _archs
 from . import cache as _cache
 from . import nvrtc as _nvrtc
+from .archs import ArchLimits
 
 __all__ = [
     "ARCH_LIMITS",
@@ -54,61 +61,66 @@ __all__ = [
     "parse_ptxas_log",
     "precompile",
     "render_table",
+    "rotation",
+    "rotation_arguments",
     "run_check",
     "run_precompile",
+    "runs_on",
 ]
 
 DEFAULT_FAMILY_MODULE = "na_rtc.runtime.families"
-DEFAULT_CHECK_ARCHS = (80, 90)  # what CI checks (DESIGN.md section 8)
+DEFAULT_CHECK_ARCHS = _archs.CI_ARCHS  # what CI checks in full on every run
 
-KIB = 1024
-
-
-class ArchLimits(NamedTuple):
-    """Per-block limits of one architecture (CUDA C++ Programming Guide,
-    "Technical Specifications per Compute Capability")."""
-
-    registers_per_block: int = 65536
-    max_threads_per_block: int = 1024
-    max_registers_per_thread: int = 255
-    register_unit_per_warp: int = 256  # registers are allocated to warps in units of this many
-    max_shared_per_block: int = 99 * KIB  # opt-in maximum, static + dynamic
-    static_shared_max: int = 48 * KIB
-    known: bool = True  # False: not in the table, conservative values assumed
+#: the per-architecture limits live in :mod:`na_rtc.runtime.archs` (one table with the families' budgets)
+ARCH_LIMITS = _archs.LIMITS
+FALLBACK_LIMITS = _archs.FALLBACK_LIMITS
+KIB = _archs.KIB
+limits_for = _archs.limits_for
 
 
-#: per-architecture limits used by ``check``; unknown architectures get
-#: :data:`FALLBACK_LIMITS` (the smallest opt-in shared memory of sm_80+) and are flagged
-ARCH_LIMITS: dict[int, ArchLimits] = {
-    70: ArchLimits(max_shared_per_block=96 * KIB),  # V100
-    72: ArchLimits(max_shared_per_block=96 * KIB),  # Xavier
-    75: ArchLimits(max_shared_per_block=64 * KIB),  # T4, RTX 20
-    80: ArchLimits(max_shared_per_block=163 * KIB),  # A100
-    86: ArchLimits(max_shared_per_block=99 * KIB),  # RTX 30, A10, A40
-    87: ArchLimits(max_shared_per_block=163 * KIB),  # Orin
-    89: ArchLimits(max_shared_per_block=99 * KIB),  # RTX 40, L4, L40
-    90: ArchLimits(max_shared_per_block=227 * KIB),  # H100, H200
-    100: ArchLimits(max_shared_per_block=227 * KIB),  # B200
-    103: ArchLimits(max_shared_per_block=227 * KIB),  # B300
-    120: ArchLimits(max_shared_per_block=99 * KIB),  # RTX 50, RTX PRO 6000
-    121: ArchLimits(max_shared_per_block=99 * KIB),  # GB10
-}
-FALLBACK_LIMITS = ArchLimits(max_shared_per_block=99 * KIB, known=False)
-
-
-def limits_for(arch: int) -> ArchLimits:
-    return ARCH_LIMITS.get(arch, FALLBACK_LIMITS)
+def runs_on(family: Any, arch: int) -> bool:
+    """Whether ``family`` is compiled for ``sm_<arch>`` (``Family.runs_on``; families of a
+    ``--family-module`` may be plain namespaces with ``archs`` / ``min_arch`` or neither)."""
+    if hasattr(family, "runs_on"):
+        return bool(family.runs_on(arch))
+    archs = tuple(getattr(family, "archs", ()) or ())
+    return arch >= int(getattr(family, "min_arch", 0) or 0) and (not archs or arch in archs)
 
 
 def parse_arch_list(text: str | Iterable[str | int]) -> list[int]:
-    """``"sm_80,sm_90"`` (or ``"80 90"``, or ``"all"``: every arch NVRTC compiles for) -> ``[80, 90]``."""
+    """``"sm_80,sm_90"`` (or ``"80 90"``; ``"all"``: every arch NVRTC compiles for; ``"classes"``: one of
+    each class of GPU the kernels are checked for, :data:`na_rtc.runtime.archs.CLASSES`) -> ``[80, 90]``."""
     items = re.split(r"[,\s]+", text.strip()) if isinstance(text, str) else list(text)
     items = [item for item in items if str(item).strip()]
     if not items:
         raise ValueError("no architecture given (expected e.g. sm_80,sm_90)")
     if len(items) == 1 and str(items[0]).lower() == "all":
         return _nvrtc.supported_archs()
+    if len(items) == 1 and str(items[0]).lower() == "classes":
+        return list(_archs.CLASSES)
     return list(dict.fromkeys(_nvrtc.parse_arch(item) for item in items))
+
+
+def rotation(commit: str, families: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """The architecture class CI adds to sm_80 and sm_90 for ``commit`` (:func:`archs.rotating_class`) and
+    the families it checks there: on a class below sm_80 every family that runs there (the SIMT and split
+    kernels, in less shared memory); on the others the families that need sm_80 or newer (the tensor-core
+    kernels, at up to 255 registers: where ptxas's register allocation, which differs per architecture,
+    decides whether they spill). ``make check-all`` checks every family on every class."""
+    arch = _archs.rotating_class(commit)
+    if arch < 80:
+        names = [name for name, family in families.items() if runs_on(family, arch)]
+    else:
+        names = [name for name, family in families.items()
+                 if runs_on(family, arch) and int(getattr(family, "min_arch", 0) or 0) >= 80]
+    return arch, names
+
+
+def rotation_arguments(commit: str) -> str:
+    """``check``'s arguments for :func:`rotation` of ``commit`` (what CI runs, and prints so that a failure
+    can be reproduced): ``--arch sm_100 --family fused_tc,fused_tc_bwd``."""
+    arch, names = rotation(commit, load_families())
+    return f"--arch sm_{arch} --family {','.join(names)}"
 
 
 # ---------------------------------------------------------------- ptxas report
@@ -275,11 +287,11 @@ def _kernel_report(name: str, family_name: str, family: Any, program: _nvrtc.Com
                 f"{limits.registers_per_block} per block (at most {report.max_threads} threads)"
             )
     shared = function.static_shared + dynamic
-    if shared > limits.max_shared_per_block:
+    if not _archs.fits(arch, function.static_shared, dynamic):
         fits = False
         report.problems.append(
             f"{shared} bytes of shared memory ({function.static_shared} static + {dynamic} dynamic); "
-            f"sm_{arch} allows {limits.max_shared_per_block} per block"
+            f"sm_{arch} allows {limits.max_shared_per_block} per block, {limits.static_shared_max} of them static"
         )
     elif shared > 48 * KIB:
         report.notes.append("above 48 KiB of shared memory: the launch must opt in (MaxDynamicSharedMemorySize)")
@@ -342,9 +354,8 @@ def _compile(family_name: str, family: Any, arch: int, cache_root: Path | None):
 
 
 def _each(families: Mapping[str, Any], archs: Sequence[int], jobs: int, cache_root: Path | None):
-    """Compile every (arch, family) the family is built for, ``jobs`` at a time; yields in order."""
-    tasks = [(arch, name, family) for arch in archs for name, family in families.items()
-             if not getattr(family, "archs", ()) or arch in family.archs]
+    """Compile every (arch, family) the family runs on, ``jobs`` at a time; yields in order."""
+    tasks = [(arch, name, family) for arch in archs for name, family in families.items() if runs_on(family, arch)]
     if jobs <= 1 or len(tasks) <= 1:
         for arch, name, family in tasks:
             yield arch, name, family, _compile(name, family, arch, cache_root)

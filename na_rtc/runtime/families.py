@@ -21,14 +21,27 @@ class Family:
     launch_threads: dict = field(default_factory=dict)
     #: dynamic shared memory bytes at the largest launch, per name
     launch_shared_bytes: dict = field(default_factory=dict)
-    #: the architectures it is built for (empty: every one); ``check`` and ``precompile`` skip the others
+    #: the only architectures it is built for (empty: no such list), for arch-specific builds
     archs: tuple[int, ...] = ()
     #: built for the arch-specific target ``sm_<arch>a`` (Hopper's wgmma: sm_90a), whose cubin runs on
     #: exactly that architecture
     arch_specific: bool = False
+    #: the oldest architecture the dispatcher sends it to (0: any); newer ones, including those newer than
+    #: the installed NVRTC knows (PTX), run it too. The tensor-core kernels need sm_80.
+    min_arch: int = 0
 
-    def builds_for(self, arch: int) -> bool:
-        return not self.archs or arch in self.archs
+    def runs_on(self, arch: int) -> bool:
+        """Whether the dispatcher may run this family on ``sm_<arch>``: what ``check`` and ``precompile``
+        compile, and what the launcher loads."""
+        return arch >= self.min_arch and (not self.archs or arch in self.archs)
+
+    builds_for = runs_on  # the launcher's and the compile benchmark's name: only what can run is built
+
+    def arch_text(self) -> str:
+        """The architectures it runs on, in words: "sm_90", "sm_80 and newer", "every architecture"."""
+        if self.archs:
+            return ", ".join(f"sm_{a}" for a in self.archs if a >= self.min_arch)
+        return f"sm_{self.min_arch} and newer" if self.min_arch else "every architecture"
 
 
 NAIVE_THREADS = 256  # one thread per output element; NA_RPB_THREADS in na_naive.cu matches
@@ -93,7 +106,8 @@ def fused_tc_family() -> Family:
     """Tensor-core fused forward (cuda_src/na_fused_tc.cu; table and dispatch in runtime/fused_tc.py)."""
     from . import fused_tc
 
-    return Family(fused_tc.SOURCE, fused_tc.names(), fused_tc.family_threads(), fused_tc.family_shared())
+    return Family(fused_tc.SOURCE, fused_tc.names(), fused_tc.family_threads(), fused_tc.family_shared(),
+                  min_arch=fused_tc.MIN_ARCH)
 
 
 def fused_tc_bwd_family() -> Family:
@@ -101,7 +115,7 @@ def fused_tc_bwd_family() -> Family:
     from . import fused_tc
 
     return Family(fused_tc.BWD_SOURCE, fused_tc.bwd_names(), fused_tc.bwd_family_threads(),
-                  fused_tc.bwd_family_shared())
+                  fused_tc.bwd_family_shared(), min_arch=fused_tc.MIN_ARCH)
 
 
 def fused_wg_family() -> Family:

@@ -23,6 +23,9 @@ from .tiling import CTYPES
 
 SOURCE = "na_fused_tc.cu"
 THREADS = 128  # NA_TC_THREADS in na_fused_tc.cu
+#: the oldest architecture these kernels run on (mma.sync m16n8k16 in bf16, cp.async): the families'
+#: min_arch, so that check and precompile build them for sm_80 and newer only
+MIN_ARCH = 80
 SHARED_BUDGET = 48 * 1024
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 64, 128)  # head-dim buckets (multiples of 32: k-steps of the mma are taken in pairs)
