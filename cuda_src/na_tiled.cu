@@ -63,10 +63,19 @@ __device__ __forceinline__ void na_stage_halo(T* dst, long long P, const T* src,
                  });
 }
 
+// Blocks an SM must hold, for ptxas's register budget: by default it keeps na_tiled_qk at 64 registers (four
+// blocks an SM), which on sm_120 spills 8 bytes; there one block as the minimum lets it take the 72 it needs.
+// Elsewhere the default fits, and a minimum of one would cost a block an SM (68 to 72 registers).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+#define NA_TILED_QK_MIN_BLOCKS 1
+#else
+#define NA_TILED_QK_MIN_BLOCKS 4
+#endif
+
 // logits: attn[b,i,h,t] = scale * q[b,i,h] . k[b,key(i,t),h] + rpb[h, rel(i,t)],
 // `fill` outside (causal) windows: na_qk_fwd, from shared memory
 template <class T, class TA, int HD, int TX, int TY>
-__global__ void __launch_bounds__(256) na_tiled_qk(
+__global__ void __launch_bounds__(256, NA_TILED_QK_MIN_BLOCKS) na_tiled_qk(
     const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
     const typename na_acc<T>::type* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
     TA* __restrict__ attn, NA_STRIDES5(a), double scale, double fill, NA_PROBLEM) {

@@ -43,10 +43,25 @@ __device__ __forceinline__ long long na_tinv_box_y(long long TY, long long Y, lo
     return na_min(TY + 2 * ky - 2, (Y + dy - 1) / dy);
 }
 
-// (at least 2 blocks per SM: a 128-register cap; without it ptxas picked 80
-// registers and spilled for HD 128, TX 16)
+// At least 2 blocks an SM: a 128-register cap (without it ptxas picked 80
+// registers and spilled for HD 128, TX 16). On sm_100 the 2D head-dim-64 tile
+// with fp32 weights and fp32 or fp16 rows spills 24 to 28 bytes under that cap
+// and takes 209 registers without it: one block an SM for those two there, the
+// only way this source fits without spills (every other one keeps 2).
+template <class T> struct na_tinv_is_bf16 { static constexpr bool value = false; };
+template <> struct na_tinv_is_bf16<bf16_t> { static constexpr bool value = true; };
+
 template <class TA, class T, int HD, int TX, int TY>
-__global__ void __launch_bounds__(NA_TINV_THREADS, 2)
+__host__ __device__ constexpr int na_tinv_min_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000 && __CUDA_ARCH__ < 1200
+    return sizeof(TA) == 4 && !na_tinv_is_bf16<T>::value && HD == 64 && TX == 4 && TY == 8 ? 1 : 2;
+#else
+    return 2;
+#endif
+}
+
+template <class TA, class T, int HD, int TX, int TY>
+__global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD, TX, TY>()))
     na_tiled_inv(const TA* __restrict__ w, NA_STRIDES5(w), const T* __restrict__ src, NA_STRIDES5(s),
                  T* __restrict__ out, NA_STRIDES5(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
