@@ -200,12 +200,14 @@ COMMANDS: dict[str, Command] = {
     "precompile": Command(
         cmd_precompile,
         "compile every kernel with NVRTC into the disk cache (no GPU needed), e.g. --arch sm_80,sm_90",
-        _kernel_arguments("architectures, e.g. sm_80,sm_90, or all (default: the GPUs in this machine)"),
+        _kernel_arguments("architectures, e.g. sm_80,sm_90; classes (one GPU of each class the kernels run on) or all "
+                          "(default: the GPUs in this machine)"),
     ),
     "check": Command(
         cmd_check,
         "compile every kernel instantiation and check registers, spills and shared memory against its launch",
-        _kernel_arguments("architectures, e.g. sm_80,sm_90, or all (default: sm_80,sm_90)")
+        _kernel_arguments("architectures, e.g. sm_80,sm_90; classes (one GPU of each class the kernels run on: "
+                          "make check-all) or all (default: sm_80,sm_90)")
         + (arg("--json", metavar="PATH", help="also write the report as JSON"),),
     ),
     "selftest": Command(

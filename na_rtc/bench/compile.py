@@ -65,9 +65,8 @@ class _Cuda:
         from .._resources import cuda_src_dir
         from ..runtime import cache, device
 
-        if not family.builds_for(self.arch):
-            raise RuntimeError(f"not built for sm_{self.arch} ({family.source} is for "
-                               f"{', '.join(f'sm_{a}' for a in family.archs)})")
+        if not family.runs_on(self.arch):
+            raise RuntimeError(f"not built for sm_{self.arch} ({family.source} runs on {family.arch_text()})")
         started = time.perf_counter()
         program, origin = cache.lookup(cuda_src_dir() / family.source, family.names, self.arch, cache_root=self.root,
                                        arch_specific=family.arch_specific)

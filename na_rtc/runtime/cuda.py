@@ -95,9 +95,9 @@ def _module(device: int, family, name: str):
         import cupy
 
         arch = _device.compute_capability(device)
-        if not family.builds_for(arch):  # the dispatcher checks first; this is the last line of defense
-            raise RuntimeError(f"the kernels of {family.source} are built for "
-                               f"{', '.join(f'sm_{a}' for a in family.archs)} only, not for GPU {device} (sm_{arch})")
+        if not family.runs_on(arch):  # the dispatcher checks first; this is the last line of defense
+            raise RuntimeError(f"the kernels of {family.source} run on {family.arch_text()} only, not on GPU {device} "
+                               f"(sm_{arch})")
         program = program_for(family, name, arch)
         # cuModuleLoadData reads PTX as a C string: it needs the terminator the cache strips
         image = program.binary + b"\x00" if program.kind == "ptx" else program.binary

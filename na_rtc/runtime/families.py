@@ -35,8 +35,6 @@ class Family:
         compile, and what the launcher loads."""
         return arch >= self.min_arch and (not self.archs or arch in self.archs)
 
-    builds_for = runs_on  # the launcher's and the compile benchmark's name: only what can run is built
-
     def arch_text(self) -> str:
         """The architectures it runs on, in words: "sm_90", "sm_80 and newer", "every architecture"."""
         if self.archs:

@@ -18,6 +18,7 @@ import math
 from .. import _arrays, config
 from .._args import Problem
 from .families import accumulator_dtype
+from . import fused_tc
 from .fused import FusedKernels
 from .fused_bwd import FusedBackwardKernels
 from .kernels import Kernels
@@ -44,7 +45,7 @@ def _tensor_core_policy(backend: str):
         if backend == "cuda":
             from . import cuda
 
-            return cuda.arch_of(problem.device) >= 80
+            return cuda.arch_of(problem.device) >= fused_tc.MIN_ARCH
         return True
 
     return allowed

@@ -49,7 +49,9 @@ class Target:
     description: str
 
     def tensor_cores(self) -> bool:
-        return self.arch is None or self.arch >= 80
+        from ..runtime import fused_tc
+
+        return self.arch is None or self.arch >= fused_tc.MIN_ARCH
 
     def wgmma(self) -> bool:
         from ..runtime import fused_wg
