@@ -455,7 +455,7 @@ def test_wgmma_is_computed_at_the_wait_and_misuse_is_reported(emu):
 def test_tensor_core_instructions_are_counted_per_launch(emu):
     """``last_op_counts``: the tensor-core instructions of the last launch, one per warp (a warpgroup's wgmma
     counts four), from zero at every launch; tests/test_tensor_core_work.py checks the kernels' work with
-    them (the mma.sync count: tests/test_primitives.py)."""
+    them (the mma.sync count: the mma self-test of na_rtc/verify/primitives.py)."""
     b = np.zeros(256, np.uint8)
     out = np.zeros(512, np.float32)
     run(emu, "wgmma_misuse", (1,), (128,), ptr(b), ptr(out), i64(0), shared=256)
