@@ -11,6 +11,7 @@ access (module ``__getattr__``). The historical NATTEN APIs live in
 
 __version__ = "0.1.0"
 
+from ._layouts import LayoutWarning
 from .backends import use_backend
 from .functional import (
     na1d,
@@ -30,6 +31,7 @@ from .functional import (
 __all__ = [
     "__version__",
     "use_backend",
+    "LayoutWarning",
     "na1d",
     "na2d",
     "na1d_qk",

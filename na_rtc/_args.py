@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, _layouts
 from .window import Axis
 
 FUSED, QK, AV = "fused", "qk", "av"
@@ -155,13 +155,24 @@ def _unpack_heads_last(name: str, x, ndim: int) -> tuple[int, tuple[int, ...], i
         layout = "[batch, length, heads, head_dim]" if ndim == 1 else "[batch, height, width, heads, head_dim]"
         raise ValueError(
             f"{name} must have {expected} dimensions {layout} (heads-last) for {ndim}D "
-            f"neighborhood attention, got shape {tuple(x.shape)}"
+            f"neighborhood attention, got shape {tuple(x.shape)}; {_layouts.heads_last_note(ndim)}"
         )
     shape = tuple(int(s) for s in x.shape)
     return shape[0], shape[1:-2], shape[-2], shape[-1]
 
 
-def _axes(ndim, spatial, kernel_size, stride, dilation, is_causal) -> tuple[Axis, ...]:
+def check_window_fits(spatial, kernel_size, dilation, note=None) -> None:
+    """Every axis holds ``kernel_size * dilation`` positions; ``note()`` (called only on failure) says how
+    the sizes were read from which array, for the caller's layout."""
+    for axis, (length, k, d) in enumerate(zip(spatial, kernel_size, dilation)):
+        if k * d > length:
+            raise ValueError(
+                f"kernel_size * dilation must not exceed the input size on every axis: axis {axis} "
+                f"has size {length} but kernel_size {k} * dilation {d} = {k * d}{note() if note else ''}"
+            )
+
+
+def _axes(ndim, spatial, kernel_size, stride, dilation, is_causal, note=None) -> tuple[Axis, ...]:
     kernel_size = per_axis_ints("kernel_size", kernel_size, ndim)
     stride = per_axis_ints("stride", stride, ndim)
     dilation = per_axis_ints("dilation", dilation, ndim)
@@ -176,12 +187,7 @@ def _axes(ndim, spatial, kernel_size, stride, dilation, is_causal) -> tuple[Axis
                 f"stride must be between 1 and kernel_size on every axis, got stride {stride} "
                 f"with kernel_size {kernel_size} (axis {axis})"
             )
-    for axis, (length, k, d) in enumerate(zip(spatial, kernel_size, dilation)):
-        if k * d > length:
-            raise ValueError(
-                f"kernel_size * dilation must not exceed the input size on every axis: axis {axis} "
-                f"has size {length} but kernel_size {k} * dilation {d} = {k * d}"
-            )
+    check_window_fits(spatial, kernel_size, dilation, note)
     return tuple(
         Axis(length, k, s, d, c) for length, k, s, d, c in zip(spatial, kernel_size, stride, dilation, causal)
     )
@@ -198,7 +204,7 @@ def _check_rpb(rpb, primary_name, primary, axes, heads) -> bool:
         )
     if _arrays.device_of(rpb) != _arrays.device_of(primary):
         raise ValueError(f"rpb is on {_arrays.device_of(rpb)} but {primary_name} is on {_arrays.device_of(primary)}")
-    _floating("rpb", rpb)
+    _check_rpb_dtype(_floating("rpb", rpb), primary_name, _arrays.dtype_name(primary))
     if any(a.kernel_size % 2 == 0 for a in axes):
         raise ValueError(
             f"rpb needs an odd kernel_size on every axis, got kernel_size "
@@ -208,15 +214,50 @@ def _check_rpb(rpb, primary_name, primary, axes, heads) -> bool:
         raise ValueError("rpb cannot be combined with is_causal (relative positional bias is defined for centered windows)")
     expected = (heads, *(2 * a.kernel_size - 1 for a in axes))
     if tuple(rpb.shape) != expected:
-        raise ValueError(f"rpb must have shape [heads, *(2 * kernel_size - 1)] = {expected}, got {tuple(rpb.shape)}")
+        raise ValueError(
+            f"rpb must have shape [heads, *(2 * kernel_size - 1)] = {expected}, got {tuple(rpb.shape)}; "
+            f"heads = {heads} is {primary_name}'s axis -2"
+            f"{_layouts.shape_note(primary_name, primary, len(axes), _layouts.HEADS_LAST)}"
+        )
     return True
+
+
+def rpb_dtypes(dtype: str) -> tuple[str, ...]:
+    """The dtypes ``rpb`` may have with inputs of ``dtype``: theirs, and float32 next to float16/bfloat16
+    (a full-precision bias parameter, as the layers keep it under torch.autocast)."""
+    return (dtype, "float32") if dtype in ("float16", "bfloat16") else (dtype,)
+
+
+def _check_rpb_dtype(rpb_dtype: str, primary_name: str, dtype: str) -> None:
+    allowed = rpb_dtypes(dtype)
+    if rpb_dtype not in allowed:
+        raise TypeError(
+            f"rpb has dtype {rpb_dtype} but {primary_name} has {dtype}: rpb must be "
+            f"{' or '.join(allowed)} with {dtype} inputs (inputs share one dtype; only float16/bfloat16 "
+            f"inputs may have a float32 rpb)"
+        )
 
 
 def _check_grad(name: str, grad, primary_name: str, primary, shape) -> None:
     _array_kind(name, grad)
     _same_placement(primary_name, primary, {name: grad})
     if tuple(grad.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(grad.shape)}")
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(grad.shape)}"
+                         f"{_layouts.shape_note(primary_name, primary, len(shape) - 3, _layouts.HEADS_LAST)}")
+
+
+def _same_shape(ndim: int, primary_name: str, primary, others) -> None:
+    for name, x in others:
+        if tuple(x.shape) != tuple(primary.shape):
+            raise ValueError(
+                f"{name} must have the shape of {primary_name} {tuple(primary.shape)}, got {tuple(x.shape)}"
+                f"{_layouts.shape_note(primary_name, primary, ndim, _layouts.HEADS_LAST)}"
+            )
+
+
+def _note(name: str, x, ndim: int):
+    """The shape note of ``x`` for :func:`check_window_fits`, built only when an error needs it."""
+    return lambda: _layouts.shape_note(name, x, ndim, _layouts.HEADS_LAST)
 
 
 # ---------------------------------------------------------------- problems
@@ -228,14 +269,14 @@ def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_cau
     _same_placement("query", query, {"key": key, "value": value})
     dtype = _floating("query", query)
     batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
-    for name, x in (("key", key), ("value", value)):
-        if tuple(x.shape) != tuple(query.shape):
-            raise ValueError(f"{name} must have the shape of query {tuple(query.shape)}, got {tuple(x.shape)}")
+    _same_shape(ndim, "query", query, (("key", key), ("value", value)))
     if head_dim < 1:
         raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
-    axes = _axes(ndim, spatial, kernel_size, stride, dilation, is_causal)
+    axes = _axes(ndim, spatial, kernel_size, stride, dilation, is_causal, _note("query", query, ndim))
     has_rpb = _check_rpb(rpb, "query", query, axes, heads)
-    return Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, _scale(scale, head_dim))
+    scale = _scale(scale, head_dim)
+    _layouts.warn_if_transposed("query", query, ndim, _layouts.HEADS_LAST)
+    return Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, scale)
 
 
 def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Problem:
@@ -244,12 +285,12 @@ def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Probl
     _same_placement("query", query, {"key": key})
     dtype = _floating("query", query)
     batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
-    if tuple(key.shape) != tuple(query.shape):
-        raise ValueError(f"key must have the shape of query {tuple(query.shape)}, got {tuple(key.shape)}")
+    _same_shape(ndim, "query", query, (("key", key),))
     if head_dim < 1:
         raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
-    axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal)
+    axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal, _note("query", query, ndim))
     has_rpb = _check_rpb(rpb, "query", query, axes, heads)
+    _layouts.warn_if_transposed("query", query, ndim, _layouts.HEADS_LAST)
     return Problem(QK, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb)
 
 
@@ -261,18 +302,22 @@ def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
     batch, spatial, heads, head_dim = _unpack_heads_last("value", value, ndim)
     if head_dim < 1:
         raise ValueError(f"value head_dim (last dimension) must be >= 1, got {head_dim}")
-    axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal)
+    note = _note("value", value, ndim)
+    axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal, note)
     slots = math.prod([a.kernel_size for a in axes])  # a list: torch.compile cannot trace a generator here
     expected = (batch, *spatial, heads, slots)
     if len(attn.shape) != len(expected):
-        raise ValueError(f"attn must have {len(expected)} dimensions {expected}, got shape {tuple(attn.shape)}")
+        raise ValueError(f"attn must have {len(expected)} dimensions {expected}, got shape {tuple(attn.shape)}"
+                         f"{note()}")
     if int(attn.shape[-1]) != slots:
         raise ValueError(
             f"attn's last dimension must be the number of window slots prod(kernel_size) = {slots}, "
             f"got {int(attn.shape[-1])}"
         )
     if tuple(attn.shape) != expected:
-        raise ValueError(f"attn must have shape [batch, *spatial, heads, slots] = {expected} to match value, got {tuple(attn.shape)}")
+        raise ValueError(f"attn must have shape [batch, *spatial, heads, slots] = {expected} to match value, "
+                         f"got {tuple(attn.shape)}{note()}")
+    _layouts.warn_if_transposed("value", value, ndim, _layouts.HEADS_LAST)
     return Problem(AV, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(value))
 
 

@@ -68,6 +68,18 @@ CASES = {
     "kernel-size-bool": (na1d(kernel_size=True), TypeError, "kernel_size must be an int"),
     "kernel-size-tuple-length": (na2d(kernel_size=(3, 3, 3)), TypeError, "kernel_size must be an int or a tuple of 2 ints"),
     "kernel-too-large-2d-axis-1": (na2d(kernel_size=(3, 10)), ValueError, "axis 1 has size 9"),
+    # shape errors say how the shape was read and where heads-first code goes
+    "kernel-too-large-names-the-layout": (na2d(kernel_size=(3, 10)), ValueError,
+                                          "query has shape (1, 8, 9, 2, 4). na_rtc's ops take heads-last tensors "
+                                          "[batch, height, width, heads, head_dim]"),
+    "key-shape-points-to-compat": (na1d(key=np.zeros((1, 15, 2, 4), F32)), ValueError,
+                                   "runs unchanged through na_rtc.compat.natten014 / natten017"),
+    "rank-points-to-compat": (na1d(query=Q2, key=Q2, value=Q2), ValueError, "na_rtc.compat.natten014"),
+    "attn-shape-names-the-layout": (av1(attn=np.zeros((1, 15, 2, 5), F32)), ValueError,
+                                    "value has shape (1, 16, 2, 4). na_rtc's ops take heads-last tensors "
+                                    "[batch, length, heads, head_dim]"),
+    "grad-shape-names-the-layout": (lambda: na_rtc.na1d_backward(np.zeros((1, 16, 2, 3), F32), Q1, Q1, Q1, 5),
+                                    ValueError, "na_rtc's ops take heads-last tensors"),
     "stride-zero": (na1d(stride=0), ValueError, "stride must be between 1 and kernel_size"),
     "stride-above-kernel": (na1d(stride=6), ValueError, "stride must be between 1 and kernel_size"),
     "dilation-zero": (na1d(dilation=0), ValueError, "dilation must be >= 1"),
@@ -82,6 +94,26 @@ CASES = {
     "rpb-shape-2d": (na2d(kernel_size=(3, 5), rpb=np.zeros((2, 5, 5), F32)), ValueError, "(2, 5, 9)"),
     "rpb-integer": (na1d(rpb=np.zeros((2, 9), np.int64)), TypeError, "rpb must have a floating dtype"),
     "rpb-kind": (na1d(rpb=torch.zeros(2, 9)), TypeError, "rpb is a torch.Tensor on cpu but query is a numpy.ndarray"),
+    "rpb-heads-names-the-axis": (na1d(rpb=np.zeros((3, 9), F32)), ValueError, "heads = 2 is query's axis -2"),
+    # rpb dtype: the inputs' own, or float32 beside float16/bfloat16 (a full-precision parameter under AMP)
+    "rpb-float64-with-float32": (na1d(rpb=RPB1.astype(np.float64)), TypeError,
+                                 "rpb has dtype float64 but query has float32: rpb must be float32 with float32 "
+                                 "inputs"),
+    "rpb-float16-with-float32": (na1d(rpb=RPB1.astype(np.float16)), TypeError,
+                                 "rpb has dtype float16 but query has float32"),
+    "rpb-float32-with-float64": (lambda: na_rtc.na1d(*(Q1.astype(np.float64),) * 3, 5, rpb=RPB1), TypeError,
+                                 "rpb must be float64 with float64 inputs"),
+    "rpb-float64-with-float16": (lambda: na_rtc.na1d(*(Q1.astype(np.float16),) * 3, 5, rpb=RPB1.astype(np.float64)),
+                                 TypeError, "rpb must be float16 or float32 with float16 inputs"),
+    "rpb-bfloat16-with-float16": (lambda: na_rtc.na1d(*(torch.zeros(1, 16, 2, 4, dtype=torch.float16),) * 3, 5,
+                                                      rpb=torch.zeros(2, 9, dtype=torch.bfloat16)),
+                                  TypeError, "rpb has dtype bfloat16 but query has float16"),
+    "qk-rpb-float64-with-float32": (qk1(rpb=RPB1.astype(np.float64)), TypeError, "rpb has dtype float64"),
+    "backward-rpb-float64-with-float32": (lambda: na_rtc.na1d_backward(Q1, Q1, Q1, Q1, 5, rpb=RPB1.astype(np.float64)),
+                                          TypeError, "rpb has dtype float64"),
+    "qk-backward-rpb-float64-with-float32": (lambda: na_rtc.na1d_qk_backward(ATTN1, Q1, Q1, 5,
+                                                                             rpb=RPB1.astype(np.float64)),
+                                             TypeError, "rpb has dtype float64"),
     "qk-rpb-shape": (qk1(rpb=np.zeros((2, 7), F32)), ValueError, "rpb must have shape"),
     "qk-key-shape": (qk1(key=np.zeros((1, 16, 3, 4), F32)), ValueError, "key must have the shape of query"),
     "qk-stride-not-accepted": (lambda: na_rtc.na1d_qk(Q1, Q1, 5, stride=2), TypeError, "stride"),
@@ -112,6 +144,39 @@ def test_bad_input_is_named(call, error, message):
     with pytest.raises(error) as raised:
         call()
     assert message in str(raised.value)
+
+
+RPB_BACKENDS = ["reference", "emulator", "cuda"]
+RPB_OPS = {
+    "fused": lambda q, rpb, backend: na_rtc.na1d(q, q, q, 5, rpb=rpb, backend=backend),
+    "qk": lambda q, rpb, backend: na_rtc.na1d_qk(q, q, 5, rpb=rpb, backend=backend),
+    "fused-backward": lambda q, rpb, backend: na_rtc.na1d_backward(q, q, q, q, 5, rpb=rpb, backend=backend),
+    "qk-backward": lambda q, rpb, backend: na_rtc.na1d_qk_backward(
+        torch.zeros(1, 16, 2, 5, dtype=q.dtype), q, q, 5, rpb=rpb, backend=backend),
+}
+
+
+@pytest.mark.parametrize("backend", RPB_BACKENDS)
+@pytest.mark.parametrize("op", RPB_OPS.values(), ids=RPB_OPS.keys())
+@pytest.mark.parametrize("dtype, rpb_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                              (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64)],
+                         ids=["fp32-fp64", "fp64-fp32", "fp16-bf16", "bf16-fp64"])
+def test_a_mixed_rpb_dtype_is_refused_by_every_op_on_every_backend(backend, op, dtype, rpb_dtype):
+    q = torch.zeros(1, 16, 2, 4, dtype=dtype)
+    with pytest.raises(TypeError, match=f"rpb has dtype {str(rpb_dtype)[6:]} but query has {str(dtype)[6:]}"):
+        op(q, torch.zeros(2, 9, dtype=rpb_dtype), backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "emulator"])
+@pytest.mark.parametrize("op", RPB_OPS.values(), ids=RPB_OPS.keys())
+@pytest.mark.parametrize("dtype, rpb_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)], ids=["fp16-fp32", "bf16-fp32",
+                                                                                      "bf16-bf16"])
+def test_a_float32_rpb_beside_half_inputs_runs(backend, op, dtype, rpb_dtype):
+    q = torch.randn(1, 16, 2, 4).to(dtype)
+    result = op(q, torch.zeros(2, 9, dtype=rpb_dtype), backend)
+    if isinstance(result, tuple):  # gradients: drpb has the bias' dtype
+        assert result[-1].dtype == rpb_dtype
 
 
 def test_unknown_backend_fails_at_use_backend():

@@ -32,7 +32,7 @@ import numbers
 from .. import functional
 from ..modules import NeighborhoodAttention1D as _Native1D
 from ..modules import NeighborhoodAttention2D as _Native2D
-from ._layout import heads_first, heads_last
+from ._layout import check_av, check_qk, heads_first, heads_last
 
 __all__ = [
     "natten1dqkrpb", "natten1dqk", "natten1dav",
@@ -45,12 +45,14 @@ _AV = {1: functional.na1d_av, 2: functional.na2d_av}
 
 
 def _qk(ndim, query, key, rpb, kernel_size, dilation):
+    check_qk(ndim, query, key, rpb, kernel_size, dilation)
     attn = _QK[ndim](heads_last("query", query, ndim), heads_last("key", key, ndim), kernel_size, dilation,
                      rpb=rpb)
     return heads_first(attn, ndim)
 
 
 def _av(ndim, attn, value, kernel_size, dilation):
+    check_av(ndim, attn, value, kernel_size, dilation)
     out = _AV[ndim](heads_last("attn", attn, ndim), heads_last("value", value, ndim), kernel_size, dilation)
     return heads_first(out, ndim)
 

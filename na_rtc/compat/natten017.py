@@ -37,7 +37,7 @@ import math
 from .. import _args, _arrays, functional
 from ..modules import NeighborhoodAttention1D as _Native1D
 from ..modules import NeighborhoodAttention2D as _Native2D
-from ._layout import heads_first, heads_last
+from ._layout import check_av, check_qk, heads_first, heads_last
 from .natten014 import natten1dav, natten1dqk, natten1dqkrpb, natten2dav, natten2dqk, natten2dqkrpb
 
 __all__ = [
@@ -74,6 +74,7 @@ def _extra_tokens(name: str, extra, batch: int, heads: int, dim: int, heads_firs
 
 
 def _qk(ndim, query, key, kernel_size, dilation, additional_keys, is_causal, rpb):
+    check_qk(ndim, query, key, rpb, kernel_size, dilation)
     attn = heads_first(_QK[ndim](heads_last("query", query, ndim), heads_last("key", key, ndim), kernel_size,
                                  dilation, is_causal, rpb), ndim)
     if additional_keys is None:
@@ -96,6 +97,7 @@ def _av(ndim, attn, value, kernel_size, dilation, additional_values, is_causal):
             raise ValueError(f"attn's last dimension must be prod(kernel_size) + additional tokens = "
                              f"{slots} + {tokens}, got {attn.shape[-1]}")
         window, extra = attn[..., :slots], attn[..., slots:]
+    check_av(ndim, window, value, kernel_size, dilation)
     out = heads_first(_AV[ndim](heads_last("attn", window, ndim), heads_last("value", value, ndim), kernel_size,
                                 dilation, is_causal), ndim)
     if additional_values is None:
