@@ -20,7 +20,9 @@ This module imports torch; ``na_rtc`` exposes it lazily.
 
 from __future__ import annotations
 
+import inspect
 import numbers
+import types
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +59,43 @@ def _probability(name: str, value) -> float:
     return float(value)
 
 
+def _positional_after_kernel_size(cls, extra: tuple) -> TypeError:
+    """The error for NATTEN-style positional arguments after ``kernel_size``."""
+    name = cls.__name__
+    return TypeError(
+        f"{name}() takes embed_dim, num_heads and kernel_size positionally, but got {3 + len(extra)} positional "
+        f"arguments; pass the rest by keyword, e.g. {name}(embed_dim, num_heads, kernel_size, dilation="
+        f"{extra[0]!r}) or stride={extra[0]!r}. Everything after kernel_size is keyword-only because NATTEN "
+        f"releases disagree on the fourth argument (dilation in 0.14-0.17, stride in later ones), so a "
+        f"positional value could silently mean the other. For NATTEN 0.14/0.17's positional order "
+        f"(dim, num_heads, kernel_size, dilation, ...) use na_rtc.compat.natten014.{name} or "
+        f"na_rtc.compat.natten017.{name}, which also keep NATTEN's state-dict keys")
+
+
 class _NeighborhoodAttention(nn.Module):
     """Shared implementation; subclasses fix the number of spatial axes."""
 
     ndim: int
 
-    def __init__(self, embed_dim, num_heads, kernel_size, *, stride=1, dilation=1, is_causal=False,
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            # The public layers get their own copy of __init__ named after them, so the argument errors
+            # Python raises itself (a missing kernel_size, an unknown keyword) name the class the user
+            # called, not this private base.
+            base = _NeighborhoodAttention.__init__
+            init = types.FunctionType(base.__code__, base.__globals__, "__init__", base.__defaults__,
+                                      base.__closure__)
+            init.__kwdefaults__ = base.__kwdefaults__
+            init.__qualname__ = f"{cls.__qualname__}.__init__"
+            init.__doc__ = base.__doc__
+            init.__signature__ = base.__signature__
+            cls.__init__ = init
+
+    def __init__(self, embed_dim, num_heads, kernel_size, *positional, stride=1, dilation=1, is_causal=False,
                  rel_pos_bias=False, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        if positional:
+            raise _positional_after_kernel_size(type(self), positional)
         super().__init__()
         ndim = self.ndim
         embed_dim = _positive_int("embed_dim", embed_dim)
@@ -179,6 +211,13 @@ class _NeighborhoodAttention(nn.Module):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"kernel_size={self._window[0]}, stride={self._window[1]}, dilation={self._window[2]}, "
                 f"is_causal={self._window[3]}, rel_pos_bias={self.rpb is not None}, scale={self.scale:g}")
+
+
+# help() and inspect show the keyword-only signature, without the catch-all that exists only to explain the
+# positional mistake.
+_NeighborhoodAttention.__init__.__signature__ = inspect.signature(_NeighborhoodAttention.__init__).replace(
+    parameters=[p for p in inspect.signature(_NeighborhoodAttention.__init__).parameters.values()
+                if p.kind is not inspect.Parameter.VAR_POSITIONAL])
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):

@@ -5,6 +5,8 @@ backends, validation, torch.compile and autocast."""
 
 from __future__ import annotations
 
+import inspect
+
 import io
 import math
 import subprocess
@@ -326,9 +328,38 @@ def test_constructor_rejects_bad_arguments(args, kwargs, error, match):
         NeighborhoodAttention1D(*args, **kwargs)
 
 
-def test_arguments_after_kernel_size_are_keyword_only():
-    with pytest.raises(TypeError):
-        NeighborhoodAttention2D(16, 2, 5, 2)
+@pytest.mark.parametrize("layer", [NeighborhoodAttention1D, NeighborhoodAttention2D], ids=["1d", "2d"])
+def test_natten_style_positional_arguments_say_which_keyword_and_where_natten_order_lives(layer):
+    # NATTEN 0.14/0.17 code: NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation)
+    with pytest.raises(TypeError) as raised:
+        layer(16, 2, 5, 2)
+    text = str(raised.value)
+    name = layer.__name__
+    assert text.startswith(f"{name}() takes embed_dim, num_heads and kernel_size positionally, but got 4")
+    assert "_NeighborhoodAttention" not in text
+    assert f"{name}(embed_dim, num_heads, kernel_size, dilation=2)" in text and "stride=2" in text
+    assert "NATTEN releases disagree on the fourth argument" in text
+    assert f"na_rtc.compat.natten014.{name}" in text and f"na_rtc.compat.natten017.{name}" in text
+    # the layers named there do take NATTEN's positional order
+    from na_rtc.compat import natten014, natten017
+
+    for compat in (natten014, natten017):
+        assert getattr(compat, name)(16, 2, 5, 2)._window[2] == (2,) * layer.ndim  # normalized dilation
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((16, 2), {}, "missing 1 required positional argument: 'kernel_size'"),
+    ((16, 2, 5), dict(bias=True), "got an unexpected keyword argument 'bias'"),
+], ids=["missing-kernel-size", "natten-014-keyword"])
+def test_python_argument_errors_name_the_public_class(args, kwargs, match):
+    for layer in (NeighborhoodAttention1D, NeighborhoodAttention2D):
+        with pytest.raises(TypeError, match=rf"^{layer.__name__}\.__init__\(\) {match}"):
+            layer(*args, **kwargs)
+
+
+def test_the_signature_shows_keyword_only_arguments():
+    text = str(inspect.signature(NeighborhoodAttention2D))
+    assert text.startswith("(embed_dim, num_heads, kernel_size, *, stride=1, dilation=1, is_causal=False")
 
 
 @pytest.mark.parametrize("shape, match", [((1, 8, 16), "rank 4"), ((1, 8, 8, 12), "embed_dim=16")],
