@@ -2,7 +2,8 @@
 
 Public API (DESIGN.md section 3): fused ``na1d``/``na2d``, split
 ``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``, their backward functions, and
-backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``, and the
+backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``,
+:class:`LayoutWarning` (a tensor whose shape suggests heads-first), and the
 torch layers ``NeighborhoodAttention1D``/``NeighborhoodAttention2D``. Importing
 na_rtc never imports torch or cupy: the torch names are resolved on first
 access (module ``__getattr__``). The historical NATTEN APIs live in
