@@ -29,8 +29,8 @@ from __future__ import annotations
 
 from . import _arrays, _diskcache
 
-__all__ = ["LayoutWarning", "HEADS_LAST", "HEADS_FIRST", "looks_transposed", "guess", "shape_note", "warn_if_transposed",
-           "heads_last_note", "heads_first_note"]
+__all__ = ["LayoutWarning", "HEADS_LAST", "HEADS_FIRST", "looks_transposed", "guess", "shape_note",
+           "warn_if_transposed", "heads_last_note", "heads_first_note"]
 
 HEADS_LAST = "heads-last"
 HEADS_FIRST = "heads-first"
@@ -116,13 +116,16 @@ def _suspect(x, ndim: int, reading: str) -> bool:
     return looks_transposed(_middle(x), reading) and not _permuted_on_purpose(x, ndim, reading)
 
 
+def _extent(spatial: tuple[int, ...]) -> str:
+    return f"a sequence of {spatial[0]}" if len(spatial) == 1 else f"a {' x '.join(map(str, spatial))} map"
+
+
 def _guess_text(name: str, x, ndim: int, reading: str) -> str:
     shape = tuple(int(s) for s in x.shape)
     other = HEADS_FIRST if reading == HEADS_LAST else HEADS_LAST
     (heads, spatial), (other_heads, other_spatial) = _readings(shape[1:-1], reading)
-    return (f"{name} of shape {shape} reads as {reading} with {heads} heads on a "
-            f"{' x '.join(map(str, spatial))} {'sequence' if ndim == 1 else 'map'}, but looks {other} "
-            f"{_layout(ndim, other)}: {other_heads} heads on {' x '.join(map(str, other_spatial))}")
+    return (f"{name} of shape {shape} reads as {reading} with {heads} heads on {_extent(spatial)}, but looks "
+            f"{other} {_layout(ndim, other)}: {other_heads} heads on {_extent(other_spatial)}")
 
 
 def guess(name: str, x, ndim: int, reading: str) -> str | None:

@@ -52,7 +52,7 @@ def test_the_issue_example_warns_once_naming_the_mix_up_and_the_silencer():
     caught = _layout_warnings(lambda: na_rtc.na2d(HEADS_FIRST_2D, HEADS_FIRST_2D, HEADS_FIRST_2D, 3))
     assert len(caught) == 1
     text = str(caught[0].message)
-    for part in ("(1, 4, 20, 20, 32)", "20 heads on a 4 x 20 map", "looks heads-first", "4 heads on 20 x 20",
+    for part in ("(1, 4, 20, 20, 32)", "20 heads on a 4 x 20 map", "looks heads-first", "4 heads on a 20 x 20 map",
                  "x.permute(0, 2, 3, 1, 4)", "na_rtc.compat.natten014",
                  "warnings.filterwarnings('ignore', category=na_rtc.LayoutWarning)"):
         assert part in text, part
@@ -75,7 +75,7 @@ def test_every_op_warns_on_a_heads_first_looking_tensor(op, kind):
 def test_1d_heads_first_warns():
     x = np.zeros((2, 4, 64, 8), np.float32)  # [B, H=4, L=64, D] read as 4 tokens with 64 heads
     (caught,) = _layout_warnings(lambda: na_rtc.na1d(x, x, x, 3))
-    assert "64 heads on a 4 sequence" in str(caught.message) and "x.permute(0, 2, 1, 3)" in str(caught.message)
+    assert "64 heads on a sequence of 4" in str(caught.message) and "x.permute(0, 2, 1, 3)" in str(caught.message)
 
 
 def test_a_view_permuted_from_heads_first_is_deliberate_and_silent():
@@ -124,7 +124,7 @@ def test_native_shape_errors_spot_the_heads_first_tensor(call):
     with pytest.raises(ValueError) as raised:
         call()
     text = str(raised.value)
-    assert "looks heads-first" in text and "4 heads on 20 x 20" in text
+    assert "looks heads-first" in text and "4 heads on a 20 x 20 map" in text
     assert "na_rtc's ops take heads-last tensors [batch, height, width, heads, head_dim]" in text
     assert "na_rtc.compat.natten014 / natten017" in text
 
@@ -144,7 +144,7 @@ def test_compat_shape_errors_spot_the_heads_last_tensor(call):
     with pytest.raises(ValueError) as raised:
         call(torch.from_numpy(HEADS_LAST_2D))
     text = str(raised.value)
-    assert "looks heads-last" in text and "4 heads on 20 x 20" in text
+    assert "looks heads-last" in text and "4 heads on a 20 x 20 map" in text
     assert "na_rtc.compat's split ops take NATTEN's heads-first tensors" in text
     assert "na_rtc.na2d_qk / na2d_av" in text
     assert "na_rtc's ops take heads-last" not in text  # never the advice for the other side
