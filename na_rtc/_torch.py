@@ -396,3 +396,6 @@ FUNCTIONS = {"fused": FusedNA, "qk": NAQK, "av": NAAV}
 
 #: op family -> backward as a function (for the plain na*_backward functions)
 BACKWARDS = {"fused": fused_backward, "qk": qk_backward, "av": av_backward}
+
+# FLOP formulas for torch's FlopCounterMode; needs the ops above
+from . import _torch_flops  # noqa: E402, F401

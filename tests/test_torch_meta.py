@@ -156,3 +156,13 @@ def test_a_layer_built_on_meta_then_materialized_computes_like_one_built_on_the_
     meta_layer.load_state_dict(cpu_layer.state_dict())
     x = torch.randn(2, *SPATIAL[name], 16)
     torch.testing.assert_close(meta_layer(x), cpu_layer(x), rtol=0, atol=0)
+
+
+def test_double_backward_runs_on_meta_tensors():
+    q, k, v = (torch.empty(1, 6, 7, 2, 8, device="meta", requires_grad=True) for _ in range(3))
+    rpb = torch.empty(2, 5, 5, device="meta", requires_grad=True)
+    out = na_rtc.na2d(q, k, v, 3, dilation=(2, 1), rpb=rpb)
+    first = torch.autograd.grad(out.sum(), (q, k, v, rpb), create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), (q, k, v, rpb))
+    for x, g in zip((q, k, v, rpb), second):
+        assert g.device.type == "meta" and tuple(g.shape) == tuple(x.shape)
