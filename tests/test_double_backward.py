@@ -20,6 +20,7 @@ from oracle import oracle_neighbor_mask, oracle_slot_index
 import na_rtc
 
 NO_EMULATOR = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not na_rtc.backends.get("cuda").probe()[0], reason="no usable GPU")]
 
 
 # ---------------------------------------------------------------- dense float64 references (plain torch ops)
@@ -110,9 +111,9 @@ def _penalty(function, inputs, weight_seed=7):
     weighted sum of those gradients (a gradient penalty), both with respect to ``inputs``."""
     inputs = [x.detach().requires_grad_() for x in inputs]
     out = function(*inputs)
-    weights = _randn(*out.shape, seed=weight_seed).to(out.dtype)
+    weights = _randn(*out.shape, seed=weight_seed).to(out)
     first = torch.autograd.grad((out * weights).sum(), inputs, create_graph=True)
-    penalty = sum((g * _randn(*g.shape, seed=11 + i).to(g.dtype)).sum() for i, g in enumerate(first))
+    penalty = sum((g * _randn(*g.shape, seed=11 + i).to(g)).sum() for i, g in enumerate(first))
     second = torch.autograd.grad(penalty, inputs)
     return first, second
 
@@ -121,12 +122,15 @@ def _penalty(function, inputs, weight_seed=7):
     pytest.param("reference", torch.float64, id="reference-fp64"),
     pytest.param("reference", torch.bfloat16, id="reference-bf16"),
     pytest.param("emulator", torch.float32, id="emulator-fp32", marks=NO_EMULATOR),
+    pytest.param("cuda", torch.float32, id="cuda-fp32", marks=GPU),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=GPU),
 ])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_gradient_penalty_equals_the_float64_reference(case, backend, dtype):
     ours, dense, make = case
     inputs64 = [x.to(dtype).double() for x in make()]  # rounded to the tested dtype, as the reference sees them
-    first, second = _penalty(lambda *xs: ours(*xs, backend=backend), [x.to(dtype) for x in inputs64])
+    device = "cuda" if backend == "cuda" else "cpu"
+    first, second = _penalty(lambda *xs: ours(*xs, backend=backend), [x.to(device, dtype) for x in inputs64])
     first_ref, second_ref = _penalty(dense, inputs64)
     for i, (got, want) in enumerate(zip(first, first_ref)):
         assert got.dtype == dtype
