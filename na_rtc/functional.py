@@ -24,17 +24,10 @@ def _autocast(*tensors):
 
     device_type = first.device.type
     # devices without autocast (meta, used to initialize and trace large models) would make the query raise
-    if not _autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if _arrays.kind_of(t) == _arrays.TORCH and t.is_floating_point() else t for t in tensors)
-
-
-def _autocast_available(device_type: str) -> bool:
-    import torch
-
-    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.5
-    return available(device_type) if available is not None else device_type in ("cpu", "cuda")
 
 
 def _run(op: str, problem: _args.Problem, backend: str | None, *arrays):
