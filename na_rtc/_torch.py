@@ -2,11 +2,21 @@
 
 Each op family has a forward and a backward custom op (``na_rtc::fused_fwd``,
 ``na_rtc::fused_bwd``, ...) with a fake implementation that only computes
-shapes, so eager mode, ``torch.compile(fullgraph=True)`` and export all see
-the same opaque ops. The custom ops take plain arguments (lists of ints,
-bools, a float, the backend's name) and rebuild the validated problem inside,
-then call that backend's op table; the backward never stores gathered
-neighborhoods. An autograd Function per family connects forward and backward.
+shapes, so eager mode, ``torch.compile(fullgraph=True)``, export and meta
+tensors all see the same opaque ops. The custom ops take plain arguments
+(lists of ints, bools, a float, the backend's name) and rebuild the validated
+problem inside, then call that backend's op table; the backward never stores
+gathered neighborhoods. An autograd Function per family connects forward and
+backward.
+
+Every backward is itself differentiable (double backward, e.g. gradient
+penalties), through four ops that are closed under differentiation: the split
+forward ops ``qk`` and ``av`` and their backward ops, each the bilinear map the
+others' derivatives need (see :class:`QKBackward` and :class:`AVBackward`). A
+first-order backward runs the backward custom op directly; only when autograd
+records the backward (``create_graph=True`` with inputs that require grad)
+does it go through those Functions, and the fused op's backward is then
+recomputed from the split ops, which have no stride.
 
 This module imports torch; it is only imported once a torch tensor is seen.
 """
@@ -18,15 +28,25 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _args, backends
+from .window import flat_slot_table
 
 
 def _window(problem: _args.Problem) -> tuple[list[int], list[int], list[int], list[bool]]:
     axes = problem.axes
     return ([a.kernel_size for a in axes], [a.stride for a in axes], [a.dilation for a in axes],
             [bool(a.causal) for a in axes])
+
+
+def _split_args(problem: _args.Problem, backend) -> tuple:
+    """The window arguments of the split custom ops (no stride)."""
+    kernel_size, _, dilation, causal = _window(problem)
+    return kernel_size, dilation, causal, backend.name
+
+
+def _fused_args(problem: _args.Problem, backend) -> tuple:
+    return (*_window(problem), problem.scale, backend.name)
 
 
 def _ops(backend: str) -> dict:
@@ -56,7 +76,13 @@ def _lse_dtype(query: Tensor) -> torch.dtype:
     return torch.float64 if query.dtype == torch.float64 else torch.float32
 
 
-# ---------------------------------------------------------------- fused
+def _recorded(*tensors) -> bool:
+    """Whether autograd records work on these tensors now: in a backward, only
+    under ``create_graph=True`` (grad mode is off in a plain backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------- custom ops: fused
 
 
 @torch.library.custom_op("na_rtc::fused_fwd", mutates_args=())
@@ -76,9 +102,11 @@ def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, b
 
 @torch.library.custom_op("na_rtc::fused_bwd", mutates_args=())
 @_without_autocast
-def fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], output: Tensor,
-              logsumexp: Tensor, kernel_size: list[int], stride: list[int], dilation: list[int],
-              is_causal: list[bool], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
+              output: Optional[Tensor], logsumexp: Optional[Tensor], kernel_size: list[int], stride: list[int],
+              dilation: list[int], is_causal: list[bool], scale: float,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # output and logsumexp may be None (the plain na*d_backward functions): the backend recomputes them
     problem = _args.fused_problem(len(kernel_size), query, key, value, kernel_size, stride, dilation, is_causal,
                                   scale, rpb)
     dq, dk, dv, drpb = _ops(backend)["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp)
@@ -91,26 +119,7 @@ def _(grad_out, query, key, value, rpb, output, logsumexp, kernel_size, stride, 
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), drpb
 
 
-class FusedNA(torch.autograd.Function):
-    """(query, key, value, rpb) -> (output, logsumexp); logsumexp carries no gradient."""
-
-    @staticmethod
-    def forward(ctx, backend, problem, query, key, value, rpb):
-        ctx.window = (*_window(problem), problem.scale, backend.name)
-        out, lse = fused_fwd(query, key, value, rpb, *ctx.window)
-        ctx.save_for_backward(query, key, value, rpb, out, lse)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, _grad_lse):
-        query, key, value, rpb, out, lse = ctx.saved_tensors
-        dq, dk, dv, drpb = fused_bwd(grad_out, query, key, value, rpb, out, lse, *ctx.window)
-        return None, None, dq, dk, dv, None if rpb is None else drpb
-
-
-# ---------------------------------------------------------------- split: QK
+# ---------------------------------------------------------------- custom ops: split
 
 
 @torch.library.custom_op("na_rtc::qk_fwd", mutates_args=())
@@ -144,27 +153,6 @@ def _(grad_attn, query, key, rpb, kernel_size, dilation, is_causal, backend):
     return query.new_empty(query.shape), key.new_empty(key.shape), drpb
 
 
-class NAQK(torch.autograd.Function):
-    """(query, key, rpb) -> attention logits."""
-
-    @staticmethod
-    def forward(ctx, backend, problem, query, key, rpb):
-        kernel_size, _, dilation, causal = _window(problem)
-        ctx.window = (kernel_size, dilation, causal, backend.name)
-        ctx.save_for_backward(query, key, rpb)
-        return qk_fwd(query, key, rpb, *ctx.window)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_attn):
-        query, key, rpb = ctx.saved_tensors
-        dq, dk, drpb = qk_bwd(grad_attn, query, key, rpb, *ctx.window)
-        return None, None, dq, dk, None if rpb is None else drpb
-
-
-# ---------------------------------------------------------------- split: AV
-
-
 @torch.library.custom_op("na_rtc::av_fwd", mutates_args=())
 @_without_autocast
 def av_fwd(attn: Tensor, value: Tensor, kernel_size: list[int], dilation: list[int], is_causal: list[bool],
@@ -191,22 +179,223 @@ def _(grad_out, attn, value, kernel_size, dilation, is_causal, backend):
     return attn.new_empty(attn.shape), value.new_empty(value.shape)
 
 
+# ---------------------------------------------------------------- split: the four differentiable maps
+#
+# Per window slot t of query i with key n(i, t), out-of-window (causal) slots excluded:
+#   qk(a, b, r)[i, t]   = a_i . b_n(i,t) + r[bias index]   (-inf outside the window)
+#   av(w, x)[i]         = sum_t w[i, t] x_n(i,t)
+#   dot(a, b)[i, t]     = a_i . b_n(i,t)                   (0 outside the window)
+#   scatter(w, a)[j]    = sum over (i, t) with n(i, t) = j of w[i, t] a_i
+#   bias_sum(w)         = sum of w over every slot using each bias entry
+# qk_bwd(g, q, k) = (av(g, k), scatter(g, q), bias_sum(g)) and
+# av_bwd(g, w, v) = (dot(g, v), scatter(w, g)); the derivatives of these are
+# again av, qk/dot and av_bwd, so the four ops serve every order.
+
+
+def _qk(backend, problem, query, key, rpb) -> Tensor:
+    return NAQK.apply(backend, problem, query, key, rpb)
+
+
+def _av(backend, problem, attn, value) -> Tensor:
+    return NAAV.apply(backend, problem, attn, value)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_mask(axes, device: str) -> Tensor:
+    """``[1, *spatial, 1, slots]``: which slots lie inside the window (causal windows can be shorter)."""
+    valid = flat_slot_table(axes).valid
+    shape = (1, *(a.length for a in axes), 1, valid.shape[-1])
+    return torch.tensor(valid, device=device).reshape(shape)
+
+
+def _dot(backend, problem, a, b, bias=None) -> Tensor:
+    """``dot(a, b)`` plus the bias entry of every slot (``bias`` needs windows that are never cut short)."""
+    logits = _qk(backend, problem, a, b, bias)
+    if any(axis.causal for axis in problem.axes):
+        logits = torch.where(_window_mask(problem.axes, str(logits.device)), logits, logits.new_zeros(()))
+    return logits
+
+
+def qk_backward(backend, problem, grad_attn, query, key, rpb) -> tuple:
+    """``(dq, dk, drpb or None)`` of the split ``qk``; differentiable when autograd records it."""
+    if _recorded(grad_attn, query, key):
+        return QKBackward.apply(backend, problem, grad_attn, query, key, rpb)
+    dq, dk, drpb = qk_bwd(grad_attn, query, key, rpb, *_split_args(problem, backend))
+    return dq, dk, None if rpb is None else drpb
+
+
+def av_backward(backend, problem, grad_out, attn, value) -> tuple:
+    """``(dattn, dv)`` of the split ``av``; differentiable when autograd records it."""
+    if _recorded(grad_out, attn, value):
+        return AVBackward.apply(backend, problem, grad_out, attn, value)
+    return av_bwd(grad_out, attn, value, *_split_args(problem, backend))
+
+
+class NAQK(torch.autograd.Function):
+    """(query, key, rpb) -> attention logits."""
+
+    @staticmethod
+    def forward(ctx, backend, problem, query, key, rpb):
+        ctx.backend, ctx.problem = backend, problem
+        ctx.save_for_backward(query, key, rpb)
+        return qk_fwd(query, key, rpb, *_split_args(problem, backend))
+
+    @staticmethod
+    def backward(ctx, grad_attn):
+        query, key, rpb = ctx.saved_tensors
+        return (None, None, *qk_backward(ctx.backend, ctx.problem, grad_attn, query, key, rpb))
+
+
 class NAAV(torch.autograd.Function):
     """(attn, value) -> output."""
 
     @staticmethod
     def forward(ctx, backend, problem, attn, value):
-        kernel_size, _, dilation, causal = _window(problem)
-        ctx.window = (kernel_size, dilation, causal, backend.name)
+        ctx.backend, ctx.problem = backend, problem
         ctx.save_for_backward(attn, value)
-        return av_fwd(attn, value, *ctx.window)
+        return av_fwd(attn, value, *_split_args(problem, backend))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         attn, value = ctx.saved_tensors
-        return (None, None, *av_bwd(grad_out, attn, value, *ctx.window))
+        return (None, None, *av_backward(ctx.backend, ctx.problem, grad_out, attn, value))
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+class QKBackward(torch.autograd.Function):
+    """(grad_attn, query, key, rpb) -> (dq, dk, drpb): the backward of :class:`NAQK`, recorded for double backward.
+
+    ``dq = av(g, k)``, ``dk = scatter(g, q)``, ``drpb = bias_sum(g)``; their
+    derivatives (``gq``, ``gk``, ``grpb`` flowing back): ``d g = dot(gq, k) +
+    dot(q, gk) + bias(grpb)``, ``d q = av(g, gk)``, ``d k = scatter(g, gq)``.
+    """
+
+    @staticmethod
+    def forward(ctx, backend, problem, grad_attn, query, key, rpb):
+        ctx.backend, ctx.problem, ctx.has_rpb = backend, problem, rpb is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_attn, query, key)
+        dq, dk, drpb = qk_bwd(grad_attn, query, key, rpb, *_split_args(problem, backend))
+        return dq, dk, drpb if rpb is not None else None
+
+    @staticmethod
+    def backward(ctx, gq, gk, grpb):
+        grad_attn, query, key = ctx.saved_tensors
+        backend, problem = ctx.backend, ctx.problem
+        grpb = grpb if ctx.has_rpb else None
+        d_grad, d_query, d_key = None, None, None
+        if gq is not None:
+            # av_bwd(gq, g, k) = (dot(gq, k), scatter(g, gq)): one term of d g and all of d k
+            d_grad, d_key = av_backward(backend, problem, gq, grad_attn, key)
+        if gk is not None or grpb is not None:
+            other = gk if gk is not None else torch.zeros_like(key)
+            d_grad = _add(d_grad, _dot(backend, problem, query, other, grpb))
+        if gk is not None:
+            d_query = _av(backend, problem, grad_attn, gk)
+        return None, None, d_grad, d_query, d_key, None
+
+
+class AVBackward(torch.autograd.Function):
+    """(grad_out, attn, value) -> (dattn, dv): the backward of :class:`NAAV`, recorded for double backward.
+
+    ``dattn = dot(g, v)``, ``dv = scatter(w, g)``; their derivatives (``gw``,
+    ``gv`` flowing back): ``d g = av(gw, v) + av(w, gv)``, ``d w = dot(g, gv)``,
+    ``d v = scatter(gw, g)``.
+    """
+
+    @staticmethod
+    def forward(ctx, backend, problem, grad_out, attn, value):
+        ctx.backend, ctx.problem = backend, problem
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_out, attn, value)
+        return av_bwd(grad_out, attn, value, *_split_args(problem, backend))
+
+    @staticmethod
+    def backward(ctx, gw, gv):
+        grad_out, attn, value = ctx.saved_tensors
+        backend, problem = ctx.backend, ctx.problem
+        d_grad, d_attn, d_value = None, None, None
+        if gw is not None:
+            d_grad = _av(backend, problem, gw, value)
+        if gv is not None:
+            d_grad = _add(d_grad, _av(backend, problem, attn, gv))
+        if gw is not None and gv is not None:
+            d_attn, d_value = av_backward(backend, problem, grad_out, gw, gv)
+        elif gv is not None:
+            d_attn = _dot(backend, problem, grad_out, gv)
+        elif gw is not None:
+            d_value = av_backward(backend, problem, grad_out, gw, value)[1]
+        return None, None, d_grad, d_attn, d_value
+
+
+# ---------------------------------------------------------------- fused
+
+
+def _not_twice_differentiable(problem: _args.Problem) -> NotImplementedError:
+    strides = tuple(a.stride for a in problem.axes)
+    return NotImplementedError(
+        f"na{problem.ndim}d with stride {strides if problem.ndim > 1 else strides[0]} has first derivatives only: "
+        "its backward cannot be differentiated again (create_graph=True, e.g. a gradient penalty), because the "
+        "second derivative is computed from the split ops, which have no stride. Use stride=1 there, or compute "
+        "the gradient without create_graph"
+    )
+
+
+def _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb) -> tuple:
+    """The fused backward as differentiable split ops: logits, softmax, and the split backwards.
+
+    fp16/bf16 run in float32, as the fused kernels accumulate; the gradients
+    come back in the inputs' dtypes.
+    """
+    if any(a.stride > 1 for a in problem.axes):
+        raise _not_twice_differentiable(problem)
+    compute = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
+    q, k, v, g = (x.to(compute) for x in (query, key, value, grad_out))
+    bias = None if rpb is None else rpb.to(compute)
+    scaled = q * problem.scale
+    probs = _qk(backend, problem, scaled, k, bias).softmax(dim=-1)
+    dprobs, dv = av_backward(backend, problem, g, probs, v)
+    dlogits = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
+    dscaled, dk, drpb = qk_backward(backend, problem, dlogits, scaled, k, bias)
+    dq = dscaled * problem.scale
+    return (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype),
+            None if rpb is None else drpb.to(rpb.dtype))
+
+
+def fused_backward(backend, problem, grad_out, query, key, value, rpb, output=None, logsumexp=None) -> tuple:
+    """``(dq, dk, dv, drpb or None)`` of the fused op; differentiable when autograd records it."""
+    if _recorded(grad_out, query, key, value, rpb):
+        return _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb)
+    dq, dk, dv, drpb = fused_bwd(grad_out, query, key, value, rpb, output, logsumexp,
+                                 *_fused_args(problem, backend))
+    return dq, dk, dv, None if rpb is None else drpb
+
+
+class FusedNA(torch.autograd.Function):
+    """(query, key, value, rpb) -> (output, logsumexp); logsumexp carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, backend, problem, query, key, value, rpb):
+        ctx.backend, ctx.problem = backend, problem
+        out, lse = fused_fwd(query, key, value, rpb, *_fused_args(problem, backend))
+        ctx.save_for_backward(query, key, value, rpb, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, rpb, out, lse = ctx.saved_tensors
+        return (None, None, *fused_backward(ctx.backend, ctx.problem, grad_out, query, key, value, rpb, out, lse))
 
 
 #: op family -> autograd Function
 FUNCTIONS = {"fused": FusedNA, "qk": NAQK, "av": NAAV}
+
+#: op family -> backward as a function (for the plain na*_backward functions)
+BACKWARDS = {"fused": fused_backward, "qk": qk_backward, "av": av_backward}
+
+# FLOP formulas for torch's FlopCounterMode; needs the ops above
+from . import _torch_flops  # noqa: E402, F401

@@ -4,9 +4,11 @@ A backend is a table of ops (``fused_forward``, ``fused_backward``,
 ``qk_forward``, ...; see :data:`na_rtc.reference.OPS`) plus what it can serve.
 Selection order for a call: ``use_backend(...)`` if active, else the
 ``NA_RTC_BACKEND`` environment variable, else the default for the array kind
-(``reference`` for CPU arrays, ``cuda`` for CuPy arrays and CUDA tensors).
-Arrays are never copied to another device to fit a backend: a mismatch is an
-error that says what to do.
+(``reference`` for CPU arrays and meta tensors, ``cuda`` for CuPy arrays and
+CUDA tensors). Arrays are never copied to another device to fit a backend: a
+mismatch is an error that says what to do. Meta tensors (shapes without data,
+used to initialize and trace large models) are served by every backend: they
+only reach the custom ops' fake implementations, which compute shapes.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def current_backend_name() -> str | None:
 
 
 def _default_name(kind: str, device: str) -> str:
-    return "reference" if device == "cpu" and kind != _arrays.CUPY else "cuda"
+    return "reference" if device in ("cpu", "meta") and kind != _arrays.CUPY else "cuda"
 
 
 def select(problem: Problem, name: str | None = None) -> Backend:
@@ -131,6 +133,9 @@ def select(problem: Problem, name: str | None = None) -> Backend:
 
 
 # ---------------------------------------------------------------- the backends
+
+# every backend serves meta tensors: no backend code runs for them, only the fake implementations
+_META = (_arrays.TORCH, "meta")
 
 
 def _load_reference() -> dict:
@@ -166,7 +171,7 @@ register(
     Backend(
         "reference",
         "vectorized NumPy/torch math; NumPy arrays and torch tensors, differentiable",
-        frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), (_arrays.TORCH, "cuda")}),
+        frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), (_arrays.TORCH, "cuda"), _META}),
         lambda: (True, "NumPy arrays and torch tensors (CPU; CUDA tensors when forced)"),
         _load_reference,
     )
@@ -175,7 +180,7 @@ register(
     Backend(
         "cuda",
         "NVRTC-compiled kernels on the GPU; CuPy arrays and CUDA torch tensors",
-        frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda")}),
+        frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda"), _META}),
         lambda: _probe("cuda"),
         _kernel_ops("cuda"),
     )
@@ -184,7 +189,7 @@ register(
     Backend(
         "emulator",
         "the CUDA kernels executed on the CPU; CPU arrays only",
-        frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu")}),
+        frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), _META}),
         lambda: _probe("emulator"),
         _kernel_ops("emulator"),
     )

@@ -23,7 +23,8 @@ def _autocast(*tensors):
     import torch
 
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # devices without autocast (meta, used to initialize and trace large models) would make the query raise
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if _arrays.kind_of(t) == _arrays.TORCH and t.is_floating_point() else t for t in tensors)
@@ -58,24 +59,34 @@ def _av(ndim, attn, value, kernel_size, dilation, is_causal, backend):
     return _run(_args.AV, problem, backend, attn, value)
 
 
+def _backward(op: str, problem: _args.Problem, backend: str | None, *arrays):
+    """Gradients of ``op`` on the chosen backend; torch tensors go through the custom ops
+    (so meta tensors and torch.compile work) and stay differentiable where autograd records."""
+    chosen = backends.select(problem, backend)
+    if problem.kind == _arrays.TORCH:
+        from . import _torch
+
+        return _torch.BACKWARDS[op](chosen, problem, *arrays)
+    return chosen.ops[f"{op}_backward"](problem, *arrays)
+
+
 def _fused_backward(ndim, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                     output, logsumexp, backend):
     problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
     _args.check_fused_backward(problem, grad_out, query, output, logsumexp)
-    chosen = backends.select(problem, backend)
-    return chosen.ops["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp)
+    return _backward(_args.FUSED, problem, backend, grad_out, query, key, value, rpb, output, logsumexp)
 
 
 def _qk_backward(ndim, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend):
     problem = _args.qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb)
     _args.check_qk_backward(problem, grad_attn, query)
-    return backends.select(problem, backend).ops["qk_backward"](problem, grad_attn, query, key, rpb)
+    return _backward(_args.QK, problem, backend, grad_attn, query, key, rpb)
 
 
 def _av_backward(ndim, grad_out, attn, value, kernel_size, dilation, is_causal, backend):
     problem = _args.av_problem(ndim, attn, value, kernel_size, dilation, is_causal)
     _args.check_av_backward(problem, grad_out, value)
-    return backends.select(problem, backend).ops["av_backward"](problem, grad_out, attn, value)
+    return _backward(_args.AV, problem, backend, grad_out, attn, value)
 
 
 # ---------------------------------------------------------------- fused

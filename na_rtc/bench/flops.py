@@ -1,27 +1,20 @@
-"""Effective FLOPs of neighborhood attention (DESIGN.md section 9).
+"""Effective FLOPs of a benchmark problem (DESIGN.md section 9).
 
 Forward: ``4 * head_dim * batch * heads * sum over queries of neighbor count``
 (a multiply-add is 2 FLOPs; QK and AV are one multiply-add per query, neighbor
 and head-dim element each). Backward counts 2.5x the forward, as
 FlashAttention's and NATTEN's benchmarks do, so forward+backward is 3.5x.
-
-Neighbor counts are exact, from :func:`na_rtc.window.neighbor_count`: causal
-windows hold 1..k keys and strided causal windows vary per query, so
-``tokens * prod(kernel)`` would overstate their work. A 2D neighborhood is
-the product of the per-axis windows, so the sum over all queries of the
-product of per-axis counts is the product of the per-axis sums.
+The neighbor counts and per-op formulas are :mod:`na_rtc.flops`, which torch's
+``FlopCounterMode`` counts with too.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
-
-from ..window import Axis, neighbor_count
+from .. import flops as _op_flops
+from ..window import Axis
 from .presets import Spec
 
-BACKWARD_FACTOR = 2.5
+BACKWARD_FACTOR = _op_flops.FUSED_BACKWARD_FACTOR
 
 
 def axes_of(spec: Spec) -> tuple[Axis, ...]:
@@ -29,18 +22,13 @@ def axes_of(spec: Spec) -> tuple[Axis, ...]:
                  zip(spec.spatial, spec.kernel, spec.stride, spec.dilation, spec.causal))
 
 
-def axis_neighbor_sum(axis: Axis) -> int:
-    """Sum over the positions of one axis of that axis's neighbor count."""
-    return int(np.sum(neighbor_count(axis, np.arange(axis.length, dtype=np.int64))))
-
-
 def neighbor_pairs(spec: Spec) -> int:
     """(query, key) pairs per batch element and head: the sum over queries of neighbor count."""
-    return math.prod(axis_neighbor_sum(axis) for axis in axes_of(spec))
+    return _op_flops.neighbor_pairs(axes_of(spec))
 
 
 def forward_flops(spec: Spec) -> int:
-    return 4 * spec.head_dim * spec.batch * spec.heads * neighbor_pairs(spec)
+    return _op_flops.fused_forward(axes_of(spec), spec.batch, spec.heads, spec.head_dim)
 
 
 def forward_backward_flops(spec: Spec) -> float:
