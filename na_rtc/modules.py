@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _args
+from . import _torch  # noqa: F401 - the ops and their FLOP formulas, registered once a layer can exist
 from .functional import na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D"]

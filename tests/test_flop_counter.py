@@ -120,6 +120,27 @@ def test_flops_are_counted_when_the_first_op_runs_inside_the_counter():
     assert int(result.stdout.split()[-1]) == 4 * 8 * 1 * 2 * 16 * 5
 
 
+def test_a_counter_made_after_the_layers_exist_counts_them_when_entered_later():
+    """A model built first, a counter made before any op, a warm-up step outside it, then a counted step (how
+    training scripts wrap one): the layers' import registered the formulas before the counter was made."""
+    script = textwrap.dedent("""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        from na_rtc import NeighborhoodAttention1D
+        layer = NeighborhoodAttention1D(16, 2, 5)
+        counter = FlopCounterMode(display=False)
+        x = torch.randn(1, 16, 16)
+        layer(x)  # the warm-up step, outside the counter
+        with counter:
+            layer(x)
+        print(sum(n for op, n in counter.get_flop_counts()["Global"].items() if "na_rtc" in str(op)))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) == 4 * 8 * 1 * 2 * 16 * 5
+
+
 def test_importing_na_rtc_does_not_import_torch_for_the_flop_formulas():
     script = "import sys, na_rtc, na_rtc.flops, na_rtc.bench.flops; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
