@@ -68,7 +68,7 @@ gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m na_rtc.gpu_check --results $(RESULTS)
 
 # The benchmark harness on the .venv (CPU machines: the quick preset on the
-# emulator; GPU machines: any preset). BENCH_ARGS="--preset issues --plot",
+# emulator; GPU machines: any preset). BENCH_ARGS="--preset targets --plot",
 # "--resume FILE", "--readme-table FILE", ...; python -m na_rtc bench --help.
 BENCH_ARGS ?= --preset quick --plot
 .PHONY: bench

@@ -159,7 +159,7 @@ def _libcuda_probe() -> tuple[int | None, list[int]]:
 
 def cuda_extra() -> tuple[str | None, str]:
     """Which extra serves this machine, ``"cuda13"`` or ``"cuda12"``, and why
-    (DESIGN.md section 3); ``(None, reason)`` when the driver cannot tell."""
+    (the README's supported-hardware table); ``(None, reason)`` when the driver cannot tell."""
     driver, archs = _libcuda_probe()
     if driver is None:
         return None, "no CUDA driver found to choose by"
@@ -366,7 +366,7 @@ def _fused_path(arch: int) -> str:
 
 
 def _device_verdict(arch: int, nvrtc: tuple[int, int], archs: list[int], driver: int | None) -> str:
-    """DESIGN.md section 3's supported-hardware table, applied to one device."""
+    """The README's supported-hardware table, applied to one device."""
     if arch < 70:
         return f"unsupported: na_rtc needs sm_70 or newer, this is sm_{arch}"
     if (nvrtc[0] >= 13 and arch < 75) or (archs and arch < min(archs)):

@@ -397,7 +397,7 @@ def test_gpu_check_runs_the_gpu_tests_in_parallel_with_a_timeout_where_the_plugi
 
 
 def test_gpu_check_asks_the_harness_for_its_entries(monkeypatch, tmp_path):
-    """The slice runs issue 9's comparison by default (the slow SIMT, split and straightforward entries would
+    """The slice runs the targets' comparison by default (the slow SIMT, split and straightforward entries would
     cost the slice problems); --bench-entries all leaves the choice to the harness."""
     import subprocess
 
@@ -408,7 +408,7 @@ def test_gpu_check_asks_the_harness_for_its_entries(monkeypatch, tmp_path):
     commands = []
     monkeypatch.setattr(gpu_check.subprocess, "run",
                         lambda command, **kwargs: commands.append(command) or subprocess.CompletedProcess(command, 0))
-    gpu_check._bench(tmp_path, "stamp", "issues", 100.0, 5)
-    gpu_check._bench(tmp_path, "stamp", "issues", 100.0, 5, entries=None)
+    gpu_check._bench(tmp_path, "stamp", "targets", 100.0, 5)
+    gpu_check._bench(tmp_path, "stamp", "targets", 100.0, 5, entries=None)
     assert commands[0][-2:] == ["--entries", ",".join(gpu_check.BENCH_ENTRIES)]
     assert "--entries" not in commands[1]
