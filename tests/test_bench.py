@@ -593,3 +593,10 @@ def test_bench_targets_prints_the_table_of_a_results_file(tmp_path, capsys):
     assert bench_main(["--targets", str(path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Performance targets of the fused kernels") and "test GPU" in out and "every target met" in out
+
+
+def test_the_earlier_preset_name_still_selects_the_target_shapes():
+    """``--preset issues`` (scripts and older make targets) runs the ``targets`` preset; --list shows one name."""
+    preset, plan = cli.plan_from_args(cli.build_parser().parse_args(["--preset", "issues"]), None)
+    assert preset == "targets" and plan == list(PRESETS["targets"])
+    assert "issues" not in cli._list() and "issues" not in cli.build_parser().format_help()
