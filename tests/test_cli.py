@@ -14,6 +14,7 @@ import na_rtc
 from na_rtc import _environment as env
 from na_rtc import demo
 from na_rtc.__main__ import COMMANDS, main
+from na_rtc._install import install_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -177,7 +178,7 @@ def test_missing_cupy_says_how_to_install(monkeypatch):
     gpus = env.gpus()
     assert not gpus.ok
     assert "cupy not installed" in gpus.text
-    assert "na_rtc[cuda13]" in gpus.text
+    assert install_command("cuda13") in gpus.text
     assert env.cupy_version().text == "not installed"
 
 
