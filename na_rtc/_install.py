@@ -55,10 +55,15 @@ def installed_from() -> dict | None:
     try:
         from importlib import metadata
 
-        text = metadata.distribution("na_rtc").read_text("direct_url.json")
-        return json.loads(text) if text else None
-    except Exception:  # noqa: BLE001 - not installed, not by pip, or unreadable: the package's folder decides
-        return None
+        # the first distribution found may be a checkout's own na_rtc.egg-info (the current folder is on the
+        # path), which has no record: take the first that has one
+        for distribution in metadata.distributions(name="na_rtc"):
+            text = distribution.read_text("direct_url.json")
+            if text:
+                return json.loads(text)
+    except Exception:  # noqa: BLE001 - unreadable: the package's folder decides
+        pass
+    return None
 
 
 def _recorded_folder(record: dict | None) -> tuple[Path | None, bool]:

@@ -1,6 +1,7 @@
 """The supported-hardware table (README), as ``info`` applies it; the install commands its verdicts and
 the errors give; what ``info`` says runs CPU arrays."""
 
+import json
 import re
 import types
 from pathlib import Path
@@ -111,6 +112,24 @@ def test_the_source_of_an_installation_is_told_apart(tmp_path):
     assert source(copy, read_record=False) == Source(None)
     # the checkout it came from is gone: only the packages can be named
     assert source(copy, {"url": (tmp_path / "gone").as_uri(), "dir_info": {}}) == Source(None)
+
+
+def test_the_install_record_is_found_past_a_checkouts_own_metadata(tmp_path, monkeypatch):
+    """Run from a checkout, the checkout's na_rtc.egg-info (no record) comes first on the path; pip's record
+    of the editable install is in site-packages."""
+    import sys
+
+    from na_rtc._install import installed_from
+
+    checkout, site = tmp_path / "checkout", tmp_path / "site-packages"
+    (checkout / "na_rtc.egg-info").mkdir(parents=True)
+    (checkout / "na_rtc.egg-info" / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: na_rtc\nVersion: 0.1.0\n")
+    (site / "na_rtc-0.1.0.dist-info").mkdir(parents=True)
+    (site / "na_rtc-0.1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: na_rtc\nVersion: 0.1.0\n")
+    record = {"url": checkout.as_uri(), "dir_info": {"editable": True}}
+    (site / "na_rtc-0.1.0.dist-info" / "direct_url.json").write_text(json.dumps(record))
+    monkeypatch.setattr(sys, "path", [str(checkout), str(site)])
+    assert installed_from() == record
 
 
 def test_install_commands_for_each_kind_of_installation(tmp_path):
