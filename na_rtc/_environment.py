@@ -190,7 +190,7 @@ def nvrtc_install_hint() -> str:
 
     if cuda_extra()[0] is not None:
         return cuda_install_hint()
-    return f"{install_command('nvrtc')} (NVRTC alone, for precompile and check; no CUDA driver found here)"
+    return f"{install_command('nvrtc')} (NVRTC alone: no CUDA driver found here)"
 
 
 def _import_cupy():
@@ -433,7 +433,7 @@ def hardware_verdict() -> Probe:
     nvrtc = nvrtc_version()
     if not devices.ok:
         compile_note = ("precompile/check work here" if nvrtc.ok
-                        else f"NVRTC missing for precompile/check ({nvrtc_install_hint()})")
+                        else f"NVRTC missing for precompile/check: {nvrtc_install_hint()}")
         return Probe(True, [], f"no GPU: {_cpu_arrays_run_on()}; {compile_note}")
     if not nvrtc.ok:
         return _missing(f"GPU found but NVRTC is not usable ({nvrtc.text})")
