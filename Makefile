@@ -16,6 +16,9 @@ PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.na_rtc-setup-stamp
+NVRTC_STAMP := $(VENV)/.na_rtc-nvrtc-stamp
+EXAMPLES_STAMP := $(VENV)/.na_rtc-examples-stamp
+BUILD_STAMP := $(VENV)/.na_rtc-build-stamp
 PYTEST_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
@@ -25,23 +28,28 @@ GPU_PYTHON ?= python3
 RESULTS ?= benchmarks/results
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test wheel clean distclean gpu-check check-all
+.PHONY: help venv venv-nvrtc venv-examples demo test wheel clean distclean gpu-check check-all
 
 help:
 	@echo "make demo       set up $(VENV) (once), run 1D/2D NA forward+backward, check it, write na_rtc_demo.png"
-	@echo "make test       set up $(VENV) (once), run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
+	@echo "make test       set up $(VENV) (once), run the test suite (PYTEST_ARGS=... passes arguments to pytest);"
+	@echo "                tests that need NVRTC or scikit-learn skip until make venv-nvrtc / venv-examples"
 	@echo "make wheel      build the wheel into $(DIST)/"
 	@echo "make gpu-check  on a GPU machine, with its own python (no .venv, no network): GPU self-tests,"
 	@echo "                gpu-marked tests, quick benchmark; JSON into RESULTS=$(RESULTS)"
 	@echo "make check-all  compile every kernel for one GPU of each class it may run on (sm_75 ... sm_120) and"
 	@echo "                check spills, registers and shared memory (CI checks sm_80, sm_90 and one more a run)"
-	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,plot,nvrtc,examples]"
+	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests]"
+	@echo "make venv-nvrtc     add NVRTC to $(VENV) ([nvrtc]: check, precompile and the tests that compile with NVRTC)"
+	@echo "make venv-examples  add the examples' packages to $(VENV) ([examples]: scikit-learn, tqdm for examples/nat_digits.py)"
 	@echo "make clean      remove build outputs and caches (keeps $(VENV))"
 	@echo "make distclean  clean, and remove $(VENV) too"
 
 # Set up once; redone only when pyproject.toml changes (the install is
 # editable, so code changes need no reinstall). Torch goes in first, pinned,
-# so that the [tests,plot] install never pulls a different torch build.
+# so that the [tests] install never pulls a different torch build. Only what
+# the tests and the demo use goes in here; NVRTC, the examples' packages and
+# the wheel builder are added by the targets that use them (below).
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
@@ -51,10 +59,24 @@ $(STAMP): pyproject.toml
 		echo "$(VPY) -m pip install $(TORCH_PIP_ARGS) $(TORCH_SPEC)"; \
 		$(VPY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; \
 	fi
-	$(VPY) -m pip install -e ".[tests,plot,nvrtc,examples]" build
+	$(VPY) -m pip install -e ".[tests]"
+	touch $@
+
+$(NVRTC_STAMP): $(STAMP)
+	$(VPY) -m pip install -e ".[nvrtc]"
+	touch $@
+
+$(EXAMPLES_STAMP): $(STAMP)
+	$(VPY) -m pip install -e ".[examples]"
+	touch $@
+
+$(BUILD_STAMP): $(STAMP)
+	$(VPY) -m pip install build
 	touch $@
 
 venv: $(STAMP)
+venv-nvrtc: $(NVRTC_STAMP)
+venv-examples: $(EXAMPLES_STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m na_rtc demo
@@ -68,7 +90,7 @@ gpu-check:
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m na_rtc.gpu_check --results $(RESULTS)
 
 # The benchmark harness on the .venv (CPU machines: the quick preset on the
-# emulator; GPU machines: any preset). BENCH_ARGS="--preset issues --plot",
+# emulator; GPU machines: any preset). BENCH_ARGS="--preset targets --plot",
 # "--resume FILE", "--readme-table FILE", ...; python -m na_rtc bench --help.
 BENCH_ARGS ?= --preset quick --plot
 .PHONY: bench
@@ -80,14 +102,14 @@ bench: $(STAMP)
 # no spills, registers and shared memory fit the largest launch. CI checks sm_80 and sm_90 on every run
 # and one more class by rotation; this is the whole product. CHECK_JOBS compiles at once.
 CHECK_JOBS ?= 2
-check-all: $(STAMP)
+check-all: $(NVRTC_STAMP)
 	$(VPY) -m na_rtc check --arch classes --jobs $(CHECK_JOBS)
 
-wheel: $(STAMP)
+wheel: $(BUILD_STAMP)
 	$(VPY) -m build --wheel --outdir $(DIST) .
 
 clean:
-	rm -rf build $(DIST) *.egg-info .pytest_cache .hypothesis na_rtc_demo.png
+	rm -rf build $(DIST) *.egg-info .pytest_cache .hypothesis na_rtc_demo.png nat_digits_*.png
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean

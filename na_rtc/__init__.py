@@ -1,6 +1,6 @@
 """na_rtc: neighborhood attention for Python, compiled at run time.
 
-Public API (DESIGN.md section 3): fused ``na1d``/``na2d``, split
+Public API: fused ``na1d``/``na2d``, split
 ``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``, their backward functions, and
 backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``,
 :class:`LayoutWarning` (a tensor whose shape suggests heads-first), and the

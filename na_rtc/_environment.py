@@ -20,7 +20,6 @@ import sys
 from typing import Any, NamedTuple
 
 __all__ = [
-    "CUDA_INSTALL_HINT",
     "GpuInfo",
     "Probe",
     "na_rtc_version",
@@ -37,9 +36,8 @@ __all__ = [
     "hardware_verdict",
     "cuda_extra",
     "cuda_install_hint",
+    "nvrtc_install_hint",
 ]
-
-CUDA_INSTALL_HINT = "pip install 'na_rtc[cuda13]' or '[cuda12]'"
 
 
 class Probe(NamedTuple):
@@ -159,7 +157,7 @@ def _libcuda_probe() -> tuple[int | None, list[int]]:
 
 def cuda_extra() -> tuple[str | None, str]:
     """Which extra serves this machine, ``"cuda13"`` or ``"cuda12"``, and why
-    (DESIGN.md section 3); ``(None, reason)`` when the driver cannot tell."""
+    (the README's supported-hardware table); ``(None, reason)`` when the driver cannot tell."""
     driver, archs = _libcuda_probe()
     if driver is None:
         return None, "no CUDA driver found to choose by"
@@ -174,12 +172,25 @@ def cuda_extra() -> tuple[str | None, str]:
 
 
 def cuda_install_hint() -> str:
-    """The install command for the ``cuda`` backend, for this machine's driver and GPUs."""
+    """The install command for the ``cuda`` backend, for this machine's driver and GPUs and for the way na_rtc
+    was installed (a checkout or a wheel: :mod:`na_rtc._install`)."""
+    from ._install import install_command
+
     extra, reason = cuda_extra()
     if extra is None:
-        return ("pip install 'na_rtc[cuda13]' (CUDA 13 driver, sm_75+) or 'na_rtc[cuda12]' "
+        return (f"{install_command('cuda13')} (CUDA 13 driver, sm_75+) or {install_command('cuda12')} "
                 "(older drivers, sm_70/72)")
-    return f"pip install 'na_rtc[{extra}]' ({reason})"
+    return f"{install_command(extra)} ({reason})"
+
+
+def nvrtc_install_hint() -> str:
+    """The install command for NVRTC: the ``cuda`` backend's extra on a machine with a CUDA driver, NVRTC
+    alone (enough for ``precompile`` and ``check``) on one without."""
+    from ._install import install_command
+
+    if cuda_extra()[0] is not None:
+        return cuda_install_hint()
+    return f"{install_command('nvrtc')} (NVRTC alone: no CUDA driver found here)"
 
 
 def _import_cupy():
@@ -238,7 +249,7 @@ def _nvrtc_module():
         try:  # cuda-python before 12.6 exposed the bindings here
             from cuda import nvrtc  # type: ignore[no-redef]
         except Exception:  # noqa: BLE001
-            return _missing(f"not installed (cuda.bindings missing: {CUDA_INSTALL_HINT})")
+            return _missing(f"not installed (cuda.bindings missing: {nvrtc_install_hint()})")
     except Exception as error:  # noqa: BLE001
         return _missing(f"cuda.bindings not importable ({_describe_error(error)})")
     return nvrtc
@@ -295,8 +306,36 @@ def selected_backend() -> Probe:
     except Exception as error:  # noqa: BLE001
         return _missing(f"unknown ({_describe_error(error)})")
     if name is None:
-        return Probe(True, None, "automatic (cuda for GPU arrays, reference for CPU arrays)")
+        return Probe(True, None, f"automatic (cuda for GPU arrays, {_cpu_default()} for CPU arrays)")
     return _found(name)
+
+
+def _cpu_default() -> str:
+    """The backend NumPy arrays and CPU tensors get when none is forced (the dispatcher's own rule)."""
+    try:
+        from na_rtc import _arrays, backends as backends_module
+
+        return backends_module._default_name(_arrays.NUMPY, "cpu")
+    except Exception as error:  # noqa: BLE001 - a probe reports, never raises
+        return f"unknown ({_describe_error(error)})"
+
+
+def _cpu_arrays_run_on() -> str:
+    """Which backend runs CPU arrays here, as the dispatcher decides it (forced, or the default)."""
+    try:
+        from na_rtc import _arrays, backends as backends_module
+
+        forced = backends_module.current_backend_name()
+        if forced and (_arrays.NUMPY, "cpu") not in backends_module.get(forced).serves:
+            return f"the forced {forced} backend does not run CPU arrays (NA_RTC_BACKEND / use_backend)"
+    except Exception as error:  # noqa: BLE001
+        return f"backend for CPU arrays unknown ({_describe_error(error)})"
+    if forced:
+        return f"CPU arrays run on the {forced} backend (forced by NA_RTC_BACKEND / use_backend)"
+    name = _cpu_default()
+    if name == "emulator":
+        return "CPU arrays run on the emulator backend (the CUDA kernels, emulated)"
+    return f"CPU arrays run on the {name} backend (NA_RTC_BACKEND=emulator runs the CUDA kernels, emulated)"
 
 
 def cache_dir() -> Probe:
@@ -366,16 +405,18 @@ def _fused_path(arch: int) -> str:
 
 
 def _device_verdict(arch: int, nvrtc: tuple[int, int], archs: list[int], driver: int | None) -> str:
-    """DESIGN.md section 3's supported-hardware table, applied to one device."""
+    """The README's supported-hardware table, applied to one device."""
     if arch < 70:
         return f"unsupported: na_rtc needs sm_70 or newer, this is sm_{arch}"
+    from ._install import install_command
+
     if (nvrtc[0] >= 13 and arch < 75) or (archs and arch < min(archs)):
         return (f"unsupported with NVRTC {nvrtc[0]}.{nvrtc[1]} (sm_{min(archs) if archs else 75}+ only): "
-                "pip install 'na_rtc[cuda12]'")
+                f"{install_command('cuda12')}")
     driver_text = "" if driver is None else f"{driver // 1000}.{driver % 1000 // 10}"
     if driver is not None and driver // 1000 < nvrtc[0]:
         return (f"driver supports CUDA {driver_text}, older than NVRTC {nvrtc[0]}: "
-                f"update the driver, or use NVRTC 12 (pip install 'na_rtc[cuda12]')")
+                f"update the driver, or use NVRTC 12 ({install_command('cuda12')})")
     if archs and arch not in archs:
         # PTX is JIT-compiled by the driver, which must know the PTX version of this very NVRTC release
         if driver is not None and driver < nvrtc[0] * 1000 + nvrtc[1] * 10:
@@ -391,8 +432,9 @@ def hardware_verdict() -> Probe:
     devices = gpus()
     nvrtc = nvrtc_version()
     if not devices.ok:
-        compile_note = "precompile/check work here" if nvrtc.ok else f"NVRTC missing for precompile/check ({CUDA_INSTALL_HINT})"
-        return Probe(True, [], f"no GPU: kernels run on the emulator backend; {compile_note}")
+        compile_note = ("precompile/check work here" if nvrtc.ok
+                        else f"NVRTC missing for precompile/check: {nvrtc_install_hint()}")
+        return Probe(True, [], f"no GPU: {_cpu_arrays_run_on()}; {compile_note}")
     if not nvrtc.ok:
         return _missing(f"GPU found but NVRTC is not usable ({nvrtc.text})")
     module = _nvrtc_module()

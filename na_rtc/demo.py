@@ -31,7 +31,7 @@ __all__ = ["DEFAULT_OUT", "Problem", "PROBLEMS", "QUICK_PROBLEMS", "run", "main"
 
 DEFAULT_OUT = "na_rtc_demo.png"
 
-# float32 tolerances of DESIGN.md section 8: |x - ref| <= atol + rtol * |ref|
+# the test suite's float32 tolerances: |x - ref| <= atol + rtol * |ref|
 TOLERANCE_OUT = (1e-4, 1e-4)
 TOLERANCE_GRAD = (1e-3, 1e-3)
 

@@ -8,9 +8,10 @@
    reference, recording the verdicts first-use verification reads,
 2. every ``gpu``-marked test,
 3. one slice of the benchmark harness (``python -m na_rtc bench``, default
-   preset ``issues``: the issues' target shapes, every entry side by side),
-   writing its JSON, markdown and (with matplotlib) chart beside the rest,
-   then issue 9's targets from it, met or not (``bench --targets``),
+   preset ``targets``: the shapes the performance targets are set on, every
+   entry side by side), writing its JSON, markdown and (with matplotlib)
+   chart beside the rest, then the targets from it, met or not
+   (``bench --targets``),
 
 then one JSON file under ``--results`` (default ``benchmarks/results``) and a
 summary. Made for a bare GPU machine without network: it uses the python it
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 from na_rtc.bench.cli import INCOMPLETE
-from na_rtc.bench.presets import PRESETS
+from na_rtc.bench.presets import PRESET_ALIASES, PRESETS, preset_name
 from na_rtc.bench.report import environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,9 +131,10 @@ def _precompile(jobs: int, limit: float | None = None) -> dict:
             "seconds": round(time.perf_counter() - started, 1), "lines": lines[-200:]}
 
 
-#: the benchmark entries gpu-check runs unless told otherwise: what issue 9 compares (the dispatcher's fused op,
-#: its GPU variants, FlexAttention in both token orders) and the cheap baselines of the README table. Left
-#: out: the SIMT fused kernels, the split ops and the straightforward kernels, slow on the large issue shapes,
+#: the benchmark entries gpu-check runs unless told otherwise: what the performance targets compare (the
+#: dispatcher's fused op, its GPU variants, FlexAttention in both token orders) and the cheap baselines of the
+#: README table. Left out: the SIMT fused kernels, the split ops and the straightforward kernels, slow on the
+#: large target shapes,
 #: which would cost the slice problems (``--bench-entries all`` runs them too)
 BENCH_ENTRIES = ("fused", "fused_tc_rows16", "fused_wgmma", "fused_wgmma_1wg", "fused_wgmma_kc32", "naive_torch",
                  "flex_natural", "flex_tiled", "sdpa")
@@ -163,7 +165,7 @@ def _bench(results: Path, stamp: str, preset: str, budget: float, repeat: int, l
 
 
 def _targets(bench_json: Path) -> dict:
-    """Issue 9's targets from the slice's results (printed: the lent machine's output tail shows them)."""
+    """The performance targets from the slice's results (printed: the lent machine's output tail shows them)."""
     from na_rtc.bench.cli import targets_report
 
     if not bench_json.exists():
@@ -180,14 +182,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m na_rtc.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--repeat", type=int, default=10, help="most timed runs per benchmark measurement")
-    parser.add_argument("--bench-preset", default="issues", choices=tuple(PRESETS),
-                        help="benchmark preset (default: issues, the issues' target shapes)")
+    parser.add_argument("--bench-preset", default="targets", choices=(*PRESETS, *PRESET_ALIASES),
+                        metavar="{" + ",".join(PRESETS) + "}",
+                        help="benchmark preset (default: targets, the shapes the performance targets are set on)")
     parser.add_argument("--bench-budget", type=float, default=300.0, metavar="S",
                         help="time budget of the benchmark slice; the rest is resumed with --resume (default 300)")
     parser.add_argument("--no-bench", action="store_true", help="only the self-tests and the gpu tests")
     parser.add_argument("--bench-entries", default=",".join(BENCH_ENTRIES), metavar="LIST",
                         help="comma-separated benchmark entries, or 'all' for every entry the machine suits "
-                             "(default: issue 9's comparison and the cheap baselines)")
+                             "(default: the fused kernels against FlexAttention, and the cheap baselines)")
     parser.add_argument("--bench-compile-timing", action="store_true",
                         help="let the benchmark compile every family again into an empty cache to time it "
                              "(step 0 already reports each family's compile time)")
@@ -195,6 +198,7 @@ def main(argv=None) -> int:
                         help=f"wall-clock limit of the whole run, steps included (default {DEFAULT_DEADLINE_S:.0f}: "
                              "one ten-minute command on a lent machine); 0: none")
     args = parser.parse_args(argv)
+    args.bench_preset = preset_name(args.bench_preset)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
         report["benchmark"] = _bench(results, stamp, args.bench_preset, budget, args.repeat, limit(),
                                      args.bench_compile_timing, entries)
         if report["benchmark"].get("json"):
-            report["issue9_targets"] = _targets(Path(report["benchmark"]["json"]))
+            report["targets"] = _targets(Path(report["benchmark"]["json"]))
     save()
     failed = report["selftest"]["returncode"] != 0 or report["gpu_tests"]["returncode"] != 0
     for step in ("precompile", "selftest", "gpu_tests"):

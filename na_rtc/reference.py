@@ -1,6 +1,6 @@
 """Reference backend: neighborhood attention in vectorized NumPy / torch math.
 
-This is the executable specification (DESIGN.md section 2) and the CPU
+This is the executable specification (:mod:`na_rtc.window` defines the windows) and the CPU
 backend. Every op works on tokens flattened row-major over the spatial axes
 with the slot table of :mod:`na_rtc.window` (which key each window slot holds,
 whether the slot is inside the window, which bias entry it uses), so one

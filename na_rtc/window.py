@@ -1,6 +1,6 @@
 """Per-axis neighborhood window math: the single source of truth in Python.
 
-Everything here follows DESIGN.md section 2 literally. One spatial axis is
+This is the definition of neighborhood attention's windows. One spatial axis is
 described by an :class:`Axis`; positions are integers in ``[0, length)``.
 Dilation splits the axis into ``dilation`` interleaved groups; windows are
 computed in *group coordinates* (``i' = i div d``) and key positions are
@@ -116,7 +116,7 @@ def inverse_range(axis: Axis, j):
     group coordinates of ``j``'s group (the inverse neighborhood).
 
     Window start and end never decrease with the query coordinate inside a
-    group (DESIGN.md section 2), so the queries form one contiguous range,
+    group (checked exhaustively for short axes by the tests), so the queries form one contiguous range,
     found here by binary search over the group's windows.
     """
     g, jg = group_of(axis, np.asarray(j))

@@ -83,8 +83,8 @@ def test_measure_respects_repeat_bounds():
 # ---------------------------------------------------------------- presets
 
 
-def test_presets_hold_the_issue_targets():
-    keys = {problem.key for problem in PRESETS["issues"]}
+def test_presets_hold_the_target_shapes():
+    keys = {problem.key for problem in PRESETS["targets"]}
     assert {"2d-56x56-k7x7-b8-h4-D32-fp16", "2d-128x128-k7x7-b2-h8-D32-fp16", "2d-128x128-k13x13-b2-h8-D64-fp16",
             "2d-128x128-k13x13-b2-h8-D64-bf16", "2d-128x128-k13x13-b2-h8-D128-bf16",
             "1d-32768-k2047-b1-h8-D128-bf16"} == keys
@@ -220,6 +220,17 @@ def test_cpu_run_reports_gpu_only_entries(harness):
     assert "not measured" in results["compile"]["skipped"]
 
 
+def test_gpu_only_entries_are_one_line_of_the_report_not_a_row_each(harness):
+    """On a CPU the GPU comparisons (kernel variants, FlexAttention) are named once per problem, on one line."""
+    _, results, path, printed = harness
+    gpu_only = [name for name, entry in results["problems"][0]["entries"].items() if entry.get("gpu_only")]
+    assert {"fused_simt", "fused_wgmma", "flex_natural", "flex_tiled"} <= set(gpu_only)
+    text = path.with_suffix(".md").read_text()
+    assert "skipped:" not in text and "is a GPU comparison" not in text
+    [line] = [line for line in text.splitlines() if "GPU comparisons" in line]
+    assert all(name in line for name in gpu_only) and line.startswith(f"Not run on a CPU-only machine: {len(gpu_only)}")
+
+
 def test_markdown_and_readme_table(harness, capsys):
     _, results, path, printed = harness
     text = path.with_suffix(".md").read_text()
@@ -280,7 +291,7 @@ def test_split_ops_have_no_stride():
 
 
 def test_emulator_entries_are_not_asked_for_gpu_sizes():
-    problem = PRESETS["issues"][2]
+    problem = PRESETS["targets"][2]
     machine = runner.Machine("cpu", "emulator")
     selection = runner.select_entries(["fused", "naive_torch"], machine)
     record = runner.run_problem(problem, selection, machine, timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
@@ -364,7 +375,7 @@ def test_bench_is_a_subcommand(capsys):
 
     assert main(["bench", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "issues" in out and "2D 128x128 k=13 b2 h8 D64 fp16" in out and "flex_tiled" in out
+    assert "targets" in out and "2D 128x128 k=13 b2 h8 D64 fp16" in out and "flex_tiled" in out
 
 
 def test_compile_and_cached_load_are_timed_apart():
@@ -399,8 +410,8 @@ def _gpu_like_results() -> dict:
     environment = {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3", "capability": "sm_90",
                    "driver": "driver 570.1 (CUDA 12.8)", "cuda": "torch built with CUDA 12.8", "nvrtc": "12.8",
                    "torch": "2.13.0", "na_rtc": "0.1.0", "commit": "0123456789abcdef", "utc": "2026-01-01T00:00:00Z",
-                   "command": "python -m na_rtc bench --preset issues"}
-    return {"schema": runner.SCHEMA, "preset": "issues", "environment": environment,
+                   "command": "python -m na_rtc bench --preset targets"}
+    return {"schema": runner.SCHEMA, "preset": "targets", "environment": environment,
             "settings": {"clock": "CUDA events", "memory": "torch CUDA allocator peak"}, "notes": [],
             "problems": [record]}
 
@@ -535,11 +546,11 @@ def _measured(forward_ms, backward_ms, tflops=None):
             "forward_backward": {"median_ms": backward_ms}}
 
 
-def _issue9_results(fused, wgmma, flex_natural, flex_tiled):
-    """A results file with the issue 9 problems and the given (forward ms, fwd+bwd ms[, TFLOP/s]) entries."""
+def _target_results(fused, wgmma, flex_natural, flex_tiled):
+    """A results file with the fused-vs-FlexAttention target problems and the given (forward ms, fwd+bwd ms[, TFLOP/s]) entries."""
     from na_rtc.bench import targets
 
-    keys = dict.fromkeys(t.key for t in targets.issue9_targets())
+    keys = dict.fromkeys(t.key for t in targets.flex_targets())
     entries = {"fused": fused, "fused_wgmma": wgmma, "flex_natural": flex_natural, "flex_tiled": flex_tiled}
     return {"environment": {"device": "test GPU", "device_type": "cuda"},
             "problems": [{"key": key, "label": key, "entries": {name: _measured(*figures)
@@ -547,22 +558,22 @@ def _issue9_results(fused, wgmma, flex_natural, flex_tiled):
                          for key in keys]}
 
 
-def test_issue9_targets_are_judged_for_the_default_and_the_fastest_entry():
+def test_targets_are_judged_for_the_default_and_the_fastest_entry():
     from na_rtc.bench import targets
 
     # fused: 2x natural flex and 1.25x tiled forward, fwd+bwd as fast as flex; 160 TFLOP/s; wgmma faster still
-    results = _issue9_results((1.0, 4.0, 160.0), (0.5, 3.0, 320.0), (2.0, 5.0), (1.25, 4.0))
+    results = _target_results((1.0, 4.0, 160.0), (0.5, 3.0, 320.0), (2.0, 5.0), (1.25, 4.0))
     text, all_met = targets.table(results)
     assert all_met and "MISSED" not in text and "not measured" not in text
     assert "2x met" in text and "1.25x met" in text and "160 met" in text and "(fused_wgmma)" in text
-    assert len(text.strip().splitlines()) == 2 + len(targets.issue9_targets())
+    assert len(text.strip().splitlines()) == 2 + len(targets.flex_targets())
 
 
-def test_issue9_targets_missed_or_missing_are_said():
+def test_targets_missed_or_missing_are_said():
     from na_rtc.bench import targets
 
     # 1.4x natural flex (needs 1.5x), 120 TFLOP/s (needs 150), fwd+bwd slower than flex; no wgmma figures
-    results = _issue9_results((1.0, 6.0, 120.0), None, (1.4, 5.0), (0.9, 5.5))
+    results = _target_results((1.0, 6.0, 120.0), None, (1.4, 5.0), (0.9, 5.5))
     text, all_met = targets.table(results)
     assert not all_met
     assert "1.4x MISSED" in text and "120 MISSED" in text and "0.833x MISSED" in text
@@ -578,7 +589,14 @@ def test_bench_targets_prints_the_table_of_a_results_file(tmp_path, capsys):
     from na_rtc.bench.cli import main as bench_main
 
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(_issue9_results((1.0, 4.0, 160.0), None, (2.0, 5.0), (1.25, 4.0))))
+    path.write_text(json.dumps(_target_results((1.0, 4.0, 160.0), None, (2.0, 5.0), (1.25, 4.0))))
     assert bench_main(["--targets", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Issue 9 targets") and "test GPU" in out and "every target met" in out
+    assert out.startswith("Performance targets of the fused kernels") and "test GPU" in out and "every target met" in out
+
+
+def test_the_earlier_preset_name_still_selects_the_target_shapes():
+    """``--preset issues`` (scripts and older make targets) runs the ``targets`` preset; --list shows one name."""
+    preset, plan = cli.plan_from_args(cli.build_parser().parse_args(["--preset", "issues"]), None)
+    assert preset == "targets" and plan == list(PRESETS["targets"])
+    assert "issues" not in cli._list() and "issues" not in cli.build_parser().format_help()

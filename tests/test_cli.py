@@ -14,6 +14,7 @@ import na_rtc
 from na_rtc import _environment as env
 from na_rtc import demo
 from na_rtc.__main__ import COMMANDS, main
+from na_rtc._install import install_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -177,7 +178,7 @@ def test_missing_cupy_says_how_to_install(monkeypatch):
     gpus = env.gpus()
     assert not gpus.ok
     assert "cupy not installed" in gpus.text
-    assert "na_rtc[cuda13]" in gpus.text
+    assert install_command("cuda13") in gpus.text
     assert env.cupy_version().text == "not installed"
 
 
@@ -397,7 +398,7 @@ def test_gpu_check_runs_the_gpu_tests_in_parallel_with_a_timeout_where_the_plugi
 
 
 def test_gpu_check_asks_the_harness_for_its_entries(monkeypatch, tmp_path):
-    """The slice runs issue 9's comparison by default (the slow SIMT, split and straightforward entries would
+    """The slice runs the targets' comparison by default (the slow SIMT, split and straightforward entries would
     cost the slice problems); --bench-entries all leaves the choice to the harness."""
     import subprocess
 
@@ -408,7 +409,7 @@ def test_gpu_check_asks_the_harness_for_its_entries(monkeypatch, tmp_path):
     commands = []
     monkeypatch.setattr(gpu_check.subprocess, "run",
                         lambda command, **kwargs: commands.append(command) or subprocess.CompletedProcess(command, 0))
-    gpu_check._bench(tmp_path, "stamp", "issues", 100.0, 5)
-    gpu_check._bench(tmp_path, "stamp", "issues", 100.0, 5, entries=None)
+    gpu_check._bench(tmp_path, "stamp", "targets", 100.0, 5)
+    gpu_check._bench(tmp_path, "stamp", "targets", 100.0, 5, entries=None)
     assert commands[0][-2:] == ["--entries", ",".join(gpu_check.BENCH_ENTRIES)]
     assert "--entries" not in commands[1]

@@ -15,6 +15,7 @@ import pytest
 from fake_cuda import fake_cuda_fixture  # noqa: F401 - the fake_cuda fixture
 from helpers import requires_nvrtc
 
+from na_rtc._install import install_command
 from na_rtc.runtime import cache, cuda, fused_wg, nvrtc
 from na_rtc.runtime import plan as P
 from na_rtc.runtime.families import Family
@@ -43,7 +44,7 @@ def test_unavailable_without_cupy_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(_environment, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver, here or not
     available, reason = cuda.availability()
-    assert not available and "pip install 'na_rtc[cuda13]'" in reason
+    assert not available and install_command("cuda13") in reason
 
 
 def test_launches_above_48_kib_opt_in_once_per_function(fake_cuda):

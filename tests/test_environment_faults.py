@@ -9,6 +9,7 @@ NVRTC, no C++ compiler for the emulator. Nothing here needs a GPU.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
@@ -19,6 +20,7 @@ import na_rtc
 from na_rtc import _environment as env
 from na_rtc import backends
 from na_rtc.__main__ import main
+from na_rtc._install import install_command
 from na_rtc.emulator import build
 from na_rtc.runtime.families import Family
 from na_rtc.runtime import cuda, device, nvrtc
@@ -134,10 +136,11 @@ def dispatch_cuda(kind="torch"):
 
 
 EXTRA_CASES = {
-    "cuda13-driver": ((13000, [90]), "pip install 'na_rtc[cuda13]' (driver CUDA 13.0, sm_90)", "cuda12"),
-    "cuda12-driver": ((12040, [90]), "pip install 'na_rtc[cuda12]' (driver CUDA 12.4 is older than CUDA 13)", "cuda13"),
-    "v100": ((13000, [70]), "pip install 'na_rtc[cuda12]' (NVRTC 13 does not compile for sm_70", "cuda13"),
-    "no-driver": ((None, []), "pip install 'na_rtc[cuda13]' (CUDA 13 driver, sm_75+) or 'na_rtc[cuda12]'", None),
+    "cuda13-driver": ((13000, [90]), f"{install_command('cuda13')} (driver CUDA 13.0, sm_90)", "cuda12"),
+    "cuda12-driver": ((12040, [90]), f"{install_command('cuda12')} (driver CUDA 12.4 is older than CUDA 13)", "cuda13"),
+    "v100": ((13000, [70]), f"{install_command('cuda12')} (NVRTC 13 does not compile for sm_70", "cuda13"),
+    "no-driver": ((None, []), f"{install_command('cuda13')} (CUDA 13 driver, sm_75+) or {install_command('cuda12')}",
+                  None),
 }
 
 
@@ -159,7 +162,7 @@ def test_cupy_missing_names_the_extra_for_this_machine(monkeypatch, probe, expec
 
 def test_nvrtc_library_missing(monkeypatch):
     install(monkeypatch, cupy=fake_cupy(), nvrtc_modules=fake_nvrtc_bindings(broken=True))
-    with pytest.raises(nvrtc.NvrtcUnavailable, match=r"libnvrtc\) could not be loaded .*pip install 'na_rtc\[cuda13\]'"):
+    with pytest.raises(nvrtc.NvrtcUnavailable, match=r"libnvrtc\) could not be loaded .*" + re.escape(install_command("cuda13"))):
         nvrtc.nvrtc_version()
     available, reason = cuda.availability()
     assert not available and reason.startswith("NVRTC is not usable") and "libnvrtc" in reason
@@ -169,7 +172,7 @@ def test_nvrtc_library_missing(monkeypatch):
 
 def test_nvrtc_bindings_missing(monkeypatch):
     install(monkeypatch, cupy=fake_cupy(), block=["cuda", "cuda.bindings", "cuda.bindings.nvrtc"])
-    with pytest.raises(nvrtc.NvrtcUnavailable, match=r"cuda.bindings\) are not installed .*na_rtc\[cuda12\]"):
+    with pytest.raises(nvrtc.NvrtcUnavailable, match=r"cuda.bindings\) are not installed .*" + re.escape(install_command("cuda12"))):
         nvrtc.compile_program("na_naive.cu", ["x"], 90)
     assert "not installed" in env.nvrtc_version().text
 
@@ -185,7 +188,7 @@ def test_no_gpu_for_a_cuda_request(monkeypatch):
     with pytest.raises(RuntimeError, match=r"cuda backend is not available here: no usable GPU"):
         dispatch_cuda("cupy")
     verdict = env.hardware_verdict()
-    assert verdict.text.startswith("no GPU: kernels run on the emulator backend")
+    assert verdict.text.startswith("no GPU: CPU arrays run on the reference backend")
 
 
 def test_zero_devices_for_a_cuda_request(monkeypatch):
@@ -211,11 +214,11 @@ def test_a_gpu_newer_than_nvrtc_gets_ptx(monkeypatch):
 
 
 def test_a_gpu_too_old_for_nvrtc_13_points_to_cuda12(monkeypatch):
-    with pytest.raises(nvrtc.ArchUnsupported, match=r"cannot compile for sm_70.*pip install 'na_rtc\[cuda12\]'"):
+    with pytest.raises(nvrtc.ArchUnsupported, match=r"cannot compile for sm_70.*" + re.escape(install_command("cuda12"))):
         nvrtc.target_for(70, ARCHS_13)
     install(monkeypatch, cupy=fake_cupy(devices=(70,)), nvrtc_modules=fake_nvrtc_bindings((13, 0)))
     verdict = env.hardware_verdict()
-    assert not verdict.ok and "unsupported with NVRTC 13.0 (sm_75+ only): pip install 'na_rtc[cuda12]'" in verdict.text
+    assert not verdict.ok and f"unsupported with NVRTC 13.0 (sm_75+ only): {install_command('cuda12')}" in verdict.text
 
 
 # ---------------------------------------------------------------- driver too old
@@ -315,14 +318,14 @@ def _state_no_compiler(monkeypatch):
 
 
 INFO_STATES = {
-    "cupy-missing": (_state_cupy_missing, ["CuPy not installed", "pip install 'na_rtc[cuda12]' (driver CUDA 12.4",
+    "cupy-missing": (_state_cupy_missing, ["CuPy not installed", f"{install_command('cuda12')} (driver CUDA 12.4",
                                            "cuda no"]),
     "nvrtc-missing": (_state_nvrtc_missing, ["bindings present, library not loadable", "libnvrtc",
                                              "GPU found but NVRTC is not usable"]),
     "no-gpu": (_state_no_gpu, ["no GPU or no CUDA driver (CUDARuntimeError: cudaErrorInsufficientDriver",
-                               "no GPU: kernels run on the emulator backend"]),
+                               "no GPU: CPU arrays run on the reference backend"]),
     "newer-arch": (_state_newer_arch, ["sm_130", "supported through PTX"]),
-    "too-old-arch": (_state_too_old_arch, ["sm_70", "unsupported with NVRTC 13.0 (sm_75+ only): pip install 'na_rtc[cuda12]'"]),
+    "too-old-arch": (_state_too_old_arch, ["sm_70", f"unsupported with NVRTC 13.0 (sm_75+ only): {install_command('cuda12')}"]),
     "old-driver": (_state_old_driver, ["driver CUDA 12.4", "older than NVRTC 13: update the driver"]),
     "no-compiler": (_state_no_compiler, ["emulator no", "CXX='/nonexistent/c++' is not an executable"]),
 }

@@ -116,7 +116,7 @@ def test_nat_digits_architecture(variant, model_size):
 def test_nat_digits_quick_training(tmp_path):
     if importlib.util.find_spec("sklearn") is None:
         if os.environ.get("CI"):
-            pytest.fail('scikit-learn missing: make venv installs the "examples" extra')
+            pytest.fail('scikit-learn missing: make venv-examples installs the "examples" extra (.ci/run does)')
         pytest.skip('needs scikit-learn: pip install -e ".[examples]"')
     png = tmp_path / "curve.png"
     # DiNAT exercises both dilated and padded layers; one thread because the

@@ -3,7 +3,7 @@
 One module per job, so each can be read and tested alone:
 
 - :mod:`.presets`  the problems (named presets and the free-form spec)
-- :mod:`.flops`    exact neighbor counts and effective FLOPs (DESIGN.md section 9)
+- :mod:`.flops`    exact neighbor counts and effective FLOPs
 - :mod:`.timing`   CUDA-event / perf_counter timing with spread, peak memory
 - :mod:`.entries`  the na_rtc entries (fused, split, straightforward kernels, reference)
 - :mod:`.peers`    the other libraries' entries (naive torch NA, FlexAttention, SDPA)

@@ -6,7 +6,7 @@ by ``python -m na_rtc precompile`` and by the emulator's first call; on a GPU
 a first call without that program in the cache compiles only the kernels it
 runs, each alone (``runtime/cuda.py``'s ``program_for``). Its cost is per
 family and architecture, not per problem: a new shape never recompiles
-(DESIGN.md section 5). Measured here in a fresh, empty cache folder, so
+(sizes, kernel size, dilation and stride are run-time arguments). Measured here in a fresh, empty cache folder, so
 "compile" really compiles whatever the user's cache holds, and then again
 from that folder's disk entry with the in-memory cache cleared ("cached
 load": what every later process pays).

@@ -263,13 +263,13 @@ def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
 
     _require_kernels(inputs)
     if any(s != 1 for s in spec.stride):
-        raise Unavailable("the split ops take no stride (DESIGN.md section 3); only the fused ops do")
+        raise Unavailable("the split ops (na*_qk, na*_av) take no stride; only the fused ops do")
     qk, av = (na_rtc.na1d_qk, na_rtc.na1d_av) if spec.ndim == 1 else (na_rtc.na2d_qk, na_rtc.na2d_av)
     backend, scale = inputs.kernel_backend, spec.head_dim**-0.5
     window = {"dilation": spec.dilation, "is_causal": spec.causal}
 
     def forward():
-        # qk does not scale (DESIGN.md section 2): callers pre-scale the query, as NATTEN's modules do
+        # qk does not scale: callers pre-scale the query, as NATTEN's modules do
         attn = qk(inputs.query * scale, inputs.key, spec.kernel, backend=backend, **window).softmax(-1)
         return av(attn, inputs.value, spec.kernel, backend=backend, **window)
 

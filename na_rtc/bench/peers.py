@@ -1,6 +1,6 @@
 """The other libraries' entries: naive torch NA, FlexAttention with an NA mask, SDPA.
 
-- naive torch NA (DESIGN.md section 9): one unchunked gather of every
+- naive torch NA: one unchunked gather of every
   neighborhood plus einsum, in the input dtype; the index tables are built
   once in ``prepare``, outside the timed region. It is what a model author
   writes first, and what runs out of memory first.
@@ -141,7 +141,7 @@ def tiled_order(spec: Spec, tile: tuple[int, ...]) -> np.ndarray:
 
 
 def na_mask_mod(spec: Spec, device: str, order=None):
-    """FlexAttention ``mask_mod``: key ``kv`` is in query ``q``'s neighborhood (DESIGN.md section 2).
+    """FlexAttention ``mask_mod``: key ``kv`` is in query ``q``'s neighborhood (:mod:`na_rtc.window`'s window math).
 
     ``order`` maps positions in the (tiled) token order back to natural token indices.
     """

@@ -186,8 +186,11 @@ def problem_table(problem: dict) -> str:
              "| peak extra MB (fwd / fwd+bwd) | first call ms | vs naive torch (fwd / fwd+bwd) "
              "| vs FlexAttention (fwd / fwd+bwd) | output max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    gpu_only = [name for name, entry in problem["entries"].items() if entry.get("gpu_only")]
     for name, entry in problem["entries"].items():
         label = entry.get("label", name)
+        if entry.get("gpu_only"):
+            continue
         if entry.get("status") in ("skipped", "unavailable", "error", "oom"):
             lines.append(f"| {label} | {entry['status']}: {entry.get('reason', '')} | | | | | | | | |")
             continue
@@ -198,6 +201,9 @@ def problem_table(problem: dict) -> str:
               for baseline in ("naive_torch", "flex")]
         lines.append(f"| {label} | {fwd} | {fwd_t} | {both} | {both_t} | {_memory_cell(entry)} | {first} | {vs[0]} "
                      f"| {vs[1]} | {_check_cell(entry.get('output_check'))} |")
+    if gpu_only:
+        lines += ["", f"Not run on a CPU-only machine: {len(gpu_only)} GPU comparisons ({', '.join(gpu_only)}; the "
+                      "JSON says why for each, and `--entries NAME` runs one here anyway)."]
     notes = [f"{entry.get('label', name)}: " + ", ".join(f"{k} {_note(v)}" for k, v in entry["notes"].items())
              for name, entry in problem["entries"].items() if entry.get("notes")]
     if notes:

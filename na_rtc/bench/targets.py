@@ -1,6 +1,6 @@
-"""``bench --targets FILE.json``: issue 9's acceptance targets, met or not, from a results file.
+"""``bench --targets FILE.json``: the fused-vs-FlexAttention performance targets, met or not, from a results file.
 
-Issue 9 (tensor-core fused kernels) names its targets on exact shapes, bf16 on an H100:
+The tensor-core fused kernels have targets on exact shapes (the ``targets`` preset), bf16 on an H100:
 
 * 2D 128x128, batch 2, 8 heads, head_dim 64 and 128, k=13: the forward at least 1.5x faster than
   FlexAttention in natural token order and at least as fast as FlexAttention in a tiled order;
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .presets import ISSUE_9, ISSUES
+from .presets import FLEX_TARGET, TARGETS
 from .report import FLEX, _median
 
 #: the na_rtc entries that compete for the default (the dispatcher's own first)
@@ -46,10 +46,10 @@ class Target:
         return f"{mode} >= {self.at_least:g}x {against}"
 
 
-def issue9_targets() -> list[Target]:
-    """The targets, one per (problem, figure), on the issue preset's issue 9 problems."""
+def flex_targets() -> list[Target]:
+    """The targets, one per (problem, figure), on the ``targets`` preset's FlexAttention problems."""
     targets = []
-    for spec in (s for s in ISSUES if s.note == ISSUE_9):
+    for spec in (s for s in TARGETS if s.note == FLEX_TARGET):
         on = (spec.key, spec.label)
         if spec.ndim == 2:
             targets += [Target(*on, "forward", "flex_natural", 1.5), Target(*on, "forward", "flex_tiled", 1.0)]
@@ -78,11 +78,11 @@ def _cell(value: float | None, target: Target) -> str:
 
 
 def table(results: dict) -> tuple[str, bool]:
-    """The markdown table of every issue 9 target, and whether the default ``fused`` meets them all."""
+    """The markdown table of every target, and whether the default ``fused`` meets them all."""
     problems = {problem["key"]: problem for problem in results.get("problems", [])}
     lines = ["| problem | target | fused (default) | fastest na_rtc fused entry |", "|---|---|---|---|"]
     all_met = True
-    for target in issue9_targets():
+    for target in flex_targets():
         problem = problems.get(target.key)
         if problem is None:
             lines.append(f"| {target.label} | {target.text} | not measured | not measured |")

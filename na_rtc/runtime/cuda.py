@@ -123,6 +123,7 @@ def _load_error(error: Exception, program, device: int) -> Exception:
         return error
     import cupy
 
+    from .._install import install_command
     from . import nvrtc
 
     try:
@@ -134,7 +135,7 @@ def _load_error(error: Exception, program, device: int) -> Exception:
     return RuntimeError(
         f"the CUDA driver ({driver_text}) cannot load the {program.kind} that NVRTC {major}.{minor} compiled for "
         f"{program.target} on GPU {device} ({text}): the driver is older than the NVRTC. Update the driver to "
-        f"CUDA {major}.{minor} or newer, or install the NVRTC that matches it (pip install 'na_rtc[cuda12]' for "
+        f"CUDA {major}.{minor} or newer, or install the NVRTC that matches it ({install_command('cuda12')} for "
         "CUDA 12 drivers). `python -m na_rtc info` shows both versions."
     )
 

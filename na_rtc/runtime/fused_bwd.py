@@ -2,7 +2,7 @@
 
 :class:`FusedBackwardKernels` computes ``(dq, dk, dv, drpb)`` of the fused op
 from the forward's ``output`` and ``logsumexp`` without materializing the
-attention matrix (DESIGN.md section 7):
+attention matrix:
 
 1. ``na_fused_delta<T>``: ``delta = rowsum(dOut * out)`` (float32 workspace,
    one thread per row);

@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .._install import install_command
+
 __all__ = [
     "DEFAULT_OPTIONS",
     "HEADER_SUFFIXES",
-    "INSTALL_HINT",
+    "install_hint",
     "ArchUnsupported",
     "CompiledProgram",
     "KernelCompileError",
@@ -65,10 +67,10 @@ DEFAULT_OPTIONS: tuple[str, ...] = (
 #: files of the source folder a program can include (and the cache key hashes)
 HEADER_SUFFIXES = (".cuh", ".cu", ".h")
 
-INSTALL_HINT = (
-    "install NVRTC with `pip install 'na_rtc[cuda13]'` (CUDA 13 driver, sm_75 and newer), "
-    "or `pip install 'na_rtc[cuda12]'` for older drivers and sm_70/sm_72 (V100, Xavier)"
-)
+def install_hint() -> str:
+    """How to install NVRTC, as a command that works for the way na_rtc was installed (checkout or wheel)."""
+    return (f"install NVRTC with `{install_command('cuda13')}` (CUDA 13 driver, sm_75 and newer), "
+            f"or `{install_command('cuda12')}` for older drivers and sm_70/sm_72 (V100, Xavier)")
 
 
 class NvrtcUnavailable(RuntimeError):
@@ -146,15 +148,15 @@ def _module():
         try:  # cuda-python before 12.6 exposed the bindings here
             from cuda import nvrtc  # type: ignore[no-redef]
         except Exception:  # noqa: BLE001
-            raise NvrtcUnavailable(f"NVRTC Python bindings (cuda.bindings) are not installed ({error}); {INSTALL_HINT}") from None
+            raise NvrtcUnavailable(f"NVRTC Python bindings (cuda.bindings) are not installed ({error}); {install_hint()}") from None
     except Exception as error:  # noqa: BLE001
-        raise NvrtcUnavailable(f"cuda.bindings is not importable ({type(error).__name__}: {error}); {INSTALL_HINT}") from None
+        raise NvrtcUnavailable(f"cuda.bindings is not importable ({type(error).__name__}: {error}); {install_hint()}") from None
     try:
         result = nvrtc.nvrtcVersion()
     except Exception as error:  # noqa: BLE001 - RuntimeError: failed to dlopen libnvrtc
-        raise NvrtcUnavailable(f"the NVRTC library (libnvrtc) could not be loaded ({type(error).__name__}: {error}); {INSTALL_HINT}") from None
+        raise NvrtcUnavailable(f"the NVRTC library (libnvrtc) could not be loaded ({type(error).__name__}: {error}); {install_hint()}") from None
     if int(result[0]) != 0:
-        raise NvrtcUnavailable(f"nvrtcVersion failed ({result[0]}); {INSTALL_HINT}")
+        raise NvrtcUnavailable(f"nvrtcVersion failed ({result[0]}); {install_hint()}")
     return nvrtc
 
 
@@ -211,7 +213,7 @@ def target_for(arch: int, archs: Sequence[int] | None = None) -> tuple[str, str]
     """What NVRTC compiles for device ``arch``: ``("cubin", "sm_90")`` or ``("ptx", "compute_120")``."""
     archs = sorted(archs if archs is not None else supported_archs())
     if not archs:
-        raise NvrtcUnavailable(f"NVRTC reports no supported architectures; {INSTALL_HINT}")
+        raise NvrtcUnavailable(f"NVRTC reports no supported architectures; {install_hint()}")
     if arch in archs:
         return "cubin", f"sm_{arch}"
     if arch < archs[0]:
@@ -221,7 +223,7 @@ def target_for(arch: int, archs: Sequence[int] | None = None) -> tuple[str, str]
             version = "the installed NVRTC"
         raise ArchUnsupported(
             f"{version} cannot compile for sm_{arch}: it supports sm_{archs[0]} to sm_{archs[-1]}. "
-            f"For sm_70/sm_72 (V100, Xavier) and older drivers use NVRTC 12: pip install 'na_rtc[cuda12]'"
+            f"For sm_70/sm_72 (V100, Xavier) and older drivers use NVRTC 12: {install_command('cuda12')}"
         )
     # newer than NVRTC knows, or a gap in its list: PTX for the newest arch below, JIT-compiled by the driver
     return "ptx", f"compute_{max(a for a in archs if a < arch)}"
