@@ -4,8 +4,8 @@ Input and output are heads-last token maps ``[batch, *spatial, embed_dim]``.
 A layer is a qkv projection, neighborhood attention over ``num_heads`` heads
 and an output projection, with an optional relative positional bias ``rpb``.
 
-Two execution paths give the same numbers (within the tolerances of DESIGN.md
-section 8):
+Two execution paths give the same numbers (within the tolerance table of
+``na_rtc.verify.tolerances``):
 
 - fused (``na1d``/``na2d``): the default, including training without
   attention dropout; stride and the bias are handled inside the kernel.

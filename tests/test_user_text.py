@@ -30,13 +30,6 @@ FORBIDDEN = {
     "the design notes": re.compile(r"\bDESIGN(?:\.md|\s+section)", re.IGNORECASE),
 }
 
-#: (file, text matched) pairs left in files other work changes at the same time; remove each when its file is
-#: fixed (a pair that no longer matches is harmless, so the two changes can land in either order)
-NOT_YET_FIXED = {
-    ("na_rtc/modules.py", "DESIGN.md"),  # module docstring: "the tolerances of DESIGN.md section 8"
-    ("na_rtc/bench/flops.py", "DESIGN.md"),  # module docstring: "(DESIGN.md section 9)"
-}
-
 DOCUMENTS = ("README.md", "RELIABILITY.md", "benchmarks/README.md", "cuda_src/README.md")
 
 
@@ -45,8 +38,6 @@ def violations(text: str, where: str) -> list[str]:
     found = []
     for what, pattern in FORBIDDEN.items():
         for match in pattern.finditer(text):
-            if (where.split(":")[0], match.group(0)) in NOT_YET_FIXED:
-                continue
             context = " ".join(text[max(0, match.start() - 50):match.end() + 50].split())
             found.append(f"{where}: {what} ({context!r})")
     return found

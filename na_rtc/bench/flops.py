@@ -1,4 +1,4 @@
-"""Effective FLOPs of a benchmark problem (DESIGN.md section 9).
+"""Effective FLOPs of a benchmark problem, as the benchmark reports them.
 
 Forward: ``4 * head_dim * batch * heads * sum over queries of neighbor count``
 (a multiply-add is 2 FLOPs; QK and AV are one multiply-add per query, neighbor
