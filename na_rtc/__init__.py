@@ -3,8 +3,9 @@
 Public API: fused ``na1d``/``na2d``, split
 ``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``, their backward functions, and
 backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``,
-:class:`LayoutWarning` (a tensor whose shape suggests heads-first), and the
-torch layers ``NeighborhoodAttention1D``/``NeighborhoodAttention2D``. Importing
+:class:`LayoutWarning` (a tensor whose shape suggests heads-first),
+:class:`KernelVerificationWarning` (a kernel that gave wrong results on this
+GPU and is not used), and the torch layers ``NeighborhoodAttention1D``/``NeighborhoodAttention2D``. Importing
 na_rtc never imports torch or cupy: the torch names are resolved on first
 access (module ``__getattr__``). The historical NATTEN APIs live in
 ``na_rtc.compat.natten014`` and ``na_rtc.compat.natten017``.
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 from ._layouts import LayoutWarning
 from .backends import use_backend
+from .verify.gate import KernelVerificationWarning
 from .functional import (
     na1d,
     na1d_av,
@@ -33,6 +35,7 @@ __all__ = [
     "__version__",
     "use_backend",
     "LayoutWarning",
+    "KernelVerificationWarning",
     "na1d",
     "na2d",
     "na1d_qk",
