@@ -73,8 +73,9 @@ def describe(x) -> str:
 def element_strides(x) -> tuple[int, ...]:
     """Strides in elements (NumPy and CuPy report bytes, torch elements)."""
     if kind_of(x) == TORCH:
-        return tuple(int(s) for s in x.stride())
-    return tuple(int(s) // x.itemsize for s in x.strides)
+        return x.stride()  # a tuple of ints already
+    itemsize = x.itemsize
+    return tuple(int(s) // itemsize for s in x.strides)
 
 
 def data_ptr(x) -> int:

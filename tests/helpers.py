@@ -248,3 +248,15 @@ def misaligned_copy(x):
 
     flat = torch.empty(x.numel() + 1, dtype=x.dtype)[1:]
     return flat.view(x.shape).copy_(x)
+
+
+def kernel_policy(tensor_cores=False, wgmma=False):
+    """The dispatch policy kernel tests run under: the environment's settings (rows per warp, warpgroups and
+    chunk sizes, which tests set with monkeypatch.setenv) with the tensor-core and wgmma paths on or off as
+    given, no verification, on the emulator (every architecture's kernels)."""
+    import dataclasses
+
+    from na_rtc.runtime.policy import Policy, Settings
+
+    settings = dataclasses.replace(Settings.read(), tensor_cores=bool(tensor_cores), wgmma=bool(wgmma), verify=False)
+    return Policy("emulator", None, settings)

@@ -19,8 +19,9 @@ import types
 
 import pytest
 
-from na_rtc.runtime import archs, check, fused, fused_bwd, fused_tc, fused_wg, tiled_bwd
-from na_rtc.runtime.families import FAMILIES, TILED_SHARED_BUDGET
+from na_rtc.runtime import archs, check
+from na_rtc.runtime.families import (FAMILIES, fused, fused_bwd, fused_tc, fused_tc_bwd, fused_wg, fused_wg_bwd, tiled,
+                                     tiled_bwd)
 
 KIB = 1024
 TENSOR_CORE = ("fused_tc", "fused_tc_bwd")
@@ -81,17 +82,21 @@ def _policy_problem():
 
 @pytest.mark.parametrize("arch", list(archs.CLASSES))
 def test_the_dispatch_policies_agree_with_the_families(monkeypatch, arch):
-    """runtime/ops.py's tensor-core and wgmma policies allow a family on exactly the architectures it runs on
-    (and check compiles)."""
-    from na_rtc.runtime import cuda, ops
+    """A call's dispatch policy on the GPU (runtime/policy.py) allows every route of the dispatch tables on
+    exactly the architectures its family runs on (and check compiles), with every path switched on."""
+    from na_rtc.runtime import cuda, dispatch
+    from na_rtc.runtime.policy import Policy
 
     monkeypatch.setattr(cuda, "arch_of", lambda device: arch)
     monkeypatch.setenv("NA_RTC_TENSOR_CORES", "1")
     monkeypatch.setenv("NA_RTC_WGMMA", "1")
-    assert ops._tensor_core_policy("cuda")(_policy_problem()) == FAMILIES["fused_tc"].runs_on(arch)
-    assert ops._tensor_core_policy("cuda")(_policy_problem()) == FAMILIES["fused_tc_bwd"].runs_on(arch)
-    assert ops._wgmma_policy("cuda")(_policy_problem()) == FAMILIES["fused_wg"].runs_on(arch)
-    assert ops._wgmma_policy("cuda")(_policy_problem()) == FAMILIES["fused_wg_bwd"].runs_on(arch)
+    policy = Policy.for_call("cuda", _policy_problem())
+    routes = [*dispatch.FORWARD, *(route for pair in dispatch.BACKWARD for route in pair),
+              *(route for routes in dispatch.SPLIT_KERNELS.values() for route in routes)]
+    assert {route.family for route in routes} >= set(TENSOR_CORE) | {"fused_wg", "fused_wg_bwd"}
+    for route in routes:
+        family = FAMILIES[route.family]
+        assert policy.allows(family, route.switches)[0] == family.runs_on(arch), route
 
 
 def test_check_and_precompile_compile_exactly_what_can_run(monkeypatch):
@@ -123,14 +128,14 @@ def test_families_of_a_family_module_without_arch_fields_run_everywhere():
 
 #: family -> the dynamic shared memory its coverage rule admits at most (the budgets of its module)
 COVERAGE_BUDGETS = {
-    "tiled": [TILED_SHARED_BUDGET],
+    "tiled": [tiled.SHARED_BUDGET],
     "tiled_bwd": [tiled_bwd.SHARED_BUDGET],
     "fused": [fused.SHARED_BUDGET],
     "fused_bwd": [fused_bwd.SHARED_BUDGET],
     "fused_tc": [fused_tc.SHARED_BUDGET],
-    "fused_tc_bwd": [fused_tc.BWD_SHARED_BUDGET, fused_tc.DKDV_SHARED_BUDGET],
+    "fused_tc_bwd": [fused_tc_bwd.SHARED_BUDGET, fused_tc_bwd.DKDV_SHARED_BUDGET],
     "fused_wg": [fused_wg.SHARED_BUDGET],
-    "fused_wg_bwd": [fused_wg.DQ_SHARED_BUDGET, fused_tc.BWD_SHARED_BUDGET],
+    "fused_wg_bwd": [fused_wg_bwd.DQ_SHARED_BUDGET, fused_tc_bwd.SHARED_BUDGET],
 }
 
 
@@ -158,10 +163,11 @@ def test_the_tensor_core_backward_declares_its_largest_launches():
     for dtype in fused_tc.DTYPES:
         for hd in fused_tc.HEAD_DIMS:
             for ndim in (1, 2):
-                dq, dkdv = fused_tc.dq_name_of(hd, dtype, ndim), fused_tc.dkdv_name_of(hd, dtype, ndim)
-                assert fused_tc.dq_shared_bytes(hd, dtype) <= family.launch_shared_bytes[dq] == fused_tc.BWD_SHARED_BUDGET
-                size = fused_tc.dkdv_shared_bytes(hd, dtype, ndim)
-                assert family.launch_shared_bytes[dkdv] == size <= fused_tc.DKDV_SHARED_BUDGET
+                dq, dkdv = fused_tc_bwd.dq_name_of(hd, dtype, ndim), fused_tc_bwd.dkdv_name_of(hd, dtype, ndim)
+                assert (fused_tc_bwd.dq_shared_bytes(hd, dtype) <= family.launch_shared_bytes[dq]
+                        == fused_tc_bwd.SHARED_BUDGET)
+                size = fused_tc_bwd.dkdv_shared_bytes(hd, dtype, ndim)
+                assert family.launch_shared_bytes[dkdv] == size <= fused_tc_bwd.DKDV_SHARED_BUDGET
 
 
 # ---------------------------------------------------------------- CI's rotating class
@@ -238,11 +244,10 @@ def test_the_dq_kernel_of_sm_100_and_newer_gives_the_same_bits(monkeypatch, case
     assert schedule in config.EMULATOR_SCHEDULES
     case = test_fused_tc_bwd.LONG_BOX_CASES[case_index]
     assert fused_tc.head_dim_bucket(case.head_dim) == 128
-    always = test_fused_tc_bwd._always
-    default = test_fused_bwd._run(case, tensor_cores=always)[2]
+    default = test_fused_bwd._run(case, tensor_cores=True)[2]
     monkeypatch.setenv("NA_RTC_EMULATOR_SCHEDULE", schedule)
     run, renamed = _renaming_executor(_kv_shared)
-    _, _, variant, inputs = test_fused_bwd._run(case, run, tensor_cores=always)
+    _, _, variant, inputs = test_fused_bwd._run(case, run, tensor_cores=True)
     assert renamed and all(n.endswith(", true>") for n in renamed)
     for name, got, want in zip(("dq", "dk", "dv", "drpb"), variant, default):
         if want is None:

@@ -504,7 +504,7 @@ def test_32_key_chunk_entry_times_the_other_forward(ndim, picks):
 def test_32_key_chunk_entry_says_why_when_the_table_has_them(monkeypatch):
     from na_rtc.bench.entries import Unavailable, _prepare_wgmma_32_key_chunks, make_inputs
     from na_rtc.bench.presets import Spec
-    from na_rtc.runtime import fused_wg
+    from na_rtc.runtime.families import fused_wg
 
     monkeypatch.setitem(fused_wg.CHUNK_KEYS, 64, 32)
     problem = Spec((40,), (7,), (1,), (1,), (False,), 1, 1, 64, "bfloat16")
@@ -517,7 +517,7 @@ def test_one_warpgroup_entry_says_why_when_the_table_has_one(monkeypatch):
     so instead of timing fused_wgmma's forward twice."""
     from na_rtc.bench.entries import Unavailable, _prepare_wgmma_one_warpgroup, make_inputs
     from na_rtc.bench.presets import Spec
-    from na_rtc.runtime import fused_wg
+    from na_rtc.runtime.families import fused_wg
 
     monkeypatch.setitem(fused_wg.WARPGROUPS, 2, 1)
     problem = Spec((40, 40), (7, 7), (1, 1), (1, 1), (False, False), 1, 1, 64, "bfloat16")

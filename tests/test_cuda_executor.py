@@ -16,9 +16,10 @@ from fake_cuda import fake_cuda_fixture  # noqa: F401 - the fake_cuda fixture
 from helpers import requires_nvrtc
 
 from na_rtc._install import install_command
-from na_rtc.runtime import cache, cuda, fused_wg, nvrtc
+from na_rtc.runtime import cache, cuda, nvrtc
 from na_rtc.runtime import plan as P
-from na_rtc.runtime.families import Family
+from na_rtc.runtime.families import fused_wg
+from na_rtc.runtime.registry import Family
 
 
 def test_arguments_become_exact_width_numpy_scalars():

@@ -22,7 +22,7 @@ from na_rtc import backends
 from na_rtc.__main__ import main
 from na_rtc._install import install_command
 from na_rtc.emulator import build
-from na_rtc.runtime.families import Family
+from na_rtc.runtime.registry import Family
 from na_rtc.runtime import cuda, device, nvrtc
 
 ARCHS_13 = [75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121]

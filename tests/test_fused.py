@@ -10,7 +10,7 @@
 * run-to-run determinism (bitwise);
 * a NaN key poisons every query whose window holds it, and no query of a
   tile that does not see it;
-* the tile table, the family and ``covers`` agree.
+* the tile table, the family and the dispatcher's choice agree.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from helpers import assert_close, RecordingExecutor, SweepConfig, sweep_bias, sw
 
 import na_rtc
 from na_rtc import _args, config
-from na_rtc.runtime import emulated, families, fused, tiling
+from na_rtc.runtime import emulated, registry, tiling
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import fused
+from na_rtc.runtime.policy import Policy
 from na_rtc.window import Axis
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
@@ -96,8 +99,8 @@ def _run(cfg: Config, executor=emulated.run, arrays=None):
     (q, k, v), _ = sweep_inputs(cfg, 3) if arrays is None else (arrays, None)
     bias, _ = sweep_bias(cfg)
     problem = _problem(cfg, q, k, v, bias)
-    kernels = fused.FusedKernels(executor)
-    assert kernels.covers(problem)
+    kernels = Dispatcher(executor, Policy.of())  # tensor cores off: the SIMT kernel
+    assert kernels.choose("forward", problem).path == "simt"
     return kernels.forward(problem, q, k, v, bias)
 
 
@@ -128,7 +131,7 @@ def test_fused_matches_reference(cfg):
     _, bias64 = sweep_bias(cfg)
     want_out, want_lse = _reference(cfg, q64, k64, v64, bias64)
     bias, _ = sweep_bias(cfg)
-    expected_name = fused.FusedKernels(emulated.run).kernel_name(_problem(cfg, q, q, q, bias))
+    expected_name, = Dispatcher(None, Policy.of()).choose("forward", _problem(cfg, q, q, q, bias)).kernels
     assert recorder.names == [expected_name]
     assert str(out.dtype) == f"torch.{cfg.dtype}" and str(lse.dtype) == "torch.float32"
     assert tuple(out.shape) == cfg.shape and tuple(lse.shape) == cfg.shape[:-1]
@@ -226,11 +229,11 @@ def test_nan_key_poisons_its_queries_only(ndim):
     assert (finite == ~seen).all()
 
 
-# ---------------------------------------------------------------- the table, the family, covers
+# ---------------------------------------------------------------- the table, the family, the choice
 
 
 def test_table_and_family_agree():
-    family = families.FAMILIES["fused"]
+    family = registry.get("fused")
     assert set(family.names) == {fused.kernel_name_of(hd, dt, t) for (_, hd, dt), t in fused.TILES.items()}
     for (ndim, hd, dtype), (tx, ty) in fused.TILES.items():
         assert hd in fused.HEAD_DIMS and dtype in DTYPES
@@ -261,11 +264,9 @@ def _empty_problem(ndim, dtype, head_dim, kernel=3, length=20, stride=1):
     (2, "float32", 257, None),
 ])
 def test_covers_and_kernel_name(ndim, dtype, head_dim, expected):
-    kernels = fused.FusedKernels(emulated.run)
-    problem = _empty_problem(ndim, dtype, head_dim, stride=2)
-    assert kernels.covers(problem) == (expected is not None)
+    choice = Dispatcher(emulated.run, Policy.of()).choose("forward", _empty_problem(ndim, dtype, head_dim, stride=2))
     if expected is None:
-        with pytest.raises(ValueError):
-            kernels.kernel_name(problem)
+        assert choice.path is None and choice.kernels == ()
+        assert dict(choice.skipped)["simt"].startswith(f"no fused kernel for {ndim}D {dtype} at head_dim {head_dim}")
     else:
-        assert kernels.kernel_name(problem) == expected
+        assert choice.path == "simt" and choice.kernels == (expected,)

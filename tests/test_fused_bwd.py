@@ -1,6 +1,6 @@
 """Fused backward kernels (``cuda_src/na_fused_bwd.cu``) on the emulator.
 
-dq, dk, dv and drpb of :class:`~na_rtc.runtime.fused_bwd.FusedBackwardKernels`
+dq, dk, dv and drpb of the fused backward (:meth:`~na_rtc.runtime.dispatch.Dispatcher.backward`)
 against the float64 reference backward (DESIGN.md section 8, grad row), with
 the forward's output and logsumexp taken from the reference (so these tests do
 not depend on the fused forward kernel). A seeded sweep covers 1D / 2D, odd and
@@ -17,13 +17,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import RecordingExecutor, assert_close, make_inputs, noncontiguous
+from helpers import RecordingExecutor, assert_close, kernel_policy, make_inputs, noncontiguous
 
 import na_rtc
 from na_rtc import _args
-from na_rtc.runtime import emulated, fused_bwd
-from na_rtc.runtime.families import FAMILIES
-from na_rtc.runtime.fused_bwd import FusedBackwardKernels
+from na_rtc.runtime import emulated, registry
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import fused_bwd
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
 
@@ -135,7 +135,7 @@ def _forward(case: Case, q64, k64, v64, rpb64):
     return out64.to(TORCH_DTYPES[case.dtype]), lse64.float()
 
 
-def _run(case: Case, run=emulated.run, seed: int = 0, tensor_cores=None, wgmma=None):
+def _run(case: Case, run=emulated.run, seed: int = 0, tensor_cores=False, wgmma=False):
     (q, k, v, g, rpb), (q64, k64, v64, g64, rpb64) = _inputs(case, seed)
     out, lse = _forward(case, q64, k64, v64, rpb64)
     if case.heads_first:
@@ -143,8 +143,8 @@ def _run(case: Case, run=emulated.run, seed: int = 0, tensor_cores=None, wgmma=N
         lse = lse.movedim(-1, 1).contiguous().movedim(1, -1)  # heads-first rows too
     problem = _args.fused_problem(case.ndim, q, k, v, case.kernel_size, case.stride, case.dilation, case.causal,
                                   None, rpb)
-    kernels = FusedBackwardKernels(run, tensor_cores, wgmma)
-    assert kernels.covers(problem)
+    kernels = Dispatcher(run, kernel_policy(tensor_cores, wgmma))
+    assert kernels.choose("backward", problem).path is not None
     grads = kernels.backward(problem, g, q, k, v, rpb, out, lse)
     return problem, kernels, grads, (q64, k64, v64, g64, rpb64)
 
@@ -153,8 +153,8 @@ def _run(case: Case, run=emulated.run, seed: int = 0, tensor_cores=None, wgmma=N
 def test_fused_backward_matches_reference(case):
     run = RecordingExecutor()
     problem, kernels, (dq, dk, dv, drpb), (q64, k64, v64, g64, rpb64) = _run(case, run)
-    assert tuple(run.names) == kernels.kernel_names(problem)
-    assert all(name in FAMILIES["fused_bwd"].names for name in run.names)
+    assert tuple(run.names) == kernels.choose("backward", problem).kernels
+    assert all(name in registry.get("fused_bwd").names for name in run.names)
     bwd = na_rtc.na1d_backward if case.ndim == 1 else na_rtc.na2d_backward
     ref = bwd(g64, q64, k64, v64, **_window(case), rpb=rpb64, backend="reference")
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
@@ -183,18 +183,20 @@ def test_fused_backward_is_deterministic(case):
 
 
 def test_covers():
-    kernels = FusedBackwardKernels(emulated.run)
-    q = torch.zeros(1, 20, 2, 32, dtype=torch.float64)
-    assert not kernels.covers(_args.fused_problem(1, q, q, q, 5, 1, 1, False, None, None))  # float64
-    q = torch.zeros(1, 20, 2, 260)
-    assert not kernels.covers(_args.fused_problem(1, q, q, q, 5, 1, 1, False, None, None))  # head dim > 256
-    assert kernels.kernel_names(_args.fused_problem(1, q, q, q, 5, 1, 1, False, None, None)) == ()
-    q = torch.zeros(1, 20, 2, 128, dtype=torch.bfloat16)
-    assert kernels.covers(_args.fused_problem(1, q, q, q, 5, 3, 2, True, None, None))
+    kernels = Dispatcher(emulated.run, kernel_policy())
+
+    def choice(q, *window):
+        return kernels.choose("backward", _args.fused_problem(1, q, q, q, 5, *window, None, None))
+
+    float64 = choice(torch.zeros(1, 20, 2, 32, dtype=torch.float64), 1, 1, False)
+    assert float64.path is None and "float64" in dict(float64.skipped)["simt"]
+    wide = choice(torch.zeros(1, 20, 2, 260), 1, 1, False)  # head dim > 256
+    assert wide.path is None and wide.kernels == () and "head_dim 260" in dict(wide.skipped)["simt"]
+    assert choice(torch.zeros(1, 20, 2, 128, dtype=torch.bfloat16), 3, 2, True).path == "simt"
 
 
 def test_family_lists_every_table_entry():
-    names = FAMILIES["fused_bwd"].names
+    names = registry.get("fused_bwd").names
     for (_, hd, dtype), cfg in fused_bwd.TABLE.items():
         assert fused_bwd.dq_name(dtype, hd, cfg["dq"]) in names
         assert fused_bwd.dkdv_name(dtype, hd, cfg["dkdv"]) in names
@@ -209,8 +211,9 @@ def test_numpy_inputs():
     (rpb,), (rpb64,) = make_inputs(rng, (3, 13), np.float32)
     out64, lse64 = na_rtc.na1d(q64, k64, v64, kernel, 2, 3, rpb=rpb64, return_lse=True, backend="reference")
     problem = _args.fused_problem(1, q, k, v, kernel, 2, 3, False, None, rpb)
-    dq, dk, dv, drpb = FusedBackwardKernels(emulated.run).backward(problem, g, q, k, v, rpb, out64.astype(np.float16),
-                                                                   lse64.astype(np.float32))
+    dq, dk, dv, drpb = Dispatcher(emulated.run, kernel_policy()).backward(problem, g, q, k, v, rpb,
+                                                                         out64.astype(np.float16),
+                                                                         lse64.astype(np.float32))
     ref = na_rtc.na1d_backward(g64, q64, k64, v64, kernel, 2, 3, rpb=rpb64, backend="reference")
     for name, got, want in zip(("dq", "dk", "dv", "drpb"), (dq, dk, dv, drpb), ref):
         assert isinstance(got, np.ndarray)

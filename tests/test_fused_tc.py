@@ -18,10 +18,13 @@ from __future__ import annotations
 import pytest
 import torch
 import test_fused
-from helpers import assert_close, RecordingExecutor, sweep_bias, sweep_inputs
+from helpers import assert_close, kernel_policy, RecordingExecutor, sweep_bias, sweep_inputs
 
 import na_rtc
-from na_rtc.runtime import emulated, fused, fused_tc, ops
+from na_rtc.runtime import emulated
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import fused_tc
+from na_rtc.runtime.policy import Policy
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
@@ -29,17 +32,13 @@ pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
 CONFIGS = [c for c in test_fused.CONFIGS if c.dtype in fused_tc.DTYPES and c.head_dim <= 128]
 
 
-def _always(problem):
-    return True
-
-
 def _run(cfg, tensor_cores=True, executor=emulated.run, arrays=None, wgmma=False):
     """The fused forward of ``cfg`` on the tensor-core kernels (the wgmma one with ``wgmma``) or SIMT."""
     (q, k, v), _ = sweep_inputs(cfg, 3) if arrays is None else (arrays, None)
     bias, _ = sweep_bias(cfg)
     problem = test_fused._problem(cfg, q, k, v, bias)
-    kernels = fused.FusedKernels(executor, _always if tensor_cores else None, _always if wgmma else None)
-    assert kernels.covers(problem)
+    kernels = Dispatcher(executor, kernel_policy(tensor_cores, wgmma))
+    assert kernels.choose("forward", problem).path is not None
     return kernels.forward(problem, q, k, v, bias)
 
 
@@ -111,8 +110,10 @@ def _problem(ndim, dtype, head_dim):
     (2, "bfloat16", 256, True, "na_fused_fwd<bf16_t, 256, 4, 2>"),   # head dim > 128: SIMT
 ])
 def test_dispatch(ndim, dtype, head_dim, allowed, expected):
-    kernels = fused.FusedKernels(emulated.run, lambda problem: allowed)
-    assert kernels.kernel_name(_problem(ndim, dtype, head_dim)) == expected
+    choice = Dispatcher(emulated.run, Policy.of(tensor_cores=allowed)).choose("forward", _problem(ndim, dtype, head_dim))
+    assert choice.kernels == (expected,)
+    if not allowed:
+        assert dict(choice.skipped)["mma.sync"] == "tensor cores are off (NA_RTC_TENSOR_CORES=0)"
 
 
 # the instantiations NA_RTC_TC_WARP_ROWS selects (16 rows per warp where the table picks 32): every one
@@ -154,33 +155,41 @@ def test_sixteen_rows_per_warp_matches_reference(cfg, monkeypatch):
     assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
 
 
+def _call_choice(backend, problem):
+    """The forward a call of ``problem`` on ``backend`` would run: its policy read from the settings now."""
+    return Dispatcher(None, Policy.for_call(backend, problem)).choose("forward", problem)
+
+
 def test_warp_rows_setting(monkeypatch):
-    kernels = fused.FusedKernels(emulated.run, _always)
     monkeypatch.setenv("NA_RTC_TC_WARP_ROWS", "16")
-    assert kernels.kernel_name(_problem(1, "float16", 64)) == "na_fused_tc_fwd<fp16_t, 64, 64, 1, 64, 1>"
+    assert _call_choice("emulator", _problem(1, "float16", 64)).kernels == ("na_fused_tc_fwd<fp16_t, 64, 64, 1, 64, 1>",)
     monkeypatch.setenv("NA_RTC_TC_WARP_ROWS", "32")  # not built for head dim 128: the table's choice
-    assert kernels.kernel_name(_problem(2, "bfloat16", 128)) == "na_fused_tc_fwd<bf16_t, 128, 8, 8, 32, 1>"
+    assert _call_choice("emulator", _problem(2, "bfloat16", 128)).kernels == (
+        "na_fused_tc_fwd<bf16_t, 128, 8, 8, 32, 1>",)
     monkeypatch.setenv("NA_RTC_TC_WARP_ROWS", "8")
+    q = torch.zeros(1, 20, 2, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="NA_RTC_TC_WARP_ROWS"):
-        kernels.kernel_name(_problem(1, "float16", 64))
+        na_rtc.na1d(q, q, q, 5, backend="emulator")
 
 
 def test_the_emulator_runs_tensor_cores_unless_disabled(monkeypatch):
-    policy = ops._tensor_core_policy("emulator")
     problem = _problem(2, "float16", 64)
-    assert policy(problem)
+    assert _call_choice("emulator", problem).path == "mma.sync"
     monkeypatch.setenv("NA_RTC_TENSOR_CORES", "0")
-    assert not policy(problem)
+    choice = _call_choice("emulator", problem)
+    assert choice.path == "simt" and dict(choice.skipped)["mma.sync"] == "tensor cores are off (NA_RTC_TENSOR_CORES=0)"
 
 
 def test_cuda_policy_follows_the_device_architecture(monkeypatch):
     from na_rtc.runtime import cuda
 
-    policy = ops._tensor_core_policy("cuda")
     problem = _problem(1, "bfloat16", 64)
-    for arch, expected in ((75, False), (80, True), (90, True)):
+    for arch, expected in ((75, "simt"), (80, "mma.sync"), (90, "mma.sync")):
         monkeypatch.setattr(cuda, "arch_of", lambda device, arch=arch: arch)
-        assert policy(problem) is expected
+        choice = _call_choice("cuda", problem)
+        assert choice.path == expected
+        if arch < 80:
+            assert dict(choice.skipped)["mma.sync"] == "its kernels run on sm_80 and newer; this GPU is sm_75"
 
 
 @pytest.mark.parametrize("poisoned", ["key", "value"])

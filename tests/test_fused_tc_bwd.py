@@ -19,8 +19,10 @@ import test_fused_bwd
 from helpers import assert_close, RecordingExecutor
 
 import na_rtc
-from na_rtc.runtime import emulated, fused_tc
-from na_rtc.runtime.fused_bwd import FusedBackwardKernels
+from na_rtc.runtime import emulated
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import fused_tc
+from na_rtc.runtime.policy import Policy
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
@@ -40,10 +42,6 @@ LONG_BOX_CASES = [
 ]
 
 
-def _always(problem):
-    return True
-
-
 def test_the_sweep_covers_both_dtypes_every_bucket_bias_and_causal():
     assert {(c.ndim, fused_tc.head_dim_bucket(c.head_dim), c.dtype) for c in CASES} == {
         (ndim, hd, dtype) for ndim in (1, 2) for hd in fused_tc.HEAD_DIMS for dtype in fused_tc.DTYPES}
@@ -56,15 +54,15 @@ def test_tensor_core_backward_matches_reference(case):
     check_backward(case, "na_fused_tc_bwd_dq<")
 
 
-def check_backward(case, dq_kernel, wgmma=None, dkdv_kernel="na_fused_tc_bwd_dkdv<"):
+def check_backward(case, dq_kernel, wgmma=False, dkdv_kernel="na_fused_tc_bwd_dkdv<"):
     """The tensor-core backward of ``case`` (dq and dK/dV on kernels named ``dq_kernel...`` and
     ``dkdv_kernel...``) against the reference."""
     run = RecordingExecutor()
     problem, kernels, (dq, dk, dv, drpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._run(
-        case, run, tensor_cores=_always, wgmma=wgmma)
+        case, run, tensor_cores=True, wgmma=wgmma)
     assert any(n.startswith(dq_kernel) for n in run.names)
     assert any(n.startswith(dkdv_kernel) for n in run.names)
-    assert tuple(run.names) == kernels.kernel_names(problem)
+    assert tuple(run.names) == kernels.choose("backward", problem).kernels
     bwd = na_rtc.na1d_backward if case.ndim == 1 else na_rtc.na2d_backward
     ref = bwd(g64, q64, k64, v64, **test_fused_bwd._window(case), rpb=rpb64, backend="reference")
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
@@ -78,7 +76,7 @@ def check_backward(case, dq_kernel, wgmma=None, dkdv_kernel="na_fused_tc_bwd_dkd
 
 @pytest.mark.parametrize("case", CASES[::3], ids=str)
 def test_tensor_core_and_simt_backward_agree(case):
-    tc = test_fused_bwd._run(case, tensor_cores=_always)[2]
+    tc = test_fused_bwd._run(case, tensor_cores=True)[2]
     simt = test_fused_bwd._run(case)[2]
     for name, a, b in zip(("dq", "dk", "dv", "drpb"), tc, simt):
         if b is None:
@@ -89,8 +87,8 @@ def test_tensor_core_and_simt_backward_agree(case):
 
 def test_tensor_core_backward_is_deterministic():
     case = next(c for c in CASES if c.rpb and c.ndim == 2)
-    first = test_fused_bwd._run(case, tensor_cores=_always)[2]
-    second = test_fused_bwd._run(case, tensor_cores=_always)[2]
+    first = test_fused_bwd._run(case, tensor_cores=True)[2]
+    second = test_fused_bwd._run(case, tensor_cores=True)[2]
     for a, b in zip(first, second):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -98,12 +96,13 @@ def test_tensor_core_backward_is_deterministic():
 def test_dispatch_prefers_tensor_cores_where_allowed():
     q = torch.zeros(1, 40, 2, 64, dtype=torch.bfloat16)
     problem = na_rtc._args.fused_problem(1, q, q, q, 7, 2, 1, False, None, None)
-    assert FusedBackwardKernels(emulated.run, _always).kernel_names(problem)[1:] == (
+    tensor_cores, simt = Dispatcher(emulated.run, Policy.of(True)), Dispatcher(emulated.run, Policy.of())
+    assert tensor_cores.choose("backward", problem).kernels[1:] == (
         "na_fused_tc_bwd_dq<bf16_t, 64, 64, 1, 32>", "na_fused_tc_bwd_dkdv<bf16_t, 64, 64, 1, 32>")
-    assert FusedBackwardKernels(emulated.run).kernel_names(problem)[1].startswith("na_fused_bwd_dq<")
+    assert simt.choose("backward", problem).kernels[1].startswith("na_fused_bwd_dq<")
     q32 = q.float()
     problem32 = na_rtc._args.fused_problem(1, q32, q32, q32, 7, 2, 1, False, None, None)
-    assert FusedBackwardKernels(emulated.run, _always).kernel_names(problem32)[1].startswith("na_fused_bwd_dq<float")
+    assert tensor_cores.choose("backward", problem32).kernels[1].startswith("na_fused_bwd_dq<float")
 
 
 @pytest.mark.parametrize("case", LONG_BOX_CASES, ids=str)

@@ -30,19 +30,18 @@ import test_fused
 import test_fused_bwd
 import test_fused_tc
 import test_fused_tc_bwd
-from helpers import assert_close, RecordingExecutor
+from helpers import assert_close, kernel_policy, RecordingExecutor
 
 import na_rtc
-from na_rtc.runtime import emulated, fused, fused_wg, ops
+from na_rtc.runtime import emulated, ops
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import fused_wg, fused_wg_bwd
+from na_rtc.runtime.policy import Policy
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
 
 CONFIGS = test_fused_tc.CONFIGS
-
-
-def _always(problem):
-    return True
 
 
 def _run(cfg, wgmma=True, executor=emulated.run):
@@ -160,44 +159,49 @@ def test_one_warpgroup_backward_matches_reference(case, monkeypatch):
     keys (the table's have two per 128)."""
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
     hd = fused_wg.head_dim_bucket(case.head_dim)
-    dkdv = fused_wg.dkdv_name_of(hd, case.dtype, case.ndim)
-    dq = fused_wg.dq_name_of(hd, case.dtype, case.ndim)
+    dkdv = fused_wg_bwd.dkdv_name_of(hd, case.dtype, case.ndim, warpgroups=1)
+    dq = fused_wg_bwd.dq_name_of(hd, case.dtype, case.ndim, warpgroups=1)
     tile = ", {}, {}, ".format(*ONE_WARPGROUP_TILES[case.ndim])
     assert dkdv.endswith(", 1>") and tile in dkdv and dq.endswith(", 1>") and tile in dq
-    test_fused_tc_bwd.check_backward(case, dq, wgmma=_always, dkdv_kernel=dkdv)
+    test_fused_tc_bwd.check_backward(case, dq, wgmma=True, dkdv_kernel=dkdv)
+
+
+def _forward_kernel(problem):
+    """The forward kernel under the environment's settings (as a call reads them), wgmma switched on."""
+    return Dispatcher(None, kernel_policy(True, True)).choose("forward", problem).kernels[0]
 
 
 def test_the_warpgroups_setting(monkeypatch):
-    kernels = fused.FusedKernels(emulated.run, _always, _always)
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
-    assert kernels.kernel_name(_problem(1, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 64, 1, 64, 0, 1>"
-    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"
+    assert _forward_kernel(_problem(1, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 64, 1, 64, 0, 1>"
+    assert _forward_kernel(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "2")
-    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"
+    assert _forward_kernel(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "4")
     with pytest.raises(ValueError, match="NA_RTC_WGMMA_WARPGROUPS must be 1 or 2"):
-        kernels.kernel_name(_problem(1, "float16", 64))
+        _forward_kernel(_problem(1, "float16", 64))
 
 
 def test_the_chunk_keys_setting(monkeypatch):
     """NA_RTC_WGMMA_CHUNK_KEYS picks a built chunk size of the forward (the table's warpgroups only: with one
     warpgroup it keeps the table's); the backward kernels keep theirs."""
-    kernels = fused.FusedKernels(emulated.run, _always, _always)
     monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", "32")
-    assert kernels.kernel_name(_problem(1, "bfloat16", 128)) == "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 0, 2>"
-    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 32, 0, 2>"
-    assert fused_wg.dq_name_of(64, "float16", 2) == "na_fused_wg_bwd_dq<fp16_t, 64, 16, 8, 32, 0, 2>"
+    assert _forward_kernel(_problem(1, "bfloat16", 128)) == "na_fused_wg_fwd<bf16_t, 128, 128, 1, 32, 0, 2>"
+    assert _forward_kernel(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 32, 0, 2>"
+    backward = Dispatcher(None, kernel_policy(True, True)).choose("backward", _problem(2, "float16", 64))
+    assert backward.kernels[1] == fused_wg_bwd.dq_name_of(64, "float16", 2) == (
+        "na_fused_wg_bwd_dq<fp16_t, 64, 16, 8, 32, 0, 2>")
     # 16 KiB of Q beside three stages of 32-key chunks (it does not fit a stage)
-    assert fused_wg.shared_bytes(64, "float16", 2) == (128 * 64 + 6 * 32 * 64) * 2
+    assert fused_wg.shared_bytes(64, "float16", 2, chunk_keys=32) == (128 * 64 + 6 * 32 * 64) * 2
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", "1")
-    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"
+    assert _forward_kernel(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 8, 8, 64, 0, 1>"
     monkeypatch.delenv("NA_RTC_WGMMA_WARPGROUPS")
     monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", "64")
-    assert kernels.kernel_name(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"
-    assert fused_wg.shared_bytes(64, "float16", 2) == 6 * 64 * 64 * 2  # Q borrows stage 2
+    assert _forward_kernel(_problem(2, "float16", 64)) == "na_fused_wg_fwd<fp16_t, 64, 16, 8, 64, 0, 2>"
+    assert fused_wg.shared_bytes(64, "float16", 2, chunk_keys=64) == 6 * 64 * 64 * 2  # Q borrows stage 2
     monkeypatch.setenv("NA_RTC_WGMMA_CHUNK_KEYS", "128")
     with pytest.raises(ValueError, match="NA_RTC_WGMMA_CHUNK_KEYS must be 32 or 64"):
-        kernels.kernel_name(_problem(1, "float16", 64))
+        _forward_kernel(_problem(1, "float16", 64))
 
 
 @pytest.mark.parametrize("poisoned", ["key", "value"])
@@ -211,12 +215,12 @@ def test_nan_reach(poisoned):
 @pytest.mark.parametrize("case", test_fused_tc_bwd.CASES, ids=str)  # every (ndim, head dim, dtype): asserted there
 def test_wgmma_backward_matches_reference(case):
     hd = fused_wg.head_dim_bucket(case.head_dim)
-    test_fused_tc_bwd.check_backward(case, fused_wg.dq_name_of(hd, case.dtype, case.ndim), wgmma=_always,
-                                     dkdv_kernel=fused_wg.dkdv_name_of(hd, case.dtype, case.ndim))
+    test_fused_tc_bwd.check_backward(case, fused_wg_bwd.dq_name_of(hd, case.dtype, case.ndim), wgmma=True,
+                                     dkdv_kernel=fused_wg_bwd.dkdv_name_of(hd, case.dtype, case.ndim))
 
 
 def test_dq_reads_q_and_dout_from_shared_memory_in_2d_at_head_dim_128():
-    names = {(ndim, hd): fused_wg.dq_name_of(hd, "bfloat16", ndim) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
+    names = {(ndim, hd): fused_wg_bwd.dq_name_of(hd, "bfloat16", ndim) for ndim in (1, 2) for hd in fused_wg.HEAD_DIMS}
     assert {key for key, name in names.items() if name.split(", ")[-2] == "1"} == {(2, 128)}  # QS
 
 
@@ -232,20 +236,26 @@ def _problem(ndim, dtype, head_dim):
     (1, "float32", 64, True, "na_fused_fwd<float, 64, 32, 1>"),  # fp32: SIMT
 ])
 def test_dispatch(ndim, dtype, head_dim, wgmma, expected):
-    kernels = fused.FusedKernels(emulated.run, _always, lambda problem: wgmma)
-    assert kernels.kernel_name(_problem(ndim, dtype, head_dim)) == expected
+    choice = Dispatcher(emulated.run, Policy.of(True, wgmma)).choose("forward", _problem(ndim, dtype, head_dim))
+    assert choice.kernels == (expected,)
+
+
+def _call_path(backend, problem):
+    """The forward path a call of ``problem`` on ``backend`` would take, with the settings as they are now."""
+    return Dispatcher(None, Policy.for_call(backend, problem)).choose("forward", problem)
 
 
 def test_the_setting_is_opt_in(monkeypatch):
-    allowed = ops._wgmma_policy("emulator")
     problem = _problem(1, "bfloat16", 64)
     monkeypatch.delenv("NA_RTC_WGMMA", raising=False)
-    assert not allowed(problem)
+    choice = _call_path("emulator", problem)
+    assert choice.path == "mma.sync" and dict(choice.skipped)["wgmma"] == (
+        "opt-in: NA_RTC_WGMMA=1 turns the wgmma kernels on")
     monkeypatch.setenv("NA_RTC_WGMMA", "1")
-    assert allowed(problem)
+    assert _call_path("emulator", problem).path == "wgmma"
     monkeypatch.setenv("NA_RTC_WGMMA", "maybe")
     with pytest.raises(ValueError, match="NA_RTC_WGMMA must be 1 or 0"):
-        allowed(problem)
+        _call_path("emulator", problem)
 
 
 @pytest.mark.parametrize("arch, expected", [(90, True), (80, False), (100, False)])
@@ -254,7 +264,10 @@ def test_cuda_runs_it_on_sm_90_only(monkeypatch, arch, expected):
 
     monkeypatch.setenv("NA_RTC_WGMMA", "1")
     monkeypatch.setattr(cuda, "arch_of", lambda device: arch)
-    assert ops._wgmma_policy("cuda")(_problem(2, "float16", 64)) is expected
+    choice = _call_path("cuda", _problem(2, "float16", 64))
+    assert (choice.path == "wgmma") is expected
+    if not expected:
+        assert dict(choice.skipped)["wgmma"] == f"its kernels run on sm_90; this GPU is sm_{arch}"
 
 
 def test_forward_and_backward_through_the_op_table(monkeypatch):
@@ -282,8 +295,8 @@ def test_forward_and_backward_through_the_op_table(monkeypatch):
 @pytest.mark.parametrize("case", test_fused_tc_bwd.LONG_BOX_CASES, ids=str)
 def test_wgmma_backward_over_long_boxes(case):
     hd = fused_wg.head_dim_bucket(case.head_dim)
-    test_fused_tc_bwd.check_backward(case, fused_wg.dq_name_of(hd, case.dtype, case.ndim), wgmma=_always,
-                                     dkdv_kernel=fused_wg.dkdv_name_of(hd, case.dtype, case.ndim))
+    test_fused_tc_bwd.check_backward(case, fused_wg_bwd.dq_name_of(hd, case.dtype, case.ndim), wgmma=True,
+                                     dkdv_kernel=fused_wg_bwd.dkdv_name_of(hd, case.dtype, case.ndim))
 
 
 def test_a_forward_compiles_only_the_forward_family():
@@ -296,8 +309,8 @@ def test_a_forward_compiles_only_the_forward_family():
     assert all(name.startswith("na_fused_wg_fwd<") for name in forward.names)
     assert {name.split("<")[0] for name in backward.names} == {"na_fused_wg_bwd_dq", "na_fused_wg_bwd_dkdv"}
     backward_run = RecordingExecutor()
-    test_fused_bwd._run(next(c for c in test_fused_tc_bwd.CASES if c.rpb), backward_run, tensor_cores=_always,
-                        wgmma=_always)
+    test_fused_bwd._run(next(c for c in test_fused_tc_bwd.CASES if c.rpb), backward_run, tensor_cores=True,
+                        wgmma=True)
     assert {family_of(name).source for name in backward_run.names if "_wg_" in name} == {"na_fused_wg_bwd.cu"}
     forward_run = RecordingExecutor()
     _run(test_fused_tc.CONFIGS[0], executor=forward_run)

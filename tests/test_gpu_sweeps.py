@@ -10,6 +10,7 @@ Skipped without a usable GPU; ``make gpu-check`` runs them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -92,7 +93,9 @@ WGMMA_FORWARD_RUNS = ([(c, "table") for c in test_fused_tc.CONFIGS + test_fused_
 def test_wgmma_forward_on_gpu(cfg, setting, monkeypatch):
     """The Hopper forward (NA_RTC_WGMMA=1's kernel) on the fp16/bf16 sweep and on key boxes of many chunks,
     on sm_90 GPUs."""
-    from na_rtc.runtime import cuda, fused
+    from na_rtc.runtime import cuda
+    from na_rtc.runtime.dispatch import Dispatcher
+    from na_rtc.runtime.policy import Policy, Settings
 
     if cuda.arch_of("cuda") != 90:
         pytest.skip("the wgmma forward is built for sm_90 GPUs only")
@@ -107,7 +110,8 @@ def test_wgmma_forward_on_gpu(cfg, setting, monkeypatch):
         names.append(plan.kernel.name)
         cuda.run(plan)
 
-    out, lse = fused.FusedKernels(run, lambda p: True, lambda p: True).forward(problem, q, k, v, bias)
+    policy = Policy("cuda", 90, dataclasses.replace(Settings.read(), tensor_cores=True, wgmma=True, verify=False))
+    out, lse = Dispatcher(run, policy).forward(problem, q, k, v, bias)
     assert names and names[0].startswith("na_fused_wg_fwd<")
     want_out, want_lse = test_fused._reference(cfg, q64, k64, v64, bias64)
     assert_close(_cpu(out), want_out, cfg.dtype, "forward", "out")

@@ -22,7 +22,8 @@ from fake_cuda import fake_cuda_fixture  # noqa: F401 - the fake_cuda fixture
 from helpers import requires_nvrtc
 
 from na_rtc import _arrays
-from na_rtc.runtime import cuda, device, fused_wg
+from na_rtc.runtime import cuda, device
+from na_rtc.runtime.families import fused_wg, fused_wg_bwd
 from na_rtc.runtime import plan as P
 
 CUPY_VERSIONS = pytest.mark.parametrize("fake_cuda", ["13.6.0", "14.2.0"], indirect=True,
@@ -180,8 +181,8 @@ def test_static_shared_memory_counts_toward_the_48_kib_opt_in(monkeypatch):
     """The wgmma dq kernel at head dim 32 (fp16, 1D) has 16 bytes of static shared memory; a kernel of 1471
     with a positional bias needs 49,140 bytes dynamic: 49,156 in all, over 48 KiB although the dynamic part
     is not, so it must opt in (without, the launch fails: CUDA_ERROR_INVALID_VALUE)."""
-    name = fused_wg.dq_name_of(32, "float16", 1)
-    shared = fused_wg.dq_shared_bytes(32, "float16", 1, bias_entries=2 * 1471 - 1)
+    name = fused_wg_bwd.dq_name_of(32, "float16", 1)
+    shared = fused_wg_bwd.dq_shared_bytes(32, "float16", 1, bias_entries=2 * 1471 - 1)
     assert (name, shared) == ("na_fused_wg_bwd_dq<fp16_t, 32, 128, 1, 32, 0, 2>", 49_140)
     machine = install(monkeypatch, static_shared={name: 16})
     x = machine.cupy_array(0, (4, 8))
@@ -198,8 +199,8 @@ def test_the_wgmma_dq_kernel_has_the_static_shared_memory_the_opt_in_test_gives_
     from na_rtc._resources import cuda_src_dir
     from na_rtc.runtime import check, nvrtc
 
-    name = fused_wg.dq_name_of(32, "float16", 1)
-    program = nvrtc.compile_program(cuda_src_dir() / fused_wg.BWD_SOURCE, [name], 90, options=("-Xptxas=-v",),
+    name = fused_wg_bwd.dq_name_of(32, "float16", 1)
+    program = nvrtc.compile_program(cuda_src_dir() / fused_wg_bwd.SOURCE, [name], 90, options=("-Xptxas=-v",),
                                     arch_specific=True)
     assert check.parse_ptxas_log(program.log)[program.lowered[name]].static_shared == 16
 

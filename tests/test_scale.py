@@ -29,7 +29,10 @@ import pytest
 
 import na_rtc
 from na_rtc import _args
-from na_rtc.runtime import fused, naive, plan
+from na_rtc.runtime import plan
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import naive
+from na_rtc.runtime.policy import Policy
 
 HERE = Path(__file__).resolve().parent
 #: batch stride in elements: batch 1 starts past 2^31
@@ -173,18 +176,17 @@ def _huge_problem(batch: int):
 
 
 def test_fused_kernels_step_aside_beyond_the_grid_limit():
-    kernels = fused.FusedKernels(lambda plan_: None)
-    assert kernels.covers(_huge_problem(2**20))
-    assert not kernels.covers(_huge_problem(2**31))  # 2^31 * 4 heads * tiles blocks
+    kernels = Dispatcher(lambda plan_: None, Policy.of())
+    assert kernels.choose("forward", _huge_problem(2**20)).path == "simt"
+    beyond = kernels.choose("forward", _huge_problem(2**31))  # 2^31 * 4 heads * tiles blocks
+    assert beyond.path is None and "more than CUDA's grid limit" in dict(beyond.skipped)["simt"]
 
 
 def test_straightforward_kernels_refuse_beyond_the_grid_limit_and_say_what_to_do():
-    launched = []
     with pytest.raises(ValueError, match=r"more than CUDA's grid limit 2147483647; split the batch"):
-        naive._launch(launched.append, "na_av_fwd<float, float>", 2**31 * naive.NAIVE_THREADS, [])
-    assert launched == []
-    naive._launch(launched.append, "na_av_fwd<float, float>", (2**31 - 1) * naive.NAIVE_THREADS, [])
-    assert launched[0].grid == (2**31 - 1, 1, 1)
+        naive.one_thread_per_output("na_av_fwd<float, float>", 2**31 * naive.THREADS)  # planned before any launch
+    launch = naive.one_thread_per_output("na_av_fwd<float, float>", (2**31 - 1) * naive.THREADS)
+    assert launch.plan(()).grid == (2**31 - 1, 1, 1)
 
 
 def test_launch_plans_refuse_grids_outside_cuda_limits():

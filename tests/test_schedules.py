@@ -30,14 +30,10 @@ from helpers import RecordingExecutor, make_inputs
 
 import na_rtc
 from na_rtc import config
-from na_rtc.runtime import fused_wg
+from na_rtc.runtime.families import fused_wg
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
-
-
-def _always(problem):
-    return True
 
 
 def _bits(x) -> np.ndarray:
@@ -112,11 +108,9 @@ BACKWARD_PREFIX = {(True, False): "na_fused_tc_bwd_", (True, True): "na_fused_wg
 def test_the_fused_backward_has_no_schedule_dependence(monkeypatch, label, case, tensor_cores, wgmma, warpgroups):
     if warpgroups:
         monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
-    policy = {True: _always, False: None}
-
     def compute():
         run = RecordingExecutor()
-        grads = test_fused_bwd._run(case, run, tensor_cores=policy[tensor_cores], wgmma=policy[wgmma])[2]
+        grads = test_fused_bwd._run(case, run, tensor_cores=tensor_cores, wgmma=wgmma)[2]
         return run.names, grads
 
     names = _under_both_schedules(monkeypatch, compute)

@@ -32,14 +32,10 @@ from helpers import RecordingExecutor
 
 import na_rtc
 from na_rtc import window
-from na_rtc.runtime import fused_tc, fused_wg
+from na_rtc.runtime.families import fused_tc, fused_tc_bwd, fused_wg, fused_wg_bwd
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
-
-
-def _always(problem):
-    return True
 
 
 def _axes(cfg) -> list[window.Axis]:
@@ -169,7 +165,7 @@ def test_a_2d_block_of_two_warpgroups_loads_a_third_less_for_as_many_products():
 def _backward_counted(case, warpgroups, monkeypatch):
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", str(warpgroups))
     run = RecordingExecutor()
-    test_fused_bwd._run(case, run, tensor_cores=_always, wgmma=_always)
+    test_fused_bwd._run(case, run, tensor_cores=True, wgmma=True)
     return {name.split("<")[0]: counts for name, counts in zip(run.names, run.op_counts)}
 
 
@@ -181,7 +177,7 @@ BACKWARD_CASES = test_fused_tc_bwd.LONG_BOX_CASES + test_fused_tc_bwd.CASES[::4]
 def test_the_wgmma_backward_multiplies_the_chunks_its_warpgroups_see(case, warpgroups, monkeypatch):
     hd = fused_wg.head_dim_bucket(case.head_dim)
     tile = fused_wg.BLOCK_TILES[case.ndim, warpgroups]
-    kc, qc = fused_wg.DQ_CHUNK_KEYS, fused_wg.DKDV_CHUNK_QUERIES[hd]
+    kc, qc = fused_wg_bwd.DQ_CHUNK_KEYS, fused_wg_bwd.DKDV_CHUNK_QUERIES[hd]
     dq = _chunk_counts(case, tile, warpgroups, kc)
     dkdv = _chunk_counts(case, tile, warpgroups, qc, inverse=True)
     got = _backward_counted(case, warpgroups, monkeypatch)
@@ -248,10 +244,10 @@ def test_the_mma_sync_forward_skips_the_key_tiles_no_row_of_a_warp_sees(cfg):
 def test_the_mma_sync_backward_skips_the_tiles_no_row_of_a_warp_sees(case):
     hd = fused_tc.head_dim_bucket(case.head_dim)
     tile = fused_tc.TILES[case.ndim, 1]
-    dq_tiles, dq_steps = _live_warp_tiles(case, tile, fused_tc.DQ_CHUNK[hd], 16)
-    dkdv_tiles, dkdv_steps = _live_warp_tiles(case, tile, fused_tc.DKDV_CHUNK[case.ndim, hd], 16, inverse=True)
+    dq_tiles, dq_steps = _live_warp_tiles(case, tile, fused_tc_bwd.DQ_CHUNK[hd], 16)
+    dkdv_tiles, dkdv_steps = _live_warp_tiles(case, tile, fused_tc_bwd.DKDV_CHUNK[case.ndim, hd], 16, inverse=True)
     run = RecordingExecutor()
-    test_fused_bwd._run(case, run, tensor_cores=_always)
+    test_fused_bwd._run(case, run, tensor_cores=True)
     got = {name.split("<")[0]: counts for name, counts in zip(run.names, run.op_counts)}
     # S and dP per live tile, dQ += ds K per live step; S^T and dP^T per live tile, dV and dK per live step
     assert got["na_fused_tc_bwd_dq"] == {"mma.sync": 2 * dq_tiles * hd // 16 + dq_steps * hd // 8, "wgmma": 0}

@@ -24,7 +24,11 @@ from helpers import assert_close, misaligned_copy, RecordingExecutor, SweepConfi
 
 import na_rtc
 from na_rtc import _args
-from na_rtc.runtime import emulated, families, naive, tiled
+from na_rtc.runtime import emulated, registry
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import tiled
+from na_rtc.runtime.policy import Policy
+from na_rtc.runtime.tiling import CTYPES
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
@@ -47,9 +51,9 @@ def _problem(cfg: Config, q):
 def _covered(cfg: Config) -> bool:
     """Every op of the sweep (qk, av with weights in the element or accumulator dtype) runs tiled."""
     q = torch.empty(cfg.shape, dtype=getattr(torch, cfg.dtype))
-    problem, k = _problem(cfg, q), tiled.TiledKernels(emulated.run)
+    problem, k = _problem(cfg, q), Dispatcher(emulated.run)
     ops = [("qk", cfg.dtype), ("qk", "float32"), ("av", cfg.dtype), ("av", "float32")]
-    return all(k.choice(problem, op, w).startswith("na_tiled_") for op, w in ops)
+    return all(k.choose(op, problem, w).path == "tiled" for op, w in ops)
 
 
 def random_config(seed: int) -> Config:
@@ -101,7 +105,7 @@ def _qk_both(cfg: Config):
     (q, k), _ = sweep_inputs(cfg, 2, cfg.shape)
     bias, _ = sweep_bias(cfg)
     problem, recorder = _problem(cfg, q), Recorder()
-    tiled_kernels, naive_kernels = tiled.TiledKernels(recorder), naive.NaiveKernels(emulated.run)
+    tiled_kernels, naive_kernels = Dispatcher(recorder), Dispatcher(emulated.run, Policy.of(tiled=False))
     for variant in _qk_variants(cfg):
         out_dtype, scale, fill, with_rpb = variant
         b = bias if with_rpb else None
@@ -114,7 +118,7 @@ def _av_both(cfg: Config):
     slots = math.prod(cfg.kernel_size)
     (v,), _ = sweep_inputs(cfg, 1, cfg.shape)
     recorder = Recorder()
-    tiled_kernels, naive_kernels = tiled.TiledKernels(recorder), naive.NaiveKernels(emulated.run)
+    tiled_kernels, naive_kernels = Dispatcher(recorder), Dispatcher(emulated.run, Policy.of(tiled=False))
     # the problem as the public op validates it (weights in the element dtype); the fused
     # path then passes float32 probabilities to the same problem
     problem = _args.av_problem(cfg.ndim, torch.empty((*cfg.shape[:-1], slots), dtype=v.dtype), v,
@@ -208,41 +212,45 @@ CHOICES = [
                          ids=[f"{c[0]}d-{c[1]}-D{c[2]}-k{c[3]}-{c[4]}-{c[6].split('<')[0]}" for c in CHOICES])
 def test_choice(ndim, dtype, head_dim, kernel, op, weights, expected):
     problem = _problem_of(ndim, dtype, head_dim, kernel)
-    assert tiled.TiledKernels(emulated.run).choice(problem, op, weights) == expected
+    choice = Dispatcher(emulated.run).choose(op, problem, weights or dtype)
+    assert choice.kernels == (expected,) and choice.path == ("tiled" if expected.startswith("na_tiled_") else
+                                                              "straightforward")
 
 
 def test_choice_refuses_stride():
     problem = _problem_of(2, "float32", 32, 5, stride=2)
-    assert tiled.TiledKernels(emulated.run).choice(problem, "qk") == "na_qk_fwd<float, float>"
+    choice = Dispatcher(emulated.run).choose("qk", problem)
+    assert choice.kernels == ("na_qk_fwd<float, float>",)
+    assert choice.skipped == (("tiled", "stride > 1 (the split kernels take none)"),)
 
 
 def test_shared_memory_of_the_choices_is_within_budget():
     for ndim, dtype, head_dim, kernel, op, weights, expected in CHOICES:
         problem = _problem_of(ndim, dtype, head_dim, kernel)
         hd = tiled.head_dim_bucket(head_dim)
-        tile = families.TILED_TILES.get((ndim, hd, dtype))
+        tile = tiled.TILES.get((ndim, hd, dtype))
         if tile is None or weights == "float64":  # no table entry, or a weights dtype no tiled kernel takes
             continue
         smem = tiled.shared_bytes(problem, op, tile, hd, weights or dtype)
-        assert (smem <= families.TILED_SHARED_BUDGET) == expected.startswith("na_tiled_"), (expected, smem)
+        assert (smem <= tiled.SHARED_BUDGET) == expected.startswith("na_tiled_"), (expected, smem)
 
 
 def test_table_and_family_agree():
-    names = set(families.FAMILIES["tiled"].names)
-    for (ndim, hd, dtype), (tx, ty) in families.TILED_TILES.items():
-        assert hd in families.TILED_HEAD_DIMS and dtype != "float64"
+    names = set(registry.get("tiled").names)
+    for (ndim, hd, dtype), (tx, ty) in tiled.TILES.items():
+        assert hd in tiled.HEAD_DIMS and dtype != "float64"
         assert ty == 1 if ndim == 1 else ty > 1
-        assert f"na_tiled_qk<{families.CTYPES[dtype]}, float, {hd}, {tx}, {ty}>" in names
-    assert all(families.FAMILIES["tiled"].launch_shared_bytes[n] == families.TILED_SHARED_BUDGET for n in names)
+        assert f"na_tiled_qk<{CTYPES[dtype]}, float, {hd}, {tx}, {ty}>" in names
+    assert all(registry.get("tiled").launch_shared_bytes[n] == tiled.SHARED_BUDGET for n in names)
 
 
 def test_fallback_launches_the_naive_kernel():
     recorder = Recorder()
     q = torch.randn(1, 10, 2, 130)
     problem = _args.qk_problem(1, q, q, 3, 1, False, None)
-    kernels = tiled.TiledKernels(recorder)
+    kernels = Dispatcher(recorder)
     got = kernels.qk(problem, q, q, None, "float32", 1.0, -math.inf)
-    assert recorder.names == [kernels.choice(problem, "qk")] == ["na_qk_fwd<float, float>"]
+    assert recorder.names == list(kernels.choose("qk", problem).kernels) == ["na_qk_fwd<float, float>"]
     assert_close(got, na_rtc.na1d_qk(q.double(), q.double(), 3, backend="reference"), "float32", "forward")
 
 
@@ -268,7 +276,7 @@ def test_vector_and_element_staging_agree_bit_for_bit(ndim, dtype, head_dim):
     q, k, v = (torch.randn(shape).to(getattr(torch, dtype)) for _ in range(3))
     qk, av = (getattr(na_rtc, f"na{ndim}d_{op}") for op in ("qk", "av"))
     problem = _args.qk_problem(ndim, q, k, 5, 1, False, None)
-    assert tiled.TiledKernels(emulated.run).choice(problem, "qk").startswith("na_tiled_qk")
+    assert Dispatcher(emulated.run).choose("qk", problem).kernels[0].startswith("na_tiled_qk")
     assert all(t.data_ptr() % 16 == 0 for t in (q, k, v))
     attn = torch.softmax(qk(q, k, 5, backend="emulator").float(), -1).to(q.dtype)
     aligned = (qk(q, k, 5, backend="emulator"), av(attn, v, 5, backend="emulator"))

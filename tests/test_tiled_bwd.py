@@ -1,7 +1,7 @@
 """Tiled backward kernels (``cuda_src/na_tiled_bwd.cu``) on the emulator.
 
 dK = inverse(dAttn, Q), dV = inverse(Attn, dOut) and dRPB = bias_grad(dAttn)
-through :class:`~na_rtc.runtime.tiled_bwd.TiledBackwardMixin` against the
+through the dispatcher's split kernels (tiled where covered) against the
 float64 reference (DESIGN.md section 8 tolerances), over a seeded sweep (1D /
 2D, odd and even kernels 2..13 plus a 1D k = 63, dilation 1..4, causal per
 axis, head dims 16/24/32/40/64/128, fp32 / fp16 / bf16, heads-first views,
@@ -21,8 +21,10 @@ from helpers import assert_close, make_inputs, noncontiguous, to_numpy64, Record
 
 import na_rtc
 from na_rtc import _args
-from na_rtc.runtime import emulated, naive, tiled_bwd
-from na_rtc.runtime.families import FAMILIES
+from na_rtc.runtime import emulated, registry
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import tiled_bwd
+from na_rtc.runtime.policy import Policy
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
 
@@ -30,8 +32,14 @@ pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], 
 _Recorder = RecordingExecutor
 
 
-class _K(tiled_bwd.TiledBackwardMixin, naive.NaiveKernels):
-    pass
+def _K(run):
+    """The split kernels as the dispatcher picks them: tiled where their tables cover the launch."""
+    return Dispatcher(run)
+
+
+def _straightforward(run):
+    """The straightforward split kernels only (what the tiled ones must equal)."""
+    return Dispatcher(run, Policy.of(tiled=False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +150,7 @@ def test_tiled_backward_matches_reference_and_naive(case):
             rpb = torch.from_numpy(rpb)
     problem = _problem(case, q, k, rpb)
     run = _Recorder()
-    kernels, plain = _K(run), naive.NaiveKernels(emulated.run)
+    kernels, plain = _K(run), _straightforward(emulated.run)
     qk_bwd, av_bwd = _fns(case.ndim)
 
     dk = kernels.inverse(problem, dattn, q)
@@ -158,13 +166,14 @@ def test_tiled_backward_matches_reference_and_naive(case):
     if case.dtype != "float32":
         w32 = dattn.float() if isinstance(dattn, torch.Tensor) else dattn.astype(np.float32)
         _assert_same_bits(kernels.inverse(problem, w32, q, 0.5), plain.inverse(problem, w32, q, 0.5), "dk (fp32 w)")
-    assert run.names[0] == kernels.choice(problem, "inverse")
+    assert run.names[0] == kernels.choose("inverse", problem).kernels[0]
     assert run.names[0].startswith("na_tiled_inv<"), run.names
 
     if case.rpb:
         run.names.clear()
         drpb = kernels.bias_grad(problem, dattn)
-        assert run.names == [kernels.choice(problem, "bias_grad"), tiled_bwd.RPB_REDUCE]
+        assert run.names == list(kernels.choose("bias_grad", problem).kernels)
+        assert run.names == [run.names[0], tiled_bwd.RPB_REDUCE] and run.names[0].startswith("na_tiled_rpb_partial<")
         assert_close(drpb, ref_drpb, case.dtype, "grad", "drpb")
         assert_close(drpb, to_numpy64(plain.bias_grad(problem, dattn)), case.dtype, "grad", "drpb vs naive")
         if case.dtype != "float32":  # float32 logit gradients, as the fused backward passes them
@@ -191,8 +200,14 @@ def _choice_problem(spatial, kernel_size, head_dim, dtype="float32", stride=1, c
 
 
 def test_choice_follows_the_table_and_falls_back():
-    k = _K(emulated.run)
-    names = FAMILIES["tiled_bwd"].names
+    dispatcher = _K(emulated.run)
+
+    class k:  # the chosen kernel of a role (the partial pass of a two-pass bias gradient)
+        def choice(problem, role, *weights):
+            args = (*weights, problem.dtype) if role == "inverse" and weights else weights
+            return dispatcher.choose(role, problem, *args).kernels[0]
+
+    names = registry.get("tiled_bwd").names
     cases = {
         ((100,), (7,), 24, "float32"): "na_tiled_inv<float, float, 32, 32, 1>",
         ((100,), (63,), 128, "bfloat16"): "na_tiled_inv<bf16_t, bf16_t, 128, 16, 1>",
@@ -218,11 +233,11 @@ def test_choice_follows_the_table_and_falls_back():
     assert k.choice(_choice_problem((40, 40), (17, 17), 32), "bias_grad") == "na_tiled_rpb_partial<float, 4, 4>"
     assert k.choice(_choice_problem((64, 64), (45, 45), 32), "bias_grad") == "na_rpb_bwd<float>"
     with pytest.raises(ValueError):
-        k.choice(_choice_problem((40,), (7,), 32), "forward")
+        k.choice(_choice_problem((40,), (7,), 32), "forward_and_more")
 
 
 def test_family_lists_every_choice_with_its_launch():
-    family = FAMILIES["tiled_bwd"]
+    family = registry.get("tiled_bwd")
     assert family.source == tiled_bwd.SOURCE
     for (_, hd, dtype), tile in tiled_bwd.INV_TILES.items():
         assert tiled_bwd.inv_name(dtype, dtype, hd, tile) in family.names
@@ -232,14 +247,15 @@ def test_family_lists_every_choice_with_its_launch():
 
 
 def test_the_dispatcher_names_the_kernel_of_every_op():
-    """Kernels.choice answers for forward and backward ops alike (the backward mixin defers qk/av)."""
-    from na_rtc.runtime.kernels import Kernels
-
+    """The dispatcher names the kernels of every split role, forward and backward alike."""
     q = torch.zeros(1, 40, 2, 32, dtype=torch.float16)
     problem = _args.qk_problem(1, q, q, 7, 1, False, None)
-    kernels = Kernels(emulated.run)
-    names = {op: kernels.choice(problem, op) for op in ("qk", "av", "inverse", "bias_grad")}
-    assert names["qk"].startswith("na_tiled_qk<") and names["av"].startswith("na_tiled_av<")
-    assert names["inverse"].startswith("na_tiled_inv<") and names["bias_grad"].startswith("na_tiled_rpb")
+    kernels = Dispatcher(emulated.run)
+    names = {op: kernels.choose(op, problem).kernels for op in ("qk", "av", "inverse", "bias_grad", "softmax")}
+    assert names["qk"][0].startswith("na_tiled_qk<") and names["av"][0].startswith("na_tiled_av<")
+    assert names["inverse"][0].startswith("na_tiled_inv<")
+    assert names["bias_grad"] == ("na_tiled_rpb_partial<fp16_t, 64, 1>", "na_tiled_rpb_reduce")
+    assert names["softmax"] == ("na_softmax_fwd<float>",)  # straightforward (no tiled softmax), float32 logits
+    assert all(registry.family_of(name) for kernels in names.values() for name in kernels)
     with pytest.raises(ValueError, match="op must be"):
-        kernels.choice(problem, "softmax_backward")
+        kernels.choose("softmax_twice", problem)

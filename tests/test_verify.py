@@ -22,14 +22,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, kernel_policy
 
 import na_rtc
 from na_rtc import backends
 from na_rtc._args import Problem
 from na_rtc._resources import cuda_src_dir
-from na_rtc.runtime import families, fused, fused_bwd, fused_tc, fused_wg
-from na_rtc.runtime.families import Family
+from na_rtc.runtime import registry
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import fused, fused_bwd, fused_tc, fused_tc_bwd, fused_wg, fused_wg_bwd
+from na_rtc.runtime.policy import Policy
+from na_rtc.runtime.tiling import accumulator_dtype
 from na_rtc.verify import canary, gate
 from na_rtc.verify.verdicts import Verdict, VerdictStore, VerdictStoreWarning, verdict_key
 from na_rtc.window import Axis, window
@@ -59,15 +62,16 @@ def broken_sources(tmp_path_factory) -> Path:
     return _broken_folder(tmp_path_factory.mktemp("broken_cuda_src"))
 
 
-def _install_broken_families(folder: Path, patch) -> None:
-    """The tensor-core families of the 1D float16 head-dim-32 kernels, from the broken sources. ``patch(obj,
-    name, value)`` sets an attribute or item (monkeypatch, or plain setattr in a subprocess)."""
+def _install_broken_families(folder: Path, swap) -> None:
+    """The tensor-core families of the 1D float16 head-dim-32 kernels, from the broken sources, in the registry
+    (their rules and planners unchanged: the dispatcher picks them as it would the real ones). ``swap(family)``
+    puts a family in place of the registered one of its name (and in a test, back afterwards)."""
     forward, backward = str(folder / "broken_fused_tc.cu"), str(folder / "broken_fused_tc_bwd.cu")
-    patch(families.FAMILIES, "fused_tc", Family(forward, (BROKEN_FORWARD,), {BROKEN_FORWARD: 128}, {BROKEN_FORWARD: 0}))
-    patch(families.FAMILIES, "fused_tc_bwd", Family(backward, (BROKEN_DQ, GOOD_DKDV), {BROKEN_DQ: 128, GOOD_DKDV: 128},
-                                                    {BROKEN_DQ: 0, GOOD_DKDV: 0}))
-    patch(fused_tc, "SOURCE", forward)
-    patch(fused_tc, "BWD_SOURCE", backward)
+    swap(dataclasses.replace(registry.get("fused_tc"), source=forward, names=(BROKEN_FORWARD,),
+                             launch_threads={BROKEN_FORWARD: 128}, launch_shared_bytes={BROKEN_FORWARD: 0}))
+    swap(dataclasses.replace(registry.get("fused_tc_bwd"), source=backward, names=(BROKEN_DQ, GOOD_DKDV),
+                             launch_threads={BROKEN_DQ: 128, GOOD_DKDV: 128},
+                             launch_shared_bytes={BROKEN_DQ: 0, GOOD_DKDV: 0}))
 
 
 def _fresh_ops(patch) -> None:
@@ -85,18 +89,16 @@ def verdict_store(tmp_path, monkeypatch) -> VerdictStore:
         yield store
 
 
-def _setter(monkeypatch):
-    def patch(obj, name, value):
-        if isinstance(obj, dict):
-            monkeypatch.setitem(obj, name, value)
-        else:
-            monkeypatch.setattr(obj, name, value)
-    return patch
+def _swapper(request):
+    def swap(family):
+        previous = registry.replace(family)
+        request.addfinalizer(lambda: registry.replace(previous))
+    return swap
 
 
 @pytest.fixture
-def broken(broken_sources, verdict_store, monkeypatch) -> VerdictStore:
-    _install_broken_families(broken_sources, _setter(monkeypatch))
+def broken(broken_sources, verdict_store, request) -> VerdictStore:
+    _install_broken_families(broken_sources, _swapper(request))
     return verdict_store
 
 
@@ -191,8 +193,7 @@ SECOND_PROCESS = textwrap.dedent("""
     from na_rtc.verify.verdicts import VerdictStore
 
     gate._store = VerdictStore(Path({verdicts!r}))
-    t._install_broken_families(Path({folder!r}), lambda obj, name, value: obj.__setitem__(name, value)
-                               if isinstance(obj, dict) else setattr(obj, name, value))
+    t._install_broken_families(Path({folder!r}), t.registry.replace)
     with gate.verify_automatically_on("emulator"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         q, k, v = t._inputs(seed=3)
@@ -250,7 +251,7 @@ def test_with_the_fused_paths_wrong_the_verified_split_kernels_serve(verdict_sto
 
     def fused_wrong(op, problem, run):
         results = real(op, problem, run)
-        if getattr(run, "__qualname__", "").startswith("split_candidates"):  # the composed split path
+        if getattr(run, "__qualname__", "").startswith("composed_candidates"):  # the composed split path
             return results
         return {name: f"{name}: wrong on purpose" for name in results}
 
@@ -312,17 +313,17 @@ def test_every_canary_runs_the_instantiation_it_vouches_for(ndim, dtype, head_di
     """For every path the dispatchers can pick (wgmma with one and two warpgroups, mma.sync, SIMT; forward and
     each (dq, dK/dV) pair), the canary problem maps to the same kernels as the call."""
     monkeypatch.setenv("NA_RTC_WGMMA_WARPGROUPS", warpgroups)
-    every = lambda problem: True  # noqa: E731
     problem = _problem(ndim, dtype, head_dim)
     test = canary.canary_problem(problem)
-    forward, backward = fused.FusedKernels(None, every, every), fused_bwd.FusedBackwardKernels(None, every, every)
-    paths = forward.paths(problem)
-    assert paths == forward.paths(test)
-    for path in paths:
-        assert forward.candidate(path).kernels(test) == forward.candidate(path).kernels(problem)
-    for pair in backward.paths(problem):
-        assert backward.candidate(pair).kernels(test) == backward.candidate(pair).kernels(problem)
-    assert len(backward.paths(problem)) == (5 if dtype != "float32" else 1)  # 2 x 2 tensor-core pairs, SIMT
+    dispatcher = Dispatcher(None, kernel_policy(tensor_cores=True, wgmma=True))
+    forward = dispatcher.candidates("forward", problem)
+    assert [path for path, _ in forward] == [path for path, _ in dispatcher.candidates("forward", test)]
+    for path, candidate in forward:
+        assert candidate.kernels(test) == candidate.kernels(problem)
+    backward = dispatcher.candidates("backward", problem)
+    for path, candidate in backward:
+        assert candidate.kernels(test) == candidate.kernels(problem)
+    assert len(backward) == (5 if dtype != "float32" else 1)  # 2 x 2 tensor-core pairs, SIMT
 
 
 def _tiles_and_chunks(ndim):
@@ -331,12 +332,12 @@ def _tiles_and_chunks(ndim):
     for hd in fused_tc.HEAD_DIMS:
         for cfg in fused_tc.configs_of(hd):
             out.append((fused_tc.TILES[ndim, cfg.mma_tiles], cfg.chunk_keys))
-        out.append((fused_tc.TILES[ndim, 1], fused_tc.DQ_CHUNK[hd]))
-        out.append((fused_tc.TILES[ndim, 1], fused_tc.DKDV_CHUNK[ndim, hd]))
+        out.append((fused_tc.TILES[ndim, 1], fused_tc_bwd.DQ_CHUNK[hd]))
+        out.append((fused_tc.TILES[ndim, 1], fused_tc_bwd.DKDV_CHUNK[ndim, hd]))
         for wg in (1, 2):
             tile = fused_wg.BLOCK_TILES[ndim, wg]
-            out += [(tile, fused_wg.CHUNK_KEYS[hd]), (tile, fused_wg.DQ_CHUNK_KEYS),
-                    (tile, fused_wg.DKDV_CHUNK_QUERIES[hd])]
+            out += [(tile, fused_wg.CHUNK_KEYS[hd]), (tile, fused_wg_bwd.DQ_CHUNK_KEYS),
+                    (tile, fused_wg_bwd.DKDV_CHUNK_QUERIES[hd])]
             out += [(tile, kc) for kc in fused_wg.OTHER_CHUNK_KEYS]
     for (n, hd, dtype), tile in fused.TILES.items():
         if n == ndim:
@@ -478,8 +479,7 @@ def test_selftest_quick_and_full_pick_their_canaries():
     assert len(names) == len(set(names))  # each kernel once
     assert {unit.problem.head_dim for unit in full} == {32, 64, 128, 256}
     assert any(unit.settings for unit in full)
-    with selftest._settings((("NA_RTC_TC_WARP_ROWS", "16"),)):
-        alternative = fused_tc.kernel_name_of(32, "float16", 1, fused_tc.config(32))
+    alternative = fused_tc.kernel_name_of(32, "float16", 1, fused_tc.config(32, Policy.of(tc_warp_rows=16)))
     assert alternative in names
     sm80 = selftest.Target("cuda", "cuda:0", 80, "torch", "GPU 0 (sm_80)")
     assert not [unit for unit in selftest.units(sm80, "quick") if "wgmma" in unit.family]
@@ -564,21 +564,22 @@ SPLIT_CASES = [(ndim, dtype, hd, k, d, causal) for ndim in (1, 2) for dtype in (
 def test_a_split_canary_runs_the_kernels_of_the_call():
     """The split kernels are picked by the window (shared memory grows with it): each op's canary keeps the
     call's windows, so it picks the tiled or straightforward kernels the call picks, for every op."""
-    from na_rtc.runtime.families import accumulator_dtype
-    from na_rtc.runtime.kernels import Kernels
+    dispatcher, picked = Dispatcher(), set()
 
-    kernels, picked = Kernels(None), set()
+    def choice(problem, role, weights):  # the first kernel the role launches with weights of that dtype
+        args = (weights, problem.dtype) if role == "inverse" else (weights,)
+        return dispatcher.choose(role, problem, *args).kernels[0]
+
     for ndim, dtype, hd, k, d, causal in SPLIT_CASES:
         for op in ("fused", "qk", "av"):
             problem = _split_problem(op, ndim, dtype, hd, k, d, causal)
             test = canary.split_canary_problem(problem)
             assert all(a.length % canary.SPLIT_TILE[ndim] for a in test.axes) or ndim == 2
-            for choice, weights in (("qk", dtype), ("qk", accumulator_dtype(dtype)), ("av", dtype),
+            for role, weights in (("qk", dtype), ("qk", accumulator_dtype(dtype)), ("av", dtype),
                                     ("av", accumulator_dtype(dtype)), ("inverse", dtype),
                                     ("inverse", accumulator_dtype(dtype)), ("bias_grad", accumulator_dtype(dtype))):
-                assert kernels.choice(test, choice, weights) == kernels.choice(problem, choice, weights), (
-                    problem, choice, weights)
-                picked.add(kernels.choice(problem, choice, weights).split("<")[0])
+                assert choice(test, role, weights) == choice(problem, role, weights), (problem, role, weights)
+                picked.add(choice(problem, role, weights).split("<")[0])
     assert {"na_tiled_qk", "na_qk_fwd", "na_tiled_av", "na_av_fwd", "na_inv_fwd"} <= picked  # both kinds, by window
 
 

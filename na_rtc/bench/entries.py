@@ -134,18 +134,16 @@ def _executor(inputs: Inputs):
 
 def _fused_kernels_used(spec: Spec, inputs: Inputs) -> dict:
     """Which kernels the fused op will launch: fused ones, or the split ones composed (the fallback rule)."""
-    from ..runtime.fused import FusedKernels
-    from ..runtime.fused_bwd import FusedBackwardKernels
-    from ..runtime.ops import _tensor_core_policy, _wgmma_policy
+    from ..runtime.dispatch import Dispatcher
+    from ..runtime.policy import Policy
 
     problem = _problem(spec, inputs)
-    policy = _tensor_core_policy(inputs.kernel_backend)  # the dispatcher's own rule (device, NA_RTC_TENSOR_CORES)
-    forward = FusedKernels(None, policy, _wgmma_policy(inputs.kernel_backend))
-    backward = FusedBackwardKernels(None, policy, _wgmma_policy(inputs.kernel_backend))
+    # the dispatcher's own rule: the device's architecture and the settings as a call reads them now
+    dispatcher = Dispatcher(None, Policy.for_call(inputs.kernel_backend, problem))
+    forward, backward = dispatcher.choose("forward", problem), dispatcher.choose("backward", problem)
     return {
-        "forward_kernels": forward.kernel_name(problem) if forward.covers(problem) else "split kernels composed",
-        "backward_kernels": ", ".join(backward.kernel_names(problem)) if backward.covers(problem)
-        else "split kernels composed",
+        "forward_kernels": forward.kernels[0] if forward.path else "split kernels composed",
+        "backward_kernels": ", ".join(backward.kernels) if backward.path else "split kernels composed",
     }
 
 
@@ -259,7 +257,7 @@ def _prepare_wgmma_32_key_chunks(spec: Spec, inputs: Inputs) -> Prepared:
 def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
     import na_rtc
 
-    from ..runtime.tiled import TiledKernels
+    from ..runtime.dispatch import Dispatcher
 
     _require_kernels(inputs)
     if any(s != 1 for s in spec.stride):
@@ -277,9 +275,9 @@ def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
         return grads(forward(), inputs)
 
     problem = _problem(spec, inputs)
-    chooser = TiledKernels(None)  # the forward chooser: Kernels.choice answers for the backward ops only
-    notes = {"backend": backend, "forward_kernels": f"{chooser.choice(problem, 'qk')}, torch softmax, "
-                                                    f"{chooser.choice(problem, 'av')}"}
+    chooser = Dispatcher()
+    notes = {"backend": backend, "forward_kernels": f"{chooser.choose('qk', problem).kernels[0]}, torch softmax, "
+                                                    f"{chooser.choose('av', problem).kernels[0]}"}
     return Prepared(no_grad(forward), forward_backward, notes=notes)
 
 
@@ -289,15 +287,16 @@ def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
 def _prepare_naive_kernels(spec: Spec, inputs: Inputs) -> Prepared:
     """The straightforward kernels (one thread per output element) composed into attention.
 
-    The same composition as the kernel backend's fallback (runtime/ops.py),
-    forced onto :class:`~na_rtc.runtime.naive.NaiveKernels` so the tiled and
-    fused kernels can be compared with what they replace.
+    The same composition as the kernel backend's fallback (runtime/composed.py),
+    dispatched with the tiled kernels off, so the tiled and fused kernels can
+    be compared with what they replace.
     """
-    from ..runtime.families import accumulator_dtype
-    from ..runtime.naive import NaiveKernels
+    from ..runtime.dispatch import Dispatcher
+    from ..runtime.policy import Policy
+    from ..runtime.tiling import accumulator_dtype
 
     _require_kernels(inputs)
-    kernels = NaiveKernels(_executor(inputs))
+    kernels = Dispatcher(_executor(inputs), Policy.of(tiled=False))
     problem = _problem(spec, inputs)
     acc = accumulator_dtype(problem.dtype)
     q, k, v = (x.detach() for x in inputs.qkv)

@@ -21,7 +21,8 @@ from .. import _arrays
 from .._resources import cuda_src_dir
 from . import device as _device
 from . import plan as P
-from .families import family_of
+from . import families  # noqa: F401 - registers every kernel family (the registry imports none)
+from .registry import family_of
 
 _NUMPY_SCALARS = {"i64": np.int64, "i32": np.int32, "f32": np.float32, "f64": np.float64}
 #: (device, family source) or (device, family source, kernel) -> (CuPy module, lowered names)

@@ -7,8 +7,9 @@ cubins) holding every instantiation, then plans launch from it.
 from __future__ import annotations
 
 from .._resources import cuda_src_dir
+from . import families  # noqa: F401 - registers every kernel family (the registry imports none)
 from . import plan as P
-from .families import family_of
+from .registry import family_of
 
 
 def availability() -> tuple[bool, str]:
@@ -23,6 +24,7 @@ def run(plan: P.LaunchPlan) -> dict[str, int]:
     """Run ``plan``; returns the tensor-core instructions it executed (``EmulatedModule.last_op_counts``)."""
     from .. import emulator
 
-    module = emulator.load_module(cuda_src_dir() / plan.kernel.source, family_of(plan.kernel.name).names)
+    family = family_of(plan.kernel.name)  # the registered family: a family swapped in by a test is the one that runs
+    module = emulator.load_module(cuda_src_dir() / family.source, family.names)
     module.launch(plan)  # checked mode when NA_RTC_EMULATOR_CHECKED=1 (the module reads config)
     return module.last_op_counts

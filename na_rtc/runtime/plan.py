@@ -10,7 +10,7 @@ same string selects the NVRTC lowered name and the emulator trampoline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 #: argument kinds a kernel parameter can have, with their C++ types
 ARG_CTYPES = {
@@ -34,34 +34,48 @@ class Kernel:
     name: str
 
 
-@dataclass(frozen=True)
-class Arg:
+class _ArgFields(NamedTuple):
     kind: str
     value: Any
 
-    def __post_init__(self):
-        if self.kind not in ARG_CTYPES:
-            raise ValueError(f"unknown kernel argument kind {self.kind!r}")
+
+class Arg(_ArgFields):
+    """One kernel argument: its kind (a key of :data:`ARG_CTYPES`) and value. A tuple, so the thousands a
+    second that the launch path packs cost little; the helpers below skip the kind check they cannot fail."""
+
+    __slots__ = ()
+
+    def __new__(cls, kind: str, value: Any):
+        if kind not in ARG_CTYPES:
+            raise ValueError(f"unknown kernel argument kind {kind!r}")
+        return _ArgFields.__new__(cls, kind, value)
+
+
+_arg = tuple.__new__
 
 
 def ptr(array) -> Arg:
-    return Arg("ptr", array)
+    return _arg(Arg, ("ptr", array))
 
 
 def i64(value: int) -> Arg:
-    return Arg("i64", int(value))
+    return _arg(Arg, ("i64", int(value)))
 
 
 def i32(value: int) -> Arg:
-    return Arg("i32", int(value))
+    return _arg(Arg, ("i32", int(value)))
 
 
 def f32(value: float) -> Arg:
-    return Arg("f32", float(value))
+    return _arg(Arg, ("f32", float(value)))
 
 
 def f64(value: float) -> Arg:
-    return Arg("f64", float(value))
+    return _arg(Arg, ("f64", float(value)))
+
+
+#: the null pointer (an absent bias or logsumexp)
+NULL = ptr(None)
 
 
 @dataclass(frozen=True)

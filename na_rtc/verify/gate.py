@@ -1,9 +1,8 @@
 """First-use verification: a kernel proves itself on the user's GPU before na_rtc trusts it.
 
-The dispatchers (``runtime/fused.py``, ``runtime/fused_bwd.py``,
-``runtime/ops.py``) offer their candidate kernel paths in order (wgmma,
-mma.sync, SIMT, the composed split kernels) and ask :meth:`Gate.trusted`
-about each; the first trusted one runs. The split ops have one path each,
+The dispatcher (``runtime/dispatch.py``) offers its candidate kernel paths
+in order (wgmma, mma.sync, SIMT, the composed split kernels) and asks
+:meth:`Gate.trusted` about each; the first trusted one runs. The split ops have one path each,
 which serves only once trusted. A path is trusted when every kernel
 instantiation it launches has a passing verdict. A kernel without a verdict
 gets one now: its path runs a canary (:mod:`na_rtc.verify.canary`) and the
@@ -37,7 +36,8 @@ from .._args import Problem
 from . import canary
 from .verdicts import Verdict, VerdictStore, now_utc, verdict_key
 
-__all__ = ["Candidate", "Gate", "KernelVerificationWarning", "store", "verify_automatically_on"]
+__all__ = ["Candidate", "Gate", "KernelVerificationWarning", "store", "verifies_automatically",
+           "verify_automatically_on"]
 
 
 class KernelVerificationWarning(UserWarning):
@@ -82,6 +82,12 @@ def verify_automatically_on(backend: str) -> Iterator[None]:
             _AUTOMATIC.discard(backend)
 
 
+def verifies_automatically(backend: str) -> bool:
+    """Whether ``backend``'s dispatcher verifies kernels before their first use (``cuda``; tests add the
+    emulator)."""
+    return backend in _AUTOMATIC
+
+
 def _device_index(problem: Problem) -> int:
     return int(problem.device.partition(":")[2] or 0)  # problems name their GPU ("cuda:1")
 
@@ -113,12 +119,12 @@ def program_identity(backend: str, problem: Problem, kernel: str) -> str:
     composed split path's pseudo-names) are keyed with the straightforward kernels' source: every key
     covers all of ``cuda_src`` anyway."""
     from .._resources import cuda_src_dir
-    from ..runtime.families import FAMILIES, family_of
+    from ..runtime import families, registry  # noqa: F401 - importing the families registers them
 
     try:
-        family = family_of(kernel)
+        family = registry.family_of(kernel)
     except KeyError:
-        family = FAMILIES["naive"]
+        family = registry.get("naive")
     if backend == "cuda":
         from ..runtime import cache, device
 
@@ -172,10 +178,11 @@ class Gate:
     def active(self) -> bool:
         return self.backend in _AUTOMATIC and config.verify()
 
-    def trusted(self, problem: Problem, candidate: Candidate) -> bool:
+    def trusted(self, problem: Problem, candidate: Candidate, active: bool | None = None) -> bool:
         """Whether ``candidate`` may serve ``problem``: every kernel it launches has passed (verified now
-        if it has no verdict yet). Always True when verification is off for this backend."""
-        if not self.active():
+        if it has no verdict yet). Always True when verification is off for this backend. ``active``: whether
+        it is on, as the caller's dispatch policy read it for this call (default: :meth:`active`)."""
+        if not (self.active() if active is None else active):
             return True
         names = tuple(candidate.kernels(problem))
         known = {name: self._known(problem, name) for name in names}
@@ -191,9 +198,9 @@ class Gate:
             self._warn_once(problem, verdict)
         return not failed
 
-    def distrusted(self, problem: Problem, candidates) -> list[Verdict]:
+    def distrusted(self, problem: Problem, candidates, active: bool | None = None) -> list[Verdict]:
         """The failing verdicts, among ``candidates``' kernels, for an error that says why none served."""
-        if not self.active():
+        if not (self.active() if active is None else active):
             return []
         found = []
         for candidate in candidates:
@@ -202,6 +209,11 @@ class Gate:
                 if verdict is not None and not verdict.ok and verdict not in found:
                     found.append(verdict)
         return found
+
+    def known(self, problem: Problem, candidate: Candidate) -> dict[str, Verdict | None]:
+        """The verdicts of ``candidate``'s kernels recorded so far (None: not verified yet), without running a
+        canary: what ``na_rtc.explain`` reports."""
+        return {name: self._known(problem, name) for name in candidate.kernels(problem)}
 
     def verify(self, problem: Problem, candidate: Candidate) -> dict[str, Verdict]:
         """Run ``candidate``'s canary now and record a verdict for each of its kernels (for ``problem``'s

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import backends
 from ..runtime import plan as P
-from ..runtime.families import SELFTEST_WGMMA_N, selftest_wgmma_name, selftest_wgmma_shared
+from ..runtime.families import selftest_wgmma
 
 __all__ = ["PrimitiveResult", "PRIMITIVES", "run_primitives"]
 
@@ -463,10 +463,10 @@ def _check_wgmma(dtype: str, n: int) -> Callable[[_Runner], tuple[bool | None, s
             rows = 64 * warpgroups
             arrays = [runner.put(x) for x in (a_bits[:rows], b_bits, bt_bits, c[:rows])]
             outputs = [runner.put(np.full((rows, n), np.nan, np.float32)) for _ in _WGMMA_FORMS]
-            counts = runner.launch("na_selftest_wgmma.cu", selftest_wgmma_name(f"{dtype}_t", n), 1,
+            counts = runner.launch("na_selftest_wgmma.cu", selftest_wgmma.name(f"{dtype}_t", n), 1,
                                    128 * warpgroups,
                                    [P.ptr(x) for x in arrays + outputs] + [P.i32(f) for f in fields]
-                                   + [P.i32(async_copies)], selftest_wgmma_shared(n))
+                                   + [P.i32(async_copies)], selftest_wgmma.shared_bytes(n))
             expected = 4 * warpgroups * 2 * len(_WGMMA_FORMS)  # per warp, two k-steps of each form
             if counts is not None and counts.get("wgmma") != expected:
                 miscounted.append(f"the emulator counted {counts} tensor-core instructions, not {expected} wgmma")
@@ -522,7 +522,7 @@ PRIMITIVES: dict[str, Callable[[str, int], PrimitiveResult]] = {
     "cp_async": _timed("cp.async with zero fill and commit groups", _check_cp_async),
     "group_window": _timed("window bounds in group coordinates (na_tc_group_window)", _check_group_window),
     **{f"wgmma_{dtype}_n{n}": _timed(f"wgmma m64n{n}k16 ({dtype})", _check_wgmma(dtype, n))
-       for dtype in ("fp16", "bf16") for n in SELFTEST_WGMMA_N},
+       for dtype in ("fp16", "bf16") for n in selftest_wgmma.N},
 }
 
 

@@ -48,15 +48,15 @@ class Target:
     kind: str
     description: str
 
-    def tensor_cores(self) -> bool:
-        from ..runtime import fused_tc
+    def policy(self, settings: tuple[tuple[str, str], ...] = ()):
+        """The dispatch policy of this target with every kernel path switched on (tensor cores and wgmma where
+        the GPU runs them), under ``settings`` (environment values that pick other instantiations)."""
+        from ..runtime.policy import Policy, Settings
 
-        return self.arch is None or self.arch >= fused_tc.MIN_ARCH
-
-    def wgmma(self) -> bool:
-        from ..runtime import fused_wg
-
-        return self.arch is None or self.arch == fused_wg.ARCH
+        with _settings(settings):
+            read = Settings.read()
+        return Policy(self.backend, self.arch, Settings(True, True, read.tc_warp_rows, read.wgmma_warpgroups,
+                                                        read.wgmma_chunk_keys, False))
 
 
 @dataclass(frozen=True)
@@ -136,16 +136,12 @@ def _settings(values: tuple[tuple[str, str], ...]) -> Iterator[None]:
 def units(where: Target, mode: str) -> list[Unit]:
     """The canaries of ``mode`` ("quick" or "full") on ``where``, each kernel set once."""
     from .. import backends
-    from ..runtime import fused_bwd, ops
-    from ..runtime.fused import FusedKernels
-    from ..runtime.kernels import Kernels
+    from ..runtime.dispatch import Dispatcher, composed_candidates
 
     run = backends.executor(where.backend)
-    tensor_cores, wgmma = (lambda problem: where.tensor_cores()), (lambda problem: where.wgmma())
-    forward, backward = FusedKernels(run, tensor_cores, wgmma), fused_bwd.FusedBackwardKernels(run, tensor_cores, wgmma)
-    split_forward, split_backward = ops.split_candidates(Kernels(run))
-    split = [(FUSED, split_forward), (FUSED, split_backward)] + [
-        (AV if op.startswith("av") else QK, candidate) for op, candidate in ops.split_op_candidates(Kernels(run)).items()]
+    units_of = composed_candidates(run, where.policy())
+    split = [(FUSED if op in ("forward", "backward") else AV if op.startswith("av") else QK, candidate)
+             for op, candidate in units_of.items()]
     variants = [()] + ([tuple(s.items()) for s in ALTERNATIVE_SETTINGS] if mode == "full" else [])
     found: list[Unit] = []
     seen: set = set()
@@ -163,13 +159,12 @@ def units(where: Target, mode: str) -> list[Unit]:
                 problem = Problem(FUSED, canary.AXES[ndim], canary.BATCH, canary.HEADS, head_dim, dtype, where.kind,
                                   where.device, True, head_dim**-0.5)
                 for settings in variants:
-                    with _settings(settings):
-                        paths = forward.paths(problem)
-                        pairs = [pair for pair in backward.paths(problem) if pair[0] == pair[1]]
-                    for path in paths:
-                        add(problem, forward.candidate(path), f"forward {path}", settings)
-                    for pair in pairs:
-                        add(problem, backward.candidate(pair), f"backward {pair[0]}", settings)
+                    dispatcher = Dispatcher(run, where.policy(settings))
+                    for path, candidate in dispatcher.candidates("forward", problem):
+                        add(problem, candidate, f"forward {path}", settings)
+                    for path, candidate in dispatcher.candidates("backward", problem):
+                        if " dq + " not in path:  # pairs of one path: every kernel once
+                            add(problem, candidate, f"backward {path}", settings)
                 for window in SPLIT_WINDOWS[mode, ndim]:
                     axes = tuple(Axis(4 * window, window) for _ in range(ndim))
                     for op, candidate in split:

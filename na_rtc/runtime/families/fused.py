@@ -1,0 +1,97 @@
+"""The fused (flash-style) SIMT forward kernel (``cuda_src/na_fused.cu``).
+
+``na_fused_fwd<T, HD, TX, TY>``: one block of
+:data:`THREADS` threads per (batch, head, query tile inside one dilation
+group per axis); the key/value box the tile's windows cover is streamed
+through shared memory in chunks, softmax is online in fp32, and the kernel
+writes the output (problem dtype) and the logsumexp (float32).
+
+Covered: float32 / float16 / bfloat16, head dim <= 256, every kernel size,
+stride, dilation and causal combination, with or without RPB. Shared memory
+is fixed per instantiation (``2 * chunk_keys * HD`` elements, at most 32
+KiB: no opt-in). The query tile comes from :data:`TILES`, keyed by (ndim,
+head-dim bucket, dtype); a group of ``THREADS / (TX * TY)`` lanes owns one
+query and holds ``HD / lanes`` output dims in registers. The dispatcher tries
+it after the tensor-core kernels (``fused_wg.py``, ``fused_tc.py``), which
+take the same arguments.
+"""
+
+from __future__ import annotations
+
+from ..._args import Problem
+from .. import launch as L
+from .. import plan as P
+from .. import tiling
+from ..registry import Family, Launch, Role, register, source_of
+from ..tiling import CTYPES
+
+NAME = "fused"
+SOURCE = "na_fused.cu"
+THREADS = 256  # NA_FUSED_THREADS in na_fused.cu
+SHARED_BUDGET = 48 * 1024
+DTYPES = ("float32", "float16", "bfloat16")
+HEAD_DIMS = (32, 64, 128, 256)  # head-dim buckets: runtime head_dim <= bucket
+
+#: (ndim, head-dim bucket, dtype) -> query tile (TX, TY) in group coordinates (1D: TY = 1).
+#: TX * TY queries per 256-thread block, 256 / (TX * TY) lanes per query, 8 dims per lane
+#: (head dim 256: a whole warp per query, 8 queries per block).
+TILES: dict[tuple[int, int, str], tuple[int, int]] = {
+    (ndim, hd, dtype): tile
+    for dtype in DTYPES
+    for (ndim, hd), tile in {
+        (1, 32): (64, 1), (1, 64): (32, 1), (1, 128): (16, 1), (1, 256): (8, 1),
+        (2, 32): (8, 8), (2, 64): (8, 4), (2, 128): (4, 4), (2, 256): (4, 2),
+    }.items()
+}
+
+
+def head_dim_bucket(head_dim: int) -> int | None:
+    return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
+
+
+def chunk_keys(hd: int) -> int:
+    """Keys per staged chunk (na_fused_chunk in na_fused.cu)."""
+    return 32 if hd <= 64 else 16
+
+
+def shared_bytes(hd: int, dtype: str) -> int:
+    """Dynamic shared memory of one block: a chunk of K rows and of V rows, HD elements each."""
+    return 2 * chunk_keys(hd) * hd * tiling.ITEMSIZE[dtype]
+
+
+def kernel_name_of(hd: int, dtype: str, tile: tuple[int, int]) -> str:
+    return f"na_fused_fwd<{CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}>"
+
+
+def names() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(kernel_name_of(hd, dtype, tile) for (_, hd, dtype), tile in TILES.items()))
+
+
+def _shared() -> dict:
+    return {kernel_name_of(hd, dtype, tile): shared_bytes(hd, dtype) for (_, hd, dtype), tile in TILES.items()}
+
+
+def covers(problem: Problem, policy=None) -> tuple[bool, str]:
+    """float32/float16/bfloat16, head dim <= 256, 1D or 2D, within the grid limit."""
+    hd = head_dim_bucket(problem.head_dim)
+    tile = TILES.get((problem.ndim, hd, problem.dtype))
+    if tile is None:
+        return False, (f"no fused kernel for {problem.ndim}D {problem.dtype} at head_dim {problem.head_dim} "
+                       f"(float32/float16/bfloat16, head_dim <= {HEAD_DIMS[-1]}, 1D and 2D)")
+    if shared_bytes(hd, problem.dtype) > SHARED_BUDGET:
+        return False, f"{shared_bytes(hd, problem.dtype)} bytes of shared memory, more than {SHARED_BUDGET}"
+    blocks = tiling.grid(problem, tile)
+    if blocks > P.MAX_GRID[0]:
+        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
+    return True, ""
+
+
+def plan(problem: Problem, policy=None) -> Launch:
+    hd = head_dim_bucket(problem.head_dim)
+    tile = TILES[problem.ndim, hd, problem.dtype]
+    return Launch(P.Kernel(source_of(NAME), kernel_name_of(hd, problem.dtype, tile)), tiling.grid(problem, tile),
+                  THREADS, shared_bytes(hd, problem.dtype))
+
+
+FAMILY = register(Family(SOURCE, names(), dict.fromkeys(names(), THREADS), _shared(), name=NAME,
+                         roles={"forward": Role(covers, plan, L.fused_forward)}))

@@ -1,0 +1,143 @@
+"""The tensor-core fused forward (``cuda_src/na_fused_tc.cu``): fp16 / bf16 on sm_80+.
+
+``na_fused_tc_fwd<T, HD, TX, TY, KC, MT>``: one block of :data:`THREADS`
+threads (4 warps) per (batch, head, query tile of 64 MT group coordinates
+inside one dilation group per axis), 16 MT queries per warp as the rows of its
+MT ``mma.m16n8k16`` tiles; the key box streamed KC keys at a time,
+double-buffered (cp.async loads chunk c + 1 during the math on chunk c). KC and
+MT per head dim come from :data:`FORWARD`. Same arguments and results as the
+SIMT kernel (``fused.py``), which serves everything this one does not (fp32,
+head dim > 128, GPUs below sm_80). Its gradients come from the mma.sync
+backward kernels (``fused_tc_bwd.py``), which share its tables.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..._args import Problem
+from .. import launch as L
+from .. import plan as P
+from .. import tiling
+from ..registry import Family, Launch, Role, register, source_of
+from ..tiling import CTYPES
+
+NAME = "fused_tc"
+SOURCE = "na_fused_tc.cu"
+THREADS = 128  # NA_TC_THREADS in na_fused_tc.cu
+#: the oldest architecture these kernels run on (mma.sync m16n8k16 in bf16, cp.async): the families'
+#: min_arch, so that check and precompile build them for sm_80 and newer only
+MIN_ARCH = 80
+SHARED_BUDGET = 48 * 1024
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (32, 64, 128)  # head-dim buckets (multiples of 32: k-steps of the mma are taken in pairs)
+#: (ndim, mma tiles per warp MT) -> query tile (TX, TY) of 64 MT queries: 16 MT per warp (2D: 2 MT rows
+#: of 8 per warp)
+TILES = {(1, 1): (64, 1), (2, 1): (8, 8), (1, 2): (128, 1), (2, 2): (16, 8)}
+
+
+class ForwardConfig(NamedTuple):
+    """One instantiation of the forward: keys per staged chunk and mma tiles (16 query rows each) per warp."""
+
+    chunk_keys: int
+    mma_tiles: int
+
+
+#: head-dim bucket -> the forward the dispatcher picks. Two mma tiles per warp share every K/V fragment
+#: (half the ldmatrix per mma) where registers allow: the logits of a warp are 16 x MT x KC floats.
+FORWARD = {32: ForwardConfig(64, 2), 64: ForwardConfig(32, 2), 128: ForwardConfig(32, 1)}
+#: head-dim bucket -> the other instantiations built, chosen with NA_RTC_TC_WARP_ROWS (measured against
+#: the table's choice by ``python -m na_rtc bench``'s fused_tc_rows16 entry)
+FORWARD_ALTERNATIVES = {32: (ForwardConfig(64, 1),), 64: (ForwardConfig(64, 1),), 128: ()}
+
+
+def head_dim_bucket(head_dim: int) -> int | None:
+    return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
+
+
+def configs_of(hd: int) -> tuple[ForwardConfig, ...]:
+    return (FORWARD[hd], *FORWARD_ALTERNATIVES[hd])
+
+
+def config(hd: int, policy=None) -> ForwardConfig:
+    """The table's configuration, or the one the policy's warp rows (NA_RTC_TC_WARP_ROWS) ask for where it is
+    built."""
+    rows = policy.settings.tc_warp_rows if policy is not None else None
+    if rows is not None:
+        for candidate in configs_of(hd):
+            if 16 * candidate.mma_tiles == rows:
+                return candidate
+    return FORWARD[hd]
+
+
+def shared_bytes_of(hd: int, dtype: str, cfg: ForwardConfig) -> int:
+    """Two pipeline stages of a K and a V chunk, rows of ``hd + 8`` elements (the Q tile borrows them)."""
+    return 4 * cfg.chunk_keys * (hd + 8) * tiling.ITEMSIZE[dtype]
+
+
+def shared_bytes(hd: int, dtype: str, policy=None) -> int:
+    return shared_bytes_of(hd, dtype, config(hd, policy))
+
+
+def kernel_name_of(hd: int, dtype: str, ndim: int, cfg: ForwardConfig | None = None) -> str:
+    cfg = cfg or FORWARD[hd]
+    tx, ty = TILES[ndim, cfg.mma_tiles]
+    return f"na_fused_tc_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {cfg.chunk_keys}, {cfg.mma_tiles}>"
+
+
+def _instantiations():
+    return [(hd, dtype, ndim, cfg) for dtype in DTYPES for hd in HEAD_DIMS for cfg in configs_of(hd)
+            for ndim in (1, 2)]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(kernel_name_of(hd, dtype, ndim, cfg) for hd, dtype, ndim, cfg in _instantiations())
+
+
+def grid(problem: Problem, policy=None) -> int:
+    """Blocks of the forward for ``problem``."""
+    return tiling.grid(problem, TILES[problem.ndim, config(head_dim_bucket(problem.head_dim), policy).mma_tiles])
+
+
+def backward_grid(problem: Problem) -> int:
+    """Blocks of each mma.sync backward kernel (``fused_tc_bwd.py``): 64 queries (dq) or keys (dkdv) per block."""
+    return tiling.grid(problem, TILES[problem.ndim, 1])
+
+
+def covers(problem: Problem, policy=None) -> tuple[bool, str]:
+    """fp16/bf16, 1D/2D, head dim <= 128, within shared memory and the grid limit of forward and backward (the
+    backward kernels serve this forward's gradients)."""
+    if problem.dtype not in DTYPES:
+        return False, f"dtype {problem.dtype} (the tensor-core kernels take float16 and bfloat16)"
+    if problem.ndim not in (1, 2):
+        return False, f"{problem.ndim}D (1D and 2D only)"
+    hd = head_dim_bucket(problem.head_dim)
+    if hd is None:
+        return False, f"head_dim {problem.head_dim} > {HEAD_DIMS[-1]}"
+    smem = shared_bytes(hd, problem.dtype, policy)
+    if smem > SHARED_BUDGET:
+        return False, f"{smem} bytes of shared memory, more than {SHARED_BUDGET}"
+    blocks = max(grid(problem, policy), backward_grid(problem))
+    if blocks > P.MAX_GRID[0]:
+        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
+    return True, ""
+
+
+def kernel_name(problem: Problem, policy=None) -> str:
+    hd = head_dim_bucket(problem.head_dim)
+    return kernel_name_of(hd, problem.dtype, problem.ndim, config(hd, policy))
+
+
+def plan(problem: Problem, policy=None) -> Launch:
+    hd = head_dim_bucket(problem.head_dim)
+    return Launch(P.Kernel(source_of(NAME), kernel_name(problem, policy)), grid(problem, policy), THREADS,
+                  shared_bytes(hd, problem.dtype, policy))
+
+
+def _shared() -> dict:
+    return {kernel_name_of(hd, dtype, ndim, cfg): shared_bytes_of(hd, dtype, cfg)
+            for hd, dtype, ndim, cfg in _instantiations()}
+
+
+FAMILY = register(Family(SOURCE, names(), dict.fromkeys(names(), THREADS), _shared(), min_arch=MIN_ARCH, name=NAME,
+                         roles={"forward": Role(covers, plan, L.fused_forward)}))

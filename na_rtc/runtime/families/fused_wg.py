@@ -1,0 +1,176 @@
+"""The Hopper (wgmma, sm_90a) fused forward (``cuda_src/na_fused_wg.cu``): fp16 / bf16 on sm_90 GPUs.
+
+The dq and dK/dV kernels are a family of their own (``fused_wg_bwd.py``,
+``cuda_src/na_fused_wg_bwd.cu``), as for the mma.sync kernels, so that a
+forward compiles only its own; they share this module's block tables.
+
+Every kernel has blocks of WG warpgroups (128 threads each, 64 queries or keys
+each; two: :data:`WARPGROUPS`) per (batch, head, tile inside
+one dilation group per axis), with the same arguments and results as the
+mma.sync kernels (``fused_tc.py``):
+
+* ``na_fused_wg_fwd<T, HD, TX, TY, KC, QS, WG>``: Q K^T and P V as warpgroup
+  products on the key box, KC keys at a time in three stages, the next
+  chunk's Q K^T running during this chunk's softmax (QS: Q from shared
+  memory, at head dim 128);
+* ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC, QS, WG>``: dq the same way (S, dP,
+  dQ += ds K; QS: Q and dOut from shared memory, in 2D at head dim 128);
+* ``na_fused_wg_bwd_dkdv<T, HD, TX, TY, QC, WG>``: dK and dV per key tile over
+  its query box, QC queries at a time (S^T, dP^T in the SS form, then
+  dV += P^T dOut, dK += dS^T Q).
+
+Opt-in (``NA_RTC_WGMMA=1``) until a GPU run has measured it against the
+mma.sync kernels (``python -m na_rtc bench``'s ``fused_wgmma`` entry); the
+emulator runs it under the same setting, so CI tests what an sm_90 GPU runs.
+Warpgroups and chunk sizes other than the tables' come from the dispatch
+policy (``NA_RTC_WGMMA_WARPGROUPS``, ``NA_RTC_WGMMA_CHUNK_KEYS``).
+"""
+
+from __future__ import annotations
+
+from ..._args import Problem
+from .. import launch as L
+from .. import plan as P
+from .. import tiling
+from ..registry import Family, Launch, Role, register, source_of
+from ..tiling import CTYPES
+
+NAME = "fused_wg"
+SOURCE = "na_fused_wg.cu"
+THREADS = 128  # one warpgroup; a block has WARPGROUPS[ndim] of them
+ARCH = 90  # wgmma is sm_90a: the cubin runs on compute capability 9.0 only
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (32, 64, 128)
+#: ndim -> warpgroups a block, each multiplying 64 rows (queries; keys in the dK/dV kernel) of the block's
+#: tile. Two share every staged chunk, each skipping the chunks outside its own rows' windows: in 1D that
+#: halves the K/V (or Q/dOut) traffic per row; in 2D the 16 x 8 tile's box (28 x 20 keys at k = 13) feeds
+#: 128 queries where two 8 x 8 tiles load 2 x 20 x 20, while each warpgroup still multiplies only the
+#: chunks of its own 8 x-rows' windows (the same chunks as an 8 x 8 tile's). One is built too, and
+#: NA_RTC_WGMMA_WARPGROUPS picks it (python -m na_rtc bench's fused_wgmma_1wg entry measures it).
+WARPGROUPS = {1: 2, 2: 2}
+#: (ndim, warpgroups) built -> the block's tile (TX, TY): 64 rows a warpgroup
+BLOCK_TILES = {(1, 1): (64, 1), (1, 2): (128, 1), (2, 1): (8, 8), (2, 2): (16, 8)}
+#: head-dim bucket -> keys per staged chunk (the N of Q K^T); three stages of a K and a V chunk are 6 KC HD
+#: elements
+CHUNK_KEYS = {32: 64, 64: 64, 128: 64}
+#: the other chunk sizes built for the forward with the table's warpgroups, for NA_RTC_WGMMA_CHUNK_KEYS to
+#: pick (python -m na_rtc bench's fused_wgmma_kc32 entry): smaller chunks pad less of a 2D box (by the work
+#: model of tests/test_tensor_core_work.py, 44% of the products inside a window at 128 x 128, k = 13 with 32
+#: keys, 40% with 64) but pay the rescale, the barrier and the wait per chunk twice as often. Which wins is
+#: for a GPU run to measure. Chunks of 128 keys spill at every head dim (this chunk's S and the next one's
+#: alone take 128 fp32 registers a thread: 48 to 240 bytes of spills on sm_90a).
+OTHER_CHUNK_KEYS = (32,)
+#: the forward's stages (na_tc_kv_stream): chunk c + 1 has landed while chunk c is computed
+FORWARD_STAGES = 3
+#: (ndim, head-dim bucket, keys per chunk) where the forward reads Q from shared memory (the SS form)
+#: instead of fragment registers: at head dim 128 with 64-key chunks, the O accumulators, this chunk's S
+#: and the next chunk's S in flight beside it leave no room for Q's 32 fragment registers (60 bytes of
+#: spills in 1D with two warpgroups, 48 in 2D). With 32-key chunks they fit (240 and 232 registers on
+#: sm_90a), which matters more there: the SS form reads Q's 2 KiB a warpgroup from shared memory per 16
+#: head dims of every chunk, which at 32 keys is more than an SM's 128 bytes a cycle of shared memory
+#: deliver in the 16 cycles of the product (an estimate from the H100's published rates, not measured)
+FORWARD_Q_SHARED = frozenset({(1, 128, 64), (2, 128, 64)})
+#: the most dynamic shared memory a launch takes (sm_90 allows 227 KiB after the opt-in)
+SHARED_BUDGET = 128 * 1024
+
+
+
+def head_dim_bucket(head_dim: int) -> int | None:
+    return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
+
+
+def shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None, chunk_keys: int | None = None) -> int:
+    """The forward's: three stages of a K and a V chunk as core matrices; the Q tile (64 rows a warpgroup)
+    borrows stage 2, or comes first: in the SS form, and where it is larger than a stage (Q_OWN in
+    na_fused_wg.cu)."""
+    wg = warpgroups or block_warpgroups(ndim)
+    kc = chunk_keys or block_chunk_keys(hd, ndim, wg)
+    q_own = (ndim, hd, kc) in FORWARD_Q_SHARED or 64 * wg > 2 * kc
+    return (2 * FORWARD_STAGES * kc * hd + (64 * wg * hd if q_own else 0)) * tiling.ITEMSIZE[dtype]
+
+
+def block_warpgroups(ndim: int, policy=None) -> int:
+    """The table's warpgroups a block, or the built number the policy (NA_RTC_WGMMA_WARPGROUPS) asks for."""
+    wanted = policy.settings.wgmma_warpgroups if policy is not None else None
+    return wanted if wanted is not None and (ndim, wanted) in BLOCK_TILES else WARPGROUPS[ndim]
+
+
+def block_chunk_keys(hd: int, ndim: int, warpgroups: int, policy=None) -> int:
+    """The forward's keys per chunk: the table's, or the built size the policy (NA_RTC_WGMMA_CHUNK_KEYS) asks
+    for (built with the table's warpgroups only)."""
+    wanted = policy.settings.wgmma_chunk_keys if policy is not None else None
+    built = warpgroups == WARPGROUPS[ndim] and wanted in OTHER_CHUNK_KEYS
+    return wanted if built else CHUNK_KEYS[hd]
+
+
+def kernel_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None,
+                   chunk_keys: int | None = None) -> str:
+    wg = warpgroups or block_warpgroups(ndim)
+    kc = chunk_keys or block_chunk_keys(hd, ndim, wg)
+    tx, ty = BLOCK_TILES[ndim, wg]
+    qs = int((ndim, hd, kc) in FORWARD_Q_SHARED)
+    return f"na_fused_wg_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {kc}, {qs}, {wg}>"
+
+
+def block_threads(ndim: int, warpgroups: int | None = None) -> int:
+    return THREADS * (warpgroups or block_warpgroups(ndim))
+
+
+def instantiations():
+    """(hd, dtype, ndim, warpgroups) of every block built, for the forward's and the backward's kernels."""
+    return [(hd, dtype, ndim, wg) for dtype in DTYPES for hd in HEAD_DIMS for ndim, wg in BLOCK_TILES]
+
+
+def _forward_instantiations():
+    """(hd, dtype, ndim, warpgroups, chunk keys) of every forward built: the table's chunk size for every
+    block tile, the other sizes with the table's warpgroups."""
+    table = [(hd, dtype, ndim, wg, CHUNK_KEYS[hd]) for hd, dtype, ndim, wg in instantiations()]
+    others = [(hd, dtype, ndim, wg, kc) for hd, dtype, ndim, wg in instantiations() if wg == WARPGROUPS[ndim]
+              for kc in OTHER_CHUNK_KEYS]
+    return table + others
+
+
+def names() -> tuple[str, ...]:
+    """The forward family's kernels."""
+    return tuple(kernel_name_of(*instantiation) for instantiation in _forward_instantiations())
+
+
+def grid(problem: Problem, policy=None) -> int:
+    """Blocks of every kernel of the wgmma families: one per tile of 64 rows a warpgroup."""
+    return tiling.grid(problem, BLOCK_TILES[problem.ndim, block_warpgroups(problem.ndim, policy)])
+
+
+def covers(problem: Problem, policy=None) -> tuple[bool, str]:
+    """Given what the mma.sync kernels cover (their backward serves this forward's gradients; the dispatcher
+    checks ``fused_tc.covers`` first): the forward within its shared memory budget and the grid limit."""
+    hd = head_dim_bucket(problem.head_dim)
+    wg = block_warpgroups(problem.ndim, policy)
+    smem = shared_bytes(hd, problem.dtype, problem.ndim, wg, block_chunk_keys(hd, problem.ndim, wg, policy))
+    if smem > SHARED_BUDGET:
+        return False, f"{smem} bytes of shared memory, more than {SHARED_BUDGET}"
+    blocks = grid(problem, policy)
+    if blocks > P.MAX_GRID[0]:
+        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
+    return True, ""
+
+
+def kernel_name(problem: Problem, policy=None) -> str:
+    hd = head_dim_bucket(problem.head_dim)
+    wg = block_warpgroups(problem.ndim, policy)
+    return kernel_name_of(hd, problem.dtype, problem.ndim, wg, block_chunk_keys(hd, problem.ndim, wg, policy))
+
+
+def plan(problem: Problem, policy=None) -> Launch:
+    hd = head_dim_bucket(problem.head_dim)
+    wg = block_warpgroups(problem.ndim, policy)
+    kc = block_chunk_keys(hd, problem.ndim, wg, policy)
+    return Launch(P.Kernel(source_of(NAME), kernel_name_of(hd, problem.dtype, problem.ndim, wg, kc)),
+                  grid(problem, policy), block_threads(problem.ndim, wg), shared_bytes(hd, problem.dtype, problem.ndim,
+                                                                                       wg, kc))
+
+
+FAMILY = register(Family(
+    SOURCE, names(), {kernel_name_of(*i): block_threads(i[2], i[3]) for i in _forward_instantiations()},
+    {kernel_name_of(*i): shared_bytes(*i) for i in _forward_instantiations()}, archs=(ARCH,), arch_specific=True,
+    name=NAME, roles={"forward": Role(covers, plan, L.fused_forward, requires=(("fused_tc", "forward"),))},
+))
