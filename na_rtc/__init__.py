@@ -2,7 +2,8 @@
 
 Public API: fused ``na1d``/``na2d``, split
 ``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``, their backward functions, and
-backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``,
+backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``, :func:`explain` (which kernels a call would
+run, and why the others were passed over),
 :class:`LayoutWarning` (a tensor whose shape suggests heads-first),
 :class:`KernelVerificationWarning` (a kernel that gave wrong results on this
 GPU and is not used), and the torch layers ``NeighborhoodAttention1D``/``NeighborhoodAttention2D``. Importing
@@ -14,6 +15,7 @@ access (module ``__getattr__``). The historical NATTEN APIs live in
 __version__ = "0.1.0"
 
 from ._layouts import LayoutWarning
+from ._explain import explain
 from .backends import use_backend
 from .verify.gate import KernelVerificationWarning
 from .functional import (
@@ -34,6 +36,7 @@ from .functional import (
 __all__ = [
     "__version__",
     "use_backend",
+    "explain",
     "LayoutWarning",
     "KernelVerificationWarning",
     "na1d",

@@ -100,20 +100,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments() -> tuple[Arg, ...]:
-    from na_rtc.demo import DEFAULT_OUT
+    from na_rtc.demo import ARGUMENTS
 
-    return (
-        arg("--out", default=DEFAULT_OUT, metavar="PATH", help=f"where to write the PNG (default: {DEFAULT_OUT})"),
-        arg("--no-png", action="store_true", help="skip the neighborhood picture"),
-        arg(
-            "--arrays",
-            choices=("auto", "torch", "numpy"),
-            default="auto",
-            help="array library to run on (default: torch if installed, else NumPy)",
-        ),
-        arg("--repeat", type=int, default=1, metavar="N", help="timed runs per problem, median reported (default: 1)"),
-        arg("--quick", action="store_true", help="smaller problems (a few seconds)"),
-    )
+    return tuple(arg(*flags, **options) for flags, options in ARGUMENTS)
 
 
 # ---------------------------------------------------------------- precompile, check

@@ -13,7 +13,6 @@ its own line into a reason.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import sys
@@ -121,76 +120,9 @@ def torch_version() -> Probe:
     return _found(torch.__version__, f"{torch.__version__} ({detail})")
 
 
-# CUdevice_attribute values of the driver API (cuda.h): compute capability
-_CC_MAJOR, _CC_MINOR = 75, 76
-
-
-def _libcuda_probe() -> tuple[int | None, list[int]]:
-    """CUDA driver version (13000 = 13.0) and the GPUs' archs, straight from
-    libcuda: what to install must be known before cupy is. ``(None, [])``
-    without a driver."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
-        return None, []
-    try:
-        version = ctypes.c_int()
-        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
-            return None, []
-        archs = []
-        count = ctypes.c_int()
-        if lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0:
-            for index in range(count.value):
-                device, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-                if (lib.cuDeviceGet(ctypes.byref(device), index) == 0
-                        and lib.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, device) == 0
-                        and lib.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, device) == 0):
-                    archs.append(major.value * 10 + minor.value)
-        return version.value, archs
-    except Exception:  # noqa: BLE001 - a probe reports, never raises
-        return None, []
-
-
-def cuda_extra() -> tuple[str | None, str]:
-    """Which extra serves this machine, ``"cuda13"`` or ``"cuda12"``, and why
-    (the README's supported-hardware table); ``(None, reason)`` when the driver cannot tell."""
-    driver, archs = _libcuda_probe()
-    if driver is None:
-        return None, "no CUDA driver found to choose by"
-    driver_text = f"driver CUDA {driver // 1000}.{driver % 1000 // 10}"
-    gpus = ", ".join(f"sm_{arch}" for arch in archs) or "no GPU visible"
-    if driver < 13000:
-        return "cuda12", f"{driver_text} is older than CUDA 13"
-    old = [arch for arch in archs if arch < 75]
-    if old:
-        return "cuda12", f"NVRTC 13 does not compile for sm_{min(old)}; {driver_text}, {gpus}"
-    return "cuda13", f"{driver_text}, {gpus}"
-
-
-def cuda_install_hint() -> str:
-    """The install command for the ``cuda`` backend, for this machine's driver and GPUs and for the way na_rtc
-    was installed (a checkout or a wheel: :mod:`na_rtc._install`)."""
-    from ._install import install_command
-
-    extra, reason = cuda_extra()
-    if extra is None:
-        return (f"{install_command('cuda13')} (CUDA 13 driver, sm_75+) or {install_command('cuda12')} "
-                "(older drivers, sm_70/72)")
-    return f"{install_command(extra)} ({reason})"
-
-
-def nvrtc_install_hint() -> str:
-    """The install command for NVRTC: the ``cuda`` backend's extra on a machine with a CUDA driver, NVRTC
-    alone (enough for ``precompile`` and ``check``) on one without."""
-    from ._install import install_command
-
-    if cuda_extra()[0] is not None:
-        return cuda_install_hint()
-    return f"{install_command('nvrtc')} (NVRTC alone: no CUDA driver found here)"
+# what to install for this machine's driver: in _install, which the cuda executor asks too (this module reports
+# on the backends, so the executor importing it would make the two import each other)
+from ._install import _libcuda_probe, cuda_extra, cuda_install_hint, nvrtc_install_hint  # noqa: E402, F401
 
 
 def _import_cupy():

@@ -30,6 +30,16 @@ from na_rtc.window import Axis, is_neighbor
 __all__ = ["DEFAULT_OUT", "Problem", "PROBLEMS", "QUICK_PROBLEMS", "run", "main", "draw_neighborhoods"]
 
 DEFAULT_OUT = "na_rtc_demo.png"
+#: (flags, argparse options) of every argument; ``na_rtc.__main__``'s demo command and :func:`main` share them
+ARGUMENTS: tuple[tuple[tuple[str, ...], dict], ...] = (
+    (("--out",), {"default": DEFAULT_OUT, "metavar": "PATH", "help": f"where to write the PNG (default: {DEFAULT_OUT})"}),
+    (("--no-png",), {"action": "store_true", "help": "skip the neighborhood picture"}),
+    (("--arrays",), {"choices": ("auto", "torch", "numpy"), "default": "auto",
+                     "help": "array library to run on (default: torch if installed, else NumPy)"}),
+    (("--repeat",), {"type": int, "default": 1, "metavar": "N", "help": "timed runs per problem, median reported "
+                                                                       "(default: 1)"}),
+    (("--quick",), {"action": "store_true", "help": "smaller problems (a few seconds)"}),
+)
 
 # the test suite's float32 tolerances: |x - ref| <= atol + rtol * |ref|
 TOLERANCE_OUT = (1e-4, 1e-4)
@@ -763,9 +773,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from na_rtc.__main__ import main as cli_main
-
-    return cli_main(["demo", *(argv or [])])
+    """``python -m na_rtc demo`` with ``argv``."""
+    parser = argparse.ArgumentParser(prog="python -m na_rtc demo", description=__doc__.splitlines()[0])
+    for flags, options in ARGUMENTS:
+        parser.add_argument(*flags, **options)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 
 import na_rtc
 from na_rtc import _environment as env
+from na_rtc import _install
 from na_rtc import demo
 from na_rtc.__main__ import COMMANDS, main
 from na_rtc._install import install_command
@@ -174,7 +175,7 @@ def test_probes_never_raise_without_optional_packages(monkeypatch, probe):
 
 def test_missing_cupy_says_how_to_install(monkeypatch):
     _block_imports(monkeypatch, "cupy")
-    monkeypatch.setattr(env, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver and an H100, here or not
+    monkeypatch.setattr(_install, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver and an H100, here or not
     gpus = env.gpus()
     assert not gpus.ok
     assert "cupy not installed" in gpus.text
@@ -403,7 +404,7 @@ def test_gpu_check_asks_the_harness_for_its_entries(monkeypatch, tmp_path):
     import subprocess
 
     from na_rtc import gpu_check
-    from na_rtc.bench.entries import all_entries
+    from na_rtc.bench.runner import all_entries
 
     assert set(gpu_check.BENCH_ENTRIES) <= {entry.name for entry in all_entries()}
     commands = []

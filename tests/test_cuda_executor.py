@@ -41,9 +41,9 @@ def test_unavailable_without_cupy_says_how_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cupy)
-    from na_rtc import _environment
+    from na_rtc import _install
 
-    monkeypatch.setattr(_environment, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver, here or not
+    monkeypatch.setattr(_install, "_libcuda_probe", lambda: (13000, [90]))  # a CUDA 13 driver, here or not
     available, reason = cuda.availability()
     assert not available and install_command("cuda13") in reason
 

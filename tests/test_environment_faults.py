@@ -18,6 +18,7 @@ import pytest
 
 import na_rtc
 from na_rtc import _environment as env
+from na_rtc import _install
 from na_rtc import backends
 from na_rtc.__main__ import main
 from na_rtc._install import install_command
@@ -110,7 +111,7 @@ def _forget_probes():
 def fresh_probes(monkeypatch):
     """Every test starts and ends with no remembered probe result."""
     _forget_probes()
-    monkeypatch.setattr(env, "_libcuda_probe", lambda: (None, []))  # this machine has no driver either way
+    monkeypatch.setattr(_install, "_libcuda_probe", lambda: (None, []))  # this machine has no driver either way
     monkeypatch.setattr(device, "_capabilities", {})  # the fake GPUs' archs stay in this test
     yield
     monkeypatch.undo()
@@ -147,7 +148,7 @@ EXTRA_CASES = {
 @pytest.mark.parametrize("probe, expected, absent", EXTRA_CASES.values(), ids=EXTRA_CASES.keys())
 def test_cupy_missing_names_the_extra_for_this_machine(monkeypatch, probe, expected, absent):
     install(monkeypatch, block=["cupy"])
-    monkeypatch.setattr(env, "_libcuda_probe", lambda: probe)
+    monkeypatch.setattr(_install, "_libcuda_probe", lambda: probe)
     available, reason = cuda.availability()
     assert not available and "cupy is not importable" in reason and expected in reason
     assert absent is None or absent not in reason
@@ -289,7 +290,7 @@ def test_cxx_naming_no_compiler(monkeypatch):
 
 def _state_cupy_missing(monkeypatch):
     install(monkeypatch, block=["cupy"])
-    monkeypatch.setattr(env, "_libcuda_probe", lambda: (12040, [80]))
+    monkeypatch.setattr(_install, "_libcuda_probe", lambda: (12040, [80]))
 
 
 def _state_nvrtc_missing(monkeypatch):

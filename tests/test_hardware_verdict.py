@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import na_rtc
-from na_rtc import _arrays, _environment, backends
+from na_rtc import _arrays, _environment, _install, backends
 from na_rtc._environment import _device_verdict
 from na_rtc._install import EXTRAS, Source, install_command, source
 
@@ -51,12 +51,12 @@ def test_the_verdict_says_which_kernels_serve_fp16_and_bf16(arch, expected):
 
 
 def _hint_cupy_missing_cuda13_driver(monkeypatch):
-    monkeypatch.setattr(_environment, "_libcuda_probe", lambda: (13000, [90]))
+    monkeypatch.setattr(_install, "_libcuda_probe", lambda: (13000, [90]))
     return _environment.cuda_install_hint()
 
 
 def _hint_cupy_missing_no_driver(monkeypatch):
-    monkeypatch.setattr(_environment, "_libcuda_probe", lambda: (None, []))
+    monkeypatch.setattr(_install, "_libcuda_probe", lambda: (None, []))
     return _environment.cuda_install_hint()
 
 

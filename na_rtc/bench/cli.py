@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import re
 import sys
 import tempfile
@@ -72,6 +73,9 @@ ARGUMENTS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("--profile-mode",), {"choices": ("forward", "forward_backward"), "default": "forward_backward",
                            "help": "what --profile runs (default forward_backward)"}),
     (("--list",), {"action": "store_true", "help": "list presets and entries, then exit"}),
+    (("--explain",), {"action": "store_true", "help": "do not run: print, for each problem, which kernels na_rtc's "
+                                                    "fused and split ops would launch here and why every other "
+                                                    "candidate was passed over (na_rtc.explain)"}),
 )
 
 FREE_FORM = ("shape", "kernel")
@@ -280,9 +284,44 @@ def _run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.entries.split(",") if n.strip()] if args.entries else None
     resumed = _load(args.resume) if args.resume and Path(args.resume).exists() else None
     preset, plan = plan_from_args(args, resumed)
+    if args.explain:
+        print(explain_plan(plan))
+        return 0
     if names is None and resumed is not None:  # a resumed run keeps the entries it started with
         names = resumed.get("settings", {}).get("entries")
     return _measure(args, names, resumed, preset, plan)
+
+
+def explain_plan(plan: Sequence[Spec]) -> str:
+    """For each problem, ``na_rtc.explain`` of the fused op and, at stride 1, of the split ops (``qk``, and
+    ``av`` with weights in the problem's dtype), forward and backward, on this machine's kernel backend."""
+    import na_rtc
+
+    from . import runner
+    from .entries import make_inputs
+
+    try:
+        machine = runner.detect_machine()
+    except ImportError as error:
+        raise UsageError(f"the benchmark needs torch ({error})") from None
+    blocks = []
+    for problem in plan:
+        inputs = make_inputs(problem, machine.device, machine.kernel_backend)
+        q, k, v = (x.detach() for x in inputs.qkv)
+        window = {"dilation": problem.dilation, "is_causal": problem.causal}
+        lines = [f"== {problem.label}"]
+        explained = [na_rtc.explain(f"na{problem.ndim}d", q, k, v, problem.kernel, problem.stride, backward=True,
+                                    backend=machine.kernel_backend, **window)]
+        if all(s == 1 for s in problem.stride):
+            attn = q.new_zeros((*problem.qkv_shape[:-1], math.prod(problem.kernel)))
+            explained += [na_rtc.explain(f"na{problem.ndim}d_qk", q, k, problem.kernel, backward=True,
+                                         backend=machine.kernel_backend, **window),
+                          na_rtc.explain(f"na{problem.ndim}d_av", attn, v, problem.kernel, backward=True,
+                                         backend=machine.kernel_backend, **window)]
+        lines += [str(explanation) for explanation in explained]
+        blocks.append("\n".join(lines))
+        del inputs, q, k, v
+    return "\n\n".join(blocks)
 
 
 def _set_threads(threads: int | None, gpu: bool) -> int:

@@ -7,7 +7,8 @@ run, how long a mask took to build). Everything outside those callables
 
 An entry that cannot run raises :class:`Unavailable` with the reason (no
 stride in the split ops, no FlexAttention in this torch, no GPU), and the
-runner reports it. The other libraries' entries live in :mod:`.peers`.
+runner reports it. The other libraries' entries live in :mod:`.peers` (which builds on this module);
+:func:`na_rtc.bench.runner.all_entries` lists both.
 """
 
 from __future__ import annotations
@@ -324,6 +325,61 @@ def _prepare_naive_kernels(spec: Spec, inputs: Inputs) -> Prepared:
                     notes={"backend": inputs.kernel_backend, "forward_kernels": "na_qk_fwd, na_softmax_fwd, na_av_fwd"})
 
 
+# ---------------------------------------------------------------- na_rtc's host overhead
+
+
+#: warm calls per timed batch, and batches, of the host-overhead figures in the notes
+HOST_CALLS, HOST_BATCHES = 200, 5
+
+
+def _host_us(fn: Callable[[], Any]) -> float:
+    """Microseconds per warm call of ``fn``: the median over batches of back-to-back calls."""
+    import statistics
+    import time
+
+    for _ in range(HOST_CALLS // 10):
+        fn()
+    batches = []
+    for _ in range(HOST_BATCHES):
+        started = time.perf_counter()
+        for _ in range(HOST_CALLS):
+            fn()
+        batches.append((time.perf_counter() - started) / HOST_CALLS * 1e6)
+    return statistics.median(batches)
+
+
+def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
+    """What a warm fused call costs the host before any kernel runs: the call's dispatch policy (settings read,
+    the GPU's architecture), the choice of kernels, outputs allocated and launch plans built, on an executor
+    that launches nothing (the op table the backend runs, as ``na_rtc.na*d`` reaches it after validating the
+    arguments). Never verifies: a kernel without a verdict counts as trusted (an executor that launches
+    nothing must not record verdicts). The timed figures are milliseconds like every entry's; the notes give
+    microseconds per call."""
+    from ..runtime.dispatch import make_ops
+
+    plans = []
+    table = make_ops(lambda plan: plans.append(plan.kernel.name), inputs.kernel_backend, verification="peek")
+    problem = _problem(spec, inputs)
+    q, k, v = (x.detach() for x in inputs.qkv)
+    grad_out = inputs.grad_out
+
+    def forward():
+        return table["fused_forward"](problem, q, k, v)[0]
+
+    def forward_backward():
+        out, lse = table["fused_forward"](problem, q, k, v)
+        return table["fused_backward"](problem, grad_out, q, k, v, None, out, lse)
+
+    forward()
+    counts = {"plans_forward": len(plans)}
+    plans.clear()
+    forward_backward()
+    counts["plans_forward_backward"] = len(plans)
+    notes = {"backend": inputs.kernel_backend, **counts, "host_us_forward": round(_host_us(forward), 2),
+             "host_us_forward_backward": round(_host_us(forward_backward), 2)}
+    return Prepared(forward, forward_backward, notes=notes, comparable=False)
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -355,10 +411,7 @@ def na_rtc_entries() -> list[Entry]:
               uses_kernels=True),
         Entry("reference", "na_rtc reference (torch)", lambda spec, inputs: _prepare_fused(spec, inputs, "reference"),
               default_gpu=False),
+        Entry("host_overhead", "na_rtc host overhead of a warm fused call: dispatch and launch plans, nothing "
+              "launched (notes: microseconds per call)", _prepare_host_overhead),
     ]
 
-
-def all_entries() -> list[Entry]:
-    from .peers import peer_entries
-
-    return na_rtc_entries() + peer_entries()

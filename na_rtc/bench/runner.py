@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import flops, timing
-from .entries import Entry, Unavailable, all_entries, make_inputs
+from .entries import Entry, Unavailable, make_inputs, na_rtc_entries
+from .peers import peer_entries
 from .presets import Spec
 
 SCHEMA = "na_rtc-bench/1"
@@ -61,6 +62,11 @@ class Selection:
 
     run: list[Entry] = field(default_factory=list)
     skipped: dict[str, tuple[Entry, str]] = field(default_factory=dict)
+
+
+def all_entries() -> list[Entry]:
+    """na_rtc's entries, then the other libraries'."""
+    return na_rtc_entries() + peer_entries()
 
 
 def entry_names() -> list[str]:

@@ -36,7 +36,7 @@ _lock = threading.Lock()
 
 def availability() -> tuple[bool, str]:
     """Whether CuPy, a GPU and NVRTC are usable here, and why not."""
-    from .._environment import cuda_install_hint
+    from .._install import cuda_install_hint
 
     try:
         import cupy

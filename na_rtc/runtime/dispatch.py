@@ -437,28 +437,16 @@ def _untrusted_error(problem: Problem, what: str, verdicts, why_not_split: str) 
 
 class OpTable:
     """The kernel ops of one backend on one executor: each call builds its :class:`Policy` and
-    :class:`Dispatcher`, then runs what they choose (see :func:`make_ops`)."""
+    :class:`Dispatcher`, then runs what they choose (see :func:`make_ops`). ``verification``: as
+    :class:`Dispatcher`'s (``"peek"`` never runs a canary: the benchmark's host-overhead entry, whose executor
+    launches nothing, must not record verdicts)."""
 
-    def __init__(self, run, backend: str):
-        self.run, self.backend = run, backend
-        self.gate = Gate(backend)
+    def __init__(self, run, backend: str, verification: str = "run"):
+        self.run, self.backend, self.verification = run, backend, verification
+        self.gate = Gate(backend) if verification == "run" else Gate.of(backend)
 
-    def dispatcher(self, problem: Problem, verification: str = "run") -> Dispatcher:
-        return Dispatcher(self.run, Policy.for_call(self.backend, problem), self.gate, verification)
-
-    def require_split(self, dispatcher: Dispatcher, problem: Problem, what: str, unit: Candidate) -> None:
-        """May the composed split kernels serve ``problem``? Raises saying why not: a stride they lack, or
-        (on the GPU) kernels that failed verification."""
-        verify = dispatcher.verifying
-        fused = [dispatcher.candidate(option) for option in dispatcher.admitted(what, problem)]
-        distrusted = self.gate.distrusted(problem, fused, active=verify)
-        if any(axis.stride != 1 for axis in problem.axes):
-            if distrusted:
-                raise _untrusted_error(problem, f"fused {what}", distrusted, "The composed split kernels have no stride.")
-            _require_stride_one(problem, self.backend, what)
-        if verify and not self.gate.trusted(problem, unit, active=True):
-            raise _untrusted_error(problem, f"fused {what}", distrusted + self.gate.distrusted(problem, [unit], True),
-                                   "The composed split kernels gave wrong results too.")
+    def dispatcher(self, problem: Problem) -> Dispatcher:
+        return Dispatcher(self.run, Policy.for_call(self.backend, problem), self.gate, self.verification)
 
     def fused_forward(self, problem: Problem, query, key, value, rpb=None):
         dispatcher = self.dispatcher(problem)
@@ -467,52 +455,46 @@ class OpTable:
             if log.isEnabledFor(logging.DEBUG):
                 _log(problem, Choice("forward", route.path, (dispatcher._plan(problem, route).name,), tuple(skipped)))
             return dispatcher.forward(problem, query, key, value, composed.bias_in_accumulator(problem, rpb), route)
-        unit = composed_candidates(self.run, dispatcher.policy)["forward"]
-        self.require_split(dispatcher, problem, "forward", unit)
-        if log.isEnabledFor(logging.DEBUG):
-            _log(problem, Choice("forward", SPLIT, (), tuple(skipped)))
-        return composed.forward(dispatcher, problem, query, key, value, rpb)
+        return self._composed("forward", dispatcher, problem, skipped, query, key, value, rpb)
 
     def fused_backward(self, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
         dispatcher = self.dispatcher(problem)
         pair, skipped = dispatcher.backward_pair(problem)
-        if pair is not None:
-            if log.isEnabledFor(logging.DEBUG):
-                names = dispatcher.backward_launches(problem, pair).kernel_names(problem.has_rpb)
-                _log(problem, Choice("backward", _pair_path(pair), names, tuple(skipped)))
-            if output is None:  # the plain backward functions may be called without the forward's results
-                output, logsumexp = self.forward_with(dispatcher, problem, query, key, value, rpb)
-            lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
-            dq, dk, dv, drpb = L.fused_backward(self.run, dispatcher.backward_launches(problem, pair), problem,
-                                                grad_out, query, key, value,
-                                                composed.bias_in_accumulator(problem, rpb), output, lse)
-            return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
-        unit = composed_candidates(self.run, dispatcher.policy)["backward"]
-        self.require_split(dispatcher, problem, "backward", unit)
+        if pair is None:
+            return self._composed("backward", dispatcher, problem, skipped, grad_out, query, key, value, rpb)
+        launches = dispatcher.backward_launches(problem, pair)
         if log.isEnabledFor(logging.DEBUG):
-            _log(problem, Choice("backward", SPLIT, (), tuple(skipped)))
-        return composed.backward(dispatcher, problem, grad_out, query, key, value, rpb)
+            _log(problem, Choice("backward", _pair_path(pair), launches.kernel_names(problem.has_rpb), tuple(skipped)))
+        if output is None:  # the plain backward functions may be called without the forward's results
+            route, skipped = dispatcher.forward_route(problem)  # the same dispatcher: its rules already evaluated
+            if route is None:
+                output, logsumexp = self._composed("forward", dispatcher, problem, skipped, query, key, value, rpb)
+            else:
+                output, logsumexp = dispatcher.forward(problem, query, key, value,
+                                                       composed.bias_in_accumulator(problem, rpb), route)
+        lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
+        dq, dk, dv, drpb = L.fused_backward(self.run, launches, problem, grad_out, query, key, value,
+                                            composed.bias_in_accumulator(problem, rpb), output, lse)
+        return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
 
-    def forward_with(self, dispatcher: Dispatcher, problem: Problem, query, key, value, rpb):
-        """The fused forward within a backward call: the same dispatcher (its rules already evaluated)."""
-        route = dispatcher.forward_route(problem)[0]
-        if route is not None:
-            return dispatcher.forward(problem, query, key, value, composed.bias_in_accumulator(problem, rpb), route)
-        self.require_split(dispatcher, problem, "forward", composed_candidates(self.run, dispatcher.policy)["forward"])
-        return composed.forward(dispatcher, problem, query, key, value, rpb)
+    def _composed(self, op: str, dispatcher: Dispatcher, problem: Problem, skipped, *arrays):
+        """The fused ``op`` as the split kernels composed, where they may serve (else the error saying why)."""
+        refusal = composed_refusal(dispatcher, problem, op)
+        if refusal is not None:
+            raise refusal
+        if log.isEnabledFor(logging.DEBUG):
+            _log(problem, Choice(op, SPLIT, (), tuple(skipped)))
+        return getattr(composed, op)(dispatcher, problem, *arrays)
 
-    def split_op(self, op: str, function: str):
+    def split_op(self, op: str):
         """The split op ``op`` (a name of ``canary.OPS``), refused where its kernels failed verification."""
         compose = getattr(composed, op)
 
         def run(problem: Problem, *arrays):
             dispatcher = self.dispatcher(problem)
-            if dispatcher.verifying:
-                unit = composed_candidates(self.run, dispatcher.policy)[op]
-                if not self.gate.trusted(problem, unit, active=True):
-                    raise _untrusted_error(problem, f"{function} call", self.gate.distrusted(problem, [unit], True),
-                                           "The split ops have no other kernels; the fused ops (na1d, na2d) compute "
-                                           "attention with their own, verified apart.")
+            refusal = split_op_refusal(dispatcher, problem, op)
+            if refusal is not None:
+                raise refusal
             return compose(dispatcher, problem, *arrays)
 
         return run
@@ -521,14 +503,79 @@ class OpTable:
         return {
             "fused_forward": self.fused_forward,
             "fused_backward": self.fused_backward,
-            "qk_forward": self.split_op("qk", "na*_qk"),
-            "qk_backward": self.split_op("qk_backward", "na*_qk backward"),
-            "av_forward": self.split_op("av", "na*_av"),
-            "av_backward": self.split_op("av_backward", "na*_av backward"),
+            "qk_forward": self.split_op("qk"),
+            "qk_backward": self.split_op("qk_backward"),
+            "av_forward": self.split_op("av"),
+            "av_backward": self.split_op("av_backward"),
         }
 
 
-def make_ops(run, backend: str) -> dict:
+def composed_refusal(dispatcher: Dispatcher, problem: Problem, op: str) -> Exception | None:
+    """Why the composed split kernels may not serve the fused ``op`` (``forward``/``backward``) where no fused
+    kernel does, or None: a stride they lack, or (on the GPU) kernels that failed verification."""
+    gate, verify = dispatcher.gate, dispatcher.verifying
+    fused = [dispatcher.candidate(option) for option in dispatcher.admitted(op, problem)]
+    distrusted = gate.distrusted(problem, fused, active=True) if verify else []
+    if any(axis.stride != 1 for axis in problem.axes):
+        if distrusted:
+            return _untrusted_error(problem, f"fused {op}", distrusted, "The composed split kernels have no stride.")
+        try:
+            _require_stride_one(problem, dispatcher.policy.backend, op)
+        except ValueError as error:
+            return error
+    if verify:
+        unit = composed_candidates(dispatcher.run, dispatcher.policy)[op]
+        ok, _ = dispatcher._verified(problem, unit)
+        if not ok:
+            return _untrusted_error(problem, f"fused {op}", distrusted + gate.distrusted(problem, [unit], True),
+                                    "The composed split kernels gave wrong results too.")
+    return None
+
+
+#: split op -> how its calls are named in the error that refuses them
+_SPLIT_OP_CALLS = {"qk": "na*_qk", "qk_backward": "na*_qk backward", "av": "na*_av", "av_backward": "na*_av backward"}
+
+
+def split_op_refusal(dispatcher: Dispatcher, problem: Problem, op: str) -> Exception | None:
+    """Why the split op ``op`` may not run (its kernels failed verification on this GPU), or None."""
+    if not dispatcher.verifying:
+        return None
+    unit = composed_candidates(dispatcher.run, dispatcher.policy)[op]
+    ok, _ = dispatcher._verified(problem, unit)
+    if ok:
+        return None
+    return _untrusted_error(problem, f"{_SPLIT_OP_CALLS[op]} call", dispatcher.gate.distrusted(problem, [unit], True),
+                            "The split ops have no other kernels; the fused ops (na1d, na2d) compute "
+                            "attention with their own, verified apart.")
+
+
+def explain_steps(backend: str, problem: Problem, backward: bool = False, weights: str | None = None):
+    """``(policy, steps)``: what a call of ``problem`` on ``backend`` would run, decided as the call decides it
+    now but launching nothing and running no canary (``na_rtc.explain``). A step is ``(op, fused choice or
+    None, split-kernel choices, error text)``."""
+    policy = Policy.for_call(backend, problem)
+    dispatcher = Dispatcher(None, policy, Gate.of(backend), "peek")
+    fused = problem.op == "fused"
+    first = "forward" if fused else problem.op
+    ops = [first, "backward" if fused else f"{first}_backward"] if backward else [first]
+    steps = []
+    for op in ops:
+        choice = None
+        if fused:
+            choice = dispatcher.choose(op, problem)
+            if choice.path is not None:
+                steps.append((op, choice, (), ""))
+                continue
+            refusal = composed_refusal(dispatcher, problem, op)
+        else:
+            refusal = split_op_refusal(dispatcher, problem, op)
+        launches = () if refusal else tuple(dispatcher.choose(role, problem, *args)
+                                            for role, args in composed.launches(op, problem, weights))
+        steps.append((op, choice, launches, "" if refusal is None else str(refusal)))
+    return policy, steps
+
+
+def make_ops(run, backend: str, verification: str = "run") -> dict:
     """The op table (same signatures as :data:`na_rtc.reference.OPS`) on executor ``run`` for ``backend``
     (``cuda`` or ``emulator``: which GPU policy and verification apply)."""
-    return OpTable(run, backend).ops()
+    return OpTable(run, backend, verification).ops()
