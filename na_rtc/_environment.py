@@ -327,7 +327,7 @@ def _driver_version() -> int | None:
 
 
 def _fused_path(arch: int) -> str:
-    """Which kernels serve fp16/bf16 fused ops on this arch (runtime/ops.py's policies), for the verdict."""
+    """Which kernels serve fp16/bf16 fused ops on this arch (runtime/dispatch.py's tables and policy), for the verdict."""
     if arch < 80:
         return "fp16/bf16 fused ops on the SIMT kernels (tensor-core kernels need sm_80+)"
     if arch == 90:

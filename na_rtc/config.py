@@ -22,13 +22,13 @@ SETTINGS = {
     "NA_RTC_TENSOR_CORES": "0: fp16/bf16 fused ops on the SIMT kernels even where tensor-core kernels serve "
                            "(default 1: tensor cores on sm_80+ and in the emulator)",
     "NA_RTC_TC_WARP_ROWS": "16 or 32: query rows per warp of the tensor-core forward where both are built "
-                           "(head dims up to 64; default: the table in runtime/fused_tc.py), for benchmarking",
+                           "(head dims up to 64; default: the table in runtime/families/fused_tc.py), for benchmarking",
     "NA_RTC_WGMMA": "1: fp16/bf16 fused ops on sm_90 GPUs (and in the emulator) use the Hopper wgmma kernels "
                     "for the forward and backward (default 0: opt-in until GPU runs have measured them)",
     "NA_RTC_WGMMA_WARPGROUPS": "1 or 2: warpgroups per block of the Hopper wgmma kernels (64 queries or "
                                "keys each; default 2, which share every staged chunk), for benchmarking",
     "NA_RTC_WGMMA_CHUNK_KEYS": "32 or 64: keys per staged chunk of the Hopper wgmma forward with the table's "
-                               "warpgroups (default 64: the table in runtime/fused_wg.py), for benchmarking",
+                               "warpgroups (default 64: the table in runtime/families/fused_wg.py), for benchmarking",
     "NA_RTC_VERIFY": "0: do not verify kernels on the GPU before their first use (default 1: each kernel "
                      "instantiation is checked once per GPU, driver and na_rtc version on a small problem against a "
                      "float64 reference, and one that gives wrong results is not used; python -m na_rtc selftest)",
@@ -138,7 +138,7 @@ def wgmma_warpgroups() -> int | None:
     raise ValueError(f"NA_RTC_WGMMA_WARPGROUPS must be 1 or 2, got {raw!r}")
 
 
-#: NA_RTC_WGMMA_CHUNK_KEYS's values: the keys per chunk built for the wgmma forward (runtime/fused_wg.py)
+#: NA_RTC_WGMMA_CHUNK_KEYS's values: the keys per chunk built for the wgmma forward (runtime/families/fused_wg.py)
 WGMMA_CHUNK_KEYS = (32, 64)
 
 

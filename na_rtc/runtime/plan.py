@@ -1,7 +1,9 @@
 """Launch plans: one description of a kernel launch, executed by any backend.
 
-Ops code (``na_rtc/runtime/ops.py``) turns a validated problem into a list of
-:class:`LaunchPlan`; the ``cuda`` backend runs them with CuPy on the GPU and
+The dispatcher (``na_rtc/runtime/dispatch.py``) picks the kernels of a
+validated problem, the family modules plan their launches and
+``na_rtc/runtime/launch.py`` turns them into :class:`LaunchPlan` s; the
+``cuda`` backend runs them with CuPy on the GPU and
 the ``emulator`` backend runs the same plans on the CPU. A plan names its
 kernel by source file and C++ name expression (``na_qk_fwd<float>``), so the
 same string selects the NVRTC lowered name and the emulator trampoline.

@@ -70,7 +70,7 @@ AXES = {
     1: (Axis(329, 177),),
     2: (Axis(23, 11), Axis(21, 11)),
 }
-#: rank -> the largest query tile of the split kernels along each axis (runtime/families.py TILED_TILES)
+#: rank -> the largest query tile of the split kernels along each axis (runtime/families/tiled.py TILES)
 SPLIT_TILE = {1: 64, 2: 8}
 BATCH, HEADS = 1, 2
 SEED = 20260
