@@ -155,11 +155,17 @@ class Dispatcher:
         return known
 
     def admits(self, problem: Problem, route: Route, args: tuple = ()) -> tuple[bool, str]:
-        """``(ok, why)``: the policy allows ``route`` and its family covers ``problem`` (verification aside)."""
-        ok, why = self.policy.allows(registry.get(route.family), route.switches)
-        if not ok:
-            return ok, why
-        return self.rule(problem, (route.family, route.role), args)
+        """``(ok, why)``: the policy allows ``route`` and its family covers ``problem`` (verification aside).
+        Remembered with the rules: a backward's pairs ask about each of their routes twice."""
+        if problem is not self._problem:
+            self._problem, self._rules = problem, {}
+        known = self._rules.get((route, args))
+        if known is None:
+            known = self.policy.allows(registry.get(route.family), route.switches)
+            if known[0]:
+                known = self.rule(problem, (route.family, route.role), args)
+            self._rules[route, args] = known
+        return known
 
     def _admits_pair(self, problem: Problem, pair) -> tuple[bool, str]:
         for route, kernel in zip(pair, ("dq", "dK/dV")):
@@ -265,8 +271,9 @@ class Dispatcher:
 
     def backward_launches(self, problem: Problem, pair) -> L.BackwardLaunches:
         dq, dkdv = pair
+        reduce = _role(_RPB_REDUCE).plan(problem, self.policy) if problem.has_rpb else None
         return L.BackwardLaunches(_role(_DELTA).plan(problem, self.policy), self._plan(problem, dq),
-                                  self._plan(problem, dkdv), _role(_RPB_REDUCE).plan(problem, self.policy))
+                                  self._plan(problem, dkdv), reduce)
 
     def forward(self, problem: Problem, query, key, value, rpb_acc=None, path: str | Route | None = None):
         """``(out, lse)`` of the fused forward kernels: on ``path`` (a name of :data:`FORWARD`, unchecked), or

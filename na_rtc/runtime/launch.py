@@ -46,12 +46,12 @@ def fused_forward(run: Executor, launch: Launch, problem: Problem, query, key, v
 
 class BackwardLaunches(NamedTuple):
     """The launches of one fused backward: ``delta = rowsum(dOut * out)``, the dq and dK/dV kernels (any pair
-    of paths: they share one argument list), and the bias partials' reduction (used with a bias only)."""
+    of paths: they share one argument list), and the bias partials' reduction (None without a bias)."""
 
     delta: Launch
     dq: Launch
     dkdv: Launch
-    rpb_reduce: Launch
+    rpb_reduce: Launch | None
 
     def kernel_names(self, has_rpb: bool) -> tuple[str, ...]:
         names = (self.delta.name, self.dq.name, self.dkdv.name)
