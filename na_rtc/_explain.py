@@ -3,7 +3,7 @@
 ``explain("na2d", q, k, v, kernel_size=7, backward=True)`` takes the op's
 name (or the function itself) and the call's own arguments, validates them
 as the call would, picks the backend as the call would, and asks the
-dispatcher (:mod:`na_rtc.runtime.dispatch`) for its decisions under the
+dispatcher (:mod:`na_rtc.runtime.dispatch`, through :mod:`na_rtc.runtime.ops`) for its decisions under the
 settings as they are now. Nothing is launched, compiled or verified: on a GPU
 a kernel that failed first-use verification earlier is reported as skipped
 for that reason, and one that has not been verified yet is marked as to be
@@ -153,7 +153,7 @@ def explain(op, *args, backward: bool = False, **kwargs) -> Explanation:
     call = _describe(problem, name)
     if chosen.name not in ("cuda", "emulator"):
         return Explanation(call, chosen.name, chosen.summary, "")
-    from .runtime.dispatch import explain_steps
+    from .runtime.ops import explain_steps
 
     policy, decided = explain_steps(chosen.name, problem, backward, weights)
     steps = tuple(Step(op, choice, launches, error) for op, choice, launches, error in decided)

@@ -21,7 +21,7 @@ import torch
 
 import na_rtc
 from na_rtc import backends, config
-from na_rtc.runtime import dispatch, registry
+from na_rtc.runtime import ops, registry
 from na_rtc.runtime.families import FAMILIES
 
 EMULATOR = pytest.mark.skipif(not backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
@@ -41,7 +41,7 @@ class Recorder:
 def recorded(monkeypatch) -> Recorder:
     """The emulator backend's op table on a recorder: the dispatch runs as on any call, nothing is launched."""
     recorder = Recorder()
-    monkeypatch.setattr(backends.get("emulator"), "_ops", dispatch.make_ops(recorder, "emulator"))
+    monkeypatch.setattr(backends.get("emulator"), "_ops", ops.make_ops(recorder, "emulator"))
     monkeypatch.delenv("NA_RTC_WGMMA", raising=False)
     monkeypatch.delenv("NA_RTC_TENSOR_CORES", raising=False)
     return recorder

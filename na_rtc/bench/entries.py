@@ -355,7 +355,7 @@ def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
     arguments). Never verifies: a kernel without a verdict counts as trusted (an executor that launches
     nothing must not record verdicts). The timed figures are milliseconds like every entry's; the notes give
     microseconds per call."""
-    from ..runtime.dispatch import make_ops
+    from ..runtime.ops import make_ops
 
     plans = []
     table = make_ops(lambda plan: plans.append(plan.kernel.name), inputs.kernel_backend, verification="peek")

@@ -16,9 +16,8 @@ The first route that serves runs; the ones before it are *skipped*, each
 with its reason, which :class:`Choice` keeps and ``na_rtc.explain`` and the
 ``na_rtc.dispatch`` logger (debug level) report. The fused forward falls
 back to the split kernels composed (:mod:`na_rtc.runtime.composed`, stride 1
-only), then to an error that names the reason. :func:`make_ops` is the
-backend op table (same signatures as :data:`na_rtc.reference.OPS`) on any
-executor.
+only), then to an error that names the reason: :mod:`na_rtc.runtime.ops`
+runs these decisions as the backends' op table.
 """
 
 from __future__ import annotations
@@ -37,7 +36,8 @@ from . import launch as L
 from .policy import Policy
 from .tiling import accumulator_dtype
 
-__all__ = ["BACKWARD", "FORWARD", "SPLIT_KERNELS", "Choice", "Dispatcher", "Route", "describe_paths", "make_ops"]
+__all__ = ["BACKWARD", "FORWARD", "SPLIT_KERNELS", "Choice", "Dispatcher", "Route", "composed_candidates",
+           "describe_paths", "log_choice", "pair_path"]
 
 log = logging.getLogger("na_rtc.dispatch")
 
@@ -89,7 +89,8 @@ def describe_paths(paths: tuple[str, str]) -> str:
     return paths[0] if paths[0] == paths[1] else f"{paths[0]} dq + {paths[1]} dK/dV"
 
 
-def _pair_path(pair) -> str:
+def pair_path(pair) -> str:
+    """A (dq, dK/dV) pair of routes in words."""
     return describe_paths((pair[0].path, pair[1].path))
 
 
@@ -207,7 +208,7 @@ class Dispatcher:
                 ok, why = self._verified(problem, candidate_of(option))
             if ok:
                 return option, skipped
-            skipped.append((option.path if isinstance(option, Route) else _pair_path(option), why))
+            skipped.append((option.path if isinstance(option, Route) else pair_path(option), why))
         return None, skipped
 
     def forward_route(self, problem: Problem) -> tuple[Route | None, list]:
@@ -253,7 +254,7 @@ class Dispatcher:
             if pair is None:
                 return Choice(op, None, (), tuple(skipped))
             names = self.backward_launches(problem, pair).kernel_names(problem.has_rpb)
-            return Choice(op, _pair_path(pair), names, tuple(skipped), self._unverified(problem, self.candidate(pair)))
+            return Choice(op, pair_path(pair), names, tuple(skipped), self._unverified(problem, self.candidate(pair)))
         if op not in SPLIT_KERNELS:
             raise ValueError(f"op must be forward, backward or one of {', '.join(SPLIT_KERNELS)}, got {op!r}")
         if not args:
@@ -290,7 +291,7 @@ class Dispatcher:
         if paths is not None:
             pair = next((p for p in BACKWARD if (p[0].path, p[1].path) == tuple(paths)), None)
             if pair is None:
-                raise ValueError(f"no (dq, dK/dV) pair {paths!r}; pairs: {[_pair_path(p) for p in BACKWARD]}")
+                raise ValueError(f"no (dq, dK/dV) pair {paths!r}; pairs: {[pair_path(p) for p in BACKWARD]}")
         else:
             pair = self.backward_pair(problem)[0]
         if pair is None:
@@ -304,7 +305,7 @@ class Dispatcher:
         handler = _role(route)
         launch = handler.plan(problem, self.policy, *args)
         if log.isEnabledFor(logging.DEBUG):
-            _log(problem, Choice(role, route.path, (launch.name,), tuple(skipped)))
+            log_choice(problem, Choice(role, route.path, (launch.name,), tuple(skipped)))
         return handler.run(self.run, launch, problem, *arrays)
 
     def qk(self, problem: Problem, query, key, bias, out_dtype: str, scale: float, fill: float):
@@ -336,7 +337,7 @@ class Dispatcher:
 
     def candidates(self, op: str, problem: Problem) -> list[tuple[str, Candidate]]:
         """``(path, candidate)`` of every admitted route (``forward``) or pair (``backward``), best first."""
-        return [(option.path if isinstance(option, Route) else _pair_path(option), self.candidate(option))
+        return [(option.path if isinstance(option, Route) else pair_path(option), self.candidate(option))
                 for option in self.admitted(op, problem)]
 
 
@@ -371,7 +372,7 @@ def _candidate(option, run, policy: Policy) -> Candidate:
         return L.fused_backward(run, dispatcher.backward_launches(problem, option), problem, grad_out, query, key,
                                 value, rpb_acc, output, lse)
 
-    return Candidate("backward", _pair_path(option), pair_kernels, backward)
+    return Candidate("backward", pair_path(option), pair_kernels, backward)
 
 
 def _split_unit(op: str, what: str = "split kernels"):
@@ -414,175 +415,6 @@ def composed_candidates(run, policy: Policy) -> dict[str, Candidate]:
             for op, (what, runner) in units.items()}
 
 
-def _log(problem: Problem, choice: Choice) -> None:
+def log_choice(problem: Problem, choice: Choice) -> None:
+    """``choice`` on the ``na_rtc.dispatch`` logger, at debug level (callers check the level first)."""
     log.debug("%s (%dD %s head_dim %d): %s", choice.op, problem.ndim, problem.dtype, problem.head_dim, choice)
-
-
-# ---------------------------------------------------------------- the op table
-
-
-def _require_stride_one(problem: Problem, backend: str, what: str) -> None:
-    """The composed split-kernel path has no stride: say why and what works instead."""
-    if any(axis.stride != 1 for axis in problem.axes):
-        raise ValueError(
-            f"stride {tuple(a.stride for a in problem.axes)} needs the fused {what} kernels, which do not cover this "
-            f"problem on the {backend} backend (dtype {problem.dtype}, head_dim {problem.head_dim}); use stride=1, "
-            "a supported dtype / head_dim, or the reference backend (na_rtc.use_backend('reference'))"
-        )
-
-
-def _untrusted_error(problem: Problem, what: str, verdicts, why_not_split: str) -> RuntimeError:
-    wrong = "; ".join(f"{v.kernel} ({v.path}): {v.detail}" for v in verdicts)
-    return RuntimeError(
-        f"na_rtc: no kernel that passed first-use verification on {problem.device} serves this {what} "
-        f"({problem.dtype}, {problem.ndim}D, head_dim {problem.head_dim}). Kernels that gave wrong results here: "
-        f"{wrong}. {why_not_split} `python -m na_rtc selftest` reports every kernel and primitive on this GPU; "
-        "the reference backend (na_rtc.use_backend('reference')) computes on the same device without these kernels; "
-        "NA_RTC_VERIFY=0 turns verification off (and trusts kernels that gave wrong results)."
-    )
-
-
-class OpTable:
-    """The kernel ops of one backend on one executor: each call builds its :class:`Policy` and
-    :class:`Dispatcher`, then runs what they choose (see :func:`make_ops`). ``verification``: as
-    :class:`Dispatcher`'s (``"peek"`` never runs a canary: the benchmark's host-overhead entry, whose executor
-    launches nothing, must not record verdicts)."""
-
-    def __init__(self, run, backend: str, verification: str = "run"):
-        self.run, self.backend, self.verification = run, backend, verification
-        self.gate = Gate(backend) if verification == "run" else Gate.of(backend)
-
-    def dispatcher(self, problem: Problem) -> Dispatcher:
-        return Dispatcher(self.run, Policy.for_call(self.backend, problem), self.gate, self.verification)
-
-    def fused_forward(self, problem: Problem, query, key, value, rpb=None):
-        dispatcher = self.dispatcher(problem)
-        route, skipped = dispatcher.forward_route(problem)
-        if route is not None:
-            if log.isEnabledFor(logging.DEBUG):
-                _log(problem, Choice("forward", route.path, (dispatcher._plan(problem, route).name,), tuple(skipped)))
-            return dispatcher.forward(problem, query, key, value, composed.bias_in_accumulator(problem, rpb), route)
-        return self._composed("forward", dispatcher, problem, skipped, query, key, value, rpb)
-
-    def fused_backward(self, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
-        dispatcher = self.dispatcher(problem)
-        pair, skipped = dispatcher.backward_pair(problem)
-        if pair is None:
-            return self._composed("backward", dispatcher, problem, skipped, grad_out, query, key, value, rpb)
-        launches = dispatcher.backward_launches(problem, pair)
-        if log.isEnabledFor(logging.DEBUG):
-            _log(problem, Choice("backward", _pair_path(pair), launches.kernel_names(problem.has_rpb), tuple(skipped)))
-        if output is None:  # the plain backward functions may be called without the forward's results
-            route, skipped = dispatcher.forward_route(problem)  # the same dispatcher: its rules already evaluated
-            if route is None:
-                output, logsumexp = self._composed("forward", dispatcher, problem, skipped, query, key, value, rpb)
-            else:
-                output, logsumexp = dispatcher.forward(problem, query, key, value,
-                                                       composed.bias_in_accumulator(problem, rpb), route)
-        lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
-        dq, dk, dv, drpb = L.fused_backward(self.run, launches, problem, grad_out, query, key, value,
-                                            composed.bias_in_accumulator(problem, rpb), output, lse)
-        return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
-
-    def _composed(self, op: str, dispatcher: Dispatcher, problem: Problem, skipped, *arrays):
-        """The fused ``op`` as the split kernels composed, where they may serve (else the error saying why)."""
-        refusal = composed_refusal(dispatcher, problem, op)
-        if refusal is not None:
-            raise refusal
-        if log.isEnabledFor(logging.DEBUG):
-            _log(problem, Choice(op, SPLIT, (), tuple(skipped)))
-        return getattr(composed, op)(dispatcher, problem, *arrays)
-
-    def split_op(self, op: str):
-        """The split op ``op`` (a name of ``canary.OPS``), refused where its kernels failed verification."""
-        compose = getattr(composed, op)
-
-        def run(problem: Problem, *arrays):
-            dispatcher = self.dispatcher(problem)
-            refusal = split_op_refusal(dispatcher, problem, op)
-            if refusal is not None:
-                raise refusal
-            return compose(dispatcher, problem, *arrays)
-
-        return run
-
-    def ops(self) -> dict:
-        return {
-            "fused_forward": self.fused_forward,
-            "fused_backward": self.fused_backward,
-            "qk_forward": self.split_op("qk"),
-            "qk_backward": self.split_op("qk_backward"),
-            "av_forward": self.split_op("av"),
-            "av_backward": self.split_op("av_backward"),
-        }
-
-
-def composed_refusal(dispatcher: Dispatcher, problem: Problem, op: str) -> Exception | None:
-    """Why the composed split kernels may not serve the fused ``op`` (``forward``/``backward``) where no fused
-    kernel does, or None: a stride they lack, or (on the GPU) kernels that failed verification."""
-    gate, verify = dispatcher.gate, dispatcher.verifying
-    fused = [dispatcher.candidate(option) for option in dispatcher.admitted(op, problem)]
-    distrusted = gate.distrusted(problem, fused, active=True) if verify else []
-    if any(axis.stride != 1 for axis in problem.axes):
-        if distrusted:
-            return _untrusted_error(problem, f"fused {op}", distrusted, "The composed split kernels have no stride.")
-        try:
-            _require_stride_one(problem, dispatcher.policy.backend, op)
-        except ValueError as error:
-            return error
-    if verify:
-        unit = composed_candidates(dispatcher.run, dispatcher.policy)[op]
-        ok, _ = dispatcher._verified(problem, unit)
-        if not ok:
-            return _untrusted_error(problem, f"fused {op}", distrusted + gate.distrusted(problem, [unit], True),
-                                    "The composed split kernels gave wrong results too.")
-    return None
-
-
-#: split op -> how its calls are named in the error that refuses them
-_SPLIT_OP_CALLS = {"qk": "na*_qk", "qk_backward": "na*_qk backward", "av": "na*_av", "av_backward": "na*_av backward"}
-
-
-def split_op_refusal(dispatcher: Dispatcher, problem: Problem, op: str) -> Exception | None:
-    """Why the split op ``op`` may not run (its kernels failed verification on this GPU), or None."""
-    if not dispatcher.verifying:
-        return None
-    unit = composed_candidates(dispatcher.run, dispatcher.policy)[op]
-    ok, _ = dispatcher._verified(problem, unit)
-    if ok:
-        return None
-    return _untrusted_error(problem, f"{_SPLIT_OP_CALLS[op]} call", dispatcher.gate.distrusted(problem, [unit], True),
-                            "The split ops have no other kernels; the fused ops (na1d, na2d) compute "
-                            "attention with their own, verified apart.")
-
-
-def explain_steps(backend: str, problem: Problem, backward: bool = False, weights: str | None = None):
-    """``(policy, steps)``: what a call of ``problem`` on ``backend`` would run, decided as the call decides it
-    now but launching nothing and running no canary (``na_rtc.explain``). A step is ``(op, fused choice or
-    None, split-kernel choices, error text)``."""
-    policy = Policy.for_call(backend, problem)
-    dispatcher = Dispatcher(None, policy, Gate.of(backend), "peek")
-    fused = problem.op == "fused"
-    first = "forward" if fused else problem.op
-    ops = [first, "backward" if fused else f"{first}_backward"] if backward else [first]
-    steps = []
-    for op in ops:
-        choice = None
-        if fused:
-            choice = dispatcher.choose(op, problem)
-            if choice.path is not None:
-                steps.append((op, choice, (), ""))
-                continue
-            refusal = composed_refusal(dispatcher, problem, op)
-        else:
-            refusal = split_op_refusal(dispatcher, problem, op)
-        launches = () if refusal else tuple(dispatcher.choose(role, problem, *args)
-                                            for role, args in composed.launches(op, problem, weights))
-        steps.append((op, choice, launches, "" if refusal is None else str(refusal)))
-    return policy, steps
-
-
-def make_ops(run, backend: str, verification: str = "run") -> dict:
-    """The op table (same signatures as :data:`na_rtc.reference.OPS`) on executor ``run`` for ``backend``
-    (``cuda`` or ``emulator``: which GPU policy and verification apply)."""
-    return OpTable(run, backend, verification).ops()
