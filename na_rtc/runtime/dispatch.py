@@ -247,7 +247,7 @@ class Dispatcher:
             route, skipped = self.forward_route(problem)
             if route is None:
                 return Choice(op, None, (), tuple(skipped))
-            return Choice(op, route.path, (self._plan(problem, route).name,), tuple(skipped),
+            return Choice(op, route.path, (self.plan(problem, route).name,), tuple(skipped),
                           self._unverified(problem, self.candidate(route)))
         if op == "backward":
             pair, skipped = self.backward_pair(problem)
@@ -267,14 +267,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------ launching
 
-    def _plan(self, problem: Problem, route: Route):
+    def plan(self, problem: Problem, route: Route):
+        """The launch ``route``'s family plans for ``problem`` under this dispatch's policy."""
         return _role(route).plan(problem, self.policy)
 
     def backward_launches(self, problem: Problem, pair) -> L.BackwardLaunches:
         dq, dkdv = pair
         reduce = _role(_RPB_REDUCE).plan(problem, self.policy) if problem.has_rpb else None
-        return L.BackwardLaunches(_role(_DELTA).plan(problem, self.policy), self._plan(problem, dq),
-                                  self._plan(problem, dkdv), reduce)
+        return L.BackwardLaunches(_role(_DELTA).plan(problem, self.policy), self.plan(problem, dq),
+                                  self.plan(problem, dkdv), reduce)
 
     def forward(self, problem: Problem, query, key, value, rpb_acc=None, path: str | Route | None = None):
         """``(out, lse)`` of the fused forward kernels: on ``path`` (a name of :data:`FORWARD`, unchecked), or
@@ -283,7 +284,7 @@ class Dispatcher:
         if route is None:
             raise ValueError(f"no fused kernel covers this problem ({problem.ndim}D, {problem.dtype}, head_dim "
                              f"{problem.head_dim}); see Dispatcher.choose('forward', problem) for why")
-        return _role(route).run(self.run, self._plan(problem, route), problem, query, key, value, rpb_acc)
+        return _role(route).run(self.run, self.plan(problem, route), problem, query, key, value, rpb_acc)
 
     def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse, paths=None):
         """``(dq, dk, dv, drpb)`` of the fused backward kernels, from the forward's ``output`` and ``lse``:

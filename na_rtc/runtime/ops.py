@@ -66,7 +66,7 @@ class OpTable:
         route, skipped = dispatcher.forward_route(problem)
         if route is not None:
             if log.isEnabledFor(logging.DEBUG):
-                log_choice(problem, Choice("forward", route.path, (dispatcher._plan(problem, route).name,), tuple(skipped)))
+                log_choice(problem, Choice("forward", route.path, (dispatcher.plan(problem, route).name,), tuple(skipped)))
             return dispatcher.forward(problem, query, key, value, composed.bias_in_accumulator(problem, rpb), route)
         return self._composed("forward", dispatcher, problem, skipped, query, key, value, rpb)
 
