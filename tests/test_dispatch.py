@@ -18,6 +18,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers import requires_nvrtc
 
 import na_rtc
 from na_rtc import backends, config
@@ -321,3 +322,37 @@ def test_the_host_overhead_entry_builds_plans_and_runs_nothing():
     assert notes["plans_forward"] == 1 and notes["plans_forward_backward"] == 4  # fused forward; delta, dq, dK/dV + it
     assert math.isfinite(notes["host_us_forward"]) and notes["host_us_forward"] > 0
     assert notes["host_us_forward_backward"] > notes["host_us_forward"]
+
+
+# ---------------------------------------------------------------- on the GPU launch path's stand-in
+
+
+@requires_nvrtc  # a verdict's key holds the NVRTC version (read before the stand-in replaces the CUDA bindings)
+@pytest.mark.parametrize("arch, forward", [(75, "simt"), (80, "mma.sync"), (90, "mma.sync")])
+def test_explain_on_a_gpu_follows_its_architecture_and_touches_nothing(monkeypatch, tmp_path, arch, forward):
+    """On the cuda backend explain reads the call's GPU (its architecture picks the paths, its kernels are marked
+    for first-use verification) without a context, a device switch, a compile or a launch anywhere."""
+    from fake_cuda import install
+
+    from na_rtc.verify import gate
+    from na_rtc.verify.verdicts import VerdictStore
+
+    machine = install(monkeypatch, archs=(90, arch))
+    monkeypatch.setattr(backends, "_probe", lambda name: (True, "a stand-in GPU"))
+    monkeypatch.setattr(gate, "_store", VerdictStore(tmp_path / "verdicts"))
+    monkeypatch.delenv("NA_RTC_VERIFY", raising=False)
+    monkeypatch.delenv("NA_RTC_WGMMA", raising=False)
+    x = machine.cupy_array(1, (1, 64, 2, 32))
+    contexts = set(machine.contexts)
+    explanation = na_rtc.explain("na1d", x, x, x, 7, backward=True)
+    assert explanation.backend == "cuda" and f"GPU cuda:1, sm_{arch}" in str(explanation)
+    step = explanation.steps[0]
+    assert step.choice.path == forward
+    assert step.choice.note == "verified against the reference at its first use on this GPU"
+    if arch < 80:
+        assert dict(step.choice.skipped)["mma.sync"] == "its kernels run on sm_80 and newer; this GPU is sm_75"
+    else:
+        assert dict(step.choice.skipped)["wgmma"].startswith("opt-in: NA_RTC_WGMMA=1")
+    assert "first-use verification on" in str(explanation)
+    assert machine.contexts == contexts and machine.set_device_calls == []
+    assert machine.compiles == [] and machine.launches() == []
