@@ -315,13 +315,18 @@ def test_the_host_overhead_entry_builds_plans_and_runs_nothing():
     (entry,) = runner.select_entries(["host_overhead"], machine).run
     problem = spec((24, 20), (5, 5), dtype="float16", head_dim=32)
     prepared = entry.prepare(problem, make_inputs(problem, "cpu", "emulator"))
-    assert not prepared.comparable and not entry.uses_kernels
+    assert not prepared.comparable and not entry.uses_kernels and not entry.computes  # no output check, no TFLOP/s
     out = prepared.forward()
     assert tuple(out.shape) == problem.qkv_shape
     notes = prepared.notes
     assert notes["plans_forward"] == 1 and notes["plans_forward_backward"] == 4  # fused forward; delta, dq, dK/dV + it
     assert math.isfinite(notes["host_us_forward"]) and notes["host_us_forward"] > 0
     assert notes["host_us_forward_backward"] > notes["host_us_forward"]
+    from na_rtc.bench import timing
+
+    settings = timing.Settings(warmup=0, repeat=2, min_repeat=1, min_time=0.0)
+    record = runner.run_entry(entry, problem, make_inputs(problem, "cpu", "emulator"), machine, settings, 10**6, None)
+    assert record["status"] == "ok" and record["forward"]["tflops"] is None  # its time is no attention's
 
 
 # ---------------------------------------------------------------- on the GPU launch path's stand-in

@@ -73,6 +73,8 @@ class Entry:
     default_cpu: bool = True
     #: why the entry is not run on a CPU machine by default (shown as its reason)
     cpu_note: str | None = None
+    #: the entry computes the problem's attention, so its time gives TFLOP/s (not the host-overhead entry)
+    computes: bool = True
 
 
 def make_inputs(spec: Spec, device: str, kernel_backend: str, kernel_backend_missing: str | None = None) -> Inputs:
@@ -412,6 +414,6 @@ def na_rtc_entries() -> list[Entry]:
         Entry("reference", "na_rtc reference (torch)", lambda spec, inputs: _prepare_fused(spec, inputs, "reference"),
               default_gpu=False),
         Entry("host_overhead", "na_rtc host overhead of a warm fused call: dispatch and launch plans, nothing "
-              "launched (notes: microseconds per call)", _prepare_host_overhead),
+              "launched (notes: microseconds per call)", _prepare_host_overhead, computes=False),
     ]
 

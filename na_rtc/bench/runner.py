@@ -171,7 +171,8 @@ def run_entry(entry: Entry, spec: Spec, inputs, machine: Machine, settings: timi
             continue
         try:
             measured = timing.measure(fn, clock, settings, memory)
-            measured["tflops"] = flops.tflops(forward_flops * factor, measured["median_ms"] / 1e3)
+            measured["tflops"] = (flops.tflops(forward_flops * factor, measured["median_ms"] / 1e3) if entry.computes
+                                  else None)
             record[mode] = measured
         except Exception as error:  # noqa: BLE001
             record[mode] = _failure(error)
