@@ -14,6 +14,7 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,18 @@ def test_every_module_imports_on_its_own():
 
 
 # ---------------------------------------------------------------- the registry
+
+
+def test_the_wheel_lists_every_subpackage():
+    """pyproject.toml names the packages one by one (cuda_src/ is mapped into the wheel, which automatic
+    discovery cannot express): a new subpackage missing there leaves its modules out of the wheel, which the
+    wheel check of .ci/run finds only after the whole test suite."""
+    setuptools = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    subpackages = {name for name, (_, is_package) in _modules().items() if is_package}
+    missing = sorted(subpackages - listed)
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
+    assert "na_rtc.cuda_src" in listed and setuptools["package-dir"]["na_rtc.cuda_src"] == "cuda_src"
 
 
 def test_the_registry_knows_every_family_and_every_kernel_once():
