@@ -1,19 +1,30 @@
 // The argument lists the kernels share, in the order the launch plans pass
-// them (na_rtc/runtime/plan.py):
-//   NA_PROBLEM      batch B, heads H, head dim D, then per axis its length,
-//                   kernel, stride, dilation and causal flag (x: X kx sx dx
-//                   cx; y: Y ky sy dy cy; 1D problems pass Y = 1)
-//   NA_STRIDES5(t)  int64 element strides of tensor t: batch, x, y, head,
-//                   head dim (any layout and view, no copies)
-//   NA_STRIDES4(t)  the same for a per-row table (lse, delta): batch, x, y,
-//                   head
-// and NA_AT5 / NA_AT4, the element offset of an index in such a tensor.
+// them (na_rtc/runtime/kernel_args.py packs each one):
+//   NA_PROBLEM    batch B, heads H, head dim D, then per axis its length,
+//                 kernel, stride, dilation and causal flag (x: X kx sx dx cx;
+//                 y: Y ky sy dy cy; z: Z kz sz dz cz). Every kernel takes all
+//                 three axes; a problem of lower rank passes trivial axes
+//                 (length 1, kernel 1: 1D has Y = Z = 1, 2D has Z = 1), and a
+//                 kernel whose RANK template parameter is below 3 never reads
+//                 the z axis, so its code is the same as without it.
+//   NA_TENSOR(t)  int64 element strides of a [b, x, y, z, h, last] tensor
+//                 (q, k, v, outputs, weights): any layout and view, no copies;
+//                 the strides of trivial axes are 0
+//   NA_ROWS(t)    the same for a per-row table (lse, delta): [b, x, y, z, h]
+//   NA_BIAS(t)    the bias table [h, rx, ry, rz]
+// and NA_AT5 / NA_AT4 (a rank-2 element offset, z = 0) and NA_AT6 / NA_ATR
+// (any rank), the element offset of an index in such a tensor.
 #pragma once
 
-#define NA_PROBLEM                                                                                \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy
-#define NA_STRIDES5(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h, long long t##_l
-#define NA_STRIDES4(t) long long t##_b, long long t##_x, long long t##_y, long long t##_h
+#define NA_PROBLEM                                                                                           \
+    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, long long cx, \
+        long long Y, long long ky, long long sy, long long dy, long long cy, long long Z, long long kz,        \
+        long long sz, long long dz, long long cz
+#define NA_TENSOR(t) \
+    long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h, long long t##_l
+#define NA_ROWS(t) long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h
+#define NA_BIAS(t) long long t##_h, long long t##_x, long long t##_y, long long t##_z
 #define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
 #define NA_AT4(t, b, x, y, h) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h)
+#define NA_AT6(t, b, x, y, z, h, l) (NA_AT5(t, b, x, y, h, l) + (z) * t##_z)
+#define NA_ATR(t, b, x, y, z, h) (NA_AT4(t, b, x, y, h) + (z) * t##_z)

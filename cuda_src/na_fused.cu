@@ -44,10 +44,8 @@ struct na_fused_chunk {
 
 template <class T, int HD, int TX, int TY>
 __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
-    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
-    NA_STRIDES5(v), const typename na_acc<T>::type* __restrict__ rpb, long long rpb_h, long long rpb_x,
-    long long rpb_y, T* __restrict__ out, NA_STRIDES5(o), float* __restrict__ lse, long long l_b, long long l_x,
-    long long l_y, long long l_h, double scale, NA_PROBLEM) {
+    const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
+    NA_TENSOR(v), const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY;                 // queries per block
     constexpr int G = NA_FUSED_THREADS / NQ;    // lanes per query
     constexpr int E = HD / G;                   // head dims per lane

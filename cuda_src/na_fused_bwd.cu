@@ -67,8 +67,8 @@ template <class T> __device__ __forceinline__ long long na_fb_row(long long D) {
 // delta[b, i, h] = sum_d dout * out (float32), one thread per row
 template <class T>
 __global__ void __launch_bounds__(NA_FB_THREADS)
-    na_fused_delta(const T* __restrict__ g, NA_STRIDES5(g), const T* __restrict__ o, NA_STRIDES5(o),
-                   float* __restrict__ delta, NA_STRIDES4(e), NA_PROBLEM) {
+    na_fused_delta(const T* __restrict__ g, NA_TENSOR(g), const T* __restrict__ o, NA_TENSOR(o),
+                   float* __restrict__ delta, NA_ROWS(e), NA_PROBLEM) {
     long long n = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= B * X * Y * H) return;
     const long long h = n % H; n /= H;
@@ -95,11 +95,10 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 
 template <class T, int HD, int TX, int TY, int KC>
 __global__ void __launch_bounds__(NA_FB_THREADS)
-    na_fused_bwd_dq(const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
-                    const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
-                    const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta,
-                    NA_STRIDES4(e), const float* __restrict__ rpb, long long rpb_h, long long rpb_x,
-                    long long rpb_y, T* __restrict__ dq, NA_STRIDES5(o), float* __restrict__ rpb_partial,
+    na_fused_bwd_dq(const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
+                    const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
+                    const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta,
+                    NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dq, NA_TENSOR(o), float* __restrict__ rpb_partial,
                     double scale, NA_PROBLEM) {
     constexpr int TQ = TX * TY;
     constexpr int LANES = NA_FB_THREADS / TQ;  // threads per query in pass 2
@@ -267,12 +266,11 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 
 template <class T, int HD, int TX, int TY, int QC>
 __global__ void __launch_bounds__(NA_FB_THREADS)
-    na_fused_bwd_dkdv(const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
-                      const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
-                      const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta,
-                      NA_STRIDES4(e), const float* __restrict__ rpb, long long rpb_h, long long rpb_x,
-                      long long rpb_y, T* __restrict__ dk, NA_STRIDES5(dk), T* __restrict__ dv,
-                      NA_STRIDES5(dv), double scale, NA_PROBLEM) {
+    na_fused_bwd_dkdv(const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
+                      const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
+                      const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta,
+                      NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dk, NA_TENSOR(dk), T* __restrict__ dv,
+                      NA_TENSOR(dv), double scale, NA_PROBLEM) {
     constexpr int TK = TX * TY;
     constexpr int LANES = NA_FB_THREADS / TK;  // threads per key in pass 2
     constexpr int DPT = HD / LANES;
@@ -427,7 +425,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 
 // bias gradient, pass 2 (na_rpb_reduce.cuh)
 __global__ void __launch_bounds__(NA_FB_THREADS)
-    na_fused_rpb_reduce(const float* __restrict__ partial, long long tiles, float* __restrict__ drpb, long long rpb_h,
-                        long long rpb_x, long long rpb_y, long long H, long long kx, long long ky) {
-    na_rpb_reduce<NA_FB_THREADS>(partial, tiles, drpb, rpb_h, rpb_x, rpb_y, H, kx, ky);
+    na_fused_rpb_reduce(const float* __restrict__ partial, long long tiles, float* __restrict__ drpb, NA_BIAS(rpb),
+                        long long H, long long kx, long long ky, long long kz) {
+    na_rpb_reduce<NA_FB_THREADS>(partial, tiles, drpb, rpb_h, rpb_x, rpb_y, rpb_z, H, kx, ky, kz);
 }

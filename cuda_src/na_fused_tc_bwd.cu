@@ -58,11 +58,11 @@ __device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 1
 // them in registers (sm_80 to sm_90 do not, and keep them there).
 template <class T, int HD, int TX, int TY, int KC, bool KV_SHARED = (HD == 128 && NA_TC_ARCH >= 1000)>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
-    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
-    const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
-    const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta, NA_STRIDES4(e),
-    const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y, T* __restrict__ dq,
-    NA_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
+    const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
+    const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
+    const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e),
+    const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dq,
+    NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
@@ -160,11 +160,11 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
 
 template <class T, int HD, int TX, int TY, int QC>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
-    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
-    const T* __restrict__ v, NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g),
-    const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta, NA_STRIDES4(e),
-    const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y, T* __restrict__ dk,
-    NA_STRIDES5(dk), T* __restrict__ dv, NA_STRIDES5(dv), double scale, NA_PROBLEM) {
+    const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
+    const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
+    const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e),
+    const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dk,
+    NA_TENSOR(dk), T* __restrict__ dv, NA_TENSOR(dv), double scale, NA_PROBLEM) {
     constexpr int NK = TX * TY;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;

@@ -56,10 +56,9 @@
 
 template <class T, int HD, int TX, int TY, int KC, bool QS, int WG>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
-    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
-    NA_STRIDES5(v), const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
-    T* __restrict__ out, NA_STRIDES5(o), float* __restrict__ lse, long long l_b, long long l_x, long long l_y,
-    long long l_h, double scale, NA_PROBLEM) {
+    const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
+    NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb),
+    T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY;
     constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int KSTEPS = HD / 16;  // k-steps of Q K^T

@@ -40,11 +40,9 @@
 // (KC + 1) floats of ds, one float per bias entry.
 template <class T, int HD, int TX, int TY, int KC, bool QS, int WG>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
-    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
-    NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g), const float* __restrict__ lse, long long l_b,
-    long long l_x, long long l_y, long long l_h, const float* __restrict__ delta, long long e_b, long long e_x,
-    long long e_y, long long e_h, const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
-    T* __restrict__ dq, NA_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
+    const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
+    NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g), const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb),
+    T* __restrict__ dq, NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY;
     constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int P = HD + 8;
@@ -204,11 +202,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 // 2 x 6 QC words of chunk tables. Above 48 KiB the launcher opts in.
 template <class T, int HD, int TX, int TY, int QC, int WG>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
-    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k), const T* __restrict__ v,
-    NA_STRIDES5(v), const T* __restrict__ g, NA_STRIDES5(g), const float* __restrict__ lse, long long l_b,
-    long long l_x, long long l_y, long long l_h, const float* __restrict__ delta, long long e_b, long long e_x,
-    long long e_y, long long e_h, const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
-    T* __restrict__ dk, NA_STRIDES5(dk), T* __restrict__ dv, NA_STRIDES5(dv), double scale, NA_PROBLEM) {
+    const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
+    NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g), const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb),
+    T* __restrict__ dk, NA_TENSOR(dk), T* __restrict__ dv, NA_TENSOR(dv), double scale, NA_PROBLEM) {
     constexpr int NK = TX * TY;
     constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;

@@ -43,9 +43,8 @@ __device__ __forceinline__ na_coords na_unravel(long long n, long long X, long l
 // logits: attn[b,i,h,t] = scale * q[b,i,h] . k[b,key(i,t),h] + rpb[h, rel(i,t)]
 // slots outside a (causal) window get `fill` (-inf for logits, 0 for gradients)
 template <class T, class TA>
-__global__ void na_qk_fwd(const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
-                          const typename na_acc<T>::type* __restrict__ rpb, long long rpb_h, long long rpb_x,
-                          long long rpb_y, TA* __restrict__ attn, NA_STRIDES5(a), double scale, double fill,
+__global__ void na_qk_fwd(const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
+                          const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb), TA* __restrict__ attn, NA_TENSOR(a), double scale, double fill,
                           NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     NA_AXES
@@ -75,8 +74,8 @@ __global__ void na_qk_fwd(const T* __restrict__ q, NA_STRIDES5(q), const T* __re
 // weighted sum over the window: out[b,i,h,d] = scale * sum_t attn[b,i,h,t] * v[b,key(i,t),h,d]
 // (slots outside the window are skipped, whatever attn holds there)
 template <class TA, class T>
-__global__ void na_av_fwd(const TA* __restrict__ attn, NA_STRIDES5(a), const T* __restrict__ v, NA_STRIDES5(v),
-                          T* __restrict__ out, NA_STRIDES5(o), double scale, NA_PROBLEM) {
+__global__ void na_av_fwd(const TA* __restrict__ attn, NA_TENSOR(a), const T* __restrict__ v, NA_TENSOR(v),
+                          T* __restrict__ out, NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     NA_AXES
     const long long n = na_thread_index();
@@ -102,8 +101,8 @@ __global__ void na_av_fwd(const TA* __restrict__ attn, NA_STRIDES5(a), const T* 
 // whose window holds key j of w[b,i,h,slot(i,j)] * src[b,i,h,d]
 // (dK from dAttn and Q, dV from Attn and dOut): deterministic, no atomics
 template <class TA, class T>
-__global__ void na_inv_fwd(const TA* __restrict__ w, NA_STRIDES5(w), const T* __restrict__ src, NA_STRIDES5(s),
-                           T* __restrict__ out, NA_STRIDES5(o), double scale, NA_PROBLEM) {
+__global__ void na_inv_fwd(const TA* __restrict__ w, NA_TENSOR(w), const T* __restrict__ src, NA_TENSOR(s),
+                           T* __restrict__ out, NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     NA_AXES
     const long long n = na_thread_index();
@@ -132,8 +131,8 @@ __global__ void na_inv_fwd(const TA* __restrict__ w, NA_STRIDES5(w), const T* __
 // bias entry, a fixed-order tree reduction (deterministic, no atomics)
 #define NA_RPB_THREADS 256
 template <class TA>
-__global__ void na_rpb_bwd(const TA* __restrict__ dattn, NA_STRIDES5(a), typename na_acc<TA>::type* __restrict__ drpb,
-                           long long rpb_h, long long rpb_x, long long rpb_y, NA_PROBLEM) {
+__global__ void na_rpb_bwd(const TA* __restrict__ dattn, NA_TENSOR(a), typename na_acc<TA>::type* __restrict__ drpb,
+                           NA_BIAS(rpb), NA_PROBLEM) {
     typedef typename na_acc<TA>::type A;
     __shared__ A partial[NA_RPB_THREADS];
     NA_AXES
@@ -162,8 +161,8 @@ __global__ void na_rpb_bwd(const TA* __restrict__ dattn, NA_STRIDES5(a), typenam
 // softmax over the slots of each (b, i, h) row, in place; writes the
 // natural-log sum of exp (lse may be null). Rows: [b, x, y, h].
 template <class TA>
-__global__ void na_softmax_fwd(TA* __restrict__ attn, NA_STRIDES5(a), typename na_acc<TA>::type* __restrict__ lse,
-                               long long l_b, long long l_x, long long l_y, long long l_h, NA_PROBLEM) {
+__global__ void na_softmax_fwd(TA* __restrict__ attn, NA_TENSOR(a), typename na_acc<TA>::type* __restrict__ lse,
+                               NA_ROWS(l), NA_PROBLEM) {
     typedef typename na_acc<TA>::type A;
     const long long slots = kx * ky;
     const long long n = na_thread_index();
@@ -188,7 +187,7 @@ __global__ void na_softmax_fwd(TA* __restrict__ attn, NA_STRIDES5(a), typename n
 // softmax backward, in place on the probability gradient:
 // grad[t] <- p[t] * (grad[t] - sum_s p[s] * grad[s])
 template <class TA>
-__global__ void na_softmax_bwd(const TA* __restrict__ probs, NA_STRIDES5(p), TA* __restrict__ grad, NA_STRIDES5(g),
+__global__ void na_softmax_bwd(const TA* __restrict__ probs, NA_TENSOR(p), TA* __restrict__ grad, NA_TENSOR(g),
                                NA_PROBLEM) {
     typedef typename na_acc<TA>::type A;
     const long long slots = kx * ky;

@@ -76,9 +76,9 @@ __device__ __forceinline__ void na_stage_halo(T* dst, long long P, const T* src,
 // `fill` outside (causal) windows: na_qk_fwd, from shared memory
 template <class T, class TA, int HD, int TX, int TY>
 __global__ void __launch_bounds__(256, NA_TILED_QK_MIN_BLOCKS) na_tiled_qk(
-    const T* __restrict__ q, NA_STRIDES5(q), const T* __restrict__ k, NA_STRIDES5(k),
-    const typename na_acc<T>::type* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y,
-    TA* __restrict__ attn, NA_STRIDES5(a), double scale, double fill, NA_PROBLEM) {
+    const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
+    const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb),
+    TA* __restrict__ attn, NA_TENSOR(a), double scale, double fill, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     constexpr int P = na_tiled_pitch<T, HD>::value;
     const na_axis ax = {X, kx, sx, dx, cx};
@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(256, NA_TILED_QK_MIN_BLOCKS) na_tiled_qk(
 // (slots outside the window are skipped): na_av_fwd, from shared memory
 template <class TA, class T, int HD, int TX, int TY>
 __global__ void __launch_bounds__(256) na_tiled_av(
-    const TA* __restrict__ attn, NA_STRIDES5(a), const T* __restrict__ v, NA_STRIDES5(v), T* __restrict__ out,
-    NA_STRIDES5(o), double scale, NA_PROBLEM) {
+    const TA* __restrict__ attn, NA_TENSOR(a), const T* __restrict__ v, NA_TENSOR(v), T* __restrict__ out,
+    NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     constexpr int P = na_tiled_pitch<T, HD>::value;
     const na_axis ax = {X, kx, sx, dx, cx};

@@ -62,8 +62,8 @@ __host__ __device__ constexpr int na_tinv_min_blocks() {
 
 template <class TA, class T, int HD, int TX, int TY>
 __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD, TX, TY>()))
-    na_tiled_inv(const TA* __restrict__ w, NA_STRIDES5(w), const T* __restrict__ src, NA_STRIDES5(s),
-                 T* __restrict__ out, NA_STRIDES5(o), double scale, NA_PROBLEM) {
+    na_tiled_inv(const TA* __restrict__ w, NA_TENSOR(w), const T* __restrict__ src, NA_TENSOR(s),
+                 T* __restrict__ out, NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     const na_axis ax = {X, kx, sx, dx, cx};
     const na_axis ay = {Y, ky, sy, dy, cy};
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD
 // then NA_TRPB_THREADS floats for combining the parts of an entry.
 template <class TA, int TX, int TY>
 __global__ void __launch_bounds__(NA_TRPB_THREADS)
-    na_tiled_rpb_partial(const TA* __restrict__ dattn, NA_STRIDES5(a), float* __restrict__ partial, NA_PROBLEM) {
+    na_tiled_rpb_partial(const TA* __restrict__ dattn, NA_TENSOR(a), float* __restrict__ partial, NA_PROBLEM) {
     typedef typename na_acc<TA>::type A;
     static_assert(TX <= 128 && TY <= 128, "the prologue gives threads 0.. and 128.. the axes");
     const na_axis ax = {X, kx, sx, dx, cx};
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(NA_TRPB_THREADS)
 
 // bias gradient, pass 2 (na_rpb_reduce.cuh)
 __global__ void __launch_bounds__(NA_TRPB_THREADS)
-    na_tiled_rpb_reduce(const float* __restrict__ partial, long long tiles, float* __restrict__ drpb, long long rpb_h,
-                        long long rpb_x, long long rpb_y, long long H, long long kx, long long ky) {
-    na_rpb_reduce<NA_TRPB_THREADS>(partial, tiles, drpb, rpb_h, rpb_x, rpb_y, H, kx, ky);
+    na_tiled_rpb_reduce(const float* __restrict__ partial, long long tiles, float* __restrict__ drpb, NA_BIAS(rpb),
+                        long long H, long long kx, long long ky, long long kz) {
+    na_rpb_reduce<NA_TRPB_THREADS>(partial, tiles, drpb, rpb_h, rpb_x, rpb_y, rpb_z, H, kx, ky, kz);
 }

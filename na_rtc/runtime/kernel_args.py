@@ -5,17 +5,17 @@ function here packs one of them, in the same order; a change to one is a
 change to the other:
 
 * ``NA_PROBLEM`` -> :func:`problem`: batch, heads, head dim, then per axis
-  length, kernel, stride, dilation and causal flag (x, then y; a 1D problem
-  passes a trivial y axis);
-* ``NA_STRIDES5(t)`` -> :func:`tensor`: a ``[b, *spatial, h, last]`` array as
-  its pointer and five int64 element strides (batch, x, y, head, last);
-* ``NA_STRIDES4(t)`` -> :func:`rows`: a per-row table (logsumexp, delta) as its
-  pointer and four strides (batch, x, y, head), or a null pointer;
-* a bias table ``[h, rx, ry]`` -> :func:`bias`: its pointer and three strides,
-  or a null pointer.
+  length, kernel, stride, dilation and causal flag (x, y, then z);
+* ``NA_TENSOR(t)`` -> :func:`tensor`: a ``[b, *spatial, h, last]`` array as
+  its pointer and six int64 element strides (batch, x, y, z, head, last);
+* ``NA_ROWS(t)`` -> :func:`rows`: a per-row table (logsumexp, delta) as its
+  pointer and five strides (batch, x, y, z, head), or a null pointer;
+* ``NA_BIAS(t)`` -> :func:`bias`: a bias table ``[h, rx, ry, rz]`` as its
+  pointer and four strides, or a null pointer.
 
-1D problems run as 2D ones with a second axis of length 1 and kernel 1: every
-tensor gets a zero stride for that axis, so no data moves. The kernels' own
+Every kernel takes three axes. A problem of lower rank passes trivial axes
+after its own (length 1, kernel 1: 1D has y and z trivial, 2D has z), and
+every array gets a zero stride for them, so no data moves. The kernels' own
 argument lists (which of these, in which order) are packed by the launchers,
 with these pieces.
 """
@@ -31,51 +31,51 @@ from . import plan as P
 __all__ = ["bias", "problem", "rows", "tensor"]
 
 _i64 = P.i64
-#: the trivial y axis of a 1D problem: length 1, kernel 1, stride 1, dilation 1, not causal
+#: the axes every kernel takes (x, y, z)
+AXES = 3
+#: a trivial axis, after a lower-rank problem's own: length 1, kernel 1, stride 1, dilation 1, not causal
 _TRIVIAL_AXIS = (_i64(1), _i64(1), _i64(1), _i64(1), _i64(0))
-_NULL_BIAS = (P.NULL, _i64(0), _i64(0), _i64(0))
-_NULL_ROWS = (P.NULL, _i64(0), _i64(0), _i64(0), _i64(0))
+_NULL_BIAS = (P.NULL, *(_i64(0),) * (1 + AXES))
+_NULL_ROWS = (P.NULL, *(_i64(0),) * (2 + AXES))
 
 
-@lru_cache(maxsize=256)  # a warm call repeats its problem: its 13 arguments are packed once
+@lru_cache(maxsize=256)  # a warm call repeats its problem: its 18 arguments are packed once
 def problem(problem: Problem) -> tuple[P.Arg, ...]:
     """``NA_PROBLEM``."""
     args = [_i64(problem.batch), _i64(problem.heads), _i64(problem.head_dim)]
     for axis in problem.axes:
         args += [_i64(axis.length), _i64(axis.kernel_size), _i64(axis.stride), _i64(axis.dilation),
                  _i64(axis.causal)]
-    if len(problem.axes) == 1:
-        args += _TRIVIAL_AXIS
+    args += _TRIVIAL_AXIS * (AXES - len(problem.axes))
     return tuple(args)
 
 
 def tensor(x, problem: Problem) -> tuple[P.Arg, ...]:
-    """``T* t, NA_STRIDES5(t)``: pointer + 5 element strides ``[b, x, y, h, last]`` of a ``[b, *spatial, h,
+    """``T* t, NA_TENSOR(t)``: pointer + 6 element strides ``[b, x, y, z, h, last]`` of a ``[b, *spatial, h,
     last]`` array."""
-    return (P.ptr(x), *_strides(_arrays.element_strides(x), problem.ndim == 1, 5))
+    return (P.ptr(x), *_strides(_arrays.element_strides(x), problem.ndim, 2))
 
 
 def bias(x, problem: Problem) -> tuple[P.Arg, ...]:
-    """Pointer + 3 element strides ``[h, rx, ry]`` of a bias table, or a null pointer."""
+    """``NA_BIAS``: pointer + 4 element strides ``[h, rx, ry, rz]`` of a bias table, or a null pointer."""
     if x is None:
         return _NULL_BIAS
-    return (P.ptr(x), *_strides(_arrays.element_strides(x), problem.ndim == 1, 3))
+    return (P.ptr(x), *_strides(_arrays.element_strides(x), problem.ndim, 0))
 
 
 def rows(x, problem: Problem) -> tuple[P.Arg, ...]:
-    """``NA_STRIDES4``: pointer + 4 element strides ``[b, x, y, h]`` of a logsumexp-shaped array, or a null
+    """``NA_ROWS``: pointer + 5 element strides ``[b, x, y, z, h]`` of a logsumexp-shaped array, or a null
     pointer."""
     if x is None:
         return _NULL_ROWS
-    return (P.ptr(x), *_strides(_arrays.element_strides(x), problem.ndim == 1, 4))
+    return (P.ptr(x), *_strides(_arrays.element_strides(x), problem.ndim, 1))
 
 
 @lru_cache(maxsize=1024)  # layouts repeat from call to call: their arguments are packed once
-def _strides(strides: tuple[int, ...], one_d: bool, count: int) -> tuple[P.Arg, ...]:
-    """``count`` int64 stride arguments; a 1D problem's arrays get a zero stride for the trivial y axis, which
-    comes after the batch and x strides (a bias table has no batch: after its head and x strides)."""
-    if one_d:
-        strides = (*strides[:2], 0, *strides[2:])
-    if len(strides) != count:
-        raise ValueError(f"expected {count} strides of a {'1D' if one_d else '2D'} problem's array, got {strides}")
-    return tuple(map(_i64, strides))
+def _strides(strides: tuple[int, ...], rank: int, trailing: int) -> tuple[P.Arg, ...]:
+    """The int64 stride arguments of an array ``[lead, *spatial, *trailing]`` (lead: the batch, or a bias
+    table's head; trailing: head and last, or the head): the trivial axes of a lower-rank problem get zero
+    strides after its ``rank`` spatial ones."""
+    if len(strides) != 1 + rank + trailing:
+        raise ValueError(f"expected {1 + rank + trailing} strides of a {rank}D problem's array, got {strides}")
+    return tuple(map(_i64, (*strides[:1 + rank], *(0,) * (AXES - rank), *strides[1 + rank:])))

@@ -105,9 +105,9 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
 
 def _reduce_args(partial, tiles: int, drpb, problem: Problem) -> tuple[P.Arg, ...]:
     """The bias partials' reductions (``na_fused_rpb_reduce``, ``na_tiled_rpb_reduce``): partials, tiles per
-    head, the gradient table, heads and the kernel size per axis (1D: ky = 1)."""
-    kx, ky = (*problem.kernel_size, 1)[:2]
-    return (P.ptr(partial), P.i64(tiles), *A.bias(drpb, problem), P.i64(problem.heads), P.i64(kx), P.i64(ky))
+    head, the gradient table, heads and the kernel size per axis (a trivial axis: kernel 1)."""
+    kernels = (*problem.kernel_size, 1, 1)[:A.AXES]
+    return (P.ptr(partial), P.i64(tiles), *A.bias(drpb, problem), P.i64(problem.heads), *map(P.i64, kernels))
 
 
 # ---------------------------------------------------------------- split kernels (straightforward and tiled)

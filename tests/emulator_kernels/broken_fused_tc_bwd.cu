@@ -6,11 +6,11 @@
 
 template <>
 __global__ void na_fused_tc_bwd_dq<fp16_t, 32, 64, 1, 32>(
-    const fp16_t* __restrict__ q, NA_STRIDES5(q), const fp16_t* __restrict__ k, NA_STRIDES5(k),
-    const fp16_t* __restrict__ v, NA_STRIDES5(v), const fp16_t* __restrict__ g, NA_STRIDES5(g),
-    const float* __restrict__ lse, NA_STRIDES4(l), const float* __restrict__ delta, NA_STRIDES4(e),
-    const float* __restrict__ rpb, long long rpb_h, long long rpb_x, long long rpb_y, fp16_t* __restrict__ dq,
-    NA_STRIDES5(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
+    const fp16_t* __restrict__ q, NA_TENSOR(q), const fp16_t* __restrict__ k, NA_TENSOR(k),
+    const fp16_t* __restrict__ v, NA_TENSOR(v), const fp16_t* __restrict__ g, NA_TENSOR(g),
+    const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e),
+    const float* __restrict__ rpb, NA_BIAS(rpb), fp16_t* __restrict__ dq,
+    NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     const long long rows = B * X * Y * H, threads = (long long)gridDim.x * blockDim.x;
     for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += threads) {
         const long long h = r % H, y = r / H % Y, x = r / H / Y % X, b = r / H / Y / X;
