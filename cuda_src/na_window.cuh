@@ -81,3 +81,13 @@ __device__ __forceinline__ void na_axis_tables(int tid, const na_axis& ax, long 
     (on_x ? lo_x : lo_y)[i] = (I)lo;
     (on_x ? hi_x : hi_y)[i] = (I)hi;
 }
+
+// The problem's axes (NA_PROBLEM's arguments, na_args.cuh) as na_axis values.
+// A kernel whose RANK is below 3 gets the trivial z axis as constants (length
+// 1, kernel 1, stride 1, dilation 1, not causal), so that whatever it computes
+// on z folds away at compile time and its code is that of a 2D kernel; read z
+// through az (az.length, az.kernel), never through Z and kz, in such code.
+#define NA_PROBLEM_AXES(RANK)                                                                  \
+    const na_axis ax = {X, kx, sx, dx, cx};                                                    \
+    const na_axis ay = {Y, ky, sy, dy, cy};                                                    \
+    const na_axis az = (RANK) == 3 ? na_axis{Z, kz, sz, dz, cz} : na_axis{1, 1, 1, 1, 0};
