@@ -192,6 +192,19 @@ def test_every_route_of_the_dispatch_tables_names_a_registered_role():
     assert all(registry.get(r.family).roles[r.role].run is not None for r in dispatch.FORWARD)
 
 
+def test_every_3d_twin_mirrors_its_family():
+    """A family's 3D twin (``<name>_3d``) shares its source file and offers the same roles, for 3D only, so the
+    dispatcher's tables (which name the 1D/2D families) reach it for every route."""
+    for name, twin in registry.FAMILIES.items():
+        if not name.endswith(registry.RANK3_SUFFIX):
+            assert 3 not in twin.ranks, f"{name} serves 3D but is no 3D twin"
+            continue
+        base = registry.get(name[: -len(registry.RANK3_SUFFIX)])
+        assert twin.ranks == frozenset({3}) and twin.source == base.source, name
+        assert set(twin.roles) == set(base.roles), name
+        assert registry.for_rank(base.name, 3) is twin and registry.for_rank(base.name, 2) is base
+
+
 def test_a_kernel_path_is_four_files_from_the_api():
     """API (functional.py), dispatch table (runtime/dispatch.py), launch plan (the family's module), kernel
     (its cuda_src file): for every route, the family module names its source, and that file exists."""

@@ -113,9 +113,22 @@ class Choice:
         return "\n".join(lines)
 
 
-def _role(route_or_key) -> registry.Role:
+def _family(name: str, ndim: int) -> registry.Family:
+    """The family serving ``ndim``-D calls for the table's family ``name`` (a 3D call: its 3D twin); callers
+    ask only for routes :meth:`Dispatcher.admits` admitted, which checks that it exists."""
+    family = registry.for_rank(name, ndim)
+    if family is None:
+        raise ValueError(_no_rank(name, ndim))
+    return family
+
+
+def _no_rank(name: str, ndim: int) -> str:
+    return f"the {name} kernels serve {'/'.join(f'{r}D' for r in sorted(registry.get(name).ranks))}, not {ndim}D"
+
+
+def _role(route_or_key, ndim: int) -> registry.Role:
     family, role = (route_or_key.family, route_or_key.role) if isinstance(route_or_key, Route) else route_or_key
-    return registry.get(family).roles[role]
+    return _family(family, ndim).roles[role]
 
 
 class Dispatcher:
@@ -142,7 +155,7 @@ class Dispatcher:
         """``(ok, why)`` of the coverage rule of ``key`` = (family, role), its required rules first."""
         if problem is not self._problem:
             self._problem, self._rules = problem, {}
-        role = _role(key)
+        role = _role(key, problem.ndim)
         memo = (role.covers, role.requires, args)
         known = self._rules.get(memo)
         if known is None:
@@ -162,7 +175,9 @@ class Dispatcher:
             self._problem, self._rules = problem, {}
         known = self._rules.get((route, args))
         if known is None:
-            known = self.policy.allows(registry.get(route.family), route.switches)
+            family = registry.for_rank(route.family, problem.ndim)
+            known = (False, _no_rank(route.family, problem.ndim)) if family is None else \
+                self.policy.allows(family, route.switches)
             if known[0]:
                 known = self.rule(problem, (route.family, route.role), args)
             self._rules[route, args] = known
@@ -261,7 +276,7 @@ class Dispatcher:
             args = ((problem.dtype,) * (2 if op == "inverse" else 1) if not op.startswith("softmax")
                     else (accumulator_dtype(problem.dtype),))
         route, skipped = self.split_route(op, problem, args)
-        launch = _role(route).plan(problem, self.policy, *args)
+        launch = _role(route, problem.ndim).plan(problem, self.policy, *args)
         names = (launch.name,) if launch.extra is None else (launch.name, launch.extra.name)
         return Choice(op, route.path, names, tuple(skipped))
 
@@ -269,12 +284,13 @@ class Dispatcher:
 
     def plan(self, problem: Problem, route: Route):
         """The launch ``route``'s family plans for ``problem`` under this dispatch's policy."""
-        return _role(route).plan(problem, self.policy)
+        return _role(route, problem.ndim).plan(problem, self.policy)
 
     def backward_launches(self, problem: Problem, pair) -> L.BackwardLaunches:
         dq, dkdv = pair
-        reduce = _role(_RPB_REDUCE).plan(problem, self.policy) if problem.has_rpb else None
-        return L.BackwardLaunches(_role(_DELTA).plan(problem, self.policy), self.plan(problem, dq),
+        ndim = problem.ndim
+        reduce = _role(_RPB_REDUCE, ndim).plan(problem, self.policy) if problem.has_rpb else None
+        return L.BackwardLaunches(_role(_DELTA, ndim).plan(problem, self.policy), self.plan(problem, dq),
                                   self.plan(problem, dkdv), reduce)
 
     def forward(self, problem: Problem, query, key, value, rpb_acc=None, path: str | Route | None = None):
@@ -284,7 +300,8 @@ class Dispatcher:
         if route is None:
             raise ValueError(f"no fused kernel covers this problem ({problem.ndim}D, {problem.dtype}, head_dim "
                              f"{problem.head_dim}); see Dispatcher.choose('forward', problem) for why")
-        return _role(route).run(self.run, self.plan(problem, route), problem, query, key, value, rpb_acc)
+        return _role(route, problem.ndim).run(self.run, self.plan(problem, route), problem, query, key, value,
+                                              rpb_acc)
 
     def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse, paths=None):
         """``(dq, dk, dv, drpb)`` of the fused backward kernels, from the forward's ``output`` and ``lse``:
@@ -303,7 +320,7 @@ class Dispatcher:
 
     def _split(self, role: str, problem: Problem, args: tuple, *arrays):
         route, skipped = self.split_route(role, problem, args)
-        handler = _role(route)
+        handler = _role(route, problem.ndim)
         launch = handler.plan(problem, self.policy, *args)
         if log.isEnabledFor(logging.DEBUG):
             log_choice(problem, Choice(role, route.path, (launch.name,), tuple(skipped)))
@@ -354,12 +371,11 @@ def _named(routes, path):
 @lru_cache(maxsize=512)  # a warm call that verifies asks for the same few candidates again
 def _candidate(option, run, policy: Policy) -> Candidate:
     if isinstance(option, Route):
-        role = _role(option)
-
         def kernels(problem):
-            return {role.plan(problem, policy).name: ("out", "lse")}
+            return {_role(option, problem.ndim).plan(problem, policy).name: ("out", "lse")}
 
         def forward(problem, query, key, value, rpb_acc):
+            role = _role(option, problem.ndim)
             return role.run(run, role.plan(problem, policy), problem, query, key, value, rpb_acc)
 
         return Candidate("forward", option.path, kernels, forward)

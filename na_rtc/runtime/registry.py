@@ -13,6 +13,12 @@ This module imports no family module: the families import it, and
 all (``check``, ``precompile``, the executors, the dispatcher) imports that
 package once and then looks families up here. Lookups by family name and by
 kernel name are dictionary reads.
+
+A family serves the ranks in :attr:`Family.ranks`. 3D instantiations live in a
+family of their own, the *3D twin* ``<name>_3d`` of the family ``<name>``
+(same source file, its own instantiations), so that the emulator builds and
+``check`` of the 1D/2D family do not grow with them; the dispatcher's tables
+name the 1D/2D family and :func:`for_rank` finds the twin for a 3D call.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from . import plan as P
 
-__all__ = ["FAMILIES", "Family", "Launch", "Role", "families", "family_of", "get", "names", "register", "replace", "source_of"]
+__all__ = ["FAMILIES", "RANK3_SUFFIX", "Family", "Launch", "Role", "families", "family_of", "for_rank", "get", "names",
+           "register", "replace", "source_of"]
+
+#: the name of a family's 3D twin is the family's name and this
+RANK3_SUFFIX = "_3d"
 
 
 class Launch(NamedTuple):
@@ -85,6 +95,8 @@ class Family:
     name: str = ""
     #: role -> :class:`Role`: what the dispatcher may launch from it
     roles: Mapping[str, Role] = field(default_factory=dict)
+    #: the numbers of spatial axes its kernels serve (a 3D twin: {3})
+    ranks: frozenset = frozenset({1, 2})
 
     def runs_on(self, arch: int) -> bool:
         """Whether the dispatcher may run this family on ``sm_<arch>``: what ``check`` and ``precompile``
@@ -132,6 +144,16 @@ def get(name: str) -> Family:
         return _FAMILIES[name]
     except KeyError:
         raise KeyError(f"no kernel family {name!r} is registered (known: {', '.join(_FAMILIES)})") from None
+
+
+def for_rank(name: str, ndim: int) -> Family | None:
+    """The family that serves ``ndim``-D calls for the dispatcher's family ``name``: the family itself where it
+    serves the rank, else its 3D twin ``<name>_3d`` where that is registered and serves it, else None."""
+    family = get(name)
+    if ndim in family.ranks:
+        return family
+    twin = _FAMILIES.get(name + RANK3_SUFFIX)
+    return twin if twin is not None and ndim in twin.ranks else None
 
 
 def source_of(name: str) -> str:
