@@ -33,6 +33,8 @@ __all__ = [
     "inverse_range",
     "slot_table",
     "flat_slot_table",
+    "slot_rows",
+    "all_slots_valid",
 ]
 
 
@@ -175,27 +177,54 @@ def slot_table(axis: Axis) -> SlotTable:
     return SlotTable(keys, valid, bias)
 
 
+def slot_rows(axes: tuple[Axis, ...], start: int, stop: int) -> SlotTable:
+    """Rows ``[start, stop)`` of :func:`flat_slot_table`, built from the per-axis tables alone.
+
+    Memory is ``(stop - start) * prod(kernel_sizes)`` entries, whatever the
+    total number of tokens: the reference backend asks for one query chunk at
+    a time, so 3D problems (kernel volumes of hundreds of slots) never hold a
+    table over all (query, slot) pairs.
+    """
+    tokens = np.arange(start, stop, dtype=np.int64)
+    rows = len(tokens)
+    keys = np.zeros((rows, 1), dtype=np.int64)
+    valid = np.ones((rows, 1), dtype=bool)
+    bias = np.zeros((rows, 1), dtype=np.int64)
+    inner = 1
+    for axis in axes:
+        inner *= axis.length
+    for axis in axes:
+        inner //= axis.length
+        coord = (tokens // inner) % axis.length  # row-major: the first axis varies slowest
+        table = slot_table(axis)
+        # outer product of (slots so far) x (this axis' slots), row-major
+        keys = (keys[:, :, None] * axis.length + table.keys[coord][:, None, :]).reshape(rows, -1)
+        valid = (valid[:, :, None] & table.valid[coord][:, None, :]).reshape(rows, -1)
+        bias = (bias[:, :, None] * (2 * axis.kernel_size - 1) + table.bias[coord][:, None, :]).reshape(rows, -1)
+    return SlotTable(keys, valid, bias)
+
+
+def all_slots_valid(axes: tuple[Axis, ...]) -> bool:
+    """Whether every window slot of every query is inside its window (no causal window is cut short):
+    a product of per-axis windows is full exactly when every axis' window is."""
+    return all(slot_table(axis).all_valid for axis in axes)
+
+
 @functools.lru_cache(maxsize=32)
 def flat_slot_table(axes: tuple[Axis, ...]) -> SlotTable:
     """Slot table over row-major flattened tokens of a multi-axis problem.
 
     Shapes ``[prod(lengths), prod(kernel_sizes)]``; slot ``t`` is row-major
-    over the per-axis slots (``t = tx * ky + ty`` in 2D), the token index is
-    row-major over positions, and the bias index is row-major over the
-    ``(2kx - 1, 2ky - 1)`` bias table.
+    over the per-axis slots (``t = tx * ky + ty`` in 2D,
+    ``t = (tx * ky + ty) * kz + tz`` in 3D), the token index is row-major over
+    positions, and the bias index is row-major over the ``(2kx - 1, 2ky - 1,
+    ...)`` bias table. Its size grows with tokens x slots; code that may meet
+    large problems builds rows as it needs them (:func:`slot_rows`).
     """
-    keys = np.zeros((1, 1), dtype=np.int64)
-    valid = np.ones((1, 1), dtype=bool)
-    bias = np.zeros((1, 1), dtype=np.int64)
+    tokens = 1
     for axis in axes:
-        table = slot_table(axis)
-        n, k = table.keys.shape
-        # outer product of (tokens so far) x (this axis), row-major
-        keys = (keys[:, None, :, None] * axis.length + table.keys[None, :, None, :])
-        valid = valid[:, None, :, None] & table.valid[None, :, None, :]
-        bias = bias[:, None, :, None] * (2 * axis.kernel_size - 1) + table.bias[None, :, None, :]
-        rows = keys.shape[0] * n
-        keys, valid, bias = (a.reshape(rows, -1) for a in (keys, valid, bias))
-    for array in (keys, valid, bias):
+        tokens *= axis.length
+    table = slot_rows(axes, 0, tokens)
+    for array in table:
         array.setflags(write=False)
-    return SlotTable(keys, valid, bias)
+    return table

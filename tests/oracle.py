@@ -1,5 +1,9 @@
 """Brute-force oracle: DESIGN.md section 2 transcribed literally, with loops.
 
+One, two or three spatial axes: per axis the literal window, and in 2D/3D a
+key is a neighbor when it is one on every axis (``itertools.product`` over the
+per-axis neighbors; window slots row-major, ``t = (tx * ky + ty) * kz + tz``).
+
 Nothing here uses ``na_rtc``; it is the independent definition the window
 math and the reference backend are checked against. Everything is float64
 NumPy and plain Python loops, so keep sizes tiny.
@@ -84,7 +88,7 @@ def _rpb_term(rpb, h, qpos, kpos, lengths, kernels, dilations):
 
 def _problem(q, kernel_size, stride, dilation, causal):
     ndim = q.ndim - 3
-    assert ndim in (1, 2), q.shape
+    assert ndim in (1, 2, 3), q.shape
     lengths = q.shape[1:-2]
     kernels = per_axis(kernel_size, ndim)
     strides = per_axis(stride, ndim)

@@ -241,3 +241,72 @@ def test_exhaustive_monotonic_and_inverse_bound(max_length):
         first, last = W.inverse_range(axis, q)
         assert ((last - first) <= 2 * axis.kernel_size - 1).all(), axis
         assert ((last - first) >= 1).all(), axis
+
+
+# --- 3D: a key is a neighbor when it is one on every axis ------------------------------
+
+def _table_matches_literal_definition(axes):
+    """Every row and slot of the flattened 3D (or any-rank) table against the per-axis literal windows."""
+    table = W.flat_slot_table(axes)
+    lengths = tuple(a.length for a in axes)
+    kernels = tuple(a.kernel_size for a in axes)
+    tokens, slots = int(np.prod(lengths)), int(np.prod(kernels))
+    assert table.keys.shape == table.valid.shape == table.bias.shape == (tokens, slots)
+    assert ((table.keys >= 0) & (table.keys < tokens)).all()
+    for row, qpos in enumerate(itertools.product(*(range(n) for n in lengths))):
+        literal = [brute_group_window(a, i) for a, i in zip(axes, qpos)]  # (g, i', start, end) per axis
+        for t, tpos in enumerate(itertools.product(*(range(k) for k in kernels))):
+            inside = all(start + s < end for (_, _, start, end), s in zip(literal, tpos))
+            assert bool(table.valid[row, t]) == inside, (qpos, tpos)
+            if inside:
+                key, bias = 0, 0
+                for a, (g, ig, start, _), s in zip(axes, literal, tpos):
+                    key = key * a.length + (start + s) * a.dilation + g
+                    bias = bias * (2 * a.kernel_size - 1) + (start + s - ig + a.kernel_size - 1)
+                assert (int(table.keys[row, t]), int(table.bias[row, t])) == (key, bias), (qpos, tpos)
+        # and the valid slots hold exactly the product of the per-axis neighbor sets
+        neighbors = set()
+        for kpos in itertools.product(*(brute_window(a, i) for a, i in zip(axes, qpos))):
+            key = 0
+            for a, j in zip(axes, kpos):
+                key = key * a.length + j
+            neighbors.add(key)
+        assert sorted(int(j) for j in table.keys[row][table.valid[row]]) == sorted(neighbors), qpos
+
+
+@settings(max_examples=60, deadline=None)
+@given(axes(max_length=6), axes(max_length=6), axes(max_length=6))
+def test_flat_slot_table_3d_matches_oracle(ax, ay, az):
+    _table_matches_literal_definition((ax, ay, az))
+
+
+# representative axes: odd and even k, k = L, dilation, stride, causal, causal with stride and dilation
+AXES_3D = {
+    "L4k3": W.Axis(4, 3),
+    "L5k2d2": W.Axis(5, 2, 1, 2),
+    "L4k2s2c": W.Axis(4, 2, 2, 1, True),
+    "L5k4s3": W.Axis(5, 4, 3),
+    "L3k3c": W.Axis(3, 3, 1, 1, True),
+    "L6k3s3d2c": W.Axis(6, 3, 3, 2, True),
+}
+
+
+@pytest.mark.parametrize("first", AXES_3D.values(), ids=AXES_3D.keys())
+def test_exhaustive_3d_windows_match_the_literal_definition(first):
+    """Every ordered triple of the representative axes (this one first), every query and every slot."""
+    for rest in itertools.product(AXES_3D.values(), repeat=2):
+        _table_matches_literal_definition((first, *rest))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(axes(max_length=7), min_size=1, max_size=3), st.data())
+def test_slot_rows_are_rows_of_the_flat_table(axis_list, data):
+    axes_ = tuple(axis_list)
+    table = W.flat_slot_table(axes_)
+    tokens = table.keys.shape[0]
+    start = data.draw(st.integers(0, tokens - 1))
+    stop = data.draw(st.integers(start + 1, tokens))
+    rows = W.slot_rows(axes_, start, stop)
+    for got, full in zip(rows, table):
+        np.testing.assert_array_equal(got, full[start:stop])
+    assert W.all_slots_valid(axes_) == table.all_valid
