@@ -1,12 +1,12 @@
 """na_rtc: neighborhood attention for Python, compiled at run time.
 
-Public API: fused ``na1d``/``na2d``, split
-``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``, their backward functions, and
+Public API: fused ``na1d``/``na2d``/``na3d``, split
+``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``/``na3d_qk``/``na3d_av``, their backward functions, and
 backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``, :func:`explain` (which kernels a call would
 run, and why the others were passed over),
 :class:`LayoutWarning` (a tensor whose shape suggests heads-first),
 :class:`KernelVerificationWarning` (a kernel that gave wrong results on this
-GPU and is not used), and the torch layers ``NeighborhoodAttention1D``/``NeighborhoodAttention2D``. Importing
+GPU and is not used), and the torch layers ``NeighborhoodAttention1D``/``2D``/``3D``. Importing
 na_rtc never imports torch or cupy: the torch names are resolved on first
 access (module ``__getattr__``). The historical NATTEN APIs live in
 ``na_rtc.compat.natten014`` and ``na_rtc.compat.natten017``.
@@ -31,6 +31,12 @@ from .functional import (
     na2d_backward,
     na2d_qk,
     na2d_qk_backward,
+    na3d,
+    na3d_av,
+    na3d_av_backward,
+    na3d_backward,
+    na3d_qk,
+    na3d_qk_backward,
 )
 
 __all__ = [
@@ -51,8 +57,14 @@ __all__ = [
     "na2d_qk_backward",
     "na1d_av_backward",
     "na2d_av_backward",
+    "na3d",
+    "na3d_qk",
+    "na3d_av",
+    "na3d_backward",
+    "na3d_qk_backward",
+    "na3d_av_backward",
 ]
-# The torch layers (NeighborhoodAttention1D/2D) are left out of __all__ on
+# The torch layers (NeighborhoodAttention1D/2D/3D) are left out of __all__ on
 # purpose: `from na_rtc import *` must neither import torch nor fail without
 # it. Import them by name.
 
@@ -61,6 +73,7 @@ __all__ = [
 _LAZY = {
     "NeighborhoodAttention1D": "modules",
     "NeighborhoodAttention2D": "modules",
+    "NeighborhoodAttention3D": "modules",
 }
 
 

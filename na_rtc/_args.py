@@ -152,9 +152,8 @@ def _unpack_heads_last(name: str, x, ndim: int) -> tuple[int, tuple[int, ...], i
     """(batch, spatial, heads, last) of a ``[batch, *spatial, heads, last]`` array."""
     expected = ndim + 3
     if len(x.shape) != expected:
-        layout = "[batch, length, heads, head_dim]" if ndim == 1 else "[batch, height, width, heads, head_dim]"
         raise ValueError(
-            f"{name} must have {expected} dimensions {layout} (heads-last) for {ndim}D "
+            f"{name} must have {expected} dimensions {_layouts.layout(ndim)} (heads-last) for {ndim}D "
             f"neighborhood attention, got shape {tuple(x.shape)}; {_layouts.heads_last_note(ndim)}"
         )
     shape = tuple(int(s) for s in x.shape)
@@ -264,7 +263,7 @@ def _note(name: str, x, ndim: int):
 
 
 def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb) -> Problem:
-    """Validate the arguments of ``na1d``/``na2d``."""
+    """Validate the arguments of ``na1d``/``na2d``/``na3d``."""
     kind = _array_kind("query", query)
     _same_placement("query", query, {"key": key, "value": value})
     dtype = _floating("query", query)
@@ -280,7 +279,7 @@ def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_cau
 
 
 def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Problem:
-    """Validate the arguments of ``na1d_qk``/``na2d_qk``."""
+    """Validate the arguments of ``na1d_qk``/``na2d_qk``/``na3d_qk``."""
     kind = _array_kind("query", query)
     _same_placement("query", query, {"key": key})
     dtype = _floating("query", query)
@@ -295,7 +294,7 @@ def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Probl
 
 
 def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
-    """Validate the arguments of ``na1d_av``/``na2d_av``."""
+    """Validate the arguments of ``na1d_av``/``na2d_av``/``na3d_av``."""
     kind = _array_kind("attn", attn)
     _same_placement("value", value, {"attn": attn})
     dtype = _floating("value", value)

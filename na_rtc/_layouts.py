@@ -13,10 +13,13 @@ heads) and compares the reading in use with the other one. It fires when
 - 1D: the axis read as heads is at least 8 long and at least 4 times the
   sequence length (the other reading: a sequence 4 times longer than its
   heads count);
-- 2D: the other reading has a square map of side >= 8 and fewer heads than
-  the side, while the reading in use has no square map (``[1, 4, 20, 20, 32]``
-  given to ``na2d`` reads as a 4 x 20 map with 20 heads, or NATTEN's 4 heads
-  on 20 x 20);
+- 2D and 3D: the other reading has square frames (its last two spatial axes
+  equal) of side >= 8 and fewer heads than the side, while the reading in use
+  has no square frames (``[1, 4, 20, 20, 32]`` given to ``na2d`` reads as a
+  4 x 20 map with 20 heads, or NATTEN's 4 heads on 20 x 20; in 3D the first
+  axis is time or depth, whose length says nothing, so only the frames count:
+  ``[1, 8, 16, 32, 32, 64]`` given to ``na3d`` reads as 32 heads on
+  8 x 16 x 32, or 8 heads on 16 frames of 32 x 32);
 
 and the array is not a view permuted from the other layout (an axis read as
 heads that lies in memory where the other layout keeps heads: the caller
@@ -30,7 +33,7 @@ from __future__ import annotations
 from . import _arrays, _diskcache
 
 __all__ = ["LayoutWarning", "HEADS_LAST", "HEADS_FIRST", "looks_transposed", "guess", "shape_note",
-           "warn_if_transposed", "heads_last_note", "heads_first_note"]
+           "warn_if_transposed", "heads_last_note", "heads_first_note", "layout"]
 
 HEADS_LAST = "heads-last"
 HEADS_FIRST = "heads-first"
@@ -65,8 +68,17 @@ def shape_note(name: str, x, ndim: int, reading: str) -> str:
     return f". {said}. {note}"
 
 
+def layout(ndim: int, reading: str = HEADS_LAST) -> str:
+    """``[batch, height, width, heads, head_dim]`` and its kin, for messages."""
+    return _layout(ndim, reading)
+
+
 def heads_last_note(ndim: int) -> str:
     """Appended to the shape errors of na_rtc's own ops."""
+    if ndim == 3:  # NATTEN 0.14 had no 3D ops; 0.15-0.17.4 named them natten3dqkrpb/natten3dav
+        return (f"na_rtc's ops take heads-last tensors {_layout(ndim, HEADS_LAST)}; heads-first code written for "
+                f"NATTEN ({_layout(ndim, HEADS_FIRST)}: natten3dqkrpb/natten3dav, 0.17's na3d_qk/na3d_av) runs "
+                f"unchanged through na_rtc.compat.natten017")
     return (f"na_rtc's ops take heads-last tensors {_layout(ndim, HEADS_LAST)}; heads-first code written for "
             f"NATTEN ({_layout(ndim, HEADS_FIRST)}: 0.14's natten{ndim}dqkrpb/natten{ndim}dav, 0.17's "
             f"na{ndim}d_qk/na{ndim}d_av) runs unchanged through na_rtc.compat.natten014 / natten017")
@@ -91,9 +103,11 @@ def looks_transposed(middle: tuple[int, ...], reading: str) -> bool:
     (heads, spatial), (other_heads, other_spatial) = _readings(middle, reading)
     if len(spatial) == 1:
         return heads >= MIN_EVIDENCE and heads >= RATIO_1D * spatial[0]
-    side = other_spatial[0]
-    return (side >= MIN_EVIDENCE and all(s == side for s in other_spatial) and other_heads < side
-            and len(set(spatial)) > 1)
+    # the frame: the last two spatial axes (the whole map in 2D; height x width after time/depth in 3D)
+    frame, other_frame = spatial[-2:], other_spatial[-2:]
+    side = other_frame[0]
+    return (side >= MIN_EVIDENCE and other_frame[1] == side and other_heads < side
+            and frame[0] != frame[1])
 
 
 def _permuted_on_purpose(x, ndim: int, reading: str) -> bool:
@@ -117,7 +131,9 @@ def _suspect(x, ndim: int, reading: str) -> bool:
 
 
 def _extent(spatial: tuple[int, ...]) -> str:
-    return f"a sequence of {spatial[0]}" if len(spatial) == 1 else f"a {' x '.join(map(str, spatial))} map"
+    if len(spatial) == 1:
+        return f"a sequence of {spatial[0]}"
+    return f"a {' x '.join(map(str, spatial))} {'map' if len(spatial) == 2 else 'volume'}"
 
 
 def _guess_text(name: str, x, ndim: int, reading: str) -> str:

@@ -5,7 +5,11 @@ A backend is a table of ops (``fused_forward``, ``fused_backward``,
 Selection order for a call: ``use_backend(...)`` if active, else the
 ``NA_RTC_BACKEND`` environment variable, else the default for the array kind
 (``reference`` for CPU arrays and meta tensors, ``cuda`` for CuPy arrays and
-CUDA tensors). Arrays are never copied to another device to fit a backend: a
+CUDA tensors). Each backend also lists the ranks (1D, 2D, 3D) it serves: where
+the default lacks the problem's rank, automatic selection takes the reference
+backend, which serves every rank and torch tensors on any device (3D runs
+there until the kernels serve it); a forced backend without the rank is an
+error. Arrays are never copied to another device to fit a backend: a
 mismatch is an error that says what to do. Meta tensors (shapes without data,
 used to initialize and trace large models) are served by every backend: they
 only reach the custom ops' fake implementations, which compute shapes.
@@ -33,6 +37,8 @@ class Backend:
     probe: Callable[[], tuple[bool, str]]
     #: op name -> callable(problem, *arrays); filled lazily by ``load``
     load: Callable[[], dict] = field(repr=False, default=dict)
+    #: numbers of spatial axes it runs
+    ranks: frozenset = frozenset({1, 2, 3})
     _ops: dict | None = field(default=None, repr=False)
 
     @property
@@ -112,11 +118,38 @@ def _default_name(kind: str, device: str) -> str:
     return "reference" if device in ("cpu", "meta") and kind != _arrays.CUPY else "cuda"
 
 
+#: the backend automatic selection falls back on for a rank the default lacks: it serves every rank
+_EVERY_RANK = "reference"
+
+
+def _rank_error(chosen: Backend, problem: Problem, forced: bool) -> ValueError:
+    ndim = problem.ndim
+    served = "/".join(f"{r}D" for r in sorted(chosen.ranks))
+    reference = get(_EVERY_RANK)
+    if problem.kind == _arrays.CUPY:  # the reference backend reads no CuPy arrays
+        remedy = (f"CuPy arrays have no backend in {ndim}D yet: pass torch tensors instead (torch.from_dlpack(array) "
+                  f"shares the memory, no copy) or NumPy arrays")
+    elif forced:
+        remedy = (f"choose it for these calls with backend={_EVERY_RANK!r} or "
+                  f"na_rtc.use_backend({_EVERY_RANK!r}) (or leave the backend to automatic selection)")
+    else:
+        remedy = "choose another backend with na_rtc.use_backend"
+    return ValueError(
+        f"{ndim}D neighborhood attention runs on the {reference.name} backend for now ({reference.summary}): "
+        f"the {chosen.name} backend's kernels serve {served} only; {remedy}")
+
+
 def select(problem: Problem, name: str | None = None) -> Backend:
-    """The backend that runs ``problem``: ``name`` if given, else the forced one, else the default."""
+    """The backend that runs ``problem``: ``name`` if given, else the forced one, else the default
+    (the reference backend where the default lacks the problem's rank)."""
     forced = name or current_backend_name()
     chosen = get(forced) if forced else get(_default_name(problem.kind, problem.device))
     placement = (problem.kind, problem.device.split(":")[0])
+    if problem.ndim not in chosen.ranks:
+        fallback = get(_EVERY_RANK)
+        if forced or placement not in fallback.serves:
+            raise _rank_error(chosen, problem, bool(forced))
+        chosen = fallback
     if placement not in chosen.serves:
         where = {"cpu": "CPU", "cuda": "CUDA"}.get(placement[1], f"the {placement[1]} device")
         raise ValueError(
@@ -183,6 +216,7 @@ register(
         frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda"), _META}),
         lambda: _probe("cuda"),
         _kernel_ops("cuda"),
+        frozenset({1, 2}),
     )
 )
 register(
@@ -192,5 +226,6 @@ register(
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), _META}),
         lambda: _probe("emulator"),
         _kernel_ops("emulator"),
+        frozenset({1, 2}),
     )
 )

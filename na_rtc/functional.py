@@ -117,6 +117,20 @@ def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
     return _fused(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
 
 
+def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
+         return_lse=False, *, backend=None):
+    """3D neighborhood attention, ``[batch, depth, height, width, heads, head_dim]``.
+
+    The first spatial axis is depth or time (NATTEN's ``kernel_size_d`` axis):
+    causal in time only is ``is_causal=(True, False, False)``. As
+    :func:`na1d` per axis; ``kernel_size``, ``stride``, ``dilation`` and
+    ``is_causal`` may be triples. ``rpb`` is
+    ``[heads, 2kx - 1, 2ky - 1, 2kz - 1]``. Runs on the reference backend
+    (NumPy arrays, torch tensors on any device) until the kernels serve 3D.
+    """
+    return _fused(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+
+
 # ---------------------------------------------------------------- split
 
 
@@ -134,6 +148,12 @@ def na2d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, b
     return _qk(2, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
+def na3d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
+    """Attention logits ``[batch, depth, height, width, heads, kx * ky * kz]``; slot
+    ``t = (tx * ky + ty) * kz + tz``."""
+    return _qk(3, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
 def na1d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
     """Weighted sum of neighbor values: ``attn [batch, length, heads, k]`` x ``value``.
 
@@ -145,6 +165,11 @@ def na1d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=No
 def na2d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
     """2D :func:`na1d_av`: ``attn [batch, height, width, heads, kx * ky]``."""
     return _av(2, attn, value, kernel_size, dilation, is_causal, backend)
+
+
+def na3d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
+    """3D :func:`na1d_av`: ``attn [batch, depth, height, width, heads, kx * ky * kz]``."""
+    return _av(3, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 # ---------------------------------------------------------------- backward as plain functions
@@ -168,6 +193,13 @@ def na2d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1
                            output, logsumexp, backend)
 
 
+def na3d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
+                  rpb=None, output=None, logsumexp=None, *, backend=None):
+    """Gradients ``(dq, dk, dv, drpb)`` of :func:`na3d`."""
+    return _fused_backward(3, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                           output, logsumexp, backend)
+
+
 def na1d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
     """Gradients ``(dq, dk, drpb)`` of :func:`na1d_qk` (``drpb`` is None without ``rpb``)."""
     return _qk_backward(1, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
@@ -176,6 +208,11 @@ def na1d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=F
 def na2d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
     """Gradients ``(dq, dk, drpb)`` of :func:`na2d_qk`."""
     return _qk_backward(2, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
+def na3d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
+    """Gradients ``(dq, dk, drpb)`` of :func:`na3d_qk`."""
+    return _qk_backward(3, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na1d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
@@ -188,8 +225,13 @@ def na2d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=F
     return _av_backward(2, grad_out, attn, value, kernel_size, dilation, is_causal, backend)
 
 
+def na3d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
+    """Gradients ``(dattn, dv)`` of :func:`na3d_av`."""
+    return _av_backward(3, grad_out, attn, value, kernel_size, dilation, is_causal, backend)
+
+
 __all__ = [
-    "na1d", "na2d", "na1d_qk", "na2d_qk", "na1d_av", "na2d_av",
-    "na1d_backward", "na2d_backward", "na1d_qk_backward", "na2d_qk_backward",
-    "na1d_av_backward", "na2d_av_backward",
+    "na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
+    "na1d_backward", "na2d_backward", "na3d_backward", "na1d_qk_backward", "na2d_qk_backward", "na3d_qk_backward",
+    "na1d_av_backward", "na2d_av_backward", "na3d_av_backward",
 ]

@@ -4,11 +4,25 @@ This is the executable specification (:mod:`na_rtc.window` defines the windows) 
 backend. Every op works on tokens flattened row-major over the spatial axes
 with the slot table of :mod:`na_rtc.window` (which key each window slot holds,
 whether the slot is inside the window, which bias entry it uses), so one
-implementation serves 1D and 2D. Queries are processed in chunks whose
-gathered keys/values fit ``NA_RTC_REFERENCE_CHUNK_MB``, and the backward
-recomputes the gathers instead of storing them, so memory stays bounded by
-the inputs plus one chunk. fp16/bf16 are computed in float32, float64 in
-float64.
+implementation serves 1D, 2D and 3D. fp16/bf16 are computed in float32,
+float64 in float64.
+
+Memory. Queries are processed in chunks, and the backward recomputes the
+gathers instead of storing them. Beyond its inputs and outputs an op holds
+
+- working copies of its tensor inputs and results, heads-first in the compute
+  dtype (float32 or float64): a small constant number of input-sized arrays;
+- per chunk of ``C`` queries with ``K = prod(kernel_size)`` window slots: the
+  chunk's rows of the slot table (``17 * C * K`` bytes: int64 key and bias
+  indices, a bool mask) plus the gathered keys or values and per-slot products
+  (``[batch, heads, C, K, head_dim]`` buffers, up to three alive at once).
+  ``C`` is chosen so that one such buffer plus the slot rows fits
+  ``NA_RTC_REFERENCE_CHUNK_MB`` (default 32 MB), at least one query.
+
+Nothing is proportional to ``tokens * K`` except the split ops' own
+attention weights: no table over all (query, slot) pairs is built, which
+matters in 3D, where a 7 x 7 x 7 window has 343 slots. So peak memory is
+about the inputs' size times a small constant plus ``3 * NA_RTC_REFERENCE_CHUNK_MB``.
 
 The same algorithm runs on NumPy arrays and torch tensors through a small
 math shim (:class:`_NumpyMath`, :class:`_TorchMath`). The public functions
@@ -26,7 +40,7 @@ import numpy as np
 from . import config
 from ._arrays import dtype_name
 from ._args import Problem
-from .window import SlotTable, flat_slot_table
+from .window import SlotTable, all_slots_valid, slot_rows
 
 # ---------------------------------------------------------------- math shims
 #
@@ -48,8 +62,8 @@ class _NumpyMath:
     def cast(self, x, dtype):
         return np.asarray(x, dtype=dtype)
 
-    def tables(self, axes):
-        return flat_slot_table(axes)
+    def table(self, table: SlotTable) -> SlotTable:
+        return table
 
     def zeros(self, shape, dtype):
         return np.zeros(shape, dtype=dtype)
@@ -107,8 +121,10 @@ class _TorchMath:
     def cast(self, x, dtype):
         return x.to(dtype)
 
-    def tables(self, axes):
-        return _torch_slot_table(axes, str(self.device))
+    def table(self, table: SlotTable) -> SlotTable:
+        """A chunk's slot rows as torch tensors on the inputs' device (a copy per chunk on a GPU: small beside
+        the gathers it indexes)."""
+        return SlotTable(*(self.torch.from_numpy(a).to(self.device) for a in table))
 
     def zeros(self, shape, dtype):
         return self.torch.zeros(shape, dtype=dtype, device=self.device)
@@ -144,15 +160,6 @@ class _TorchMath:
         return x.reshape(shape).to(getattr(self.torch, dtype_name))
 
 
-@functools.lru_cache(maxsize=8)
-def _torch_slot_table(axes, device: str) -> SlotTable:
-    """The slot table as torch tensors on ``device``, converted once per problem shape."""
-    import torch
-
-    table = flat_slot_table(axes)
-    return SlotTable(*(torch.tensor(a, device=device) for a in table))
-
-
 def _math_for(problem: Problem, like):
     if problem.kind == "numpy":
         return _NumpyMath()
@@ -182,25 +189,41 @@ def _outer(weights, rows_of_a):
 # ---------------------------------------------------------------- chunked runner
 
 
+#: bytes of slot-table rows per (query, slot): int64 key index, int64 bias index, bool validity
+_SLOT_ROW_BYTES = 17
+
+
+class _Chunk:
+    """One chunk of queries: their rows (a slice of the flattened tokens) and their slot-table rows."""
+
+    def __init__(self, rows: slice, table: SlotTable, all_valid: bool):
+        self.rows = rows
+        self.keys, self.bias_index = table.keys, table.bias
+        # windows never cut short (the common case) need no masking at all
+        self.valid = None if all_valid else table.valid
+
+
 class _Run:
-    """State shared by the chunks of one op: math shim, slot tables, chunking."""
+    """State shared by the chunks of one op: math shim, chunking."""
 
     def __init__(self, problem: Problem, like):
         self.problem = problem
         self.m = _math_for(problem, like)
         self.dtype = self.m.compute_dtype(problem.dtype)
-        table = self.m.tables(problem.axes)
-        self.keys, self.bias_index = table.keys, table.bias
-        self.valid = None if flat_slot_table(problem.axes).all_valid else table.valid
+        self.all_valid = all_slots_valid(problem.axes)
         self.shape = (problem.batch, problem.heads, problem.tokens, problem.head_dim)
         self.weights_shape = (problem.batch, problem.heads, problem.tokens, problem.slots)
         itemsize = 8 if problem.dtype == "float64" else 4
-        gathered_per_query = problem.slots * max(problem.batch, 1) * problem.heads * max(problem.head_dim, 1) * itemsize
-        self.chunk = max(1, config.reference_chunk_bytes() // gathered_per_query)
+        gathered = max(problem.batch, 1) * problem.heads * max(problem.head_dim, 1) * itemsize
+        per_query = problem.slots * (gathered + _SLOT_ROW_BYTES)
+        self.chunk = max(1, config.reference_chunk_bytes() // per_query)
 
     def chunks(self):
-        for start in range(0, self.problem.tokens, self.chunk):
-            yield slice(start, min(start + self.chunk, self.problem.tokens))
+        """The query chunks in order, each with its slot rows (built per chunk, never for all queries)."""
+        axes, tokens = self.problem.axes, self.problem.tokens
+        for start in range(0, tokens, self.chunk):
+            stop = min(start + self.chunk, tokens)
+            yield _Chunk(slice(start, stop), self.m.table(slot_rows(axes, start, stop)), self.all_valid)
 
     def prepare(self, x):
         """Heads-first, compute dtype."""
@@ -212,34 +235,34 @@ class _Run:
             return None
         return self.m.cast(rpb.reshape(self.problem.heads, -1), self.dtype)
 
-    def gather(self, x, rows):
+    def gather(self, x, chunk: _Chunk):
         """Keys/values of every slot of the chunk's queries: ``[B, H, C, K, D]``."""
-        return self.m.gather_tokens(x, self.keys[rows])
+        return self.m.gather_tokens(x, chunk.keys)
 
-    def mask(self, x, rows, fill):
+    def mask(self, x, chunk: _Chunk, fill):
         """Replace entries of out-of-window slots (``[B, H, C, K]``) by ``fill``."""
-        if self.valid is None:
+        if chunk.valid is None:
             return x
-        return self.m.where(self.valid[rows], x, fill)
+        return self.m.where(chunk.valid, x, fill)
 
-    def logits(self, q, k, bias, rows, scale):
+    def logits(self, q, k, bias, chunk: _Chunk, scale):
         """``scale * q.k + bias`` for every slot, ``-inf`` outside the window: ``[B, H, C, K]``."""
-        logits = _dots(q[:, :, rows], self.gather(k, rows))
+        logits = _dots(q[:, :, chunk.rows], self.gather(k, chunk))
         if scale != 1.0:
             logits = logits * scale
         if bias is not None:
-            logits = logits + bias[:, self.bias_index[rows]]  # [H, C, K], broadcast over batch
-        return self.mask(logits, rows, -np.inf)
+            logits = logits + bias[:, chunk.bias_index]  # [H, C, K], broadcast over batch
+        return self.mask(logits, chunk, -np.inf)
 
-    def scatter_to_keys(self, target, rows, contribution):
+    def scatter_to_keys(self, target, chunk: _Chunk, contribution):
         """Add per-slot ``[B, H, C, K, D]`` contributions to the keys they came from."""
         b, h, c, kk, d = contribution.shape
-        self.m.scatter_add(target, 2, self.keys[rows].reshape(-1), contribution.reshape(b, h, c * kk, d))
+        self.m.scatter_add(target, 2, chunk.keys.reshape(-1), contribution.reshape(b, h, c * kk, d))
 
-    def scatter_to_bias(self, target, rows, grad_logits):
+    def scatter_to_bias(self, target, chunk: _Chunk, grad_logits):
         """Add ``[B, H, C, K]`` logit gradients to the ``[H, R]`` bias entries they used."""
         per_slot = grad_logits.sum(0)
-        self.m.scatter_add(target, 1, self.bias_index[rows].reshape(-1), per_slot.reshape(per_slot.shape[0], -1))
+        self.m.scatter_add(target, 1, chunk.bias_index.reshape(-1), per_slot.reshape(per_slot.shape[0], -1))
 
     def output(self, x):
         return self.m.heads_last(x, self.problem.dtype, self.problem.qkv_shape)
@@ -275,9 +298,10 @@ def fused_forward(problem: Problem, query, key, value, rpb=None, *, keep_compute
     bias = run.prepare_rpb(rpb)
     out = run.m.zeros(run.shape, run.dtype)
     lse = run.m.zeros(run.shape[:3], run.dtype)
-    for rows in run.chunks():
-        probs, lse[:, :, rows] = _softmax_stats(run, run.logits(q, k, bias, rows, problem.scale))
-        out[:, :, rows] = _weighted_sum(probs, run.gather(v, rows))
+    for chunk in run.chunks():
+        rows = chunk.rows
+        probs, lse[:, :, rows] = _softmax_stats(run, run.logits(q, k, bias, chunk, problem.scale))
+        out[:, :, rows] = _weighted_sum(probs, run.gather(v, chunk))
     if keep_compute_dtype:
         return out, lse
     lse_dtype = "float64" if problem.dtype == "float64" else "float32"
@@ -297,15 +321,16 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     delta = m.sum_last(dout * out)  # rowsum(dOut * out): [B, H, N]
     dq, dk, dv = (m.zeros(run.shape, run.dtype) for _ in range(3))
     drpb = run.new_rpb_grad(rpb)
-    for rows in run.chunks():
-        probs = m.exp(run.logits(q, k, bias, rows, problem.scale) - lse[:, :, rows][..., None])
-        grad_probs = _dots(dout[:, :, rows], run.gather(v, rows))
-        grad_logits = run.mask(probs * (grad_probs - delta[:, :, rows][..., None]), rows, 0.0)
-        run.scatter_to_keys(dv, rows, _outer(probs, dout[:, :, rows]))
-        dq[:, :, rows] = problem.scale * _weighted_sum(grad_logits, run.gather(k, rows))
-        run.scatter_to_keys(dk, rows, _outer(problem.scale * grad_logits, q[:, :, rows]))
+    for chunk in run.chunks():
+        rows = chunk.rows
+        probs = m.exp(run.logits(q, k, bias, chunk, problem.scale) - lse[:, :, rows][..., None])
+        grad_probs = _dots(dout[:, :, rows], run.gather(v, chunk))
+        grad_logits = run.mask(probs * (grad_probs - delta[:, :, rows][..., None]), chunk, 0.0)
+        run.scatter_to_keys(dv, chunk, _outer(probs, dout[:, :, rows]))
+        dq[:, :, rows] = problem.scale * _weighted_sum(grad_logits, run.gather(k, chunk))
+        run.scatter_to_keys(dk, chunk, _outer(problem.scale * grad_logits, q[:, :, rows]))
         if drpb is not None:
-            run.scatter_to_bias(drpb, rows, grad_logits)
+            run.scatter_to_bias(drpb, chunk, grad_logits)
     return run.output(dq), run.output(dk), run.output(dv), run.rpb_output(drpb, rpb)
 
 
@@ -315,8 +340,8 @@ def qk_forward(problem: Problem, query, key, rpb=None):
     q, k = run.prepare(query), run.prepare(key)
     bias = run.prepare_rpb(rpb)
     attn = run.m.zeros(run.weights_shape, run.dtype)
-    for rows in run.chunks():
-        attn[:, :, rows] = run.logits(q, k, bias, rows, 1.0)
+    for chunk in run.chunks():
+        attn[:, :, chunk.rows] = run.logits(q, k, bias, chunk, 1.0)
     return run.weights_output(attn)
 
 
@@ -326,12 +351,13 @@ def qk_backward(problem: Problem, grad_attn, query, key, rpb=None):
     q, k, grad = run.prepare(query), run.prepare(key), run.prepare(grad_attn)
     dq, dk = run.m.zeros(run.shape, run.dtype), run.m.zeros(run.shape, run.dtype)
     drpb = run.new_rpb_grad(rpb)
-    for rows in run.chunks():
-        grad_logits = run.mask(grad[:, :, rows], rows, 0.0)
-        dq[:, :, rows] = _weighted_sum(grad_logits, run.gather(k, rows))
-        run.scatter_to_keys(dk, rows, _outer(grad_logits, q[:, :, rows]))
+    for chunk in run.chunks():
+        rows = chunk.rows
+        grad_logits = run.mask(grad[:, :, rows], chunk, 0.0)
+        dq[:, :, rows] = _weighted_sum(grad_logits, run.gather(k, chunk))
+        run.scatter_to_keys(dk, chunk, _outer(grad_logits, q[:, :, rows]))
         if drpb is not None:
-            run.scatter_to_bias(drpb, rows, grad_logits)
+            run.scatter_to_bias(drpb, chunk, grad_logits)
     return run.output(dq), run.output(dk), run.rpb_output(drpb, rpb)
 
 
@@ -340,8 +366,9 @@ def av_forward(problem: Problem, attn, value):
     run = _Run(problem, value)
     weights, v = run.prepare(attn), run.prepare(value)
     out = run.m.zeros(run.shape, run.dtype)
-    for rows in run.chunks():
-        out[:, :, rows] = _weighted_sum(run.mask(weights[:, :, rows], rows, 0.0), run.gather(v, rows))
+    for chunk in run.chunks():
+        rows = chunk.rows
+        out[:, :, rows] = _weighted_sum(run.mask(weights[:, :, rows], chunk, 0.0), run.gather(v, chunk))
     return run.output(out)
 
 
@@ -351,9 +378,10 @@ def av_backward(problem: Problem, grad_out, attn, value):
     weights, v, dout = run.prepare(attn), run.prepare(value), run.prepare(grad_out)
     dattn = run.m.zeros(run.weights_shape, run.dtype)
     dv = run.m.zeros(run.shape, run.dtype)
-    for rows in run.chunks():
-        dattn[:, :, rows] = run.mask(_dots(dout[:, :, rows], run.gather(v, rows)), rows, 0.0)
-        run.scatter_to_keys(dv, rows, _outer(run.mask(weights[:, :, rows], rows, 0.0), dout[:, :, rows]))
+    for chunk in run.chunks():
+        rows = chunk.rows
+        dattn[:, :, rows] = run.mask(_dots(dout[:, :, rows], run.gather(v, chunk)), chunk, 0.0)
+        run.scatter_to_keys(dv, chunk, _outer(run.mask(weights[:, :, rows], chunk, 0.0), dout[:, :, rows]))
     return run.weights_output(dattn), run.output(dv)
 
 

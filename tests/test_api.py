@@ -17,11 +17,12 @@ from na_rtc import backends
 
 RNG = np.random.default_rng(7)
 
-SHAPES = {1: (2, 12, 3, 8), 2: (2, 7, 6, 3, 8)}
-KERNEL = {1: 5, 2: (3, 5)}
-FUSED = {1: na_rtc.na1d, 2: na_rtc.na2d}
-QK = {1: na_rtc.na1d_qk, 2: na_rtc.na2d_qk}
-AV = {1: na_rtc.na1d_av, 2: na_rtc.na2d_av}
+SHAPES = {1: (2, 12, 3, 8), 2: (2, 7, 6, 3, 8), 3: (2, 4, 5, 6, 3, 8)}
+KERNEL = {1: 5, 2: (3, 5), 3: (2, 3, 5)}
+FUSED = {1: na_rtc.na1d, 2: na_rtc.na2d, 3: na_rtc.na3d}
+QK = {1: na_rtc.na1d_qk, 2: na_rtc.na2d_qk, 3: na_rtc.na3d_qk}
+AV = {1: na_rtc.na1d_av, 2: na_rtc.na2d_av, 3: na_rtc.na3d_av}
+BACKWARD = {1: na_rtc.na1d_backward, 2: na_rtc.na2d_backward, 3: na_rtc.na3d_backward}
 
 NUMPY_DTYPES = [np.float16, np.float32, np.float64]
 TORCH_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -35,7 +36,7 @@ def _torch(shape, dtype, requires_grad=False):
     return torch.tensor(RNG.standard_normal(shape), dtype=dtype, requires_grad=requires_grad)
 
 
-@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+@pytest.mark.parametrize("ndim", [1, 2, 3], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("dtype", NUMPY_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_numpy_in_numpy_out(ndim, dtype):
     q, k, v = (_numpy(SHAPES[ndim], dtype) for _ in range(3))
@@ -48,7 +49,7 @@ def test_numpy_in_numpy_out(ndim, dtype):
     assert AV[ndim](attn, v, KERNEL[ndim]).dtype == dtype
 
 
-@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+@pytest.mark.parametrize("ndim", [1, 2, 3], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_torch_in_torch_out_with_gradients(ndim, dtype):
     q, k, v = (_torch(SHAPES[ndim], dtype, requires_grad=True) for _ in range(3))
@@ -74,13 +75,13 @@ def test_no_grad_inputs_give_no_grad_output():
     assert not na_rtc.na1d(q, q, q, 5).requires_grad
 
 
-@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+@pytest.mark.parametrize("ndim", [1, 2, 3], ids=["1d", "2d", "3d"])
 def test_empty_batch(ndim):
     shape = (0, *SHAPES[ndim][1:])
     q = np.zeros(shape, np.float32)
     out, lse = FUSED[ndim](q, q, q, KERNEL[ndim], return_lse=True)
     assert out.shape == shape and lse.shape == shape[:-1]
-    grads = (na_rtc.na1d_backward if ndim == 1 else na_rtc.na2d_backward)(q, q, q, q, KERNEL[ndim])
+    grads = BACKWARD[ndim](q, q, q, q, KERNEL[ndim])
     assert all(g.shape == shape for g in grads[:3])
 
 
@@ -136,6 +137,66 @@ def test_environment_variable_selects_backend(monkeypatch):
         na_rtc.na1d(q, q, q, 5)
 
 
+def _problem_on(kind, device, ndim):
+    """A validated-looking problem placed on ``device`` without needing one (selection reads only this)."""
+    from na_rtc._args import FUSED as fused_op, Problem
+    from na_rtc.window import Axis
+
+    return Problem(fused_op, (Axis(8, 3),) * ndim, 1, 2, 4, "float32", kind, device)
+
+
+# (array kind, device, rank) -> the backend automatic selection picks
+AUTOMATIC = {
+    "numpy-2d": (("numpy", "cpu", 2), "reference"),
+    "numpy-3d": (("numpy", "cpu", 3), "reference"),
+    "torch-cuda-2d": (("torch", "cuda:0", 2), "cuda"),
+    "torch-cuda-3d": (("torch", "cuda:1", 3), "reference"),  # kernels lack 3D: the reference serves CUDA tensors
+    "meta-3d": (("torch", "meta", 3), "reference"),
+}
+
+
+@pytest.mark.parametrize("placement, expected", AUTOMATIC.values(), ids=AUTOMATIC.keys())
+def test_automatic_selection_by_placement_and_rank(placement, expected):
+    assert backends.select(_problem_on(*placement)).name == expected
+
+
+@pytest.mark.parametrize("placement", [("numpy", "cpu"), ("torch", "cpu"), ("torch", "cuda:0"), ("torch", "meta")],
+                         ids=["numpy", "torch-cpu", "torch-cuda", "meta"])
+@pytest.mark.parametrize("backend", ["cuda", "emulator"])
+@pytest.mark.parametrize("how", ["argument", "use_backend", "environment"])
+def test_a_kernel_backend_forced_for_3d_says_3d_runs_on_the_reference(monkeypatch, how, backend, placement):
+    problem = _problem_on(*placement, 3)
+    if how == "environment":
+        monkeypatch.setenv("NA_RTC_BACKEND", backend)
+    with na_rtc.use_backend(backend if how == "use_backend" else None):
+        with pytest.raises(ValueError) as raised:
+            backends.select(problem, backend if how == "argument" else None)
+    text = str(raised.value)
+    assert text.startswith("3D neighborhood attention runs on the reference backend for now")
+    assert f"the {backend} backend's kernels serve 1D/2D only" in text
+    assert "backend='reference' or na_rtc.use_backend('reference')" in text
+
+
+def test_cupy_arrays_in_3d_are_refused_with_the_zero_copy_way_to_torch():
+    with pytest.raises(ValueError) as raised:
+        backends.select(_problem_on("cupy", "cuda:0", 3))
+    text = str(raised.value)
+    assert "3D neighborhood attention runs on the reference backend for now" in text
+    assert "CuPy arrays have no backend in 3D yet" in text and "torch.from_dlpack(array)" in text
+
+
+def test_na3d_forced_onto_a_kernel_backend_is_refused_before_any_kernel_runs():
+    q = _numpy(SHAPES[3], np.float32)
+    for backend in ("cuda", "emulator"):
+        with pytest.raises(ValueError, match="3D neighborhood attention runs on the reference backend for now"):
+            na_rtc.na3d(q, q, q, KERNEL[3], backend=backend)
+    with na_rtc.use_backend("emulator"):  # 1D/2D calls keep the forced backend's choice
+        assert _selected(_numpy(SHAPES[1], np.float32)) == "emulator"
+        with pytest.raises(ValueError, match="runs on the reference backend for now"):
+            na_rtc.na3d_qk(q, q, KERNEL[3])
+        assert na_rtc.na3d_qk(q, q, KERNEL[3], backend="reference").shape[-1] == 30
+
+
 def test_describe_lists_every_backend_with_a_reason():
     described = {name: (available, reason) for name, available, reason in backends.describe()}
     assert set(described) == {"reference", "cuda", "emulator"}
@@ -182,6 +243,29 @@ def test_reference_memory_stays_bounded_2d_128x128():
     result = json.loads(out.strip().splitlines()[-1])
     assert result["finite"]
     assert result["growth_mb"] < 1024, result
+
+
+def test_reference_memory_stays_bounded_3d_with_343_slots():
+    """32 x 32 x 32 tokens with a 7 x 7 x 7 window: a table over every (query, slot) pair would alone take
+    ~380 MB (NumPy's and torch's copies); built per query chunk (8 MB budget here), forward and backward
+    together grow the process by ~130 MB, most of it torch's own first-use allocations."""
+    out = _python(
+        """
+        import json, os, resource, torch
+        os.environ["NA_RTC_REFERENCE_CHUNK_MB"] = "8"
+        import na_rtc
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 32, 32, 32, 1, 2, requires_grad=True) for _ in range(3))
+        grad = torch.randn(1, 32, 32, 32, 1, 2)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        na_rtc.na3d(q, k, v, 7).backward(grad)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"growth_mb": (after - before) / 1024, "finite": bool(torch.isfinite(q.grad).all())}))
+        """
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["finite"]
+    assert result["growth_mb"] < 300, result
 
 
 # ---------------------------------------------------------------- autocast

@@ -130,17 +130,24 @@ FUSED_CASES = [
     Case((6, 5), (3, 2), dilation=(1, 2), causal=(True, False)),
     Case((5, 6), (2, 3), causal=True, heads=1),
     Case((4, 6), (4, 3), dilation=(1, 2), causal=(False, True)),
+    # 3D, [batch, depth/time, height, width, heads, dim]: tiny, the oracle loops over every (query, neighbor)
+    Case((4, 5, 3), 3, rpb=True, batch=1),
+    Case((4, 4, 5), (2, 3, 4), stride=(2, 1, 3), causal=(True, False, False)),  # causal in time only
+    Case((5, 4, 4), (2, 2, 3), dilation=(2, 1, 1), causal=(True, False, True), batch=1),
+    Case((3, 4, 6), 3, dilation=(1, 1, 2), rpb=True, batch=1, heads=1),
+    Case((4, 4, 4), (4, 2, 3), stride=(4, 2, 1), heads=1),
 ]
+CASES_3D = [c for c in FUSED_CASES if c.ndim == 3]
 SPLIT_CASES = [c for c in FUSED_CASES if c.split]
 RPB_CASES = [c for c in FUSED_CASES if c.rpb]
 IDS = lambda cases: [c.id for c in cases]  # noqa: E731
 
-NA = {1: R.na1d, 2: R.na2d}
-QK = {1: R.na1d_qk, 2: R.na2d_qk}
-AV = {1: R.na1d_av, 2: R.na2d_av}
-NA_BWD = {1: R.na1d_backward, 2: R.na2d_backward}
-QK_BWD = {1: R.na1d_qk_backward, 2: R.na2d_qk_backward}
-AV_BWD = {1: R.na1d_av_backward, 2: R.na2d_av_backward}
+NA = {1: R.na1d, 2: R.na2d, 3: R.na3d}
+QK = {1: R.na1d_qk, 2: R.na2d_qk, 3: R.na3d_qk}
+AV = {1: R.na1d_av, 2: R.na2d_av, 3: R.na3d_av}
+NA_BWD = {1: R.na1d_backward, 2: R.na2d_backward, 3: R.na3d_backward}
+QK_BWD = {1: R.na1d_qk_backward, 2: R.na2d_qk_backward, 3: R.na3d_qk_backward}
+AV_BWD = {1: R.na1d_av_backward, 2: R.na2d_av_backward, 3: R.na3d_av_backward}
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,9 +241,9 @@ def test_av_matches_oracle(lib, layout, case):
 
 @st.composite
 def random_cases(draw):
-    """Small random problems: 1D or 2D, per-axis k (odd or even), s, d, causal; rpb when allowed."""
-    ndim = draw(st.integers(1, 2))
-    max_length = 12 if ndim == 1 else 6
+    """Small random problems: 1D, 2D or 3D, per-axis k (odd or even), s, d, causal; rpb when allowed."""
+    ndim = draw(st.integers(1, 3))
+    max_length = {1: 12, 2: 6, 3: 4}[ndim]
     spatial, kernel, stride, dilation, causal = [], [], [], [], []
     for _ in range(ndim):
         k = draw(st.integers(2, 5 if ndim == 1 else 3))
@@ -458,10 +465,12 @@ GRADCHECK_FUSED = [
     Case((9,), 3, stride=3, dilation=2), Case((7,), 3, stride=2, rpb=True),
     Case((4, 5), 3, rpb=True), Case((5, 4), (2, 3), stride=(2, 1), causal=(True, False)),
     Case((6, 4), (2, 2), dilation=(2, 1), causal=(False, True)),
+    Case((3, 3, 4), 3, rpb=True), Case((4, 3, 3), (2, 3, 2), stride=(2, 1, 1), causal=(True, False, False)),
 ]
 GRADCHECK_SPLIT = [
     Case((7,), 3, rpb=True), Case((6,), 4, causal=True), Case((9,), 3, dilation=2),
     Case((4, 5), 3, rpb=True), Case((5, 4), (3, 2), dilation=(1, 2), causal=(True, False)),
+    Case((3, 4, 3), 3, rpb=True), Case((4, 3, 3), (2, 3, 2), dilation=(2, 1, 1), causal=(True, False, True)),
 ]
 
 
@@ -542,8 +551,8 @@ def _full_attention(q, k, v, scale, mask=None):
 
 
 @pytest.mark.parametrize("spatial,kernel,dilation", [
-    ((9,), 9, 1), ((10,), 10, 1), ((5, 6), (5, 6), 1), ((4, 7), (4, 7), 1),
-], ids=["1d-L9-k9", "1d-L10-k10", "2d-5x6-k5x6", "2d-4x7-k4x7"])
+    ((9,), 9, 1), ((10,), 10, 1), ((5, 6), (5, 6), 1), ((4, 7), (4, 7), 1), ((3, 4, 5), (3, 4, 5), 1),
+], ids=["1d-L9-k9", "1d-L10-k10", "2d-5x6-k5x6", "2d-4x7-k4x7", "3d-3x4x5-k3x4x5"])
 def test_kernel_equal_to_length_is_full_attention(spatial, kernel, dilation):
     rng = np.random.default_rng(1)
     (q, k, v), _ = make_inputs(rng, (2, *spatial, 3, 4), np.float64, 3)
@@ -579,8 +588,8 @@ def _blocked_mask(lengths, kernels, dilations):
 
 
 @pytest.mark.parametrize("spatial,kernel,dilation", [
-    ((12,), 4, 1), ((12,), 3, 2), ((6, 8), (3, 4), 1), ((8, 6), (2, 3), (2, 1)),
-], ids=["1d-L12-k4", "1d-L12-k3-d2", "2d-6x8-k3x4", "2d-8x6-k2x3-d2x1"])
+    ((12,), 4, 1), ((12,), 3, 2), ((6, 8), (3, 4), 1), ((8, 6), (2, 3), (2, 1)), ((4, 6, 4), (2, 3, 2), (1, 1, 2)),
+], ids=["1d-L12-k4", "1d-L12-k3-d2", "2d-6x8-k3x4", "2d-8x6-k2x3-d2x1", "3d-4x6x4-k2x3x2-d1x1x2"])
 def test_stride_equal_to_kernel_is_blocked_attention(spatial, kernel, dilation):
     rng = np.random.default_rng(2)
     (q, k, v), _ = make_inputs(rng, (2, *spatial, 2, 4), np.float64, 3)
@@ -591,7 +600,8 @@ def test_stride_equal_to_kernel_is_blocked_attention(spatial, kernel, dilation):
     assert_close(lse, want_lse, np.float64, "forward", "lse")
 
 
-COMPOSE_CASES = [c for c in SPLIT_CASES] + [Case((7, 7), (3, 5), dilation=(2, 1), rpb=True)]
+COMPOSE_CASES = [c for c in SPLIT_CASES] + [Case((7, 7), (3, 5), dilation=(2, 1), rpb=True),
+                                             Case((4, 6, 5), (3, 3, 5), dilation=(1, 2, 1), rpb=True, batch=1)]
 
 
 @pytest.mark.parametrize("case", COMPOSE_CASES, ids=IDS(COMPOSE_CASES))
@@ -654,9 +664,10 @@ def test_numpy_and_torch_references_agree(dtype, case):
     assert_close(t_lse, np_lse, dtype, "forward", "lse")
 
 
-@pytest.mark.parametrize("op", ["na1d", "na1d_qk", "na1d_av", "na2d", "na2d_qk", "na2d_av"])
+@pytest.mark.parametrize("op", ["na1d", "na1d_qk", "na1d_av", "na2d", "na2d_qk", "na2d_av", "na3d", "na3d_qk",
+                                "na3d_av"])
 def test_top_level_cpu_arrays_use_reference(op):
-    case = FUSED_CASES[0] if op.startswith("na1d") else FUSED_CASES[9]
+    case = {"na1d": FUSED_CASES[0], "na2d": FUSED_CASES[9], "na3d": CASES_3D[0]}[op[:4]]
     q, k, v, rpb, _, weights, _ = split_data(case)
     if op.endswith("_qk"):
         args, kwargs = (q, k), dict(case.split_kwargs(), rpb=rpb)
@@ -670,7 +681,7 @@ def test_top_level_cpu_arrays_use_reference(op):
 
 # ------------------------------------------------------------------ low precision (section 8)
 
-LOWP_CASES = [FUSED_CASES[0], FUSED_CASES[3], FUSED_CASES[9], FUSED_CASES[10]]
+LOWP_CASES = [FUSED_CASES[0], FUSED_CASES[3], FUSED_CASES[9], FUSED_CASES[10], CASES_3D[0], CASES_3D[1]]
 DTYPES = [
     pytest.param(np.float32, id="numpy-fp32"),
     pytest.param(np.float16, id="numpy-fp16"),
