@@ -1,4 +1,4 @@
-"""Neighborhood attention layers: ``NeighborhoodAttention1D`` / ``NeighborhoodAttention2D``.
+"""Neighborhood attention layers: ``NeighborhoodAttention1D`` / ``2D`` / ``3D``.
 
 Input and output are heads-last token maps ``[batch, *spatial, embed_dim]``.
 A layer is a qkv projection, neighborhood attention over ``num_heads`` heads
@@ -7,7 +7,7 @@ and an output projection, with an optional relative positional bias ``rpb``.
 Two execution paths give the same numbers (within the tolerance table of
 ``na_rtc.verify.tolerances``):
 
-- fused (``na1d``/``na2d``): the default, including training without
+- fused (``na1d``/``na2d``/``na3d``): the default, including training without
   attention dropout; stride and the bias are handled inside the kernel.
 - split (``na*_qk``, softmax, dropout, ``na*_av``): taken only while training
   with ``attn_drop > 0``, because dropout on the attention weights needs the
@@ -30,12 +30,24 @@ from torch import nn
 
 from . import _args
 from . import _torch  # noqa: F401 - the ops and their FLOP formulas, registered once a layer can exist
-from .functional import na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk
+from .functional import na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk, na3d, na3d_av, na3d_qk
 
-__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D"]
+__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]
 
 # ndim -> (fused, qk, av)
-_OPS = {1: (na1d, na1d_qk, na1d_av), 2: (na2d, na2d_qk, na2d_av)}
+_OPS = {1: (na1d, na1d_qk, na1d_av), 2: (na2d, na2d_qk, na2d_av), 3: (na3d, na3d_qk, na3d_av)}
+
+# ndim -> the input layout, for errors
+_INPUT = {1: "[batch, length, embed_dim]", 2: "[batch, height, width, embed_dim]",
+          3: "[batch, depth, height, width, embed_dim]"}
+
+# ndim -> (what NATTEN releases took as the module's fourth argument, the compat modules with NATTEN's
+# positional order): a positional fourth argument could mean any of them
+_FOURTH = {
+    1: ("dilation in 0.14-0.17, stride in later ones", ("natten014", "natten017")),
+    2: ("dilation in 0.14-0.17, stride in later ones", ("natten014", "natten017")),
+    3: ("kernel_size_d in 0.15, dilation in 0.17, stride in later ones", ("natten017",)),
+}
 
 
 def _positive_int(name: str, value) -> int:
@@ -63,14 +75,16 @@ def _probability(name: str, value) -> float:
 def _positional_after_kernel_size(cls, extra: tuple) -> TypeError:
     """The error for NATTEN-style positional arguments after ``kernel_size``."""
     name = cls.__name__
+    fourth, compat = _FOURTH[cls.ndim]
+    versions = "/".join(f"{m[6]}.{m[7:]}" for m in compat)  # natten014 -> 0.14
+    modules = " or ".join(f"na_rtc.compat.{m}.{name}" for m in compat)
     return TypeError(
         f"{name}() takes embed_dim, num_heads and kernel_size positionally, but got {3 + len(extra)} positional "
         f"arguments; pass the rest by keyword, e.g. {name}(embed_dim, num_heads, kernel_size, dilation="
         f"{extra[0]!r}) or stride={extra[0]!r}. Everything after kernel_size is keyword-only because NATTEN "
-        f"releases disagree on the fourth argument (dilation in 0.14-0.17, stride in later ones), so a "
-        f"positional value could silently mean the other. For NATTEN 0.14/0.17's positional order "
-        f"(dim, num_heads, kernel_size, dilation, ...) use na_rtc.compat.natten014.{name} or "
-        f"na_rtc.compat.natten017.{name}, which also keep NATTEN's state-dict keys")
+        f"releases disagree on the fourth argument ({fourth}), so a positional value could silently mean "
+        f"another. For NATTEN {versions}'s positional order (dim, num_heads, kernel_size, dilation, ...) use "
+        f"{modules}, which also keep{'s' if len(compat) == 1 else ''} NATTEN's state-dict keys")
 
 
 class _NeighborhoodAttention(nn.Module):
@@ -159,7 +173,7 @@ class _NeighborhoodAttention(nn.Module):
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__qualname__}")
-        layout = "[batch, length, embed_dim]" if self.ndim == 1 else "[batch, height, width, embed_dim]"
+        layout = _INPUT[self.ndim]
         if x.dim() != self.ndim + 2:
             raise ValueError(f"{type(self).__name__} expects input of rank {self.ndim + 2} {layout}, "
                              f"got shape {tuple(x.shape)}")
@@ -248,3 +262,17 @@ class NeighborhoodAttention2D(_NeighborhoodAttention):
     """
 
     ndim = 2
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+    """3D neighborhood attention layer on ``[batch, depth, height, width, embed_dim]``.
+
+    The first spatial axis is depth or time (NATTEN's ``kernel_size_d``
+    axis): a video layer causal in time only takes
+    ``is_causal=(True, False, False)``. As :class:`NeighborhoodAttention1D`;
+    ``kernel_size``, ``stride``, ``dilation`` and ``is_causal`` may be
+    triples; ``rpb`` is ``[num_heads, 2kd - 1, 2kh - 1, 2kw - 1]``. Runs on
+    the reference backend (any torch device) until the kernels serve 3D.
+    """
+
+    ndim = 3

@@ -5,7 +5,8 @@ views.
 The expected signatures and state-dict keys below are written by hand from
 NATTEN's sources (SHI-Labs/NATTEN, tag v0.14.6: src/natten/functional.py,
 natten1d.py, natten2d.py; tag v0.17.5 (and v0.17.0): src/natten/functional.py,
-na1d.py, na2d.py)."""
+na1d.py, na2d.py, na3d.py; the deprecated 3D ops natten3dqkrpb/natten3dqk/
+natten3dav from v0.15.0-v0.17.4's src/natten/functional.py, gone in v0.17.5)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,29 @@ SIGNATURES = {
         ("dim", REQUIRED), ("num_heads", REQUIRED), ("kernel_size", REQUIRED), ("dilation", 1),
         ("is_causal", False), ("rel_pos_bias", False), ("qkv_bias", True), ("qk_scale", None), ("attn_drop", 0.0),
         ("proj_drop", 0.0), ("use_experimental_ops", False)]),
+    "017.na3d_qk": (natten017.na3d_qk, [("query", REQUIRED), ("key", REQUIRED), ("kernel_size", REQUIRED),
+                                        ("dilation", 1), ("additional_keys", None), ("is_causal", False),
+                                        ("rpb", None)]),
+    # na3d_av's dilation had no default in NATTEN 0.17, unlike na1d_av's and na2d_av's
+    "017.na3d_av": (natten017.na3d_av, [("attn", REQUIRED), ("value", REQUIRED), ("kernel_size", REQUIRED),
+                                        ("dilation", REQUIRED), ("additional_values", None), ("is_causal", False)]),
+    "017.na3d": (natten017.na3d, [("query", REQUIRED), ("key", REQUIRED), ("value", REQUIRED),
+                                  ("kernel_size", REQUIRED), ("dilation", 1), ("is_causal", False), ("rpb", None),
+                                  ("scale", None), ("additional_keys", None), ("additional_values", None),
+                                  ("xformers_kwargs", None)]),
+    "015-017.natten3dqkrpb": (natten017.natten3dqkrpb, [
+        ("query", REQUIRED), ("key", REQUIRED), ("rpb", REQUIRED), ("kernel_size_d", REQUIRED),
+        ("kernel_size", REQUIRED), ("dilation_d", REQUIRED), ("dilation", REQUIRED)]),
+    "015-017.natten3dqk": (natten017.natten3dqk, [
+        ("query", REQUIRED), ("key", REQUIRED), ("kernel_size_d", REQUIRED), ("kernel_size", REQUIRED),
+        ("dilation_d", REQUIRED), ("dilation", REQUIRED)]),
+    "015-017.natten3dav": (natten017.natten3dav, [
+        ("attn", REQUIRED), ("value", REQUIRED), ("kernel_size_d", REQUIRED), ("kernel_size", REQUIRED),
+        ("dilation_d", REQUIRED), ("dilation", REQUIRED)]),
+    "017.NeighborhoodAttention3D": (natten017.NeighborhoodAttention3D, [
+        ("dim", REQUIRED), ("num_heads", REQUIRED), ("kernel_size", REQUIRED), ("dilation", 1),
+        ("is_causal", False), ("rel_pos_bias", False), ("qkv_bias", True), ("qk_scale", None), ("attn_drop", 0.0),
+        ("proj_drop", 0.0), ("use_experimental_ops", False)]),
 }
 
 
@@ -86,10 +110,13 @@ def test_017_keeps_the_deprecated_014_names():
         assert getattr(natten017, name) is getattr(natten014, name)
 
 
-def test_017_has_no_3d_and_says_so():
-    with pytest.raises(AttributeError, match="1D and 2D"):
-        natten017.na3d
-    assert not hasattr(natten017, "NeighborhoodAttention3D")
+@pytest.mark.parametrize("name", ["natten3dqkrpb", "natten3dav", "NeighborhoodAttention3D", "na3d"])
+def test_014_has_no_3d_and_points_to_017(name):
+    """NATTEN 0.14 had no 3D: code written for 0.15-0.17 that imports from natten014 hears where its name is."""
+    with pytest.raises(AttributeError) as raised:
+        getattr(natten014, name)
+    assert "NATTEN 0.14, which had no 3D" in str(raised.value) and "na_rtc.compat.natten017" in str(raised.value)
+    assert hasattr(natten017, name)
 
 
 # ---------------------------------------------------------------- functions vs native ops
@@ -159,7 +186,14 @@ SPLIT_017 = {  # name: (heads-last shape, kernel_size, dilation, is_causal, rpb)
     "1d-rpb": ((2, 9, 2, 4), 3, 1, False, True),
     "2d-causal-axis": ((1, 6, 7, 2, 4), (3, 4), (1, 1), (False, True), False),
     "2d-rpb": ((1, 6, 7, 2, 4), (3, 5), (2, 1), False, True),
+    "3d-causal-in-time": ((1, 4, 5, 6, 2, 4), (2, 3, 3), (1, 1, 2), (True, False, False), False),
+    "3d-rpb": ((2, 3, 5, 4, 2, 4), 3, 1, False, True),
 }
+
+QK_017 = {1: natten017.na1d_qk, 2: natten017.na2d_qk, 3: natten017.na3d_qk}
+AV_017 = {1: natten017.na1d_av, 2: natten017.na2d_av, 3: natten017.na3d_av}
+NATIVE_QK = {1: na_rtc.na1d_qk, 2: na_rtc.na2d_qk, 3: na_rtc.na3d_qk}
+NATIVE_AV = {1: na_rtc.na1d_av, 2: na_rtc.na2d_av, 3: na_rtc.na3d_av}
 
 
 @pytest.mark.parametrize("case", SPLIT_017, ids=SPLIT_017.keys())
@@ -167,10 +201,9 @@ def test_017_split_ops_equal_native_ops(case):
     shape, kernel, dilation, causal, with_rpb = SPLIT_017[case]
     ndim = len(shape) - 3
     (q, q_hl), (k, k_hl), (v, v_hl) = (_heads_first(_randn(*shape)) for _ in range(3))
-    kernels = kernel if isinstance(kernel, tuple) else (kernel,)
+    kernels = kernel if isinstance(kernel, tuple) else (kernel,) * ndim
     rpb = _randn(shape[-2], *(2 * kk - 1 for kk in kernels)) if with_rpb else None
-    qk, av = (natten017.na1d_qk, natten017.na1d_av) if ndim == 1 else (natten017.na2d_qk, natten017.na2d_av)
-    native_qk, native_av = (na_rtc.na1d_qk, na_rtc.na1d_av) if ndim == 1 else (na_rtc.na2d_qk, na_rtc.na2d_av)
+    qk, av, native_qk, native_av = QK_017[ndim], AV_017[ndim], NATIVE_QK[ndim], NATIVE_AV[ndim]
     attn = qk(q, k, kernel, dilation, is_causal=causal, rpb=rpb)
     torch.testing.assert_close(attn, _to_heads_first(native_qk(q_hl, k_hl, kernel, dilation, causal, rpb)),
                                rtol=0, atol=0)
@@ -180,13 +213,16 @@ def test_017_split_ops_equal_native_ops(case):
                                _to_heads_first(native_av(weights_hl, v_hl, kernel, dilation, causal)), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+FUSED_017 = {1: (natten017.na1d, na_rtc.na1d), 2: (natten017.na2d, na_rtc.na2d), 3: (natten017.na3d, na_rtc.na3d)}
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize("scale", [None, 0.7], ids=["default-scale", "scale"])
 def test_017_fused_is_heads_last_and_equals_native(ndim, scale):
-    shape = (2, 10, 3, 4) if ndim == 1 else (1, 6, 7, 2, 4)
+    shape = {1: (2, 10, 3, 4), 2: (1, 6, 7, 2, 4), 3: (1, 6, 7, 6, 2, 4)}[ndim]
     q, k, v = (_randn(*shape) for _ in range(3))
     rpb = _randn(shape[-2], *(5,) * ndim)
-    fused, native = (natten017.na1d, na_rtc.na1d) if ndim == 1 else (natten017.na2d, na_rtc.na2d)
+    fused, native = FUSED_017[ndim]
     out = fused(q, k, v, 3, 2, False, rpb, scale)  # NATTEN 0.17's positional order
     torch.testing.assert_close(out, native(q, k, v, 3, dilation=2, scale=scale, rpb=rpb), rtol=0, atol=0)
 
@@ -207,13 +243,14 @@ def _dense_with_extra(q, k, v, extra_k, extra_v, kernel, dilation, causal, scale
     return torch.einsum("bhnm,bmhd->bnhd", probs, values).reshape(q.shape)
 
 
-@pytest.mark.parametrize("ndim", [1, 2], ids=["1d", "2d"])
+@pytest.mark.parametrize("ndim", [1, 2, 3], ids=["1d", "2d", "3d"])
 def test_017_fused_with_additional_tokens_matches_dense(ndim):
-    shape = (2, 9, 2, 4) if ndim == 1 else (1, 5, 6, 2, 4)
-    kernel, dilation, causal = (3, 2, True) if ndim == 1 else ((3, 5), (1, 1), (False, True))
+    shape = {1: (2, 9, 2, 4), 2: (1, 5, 6, 2, 4), 3: (1, 4, 3, 5, 2, 4)}[ndim]
+    kernel, dilation, causal = {1: (3, 2, True), 2: ((3, 5), (1, 1), (False, True)),
+                                3: ((2, 3, 3), (1, 1, 1), (True, False, False))}[ndim]
     q, k, v = (_randn(*shape, requires_grad=True) for _ in range(3))
     extra_k, extra_v = (_randn(shape[0], 3, shape[-2], shape[-1], requires_grad=True) for _ in range(2))
-    fused = natten017.na1d if ndim == 1 else natten017.na2d
+    fused = FUSED_017[ndim][0]
     out = fused(q, k, v, kernel, dilation, causal, additional_keys=extra_k, additional_values=extra_v)
     expected = _dense_with_extra(q, k, v, extra_k, extra_v, kernel, dilation, causal, shape[-1] ** -0.5)
     assert_close(out, expected, torch.float64, "forward", "output")
@@ -222,6 +259,39 @@ def test_017_fused_with_additional_tokens_matches_dense(ndim):
     for name, a, b in zip("q k v extra_k extra_v".split(), torch.autograd.grad(out, inputs, grad),
                           torch.autograd.grad(expected, inputs, grad)):
         assert_close(a, b, torch.float64, "grad", name)
+
+
+@pytest.mark.parametrize("with_rpb", [False, True], ids=["no-rpb", "rpb"])
+def test_015_3d_ops_take_one_size_for_depth_and_one_for_height_and_width(with_rpb):
+    """natten3dqkrpb(q, k, rpb, kernel_size_d, kernel_size, dilation_d, dilation) is na3d_qk with
+    (kernel_size_d, kernel_size, kernel_size) and (dilation_d, dilation, dilation), as NATTEN 0.15-0.17.4 had it."""
+    (q, q_hl), (k, k_hl), (v, v_hl) = (_heads_first(_randn(1, 3, 6, 6, 2, 4)) for _ in range(3))
+    rpb = _randn(2, 5, 5, 5) if with_rpb else None
+    attn = (natten017.natten3dqkrpb(q, k, rpb, 3, 3, 1, 2) if with_rpb else natten017.natten3dqk(q, k, 3, 3, 1, 2))
+    expected = na_rtc.na3d_qk(q_hl, k_hl, (3, 3, 3), (1, 2, 2), rpb=rpb)
+    assert attn.shape == (1, 2, 3, 6, 6, 27)  # heads-first weights
+    torch.testing.assert_close(attn, _to_heads_first(expected), rtol=0, atol=0)
+    weights = attn.softmax(-1)
+    out = natten017.natten3dav(weights, v, 3, 3, 1, 2)
+    native = na_rtc.na3d_av(weights.permute(0, 2, 3, 4, 1, 5), v_hl, (3, 3, 3), (1, 2, 2))
+    torch.testing.assert_close(out, _to_heads_first(native), rtol=0, atol=0)
+
+
+def test_015_3d_ops_with_a_different_depth_window_follow_the_oracle():
+    """Depth and plane differ (kernel_size_d 2, kernel_size 3, dilation_d 2): NATTEN's heads-first weights,
+    slot t = (td * 3 + th) * 3 + tw, checked against the brute-force oracle, not na_rtc."""
+    (q, q_hl), (k, k_hl) = (_heads_first(_randn(1, 5, 4, 3, 2, 4)) for _ in range(2))
+    attn = natten017.natten3dqk(q, k, 2, 3, 2, 1)
+    expected = oracle_qk(q_hl.numpy(), k_hl.numpy(), (2, 3, 3), (2, 1, 1))
+    assert_close(attn, _to_heads_first(torch.from_numpy(expected)), torch.float64, "forward", "attn")
+
+
+@pytest.mark.parametrize("call", [lambda x: natten017.natten3dqk(x, x, (3, 3), 3, 1, 1),
+                                  lambda x: natten017.natten3dav(x[..., :1].expand(*x.shape[:-1], 27), x, 3, 3, 1, 1.0)],
+                         ids=["tuple-kernel-size-d", "float-dilation"])
+def test_015_3d_ops_want_ints(call):
+    with pytest.raises(TypeError, match="must be an int in natten3dqkrpb/natten3dqk/natten3dav"):
+        call(torch.ones(1, 2, 3, 4, 5, 4))
 
 
 def test_017_split_ops_with_additional_tokens_append_columns():
@@ -321,6 +391,11 @@ STATE_DICTS = {
     "017-2d-rpb": (lambda: natten017.NeighborhoodAttention2D(32, 4, (7, 5), rel_pos_bias=True),
                    [("rpb", (4, 13, 9)), ("qkv.weight", (96, 32)), ("qkv.bias", (96,)), ("proj.weight", (32, 32)),
                     ("proj.bias", (32,))]),
+    "017-3d-rpb": (lambda: natten017.NeighborhoodAttention3D(32, 4, (3, 7, 7), rel_pos_bias=True),
+                   [("rpb", (4, 5, 13, 13)), ("qkv.weight", (96, 32)), ("qkv.bias", (96,)),
+                    ("proj.weight", (32, 32)), ("proj.bias", (32,))]),
+    "017-3d": (lambda: natten017.NeighborhoodAttention3D(32, 4, 3, qkv_bias=False),
+               [("qkv.weight", (96, 32)), ("proj.weight", (32, 32)), ("proj.bias", (32,))]),
 }
 
 
@@ -346,6 +421,23 @@ def test_a_natten_checkpoint_loads_and_runs_everywhere():
         outs.append(layer.eval()(x))
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
+def test_a_natten_017_3d_checkpoint_loads_into_both_3d_layers():
+    g = torch.Generator().manual_seed(4)
+    checkpoint = {"rpb": torch.randn(2, 5, 5, 5, generator=g), "qkv.weight": torch.randn(48, 16, generator=g) / 4,
+                  "qkv.bias": torch.randn(48, generator=g), "proj.weight": torch.randn(16, 16, generator=g) / 4,
+                  "proj.bias": torch.randn(16, generator=g)}
+    layers = [natten017.NeighborhoodAttention3D(16, 2, 3, (1, 2, 1), rel_pos_bias=True),
+              na_rtc.NeighborhoodAttention3D(16, 2, 3, dilation=(1, 2, 1), rel_pos_bias=True)]
+    x = torch.randn(2, 3, 6, 4, 16, generator=g)
+    outs = []
+    for layer in layers:
+        layer.load_state_dict(checkpoint)
+        outs.append(layer.eval()(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    assert layers[0].kernel_size == (3, 3, 3) and layers[0].dilation == (1, 2, 1)
+    assert "has_bias=True" in repr(layers[0])
 
 
 def test_014_module_attributes_and_defaults():

@@ -72,6 +72,28 @@ def test_every_op_warns_on_a_heads_first_looking_tensor(op, kind):
     assert len(_layout_warnings(calls[op])) == 1
 
 
+HEADS_FIRST_3D = np.zeros((1, 8, 16, 32, 32, 4), np.float32)  # [B, H=8, T=16, 32, 32, D]
+
+
+def test_3d_heads_first_warns_and_shape_errors_spot_it():
+    (caught,) = _layout_warnings(lambda: na_rtc.na3d_qk(HEADS_FIRST_3D, HEADS_FIRST_3D, 3))
+    text = str(caught.message)
+    assert "32 heads on a 8 x 16 x 32 volume" in text and "8 heads on a 16 x 32 x 32 volume" in text
+    assert "x.permute(0, 2, 3, 4, 1, 5)" in text
+    with pytest.raises(ValueError) as raised:
+        na_rtc.na3d(HEADS_FIRST_3D, HEADS_FIRST_3D, HEADS_FIRST_3D, (9, 3, 3))
+    text = str(raised.value)
+    assert "looks heads-first" in text and "na_rtc.compat.natten017" in text and "natten014" not in text
+
+
+def test_3d_compat_warns_on_a_heads_last_looking_tensor():
+    x = torch.zeros(1, 16, 32, 32, 8, 4)  # heads-last: 8 heads on 16 frames of 32 x 32
+    (caught,) = _layout_warnings(lambda: natten017.na3d_qk(x, x, 3))
+    assert "looks heads-last" in str(caught.message) and "na_rtc.na3d_qk / na3d_av" in str(caught.message)
+    y = torch.zeros(1, 8, 16, 32, 32, 4)  # NATTEN's own heads-first layout: silent
+    assert not _layout_warnings(lambda: natten017.na3d_av(natten017.na3d_qk(y, y, 3), y, 3, 1))
+
+
 def test_1d_heads_first_warns():
     x = np.zeros((2, 4, 64, 8), np.float32)  # [B, H=4, L=64, D] read as 4 tokens with 64 heads
     (caught,) = _layout_warnings(lambda: na_rtc.na1d(x, x, x, 3))
@@ -201,6 +223,15 @@ def test_compat_is_silent_on_natten_shapes_and_its_own_views():
     ((20, 20, 4), "heads-first", True),   # heads-last given to compat
     ((4, 20, 20), "heads-first", False),
     ((4096, 4), "heads-first", True),
+    # 3D: [batch, time/depth, height, width, heads, dim]; only the frames (last two spatial axes) count
+    ((8, 16, 32, 32), "heads-last", True),   # 8 heads on 16 frames of 32 x 32, heads-first
+    ((16, 32, 32, 8), "heads-last", False),  # the same, heads-last as meant
+    ((16, 24, 32, 8), "heads-last", False),  # frames not square: no evidence either way
+    ((4, 32, 32, 32), "heads-last", False),  # a cube: 32 heads on 4 x 32 x 32 is as plausible as 4 on 32^3
+    ((32, 16, 16, 48), "heads-last", False),  # more heads than the frame side
+    ((2, 4, 4, 3), "heads-last", False),     # small
+    ((16, 32, 32, 8), "heads-first", True),  # heads-last given to compat's 3D split ops
+    ((8, 16, 32, 32), "heads-first", False),
 ])
 def test_the_rule(middle, reading, fires):
     assert _layouts.looks_transposed(middle, reading) is fires

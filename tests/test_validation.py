@@ -18,6 +18,7 @@ Q2 = np.zeros((1, 8, 9, 2, 4), F32)  # [batch, height, width, heads, dim]
 ATTN1 = np.zeros((1, 16, 2, 5), F32)  # k = 5
 RPB1 = np.zeros((2, 9), F32)  # k = 5
 RPB2 = np.zeros((2, 5, 7), F32)  # k = (3, 4)... used with k = (3, 4): wrong on purpose where noted
+Q3 = np.zeros((1, 6, 7, 8, 2, 4), F32)  # [batch, depth, height, width, heads, dim]
 
 
 def na1d(**overrides):
@@ -30,6 +31,12 @@ def na2d(**overrides):
     args = dict(query=Q2, key=Q2, value=Q2, kernel_size=3)
     args.update(overrides)
     return lambda: na_rtc.na2d(**args)
+
+
+def na3d(**overrides):
+    args = dict(query=Q3, key=Q3, value=Q3, kernel_size=3)
+    args.update(overrides)
+    return lambda: na_rtc.na3d(**args)
 
 
 def qk1(**overrides):
@@ -133,8 +140,46 @@ CASES = {
     "grad-attn-shape": (lambda: na_rtc.na1d_qk_backward(Q1, Q1, Q1, 5), ValueError, "grad_attn must have shape (1, 16, 2, 5)"),
     "av-grad-out-dtype": (lambda: na_rtc.na1d_av_backward(Q1.astype(np.float64), ATTN1, Q1, 5), TypeError,
                           "grad_out has dtype float64"),
+    # 3D: per-axis arguments are triples, the first axis depth or time
+    "query-rank-3d": (na3d(query=Q2, key=Q2, value=Q2), ValueError,
+                      "query must have 6 dimensions [batch, depth, height, width, heads, head_dim] (heads-last)"),
+    "key-shape-3d": (na3d(key=np.zeros((1, 6, 7, 7, 2, 4), F32)), ValueError, "key must have the shape of query"),
+    "kernel-size-tuple-length-3d": (na3d(kernel_size=(3, 3)), TypeError,
+                                    "kernel_size must be an int or a tuple of 3 ints"),
+    "dilation-tuple-length-3d": (na3d(dilation=(1, 2)), TypeError, "dilation must be an int or a tuple of 3 ints"),
+    "causal-tuple-length-3d": (na3d(is_causal=(True, False)), TypeError,
+                               "is_causal must be a bool or a tuple of 3 bools"),
+    "stride-above-kernel-3d": (na3d(stride=(1, 4, 1)), ValueError, "stride must be between 1 and kernel_size"),
+    "kernel-too-large-3d-axis-2": (na3d(kernel_size=(3, 3, 9)), ValueError, "axis 2 has size 8"),
+    "kernel-times-dilation-3d-axis-0": (na3d(dilation=(3, 1, 1)), ValueError, "kernel_size 3 * dilation 3 = 9"),
+    "kernel-too-large-names-the-3d-layout": (na3d(kernel_size=(7, 3, 3)), ValueError,
+                                             "query has shape (1, 6, 7, 8, 2, 4). na_rtc's ops take heads-last tensors "
+                                             "[batch, depth, height, width, heads, head_dim]"),
+    "3d-shape-points-to-compat-017": (na3d(kernel_size=(7, 3, 3)), ValueError,
+                                      "runs unchanged through na_rtc.compat.natten017"),
+    "rpb-shape-3d": (na3d(kernel_size=(3, 3, 5), rpb=np.zeros((2, 5, 5, 5), F32)), ValueError, "(2, 5, 5, 9)"),
+    "rpb-2d-shape-in-3d": (na3d(rpb=np.zeros((2, 5, 5), F32)), ValueError,
+                           "rpb must have shape [heads, *(2 * kernel_size - 1)] = (2, 5, 5, 5)"),
+    "rpb-with-causal-in-time": (na3d(rpb=np.zeros((2, 5, 5, 5), F32), is_causal=(True, False, False)), ValueError,
+                                "rpb cannot be combined with is_causal"),
+    "rpb-even-kernel-3d": (na3d(kernel_size=(3, 4, 3), rpb=np.zeros((2, 5, 7, 5), F32)), ValueError,
+                           "rpb needs an odd kernel_size"),
+    "attn-3d-slots": (lambda: na_rtc.na3d_av(np.zeros((1, 6, 7, 8, 2, 26), F32), Q3, 3), ValueError,
+                      "prod(kernel_size) = 27"),
+    "attn-3d-spatial": (lambda: na_rtc.na3d_av(np.zeros((1, 6, 7, 7, 2, 27), F32), Q3, 3), ValueError,
+                        "attn must have shape [batch, *spatial, heads, slots] = (1, 6, 7, 8, 2, 27)"),
+    "qk-stride-not-accepted-3d": (lambda: na_rtc.na3d_qk(Q3, Q3, 3, stride=2), TypeError, "stride"),
+    "grad-attn-shape-3d": (lambda: na_rtc.na3d_qk_backward(Q3, Q3, Q3, 3), ValueError,
+                           "grad_attn must have shape (1, 6, 7, 8, 2, 27)"),
+    "grad-out-shape-3d": (lambda: na_rtc.na3d_backward(Q3[..., :3], Q3, Q3, Q3, 3), ValueError,
+                          "grad_out must have shape (1, 6, 7, 8, 2, 4)"),
+    "av-grad-out-dtype-3d": (lambda: na_rtc.na3d_av_backward(Q3.astype(np.float64), np.zeros((1, 6, 7, 8, 2, 27), F32),
+                                                             Q3, 3), TypeError, "grad_out has dtype float64"),
     # backends
     "unknown-backend": (na1d(backend="tpu"), ValueError, "unknown backend 'tpu'"),
+    "3d-on-the-cuda-backend": (na3d(backend="cuda"), ValueError,
+                               "3D neighborhood attention runs on the reference backend for now"),
+    "3d-on-the-emulator": (na3d(backend="emulator"), ValueError, "the emulator backend's kernels serve 1D/2D only"),
     "cuda-backend-for-numpy": (na1d(backend="cuda"), ValueError, "the cuda backend cannot run numpy arrays on CPU"),
 }
 

@@ -3,8 +3,9 @@ NATTEN run unchanged after an import change:
 
 - :mod:`na_rtc.compat.natten014`: NATTEN 0.14 (``natten1dqkrpb``,
   ``natten2dav``, ... and the modules with ``rpb`` on by default).
-- :mod:`na_rtc.compat.natten017`: NATTEN 0.17 (``na1d_qk``/``na2d_av`` split
-  ops, fused ``na1d``/``na2d``, the modules with ``rel_pos_bias``).
+- :mod:`na_rtc.compat.natten017`: NATTEN 0.17 (``na1d_qk``/``na2d_av``/``na3d_qk``
+  split ops, fused ``na1d``/``na2d``/``na3d``, 0.15's ``natten3dqkrpb``/
+  ``natten3dav``, the modules with ``rel_pos_bias``). NATTEN 0.14 had no 3D.
 
 Both import torch (their modules are ``torch.nn.Module``\\s); import them
 explicitly. Names, argument order, tensor layouts and state-dict keys are

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from .. import _args, _arrays, _layouts
 
-_LAYOUT = {1: "[batch, heads, length, dim]", 2: "[batch, heads, height, width, dim]"}
+_LAYOUT = {1: "[batch, heads, length, dim]", 2: "[batch, heads, height, width, dim]",
+           3: "[batch, heads, depth, height, width, dim]"}
 _HEADS_FIRST = _layouts.HEADS_FIRST
 
 

@@ -131,3 +131,14 @@ class NeighborhoodAttention2D(_Natten014Layer, _Native2D):
                  attn_drop=0.0, proj_drop=0.0):
         self._setup(_Native2D, dim, num_heads, kernel_size, dilation, bias, qkv_bias, qk_scale, attn_drop,
                     proj_drop)
+
+
+_LATER_3D = {"natten3dqkrpb", "natten3dqk", "natten3dav", "NeighborhoodAttention3D", "na3d", "na3d_qk", "na3d_av"}
+
+
+def __getattr__(name):
+    if name in _LATER_3D:  # code written for a later NATTEN imported from the wrong module
+        raise AttributeError(f"{name} is not in NATTEN 0.14, which had no 3D neighborhood attention: NATTEN "
+                             f"0.15-0.17's 3D API is in na_rtc.compat.natten017 (with {name}), na_rtc's own in "
+                             f"na_rtc.na3d / na_rtc.NeighborhoodAttention3D")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,18 +7,25 @@ Split ops, heads-first (``[batch, heads, *spatial, dim]``, attention weights
     na1d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None)
     na1d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False)
     na2d_qk(...), na2d_av(...)                  # the same, 2D
+    na3d_qk(...), na3d_av(attn, value, kernel_size, dilation, ...)  # 3D: na3d_av's dilation is required
 
 Fused ops, heads-last (``[batch, *spatial, heads, dim]``)::
 
     na1d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None,
          additional_keys=None, additional_values=None, xformers_kwargs=None)
-    na2d(...)
+    na2d(...), na3d(...)
 
-and NATTEN 0.14's ``natten1dqkrpb`` ... ``natten2dav`` (still present, deprecated,
-in 0.17.0-0.17.4). Modules ``NeighborhoodAttention1D/2D(dim, num_heads,
-kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
-qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False)``
-with NATTEN's state-dict keys (``qkv``, ``rpb``, ``proj``).
+3D tensors are ``[batch, heads, depth, height, width, dim]`` (split) and
+``[batch, depth, height, width, heads, dim]`` (fused); slot
+``t = (tx * ky + ty) * kz + tz`` of the weights. NATTEN 0.14's ``natten1dqkrpb``
+... ``natten2dav`` and 0.15's ``natten3dqkrpb(query, key, rpb, kernel_size_d,
+kernel_size, dilation_d, dilation)``, ``natten3dqk``, ``natten3dav`` (still
+present, deprecated, in 0.17.0-0.17.4; the 3D ones take one size for depth
+and one for height and width). Modules ``NeighborhoodAttention1D/2D/3D(dim,
+num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=False,
+qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
+use_experimental_ops=False)`` with NATTEN's state-dict keys (``qkv``,
+``rpb``, ``proj``).
 
 Inputs reach na_rtc's kernels as strided views (no copies); split-op results
 are heads-first views of na_rtc's heads-last outputs (not contiguous).
@@ -26,29 +33,32 @@ are heads-first views of na_rtc's heads-last outputs (not contiguous).
 to, besides its neighborhood) are supported, computed with torch matmuls:
 in the split ops as NATTEN does (extra columns after the window slots), in
 the fused ops through the split ops and one softmax over both, so gradients
-stay exact; they need torch tensors. ``xformers_kwargs`` is refused. NATTEN's
-3D ops do not exist in na_rtc.
+stay exact; they need torch tensors. ``xformers_kwargs`` is refused. 3D runs
+on na_rtc's reference backend until its kernels serve 3D.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 from .. import _args, _arrays, functional
 from ..modules import NeighborhoodAttention1D as _Native1D
 from ..modules import NeighborhoodAttention2D as _Native2D
+from ..modules import NeighborhoodAttention3D as _Native3D
 from ._layout import check_av, check_qk, heads_first, heads_last
 from .natten014 import natten1dav, natten1dqk, natten1dqkrpb, natten2dav, natten2dqk, natten2dqkrpb
 
 __all__ = [
-    "na1d_qk", "na1d_av", "na2d_qk", "na2d_av", "na1d", "na2d",
+    "na1d_qk", "na1d_av", "na2d_qk", "na2d_av", "na3d_qk", "na3d_av", "na1d", "na2d", "na3d",
     "natten1dqkrpb", "natten1dqk", "natten1dav", "natten2dqkrpb", "natten2dqk", "natten2dav",
-    "NeighborhoodAttention1D", "NeighborhoodAttention2D",
+    "natten3dqkrpb", "natten3dqk", "natten3dav",
+    "NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
 ]
 
-_FUSED = {1: functional.na1d, 2: functional.na2d}
-_QK = {1: functional.na1d_qk, 2: functional.na2d_qk}
-_AV = {1: functional.na1d_av, 2: functional.na2d_av}
+_FUSED = {1: functional.na1d, 2: functional.na2d, 3: functional.na3d}
+_QK = {1: functional.na1d_qk, 2: functional.na2d_qk, 3: functional.na3d_qk}
+_AV = {1: functional.na1d_av, 2: functional.na2d_av, 3: functional.na3d_av}
 
 
 def _slots(kernel_size, ndim) -> int:
@@ -128,6 +138,51 @@ def na2d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_cau
     return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal)
 
 
+def na3d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
+    """Logits ``[batch, heads, depth, height, width, kd * kh * kw (+ additional tokens)]``."""
+    return _qk(3, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
+
+
+def na3d_av(attn, value, kernel_size, dilation, additional_values=None, is_causal=False):
+    """Weighted sum of neighbor (and additional) values: ``[batch, heads, depth, height, width, dim]``.
+    ``dilation`` has no default, as in NATTEN 0.17's ``na3d_av``."""
+    return _av(3, attn, value, kernel_size, dilation, additional_values, is_causal)
+
+
+# ---------------------------------------------------------------- 0.15's 3D ops (deprecated in 0.17.0-0.17.4)
+
+
+def _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation) -> tuple[tuple, tuple]:
+    """NATTEN 0.15's 3D arguments (one value for depth, one for height and width) as per-axis triples."""
+    for name, value in (("kernel_size_d", kernel_size_d), ("kernel_size", kernel_size),
+                        ("dilation_d", dilation_d), ("dilation", dilation)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int in natten3dqkrpb/natten3dqk/natten3dav (depth takes "
+                            f"kernel_size_d and dilation_d, height and width share kernel_size and dilation), "
+                            f"got {value!r}; na3d_qk / na3d_av take per-axis tuples")
+    return (kernel_size_d, kernel_size, kernel_size), (dilation_d, dilation, dilation)
+
+
+def natten3dqkrpb(query, key, rpb, kernel_size_d, kernel_size, dilation_d, dilation):
+    """Logits ``query . key`` per window slot plus ``rpb`` (``[heads, 2kd - 1, 2k - 1, 2k - 1]`` or None):
+    ``[batch, heads, depth, height, width, dim]`` -> ``[..., kernel_size_d * kernel_size ** 2]``."""
+    kernel, dilations = _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation)
+    return _qk(3, query, key, kernel, dilations, None, False, rpb)
+
+
+def natten3dqk(query, key, kernel_size_d, kernel_size, dilation_d, dilation):
+    """:func:`natten3dqkrpb` without a bias."""
+    kernel, dilations = _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation)
+    return _qk(3, query, key, kernel, dilations, None, False, None)
+
+
+def natten3dav(attn, value, kernel_size_d, kernel_size, dilation_d, dilation):
+    """``attn [..., kernel_size_d * kernel_size ** 2]`` x neighbor values -> ``[batch, heads, depth, height,
+    width, dim]``."""
+    kernel, dilations = _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation)
+    return _av(3, attn, value, kernel, dilations, None, False)
+
+
 # ---------------------------------------------------------------- fused ops (heads-last)
 
 
@@ -184,6 +239,13 @@ def na2d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, 
                   additional_values, xformers_kwargs)
 
 
+def na3d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
+         additional_values=None, xformers_kwargs=None):
+    """Fused 3D NA on heads-last ``[batch, depth, height, width, heads, dim]``."""
+    return _fused(3, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                  additional_values, xformers_kwargs)
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -223,11 +285,11 @@ class NeighborhoodAttention2D(_Natten017Layer, _Native2D):
                     attn_drop, proj_drop, use_experimental_ops)
 
 
-_NO_3D = {"na3d", "na3d_qk", "na3d_av", "natten3dqkrpb", "natten3dqk", "natten3dav", "NeighborhoodAttention3D"}
+class NeighborhoodAttention3D(_Natten017Layer, _Native3D):
+    """NATTEN 0.17's ``NeighborhoodAttention3D`` on ``[batch, depth, height, width, dim]``; ``rpb`` is
+    ``[num_heads, 2kd - 1, 2kh - 1, 2kw - 1]``."""
 
-
-def __getattr__(name):
-    if name in _NO_3D:
-        raise AttributeError(f"{name} is not available: na_rtc implements 1D and 2D neighborhood attention only "
-                             f"(NATTEN 0.17's 3D ops have no counterpart)")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
+                 qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False):
+        self._setup(_Native3D, dim, num_heads, kernel_size, dilation, is_causal, rel_pos_bias, qkv_bias, qk_scale,
+                    attn_drop, proj_drop, use_experimental_ops)
