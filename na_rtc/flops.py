@@ -14,9 +14,10 @@ neighbor, head-dim element), per batch element and head:
 
 Neighbor counts are exact (:func:`na_rtc.window.neighbor_count`): causal
 windows hold 1..k keys and strided causal windows vary per query, so
-``tokens * prod(kernel)`` would overstate their work. A 2D neighborhood is
-the product of the per-axis windows, so the sum over all queries of the
-product of per-axis counts is the product of the per-axis sums.
+``tokens * prod(kernel)`` would overstate their work. A 2D or 3D
+neighborhood is the product of the per-axis windows, so the sum over all
+queries of the product of per-axis counts is the product of the per-axis
+sums (exact in every rank, with no table over the queries).
 """
 
 from __future__ import annotations

@@ -106,6 +106,25 @@ CASES = {
 }
 
 
+# 3D runs on the reference backend until the kernels serve it
+CASES_3D = {
+    "na3d-rpb": (lambda q, k, v, r, backend: na_rtc.na3d(q, k, v, 3, dilation=(1, 1, 2), rpb=r, backend=backend),
+                 lambda q, k, v, r: dense_na(q, k, v, 3, dilation=(1, 1, 2), rpb=r),
+                 lambda: [_randn(1, 3, 4, 6, 2, 3, seed=s) for s in range(3)] + [_randn(2, 5, 5, 5, seed=3)]),
+    "na3d-causal-in-time": (lambda q, k, v, backend: na_rtc.na3d(q, k, v, (2, 3, 2), is_causal=(True, False, False),
+                                                                 backend=backend),
+                            lambda q, k, v: dense_na(q, k, v, (2, 3, 2), is_causal=(True, False, False)),
+                            lambda: [_randn(1, 4, 3, 3, 2, 3, seed=s) for s in range(3)]),
+    "na3d_qk-causal": (lambda q, k, backend: na_rtc.na3d_qk(q, k, (2, 2, 3), is_causal=(True, False, True),
+                                                            backend=backend).softmax(-1),
+                       lambda q, k: dense_qk(q, k, (2, 2, 3), is_causal=(True, False, True)).softmax(-1),
+                       lambda: [_randn(1, 3, 3, 4, 2, 3, seed=s) for s in range(2)]),
+    "na3d_av-dilation": (lambda a, v, backend: na_rtc.na3d_av(a, v, (2, 2, 3), dilation=(1, 2, 1), backend=backend),
+                         lambda a, v: dense_av(a, v, (2, 2, 3), dilation=(1, 2, 1)),
+                         lambda: [_probs(1, 3, 4, 3, 2, 12, seed=0), _randn(1, 3, 4, 3, 2, 3, seed=1)]),
+}
+
+
 def _penalty(function, inputs, weight_seed=7):
     """``(first, second)``: the gradients of a weighted sum of ``function``'s output, and of a
     weighted sum of those gradients (a gradient penalty), both with respect to ``inputs``."""
@@ -127,6 +146,16 @@ def _penalty(function, inputs, weight_seed=7):
 ])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_gradient_penalty_equals_the_float64_reference(case, backend, dtype):
+    _check_penalty(case, backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["reference-fp64", "reference-bf16"])
+@pytest.mark.parametrize("case", CASES_3D.values(), ids=CASES_3D.keys())
+def test_3d_gradient_penalty_equals_the_float64_reference(case, dtype):
+    _check_penalty(case, "reference", dtype)
+
+
+def _check_penalty(case, backend, dtype):
     ours, dense, make = case
     inputs64 = [x.to(dtype).double() for x in make()]  # rounded to the tested dtype, as the reference sees them
     device = "cuda" if backend == "cuda" else "cpu"
@@ -139,10 +168,11 @@ def test_gradient_penalty_equals_the_float64_reference(case, backend, dtype):
         assert_close(got, want, dtype, "grad", f"gradient of the penalty, input {i}")
 
 
-@pytest.mark.parametrize("name", ["na1d-rpb-dilation", "na2d-causal-dilation", "na1d_qk-rpb", "na2d_av-dilation"])
+@pytest.mark.parametrize("name", ["na1d-rpb-dilation", "na2d-causal-dilation", "na1d_qk-rpb", "na2d_av-dilation",
+                                  "na3d-rpb", "na3d_av-dilation"])
 def test_second_derivatives_pass_gradgradcheck(name):
     # gradgradcheck also differentiates with respect to the incoming gradient, which the penalty test holds fixed
-    ours, _, make = CASES[name]
+    ours, _, make = {**CASES, **CASES_3D}[name]
     inputs = [x.requires_grad_() for x in make()]
     assert torch.autograd.gradgradcheck(lambda *xs: ours(*xs, backend="reference"), inputs, fast_mode=True)
 

@@ -83,6 +83,42 @@ def test_split_ops_count_one_product_forward_and_two_backward(problem):
     assert counts == {OPS.qk_fwd: product, OPS.av_fwd: product, OPS.qk_bwd: 2 * product, OPS.av_bwd: 2 * product}
 
 
+# 3D: (spatial, kernel, stride, dilation, causal), counted against the oracle's neighbor pairs
+PROBLEMS_3D = {
+    "3d-causal-in-time-stride-dilation": ((4, 6, 6), (2, 3, 3), (2, 1, 3), (1, 2, 1), (True, False, False)),
+    "3d-causal-two-axes": ((6, 4, 4), (3, 2, 3), (1, 1, 1), (2, 1, 1), (True, False, True)),
+    "3d-rpb-shape": ((3, 4, 5), (3, 3, 3), (1, 1, 1), (1, 1, 1), (False, False, False)),
+}
+
+
+@pytest.mark.parametrize("problem", PROBLEMS_3D.values(), ids=PROBLEMS_3D.keys())
+def test_3d_ops_count_exact_neighborhoods(problem):
+    spatial, kernel, stride, dilation, causal = problem
+    pairs = _oracle_pairs(problem)
+    if causal != (False,) * 3:
+        assert pairs < math.prod(spatial) * math.prod(kernel)  # causal windows are cut short: not tokens x slots
+    product = 2 * HEAD_DIM * BATCH * HEADS * pairs
+    q, k, v = _inputs(problem)
+    counts = _counted(lambda: na_rtc.na3d(q, k, v, kernel, stride, dilation, causal).sum().backward())
+    assert counts == {OPS.fused_fwd: 2 * product, OPS.fused_bwd: 2.5 * 2 * product}
+    if stride == (1, 1, 1):
+        def split():
+            attn = na_rtc.na3d_qk(q, k, kernel, dilation, causal).softmax(-1)
+            na_rtc.na3d_av(attn, v, kernel, dilation, causal).sum().backward()
+
+        assert _counted(split) == {OPS.qk_fwd: product, OPS.av_fwd: product, OPS.qk_bwd: 2 * product,
+                                   OPS.av_bwd: 2 * product}
+
+
+def test_a_3d_layer_counts_its_attention():
+    layer = na_rtc.NeighborhoodAttention3D(HEADS * HEAD_DIM, HEADS, kernel_size=(2, 3, 3),
+                                           is_causal=(True, False, False))
+    x = torch.randn(BATCH, 4, 5, 6, HEADS * HEAD_DIM)
+    counts = _counted(lambda: layer(x))
+    pairs = _oracle_pairs(((4, 5, 6), (2, 3, 3), (1, 1, 1), (1, 1, 1), (True, False, False)))
+    assert counts[OPS.fused_fwd] == 4 * HEAD_DIM * BATCH * HEADS * pairs
+
+
 def test_a_layer_counts_its_attention_beside_its_projections():
     layer = na_rtc.NeighborhoodAttention2D(HEADS * HEAD_DIM, HEADS, kernel_size=3, dilation=2, rel_pos_bias=True)
     x = torch.randn(BATCH, 7, 8, HEADS * HEAD_DIM, requires_grad=True)

@@ -1,4 +1,4 @@
-"""NeighborhoodAttention1D/2D (DESIGN.md section 3): the layer against a dense
+"""NeighborhoodAttention1D/2D/3D (DESIGN.md section 3): the layer against a dense
 masked-attention layer written by hand from section 2, the choice between the
 fused and the split path, padding of small inputs, state dicts across
 backends, validation, torch.compile and autocast."""
@@ -20,12 +20,12 @@ import torch.nn.functional as F
 
 import na_rtc
 from na_rtc import backends
-from na_rtc.modules import NeighborhoodAttention1D, NeighborhoodAttention2D
+from na_rtc.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
 from helpers import assert_close
 from oracle import oracle_neighbor_mask
 
-MODULES = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D}
+MODULES = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ LAYERS = [
     Layer((5, 6), (3, 4), stride=(1, 2), causal=(True, False)),
     Layer((4, 9), (3, 3), dilation=(2, 2), rpb=True),     # padded on the first axis only
     Layer((2, 2), (3, 3)),                                # padded on both axes
+    # 3D: [batch, depth/time, height, width, channels]
+    Layer((3, 4, 5), (3, 3, 3), rpb=True),
+    Layer((4, 3, 5), (2, 3, 4), stride=(2, 1, 2), causal=(True, False, False)),  # causal in time only
+    Layer((3, 4, 4), (3, 3, 3), dilation=(1, 2, 1), rpb=True),  # padded on the height axis only
+    Layer((2, 3, 4), (3, 3, 5)),                                # padded on every axis
 ]
 SMALL = [c for c in LAYERS if str(c) in ("1d-L13k5d2-rpb", "2d-L4k3d2,L9k3d2-rpb-padded")]
 
@@ -248,7 +253,8 @@ def test_stride_with_attention_dropout_in_training_is_an_error():
     (1, dict(qkv_bias=False), 16 * 48 + 16 * 16 + 16),
     (2, dict(rel_pos_bias=True), 16 * 48 + 48 + 16 * 16 + 16 + 2 * 9 * 9),
     (2, dict(), 16 * 48 + 48 + 16 * 16 + 16),
-], ids=["1d-rpb", "1d-no-qkv-bias", "2d-rpb", "2d"])
+    (3, dict(rel_pos_bias=True), 16 * 48 + 48 + 16 * 16 + 16 + 2 * 9 * 9 * 9),
+], ids=["1d-rpb", "1d-no-qkv-bias", "2d-rpb", "2d", "3d-rpb"])
 def test_parameter_count(ndim, kwargs, expected):
     module = MODULES[ndim](16, 2, 5, **kwargs)
     assert sum(p.numel() for p in module.parameters()) == expected
@@ -260,6 +266,16 @@ def test_state_dict_keys_and_rpb_shape():
     assert shapes == {"rpb": (4, 5, 9), "qkv.weight": (48, 16), "qkv.bias": (48,), "proj.weight": (16, 16),
                       "proj.bias": (16,)}
     assert "rpb" not in NeighborhoodAttention2D(16, 4, 3).state_dict()
+
+
+def test_3d_state_dict_keys_and_rpb_shape():
+    # NATTEN's [heads, 2kd - 1, 2k - 1, 2k - 1] for a depth window and a square one, or any per-axis sizes
+    module = NeighborhoodAttention3D(16, 4, (3, 5, 5), rel_pos_bias=True)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert shapes == {"rpb": (4, 5, 9, 9), "qkv.weight": (48, 16), "qkv.bias": (48,), "proj.weight": (16, 16),
+                      "proj.bias": (16,)}
+    assert tuple(NeighborhoodAttention3D(16, 4, (3, 5, 7), rel_pos_bias=True).rpb.shape) == (4, 5, 9, 13)
+    assert "rpb" not in NeighborhoodAttention3D(16, 4, 3).state_dict()
 
 
 def test_rpb_init_is_normal_with_std_002():
@@ -347,12 +363,25 @@ def test_natten_style_positional_arguments_say_which_keyword_and_where_natten_or
         assert getattr(compat, name)(16, 2, 5, 2)._window[2] == (2,) * layer.ndim  # normalized dilation
 
 
+def test_3d_positional_arguments_name_every_natten_meaning_of_the_fourth():
+    # NATTEN 0.15: NeighborhoodAttention3D(dim, num_heads, kernel_size, kernel_size_d, ...); 0.17: dilation fourth
+    with pytest.raises(TypeError) as raised:
+        NeighborhoodAttention3D(16, 2, 5, 3)
+    text = str(raised.value)
+    assert text.startswith("NeighborhoodAttention3D() takes embed_dim, num_heads and kernel_size positionally")
+    assert "(kernel_size_d in 0.15, dilation in 0.17, stride in later ones)" in text
+    assert "na_rtc.compat.natten017.NeighborhoodAttention3D, which also keeps" in text and "natten014" not in text
+    from na_rtc.compat import natten017
+
+    assert natten017.NeighborhoodAttention3D(16, 2, 5, 3)._window[2] == (3, 3, 3)
+
+
 @pytest.mark.parametrize("args, kwargs, match", [
     ((16, 2), {}, "missing 1 required positional argument: 'kernel_size'"),
     ((16, 2, 5), dict(bias=True), "got an unexpected keyword argument 'bias'"),
 ], ids=["missing-kernel-size", "natten-014-keyword"])
 def test_python_argument_errors_name_the_public_class(args, kwargs, match):
-    for layer in (NeighborhoodAttention1D, NeighborhoodAttention2D):
+    for layer in (NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D):
         with pytest.raises(TypeError, match=rf"^{layer.__name__}\.__init__\(\) {match}"):
             layer(*args, **kwargs)
 
@@ -369,11 +398,38 @@ def test_forward_rejects_bad_input(shape, match):
         NeighborhoodAttention2D(16, 2, 3)(torch.randn(*shape))
 
 
+def test_3d_forward_rejects_a_2d_input_naming_the_layout():
+    with pytest.raises(ValueError, match=r"rank 5 \[batch, depth, height, width, embed_dim\], got shape \(1, 8, 8, 16\)"):
+        NeighborhoodAttention3D(16, 2, 3)(torch.randn(1, 8, 8, 16))
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((16, 2, (3, 3)), {}, TypeError, "kernel_size must be an int or a tuple of 3 ints"),
+    ((16, 2, 3), dict(is_causal=(True, False)), TypeError, "is_causal must be a bool or a tuple of 3 bools"),
+    ((16, 2, (3, 4, 3)), dict(rel_pos_bias=True), ValueError, "rel_pos_bias needs an odd kernel_size"),
+    ((16, 2, 3), dict(rel_pos_bias=True, is_causal=(True, False, False)), ValueError, "rel_pos_bias.*is_causal"),
+    ((16, 2, 3), dict(stride=(1, 4, 1)), ValueError, "stride"),
+], ids=["kernel-pair", "causal-pair", "rpb-even", "rpb-causal-in-time", "stride"])
+def test_3d_constructor_rejects_bad_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NeighborhoodAttention3D(*args, **kwargs)
+
+
+def test_3d_layer_under_a_forced_kernel_backend_says_where_3d_runs():
+    module = NeighborhoodAttention3D(8, 2, 3).eval()
+    x = torch.randn(1, 3, 4, 5, 8)
+    with na_rtc.use_backend("emulator"):
+        with pytest.raises(ValueError, match="3D neighborhood attention runs on the reference backend for now"):
+            module(x)
+    assert module(x).shape == x.shape  # automatic selection runs it
+
+
 def test_exported_lazily_from_na_rtc():
     code = textwrap.dedent("""
         import sys, na_rtc
         assert "torch" not in sys.modules
         assert "NeighborhoodAttention2D" in dir(na_rtc) and "NeighborhoodAttention1D" not in na_rtc.__all__
+        assert "NeighborhoodAttention3D" in dir(na_rtc) and "NeighborhoodAttention3D" not in na_rtc.__all__
         exec("from na_rtc import *", {})  # a star import stays free of torch too
         assert "torch" not in sys.modules
         cls = na_rtc.NeighborhoodAttention2D
@@ -415,6 +471,39 @@ def test_compiled_model_matches_eager(backend):
         torch.testing.assert_close(a, b)
 
 
+class _Video(torch.nn.Module):
+    """A 3D layer causal in time with a bias-carrying one after it."""
+
+    def __init__(self, attn_drop=0.0):
+        super().__init__()
+        self.causal = NeighborhoodAttention3D(8, 2, (2, 3, 3), stride=(1, 2, 1), is_causal=(True, False, False))
+        self.biased = NeighborhoodAttention3D(8, 2, 3, dilation=(1, 1, 2), rel_pos_bias=True, attn_drop=attn_drop)
+
+    def forward(self, x):
+        x = x + self.causal(x)
+        return x + self.biased(x)
+
+
+def test_compiled_3d_model_matches_eager():
+    torch.manual_seed(0)
+    model = _Video().eval()
+    x = torch.randn(2, 3, 4, 5, 8, requires_grad=True)  # width 5 < 3 * 2: padded on the last axis
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, *model.parameters()])
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+    model.train()  # and the split path, with attention dropout, traces too
+    model.biased.attn_drop.p = 0.2
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_compiled_split_path_traces_without_graph_breaks():
     model = _Model(attn_drop=0.2, stride=1).train()  # the split path has no stride
     torch._dynamo.reset()
@@ -424,14 +513,14 @@ def test_compiled_split_path_traces_without_graph_breaks():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("reference", torch.float16),
-                                            ("emulator", torch.bfloat16)],
-                         ids=["reference-bf16", "reference-fp16", "emulator-bf16"])
-def test_autocast(backend, dtype):
+@pytest.mark.parametrize("backend, dtype, ndim", [("reference", torch.bfloat16, 2), ("reference", torch.float16, 2),
+                                                  ("emulator", torch.bfloat16, 2), ("reference", torch.bfloat16, 3)],
+                         ids=["reference-bf16", "reference-fp16", "emulator-bf16", "3d-reference-bf16"])
+def test_autocast(backend, dtype, ndim):
     torch.manual_seed(0)
-    module = NeighborhoodAttention2D(16, 2, 3, rel_pos_bias=True).eval()
+    module = MODULES[ndim](16, 2, 3, rel_pos_bias=True).eval()
     _randomize_rpb(module)
-    x = torch.randn(2, 5, 6, 16)
+    x = torch.randn(2, *(3, 5, 6)[-ndim:], 16)
     with na_rtc.use_backend(backend):
         expected = module(x)
         with torch.autocast("cpu", dtype=dtype):

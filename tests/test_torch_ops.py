@@ -14,6 +14,9 @@ torch.manual_seed(0)
 Q1 = torch.randn(2, 12, 3, 8, dtype=torch.float64)
 Q2 = torch.randn(1, 7, 6, 2, 8, dtype=torch.float64)
 RPB1 = torch.randn(3, 9, dtype=torch.float64)
+Q3 = torch.randn(1, 4, 3, 5, 2, 4, dtype=torch.float64)  # [batch, depth, height, width, heads, dim]
+RPB3 = torch.randn(2, 5, 5, 5, dtype=torch.float64)
+ATTN3 = torch.randn(1, 4, 3, 5, 2, 18, dtype=torch.float64)  # kernel (2, 3, 3)
 
 SAMPLES = {
     "fused_fwd-1d-rpb": (torch.ops.na_rtc.fused_fwd, (Q1, Q1 + 1, Q1 - 1, RPB1, [5], [1], [2], [False], 0.3, "reference")),
@@ -26,7 +29,22 @@ SAMPLES = {
                                            [False], "reference")),
     "av_bwd-1d": (torch.ops.na_rtc.av_bwd, (Q1, torch.randn(2, 12, 3, 5, dtype=torch.float64), Q1 - 1, [5], [1],
                                            [True], "reference")),
+    # 3D: the same ops, rank-generic (the window lists have three entries)
+    "fused_fwd-3d-rpb": (torch.ops.na_rtc.fused_fwd, (Q3, Q3 + 1, Q3 - 1, RPB3, [3, 3, 3], [1, 1, 1], [1, 1, 1],
+                                                      [False, False, False], 0.4, "reference")),
+    "fused_fwd-3d-causal-in-time-stride": (torch.ops.na_rtc.fused_fwd,
+                                           (Q3, Q3 + 1, Q3 - 1, None, [2, 3, 3], [2, 1, 3], [1, 1, 1],
+                                            [True, False, False], 0.5, "reference")),
+    "qk_fwd-3d-rpb": (torch.ops.na_rtc.qk_fwd, (Q3, Q3 + 1, RPB3, [3, 3, 3], [1, 1, 1], [False, False, False],
+                                                "reference")),
+    "qk_bwd-3d": (torch.ops.na_rtc.qk_bwd, (ATTN3, Q3, Q3 + 1, None, [2, 3, 3], [2, 1, 1], [True, False, False],
+                                            "reference")),
+    "av_fwd-3d": (torch.ops.na_rtc.av_fwd, (ATTN3, Q3, [2, 3, 3], [1, 1, 1], [False, True, False], "reference")),
+    "av_bwd-3d": (torch.ops.na_rtc.av_bwd, (Q3, ATTN3, Q3 - 1, [2, 3, 3], [2, 1, 1], [True, False, False],
+                                            "reference")),
 }
+# the kernels serve 1D/2D: the emulator's opcheck takes those samples only
+KERNEL_SAMPLES = {name: sample for name, sample in SAMPLES.items() if "-3d" not in name}
 
 
 @pytest.mark.parametrize("op, args", SAMPLES.values(), ids=SAMPLES.keys())
@@ -40,7 +58,7 @@ def _on_emulator(args):
 
 
 @pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
-@pytest.mark.parametrize("op, args", SAMPLES.values(), ids=SAMPLES.keys())
+@pytest.mark.parametrize("op, args", KERNEL_SAMPLES.values(), ids=KERNEL_SAMPLES.keys())
 def test_custom_op_passes_opcheck_on_the_emulator(op, args):
     torch.library.opcheck(op, _on_emulator(args), test_utils=("test_schema", "test_faketensor"))
 
@@ -49,6 +67,30 @@ def test_fused_bwd_fake_matches_real():
     out, lse = torch.ops.na_rtc.fused_fwd(Q1, Q1, Q1, RPB1, [5], [1], [1], [False], 0.3, "reference")
     args = (torch.randn_like(Q1), Q1, Q1, Q1, RPB1, out, lse, [5], [1], [1], [False], 0.3, "reference")
     torch.library.opcheck(torch.ops.na_rtc.fused_bwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fused_bwd_fake_matches_real_in_3d():
+    out, lse = torch.ops.na_rtc.fused_fwd(Q3, Q3, Q3, RPB3, [3, 3, 3], [1, 1, 1], [1, 1, 1], [False] * 3, 0.3,
+                                          "reference")
+    args = (torch.randn_like(Q3), Q3, Q3, Q3, RPB3, out, lse, [3, 3, 3], [1, 1, 1], [1, 1, 1], [False] * 3, 0.3,
+            "reference")
+    torch.library.opcheck(torch.ops.na_rtc.fused_bwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_3d_functions_match_eager_without_graph_breaks():
+    def video(q, k, v, rpb):
+        out = na_rtc.na3d(q, k, v, (2, 3, 3), stride=(1, 2, 1), is_causal=(True, False, False))
+        attn = na_rtc.na3d_qk(q * 0.5, k, 3, rpb=rpb).softmax(-1)
+        return out.sum() + na_rtc.na3d_av(attn, v, 3).square().sum()
+
+    q, k, v = (torch.randn(1, 3, 4, 5, 2, 4, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, 5, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(video, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(video(q, k, v, rpb), (q, k, v, rpb))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v, rpb), (q, k, v, rpb))
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_compiled_model_matches_eager_without_graph_breaks():
