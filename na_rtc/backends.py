@@ -205,14 +205,15 @@ register(
         "reference",
         "vectorized NumPy/torch math; NumPy arrays and torch tensors, differentiable",
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), (_arrays.TORCH, "cuda"), _META}),
-        lambda: (True, "NumPy arrays and torch tensors (CPU; CUDA tensors when forced)"),
+        lambda: (True, "NumPy arrays and torch tensors (CPU; CUDA tensors when forced, and in 3D until the "
+                       "kernels serve it)"),
         _load_reference,
     )
 )
 register(
     Backend(
         "cuda",
-        "NVRTC-compiled kernels on the GPU; CuPy arrays and CUDA torch tensors",
+        "NVRTC-compiled kernels on the GPU; CuPy arrays and CUDA torch tensors, 1D and 2D",
         frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda"), _META}),
         lambda: _probe("cuda"),
         _kernel_ops("cuda"),
@@ -222,7 +223,7 @@ register(
 register(
     Backend(
         "emulator",
-        "the CUDA kernels executed on the CPU; CPU arrays only",
+        "the CUDA kernels executed on the CPU; CPU arrays only, 1D and 2D",
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), _META}),
         lambda: _probe("emulator"),
         _kernel_ops("emulator"),
