@@ -361,3 +361,24 @@ def test_explain_on_a_gpu_follows_its_architecture_and_touches_nothing(monkeypat
     assert "first-use verification on" in str(explanation)
     assert machine.contexts == contexts and machine.set_device_calls == []
     assert machine.compiles == [] and machine.launches() == []
+
+
+def test_a_3d_call_passes_over_every_family_without_3d_kernels_and_says_so():
+    """The dispatch tables name the 1D/2D families; a 3D call reaches their 3D twins, and a route whose family
+    has none is skipped with the ranks it serves (never planned with a 2D instantiation)."""
+    from na_rtc._args import FUSED, Problem
+    from na_rtc.runtime import dispatch
+    from na_rtc.window import Axis
+
+    problem = Problem(FUSED, (Axis(6, 3), Axis(7, 3), Axis(5, 3)), 1, 2, 32, "float16", "numpy", "cpu")
+    dispatcher = dispatch.Dispatcher(policy=dispatch.Policy(arch=90))
+    without = [route for route in dispatch.FORWARD if registry.for_rank(route.family, 3) is None]
+    choice = dispatcher.choose("forward", problem)
+    skipped = dict(choice.skipped)
+    for route in without:
+        assert skipped[route.path] == f"the {route.family} kernels serve 1D/2D, not 3D"
+    for route in dispatch.FORWARD:
+        if route.path == choice.path:
+            assert registry.for_rank(route.family, 3).ranks == {3}
+            assert all(name in registry.for_rank(route.family, 3).names for name in choice.kernels)
+    assert choice.path is not None or len(skipped) == len(dispatch.FORWARD)
