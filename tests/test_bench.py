@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from na_rtc import _args
 from na_rtc.bench import cli, flops, peers, plot, report, runner, timing
 from na_rtc.bench.presets import PRESETS, spec
 from na_rtc.window import Axis, is_neighbor
+from oracle import oracle_neighbor_mask
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = ["--repeat", "2", "--warmup", "0", "--min-time", "0"]
@@ -60,6 +62,38 @@ def test_2d_counts_are_products_of_the_axes():
     assert flops.full_attention_flops(problem) == 4 * 8 * 30 * 30
 
 
+# 3D: spatial, kernel, stride, dilation, causal; even kernels, per-axis stride, dilation and causal
+SMALL_3D = {
+    "causal-time-stride-dilation": ((4, 6, 5), (2, 3, 4), (2, 1, 3), (1, 2, 1), (True, False, False)),
+    "dilated-two-causal": ((6, 4, 8), (3, 2, 3), (1, 2, 1), (2, 1, 2), (False, True, True)),
+    "kernel-is-the-volume": ((3, 4, 5), (3, 4, 5), (1, 1, 1), (1, 1, 1), (False, False, False)),
+    "one-box-per-block": ((4, 16, 16), (3, 5, 5), (1, 1, 2), (1, 1, 1), (False, False, False)),
+}
+
+
+def _small_3d(name: str):
+    spatial, kernel, stride, dilation, causal = SMALL_3D[name]
+    return spec(spatial, kernel, stride=stride, dilation=dilation, causal=causal, batch=2, heads=3, head_dim=4,
+                dtype="fp32")
+
+
+def test_3d_counts_by_hand():
+    # x: L=4, k=2 causal -> 1, 2, 2, 2 = 7; y: L=6, k=3 -> 18; z: L=5, k=4, stride 2 -> 20; 3D pairs = 7 * 18 * 20
+    problem = spec((4, 6, 5), (2, 3, 4), stride=(1, 1, 2), causal=(True, False, False), dtype="fp32")
+    assert flops.neighbor_pairs(problem) == 7 * 18 * 20
+
+
+@pytest.mark.parametrize("name", SMALL_3D)
+def test_3d_flops_are_the_oracles_neighbor_pairs(name):
+    problem = _small_3d(name)
+    mask, _ = oracle_neighbor_mask(problem.spatial, problem.kernel, problem.stride, problem.dilation, problem.causal)
+    pairs = int(mask.sum())
+    assert flops.neighbor_pairs(problem) == pairs
+    assert flops.forward_flops(problem) == 4 * 4 * 2 * 3 * pairs
+    assert flops.forward_backward_flops(problem) == 3.5 * flops.forward_flops(problem)
+    assert flops.full_attention_flops(problem) == 4 * 4 * 2 * 3 * problem.tokens**2
+
+
 def test_tflops():
     assert flops.tflops(2e12, 0.5) == pytest.approx(4.0)
     assert flops.tflops(1e12, 0.0) is None
@@ -93,6 +127,28 @@ def test_presets_hold_the_target_shapes():
     assert "2d-256x256-k13x13-d4x4-b1-h4-D32-fp16" in full
 
 
+def test_3d_preset_holds_the_video_shapes():
+    problems = {problem.key: problem for problem in PRESETS["3d"]}
+    assert set(problems) == {
+        "3d-16x32x32-k3x7x7-b2-h8-D64-bf16",
+        "3d-8x16x16-k7x7x7-d1x2x2-b2-h8-D64-bf16",
+        "3d-30x48x80-k18x24x24-b1-h24-D128-bf16",
+        "3d-30x48x80-k18x24x24-s16x8x8-b1-h24-D128-bf16",
+        "3d-16x32x32-k5x7x7-c1x0x0-b2-h8-D64-bf16",
+    }
+    assert set(problems) <= {problem.key for problem in PRESETS["full"]}
+    for problem in problems.values():  # each a valid na3d problem
+        _args._axes(3, problem.spatial, problem.kernel, problem.stride, problem.dilation, problem.causal)
+    labels = [problem.label for problem in PRESETS["3d"]]
+    assert labels[0] == "3D 16x32x32 k=3x7x7 b2 h8 D64 bf16"
+    assert labels[3] == "3D 30x48x80 k=18x24x24 stride=16x8x8 b1 h24 D128 bf16"
+    assert labels[4] == "3D 16x32x32 k=5x7x7 causal=1x0x0 b2 h8 D64 bf16"
+
+
+def test_quick_preset_runs_every_rank():
+    assert {problem.ndim for problem in PRESETS["quick"]} == {1, 2, 3}
+
+
 def test_quick_preset_fits_the_emulator_limit():
     assert all(flops.forward_flops(problem) <= runner.EMULATOR_FLOP_LIMIT for problem in PRESETS["quick"])
 
@@ -115,6 +171,7 @@ def _dense_neighbors(problem) -> np.ndarray:
     spec((9, 12), (3, 5), dilation=(1, 2), stride=(2, 1), causal=(True, False), dtype="fp32"),
     spec((16, 8), 3, dilation=2, dtype="fp32"),
     spec(40, 7, dilation=3, stride=2, dtype="fp32"),
+    *(_small_3d(name) for name in SMALL_3D),
 ], ids=lambda p: p.key)
 @pytest.mark.parametrize("tiled", [False, True], ids=["natural", "tiled"])
 def test_flex_mask_mod_is_the_neighborhood(problem, tiled):
@@ -128,6 +185,43 @@ def test_flex_mask_mod_is_the_neighborhood(problem, tiled):
     if tiled:  # position p of the tiled order holds natural token order[p]
         expected = expected[np.ix_(order, order)]
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", SMALL_3D)
+def test_3d_neighborhoods_of_the_window_module_are_the_oracles(name):
+    """The mask test's expectation, na_rtc.window's per-axis test, is the brute-force definition in 3D too."""
+    problem = _small_3d(name)
+    mask, _ = oracle_neighbor_mask(problem.spatial, problem.kernel, problem.stride, problem.dilation, problem.causal)
+    np.testing.assert_array_equal(_dense_neighbors(problem), mask)
+
+
+def test_3d_tiled_order_puts_one_box_in_a_block():
+    problem = spec((4, 16, 16), 3, dtype="fp32")
+    order = peers.tiled_order(problem, (2, 8, 8))
+    x, y, z = np.unravel_index(np.asarray(order[:128]), problem.spatial)  # the first block: one 2x8x8 box
+    assert set(x) == {0, 1} and set(y) == set(range(8)) and set(z) == set(range(8))
+    x, y, z = np.unravel_index(np.asarray(order[128:256]), problem.spatial)  # the next box along the last axis
+    assert set(x) == {0, 1} and set(y) == set(range(8)) and set(z) == set(range(8, 16))
+
+
+@pytest.mark.parametrize("problem", [
+    _small_3d("one-box-per-block"),
+    spec((4, 16, 16), (2, 5, 4), dilation=(1, 2, 1), stride=(2, 1, 3), causal=(True, False, True), dtype="fp32"),
+    spec((32, 32), (5, 4), dilation=(1, 2), causal=(False, True), dtype="fp32"),
+], ids=lambda p: p.key)
+def test_tile_has_the_fewest_nonempty_blocks_flex_builds(problem):
+    """The tile is chosen by counting FlexAttention's non-empty blocks per axis; the count is the block mask's."""
+    from torch.nn.attention import flex_attention as flex
+
+    tile = peers.tile_shape(problem)
+    candidates = [t for t in peers.fitting_tiles(problem) if np.prod(t) == peers.FLEX_BLOCK]
+    assert len(candidates) > 1 and tile in candidates
+    assert all(peers.nonempty_blocks(problem, tile) <= peers.nonempty_blocks(problem, t) for t in candidates)
+    mask = flex.create_block_mask(peers.na_mask_mod(problem, "cpu", peers.tiled_order(problem, tile)), None, None,
+                                  problem.tokens, problem.tokens, device="cpu", BLOCK_SIZE=peers.FLEX_BLOCK,
+                                  _compile=False)
+    built = int(mask.kv_num_blocks.sum()) + int(mask.full_kv_num_blocks.sum())
+    assert peers.nonempty_blocks(problem, tile) == built
 
 
 def test_tiled_order_groups_a_dilation_group():
@@ -340,13 +434,13 @@ def test_profile_prints_the_kernel_table(capsys):
     (["--kernel", "3"], "a free-form problem needs --shape"),
     (["--shape", "8", "--kernel", "9"], "kernel_size * dilation must not exceed the input size"),
     (["--shape", "16x16", "--kernel", "3x3x3"], "--kernel has 3 values but --shape has 2 axes"),
-    (["--shape", "16x16x16", "--kernel", "3"], "--shape must have 1 or 2 axes"),
+    (["--shape", "8x8x8x8", "--kernel", "3"], "--shape must have 1, 2 or 3 axes"),
     (["--shape", "16", "--kernel", "5", "--stride", "6"], "stride must be between 1 and kernel_size"),
     (["--shape", "16", "--kernel", "5", "--causal", "2"], "--causal takes no value"),
     (["--shape", "16", "--kernel", "5", "--heads", "0"], "--heads must be at least 1"),
     (["--preset", "quick", "--shape", "16", "--kernel", "5"], "not both"),
     (["--preset", "quick", "--entries", "fused,nope"], "unknown entries nope"),
-    (["--preset", "quick", "--problem", "99"], "--problem 99: the plan has 4 problems"),
+    (["--preset", "quick", "--problem", "99"], "--problem 99: the plan has 5 problems"),
     (["--preset", "quick", "--repeat", "0"], "--repeat must be positive"),
     (["--readme-table", "/nonexistent/results.json"], "cannot read /nonexistent/results.json"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)

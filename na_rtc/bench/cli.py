@@ -31,12 +31,13 @@ DEFAULT_BUDGET_S = 450.0  # under 8 minutes per slice, with room for start-up an
 ARGUMENTS: tuple[tuple[tuple[str, ...], dict], ...] = (
     (("--preset",), {"choices": (*PRESETS, *PRESET_ALIASES), "metavar": "{" + ",".join(PRESETS) + "}",
                      "help": "a named set of problems (default: quick, unless --shape; --list shows them)"}),
-    (("--shape",), {"metavar": "N|XxY", "help": "free-form problem: spatial size, e.g. 4096 or 128x128"}),
-    (("--kernel",), {"metavar": "K|KxK", "help": "kernel size, one value or one per axis (e.g. 13 or 13x7)"}),
+    (("--shape",), {"metavar": "N|XxY|XxYxZ", "help": "free-form problem: spatial size, e.g. 4096, 128x128 or "
+                                                     "16x32x32"}),
+    (("--kernel",), {"metavar": "K|KxK", "help": "kernel size, one value or one per axis (e.g. 13, 13x7 or 3x7x7)"}),
     (("--dilation",), {"metavar": "D|DxD", "default": "1", "help": "dilation (default 1)"}),
     (("--stride",), {"metavar": "S|SxS", "default": "1", "help": "stride (default 1)"}),
     (("--causal",), {"metavar": "AXES", "nargs": "?", "const": "all", "default": None,
-                     "help": "causal on every axis, or per axis like 1,0"}),
+                     "help": "causal on every axis, or per axis like 1,0 (or 1,0,0 in 3D)"}),
     (("--dtype",), {"choices": tuple(DTYPES), "default": "fp16", "help": "element type (default fp16)"}),
     (("--heads",), {"type": int, "default": 4, "help": "heads (default 4)"}),
     (("--head-dim",), {"type": int, "default": 32, "help": "head dim (default 32)"}),
@@ -133,8 +134,8 @@ def free_form_spec(args: argparse.Namespace) -> Spec:
     if args.kernel is None:
         raise UsageError("--shape needs --kernel (the kernel size)")
     spatial = _ints(args.shape, "--shape")
-    if len(spatial) not in (1, 2):
-        raise UsageError(f"--shape must have 1 or 2 axes (like 4096 or 128x128), got {args.shape!r}")
+    if len(spatial) not in (1, 2, 3):
+        raise UsageError(f"--shape must have 1, 2 or 3 axes (like 4096, 128x128 or 16x32x32), got {args.shape!r}")
     ndim = len(spatial)
     kernel = _ints(args.kernel, "--kernel", ndim)
     dilation = _ints(args.dilation, "--dilation", ndim)

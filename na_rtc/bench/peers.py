@@ -8,8 +8,8 @@
   whose ``mask_mod`` is the exact NA neighbor test (the same window math,
   :func:`na_rtc.window.window`, as tables). Two token orders: natural
   (row-major) and tiled (tokens of one dilation group and one spatial tile
-  contiguous, so a 128-token block is a compact 2D patch and more blocks are
-  empty). The tiled order is applied to the inputs in ``prepare``: a model can
+  contiguous, so a 128-token block is a compact 2D patch or 3D box and more
+  blocks are empty). The tiled order is applied to the inputs in ``prepare``: a model can
   keep its tokens in that order, so the permutation is not timed. Building the
   block mask is timed separately (``mask_build_ms``).
 - SDPA: full self-attention over every token, the cost NA avoids.
@@ -104,21 +104,56 @@ def _compiled_flex(module):
     return torch.compile(module.flex_attention, dynamic=False)
 
 
-def tile_shape(spec: Spec) -> tuple[int, ...]:
-    """Query tile (per axis, group coordinates) of the tiled token order: FLEX_BLOCK tokens when it fits.
+#: tiles of the tiled token order per rank: FLEX_BLOCK (128) tokens, then smaller ones (a block holding several)
+#: for problems whose dilation groups no 128-token tile divides. 3D tiles are short on the first axis (time or
+#: depth, usually the shortest and with the smallest window)
+TILE_CANDIDATES = {
+    1: [(FLEX_BLOCK,), (64,), (32,)],
+    2: [(16, 8), (8, 16), (8, 8), (4, 8), (8, 4)],
+    3: [(2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4), (8, 4, 4), (2, 4, 16), (2, 16, 4),
+        (4, 4, 4), (2, 4, 8), (1, 8, 8), (2, 4, 4), (1, 4, 8)],
+}
 
-    The first candidate whose sides divide every dilation group's length, so
-    blocks hold whole tiles; otherwise the first candidate (edge tiles partial).
+
+def _touching_tiles(axis, tile: int) -> int:
+    """(query tile, key tile) pairs of one axis whose windows meet, over its dilation groups (tile divides
+    every group). Windows never move backwards as the query grows, so a tile's keys run from its first
+    query's window start to its last query's window end."""
+    pairs = 0
+    for g in range(axis.dilation):
+        start, end = window(axis, np.arange(g, axis.length, axis.dilation))
+        pairs += int(np.sum((end[tile - 1::tile] - 1) // tile - start[::tile] // tile + 1))
+    return pairs
+
+
+def nonempty_blocks(spec: Spec, tile: tuple[int, ...]) -> int:
+    """Blocks of FlexAttention's block mask that hold a neighbor pair, in the tiled order of a FLEX_BLOCK-token
+    ``tile`` dividing every dilation group: a block is one tile, and two tiles meet when they meet on every
+    axis, so the count is the product of the per-axis counts."""
+    return math.prod(_touching_tiles(axis, t) for axis, t in zip(axes_of(spec), tile))
+
+
+def tile_shape(spec: Spec) -> tuple[int, ...]:
+    """Query tile (per axis, group coordinates) of the tiled token order.
+
+    Of the FLEX_BLOCK-token candidates whose sides divide every dilation
+    group's length (a block is one whole tile), the one with the fewest
+    non-empty blocks, FlexAttention's work (ties: the first listed). Where none
+    divides, the first smaller candidate that does, else the first candidate
+    (edge tiles partial).
     """
-    if spec.ndim == 1:
-        candidates = [(FLEX_BLOCK,), (64,), (32,)]
-    else:
-        candidates = [(16, 8), (8, 16), (8, 8), (4, 8), (8, 4)]
+    fitting = fitting_tiles(spec)
+    whole = [tile for tile in fitting if math.prod(tile) == FLEX_BLOCK]
+    if whole:
+        return min(whole, key=lambda tile: nonempty_blocks(spec, tile))
+    return fitting[0] if fitting else TILE_CANDIDATES[spec.ndim][0]
+
+
+def fitting_tiles(spec: Spec) -> list[tuple[int, ...]]:
+    """The candidate tiles whose sides divide every dilation group's length."""
     group_lengths = [{-(-(length - g) // d) for g in range(d)} for length, d in zip(spec.spatial, spec.dilation)]
-    for tile in candidates:
-        if all(all(n % t == 0 for n in lengths) for t, lengths in zip(tile, group_lengths)):
-            return tile
-    return candidates[0]
+    return [tile for tile in TILE_CANDIDATES[spec.ndim]
+            if all(all(n % t == 0 for n in lengths) for t, lengths in zip(tile, group_lengths))]
 
 
 def tiled_order(spec: Spec, tile: tuple[int, ...]) -> np.ndarray:

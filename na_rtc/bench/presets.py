@@ -138,6 +138,21 @@ QUICK = (
     spec((12, 12), 3, dilation=2, causal=(True, False), batch=1, heads=2, head_dim=32, dtype="fp32",
          note="tiny 2D, dilation + causal"),
     spec((12, 12), 5, stride=2, batch=1, heads=2, head_dim=16, dtype="bf16", note="tiny 2D, stride, bf16"),
+    spec((6, 8, 8), (3, 5, 5), batch=1, heads=2, head_dim=16, dtype="fp32", note="tiny 3D"),
+)
+
+VIDEO_DIFFUSION = "video diffusion (30x48x80 latent)"
+
+#: video and volume problems, bf16. The dilated one dilates only the 16-long axes: a dilation of 2 on the
+#: 8-frame axis would leave groups of 4 frames, shorter than the 7-frame window (NA needs length >= k * d).
+THREE_D = (
+    spec((16, 32, 32), (3, 7, 7), batch=2, heads=8, head_dim=64, dtype="bf16", note="3D video"),
+    spec((8, 16, 16), 7, dilation=(1, 2, 2), batch=2, heads=8, head_dim=64, dtype="bf16", note="3D dilated"),
+    spec((30, 48, 80), (18, 24, 24), batch=1, heads=24, head_dim=128, dtype="bf16", note=VIDEO_DIFFUSION),
+    spec((30, 48, 80), (18, 24, 24), stride=(16, 8, 8), batch=1, heads=24, head_dim=128, dtype="bf16",
+         note=VIDEO_DIFFUSION + ", strided"),
+    spec((16, 32, 32), (5, 7, 7), causal=(True, False, False), batch=2, heads=8, head_dim=64, dtype="bf16",
+         note="3D video, causal in time"),
 )
 
 
@@ -156,15 +171,18 @@ PRESETS: dict[str, tuple[Spec, ...]] = {
     "targets": TARGETS,
     "shapes": SHAPES,
     "dtypes": DTYPE_SWEEP,
-    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP),
+    "3d": THREE_D,
+    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D),
 }
 
 PRESET_HELP = {
-    "quick": "tiny 1D/2D problems (fp32, dilation+causal, stride+bf16); runs on a CPU in well under a minute",
+    "quick": "tiny 1D/2D/3D problems (fp32, dilation+causal, stride+bf16); runs on a CPU in well under a minute",
     "targets": "the shapes the performance targets are set on (bench --targets judges them; GPU sizes)",
     "shapes": "1D 4096 k=127, 1D 32768 k=2047, 2D 56x56 k=7, 128x128 k=13, 256x256 k=13 (+ dilation 4)",
     "dtypes": "2D 128x128 k=13 with head dims 32/64/128 in fp32/fp16/bf16",
-    "full": "targets + shapes + dtypes (several slices on a GPU: use --resume)",
+    "3d": "3D bf16: 16x32x32 k=3x7x7, 8x16x16 k=7 dil=1x2x2, 30x48x80 k=18x24x24 (stride 1 and 16x8x8), "
+          "16x32x32 k=5x7x7 causal in time (GPU sizes)",
+    "full": "targets + shapes + dtypes + 3d (several slices on a GPU: use --resume)",
 }
 
 #: earlier preset names, still accepted by ``--preset`` (scripts and make targets may use them); not listed
