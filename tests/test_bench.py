@@ -384,6 +384,72 @@ def test_split_ops_have_no_stride():
     assert entry["status"] == "unavailable" and "no stride" in entry["reason"]
 
 
+# 3D 4x6x6, k=(2,3,3), causal in time, dilation 2 on the last axis: small enough for every CPU entry
+TINY_3D = spec((4, 6, 6), (2, 3, 3), dilation=(1, 1, 2), causal=(True, False, False), batch=1, heads=1, head_dim=8,
+               dtype="fp32")
+
+
+def test_3d_runs_on_the_backend_that_serves_it():
+    """The fused and split entries call na3d and its split ops where they run (the reference backend until the
+    kernels serve 3D), agree with the naive torch gather, and say so; entries that launch kernels directly say
+    why they cannot."""
+    machine = runner.Machine("cpu", "emulator")
+    names = ["fused", "split", "naive_kernels", "reference", "host_overhead", "naive_torch"]
+    record = runner.run_problem(TINY_3D, runner.select_entries(names, machine), machine,
+                                timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    entries = record["entries"]
+    assert record["neighbor_pairs"] == 7 * 18 * 18  # x: causal k=2 over 4 -> 1+2+2+2; y, z: 6 queries x 3 keys
+    for name in ("fused", "split", "naive_torch"):
+        assert entries[name]["status"] == "ok", entries[name]
+        assert entries[name]["output_check"]["agrees"], entries[name]["output_check"]
+    for name in ("fused", "split"):
+        assert entries[name]["label"].endswith("(reference)")
+        assert entries[name]["notes"]["because"].startswith("the emulator backend's kernels serve 1D/2D only")
+    for name, measured_by in (("naive_kernels", "fused and split entries"), ("reference", "fused entry"),
+                              ("host_overhead", "no launch plans")):
+        assert entries[name]["status"] == "unavailable"
+        assert "serve 1D/2D only" in entries[name]["reason"] and measured_by in entries[name]["reason"]
+
+
+def test_3d_moves_to_the_kernels_when_they_serve_it(monkeypatch):
+    from na_rtc import backends
+    from na_rtc.bench.entries import entry_backend
+
+    table = {entry.name: entry for entry in runner.all_entries()}
+    assert entry_backend(table["fused"], TINY_3D, "emulator") == "reference"
+    monkeypatch.setattr(backends.get("emulator"), "ranks", frozenset({1, 2, 3}))
+    for name in ("fused", "split", "naive_kernels"):
+        assert entry_backend(table[name], TINY_3D, "emulator") == "emulator"
+    assert entry_backend(table["reference"], TINY_3D, "emulator") == "reference"
+    assert entry_backend(table["naive_torch"], TINY_3D, "emulator") is None
+
+
+def test_the_reference_is_not_asked_for_video_sizes_on_a_gpu(monkeypatch):
+    from na_rtc import backends
+
+    video = next(p for p in PRESETS["3d"] if p.spatial == (30, 48, 80))
+    small = PRESETS["3d"][0]
+    gpu = runner.Machine("cuda:0", "cuda")
+    table = {entry.name: entry for entry in runner.all_entries()}
+
+    def limit(name, problem):
+        return runner._size_limit(table[name], problem, gpu, flops.forward_flops(problem))
+
+    assert "too large for the reference backend" in limit("fused", video)
+    assert limit("fused", small) is None and limit("flex_tiled", video) is None
+    monkeypatch.setattr(backends.get("cuda"), "ranks", frozenset({1, 2, 3}))
+    assert limit("fused", video) is None  # the kernels serve it: a GPU runs every size
+
+
+def test_explain_prints_3d_problems(capsys):
+    assert cli.main(["--shape", "4x6x6", "--kernel", "2x3x3", "--causal", "1,0,0", "--dtype", "bf16",
+                     "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "== 3D 4x6x6 k=2x3x3 causal=1x0x0 b1 h4 D32 bf16" in out
+    assert "na_rtc.na3d: bfloat16" in out and "na_rtc.na3d_qk" in out and "na_rtc.na3d_av" in out
+    assert "axes 4 (kernel 2, causal), 6 (kernel 3), 6 (kernel 3)" in out
+
+
 def test_emulator_entries_are_not_asked_for_gpu_sizes():
     problem = PRESETS["targets"][2]
     machine = runner.Machine("cpu", "emulator")

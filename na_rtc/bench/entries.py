@@ -75,6 +75,10 @@ class Entry:
     cpu_note: str | None = None
     #: the entry computes the problem's attention, so its time gives TFLOP/s (not the host-overhead entry)
     computes: bool = True
+    #: calls na_rtc's public ops, which run on the reference backend where the kernels lack the problem's rank
+    falls_back: bool = False
+    #: runs na_rtc's reference backend whatever the problem
+    reference: bool = False
 
 
 def make_inputs(spec: Spec, device: str, kernel_backend: str, kernel_backend_missing: str | None = None) -> Inputs:
@@ -117,6 +121,45 @@ def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
 def _require_kernels(inputs: Inputs) -> None:
     if inputs.kernel_backend_missing:
         raise Unavailable(f"the {inputs.kernel_backend} backend is not available: {inputs.kernel_backend_missing}")
+
+
+# ---------------------------------------------------------------- which backend serves a rank
+
+#: the backend that serves every rank: na_rtc's automatic selection takes it where the kernels lack a rank
+EVERY_RANK = "reference"
+
+
+def served_backend(ndim: int, kernel_backend: str) -> str:
+    """Where na_rtc's public ops run a problem of ``ndim`` axes in the kernel entries: the machine's kernel
+    backend where its kernels serve that rank, else the reference backend, as a call's automatic selection
+    does (so the bench measures 3D on whichever backend serves it, and moves to the kernels when they do)."""
+    from .. import backends
+
+    return kernel_backend if ndim in backends.get(kernel_backend).ranks else EVERY_RANK
+
+
+def rank_note(ndim: int, kernel_backend: str) -> str:
+    """Why a problem of ``ndim`` axes does not run on the kernel backend."""
+    from .. import backends
+
+    served = "/".join(f"{rank}D" for rank in sorted(backends.get(kernel_backend).ranks))
+    return (f"the {kernel_backend} backend's kernels serve {served} only: na{ndim}d runs on the {EVERY_RANK} "
+            "backend, as automatic selection picks")
+
+
+def entry_backend(entry: Entry, spec: Spec, kernel_backend: str) -> str | None:
+    """The na_rtc backend ``entry`` runs ``spec`` on (None: not na_rtc's)."""
+    if entry.reference:
+        return EVERY_RANK
+    if not entry.uses_kernels:
+        return None
+    return served_backend(spec.ndim, kernel_backend) if entry.falls_back else kernel_backend
+
+
+def _require_rank(spec: Spec, inputs: Inputs, measured_by: str = "the fused and split entries measure it") -> None:
+    """Unavailable where the kernel backend lacks the problem's rank (entries that launch kernels directly)."""
+    if served_backend(spec.ndim, inputs.kernel_backend) != inputs.kernel_backend:
+        raise Unavailable(f"{rank_note(spec.ndim, inputs.kernel_backend)}; {measured_by}")
 
 
 def _problem(spec: Spec, inputs: Inputs):
@@ -188,14 +231,26 @@ def _wgmma_chunk_keys(keys: int):
         yield
 
 
-def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=contextlib.nullcontext) -> Prepared:
-    """``mode``: a context manager the calls run under (a setting that steers the dispatch)."""
+def _public_op(spec: Spec, suffix: str = ""):
+    """``na_rtc.na{1,2,3}d{suffix}`` for the problem's rank."""
     import na_rtc
 
-    backend = backend or inputs.kernel_backend
-    if backend != "reference":
+    return getattr(na_rtc, f"na{spec.ndim}d{suffix}")
+
+
+def _backend_notes(spec: Spec, inputs: Inputs, backend: str) -> dict:
+    notes = {"backend": backend}
+    if backend != inputs.kernel_backend and backend == served_backend(spec.ndim, inputs.kernel_backend):
+        notes["because"] = rank_note(spec.ndim, inputs.kernel_backend)
+    return notes
+
+
+def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=contextlib.nullcontext) -> Prepared:
+    """``mode``: a context manager the calls run under (a setting that steers the dispatch)."""
+    backend = backend or served_backend(spec.ndim, inputs.kernel_backend)
+    if backend != EVERY_RANK:
         _require_kernels(inputs)
-    fn = na_rtc.na1d if spec.ndim == 1 else na_rtc.na2d
+    fn = _public_op(spec)
     kwargs = window_kwargs(spec)
 
     def forward():
@@ -207,18 +262,31 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=
         with mode():  # the backward dispatches when autograd runs it
             return grads(out, inputs)
 
-    notes = {"backend": backend}
-    if backend != "reference":
+    notes = _backend_notes(spec, inputs, backend)
+    if backend != EVERY_RANK:
         with mode():
             notes.update(_fused_kernels_used(spec, inputs))
     return Prepared(no_grad(forward), forward_backward, notes=notes)
+
+
+def _prepare_fused_variant(spec: Spec, inputs: Inputs, mode) -> Prepared:
+    """The fused op under ``mode``, a setting that picks other kernels: nothing to compare where the kernels
+    lack the problem's rank (the fused entry measures the reference backend there)."""
+    _require_rank(spec, inputs, "the fused entry measures it")
+    return _prepare_fused(spec, inputs, mode=mode)
+
+
+def _prepare_reference(spec: Spec, inputs: Inputs) -> Prepared:
+    if served_backend(spec.ndim, inputs.kernel_backend) == EVERY_RANK:
+        raise Unavailable(f"{rank_note(spec.ndim, inputs.kernel_backend)}; the fused entry measures it")
+    return _prepare_fused(spec, inputs, EVERY_RANK)
 
 
 def _prepare_other_forward(spec: Spec, inputs: Inputs, table: Prepared, mode, already: str) -> Prepared:
     """The fused op under ``mode`` (a setting), where that picks another forward than ``table``'s; otherwise
     Unavailable: the forward ``already`` has that property, and the entry measuring ``table`` covers it."""
     used = table.notes.get("forward_kernels")
-    prepared = _prepare_fused(spec, inputs, mode=mode)
+    prepared = _prepare_fused_variant(spec, inputs, mode)
     if prepared.notes.get("forward_kernels") == used:
         raise Unavailable(f"{already} here ({used})")
     return prepared
@@ -226,13 +294,14 @@ def _prepare_other_forward(spec: Spec, inputs: Inputs, table: Prepared, mode, al
 
 def _prepare_sixteen_warp_rows(spec: Spec, inputs: Inputs) -> Prepared:
     """The fused entry with NA_RTC_TC_WARP_ROWS=16, where that picks another forward than the table's."""
-    return _prepare_other_forward(spec, inputs, _prepare_fused(spec, inputs), _sixteen_warp_rows,
+    return _prepare_other_forward(spec, inputs, _prepare_fused_variant(spec, inputs, contextlib.nullcontext),
+                                  _sixteen_warp_rows,
                                   "the table's forward already has 16 query rows per warp (the fused entry measures it)")
 
 
 def _prepare_wgmma(spec: Spec, inputs: Inputs) -> Prepared:
     """The fused entry with NA_RTC_WGMMA=1, where that runs the Hopper forward (sm_90 GPUs, fp16/bf16)."""
-    prepared = _prepare_fused(spec, inputs, mode=_wgmma_on)
+    prepared = _prepare_fused_variant(spec, inputs, _wgmma_on)
     used = prepared.notes.get("forward_kernels") or ""
     if "na_fused_wg_fwd" not in used:
         raise Unavailable(f"the wgmma forward does not serve this problem here (sm_90 GPUs, float16/bfloat16, "
@@ -258,15 +327,15 @@ def _prepare_wgmma_32_key_chunks(spec: Spec, inputs: Inputs) -> Prepared:
 
 
 def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
-    import na_rtc
-
     from ..runtime.dispatch import Dispatcher
 
-    _require_kernels(inputs)
+    backend = served_backend(spec.ndim, inputs.kernel_backend)
+    if backend != EVERY_RANK:
+        _require_kernels(inputs)
     if any(s != 1 for s in spec.stride):
         raise Unavailable("the split ops (na*_qk, na*_av) take no stride; only the fused ops do")
-    qk, av = (na_rtc.na1d_qk, na_rtc.na1d_av) if spec.ndim == 1 else (na_rtc.na2d_qk, na_rtc.na2d_av)
-    backend, scale = inputs.kernel_backend, spec.head_dim**-0.5
+    qk, av = _public_op(spec, "_qk"), _public_op(spec, "_av")
+    scale = spec.head_dim**-0.5
     window = {"dilation": spec.dilation, "is_causal": spec.causal}
 
     def forward():
@@ -277,10 +346,12 @@ def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
     def forward_backward():
         return grads(forward(), inputs)
 
-    problem = _problem(spec, inputs)
-    chooser = Dispatcher()
-    notes = {"backend": backend, "forward_kernels": f"{chooser.choose('qk', problem).kernels[0]}, torch softmax, "
-                                                    f"{chooser.choose('av', problem).kernels[0]}"}
+    notes = _backend_notes(spec, inputs, backend)
+    if backend != EVERY_RANK:
+        problem = _problem(spec, inputs)
+        chooser = Dispatcher()
+        notes["forward_kernels"] = (f"{chooser.choose('qk', problem).kernels[0]}, torch softmax, "
+                                    f"{chooser.choose('av', problem).kernels[0]}")
     return Prepared(no_grad(forward), forward_backward, notes=notes)
 
 
@@ -299,6 +370,7 @@ def _prepare_naive_kernels(spec: Spec, inputs: Inputs) -> Prepared:
     from ..runtime.tiling import accumulator_dtype
 
     _require_kernels(inputs)
+    _require_rank(spec, inputs)
     kernels = Dispatcher(_executor(inputs), Policy.of(tiled=False))
     problem = _problem(spec, inputs)
     acc = accumulator_dtype(problem.dtype)
@@ -359,6 +431,7 @@ def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
     microseconds per call."""
     from ..runtime.ops import make_ops
 
+    _require_rank(spec, inputs, "the reference backend builds no launch plans to time")
     plans = []
     table = make_ops(lambda plan: plans.append(plan.kernel.name), inputs.kernel_backend, verification="peek")
     problem = _problem(spec, inputs)
@@ -388,9 +461,9 @@ def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
 def na_rtc_entries() -> list[Entry]:
     return [
         Entry("fused", "na_rtc fused", _prepare_fused, families=("fused", "fused_bwd", "fused_tc", "fused_tc_bwd"),
-              uses_kernels=True),
+              uses_kernels=True, falls_back=True),
         Entry("fused_simt", "na_rtc fused, SIMT kernels (NA_RTC_TENSOR_CORES=0)",
-              lambda spec, inputs: _prepare_fused(spec, inputs, mode=_tensor_cores_off), families=("fused", "fused_bwd"),
+              lambda spec, inputs: _prepare_fused_variant(spec, inputs, _tensor_cores_off), families=("fused", "fused_bwd"),
               uses_kernels=True, default_cpu=False, cpu_note="tensor cores against SIMT is a GPU comparison"),
         Entry("fused_tc_rows16", "na_rtc fused, tensor-core forward with 16 query rows per warp "
               "(NA_RTC_TC_WARP_ROWS=16)", _prepare_sixteen_warp_rows,
@@ -408,11 +481,10 @@ def na_rtc_entries() -> list[Entry]:
               families=("fused_wg", "fused_wg_bwd", "fused_tc_bwd"), uses_kernels=True, default_cpu=False,
               cpu_note="keys per chunk of the wgmma forward is a GPU comparison"),
         Entry("split", "na_rtc split (qk, softmax, av)", _prepare_split, families=("naive", "tiled", "tiled_bwd"),
-              uses_kernels=True),
+              uses_kernels=True, falls_back=True),
         Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),
               uses_kernels=True),
-        Entry("reference", "na_rtc reference (torch)", lambda spec, inputs: _prepare_fused(spec, inputs, "reference"),
-              default_gpu=False),
+        Entry("reference", "na_rtc reference (torch)", _prepare_reference, default_gpu=False, reference=True),
         Entry("host_overhead", "na_rtc host overhead of a warm fused call: dispatch and launch plans, nothing "
               "launched (notes: microseconds per call)", _prepare_host_overhead, computes=False),
     ]

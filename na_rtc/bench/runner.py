@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import flops, timing
-from .entries import Entry, Unavailable, make_inputs, na_rtc_entries
+from .entries import Entry, Unavailable, entry_backend, make_inputs, na_rtc_entries
 from .peers import peer_entries
 from .presets import Spec
 
@@ -26,6 +26,9 @@ SCHEMA = "na_rtc-bench/1"
 EMULATOR_FLOP_LIMIT = 2e7
 #: forward FLOPs above which nothing is run on a CPU-only machine
 CPU_FLOP_LIMIT = 2e9
+#: forward FLOPs above which the reference backend is not asked on a GPU: it runs one chunk of queries at a
+#: time (as many chunks as queries where a window holds thousands of keys), the spec rather than a kernel
+REFERENCE_GPU_FLOP_LIMIT = 1e11
 GPU_NOTE = ("CPU-only machine: na_rtc's kernels ran on the emulator (the CUDA C kernels executed on the CPU) at "
             "small sizes. These figures check the harness; they say nothing about GPU speed. GPU figures need a GPU.")
 
@@ -90,10 +93,15 @@ def select_entries(names: list[str] | None, machine: Machine) -> Selection:
 
 
 def _size_limit(entry: Entry, spec: Spec, machine: Machine, forward_flops: int) -> str | None:
-    """Why ``entry`` is not run for ``spec`` on a CPU-only machine (too slow), or None."""
+    """Why ``entry`` is not run for ``spec`` here (too slow: on a CPU-only machine, or the reference backend on a
+    GPU), or None."""
+    backend = entry_backend(entry, spec, machine.kernel_backend)
     if machine.gpu:
+        if backend == "reference" and forward_flops > REFERENCE_GPU_FLOP_LIMIT:
+            return (f"too large for the reference backend ({forward_flops / 1e9:.0f} GFLOP forward, limit "
+                    f"{REFERENCE_GPU_FLOP_LIMIT / 1e9:.0f} on a GPU)")
         return None
-    if entry.uses_kernels and forward_flops > EMULATOR_FLOP_LIMIT:
+    if backend == "emulator" and forward_flops > EMULATOR_FLOP_LIMIT:
         return (f"too large for the emulator ({forward_flops / 1e6:.0f} MFLOP forward, limit "
                 f"{EMULATOR_FLOP_LIMIT / 1e6:.0f}); GPU figures need a GPU")
     if forward_flops > CPU_FLOP_LIMIT:
@@ -146,11 +154,14 @@ def compare_output(prepared, spec: Spec, baseline: dict) -> dict | None:
     return {"vs": baseline["name"], "max_abs_diff": difference, "agrees": difference <= allowed}
 
 
+def _label(entry: Entry, backend: str) -> str:
+    """The entry's label, with the backend its na_rtc kernels (or the reference, where they lack the rank) ran on."""
+    return f"{entry.label} ({backend})" if entry.uses_kernels else entry.label
+
+
 def run_entry(entry: Entry, spec: Spec, inputs, machine: Machine, settings: timing.Settings, forward_flops: int,
               memory, baseline: dict | None = None) -> dict:
-    record: dict = {"label": entry.label}
-    if entry.uses_kernels:
-        record["label"] += f" ({machine.kernel_backend})"
+    record: dict = {"label": _label(entry, machine.kernel_backend)}
     clock = timing.Clock(machine.device)
     try:
         prepared = entry.prepare(spec, inputs)
@@ -159,6 +170,7 @@ def run_entry(entry: Entry, spec: Spec, inputs, machine: Machine, settings: timi
     except Exception as error:  # noqa: BLE001 - reported, the run goes on
         _release(machine)
         return {**record, **_failure(error)}
+    record["label"] = _label(entry, prepared.notes.get("backend", machine.kernel_backend))
     record["notes"] = prepared.notes
     modes = (("forward", prepared.forward, 1.0),
              ("forward_backward", prepared.forward_backward, 1.0 + flops.BACKWARD_FACTOR))
