@@ -20,7 +20,7 @@ from . import _args, _arrays
 __all__ = ["Explanation", "Step", "explain"]
 
 #: op name -> (rank, kind of op)
-_OPS = {f"na{n}d{suffix}": (n, kind) for n in (1, 2) for suffix, kind in (("", _args.FUSED), ("_qk", _args.QK),
+_OPS = {f"na{n}d{suffix}": (n, kind) for n in (1, 2, 3) for suffix, kind in (("", _args.FUSED), ("_qk", _args.QK),
                                                                             ("_av", _args.AV))}
 
 
@@ -135,8 +135,8 @@ def _settings_text(policy) -> str:
 def explain(op, *args, backward: bool = False, **kwargs) -> Explanation:
     """What ``na_rtc.<op>(*args, **kwargs)`` would run, and with ``backward=True`` its gradient too.
 
-    ``op``: ``"na1d"``, ``"na2d"``, ``"na1d_qk"``, ``"na2d_qk"``, ``"na1d_av"``, ``"na2d_av"`` or the function
-    itself; the arguments are the call's, ``backend=`` included. Returns an :class:`Explanation`: print it
+    ``op``: ``"na1d"``, ``"na2d"``, ``"na3d"``, their ``_qk`` and ``_av`` ops (``"na2d_qk"``, ...) or the
+    function itself; the arguments are the call's, ``backend=`` included. Returns an :class:`Explanation`: print it
     for the kernels of each launch and, for every candidate passed over, the reason. Launches nothing.
     """
     from . import backends, functional

@@ -236,7 +236,7 @@ def test_explain_follows_the_backend_choice_and_checks_the_arguments():
     reference = na_rtc.explain("na1d", q, q, q, 5)  # CPU arrays: the reference backend by default
     assert reference.backend == "reference" and reference.steps == () and "reference" in str(reference)
     with pytest.raises(ValueError, match="explain takes one of na1d, na1d_qk"):
-        na_rtc.explain("na3d_qk", q, q, 5)
+        na_rtc.explain("na4d_qk", q, q, 5)
     with pytest.raises(ValueError, match="kernel_size"):
         na_rtc.explain("na1d", q, q, q, 50, backend="emulator")  # the call's own validation and message
     with pytest.raises(TypeError, match="explain\\('na1d', ...\\)"):

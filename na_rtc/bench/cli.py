@@ -295,11 +295,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def explain_plan(plan: Sequence[Spec]) -> str:
     """For each problem, ``na_rtc.explain`` of the fused op and, at stride 1, of the split ops (``qk``, and
-    ``av`` with weights in the problem's dtype), forward and backward, on this machine's kernel backend."""
+    ``av`` with weights in the problem's dtype), forward and backward, on the backend the harness runs them on:
+    this machine's kernel backend, or the reference backend where its kernels lack the problem's rank."""
     import na_rtc
 
+    import torch
+
     from . import runner
-    from .entries import make_inputs
+    from .entries import rank_note, served_backend
 
     try:
         machine = runner.detect_machine()
@@ -307,21 +310,25 @@ def explain_plan(plan: Sequence[Spec]) -> str:
         raise UsageError(f"the benchmark needs torch ({error})") from None
     blocks = []
     for problem in plan:
-        inputs = make_inputs(problem, machine.device, machine.kernel_backend)
-        q, k, v = (x.detach() for x in inputs.qkv)
+        # explain reads shapes, dtype and device only: one zero broadcast to each shape, so a video problem's
+        # inputs (and its attention weights, tokens x window slots) take no memory
+        zero = torch.zeros((), dtype=getattr(torch, problem.dtype), device=machine.device)
+        q = k = v = zero.expand(problem.qkv_shape)
         window = {"dilation": problem.dilation, "is_causal": problem.causal}
+        backend = served_backend(problem.ndim, machine.kernel_backend)
         lines = [f"== {problem.label}"]
+        if backend != machine.kernel_backend:
+            lines.append(f"({rank_note(problem.ndim, machine.kernel_backend)})")
         explained = [na_rtc.explain(f"na{problem.ndim}d", q, k, v, problem.kernel, problem.stride, backward=True,
-                                    backend=machine.kernel_backend, **window)]
+                                    backend=backend, **window)]
         if all(s == 1 for s in problem.stride):
-            attn = q.new_zeros((*problem.qkv_shape[:-1], math.prod(problem.kernel)))
+            attn = zero.expand((*problem.qkv_shape[:-1], math.prod(problem.kernel)))
             explained += [na_rtc.explain(f"na{problem.ndim}d_qk", q, k, problem.kernel, backward=True,
-                                         backend=machine.kernel_backend, **window),
+                                         backend=backend, **window),
                           na_rtc.explain(f"na{problem.ndim}d_av", attn, v, problem.kernel, backward=True,
-                                         backend=machine.kernel_backend, **window)]
+                                         backend=backend, **window)]
         lines += [str(explanation) for explanation in explained]
         blocks.append("\n".join(lines))
-        del inputs, q, k, v
     return "\n\n".join(blocks)
 
 
