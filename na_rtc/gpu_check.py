@@ -8,10 +8,10 @@
    reference, recording the verdicts first-use verification reads,
 2. every ``gpu``-marked test,
 3. one slice of the benchmark harness (``python -m na_rtc bench``, default
-   preset ``targets``: the shapes the performance targets are set on, every
-   entry side by side), writing its JSON, markdown and (with matplotlib)
-   chart beside the rest, then the targets from it, met or not
-   (``bench --targets``),
+   preset ``gpu-check``: the shapes the performance targets are set on and
+   one 3D video problem, every entry side by side), writing its JSON,
+   markdown and (with matplotlib) chart beside the rest, then the targets
+   from it, met or not (``bench --targets``),
 
 then one JSON file under ``--results`` (default ``benchmarks/results``) and a
 summary. Made for a bare GPU machine without network: it uses the python it
@@ -41,6 +41,8 @@ from na_rtc.bench.presets import PRESET_ALIASES, PRESETS, preset_name
 from na_rtc.bench.report import environment
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the benchmark preset of the slice: the target shapes, and one 3D problem after the FlexAttention targets
+DEFAULT_BENCH_PRESET = "gpu-check"
 
 
 #: What a step that ran past its limit reports as its exit status (as timeout(1) does).
@@ -182,9 +184,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m na_rtc.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--repeat", type=int, default=10, help="most timed runs per benchmark measurement")
-    parser.add_argument("--bench-preset", default="targets", choices=(*PRESETS, *PRESET_ALIASES),
+    parser.add_argument("--bench-preset", default=DEFAULT_BENCH_PRESET, choices=(*PRESETS, *PRESET_ALIASES),
                         metavar="{" + ",".join(PRESETS) + "}",
-                        help="benchmark preset (default: targets, the shapes the performance targets are set on)")
+                        help=f"benchmark preset (default: {DEFAULT_BENCH_PRESET}, the shapes the performance targets "
+                             "are set on and one 3D problem)")
     parser.add_argument("--bench-budget", type=float, default=300.0, metavar="S",
                         help="time budget of the benchmark slice; the rest is resumed with --resume (default 300)")
     parser.add_argument("--no-bench", action="store_true", help="only the self-tests and the gpu tests")

@@ -755,6 +755,27 @@ def test_bench_targets_prints_the_table_of_a_results_file(tmp_path, capsys):
     assert out.startswith("Performance targets of the fused kernels") and "test GPU" in out and "every target met" in out
 
 
+def test_gpu_check_measures_one_3d_problem_after_the_flex_targets(monkeypatch, tmp_path):
+    """make gpu-check's slice: the FlexAttention targets first, then one 3D problem, then the other targets."""
+    from na_rtc import gpu_check
+    from na_rtc.bench.presets import FLEX_TARGET
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "environment", lambda device: {"device": "test GPU"})
+    monkeypatch.setattr(gpu_check, "_precompile", lambda jobs, limit=None: {"returncode": 0})
+    monkeypatch.setattr(gpu_check, "_selftest", lambda results, stamp, limit=None: {"returncode": 0})
+    monkeypatch.setattr(gpu_check, "_pytest", lambda args, junit, limit=None: {"returncode": 0})
+    monkeypatch.setattr(gpu_check, "_bench", lambda results, stamp, preset, *args, **kwargs: asked.append(preset) or
+                        {"returncode": 0})
+    assert gpu_check.main(["--results", str(tmp_path)]) == 0
+    plan = PRESETS[asked[0]]
+    assert [problem.ndim for problem in plan].count(3) == 1
+    flex = [problem.key for problem in PRESETS["targets"] if problem.note == FLEX_TARGET]
+    assert [problem.key for problem in plan[:len(flex) + 1]] == [*flex, PRESETS["3d"][0].key]
+    assert {problem.key for problem in plan} == {problem.key for problem in PRESETS["targets"]} | {plan[len(flex)].key}
+
+
 def test_the_earlier_preset_name_still_selects_the_target_shapes():
     """``--preset issues`` (scripts and older make targets) runs the ``targets`` preset; --list shows one name."""
     preset, plan = cli.plan_from_args(cli.build_parser().parse_args(["--preset", "issues"]), None)

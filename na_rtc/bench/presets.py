@@ -166,12 +166,17 @@ def _unique(*groups) -> tuple[Spec, ...]:
     return tuple(out)
 
 
+#: what ``make gpu-check`` measures: the target shapes, with the first 3D problem right after the FlexAttention
+#: targets (a slice whose budget runs out has measured the comparisons the targets judge, and one in 3D)
+GPU_CHECK = _unique([s for s in TARGETS if s.note == FLEX_TARGET], THREE_D[:1], TARGETS)
+
 PRESETS: dict[str, tuple[Spec, ...]] = {
     "quick": QUICK,
     "targets": TARGETS,
     "shapes": SHAPES,
     "dtypes": DTYPE_SWEEP,
     "3d": THREE_D,
+    "gpu-check": GPU_CHECK,
     "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D),
 }
 
@@ -182,6 +187,7 @@ PRESET_HELP = {
     "dtypes": "2D 128x128 k=13 with head dims 32/64/128 in fp32/fp16/bf16",
     "3d": "3D bf16: 16x32x32 k=3x7x7, 8x16x16 k=7 dil=1x2x2, 30x48x80 k=18x24x24 (stride 1 and 16x8x8), "
           "16x32x32 k=5x7x7 causal in time (GPU sizes)",
+    "gpu-check": "what make gpu-check measures: the targets, with 3D 16x32x32 k=3x7x7 after the FlexAttention ones",
     "full": "targets + shapes + dtypes + 3d (several slices on a GPU: use --resume)",
 }
 
