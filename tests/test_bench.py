@@ -395,8 +395,8 @@ def test_3d_runs_on_the_backend_that_serves_it():
     why they cannot."""
     machine = runner.Machine("cpu", "emulator")
     names = ["fused", "split", "naive_kernels", "reference", "host_overhead", "naive_torch"]
-    record = runner.run_problem(TINY_3D, runner.select_entries(names, machine), machine,
-                                timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    settings = timing.Settings(0, 2, 2, 0.0)
+    record = runner.run_problem(TINY_3D, runner.select_entries(names, machine), machine, settings, log=lambda _: None)
     entries = record["entries"]
     assert record["neighbor_pairs"] == 7 * 18 * 18  # x: causal k=2 over 4 -> 1+2+2+2; y, z: 6 queries x 3 keys
     for name in ("fused", "split", "naive_torch"):
@@ -409,6 +409,12 @@ def test_3d_runs_on_the_backend_that_serves_it():
                               ("host_overhead", "no launch plans")):
         assert entries[name]["status"] == "unavailable"
         assert "serve 1D/2D only" in entries[name]["reason"] and measured_by in entries[name]["reason"]
+    results = runner.new_results(None, [TINY_3D], names, machine, settings)
+    results["problems"].append(record)
+    label = "3D 4x6x6 k=2x3x3 dil=1x1x2 causal=1x0x0 b1 h1 D8 fp32"
+    text = report.markdown(results)
+    assert f"#### {label}" in text and "| na_rtc fused (reference) | " in text
+    assert f"| {label} (na_rtc on the reference backend) | " in report.readme_table(results)
 
 
 def test_3d_moves_to_the_kernels_when_they_serve_it(monkeypatch):

@@ -267,6 +267,15 @@ def markdown(results: dict) -> str:
 # ---------------------------------------------------------------- the README's performance table
 
 
+def _problem_cell(problem: dict, fused: dict, settings: dict) -> str:
+    """The problem's label, with the backend na_rtc ran on where it is not the run's kernel backend (3D on the
+    reference backend until the kernels serve it)."""
+    backend = (fused.get("notes") or {}).get("backend")
+    if backend and backend != settings.get("kernel_backend", backend):
+        return f"{problem['label']} (na_rtc on the {backend} backend)"
+    return problem["label"]
+
+
 def readme_table(results: dict) -> str:
     """The compact table for README's performance section: fused na_rtc against each baseline."""
     env = results["environment"]
@@ -303,7 +312,7 @@ def readme_table(results: dict) -> str:
         else:
             memory_cell = " / ".join(_number(m) for m in memory)
         cells.append(memory_cell)
-        lines.append(f"| {problem['label']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_problem_cell(problem, entry, settings)} | " + " | ".join(cells) + " |")
     lines += ["", "FlexAttention: the faster of natural and tiled token order, block mask built beforehand "
                   "(its build time is in the results JSON). `-`: the entry did not run (the JSON says why)."]
     return "\n".join(lines) + "\n"
