@@ -31,7 +31,7 @@ RESULTS ?= benchmarks/results
 .PHONY: help venv venv-nvrtc venv-examples demo test wheel clean distclean gpu-check check-all
 
 help:
-	@echo "make demo       set up $(VENV) (once), run 1D/2D NA forward+backward, check it, write na_rtc_demo.png"
+	@echo "make demo       set up $(VENV) (once), run 1D/2D/3D NA forward+backward, check it, write na_rtc_demo.png"
 	@echo "make test       set up $(VENV) (once), run the test suite (PYTEST_ARGS=... passes arguments to pytest);"
 	@echo "                tests that need NVRTC or scikit-learn skip until make venv-nvrtc / venv-examples"
 	@echo "make wheel      build the wheel into $(DIST)/"

@@ -117,6 +117,29 @@ def test_demo_numpy_quick_passes(capsys):
     assert "FAIL" not in out
 
 
+def test_demo_checks_a_3d_problem(capsys):
+    """Both tables hold a 3D problem (na3d against the dense masked definition); on a CPU the reference serves it."""
+    assert {problem.ndim for problem in demo.PROBLEMS} == {1, 2, 3}
+    [problem] = [problem for problem in demo.QUICK_PROBLEMS if problem.ndim == 3]
+    assert demo.run(out=None, arrays="numpy", quick=True) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(problem.label + " ")]
+    assert rows[0].split()[2:4] == [problem.shape_text(), "reference"] and rows[0].endswith("pass")
+    assert rows[1].startswith(f"{problem.label} vs full attention over {problem.tokens} tokens")
+
+
+def test_demo_names_the_backend_each_rank_runs_on():
+    """On a GPU the cuda kernels serve 1D/2D and automatic selection gives 3D the reference backend (CUDA
+    tensors), until the kernels serve 3D; the rows say which."""
+    from na_rtc import backends
+
+    gpu = demo.TorchRunner("cuda")
+    assert demo.backend_label(gpu, 2) == "cuda (torch CUDA)"
+    expected = "cuda" if 3 in backends.get("cuda").ranks else "reference"
+    assert demo.backend_label(gpu, 3) == f"{expected} (torch CUDA)"
+    with na_rtc.use_backend("emulator"):  # a forced backend is what every call runs on
+        assert demo.backend_label(gpu, 3) == "emulator (torch CUDA)"
+
+
 def test_demo_fails_when_an_output_is_wrong(monkeypatch, capsys):
     """The dense check catches a wrong answer and the exit code says so."""
     correct = na_rtc.na1d
