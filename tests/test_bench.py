@@ -417,6 +417,51 @@ def test_3d_runs_on_the_backend_that_serves_it():
     assert f"| {label} (na_rtc on the reference backend) | " in report.readme_table(results)
 
 
+def _natten_stand_in(version: str, calls: list):
+    """A module with NATTEN's fused na3d as ``version`` spells it (0.20+: ``natten.na3d`` with a stride; 0.17:
+    ``natten.functional.na3d`` without), computing na_rtc's na3d and recording the keyword arguments."""
+    import types
+
+    import na_rtc
+
+    def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, scale=None):
+        calls.append({"kernel_size": kernel_size, "stride": stride, "dilation": dilation, "is_causal": is_causal})
+        return na_rtc.na3d(query, key, value, kernel_size, stride, dilation, is_causal, scale)
+
+    if version.startswith("0.17"):
+        return types.SimpleNamespace(__version__=version, functional=types.SimpleNamespace(na3d=na3d))
+    return types.SimpleNamespace(__version__=version, na3d=na3d)
+
+
+@pytest.mark.parametrize("version", ["0.21.0", "0.17.5"])
+def test_natten_entry_runs_3d_with_the_window_of_each_axis(monkeypatch, version):
+    calls = []
+    monkeypatch.setitem(sys.modules, "natten", _natten_stand_in(version, calls))
+    machine = runner.Machine("cpu", "emulator")
+    record = runner.run_problem(TINY_3D, runner.select_entries(["naive_torch", "natten"], machine), machine,
+                                timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    entry = record["entries"]["natten"]
+    assert entry["status"] == "ok" and entry["output_check"]["agrees"] and entry["notes"] == {"natten": version}
+    window = {"kernel_size": (2, 3, 3), "dilation": (1, 1, 2), "is_causal": (True, False, False)}
+    assert calls[0] == {**window, "stride": (1, 1, 1) if version == "0.21.0" else 1}
+
+
+def test_natten_entry_says_why_it_cannot_run(monkeypatch):
+    machine = runner.Machine("cpu", "emulator")
+    strided = spec((4, 6, 6), 3, stride=(1, 2, 2), heads=1, head_dim=8, dtype="fp32")
+    selection = runner.select_entries(["natten"], machine)
+
+    def reason(problem):
+        record = runner.run_problem(problem, selection, machine, timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+        assert record["entries"]["natten"]["status"] == "unavailable"
+        return record["entries"]["natten"]["reason"]
+
+    monkeypatch.setitem(sys.modules, "natten", None)  # import natten -> ImportError
+    assert reason(TINY_3D).startswith("NATTEN is not importable here (ModuleNotFoundError")
+    monkeypatch.setitem(sys.modules, "natten", _natten_stand_in("0.17.5", []))
+    assert reason(strided) == "NATTEN 0.17.5 takes no stride (0.20 and later do)"
+
+
 def test_3d_moves_to_the_kernels_when_they_serve_it(monkeypatch):
     from na_rtc import backends
     from na_rtc.bench.entries import entry_backend

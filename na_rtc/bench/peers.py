@@ -12,6 +12,9 @@
   blocks are empty). The tiled order is applied to the inputs in ``prepare``: a model can
   keep its tokens in that order, so the permutation is not timed. Building the
   block mask is timed separately (``mask_build_ms``).
+- NATTEN, where it is importable: its fused op for the problem's rank
+  (``natten.na3d`` from 0.20 on, which takes a stride; 0.17's
+  ``natten.functional.na3d`` without one), on the same heads-last inputs.
 - SDPA: full self-attention over every token, the cost NA avoids.
 """
 
@@ -267,6 +270,38 @@ def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
                     natural_output=lambda out: _heads_last(out, spec, order_t))
 
 
+# ---------------------------------------------------------------- NATTEN
+
+
+def _natten_op(spec: Spec):
+    """NATTEN's fused op for the problem's rank and the keyword arguments its release adds, or Unavailable."""
+    try:
+        import natten
+    except Exception as error:  # ImportError where it is not installed; anything else on a broken install
+        raise Unavailable(f"NATTEN is not importable here ({type(error).__name__}: {error})") from error
+    version = getattr(natten, "__version__", "of unknown version")
+    fused = getattr(natten, f"na{spec.ndim}d", None)  # 0.20 and later: natten.na3d(..., stride, dilation, ...)
+    if fused is not None:
+        return fused, {"stride": spec.stride}, version
+    fused = getattr(getattr(natten, "functional", None), f"na{spec.ndim}d", None)  # 0.17: no stride
+    if fused is None:
+        raise Unavailable(f"NATTEN {version} has no fused na{spec.ndim}d (0.17 and later have)")
+    if any(s != 1 for s in spec.stride):
+        raise Unavailable(f"NATTEN {version} takes no stride (0.20 and later do)")
+    return fused, {}, version
+
+
+def _prepare_natten(spec: Spec, inputs: Inputs) -> Prepared:
+    fused, extra, version = _natten_op(spec)
+    kwargs = {"kernel_size": spec.kernel, "dilation": spec.dilation, "is_causal": spec.causal,
+              "scale": spec.head_dim**-0.5, **extra}
+
+    def forward():
+        return fused(*inputs.qkv, **kwargs)
+
+    return Prepared(no_grad(forward), lambda: grads(forward(), inputs), notes={"natten": version})
+
+
 # ---------------------------------------------------------------- SDPA
 
 
@@ -299,6 +334,8 @@ def peer_entries() -> list[Entry]:
               default_cpu=False, cpu_note=FLEX_CPU_NOTE),
         Entry("flex_tiled", "FlexAttention, tiled order", lambda s, i: _prepare_flex(s, i, tiled=True),
               default_cpu=False, cpu_note=FLEX_CPU_NOTE),
+        Entry("natten", "NATTEN fused", _prepare_natten, default_cpu=False,
+              cpu_note="NATTEN's fused kernels are timed on a GPU (name it with --entries to try it here)"),
         Entry("sdpa", "torch SDPA (full attention)", _prepare_sdpa),
     ]
 
