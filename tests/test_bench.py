@@ -492,6 +492,22 @@ def test_the_reference_is_not_asked_for_video_sizes_on_a_gpu(monkeypatch):
     assert limit("fused", video) is None  # the kernels serve it: a GPU runs every size
 
 
+def test_naive_torch_says_out_of_memory_before_building_a_video_problems_tables(monkeypatch):
+    """The gather of a 30x48x80 problem with an 18x24x24 window would take TBs: the entry says so at once
+    instead of building index tables of tens of GB first."""
+    from na_rtc.bench.entries import Inputs
+
+    video = next(p for p in PRESETS["3d"] if p.spatial == (30, 48, 80))
+    import na_rtc.window
+
+    monkeypatch.setattr(na_rtc.window, "flat_slot_table", lambda axes: pytest.fail("built the index tables"))
+    with pytest.raises(MemoryError) as error:
+        peers._prepare_naive_torch(video, Inputs(None, None, None, None, "cpu", "emulator"))
+    failure = runner._failure(error.value)
+    assert failure["status"] == "oom"
+    assert failure["reason"].startswith("out of memory: MemoryError: the gathered keys alone would take 6834 GiB")
+
+
 def test_explain_prints_3d_problems(capsys):
     assert cli.main(["--shape", "4x6x6", "--kernel", "2x3x3", "--causal", "1,0,0", "--dtype", "bf16",
                      "--explain"]) == 0

@@ -55,11 +55,37 @@ def _heads_last(out, spec: Spec, order=None):
 # ---------------------------------------------------------------- naive torch NA
 
 
+def _memory_bytes(device: str) -> int | None:
+    """The device's whole memory (a GPU's, or the machine's), None where unknown."""
+    import os
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_gather_fits(spec: Spec, device: str) -> None:
+    """Out of memory, said before building anything, where the gathered keys alone exceed the device's memory
+    (a video problem's index tables would take tens of GB of host memory before the GPU refused the gather)."""
+    slots = math.prod(spec.kernel)
+    gathered = spec.batch * spec.tokens * slots * spec.heads * spec.head_dim * (4 if spec.dtype == "float32" else 2)
+    total = _memory_bytes(device)
+    if total is not None and gathered > total:
+        raise MemoryError(f"the gathered keys alone would take {gathered / 2**30:.0f} GiB ({spec.tokens} tokens x "
+                          f"{slots} window slots), more than the device's {total / 2**30:.0f} GiB")
+
+
 def _prepare_naive_torch(spec: Spec, inputs: Inputs) -> Prepared:
     import torch
 
     from ..window import flat_slot_table
 
+    _check_gather_fits(spec, inputs.device)
     table = flat_slot_table(axes_of(spec))
     keys = torch.tensor(table.keys, device=inputs.device)  # [tokens, slots]; a copy: the table is read-only
     # causal windows can hold fewer keys than slots: those slots are masked, every other slot is a neighbor
