@@ -183,7 +183,7 @@ COMMANDS: dict[str, Command] = {
                          "the failures"),)),
     "demo": Command(
         cmd_demo,
-        "run 1D/2D neighborhood attention, check it against dense masked attention, time it, draw neighborhoods",
+        "run 1D/2D/3D neighborhood attention, check it against dense masked attention, time it, draw neighborhoods",
         _demo_arguments(),
     ),
     "precompile": Command(

@@ -128,7 +128,7 @@ def _causal(text: str | None, ndim: int) -> tuple[bool, ...]:
 
 
 def free_form_spec(args: argparse.Namespace) -> Spec:
-    """The one problem ``--shape/--kernel/...`` describe, validated like ``na1d``/``na2d`` would."""
+    """The one problem ``--shape/--kernel/...`` describe, validated like ``na1d``/``na2d``/``na3d`` would."""
     from .. import _args
 
     if args.kernel is None:
