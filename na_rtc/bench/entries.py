@@ -277,8 +277,9 @@ def _prepare_fused_variant(spec: Spec, inputs: Inputs, mode) -> Prepared:
 
 
 def _prepare_reference(spec: Spec, inputs: Inputs) -> Prepared:
-    if served_backend(spec.ndim, inputs.kernel_backend) == EVERY_RANK:
-        raise Unavailable(f"{rank_note(spec.ndim, inputs.kernel_backend)}; the fused entry measures it")
+    """The fused op on the reference backend, where the fused entry runs the kernels (elsewhere it measures
+    the reference backend itself)."""
+    _require_rank(spec, inputs, "the fused entry measures it")
     return _prepare_fused(spec, inputs, EVERY_RANK)
 
 
@@ -463,7 +464,8 @@ def na_rtc_entries() -> list[Entry]:
         Entry("fused", "na_rtc fused", _prepare_fused, families=("fused", "fused_bwd", "fused_tc", "fused_tc_bwd"),
               uses_kernels=True, falls_back=True),
         Entry("fused_simt", "na_rtc fused, SIMT kernels (NA_RTC_TENSOR_CORES=0)",
-              lambda spec, inputs: _prepare_fused_variant(spec, inputs, _tensor_cores_off), families=("fused", "fused_bwd"),
+              lambda spec, inputs: _prepare_fused_variant(spec, inputs, _tensor_cores_off),
+              families=("fused", "fused_bwd"),
               uses_kernels=True, default_cpu=False, cpu_note="tensor cores against SIMT is a GPU comparison"),
         Entry("fused_tc_rows16", "na_rtc fused, tensor-core forward with 16 query rows per warp "
               "(NA_RTC_TC_WARP_ROWS=16)", _prepare_sixteen_warp_rows,

@@ -9,8 +9,9 @@
   :func:`na_rtc.window.window`, as tables). Two token orders: natural
   (row-major) and tiled (tokens of one dilation group and one spatial tile
   contiguous, so a 128-token block is a compact 2D patch or 3D box and more
-  blocks are empty). The tiled order is applied to the inputs in ``prepare``: a model can
-  keep its tokens in that order, so the permutation is not timed. Building the
+  blocks are empty; the tile is the one with the fewest non-empty blocks).
+  The tiled order is applied to the inputs in ``prepare``: a model can keep
+  its tokens in that order, so the permutation is not timed. Building the
   block mask is timed separately (``mask_build_ms``).
 - NATTEN, where it is importable: its fused op for the problem's rank
   (``natten.na3d`` from 0.20 on, which takes a stride; 0.17's
