@@ -415,6 +415,10 @@ def test_3d_runs_on_the_backend_that_serves_it():
     text = report.markdown(results)
     assert f"#### {label}" in text and "| na_rtc fused (reference) | " in text
     assert f"| {label} (na_rtc on the reference backend) | " in report.readme_table(results)
+    emulated = {"label": "na_rtc fused (emulator)", "status": "ok", "notes": {"backend": "emulator"}}
+    problems = [{"entries": {"fused": emulated}}, record]  # a 2D problem on the kernels, then the 3D one
+    assert plot._label(problems, "fused") == "na_rtc fused (emulator / reference)"  # the chart's legend
+    assert plot._label(problems[1:], "split") == "na_rtc split (qk, softmax, av) (reference)"
 
 
 def _natten_stand_in(version: str, calls: list):

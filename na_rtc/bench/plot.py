@@ -38,11 +38,16 @@ def _pyplot():
 
 
 def _label(problems: list[dict], name: str) -> str:
-    for problem in problems:
-        entry = problem["entries"].get(name)
-        if entry:
-            return entry.get("label", name)
-    return name
+    """The entry's label in the legend: with every backend it ran on where that differs between problems
+    (``na_rtc fused (emulator / reference)``: 3D on the reference backend until the kernels serve it)."""
+    measured = [problem["entries"][name] for problem in problems
+                if (problem["entries"].get(name) or {}).get("status") in ("ok", "partial")]
+    labels = list(dict.fromkeys(entry.get("label", name) for entry in measured)) or [name]
+    backends = list(dict.fromkeys((entry.get("notes") or {}).get("backend") for entry in measured))
+    if len(labels) > 1 and None not in backends and all(label.endswith(f" ({backend})")
+                                                         for label, backend in zip(labels, backends)):
+        return f"{labels[0].removesuffix(f' ({backends[0]})')} ({' / '.join(backends)})"
+    return " / ".join(labels)
 
 
 def _bars(ax, problems, names, value_of, title, ylabel, empty_text):
