@@ -208,9 +208,10 @@ def _list() -> str:
     from .runner import entry_names
 
     lines = ["presets:"]
+    width = max(map(len, PRESETS))
     for name, problems in PRESETS.items():
-        lines.append(f"  {name:8s} {PRESET_HELP[name]}")
-        lines += [f"           - {p.label}" + (f" [{p.note}]" if p.note else "") for p in problems]
+        lines.append(f"  {name:{width}s} {PRESET_HELP[name]}")
+        lines += [" " * (width + 3) + f"- {p.label}" + (f" [{p.note}]" if p.note else "") for p in problems]
     lines += ["entries: " + ", ".join(entry_names())]
     return "\n".join(lines)
 
