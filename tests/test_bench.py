@@ -840,6 +840,7 @@ def test_gpu_check_measures_one_3d_problem_after_the_flex_targets(monkeypatch, t
     monkeypatch.setattr(gpu_check, "_bench", lambda results, stamp, preset, *args, **kwargs: asked.append(preset) or
                         {"returncode": 0})
     assert gpu_check.main(["--results", str(tmp_path)]) == 0
+    runner.select_entries(list(gpu_check.BENCH_ENTRIES), runner.Machine("cuda:0", "cuda"))  # every name exists
     plan = PRESETS[asked[0]]
     assert [problem.ndim for problem in plan].count(3) == 1
     flex = [problem.key for problem in PRESETS["targets"] if problem.note == FLEX_TARGET]

@@ -6,7 +6,7 @@ One module per job, so each can be read and tested alone:
 - :mod:`.flops`    exact neighbor counts and effective FLOPs
 - :mod:`.timing`   CUDA-event / perf_counter timing with spread, peak memory
 - :mod:`.entries`  the na_rtc entries (fused, split, straightforward kernels, reference)
-- :mod:`.peers`    the other libraries' entries (naive torch NA, FlexAttention, SDPA)
+- :mod:`.peers`    the other libraries' entries (naive torch NA, FlexAttention, NATTEN, SDPA)
 - :mod:`.compile`  first-call compile and cached-load time of the kernel families
 - :mod:`.runner`   runs problems x entries in resumable, time-budgeted slices
 - :mod:`.report`   JSON environment, markdown tables, the README table
