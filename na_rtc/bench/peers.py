@@ -309,7 +309,7 @@ def _natten_op(spec: Spec):
     version = getattr(natten, "__version__", "of unknown version")
     fused = getattr(natten, f"na{spec.ndim}d", None)  # 0.20 and later: natten.na3d(..., stride, dilation, ...)
     if fused is not None:
-        return fused, {"stride": spec.stride}, version
+        return fused, {"stride": _natten_axes(spec, spec.stride)}, version
     fused = getattr(getattr(natten, "functional", None), f"na{spec.ndim}d", None)  # 0.17: no stride
     if fused is None:
         raise Unavailable(f"NATTEN {version} has no fused na{spec.ndim}d (0.17 and later have)")
@@ -318,10 +318,15 @@ def _natten_op(spec: Spec):
     return fused, {}, version
 
 
+def _natten_axes(spec: Spec, values: tuple):
+    """A per-axis argument as NATTEN takes it: one value in 1D (its 1D ops take ints), a tuple per axis above."""
+    return values[0] if spec.ndim == 1 else values
+
+
 def _prepare_natten(spec: Spec, inputs: Inputs) -> Prepared:
     fused, extra, version = _natten_op(spec)
-    kwargs = {"kernel_size": spec.kernel, "dilation": spec.dilation, "is_causal": spec.causal,
-              "scale": spec.head_dim**-0.5, **extra}
+    kwargs = {"kernel_size": _natten_axes(spec, spec.kernel), "dilation": _natten_axes(spec, spec.dilation),
+              "is_causal": _natten_axes(spec, spec.causal), "scale": spec.head_dim**-0.5, **extra}
 
     def forward():
         return fused(*inputs.qkv, **kwargs)
