@@ -421,20 +421,21 @@ def test_3d_runs_on_the_backend_that_serves_it():
     assert plot._label(problems[1:], "split") == "na_rtc split (qk, softmax, av) (reference)"
 
 
-def _natten_stand_in(version: str, calls: list):
-    """A module with NATTEN's fused na3d as ``version`` spells it (0.20+: ``natten.na3d`` with a stride; 0.17:
-    ``natten.functional.na3d`` without), computing na_rtc's na3d and recording the keyword arguments."""
+def _natten_stand_in(version: str, calls: list, ndim: int = 3):
+    """A module with NATTEN's fused op as ``version`` spells it (0.20+: ``natten.na3d`` with a stride; 0.17:
+    ``natten.functional.na3d`` without), computing na_rtc's and recording the keyword arguments."""
     import types
 
     import na_rtc
 
-    def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, scale=None):
+    def fused(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, rpb=None, scale=None):
         calls.append({"kernel_size": kernel_size, "stride": stride, "dilation": dilation, "is_causal": is_causal})
-        return na_rtc.na3d(query, key, value, kernel_size, stride, dilation, is_causal, scale)
+        return getattr(na_rtc, f"na{ndim}d")(query, key, value, kernel_size, stride, dilation, is_causal, scale)
 
+    ops = {f"na{ndim}d": fused}
     if version.startswith("0.17"):
-        return types.SimpleNamespace(__version__=version, functional=types.SimpleNamespace(na3d=na3d))
-    return types.SimpleNamespace(__version__=version, na3d=na3d)
+        return types.SimpleNamespace(__version__=version, functional=types.SimpleNamespace(**ops))
+    return types.SimpleNamespace(__version__=version, **ops)
 
 
 @pytest.mark.parametrize("version", ["0.21.0", "0.17.5"])
@@ -448,6 +449,17 @@ def test_natten_entry_runs_3d_with_the_window_of_each_axis(monkeypatch, version)
     assert entry["status"] == "ok" and entry["output_check"]["agrees"] and entry["notes"] == {"natten": version}
     window = {"kernel_size": (2, 3, 3), "dilation": (1, 1, 2), "is_causal": (True, False, False)}
     assert calls[0] == {**window, "stride": (1, 1, 1) if version == "0.21.0" else 1}
+
+
+def test_natten_entry_gives_1d_windows_as_ints(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "natten", _natten_stand_in("0.21.0", calls, ndim=1))
+    machine = runner.Machine("cpu", "emulator")
+    problem = spec(24, 5, dilation=2, causal=True, heads=1, head_dim=8, dtype="fp32")
+    record = runner.run_problem(problem, runner.select_entries(["naive_torch", "natten"], machine), machine,
+                                timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    assert record["entries"]["natten"]["output_check"]["agrees"]
+    assert calls[0] == {"kernel_size": 5, "stride": 1, "dilation": 2, "is_causal": True}
 
 
 def test_natten_entry_says_why_it_cannot_run(monkeypatch):
