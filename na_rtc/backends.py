@@ -5,11 +5,11 @@ A backend is a table of ops (``fused_forward``, ``fused_backward``,
 Selection order for a call: ``use_backend(...)`` if active, else the
 ``NA_RTC_BACKEND`` environment variable, else the default for the array kind
 (``reference`` for CPU arrays and meta tensors, ``cuda`` for CuPy arrays and
-CUDA tensors). Each backend also lists the ranks (1D, 2D, 3D) it serves: where
-the default lacks the problem's rank, automatic selection takes the reference
-backend, which serves every rank and torch tensors on any device (3D runs
-there until the kernels serve it); a forced backend without the rank is an
-error. Arrays are never copied to another device to fit a backend: a
+CUDA tensors). Each backend also lists the ranks (1D, 2D, 3D) it serves
+(today every backend serves all three): where the default lacks the
+problem's rank, automatic selection takes the reference backend, which
+serves every rank and torch tensors on any device; a forced backend without
+the rank is an error. Arrays are never copied to another device to fit a backend: a
 mismatch is an error that says what to do. Meta tensors (shapes without data,
 used to initialize and trace large models) are served by every backend: they
 only reach the custom ops' fake implementations, which compute shapes.
@@ -125,18 +125,16 @@ _EVERY_RANK = "reference"
 def _rank_error(chosen: Backend, problem: Problem, forced: bool) -> ValueError:
     ndim = problem.ndim
     served = "/".join(f"{r}D" for r in sorted(chosen.ranks))
-    reference = get(_EVERY_RANK)
     if problem.kind == _arrays.CUPY:  # the reference backend reads no CuPy arrays
-        remedy = (f"CuPy arrays have no backend in {ndim}D yet: pass torch tensors instead (torch.from_dlpack(array) "
-                  f"shares the memory, no copy) or NumPy arrays")
+        remedy = (f"CuPy arrays have no other backend in {ndim}D: pass torch tensors instead "
+                  f"(torch.from_dlpack(array) shares the memory, no copy) or NumPy arrays")
     elif forced:
-        remedy = (f"choose it for these calls with backend={_EVERY_RANK!r} or "
+        remedy = (f"choose the {_EVERY_RANK} backend for these calls with backend={_EVERY_RANK!r} or "
                   f"na_rtc.use_backend({_EVERY_RANK!r}) (or leave the backend to automatic selection)")
     else:
         remedy = "choose another backend with na_rtc.use_backend"
-    return ValueError(
-        f"{ndim}D neighborhood attention runs on the {reference.name} backend for now ({reference.summary}): "
-        f"the {chosen.name} backend's kernels serve {served} only; {remedy}")
+    return ValueError(f"the {chosen.name} backend's kernels serve {served} neighborhood attention only, not "
+                      f"{ndim}D; {remedy}")
 
 
 def select(problem: Problem, name: str | None = None) -> Backend:
@@ -205,28 +203,25 @@ register(
         "reference",
         "vectorized NumPy/torch math; NumPy arrays and torch tensors, differentiable",
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), (_arrays.TORCH, "cuda"), _META}),
-        lambda: (True, "NumPy arrays and torch tensors (CPU; CUDA tensors when forced, and in 3D until the "
-                       "kernels serve it)"),
+        lambda: (True, "NumPy arrays and torch tensors (CPU; CUDA tensors when forced)"),
         _load_reference,
     )
 )
 register(
     Backend(
         "cuda",
-        "NVRTC-compiled kernels on the GPU; CuPy arrays and CUDA torch tensors, 1D and 2D",
+        "NVRTC-compiled kernels on the GPU; CuPy arrays and CUDA torch tensors, 1D, 2D and 3D",
         frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda"), _META}),
         lambda: _probe("cuda"),
         _kernel_ops("cuda"),
-        frozenset({1, 2}),
     )
 )
 register(
     Backend(
         "emulator",
-        "the CUDA kernels executed on the CPU; CPU arrays only, 1D and 2D",
+        "the CUDA kernels executed on the CPU; CPU arrays only, 1D, 2D and 3D",
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), _META}),
         lambda: _probe("emulator"),
         _kernel_ops("emulator"),
-        frozenset({1, 2}),
     )
 )

@@ -125,8 +125,7 @@ def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
     causal in time only is ``is_causal=(True, False, False)``. As
     :func:`na1d` per axis; ``kernel_size``, ``stride``, ``dilation`` and
     ``is_causal`` may be triples. ``rpb`` is
-    ``[heads, 2kx - 1, 2ky - 1, 2kz - 1]``. Runs on the reference backend
-    (NumPy arrays, torch tensors on any device) until the kernels serve 3D.
+    ``[heads, 2kx - 1, 2ky - 1, 2kz - 1]``.
     """
     return _fused(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
 

@@ -271,8 +271,7 @@ class NeighborhoodAttention3D(_NeighborhoodAttention):
     axis): a video layer causal in time only takes
     ``is_causal=(True, False, False)``. As :class:`NeighborhoodAttention1D`;
     ``kernel_size``, ``stride``, ``dilation`` and ``is_causal`` may be
-    triples; ``rpb`` is ``[num_heads, 2kd - 1, 2kh - 1, 2kw - 1]``. Runs on
-    the reference backend (any torch device) until the kernels serve 3D.
+    triples; ``rpb`` is ``[num_heads, 2kd - 1, 2kh - 1, 2kw - 1]``.
     """
 
     ndim = 3

@@ -150,7 +150,7 @@ AUTOMATIC = {
     "numpy-2d": (("numpy", "cpu", 2), "reference"),
     "numpy-3d": (("numpy", "cpu", 3), "reference"),
     "torch-cuda-2d": (("torch", "cuda:0", 2), "cuda"),
-    "torch-cuda-3d": (("torch", "cuda:1", 3), "reference"),  # kernels lack 3D: the reference serves CUDA tensors
+    "torch-cuda-3d": (("torch", "cuda:1", 3), "cuda"),
     "meta-3d": (("torch", "meta", 3), "reference"),
 }
 
@@ -160,11 +160,39 @@ def test_automatic_selection_by_placement_and_rank(placement, expected):
     assert backends.select(_problem_on(*placement)).name == expected
 
 
+def test_cupy_arrays_in_3d_run_on_the_cuda_backend(monkeypatch):
+    monkeypatch.setattr(backends.get("cuda"), "probe", lambda: (True, "a stand-in GPU"))  # CuPy calls probe here
+    assert backends.select(_problem_on("cupy", "cuda:0", 3)).name == "cuda"
+
+
+def test_the_kernel_backends_serve_every_rank():
+    for name in ("cuda", "emulator"):
+        assert backends.get(name).ranks == {1, 2, 3}
+        assert "1D, 2D and 3D" in backends.get(name).summary
+
+
+@pytest.fixture
+def kernels_without_3d(monkeypatch):
+    """The kernel backends as a backend that serves fewer ranks looks: 1D and 2D only (the rank mechanism stays,
+    whatever today's backends serve)."""
+    for name in ("cuda", "emulator"):
+        monkeypatch.setattr(backends.get(name), "ranks", frozenset({1, 2}))
+
+
+@pytest.mark.parametrize("placement, expected", [(("torch", "cuda:1", 3), "reference"), (("numpy", "cpu", 2), "reference"),
+                                                 (("torch", "cuda:0", 2), "cuda")],
+                         ids=["torch-cuda-3d", "numpy-2d", "torch-cuda-2d"])
+def test_automatic_selection_falls_back_to_the_reference_for_a_rank_the_default_lacks(kernels_without_3d, placement,
+                                                                                      expected):
+    assert backends.select(_problem_on(*placement)).name == expected
+
+
 @pytest.mark.parametrize("placement", [("numpy", "cpu"), ("torch", "cpu"), ("torch", "cuda:0"), ("torch", "meta")],
                          ids=["numpy", "torch-cpu", "torch-cuda", "meta"])
 @pytest.mark.parametrize("backend", ["cuda", "emulator"])
 @pytest.mark.parametrize("how", ["argument", "use_backend", "environment"])
-def test_a_kernel_backend_forced_for_3d_says_3d_runs_on_the_reference(monkeypatch, how, backend, placement):
+def test_a_backend_forced_for_a_rank_it_lacks_names_the_way_out(kernels_without_3d, monkeypatch, how, backend,
+                                                                placement):
     problem = _problem_on(*placement, 3)
     if how == "environment":
         monkeypatch.setenv("NA_RTC_BACKEND", backend)
@@ -172,27 +200,34 @@ def test_a_kernel_backend_forced_for_3d_says_3d_runs_on_the_reference(monkeypatc
         with pytest.raises(ValueError) as raised:
             backends.select(problem, backend if how == "argument" else None)
     text = str(raised.value)
-    assert text.startswith("3D neighborhood attention runs on the reference backend for now")
-    assert f"the {backend} backend's kernels serve 1D/2D only" in text
+    assert text.startswith(f"the {backend} backend's kernels serve 1D/2D neighborhood attention only, not 3D")
     assert "backend='reference' or na_rtc.use_backend('reference')" in text
 
 
-def test_cupy_arrays_in_3d_are_refused_with_the_zero_copy_way_to_torch():
+def test_cupy_arrays_in_a_rank_the_cuda_backend_lacks_are_refused_with_the_zero_copy_way_to_torch(kernels_without_3d):
     with pytest.raises(ValueError) as raised:
         backends.select(_problem_on("cupy", "cuda:0", 3))
     text = str(raised.value)
-    assert "3D neighborhood attention runs on the reference backend for now" in text
-    assert "CuPy arrays have no backend in 3D yet" in text and "torch.from_dlpack(array)" in text
+    assert "the cuda backend's kernels serve 1D/2D neighborhood attention only, not 3D" in text
+    assert "CuPy arrays have no other backend in 3D" in text and "torch.from_dlpack(array)" in text
 
 
-def test_na3d_forced_onto_a_kernel_backend_is_refused_before_any_kernel_runs():
+@pytest.mark.skipif(not backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
+def test_na3d_runs_on_a_forced_kernel_backend():
+    q = _numpy(SHAPES[3], np.float32)
+    with na_rtc.use_backend("emulator"):
+        assert na_rtc.na3d_qk(q, q, KERNEL[3]).shape[-1] == 30
+    assert na_rtc.na3d(q, q, q, KERNEL[3], backend="emulator").shape == q.shape
+
+
+def test_na3d_on_a_kernel_backend_without_3d_is_refused_before_any_kernel_runs(kernels_without_3d):
     q = _numpy(SHAPES[3], np.float32)
     for backend in ("cuda", "emulator"):
-        with pytest.raises(ValueError, match="3D neighborhood attention runs on the reference backend for now"):
+        with pytest.raises(ValueError, match="backend's kernels serve 1D/2D neighborhood attention only, not 3D"):
             na_rtc.na3d(q, q, q, KERNEL[3], backend=backend)
     with na_rtc.use_backend("emulator"):  # 1D/2D calls keep the forced backend's choice
         assert _selected(_numpy(SHAPES[1], np.float32)) == "emulator"
-        with pytest.raises(ValueError, match="runs on the reference backend for now"):
+        with pytest.raises(ValueError, match="not 3D"):
             na_rtc.na3d_qk(q, q, KERNEL[3])
         assert na_rtc.na3d_qk(q, q, KERNEL[3], backend="reference").shape[-1] == 30
 

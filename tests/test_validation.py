@@ -177,9 +177,7 @@ CASES = {
                                                              Q3, 3), TypeError, "grad_out has dtype float64"),
     # backends
     "unknown-backend": (na1d(backend="tpu"), ValueError, "unknown backend 'tpu'"),
-    "3d-on-the-cuda-backend": (na3d(backend="cuda"), ValueError,
-                               "3D neighborhood attention runs on the reference backend for now"),
-    "3d-on-the-emulator": (na3d(backend="emulator"), ValueError, "the emulator backend's kernels serve 1D/2D only"),
+    "3d-cuda-backend-for-numpy": (na3d(backend="cuda"), ValueError, "the cuda backend cannot run numpy arrays on CPU"),
     "cuda-backend-for-numpy": (na1d(backend="cuda"), ValueError, "the cuda backend cannot run numpy arrays on CPU"),
 }
 

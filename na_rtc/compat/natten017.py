@@ -33,8 +33,7 @@ are heads-first views of na_rtc's heads-last outputs (not contiguous).
 to, besides its neighborhood) are supported, computed with torch matmuls:
 in the split ops as NATTEN does (extra columns after the window slots), in
 the fused ops through the split ops and one softmax over both, so gradients
-stay exact; they need torch tensors. ``xformers_kwargs`` is refused. 3D runs
-on na_rtc's reference backend until its kernels serve 3D.
+stay exact; they need torch tensors. ``xformers_kwargs`` is refused.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def split_op_refusal(dispatcher: Dispatcher, problem: Problem, op: str) -> Excep
     if ok:
         return None
     return _untrusted_error(problem, f"{_SPLIT_OP_CALLS[op]} call", dispatcher.gate.distrusted(problem, [unit], True),
-                            "The split ops have no other kernels; the fused ops (na1d, na2d) compute "
+                            "The split ops have no other kernels; the fused ops (na1d, na2d, na3d) compute "
                             "attention with their own, verified apart.")
 
 
