@@ -470,8 +470,10 @@ def test_selftest_quick_and_full_pick_their_canaries():
     quick, full = selftest.units(where, "quick"), selftest.units(where, "full")
     assert {unit.problem.head_dim for unit in quick} == {32}
     families = {(unit.family, unit.problem.dtype, unit.problem.ndim) for unit in quick}
-    # per rank: SIMT (2) and split (2 composed + 4 split ops) x 3 dtypes, mma.sync and wgmma (2 each) x 2 dtypes
-    assert len(families) == len(quick) == 2 * (3 * 8 + 2 * 4)
+    # 1D and 2D: SIMT (2) and split (2 composed + 4 split ops) x 3 dtypes, mma.sync and wgmma (2 each) x 2 dtypes;
+    # 3D: split x 3 dtypes
+    assert len(families) == len(quick) == 2 * (3 * 8 + 2 * 4) + 3 * 6
+    assert {unit.problem.ndim for unit in quick} == {1, 2, 3}
     names = []
     for unit in full:
         with selftest._settings(unit.settings):
@@ -551,14 +553,14 @@ def test_dense_masked_attention_equals_the_reference_backend(axes):
 
 
 def _split_problem(op, ndim, dtype, head_dim, kernel, dilation=1, causal=False):
-    lengths = (200,) if ndim == 1 else (40, 36)
+    lengths = {1: (200,), 2: (40, 36), 3: (30, 28, 29)}[ndim]
     axes = tuple(Axis(length, kernel, 1, dilation, causal) for length in lengths)
     return Problem(op, axes, 2, 3, head_dim, dtype, "numpy", "cpu", op != "av" and not causal, None)
 
 
-SPLIT_CASES = [(ndim, dtype, hd, k, d, causal) for ndim in (1, 2) for dtype in ("float32", "float16", "float64")
-               for hd in (32, 64, 128, 200) for k in ((3, 9, 31, 63) if ndim == 1 else (3, 7, 13))
-               for d, causal in ((1, False), (2, True))]
+SPLIT_KERNELS = {1: (3, 9, 31, 63), 2: (3, 7, 13), 3: (3, 7, 13)}
+SPLIT_CASES = [(ndim, dtype, hd, k, d, causal) for ndim in (1, 2, 3) for dtype in ("float32", "float16", "float64")
+               for hd in (32, 64, 128, 200) for k in SPLIT_KERNELS[ndim] for d, causal in ((1, False), (2, True))]
 
 
 def test_a_split_canary_runs_the_kernels_of_the_call():
@@ -574,7 +576,7 @@ def test_a_split_canary_runs_the_kernels_of_the_call():
         for op in ("fused", "qk", "av"):
             problem = _split_problem(op, ndim, dtype, hd, k, d, causal)
             test = canary.split_canary_problem(problem)
-            assert all(a.length % canary.SPLIT_TILE[ndim] for a in test.axes) or ndim == 2
+            assert all(a.length % canary.SPLIT_TILE[ndim] for a in test.axes) or ndim > 1
             for role, weights in (("qk", dtype), ("qk", accumulator_dtype(dtype)), ("av", dtype),
                                     ("av", accumulator_dtype(dtype)), ("inverse", dtype),
                                     ("inverse", accumulator_dtype(dtype)), ("bias_grad", accumulator_dtype(dtype))):

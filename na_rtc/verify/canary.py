@@ -64,14 +64,18 @@ OUTPUTS = {name: op.outputs for name, op in OPS.items()}
 #: up to 128 queries, and a window of 177 gives every tile, down to the 16 keys of a SIMT dK/dV tile, a box of
 #: three chunks (16 + 176 queries: three 64-query chunks). 2D: 23 x 21 leaves partial tiles on both axes for
 #: every tile of 16 x 8 or smaller, and an 11 x 11 window gives a 4 x 4 tile a box of 14 x 14 = 196 (three
-#: 64-row chunks) and an inner 8 x 8 tile one of 18 x 18. The dK/dV kernels' query boxes are as large as the
-#: forward's key boxes (non-causal windows are symmetric).
+#: 64-row chunks) and an inner 8 x 8 tile one of 18 x 18. 3D, kept small (1170 queries of 125 keys each, so
+#: that CI's quick self-test stays quick): 9 x 10 x 13 leaves partial tiles on every axis for tiles of 2, 4 or
+#: 8 queries per axis, and a 5 x 5 x 5 window gives even a 2 x 2 x 2 tile a box of 6 x 6 x 6 = 216 (three
+#: 64-row chunks). The dK/dV kernels' query boxes are as large as the forward's key boxes (non-causal windows
+#: are symmetric).
 AXES = {
     1: (Axis(329, 177),),
     2: (Axis(23, 11), Axis(21, 11)),
+    3: (Axis(9, 5), Axis(10, 5), Axis(13, 5)),
 }
-#: rank -> the largest query tile of the split kernels along each axis (runtime/families/tiled.py TILES)
-SPLIT_TILE = {1: 64, 2: 8}
+#: rank -> the largest query tile of the split kernels along any axis (runtime/families/tiled.py TILES)
+SPLIT_TILE = {1: 64, 2: 8, 3: 4}
 BATCH, HEADS = 1, 2
 SEED = 20260
 

@@ -4,7 +4,7 @@ First the inline-PTX primitives the kernels are built from (conversions,
 ``mma.sync`` and ``ldmatrix``, ``cp.async``, shuffles, ``ex2``, wgmma on
 sm_90; :mod:`na_rtc.verify.primitives`), then canaries
 (:mod:`na_rtc.verify.canary`): ``--quick`` one per kernel family, dtype and
-rank at the smallest head-dim bucket; ``--full`` every instantiation the
+rank (1D, 2D and 3D) at the smallest head-dim bucket; ``--full`` every instantiation the
 dispatcher can pick on this GPU (every head-dim bucket, every setting that
 picks another instantiation), forward and every gradient. Each canary records
 its verdicts as a first use would (``<cache dir>/verdicts``), so a kernel that
@@ -34,7 +34,9 @@ ALTERNATIVE_SETTINGS = ({"NA_RTC_TC_WARP_ROWS": "16"}, {"NA_RTC_WGMMA_WARPGROUPS
 HEAD_DIMS = {"quick": (32,), "full": (32, 64, 128, 256)}
 #: (mode, rank) -> window sizes of the split kernels' canaries: they pick tiled or straightforward kernels by
 #: the window, so --full also takes one large enough for the straightforward ones at the larger head dims
-SPLIT_WINDOWS = {("quick", 1): (7,), ("quick", 2): (7,), ("full", 1): (7, 63), ("full", 2): (7, 13)}
+SPLIT_WINDOWS = {("quick", 1): (7,), ("quick", 2): (7,), ("full", 1): (7, 63), ("full", 2): (7, 13),
+                 # 3D canaries have kernel**3 slots per query: --quick keeps them small
+                 ("quick", 3): (3,), ("full", 3): (7, 13)}
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def units(where: Target, mode: str) -> list[Unit]:
             seen.add(names)
             found.append(Unit(problem, candidate, family, settings))
 
-    for ndim in (1, 2):
+    for ndim in (1, 2, 3):
         for dtype in _dtypes(where.kind):
             for head_dim in HEAD_DIMS[mode]:
                 problem = Problem(FUSED, canary.AXES[ndim], canary.BATCH, canary.HEADS, head_dim, dtype, where.kind,
