@@ -106,7 +106,7 @@ CASES = {
 }
 
 
-# 3D runs on the reference backend until the kernels serve it
+# 3D: the same checks with three-axis windows
 CASES_3D = {
     "na3d-rpb": (lambda q, k, v, r, backend: na_rtc.na3d(q, k, v, 3, dilation=(1, 1, 2), rpb=r, backend=backend),
                  lambda q, k, v, r: dense_na(q, k, v, 3, dilation=(1, 1, 2), rpb=r),
@@ -149,10 +149,15 @@ def test_gradient_penalty_equals_the_float64_reference(case, backend, dtype):
     _check_penalty(case, backend, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["reference-fp64", "reference-bf16"])
+@pytest.mark.parametrize("backend, dtype", [
+    pytest.param("reference", torch.float64, id="reference-fp64"),
+    pytest.param("reference", torch.bfloat16, id="reference-bf16"),
+    pytest.param("emulator", torch.float32, id="emulator-fp32", marks=NO_EMULATOR),
+    pytest.param("cuda", torch.float32, id="cuda-fp32", marks=GPU),
+])
 @pytest.mark.parametrize("case", CASES_3D.values(), ids=CASES_3D.keys())
-def test_3d_gradient_penalty_equals_the_float64_reference(case, dtype):
-    _check_penalty(case, "reference", dtype)
+def test_3d_gradient_penalty_equals_the_float64_reference(case, backend, dtype):
+    _check_penalty(case, backend, dtype)
 
 
 def _check_penalty(case, backend, dtype):

@@ -4,7 +4,7 @@ A NaN or Inf in a key or value makes the output of every query whose
 neighborhood holds it non-finite, and leaves every other query finite,
 including causal queries whose out-of-window slots lie next to it. Checked on
 the reference and on the kernels (emulator: fused and split kernels; float32
-so the fused kernels serve), forward and backward. The backward follows the
+so the fused kernels serve; 3D on the split kernels), forward and backward. The backward follows the
 dependencies: dq of a query that sees the NaN key, dk of every key such a
 query sees (through its non-finite softmax statistics), and dv of those keys
 for a NaN key (a NaN value leaves the probabilities, hence dv, finite).
@@ -26,7 +26,12 @@ CONFIGS = {
     "1d-causal-dilated": dict(spatial=(13,), kernel_size=(3,), dilation=(2,), is_causal=(True,)),
     "1d-centered": dict(spatial=(12,), kernel_size=(5,), dilation=(1,), is_causal=(False,)),
     "2d-causal-rows": dict(spatial=(6, 7), kernel_size=(3, 3), dilation=(1, 2), is_causal=(True, False)),
+    "3d-causal-time": dict(spatial=(5, 6, 5), kernel_size=(3, 3, 2), dilation=(1, 2, 1),
+                           is_causal=(True, False, False)),
 }
+#: rank -> (fused op, its backward, qk, av)
+FUNCTIONS = {n: tuple(getattr(na_rtc, f"na{n}d{suffix}") for suffix in ("", "_backward", "_qk", "_av"))
+             for n in (1, 2, 3)}
 
 
 def _seen_by(config, token):
@@ -81,8 +86,8 @@ def test_fused_and_split_poison_exactly_the_queries_that_see_it(name, bad, poiso
     ndim = len(config["spatial"])
     (q, k, v), token = _poisoned_inputs(config, bad, poisoned)
     window = _window(config)
-    fused = (na_rtc.na1d if ndim == 1 else na_rtc.na2d)(q, k, v, **window, backend=backend)
-    qk, av = (na_rtc.na1d_qk, na_rtc.na1d_av) if ndim == 1 else (na_rtc.na2d_qk, na_rtc.na2d_av)
+    fused_op, _, qk, av = FUNCTIONS[ndim]
+    fused = fused_op(q, k, v, **window, backend=backend)
     logits = qk(q * 0.5, k, **window, backend=backend)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     split = av(weights / weights.sum(-1, keepdims=True), v, **window, backend=backend)
@@ -103,7 +108,7 @@ def test_fused_backward_poisons_exactly_what_depends_on_the_nan(name, poisoned, 
     ndim = len(config["spatial"])
     (q, k, v), token = _poisoned_inputs(config, np.nan, poisoned)
     grad_out = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
-    backward = na_rtc.na1d_backward if ndim == 1 else na_rtc.na2d_backward
+    backward = FUNCTIONS[ndim][1]
     dq, dk, dv, _ = backward(grad_out, q, k, v, **_window(config), backend=backend)
     queries = _seen_by(config, token)
     keys = _seen_by_any(config, queries)

@@ -73,7 +73,11 @@ CASES = {
     "fused-2d-fp32-rpb": (2, "float32", 8, 3),
     "split-1d-fp16": (1, "float16", 16, 5),  # tiled qk / av and their backward
     "split-2d-fp64": (2, "float64", 4, 3),  # straightforward kernels (no tiles for float64)
+    "fused-3d-fp32-rpb": (3, "float32", 8, 3),  # 3D: the split kernels composed
+    "split-3d-fp64": (3, "float64", 4, 3),  # 3D straightforward kernels
 }
+#: rank -> the spatial axes of a case
+SPATIAL = {1: (9,), 2: (6, 5), 3: (4, 3, 5)}
 
 
 def run_case(name: str, backend: str) -> None:
@@ -82,7 +86,7 @@ def run_case(name: str, backend: str) -> None:
     from helpers import assert_close
 
     ndim, dtype, head_dim, kernel = CASES[name]
-    spatial = (9,) if ndim == 1 else (6, 5)
+    spatial = SPATIAL[ndim]
     shape = (2, *spatial, 2, head_dim)
     slots = kernel**ndim
     keep, (q, k, v, g) = sparse_inputs(4, shape, dtype)

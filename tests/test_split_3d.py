@@ -1,0 +1,219 @@
+"""3D neighborhood attention on the split kernels (straightforward and tiled), against the float64 reference.
+
+The emulator runs them on the CPU (always), the GPU under the ``gpu`` marker.
+``na3d_qk``, ``na3d_av`` and their gradients have no other kernels; ``na3d``
+and its backward run them composed (qk, softmax, av) wherever no fused kernel
+serves 3D. Swept per axis: odd and even kernels, dilation, causal flags; and
+the bias, heads-first views (strided, no copies), every dtype and head dims
+inside and past the tiled kernels' buckets. ``NA_RTC_SWEEP=small`` (CI) runs
+a sweep that shows every value of every swept dimension at least once
+(checked by a test below); ``large`` runs many more random configurations.
+Tolerances are the project's table (``helpers.assert_close``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from helpers import SweepConfig, assert_close, make_inputs, noncontiguous, to_numpy64
+
+import na_rtc
+from na_rtc import config
+from na_rtc._args import fused_problem
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.policy import Policy
+
+
+def _usable(name: str) -> bool:
+    return na_rtc.backends.get(name).probe()[0]
+
+
+BACKENDS = [
+    pytest.param("emulator", marks=pytest.mark.skipif(not _usable("emulator"), reason="emulator needs a C++ compiler")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _usable("cuda"), reason="no usable GPU")]),
+]
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: past the tiled kernels' buckets (3, 8: small; 160: past 128) and at them
+HEAD_DIMS = (3, 8, 32, 64, 128, 160)
+SMALL = config.sweep_size() == "small"
+
+
+def _config(seed: int) -> SweepConfig:
+    """Configuration ``seed``: dtype, head dim and layout cycle through their values (so a small sweep shows
+    each), the window is drawn."""
+    rng = np.random.default_rng(3000 + seed)
+    kernel = tuple(int(rng.integers(2, 5)) for _ in range(3))
+    dilation = tuple(int(rng.integers(1, 3)) for _ in range(3))
+    spatial = tuple(k * d + int(rng.integers(0, 3)) for k, d in zip(kernel, dilation))
+    causal = tuple(bool(rng.random() < 0.3) for _ in range(3))
+    rpb = all(k % 2 for k in kernel) and not any(causal) and bool(rng.random() < 0.7)
+    return SweepConfig(spatial, kernel, dilation, causal, 1 + seed % 2, 1 + (seed // 2) % 2,
+                       HEAD_DIMS[seed % len(HEAD_DIMS)], rpb, seed % 4 in (1, 2), DTYPES[seed % len(DTYPES)])
+
+
+def _corner(spatial, kernel, dilation, causal, rpb, dtype, head_dim=8, heads_first=False):
+    return SweepConfig(spatial, kernel, dilation, causal, 1, 2, head_dim, rpb, heads_first, dtype)
+
+
+CONFIGS = [_config(seed) for seed in range(12 if SMALL else 80)]
+# what a random draw may miss: causal in time only, odd windows with a bias (k=3, 5 and the video window
+# (3, 7, 7)), even windows, dilation on one axis, sizes that are no tile multiple
+CONFIGS += [
+    _corner((5, 6, 7), (3, 3, 3), (1, 1, 1), (True, False, False), False, "float32", heads_first=True),
+    _corner((5, 9, 7), (3, 3, 3), (1, 2, 1), (False, False, False), True, "float32", head_dim=32),
+    _corner((6, 7, 5), (5, 5, 5), (1, 1, 1), (False, False, False), True, "float16", head_dim=64),
+    _corner((4, 8, 9), (3, 7, 7), (1, 1, 1), (False, False, False), True, "bfloat16", head_dim=32, heads_first=True),
+    _corner((5, 6, 8), (2, 4, 2), (2, 1, 3), (False, True, False), False, "float64"),
+    _corner((7, 5, 6), (4, 2, 3), (1, 2, 1), (True, True, True), False, "float16", head_dim=128),
+]
+
+
+def _rpb(cfg: SweepConfig, like):
+    if not cfg.rpb:
+        return None, None
+    shape = (cfg.heads, *(2 * k - 1 for k in cfg.kernel_size))
+    bias_dtype = np.float64 if cfg.dtype == "float64" else np.float32  # float32 under mixed precision
+    (bias,), (bias64,) = make_inputs(np.random.default_rng(99), shape, bias_dtype)
+    return (torch.from_numpy(bias) if isinstance(like, torch.Tensor) else bias), bias64
+
+
+def _inputs(cfg: SweepConfig, count: int, shape, seed: int = 0):
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else np.dtype(cfg.dtype)
+    arrays, arrays64 = make_inputs(np.random.default_rng(seed), shape, dtype, count)
+    if cfg.heads_first:
+        arrays = [noncontiguous(a) for a in arrays]
+    return arrays, arrays64
+
+
+def _place(x, backend: str):
+    """CPU arrays as they are; torch CUDA tensors for the GPU."""
+    if backend != "cuda" or x is None:
+        return x
+    return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).cuda()
+
+
+def _assert_grads(got, want, dtype, names):
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None, name
+        else:
+            assert_close(a, b, dtype, "grad", name)
+
+
+def test_the_small_sweep_shows_every_value_of_every_swept_dimension():
+    def seen(attribute):
+        return {getattr(cfg, attribute) for cfg in CONFIGS}
+
+    assert seen("dtype") == set(DTYPES) and seen("head_dim") >= set(HEAD_DIMS)
+    assert seen("rpb") == seen("heads_first") == {True, False}
+    for axis in range(3):
+        assert {cfg.kernel_size[axis] % 2 for cfg in CONFIGS} == {0, 1}
+        assert {cfg.dilation[axis] > 1 for cfg in CONFIGS} == {True, False}
+        assert {cfg.causal[axis] for cfg in CONFIGS} == {True, False}
+    assert (True, False, False) in seen("causal")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_ops_and_gradients(backend, cfg):
+    slots = int(np.prod(cfg.kernel_size))
+    (q, k, v, g), (_, k64, v64, g64) = _inputs(cfg, 4, cfg.shape)
+    (weights, grad_attn), (weights64, grad_attn64) = _inputs(cfg, 2, (*cfg.shape[:-1], slots), seed=1)
+    rpb, rpb64 = _rpb(cfg, q)
+    q = q * cfg.head_dim**-0.5  # split-op tests pre-scale the query, rounded to the dtype
+    q64 = to_numpy64(q)
+    q, k, v, g, weights, grad_attn, rpb = (_place(x, backend) for x in (q, k, v, g, weights, grad_attn, rpb))
+    window = cfg.window
+
+    attn = na_rtc.na3d_qk(q, k, **window, rpb=rpb, backend=backend)
+    assert_close(attn, na_rtc.na3d_qk(q64, k64, **window, rpb=rpb64, backend="reference"), cfg.dtype, "forward",
+                 "attn")
+    out = na_rtc.na3d_av(weights, v, **window, backend=backend)
+    assert_close(out, na_rtc.na3d_av(weights64, v64, **window, backend="reference"), cfg.dtype, "forward", "av")
+    got = na_rtc.na3d_qk_backward(grad_attn, q, k, **window, rpb=rpb, backend=backend)
+    want = na_rtc.na3d_qk_backward(grad_attn64, q64, k64, **window, rpb=rpb64, backend="reference")
+    _assert_grads(got, want, cfg.dtype, ("dq", "dk", "drpb"))
+    got = na_rtc.na3d_av_backward(g, weights, v, **window, backend=backend)
+    want = na_rtc.na3d_av_backward(g64, weights64, v64, **window, backend="reference")
+    _assert_grads(got, want, cfg.dtype, ("dattn", "dv"))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_na3d_composed_forward_lse_and_gradients(backend, cfg):
+    (q, k, v, g), (q64, k64, v64, g64) = _inputs(cfg, 4, cfg.shape)
+    rpb, rpb64 = _rpb(cfg, q)
+    q, k, v, g, rpb = (_place(x, backend) for x in (q, k, v, g, rpb))
+    out, lse = na_rtc.na3d(q, k, v, **cfg.window, rpb=rpb, return_lse=True, backend=backend)
+    ref_out, ref_lse = na_rtc.na3d(q64, k64, v64, **cfg.window, rpb=rpb64, return_lse=True, backend="reference")
+    assert_close(out, ref_out, cfg.dtype, "forward", "out")
+    assert_close(lse, ref_lse, cfg.dtype, "forward", "lse")
+    got = na_rtc.na3d_backward(g, q, k, v, **cfg.window, rpb=rpb, backend=backend)
+    want = na_rtc.na3d_backward(g64, q64, k64, v64, **cfg.window, rpb=rpb64, backend="reference")
+    _assert_grads(got, want, cfg.dtype, ("dq", "dk", "dv", "drpb"))
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.dtype in ("float32", "float64")][:2], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_autograd_through_the_kernels(backend, cfg):
+    (q, k, v), _ = _inputs(cfg, 3, cfg.shape)
+    inputs = [_place(torch.as_tensor(np.asarray(x)), backend).requires_grad_() for x in (q, k, v)]
+    rpb, _ = _rpb(cfg, inputs[0])
+    if rpb is not None:
+        inputs.append(_place(rpb, backend).requires_grad_())
+    with na_rtc.use_backend(backend):
+        out = na_rtc.na3d(*inputs[:3], **cfg.window, rpb=inputs[3] if rpb is not None else None)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    ref_inputs = [x.detach().cpu().double().requires_grad_() for x in inputs]
+    ref_out = na_rtc.na3d(*ref_inputs[:3], **cfg.window, rpb=ref_inputs[3] if rpb is not None else None,
+                          backend="reference")
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), ref_inputs)
+    assert_close(out, ref_out, cfg.dtype, "forward", "out")
+    for name, got, want in zip(("dq", "dk", "dv", "drpb"), grads, ref_grads):
+        assert_close(got, want, cfg.dtype, "grad", name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_are_bitwise_deterministic(backend):
+    cfg = CONFIGS[-4]  # a bias, fp16: the bias gradient's reduction runs too
+    (q, k, v, g), _ = _inputs(cfg, 4, cfg.shape)
+    rpb, _ = _rpb(cfg, q)
+    q, k, v, g, rpb = (_place(x, backend) for x in (q, k, v, g, rpb))
+    first, second = (na_rtc.na3d_backward(g, q, k, v, **cfg.window, rpb=rpb, backend=backend) for _ in range(2))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(to_numpy64(a), to_numpy64(b))
+
+
+def test_a_3d_stride_without_a_covering_fused_kernel_is_a_clear_error():
+    q = np.zeros((1, 6, 6, 6, 1, 4), np.float64)  # the composed split kernels have no stride
+    with pytest.raises(ValueError, match="stride .* needs the fused forward kernels, which do not cover"):
+        na_rtc.na3d(q, q, q, 3, stride=(1, 2, 1), backend="emulator")
+
+
+# ---------------------------------------------------------------- which kernels serve
+
+
+def _choose(role, dtype, head_dim, kernel, spatial=(9, 10, 11)):
+    q = np.zeros((1, *spatial, 2, head_dim), np.float32)
+    problem = fused_problem(3, q, q, q, kernel, 1, 1, False, None, None)
+    problem = dataclasses.replace(problem, dtype=dtype)
+    args = (dtype, dtype) if role == "inverse" else (dtype,)
+    return Dispatcher(None, Policy.of()).choose(role, problem, *args)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_every_3d_role_has_straightforward_kernels_for_any_head_dim_and_window(dtype):
+    for role in ("qk", "av", "inverse", "bias_grad"):
+        choice = _choose(role, dtype, 200, 9)  # past every tiled bucket
+        assert choice.path == "straightforward" and choice.kernels[0].endswith(", 3>"), choice
+
+
+def test_explain_shows_the_3d_kernels_of_each_launch():
+    q = np.zeros((1, 6, 7, 8, 2, 8), np.float64)
+    text = str(na_rtc.explain("na3d", q, q, q, kernel_size=3, backward=True, backend="emulator"))
+    assert "qk: straightforward na_qk_fwd<double, double, 3>" in text
+    assert "inverse: straightforward na_inv_fwd<double, double, 3>" in text
