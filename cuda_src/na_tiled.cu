@@ -1,4 +1,4 @@
-// Tiled split-op forward kernels (the NAT paper's "tiled NA"), 1D and 2D.
+// Tiled split-op forward kernels (the NAT paper's "tiled NA"), 1D, 2D and 3D.
 //
 // Same runtime arguments, layouts and results as na_qk_fwd / na_av_fwd in
 // na_naive.cu (so launch plans are packed the same way): one block per
@@ -16,10 +16,20 @@
 // in row-major order for av) and elements convert to the accumulator exactly
 // as there, so tiled == naive bit for bit where both run the same compiler.
 //
+// 3D (RANK 3, a TX x TY x TZ query tile): the halo box of a 3D tile is the
+// product of the per-axis halos, (TX + kx - 1)(TY + ky - 1)(TZ + kz - 1) rows,
+// too many for shared memory at k = 7 and large head dims; so the 3D path
+// stages it one x plane at a time ((TY + ky - 1)(TZ + kz - 1) rows, and for
+// av the tile's weights of that plane) and walks the planes in increasing x.
+// Every logit still reads one key row; av adds the slots of each plane in
+// row-major order, plane after plane, so the sums are na_av_fwd's, in its
+// order. Below RANK 3 that path compiles away and the 1D/2D code is unchanged.
+//
 // Template parameters: element types, head-dim bucket HD (runtime D <= HD;
-// it fixes the shared row pitch) and the query tile TX x TY (1D: TY = 1).
-// Shared memory depends on the runtime kernel size; the launcher computes it
-// with the same formulas (na_rtc/runtime/tiled.py, keep in step).
+// it fixes the shared row pitch), the query tile TX x TY (1D: TY = 1), and
+// RANK and TZ (3D only). Shared memory depends on the runtime kernel size;
+// the launcher computes it with the same formulas
+// (na_rtc/runtime/families/tiled.py, keep in step).
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -34,11 +44,12 @@ struct na_tiled_pitch {
 };
 
 // Decode the block into (b, h, tile x, tile y); false: nothing to do here.
+// `n`: the block index (3D: what is left after the z tile)
 template <int TX, int TY>
 __device__ __forceinline__ bool na_tile_of_block(const na_axis& ax, const na_axis& ay, long long H, long long& b,
-                                                 long long& h, na_tile_axis& tx, na_tile_axis& ty) {
+                                                 long long& h, na_tile_axis& tx, na_tile_axis& ty,
+                                                 long long n = blockIdx.x) {
     const long long nty = na_tiles_per_axis(ay, TY), ntx = na_tiles_per_axis(ax, TX);
-    long long n = blockIdx.x;
     const long long iy = n % nty; n /= nty;
     const long long ix = n % ntx; n /= ntx;
     h = n % H;
@@ -63,6 +74,73 @@ __device__ __forceinline__ void na_stage_halo(T* dst, long long P, const T* src,
                  });
 }
 
+// ---------------------------------------------------------------- 3D: x planes of the halo
+
+// Decode the block into (b, h, tile x, tile y, tile z); false: nothing to do here.
+template <int TX, int TY, int TZ>
+__device__ __forceinline__ bool na_tile3_of_block(const na_axis& ax, const na_axis& ay, const na_axis& az, long long H,
+                                                  long long& b, long long& h, na_tile_axis& tx, na_tile_axis& ty,
+                                                  na_tile_axis& tz) {
+    const long long ntz = na_tiles_per_axis(az, TZ);
+    long long n = blockIdx.x;
+    const long long iz = n % ntz;
+    n /= ntz;
+    return na_tile_of_block<TX, TY>(ax, ay, H, b, h, tx, ty, n) && na_tile_axis_of(az, iz, TZ, tz);
+}
+
+// The windows [lo, hi) of a 3D tile's query rows per axis, in shared memory:
+// lo[0..TX) x, lo[TX..TX+TY) y, then z (rows past a tile's end get [0, 0)).
+// The caller's barrier publishes them.
+template <int TX, int TY, int TZ>
+__device__ __forceinline__ void na_tile3_windows(const na_axis& ax, const na_axis& ay, const na_axis& az,
+                                                 const na_tile_axis& tx, const na_tile_axis& ty,
+                                                 const na_tile_axis& tz, long long* lo, long long* hi) {
+    const int i = threadIdx.x;
+    if (i >= TX + TY + TZ) return;
+    const int axis = i < TX ? 0 : i < TX + TY ? 1 : 2;
+    const na_axis& a = axis == 0 ? ax : axis == 1 ? ay : az;
+    const na_tile_axis& t = axis == 0 ? tx : axis == 1 ? ty : tz;
+    const long long r = i - (axis == 0 ? 0 : axis == 1 ? TX : TX + TY);
+    long long s = 0, e = 0;
+    if (r < t.n) na_window(a, (t.q0 + r) * a.dilation + t.g, s, e);
+    lo[i] = s;
+    hi[i] = e;
+}
+
+// Shared memory of the 3D path starts with the window tables (2 (TX + TY + TZ) int64, 16-byte aligned)
+template <int TX, int TY, int TZ>
+__device__ __forceinline__ long long na_tile3_table_bytes() {
+    return (2 * (TX + TY + TZ) * 8 + 15) / 16 * 16;
+}
+
+// stage the halo's x plane at key position px: box row (wy, wz) goes to shared row wy * hzw + wz
+template <class T>
+__device__ __forceinline__ void na_stage_plane(T* dst, long long P, const T* src, long long s_b, long long s_x,
+                                               long long s_y, long long s_z, long long s_h, long long s_l, long long b,
+                                               long long h, long long D, long long px, long long dy, long long dz,
+                                               const na_tile_axis& ty, const na_tile_axis& tz, long long hzw) {
+    const long long hz = tz.h1 - tz.h0;
+    const long long base = b * s_b + h * s_h + px * s_x;
+    const bool vec = na_rows_vectorizable(src + base, D, s_l, s_y, s_z, 0, 0);
+    na_copy_rows(dst, P, src, (ty.h1 - ty.h0) * hz, D, s_l, vec, [&](long long r) {
+        const long long wy = r / hz, wz = r % hz;
+        return na_row_ref{base + ((ty.h0 + wy) * dy + ty.g) * s_y + ((tz.h0 + wz) * dz + tz.g) * s_z, wy * hzw + wz};
+    });
+}
+
+// the offset of a 3D tile's query row qi (x-major: qi = (qx * TY + qy) * TZ + qz) in a [b, x, y, z, h, ...]
+// tensor; rows past the tile's end read its first query (never used)
+template <int TY, int TZ>
+__device__ __forceinline__ long long na_tile3_row(long long qi, const na_tile_axis& tx, const na_tile_axis& ty,
+                                                  const na_tile_axis& tz, long long dx, long long dy, long long dz,
+                                                  long long s_b, long long s_x, long long s_y, long long s_z,
+                                                  long long s_h, long long b, long long h) {
+    long long qx = qi / (TY * TZ), qy = qi / TZ % TY, qz = qi % TZ;
+    if (qx >= tx.n || qy >= ty.n || qz >= tz.n) qx = qy = qz = 0;
+    return b * s_b + h * s_h + ((tx.q0 + qx) * dx + tx.g) * s_x + ((ty.q0 + qy) * dy + ty.g) * s_y +
+           ((tz.q0 + qz) * dz + tz.g) * s_z;
+}
+
 // Blocks an SM must hold, for ptxas's register budget: by default it keeps na_tiled_qk at 64 registers (four
 // blocks an SM), which on sm_120 spills 8 bytes; there one block as the minimum lets it take the 72 it needs.
 // Elsewhere the default fits, and a minimum of one would cost a block an SM (68 to 72 registers).
@@ -74,17 +152,73 @@ __device__ __forceinline__ void na_stage_halo(T* dst, long long P, const T* src,
 
 // logits: attn[b,i,h,t] = scale * q[b,i,h] . k[b,key(i,t),h] + rpb[h, rel(i,t)],
 // `fill` outside (causal) windows: na_qk_fwd, from shared memory
-template <class T, class TA, int HD, int TX, int TY>
-__global__ void __launch_bounds__(256, NA_TILED_QK_MIN_BLOCKS) na_tiled_qk(
+template <class T, class TA, int HD, int TX, int TY, int RANK = 2, int TZ = 1>
+__global__ void __launch_bounds__(256, RANK == 3 ? 2 : NA_TILED_QK_MIN_BLOCKS) na_tiled_qk(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
     const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb),
     TA* __restrict__ attn, NA_TENSOR(a), double scale, double fill, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     constexpr int P = na_tiled_pitch<T, HD>::value;
-    const na_axis ax = {X, kx, sx, dx, cx};
-    const na_axis ay = {Y, ky, sy, dy, cy};
+    NA_PROBLEM_AXES(RANK)
     long long b, h;
     na_tile_axis tx, ty;
+    if (RANK == 3) {  // the halo one x plane at a time (see the top of this file)
+        na_tile_axis tz;
+        if (!na_tile3_of_block<TX, TY, TZ>(ax, ay, az, H, b, h, tx, ty, tz)) return;  // uniform over the block
+        constexpr int Q = TX * TY * TZ;
+        const long long hzw = TZ + az.kernel - 1, kyz = ky * az.kernel, slots = kx * kyz;
+        unsigned char* smem = na_dynamic_shared();
+        long long* lo = reinterpret_cast<long long*>(smem);
+        long long* hi = lo + TX + TY + TZ;
+        T* sq = reinterpret_cast<T*>(smem + na_tile3_table_bytes<TX, TY, TZ>());
+        T* sk = sq + Q * P;
+        na_tile3_windows<TX, TY, TZ>(ax, ay, az, tx, ty, tz, lo, hi);
+        const bool vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h) && q_z % (16 / (long long)sizeof(T)) == 0;
+        na_copy_rows(sq, P, q, Q, D, q_l, vec, [&](long long r) {
+            return na_row_ref{na_tile3_row<TY, TZ>(r, tx, ty, tz, dx, dy, az.dilation, q_b, q_x, q_y, q_z, q_h, b, h), r};
+        });
+        if (tx.h1 - tx.h0 > TX + kx - 1 || ty.h1 - ty.h0 > TY + ky - 1 || tz.h1 - tz.h0 > hzw) __trap();  // stride > 1
+        __syncthreads();
+        if (cx || cy || az.causal) {  // a causal window holds fewer slots: those past it get `fill`, once
+            for (long long p = threadIdx.x; p < Q * slots; p += blockDim.x) {
+                const long long t = p % slots, qi = p / slots;
+                const long long qx = qi / (TY * TZ), qy = qi / TZ % TY, qz = qi % TZ;
+                if (qx >= tx.n || qy >= ty.n || qz >= tz.n) continue;
+                const long long wtx = t / kyz, wty = t / az.kernel % ky, wtz = t % az.kernel;
+                if (lo[qx] + wtx < hi[qx] && lo[TX + qy] + wty < hi[TX + qy] && lo[TX + TY + qz] + wtz < hi[TX + TY + qz])
+                    continue;
+                const long long x = (tx.q0 + qx) * dx + tx.g, y = (ty.q0 + qy) * dy + ty.g;
+                na_store<TA, A>(attn, NA_AT6(a, b, x, y, (tz.q0 + qz) * az.dilation + tz.g, h, t), (A)fill);
+            }
+        }
+        for (long long px = tx.h0; px < tx.h1; ++px) {
+            __syncthreads();  // the previous plane is consumed
+            na_stage_plane(sk, P, k, k_b, k_x, k_y, k_z, k_h, k_l, b, h, D, px * dx + tx.g, dy, az.dilation, ty, tz,
+                           hzw);
+            __syncthreads();
+            for (long long p = threadIdx.x; p < Q * kyz; p += blockDim.x) {
+                const long long tyz = p % kyz, qi = p / kyz;
+                const long long qx = qi / (TY * TZ), qy = qi / TZ % TY, qz = qi % TZ;
+                if (qx >= tx.n || qy >= ty.n || qz >= tz.n || px < lo[qx] || px >= hi[qx]) continue;
+                const long long wty = tyz / az.kernel, wtz = tyz % az.kernel;
+                const long long y0 = lo[TX + qy], z0 = lo[TX + TY + qz];
+                if (y0 + wty >= hi[TX + qy] || z0 + wtz >= hi[TX + TY + qz]) continue;
+                const T* qrow = sq + qi * P;
+                const T* krow = sk + ((y0 + wty - ty.h0) * hzw + (z0 + wtz - tz.h0)) * P;
+                A dot = 0;
+                for (long long d = 0; d < D; ++d) dot += na_load(qrow, d) * na_load(krow, d);
+                A logit = dot * (A)scale;
+                const long long gx = tx.q0 + qx, gy = ty.q0 + qy, gz = tz.q0 + qz;
+                if (rpb)
+                    logit += rpb[h * rpb_h + (px - gx + kx - 1) * rpb_x + (y0 + wty - gy + ky - 1) * rpb_y +
+                                 (z0 + wtz - gz + az.kernel - 1) * rpb_z];
+                const long long t = (px - lo[qx]) * kyz + tyz;
+                na_store<TA, A>(attn, NA_AT6(a, b, gx * dx + tx.g, gy * dy + ty.g, gz * az.dilation + tz.g, h, t),
+                                logit);
+            }
+        }
+        return;
+    }
     if (!na_tile_of_block<TX, TY>(ax, ay, H, b, h, tx, ty)) return;  // uniform over the block
     const long long hyw = TY + ky - 1;  // halo row width the launcher sized shared memory for
     T* sq = reinterpret_cast<T*>(na_dynamic_shared());
@@ -129,16 +263,71 @@ __global__ void __launch_bounds__(256, NA_TILED_QK_MIN_BLOCKS) na_tiled_qk(
 
 // weighted sum over the window: out[b,i,h,d] = scale * sum_t attn[b,i,h,t] * v[b,key(i,t),h,d]
 // (slots outside the window are skipped): na_av_fwd, from shared memory
-template <class TA, class T, int HD, int TX, int TY>
+template <class TA, class T, int HD, int TX, int TY, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(256) na_tiled_av(
     const TA* __restrict__ attn, NA_TENSOR(a), const T* __restrict__ v, NA_TENSOR(v), T* __restrict__ out,
     NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     constexpr int P = na_tiled_pitch<T, HD>::value;
-    const na_axis ax = {X, kx, sx, dx, cx};
-    const na_axis ay = {Y, ky, sy, dy, cy};
+    NA_PROBLEM_AXES(RANK)
     long long b, h;
     na_tile_axis tx, ty;
+    if (RANK == 3) {  // the halo one x plane at a time, each with the tile's weights of that plane
+        na_tile_axis tz;
+        if (!na_tile3_of_block<TX, TY, TZ>(ax, ay, az, H, b, h, tx, ty, tz)) return;  // uniform over the block
+        constexpr int Q = TX * TY * TZ;
+        constexpr int ITEMS = (Q * HD + 255) / 256;  // (query, d) outputs per thread, summed in registers
+        const long long hzw = TZ + az.kernel - 1, kyz = ky * az.kernel;
+        unsigned char* smem = na_dynamic_shared();
+        long long* lo = reinterpret_cast<long long*>(smem);
+        long long* hi = lo + TX + TY + TZ;
+        TA* sw = reinterpret_cast<TA*>(smem + na_tile3_table_bytes<TX, TY, TZ>());  // [query, (ty, tz)]
+        T* sv = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(sw) + (Q * kyz * (long long)sizeof(TA) + 15) / 16 * 16);
+        na_tile3_windows<TX, TY, TZ>(ax, ay, az, tx, ty, tz, lo, hi);
+        if (tx.h1 - tx.h0 > TX + kx - 1 || ty.h1 - ty.h0 > TY + ky - 1 || tz.h1 - tz.h0 > hzw) __trap();  // stride > 1
+        A acc[ITEMS];
+#pragma unroll
+        for (int m = 0; m < ITEMS; ++m) acc[m] = 0;
+        for (long long px = tx.h0; px < tx.h1; ++px) {
+            __syncthreads();  // the previous plane is consumed (and the window tables are written)
+            na_stage_plane(sv, P, v, v_b, v_x, v_y, v_z, v_h, v_l, b, h, D, px * dx + tx.g, dy, az.dilation, ty, tz,
+                           hzw);
+            for (long long e = threadIdx.x; e < Q * kyz; e += blockDim.x) {  // weights of slots (px - x0, ty, tz)
+                const long long qi = e / kyz, qx = qi / (TY * TZ);
+                if (qx >= tx.n || px < lo[qx] || px >= hi[qx]) continue;  // never read
+                const long long at = na_tile3_row<TY, TZ>(qi, tx, ty, tz, dx, dy, az.dilation, a_b, a_x, a_y, a_z,
+                                                          a_h, b, h);
+                sw[e] = attn[at + ((px - lo[qx]) * kyz + e % kyz) * a_l];
+            }
+            __syncthreads();
+#pragma unroll
+            for (int m = 0; m < ITEMS; ++m) {
+                const long long p = threadIdx.x + m * 256;
+                const long long d = p % D, qi = p / D;
+                const long long qx = qi / (TY * TZ), qy = qi / TZ % TY, qz = qi % TZ;
+                if (qi >= Q || qx >= tx.n || qy >= ty.n || qz >= tz.n || px < lo[qx] || px >= hi[qx]) continue;
+                const long long y0 = lo[TX + qy], y1 = hi[TX + qy], z0 = lo[TX + TY + qz], z1 = hi[TX + TY + qz];
+                const TA* wrow = sw + qi * kyz;
+                A sum = acc[m];
+                for (long long wy = y0; wy < y1; ++wy) {
+                    const T* vrow = sv + ((wy - ty.h0) * hzw + (z0 - tz.h0)) * P + d;
+                    for (long long wz = z0; wz < z1; ++wz)
+                        sum += (A)na_load(wrow, (wy - y0) * az.kernel + (wz - z0)) * na_load(vrow, (wz - z0) * P);
+                }
+                acc[m] = sum;
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < ITEMS; ++m) {
+            const long long p = threadIdx.x + m * 256;
+            const long long d = p % D, qi = p / D;
+            const long long qx = qi / (TY * TZ), qy = qi / TZ % TY, qz = qi % TZ;
+            if (qi >= Q || qx >= tx.n || qy >= ty.n || qz >= tz.n) continue;
+            const long long x = (tx.q0 + qx) * dx + tx.g, y = (ty.q0 + qy) * dy + ty.g;
+            na_store<T, A>(out, NA_AT6(o, b, x, y, (tz.q0 + qz) * az.dilation + tz.g, h, d), acc[m] * (A)scale);
+        }
+        return;
+    }
     if (!na_tile_of_block<TX, TY>(ax, ay, H, b, h, tx, ty)) return;  // uniform over the block
     const long long hyw = TY + ky - 1;
     const long long slots = kx * ky;

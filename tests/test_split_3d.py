@@ -14,16 +14,19 @@ Tolerances are the project's table (``helpers.assert_close``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
-from helpers import SweepConfig, assert_close, make_inputs, noncontiguous, to_numpy64
+from helpers import (RecordingExecutor, SweepConfig, assert_close, make_inputs, misaligned_copy, noncontiguous,
+                     sweep_bias, sweep_inputs, to_numpy64)
 
 import na_rtc
-from na_rtc import config
-from na_rtc._args import fused_problem
+from na_rtc import _args, config
+from na_rtc.runtime import emulated, registry
 from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import tiled
 from na_rtc.runtime.policy import Policy
 
 
@@ -197,23 +200,119 @@ def test_a_3d_stride_without_a_covering_fused_kernel_is_a_clear_error():
 # ---------------------------------------------------------------- which kernels serve
 
 
-def _choose(role, dtype, head_dim, kernel, spatial=(9, 10, 11)):
-    q = np.zeros((1, *spatial, 2, head_dim), np.float32)
-    problem = fused_problem(3, q, q, q, kernel, 1, 1, False, None, None)
-    problem = dataclasses.replace(problem, dtype=dtype)
-    args = (dtype, dtype) if role == "inverse" else (dtype,)
-    return Dispatcher(None, Policy.of()).choose(role, problem, *args)
+def _problem_of(dtype, head_dim, kernel, spatial=(9, 10, 11)):
+    q = torch.empty((1, *spatial, 2, head_dim), dtype=getattr(torch, dtype))
+    return _args.qk_problem(3, q, q, kernel, 1, False, None)
+
+
+def _choose(role, dtype, head_dim, kernel, weights=None):
+    weights = weights or dtype
+    args = (weights, dtype) if role == "inverse" else (weights,)
+    return Dispatcher(None, Policy.of()).choose(role, _problem_of(dtype, head_dim, kernel), *args)
+
+
+#: the windows that matter in 3D (k = 7, the video window (3, 7, 7)) run tiled at every head-dim bucket
+TILED_CHOICES = [(dtype, hd, kernel, op, weights)
+                 for dtype in ("float32", "float16", "bfloat16") for hd in (32, 64, 128) for kernel in (7, (3, 7, 7))
+                 for op in ("qk", "av") for weights in {dtype, "float32"}]
+
+
+@pytest.mark.parametrize("dtype, head_dim, kernel, op, weights", TILED_CHOICES, ids=str)
+def test_the_3d_windows_that_matter_run_tiled(dtype, head_dim, kernel, op, weights):
+    choice = _choose(op, dtype, head_dim, kernel, weights)
+    bucket = tiled.head_dim_bucket(head_dim)
+    tile = tiled.TILES[3, bucket, dtype]
+    assert choice.path == "tiled" and choice.kernels == (tiled.kernel_name(op, dtype, weights, bucket, tile),)
+    assert tiled.shared_bytes(_problem_of(dtype, head_dim, kernel), op, tile, bucket, weights) <= tiled.SHARED_BUDGET
+
+
+@pytest.mark.parametrize("dtype, head_dim, kernel, why", [
+    ("float32", 128, 9, "the window 9x9x9 needs"),
+    ("float64", 32, 3, "no tile for 3D float64"),
+    ("float16", 160, 3, "no tile for 3D float16 at head_dim 160"),
+], ids=["large-window", "float64", "head-dim-past-the-buckets"])
+def test_what_the_tiled_kernels_do_not_cover_runs_straightforward(dtype, head_dim, kernel, why):
+    for role in ("qk", "av"):
+        choice = _choose(role, dtype, head_dim, kernel)
+        assert choice.path == "straightforward" and choice.kernels[0].endswith(", 3>"), choice
+        assert why in dict(choice.skipped)["tiled"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_every_3d_role_has_straightforward_kernels_for_any_head_dim_and_window(dtype):
-    for role in ("qk", "av", "inverse", "bias_grad"):
-        choice = _choose(role, dtype, 200, 9)  # past every tiled bucket
+    for role in ("qk", "av", "inverse", "bias_grad", "softmax", "softmax_backward"):
+        weights = "float64" if dtype == "float64" else "float32" if role.startswith("softmax") else dtype
+        choice = _choose(role, dtype, 200, 9, weights)  # past every tiled bucket
         assert choice.path == "straightforward" and choice.kernels[0].endswith(", 3>"), choice
 
 
+def test_the_3d_twins_list_every_dtype_and_head_dim_bucket_of_their_families():
+    assert {name.replace(", 3>", ">") for name in registry.get("naive_3d").names} == set(registry.get("naive").names)
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert {hd for (ndim, hd, d) in tiled.TILES if ndim == 3 and d == dtype} == set(tiled.HEAD_DIMS)
+    twin = {name.rsplit(", 3, ", 1)[0] for name in registry.get("tiled_3d").names}
+    assert len(twin) == len(registry.get("tiled_3d").names) == 30  # (qk, av) x weights x bucket x dtype
+
+
 def test_explain_shows_the_3d_kernels_of_each_launch():
+    q = np.zeros((1, 6, 7, 8, 2, 32), np.float32)
+    text = str(na_rtc.explain("na3d", q, q, q, kernel_size=(3, 7, 7), backward=True, backend="emulator"))
+    assert "qk: tiled na_tiled_qk<float, float, 32, 4, 4, 3, 4>" in text
+    assert "av: tiled na_tiled_av<float, float, 32, 4, 4, 3, 4>" in text
+    assert "softmax: straightforward na_softmax_fwd<float, 3>" in text
     q = np.zeros((1, 6, 7, 8, 2, 8), np.float64)
     text = str(na_rtc.explain("na3d", q, q, q, kernel_size=3, backward=True, backend="emulator"))
     assert "qk: straightforward na_qk_fwd<double, double, 3>" in text
     assert "inverse: straightforward na_inv_fwd<double, double, 3>" in text
+
+
+# ---------------------------------------------------------------- tiled == straightforward, bit for bit
+
+
+def _bits(x):
+    return x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)
+
+
+#: tiled configurations: boxes of several x planes, sizes that are no tile multiple, dilation, causal axes, a bias
+BITWISE = [
+    _corner((9, 10, 7), (7, 3, 5), (1, 1, 1), (False, False, False), True, "float32", head_dim=32),
+    _corner((6, 9, 11), (3, 3, 3), (2, 1, 3), (True, False, True), False, "float16", head_dim=64, heads_first=True),
+    _corner((5, 8, 9), (3, 7, 7), (1, 1, 1), (False, False, False), True, "bfloat16", head_dim=100),
+    _corner((7, 5, 6), (4, 2, 3), (1, 2, 1), (True, True, False), False, "float32", head_dim=128),
+]
+
+
+@pytest.mark.skipif(not _usable("emulator"), reason="emulator needs a C++ compiler")
+@pytest.mark.parametrize("cfg", BITWISE, ids=str)
+def test_tiled_3d_equals_straightforward_bit_for_bit(cfg):
+    """Same accumulation order (d in order for qk; slots in row-major order, plane after plane, for av)."""
+    (q, k, v), _ = sweep_inputs(cfg, 3, cfg.shape)
+    bias, _ = sweep_bias(cfg)
+    slots = int(np.prod(cfg.kernel_size))
+    recorder = RecordingExecutor()
+    tiled_kernels, naive_kernels = Dispatcher(recorder), Dispatcher(emulated.run, Policy.of(tiled=False))
+    problem = _args.qk_problem(3, q, k, cfg.kernel_size, cfg.dilation, cfg.causal, bias)
+    for out_dtype, scale, fill, b in ((cfg.dtype, 1.0, -math.inf, bias), ("float32", 0.3, -math.inf, bias),
+                                      ("float32", 1.0, 0.0, None)):
+        got = tiled_kernels.qk(problem, q, k, b, out_dtype, scale, fill)
+        assert recorder.names[-1].startswith("na_tiled_qk<") and recorder.names[-1].endswith(">")
+        assert torch.equal(_bits(got), _bits(naive_kernels.qk(problem, q, k, b, out_dtype, scale, fill)))
+    for weights_dtype in (cfg.dtype, "float32"):
+        (w,), _ = sweep_inputs(dataclasses.replace(cfg, dtype=weights_dtype), 1, (*cfg.shape[:-1], slots), seed=1)
+        got = tiled_kernels.av(problem, w, v)
+        assert recorder.names[-1].startswith("na_tiled_av<")
+        assert torch.equal(_bits(got), _bits(naive_kernels.av(problem, w, v)))
+
+
+@pytest.mark.skipif(not _usable("emulator"), reason="emulator needs a C++ compiler")
+def test_vector_and_element_staging_agree_bit_for_bit():
+    """Aligned rows are staged with 16-byte loads, misaligned ones element by element: same bits."""
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 6, 7, 9, 2, 32).half() for _ in range(3))
+    attn = torch.softmax(na_rtc.na3d_qk(q, k, 3, backend="emulator").float(), -1).half()
+    aligned = (na_rtc.na3d_qk(q, k, 3, backend="emulator"), na_rtc.na3d_av(attn, v, 3, backend="emulator"))
+    q2, k2, v2, attn2 = map(misaligned_copy, (q, k, v, attn))
+    assert all(t.data_ptr() % 16 != 0 for t in (q2, k2, v2, attn2))
+    element = (na_rtc.na3d_qk(q2, k2, 3, backend="emulator"), na_rtc.na3d_av(attn2, v2, 3, backend="emulator"))
+    for a, b in zip(aligned, element):
+        assert torch.equal(_bits(a), _bits(b))

@@ -237,8 +237,11 @@ def test_shared_memory_of_the_choices_is_within_budget():
 
 def test_table_and_family_agree():
     names = set(registry.get("tiled").names)
-    for (ndim, hd, dtype), (tx, ty) in tiled.TILES.items():
+    for (ndim, hd, dtype), tile in tiled.TILES.items():
         assert hd in tiled.HEAD_DIMS and dtype != "float64"
+        if ndim == 3:  # the 3D twin's (tests/test_split_3d.py)
+            continue
+        tx, ty = tile
         assert ty == 1 if ndim == 1 else ty > 1
         assert f"na_tiled_qk<{CTYPES[dtype]}, float, {hd}, {tx}, {ty}>" in names
     assert all(registry.get("tiled").launch_shared_bytes[n] == tiled.SHARED_BUDGET for n in names)
