@@ -26,7 +26,7 @@ import na_rtc
 from na_rtc import _args, config
 from na_rtc.runtime import emulated, registry
 from na_rtc.runtime.dispatch import Dispatcher
-from na_rtc.runtime.families import tiled
+from na_rtc.runtime.families import tiled, tiled_bwd
 from na_rtc.runtime.policy import Policy
 
 
@@ -205,10 +205,10 @@ def _problem_of(dtype, head_dim, kernel, spatial=(9, 10, 11)):
     return _args.qk_problem(3, q, q, kernel, 1, False, None)
 
 
-def _choose(role, dtype, head_dim, kernel, weights=None):
+def _choose(role, dtype, head_dim, kernel, weights=None, spatial=(9, 10, 11)):
     weights = weights or dtype
     args = (weights, dtype) if role == "inverse" else (weights,)
-    return Dispatcher(None, Policy.of()).choose(role, _problem_of(dtype, head_dim, kernel), *args)
+    return Dispatcher(None, Policy.of()).choose(role, _problem_of(dtype, head_dim, kernel, spatial), *args)
 
 
 #: the windows that matter in 3D (k = 7, the video window (3, 7, 7)) run tiled at every head-dim bucket
@@ -226,14 +226,36 @@ def test_the_3d_windows_that_matter_run_tiled(dtype, head_dim, kernel, op, weigh
     assert tiled.shared_bytes(_problem_of(dtype, head_dim, kernel), op, tile, bucket, weights) <= tiled.SHARED_BUDGET
 
 
-@pytest.mark.parametrize("dtype, head_dim, kernel, why", [
-    ("float32", 128, 9, "the window 9x9x9 needs"),
-    ("float64", 32, 3, "no tile for 3D float64"),
-    ("float16", 160, 3, "no tile for 3D float16 at head_dim 160"),
+#: the backward's split kernels at the windows that matter: the inverse at every bucket, the bias gradient's
+#: partial pass with the largest tile that fits (a 7x7x7 window's gradients: the 2x2x2 tile)
+BACKWARD_CHOICES = [(dtype, hd, kernel) for dtype in ("float32", "float16", "bfloat16") for hd in (16, 32, 64, 128)
+                    for kernel in (3, 7, (3, 7, 7))]
+
+
+@pytest.mark.parametrize("dtype, head_dim, kernel", BACKWARD_CHOICES, ids=str)
+def test_the_backward_of_the_3d_windows_that_matter_runs_tiled(dtype, head_dim, kernel):
+    for weights in {dtype, "float32"}:
+        inverse = _choose("inverse", dtype, head_dim, kernel, weights)
+        bucket = tiled_bwd.head_dim_bucket(head_dim)
+        assert inverse.kernels == (tiled_bwd.inv_name(weights, dtype, bucket, tiled_bwd.INV_TILES[3, bucket, dtype]),)
+        bias = _choose("bias_grad", dtype, head_dim, kernel, weights)
+        assert bias.path == "tiled" and bias.kernels[1] == tiled_bwd.RPB_REDUCE
+        assert bias.kernels[0] in {tiled_bwd.rpb_name(weights, tile) for tile in tiled_bwd.RPB_TILES[3]}
+        if kernel == 7 and weights == "float32":  # 64 queries x 343 float32 gradients do not fit: the smaller tile
+            assert bias.kernels[0] == tiled_bwd.rpb_name(weights, (2, 2, 2))
+
+
+@pytest.mark.parametrize("dtype, head_dim, kernel, forward_why, inverse_why", [
+    ("float32", 128, 9, "the window 9x9x9 needs", None),
+    ("float64", 32, 3, "no tile for 3D float64", "dtype float64"),
+    ("float16", 160, 3, "no tile for 3D float16 at head_dim 160", "head_dim 160 > 128"),
 ], ids=["large-window", "float64", "head-dim-past-the-buckets"])
-def test_what_the_tiled_kernels_do_not_cover_runs_straightforward(dtype, head_dim, kernel, why):
-    for role in ("qk", "av"):
+def test_what_the_tiled_kernels_do_not_cover_runs_straightforward(dtype, head_dim, kernel, forward_why, inverse_why):
+    for role, why in (("qk", forward_why), ("av", forward_why), ("inverse", inverse_why)):
         choice = _choose(role, dtype, head_dim, kernel)
+        if why is None:  # the inverse stages a few rows at a time: it serves this window
+            assert choice.path == "tiled"
+            continue
         assert choice.path == "straightforward" and choice.kernels[0].endswith(", 3>"), choice
         assert why in dict(choice.skipped)["tiled"]
 
@@ -242,7 +264,8 @@ def test_what_the_tiled_kernels_do_not_cover_runs_straightforward(dtype, head_di
 def test_every_3d_role_has_straightforward_kernels_for_any_head_dim_and_window(dtype):
     for role in ("qk", "av", "inverse", "bias_grad", "softmax", "softmax_backward"):
         weights = "float64" if dtype == "float64" else "float32" if role.startswith("softmax") else dtype
-        choice = _choose(role, dtype, 200, 9, weights)  # past every tiled bucket
+        choice = _choose(role, dtype, 200, 15, weights, (15, 16, 17))  # past every bucket; a window too large for
+        # the bias gradient's partial sums
         assert choice.path == "straightforward" and choice.kernels[0].endswith(", 3>"), choice
 
 
@@ -252,6 +275,10 @@ def test_the_3d_twins_list_every_dtype_and_head_dim_bucket_of_their_families():
         assert {hd for (ndim, hd, d) in tiled.TILES if ndim == 3 and d == dtype} == set(tiled.HEAD_DIMS)
     twin = {name.rsplit(", 3, ", 1)[0] for name in registry.get("tiled_3d").names}
     assert len(twin) == len(registry.get("tiled_3d").names) == 30  # (qk, av) x weights x bucket x dtype
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert {hd for (ndim, hd, d) in tiled_bwd.INV_TILES if ndim == 3 and d == dtype} == \
+            set(tiled_bwd.HEAD_DIM_BUCKETS)
+    assert all(", 3, " in name for name in registry.get("tiled_bwd_3d").names)
 
 
 def test_explain_shows_the_3d_kernels_of_each_launch():
@@ -285,7 +312,8 @@ BITWISE = [
 @pytest.mark.skipif(not _usable("emulator"), reason="emulator needs a C++ compiler")
 @pytest.mark.parametrize("cfg", BITWISE, ids=str)
 def test_tiled_3d_equals_straightforward_bit_for_bit(cfg):
-    """Same accumulation order (d in order for qk; slots in row-major order, plane after plane, for av)."""
+    """Same accumulation order (d in order for qk; slots in row-major order, plane after plane, for av; queries
+    in x, y, z order for the inverse)."""
     (q, k, v), _ = sweep_inputs(cfg, 3, cfg.shape)
     bias, _ = sweep_bias(cfg)
     slots = int(np.prod(cfg.kernel_size))
@@ -302,6 +330,10 @@ def test_tiled_3d_equals_straightforward_bit_for_bit(cfg):
         got = tiled_kernels.av(problem, w, v)
         assert recorder.names[-1].startswith("na_tiled_av<")
         assert torch.equal(_bits(got), _bits(naive_kernels.av(problem, w, v)))
+        # the inverse neighborhood (dK, dV): keys sum their queries in the same order
+        got = tiled_kernels.inverse(problem, w, q, 0.5)
+        assert recorder.names[-1].startswith("na_tiled_inv<")
+        assert torch.equal(_bits(got), _bits(naive_kernels.inverse(problem, w, q, 0.5)))
 
 
 @pytest.mark.skipif(not _usable("emulator"), reason="emulator needs a C++ compiler")

@@ -239,8 +239,8 @@ def test_choice_follows_the_table_and_falls_back():
 def test_family_lists_every_choice_with_its_launch():
     family = registry.get("tiled_bwd")
     assert family.source == tiled_bwd.SOURCE
-    for (_, hd, dtype), tile in tiled_bwd.INV_TILES.items():
-        assert tiled_bwd.inv_name(dtype, dtype, hd, tile) in family.names
+    for (ndim, hd, dtype), tile in tiled_bwd.INV_TILES.items():  # 3D: in the twin, tiled_bwd_3d
+        assert tiled_bwd.inv_name(dtype, dtype, hd, tile) in registry.for_rank("tiled_bwd", ndim).names
     assert all(family.launch_shared_bytes[n] <= tiled_bwd.SHARED_BUDGET for n in family.names)
     assert all(family.launch_threads[n] == 256 for n in family.names)
     assert not any("double" in n for n in family.names)

@@ -9,6 +9,12 @@
   over tiles; equal to ``na_rpb_bwd`` within rounding, not bit-for-bit: the
   summation order differs).
 
+3D runs in the twin ``tiled_bwd_3d`` (RANK 3 and TZ in the names): its
+``na_tiled_inv`` stages the query box TY y rows of one x plane at a time (the
+whole box of a 3D key tile does not fit shared memory at k = 7), still in
+the straightforward kernel's order; the bias gradient's two passes sum 3D
+tables.
+
 Where this family does not cover a problem the straightforward kernels
 (``naive.py``) serve it: a stride other than 1, a dtype without
 instantiations (float64), a head dim above 128, or more dynamic shared memory
@@ -23,7 +29,7 @@ from ..._args import Problem
 from .. import launch as L
 from .. import plan as P
 from .. import tiling
-from ..registry import Family, Launch, Role, register, source_of
+from ..registry import RANK3_SUFFIX, Family, Launch, Role, register, source_of
 from ..tiling import CTYPES, accumulator_dtype
 
 NAME = "tiled_bwd"
@@ -42,14 +48,19 @@ HEAD_DIM_BUCKETS = (16, 32, 64, 128)
 #: The staged chunk is TX query rows by the box height min(TY + 2ky - 2, Y / dy):
 #: smem ~ TX * (TY + 2ky - 2) * D * itemsize (align16 of the y window starts
 #: before it); see :func:`inv_shared_bytes`.
-INV_TILES: dict[tuple[int, int, str], tuple[int, int]] = {}
+INV_TILES: dict[tuple[int, int, str], tuple[int, ...]] = {}
+#: 3D key tiles (TX, TY, TZ): as many keys per lane group as in 2D (4 up to head dim 64, one at 128).
 for _dtype in DTYPES:
-    for _hd, _t1, _t2 in ((16, 64, (8, 8)), (32, 32, (4, 8)), (64, 32, (4, 8)), (128, 16, (2, 4))):
+    for _hd, _t1, _t2, _t3 in ((16, 64, (8, 8), (4, 4, 4)), (32, 32, (4, 8), (2, 4, 4)),
+                               (64, 32, (4, 8), (2, 4, 4)), (128, 16, (2, 4), (2, 2, 2))):
         INV_TILES[(1, _hd, _dtype)] = (_t1, 1)
         INV_TILES[(2, _hd, _dtype)] = _t2
+        INV_TILES[(3, _hd, _dtype)] = _t3
 
-#: query tiles of na_tiled_rpb_partial per ndim, first that fits the budget wins
-RPB_TILES: dict[int, tuple[tuple[int, int], ...]] = {1: ((64, 1), (16, 1)), 2: ((8, 8), (4, 4))}
+#: query tiles of na_tiled_rpb_partial per ndim, first that fits the budget wins (3D: the tile's logit gradients,
+#: tile x kx*ky*kz of them, are staged whole, so a 7x7x7 window takes the 2x2x2 tile)
+RPB_TILES: dict[int, tuple[tuple[int, ...], ...]] = {1: ((64, 1), (16, 1)), 2: ((8, 8), (4, 4)),
+                                                     3: ((4, 4, 4), (2, 2, 2))}
 RPB_WEIGHT_DTYPES = DTYPES  # grad logits: the problem dtype (split ops) or float32 (fused)
 
 
@@ -65,26 +76,42 @@ def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIM_BUCKETS)
 
 
-def inv_name(weights_dtype: str, dtype: str, hd: int, tile: tuple[int, int]) -> str:
-    return f"na_tiled_inv<{CTYPES[weights_dtype]}, {CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}>"
+def _rank_args(tile: tuple[int, ...]) -> str:
+    """The template arguments after TX, TY: RANK and TZ for a 3D tile, none below (1D/2D names unchanged)."""
+    return f", 3, {tile[2]}" if len(tile) == 3 else ""
 
 
-def rpb_name(weights_dtype: str, tile: tuple[int, int]) -> str:
-    return f"na_tiled_rpb_partial<{CTYPES[weights_dtype]}, {tile[0]}, {tile[1]}>"
+def inv_name(weights_dtype: str, dtype: str, hd: int, tile: tuple[int, ...]) -> str:
+    return f"na_tiled_inv<{CTYPES[weights_dtype]}, {CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}{_rank_args(tile)}>"
+
+
+def rpb_name(weights_dtype: str, tile: tuple[int, ...]) -> str:
+    return f"na_tiled_rpb_partial<{CTYPES[weights_dtype]}, {tile[0]}, {tile[1]}{_rank_args(tile)}>"
 
 
 RPB_REDUCE = "na_tiled_rpb_reduce"
 
 
-def inv_shared_bytes(problem: Problem, tile: tuple[int, int]) -> int:
-    """Dynamic shared memory of na_tiled_inv (the kernel's own layout)."""
-    (_, _, _), (ly, ky, dy) = _axes(problem)
-    cap_y = min(tile[1] + 2 * ky - 2, -(-ly // dy))
-    return tiling.align16(cap_y * 4) + tile[0] * cap_y * problem.head_dim * tiling.ITEMSIZE[problem.dtype]
+def _box(extent: int, axis) -> int:
+    """The query box of a key tile's ``extent`` keys along ``(length, kernel, dilation)``, as the kernel caps it
+    (``na_tinv_box_y``)."""
+    length, kernel, dilation = axis
+    return min(extent + 2 * kernel - 2, -(-length // dilation))
 
 
-def rpb_shared_bytes(problem: Problem, weights_dtype: str, tile: tuple[int, int]) -> int:
-    return tiling.align16(tile[0] * tile[1] * problem.slots * tiling.ITEMSIZE[weights_dtype]) + RPB_THREADS * 4
+def inv_shared_bytes(problem: Problem, tile: tuple[int, ...]) -> int:
+    """Dynamic shared memory of na_tiled_inv (the kernel's own layout): the y window starts and TX query rows of
+    the box height; in 3D the y and z window starts and TY rows of the box's z extent."""
+    axes, row = _axes(problem), problem.head_dim * tiling.ITEMSIZE[problem.dtype]
+    cap_y = _box(tile[1], axes[1])
+    if len(tile) == 3:
+        cap_z = _box(tile[2], axes[2])
+        return tiling.align16(cap_y * 4) + tiling.align16(cap_z * 4) + tile[1] * cap_z * row
+    return tiling.align16(cap_y * 4) + tile[0] * cap_y * row
+
+
+def rpb_shared_bytes(problem: Problem, weights_dtype: str, tile: tuple[int, ...]) -> int:
+    return tiling.align16(math.prod(tile) * problem.slots * tiling.ITEMSIZE[weights_dtype]) + RPB_THREADS * 4
 
 
 def _stride_or_dtype(problem: Problem) -> str:
@@ -114,11 +141,14 @@ def _inverse_covers(problem: Problem, policy, weights_dtype: str, source_dtype: 
     return True, ""
 
 
-def _inverse_plan(problem: Problem, policy, weights_dtype: str, source_dtype: str) -> Launch:
-    hd = head_dim_bucket(problem.head_dim)
-    tile = INV_TILES[(problem.ndim, hd, problem.dtype)]
-    return Launch(P.Kernel(source_of(NAME), inv_name(weights_dtype, problem.dtype, hd, tile)),
-                  tiling.grid(problem, tile), INV_THREADS, inv_shared_bytes(problem, tile))
+def _inverse_planner(family: str):
+    def plan(problem: Problem, policy, weights_dtype: str, source_dtype: str) -> Launch:
+        hd = head_dim_bucket(problem.head_dim)
+        tile = INV_TILES[(problem.ndim, hd, problem.dtype)]
+        return Launch(P.Kernel(source_of(family), inv_name(weights_dtype, problem.dtype, hd, tile)),
+                      tiling.grid(problem, tile), INV_THREADS, inv_shared_bytes(problem, tile))
+
+    return plan
 
 
 def _rpb_tile(problem: Problem, weights_dtype: str):
@@ -144,42 +174,48 @@ def _bias_grad_covers(problem: Problem, policy, weights_dtype: str) -> tuple[boo
     return True, ""
 
 
-def _bias_grad_plan(problem: Problem, policy, weights_dtype: str) -> Launch:
-    """The partial pass, with the reduction's launch as ``extra`` (32 entries of one head per block)."""
-    tile = _rpb_tile(problem, weights_dtype)
-    tiles = problem.batch * tiling.tiles(problem, tile)
-    source = source_of(NAME)
-    reduce = Launch(P.Kernel(source, RPB_REDUCE), problem.heads * -(-math.prod(problem.rpb_shape[1:]) // 32),
-                    RPB_THREADS, 0)
-    return Launch(P.Kernel(source, rpb_name(weights_dtype, tile)), tiles * problem.heads, RPB_THREADS,
-                  rpb_shared_bytes(problem, weights_dtype, tile), tiles, reduce)
+def _bias_grad_planner(family: str):
+    def plan(problem: Problem, policy, weights_dtype: str) -> Launch:
+        """The partial pass, with the reduction's launch as ``extra`` (32 entries of one head per block)."""
+        tile = _rpb_tile(problem, weights_dtype)
+        tiles = problem.batch * tiling.tiles(problem, tile)
+        source = source_of(family)
+        # the reduction takes the rank as arguments: one kernel, the 1D/2D family's, for every rank
+        reduce = Launch(P.Kernel(source_of(NAME), RPB_REDUCE), problem.heads * -(-math.prod(problem.rpb_shape[1:]) // 32),
+                        RPB_THREADS, 0)
+        return Launch(P.Kernel(source, rpb_name(weights_dtype, tile)), tiles * problem.heads, RPB_THREADS,
+                      rpb_shared_bytes(problem, weights_dtype, tile), tiles, reduce)
+
+    return plan
 
 
-def names() -> tuple[str, ...]:
-    """Every instantiation the tables can pick."""
+def names(rank: int = 2) -> tuple[str, ...]:
+    """Every instantiation the tables can pick for ``rank`` (1 and 2: the 1D/2D family, with the reduction every
+    rank launches; 3: its twin)."""
     names = []
     for (ndim, hd, dtype), tile in INV_TILES.items():
-        for weights in (dtype, accumulator_dtype(dtype)):
-            names.append(inv_name(weights, dtype, hd, tile))
-    for tiles in RPB_TILES.values():
-        for tile in tiles:
+        if (ndim == 3) == (rank == 3):
+            for weights in (dtype, accumulator_dtype(dtype)):
+                names.append(inv_name(weights, dtype, hd, tile))
+    for ndim, tiles in RPB_TILES.items():
+        for tile in tiles if (ndim == 3) == (rank == 3) else ():
             for weights in RPB_WEIGHT_DTYPES:
                 names.append(rpb_name(weights, tile))
-    names.append(RPB_REDUCE)
+    if rank != 3:
+        names.append(RPB_REDUCE)
     return tuple(dict.fromkeys(names))
 
 
-def _threads() -> dict:
-    return {n: (INV_THREADS if n.startswith("na_tiled_inv") else RPB_THREADS) for n in names()}
+def _family(name: str, rank: int, ranks: frozenset) -> Family:
+    kernels = names(rank)
+    threads = {n: (INV_THREADS if n.startswith("na_tiled_inv") else RPB_THREADS) for n in kernels}
+    # the largest dynamic shared memory any launch of each kernel uses: the budget (larger ones fall back)
+    shared = {n: (0 if n == RPB_REDUCE else SHARED_BUDGET) for n in kernels}
+    return Family(SOURCE, kernels, threads, shared, name=name,
+                  roles={"inverse": Role(_inverse_covers, _inverse_planner(name), L.weighted),
+                         "bias_grad": Role(_bias_grad_covers, _bias_grad_planner(name), L.bias_grad_two_pass)},
+                  ranks=ranks)
 
 
-def _shared() -> dict:
-    """The largest dynamic shared memory any launch of each kernel uses: the budget (larger ones fall back)."""
-    return {n: (0 if n == RPB_REDUCE else SHARED_BUDGET) for n in names()}
-
-
-FAMILY = register(Family(
-    SOURCE, names(), _threads(), _shared(), name=NAME,
-    roles={"inverse": Role(_inverse_covers, _inverse_plan, L.weighted),
-           "bias_grad": Role(_bias_grad_covers, _bias_grad_plan, L.bias_grad_two_pass)},
-))
+FAMILY = register(_family(NAME, 2, frozenset({1, 2})))
+FAMILY_3D = register(_family(NAME + RANK3_SUFFIX, 3, frozenset({3})))
