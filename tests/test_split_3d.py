@@ -348,3 +348,27 @@ def test_vector_and_element_staging_agree_bit_for_bit():
     element = (na_rtc.na3d_qk(q2, k2, 3, backend="emulator"), na_rtc.na3d_av(attn2, v2, 3, backend="emulator"))
     for a, b in zip(aligned, element):
         assert torch.equal(_bits(a), _bits(b))
+
+
+# ---------------------------------------------------------------- first-use verification
+
+
+def test_every_3d_instantiation_the_dispatcher_picks_is_reached_by_a_selftest_canary():
+    """``selftest --full``'s 3D split canaries launch every 3D split instantiation, except what the self-test
+    checks in no rank: float64 (it runs float32, float16 and bfloat16), the head-dim-16 bucket of the inverse
+    (its head dims start at 32), and the straightforward bias gradient of 16-bit logit gradients (windows past
+    14 per axis: a canary of that size would take minutes)."""
+    from na_rtc.runtime import composed
+    from na_rtc.verify import canary, selftest
+
+    where = selftest.Target("cuda", "cuda:0", 90, "torch", "a stand-in sm_90")
+    dispatcher, reached = Dispatcher(None, where.policy()), set()
+    for unit in selftest.units(where, "full"):
+        if unit.problem.ndim == 3 and unit.candidate.path == "split":
+            test = canary.split_canary_problem(unit.problem)
+            for role, args in composed.launches(unit.candidate.op, test):
+                reached |= set(dispatcher.choose(role, test, *args).kernels)
+    picked = {name for family in ("naive_3d", "tiled_3d", "tiled_bwd_3d") for name in registry.get(family).names}
+    unchecked = {name for name in picked if "double" in name or name.startswith("na_tiled_inv") and ", 16, " in name
+                 or name in ("na_rpb_bwd<fp16_t, 3>", "na_rpb_bwd<bf16_t, 3>")}
+    assert picked - reached == unchecked

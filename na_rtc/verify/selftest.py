@@ -35,8 +35,9 @@ HEAD_DIMS = {"quick": (32,), "full": (32, 64, 128, 256)}
 #: (mode, rank) -> window sizes of the split kernels' canaries: they pick tiled or straightforward kernels by
 #: the window, so --full also takes one large enough for the straightforward ones at the larger head dims
 SPLIT_WINDOWS = {("quick", 1): (7,), ("quick", 2): (7,), ("full", 1): (7, 63), ("full", 2): (7, 13),
-                 # 3D canaries have kernel**3 slots per query: --quick keeps them small
-                 ("quick", 3): (3,), ("full", 3): (7, 13)}
+                 # 3D canaries have kernel**3 slots per query: --quick keeps them small; --full adds the windows
+                 # that pick the other 3D tiles (bias gradient) and the straightforward kernels
+                 ("quick", 3): (3,), ("full", 3): (3, 7, 13)}
 
 
 @dataclass(frozen=True)
