@@ -61,6 +61,34 @@ __host__ __device__ constexpr int na_tinv_min_blocks() {
 #endif
 }
 
+// A lane's share of a key's sums: dims lane, lane + LANES, ... in registers (DPL of them).
+template <int DPL, int LANES, class A>
+__device__ __forceinline__ void na_tinv_zero(A (&part)[DPL]) {
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) part[c] = 0;
+}
+
+// part += wt * (the lane's dims of a staged source row)
+template <int DPL, int LANES, class A, class T>
+__device__ __forceinline__ void na_tinv_add(A (&part)[DPL], A wt, const T* row, int lane, long long D) {
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) {
+        const int d = lane + c * LANES;
+        if (d < D) part[c] += wt * na_load(row, d);
+    }
+}
+
+// out[at + d] = scale * the key's sums, for the lane's dims (element stride o_l)
+template <int DPL, int LANES, class A, class T>
+__device__ __forceinline__ void na_tinv_store(T* out, long long at, long long o_l, const A (&part)[DPL], A scale,
+                                              int lane, long long D) {
+#pragma unroll
+    for (int c = 0; c < DPL; ++c) {
+        const int d = lane + c * LANES;
+        if (d < D) na_store<T, A>(out, at + d * o_l, part[c] * scale);
+    }
+}
+
 // One axis' table of a block's tile rows, for the z axis of 3D tiles: threads
 // 192..192+T fill it (na_axis_tables takes 0.. and 128.. for x and y); the
 // caller's barrier publishes it.
@@ -135,9 +163,7 @@ __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TEN
     const int lane = tid % LANES, group = tid / LANES;
     A acc[KPG][DPL];
 #pragma unroll
-    for (int m = 0; m < KPG; ++m)
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) acc[m][c] = 0;
+    for (int m = 0; m < KPG; ++m) na_tinv_zero<DPL, LANES>(acc[m]);
 
     for (long long qx = bx0; qx < bx1; ++qx) {
         const long long x = qx * dx + gx;
@@ -171,12 +197,7 @@ __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TEN
                     const T* row = rows + (qy - c0) * nbz * D;
                     for (long long qz = qz0; qz < qz1; ++qz) {
                         const A wt = (A)na_load(w, NA_AT6(w, b, x, y, qz * dz + gz, h, tz - start_z[qz - bz0]));
-                        const T* r = row + (qz - bz0) * D;
-#pragma unroll
-                        for (int c = 0; c < DPL; ++c) {
-                            const int d = lane + c * LANES;
-                            if (d < D) part[c] += wt * na_load(r, d);
-                        }
+                        na_tinv_add<DPL, LANES>(part, wt, row + (qz - bz0) * D, lane, D);
                     }
                 }
 #pragma unroll
@@ -191,11 +212,7 @@ __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TEN
         const int kxi = key / (TY * TZ), kyi = key / TZ % TY, kzi = key % TZ;
         if (kxi >= nkx || kyi >= nky || kzi >= nkz) continue;
         const long long x = (kx0 + kxi) * dx + gx, y = (ky0 + kyi) * dy + gy, z = (kz0 + kzi) * dz + gz;
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) {
-            const int d = lane + c * LANES;
-            if (d < D) na_store<T, A>(out, NA_AT6(o, b, x, y, z, h, d), acc[m][c] * (A)scale);
-        }
+        na_tinv_store<DPL, LANES>(out, NA_AT6(o, b, x, y, z, h, 0), o_l, acc[m], (A)scale, lane, D);
     }
 }
 
@@ -258,9 +275,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD
     const int lane = tid % LANES, group = tid / LANES;
     A acc[KPG][DPL];
 #pragma unroll
-    for (int m = 0; m < KPG; ++m)
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) acc[m][c] = 0;
+    for (int m = 0; m < KPG; ++m) na_tinv_zero<DPL, LANES>(acc[m]);
 
     for (long long c0 = bx0; c0 < bx1; c0 += TX) {
         const long long nrows = na_min(TX, bx1 - c0);
@@ -294,12 +309,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD
                 for (long long qy = qy0; qy < qy1; ++qy) {
                     const long long t = tbase - start_y[qy - by0];
                     const A wt = (A)na_load(w, NA_AT5(w, b, x, qy * dy + gy, h, t));
-                    const T* r = row + (qy - by0) * D;
-#pragma unroll
-                    for (int c = 0; c < DPL; ++c) {
-                        const int d = lane + c * LANES;
-                        if (d < D) part[c] += wt * na_load(r, d);
-                    }
+                    na_tinv_add<DPL, LANES>(part, wt, row + (qy - by0) * D, lane, D);
                 }
             }
 #pragma unroll
@@ -313,11 +323,7 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD
         const int kxi = key / TY, kyi = key % TY;
         if (kxi >= nkx || kyi >= nky) continue;
         const long long x = (kx0 + kxi) * dx + gx, y = (ky0 + kyi) * dy + gy;
-#pragma unroll
-        for (int c = 0; c < DPL; ++c) {
-            const int d = lane + c * LANES;
-            if (d < D) na_store<T, A>(out, NA_AT5(o, b, x, y, h, d), acc[m][c] * (A)scale);
-        }
+        na_tinv_store<DPL, LANES>(out, NA_AT5(o, b, x, y, h, 0), o_l, acc[m], (A)scale, lane, D);
     }
 }
 
