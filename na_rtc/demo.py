@@ -469,7 +469,7 @@ def make_runner(arrays: str = "auto"):
 
 def backend_label(runner, ndim: int | None = None) -> str:
     """The backend the runner's calls run on (of a problem with ``ndim`` axes: automatic selection takes the
-    reference backend where the default's kernels lack that rank, as 3D until its kernels land)."""
+    reference backend where the default's kernels lack that rank)."""
     from na_rtc import backends
 
     name = backends.current_backend_name()

@@ -128,8 +128,8 @@ def test_demo_checks_a_3d_problem(capsys):
 
 
 def test_demo_names_the_backend_each_rank_runs_on():
-    """On a GPU the cuda kernels serve 1D/2D and automatic selection gives 3D the reference backend (CUDA
-    tensors), until the kernels serve 3D; the rows say which."""
+    """On a GPU the cuda kernels serve every rank (automatic selection would give a rank they lacked the
+    reference backend, CUDA tensors included); the rows say which."""
     from na_rtc import backends
 
     gpu = demo.TorchRunner("cuda")

@@ -39,7 +39,7 @@ def _pyplot():
 
 def _label(problems: list[dict], name: str) -> str:
     """The entry's label in the legend: with every backend it ran on where that differs between problems
-    (``na_rtc fused (emulator / reference)``: 3D on the reference backend until the kernels serve it)."""
+    (``na_rtc fused (emulator / reference)``: a rank the kernels lack ran on the reference backend)."""
     measured = [problem["entries"][name] for problem in problems
                 if (problem["entries"].get(name) or {}).get("status") in ("ok", "partial")]
     labels = list(dict.fromkeys(entry.get("label", name) for entry in measured)) or [name]

@@ -268,8 +268,8 @@ def markdown(results: dict) -> str:
 
 
 def _problem_cell(problem: dict, fused: dict, settings: dict) -> str:
-    """The problem's label, with the backend na_rtc ran on where it is not the run's kernel backend (3D on the
-    reference backend until the kernels serve it)."""
+    """The problem's label, with the backend na_rtc ran on where it is not the run's kernel backend (the
+    reference backend, for a rank the kernels lack)."""
     backend = (fused.get("notes") or {}).get("backend")
     if backend and backend != settings.get("kernel_backend", backend):
         return f"{problem['label']} (na_rtc on the {backend} backend)"
