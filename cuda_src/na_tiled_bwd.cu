@@ -52,10 +52,16 @@ __device__ __forceinline__ long long na_tinv_box_y(long long TY, long long Y, lo
 template <class T> struct na_tinv_is_bf16 { static constexpr bool value = false; };
 template <> struct na_tinv_is_bf16<bf16_t> { static constexpr bool value = true; };
 
-template <class TA, class T, int HD, int TX, int TY>
+// The 3D path (RANK 3) at head dim 64 spills 8 to 16 bytes under the cap on sm_100 and sm_120 (every key tile
+// tried: its address state, not its accumulators, fills the registers): one block an SM there.
+template <class TA, class T, int HD, int TX, int TY, int RANK = 2>
 __host__ __device__ constexpr int na_tinv_min_blocks() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000 && __CUDA_ARCH__ < 1200
-    return sizeof(TA) == 4 && !na_tinv_is_bf16<T>::value && HD == 64 && TX == 4 && TY == 8 ? 1 : 2;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+    return RANK == 3 ? (HD == 64 ? 1 : 2)
+#if __CUDA_ARCH__ < 1200
+           : sizeof(TA) == 4 && !na_tinv_is_bf16<T>::value && HD == 64 && TX == 4 && TY == 8 ? 1
+#endif
+           : 2;
 #else
     return 2;
 #endif
@@ -217,7 +223,7 @@ __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TEN
 }
 
 template <class TA, class T, int HD, int TX, int TY, int RANK = 2, int TZ = 1>
-__global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD, TX, TY>()))
+__global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD, TX, TY, RANK>()))
     na_tiled_inv(const TA* __restrict__ w, NA_TENSOR(w), const T* __restrict__ src, NA_TENSOR(s),
                  T* __restrict__ out, NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
