@@ -91,20 +91,22 @@ __device__ __forceinline__ bool na_tile3_of_block(const na_axis& ax, const na_ax
 // The windows [lo, hi) of a 3D tile's query rows per axis, in shared memory:
 // lo[0..TX) x, lo[TX..TX+TY) y, then z (rows past a tile's end get [0, 0)).
 // The caller's barrier publishes them.
+__device__ __forceinline__ void na_tile_row_window(const na_axis& a, const na_tile_axis& t, long long r, long long& lo,
+                                                   long long& hi) {
+    long long s = 0, e = 0;
+    if (r < t.n) na_window(a, (t.q0 + r) * a.dilation + t.g, s, e);
+    lo = s;
+    hi = e;
+}
 template <int TX, int TY, int TZ>
 __device__ __forceinline__ void na_tile3_windows(const na_axis& ax, const na_axis& ay, const na_axis& az,
                                                  const na_tile_axis& tx, const na_tile_axis& ty,
                                                  const na_tile_axis& tz, long long* lo, long long* hi) {
+    // one call per axis, never an axis picked by a runtime index: that would put the axes in local memory
     const int i = threadIdx.x;
-    if (i >= TX + TY + TZ) return;
-    const int axis = i < TX ? 0 : i < TX + TY ? 1 : 2;
-    const na_axis& a = axis == 0 ? ax : axis == 1 ? ay : az;
-    const na_tile_axis& t = axis == 0 ? tx : axis == 1 ? ty : tz;
-    const long long r = i - (axis == 0 ? 0 : axis == 1 ? TX : TX + TY);
-    long long s = 0, e = 0;
-    if (r < t.n) na_window(a, (t.q0 + r) * a.dilation + t.g, s, e);
-    lo[i] = s;
-    hi[i] = e;
+    if (i < TX) na_tile_row_window(ax, tx, i, lo[i], hi[i]);
+    else if (i < TX + TY) na_tile_row_window(ay, ty, i - TX, lo[i], hi[i]);
+    else if (i < TX + TY + TZ) na_tile_row_window(az, tz, i - TX - TY, lo[i], hi[i]);
 }
 
 // Shared memory of the 3D path starts with the window tables (2 (TX + TY + TZ) int64, 16-byte aligned)
@@ -263,8 +265,10 @@ __global__ void __launch_bounds__(256, RANK == 3 ? 2 : NA_TILED_QK_MIN_BLOCKS) n
 
 // weighted sum over the window: out[b,i,h,d] = scale * sum_t attn[b,i,h,t] * v[b,key(i,t),h,d]
 // (slots outside the window are skipped): na_av_fwd, from shared memory
+// 3D asks for one block an SM at least: without it ptxas held the 3D path to 128 registers on sm_90 and spilled
+// 8 bytes; 0 (no minimum) keeps the 1D/2D instantiations exactly as they were.
 template <class TA, class T, int HD, int TX, int TY, int RANK = 2, int TZ = 1>
-__global__ void __launch_bounds__(256) na_tiled_av(
+__global__ void __launch_bounds__(256, RANK == 3 ? 1 : 0) na_tiled_av(
     const TA* __restrict__ attn, NA_TENSOR(a), const T* __restrict__ v, NA_TENSOR(v), T* __restrict__ out,
     NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
