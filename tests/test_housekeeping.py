@@ -82,3 +82,20 @@ def test_ci_adds_the_extras_before_the_tests_that_use_them():
     extras, tests = script.index("make venv-nvrtc venv-examples"), script.index("\nmake test\n")
     assert script.index("\nmake venv\n") < extras < tests
     assert "make wheel" in script  # the wheel step installs its build tool through the Makefile
+
+
+#: the documents that cite tests as ``tests/<file>.py::<test>``
+CITING = ("README.md", "RELIABILITY.md", "benchmarks/README.md", "cuda_src/README.md")
+
+
+def test_every_test_the_documents_cite_exists():
+    """A row of RELIABILITY.md is only as good as the test it names: a renamed or removed test leaves the row
+    citing nothing. Every cited ``file::test`` must be a test function (or class) defined in that file."""
+    cited = set()
+    for document in CITING:
+        cited |= set(re.findall(r"(tests/test_\w+\.py)::(\w+)", (ROOT / document).read_text()))
+    assert len(cited) > 50  # the pattern still finds the citations
+    missing = sorted(f"{path}::{name}" for path, name in cited
+                     if not re.search(rf"^(?:def|class|async def) {name}\b", (ROOT / path).read_text()
+                                      if (ROOT / path).exists() else "", re.MULTILINE))
+    assert not missing, "documents cite tests that do not exist:\n" + "\n".join(missing)
