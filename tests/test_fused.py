@@ -105,7 +105,7 @@ def _run(cfg: Config, executor=emulated.run, arrays=None):
 
 
 def _reference(cfg: Config, q64, k64, v64, bias64):
-    fn = na_rtc.na1d if cfg.ndim == 1 else na_rtc.na2d
+    fn = getattr(na_rtc, f"na{cfg.ndim}d")
     return fn(q64, k64, v64, cfg.kernel_size, stride=cfg.stride, dilation=cfg.dilation, is_causal=cfg.causal,
               scale=cfg.scale, rpb=bias64, return_lse=True, backend="reference")
 
@@ -197,6 +197,13 @@ def test_nan_key_poisons_its_queries_only(ndim):
     else:
         cfg = Config((30, 26), (5, 3), (1, 2), (True, False), 1, 1, 64, False, False, "float16", (2, 1))
         where = (13, 11)
+    assert_nan_key_poisons_its_queries_only(cfg, where)
+
+
+def assert_nan_key_poisons_its_queries_only(cfg: Config, where: tuple):
+    """A NaN in the key at spatial position ``where`` (head 0) makes exactly the queries that see it non-finite
+    (and certainly none of a tile without such a query)."""
+    ndim = cfg.ndim
     (q, k, v), _ = sweep_inputs(cfg, 3)
     k = k.clone()
     k[(0, *where, 0, 3)] = float("nan")
@@ -233,14 +240,18 @@ def test_nan_key_poisons_its_queries_only(ndim):
 
 
 def test_table_and_family_agree():
-    family = registry.get("fused")
-    assert set(family.names) == {fused.kernel_name_of(hd, dt, t) for (_, hd, dt), t in fused.TILES.items()}
-    for (ndim, hd, dtype), (tx, ty) in fused.TILES.items():
-        assert hd in fused.HEAD_DIMS and dtype in DTYPES
-        assert ty == 1 if ndim == 1 else ty > 1
-        assert fused.THREADS % (tx * ty) == 0 and 32 % (fused.THREADS // (tx * ty)) == 0
-        assert hd % (fused.THREADS // (tx * ty)) == 0
-        name = fused.kernel_name_of(hd, dtype, (tx, ty))
+    for ranks in ({1, 2}, {3}):  # the family and its 3D twin
+        family = registry.for_rank("fused", min(ranks))
+        assert set(family.names) == {fused.kernel_name_of(hd, dt, t) for (nd, hd, dt), t in fused.TILES.items()
+                                     if nd in ranks}
+    for (ndim, hd, dtype), tile in fused.TILES.items():
+        assert hd in fused.HEAD_DIMS and dtype in DTYPES and len(tile) == max(ndim, 2)
+        queries = math.prod(tile)
+        assert tile[1] == 1 if ndim == 1 else min(tile) > 1
+        assert fused.THREADS % queries == 0 and 32 % (fused.THREADS // queries) == 0
+        assert hd % (fused.THREADS // queries) == 0
+        family = registry.for_rank("fused", ndim)
+        name = fused.kernel_name_of(hd, dtype, tile)
         assert family.launch_threads[name] == fused.THREADS
         assert family.launch_shared_bytes[name] == fused.shared_bytes(hd, dtype) <= fused.SHARED_BUDGET
         assert fused.shared_bytes(hd, dtype) == 2 * fused.chunk_keys(hd) * hd * tiling.ITEMSIZE[dtype]
