@@ -13,6 +13,7 @@ The kernels have no atomics: two runs must agree bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def _window(case: Case):
 
 def _forward(case: Case, q64, k64, v64, rpb64):
     """out (the tested dtype) and lse (float32) of the float64 reference forward."""
-    fn = na_rtc.na1d if case.ndim == 1 else na_rtc.na2d
+    fn = getattr(na_rtc, f"na{case.ndim}d")
     out64, lse64 = fn(q64, k64, v64, **_window(case), rpb=rpb64, return_lse=True, backend="reference")
     return out64.to(TORCH_DTYPES[case.dtype]), lse64.float()
 
@@ -151,11 +152,16 @@ def _run(case: Case, run=emulated.run, seed: int = 0, tensor_cores=False, wgmma=
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fused_backward_matches_reference(case):
+    assert_backward_matches_reference(case)
+
+
+def assert_backward_matches_reference(case: Case):
+    """dq, dk, dv (and drpb) of the SIMT backward against the float64 reference backward."""
     run = RecordingExecutor()
     problem, kernels, (dq, dk, dv, drpb), (q64, k64, v64, g64, rpb64) = _run(case, run)
     assert tuple(run.names) == kernels.choose("backward", problem).kernels
-    assert all(name in registry.get("fused_bwd").names for name in run.names)
-    bwd = na_rtc.na1d_backward if case.ndim == 1 else na_rtc.na2d_backward
+    assert all(name in registry.for_rank("fused_bwd", case.ndim).names for name in run.names)
+    bwd = getattr(na_rtc, f"na{case.ndim}d_backward")
     ref = bwd(g64, q64, k64, v64, **_window(case), rpb=rpb64, backend="reference")
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
         assert got.dtype == TORCH_DTYPES[case.dtype] and tuple(got.shape) == case.shape
@@ -196,11 +202,12 @@ def test_covers():
 
 
 def test_family_lists_every_table_entry():
-    names = registry.get("fused_bwd").names
-    for (_, hd, dtype), cfg in fused_bwd.TABLE.items():
+    for (ndim, hd, dtype), cfg in fused_bwd.TABLE.items():
+        names = registry.for_rank("fused_bwd", ndim).names  # 3D: the twin's
         assert fused_bwd.dq_name(dtype, hd, cfg["dq"]) in names
         assert fused_bwd.dkdv_name(dtype, hd, cfg["dkdv"]) in names
-        assert cfg["dq"][0] * cfg["dq"][1] <= fused_bwd.THREADS and cfg["dkdv"][0] * cfg["dkdv"][1] <= fused_bwd.THREADS
+        assert len(cfg["dq"]) == len(cfg["dkdv"]) == max(ndim, 2) + 1  # the tile, then the chunk
+        assert math.prod(cfg["dq"][:-1]) <= fused_bwd.THREADS and math.prod(cfg["dkdv"][:-1]) <= fused_bwd.THREADS
 
 
 def test_numpy_inputs():
