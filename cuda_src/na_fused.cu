@@ -39,10 +39,13 @@
 #define NA_FUSED_THREADS 256
 #define NA_FUSED_FULL_MASK 0xffffffffu
 
-// keys per staged chunk (na_rtc/runtime/fused.py: chunk_keys)
-template <int HD>
+// keys per staged chunk (na_rtc/runtime/fused.py: chunk_keys). A chunk's
+// logits live in registers (s[KC]); in 3D the third axis' box coordinate and
+// window take registers too, so 3D chunks are 16 keys at every head dim
+// (32 would spill at head dims 32 and 64).
+template <int HD, int RANK>
 struct na_fused_chunk {
-    static constexpr int value = HD <= 64 ? 32 : 16;
+    static constexpr int value = HD <= 64 && RANK < 3 ? 32 : 16;
 };
 
 // Box coordinates of the box's linear index c (row-major: x, then y, then z)
@@ -61,7 +64,7 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
     constexpr int NQ = TX * TY * TZ;            // queries per block
     constexpr int G = NA_FUSED_THREADS / NQ;    // lanes per query
     constexpr int E = HD / G;                   // head dims per lane
-    constexpr int KC = na_fused_chunk<HD>::value;
+    constexpr int KC = na_fused_chunk<HD, RANK>::value;
     static_assert(G >= 1 && G <= 32 && (32 % G) == 0 && G * NQ == NA_FUSED_THREADS, "lanes per query");
     static_assert(E >= 1 && E * G == HD, "head dims per lane");
     static_assert(RANK == 3 || TZ == 1, "a tile has a z extent in 3D only");
@@ -95,15 +98,19 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
     const bool valid = qx < tx.n && qy < ty.n && qz < tz.n;
     const long long gx = tx.q0 + qx, gy = ty.q0 + qy, gz = tz.q0 + qz;  // group coordinates
     const long long x = gx * dx + tx.g, y = gy * dy + ty.g, z = gz * az.dilation + tz.g;
-    long long wx0 = 0, wx1 = 0, wy0 = 0, wy1 = 0, wz0 = 0, wz1 = 0;
+    // (z starts as the trivial axis' window [0, 1), so that below rank 3 it
+    // is a constant: an invalid query's window is never read, `valid` masks it)
+    long long wx0 = 0, wx1 = 0, wy0 = 0, wy1 = 0, wz0 = 0, wz1 = 1;
     if (valid) {
         long long s0, s1;
         na_window(ax, x, s0, s1);
         wx0 = s0 - tx.h0; wx1 = s1 - tx.h0;
         na_window(ay, y, s0, s1);
         wy0 = s0 - ty.h0; wy1 = s1 - ty.h0;
-        na_window(az, z, s0, s1);
-        wz0 = s0 - tz.h0; wz1 = s1 - tz.h0;
+        if constexpr (RANK == 3) {
+            na_window(az, z, s0, s1);
+            wz0 = s0 - tz.h0; wz1 = s1 - tz.h0;
+        }
     }
 
     float qr[E], acc[E];

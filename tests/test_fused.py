@@ -253,8 +253,8 @@ def test_table_and_family_agree():
         family = registry.for_rank("fused", ndim)
         name = fused.kernel_name_of(hd, dtype, tile)
         assert family.launch_threads[name] == fused.THREADS
-        assert family.launch_shared_bytes[name] == fused.shared_bytes(hd, dtype) <= fused.SHARED_BUDGET
-        assert fused.shared_bytes(hd, dtype) == 2 * fused.chunk_keys(hd) * hd * tiling.ITEMSIZE[dtype]
+        assert family.launch_shared_bytes[name] == fused.shared_bytes(hd, dtype, ndim) <= fused.SHARED_BUDGET
+        assert fused.shared_bytes(hd, dtype, ndim) == 2 * fused.chunk_keys(hd, ndim) * hd * tiling.ITEMSIZE[dtype]
 
 
 def _empty_problem(ndim, dtype, head_dim, kernel=3, length=20, stride=1):

@@ -43,7 +43,7 @@ HEAD_DIMS = (32, 64, 128, 256)  # head-dim buckets: runtime head_dim <= bucket
 #: stride 1 (dilation tiles inside a group, so it stays dense), and a cube wastes the fewest of its keys on
 #: every query's window (4x4x4 and k = 7: 343 of 1000 box keys per query; a flat 2x4x8 tile: 343 of 1120).
 #: The box is streamed in chunks of :func:`chunk_keys` keys, so shared memory does not grow with it: any
-#: window fits (k = 7, (3, 7, 7), (5, 7, 7), dilated or not, use the same 8 or 16 KiB as a 2D k = 3).
+#: window fits (k = 7, (3, 7, 7), (5, 7, 7), dilated or not, take the 2 * 16 * HD elements a 3D k = 3 takes).
 TILES: dict[tuple[int, int, str], tuple[int, ...]] = {
     (ndim, hd, dtype): tile
     for dtype in DTYPES
@@ -59,14 +59,15 @@ def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
 
 
-def chunk_keys(hd: int) -> int:
-    """Keys per staged chunk (na_fused_chunk in na_fused.cu)."""
-    return 32 if hd <= 64 else 16
+def chunk_keys(hd: int, ndim: int = 2) -> int:
+    """Keys per staged chunk (na_fused_chunk in na_fused.cu): 3D chunks are 16 keys at every head dim (their
+    logits live in registers beside a third axis' coordinates; 32 would spill)."""
+    return 32 if hd <= 64 and ndim < 3 else 16
 
 
-def shared_bytes(hd: int, dtype: str) -> int:
+def shared_bytes(hd: int, dtype: str, ndim: int = 2) -> int:
     """Dynamic shared memory of one block: a chunk of K rows and of V rows, HD elements each."""
-    return 2 * chunk_keys(hd) * hd * tiling.ITEMSIZE[dtype]
+    return 2 * chunk_keys(hd, ndim) * hd * tiling.ITEMSIZE[dtype]
 
 
 def kernel_name_of(hd: int, dtype: str, tile: tuple[int, ...]) -> str:
@@ -78,7 +79,7 @@ def kernel_name_of(hd: int, dtype: str, tile: tuple[int, ...]) -> str:
 
 def _instantiations(ranks) -> dict[str, int]:
     """Every instantiation serving ``ranks``, with its dynamic shared memory."""
-    return {kernel_name_of(hd, dtype, tile): shared_bytes(hd, dtype)
+    return {kernel_name_of(hd, dtype, tile): shared_bytes(hd, dtype, ndim)
             for (ndim, hd, dtype), tile in TILES.items() if ndim in ranks}
 
 
@@ -93,8 +94,9 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     if tile is None:
         return False, (f"no fused kernel for {problem.ndim}D {problem.dtype} at head_dim {problem.head_dim} "
                        f"(float32/float16/bfloat16, head_dim <= {HEAD_DIMS[-1]})")
-    if shared_bytes(hd, problem.dtype) > SHARED_BUDGET:
-        return False, f"{shared_bytes(hd, problem.dtype)} bytes of shared memory, more than {SHARED_BUDGET}"
+    shared = shared_bytes(hd, problem.dtype, problem.ndim)
+    if shared > SHARED_BUDGET:
+        return False, f"{shared} bytes of shared memory, more than {SHARED_BUDGET}"
     blocks = tiling.grid(problem, tile)
     if blocks > P.MAX_GRID[0]:
         return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
@@ -106,7 +108,7 @@ def plan(problem: Problem, policy=None) -> Launch:
     tile = TILES[problem.ndim, hd, problem.dtype]
     family = NAME if problem.ndim in FAMILY.ranks else FAMILY_3D.name
     return Launch(P.Kernel(source_of(family), kernel_name_of(hd, problem.dtype, tile)), tiling.grid(problem, tile),
-                  THREADS, shared_bytes(hd, problem.dtype))
+                  THREADS, shared_bytes(hd, problem.dtype, problem.ndim))
 
 
 def _family(name: str, ranks: frozenset) -> Family:
