@@ -294,10 +294,34 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
                 }
             }
         }
-        // bias partials: entry e gets the ds of every query whose key at offset e lies in the chunk
-        if (partial_out) {
+        // bias partials: entry e gets the ds of every query whose key at offset e lies in the chunk, added
+        // in query order. 3D walks the chunk's keys (the query of a key is the key minus the offset): nc
+        // steps per entry, where a scan of the tile's queries would visit nearly all of them for each of up
+        // to (2k-1)^3 entries per chunk; same order, same sums. Box-relative ints: a box is far smaller than
+        // 2^31 positions. 1D/2D keep the scan (the walk costs their head-dim-256 kernels 5 registers).
+        if (partial_out && RANK == 3) {
             for (long long en = tid; en < entries; en += NA_FB_THREADS) {
-                const long long rx = en / rw - (kx - 1), ry = en % rw / rwz - (ky - 1), rz = en % rwz - (az.kernel - 1);
+                const na_fb_at first = na_fb_box_at(c0, 0, 0, 0, nby, nbz);
+                // the tile query of box key (x, y, z) at this offset: (x + ox, y + oy, z + oz)
+                const int ox = (int)(bx0 - tx0 - (en / rw - (kx - 1)));
+                const int oy = (int)(by0 - ty0 - (en % rw / rwz - (ky - 1)));
+                const int oz = (int)(bz0 - tz0 - (en % rwz - (az.kernel - 1)));
+                int x = (int)first.x, y = (int)first.y, z = (int)first.z;
+                float sum = 0.0f;
+                for (int kk = 0; kk < nc; ++kk) {
+                    const int qxi = x + ox, qyi = y + oy, qzi = z + oz;
+                    if ((unsigned)qxi < (unsigned)nqx && (unsigned)qyi < (unsigned)nqy && (unsigned)qzi < (unsigned)nqz)
+                        sum += ds[((qxi * TY + qyi) * TZ + qzi) * KS + kk];
+                    if (++z == nbz) {
+                        z = 0;
+                        if (++y == nby) { y = 0; ++x; }
+                    }
+                }
+                racc[en] += sum;
+            }
+        } else if (partial_out) {
+            for (long long en = tid; en < entries; en += NA_FB_THREADS) {
+                const long long rx = en / rw - (kx - 1), ry = en % rw - (ky - 1);
                 float sum = 0.0f;
                 for (int qxi = 0; qxi < nqx; ++qxi) {
                     const long long wx = tx0 + qxi + rx;
@@ -305,12 +329,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
                     for (int qyi = 0; qyi < nqy; ++qyi) {
                         const long long wy = ty0 + qyi + ry;
                         if (wy < by0 || wy >= by1) continue;
-                        for (int qzi = 0; qzi < nqz; ++qzi) {
-                            const long long wz = tz0 + qzi + rz;
-                            if (wz < bz0 || wz >= bz1) continue;
-                            const long long kk = ((wx - bx0) * nby + (wy - by0)) * nbz + (wz - bz0) - c0;
-                            if (kk >= 0 && kk < nc) sum += ds[((qxi * TY + qyi) * TZ + qzi) * KS + kk];
-                        }
+                        const long long kk = (wx - bx0) * nby + (wy - by0) - c0;
+                        if (kk >= 0 && kk < nc) sum += ds[(qxi * TY + qyi) * KS + kk];
                     }
                 }
                 racc[en] += sum;
