@@ -104,26 +104,6 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long gx = tile_x % dx, gy = tile_y % dy, gz = tile_z % az.dilation; \
     const long long tx0 = (tile_x / dx) * (TX_), ty0 = (tile_y / dy) * (TY_), tz0 = (tile_z / az.dilation) * (TZ_);
 
-// The z table of a 3D block's tile rows, beside na_axis_tables' x and y
-// (threads 0.. and 128..): threads 192..192+TZ-1 fill it (row i: the window
-// [start, end) of position (z0 + i) * dilation + g or, with INVERSE, the
-// queries that see it; rows from n on get [0, 0)); the caller's barrier
-// publishes it.
-template <bool INVERSE, int TZ>
-__device__ __forceinline__ void na_fb_z_table(int tid, const na_axis& az, long long z0, long long n, long long g,
-                                              int* lo, int* hi) {
-    static_assert(TZ <= 64, "threads 192..255 fill the z table");
-    const int i = tid - 192;
-    if (i < 0 || i >= TZ) return;
-    long long l = 0, e = 0;
-    if (i < n) {
-        if (INVERSE) na_inverse_range(az, (z0 + i) * az.dilation + g, l, e);
-        else na_window(az, (z0 + i) * az.dilation + g, l, e);
-    }
-    lo[i] = (int)l;
-    hi[i] = (int)e;
-}
-
 // Row i of a z table, or below rank 3 (no table) the trivial axis' row:
 // window [0, 1), the one query that sees the one key.
 template <int RANK>
@@ -153,7 +133,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     constexpr int DPT = HD / LANES;            // dims per thread
     static_assert(NA_FB_THREADS % TQ == 0 && HD % LANES == 0 && DPT >= 1, "tile does not map onto the block");
     static_assert(TX <= 128 && TY <= 128, "the prologue gives threads 0.. and 128.. the axes");
-    static_assert(RANK == 3 ? TX <= 64 : TZ == 1, "3D: threads 192.. fill the z table; a z extent in 3D only");
+    static_assert(RANK == 3 ? TY <= 64 && TZ <= 64 : TZ == 1, "3D: threads 128.. fill the y table, 192.. the z table");
     NA_PROBLEM_AXES(RANK)
     __shared__ int win_x0[TX], win_x1[TX], win_y0[TY], win_y1[TY];
     __shared__ int win_z0[TZ], win_z1[TZ];  // 3D only (unused below: the compiler drops them)
@@ -175,7 +155,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         return;
     }
     na_axis_tables<false, TX, TY>(tid, ax, tx0, nqx, gx, ay, ty0, nqy, gy, win_x0, win_x1, win_y0, win_y1);
-    if constexpr (RANK == 3) na_fb_z_table<false, TZ>(tid, az, tz0, nqz, gz, win_z0, win_z1);
+    if constexpr (RANK == 3) na_axis_table_z<false, TZ>(tid, az, tz0, nqz, gz, win_z0, win_z1);
     const T zero = T();
     unsigned char* smem = na_dynamic_shared();
     constexpr int KS = KC + 1;  // ds row stride (floats)
@@ -365,7 +345,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     constexpr int WIN = RANK == 3 ? 6 : 4;     // window bounds per staged query: [x0, x1, y0, y1(, z0, z1)]
     static_assert(NA_FB_THREADS % TK == 0 && HD % LANES == 0 && DPT >= 1, "tile does not map onto the block");
     static_assert(TX <= 128 && TY <= 128, "the prologue gives threads 0.. and 128.. the axes");
-    static_assert(RANK == 3 ? TX <= 64 : TZ == 1, "3D: threads 192.. fill the z table; a z extent in 3D only");
+    static_assert(RANK == 3 ? TY <= 64 && TZ <= 64 : TZ == 1, "3D: threads 128.. fill the y table, 192.. the z table");
     NA_PROBLEM_AXES(RANK)
     __shared__ int key_first_x[TX], key_last_x[TX], key_first_y[TY], key_last_y[TY];
     __shared__ int key_first_z[TZ], key_last_z[TZ];  // 3D only (unused below: the compiler drops them)
@@ -377,7 +357,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const int tid = threadIdx.x;
     na_axis_tables<true, TX, TY>(tid, ax, tx0, nkx, gx, ay, ty0, nky, gy, key_first_x, key_last_x, key_first_y,
                                  key_last_y);
-    if constexpr (RANK == 3) na_fb_z_table<true, TZ>(tid, az, tz0, nkz, gz, key_first_z, key_last_z);
+    if constexpr (RANK == 3) na_axis_table_z<true, TZ>(tid, az, tz0, nkz, gz, key_first_z, key_last_z);
     const T zero = T();
     unsigned char* smem = na_dynamic_shared();
     constexpr int PS = QC + 1;  // p / ds row stride (floats)

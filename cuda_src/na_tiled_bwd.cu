@@ -95,23 +95,6 @@ __device__ __forceinline__ void na_tinv_store(T* out, long long at, long long o_
     }
 }
 
-// One axis' table of a block's tile rows, for the z axis of 3D tiles: threads
-// 192..192+T fill it (na_axis_tables takes 0.. and 128.. for x and y); the
-// caller's barrier publishes it.
-template <bool INVERSE, int T, typename I>
-__device__ __forceinline__ void na_axis_table_z(int tid, const na_axis& a, long long p0, long long n, long long g,
-                                                I* lo, I* hi) {
-    const int i = tid - 192;
-    if (i < 0 || i >= T) return;
-    long long s = 0, e = 0;
-    if (i < n) {
-        if (INVERSE) na_inverse_range(a, (p0 + i) * a.dilation + g, s, e);
-        else na_window(a, (p0 + i) * a.dilation + g, s, e);
-    }
-    lo[i] = (I)s;
-    hi[i] = (I)e;
-}
-
 // na_tiled_inv in 3D: a key tile of TX x TY x TZ keys. Its query box
 // (TX + 2kx - 2) x (TY + 2ky - 2) x (TZ + 2kz - 2) is too large to stage
 // whole, so it is staged TY y rows of one x plane at a time (each with the

@@ -82,6 +82,24 @@ __device__ __forceinline__ void na_axis_tables(int tid, const na_axis& ax, long 
     (on_x ? hi_x : hi_y)[i] = (I)hi;
 }
 
+// One axis' table of a block's tile rows, for the z axis of 3D tiles, the
+// same rows as na_axis_tables': threads 192..192+T fill it (na_axis_tables
+// takes 0.. and 128.. for x and y; the block needs 192 + T threads); the
+// caller's barrier publishes it.
+template <bool INVERSE, int T, typename I>
+__device__ __forceinline__ void na_axis_table_z(int tid, const na_axis& a, long long p0, long long n, long long g,
+                                                I* lo, I* hi) {
+    const int i = tid - 192;
+    if (i < 0 || i >= T) return;
+    long long s = 0, e = 0;
+    if (i < n) {
+        if (INVERSE) na_inverse_range(a, (p0 + i) * a.dilation + g, s, e);
+        else na_window(a, (p0 + i) * a.dilation + g, s, e);
+    }
+    lo[i] = (I)s;
+    hi[i] = (I)e;
+}
+
 // The problem's axes (NA_PROBLEM's arguments, na_args.cuh) as na_axis values.
 // A kernel whose RANK is below 3 gets the trivial z axis as constants (length
 // 1, kernel 1, stride 1, dilation 1, not causal), so that whatever it computes
