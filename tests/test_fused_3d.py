@@ -10,14 +10,16 @@
   every value of every swept dimension (a test checks it); ``large`` many;
 * typical video windows (7x7x7, (3, 7, 7), (5, 7, 7), dilation 2) with a bias:
   key boxes of many chunks, bias partials within the dq kernel's shared memory;
-* run-to-run determinism (bitwise), NaN propagation (the fused rule of
-  tests/test_fused.py and tests/test_nonfinite.py), offsets past 2^31
-  (tests/test_scale.py);
+* run-to-run determinism (bitwise) and the fused kernels' NaN rule of
+  tests/test_fused.py (tests/test_nonfinite.py and tests/test_scale.py hold
+  the 3D fused path, these kernels, to exact NaN reach and offsets past 2^31
+  through na3d);
 * the twins' tables, names and the dispatcher's choice.
 
 The kernels are driven through the dispatcher, as the 1D/2D family tests do
-(tests/test_fused.py, tests/test_fused_bwd.py, whose helpers these reuse).
-GPU-marked twins run the sweeps on the ``cuda`` executor.
+(tests/test_fused.py, tests/test_fused_bwd.py, whose helpers these reuse), and
+through na3d on the emulator backend. GPU-marked twins run the sweeps through
+na3d on the ``cuda`` backend (tests/test_gpu_sweeps.py's checks).
 """
 
 from __future__ import annotations
@@ -25,10 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,20 +34,17 @@ import torch
 import test_fused
 import test_fused_bwd
 import test_gpu_sweeps
-import test_nonfinite
-import test_scale
-from helpers import RecordingExecutor, assert_close, kernel_policy, sweep_inputs
+from helpers import RecordingExecutor, assert_close, sweep_inputs
 from test_fused import Config
 from test_fused_bwd import Case
 
 import na_rtc
 from na_rtc import _args, config
-from na_rtc.runtime import emulated, registry
+from na_rtc.runtime import registry
 from na_rtc.runtime.dispatch import Dispatcher
 from na_rtc.runtime.families import fused, fused_bwd
 from na_rtc.runtime.policy import Policy
 
-HERE = Path(__file__).resolve().parent
 needs_emulator = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                     reason="emulator needs a C++ compiler")
 
@@ -177,7 +172,33 @@ def test_full_kernel_is_full_attention():
                  "lse")
 
 
-# ---------------------------------------------------------------- determinism, non-finite inputs, large offsets
+#: through the public API: float32 (the tensor-core kernels take float16 / bfloat16 where they serve), strides
+API_CASES = [
+    Case((7, 8, 9), (3, 5, 3), (2, 1, 3), (1, 1, 1), (False, False, False), 32, "float32", rpb=True),
+    Case((9, 7, 8), (3, 3, 4), (1, 2, 2), (2, 1, 1), (True, False, True), 64, "float32", heads_first=True),
+]
+
+
+@needs_emulator
+@pytest.mark.parametrize("case", API_CASES, ids=str)
+def test_na3d_on_the_emulator_backend_runs_these_kernels(case):
+    (q, k, v, g, rpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._inputs(case)
+    window = test_fused_bwd._window(case)
+    text = str(na_rtc.explain("na3d", q, k, v, **window, rpb=rpb, backward=True, backend="emulator"))
+    assert "forward: simt" in text and "backward: simt" in text, text
+    out, lse = na_rtc.na3d(q, k, v, **window, rpb=rpb, return_lse=True, backend="emulator")
+    want_out, want_lse = na_rtc.na3d(q64, k64, v64, **window, rpb=rpb64, return_lse=True, backend="reference")
+    assert_close(out, want_out, case.dtype, "forward", "out")
+    assert_close(lse, want_lse, case.dtype, "forward", "lse")
+    got = na_rtc.na3d_backward(g, q, k, v, **window, rpb=rpb, backend="emulator")
+    want = na_rtc.na3d_backward(g64, q64, k64, v64, **window, rpb=rpb64, backend="reference")
+    for name, a, b in zip(("dq", "dk", "dv", "drpb"), got, want):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert_close(a, b, case.dtype, "grad", name)
+
+
+# ---------------------------------------------------------------- determinism, non-finite inputs
 
 
 def _bits(x):
@@ -199,68 +220,6 @@ def test_nan_key_poisons_its_queries_only():
     cfg = Config((9, 10, 11), (3, 5, 3), (1, 2, 1), (True, False, False), 1, 1, 32, False, False, "float32",
                  (1, 2, 1))
     test_fused.assert_nan_key_poisons_its_queries_only(cfg, (4, 5, 6))
-
-
-NONFINITE = dict(spatial=(6, 7, 7), kernel_size=(3, 3, 3), dilation=(1, 2, 1), is_causal=(True, False, False))
-
-
-@needs_emulator
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("poisoned", ["key", "value"])
-def test_backward_poisons_exactly_what_depends_on_the_nan(poisoned):
-    """tests/test_nonfinite.py's rule in 3D: dq of the queries that see the NaN, dk of every key they see, dv of
-    those keys for a NaN key; the other head stays finite."""
-    (q, k, v), token = test_nonfinite._poisoned_inputs(NONFINITE, np.nan, poisoned)
-    grad_out = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
-    window = test_nonfinite._window(NONFINITE)
-    problem = _args.fused_problem(3, q, k, v, window["kernel_size"], 1, window["dilation"], window["is_causal"],
-                                  None, None)
-    kernels = Dispatcher(emulated.run, kernel_policy())
-    out, lse = kernels.forward(problem, q, k, v, None)
-    dq, dk, dv, _ = kernels.backward(problem, grad_out, q, k, v, None, out, lse)
-    queries = test_nonfinite._seen_by(NONFINITE, token)
-    keys = test_nonfinite._seen_by_any(NONFINITE, queries)
-    assert queries.any() and not keys.all()
-    expected = {"dq": queries, "dk": keys, "dv": keys if poisoned == "key" else np.zeros_like(keys)}
-    for name, grad in (("dq", dq), ("dk", dk), ("dv", dv)):
-        np.testing.assert_array_equal(~np.isfinite(grad[0, ..., 1, :]).all(-1), expected[name], err_msg=name)
-        assert np.isfinite(grad[0, ..., 0, :]).all(), name
-
-
-def run_offsets_case() -> None:
-    """Forward and backward (fp32, bias) on inputs whose batch 1 starts past 2^31 elements, against the reference
-    on compact copies (raises on a mismatch; a wrapped 32-bit offset reads outside the mapping and crashes)."""
-    shape, kernel = (2, 5, 4, 6, 2, 8), (3, 3, 3)
-    keep, (q, k, v, g) = test_scale.sparse_inputs(4, shape, "float32")
-    assert q.strides[0] // q.itemsize > 2**31
-    rpb = np.random.default_rng(2).standard_normal((2, 5, 5, 5)).astype(np.float32)
-    problem = _args.fused_problem(3, q, k, v, kernel, 1, 1, False, None, rpb)
-    kernels = Dispatcher(emulated.run, kernel_policy())
-    out, lse = kernels.forward(problem, q, k, v, rpb)
-    grads = kernels.backward(problem, g, q, k, v, rpb, out, lse)
-    compact = [np.ascontiguousarray(x) for x in (q, k, v, g)]
-    want_out, want_lse = na_rtc.na3d(*compact[:3], kernel, rpb=rpb, return_lse=True, backend="reference")
-    want = na_rtc.na3d_backward(compact[3], *compact[:3], kernel, rpb=rpb, backend="reference")
-    assert_close(out, want_out, "float32", "forward", "out")
-    assert_close(lse, want_lse, "float32", "forward", "lse")
-    for name, got, expected in zip(("dq", "dk", "dv", "drpb"), grads, want):
-        assert_close(got, expected, "float32", "grad", name)
-    del keep
-
-
-@needs_emulator
-@test_scale.needs_mapping
-def test_offsets_past_2_to_the_31():
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(HERE)!r})
-        import test_fused_3d
-        test_fused_3d.run_offsets_case()
-        print("ok")
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
-        f"exit status {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
 
 # ---------------------------------------------------------------- the tables, the twins, the choice

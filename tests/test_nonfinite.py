@@ -4,7 +4,7 @@ A NaN or Inf in a key or value makes the output of every query whose
 neighborhood holds it non-finite, and leaves every other query finite,
 including causal queries whose out-of-window slots lie next to it. Checked on
 the reference and on the kernels (emulator: fused and split kernels; float32
-so the fused kernels serve; 3D on the split kernels), forward and backward. The backward follows the
+so the fused kernels serve), forward and backward. The backward follows the
 dependencies: dq of a query that sees the NaN key, dk of every key such a
 query sees (through its non-finite softmax statistics), and dv of those keys
 for a NaN key (a NaN value leaves the probabilities, hence dv, finite).

@@ -73,7 +73,7 @@ CASES = {
     "fused-2d-fp32-rpb": (2, "float32", 8, 3),
     "split-1d-fp16": (1, "float16", 16, 5),  # tiled qk / av and their backward
     "split-2d-fp64": (2, "float64", 4, 3),  # straightforward kernels (no tiles for float64)
-    "fused-3d-fp32-rpb": (3, "float32", 8, 3),  # 3D: the split kernels composed
+    "fused-3d-fp32-rpb": (3, "float32", 8, 3),  # 3D: the fused SIMT kernels
     "split-3d-fp16": (3, "float16", 16, 3),  # 3D tiled qk / av and their backward
     "split-3d-fp64": (3, "float64", 4, 3),  # 3D straightforward kernels
 }

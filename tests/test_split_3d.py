@@ -282,13 +282,13 @@ def test_the_3d_twins_list_every_dtype_and_head_dim_bucket_of_their_families():
 
 
 def test_explain_shows_the_3d_kernels_of_each_launch():
-    q = np.zeros((1, 6, 7, 8, 2, 32), np.float32)
-    text = str(na_rtc.explain("na3d", q, q, q, kernel_size=(3, 7, 7), backward=True, backend="emulator"))
+    q = np.zeros((1, 6, 7, 8, 2, 32), np.float32)  # (na3d itself runs the fused SIMT kernels here)
+    text = str(na_rtc.explain("na3d_qk", q, q, kernel_size=(3, 7, 7), backward=True, backend="emulator"))
     assert "qk: tiled na_tiled_qk<float, float, 32, 4, 4, 3, 4>" in text
     assert "av: tiled na_tiled_av<float, float, 32, 4, 4, 3, 4>" in text
-    assert "softmax: straightforward na_softmax_fwd<float, 3>" in text
-    q = np.zeros((1, 6, 7, 8, 2, 8), np.float64)
+    q = np.zeros((1, 6, 7, 8, 2, 8), np.float64)  # no fused kernel: the split kernels composed
     text = str(na_rtc.explain("na3d", q, q, q, kernel_size=3, backward=True, backend="emulator"))
+    assert "softmax: straightforward na_softmax_fwd<double, 3>" in text
     assert "qk: straightforward na_qk_fwd<double, double, 3>" in text
     assert "inverse: straightforward na_inv_fwd<double, double, 3>" in text
 
