@@ -2,13 +2,13 @@
 //
 // Same arguments, layouts and results as na_fused_fwd (na_fused.cu): out in
 // the input dtype, lse in float32. One block of 4 warps per (batch, head,
-// query tile of TX x TY = 64 MT group coordinates inside ONE dilation group
-// per axis); warp w owns the tile's queries 16 MT w .. 16 MT (w + 1) - 1 (tile
-// order, y fastest): MT mma tiles of 16 rows, which share every K and V
-// fragment the warp loads (MT = 2 halves the shared-memory reads per mma).
-// The key box (union of the tile's windows, DESIGN.md section 2) is walked in
-// row-major order in chunks of KC
-// keys, double-buffered in shared memory: while the warps compute on chunk c,
+// query tile of TX x TY (x TZ in 3D) = 64 MT group coordinates inside ONE
+// dilation group per axis); warp w owns the tile's queries 16 MT w .. 16 MT
+// (w + 1) - 1 (tile order, the last axis fastest): MT mma tiles of 16 rows,
+// which share every K and V fragment the warp loads (MT = 2 halves the
+// shared-memory reads per mma). The key box (union of the tile's windows,
+// DESIGN.md section 2) is walked in row-major order in chunks of KC keys,
+// double-buffered in shared memory: while the warps compute on chunk c,
 // cp.async copies bring chunk c + 1 (na_async.cuh; element copies instead
 // where rows are strided or unaligned). Per chunk and warp:
 //   S = Q K^T    mma.m16n8k16: Q fragments (ldmatrix.x4, kept in registers
@@ -37,10 +37,13 @@
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
 // (32 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64 MT; 1D: TY =
 // 1), keys per chunk KC (16 | KC, 4 KC >= 64 MT), mma tiles per warp MT (1 or
-// 2). Dynamic shared memory (na_rtc/runtime/fused_tc.py mirrors it): 4 KC
-// rows of HD + 8 elements, two stages of a K and a V chunk; the Q tile is
-// staged there until its fragments are in registers (in stage 1's rows when
-// it fits, so that chunk 0 loads at the same time).
+// 2), then RANK (3: a 3D problem, whose tile is TX x TY x TZ = 64 MT queries,
+// z fastest, and whose box is walked row-major in (x, y, z); below 3 the z
+// axis is the trivial one and every z term folds away) and TZ. Dynamic shared
+// memory (na_rtc/runtime/fused_tc.py mirrors it): 4 KC rows of HD + 8
+// elements, two stages of a K and a V chunk; the Q tile is staged there until
+// its fragments are in registers (in stage 1's rows when it fits, so that
+// chunk 0 loads at the same time).
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -49,12 +52,12 @@
 #include "na_tc_softmax.cuh"
 #include "na_args.cuh"
 
-template <class T, int HD, int TX, int TY, int KC, int MT>
+template <class T, int HD, int TX, int TY, int KC, int MT, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
     NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb),
     T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
-    constexpr int NQ = TX * TY;
+    constexpr int NQ = TX * TY * TZ;
     constexpr int P = HD + 8;         // row pitch: 16-byte rows, shifted 4 banks per row for ldmatrix
     constexpr int KSTEPS = HD / 16;   // k-steps of Q K^T over head dims
     constexpr int NT = KC / 8;        // 8-key column tiles per chunk
@@ -63,22 +66,27 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     constexpr bool Q_IN_STAGE1 = NQ <= STAGE;  // else Q takes both stages before chunk 0 loads
     static_assert((MT == 1 || MT == 2) && NQ == 16 * MT * NA_TC_WARPS, "MT mma tiles of 16 rows per warp");
     static_assert(HD % 32 == 0 && KC % 16 == 0 && NQ <= 2 * STAGE, "mma shapes; the Q tile fits in the stages");
+    static_assert(RANK == 3 || TZ == 1, "a z extent in 3D only");
     const float NEG_INF = __int_as_float(0xff800000);
 
-    NA_TC_DECODE_BLOCK(TX, TY)
+    NA_TC_DECODE_BLOCK_RANK(TX, TY, TZ, RANK)
     if (!tile_ok) return;  // uniform over the block
-    const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
+    const na_tc_box<TY, RANK> box = na_tc_box_of<TY, RANK>(tx, ty, tz);
     const int d_len = (int)D;
+    // the z strides, constant 0 below rank 3 (the arguments are 0 there too), so that z terms fold away
+    const long long q_z3 = RANK == 3 ? q_z : 0, k_z3 = RANK == 3 ? k_z : 0, v_z3 = RANK == 3 ? v_z : 0;
 
     T* smem = reinterpret_cast<T*>(na_dynamic_shared());
     T* sq = Q_IN_STAGE1 ? smem + STAGE * P : smem;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
 
-    const auto kv = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY>(k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D,
-                                                         tx, ty, dx, dy, b, h);
+    const auto kv = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3,
+        v_z3);
 
     // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere), with chunk 0 if Q leaves stage 0 free
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len,
+                                                                       dx, dy, tx, ty, tz, az.dilation, q_z3);
     if (Q_IN_STAGE1) kv.load(smem, box, 0);
     else na_cp_async_commit();
     na_cp_async_wait_group<0>();
@@ -94,8 +102,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     na_tc_rows rows[MT];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        rows[mt] = na_tc_query_rows<TY>(16 * (MT * warp + mt), lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
-    const na_tc_warp_window common = na_tc_common_window<MT>(rows);
+        rows[mt] = na_tc_query_rows<TY, TZ, RANK>(16 * (MT * warp + mt), lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y,
+                                                  az, tz, rpb_z);
+    const na_tc_warp_window common = na_tc_common_window<MT, RANK>(rows);
 
     float o[MT][DT][4];
 #pragma unroll
@@ -117,7 +126,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
 
         // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf. Without a
         // bias, a chunk inside the window of each of the warp's rows takes no test per tile (warp-uniform)
-        const bool chunk_full = !rpb && na_tc_keys_full<TY>(common, c0, KC, box);
+        const bool chunk_full = !rpb && na_tc_keys_full(common, c0, KC, box);
         float s[MT][NT][4];
         bool tile_live[NT];
 #pragma unroll
@@ -143,7 +152,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 if (chunk_full) na_tc_scale_rows(s[mt][nt], rows[mt], scale2);
-                else na_tc_logits<TY>(s[mt][nt], in[mt], rows[mt], key0, box, rpb, rpb_x, rpb_y, scale2);
+                else na_tc_logits(s[mt][nt], in[mt], rows[mt], key0, box, rpb, rpb_x, rpb_y, scale2, rpb_z);
             }
         }
 
@@ -172,8 +181,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         }
     }
 
-    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D};
+    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D, o_z, l_z};
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-        na_tc_store_rows<T, DT, TY>(dst, o[mt], m[mt], l[mt], rows[mt], 16 * (MT * warp + mt), lane, tx, ty, dx, dy);
+        na_tc_store_rows<T, DT, TY, TZ, RANK>(dst, o[mt], m[mt], l[mt], rows[mt], 16 * (MT * warp + mt), lane, tx, ty,
+                                              dx, dy, tz, az.dilation);
 }

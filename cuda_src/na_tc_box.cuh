@@ -53,11 +53,15 @@ __device__ __forceinline__ void na_tc_group_window(const na_tc_group_axis& a, in
 
 // The key box of a block's query tile (the union of its queries' windows,
 // DESIGN.md section 2), walked row-major: box key n sits at box coordinates
-// (n / hy, n % hy), origin (tx.h0, ty.h0). 1D tiles (TY == 1) have hy == 1.
-template <int TY>
+// (n / hy, n % hy), origin (tx.h0, ty.h0); in 3D (RANK 3) at (n / hz / hy,
+// n / hz % hy, n % hz), origin (tx.h0, ty.h0, tz.h0). 1D tiles (TY == 1) have
+// hy == 1; below RANK 3 hz is 1 and the z coordinate of every key is 0, so
+// the z code folds away.
+template <int TY, int RANK = 2>
 struct na_tc_box {
-    int keys, hy;
-    na_divisor div;
+    static_assert(RANK < 3 || TY > 1, "a 3D box has a y extent (TY == 1 means 1D)");
+    int keys, hy, hz;
+    na_divisor div, div_z;  // by hy; by hz (RANK 3)
 
     __device__ __forceinline__ void split(int n, int& bx, int& by) const {
         if (TY == 1) {
@@ -68,27 +72,61 @@ struct na_tc_box {
             by = n - bx * hy;
         }
     }
+
+    __device__ __forceinline__ void split(int n, int& bx, int& by, int& bz) const {
+        if constexpr (RANK == 3) {
+            const int row = na_divide(div_z, n);  // the (bx, by) row of hz keys
+            bz = n - row * hz;
+            split(row, bx, by);
+        } else {
+            split(n, bx, by);
+            bz = 0;
+        }
+    }
+
+    // the box key after (bx, by, bz), row-major
+    __device__ __forceinline__ void step(int& bx, int& by, int& bz) const {
+        if (RANK == 3 && ++bz < hz) return;
+        bz = 0;
+        if (++by == hy) { by = 0; ++bx; }
+    }
 };
 
-template <int TY>
-__device__ __forceinline__ na_tc_box<TY> na_tc_box_of(const na_tile_axis& tx, const na_tile_axis& ty) {
-    na_tc_box<TY> box;
+// the trivial z axis of a tile below rank 3 (group 0, one query, box [0, 1)): the default of the z arguments
+#define NA_TC_NO_Z (na_tile_axis{0, 1, 0, 1, 0, 1})
+
+template <int TY, int RANK = 2>
+__device__ __forceinline__ na_tc_box<TY, RANK> na_tc_box_of(const na_tile_axis& tx, const na_tile_axis& ty,
+                                                            const na_tile_axis& tz = NA_TC_NO_Z) {
+    na_tc_box<TY, RANK> box;
     box.hy = TY == 1 ? 1 : (int)(ty.h1 - ty.h0);
-    box.keys = (int)(tx.h1 - tx.h0) * box.hy;
+    box.hz = RANK == 3 ? (int)(tz.h1 - tz.h0) : 1;
+    box.keys = (int)(tx.h1 - tx.h0) * box.hy * box.hz;
     box.div = na_make_divisor((unsigned)box.hy);
+    if (RANK == 3) box.div_z = na_make_divisor((unsigned)box.hz);
     return box;
 }
 
-// Element offsets of box row (bx, by) of one (b, h) in a tensor: base + bx * step_x + by * step_y, for a
-// box with origin (x0, y0) in the dilation groups gx, gy (group coordinates; position = x * dx + gx).
+// Element offsets of box row (bx, by, bz) of one (b, h) in a tensor: base + bx * step_x + by * step_y
+// (+ bz * step_z in 3D), for a box with origin (x0, y0, z0) in the dilation groups gx, gy, gz (group
+// coordinates; position = x * dx + gx). Below rank 3 the z arguments keep their defaults and fold away.
 struct na_tc_box_rows {
-    long long base, step_x, step_y;
+    long long base, step_x, step_y, step_z;
+
+    template <int RANK = 2>
+    __device__ __forceinline__ long long at(int bx, int by, int bz) const {
+        const long long xy = base + bx * step_x + by * step_y;
+        return RANK == 3 ? xy + bz * step_z : xy;
+    }
 };
 
 __device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long long y0, long long gx, long long gy,
                                                             long long dx, long long dy, long long b, long long h,
-                                                            long long sb, long long sx, long long sy, long long sh) {
-    return {b * sb + (x0 * dx + gx) * sx + (y0 * dy + gy) * sy + h * sh, dx * sx, dy * sy};
+                                                            long long sb, long long sx, long long sy, long long sh,
+                                                            long long z0 = 0, long long gz = 0, long long dz = 1,
+                                                            long long sz = 0) {
+    return {b * sb + (x0 * dx + gx) * sx + (y0 * dy + gy) * sy + (z0 * dz + gz) * sz + h * sh, dx * sx, dy * sy,
+            dz * sz};
 }
 
 // The chunks [lo, hi) of KC keys of a tile's key box that hold keys of warpgroup j's queries, for blocks of

@@ -96,9 +96,10 @@ __device__ __forceinline__ void na_tc_load_rows(T* dst, const T* src, long long 
 // pieces of a tensor per chunk (2 in blocks of more than one warpgroup): below that the saving is small,
 // and the one-warpgroup backward kernels at head dim 128 (255 registers) spill with it, while the
 // two-warpgroup wgmma dK/dV at head dim 128 spills without it.
-template <class T, int HD, class L, int KC, int THREADS = NA_TC_THREADS, int TY>
+template <class T, int HD, class L, int KC, int THREADS = NA_TC_THREADS, int TY, int RANK>
 __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long long step, bool vec, int D,
-                                                    const na_tc_box<TY>& box, const na_tc_box_rows& rows, int c0) {
+                                                    const na_tc_box<TY, RANK>& box, const na_tc_box_rows& rows,
+                                                    int c0) {
     constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V, PASS = THREADS / PIECES;
     if constexpr (TY == 1 && THREADS % PIECES == 0 && KC % PASS == 0 && PASS % 8 == 0 &&
                   KC / PASS >= (THREADS > NA_TC_THREADS ? 2 : 4)) {
@@ -124,9 +125,9 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
     na_tc_load_rows<T, HD, L, KC, THREADS>(dst, src, step, vec, D, [&](int r, long long& at) {
         const int key = c0 + r;
         if (key >= box.keys) return false;
-        int bx, by;
-        box.split(key, bx, by);
-        at = rows.base + bx * rows.step_x + by * rows.step_y;
+        int bx, by, bz;
+        box.split(key, bx, by, bz);
+        at = rows.at<RANK>(bx, by, bz);
         return true;
     });
 }
@@ -138,7 +139,7 @@ __device__ __forceinline__ void na_tc_load_box_keys(T* dst, const T* src, long l
 // in layout L. With STAGES 3 the stream runs one chunk further ahead: chunk
 // c + 1 has landed while chunk c is computed, for a forward that multiplies
 // the next chunk's Q K^T during this chunk's softmax (na_fused_wg.cu).
-template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2>
+template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2, int RANK = 2>
 struct na_tc_kv_stream {
     static_assert(STAGES == 2 || STAGES == 3, "two or three stages");
     const T* k;
@@ -153,7 +154,7 @@ struct na_tc_kv_stream {
         return stages + (STAGES == 2 ? chunk & 1 : chunk % STAGES) * L::rows(2 * KC);
     }
 
-    __device__ __forceinline__ void load(T* stages, const na_tc_box<TY>& box, int chunk) const {
+    __device__ __forceinline__ void load(T* stages, const na_tc_box<TY, RANK>& box, int chunk) const {
         T* stage = stage_of(stages, chunk);
         na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
         na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage + L::rows(KC), v, v_step, v_vec, d_len, box, v_at,
@@ -169,7 +170,8 @@ struct na_tc_kv_stream {
     // each thread fences its landed copies before the barrier (na_wgmma.cuh), and the caller waits for
     // its wgmma on chunk - 1 before the next arrive.
     template <bool ASYNC_PROXY = false>
-    __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY>& box, int chunk, int chunks) const {
+    __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY, RANK>& box, int chunk,
+                                              int chunks) const {
         na_cp_async_wait_group<0>();
         if (ASYNC_PROXY) na_fence_proxy_async();
         __syncthreads();
@@ -178,34 +180,50 @@ struct na_tc_kv_stream {
     }
 };
 
-// the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty
-template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2>
-__device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY, THREADS, STAGES> na_tc_kv_stream_of(
+// whether rows of a [b, x, y, z, h, head dim] tensor (element strides s_*) can be staged in 16-byte pieces
+// (na_rows_vectorizable, with the z stride too; below rank 3 it is 0)
+template <class T>
+__device__ __forceinline__ bool na_tc_rows_vectorizable(const T* src, long long D, long long s_l, long long s_b,
+                                                        long long s_x, long long s_y, long long s_h,
+                                                        long long s_z = 0) {
+    return na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h) && s_z % (16 / (long long)sizeof(T)) == 0;
+}
+
+// the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty (and, in
+// 3D, tz: dilation dz, the tensors' z strides k_z, v_z)
+template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2, int RANK = 2>
+__device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY, THREADS, STAGES, RANK> na_tc_kv_stream_of(
     const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D,
-    const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h) {
+    const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h,
+    const na_tile_axis& tz = NA_TC_NO_Z, long long dz = 1, long long k_z = 0, long long v_z = 0) {
     return {k,
             v,
             ks[4],
             vs[4],
-            na_rows_vectorizable(k, D, ks[4], ks[0], ks[1], ks[2], ks[3]),
-            na_rows_vectorizable(v, D, vs[4], vs[0], vs[1], vs[2], vs[3]),
+            na_tc_rows_vectorizable(k, D, ks[4], ks[0], ks[1], ks[2], ks[3], k_z),
+            na_tc_rows_vectorizable(v, D, vs[4], vs[0], vs[1], vs[2], vs[3], v_z),
             (int)D,
-            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, ks[0], ks[1], ks[2], ks[3]),
-            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, vs[0], vs[1], vs[2], vs[3])};
+            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, ks[0], ks[1], ks[2], ks[3], tz.h0, tz.g, dz,
+                              k_z),
+            na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, vs[0], vs[1], vs[2], vs[3], tz.h0, tz.g, dz,
+                              v_z)};
 }
 
-// load the NROWS = TX * TY rows of a tile of one (b, h) (row qx * TY + qy: group
-// coordinates tx.q0 + qx, ty.q0 + qy; rows of missing queries zero)
-template <class T, int HD, class L, int TX, int TY, int THREADS = NA_TC_THREADS>
+// load the NROWS = TX * TY * TZ rows of a tile of one (b, h) (row (qx * TY + qy) * TZ + qz: group
+// coordinates tx.q0 + qx, ty.q0 + qy, tz.q0 + qz; rows of missing queries zero); below rank 3 TZ is 1 and
+// the z arguments keep their defaults
+template <class T, int HD, class L, int TX, int TY, int THREADS = NA_TC_THREADS, int TZ = 1>
 __device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long s_b, long long s_x, long long s_y,
                                                 long long s_h, long long s_l, long long b, long long h, int D,
                                                 long long dx, long long dy, const na_tile_axis& tx,
-                                                const na_tile_axis& ty) {
-    const bool vec = na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h);
-    const na_tc_box_rows rows = na_tc_box_rows_of(tx.q0, ty.q0, tx.g, ty.g, dx, dy, b, h, s_b, s_x, s_y, s_h);
-    na_tc_load_rows<T, HD, L, TX * TY, THREADS>(dst, src, s_l, vec, D, [&](int r, long long& at) {
-        const int qx = r / TY, qy = r % TY;
-        at = rows.base + qx * rows.step_x + qy * rows.step_y;
-        return qx < tx.n && qy < ty.n;
+                                                const na_tile_axis& ty, const na_tile_axis& tz = NA_TC_NO_Z,
+                                                long long dz = 1, long long s_z = 0) {
+    const bool vec = na_tc_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h, s_z);
+    const na_tc_box_rows rows = na_tc_box_rows_of(tx.q0, ty.q0, tx.g, ty.g, dx, dy, b, h, s_b, s_x, s_y, s_h, tz.q0,
+                                                  tz.g, dz, s_z);
+    na_tc_load_rows<T, HD, L, TX * TY * TZ, THREADS>(dst, src, s_l, vec, D, [&](int r, long long& at) {
+        const int qx = r / (TY * TZ), qy = r / TZ % TY, qz = r % TZ;
+        at = rows.at<(TZ == 1 ? 2 : 3)>(qx, qy, qz);
+        return qx < tx.n && qy < ty.n && (TZ == 1 || qz < tz.n);
     });
 }

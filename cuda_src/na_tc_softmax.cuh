@@ -18,15 +18,16 @@
 #include "na_tc_common.cuh"
 
 // the logits of one 8-key tile (box keys key0, key0 + 1 for this lane): in[c] says which are visible
-template <int TY>
+// (rpb_z: the bias's z stride, RANK 3 only)
+template <int TY, int RANK = 2>
 __device__ __forceinline__ void na_tc_logits(float (&s)[4], const bool (&in)[4], const na_tc_rows& rows, int key0,
-                                             const na_tc_box<TY>& box, const float* __restrict__ rpb,
-                                             long long rpb_x, long long rpb_y, float scale2) {
+                                             const na_tc_box<TY, RANK>& box, const float* __restrict__ rpb,
+                                             long long rpb_x, long long rpb_y, float scale2, long long rpb_z = 0) {
     const float NEG_INF = __int_as_float(0xff800000);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
         float x = s[c] * scale2;
-        if (rpb && in[c]) x += rpb[na_tc_bias_index(rows, c / 2, key0 + c % 2, box, rpb_x, rpb_y)] * NA_TC_LOG2E;
+        if (rpb && in[c]) x += rpb[na_tc_bias_index(rows, c / 2, key0 + c % 2, box, rpb_x, rpb_y, rpb_z)] * NA_TC_LOG2E;
         s[c] = in[c] ? x : NEG_INF;
     }
 }
@@ -79,7 +80,8 @@ __device__ __forceinline__ void na_tc_softmax_chunk(float (&s)[NT][4], float (&o
     }
 }
 
-// Where the forward writes: out (strides b, x, y, h, head dim) and lse (b, x, y, h), one (b, h).
+// Where the forward writes: out (strides b, x, y, h, head dim) and lse (b, x, y, h), one (b, h); the z
+// strides of out and lse last (RANK 3 only: lower ranks leave them 0).
 template <class T>
 struct na_tc_output {
     T* out;
@@ -87,14 +89,17 @@ struct na_tc_output {
     float* lse;
     long long l_b, l_x, l_y, l_h;
     long long b, h, D;
+    long long o_z = 0, l_z = 0;
 };
 
-// out = o / l and lse = (m + log2 l) ln 2 of the lane's valid rows of the 16-row tile at tile row row0
-template <class T, int DT, int TY>
+// out = o / l and lse = (m + log2 l) ln 2 of the lane's valid rows of the 16-row tile at tile row row0 (tz,
+// dz: the z axis of a 3D tile of TZ rows; lower ranks keep the defaults)
+template <class T, int DT, int TY, int TZ = 1, int RANK = 2>
 __device__ __forceinline__ void na_tc_store_rows(const na_tc_output<T>& w, const float (&o)[DT][4],
                                                  const float (&m)[2], const float (&l)[2], const na_tc_rows& rows,
                                                  int row0, int lane, const na_tile_axis& tx, const na_tile_axis& ty,
-                                                 long long dx, long long dy) {
+                                                 long long dx, long long dy, const na_tile_axis& tz = NA_TC_NO_Z,
+                                                 long long dz = 1) {
     const int t = lane & 3;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -102,9 +107,9 @@ __device__ __forceinline__ void na_tc_store_rows(const na_tc_output<T>& w, const
         sum += __shfl_xor_sync(NA_TC_FULL, sum, 1);
         sum += __shfl_xor_sync(NA_TC_FULL, sum, 2);
         if (!rows.valid[i]) continue;
-        long long x, y;
-        na_tc_row_position<TY>(row0 + (lane >> 2) + 8 * i, tx, ty, dx, dy, x, y);
-        const long long at = w.b * w.o_b + x * w.o_x + y * w.o_y + w.h * w.o_h;
+        long long x, y, z;
+        na_tc_row_position<TY, TZ>(row0 + (lane >> 2) + 8 * i, tx, ty, tz, dx, dy, dz, x, y, z);
+        const long long at = w.b * w.o_b + x * w.o_x + y * w.o_y + w.h * w.o_h + (RANK == 3 ? z * w.o_z : 0);
         const float inv = 1.f / sum;
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt)
@@ -113,6 +118,8 @@ __device__ __forceinline__ void na_tc_store_rows(const na_tc_output<T>& w, const
                 const long long d = 8 * dt + 2 * t + e;
                 if (d < w.D) na_store<T, float>(w.out, at + d * w.o_l, o[dt][2 * i + e] * inv);
             }
-        if (t == 0) w.lse[w.b * w.l_b + x * w.l_x + y * w.l_y + w.h * w.l_h] = (m[i] + na_log2(sum)) * NA_TC_LN2;
+        if (t == 0)
+            w.lse[w.b * w.l_b + x * w.l_x + y * w.l_y + w.h * w.l_h + (RANK == 3 ? z * w.l_z : 0)] =
+                (m[i] + na_log2(sum)) * NA_TC_LN2;
     }
 }

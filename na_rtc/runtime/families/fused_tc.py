@@ -5,7 +5,8 @@ threads (4 warps) per (batch, head, query tile of 64 MT group coordinates
 inside one dilation group per axis), 16 MT queries per warp as the rows of its
 MT ``mma.m16n8k16`` tiles; the key box streamed KC keys at a time,
 double-buffered (cp.async loads chunk c + 1 during the math on chunk c). KC and
-MT per head dim come from :data:`FORWARD`. Same arguments and results as the
+MT per head dim come from :data:`FORWARD` (3D: :data:`FORWARD_3D`, tiles of 4 x 4 x 4 queries, in the 3D
+twin family ``fused_tc_3d``). Same arguments and results as the
 SIMT kernel (``fused.py``), which serves everything this one does not (fp32,
 head dim > 128, GPUs below sm_80). Its gradients come from the mma.sync
 backward kernels (``fused_tc_bwd.py``), which share its tables.
@@ -32,8 +33,11 @@ SHARED_BUDGET = 48 * 1024
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (32, 64, 128)  # head-dim buckets (multiples of 32: k-steps of the mma are taken in pairs)
 #: (ndim, mma tiles per warp MT) -> query tile (TX, TY) of 64 MT queries: 16 MT per warp (2D: 2 MT rows
-#: of 8 per warp)
-TILES = {(1, 1): (64, 1), (2, 1): (8, 8), (1, 2): (128, 1), (2, 2): (16, 8)}
+#: of 8 per warp); 3D: (TX, TY, TZ), a warp's 16 queries one x-plane of 4 x 4 (z fastest). The 3D tile is the
+#: one of 64 queries whose warps multiply the largest share of products inside a window on the 3D benchmark
+#: shapes (tests/test_tensor_core_work.py models it): 4 x 4 x 4 beats 2 x 8 x 4, 2 x 4 x 8 and 1 x 8 x 8 on
+#: each, and every 128-query tile of two mma tiles a warp
+TILES = {(1, 1): (64, 1), (2, 1): (8, 8), (1, 2): (128, 1), (2, 2): (16, 8), (3, 1): (4, 4, 4)}
 
 
 class ForwardConfig(NamedTuple):
@@ -49,25 +53,27 @@ FORWARD = {32: ForwardConfig(64, 2), 64: ForwardConfig(32, 2), 128: ForwardConfi
 #: head-dim bucket -> the other instantiations built, chosen with NA_RTC_TC_WARP_ROWS (measured against
 #: the table's choice by ``python -m na_rtc bench``'s fused_tc_rows16 entry)
 FORWARD_ALTERNATIVES = {32: (ForwardConfig(64, 1),), 64: (ForwardConfig(64, 1),), 128: ()}
+#: head-dim bucket -> the 3D forward (one mma tile a warp; the only 3D instantiation per bucket and dtype)
+FORWARD_3D = {32: ForwardConfig(64, 1), 64: ForwardConfig(32, 1), 128: ForwardConfig(32, 1)}
 
 
 def head_dim_bucket(head_dim: int) -> int | None:
     return tiling.head_dim_bucket(head_dim, HEAD_DIMS)
 
 
-def configs_of(hd: int) -> tuple[ForwardConfig, ...]:
-    return (FORWARD[hd], *FORWARD_ALTERNATIVES[hd])
+def configs_of(hd: int, ndim: int = 2) -> tuple[ForwardConfig, ...]:
+    return (FORWARD_3D[hd],) if ndim == 3 else (FORWARD[hd], *FORWARD_ALTERNATIVES[hd])
 
 
-def config(hd: int, policy=None) -> ForwardConfig:
+def config(hd: int, policy=None, ndim: int = 2) -> ForwardConfig:
     """The table's configuration, or the one the policy's warp rows (NA_RTC_TC_WARP_ROWS) ask for where it is
     built."""
     rows = policy.settings.tc_warp_rows if policy is not None else None
     if rows is not None:
-        for candidate in configs_of(hd):
+        for candidate in configs_of(hd, ndim):
             if 16 * candidate.mma_tiles == rows:
                 return candidate
-    return FORWARD[hd]
+    return configs_of(hd, ndim)[0]
 
 
 def shared_bytes_of(hd: int, dtype: str, cfg: ForwardConfig) -> int:
@@ -75,28 +81,37 @@ def shared_bytes_of(hd: int, dtype: str, cfg: ForwardConfig) -> int:
     return 4 * cfg.chunk_keys * (hd + 8) * tiling.ITEMSIZE[dtype]
 
 
-def shared_bytes(hd: int, dtype: str, policy=None) -> int:
-    return shared_bytes_of(hd, dtype, config(hd, policy))
+def shared_bytes(hd: int, dtype: str, policy=None, ndim: int = 2) -> int:
+    return shared_bytes_of(hd, dtype, config(hd, policy, ndim))
+
+
+def rank_arguments(ndim: int, tile: tuple[int, ...]) -> str:
+    """The trailing template arguments of a 3D instantiation (RANK 3 and the tile's z extent); lower ranks keep
+    the kernels' defaults, so that their names stay those of the 1D/2D kernels."""
+    return f", 3, {tile[2]}" if ndim == 3 else ""
 
 
 def kernel_name_of(hd: int, dtype: str, ndim: int, cfg: ForwardConfig | None = None) -> str:
-    cfg = cfg or FORWARD[hd]
-    tx, ty = TILES[ndim, cfg.mma_tiles]
-    return f"na_fused_tc_fwd<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {cfg.chunk_keys}, {cfg.mma_tiles}>"
+    cfg = cfg or configs_of(hd, ndim)[0]
+    tile = TILES[ndim, cfg.mma_tiles]
+    return (f"na_fused_tc_fwd<{CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}, {cfg.chunk_keys}, {cfg.mma_tiles}"
+            f"{rank_arguments(ndim, tile)}>")
 
 
-def _instantiations():
-    return [(hd, dtype, ndim, cfg) for dtype in DTYPES for hd in HEAD_DIMS for cfg in configs_of(hd)
-            for ndim in (1, 2)]
+def _instantiations(ranks=(1, 2)):
+    # the configurations of 1D and 2D are the same (configs_of reads ndim 3 only)
+    return [(hd, dtype, ndim, cfg) for dtype in DTYPES for hd in HEAD_DIMS for cfg in configs_of(hd, ranks[-1])
+            for ndim in ranks]
 
 
-def names() -> tuple[str, ...]:
-    return tuple(kernel_name_of(hd, dtype, ndim, cfg) for hd, dtype, ndim, cfg in _instantiations())
+def names(ranks=(1, 2)) -> tuple[str, ...]:
+    return tuple(kernel_name_of(hd, dtype, ndim, cfg) for hd, dtype, ndim, cfg in _instantiations(ranks))
 
 
 def grid(problem: Problem, policy=None) -> int:
     """Blocks of the forward for ``problem``."""
-    return tiling.grid(problem, TILES[problem.ndim, config(head_dim_bucket(problem.head_dim), policy).mma_tiles])
+    cfg = config(head_dim_bucket(problem.head_dim), policy, problem.ndim)
+    return tiling.grid(problem, TILES[problem.ndim, cfg.mma_tiles])
 
 
 def backward_grid(problem: Problem) -> int:
@@ -105,16 +120,15 @@ def backward_grid(problem: Problem) -> int:
 
 
 def covers(problem: Problem, policy=None) -> tuple[bool, str]:
-    """fp16/bf16, 1D/2D, head dim <= 128, within shared memory and the grid limit of forward and backward (the
-    backward kernels serve this forward's gradients)."""
+    """fp16/bf16, head dim <= 128, within shared memory and the grid limit of forward and backward (the
+    backward kernels serve this forward's gradients); each rank's family serves its own ranks (1D/2D here, 3D
+    in the twin)."""
     if problem.dtype not in DTYPES:
         return False, f"dtype {problem.dtype} (the tensor-core kernels take float16 and bfloat16)"
-    if problem.ndim not in (1, 2):
-        return False, f"{problem.ndim}D (1D and 2D only)"
     hd = head_dim_bucket(problem.head_dim)
     if hd is None:
         return False, f"head_dim {problem.head_dim} > {HEAD_DIMS[-1]}"
-    smem = shared_bytes(hd, problem.dtype, policy)
+    smem = shared_bytes(hd, problem.dtype, policy, problem.ndim)
     if smem > SHARED_BUDGET:
         return False, f"{smem} bytes of shared memory, more than {SHARED_BUDGET}"
     blocks = max(grid(problem, policy), backward_grid(problem))
@@ -125,19 +139,24 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
 
 def kernel_name(problem: Problem, policy=None) -> str:
     hd = head_dim_bucket(problem.head_dim)
-    return kernel_name_of(hd, problem.dtype, problem.ndim, config(hd, policy))
+    return kernel_name_of(hd, problem.dtype, problem.ndim, config(hd, policy, problem.ndim))
 
 
 def plan(problem: Problem, policy=None) -> Launch:
     hd = head_dim_bucket(problem.head_dim)
     return Launch(P.Kernel(source_of(NAME), kernel_name(problem, policy)), grid(problem, policy), THREADS,
-                  shared_bytes(hd, problem.dtype, policy))
+                  shared_bytes(hd, problem.dtype, policy, problem.ndim))
 
 
-def _shared() -> dict:
-    return {kernel_name_of(hd, dtype, ndim, cfg): shared_bytes_of(hd, dtype, cfg)
-            for hd, dtype, ndim, cfg in _instantiations()}
+def _family(name: str, ranks) -> Family:
+    """The family (``ranks`` (1, 2)) or its 3D twin (``(3,)``): one rule and planner, each its instantiations."""
+    instantiations = _instantiations(ranks)
+    kernels = tuple(kernel_name_of(hd, dtype, ndim, cfg) for hd, dtype, ndim, cfg in instantiations)
+    shared = {kernel_name_of(hd, dtype, ndim, cfg): shared_bytes_of(hd, dtype, cfg)
+              for hd, dtype, ndim, cfg in instantiations}
+    return Family(SOURCE, kernels, dict.fromkeys(kernels, THREADS), shared, min_arch=MIN_ARCH, name=name,
+                  roles={"forward": Role(covers, plan, L.fused_forward)}, ranks=frozenset(ranks))
 
 
-FAMILY = register(Family(SOURCE, names(), dict.fromkeys(names(), THREADS), _shared(), min_arch=MIN_ARCH, name=NAME,
-                         roles={"forward": Role(covers, plan, L.fused_forward)}))
+FAMILY = register(_family(NAME, (1, 2)))
+FAMILY_3D = register(_family(NAME + "_3d", (3,)))

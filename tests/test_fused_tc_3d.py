@@ -1,0 +1,279 @@
+"""The tensor-core fused kernels in 3D (families ``fused_tc_3d``, ``fused_tc_bwd_3d``: the RANK 3
+instantiations of ``cuda_src/na_fused_tc.cu`` and ``na_fused_tc_bwd.cu``) through the emulator.
+
+* the forward (out, lse) over a seeded 3D sweep against the float64 reference
+  (``NA_RTC_SWEEP=small`` shows every swept value at least once, ``large`` draws
+  more): odd and even kernels, dilation, stride and causal per axis, rpb,
+  scale, every head-dim bucket with full and partial head dims, fp16 and
+  bf16, heads-first views, batch and heads > 1, sizes that are not multiples
+  of the 4 x 4 x 4 tile; plus LONG_BOXES, key boxes of many chunks;
+* determinism, no dependence on the emulator's schedule (long boxes), the
+  reach of a NaN key or value, offsets past 2^31 elements;
+* the dispatch: 3D fp16/bf16 calls with head dims up to 128 run the 3D twin.
+
+The kernels are driven through the dispatcher as the 1D/2D tensor-core tests
+do; ``test_through_na3d`` runs the public ``na3d`` on the emulator once that
+backend serves 3D.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import numpy as np
+import pytest
+import torch
+import test_fused
+import test_scale
+import test_schedules
+from helpers import RecordingExecutor, assert_close, kernel_policy, sweep_bias, sweep_inputs
+
+import na_rtc
+from na_rtc import config
+from na_rtc.runtime import emulated
+from na_rtc.runtime.dispatch import Dispatcher
+from na_rtc.runtime.families import fused_tc
+from na_rtc.runtime.policy import Policy
+
+pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
+                                reason="emulator needs a C++ compiler")
+
+DTYPES = fused_tc.DTYPES
+#: every bucket in full, and partial head dims of the 32 and 128 buckets
+HEAD_DIMS = (32, 64, 128, 24, 100)
+Config = test_fused.Config
+
+
+def random_config(seed: int) -> Config:
+    """A 3D configuration small enough for the float64 reference; the corners below add what draws miss."""
+    rng = np.random.default_rng(7300 + seed)
+    dtype, head_dim = DTYPES[seed % 2], HEAD_DIMS[seed % len(HEAD_DIMS)]
+    while True:
+        kernel = tuple(int(rng.integers(2, 7)) for _ in range(3))
+        dilation = tuple(int(rng.integers(1, 3)) for _ in range(3))
+        spatial = tuple(k * d + int(rng.integers(0, 5)) for k, d in zip(kernel, dilation))
+        if math.prod(spatial) <= 700:
+            break
+    stride = tuple(int(rng.integers(1, k + 1)) for k in kernel)
+    causal = tuple(bool(rng.random() < 0.3) for _ in range(3))
+    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.7
+    scale = None if rng.random() < 0.7 else 0.3
+    return Config(spatial, kernel, dilation, causal, int(rng.integers(1, 3)), int(rng.integers(1, 3)), head_dim,
+                  bool(rpb), bool(rng.random() < 0.4), dtype, stride, scale)
+
+
+CONFIGS = [random_config(seed) for seed in range(10 if config.sweep_size() == "small" else 80)]
+# corners a small draw may miss: causal on one axis (time) only, each axis dilated and strided alone, even
+# kernels with a bias-free stride, blocked attention (stride = kernel), a kernel as long as its axis
+CONFIGS += [
+    Config((9, 8, 10), (5, 3, 3), (1, 1, 1), (True, False, False), 1, 2, 64, False, False, "float16", (1, 1, 1)),
+    Config((7, 10, 9), (3, 5, 3), (1, 2, 1), (False, False, False), 2, 1, 32, True, True, "bfloat16", (2, 1, 3)),
+    Config((8, 6, 13), (4, 3, 6), (1, 1, 2), (False, True, False), 1, 2, 128, False, True, "float16", (3, 2, 1)),
+    Config((10, 9, 7), (2, 4, 7), (3, 1, 1), (False, False, True), 1, 1, 100, False, False, "bfloat16", (1, 4, 2)),
+    Config((8, 8, 8), (4, 4, 4), (1, 1, 1), (False, False, False), 1, 2, 24, False, False, "float16", (4, 4, 4)),
+    Config((5, 7, 6), (5, 7, 6), (1, 1, 1), (False, False, False), 1, 1, 64, False, True, "bfloat16", (1, 1, 1)),
+]
+
+
+def _long_box(spatial, kernel, head_dim, dtype, rpb=False, causal=(False, False, False), dilation=(1, 1, 1)):
+    return Config(spatial=spatial, kernel_size=kernel, dilation=dilation, causal=causal, batch=1, heads=1,
+                  head_dim=head_dim, rpb=rpb, heads_first=False, dtype=dtype, stride=(1, 1, 1))
+
+
+#: key boxes of many chunks for every head-dim bucket (a 4 x 4 x 4 tile's box here is 8 x 12 x 14 keys and
+#: more: dozens of chunks, each stage reused many times), with a bias, causal time and dilation
+LONG_BOXES = [
+    _long_box((9, 14, 16), (5, 9, 11), 32, "float16", rpb=True),
+    _long_box((9, 14, 16), (5, 9, 11), 64, "bfloat16", causal=(True, False, False)),
+    _long_box((8, 13, 15), (5, 9, 11), 128, "float16", rpb=True),
+    _long_box((10, 12, 22), (5, 6, 10), 128, "bfloat16", dilation=(1, 1, 2)),
+]
+
+
+def reference(cfg: Config, q64, k64, v64, bias64):
+    """(out, lse) of the float64 reference backend."""
+    return na_rtc.na3d(*(torch.from_numpy(x) for x in (q64, k64, v64)), cfg.kernel_size, stride=cfg.stride,
+                       dilation=cfg.dilation, is_causal=cfg.causal, scale=cfg.scale,
+                       rpb=None if bias64 is None else torch.from_numpy(bias64), return_lse=True,
+                       backend="reference")
+
+
+def forward(cfg: Config, executor=emulated.run, arrays=None, policy=None):
+    """(out, lse) of the fused forward the dispatcher picks for ``cfg`` (tensor cores on)."""
+    (q, k, v), _ = sweep_inputs(cfg, 3) if arrays is None else (arrays, None)
+    bias, _ = sweep_bias(cfg)
+    problem = test_fused._problem(cfg, q, k, v, bias)
+    return Dispatcher(executor, policy or kernel_policy(tensor_cores=True)).forward(problem, q, k, v, bias)
+
+
+def assert_forward_matches_reference(cfg: Config, out, lse):
+    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
+    _, bias64 = sweep_bias(cfg)
+    want_out, want_lse = reference(cfg, q64, k64, v64, bias64)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and tuple(out.shape) == cfg.shape
+    assert_close(out, want_out, cfg.dtype, "forward", "out")
+    assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+
+
+def _swept(configs):
+    """Every value each swept dimension takes in ``configs`` (per axis where it is per axis)."""
+    return {
+        "dtype": {c.dtype for c in configs},
+        "bucket": {fused_tc.head_dim_bucket(c.head_dim) for c in configs},
+        "partial head dim": {c.head_dim in fused_tc.HEAD_DIMS for c in configs},
+        **{f"causal {axis}": {c.causal[axis] for c in configs} for axis in range(3)},
+        **{f"dilated {axis}": {c.dilation[axis] > 1 for c in configs} for axis in range(3)},
+        **{f"strided {axis}": {c.stride[axis] > 1 for c in configs} for axis in range(3)},
+        **{f"even kernel {axis}": {c.kernel_size[axis] % 2 == 0 for c in configs} for axis in range(3)},
+        "partial tile": {any(n % 4 for n in c.spatial) for c in configs},
+        "rpb": {c.rpb for c in configs},
+        "scale": {c.scale is None for c in configs},
+        "heads first": {c.heads_first for c in configs},
+        "batch or heads > 1": {c.batch * c.heads > 1 for c in configs},
+    }
+
+
+def test_the_sweep_shows_every_value_of_every_dimension():
+    assert _swept(CONFIGS) == {**dict.fromkeys(_swept(CONFIGS), {False, True}), "dtype": set(DTYPES),
+                               "bucket": set(fused_tc.HEAD_DIMS)}
+    assert any(c.causal == (True, False, False) for c in CONFIGS)  # causal in time only, the video case
+    assert any(c.stride == c.kernel_size for c in CONFIGS)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_forward_matches_reference(cfg):
+    run = RecordingExecutor()
+    out, lse = forward(cfg, run)
+    assert run.names == [fused_tc.kernel_name_of(fused_tc.head_dim_bucket(cfg.head_dim), cfg.dtype, 3)]
+    assert_forward_matches_reference(cfg, out, lse)
+
+
+def chunks_of(cfg) -> int:
+    """Chunks of the largest key box of the 3D forward's blocks of ``cfg`` (stride 1, one dilation group)."""
+    tile = fused_tc.TILES[3, 1]
+    keys = math.prod(min(t + k - 1, n // d) for t, k, n, d in zip(tile, cfg.kernel_size, cfg.spatial, cfg.dilation))
+    return -(-keys // fused_tc.FORWARD_3D[fused_tc.head_dim_bucket(cfg.head_dim)].chunk_keys)
+
+
+def test_long_boxes_have_many_chunks_in_every_bucket():
+    assert {fused_tc.head_dim_bucket(c.head_dim) for c in LONG_BOXES} == set(fused_tc.HEAD_DIMS)
+    assert all(chunks_of(c) >= 20 for c in LONG_BOXES), [chunks_of(c) for c in LONG_BOXES]
+
+
+@pytest.mark.parametrize("cfg", LONG_BOXES, ids=str)
+def test_forward_over_long_key_boxes(cfg):
+    out, lse = forward(cfg)
+    assert_forward_matches_reference(cfg, out, lse)
+
+
+@pytest.mark.parametrize("cfg", LONG_BOXES[:2], ids=str)
+def test_forward_has_no_schedule_dependence(cfg, monkeypatch):
+    def compute():
+        run = RecordingExecutor()
+        return run.names, forward(cfg, run)
+
+    names = test_schedules._under_both_schedules(monkeypatch, compute)
+    assert names[0].startswith("na_fused_tc_fwd<") and names[0].endswith(", 3, 4>"), names
+
+
+def test_forward_is_deterministic():
+    cfg = next(c for c in CONFIGS if c.rpb)
+    first, second = forward(cfg), forward(cfg)
+    for a, b in zip(first, second):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+# ---------------------------------------------------------------- non-finite inputs and large offsets
+
+
+def _queries_seeing(cfg, token):
+    """[X, Y, Z] booleans: the queries whose neighborhood holds key position ``token``."""
+    from na_rtc.window import Axis, is_neighbor
+
+    grids = np.meshgrid(*(np.arange(n) for n in cfg.spatial), indexing="ij")
+    seen = np.ones(cfg.spatial, bool)
+    for grid, n, k, s, d, c, j in zip(grids, cfg.spatial, cfg.kernel_size, cfg.stride, cfg.dilation, cfg.causal,
+                                      token):
+        seen &= is_neighbor(Axis(n, k, s, d, c), grid, j)
+    return seen
+
+
+def _same_tile(cfg, token):
+    """[X, Y, Z] booleans: the queries of the forward's block tile that holds ``token``'s position."""
+    tile = fused_tc.TILES[3, 1]
+    grids = np.meshgrid(*(np.arange(n) for n in cfg.spatial), indexing="ij")
+    same = np.ones(cfg.spatial, bool)
+    for grid, t, d, j in zip(grids, tile, cfg.dilation, token):
+        same &= (grid % d == j % d) & (grid // d // t == j // d // t)
+    return same
+
+
+@pytest.mark.parametrize("poisoned", ["key", "value"])
+def test_nan_reach(poisoned):
+    """A NaN key poisons exactly the queries that see it; a NaN value those and at most other queries of
+    their block tiles (0 * NaN in P V), none elsewhere."""
+    cfg = Config((9, 10, 11), (3, 5, 3), (1, 2, 1), (True, False, False), 1, 1, 32, False, False, "float16",
+                 (1, 1, 2))
+    (q, k, v), _ = sweep_inputs(cfg, 3)
+    k, v = k.clone(), v.clone()
+    token = (4, 5, 6)
+    (k if poisoned == "key" else v)[(0, *token, 0, 3)] = float("nan")
+    out, _ = forward(cfg, arrays=(q, k, v))
+    bad = ~torch.isfinite(out[0, ..., 0, :].float()).all(-1).numpy()
+    sees = _queries_seeing(cfg, token)
+    assert sees.any() and (bad >= sees).all(), "a query whose window holds the NaN is finite"
+    if poisoned == "key":
+        np.testing.assert_array_equal(bad, sees)
+    else:
+        tiles = np.zeros_like(sees)
+        for query in zip(*np.nonzero(sees)):
+            tiles |= _same_tile(cfg, query)
+        assert (bad <= tiles).all(), "a query outside the tiles that see the NaN is poisoned"
+
+
+def test_offsets_past_2_to_the_31():
+    """Batch 1 of every tensor starts past 2^31 elements: the kernels' 64-bit offsets reach it."""
+    cfg = Config((5, 6, 7), (3, 3, 5), (1, 1, 1), (False, False, False), 2, 2, 32, True, False, "float16",
+                 (1, 1, 1))
+    keep, arrays = test_scale.sparse_inputs(3, cfg.shape, "float16")
+    try:
+        assert arrays[0].strides[0] // 2 > 2**31
+        bias, bias64 = sweep_bias(cfg)
+        bias = bias.numpy()
+        problem = test_fused._problem(cfg, *arrays, bias)
+        out, lse = Dispatcher(emulated.run, kernel_policy(tensor_cores=True)).forward(problem, *arrays, bias)
+        want_out, want_lse = reference(cfg, *(np.ascontiguousarray(a).astype(np.float64) for a in arrays), bias64)
+        assert_close(out, want_out, cfg.dtype, "forward", "out")
+        assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+    finally:
+        del arrays
+        gc.collect()
+        keep.close()
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def _problem(dtype, head_dim):
+    q = torch.empty((1, 6, 6, 6, 2, head_dim), dtype=getattr(torch, dtype))
+    return na_rtc._args.fused_problem(3, q, q, q, 3, 1, 1, False, None, None)
+
+
+@pytest.mark.parametrize("dtype, head_dim, expected", [
+    ("float16", 64, "na_fused_tc_fwd<fp16_t, 64, 4, 4, 32, 1, 3, 4>"),
+    ("bfloat16", 100, "na_fused_tc_fwd<bf16_t, 128, 4, 4, 32, 1, 3, 4>"),
+    ("float16", 20, "na_fused_tc_fwd<fp16_t, 32, 4, 4, 64, 1, 3, 4>"),
+])
+def test_3d_calls_run_the_3d_twin(dtype, head_dim, expected):
+    choice = Dispatcher(emulated.run, kernel_policy(tensor_cores=True)).choose("forward", _problem(dtype, head_dim))
+    assert choice.path == "mma.sync" and choice.kernels == (expected,)
+
+
+@pytest.mark.parametrize("dtype, head_dim, why", [
+    ("float32", 64, "dtype float32"),
+    ("float16", 256, "head_dim 256 > 128"),
+])
+def test_what_the_3d_twin_refuses(dtype, head_dim, why):
+    choice = Dispatcher(emulated.run, Policy.of(tensor_cores=True)).choose("forward", _problem(dtype, head_dim))
+    assert why in dict(choice.skipped)["mma.sync"]
