@@ -39,7 +39,10 @@
 //   dq:   2 x 64 rows (Q, dOut; then two stages of a K and a V chunk, 4 KC <= 128),
 //         then 64 x (KC + 1) floats of ds and one float per bias entry;
 //   dkdv: 2 x 64 rows (K, V), 2 x 2 x QC rows (Q, dOut: two stages), then per stage
-//         QC floats of lse, QC of delta and 4 QC ints of window bounds.
+//         QC floats of lse, QC of delta and 4 QC ints of window bounds (in 3D 6 QC).
+// In 3D (RANK 3) both kernels take tiles of TX x TY x TZ = 64 queries or keys
+// (z fastest) and walk 3D boxes row-major; below rank 3 the z axis is the
+// trivial one and every z term is a compile-time constant.
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -56,14 +59,15 @@ __device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 1
 // kept in static shared memory and read once a chunk, instead of in registers through the chunk loop. At
 // head dim 128 the kernel is at 255 registers, and ptxas for sm_100 and sm_120 spills 4 to 16 bytes with
 // them in registers (sm_80 to sm_90 do not, and keep them there).
-template <class T, int HD, int TX, int TY, int KC, bool KV_SHARED = (HD == 128 && NA_TC_ARCH >= 1000)>
+template <class T, int HD, int TX, int TY, int KC, int RANK = 2, int TZ = 1,
+          bool KV_SHARED = (HD == 128 && NA_TC_ARCH >= 1000)>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
     const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
     const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e),
     const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dq,
     NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
-    constexpr int NQ = TX * TY;
+    constexpr int NQ = TX * TY * TZ;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
     constexpr int STAGE = 2 * KC;  // rows of one pipeline stage: a K chunk, then a V chunk
@@ -71,9 +75,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                   "tile shapes; the two stages fit in the rows of the Q and dOut tiles");
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    NA_TC_DQ_DECODE_BLOCK(TX, TY, NA_TC_THREADS)
-    const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
+    NA_TC_DQ_DECODE_BLOCK_RANK(TX, TY, TZ, RANK, NA_TC_THREADS)
+    const na_tc_box<TY, RANK> box = na_tc_box_of<TY, RANK>(tx, ty, tz);
     const int d_len = (int)D;
+    // the z strides, constant 0 below rank 3 (as az.dilation is 1 there), so that z terms fold away
+    const long long q_z3 = RANK == 3 ? q_z : 0, k_z3 = RANK == 3 ? k_z : 0, v_z3 = RANK == 3 ? v_z : 0;
+    const long long g_z3 = RANK == 3 ? g_z : 0;
 
     unsigned char* smem = na_dynamic_shared();
     T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles; later the two stages of K and V chunks
@@ -81,23 +88,26 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     float* racc = sds + NQ * KS;
 
     unsigned qf[KSTEPS][4], gf[KSTEPS][4];
-    na_tc_dq_fragments<T, HD, P, TX, TY>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g, {g_b, g_x, g_y, g_h, g_l},
-                                         racc, partial_out ? entries : 0, b, h, d_len, dx, dy, tx, ty);
+    na_tc_dq_fragments<T, HD, P, TX, TY, NA_TC_THREADS, TZ>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
+                                                            {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0,
+                                                            b, h, d_len, dx, dy, tx, ty, tz, az.dilation, q_z3, g_z3);
 
     // this lane's rows g and g + 8 of the warp's 16 queries, with their lse and delta
-    const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
+    const na_tc_rows rows = na_tc_query_rows<TY, TZ, RANK>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y, az,
+                                                           tz, rpb_z);
     // the common-window shortcut costs 4 registers: HD 128 (at 255) would spill
-    const na_tc_warp_window common = HD < 128 ? na_tc_common_window(&rows) : na_tc_warp_window{1, 0, 1, 0};
+    const na_tc_warp_window common =
+        HD < 128 ? na_tc_common_window<1, RANK>(&rows) : na_tc_warp_window{1, 0, 1, 0, 1, 0};
     const int chunks = (box.keys + KC - 1) / KC;
     float row_lse[2], row_delta[2];
-    na_tc_row_stats<TY>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
-                        {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
+    na_tc_row_stats<TY, TZ, RANK>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
+                                  {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, tz, az.dilation, l_z, e_z);
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    using kv_stream = na_tc_kv_stream<T, HD, na_rows_pitch<P>, KC, TY>;
-    const kv_stream kv_own = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
+    using kv_stream = na_tc_kv_stream<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>;
+    const kv_stream kv_own = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3, v_z3);
     __shared__ kv_stream kv_block;  // KV_SHARED: written by thread 0, read after the barrier below
     if (KV_SHARED && tid == 0) kv_block = kv_own;
     const kv_stream& kv = KV_SHARED ? kv_block : kv_own;
@@ -129,7 +139,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                     na_mma<T>::run(dp, gf[ks], vb, dp);
                 }
             }
-            na_tc_dq_ds<TY>(ds[nt], s, dp, in, rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse, row_delta);
+            na_tc_dq_ds(ds[nt], s, dp, in, rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse, row_delta,
+                        rpb_z);
             if (partial_out)
 #pragma unroll
                 for (int c = 0; c < 4; ++c) sds[(16 * warp + gq + 8 * (c / 2)) * KS + 8 * nt + 2 * t + c % 2] = ds[nt][c];
@@ -150,54 +161,61 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         // bias partials: entry (rx, ry) gets the ds of every query of the tile whose key at that offset is in the chunk
         if (partial_out) {
             __syncthreads();  // every warp's ds of this chunk is in sds
-            na_tc_dq_bias_chunk<TY, KS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
+            na_tc_dq_bias_chunk<TY, KS, NA_TC_THREADS, RANK, TZ>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn,
+                                                                  az.kernel, tz);
         }
     }
 
-    na_tc_dq_finish<T, DT, TY>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b, h, D,
-                               (float)scale, partial_out, racc, entries);
+    na_tc_dq_finish<T, DT, TY, NA_TC_THREADS, TZ, RANK>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx,
+                                                        ty, dx, dy, b, h, D, (float)scale, partial_out, racc, entries,
+                                                        tz, az.dilation, o_z);
 }
 
-template <class T, int HD, int TX, int TY, int QC>
+template <class T, int HD, int TX, int TY, int QC, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
     const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
     const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e),
     const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dk,
     NA_TENSOR(dk), T* __restrict__ dv, NA_TENSOR(dv), double scale, NA_PROBLEM) {
-    constexpr int NK = TX * TY;
+    constexpr int NK = TX * TY * TZ;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
+    constexpr int TABLE = RANK == 3 ? 8 : 6;  // words of a chunk's tables per query (na_tc_dkdv.cuh)
     // k-steps of S^T and dP^T unrolled at once: at head dim 128 all 8 (their fragments loaded ahead) spill in
     // 2D on sm_90 (12 bytes) and in 1D on sm_100 (24 bytes); 4 at a time fit (NA_TC_ARCH: only unrolling
     // changes, not the math)
     constexpr int KS_UNROLL = HD == 128 && (TY > 1 || NA_TC_ARCH >= 1000) ? 4 : KSTEPS;
     static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
-    __shared__ na_tc_key_ranges<TX, TY> ranges;
+    __shared__ na_tc_key_ranges<TX, TY, TZ, RANK> ranges;
 
-    NA_TC_DECODE_BLOCK(TX, TY)
+    NA_TC_DECODE_BLOCK_RANK(TX, TY, TZ, RANK)
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    na_tc_key_ranges_fill(ranges, ax, ay, tx, ty, dx, dy);
+    na_tc_key_ranges_fill(ranges, ax, ay, tx, ty, dx, dy, az, tz);
     unsigned char* smem = na_dynamic_shared();
     T* sk = reinterpret_cast<T*>(smem);
     T* sv = sk + NK * P;
     T* stage_rows = sv + NK * P;  // stage s: Q chunk at s * 2 QC rows, dOut chunk QC rows further
-    // stage s's chunk tables at 6 QC s words (na_tc_dkdv.cuh)
+    // stage s's chunk tables at TABLE QC s words (na_tc_dkdv.cuh)
     float* tables = reinterpret_cast<float*>(
         smem + na_tcb_align16((2LL * NK + 4LL * QC) * P * (long long)sizeof(T)));
 
     const int d_len = (int)D;
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_dkdv_z z;  // the z axis (RANK 3; below it the default, never read)
+    if constexpr (RANK == 3) z = {tz, az.dilation, 0, q_z, g_z, l_z, e_z};
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx,
+                                                                       dy, tx, ty, tz, z.dz, RANK == 3 ? k_z : 0);
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx,
+                                                                       dy, tx, ty, tz, z.dz, RANK == 3 ? v_z : 0);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
-    int bx0, by0;  // the query box origin (group coordinates)
-    const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
+    int bx0, by0;  // the query box origin (group coordinates; z.bz0 in 3D)
+    const na_tc_box<TY, RANK> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0, &z.bz0, tz);
     const int nqueries = qbox.keys;
-    const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);
-    const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
-    const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
+    const na_tc_key_rows keys = na_tc_key_rows_of<TY, TZ, RANK>(warp, gq, tx, ty, tz);
+    const bool q_vec = na_tc_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h, z.q);
+    const bool g_vec = na_tc_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h, z.g);
     const float scale2 = (float)scale * NA_TC_LOG2E;  // logits in log2 units
     float acc_k[DT][4], acc_v[DT][4];
 #pragma unroll
@@ -208,10 +226,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     // chunk -> its stage: the Q and dOut rows as one cp.async group, then the window, lse and delta tables
     const auto load_chunk = [&](int chunk) {
         const int st = chunk & 1;
-        na_tc_dkdv_load_chunk<T, HD, na_rows_pitch<P>, QC, TY>(
-            stage_rows + st * 2 * QC * P, tables + st * 6 * QC, chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
+        na_tc_dkdv_load_chunk<T, HD, na_rows_pitch<P>, QC, TY, NA_TC_THREADS, RANK>(
+            stage_rows + st * 2 * QC * P, tables + st * TABLE * QC, chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
             {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
-            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
+            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, z);
     };
 
     const int chunks = (nqueries + QC - 1) / QC;
@@ -225,7 +243,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
         if (chunk + 1 < chunks) load_chunk(chunk + 1);
         const T* sq = stage_rows + st * 2 * QC * P;
         const T* sg = sq + QC * P;
-        const float* c_lse = tables + st * 6 * QC;
+        const float* c_lse = tables + st * TABLE * QC;
         const float* c_delta = c_lse + QC;
         const int* c_win = reinterpret_cast<const int*>(c_delta + QC);
 
@@ -234,7 +252,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             bool in[4];
-            na_tc_dkdv_visible<TY>(in, c_win, 8 * nt + 2 * t, keys);
+            na_tc_dkdv_visible<TY, RANK>(in, c_win, 8 * nt + 2 * t, keys, c_win + 4 * QC);
             live[nt] = __any_sync(NA_TC_FULL, in[0] | in[1] | in[2] | in[3]);
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform
@@ -251,8 +269,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                     na_mma<T>::run(dp, va, gb, dp);
                 }
             }
-            na_tc_dkdv_p_ds<TY>(pr[nt], ds[nt], s, dp, in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb, h * rpb_h,
-                                rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta);
+            na_tc_dkdv_p_ds(pr[nt], ds[nt], s, dp, in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb, h * rpb_h, rpb_x,
+                            rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
         }
         // dV += p^T dOut and dK += ds^T Q over 16-query steps
 #pragma unroll
@@ -273,6 +291,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
         }
     }
 
-    na_tc_dkdv_store<T, DT>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
-                            keys, t, tx, ty, dx, dy, b, h, D, (float)scale);
+    na_tc_dkdv_store<T, DT, RANK>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
+                                  keys, t, tx, ty, dx, dy, b, h, D, (float)scale, tz, z.dz, dk_z, dv_z);
 }

@@ -9,7 +9,11 @@ instantiations of ``cuda_src/na_fused_tc.cu`` and ``na_fused_tc_bwd.cu``) throug
   of the 4 x 4 x 4 tile; plus LONG_BOXES, key boxes of many chunks;
 * determinism, no dependence on the emulator's schedule (long boxes), the
   reach of a NaN key or value, offsets past 2^31 elements;
-* the dispatch: 3D fp16/bf16 calls with head dims up to 128 run the 3D twin.
+* the backward (dq, dk, dv, drpb) over a seeded 3D sweep of the same
+  dimensions against the float64 reference backward, from the reference's out
+  and lse; LONG_BOX_CASES, key boxes (dq) and query boxes (dK/dV) of many
+  chunks; determinism (bias gradients included), schedules, 2^31 offsets;
+* the dispatch: 3D fp16/bf16 calls with head dims up to 128 run the 3D twins.
 
 The kernels are driven through the dispatcher as the 1D/2D tensor-core tests
 do; ``test_through_na3d`` runs the public ``na3d`` on the emulator once that
@@ -25,15 +29,16 @@ import numpy as np
 import pytest
 import torch
 import test_fused
+import test_fused_bwd
 import test_scale
 import test_schedules
-from helpers import RecordingExecutor, assert_close, kernel_policy, sweep_bias, sweep_inputs
+from helpers import RecordingExecutor, assert_close, kernel_policy, noncontiguous, sweep_bias, sweep_inputs
 
 import na_rtc
 from na_rtc import config
 from na_rtc.runtime import emulated
 from na_rtc.runtime.dispatch import Dispatcher
-from na_rtc.runtime.families import fused_tc
+from na_rtc.runtime.families import fused_tc, fused_tc_bwd
 from na_rtc.runtime.policy import Policy
 
 pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
@@ -277,3 +282,173 @@ def test_3d_calls_run_the_3d_twin(dtype, head_dim, expected):
 def test_what_the_3d_twin_refuses(dtype, head_dim, why):
     choice = Dispatcher(emulated.run, Policy.of(tensor_cores=True)).choose("forward", _problem(dtype, head_dim))
     assert why in dict(choice.skipped)["mma.sync"]
+
+
+# ---------------------------------------------------------------- backward
+
+Case = test_fused_bwd.Case
+
+
+def random_case(seed: int) -> Case:
+    """A 3D backward case small enough for the float64 reference; the corners below add what draws miss."""
+    rng = np.random.default_rng(8300 + seed)
+    while True:
+        kernel = tuple(int(rng.integers(2, 7)) for _ in range(3))
+        dilation = tuple(int(rng.integers(1, 3)) for _ in range(3))
+        spatial = tuple(k * d + int(rng.integers(0, 4)) for k, d in zip(kernel, dilation))
+        if math.prod(spatial) <= 600:
+            break
+    stride = tuple(int(rng.integers(1, k + 1)) for k in kernel)
+    causal = tuple(bool(rng.random() < 0.3) for _ in range(3))
+    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.8
+    return Case(spatial, kernel, stride, dilation, causal, HEAD_DIMS[seed % len(HEAD_DIMS)], DTYPES[seed % 2],
+                bool(rpb), bool(rng.random() < 0.4), int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+
+
+CASES = [random_case(seed) for seed in range(10 if config.sweep_size() == "small" else 60)] + [
+    Case((9, 8, 10), (5, 3, 3), (1, 1, 1), (1, 1, 1), (True, False, False), 64, "bfloat16", heads=2),
+    Case((7, 10, 9), (3, 5, 3), (2, 1, 3), (1, 2, 1), (False, False, False), 32, "float16", rpb=True,
+         heads_first=True, batch=2),
+    Case((8, 6, 13), (4, 3, 6), (3, 2, 1), (1, 1, 2), (False, True, False), 128, "bfloat16", heads_first=True),
+    Case((10, 9, 7), (2, 4, 7), (1, 4, 2), (3, 1, 1), (False, False, True), 100, "float16"),
+    Case((8, 8, 8), (4, 4, 4), (4, 4, 4), (1, 1, 1), (False, False, False), 24, "bfloat16", heads=1),
+    Case((7, 9, 8), (7, 3, 5), (1, 1, 1), (1, 3, 1), (False, False, False), 128, "float16", rpb=True, heads=1),
+]
+
+#: key boxes (dq) and query boxes (dK/dV) of many chunks for every head-dim bucket, with a bias and causal time
+LONG_BOX_CASES = [
+    Case((9, 14, 16), (5, 9, 11), (1, 1, 1), (1, 1, 1), (False, False, False), 32, "float16", rpb=True, heads=1),
+    Case((9, 14, 16), (5, 9, 11), (1, 1, 1), (1, 1, 1), (True, False, False), 64, "bfloat16", heads=1),
+    # at head dim 128 the dq kernel's shared memory holds a bias table of up to about 1500 entries (9 x 13 x 13)
+    Case((8, 12, 13), (5, 7, 7), (1, 1, 1), (1, 1, 1), (False, False, False), 128, "float16", rpb=True, heads=1),
+]
+
+
+def _case_swept(cases):
+    return {
+        "dtype": {c.dtype for c in cases},
+        "bucket": {fused_tc.head_dim_bucket(c.head_dim) for c in cases},
+        "partial head dim": {c.head_dim in fused_tc.HEAD_DIMS for c in cases},
+        **{f"causal {axis}": {c.causal[axis] for c in cases} for axis in range(3)},
+        **{f"dilated {axis}": {c.dilation[axis] > 1 for c in cases} for axis in range(3)},
+        **{f"strided {axis}": {c.stride[axis] > 1 for c in cases} for axis in range(3)},
+        **{f"even kernel {axis}": {c.kernel_size[axis] % 2 == 0 for c in cases} for axis in range(3)},
+        "partial tile": {any(n % 4 for n in c.spatial) for c in cases},
+        "rpb": {c.rpb for c in cases},
+        "heads first": {c.heads_first for c in cases},
+        "batch or heads > 1": {c.batch * c.heads > 1 for c in cases},
+    }
+
+
+def test_the_backward_sweep_shows_every_value_of_every_dimension():
+    assert _case_swept(CASES) == {**dict.fromkeys(_case_swept(CASES), {False, True}), "dtype": set(DTYPES),
+                                  "bucket": set(fused_tc.HEAD_DIMS)}
+    assert any(c.causal == (True, False, False) for c in CASES)
+    assert {fused_tc.head_dim_bucket(c.head_dim) for c in LONG_BOX_CASES} == set(fused_tc.HEAD_DIMS)
+
+
+def _window(case: Case):
+    return dict(kernel_size=case.kernel_size, stride=case.stride, dilation=case.dilation, is_causal=case.causal)
+
+
+def backward(case: Case, seed: int = 0, arrays=None, run=None):
+    """(problem, kernel names, (dq, dk, dv, drpb), float64 inputs (q, k, v, dOut, rpb)) of the fused backward the
+    dispatcher picks (tensor cores on), from the float64 reference's out and lse; ``run``: a RecordingExecutor
+    to launch on."""
+    (q, k, v, g, rpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._inputs(case, seed)
+    if arrays is not None:
+        q, k, v, g = arrays
+        q64, k64, v64, g64 = (torch.from_numpy(np.ascontiguousarray(a).astype(np.float64)) for a in arrays)
+    out64, lse64 = na_rtc.na3d(q64, k64, v64, **_window(case), rpb=rpb64, return_lse=True, backend="reference")
+    out, lse = out64.to(test_fused_bwd.TORCH_DTYPES[case.dtype]), lse64.float()
+    if arrays is not None:  # NumPy arrays (float16): the outputs and bias too
+        out, lse, rpb = out.numpy(), lse.numpy(), None if rpb is None else rpb.numpy()
+    if case.heads_first:
+        q, k, v, g, out = (noncontiguous(a) for a in (q, k, v, g, out))
+        lse = lse.movedim(-1, 1).contiguous().movedim(1, -1)
+    problem = na_rtc._args.fused_problem(3, q, k, v, case.kernel_size, case.stride, case.dilation, case.causal,
+                                         None, rpb)
+    run = run or RecordingExecutor()
+    grads = Dispatcher(run, kernel_policy(tensor_cores=True)).backward(problem, g, q, k, v, rpb, out, lse)
+    return problem, tuple(run.names), grads, (q64, k64, v64, g64, rpb64)
+
+
+def assert_backward_matches_reference(case: Case, grads, inputs64):
+    q64, k64, v64, g64, rpb64 = inputs64
+    want = na_rtc.na3d_backward(g64, q64, k64, v64, **_window(case), rpb=rpb64, backend="reference")
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
+        assert tuple(got.shape) == case.shape
+        assert_close(got, ref, case.dtype, "grad", name)
+    if case.rpb:
+        assert_close(grads[3], want[3], case.dtype, "grad", "drpb")
+    else:
+        assert grads[3] is None
+
+
+def _tc_kernels(case: Case) -> tuple[str, str]:
+    hd = fused_tc.head_dim_bucket(case.head_dim)
+    return fused_tc_bwd.dq_name_of(hd, case.dtype, 3), fused_tc_bwd.dkdv_name_of(hd, case.dtype, 3)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward_matches_reference(case):
+    _, names, grads, inputs64 = backward(case)
+    assert set(_tc_kernels(case)) <= set(names), names
+    assert_backward_matches_reference(case, grads, inputs64)
+
+
+def box_chunks(case: Case) -> tuple[int, int]:
+    """Chunks of the largest key box (dq) and query box (dK/dV) of the 3D backward's blocks of ``case``
+    (stride 1, one dilation group, non-causal: both boxes are the tile plus k - 1 per axis, clipped)."""
+    hd = fused_tc.head_dim_bucket(case.head_dim)
+    tile = fused_tc.TILES[3, 1]
+    box = math.prod(min(t + k - 1, n) for t, k, n in zip(tile, case.kernel_size, case.spatial))
+    return -(-box // fused_tc_bwd.DQ_CHUNK[hd]), -(-box // fused_tc_bwd.DKDV_CHUNK[3, hd])
+
+
+def test_long_backward_boxes_have_many_chunks():
+    assert all(min(box_chunks(c)) >= 20 for c in LONG_BOX_CASES), [box_chunks(c) for c in LONG_BOX_CASES]
+
+
+@pytest.mark.parametrize("case", LONG_BOX_CASES, ids=str)
+def test_backward_over_long_boxes(case):
+    _, _, grads, inputs64 = backward(case)
+    assert_backward_matches_reference(case, grads, inputs64)
+
+
+@pytest.mark.parametrize("case", LONG_BOX_CASES[:2], ids=str)
+def test_backward_has_no_schedule_dependence(case, monkeypatch):
+    def compute():
+        _, names, grads, _ = backward(case)
+        return names, grads
+
+    names = test_schedules._under_both_schedules(monkeypatch, compute)
+    assert set(_tc_kernels(case)) <= set(names), names
+
+
+def test_backward_is_deterministic():
+    case = next(c for c in CASES if c.rpb)
+    first, second = backward(case)[2], backward(case)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def test_backward_offsets_past_2_to_the_31():
+    case = Case((5, 6, 7), (3, 3, 5), (1, 1, 1), (1, 1, 1), (False, False, False), 32, "float16", rpb=True,
+                batch=2, heads=2)
+    keep, arrays = test_scale.sparse_inputs(4, case.shape, "float16")
+    try:
+        assert arrays[0].strides[0] // 2 > 2**31
+        _, names, grads, inputs64 = backward(case, arrays=arrays)
+        assert set(_tc_kernels(case)) <= set(names), names
+        assert_backward_matches_reference(case, grads, inputs64)
+    finally:
+        del arrays
+        gc.collect()
+        keep.close()
+
+
+def test_3d_backward_runs_the_3d_twin():
+    choice = Dispatcher(emulated.run, kernel_policy(tensor_cores=True)).choose("backward", _problem("float16", 64))
+    assert choice.path == "mma.sync"
+    assert choice.kernels[1:3] == (fused_tc_bwd.dq_name_of(64, "float16", 3), fused_tc_bwd.dkdv_name_of(64, "float16", 3))

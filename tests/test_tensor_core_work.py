@@ -271,17 +271,33 @@ def test_the_3d_mma_sync_forward_skips_the_key_tiles_no_row_of_a_warp_sees(cfg):
     assert run.op_counts[0] == {"mma.sync": (tiles * hd // 16 + steps * hd // 8) * mt, "wgmma": 0}
 
 
-def product_share(cfg, tile_shape, mma_tiles, chunk=32):
+@pytest.mark.parametrize("case", test_fused_tc_3d.LONG_BOX_CASES + test_fused_tc_3d.CASES[::2], ids=str)
+def test_the_3d_mma_sync_backward_skips_the_tiles_no_row_of_a_warp_sees(case):
+    hd = fused_tc.head_dim_bucket(case.head_dim)
+    tile = fused_tc.TILES[3, 1]
+    dq_tiles, dq_steps = _live_warp_tiles(case, tile, fused_tc_bwd.DQ_CHUNK[hd], 16)
+    dkdv_tiles, dkdv_steps = _live_warp_tiles(case, tile, fused_tc_bwd.DKDV_CHUNK[3, hd], 16, inverse=True)
+    run = RecordingExecutor()
+    test_fused_tc_3d.backward(case, run=run)
+    got = {name.split("<")[0]: counts for name, counts in zip(run.names, run.op_counts)}
+    assert got["na_fused_tc_bwd_dq"] == {"mma.sync": 2 * dq_tiles * hd // 16 + dq_steps * hd // 8, "wgmma": 0}
+    assert got["na_fused_tc_bwd_dkdv"] == {"mma.sync": 2 * dkdv_tiles * hd // 16 + 2 * dkdv_steps * hd // 8,
+                                           "wgmma": 0}
+
+
+def product_share(cfg, tile_shape, mma_tiles, chunk=32, inverse=False):
     """The share of the mma.sync forward's products (Q K^T and P V, per row and key) that fall inside a window,
     with its warp-level skipping of 8-key tiles and 16-key steps, for query tiles ``tile_shape`` of
-    ``mma_tiles`` mma tiles a warp. Blocks whose windows sit alike in their boxes are counted once."""
+    ``mma_tiles`` mma tiles a warp. Blocks whose windows sit alike in their boxes are counted once. With
+    ``inverse``: the dK/dV kernel's (key tiles, the queries that see them; 16 keys a warp, mma_tiles 1)."""
     axes = _axes(cfg)
     per_axis = [_tiles(a, t) for a, t in zip(axes, tile_shape)]
 
     def pattern(axis, tile, size):
         """What decides a block's visibility along one axis: its rows' windows relative to the box origin."""
         q = tile.q0 + np.minimum(np.arange(size), tile.n - 1)
-        start, end = (np.atleast_1d(x) for x in window.window(axis, q * axis.dilation + tile.g))
+        ranges = window.inverse_range if inverse else window.window
+        start, end = (np.atleast_1d(x) for x in ranges(axis, q * axis.dilation + tile.g))
         return tuple(start - start[0]), tuple(end - start[0]), tile.n
 
     groups: dict = {}
@@ -292,7 +308,7 @@ def product_share(cfg, tile_shape, mma_tiles, chunk=32):
     issued = useful = 0
     rows_per_warp = 16 * mma_tiles
     for block, count in groups.values():
-        seen = _box_visibility(cfg, axes, block, tile_shape, chunk)
+        seen = _box_visibility(cfg, axes, block, tile_shape, chunk, inverse)
         live = seen.reshape(-1, rows_per_warp, seen.shape[1] // 8, 8).any(axis=(1, 3))
         steps = live.reshape(live.shape[0], -1, 2).any(axis=2)
         issued += count * rows_per_warp * (8 * int(live.sum()) + 16 * int(steps.sum()))
