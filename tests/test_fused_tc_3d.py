@@ -351,10 +351,11 @@ def _window(case: Case):
     return dict(kernel_size=case.kernel_size, stride=case.stride, dilation=case.dilation, is_causal=case.causal)
 
 
-def backward(case: Case, seed: int = 0, arrays=None, run=None):
+def backward(case: Case, seed: int = 0, arrays=None, run=None, dispatcher=None, device=None):
     """(problem, kernel names, (dq, dk, dv, drpb), float64 inputs (q, k, v, dOut, rpb)) of the fused backward the
     dispatcher picks (tensor cores on), from the float64 reference's out and lse; ``run``: a RecordingExecutor
-    to launch on."""
+    to launch on; ``arrays``: q, k, v, dOut as NumPy arrays; ``dispatcher`` and ``device``: another dispatcher
+    and the torch device of its arrays (the GPU's)."""
     (q, k, v, g, rpb), (q64, k64, v64, g64, rpb64) = test_fused_bwd._inputs(case, seed)
     if arrays is not None:
         q, k, v, g = arrays
@@ -366,10 +367,13 @@ def backward(case: Case, seed: int = 0, arrays=None, run=None):
     if case.heads_first:
         q, k, v, g, out = (noncontiguous(a) for a in (q, k, v, g, out))
         lse = lse.movedim(-1, 1).contiguous().movedim(1, -1)
+    if device is not None:
+        q, k, v, g, out, lse, rpb = (None if a is None else a.to(device) for a in (q, k, v, g, out, lse, rpb))
     problem = na_rtc._args.fused_problem(3, q, k, v, case.kernel_size, case.stride, case.dilation, case.causal,
                                          None, rpb)
     run = run or RecordingExecutor()
-    grads = Dispatcher(run, kernel_policy(tensor_cores=True)).backward(problem, g, q, k, v, rpb, out, lse)
+    grads = (dispatcher or Dispatcher(run, kernel_policy(tensor_cores=True))).backward(problem, g, q, k, v, rpb, out,
+                                                                                       lse)
     return problem, tuple(run.names), grads, (q64, k64, v64, g64, rpb64)
 
 
@@ -452,3 +456,48 @@ def test_3d_backward_runs_the_3d_twin():
     choice = Dispatcher(emulated.run, kernel_policy(tensor_cores=True)).choose("backward", _problem("float16", 64))
     assert choice.path == "mma.sync"
     assert choice.kernels[1:3] == (fused_tc_bwd.dq_name_of(64, "float16", 3), fused_tc_bwd.dkdv_name_of(64, "float16", 3))
+
+
+# ---------------------------------------------------------------- on a GPU (make gpu-check)
+
+
+def _gpu_dispatcher(names):
+    """A dispatcher launching on the GPU with the tensor-core paths on (the wgmma kernels have no 3D), recording
+    the kernel names in ``names``."""
+    import dataclasses
+
+    from na_rtc.runtime import cuda
+    from na_rtc.runtime.policy import Settings
+
+    def run(plan):
+        names.append(plan.kernel.name)
+        cuda.run(plan)
+
+    settings = dataclasses.replace(Settings.read(), tensor_cores=True, wgmma=False, verify=False)
+    return Dispatcher(run, Policy("cuda", cuda.arch_of("cuda"), settings))
+
+
+def _on_gpu(*arrays):
+    return [None if a is None else a.to("cuda") for a in arrays]  # preserve_format: heads-first views stay so
+
+
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not na_rtc.backends.get("cuda").probe()[0], reason="no usable GPU")]
+
+
+@pytest.mark.parametrize("cfg", [pytest.param(c, marks=gpu, id=str(c)) for c in CONFIGS + LONG_BOXES])
+def test_forward_on_gpu(cfg):
+    (q, k, v), _ = sweep_inputs(cfg, 3)
+    bias, _ = sweep_bias(cfg)
+    q, k, v, bias = _on_gpu(q, k, v, bias)
+    names = []
+    out, lse = _gpu_dispatcher(names).forward(test_fused._problem(cfg, q, k, v, bias), q, k, v, bias)
+    assert names == [fused_tc.kernel_name_of(fused_tc.head_dim_bucket(cfg.head_dim), cfg.dtype, 3)]
+    assert_forward_matches_reference(cfg, out.cpu(), lse.cpu())
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=gpu, id=str(c)) for c in CASES + LONG_BOX_CASES])
+def test_backward_on_gpu(case):
+    names = []
+    _, _, grads, inputs64 = backward(case, dispatcher=_gpu_dispatcher(names), device="cuda")
+    assert set(_tc_kernels(case)) <= set(names), names
+    assert_backward_matches_reference(case, [None if x is None else x.cpu() for x in grads], inputs64)
