@@ -375,8 +375,11 @@ def test_a_3d_call_passes_over_every_family_without_3d_kernels_and_says_so():
     without = [route for route in dispatch.FORWARD if registry.for_rank(route.family, 3) is None]
     choice = dispatcher.choose("forward", problem)
     skipped = dict(choice.skipped)
+    paths = [route.path for route in dispatch.FORWARD]
+    passed_over = paths[:paths.index(choice.path)] if choice.path else paths  # the routes after it are not asked
     for route in without:
-        assert skipped[route.path] == f"the {route.family} kernels serve 1D/2D, not 3D"
+        if route.path in passed_over:
+            assert skipped[route.path] == f"the {route.family} kernels serve 1D/2D, not 3D"
     for route in dispatch.FORWARD:
         if route.path == choice.path:
             assert registry.for_rank(route.family, 3).ranks == {3}
