@@ -25,6 +25,7 @@ from na_rtc.runtime.families import (FAMILIES, fused, fused_bwd, fused_tc, fused
 
 KIB = 1024
 TENSOR_CORE = ("fused_tc", "fused_tc_bwd")
+MMA_SYNC = TENSOR_CORE + ("fused_tc_3d", "fused_tc_bwd_3d")  # with the 3D twins
 WGMMA = ("fused_wg", "fused_wg_bwd", "selftest_wgmma")
 #: what check has measured as the most static shared memory any kernel declares (its "smem static" column:
 #: 2048 bytes in the naive kernels' reductions, 1104 in the wgmma dK/dV kernel): the families' tables give
@@ -67,7 +68,7 @@ def test_every_class_is_in_the_table_and_ci_checks_two_of_them():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_each_family_runs_on_the_architectures_the_dispatcher_sends_it_to(name):
     family = FAMILIES[name]
-    if name in TENSOR_CORE:  # mma.sync in bf16 and cp.async: sm_80 and newer, newer than NVRTC knows too
+    if name in MMA_SYNC:  # mma.sync in bf16 and cp.async: sm_80 and newer, newer than NVRTC knows too
         expected = {80, 86, 90, 100, 120, 130}
     elif name in WGMMA:  # sm_90a cubins run on sm_90 only
         expected = {90}
@@ -110,10 +111,10 @@ def test_check_and_precompile_compile_exactly_what_can_run(monkeypatch):
     reports = check.check_families(FAMILIES, list(archs.CLASSES))
     expected = [(arch, name) for arch in archs.CLASSES for name, family in FAMILIES.items() if family.runs_on(arch)]
     assert compiled == expected and [(r.arch, r.family) for r in reports] == expected
-    assert not any(arch == 75 and name in TENSOR_CORE + WGMMA for arch, name in compiled)
+    assert not any(arch == 75 and name in MMA_SYNC + WGMMA for arch, name in compiled)
     compiled.clear()
     check.precompile(FAMILIES, [75], out=io.StringIO())
-    assert sorted(name for _, name in compiled) == sorted(n for n in FAMILIES if n not in TENSOR_CORE + WGMMA)
+    assert sorted(name for _, name in compiled) == sorted(n for n in FAMILIES if n not in MMA_SYNC + WGMMA)
 
 
 def test_families_of_a_family_module_without_arch_fields_run_everywhere():
@@ -159,10 +160,10 @@ def test_no_family_admits_a_launch_beyond_the_shared_memory_of_an_architecture_i
 def test_the_tensor_core_backward_declares_its_largest_launches():
     """The family's sizes (what check and the test above use) are the largest its coverage admits: dq up to the
     budget (bias tables fill it), dK/dV its fixed size, which the budget admits."""
-    family = FAMILIES["fused_tc_bwd"]
     for dtype in fused_tc.DTYPES:
         for hd in fused_tc.HEAD_DIMS:
-            for ndim in (1, 2):
+            for ndim in (1, 2, 3):
+                family = FAMILIES["fused_tc_bwd_3d" if ndim == 3 else "fused_tc_bwd"]
                 dq, dkdv = fused_tc_bwd.dq_name_of(hd, dtype, ndim), fused_tc_bwd.dkdv_name_of(hd, dtype, ndim)
                 assert (fused_tc_bwd.dq_shared_bytes(hd, dtype) <= family.launch_shared_bytes[dq]
                         == fused_tc_bwd.SHARED_BUDGET)
@@ -185,9 +186,9 @@ def test_the_rotation_checks_the_tensor_core_families_or_on_sm_75_the_others(mon
         got_arch, names = check.rotation("any", FAMILIES)
         assert got_arch == arch
         if arch == 75:
-            assert set(names) == {n for n in FAMILIES if n not in TENSOR_CORE + WGMMA}
+            assert set(names) == {n for n in FAMILIES if n not in MMA_SYNC + WGMMA}
         else:
-            assert set(names) == set(TENSOR_CORE)
+            assert set(names) == set(MMA_SYNC)
 
 
 # ---------------------------------------------------------------- per-architecture kernel variants
