@@ -99,7 +99,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const na_tc_warp_window common =
         HD < 128 ? na_tc_common_window<1, RANK>(&rows) : na_tc_warp_window{1, 0, 1, 0, 1, 0};
     const int chunks = (box.keys + KC - 1) / KC;
-    float row_lse[2], row_delta[2];
+    // STATS_SHARED: the lane's lse and delta stay in static shared memory (each thread its own four words, read
+    // at every use: the barriers of the chunk loop keep them from being hoisted into registers). The 3D kernel
+    // at head dim 128 spills 4 bytes on sm_90 with them in registers.
+    constexpr bool STATS_SHARED = HD == 128 && RANK == 3;
+    __shared__ float stats_block[STATS_SHARED ? NA_TC_THREADS : 1][2][2];
+    float stats_own[2][2];
+    float(&stats)[2][2] = STATS_SHARED ? stats_block[tid] : stats_own;
+    float(&row_lse)[2] = stats[0];
+    float(&row_delta)[2] = stats[1];
     na_tc_row_stats<TY, TZ, RANK>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
                                   {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, tz, az.dilation, l_z, e_z);
     float acc[DT][4];
@@ -107,7 +115,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     using kv_stream = na_tc_kv_stream<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>;
     const kv_stream kv_own = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3, v_z3);
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3,
+        v_z3);
     __shared__ kv_stream kv_block;  // KV_SHARED: written by thread 0, read after the barrier below
     if (KV_SHARED && tid == 0) kv_block = kv_own;
     const kv_stream& kv = KV_SHARED ? kv_block : kv_own;

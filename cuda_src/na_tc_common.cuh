@@ -31,14 +31,21 @@
 // row row0 (rows row0 + g and row0 + g + 8, g = lane / 4): whether they
 // exist, their windows in box coordinates (box = the union of the tile's
 // windows, origin tx.h0 / ty.h0 / tz.h0) and the rpb index of box key (0, 0, 0)
-// for each. Below rank 3 the z window is [0, 1) and never tested. Their
-// positions come from na_tc_row_position, not from the struct, which lives in
-// registers through the kernels' key loops.
+// for each. The z window [z0, z1) is one word, z0 | z1 << 16 (na_tc_z_window;
+// the 3D kernels cover boxes of less than 2^16 keys along z): the 3D dq kernel
+// at head dim 128 has no register to spare. Below rank 3 it is [0, 1) and
+// never tested. Their positions come from na_tc_row_position, not from the
+// struct, which lives in registers through the kernels' key loops.
 struct na_tc_rows {
     bool valid[2];
-    int wx0[2], wx1[2], wy0[2], wy1[2], wz0[2], wz1[2];
+    int wx0[2], wx1[2], wy0[2], wy1[2];
+    unsigned wz[2];
     long long bias0[2];
 };
+
+// the z window [z0, z1) of a packed na_tc_rows::wz
+__device__ __forceinline__ int na_tc_z0(unsigned wz) { return (int)(wz & 0xffffu); }
+__device__ __forceinline__ int na_tc_z1(unsigned wz) { return (int)(wz >> 16); }
 
 // tile row qi's coordinates in the tile: row (qx * TY + qy) * TZ + qz (z fastest; TZ 1 below rank 3)
 template <int TY, int TZ = 1>
@@ -90,8 +97,7 @@ __device__ __forceinline__ na_tc_rows na_tc_query_rows(int row0, int lane, const
         }
         r.wx0[i] = (int)(s0 - tx.h0); r.wx1[i] = (int)(s1 - tx.h0);
         r.wy0[i] = (int)(u0 - ty.h0); r.wy1[i] = (int)(u1 - ty.h0);
-        r.wz0[i] = RANK == 3 ? (int)(v0 - tz.h0) : 0;
-        r.wz1[i] = RANK == 3 ? (int)(v1 - tz.h0) : 1;
+        r.wz[i] = RANK == 3 ? (unsigned)(v0 - tz.h0) | (unsigned)(v1 - tz.h0) << 16 : 1u << 16;
         r.bias0[i] = h * rpb_h + (tx.h0 - gx + ax.kernel - 1) * rpb_x + (ty.h0 - gy + ay.kernel - 1) * rpb_y;
         if (RANK == 3) r.bias0[i] += (tz.h0 - gz + az.kernel - 1) * rpb_z;
     }
@@ -110,7 +116,8 @@ __device__ __forceinline__ void na_tc_visible(const na_tc_rows& r, int key0, con
 #pragma unroll
         for (int i = 0; i < 2; ++i)
             in[2 * i + e] = r.valid[i] && key0 + e < box.keys && bx >= r.wx0[i] && bx < r.wx1[i] &&
-                            by >= r.wy0[i] && by < r.wy1[i] && (RANK < 3 || (bz >= r.wz0[i] && bz < r.wz1[i]));
+                            by >= r.wy0[i] && by < r.wy1[i] &&
+                            (RANK < 3 || (bz >= na_tc_z0(r.wz[i]) && bz < na_tc_z1(r.wz[i])));
         box.step(bx, by, bz);
     }
 }
@@ -168,8 +175,9 @@ __device__ __forceinline__ na_tc_warp_window na_tc_common_window(const na_tc_row
             w.y0 = w.y0 > r.wy0[i] ? w.y0 : r.wy0[i];
             w.y1 = w.y1 < r.wy1[i] ? w.y1 : r.wy1[i];
             if (RANK == 3) {
-                w.z0 = w.z0 > r.wz0[i] ? w.z0 : r.wz0[i];
-                w.z1 = w.z1 < r.wz1[i] ? w.z1 : r.wz1[i];
+                const int z0 = na_tc_z0(r.wz[i]), z1 = na_tc_z1(r.wz[i]);
+                w.z0 = w.z0 > z0 ? w.z0 : z0;
+                w.z1 = w.z1 < z1 ? w.z1 : z1;
             }
         }
 #pragma unroll

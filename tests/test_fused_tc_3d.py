@@ -275,12 +275,15 @@ def test_3d_calls_run_the_3d_twin(dtype, head_dim, expected):
     assert choice.path == "mma.sync" and choice.kernels == (expected,)
 
 
-@pytest.mark.parametrize("dtype, head_dim, why", [
-    ("float32", 64, "dtype float32"),
-    ("float16", 256, "head_dim 256 > 128"),
+@pytest.mark.parametrize("dtype, head_dim, z, why", [
+    ("float32", 64, 6, "dtype float32"),
+    ("float16", 256, 6, "head_dim 256 > 128"),
+    ("float16", 32, 2**16, "a last axis of 65536 positions (3D: at most 65535)"),
 ])
-def test_what_the_3d_twin_refuses(dtype, head_dim, why):
-    choice = Dispatcher(emulated.run, Policy.of(tensor_cores=True)).choose("forward", _problem(dtype, head_dim))
+def test_what_the_3d_twin_refuses(dtype, head_dim, z, why):
+    q = np.broadcast_to(np.zeros((), np.float16 if dtype == "float16" else np.float32), (1, 6, 6, z, 2, head_dim))
+    problem = na_rtc._args.fused_problem(3, q, q, q, 3, 1, 1, False, None, None)
+    choice = Dispatcher(emulated.run, Policy.of(tensor_cores=True)).choose("forward", problem)
     assert why in dict(choice.skipped)["mma.sync"]
 
 
@@ -455,7 +458,8 @@ def test_backward_offsets_past_2_to_the_31():
 def test_3d_backward_runs_the_3d_twin():
     choice = Dispatcher(emulated.run, kernel_policy(tensor_cores=True)).choose("backward", _problem("float16", 64))
     assert choice.path == "mma.sync"
-    assert choice.kernels[1:3] == (fused_tc_bwd.dq_name_of(64, "float16", 3), fused_tc_bwd.dkdv_name_of(64, "float16", 3))
+    assert choice.kernels[1:3] == (fused_tc_bwd.dq_name_of(64, "float16", 3),
+                                   fused_tc_bwd.dkdv_name_of(64, "float16", 3))
 
 
 # ---------------------------------------------------------------- on a GPU (make gpu-check)

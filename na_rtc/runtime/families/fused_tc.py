@@ -53,6 +53,9 @@ FORWARD = {32: ForwardConfig(64, 2), 64: ForwardConfig(32, 2), 128: ForwardConfi
 #: head-dim bucket -> the other instantiations built, chosen with NA_RTC_TC_WARP_ROWS (measured against
 #: the table's choice by ``python -m na_rtc bench``'s fused_tc_rows16 entry)
 FORWARD_ALTERNATIVES = {32: (ForwardConfig(64, 1),), 64: (ForwardConfig(64, 1),), 128: ()}
+#: the longest last axis of a 3D problem: a query row's window along it is one 32-bit word in the kernels (two
+#: 16-bit box coordinates, na_tc_common.cuh)
+MAX_Z = 2**16 - 1
 #: head-dim bucket -> the 3D forward (one mma tile a warp; the only 3D instantiation per bucket and dtype)
 FORWARD_3D = {32: ForwardConfig(64, 1), 64: ForwardConfig(32, 1), 128: ForwardConfig(32, 1)}
 
@@ -128,6 +131,8 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     hd = head_dim_bucket(problem.head_dim)
     if hd is None:
         return False, f"head_dim {problem.head_dim} > {HEAD_DIMS[-1]}"
+    if problem.ndim == 3 and problem.axes[2].length > MAX_Z:
+        return False, f"a last axis of {problem.axes[2].length} positions (3D: at most {MAX_Z})"
     smem = shared_bytes(hd, problem.dtype, policy, problem.ndim)
     if smem > SHARED_BUDGET:
         return False, f"{smem} bytes of shared memory, more than {SHARED_BUDGET}"

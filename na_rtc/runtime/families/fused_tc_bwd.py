@@ -42,7 +42,8 @@ DKDV_SHARED_BUDGET = 96 * 1024
 
 def dq_name_of(hd: int, dtype: str, ndim: int) -> str:
     tile = TILES[ndim, 1]
-    return f"na_fused_tc_bwd_dq<{CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}, {DQ_CHUNK[hd]}{rank_arguments(ndim, tile)}>"
+    return (f"na_fused_tc_bwd_dq<{CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}, {DQ_CHUNK[hd]}"
+            f"{rank_arguments(ndim, tile)}>")
 
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int) -> str:
