@@ -50,22 +50,29 @@ HEAD_DIMS = (32, 64, 128, 24, 100)
 Config = test_fused.Config
 
 
-def random_config(seed: int) -> Config:
-    """A 3D configuration small enough for the float64 reference; the corners below add what draws miss."""
-    rng = np.random.default_rng(7300 + seed)
-    dtype, head_dim = DTYPES[seed % 2], HEAD_DIMS[seed % len(HEAD_DIMS)]
+def random_window(rng, extra: int, largest: int, rpb_chance: float):
+    """(spatial, kernel, dilation, stride, causal, rpb) of a random 3D window: up to ``extra - 1`` positions
+    past k * d per axis, at most ``largest`` tokens (the float64 reference stays quick); rpb with odd kernels
+    and no causal axis, at ``rpb_chance``."""
     while True:
         kernel = tuple(int(rng.integers(2, 7)) for _ in range(3))
         dilation = tuple(int(rng.integers(1, 3)) for _ in range(3))
-        spatial = tuple(k * d + int(rng.integers(0, 5)) for k, d in zip(kernel, dilation))
-        if math.prod(spatial) <= 700:
+        spatial = tuple(k * d + int(rng.integers(0, extra)) for k, d in zip(kernel, dilation))
+        if math.prod(spatial) <= largest:
             break
     stride = tuple(int(rng.integers(1, k + 1)) for k in kernel)
     causal = tuple(bool(rng.random() < 0.3) for _ in range(3))
-    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.7
+    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < rpb_chance
+    return spatial, kernel, dilation, stride, causal, bool(rpb)
+
+
+def random_config(seed: int) -> Config:
+    """A random 3D forward configuration; the corners below add what draws miss."""
+    rng = np.random.default_rng(7300 + seed)
+    spatial, kernel, dilation, stride, causal, rpb = random_window(rng, 5, 700, 0.7)
     scale = None if rng.random() < 0.7 else 0.3
-    return Config(spatial, kernel, dilation, causal, int(rng.integers(1, 3)), int(rng.integers(1, 3)), head_dim,
-                  bool(rpb), bool(rng.random() < 0.4), dtype, stride, scale)
+    return Config(spatial, kernel, dilation, causal, int(rng.integers(1, 3)), int(rng.integers(1, 3)),
+                  HEAD_DIMS[seed % len(HEAD_DIMS)], rpb, bool(rng.random() < 0.4), DTYPES[seed % 2], stride, scale)
 
 
 CONFIGS = [random_config(seed) for seed in range(10 if config.sweep_size() == "small" else 80)]
@@ -122,8 +129,9 @@ def assert_forward_matches_reference(cfg: Config, out, lse):
 
 
 def _swept(configs):
-    """Every value each swept dimension takes in ``configs`` (per axis where it is per axis)."""
-    return {
+    """Every value each swept dimension takes in ``configs`` (forward Configs or backward Cases; per axis where it
+    is per axis)."""
+    values = {
         "dtype": {c.dtype for c in configs},
         "bucket": {fused_tc.head_dim_bucket(c.head_dim) for c in configs},
         "partial head dim": {c.head_dim in fused_tc.HEAD_DIMS for c in configs},
@@ -133,15 +141,21 @@ def _swept(configs):
         **{f"even kernel {axis}": {c.kernel_size[axis] % 2 == 0 for c in configs} for axis in range(3)},
         "partial tile": {any(n % 4 for n in c.spatial) for c in configs},
         "rpb": {c.rpb for c in configs},
-        "scale": {c.scale is None for c in configs},
         "heads first": {c.heads_first for c in configs},
         "batch or heads > 1": {c.batch * c.heads > 1 for c in configs},
     }
+    if all(hasattr(c, "scale") for c in configs):  # the forward's
+        values["scale"] = {c.scale is None for c in configs}
+    return values
+
+
+def assert_every_value_is_swept(configs):
+    assert _swept(configs) == {**dict.fromkeys(_swept(configs), {False, True}), "dtype": set(DTYPES),
+                               "bucket": set(fused_tc.HEAD_DIMS)}
 
 
 def test_the_sweep_shows_every_value_of_every_dimension():
-    assert _swept(CONFIGS) == {**dict.fromkeys(_swept(CONFIGS), {False, True}), "dtype": set(DTYPES),
-                               "bucket": set(fused_tc.HEAD_DIMS)}
+    assert_every_value_is_swept(CONFIGS)
     assert any(c.causal == (True, False, False) for c in CONFIGS)  # causal in time only, the video case
     assert any(c.stride == c.kernel_size for c in CONFIGS)
 
@@ -293,19 +307,11 @@ Case = test_fused_bwd.Case
 
 
 def random_case(seed: int) -> Case:
-    """A 3D backward case small enough for the float64 reference; the corners below add what draws miss."""
+    """A random 3D backward case; the corners below add what draws miss."""
     rng = np.random.default_rng(8300 + seed)
-    while True:
-        kernel = tuple(int(rng.integers(2, 7)) for _ in range(3))
-        dilation = tuple(int(rng.integers(1, 3)) for _ in range(3))
-        spatial = tuple(k * d + int(rng.integers(0, 4)) for k, d in zip(kernel, dilation))
-        if math.prod(spatial) <= 600:
-            break
-    stride = tuple(int(rng.integers(1, k + 1)) for k in kernel)
-    causal = tuple(bool(rng.random() < 0.3) for _ in range(3))
-    rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.8
-    return Case(spatial, kernel, stride, dilation, causal, HEAD_DIMS[seed % len(HEAD_DIMS)], DTYPES[seed % 2],
-                bool(rpb), bool(rng.random() < 0.4), int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+    spatial, kernel, dilation, stride, causal, rpb = random_window(rng, 4, 600, 0.8)
+    return Case(spatial, kernel, stride, dilation, causal, HEAD_DIMS[seed % len(HEAD_DIMS)], DTYPES[seed % 2], rpb,
+                bool(rng.random() < 0.4), int(rng.integers(1, 3)), int(rng.integers(1, 3)))
 
 
 CASES = [random_case(seed) for seed in range(10 if config.sweep_size() == "small" else 60)] + [
@@ -327,25 +333,8 @@ LONG_BOX_CASES = [
 ]
 
 
-def _case_swept(cases):
-    return {
-        "dtype": {c.dtype for c in cases},
-        "bucket": {fused_tc.head_dim_bucket(c.head_dim) for c in cases},
-        "partial head dim": {c.head_dim in fused_tc.HEAD_DIMS for c in cases},
-        **{f"causal {axis}": {c.causal[axis] for c in cases} for axis in range(3)},
-        **{f"dilated {axis}": {c.dilation[axis] > 1 for c in cases} for axis in range(3)},
-        **{f"strided {axis}": {c.stride[axis] > 1 for c in cases} for axis in range(3)},
-        **{f"even kernel {axis}": {c.kernel_size[axis] % 2 == 0 for c in cases} for axis in range(3)},
-        "partial tile": {any(n % 4 for n in c.spatial) for c in cases},
-        "rpb": {c.rpb for c in cases},
-        "heads first": {c.heads_first for c in cases},
-        "batch or heads > 1": {c.batch * c.heads > 1 for c in cases},
-    }
-
-
 def test_the_backward_sweep_shows_every_value_of_every_dimension():
-    assert _case_swept(CASES) == {**dict.fromkeys(_case_swept(CASES), {False, True}), "dtype": set(DTYPES),
-                                  "bucket": set(fused_tc.HEAD_DIMS)}
+    assert_every_value_is_swept(CASES)
     assert any(c.causal == (True, False, False) for c in CASES)
     assert {fused_tc.head_dim_bucket(c.head_dim) for c in LONG_BOX_CASES} == set(fused_tc.HEAD_DIMS)
 
