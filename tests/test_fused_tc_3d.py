@@ -103,14 +103,6 @@ LONG_BOXES = [
 ]
 
 
-def reference(cfg: Config, q64, k64, v64, bias64):
-    """(out, lse) of the float64 reference backend."""
-    return na_rtc.na3d(*(torch.from_numpy(x) for x in (q64, k64, v64)), cfg.kernel_size, stride=cfg.stride,
-                       dilation=cfg.dilation, is_causal=cfg.causal, scale=cfg.scale,
-                       rpb=None if bias64 is None else torch.from_numpy(bias64), return_lse=True,
-                       backend="reference")
-
-
 def forward(cfg: Config, executor=emulated.run, arrays=None, policy=None):
     """(out, lse) of the fused forward the dispatcher picks for ``cfg`` (tensor cores on)."""
     (q, k, v), _ = sweep_inputs(cfg, 3) if arrays is None else (arrays, None)
@@ -119,13 +111,7 @@ def forward(cfg: Config, executor=emulated.run, arrays=None, policy=None):
     return Dispatcher(executor, policy or kernel_policy(tensor_cores=True)).forward(problem, q, k, v, bias)
 
 
-def assert_forward_matches_reference(cfg: Config, out, lse):
-    (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
-    _, bias64 = sweep_bias(cfg)
-    want_out, want_lse = reference(cfg, q64, k64, v64, bias64)
-    assert out.dtype == q.dtype and lse.dtype == torch.float32 and tuple(out.shape) == cfg.shape
-    assert_close(out, want_out, cfg.dtype, "forward", "out")
-    assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
+assert_forward_matches_reference = test_fused.assert_forward_matches_reference
 
 
 def _swept(configs):
@@ -262,7 +248,8 @@ def test_offsets_past_2_to_the_31():
         bias = bias.numpy()
         problem = test_fused._problem(cfg, *arrays, bias)
         out, lse = Dispatcher(emulated.run, kernel_policy(tensor_cores=True)).forward(problem, *arrays, bias)
-        want_out, want_lse = reference(cfg, *(np.ascontiguousarray(a).astype(np.float64) for a in arrays), bias64)
+        want_out, want_lse = test_fused._reference(cfg, *(np.ascontiguousarray(a).astype(np.float64) for a in arrays),
+                                                   bias64)
         assert_close(out, want_out, cfg.dtype, "forward", "out")
         assert_close(lse, want_lse, cfg.dtype, "forward", "lse")
     finally:
