@@ -6,6 +6,12 @@
 // Everything here runs inside the kernels' key loops, so it is written for
 // few instructions per 8-key tile: 32-bit indices inside a block and window
 // tests that whole tiles inside every window of a warp skip.
+//
+// Ranks: the pieces take the kernel's RANK (and the tile's TZ) as trailing
+// template parameters, or read them from the box type (na_tc_box<TY, RANK>);
+// the z axis rides in trailing arguments whose defaults are the trivial axis,
+// so that below rank 3 every z term is a compile-time constant and the code
+// is that of the 1D/2D kernels.
 #pragma once
 
 #include "na_tc_box.cuh"
