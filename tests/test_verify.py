@@ -471,8 +471,8 @@ def test_selftest_quick_and_full_pick_their_canaries():
     assert {unit.problem.head_dim for unit in quick} == {32}
     families = {(unit.family, unit.problem.dtype, unit.problem.ndim) for unit in quick}
     # 1D and 2D: SIMT (2) and split (2 composed + 4 split ops) x 3 dtypes, mma.sync and wgmma (2 each) x 2 dtypes;
-    # 3D: SIMT (2) and split (6) x 3 dtypes
-    assert len(families) == len(quick) == 2 * (3 * 8 + 2 * 4) + 3 * 8
+    # 3D: SIMT (2) and split (6) x 3 dtypes, mma.sync (2) x 2 dtypes (no wgmma)
+    assert len(families) == len(quick) == 2 * (3 * 8 + 2 * 4) + 3 * 8 + 2 * 2
     assert {unit.problem.ndim for unit in quick} == {1, 2, 3}
     names = []
     for unit in full:
