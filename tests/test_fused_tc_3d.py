@@ -16,8 +16,8 @@ instantiations of ``cuda_src/na_fused_tc.cu`` and ``na_fused_tc_bwd.cu``) throug
 * the dispatch: 3D fp16/bf16 calls with head dims up to 128 run the 3D twins.
 
 The kernels are driven through the dispatcher as the 1D/2D tensor-core tests
-do; ``test_through_na3d`` runs the public ``na3d`` on the emulator once that
-backend serves 3D.
+do, and ``test_through_na3d`` runs the public ``na3d`` and ``na3d_backward`` on
+the emulator.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from helpers import RecordingExecutor, assert_close, kernel_policy, noncontiguou
 
 import na_rtc
 from na_rtc import config
-from na_rtc.runtime import emulated, registry
+from na_rtc.runtime import emulated
 from na_rtc.runtime.dispatch import Dispatcher
 from na_rtc.runtime.families import fused_tc, fused_tc_bwd
 from na_rtc.runtime.policy import Policy
@@ -291,10 +291,6 @@ def test_what_the_3d_twin_refuses(dtype, head_dim, z, why):
 # ---------------------------------------------------------------- backward
 
 Case = test_fused_bwd.Case
-#: every fused backward launches the SIMT family's delta kernel (and, with a bias, its reduction) around dq and
-#: dK/dV: in 3D, its 3D twin's
-needs_3d_delta = pytest.mark.skipif(registry.for_rank("fused_bwd", 3) is None,
-                                    reason="the 3D delta and bias-reduction kernels (fused_bwd_3d) are not registered")
 
 
 def random_case(seed: int) -> Case:
@@ -377,7 +373,6 @@ def _tc_kernels(case: Case) -> tuple[str, str]:
     return fused_tc_bwd.dq_name_of(hd, case.dtype, 3), fused_tc_bwd.dkdv_name_of(hd, case.dtype, 3)
 
 
-@needs_3d_delta
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_backward_matches_reference(case):
     _, names, grads, inputs64 = backward(case)
@@ -398,14 +393,12 @@ def test_long_backward_boxes_have_many_chunks():
     assert all(min(box_chunks(c)) >= 20 for c in LONG_BOX_CASES), [box_chunks(c) for c in LONG_BOX_CASES]
 
 
-@needs_3d_delta
 @pytest.mark.parametrize("case", LONG_BOX_CASES, ids=str)
 def test_backward_over_long_boxes(case):
     _, _, grads, inputs64 = backward(case)
     assert_backward_matches_reference(case, grads, inputs64)
 
 
-@needs_3d_delta
 @pytest.mark.parametrize("case", LONG_BOX_CASES[:2], ids=str)
 def test_backward_has_no_schedule_dependence(case, monkeypatch):
     def compute():
@@ -416,7 +409,6 @@ def test_backward_has_no_schedule_dependence(case, monkeypatch):
     assert set(_tc_kernels(case)) <= set(names), names
 
 
-@needs_3d_delta
 def test_backward_is_deterministic():
     case = next(c for c in CASES if c.rpb)
     first, second = backward(case)[2], backward(case)[2]
@@ -424,7 +416,6 @@ def test_backward_is_deterministic():
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-@needs_3d_delta
 def test_backward_offsets_past_2_to_the_31():
     case = Case((5, 6, 7), (3, 3, 5), (1, 1, 1), (1, 1, 1), (False, False, False), 32, "float16", rpb=True,
                 batch=2, heads=2)
@@ -440,7 +431,6 @@ def test_backward_offsets_past_2_to_the_31():
         keep.close()
 
 
-@needs_3d_delta
 def test_3d_backward_runs_the_3d_twin():
     choice = Dispatcher(emulated.run, kernel_policy(tensor_cores=True)).choose("backward", _problem("float16", 64))
     assert choice.path == "mma.sync"
@@ -451,8 +441,6 @@ def test_3d_backward_runs_the_3d_twin():
 # ---------------------------------------------------------------- through the public API
 
 
-@needs_3d_delta
-@pytest.mark.skipif(3 not in na_rtc.backends.get("emulator").ranks, reason="the emulator backend does not serve 3D")
 def test_through_na3d():
     """na3d and na3d_backward on the emulator run the 3D tensor-core kernels (the dispatcher's choice, as
     explain reports it) and match the reference."""
@@ -507,7 +495,6 @@ def test_forward_on_gpu(cfg):
     assert_forward_matches_reference(cfg, out.cpu(), lse.cpu())
 
 
-@needs_3d_delta
 @pytest.mark.parametrize("case", [pytest.param(c, marks=gpu, id=str(c)) for c in CASES + LONG_BOX_CASES])
 def test_backward_on_gpu(case):
     names = []

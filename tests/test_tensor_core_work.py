@@ -271,7 +271,6 @@ def test_the_3d_mma_sync_forward_skips_the_key_tiles_no_row_of_a_warp_sees(cfg):
     assert run.op_counts[0] == {"mma.sync": (tiles * hd // 16 + steps * hd // 8) * mt, "wgmma": 0}
 
 
-@test_fused_tc_3d.needs_3d_delta
 @pytest.mark.parametrize("case", test_fused_tc_3d.LONG_BOX_CASES + test_fused_tc_3d.CASES[::2], ids=str)
 def test_the_3d_mma_sync_backward_skips_the_tiles_no_row_of_a_warp_sees(case):
     hd = fused_tc.head_dim_bucket(case.head_dim)
