@@ -287,7 +287,7 @@ def test_no_canary_under_graph_capture_or_tracing(verdict_store, monkeypatch):
 
 
 def _problem(ndim, dtype, head_dim):
-    axes = (Axis(64, 5),) if ndim == 1 else (Axis(24, 5), Axis(24, 5))
+    axes = {1: (Axis(64, 5),), 2: (Axis(24, 5), Axis(24, 5)), 3: (Axis(12, 5), Axis(12, 5), Axis(12, 5))}[ndim]
     return Problem("fused", axes, 2, 4, head_dim, dtype, "numpy", "cpu", True, head_dim**-0.5)
 
 
@@ -303,7 +303,7 @@ def _largest_box(axes, tile) -> int:
     return size
 
 
-CASES = [(ndim, dtype, hd) for ndim in (1, 2) for dtype in ("float32", "float16", "bfloat16")
+CASES = [(ndim, dtype, hd) for ndim in (1, 2, 3) for dtype in ("float32", "float16", "bfloat16")
          for hd in (32, 64, 128)]
 
 
@@ -323,17 +323,21 @@ def test_every_canary_runs_the_instantiation_it_vouches_for(ndim, dtype, head_di
     backward = dispatcher.candidates("backward", problem)
     for path, candidate in backward:
         assert candidate.kernels(test) == candidate.kernels(problem)
-    assert len(backward) == (5 if dtype != "float32" else 1)  # 2 x 2 tensor-core pairs, SIMT
+    tensor_core_pairs = 0 if dtype == "float32" else 4 if ndim < 3 else 1  # (wgmma, mma.sync)^2; 3D: mma.sync
+    assert len(backward) == tensor_core_pairs + 1  # and SIMT
 
 
 def _tiles_and_chunks(ndim):
     """(query or key tile, keys or queries per staged chunk) of every kernel the dispatchers can pick."""
     out = []
     for hd in fused_tc.HEAD_DIMS:
-        for cfg in fused_tc.configs_of(hd):
+        configs = (fused_tc.FORWARD_3D[hd],) if ndim == 3 else fused_tc.configs_of(hd)
+        for cfg in configs:
             out.append((fused_tc.TILES[ndim, cfg.mma_tiles], cfg.chunk_keys))
         out.append((fused_tc.TILES[ndim, 1], fused_tc_bwd.DQ_CHUNK[hd]))
         out.append((fused_tc.TILES[ndim, 1], fused_tc_bwd.DKDV_CHUNK[ndim, hd]))
+        if ndim == 3:  # the wgmma kernels serve 1D and 2D only
+            continue
         for wg in (1, 2):
             tile = fused_wg.BLOCK_TILES[ndim, wg]
             out += [(tile, fused_wg.CHUNK_KEYS[hd]), (tile, fused_wg_bwd.DQ_CHUNK_KEYS),
@@ -341,14 +345,14 @@ def _tiles_and_chunks(ndim):
             out += [(tile, kc) for kc in fused_wg.OTHER_CHUNK_KEYS]
     for (n, hd, dtype), tile in fused.TILES.items():
         if n == ndim:
-            out.append((tile, fused.chunk_keys(hd)))
+            out.append((tile, fused.chunk_keys(hd, ndim)))
     for (n, hd, dtype), cfg in fused_bwd.TABLE.items():
         if n == ndim:
-            out += [(cfg["dq"][:2], cfg["dq"][2]), (cfg["dkdv"][:2], cfg["dkdv"][2])]
+            out += [(cfg["dq"][:-1], cfg["dq"][-1]), (cfg["dkdv"][:-1], cfg["dkdv"][-1])]  # (*tile, chunk)
     return sorted(set(out))
 
 
-@pytest.mark.parametrize("ndim", [1, 2])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
 def test_every_canary_has_a_partial_tile_and_a_box_of_three_chunks(ndim):
     """What the canary's docstring promises, for every tile and chunk size in the tables (a key tile's query
     box is a query tile's key box: the windows are symmetric in non-causal problems)."""
