@@ -28,6 +28,14 @@ MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_BLOCK_THREADS = 1024
 
 
+def within_grid_limit(blocks: int) -> tuple[bool, str]:
+    """A coverage rule's verdict on a launch of ``blocks`` blocks: ``(True, "")`` within CUDA's grid limit (x),
+    else ``(False, why)`` (the rule steps aside; the straightforward kernels say to split the batch)."""
+    if blocks > MAX_GRID[0]:
+        return False, f"{blocks} blocks, more than CUDA's grid limit {MAX_GRID[0]}"
+    return True, ""
+
+
 @dataclass(frozen=True)
 class Kernel:
     """A kernel instantiation: ``source`` is a file in ``cuda_src/``."""

@@ -98,9 +98,7 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     if shared > SHARED_BUDGET:
         return False, f"{shared} bytes of shared memory, more than {SHARED_BUDGET}"
     blocks = tiling.grid(problem, tile)
-    if blocks > P.MAX_GRID[0]:
-        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
-    return True, ""
+    return P.within_grid_limit(blocks)
 
 
 def plan(problem: Problem, policy=None) -> Launch:

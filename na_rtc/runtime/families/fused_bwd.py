@@ -155,9 +155,7 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     bh = problem.batch * problem.heads
     blocks = max(bh * tiling.tiles(problem, dq), bh * tiling.tiles(problem, dkdv),
                  -(-math.prod(problem.lse_shape) // THREADS))
-    if blocks > P.MAX_GRID[0]:
-        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
-    return True, ""
+    return P.within_grid_limit(blocks)
 
 
 def dq_plan(problem: Problem, policy=None) -> Launch:

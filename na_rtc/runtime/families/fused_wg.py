@@ -149,9 +149,7 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     if smem > SHARED_BUDGET:
         return False, f"{smem} bytes of shared memory, more than {SHARED_BUDGET}"
     blocks = grid(problem, policy)
-    if blocks > P.MAX_GRID[0]:
-        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
-    return True, ""
+    return P.within_grid_limit(blocks)
 
 
 def kernel_name(problem: Problem, policy=None) -> str:

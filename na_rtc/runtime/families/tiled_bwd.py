@@ -136,9 +136,7 @@ def _inverse_covers(problem: Problem, policy, weights_dtype: str, source_dtype: 
     if shared > SHARED_BUDGET:
         return False, f"the window needs {shared} bytes of shared memory, more than {SHARED_BUDGET}"
     blocks = tiling.grid(problem, tile)
-    if blocks > P.MAX_GRID[0]:
-        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
-    return True, ""
+    return P.within_grid_limit(blocks)
 
 
 def _inverse_planner(family: str):
@@ -169,9 +167,7 @@ def _bias_grad_covers(problem: Problem, policy, weights_dtype: str) -> tuple[boo
     if tile is None:
         return False, f"the window needs more than {SHARED_BUDGET} bytes of shared memory"
     blocks = problem.batch * tiling.tiles(problem, tile) * problem.heads
-    if blocks > P.MAX_GRID[0]:
-        return False, f"{blocks} blocks, more than CUDA's grid limit {P.MAX_GRID[0]}"
-    return True, ""
+    return P.within_grid_limit(blocks)
 
 
 def _bias_grad_planner(family: str):
