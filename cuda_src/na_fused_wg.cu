@@ -40,7 +40,10 @@
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
 // (32, 64 or 128: the N of P V; runtime D <= HD), query tile TX x TY (64 WG),
 // keys per chunk KC (32, 64 or 128: the N of Q K^T), QS (Q read from shared
-// memory all along), warpgroups WG (1 or 2). Dynamic shared memory
+// memory all along), warpgroups WG (1 or 2), then RANK and TZ as in the
+// mma.sync forward (3D: a tile of TX x TY x TZ = 64 WG queries, z fastest,
+// warpgroup j its x-planes TX / WG j .. TX / WG (j + 1) - 1, boxes walked
+// row-major in (x, y, z); below rank 3 every z term folds away). Dynamic shared memory
 // (na_rtc/runtime/fused_wg.py mirrors it): with QS, or where the Q tile is
 // larger than a stage (KC < 32 WG), the Q tile (64 WG rows of HD, core
 // matrices) first; then three stages of a K and a V chunk, 6 KC HD elements;
@@ -54,12 +57,12 @@
 #include "na_tc_softmax.cuh"
 #include "na_args.cuh"
 
-template <class T, int HD, int TX, int TY, int KC, bool QS, int WG>
+template <class T, int HD, int TX, int TY, int KC, bool QS, int WG, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
     NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb),
     T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
-    constexpr int NQ = TX * TY;
+    constexpr int NQ = TX * TY * TZ;
     constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int KSTEPS = HD / 16;  // k-steps of Q K^T
     constexpr int NT = KC / 8;       // 8-key tiles per chunk
@@ -70,15 +73,18 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     static_assert(sizeof(T) == 2 && NQ == 64 * WG && NA_TC_THREADS == 128, "64 rows a warpgroup, 16-bit elements");
     static_assert(WG == 1 || WG == 2, "one or two warpgroups");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
+    static_assert(RANK == 3 || TZ == 1, "a z extent in 3D only");
     // the Q tile in a region of its own, before the stages: read from there all along (QS), or too large
     // for stage 2 (KC < 32 WG); otherwise it borrows stage 2 until its fragments are in registers
     constexpr bool Q_OWN = QS || L::rows(NQ) > STAGE;
     const float NEG_INF = __int_as_float(0xff800000);
 
-    NA_TC_DECODE_BLOCK(TX, TY)
+    NA_TC_DECODE_BLOCK_RANK(TX, TY, TZ, RANK)
     if (!tile_ok) return;  // uniform over the block
-    const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
+    const na_tc_box<TY, RANK> box = na_tc_box_of<TY, RANK>(tx, ty, tz);
     const int d_len = (int)D;
+    // the z strides, constant 0 below rank 3 (the arguments are 0 there too), so that z terms fold away
+    const long long q_z3 = RANK == 3 ? q_z : 0, k_z3 = RANK == 3 ? k_z : 0, v_z3 = RANK == 3 ? v_z : 0;
     const int chunks = (box.keys + KC - 1) / KC;
 
     T* smem = reinterpret_cast<T*>(na_dynamic_shared());
@@ -89,9 +95,11 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     // this warpgroup's 64 rows of the Q tile (QS: the A of Q K^T)
     const unsigned q_address = smem_address + (unsigned)(L::rows(64 * (warp / 4)) * (int)sizeof(T));
 
-    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 3>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
-    na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty);
+    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 3, RANK>(
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3,
+        v_z3);
+    na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty, tz,
+                                                   az.dilation, q_z3);
     kv.load(stages, box, 0);  // with the Q tile: chunk 0 into stage 0
     if (chunks > 1) {
         kv.load(stages, box, 1);  // lands during the first iteration's softmax
@@ -109,12 +117,14 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     }
     // the first iteration's barrier orders these reads before chunk 2 overwrites stage 2
 
-    // the chunks holding keys of this warpgroup's queries; none past the last valid query
+    // the chunks holding keys of this warpgroup's queries; none past the last valid query (its whole x-planes
+    // of TY TZ queries, each box x-plane hy hz keys)
     int chunk_lo = 0, chunk_hi = chunks;
-    if (WG > 1) na_tc_warpgroup_chunks<TY, KC>(ax, tx, dx, box.hy, warp / 4, chunk_lo, chunk_hi);
+    if (WG > 1) na_tc_warpgroup_chunks<TY * TZ, KC>(ax, tx, dx, box.hy * box.hz, warp / 4, chunk_lo, chunk_hi);
 
-    const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
-    const na_tc_warp_window common = na_tc_common_window<1>(&rows);
+    const na_tc_rows rows =
+        na_tc_query_rows<TY, TZ, RANK>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y, az, tz, rpb_z);
+    const na_tc_warp_window common = na_tc_common_window<1, RANK>(&rows);
     float o[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
@@ -167,7 +177,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
                     const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
                     bool in[1][4];
                     na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
-                    na_tc_logits<TY>(s[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, scale2);
+                    na_tc_logits(s[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, scale2, rpb_z);
                 }
             }
             na_tc_softmax_chunk<NT, DT>(s, o, m, l);
@@ -184,6 +194,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
         }
     }
 
-    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D};
-    na_tc_store_rows<T, DT, TY>(dst, o, m, l, rows, 16 * warp, lane, tx, ty, dx, dy);
+    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D, o_z, l_z};
+    na_tc_store_rows<T, DT, TY, TZ, RANK>(dst, o, m, l, rows, 16 * warp, lane, tx, ty, dx, dy, tz, az.dilation);
 }

@@ -38,12 +38,12 @@
 // HD + 8 (Q, dOut; then the two stages, 4 KC HD elements); with QS, 2 x 64
 // rows of HD (Q, dOut as core matrices) and then the stages; then 64 WG x
 // (KC + 1) floats of ds, one float per bias entry.
-template <class T, int HD, int TX, int TY, int KC, bool QS, int WG>
+template <class T, int HD, int TX, int TY, int KC, bool QS, int WG, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
     NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g), const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb),
     T* __restrict__ dq, NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
-    constexpr int NQ = TX * TY;
+    constexpr int NQ = TX * TY * TZ;
     constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int P = HD + 8;
     constexpr int KSTEPS = HD / 16, NT = KC / 8, DT = HD / 8, KS = KC + 1;
@@ -53,17 +53,23 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     static_assert(WG == 1 || WG == 2, "one or two warpgroups");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (KC == 32 || KC == 64 || KC == 128), "wgmma N built");
     static_assert(QS || L::rows(4 * KC) <= 2 * NQ * P, "the two stages fit in the rows of the Q and dOut tiles");
+    static_assert(RANK == 3 || TZ == 1, "a z extent in 3D only");
     // elements before the ds floats: the Q and dOut tiles (pitch P; with QS core matrices, then the stages)
     constexpr int TILE_ELEMENTS = QS ? 2 * L::rows(NQ) + L::rows(4 * KC) : 2 * NQ * P;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    NA_TC_DQ_DECODE_BLOCK(TX, TY, THREADS)
-    const na_tc_box<TY> box = na_tc_box_of<TY>(tx, ty);
+    NA_TC_DQ_DECODE_BLOCK_RANK(TX, TY, TZ, RANK, THREADS)
+    const na_tc_box<TY, RANK> box = na_tc_box_of<TY, RANK>(tx, ty, tz);
     const int d_len = (int)D;
-    // WG > 1: the chunks [lo, hi) holding keys of each warpgroup's queries (na_tc_warpgroup_chunks); in shared
-    // memory (HD 128 is at 252 registers), visible from the first chunk's barrier on
+    // the z strides, constant 0 below rank 3 (as az.dilation is 1 there), so that z terms fold away
+    const long long q_z3 = RANK == 3 ? q_z : 0, k_z3 = RANK == 3 ? k_z : 0, v_z3 = RANK == 3 ? v_z : 0;
+    const long long g_z3 = RANK == 3 ? g_z : 0;
+    // WG > 1: the chunks [lo, hi) holding keys of each warpgroup's queries (na_tc_warpgroup_chunks; x-planes of
+    // TY TZ queries in 3D); in shared memory (HD 128 is at 252 registers), visible from the first chunk's
+    // barrier on
     __shared__ int wg_chunks[WG][2];
-    if (WG > 1 && tid < WG) na_tc_warpgroup_chunks<TY, KC>(ax, tx, dx, box.hy, tid, wg_chunks[tid][0], wg_chunks[tid][1]);
+    if (WG > 1 && tid < WG)
+        na_tc_warpgroup_chunks<TY * TZ, KC>(ax, tx, dx, box.hy * box.hz, tid, wg_chunks[tid][0], wg_chunks[tid][1]);
 
     unsigned char* smem = na_dynamic_shared();
     T* tiles_q_g = reinterpret_cast<T*>(smem);  // Q then dOut tiles
@@ -77,33 +83,35 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 
     unsigned qf[KSTEPS][4], gf[KSTEPS][4];  // without QS
     if constexpr (QS) {  // the tiles' group lands with chunk 0 (the first wait); the stages are apart
-        na_tc_load_tile<T, HD, L, TX, TY, THREADS>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx,
-                                                   ty);
-        na_tc_load_tile<T, HD, L, TX, TY, THREADS>(tiles_q_g + L::rows(NQ), g, g_b, g_x, g_y, g_h, g_l, b, h, d_len,
-                                                   dx, dy, tx, ty);
+        na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx,
+                                                       ty, tz, az.dilation, q_z3);
+        na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(tiles_q_g + L::rows(NQ), g, g_b, g_x, g_y, g_h, g_l, b, h,
+                                                       d_len, dx, dy, tx, ty, tz, az.dilation, g_z3);
         na_cp_async_commit();
         for (long long i = tid; i < (partial_out ? entries : 0); i += THREADS) racc[i] = 0.0f;
     } else {
-        na_tc_dq_fragments<T, HD, P, TX, TY, THREADS>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
-                                                      {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0, b,
-                                                      h, d_len, dx, dy, tx, ty);
+        na_tc_dq_fragments<T, HD, P, TX, TY, THREADS, TZ>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
+                                                          {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0,
+                                                          b, h, d_len, dx, dy, tx, ty, tz, az.dilation, q_z3, g_z3);
     }
 
-    const na_tc_rows rows = na_tc_query_rows<TY>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y);
-    // the common-window shortcuts cost 4 registers: HD 128 without QS (at 252) would spill; an empty window
-    // never holds a tile
-    const na_tc_warp_window common =
-        HD < 128 || QS ? na_tc_common_window<1>(&rows) : na_tc_warp_window{1, 0, 1, 0};
+    const na_tc_rows rows =
+        na_tc_query_rows<TY, TZ, RANK>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y, az, tz, rpb_z);
+    // the common-window shortcuts cost 4 registers (6 in 3D): HD 128 without QS (at 252) would spill, and in 3D
+    // with QS too (8 bytes with one warpgroup); an empty window never holds a tile
+    const na_tc_warp_window common = HD < 128 || (QS && RANK < 3) ? na_tc_common_window<1, RANK>(&rows)
+                                                                  : na_tc_warp_window{1, 0, 1, 0, 1, 0};
     const int chunks = (box.keys + KC - 1) / KC;
     float row_lse[2], row_delta[2];
-    na_tc_row_stats<TY>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
-                        {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
+    na_tc_row_stats<TY, TZ, RANK>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
+                                  {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, tz, az.dilation, l_z, e_z);
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     float(&accf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc);
-    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS>(k, {k_b, k_x, k_y, k_h, k_l}, v,
-                                                                  {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h);
+    const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 2, RANK>(
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3,
+        v_z3);
     if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     kv.load(stages, box, 0);
     // this lane's 4 values of 8-key tile nt into its rows of sds (the bias partials' ds)
@@ -150,8 +158,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
                 bool in[1][4];
                 if (chunk_full) in[0][0] = in[0][1] = rows.valid[0], in[0][2] = in[0][3] = rows.valid[1];
                 else na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
-                na_tc_dq_ds<TY>(ds[nt], s[nt], dp[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse,
-                                row_delta);
+                na_tc_dq_ds(ds[nt], s[nt], dp[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse,
+                            row_delta, rpb_z);
                 if (partial_out) put_ds(nt, ds[nt]);
             }
 
@@ -167,12 +175,14 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
         }
         if (partial_out) {
             __syncthreads();  // every warp's ds of this chunk is in sds
-            na_tc_dq_bias_chunk<TY, KS, THREADS>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn);
+            na_tc_dq_bias_chunk<TY, KS, THREADS, RANK, TZ>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn, az.kernel,
+                                                           tz);
         }
     }
 
-    na_tc_dq_finish<T, DT, TY, THREADS>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx, dy, b,
-                                        h, D, (float)scale, partial_out, racc, entries);
+    na_tc_dq_finish<T, DT, TY, THREADS, TZ, RANK>(dq, {o_b, o_x, o_y, o_h, o_l}, acc, rows, 16 * warp, lane, tx, ty, dx,
+                                                  dy, b, h, D, (float)scale, partial_out, racc, entries, tz,
+                                                  az.dilation, o_z);
 }
 
 // dK and dV of the fused backward on wgmma: same arguments, layouts and
@@ -200,30 +210,32 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 // (na_rtc/runtime/fused_wg.py mirrors it): K and V tiles (2 x 64 WG rows),
 // two stages of a Q and a dOut chunk (4 QC rows), HD elements a row; then
 // 2 x 6 QC words of chunk tables. Above 48 KiB the launcher opts in.
-template <class T, int HD, int TX, int TY, int QC, int WG>
+template <class T, int HD, int TX, int TY, int QC, int WG, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
     NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g), const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb),
     T* __restrict__ dk, NA_TENSOR(dk), T* __restrict__ dv, NA_TENSOR(dv), double scale, NA_PROBLEM) {
-    constexpr int NK = TX * TY;
+    constexpr int NK = TX * TY * TZ;
     constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
+    constexpr int TABLE = RANK == 3 ? 8 : 6;  // words of a chunk's tables per query (na_tc_dkdv.cuh)
     using L = na_rows_core<HD>;
     constexpr unsigned ROW_GROUP = 16 * HD;  // bytes of 8 staged rows
     constexpr int STAGE = L::rows(2 * QC);   // elements of one stage: a Q chunk, then a dOut chunk
     static_assert(sizeof(T) == 2 && NK == 64 * WG && NA_TC_THREADS == 128, "64 keys a warpgroup, 16-bit elements");
     static_assert(WG == 1 || WG == 2, "one or two warpgroups");
     static_assert((HD == 32 || HD == 64 || HD == 128) && (QC == 32 || QC == 64 || QC == 128), "wgmma N built");
-    __shared__ na_tc_key_ranges<TX, TY> ranges;
+    static_assert(RANK == 3 || TZ == 1, "a z extent in 3D only");
+    __shared__ na_tc_key_ranges<TX, TY, TZ, RANK> ranges;
 
-    NA_TC_DECODE_BLOCK(TX, TY)
+    NA_TC_DECODE_BLOCK_RANK(TX, TY, TZ, RANK)
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
-    na_tc_key_ranges_fill<TX, TY, THREADS>(ranges, ax, ay, tx, ty, dx, dy);
+    na_tc_key_ranges_fill<TX, TY, THREADS>(ranges, ax, ay, tx, ty, dx, dy, az, tz);
     T* sk = reinterpret_cast<T*>(na_dynamic_shared());
     T* sv = sk + L::rows(NK);
     T* stages = sv + L::rows(NK);
-    float* tables = reinterpret_cast<float*>(stages + 2 * STAGE);  // 6 QC words a stage (na_tc_dkdv.cuh)
+    float* tables = reinterpret_cast<float*>(stages + 2 * STAGE);  // TABLE QC words a stage (na_tc_dkdv.cuh)
     const unsigned smem_address = na_shared_address(sk);
     // this warpgroup's 64 rows of the K (tile 0) or V (tile 1) tile, the A of its products: made where used,
     // from threadIdx, not kept across the chunk loop (2D at head dim 128 with two warpgroups would spill)
@@ -233,26 +245,31 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     };
 
     const int d_len = (int)D;
-    na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty);
-    na_tc_load_tile<T, HD, L, TX, TY, THREADS>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty);
+    na_tc_dkdv_z z;  // the z axis (RANK 3; below it the default, never read)
+    if constexpr (RANK == 3) z = {tz, az.dilation, 0, q_z, g_z, l_z, e_z};
+    na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty, tz, z.dz,
+                                                   RANK == 3 ? k_z : 0);
+    na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty, tz, z.dz,
+                                                   RANK == 3 ? v_z : 0);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
-    int bx0, by0;  // the query box origin (group coordinates)
-    const na_tc_box<TY> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0);
+    int bx0, by0;  // the query box origin (group coordinates; z.bz0 in 3D)
+    const na_tc_box<TY, RANK> qbox = na_tc_query_box_of(ranges, tx, ty, bx0, by0, &z.bz0, tz);
     // WG > 1: the chunks [lo, hi) holding queries of each warpgroup's keys: its whole key x-rows (as for the
     // queries in na_tc_warpgroup_chunks; the inverse ranges are monotone along the tile), from the first
-    // x-row's first query row to the last one's end, each query row hy queries; none past the last valid key.
-    // In shared memory, read per chunk (HD 128 is at 255 registers)
+    // x-row's first query row to the last one's end, each query row hy queries (in 3D x-planes: TY TZ keys, hy hz
+    // queries); none past the last valid key. In shared memory, read per chunk (HD 128 is at 255 registers)
     __shared__ int wg_chunks[WG][2];
     if (WG > 1 && tid < WG) {
         int first, last;
-        na_tc_warpgroup_x_rows<TY>(tx, tid, first, last);
-        wg_chunks[tid][0] = first > last ? 0 : (ranges.first_x[first] - bx0) * qbox.hy / QC;
-        wg_chunks[tid][1] = first > last ? 0 : ((ranges.last_x[last] - bx0) * qbox.hy + QC - 1) / QC;
+        na_tc_warpgroup_x_rows<TY * TZ>(tx, tid, first, last);
+        const int plane = qbox.hy * qbox.hz;
+        wg_chunks[tid][0] = first > last ? 0 : (ranges.first_x[first] - bx0) * plane / QC;
+        wg_chunks[tid][1] = first > last ? 0 : ((ranges.last_x[last] - bx0) * plane + QC - 1) / QC;
     }
-    const na_tc_key_rows keys = na_tc_key_rows_of<TY>(warp, gq, tx, ty);
-    const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h);
-    const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h);
+    const na_tc_key_rows keys = na_tc_key_rows_of<TY, TZ, RANK>(warp, gq, tx, ty, tz);
+    const bool q_vec = na_tc_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h, z.q);
+    const bool g_vec = na_tc_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h, z.g);
     const float scale2 = (float)scale * NA_TC_LOG2E;  // logits in log2 units
     float acc_k[DT][4], acc_v[DT][4];
 #pragma unroll
@@ -263,10 +280,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     float(&avf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc_v);
 
     const auto load_chunk = [&](int chunk) {
-        return na_tc_dkdv_load_chunk<T, HD, L, QC, TY, THREADS>(
-            stages + (chunk & 1) * STAGE, tables + (chunk & 1) * 6 * QC, chunk * QC, qbox, bx0, by0, ranges.group_axes,
-            q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
-            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h);
+        return na_tc_dkdv_load_chunk<T, HD, L, QC, TY, THREADS, RANK>(
+            stages + (chunk & 1) * STAGE, tables + (chunk & 1) * TABLE * QC, chunk * QC, qbox, bx0, by0,
+            ranges.group_axes, q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse,
+            {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, z);
     };
     const int chunks = (qbox.keys + QC - 1) / QC;
     // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
@@ -284,7 +301,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
         const T* sq = stages + (chunk & 1) * STAGE;
         const unsigned q_address = smem_address + (unsigned)((sq - sk) * (int)sizeof(T));
         const unsigned g_address = q_address + (unsigned)(L::rows(QC) * (int)sizeof(T));
-        const float* c_lse = tables + (chunk & 1) * 6 * QC;
+        const float* c_lse = tables + (chunk & 1) * TABLE * QC;
         const float* c_delta = c_lse + QC;
         const int* c_win = reinterpret_cast<const int*>(c_delta + QC);
 
@@ -318,9 +335,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 bool in[4];
-                na_tc_dkdv_visible<TY>(in, c_win, 8 * nt + 2 * t, keys);
-                na_tc_dkdv_p_ds<TY>(s[nt], dp[nt], s[nt], dp[nt], in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb,
-                                    h * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta);
+                na_tc_dkdv_visible<TY, RANK>(in, c_win, 8 * nt + 2 * t, keys, c_win + 4 * QC);
+                na_tc_dkdv_p_ds(s[nt], dp[nt], s[nt], dp[nt], in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb,
+                                h * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
             }
         }
         unsigned pa[QC / 16][4], da[QC / 16][4];
@@ -346,6 +363,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
         na_wgmma_hold(avf);
     }
 
-    na_tc_dkdv_store<T, DT>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
-                            keys, t, tx, ty, dx, dy, b, h, D, (float)scale);
+    na_tc_dkdv_store<T, DT, RANK>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
+                                  keys, t, tx, ty, dx, dy, b, h, D, (float)scale, tz, z.dz, dk_z, dv_z);
 }

@@ -131,9 +131,10 @@ __device__ __forceinline__ na_tc_box_rows na_tc_box_rows_of(long long x0, long l
 
 // The chunks [lo, hi) of KC keys of a tile's key box that hold keys of warpgroup j's queries, for blocks of
 // several warpgroups that share every staged chunk and skip the others. Warpgroup j owns tile rows
-// 64 j .. 64 j + 63, whole query x-rows (TY divides 64); their windows along x are monotone, so the box rows
-// from the first x-row's window start to the last one's end hold every key they see (each box row spans the
-// whole box along y, hy keys). Empty (0, 0) when none of those x-rows is a valid query.
+// 64 j .. 64 j + 63, whole query x-rows (TY queries each, TY dividing 64; a 3D tile passes its x-planes'
+// TY TZ); their windows along x are monotone, so the box rows from the first x-row's window start to the
+// last one's end hold every key they see (each box row spans the whole box along y, hy keys; along y and z
+// in 3D, hy hz). Empty (0, 0) when none of those x-rows is a valid query.
 // Warpgroup j's x-rows of the tile (64 rows, TY a row) that hold valid rows: [first, last], empty when
 // first > last.
 template <int TY>

@@ -21,6 +21,7 @@ from .. import plan as P
 from .. import tiling
 from ..registry import Family, Launch, Role, register, source_of
 from ..tiling import CTYPES
+from .fused_tc import rank_arguments
 from .fused_tc_bwd import SHARED_BUDGET as MMA_SYNC_DQ_BUDGET
 from .fused_tc_bwd import bias_entries
 from .fused_wg import ARCH, BLOCK_TILES, block_threads, block_warpgroups, grid, head_dim_bucket, instantiations
@@ -34,8 +35,8 @@ DQ_SHARED_BUDGET = 192 * 1024
 DQ_CHUNK_KEYS = 32
 #: (ndim, head-dim bucket) where the dq kernel reads Q and dOut from shared memory (the SS form) instead of
 #: fragment registers: in 2D at head dim 128, Q and dOut fragments, S, dP and dQ in registers leave no room
-#: for the 2D box's index math (12 to 16 bytes of spills)
-DQ_OPERANDS_SHARED = {(2, 128)}
+#: for the 2D and 3D boxes' index math (12 to 16 bytes of spills in 2D, 72 to 80 in 3D)
+DQ_OPERANDS_SHARED = {(2, 128), (3, 128)}
 #: head-dim bucket -> queries per staged chunk of the dK/dV kernel (the N of S^T = K Q^T); at head dim 128
 #: the dK and dV accumulators take 128 registers a thread, so S^T and dP^T get 16 each
 DKDV_CHUNK_QUERIES = {32: 64, 64: 64, 128: 32}
@@ -43,9 +44,10 @@ DKDV_CHUNK_QUERIES = {32: 64, 64: 64, 128: 32}
 
 def dq_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
     wg = warpgroups or block_warpgroups(ndim)
-    tx, ty = BLOCK_TILES[ndim, wg]
+    tile = BLOCK_TILES[ndim, wg]
     qs = int((ndim, hd) in DQ_OPERANDS_SHARED)
-    return f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DQ_CHUNK_KEYS}, {qs}, {wg}>"
+    return (f"na_fused_wg_bwd_dq<{CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}, {DQ_CHUNK_KEYS}, {qs}, {wg}"
+            f"{rank_arguments(ndim, tile)}>")
 
 
 def dq_shared_bytes(hd: int, dtype: str, ndim: int, bias_entries: int = 0, warpgroups: int | None = None) -> int:
@@ -68,15 +70,17 @@ def dq_shared_budget(hd: int, ndim: int, warpgroups: int | None = None) -> int:
 
 def dkdv_name_of(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> str:
     wg = warpgroups or block_warpgroups(ndim)
-    tx, ty = BLOCK_TILES[ndim, wg]  # keys
-    return f"na_fused_wg_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tx}, {ty}, {DKDV_CHUNK_QUERIES[hd]}, {wg}>"
+    tile = BLOCK_TILES[ndim, wg]  # keys
+    return (f"na_fused_wg_bwd_dkdv<{CTYPES[dtype]}, {hd}, {tile[0]}, {tile[1]}, {DKDV_CHUNK_QUERIES[hd]}, {wg}"
+            f"{rank_arguments(ndim, tile)}>")
 
 
 def dkdv_shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = None) -> int:
     """K and V tiles (2 x 64 rows a warpgroup) and two stages of a Q and a dOut chunk as core matrices, then two
-    stages of chunk tables (lse, delta, 4 window bounds: 6 words a query)."""
+    stages of chunk tables (lse, delta, 4 window bounds: 6 words a query; 8 in 3D, the z window too)."""
     qc, wg = DKDV_CHUNK_QUERIES[hd], warpgroups or block_warpgroups(ndim)
-    return (2 * 64 * wg + 4 * qc) * hd * tiling.ITEMSIZE[dtype] + 2 * 6 * qc * 4
+    words = 8 if ndim == 3 else 6
+    return (2 * 64 * wg + 4 * qc) * hd * tiling.ITEMSIZE[dtype] + 2 * words * qc * 4
 
 
 def dq_covers(problem: Problem, policy=None) -> tuple[bool, str]:
@@ -112,14 +116,15 @@ def dkdv_plan(problem: Problem, policy=None) -> Launch:
                   block_threads(problem.ndim, wg), dkdv_shared_bytes(hd, problem.dtype, problem.ndim, wg))
 
 
-def names() -> tuple[str, ...]:
-    """The dq kernels, then the dK/dV kernels."""
-    return tuple(name_of(*instantiation) for name_of in (dq_name_of, dkdv_name_of) for instantiation in instantiations())
+def names(ranks=(1, 2)) -> tuple[str, ...]:
+    """The dq kernels, then the dK/dV kernels (``ranks`` (3,): the 3D twin's)."""
+    return tuple(name_of(*instantiation) for name_of in (dq_name_of, dkdv_name_of)
+                 for instantiation in instantiations(ranks))
 
 
-def _launch_sizes() -> tuple[dict, dict]:
+def _launch_sizes(ranks) -> tuple[dict, dict]:
     shared, threads = {}, {}
-    for hd, dtype, ndim, wg in instantiations():
+    for hd, dtype, ndim, wg in instantiations(ranks):
         dq, dkdv = dq_name_of(hd, dtype, ndim, wg), dkdv_name_of(hd, dtype, ndim, wg)
         shared[dq] = dq_shared_budget(hd, ndim, wg)  # its largest launch (larger bias tables are not covered)
         shared[dkdv] = dkdv_shared_bytes(hd, dtype, ndim, wg)
@@ -128,6 +133,15 @@ def _launch_sizes() -> tuple[dict, dict]:
 
 
 _REQUIRES = (("fused_wg", "forward"), ("fused_tc_bwd", "dq"))
-FAMILY = register(Family(SOURCE, names(), *_launch_sizes(), archs=(ARCH,), arch_specific=True, name=NAME,
-                         roles={"dq": Role(dq_covers, dq_plan, requires=_REQUIRES),
-                                "dkdv": Role(dkdv_covers, dkdv_plan, requires=_REQUIRES)}))
+
+
+def _family(name: str, ranks) -> Family:
+    """The family (``ranks`` (1, 2)) or its 3D twin (``(3,)``): the same rules and planners (the required rules
+    are the 3D twins' for a 3D call), each its instantiations."""
+    return Family(SOURCE, names(ranks), *_launch_sizes(ranks), archs=(ARCH,), arch_specific=True, name=name,
+                  roles={"dq": Role(dq_covers, dq_plan, requires=_REQUIRES),
+                         "dkdv": Role(dkdv_covers, dkdv_plan, requires=_REQUIRES)}, ranks=frozenset(ranks))
+
+
+FAMILY = register(_family(NAME, (1, 2)))
+FAMILY_3D = register(_family(NAME + "_3d", (3,)))
