@@ -462,7 +462,7 @@ def test_through_na3d():
 
 
 def _gpu_dispatcher(names):
-    """A dispatcher launching on the GPU with the tensor-core paths on (the wgmma kernels have no 3D), recording
+    """A dispatcher launching on the GPU with the mma.sync path on (test_fused_wg_3d runs the 3D wgmma kernels), recording
     the kernel names in ``names``."""
     import dataclasses
 

@@ -323,7 +323,7 @@ def test_every_canary_runs_the_instantiation_it_vouches_for(ndim, dtype, head_di
     backward = dispatcher.candidates("backward", problem)
     for path, candidate in backward:
         assert candidate.kernels(test) == candidate.kernels(problem)
-    tensor_core_pairs = 0 if dtype == "float32" else 4 if ndim < 3 else 1  # (wgmma, mma.sync)^2; 3D: mma.sync
+    tensor_core_pairs = 0 if dtype == "float32" else 4  # (wgmma, mma.sync)^2
     assert len(backward) == tensor_core_pairs + 1  # and SIMT
 
 
@@ -336,11 +336,9 @@ def _tiles_and_chunks(ndim):
             out.append((fused_tc.TILES[ndim, cfg.mma_tiles], cfg.chunk_keys))
         out.append((fused_tc.TILES[ndim, 1], fused_tc_bwd.DQ_CHUNK[hd]))
         out.append((fused_tc.TILES[ndim, 1], fused_tc_bwd.DKDV_CHUNK[ndim, hd]))
-        if ndim == 3:  # the wgmma kernels serve 1D and 2D only
-            continue
         for wg in (1, 2):
             tile = fused_wg.BLOCK_TILES[ndim, wg]
-            out += [(tile, fused_wg.CHUNK_KEYS[hd]), (tile, fused_wg_bwd.DQ_CHUNK_KEYS),
+            out += [(tile, fused_wg.table_chunk_keys(hd, ndim)), (tile, fused_wg_bwd.DQ_CHUNK_KEYS),
                     (tile, fused_wg_bwd.DKDV_CHUNK_QUERIES[hd])]
             out += [(tile, kc) for kc in fused_wg.OTHER_CHUNK_KEYS]
     for (n, hd, dtype), tile in fused.TILES.items():
@@ -474,9 +472,8 @@ def test_selftest_quick_and_full_pick_their_canaries():
     quick, full = selftest.units(where, "quick"), selftest.units(where, "full")
     assert {unit.problem.head_dim for unit in quick} == {32}
     families = {(unit.family, unit.problem.dtype, unit.problem.ndim) for unit in quick}
-    # 1D and 2D: SIMT (2) and split (2 composed + 4 split ops) x 3 dtypes, mma.sync and wgmma (2 each) x 2 dtypes;
-    # 3D: SIMT (2) and split (6) x 3 dtypes, mma.sync (2) x 2 dtypes (no wgmma)
-    assert len(families) == len(quick) == 2 * (3 * 8 + 2 * 4) + 3 * 8 + 2 * 2
+    # every rank: SIMT (2) and split (2 composed + 4 split ops) x 3 dtypes, mma.sync and wgmma (2 each) x 2 dtypes
+    assert len(families) == len(quick) == 3 * (3 * 8 + 2 * 4)
     assert {unit.problem.ndim for unit in quick} == {1, 2, 3}
     names = []
     for unit in full:
