@@ -26,7 +26,7 @@ from na_rtc.runtime.families import (FAMILIES, fused, fused_bwd, fused_tc, fused
 KIB = 1024
 TENSOR_CORE = ("fused_tc", "fused_tc_bwd")
 MMA_SYNC = TENSOR_CORE + ("fused_tc_3d", "fused_tc_bwd_3d")  # with the 3D twins
-WGMMA = ("fused_wg", "fused_wg_bwd", "selftest_wgmma")
+WGMMA = ("fused_wg", "fused_wg_bwd", "fused_wg_3d", "fused_wg_bwd_3d", "selftest_wgmma")  # with the 3D twins
 #: what check has measured as the most static shared memory any kernel declares (its "smem static" column:
 #: 2048 bytes in the naive kernels' reductions, 1104 in the wgmma dK/dV kernel): the families' tables give
 #: dynamic sizes only, so the fit below adds this much

@@ -462,8 +462,8 @@ def test_through_na3d():
 
 
 def _gpu_dispatcher(names):
-    """A dispatcher launching on the GPU with the mma.sync path on (test_fused_wg_3d runs the 3D wgmma kernels), recording
-    the kernel names in ``names``."""
+    """A dispatcher launching on the GPU with the mma.sync path on (test_fused_wg_3d runs the 3D wgmma kernels),
+    recording the kernel names in ``names``."""
     import dataclasses
 
     from na_rtc.runtime import cuda
