@@ -30,8 +30,8 @@
 // K or V row can reach every query of the tile. QS (operands in shared
 // memory): S and dP in the SS form, Q and dOut read as core matrices from
 // shared memory all along instead of 2 HD / 4 fragment registers, for the
-// instantiations that would spill otherwise (2D at head dim 128). WG 2 (as
-// in the forward: 128 queries in 1D, a 16 x 8 tile in 2D): both warpgroups
+// instantiations that would spill otherwise (2D and 3D at head dim 128). WG 2 (as
+// in the forward: 128 queries in 1D, a 16 x 8 tile in 2D, 4 x 8 x 4 in 3D): both warpgroups
 // read every staged K/V chunk, each skipping the chunks outside its queries'
 // windows (its ds rows zero there for the bias partials). Dynamic shared memory
 // (na_rtc/runtime/fused_wg.py mirrors it): without QS, 2 x 64 WG rows of
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 //                                   repacked from the accumulators into A
 //                                   fragments, dOut and Q MN-major (as V in the
 //                                   forward's P V).
-// With WG 2 a block owns 128 keys (1D; a 16 x 8 tile in 2D), warpgroup j the
+// With WG 2 a block owns 128 keys (1D; a 16 x 8 tile in 2D, 4 x 8 x 4 in 3D), warpgroup j the
 // tile rows 64 j .. 64 j + 63: both read every staged chunk (in 1D half the
 // Q and dOut traffic per key), and a warpgroup skips the chunks outside its
 // own keys' queries. Every key row
@@ -209,7 +209,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 // Q or dOut row can reach every key of the warpgroup. Dynamic shared memory
 // (na_rtc/runtime/fused_wg.py mirrors it): K and V tiles (2 x 64 WG rows),
 // two stages of a Q and a dOut chunk (4 QC rows), HD elements a row; then
-// 2 x 6 QC words of chunk tables. Above 48 KiB the launcher opts in.
+// 2 x 6 QC words of chunk tables (2 x 8 QC in 3D). Above 48 KiB the launcher
+// opts in. Both kernels take RANK and TZ last, as the forward does (3D tiles
+// TX x TY x TZ, z fastest; below rank 3 every z term folds away).
 template <class T, int HD, int TX, int TY, int QC, int WG, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,

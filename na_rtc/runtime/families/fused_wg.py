@@ -14,10 +14,15 @@ mma.sync kernels (``fused_tc.py``):
   chunk's Q K^T running during this chunk's softmax (QS: Q from shared
   memory, at head dim 128);
 * ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC, QS, WG>``: dq the same way (S, dP,
-  dQ += ds K; QS: Q and dOut from shared memory, in 2D at head dim 128);
+  dQ += ds K; QS: Q and dOut from shared memory, in 2D and 3D at head dim 128);
 * ``na_fused_wg_bwd_dkdv<T, HD, TX, TY, QC, WG>``: dK and dV per key tile over
   its query box, QC queries at a time (S^T, dP^T in the SS form, then
   dV += P^T dOut, dK += dS^T Q).
+
+3D instantiations (RANK 3 and the tile's z extent as trailing template
+arguments, as for the mma.sync kernels) are the 3D twins ``fused_wg_3d`` and
+``fused_wg_bwd_3d``, with 4 x 8 x 4 (two warpgroups) and 2 x 8 x 4 (one)
+tiles.
 
 Opt-in (``NA_RTC_WGMMA=1``) until a GPU run has measured it against the
 mma.sync kernels (``python -m na_rtc bench``'s ``fused_wgmma`` entry); the

@@ -2,7 +2,7 @@
 
 * ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC, QS, WG>``: dq as warpgroup products
   (S, dP, dQ += ds K) over the key box, KC keys at a time (QS: Q and dOut from
-  shared memory, in 2D at head dim 128);
+  shared memory, in 2D and 3D at head dim 128);
 * ``na_fused_wg_bwd_dkdv<T, HD, TX, TY, QC, WG>``: dK and dV per key tile over
   its query box, QC queries at a time (S^T, dP^T in the SS form, then
   dV += P^T dOut, dK += dS^T Q).
