@@ -182,11 +182,16 @@ def test_forward_has_no_schedule_dependence(cfg, monkeypatch):
     assert names[0].startswith("na_fused_tc_fwd<") and names[0].endswith(", 3, 4>"), names
 
 
+def assert_same_bits(first, second):
+    """Two runs' outputs (None where a gradient is absent) are bitwise equal."""
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a.contiguous().view(torch.uint8),
+                                                        b.contiguous().view(torch.uint8))
+
+
 def test_forward_is_deterministic():
     cfg = next(c for c in CONFIGS if c.rpb)
-    first, second = forward(cfg), forward(cfg)
-    for a, b in zip(first, second):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert_same_bits(forward(cfg), forward(cfg))
 
 
 # ---------------------------------------------------------------- non-finite inputs and large offsets
@@ -204,9 +209,8 @@ def _queries_seeing(cfg, token):
     return seen
 
 
-def _same_tile(cfg, token):
-    """[X, Y, Z] booleans: the queries of the forward's block tile that holds ``token``'s position."""
-    tile = fused_tc.TILES[3, 1]
+def _same_tile(cfg, token, tile):
+    """[X, Y, Z] booleans: the queries of the forward's block tile ``tile`` that holds ``token``'s position."""
     grids = np.meshgrid(*(np.arange(n) for n in cfg.spatial), indexing="ij")
     same = np.ones(cfg.spatial, bool)
     for grid, t, d, j in zip(grids, tile, cfg.dilation, token):
@@ -218,13 +222,18 @@ def _same_tile(cfg, token):
 def test_nan_reach(poisoned):
     """A NaN key poisons exactly the queries that see it; a NaN value those and at most other queries of
     their block tiles (0 * NaN in P V), none elsewhere."""
+    check_nan_reach(poisoned, forward, fused_tc.TILES[3, 1])
+
+
+def check_nan_reach(poisoned: str, forward_of, tile):
+    """test_nan_reach for the forward ``forward_of(cfg, arrays=...)`` whose block tiles are ``tile``."""
     cfg = Config((9, 10, 11), (3, 5, 3), (1, 2, 1), (True, False, False), 1, 1, 32, False, False, "float16",
                  (1, 1, 2))
     (q, k, v), _ = sweep_inputs(cfg, 3)
     k, v = k.clone(), v.clone()
     token = (4, 5, 6)
     (k if poisoned == "key" else v)[(0, *token, 0, 3)] = float("nan")
-    out, _ = forward(cfg, arrays=(q, k, v))
+    out, _ = forward_of(cfg, arrays=(q, k, v))
     bad = ~torch.isfinite(out[0, ..., 0, :].float()).all(-1).numpy()
     sees = _queries_seeing(cfg, token)
     assert sees.any() and (bad >= sees).all(), "a query whose window holds the NaN is finite"
@@ -233,7 +242,7 @@ def test_nan_reach(poisoned):
     else:
         tiles = np.zeros_like(sees)
         for query in zip(*np.nonzero(sees)):
-            tiles |= _same_tile(cfg, query)
+            tiles |= _same_tile(cfg, query, tile)
         assert (bad <= tiles).all(), "a query outside the tiles that see the NaN is poisoned"
 
 
@@ -411,9 +420,7 @@ def test_backward_has_no_schedule_dependence(case, monkeypatch):
 
 def test_backward_is_deterministic():
     case = next(c for c in CASES if c.rpb)
-    first, second = backward(case)[2], backward(case)[2]
-    for a, b in zip(first, second):
-        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    assert_same_bits(backward(case)[2], backward(case)[2])
 
 
 def test_backward_offsets_past_2_to_the_31():
@@ -461,20 +468,24 @@ def test_through_na3d():
 # ---------------------------------------------------------------- on a GPU (make gpu-check)
 
 
-def _gpu_dispatcher(names):
-    """A dispatcher launching on the GPU with the mma.sync path on (test_fused_wg_3d runs the 3D wgmma kernels),
-    recording the kernel names in ``names``."""
+def gpu_dispatcher(names, wgmma=False):
+    """A dispatcher launching on the GPU with the mma.sync path on (with ``wgmma``: the wgmma path too, on sm_90
+    GPUs only, the test skipped elsewhere), recording the kernel names in ``names``."""
     import dataclasses
 
     from na_rtc.runtime import cuda
     from na_rtc.runtime.policy import Settings
 
+    arch = cuda.arch_of("cuda")
+    if wgmma and arch != 90:
+        pytest.skip("the wgmma kernels are built for sm_90 GPUs only")
+
     def run(plan):
         names.append(plan.kernel.name)
         cuda.run(plan)
 
-    settings = dataclasses.replace(Settings.read(), tensor_cores=True, wgmma=False, verify=False)
-    return Dispatcher(run, Policy("cuda", cuda.arch_of("cuda"), settings))
+    settings = dataclasses.replace(Settings.read(), tensor_cores=True, wgmma=wgmma, verify=False)
+    return Dispatcher(run, Policy("cuda", arch, settings))
 
 
 def _on_gpu(*arrays):
@@ -490,7 +501,7 @@ def test_forward_on_gpu(cfg):
     bias, _ = sweep_bias(cfg)
     q, k, v, bias = _on_gpu(q, k, v, bias)
     names = []
-    out, lse = _gpu_dispatcher(names).forward(test_fused._problem(cfg, q, k, v, bias), q, k, v, bias)
+    out, lse = gpu_dispatcher(names).forward(test_fused._problem(cfg, q, k, v, bias), q, k, v, bias)
     assert names == [fused_tc.kernel_name_of(fused_tc.head_dim_bucket(cfg.head_dim), cfg.dtype, 3)]
     assert_forward_matches_reference(cfg, out.cpu(), lse.cpu())
 
@@ -498,6 +509,6 @@ def test_forward_on_gpu(cfg):
 @pytest.mark.parametrize("case", [pytest.param(c, marks=gpu, id=str(c)) for c in CASES + LONG_BOX_CASES])
 def test_backward_on_gpu(case):
     names = []
-    _, _, grads, inputs64 = backward(case, dispatcher=_gpu_dispatcher(names), device="cuda")
+    _, _, grads, inputs64 = backward(case, dispatcher=gpu_dispatcher(names), device="cuda")
     assert set(_tc_kernels(case)) <= set(names), names
     assert_backward_matches_reference(case, [None if x is None else x.cpu() for x in grads], inputs64)

@@ -23,7 +23,6 @@ import gc
 
 import numpy as np
 import pytest
-import torch
 import test_fused
 import test_fused_tc_3d as tc3d
 import test_scale
@@ -136,9 +135,7 @@ def test_forward_over_long_key_boxes(cfg, setting, monkeypatch):
 
 def test_forward_is_deterministic():
     cfg = next(c for c in CONFIGS if c.rpb)
-    first, second = forward(cfg), forward(cfg)
-    for a, b in zip(first, second):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    tc3d.assert_same_bits(forward(cfg), forward(cfg))
 
 
 @pytest.mark.parametrize("cfg", LONG_BOXES[-1:], ids=str)
@@ -151,37 +148,11 @@ def test_forward_has_no_schedule_dependence(cfg, monkeypatch):
     assert names[0].startswith("na_fused_wg_fwd<") and names[0].endswith(", 3, 4>"), names
 
 
-def _same_tile(cfg, token):
-    """[X, Y, Z] booleans: the queries of the forward's block tile (both warpgroups) that holds ``token``."""
-    tile = fused_wg.BLOCK_TILES[3, fused_wg.WARPGROUPS[3]]
-    grids = np.meshgrid(*(np.arange(n) for n in cfg.spatial), indexing="ij")
-    same = np.ones(cfg.spatial, bool)
-    for grid, t, d, j in zip(grids, tile, cfg.dilation, token):
-        same &= (grid % d == j % d) & (grid // d // t == j // d // t)
-    return same
-
-
 @pytest.mark.parametrize("poisoned", ["key", "value"])
 def test_nan_reach(poisoned):
     """A NaN key poisons exactly the queries that see it; a NaN value those and at most the other queries of
     their block tiles (0 * NaN in P V: a warpgroup multiplies every key of the chunks it takes)."""
-    cfg = Config((9, 10, 11), (3, 5, 3), (1, 2, 1), (True, False, False), 1, 1, 32, False, False, "float16",
-                 (1, 1, 2))
-    (q, k, v), _ = sweep_inputs(cfg, 3)
-    k, v = k.clone(), v.clone()
-    token = (4, 5, 6)
-    (k if poisoned == "key" else v)[(0, *token, 0, 3)] = float("nan")
-    out, _ = forward(cfg, arrays=(q, k, v))
-    bad = ~torch.isfinite(out[0, ..., 0, :].float()).all(-1).numpy()
-    sees = tc3d._queries_seeing(cfg, token)
-    assert sees.any() and (bad >= sees).all(), "a query whose window holds the NaN is finite"
-    if poisoned == "key":
-        np.testing.assert_array_equal(bad, sees)
-    else:
-        tiles = np.zeros_like(sees)
-        for query in zip(*np.nonzero(sees)):
-            tiles |= _same_tile(cfg, query)
-        assert (bad <= tiles).all(), "a query outside the tiles that see the NaN is poisoned"
+    tc3d.check_nan_reach(poisoned, forward, fused_wg.BLOCK_TILES[3, fused_wg.WARPGROUPS[3]])
 
 
 def test_offsets_past_2_to_the_31():
@@ -262,9 +233,7 @@ def test_backward_has_no_schedule_dependence(case, monkeypatch):
 
 def test_backward_is_deterministic():
     case = next(c for c in CASES if c.rpb)
-    first, second = backward(case)[1], backward(case)[1]
-    for a, b in zip(first, second):
-        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    tc3d.assert_same_bits(backward(case)[1], backward(case)[1])
 
 
 def test_head_dim_128_takes_32_key_chunks_and_the_ss_dq():
@@ -310,31 +279,13 @@ def test_what_the_3d_twins_leave_to_the_mma_sync_kernels():
 # ---------------------------------------------------------------- on a GPU (make gpu-check)
 
 
-def _sm90_dispatcher(names):
-    """A dispatcher launching on an sm_90 GPU with the wgmma path on, recording the kernel names."""
-    import dataclasses
-
-    from na_rtc.runtime import cuda
-    from na_rtc.runtime.policy import Settings
-
-    if cuda.arch_of("cuda") != 90:
-        pytest.skip("the wgmma kernels are built for sm_90 GPUs only")
-
-    def run(plan):
-        names.append(plan.kernel.name)
-        cuda.run(plan)
-
-    settings = dataclasses.replace(Settings.read(), tensor_cores=True, wgmma=True, verify=False)
-    return Dispatcher(run, Policy("cuda", 90, settings))
-
-
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not na_rtc.backends.get("cuda").probe()[0], reason="no usable GPU")]
 
 
 @pytest.mark.parametrize("cfg", [pytest.param(c, marks=gpu, id=str(c)) for c in CONFIGS + LONG_BOXES])
 def test_forward_on_gpu(cfg):
     names = []
-    dispatcher = _sm90_dispatcher(names)
+    dispatcher = tc3d.gpu_dispatcher(names, wgmma=True)
     (q, k, v), _ = sweep_inputs(cfg, 3)
     bias, _ = sweep_bias(cfg)
     q, k, v, bias = tc3d._on_gpu(q, k, v, bias)
@@ -346,7 +297,7 @@ def test_forward_on_gpu(cfg):
 @pytest.mark.parametrize("case", [pytest.param(c, marks=gpu, id=str(c)) for c in CASES + tc3d.LONG_BOX_CASES])
 def test_backward_on_gpu(case):
     names = []
-    dispatcher = _sm90_dispatcher(names)
+    dispatcher = tc3d.gpu_dispatcher(names, wgmma=True)
     _, _, grads, inputs64 = tc3d.backward(case, dispatcher=dispatcher, device="cuda")
     assert set(_wg_kernels(case)) <= set(names), names
     tc3d.assert_backward_matches_reference(case, [None if x is None else x.cpu() for x in grads], inputs64)
