@@ -5,7 +5,8 @@
 // [tokens, kx * ky] attention matrix: probabilities are recomputed per
 // (query, key) pair as p = exp(logit - lse), with
 //   logit = scale * q . k + rpb[h, j'x - i'x + kx - 1, j'y - i'y + ky - 1, j'z - i'z + kz - 1]
-//   delta = rowsum(dOut * out)                         (na_fused_delta)
+//   delta = rowsum(dOut * out) - dlse                  (na_fused_delta; dlse: the
+//                                                       logsumexp's gradient, or 0)
 //   ds    = p * (dOut . v - delta)
 //   dq    = scale * sum_keys ds * k                    (na_fused_bwd_dq, per query tile)
 //   dk    = scale * sum_queries ds * q                 (na_fused_bwd_dkdv, per key tile)
@@ -70,11 +71,13 @@ template <class T> __device__ __forceinline__ long long na_fb_row(long long D) {
     return (((D * (long long)sizeof(T) + 3) / 4) | 1) * 4 / (long long)sizeof(T);
 }
 
-// delta[b, i, h] = sum_d dout * out (float32), one thread per row
+// delta[b, i, h] = sum_d dout * out - dlse[b, i, h] (float32), one thread per row. dlse, the gradient of the
+// logsumexp (d lse / d logit = p, so it enters every ds as p * dlse), may be null: no gradient reaches the
+// logsumexp
 template <class T, int RANK = 2>
 __global__ void __launch_bounds__(NA_FB_THREADS)
     na_fused_delta(const T* __restrict__ g, NA_TENSOR(g), const T* __restrict__ o, NA_TENSOR(o),
-                   float* __restrict__ delta, NA_ROWS(e), NA_PROBLEM) {
+                   const float* __restrict__ dlse, NA_ROWS(dl), float* __restrict__ delta, NA_ROWS(e), NA_PROBLEM) {
     NA_PROBLEM_AXES(RANK)
     long long n = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= B * X * Y * az.length * H) return;
@@ -86,6 +89,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     float sum = 0.0f;
     for (long long d = 0; d < D; ++d)
         sum += (float)na_load(g, NA_AT6(g, b, x, y, z, h, d)) * (float)na_load(o, NA_AT6(o, b, x, y, z, h, d));
+    if (dlse) sum -= dlse[NA_ATR(dl, b, x, y, z, h)];
     delta[NA_ATR(e, b, x, y, z, h)] = sum;
 }
 

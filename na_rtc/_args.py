@@ -320,14 +320,24 @@ def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
     return Problem(AV, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(value))
 
 
-def check_fused_backward(problem: Problem, grad_out, query, output, logsumexp) -> None:
+def check_fused_backward(problem: Problem, grad_out, query, output, logsumexp, grad_logsumexp=None) -> None:
     _check_grad("grad_out", grad_out, "query", query, problem.qkv_shape)
     if output is not None:
         _check_grad("output", output, "query", query, problem.qkv_shape)
-    if logsumexp is not None:
-        _array_kind("logsumexp", logsumexp)
-        if tuple(logsumexp.shape) != problem.lse_shape:
-            raise ValueError(f"logsumexp must have shape {problem.lse_shape}, got {tuple(logsumexp.shape)}")
+    for name, rows in (("logsumexp", logsumexp), ("grad_logsumexp", grad_logsumexp)):
+        if rows is None:
+            continue
+        _array_kind(name, rows)
+        if tuple(rows.shape) != problem.lse_shape:
+            raise ValueError(f"{name} must have shape {problem.lse_shape}, got {tuple(rows.shape)}")
+    if grad_logsumexp is not None:  # the logsumexp's dtype (float32 for 16-bit inputs), the query's kind and device
+        if _arrays.kind_of(grad_logsumexp) != _arrays.kind_of(query):
+            raise TypeError(f"grad_logsumexp is a {_arrays.describe(grad_logsumexp)} but query is a "
+                            f"{_arrays.describe(query)}: all inputs must be the same kind of array")
+        if _arrays.device_of(grad_logsumexp) != _arrays.device_of(query):
+            raise ValueError(f"grad_logsumexp is on {_arrays.device_of(grad_logsumexp)} but query is on "
+                             f"{_arrays.device_of(query)}: all inputs must be on one device")
+        _floating("grad_logsumexp", grad_logsumexp)
     if (output is None) != (logsumexp is None):
         raise ValueError("output and logsumexp must be given together (or both left out to recompute them)")
 

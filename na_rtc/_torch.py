@@ -105,16 +105,19 @@ def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, b
 def fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
               output: Optional[Tensor], logsumexp: Optional[Tensor], kernel_size: list[int], stride: list[int],
               dilation: list[int], is_causal: list[bool], scale: float,
-              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # output and logsumexp may be None (the plain na*d_backward functions): the backend recomputes them
+              backend: str, grad_lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # output and logsumexp may be None (the plain na*d_backward functions): the backend recomputes them;
+    # grad_lse, the logsumexp's gradient, may be None: none reaches it
     problem = _args.fused_problem(len(kernel_size), query, key, value, kernel_size, stride, dilation, is_causal,
                                   scale, rpb)
-    dq, dk, dv, drpb = _ops(backend)["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp)
+    dq, dk, dv, drpb = _ops(backend)["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp,
+                                                       grad_lse)
     return dq, dk, dv, _no_rpb_grad(query) if drpb is None else drpb
 
 
 @fused_bwd.register_fake
-def _(grad_out, query, key, value, rpb, output, logsumexp, kernel_size, stride, dilation, is_causal, scale, backend):
+def _(grad_out, query, key, value, rpb, output, logsumexp, kernel_size, stride, dilation, is_causal, scale, backend,
+      grad_lse=None):
     drpb = _no_rpb_grad(query) if rpb is None else rpb.new_empty(rpb.shape)
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), drpb
 
@@ -344,8 +347,9 @@ def _not_twice_differentiable(problem: _args.Problem) -> NotImplementedError:
     )
 
 
-def _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb) -> tuple:
-    """The fused backward as differentiable split ops: logits, softmax, and the split backwards.
+def _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb, grad_lse=None) -> tuple:
+    """The fused backward as differentiable split ops: logits, softmax, and the split backwards (the
+    logsumexp's gradient ``grad_lse``, if any, adds ``p * grad_lse`` to the logits' gradient).
 
     fp16/bf16 run in float32, as the fused kernels accumulate; the gradients
     come back in the inputs' dtypes.
@@ -359,36 +363,44 @@ def _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb)
     probs = _qk(backend, problem, scaled, k, bias).softmax(dim=-1)
     dprobs, dv = av_backward(backend, problem, g, probs, v)
     dlogits = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
+    if grad_lse is not None:
+        dlogits = dlogits + probs * grad_lse.to(compute)[..., None]
     dscaled, dk, drpb = qk_backward(backend, problem, dlogits, scaled, k, bias)
     dq = dscaled * problem.scale
     return (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype),
             None if rpb is None else drpb.to(rpb.dtype))
 
 
-def fused_backward(backend, problem, grad_out, query, key, value, rpb, output=None, logsumexp=None) -> tuple:
-    """``(dq, dk, dv, drpb or None)`` of the fused op; differentiable when autograd records it."""
-    if _recorded(grad_out, query, key, value, rpb):
-        return _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb)
+def fused_backward(backend, problem, grad_out, query, key, value, rpb, output=None, logsumexp=None,
+                   grad_lse=None) -> tuple:
+    """``(dq, dk, dv, drpb or None)`` of the fused op, ``grad_lse`` the logsumexp's gradient (or None);
+    differentiable when autograd records it."""
+    if _recorded(grad_out, query, key, value, rpb, grad_lse):
+        return _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb, grad_lse)
     dq, dk, dv, drpb = fused_bwd(grad_out, query, key, value, rpb, output, logsumexp,
-                                 *_fused_args(problem, backend))
+                                 *_fused_args(problem, backend), grad_lse)
     return dq, dk, dv, None if rpb is None else drpb
 
 
 class FusedNA(torch.autograd.Function):
-    """(query, key, value, rpb) -> (output, logsumexp); logsumexp carries no gradient."""
+    """(query, key, value, rpb) -> (output, logsumexp), both differentiable: a logsumexp's gradient (merging
+    partial attentions needs it) enters the backward as ``delta = rowsum(dOut * out) - dlse``."""
 
     @staticmethod
     def forward(ctx, backend, problem, query, key, value, rpb):
         ctx.backend, ctx.problem = backend, problem
+        ctx.set_materialize_grads(False)  # a logsumexp (or output) nothing depends on sends None, not zeros
         out, lse = fused_fwd(query, key, value, rpb, *_fused_args(problem, backend))
         ctx.save_for_backward(query, key, value, rpb, out, lse)
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out, grad_lse):
         query, key, value, rpb, out, lse = ctx.saved_tensors
-        return (None, None, *fused_backward(ctx.backend, ctx.problem, grad_out, query, key, value, rpb, out, lse))
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        return (None, None, *fused_backward(ctx.backend, ctx.problem, grad_out, query, key, value, rpb, out, lse,
+                                            grad_lse))
 
 
 #: op family -> autograd Function

@@ -36,7 +36,7 @@ def _fused_fwd(query, key, value, rpb, kernel_size, stride, dilation, is_causal,
 
 
 def _fused_bwd(grad_out, query, key, value, rpb, output, logsumexp, kernel_size, stride, dilation, is_causal, scale,
-               backend, out_shape=None):
+               backend, grad_lse=None, out_shape=None):
     return flops.fused_backward(*_problem(query, kernel_size, stride, dilation, is_causal))
 
 

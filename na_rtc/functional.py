@@ -71,10 +71,11 @@ def _backward(op: str, problem: _args.Problem, backend: str | None, *arrays):
 
 
 def _fused_backward(ndim, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                    output, logsumexp, backend):
+                    output, logsumexp, grad_logsumexp, backend):
     problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
-    _args.check_fused_backward(problem, grad_out, query, output, logsumexp)
-    return _backward(_args.FUSED, problem, backend, grad_out, query, key, value, rpb, output, logsumexp)
+    _args.check_fused_backward(problem, grad_out, query, output, logsumexp, grad_logsumexp)
+    return _backward(_args.FUSED, problem, backend, grad_out, query, key, value, rpb, output, logsumexp,
+                     grad_logsumexp)
 
 
 def _qk_backward(ndim, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend):
@@ -101,8 +102,9 @@ def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
     ``scale`` defaults to ``head_dim ** -0.5``; ``rpb`` (``[heads, 2k - 1]``,
     odd ``k``, not causal) is added to the logits unscaled. With
     ``return_lse=True`` returns ``(output, logsumexp)``, the logsumexp being
-    ``[batch, length, heads]`` float32 (float64 for float64 inputs) with no
-    gradient.
+    ``[batch, length, heads]`` float32 (float64 for float64 inputs), the
+    natural log of each query's sum of ``exp(logit)``; for torch inputs it is
+    differentiable too (what :func:`na_rtc.merge_attentions` needs).
     """
     return _fused(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
 
@@ -175,28 +177,31 @@ def na3d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=No
 
 
 def na1d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                  rpb=None, output=None, logsumexp=None, *, backend=None):
+                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, backend=None):
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na1d` (``drpb`` is None without ``rpb``).
 
     For NumPy/CuPy users without autograd. Pass the forward's ``output`` and
-    ``logsumexp`` (``return_lse=True``) to skip recomputing them.
+    ``logsumexp`` (``return_lse=True``) to skip recomputing them, and
+    ``grad_logsumexp`` (the logsumexp's shape) where the loss depends on the
+    logsumexp too (merged attentions): it enters as
+    ``delta = rowsum(grad_out * output) - grad_logsumexp``.
     """
     return _fused_backward(1, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                           output, logsumexp, backend)
+                           output, logsumexp, grad_logsumexp, backend)
 
 
 def na2d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                  rpb=None, output=None, logsumexp=None, *, backend=None):
+                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, backend=None):
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na2d`."""
     return _fused_backward(2, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                           output, logsumexp, backend)
+                           output, logsumexp, grad_logsumexp, backend)
 
 
 def na3d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                  rpb=None, output=None, logsumexp=None, *, backend=None):
+                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, backend=None):
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na3d`."""
     return _fused_backward(3, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                           output, logsumexp, backend)
+                           output, logsumexp, grad_logsumexp, backend)
 
 
 def na1d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):

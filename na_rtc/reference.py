@@ -308,8 +308,10 @@ def fused_forward(problem: Problem, query, key, value, rpb=None, *, keep_compute
     return run.output(out), run.m.heads_last(lse, lse_dtype, problem.lse_shape)
 
 
-def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
-    """Gradients ``(dq, dk, dv, drpb or None)`` of fused neighborhood attention."""
+def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
+                   grad_lse=None):
+    """Gradients ``(dq, dk, dv, drpb or None)`` of fused neighborhood attention; ``grad_lse``, the
+    logsumexp's gradient (or None), enters as ``delta = rowsum(dOut * out) - grad_lse``."""
     run = _Run(problem, query)
     m = run.m
     if output is None:
@@ -319,6 +321,8 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     q, k, v, dout = (run.prepare(x) for x in (query, key, value, grad_out))
     bias = run.prepare_rpb(rpb)
     delta = m.sum_last(dout * out)  # rowsum(dOut * out): [B, H, N]
+    if grad_lse is not None:  # d lse / d logit = p: the logits' gradient gains p * dlse
+        delta = delta - run.prepare(grad_lse[..., None])[..., 0]
     dq, dk, dv = (m.zeros(run.shape, run.dtype) for _ in range(3))
     drpb = run.new_rpb_grad(rpb)
     for chunk in run.chunks():

@@ -45,12 +45,17 @@ def forward(kernels, problem: Problem, query, key, value, rpb=None):
     return kernels.av(problem, probs, value), lse
 
 
-def backward(kernels, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
-    """``(dq, dk, dv, drpb)`` of the fused op, composed (the probabilities recomputed: cheaper than storing)."""
+def backward(kernels, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
+             grad_lse=None):
+    """``(dq, dk, dv, drpb)`` of the fused op, composed (the probabilities recomputed: cheaper than storing);
+    ``grad_lse``, the logsumexp's gradient or None, adds ``p * grad_lse`` to the logits' gradient (d lse / d
+    logit = p)."""
     acc = accumulator_dtype(problem.dtype)
     probs = _probabilities(kernels, problem, query, key, rpb)
     grad_logits = kernels.qk(problem, grad_out, value, None, acc, 1.0, 0.0)
     kernels.softmax_backward(problem, probs, grad_logits)
+    if grad_lse is not None:
+        grad_logits += probs * _arrays.cast(grad_lse, acc)[..., None]
     dq = kernels.av(problem, grad_logits, key, problem.scale)
     dk = kernels.inverse(problem, grad_logits, query, problem.scale)
     dv = kernels.inverse(problem, probs, grad_out)

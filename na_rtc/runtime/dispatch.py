@@ -303,9 +303,11 @@ class Dispatcher:
         return _role(route, problem.ndim).run(self.run, self.plan(problem, route), problem, query, key, value,
                                               rpb_acc)
 
-    def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse, paths=None):
-        """``(dq, dk, dv, drpb)`` of the fused backward kernels, from the forward's ``output`` and ``lse``:
-        on ``paths`` (a (dq, dK/dV) pair of path names, unchecked) or the first pair that serves."""
+    def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse, paths=None,
+                 grad_lse=None):
+        """``(dq, dk, dv, drpb)`` of the fused backward kernels, from the forward's ``output`` and ``lse`` (and
+        the logsumexp's gradient ``grad_lse``, or None): on ``paths`` (a (dq, dK/dV) pair of path names,
+        unchecked) or the first pair that serves."""
         if paths is not None:
             pair = next((p for p in BACKWARD if (p[0].path, p[1].path) == tuple(paths)), None)
             if pair is None:
@@ -316,7 +318,7 @@ class Dispatcher:
             raise ValueError("the fused backward kernels do not cover this problem; see "
                              "Dispatcher.choose('backward', problem) for why")
         return L.fused_backward(self.run, self.backward_launches(problem, pair), problem, grad_out, query, key, value,
-                                rpb_acc, output, lse)
+                                rpb_acc, output, lse, grad_lse)
 
     def _split(self, role: str, problem: Problem, args: tuple, *arrays):
         route, skipped = self.split_route(role, problem, args)

@@ -45,7 +45,7 @@ def fused_forward(run: Executor, launch: Launch, problem: Problem, query, key, v
 
 
 class BackwardLaunches(NamedTuple):
-    """The launches of one fused backward: ``delta = rowsum(dOut * out)``, the dq and dK/dV kernels (any pair
+    """The launches of one fused backward: ``delta = rowsum(dOut * out) - dlse``, the dq and dK/dV kernels (any pair
     of paths: they share one argument list), and the bias partials' reduction (None without a bias)."""
 
     delta: Launch
@@ -59,9 +59,10 @@ class BackwardLaunches(NamedTuple):
 
 
 def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, grad_out, query, key, value, rpb_acc,
-                   output, lse):
+                   output, lse, grad_lse=None):
     """``(dq, dk, dv, drpb)``: dq/dk/dv in the problem dtype, drpb float32 ``[heads, *(2k-1)]`` (None without
-    ``rpb_acc``). ``output`` and ``lse`` are the forward's (``lse`` float32 ``[b, *spatial, heads]``).
+    ``rpb_acc``). ``output`` and ``lse`` are the forward's (``lse`` float32 ``[b, *spatial, heads]``);
+    ``grad_lse``, the logsumexp's gradient (lse-shaped, or None: none), enters through ``delta``.
 
     The dq kernel writes, with a bias, per-tile partial sums of the logit gradient per relative offset
     (float32 ``[heads, tiles, entries]``), which the reduction sums in a fixed order: no atomics, bitwise
@@ -77,8 +78,11 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
         rpb_acc = _arrays.cast(rpb_acc, "float32")
     problem_args = A.problem(problem)
 
+    if grad_lse is not None:
+        grad_lse = _arrays.cast(grad_lse, "float32")
     delta = _arrays.empty(query, problem.lse_shape, "float32")
-    args = A.tensor(grad_out, problem) + A.tensor(output, problem) + A.rows(delta, problem) + problem_args
+    args = (A.tensor(grad_out, problem) + A.tensor(output, problem) + A.rows(grad_lse, problem)
+            + A.rows(delta, problem) + problem_args)
     run(launches.delta.plan(args))
 
     inputs = (A.tensor(query, problem) + A.tensor(key, problem) + A.tensor(value, problem)

@@ -70,11 +70,13 @@ class OpTable:
             return dispatcher.forward(problem, query, key, value, composed.bias_in_accumulator(problem, rpb), route)
         return self._composed("forward", dispatcher, problem, skipped, query, key, value, rpb)
 
-    def fused_backward(self, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
+    def fused_backward(self, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
+                       grad_lse=None):
         dispatcher = self.dispatcher(problem)
         pair, skipped = dispatcher.backward_pair(problem)
         if pair is None:
-            return self._composed("backward", dispatcher, problem, skipped, grad_out, query, key, value, rpb)
+            return self._composed("backward", dispatcher, problem, skipped, grad_out, query, key, value, rpb,
+                                  output, logsumexp, grad_lse)
         launches = dispatcher.backward_launches(problem, pair)
         if log.isEnabledFor(logging.DEBUG):
             log_choice(problem, Choice("backward", pair_path(pair), launches.kernel_names(problem.has_rpb), tuple(skipped)))
@@ -87,7 +89,7 @@ class OpTable:
                                                        composed.bias_in_accumulator(problem, rpb), route)
         lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
         dq, dk, dv, drpb = L.fused_backward(self.run, launches, problem, grad_out, query, key, value,
-                                            composed.bias_in_accumulator(problem, rpb), output, lse)
+                                            composed.bias_in_accumulator(problem, rpb), output, lse, grad_lse)
         return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
 
     def _composed(self, op: str, dispatcher: Dispatcher, problem: Problem, skipped, *arrays):
