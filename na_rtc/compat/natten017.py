@@ -188,25 +188,28 @@ def natten3dav(attn, value, kernel_size_d, kernel_size, dilation_d, dilation):
 def _with_additional(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, extra_k, extra_v):
     """Fused NA plus extra tokens: one softmax over window slots and extra tokens.
 
-    Composed from the split ops because na_rtc's logsumexp carries no gradient,
-    so merging two separately normalized outputs would not be differentiable
-    in the query and keys.
+    The fused op over the window and dense attention over the extra tokens, merged through their
+    logsumexps (:func:`na_rtc.merge_attentions`; both logsumexps are differentiable, so the gradients are
+    those of one softmax). No ``[queries, slots]`` logits are stored; the dense part holds
+    ``[queries, tokens]`` in float32 (float64 for float64 inputs).
     """
     import torch
+
+    from ..merging import merge_attentions
 
     batch, heads, dim = query.shape[0], query.shape[-2], query.shape[-1]
     tokens = _extra_tokens("additional_keys", extra_k, batch, heads, dim, False)
     if _extra_tokens("additional_values", extra_v, batch, heads, dim, False) != tokens:
         raise ValueError(f"additional_keys and additional_values must hold the same number of tokens, got "
                          f"{tuple(extra_k.shape)} and {tuple(extra_v.shape)}")
-    q = query * scale
-    logits = _QK[ndim](q, key, kernel_size, dilation, is_causal, rpb)
-    flat = logits.shape[-1]
-    extra = torch.einsum("bnhd,bthd->bnht", q.reshape(batch, -1, heads, dim), extra_k)
-    probs = torch.cat([logits, extra.reshape(*logits.shape[:-1], tokens).to(logits.dtype)], dim=-1).softmax(-1)
-    out = _AV[ndim](probs[..., :flat], value, kernel_size, dilation, is_causal)
-    added = torch.einsum("bnht,bthd->bnhd", probs[..., flat:].reshape(batch, -1, heads, tokens), extra_v)
-    return out + added.reshape(out.shape).to(out.dtype)
+    out, lse = _FUSED[ndim](query, key, value, kernel_size, 1, dilation, is_causal, scale, rpb, True)
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    logits = torch.einsum("bnhd,bthd->bnht", query.reshape(batch, -1, heads, dim).to(compute) * scale,
+                          extra_k.to(compute))
+    extra_out = torch.einsum("bnht,bthd->bnhd", logits.softmax(-1), extra_v.to(compute))
+    merged, _ = merge_attentions([out.to(compute), extra_out.reshape(out.shape)],
+                                 [lse.to(compute), torch.logsumexp(logits, -1).reshape(lse.shape)])
+    return merged.to(query.dtype)
 
 
 def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
