@@ -71,6 +71,28 @@ def test_fused_bwd_fake_matches_real():
     torch.library.opcheck(torch.ops.na_rtc.fused_bwd, args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_fused_bwd_with_a_logsumexp_gradient_fake_matches_real():
+    out, lse = torch.ops.na_rtc.fused_fwd(Q1, Q1, Q1, RPB1, [5], [1], [1], [False], 0.3, "reference")
+    args = (torch.randn_like(Q1), Q1, Q1, Q1, RPB1, out, lse, [5], [1], [1], [False], 0.3, "reference",
+            torch.randn_like(lse))
+    torch.library.opcheck(torch.ops.na_rtc.fused_bwd, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_merge_of_two_branches_matches_eager_without_graph_breaks():
+    """A loss through both logsumexps and merge_attentions traces in one graph (fullgraph)."""
+    def merged(q, k, v, k2, v2):
+        a = na_rtc.na2d(q, k, v, 3, return_lse=True)
+        b = na_rtc.na2d(q, k2, v2, (3, 5), is_causal=(True, False), return_lse=True)
+        out, lse = na_rtc.merge_attentions([a[0], b[0]], [a[1], b[1]])
+        return out.square().sum() + lse.sum()
+
+    inputs = [torch.randn(1, 5, 6, 2, 4, requires_grad=True) for _ in range(5)]
+    torch._dynamo.reset()
+    compiled = torch.compile(merged, fullgraph=True, backend="aot_eager")
+    for a, b in zip(torch.autograd.grad(merged(*inputs), inputs), torch.autograd.grad(compiled(*inputs), inputs)):
+        torch.testing.assert_close(a, b)
+
+
 def test_fused_bwd_fake_matches_real_in_3d():
     out, lse = torch.ops.na_rtc.fused_fwd(Q3, Q3, Q3, RPB3, [3, 3, 3], [1, 1, 1], [1, 1, 1], [False] * 3, 0.3,
                                           "reference")
