@@ -34,6 +34,18 @@ class Problem:
     device: str
     has_rpb: bool = False
     scale: float | None = None
+    #: key/value heads (GQA/MQA: fewer than ``heads``, dividing them; query head h reads key/value head
+    #: h // group); None: as many as the query's
+    heads_kv: int | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads if self.heads_kv is None else self.heads_kv
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 without GQA)."""
+        return self.heads // self.kv_heads if self.kv_heads else 1
 
     @property
     def ndim(self) -> int:
@@ -66,7 +78,13 @@ class Problem:
 
     @property
     def qkv_shape(self) -> tuple[int, ...]:
+        """The query's shape (and the output's; the keys' and values' too without GQA)."""
         return (self.batch, *self.spatial, self.heads, self.head_dim)
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        """The keys' and values' shape: ``kv_heads`` heads."""
+        return (self.batch, *self.spatial, self.kv_heads, self.head_dim)
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
@@ -245,13 +263,28 @@ def _check_grad(name: str, grad, primary_name: str, primary, shape) -> None:
                          f"{_layouts.shape_note(primary_name, primary, len(shape) - 3, _layouts.HEADS_LAST)}")
 
 
-def _same_shape(ndim: int, primary_name: str, primary, others) -> None:
+def _kv_heads(ndim: int, primary_name: str, primary, heads: int, others) -> int | None:
+    """The key/value heads of ``others`` (``(name, array)``, shaped like ``primary`` except, with GQA/MQA,
+    along the heads axis): None where they have ``heads``, else a count that divides ``heads``."""
+    counts = set()
     for name, x in others:
-        if tuple(x.shape) != tuple(primary.shape):
+        shape = tuple(int(s) for s in x.shape)
+        if len(shape) != len(primary.shape) or shape[:-2] + shape[-1:] != tuple(primary.shape[:-2]) + (
+                int(primary.shape[-1]),):
             raise ValueError(
-                f"{name} must have the shape of {primary_name} {tuple(primary.shape)}, got {tuple(x.shape)}"
-                f"{_layouts.shape_note(primary_name, primary, ndim, _layouts.HEADS_LAST)}"
-            )
+                f"{name} must have the shape of {primary_name} {tuple(primary.shape)} (with GQA/MQA, fewer heads "
+                f"on axis -2), got {shape}{_layouts.shape_note(primary_name, primary, ndim, _layouts.HEADS_LAST)}")
+        counts.add(shape[-2])
+    if len(counts) > 1:
+        names = " and ".join(name for name, _ in others)
+        raise ValueError(f"{names} must have the same number of heads, got {sorted(counts)}")
+    kv = counts.pop()
+    if kv == heads:
+        return None
+    if kv < 1 or heads % kv:
+        raise ValueError(f"{others[0][0]} has {kv} heads, which must divide {primary_name}'s {heads} heads "
+                         f"(GQA/MQA: each key/value head serves heads // {kv} query heads)")
+    return kv
 
 
 def _note(name: str, x, ndim: int):
@@ -268,14 +301,15 @@ def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_cau
     _same_placement("query", query, {"key": key, "value": value})
     dtype = _floating("query", query)
     batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
-    _same_shape(ndim, "query", query, (("key", key), ("value", value)))
+    heads_kv = _kv_heads(ndim, "query", query, heads, (("key", key), ("value", value)))
     if head_dim < 1:
         raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
     axes = _axes(ndim, spatial, kernel_size, stride, dilation, is_causal, _note("query", query, ndim))
     has_rpb = _check_rpb(rpb, "query", query, axes, heads)
     scale = _scale(scale, head_dim)
     _layouts.warn_if_transposed("query", query, ndim, _layouts.HEADS_LAST)
-    return Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, scale)
+    return Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, scale,
+                   heads_kv)
 
 
 def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Problem:
@@ -284,13 +318,14 @@ def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Probl
     _same_placement("query", query, {"key": key})
     dtype = _floating("query", query)
     batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
-    _same_shape(ndim, "query", query, (("key", key),))
+    heads_kv = _kv_heads(ndim, "query", query, heads, (("key", key),))
     if head_dim < 1:
         raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
     axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal, _note("query", query, ndim))
     has_rpb = _check_rpb(rpb, "query", query, axes, heads)
     _layouts.warn_if_transposed("query", query, ndim, _layouts.HEADS_LAST)
-    return Problem(QK, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb)
+    return Problem(QK, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb,
+                   heads_kv=heads_kv)
 
 
 def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
@@ -298,12 +333,14 @@ def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
     kind = _array_kind("attn", attn)
     _same_placement("value", value, {"attn": attn})
     dtype = _floating("value", value)
-    batch, spatial, heads, head_dim = _unpack_heads_last("value", value, ndim)
+    batch, spatial, value_heads, head_dim = _unpack_heads_last("value", value, ndim)
     if head_dim < 1:
         raise ValueError(f"value head_dim (last dimension) must be >= 1, got {head_dim}")
     note = _note("value", value, ndim)
     axes = _axes(ndim, spatial, kernel_size, 1, dilation, is_causal, note)
     slots = math.prod([a.kernel_size for a in axes])  # a list: torch.compile cannot trace a generator here
+    # the heads are attn's (the queries'); with GQA/MQA value has fewer, dividing them
+    heads = int(attn.shape[-2]) if len(attn.shape) == ndim + 3 else value_heads
     expected = (batch, *spatial, heads, slots)
     if len(attn.shape) != len(expected):
         raise ValueError(f"attn must have {len(expected)} dimensions {expected}, got shape {tuple(attn.shape)}"
@@ -316,8 +353,12 @@ def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
     if tuple(attn.shape) != expected:
         raise ValueError(f"attn must have shape [batch, *spatial, heads, slots] = {expected} to match value, "
                          f"got {tuple(attn.shape)}{note()}")
+    if value_heads != heads and (value_heads < 1 or heads % value_heads):
+        raise ValueError(f"value has {value_heads} heads, which must divide attn's {heads} heads (GQA/MQA: each "
+                         f"value head serves heads // {value_heads} query heads)")
     _layouts.warn_if_transposed("value", value, ndim, _layouts.HEADS_LAST)
-    return Problem(AV, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(value))
+    return Problem(AV, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(value),
+                   heads_kv=None if value_heads == heads else value_heads)
 
 
 def check_fused_backward(problem: Problem, grad_out, query, output, logsumexp, grad_logsumexp=None) -> None:

@@ -166,7 +166,7 @@ def av_fwd(attn: Tensor, value: Tensor, kernel_size: list[int], dilation: list[i
 
 @av_fwd.register_fake
 def _(attn, value, kernel_size, dilation, is_causal, backend):
-    return value.new_empty(value.shape)
+    return value.new_empty((*attn.shape[:-1], value.shape[-1]))  # the query's heads (GQA/MQA: more than value's)
 
 
 @torch.library.custom_op("na_rtc::av_bwd", mutates_args=())

@@ -108,7 +108,8 @@ class _NeighborhoodAttention(nn.Module):
             cls.__init__ = init
 
     def __init__(self, embed_dim, num_heads, kernel_size, *positional, stride=1, dilation=1, is_causal=False,
-                 rel_pos_bias=False, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+                 rel_pos_bias=False, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
+                 num_kv_heads=None):
         if positional:
             raise _positional_after_kernel_size(type(self), positional)
         super().__init__()
@@ -117,6 +118,10 @@ class _NeighborhoodAttention(nn.Module):
         num_heads = _positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}): each key/value "
+                             "head serves num_heads // num_kv_heads query heads (GQA/MQA)")
         # The same per-axis normalization as the functional API, so a module
         # rejects at construction what the ops would reject at the first call.
         kernel = _args.per_axis_ints("kernel_size", kernel_size, ndim)
@@ -141,6 +146,7 @@ class _NeighborhoodAttention(nn.Module):
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.scale = self.head_dim**-0.5 if qk_scale is None else float(qk_scale)
         self.kernel_size, self.stride, self.dilation, self.is_causal = kernel, strides, dilations, causal
@@ -149,7 +155,9 @@ class _NeighborhoodAttention(nn.Module):
         self._window = (kernel, strides, dilations, causal)
         self._min_size = tuple(k * d for k, d in zip(kernel, dilations))
 
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=_flag("qkv_bias", qkv_bias))
+        # one projection, outputs [q | k | v]: num_heads query heads, num_kv_heads key and value heads each
+        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
+                             bias=_flag("qkv_bias", qkv_bias))
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.empty(num_heads, *(2 * k - 1 for k in kernel)))
             # Drawn between qkv and proj, as NATTEN does: under one seed the
@@ -206,10 +214,10 @@ class _NeighborhoodAttention(nn.Module):
         padded = tuple(x.shape[1:-1])
 
         batch = x.shape[0]
-        qkv = self.qkv(x).reshape(batch, *padded, 3, self.num_heads, self.head_dim)
-        # unbind gives heads-last strided views; the ops read them through
+        qkv = self.qkv(x).reshape(batch, *padded, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # split gives heads-last strided views; the ops read them through
         # strides, so no copy is made here.
-        q, k, v = qkv.unbind(dim=-3)
+        q, k, v = qkv.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=-2)
         fused, qk, av = _OPS[self.ndim]
         if split:
             attn = qk(q * self.scale, k, kernel, dilations, causal, rpb=self.rpb)
@@ -223,7 +231,8 @@ class _NeighborhoodAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+        kv = f"num_kv_heads={self.num_kv_heads}, " if self.num_kv_heads != self.num_heads else ""
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {kv}head_dim={self.head_dim}, "
                 f"kernel_size={self._window[0]}, stride={self._window[1]}, dilation={self._window[2]}, "
                 f"is_causal={self._window[3]}, rel_pos_bias={self.rpb is not None}, scale={self.scale:g}")
 
@@ -240,7 +249,11 @@ class NeighborhoodAttention1D(_NeighborhoodAttention):
 
     ``NeighborhoodAttention1D(embed_dim, num_heads, kernel_size, *, stride=1,
     dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
-    qk_scale=None, attn_drop=0.0, proj_drop=0.0)``. Everything after
+    qk_scale=None, attn_drop=0.0, proj_drop=0.0, num_kv_heads=None)``.
+    ``num_kv_heads`` (GQA/MQA; default ``num_heads``) must divide ``num_heads``:
+    query head ``h`` attends with key/value head ``h // (num_heads // num_kv_heads)``,
+    and ``qkv`` has ``(num_heads + 2 * num_kv_heads) * head_dim`` outputs, in the
+    order ``[q | k | v]``. Everything after
     ``kernel_size`` is keyword-only: NATTEN versions disagree on what came
     fourth (dilation in 0.14-0.17, stride later), so a positional call could
     silently mean something else; for the historical signatures use

@@ -11,7 +11,9 @@ Memory. Queries are processed in chunks, and the backward recomputes the
 gathers instead of storing them. Beyond its inputs and outputs an op holds
 
 - working copies of its tensor inputs and results, heads-first in the compute
-  dtype (float32 or float64): a small constant number of input-sized arrays;
+  dtype (float32 or float64): a small constant number of input-sized arrays
+  (keys and values with grouped heads, GQA/MQA, are repeated to the query's
+  heads: query-sized copies);
 - per chunk of ``C`` queries with ``K = prod(kernel_size)`` window slots: the
   chunk's rows of the slot table (``17 * C * K`` bytes: int64 key and bias
   indices, a bool mask) plus the gathered keys or values and per-slot products
@@ -61,6 +63,10 @@ class _NumpyMath:
 
     def cast(self, x, dtype):
         return np.asarray(x, dtype=dtype)
+
+    def repeat_heads(self, x, times: int):
+        """``[B, H, N, D]`` -> ``[B, H * times, N, D]``, head h repeated as heads h * times .. h * times + times - 1."""
+        return np.repeat(x, times, axis=1)
 
     def table(self, table: SlotTable) -> SlotTable:
         return table
@@ -120,6 +126,9 @@ class _TorchMath:
 
     def cast(self, x, dtype):
         return x.to(dtype)
+
+    def repeat_heads(self, x, times: int):
+        return x.repeat_interleave(times, dim=1)
 
     def table(self, table: SlotTable) -> SlotTable:
         """A chunk's slot rows as torch tensors on the inputs' device (a copy per chunk on a GPU: small beside
@@ -229,6 +238,21 @@ class _Run:
         """Heads-first, compute dtype."""
         return self.m.heads_first(x, self.problem, self.dtype)
 
+    def prepare_kv(self, x):
+        """Keys or values heads-first, in the compute dtype, with the query's heads: GQA/MQA's query head h
+        reads key/value head h // group, so each of those is repeated ``group`` times."""
+        x = self.prepare(x)
+        return x if self.problem.group == 1 else self.m.repeat_heads(x, self.problem.group)
+
+    def kv_output(self, x):
+        """A key/value gradient of every query head, ``[B, H, N, D]``: summed over each group's query heads
+        (in head order), heads-last in the keys' shape."""
+        group = self.problem.group
+        if group > 1:
+            b, h, n, d = x.shape
+            x = x.reshape(b, h // group, group, n, d).sum(2)
+        return self.m.heads_last(x, self.problem.dtype, self.problem.kv_shape)
+
     def prepare_rpb(self, rpb):
         """``[heads, *(2k-1)]`` -> ``[heads, prod(2k-1)]`` in the compute dtype."""
         if rpb is None:
@@ -294,7 +318,7 @@ def _softmax_stats(run: _Run, logits):
 def fused_forward(problem: Problem, query, key, value, rpb=None, *, keep_compute_dtype=False):
     """Output and logsumexp of fused neighborhood attention."""
     run = _Run(problem, query)
-    q, k, v = (run.prepare(x) for x in (query, key, value))
+    q, k, v = run.prepare(query), run.prepare_kv(key), run.prepare_kv(value)
     bias = run.prepare_rpb(rpb)
     out = run.m.zeros(run.shape, run.dtype)
     lse = run.m.zeros(run.shape[:3], run.dtype)
@@ -318,7 +342,7 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
         out, lse = fused_forward(problem, query, key, value, rpb, keep_compute_dtype=True)
     else:
         out, lse = run.prepare(output), run.prepare(logsumexp[..., None])[..., 0]
-    q, k, v, dout = (run.prepare(x) for x in (query, key, value, grad_out))
+    q, k, v, dout = run.prepare(query), run.prepare_kv(key), run.prepare_kv(value), run.prepare(grad_out)
     bias = run.prepare_rpb(rpb)
     delta = m.sum_last(dout * out)  # rowsum(dOut * out): [B, H, N]
     if grad_lse is not None:  # d lse / d logit = p: the logits' gradient gains p * dlse
@@ -335,13 +359,13 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
         run.scatter_to_keys(dk, chunk, _outer(problem.scale * grad_logits, q[:, :, rows]))
         if drpb is not None:
             run.scatter_to_bias(drpb, chunk, grad_logits)
-    return run.output(dq), run.output(dk), run.output(dv), run.rpb_output(drpb, rpb)
+    return run.output(dq), run.kv_output(dk), run.kv_output(dv), run.rpb_output(drpb, rpb)
 
 
 def qk_forward(problem: Problem, query, key, rpb=None):
     """Attention logits ``[B, *spatial, H, K]`` (unscaled; ``-inf`` in causal slots)."""
     run = _Run(problem, query)
-    q, k = run.prepare(query), run.prepare(key)
+    q, k = run.prepare(query), run.prepare_kv(key)
     bias = run.prepare_rpb(rpb)
     attn = run.m.zeros(run.weights_shape, run.dtype)
     for chunk in run.chunks():
@@ -352,7 +376,7 @@ def qk_forward(problem: Problem, query, key, rpb=None):
 def qk_backward(problem: Problem, grad_attn, query, key, rpb=None):
     """Gradients ``(dq, dk, drpb or None)`` of :func:`qk_forward`."""
     run = _Run(problem, query)
-    q, k, grad = run.prepare(query), run.prepare(key), run.prepare(grad_attn)
+    q, k, grad = run.prepare(query), run.prepare_kv(key), run.prepare(grad_attn)
     dq, dk = run.m.zeros(run.shape, run.dtype), run.m.zeros(run.shape, run.dtype)
     drpb = run.new_rpb_grad(rpb)
     for chunk in run.chunks():
@@ -362,13 +386,13 @@ def qk_backward(problem: Problem, grad_attn, query, key, rpb=None):
         run.scatter_to_keys(dk, chunk, _outer(grad_logits, q[:, :, rows]))
         if drpb is not None:
             run.scatter_to_bias(drpb, chunk, grad_logits)
-    return run.output(dq), run.output(dk), run.rpb_output(drpb, rpb)
+    return run.output(dq), run.kv_output(dk), run.rpb_output(drpb, rpb)
 
 
 def av_forward(problem: Problem, attn, value):
     """``sum_t attn[..., t] * value[key of slot t]``; out-of-window slots are ignored."""
     run = _Run(problem, value)
-    weights, v = run.prepare(attn), run.prepare(value)
+    weights, v = run.prepare(attn), run.prepare_kv(value)
     out = run.m.zeros(run.shape, run.dtype)
     for chunk in run.chunks():
         rows = chunk.rows
@@ -379,14 +403,14 @@ def av_forward(problem: Problem, attn, value):
 def av_backward(problem: Problem, grad_out, attn, value):
     """Gradients ``(dattn, dv)`` of :func:`av_forward` (zero in out-of-window slots)."""
     run = _Run(problem, value)
-    weights, v, dout = run.prepare(attn), run.prepare(value), run.prepare(grad_out)
+    weights, v, dout = run.prepare(attn), run.prepare_kv(value), run.prepare(grad_out)
     dattn = run.m.zeros(run.weights_shape, run.dtype)
     dv = run.m.zeros(run.shape, run.dtype)
     for chunk in run.chunks():
         rows = chunk.rows
         dattn[:, :, rows] = run.mask(_dots(dout[:, :, rows], run.gather(v, chunk)), chunk, 0.0)
         run.scatter_to_keys(dv, chunk, _outer(run.mask(weights[:, :, rows], chunk, 0.0), dout[:, :, rows]))
-    return run.weights_output(dattn), run.output(dv)
+    return run.weights_output(dattn), run.kv_output(dv)
 
 
 #: The reference backend's op table, keyed by op name (ndim is in the Problem).

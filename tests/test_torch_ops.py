@@ -18,6 +18,7 @@ RPB1 = torch.randn(3, 9, dtype=torch.float64)
 Q3 = torch.randn(1, 4, 3, 5, 2, 4, dtype=torch.float64)  # [batch, depth, height, width, heads, dim]
 RPB3 = torch.randn(2, 5, 5, 5, dtype=torch.float64)
 ATTN3 = torch.randn(1, 4, 3, 5, 2, 18, dtype=torch.float64)  # kernel (2, 3, 3)
+KV1 = torch.randn(2, 12, 1, 8, dtype=torch.float64)  # one key/value head for Q1's three
 
 SAMPLES = {
     "fused_fwd-1d-rpb": (torch.ops.na_rtc.fused_fwd, (Q1, Q1 + 1, Q1 - 1, RPB1, [5], [1], [2], [False], 0.3, "reference")),
@@ -43,10 +44,18 @@ SAMPLES = {
     "av_fwd-3d": (torch.ops.na_rtc.av_fwd, (ATTN3, Q3, [2, 3, 3], [1, 1, 1], [False, True, False], "reference")),
     "av_bwd-3d": (torch.ops.na_rtc.av_bwd, (Q3, ATTN3, Q3 - 1, [2, 3, 3], [2, 1, 1], [True, False, False],
                                             "reference")),
+    # GQA/MQA: key and value with fewer heads (the reference serves it)
+    "fused_fwd-1d-gqa": (torch.ops.na_rtc.fused_fwd, (Q1, KV1, KV1 - 1, RPB1, [5], [1], [2], [False], 0.3,
+                                                      "reference")),
+    "qk_bwd-1d-mqa": (torch.ops.na_rtc.qk_bwd, (torch.randn(2, 12, 3, 5, dtype=torch.float64), Q1, KV1[..., :1, :],
+                                               None, [5], [1], [False], "reference")),
+    "av_fwd-1d-mqa": (torch.ops.na_rtc.av_fwd, (torch.randn(2, 12, 3, 5, dtype=torch.float64), KV1[..., :1, :], [5],
+                                               [1], [True], "reference")),
 }
 # the emulator's opcheck takes every sample its kernels serve: a 3D stride needs fused 3D kernels
 KERNEL_SAMPLES = {name: sample for name, sample in SAMPLES.items()
-                  if not ("-3d" in name and "stride" in name and registry.for_rank("fused", 3) is None)}
+                  if not ("-3d" in name and "stride" in name and registry.for_rank("fused", 3) is None)
+                  and not name.endswith(("-gqa", "-mqa"))}  # the kernel backends serve no grouped key/value heads yet
 
 
 @pytest.mark.parametrize("op, args", SAMPLES.values(), ids=SAMPLES.keys())

@@ -122,7 +122,9 @@ CASES = {
                                                                              rpb=RPB1.astype(np.float64)),
                                              TypeError, "rpb has dtype float64"),
     "qk-rpb-shape": (qk1(rpb=np.zeros((2, 7), F32)), ValueError, "rpb must have shape"),
-    "qk-key-shape": (qk1(key=np.zeros((1, 16, 3, 4), F32)), ValueError, "key must have the shape of query"),
+    "qk-key-shape": (qk1(key=np.zeros((1, 16, 2, 5), F32)), ValueError, "key must have the shape of query"),
+    "qk-key-heads-not-dividing": (qk1(key=np.zeros((1, 16, 3, 4), F32)), ValueError,
+                                  "key has 3 heads, which must divide query's 2 heads"),
     "qk-stride-not-accepted": (lambda: na_rtc.na1d_qk(Q1, Q1, 5, stride=2), TypeError, "stride"),
     # split AV
     "attn-last-dim": (av1(attn=np.zeros((1, 16, 2, 4), F32)), ValueError, "attn's last dimension must be the number of window slots"),
