@@ -130,7 +130,7 @@ def install(monkeypatch, *, cupy=None, nvrtc_modules=None, block=()):
 def dispatch_cuda(kind="torch"):
     """Dispatch a CUDA torch tensor or CuPy array as a call would, up to the
     kernels (torch calls probe the backend when their op runs)."""
-    return backends.select(types.SimpleNamespace(kind=kind, device="cuda:0", ndim=2)).ops
+    return backends.select(types.SimpleNamespace(kind=kind, device="cuda:0", ndim=2, group=1)).ops
 
 
 # ---------------------------------------------------------------- cupy missing

@@ -153,7 +153,7 @@ def test_the_packages_named_are_the_extras_of_pyproject():
 
 
 def _cpu_arrays_backend() -> str:
-    return backends.select(types.SimpleNamespace(kind=_arrays.NUMPY, device="cpu", ndim=2)).name
+    return backends.select(types.SimpleNamespace(kind=_arrays.NUMPY, device="cpu", ndim=2, group=1)).name
 
 
 @pytest.mark.parametrize("forced", [None, "emulator", "reference"])
