@@ -48,30 +48,27 @@ def _op(ndim):
     return getattr(na_rtc, f"na{ndim}d")
 
 
-@pytest.mark.parametrize("ndim, shape, window, has_rpb", CASES, ids=str)
-def test_the_reference_logsumexp_gradient_is_the_numerical_one(ndim, shape, window, has_rpb):
+def _reference_call(ndim, shape, window, has_rpb):
+    """``(f, leaves)``: the reference op returning (out, lse) as a function of its differentiable inputs."""
     q, k, v, rpb = _inputs(ndim, shape, window, has_rpb)
     leaves = [x.requires_grad_() for x in (q, k, v, rpb) if x is not None]
 
-    def f(*args):
-        q, k, v, *rest = args
+    def f(q, k, v, *rest):
         return _op(ndim)(q, k, v, **window, rpb=rest[0] if rest else None, return_lse=True, backend="reference")
 
-    assert torch.autograd.gradcheck(f, leaves)
+    return f, leaves
+
+
+@pytest.mark.parametrize("ndim, shape, window, has_rpb", CASES, ids=str)
+def test_the_reference_logsumexp_gradient_is_the_numerical_one(ndim, shape, window, has_rpb):
+    assert torch.autograd.gradcheck(*_reference_call(ndim, shape, window, has_rpb))
 
 
 @pytest.mark.parametrize("ndim, shape, window, has_rpb", [CASES[0], CASES[3]], ids=str)
 def test_the_recorded_double_backward_takes_the_logsumexp_gradient(ndim, shape, window, has_rpb):
     if any(s > 1 for s in np.atleast_1d(window.get("stride", 1))):
         window = {**window, "stride": 1}  # second derivatives come from the split ops, which take no stride
-    q, k, v, rpb = _inputs(ndim, shape, window, has_rpb)
-    leaves = [x.requires_grad_() for x in (q, k, v, rpb) if x is not None]
-
-    def f(*args):
-        q, k, v, *rest = args
-        return _op(ndim)(q, k, v, **window, rpb=rest[0] if rest else None, return_lse=True, backend="reference")
-
-    assert torch.autograd.gradgradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(*_reference_call(ndim, shape, window, has_rpb))
 
 
 def _loss_grads(ndim, window, inputs, backend, seed=1):
