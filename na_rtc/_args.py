@@ -145,8 +145,8 @@ def _floating(name: str, x) -> str:
     return dtype
 
 
-def _same_placement(reference_name: str, reference, others: dict) -> None:
-    """Every array in ``others`` has the kind, device and dtype of ``reference``."""
+def _same_placement(reference_name: str, reference, others: dict, same_dtype: bool = True) -> None:
+    """Every array in ``others`` has the kind, device and (``same_dtype``) dtype of ``reference``."""
     kind = _arrays.kind_of(reference)
     for name, x in others.items():
         if _array_kind(name, x) != kind:
@@ -159,7 +159,7 @@ def _same_placement(reference_name: str, reference, others: dict) -> None:
                 f"{name} is on {_arrays.device_of(x)} but {reference_name} is on "
                 f"{_arrays.device_of(reference)}: all inputs must be on one device"
             )
-        if _arrays.dtype_name(x) != _arrays.dtype_name(reference):
+        if same_dtype and _arrays.dtype_name(x) != _arrays.dtype_name(reference):
             raise TypeError(
                 f"{name} has dtype {_arrays.dtype_name(x)} but {reference_name} has "
                 f"{_arrays.dtype_name(reference)}: inputs must share one dtype"
@@ -371,13 +371,8 @@ def check_fused_backward(problem: Problem, grad_out, query, output, logsumexp, g
         _array_kind(name, rows)
         if tuple(rows.shape) != problem.lse_shape:
             raise ValueError(f"{name} must have shape {problem.lse_shape}, got {tuple(rows.shape)}")
-    if grad_logsumexp is not None:  # the logsumexp's dtype (float32 for 16-bit inputs), the query's kind and device
-        if _arrays.kind_of(grad_logsumexp) != _arrays.kind_of(query):
-            raise TypeError(f"grad_logsumexp is a {_arrays.describe(grad_logsumexp)} but query is a "
-                            f"{_arrays.describe(query)}: all inputs must be the same kind of array")
-        if _arrays.device_of(grad_logsumexp) != _arrays.device_of(query):
-            raise ValueError(f"grad_logsumexp is on {_arrays.device_of(grad_logsumexp)} but query is on "
-                             f"{_arrays.device_of(query)}: all inputs must be on one device")
+    if grad_logsumexp is not None:  # the query's kind and device, the logsumexp's dtype (float32 for 16-bit inputs)
+        _same_placement("query", query, {"grad_logsumexp": grad_logsumexp}, same_dtype=False)
         _floating("grad_logsumexp", grad_logsumexp)
     if (output is None) != (logsumexp is None):
         raise ValueError("output and logsumexp must be given together (or both left out to recompute them)")
