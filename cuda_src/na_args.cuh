@@ -1,8 +1,10 @@
 // The argument lists the kernels share, in the order the launch plans pass
 // them (na_rtc/runtime/kernel_args.py packs each one):
-//   NA_PROBLEM    batch B, heads H, head dim D, then per axis its length,
-//                 kernel, stride, dilation and causal flag (x: X kx sx dx cx;
-//                 y: Y ky sy dy cy; z: Z kz sz dz cz). Every kernel takes all
+//   NA_PROBLEM    batch B, query heads H, query heads per key/value head HPK
+//                 (grouped-query attention: query head h reads key/value head
+//                 h / HPK, NA_KV_HEAD; 1 without grouping), head dim D, then
+//                 per axis its length, kernel, stride, dilation and causal
+//                 flag (x: X kx sx dx cx; y: Y ky sy dy cy; z: Z kz sz dz cz). Every kernel takes all
 //                 three axes; a problem of lower rank passes trivial axes
 //                 (length 1, kernel 1: 1D has Y = Z = 1, 2D has Z = 1), and a
 //                 kernel whose RANK template parameter is below 3 never reads
@@ -16,10 +18,12 @@
 // (any rank), the element offset of an index in such a tensor.
 #pragma once
 
-#define NA_PROBLEM                                                                                           \
-    long long B, long long H, long long D, long long X, long long kx, long long sx, long long dx, long long cx, \
-        long long Y, long long ky, long long sy, long long dy, long long cy, long long Z, long long kz,        \
-        long long sz, long long dz, long long cz
+#define NA_PROBLEM                                                                                        \
+    long long B, long long H, long long HPK, long long D, long long X, long long kx, long long sx, long long dx, \
+        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy, long long Z,          \
+        long long kz, long long sz, long long dz, long long cz
+// the key/value head query head h reads
+#define NA_KV_HEAD(h) ((h) / HPK)
 #define NA_TENSOR(t) \
     long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h, long long t##_l
 #define NA_ROWS(t) long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h

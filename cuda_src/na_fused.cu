@@ -138,11 +138,11 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
         // chunk row r: box key c0 + r
         na_copy_rows(sk, HD, k, cn, D, k_l, k_vec, [&](long long r) {
             const na_fused_box_at p = key_at(c0 + r);
-            return na_row_ref{NA_AT6(k, b, p.x, p.y, p.z, h, 0), r};
+            return na_row_ref{NA_AT6(k, b, p.x, p.y, p.z, NA_KV_HEAD(h), 0), r};
         });
         na_copy_rows(sv, HD, v, cn, D, v_l, v_vec, [&](long long r) {
             const na_fused_box_at p = key_at(c0 + r);
-            return na_row_ref{NA_AT6(v, b, p.x, p.y, p.z, h, 0), r};
+            return na_row_ref{NA_AT6(v, b, p.x, p.y, p.z, NA_KV_HEAD(h), 0), r};
         });
         __syncthreads();
 

@@ -93,9 +93,10 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     delta[NA_ATR(e, b, x, y, z, h)] = sum;
 }
 
-// block -> (b, h, tile x, tile y, tile z); tiles per axis: dilation * ceil(ceil(L / d) / T).
+// block -> (b, h, tile x, tile y, tile z) over HEADS_ heads (the dK/dV kernel's blocks are per key/value
+// head); tiles per axis: dilation * ceil(ceil(L / d) / T).
 // Needs NA_PROBLEM_AXES (z through az: one tile, group 0, below rank 3).
-#define NA_FB_DECODE_BLOCK(TX_, TY_, TZ_)                                \
+#define NA_FB_DECODE_BLOCK(TX_, TY_, TZ_, HEADS_)                        \
     const long long ntx = dx * (((X + dx - 1) / dx + (TX_) - 1) / (TX_)); \
     const long long nty = dy * (((Y + dy - 1) / dy + (TY_) - 1) / (TY_)); \
     const long long ntz = na_tiles_per_axis(az, TZ_);                     \
@@ -103,8 +104,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long tile_z = n_ % ntz; n_ /= ntz;                         \
     const long long tile_y = n_ % nty; n_ /= nty;                         \
     const long long tile_x = n_ % ntx; n_ /= ntx;                         \
-    const long long h = n_ % H;                                           \
-    const long long b = n_ / H;                                           \
+    const long long h = n_ % (HEADS_);                                    \
+    const long long b = n_ / (HEADS_);                                    \
     const long long gx = tile_x % dx, gy = tile_y % dy, gz = tile_z % az.dilation; \
     const long long tx0 = (tile_x / dx) * (TX_), ty0 = (tile_y / dy) * (TY_), tz0 = (tile_z / az.dilation) * (TZ_);
 
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     __shared__ int win_z0[TZ], win_z1[TZ];  // 3D only (unused below: the compiler drops them)
     __shared__ float s_lse[TQ], s_delta[TQ];
 
-    NA_FB_DECODE_BLOCK(TX, TY, TZ)
+    NA_FB_DECODE_BLOCK(TX, TY, TZ, H)
     const long long nqx = na_max(0, na_min(TX, na_group_length(ax, gx) - tx0));
     const long long nqy = na_max(0, na_min(TY, na_group_length(ay, gy) - ty0));
     const long long nqz = na_max(0, na_min(TZ, na_group_length(az, gz) - tz0));
@@ -219,11 +220,11 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         // chunk row r: box key c0 + r
         na_copy_rows(ks, RS, k, nc, D, k_l, k_vec, [&](long long r) {
             const na_fb_at w = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
-            return na_row_ref{NA_AT6(k, b, w.x * dx + gx, w.y * dy + gy, w.z * az.dilation + gz, h, 0), r};
+            return na_row_ref{NA_AT6(k, b, w.x * dx + gx, w.y * dy + gy, w.z * az.dilation + gz, NA_KV_HEAD(h), 0), r};
         });
         na_copy_rows(vs, RS, v, nc, D, v_l, v_vec, [&](long long r) {
             const na_fb_at w = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
-            return na_row_ref{NA_AT6(v, b, w.x * dx + gx, w.y * dy + gy, w.z * az.dilation + gz, h, 0), r};
+            return na_row_ref{NA_AT6(v, b, w.x * dx + gx, w.y * dy + gy, w.z * az.dilation + gz, NA_KV_HEAD(h), 0), r};
         });
         __syncthreads();
         // pass 1: ds per (query, key) pair
@@ -354,7 +355,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     __shared__ int key_first_x[TX], key_last_x[TX], key_first_y[TY], key_last_y[TY];
     __shared__ int key_first_z[TZ], key_last_z[TZ];  // 3D only (unused below: the compiler drops them)
 
-    NA_FB_DECODE_BLOCK(TX, TY, TZ)
+    NA_FB_DECODE_BLOCK(TX, TY, TZ, H / HPK)  // h: the key/value head
     const long long lgx = na_group_length(ax, gx), lgy = na_group_length(ay, gy), lgz = na_group_length(az, gz);
     if (tx0 >= lgx || ty0 >= lgy || tz0 >= lgz) return;  // an empty tile of a shorter group: the whole block leaves
     const long long nkx = na_min(TX, lgx - tx0), nky = na_min(TY, lgy - ty0), nkz = na_min(TZ, lgz - tz0);
@@ -409,17 +410,20 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     for (int c = 0; c < DPT; ++c) acc_k[c] = acc_v[c] = 0.0f;
     const float fscale = (float)scale;
 
-    for (long long c0 = 0; c0 < nqueries; c0 += QC) {
+    // grouped-query attention: the box once per query head hq of the key/value head's group, into one sum
+    const long long box_chunks = (nqueries + QC - 1) / QC;
+    for (long long chunk = 0; chunk < box_chunks * HPK; ++chunk) {
+        const long long hq = h * HPK + chunk / box_chunks, c0 = chunk % box_chunks * QC;
         const long long nc = na_min(QC, nqueries - c0);
         __syncthreads();  // the previous chunk is consumed
         // chunk row r: box query c0 + r
         na_copy_rows(qs, RS, q, nc, D, q_l, q_vec, [&](long long r) {
             const na_fb_at i = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
-            return na_row_ref{NA_AT6(q, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, h, 0), r};
+            return na_row_ref{NA_AT6(q, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, hq, 0), r};
         });
         na_copy_rows(gs, RS, g, nc, D, g_l, g_vec, [&](long long r) {
             const na_fb_at i = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
-            return na_row_ref{NA_AT6(g, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, h, 0), r};
+            return na_row_ref{NA_AT6(g, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, hq, 0), r};
         });
         for (long long i = tid; i < nc; i += NA_FB_THREADS) {
             const na_fb_at at = na_fb_box_at(c0 + i, bx0, by0, bz0, nby, nbz);
@@ -436,8 +440,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
                 c_win[WIN * i + 4] = (int)s0;
                 c_win[WIN * i + 5] = (int)s1;
             }
-            c_lse[i] = lse[NA_ATR(l, b, x, y, z, h)];
-            c_delta[i] = delta[NA_ATR(e, b, x, y, z, h)];
+            c_lse[i] = lse[NA_ATR(l, b, x, y, z, hq)];
+            c_delta[i] = delta[NA_ATR(e, b, x, y, z, hq)];
         }
         __syncthreads();
         // pass 1: p and ds per (key, query) pair
@@ -462,7 +466,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
                     float logit = dot * fscale;
                     if (rpb) {
                         const na_fb_at i = na_fb_box_at(c0 + qq, bx0, by0, bz0, nby, nbz);
-                        logit += rpb[h * rpb_h + (jx - i.x + kx - 1) * rpb_x + (jy - i.y + ky - 1) * rpb_y +
+                        logit += rpb[hq * rpb_h + (jx - i.x + kx - 1) * rpb_x + (jy - i.y + ky - 1) * rpb_y +
                                      (jz - i.z + az.kernel - 1) * rpb_z];
                     }
                     pr = na_exp(logit - c_lse[qq]);

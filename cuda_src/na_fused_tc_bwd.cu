@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     using kv_stream = na_tc_kv_stream<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>;
     const kv_stream kv_own = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3,
-        v_z3);
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, NA_KV_HEAD(h), tz,
+        az.dilation, k_z3, v_z3);
     __shared__ kv_stream kv_block;  // KV_SHARED: written by thread 0, read after the barrier below
     if (KV_SHARED && tid == 0) kv_block = kv_own;
     const kv_stream& kv = KV_SHARED ? kv_block : kv_own;
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
     __shared__ na_tc_key_ranges<TX, TY, TZ, RANK> ranges;
 
-    NA_TC_DECODE_BLOCK_RANK(TX, TY, TZ, RANK)
+    NA_TC_DECODE_BLOCK_HEADS(TX, TY, TZ, RANK, H / HPK)  // h: the key/value head
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
     na_tc_key_ranges_fill(ranges, ax, ay, tx, ty, dx, dy, az, tz);
@@ -232,21 +232,24 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc_k[dt][c] = acc_v[dt][c] = 0.f;
 
+    // the box once per query head of the group (na_tc_dkdv.cuh)
+    const int box_chunks = (nqueries + QC - 1) / QC, chunks = box_chunks * (int)HPK;
     // chunk -> its stage: the Q and dOut rows as one cp.async group, then the window, lse and delta tables
     const auto load_chunk = [&](int chunk) {
         const int st = chunk & 1;
+        const na_tc_group_chunk at = na_tc_group_chunk_of(chunk, box_chunks, h, HPK);
         na_tc_dkdv_load_chunk<T, HD, na_rows_pitch<P>, QC, TY, NA_TC_THREADS, RANK>(
-            stage_rows + st * 2 * QC * P, tables + st * TABLE * QC, chunk * QC, qbox, bx0, by0, ranges.group_axes, q,
-            {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
-            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, z);
+            stage_rows + st * 2 * QC * P, tables + st * TABLE * QC, at.local * QC, qbox, bx0, by0, ranges.group_axes,
+            q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
+            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, at.head, z);
     };
 
-    const int chunks = (nqueries + QC - 1) / QC;
     // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
     // c - 1 there, so its stage is free) and lands during chunk c: one barrier a chunk
     if (chunks > 0) load_chunk(0);
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int c0 = chunk * QC, st = chunk & 1;
+        const na_tc_group_chunk at = na_tc_group_chunk_of(chunk, box_chunks, h, HPK);
+        const int c0 = at.local * QC, st = chunk & 1;
         na_cp_async_wait_group<0>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
         __syncthreads();  // rows and tables of this chunk are visible to every warp
         if (chunk + 1 < chunks) load_chunk(chunk + 1);
@@ -278,8 +281,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                     na_mma<T>::run(dp, va, gb, dp);
                 }
             }
-            na_tc_dkdv_p_ds(pr[nt], ds[nt], s, dp, in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb, h * rpb_h, rpb_x,
-                            rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
+            na_tc_dkdv_p_ds(pr[nt], ds[nt], s, dp, in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb, at.head * rpb_h,
+                            rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
         }
         // dV += p^T dOut and dK += ds^T Q over 16-query steps
 #pragma unroll

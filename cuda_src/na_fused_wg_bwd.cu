@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     float(&accf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc);
     const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, h, tz, az.dilation, k_z3,
-        v_z3);
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, NA_KV_HEAD(h), tz,
+        az.dilation, k_z3, v_z3);
     if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     kv.load(stages, box, 0);
     // this lane's 4 values of 8-key tile nt into its rows of sds (the bias partials' ds)
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     static_assert(RANK == 3 || TZ == 1, "a z extent in 3D only");
     __shared__ na_tc_key_ranges<TX, TY, TZ, RANK> ranges;
 
-    NA_TC_DECODE_BLOCK_RANK(TX, TY, TZ, RANK)
+    NA_TC_DECODE_BLOCK_HEADS(TX, TY, TZ, RANK, H / HPK)  // h: the key/value head
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
     na_tc_key_ranges_fill<TX, TY, THREADS>(ranges, ax, ay, tx, ty, dx, dy, az, tz);
@@ -281,25 +281,28 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     float(&akf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc_k);  // the wgmma views of the same registers
     float(&avf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc_v);
 
+    // the box once per query head of the group (na_tc_dkdv.cuh)
+    const int box_chunks = (qbox.keys + QC - 1) / QC, chunks = box_chunks * (int)HPK;
     const auto load_chunk = [&](int chunk) {
+        const na_tc_group_chunk at = na_tc_group_chunk_of(chunk, box_chunks, h, HPK);
         return na_tc_dkdv_load_chunk<T, HD, L, QC, TY, THREADS, RANK>(
-            stages + (chunk & 1) * STAGE, tables + (chunk & 1) * TABLE * QC, chunk * QC, qbox, bx0, by0,
+            stages + (chunk & 1) * STAGE, tables + (chunk & 1) * TABLE * QC, at.local * QC, qbox, bx0, by0,
             ranges.group_axes, q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse,
-            {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, z);
+            {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, at.head, z);
     };
-    const int chunks = (qbox.keys + QC - 1) / QC;
     // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
     // c - 1 there, so its stage is free) and lands during chunk c: one barrier a chunk
     bool covers = chunks > 0 && load_chunk(0);  // this thread's table entries of the next chunk to compute
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int c0 = chunk * QC;
+        const na_tc_group_chunk at = na_tc_group_chunk_of(chunk, box_chunks, h, HPK);
+        const int c0 = at.local * QC;
         na_cp_async_wait_group<0>();  // this chunk's rows (and, at chunk 0, the K and V tiles)
         na_fence_proxy_async();       // ... read next by wgmma
         // rows and tables of this chunk are visible to every warp; whether every query of it sees every key
         const bool chunk_full = __syncthreads_and(covers) != 0;
         if (chunk + 1 < chunks) covers = load_chunk(chunk + 1);
         // warpgroup-uniform: no query of its keys here (wg_chunks was written before this chunk's barrier)
-        if (WG > 1 && (chunk < wg_chunks[warp / 4][0] || chunk >= wg_chunks[warp / 4][1])) continue;
+        if (WG > 1 && (at.local < wg_chunks[warp / 4][0] || at.local >= wg_chunks[warp / 4][1])) continue;
         const T* sq = stages + (chunk & 1) * STAGE;
         const unsigned q_address = smem_address + (unsigned)((sq - sk) * (int)sizeof(T));
         const unsigned g_address = q_address + (unsigned)(L::rows(QC) * (int)sizeof(T));
@@ -339,7 +342,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
                 bool in[4];
                 na_tc_dkdv_visible<TY, RANK>(in, c_win, 8 * nt + 2 * t, keys, c_win + 4 * QC);
                 na_tc_dkdv_p_ds(s[nt], dp[nt], s[nt], dp[nt], in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb,
-                                h * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
+                                at.head * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
             }
         }
         unsigned pa[QC / 16][4], da[QC / 16][4];

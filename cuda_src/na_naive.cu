@@ -88,7 +88,7 @@ __global__ void na_qk_fwd(const T* __restrict__ q, NA_TENSOR(q), const T* __rest
     const long long jz = (w.lo[2] + tz) * az.dilation + z % az.dilation;
     A dot = 0;
     for (long long d = 0; d < D; ++d)
-        dot += na_load(q, NA_AT6(q, b, x, y, z, h, d)) * na_load(k, NA_AT6(k, b, jx, jy, jz, h, d));
+        dot += na_load(q, NA_AT6(q, b, x, y, z, h, d)) * na_load(k, NA_AT6(k, b, jx, jy, jz, NA_KV_HEAD(h), d));
     A logit = dot * (A)scale;
     if (rpb)
         logit += rpb[h * rpb_h + (w.lo[0] + tx - x / dx + kx - 1) * rpb_x + (w.lo[1] + ty - y / dy + ky - 1) * rpb_y
@@ -114,7 +114,7 @@ __global__ void na_av_fwd(const TA* __restrict__ attn, NA_TENSOR(a), const T* __
         for (long long wy = w.lo[1]; wy < w.hi[1]; ++wy) {
             const long long jy = wy * dy + y % dy;
             const auto add = [&](long long t, long long jz) {
-                sum += (A)na_load(attn, NA_AT6(a, b, x, y, z, h, t)) * na_load(v, NA_AT6(v, b, jx, jy, jz, h, d));
+                sum += (A)na_load(attn, NA_AT6(a, b, x, y, z, h, t)) * na_load(v, NA_AT6(v, b, jx, jy, jz, NA_KV_HEAD(h), d));
             };
             // below rank 3 the z window is one slot: no loop, so the 1D/2D code is unchanged
             if (RANK < 3) add(na_slot(w, ky, 1, wx, wy, 0), 0);
@@ -126,17 +126,19 @@ __global__ void na_av_fwd(const TA* __restrict__ attn, NA_TENSOR(a), const T* __
     na_store<T, A>(out, NA_AT6(o, b, x, y, z, h, d), sum * (A)scale);
 }
 
-// through the inverse neighborhood: out[b,j,h,d] = scale * sum over queries i
-// whose window holds key j of w[b,i,h,slot(i,j)] * src[b,i,h,d]
-// (dK from dAttn and Q, dV from Attn and dOut): deterministic, no atomics
+// through the inverse neighborhood: out[b,j,h,d] = scale * sum over query
+// heads hq reading key/value head h (grouped-query attention: HPK of them,
+// in order) and queries i whose window holds key j of
+// w[b,i,hq,slot(i,j)] * src[b,i,hq,d] (dK from dAttn and Q, dV from Attn and
+// dOut; out has H / HPK heads): deterministic, no atomics
 template <class TA, class T, int RANK = 2>
 __global__ void na_inv_fwd(const TA* __restrict__ w, NA_TENSOR(w), const T* __restrict__ src, NA_TENSOR(s),
                            T* __restrict__ out, NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     NA_PROBLEM_AXES(RANK)
     const long long n = na_thread_index();
-    if (n >= B * X * Y * az.length * H * D) return;
-    const na_coords c = na_unravel(n, X, Y, az.length, H, D);
+    if (n >= B * X * Y * az.length * (H / HPK) * D) return;
+    const na_coords c = na_unravel(n, X, Y, az.length, H / HPK, D);
     const long long b = c.b, jx = c.x, jy = c.y, jz = c.z, h = c.h, d = c.last;
     long long qx0, qx1, qy0, qy1, qz0 = 0, qz1 = 1;
     na_inverse_range(ax, jx, qx0, qx1);
@@ -144,19 +146,21 @@ __global__ void na_inv_fwd(const TA* __restrict__ w, NA_TENSOR(w), const T* __re
     if (RANK == 3) na_inverse_range(az, jz, qz0, qz1);
     // each query's window per axis is found in that axis' loop, so the inner loops only add offsets
     A sum = 0;
-    for (long long gx = qx0; gx < qx1; ++gx) {
-        const long long x = gx * dx + jx % dx;
-        long long x0, x1;
-        na_window(ax, x, x0, x1);
-        for (long long gy = qy0; gy < qy1; ++gy) {
-            const long long y = gy * dy + jy % dy;
-            long long y0, y1, z0 = 0, z1;
-            na_window(ay, y, y0, y1);
-            for (long long gz = qz0; gz < qz1; ++gz) {
-                const long long z = gz * az.dilation + jz % az.dilation;
-                if (RANK == 3) na_window(az, z, z0, z1);
-                const long long t = ((jx / dx - x0) * ky + (jy / dy - y0)) * az.kernel + (jz / az.dilation - z0);
-                sum += (A)na_load(w, NA_AT6(w, b, x, y, z, h, t)) * na_load(src, NA_AT6(s, b, x, y, z, h, d));
+    for (long long hq = h * HPK; hq < (h + 1) * HPK; ++hq) {
+        for (long long gx = qx0; gx < qx1; ++gx) {
+            const long long x = gx * dx + jx % dx;
+            long long x0, x1;
+            na_window(ax, x, x0, x1);
+            for (long long gy = qy0; gy < qy1; ++gy) {
+                const long long y = gy * dy + jy % dy;
+                long long y0, y1, z0 = 0, z1;
+                na_window(ay, y, y0, y1);
+                for (long long gz = qz0; gz < qz1; ++gz) {
+                    const long long z = gz * az.dilation + jz % az.dilation;
+                    if (RANK == 3) na_window(az, z, z0, z1);
+                    const long long t = ((jx / dx - x0) * ky + (jy / dy - y0)) * az.kernel + (jz / az.dilation - z0);
+                    sum += (A)na_load(w, NA_AT6(w, b, x, y, z, hq, t)) * na_load(src, NA_AT6(s, b, x, y, z, hq, d));
+                }
             }
         }
     }

@@ -145,7 +145,10 @@ __device__ __forceinline__ long long na_tc_bias_index(const na_tc_rows& r, int i
 
 // The same for a kernel of rank RANK_ (tiles TX_ x TY_ x TZ_): also az and tz, and the tile index itz, the
 // fastest of the block index; below rank 3 az and tz are the trivial axis and its one tile (constants)
-#define NA_TC_DECODE_BLOCK_RANK(TX_, TY_, TZ_, RANK_)                                          \
+#define NA_TC_DECODE_BLOCK_RANK(TX_, TY_, TZ_, RANK_) NA_TC_DECODE_BLOCK_HEADS(TX_, TY_, TZ_, RANK_, H)
+
+// The same over HEADS_ heads: the dK/dV kernels' blocks are per key/value head (H / HPK of them), h one of those
+#define NA_TC_DECODE_BLOCK_HEADS(TX_, TY_, TZ_, RANK_, HEADS_)                                 \
     NA_PROBLEM_AXES(RANK_)                                                                       \
     const long long ntz = (RANK_) == 3 ? na_tiles_per_axis(az, TZ_) : 1;                         \
     const long long nty = na_tiles_per_axis(ay, TY_), ntx = na_tiles_per_axis(ax, TX_);         \
@@ -154,7 +157,7 @@ __device__ __forceinline__ long long na_tc_bias_index(const na_tc_rows& r, int i
     if ((RANK_) == 3) n_ /= ntz;                                                                 \
     const long long ity = n_ % nty; n_ /= nty;                                                   \
     const long long itx = n_ % ntx; n_ /= ntx;                                                   \
-    const long long h = n_ % H, b = n_ / H;                                                      \
+    const long long h = n_ % (HEADS_), b = n_ / (HEADS_);                                        \
     na_tile_axis tx, ty, tz = NA_TC_NO_Z;                                                        \
     const bool tile_ok = na_tile_axis_of(ax, itx, TX_, tx) && na_tile_axis_of(ay, ity, TY_, ty) && \
                          ((RANK_) < 3 || na_tile_axis_of(az, itz, TZ_, tz));

@@ -16,6 +16,12 @@
 //   na_tc_dkdv_p_ds         p and ds = p (dp - delta) of them (0 outside)
 //   na_tc_dkdv_p_ds_all     the same where every element is visible, no bias
 //   na_tc_dkdv_store        dK = scale acc_k and dV = acc_v of the lane's valid keys
+//   na_tc_group_chunk_of    which query head and box chunk a chunk of the stream is
+//
+// Grouped-query attention: a block serves one key/value head and sums dK/dV
+// over the HPK query heads that read it, walking its query box once per query
+// head as one stream of HPK x (box chunks) chunks: one pipeline, the next
+// head's first chunk loading during this head's last.
 //
 // A chunk's tables hold 6 QC words: QC floats of lse, QC of delta, then [QC][4]
 // ints of windows (x0, x1, y0, y1, group coordinates; empty past the box),
@@ -205,6 +211,18 @@ __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c
                  (RANK < 3 || (wz[0] <= z.tz.q0 && z.tz.q0 + z.tz.n <= wz[1]));
     }
     return covers;
+}
+
+// chunk `chunk` of a dK/dV block's stream (box_chunks chunks per query head, key/value head hk): box chunk
+// `local` of query head `head`
+struct na_tc_group_chunk {
+    int local;
+    long long head;
+};
+__device__ __forceinline__ na_tc_group_chunk na_tc_group_chunk_of(int chunk, int box_chunks, long long hk,
+                                                                  long long hpk) {
+    const int g = chunk / box_chunks;
+    return {chunk - g * box_chunks, hk * hpk + g};
 }
 
 // in[2 i + e] for key row i and the tile's query column col0 + e (col0 = 8 nt + 2t of the chunk); in 1D

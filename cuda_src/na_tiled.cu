@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(256, RANK == 3 ? 2 : NA_TILED_QK_MIN_BLOCKS) n
         }
         for (long long px = tx.h0; px < tx.h1; ++px) {
             __syncthreads();  // the previous plane is consumed
-            na_stage_plane(sk, P, k, k_b, k_x, k_y, k_z, k_h, k_l, b, h, D, px * dx + tx.g, dy, az.dilation, ty, tz,
+            na_stage_plane(sk, P, k, k_b, k_x, k_y, k_z, k_h, k_l, b, NA_KV_HEAD(h), D, px * dx + tx.g, dy, az.dilation, ty, tz,
                            hzw);
             __syncthreads();
             for (long long p = threadIdx.x; p < Q * kyz; p += blockDim.x) {
@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(256, RANK == 3 ? 2 : NA_TILED_QK_MIN_BLOCKS) n
                  });
     const long long hx = tx.h1 - tx.h0, hy = ty.h1 - ty.h0;
     if (hx > TX + kx - 1 || hy > hyw) __trap();  // a stride > 1 launch: shared memory was sized for stride 1
-    na_stage_halo(sk, P, k, k_b, k_x, k_y, k_h, k_l, b, h, D, dx, dy, tx, ty, hyw);
+    na_stage_halo(sk, P, k, k_b, k_x, k_y, k_h, k_l, b, NA_KV_HEAD(h), D, dx, dy, tx, ty, hyw);
     __syncthreads();
 
     const long long slots = kx * ky;
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(256, RANK == 3 ? 1 : 0) na_tiled_av(
         for (int m = 0; m < ITEMS; ++m) acc[m] = 0;
         for (long long px = tx.h0; px < tx.h1; ++px) {
             __syncthreads();  // the previous plane is consumed (and the window tables are written)
-            na_stage_plane(sv, P, v, v_b, v_x, v_y, v_z, v_h, v_l, b, h, D, px * dx + tx.g, dy, az.dilation, ty, tz,
+            na_stage_plane(sv, P, v, v_b, v_x, v_y, v_z, v_h, v_l, b, NA_KV_HEAD(h), D, px * dx + tx.g, dy, az.dilation, ty, tz,
                            hzw);
             for (long long e = threadIdx.x; e < Q * kyz; e += blockDim.x) {  // weights of slots (px - x0, ty, tz)
                 const long long qi = e / kyz, qx = qi / (TY * TZ);
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(256, RANK == 3 ? 1 : 0) na_tiled_av(
                  });
     const long long hx = tx.h1 - tx.h0, hy = ty.h1 - ty.h0;
     if (hx > TX + kx - 1 || hy > hyw) __trap();  // a stride > 1 launch: shared memory was sized for stride 1
-    na_stage_halo(sv, P, v, v_b, v_x, v_y, v_h, v_l, b, h, D, dx, dy, tx, ty, hyw);
+    na_stage_halo(sv, P, v, v_b, v_x, v_y, v_h, v_l, b, NA_KV_HEAD(h), D, dx, dy, tx, ty, hyw);
     __syncthreads();
 
     for (long long p = threadIdx.x; p < TX * TY * D; p += blockDim.x) {

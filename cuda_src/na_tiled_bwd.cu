@@ -106,8 +106,8 @@ __device__ __forceinline__ void na_tinv_store(T* out, long long at, long long o_
 template <class TA, class T, int HD, int TX, int TY, int TZ, int LANES, int KPG, int DPL>
 __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TENSOR(w), const T* __restrict__ src,
                                                 NA_TENSOR(s), T* __restrict__ out, NA_TENSOR(o), double scale,
-                                                long long H, long long D, const na_axis& ax, const na_axis& ay,
-                                                const na_axis& az) {
+                                                long long H, long long HPK, long long D, const na_axis& ax,
+                                                const na_axis& ay, const na_axis& az) {
     typedef typename na_acc<T>::type A;
     constexpr int GROUPS = NA_TINV_THREADS / LANES;
     constexpr int KEYS = TX * TY * TZ;
@@ -115,11 +115,11 @@ __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TEN
     __shared__ int key_first_x[TX], key_last_x[TX], key_first_y[TY], key_last_y[TY], key_first_z[TZ], key_last_z[TZ];
 
     const long long dx = ax.dilation, dy = ay.dilation, dz = az.dilation, ky = ay.kernel, kz = az.kernel;
-    long long n = blockIdx.x;  // (b, h, tile x, tile y, tile z), z fastest
+    long long n = blockIdx.x;  // (b, h, tile x, tile y, tile z), z fastest; h: the key/value head
     const long long tile_z = n % na_tiles_per_axis(az, TZ); n /= na_tiles_per_axis(az, TZ);
     const long long tile_y = n % na_tiles_per_axis(ay, TY); n /= na_tiles_per_axis(ay, TY);
     const long long tile_x = n % na_tiles_per_axis(ax, TX); n /= na_tiles_per_axis(ax, TX);
-    const long long h = n % H, b = n / H;
+    const long long h = n % (H / HPK), b = n / (H / HPK);
     const long long gx = tile_x % dx, gy = tile_y % dy, gz = tile_z % dz;
     const long long kx0 = (tile_x / dx) * TX, ky0 = (tile_y / dy) * TY, kz0 = (tile_z / dz) * TZ;
     const long long lgx = na_group_length(ax, gx), lgy = na_group_length(ay, gy), lgz = na_group_length(az, gz);
@@ -154,43 +154,46 @@ __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TEN
 #pragma unroll
     for (int m = 0; m < KPG; ++m) na_tinv_zero<DPL, LANES>(acc[m]);
 
-    for (long long qx = bx0; qx < bx1; ++qx) {
-        const long long x = qx * dx + gx;
-        long long start_x, end_x;
-        na_window(ax, x, start_x, end_x);
-        for (long long c0 = by0; c0 < by1; c0 += TY) {
-            const long long nrows = na_min(TY, by1 - c0);
-            __syncthreads();  // the previous chunk is consumed (and the start tables are written)
-            na_copy_rows(rows, D, src, nrows * nbz, D, s_l, vectorizable, [&](long long r) {
-                const long long y = (c0 + r / nbz) * dy + gy, z = (bz0 + r % nbz) * dz + gz;
-                return na_row_ref{NA_AT6(s, b, x, y, z, h, 0), r};
-            });
-            __syncthreads();
+    for (long long hq = h * HPK; hq < (h + 1) * HPK; ++hq) {  // the query heads reading this one, in order
+        for (long long qx = bx0; qx < bx1; ++qx) {
+            const long long x = qx * dx + gx;
+            long long start_x, end_x;
+            na_window(ax, x, start_x, end_x);
+            for (long long c0 = by0; c0 < by1; c0 += TY) {
+                const long long nrows = na_min(TY, by1 - c0);
+                __syncthreads();  // the previous chunk is consumed (and the start tables are written)
+                na_copy_rows(rows, D, src, nrows * nbz, D, s_l, vectorizable, [&](long long r) {
+                    const long long y = (c0 + r / nbz) * dy + gy, z = (bz0 + r % nbz) * dz + gz;
+                    return na_row_ref{NA_AT6(s, b, x, y, z, hq, 0), r};
+                });
+                __syncthreads();
 #pragma unroll
-            for (int m = 0; m < KPG; ++m) {
-                const int key = group + m * GROUPS;
-                const int kxi = key / (TY * TZ), kyi = key / TZ % TY, kzi = key % TZ;
-                const bool live = (KEYS % GROUPS == 0 || key < KEYS) && kxi < nkx && kyi < nky && kzi < nkz &&
-                                  qx >= key_first_x[kxi < TX ? kxi : 0] && qx < key_last_x[kxi < TX ? kxi : 0];
-                const int kx_ = live ? kxi : 0, ky_ = live ? kyi : 0, kz_ = live ? kzi : 0;
-                const long long jx = kx0 + kx_, jy = ky0 + ky_, jz = kz0 + kz_;  // key group coordinates
-                const long long qy0 = na_max(key_first_y[ky_], c0), qy1 = live ? na_min(key_last_y[ky_], c0 + nrows) : 0;
-                const long long qz0 = key_first_z[kz_], qz1 = key_last_z[kz_];
-                const long long tbase = (jx - start_x) * ky + jy;
-                A part[DPL];
+                for (int m = 0; m < KPG; ++m) {
+                    const int key = group + m * GROUPS;
+                    const int kxi = key / (TY * TZ), kyi = key / TZ % TY, kzi = key % TZ;
+                    const bool live = (KEYS % GROUPS == 0 || key < KEYS) && kxi < nkx && kyi < nky && kzi < nkz &&
+                                      qx >= key_first_x[kxi < TX ? kxi : 0] && qx < key_last_x[kxi < TX ? kxi : 0];
+                    const int kx_ = live ? kxi : 0, ky_ = live ? kyi : 0, kz_ = live ? kzi : 0;
+                    const long long jx = kx0 + kx_, jy = ky0 + ky_, jz = kz0 + kz_;  // key group coordinates
+                    const long long qy0 = na_max(key_first_y[ky_], c0);
+                    const long long qy1 = live ? na_min(key_last_y[ky_], c0 + nrows) : 0;
+                    const long long qz0 = key_first_z[kz_], qz1 = key_last_z[kz_];
+                    const long long tbase = (jx - start_x) * ky + jy;
+                    A part[DPL];
 #pragma unroll
-                for (int c = 0; c < DPL; ++c) part[c] = acc[m][c];
-                for (long long qy = qy0; qy < qy1; ++qy) {
-                    const long long y = qy * dy + gy;
-                    const long long tz = (tbase - start_y[qy - by0]) * kz + jz;
-                    const T* row = rows + (qy - c0) * nbz * D;
-                    for (long long qz = qz0; qz < qz1; ++qz) {
-                        const A wt = (A)na_load(w, NA_AT6(w, b, x, y, qz * dz + gz, h, tz - start_z[qz - bz0]));
-                        na_tinv_add<DPL, LANES>(part, wt, row + (qz - bz0) * D, lane, D);
+                    for (int c = 0; c < DPL; ++c) part[c] = acc[m][c];
+                    for (long long qy = qy0; qy < qy1; ++qy) {
+                        const long long y = qy * dy + gy;
+                        const long long tz = (tbase - start_y[qy - by0]) * kz + jz;
+                        const T* row = rows + (qy - c0) * nbz * D;
+                        for (long long qz = qz0; qz < qz1; ++qz) {
+                            const A wt = (A)na_load(w, NA_AT6(w, b, x, y, qz * dz + gz, hq, tz - start_z[qz - bz0]));
+                            na_tinv_add<DPL, LANES>(part, wt, row + (qz - bz0) * D, lane, D);
+                        }
                     }
-                }
 #pragma unroll
-                for (int c = 0; c < DPL; ++c) acc[m][c] = part[c];
+                    for (int c = 0; c < DPL; ++c) acc[m][c] = part[c];
+                }
             }
         }
     }
@@ -220,21 +223,21 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD
     if (RANK == 3) {
         na_tiled_inv_3d<TA, T, HD, TX, TY, TZ, LANES, KPG, DPL>(w, w_b, w_x, w_y, w_z, w_h, w_l, src, s_b, s_x, s_y,
                                                                 s_z, s_h, s_l, out, o_b, o_x, o_y, o_z, o_h, o_l,
-                                                                scale, H, D, ax, ay, az);
+                                                                scale, H, HPK, D, ax, ay, az);
         return;
     }
 
     __shared__ int key_first_x[TX], key_last_x[TX], key_first_y[TY], key_last_y[TY];
     __shared__ int start_x[TX];  // window starts of the chunk's query rows
 
-    // block -> (b, h, tile x, tile y); tiles per axis: dilation * ceil(ceil(L / d) / T)
+    // block -> (b, h, tile x, tile y), h the key/value head; tiles per axis: dilation * ceil(ceil(L / d) / T)
     const long long ntx = dx * (((X + dx - 1) / dx + TX - 1) / TX);
     const long long nty = dy * (((Y + dy - 1) / dy + TY - 1) / TY);
     long long n = blockIdx.x;
     const long long tile_y = n % nty; n /= nty;
     const long long tile_x = n % ntx; n /= ntx;
-    const long long h = n % H;
-    const long long b = n / H;
+    const long long h = n % (H / HPK);
+    const long long b = n / (H / HPK);
     const long long gx = tile_x % dx, gy = tile_y % dy;
     const long long kx0 = (tile_x / dx) * TX, ky0 = (tile_y / dy) * TY;
     const long long lgx = na_group_length(ax, gx), lgy = na_group_length(ay, gy);
@@ -266,43 +269,46 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD
 #pragma unroll
     for (int m = 0; m < KPG; ++m) na_tinv_zero<DPL, LANES>(acc[m]);
 
-    for (long long c0 = bx0; c0 < bx1; c0 += TX) {
-        const long long nrows = na_min(TX, bx1 - c0);
-        __syncthreads();  // the previous chunk is consumed (and start_y is written)
-        if (tid < nrows) {
-            long long s0, s1;
-            na_window(ax, (c0 + tid) * dx + gx, s0, s1);
-            start_x[tid] = s0;
-        }
-        na_copy_rows(rows, D, src, nrows * nby, D, s_l, vectorizable, [&](long long r) {
-            const long long x = (c0 + r / nby) * dx + gx, y = (by0 + r % nby) * dy + gy;
-            return na_row_ref{NA_AT5(s, b, x, y, h, 0), r};
-        });
-        __syncthreads();
-#pragma unroll
-        for (int m = 0; m < KPG; ++m) {
-            const int key = group + m * GROUPS;
-            const int kxi = key / TY, kyi = key % TY;
-            const bool live = (KEYS % GROUPS == 0 || key < KEYS) && kxi < nkx && kyi < nky;
-            const int kx_ = live ? kxi : 0, ky_ = live ? kyi : 0;
-            const long long jx = kx0 + kx_, jy = ky0 + ky_;  // key group coordinates
-            const long long qx0 = na_max(key_first_x[kx_], c0), qx1 = live ? na_min(key_last_x[kx_], c0 + nrows) : 0;
-            const long long qy0 = key_first_y[ky_], qy1 = key_last_y[ky_];
-            A part[DPL];
-#pragma unroll
-            for (int c = 0; c < DPL; ++c) part[c] = acc[m][c];
-            for (long long qx = qx0; qx < qx1; ++qx) {
-                const long long x = qx * dx + gx;
-                const long long tbase = (jx - start_x[qx - c0]) * ky + jy;
-                const T* row = rows + (qx - c0) * nby * D;
-                for (long long qy = qy0; qy < qy1; ++qy) {
-                    const long long t = tbase - start_y[qy - by0];
-                    const A wt = (A)na_load(w, NA_AT5(w, b, x, qy * dy + gy, h, t));
-                    na_tinv_add<DPL, LANES>(part, wt, row + (qy - by0) * D, lane, D);
-                }
+    for (long long hq = h * HPK; hq < (h + 1) * HPK; ++hq) {  // the query heads reading this one, in order
+        for (long long c0 = bx0; c0 < bx1; c0 += TX) {
+            const long long nrows = na_min(TX, bx1 - c0);
+            __syncthreads();  // the previous chunk is consumed (and start_y is written)
+            if (tid < nrows) {
+                long long s0, s1;
+                na_window(ax, (c0 + tid) * dx + gx, s0, s1);
+                start_x[tid] = s0;
             }
+            na_copy_rows(rows, D, src, nrows * nby, D, s_l, vectorizable, [&](long long r) {
+                const long long x = (c0 + r / nby) * dx + gx, y = (by0 + r % nby) * dy + gy;
+                return na_row_ref{NA_AT5(s, b, x, y, hq, 0), r};
+            });
+            __syncthreads();
 #pragma unroll
-            for (int c = 0; c < DPL; ++c) acc[m][c] = part[c];
+            for (int m = 0; m < KPG; ++m) {
+                const int key = group + m * GROUPS;
+                const int kxi = key / TY, kyi = key % TY;
+                const bool live = (KEYS % GROUPS == 0 || key < KEYS) && kxi < nkx && kyi < nky;
+                const int kx_ = live ? kxi : 0, ky_ = live ? kyi : 0;
+                const long long jx = kx0 + kx_, jy = ky0 + ky_;  // key group coordinates
+                const long long qx0 = na_max(key_first_x[kx_], c0);
+                const long long qx1 = live ? na_min(key_last_x[kx_], c0 + nrows) : 0;
+                const long long qy0 = key_first_y[ky_], qy1 = key_last_y[ky_];
+                A part[DPL];
+#pragma unroll
+                for (int c = 0; c < DPL; ++c) part[c] = acc[m][c];
+                for (long long qx = qx0; qx < qx1; ++qx) {
+                    const long long x = qx * dx + gx;
+                    const long long tbase = (jx - start_x[qx - c0]) * ky + jy;
+                    const T* row = rows + (qx - c0) * nby * D;
+                    for (long long qy = qy0; qy < qy1; ++qy) {
+                        const long long t = tbase - start_y[qy - by0];
+                        const A wt = (A)na_load(w, NA_AT5(w, b, x, qy * dy + gy, hq, t));
+                        na_tinv_add<DPL, LANES>(part, wt, row + (qy - by0) * D, lane, D);
+                    }
+                }
+#pragma unroll
+                for (int c = 0; c < DPL; ++c) acc[m][c] = part[c];
+            }
         }
     }
 #pragma unroll

@@ -40,8 +40,6 @@ class Backend:
     load: Callable[[], dict] = field(repr=False, default=dict)
     #: numbers of spatial axes it runs
     ranks: frozenset = frozenset({1, 2, 3})
-    #: whether it runs key and value with fewer heads than the query (GQA/MQA)
-    grouped_kv: bool = True
     _ops: dict | None = field(default=None, repr=False)
 
     @property
@@ -140,32 +138,16 @@ def _rank_error(chosen: Backend, problem: Problem, forced: bool) -> ValueError:
                       f"{ndim}D; {remedy}")
 
 
-def _grouped_kv_error(chosen: Backend, problem: Problem, forced: bool) -> ValueError:
-    if problem.kind == _arrays.CUPY:
-        remedy = ("CuPy arrays have no other backend for them: pass torch tensors instead (torch.from_dlpack(array) "
-                  "shares the memory, no copy) or NumPy arrays")
-    elif forced:
-        remedy = (f"choose the {_EVERY_RANK} backend for these calls with backend={_EVERY_RANK!r} or "
-                  f"na_rtc.use_backend({_EVERY_RANK!r}) (or leave the backend to automatic selection)")
-    else:
-        remedy = "choose another backend with na_rtc.use_backend"
-    return ValueError(f"the {chosen.name} backend's kernels do not serve grouped key/value heads yet (GQA/MQA: "
-                      f"key and value with {problem.kv_heads} heads for {problem.heads} query heads); {remedy}")
-
-
 def select(problem: Problem, name: str | None = None) -> Backend:
     """The backend that runs ``problem``: ``name`` if given, else the forced one, else the default
-    (the reference backend where the default lacks the problem's rank or its grouped key/value heads)."""
+    (the reference backend where the default lacks the problem's rank)."""
     forced = name or current_backend_name()
     chosen = get(forced) if forced else get(_default_name(problem.kind, problem.device))
     placement = (problem.kind, problem.device.split(":")[0])
-    for lacks, error in ((problem.ndim not in chosen.ranks, _rank_error),
-                         (problem.group > 1 and not chosen.grouped_kv, _grouped_kv_error)):
-        if not lacks:
-            continue
+    if problem.ndim not in chosen.ranks:
         fallback = get(_EVERY_RANK)
         if forced or placement not in fallback.serves:
-            raise error(chosen, problem, bool(forced))
+            raise _rank_error(chosen, problem, bool(forced))
         chosen = fallback
     if placement not in chosen.serves:
         where = {"cpu": "CPU", "cuda": "CUDA"}.get(placement[1], f"the {placement[1]} device")
@@ -233,7 +215,6 @@ register(
         frozenset({(_arrays.CUPY, "cuda"), (_arrays.TORCH, "cuda"), _META}),
         lambda: _probe("cuda"),
         _kernel_ops("cuda"),
-        grouped_kv=False,
     )
 )
 register(
@@ -243,6 +224,5 @@ register(
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), _META}),
         lambda: _probe("emulator"),
         _kernel_ops("emulator"),
-        grouped_kv=False,
     )
 )

@@ -7,8 +7,7 @@ NATTEN's convention).
 * gradients: numerical (gradcheck) and equal to those through an explicit repeat, whose autograd sums each
   group's query heads into its key/value head (float64);
 * NumPy arrays and the plain backward functions; the layers' ``num_kv_heads``;
-* which backends serve it (the reference; the kernel backends refuse it by name, and automatic selection
-  takes the reference), and bad input named.
+* which backends serve it (every one; the kernels themselves in test_gqa_kernels.py), and bad input named.
 """
 
 from __future__ import annotations
@@ -154,18 +153,20 @@ def test_layers_take_num_kv_heads(ndim):
     assert cls(32, 8, 3).qkv.out_features == 96  # without GQA: 3 * embed_dim, as before
 
 
-def test_the_kernel_backends_refuse_it_by_name_and_automatic_selection_takes_the_reference():
+def test_every_backend_serves_it_and_automatic_selection_keeps_the_default():
+    """The kernel backends run grouped key/value heads natively (test_gqa_kernels.py holds every kernel family
+    to the reference): selection treats them as any other problem, and the emulator's results are the
+    reference's through the public op."""
     q, k, v, _ = _inputs(1, (9,), 4, 2, dict(kernel_size=3), False)
-    for name in ("emulator", "cuda"):
-        with pytest.raises(ValueError, match=f"the {name} backend's kernels do not serve grouped key/value heads "
-                                             r"yet \(GQA/MQA: key and value with 2 heads for 4 query heads\)"):
-            backends.select(_args.fused_problem(1, q, k, v, 3, 1, 1, False, None, None), name)
-    # a CUDA tensor's default backend lacks it: automatic selection takes the reference, which runs torch tensors
-    # on any device (the problem alone decides; no GPU needed to check the choice)
+    problem = _args.fused_problem(1, q, k, v, 3, 1, 1, False, None, None)
+    for name in ("emulator", "cuda", "reference"):
+        assert backends.select(problem, name).name == name
     meta = [x.to("meta") for x in (q, k, v)]
     cuda_problem = dataclasses.replace(_args.fused_problem(1, *meta, 3, 1, 1, False, None, None), device="cuda:0")
-    assert backends.select(cuda_problem).name == "reference"
-    assert backends.select(dataclasses.replace(cuda_problem, heads_kv=None)).name == "cuda"
+    assert backends.select(cuda_problem).name == "cuda"
+    if backends.get("emulator").probe()[0]:
+        got = na_rtc.na1d(q, k, v, 3, backend="emulator")
+        torch.testing.assert_close(got, na_rtc.na1d(q, k, v, 3, backend="reference"), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -23,7 +23,7 @@ from .registry import Launch
 from .tiling import accumulator_dtype
 
 __all__ = ["BackwardLaunches", "Executor", "bias_grad", "bias_grad_two_pass", "fused_backward", "fused_forward",
-           "qk", "softmax", "softmax_backward", "weighted"]
+           "inverse", "qk", "softmax", "softmax_backward", "weighted"]
 
 Executor = Callable[[P.LaunchPlan], object]
 
@@ -71,7 +71,7 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
         raise ValueError("the fused backward needs the forward's output and logsumexp")
     dtype = problem.dtype
     if math.prod(problem.qkv_shape) == 0:  # batch or heads 0: nothing to launch; a bias gets a zero gradient
-        grads = tuple(_arrays.empty(query, problem.qkv_shape, dtype) for _ in range(3))
+        grads = tuple(_arrays.empty(query, shape, dtype) for shape in (problem.qkv_shape, *(problem.kv_shape,) * 2))
         return (*grads, None if rpb_acc is None else _arrays.zeros(query, problem.rpb_shape, "float32"))
     lse = _arrays.cast(lse, "float32")
     if rpb_acc is not None:
@@ -97,8 +97,8 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
     args = inputs + A.tensor(dq, problem) + (P.ptr(partial), P.f64(problem.scale)) + problem_args
     run(launches.dq.plan(args))
 
-    dk = _arrays.empty(query, problem.qkv_shape, dtype)
-    dv = _arrays.empty(query, problem.qkv_shape, dtype)
+    dk = _arrays.empty(query, problem.kv_shape, dtype)  # per key/value head: its query heads summed in the kernel
+    dv = _arrays.empty(query, problem.kv_shape, dtype)
     args = inputs + A.tensor(dk, problem) + A.tensor(dv, problem) + (P.f64(problem.scale),) + problem_args
     run(launches.dkdv.plan(args))
 
@@ -129,10 +129,19 @@ def qk(run: Executor, launch: Launch, problem: Problem, query, key, bias, out_dt
 
 
 def weighted(run: Executor, launch: Launch, problem: Problem, weights, source, scale: float = 1.0):
-    """``av`` (``scale * sum_t weights[.., t] * source[key(t)]`` per query) and ``inverse`` (``scale * sum over
-    queries i seeing key j of weights[i, slot] * source[i]`` per key): one argument list."""
-    out = _arrays.empty(source, problem.qkv_shape, problem.dtype)
-    if launch.blocks and math.prod(problem.qkv_shape):
+    """``av``: ``scale * sum_t weights[.., t] * source[key(t)]`` per query, ``source`` with the key/value heads."""
+    return _weighted(run, launch, problem, weights, source, scale, problem.qkv_shape)
+
+
+def inverse(run: Executor, launch: Launch, problem: Problem, weights, source, scale: float = 1.0):
+    """``inverse``: ``scale * sum over query heads h reading the key's head and queries i seeing key j of
+    weights[i, h, slot] * source[i, h]`` per key (``[b, *spatial, kv_heads, head_dim]``): av's argument list."""
+    return _weighted(run, launch, problem, weights, source, scale, problem.kv_shape)
+
+
+def _weighted(run: Executor, launch: Launch, problem: Problem, weights, source, scale: float, shape):
+    out = _arrays.empty(source, shape, problem.dtype)
+    if launch.blocks and math.prod(shape):
         args = (A.tensor(weights, problem) + A.tensor(source, problem) + A.tensor(out, problem) + (P.f64(scale),)
                 + A.problem(problem))
         run(launch.plan(args))

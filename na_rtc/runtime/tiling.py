@@ -38,5 +38,11 @@ def grid(problem, tile) -> int:
     return problem.batch * problem.heads * tiles(problem, tile)
 
 
+def kv_grid(problem, tile) -> int:
+    """Blocks of a launch with one block per (batch, key/value head, tile): the kernels that write dK/dV, whose
+    block sums over the query heads reading its key/value head (grouped-query attention)."""
+    return problem.batch * problem.kv_heads * tiles(problem, tile)
+
+
 def align16(n: int) -> int:
     return -(-n // 16) * 16

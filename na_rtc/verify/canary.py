@@ -76,14 +76,18 @@ AXES = {
 }
 #: rank -> the largest query tile of the split kernels along any axis (runtime/families/tiled.py TILES)
 SPLIT_TILE = {1: 64, 2: 8, 3: 4}
-BATCH, HEADS = 1, 2
+#: two query heads reading one key/value head: every canary runs grouped-query attention (a kernel that reads
+#: the wrong key/value head, or whose dK/dV misses a query head of the group, fails it); the group size is a
+#: runtime argument of every kernel, so one group checks every other
+BATCH, HEADS, HEADS_KV = 1, 2, 1
 SEED = 20260
 
 
 def canary_problem(like: Problem) -> Problem:
     """The canary of the fused kernel that serves ``like``: its dtype, head dim, rank, library and device."""
     return Problem(FUSED, AXES[like.ndim], BATCH, HEADS, like.head_dim, like.dtype, like.kind, like.device,
-                   has_rpb=True, scale=2.0 * like.head_dim**-0.5)  # a larger scale: a less uniform softmax
+                   has_rpb=True, scale=2.0 * like.head_dim**-0.5,  # a larger scale: a less uniform softmax
+                   heads_kv=HEADS_KV)
 
 
 def split_canary_problem(like: Problem) -> Problem:
@@ -97,7 +101,7 @@ def split_canary_problem(like: Problem) -> Problem:
         axes.append(Axis(length, axis.kernel_size, 1, axis.dilation, axis.causal))
     bias = like.op != AV and all(a.kernel_size % 2 == 1 and not a.causal for a in axes)
     return Problem(like.op, tuple(axes), BATCH, HEADS, like.head_dim, like.dtype, like.kind, like.device,
-                   has_rpb=bias, scale=2.0 * like.head_dim**-0.5 if like.op == FUSED else None)
+                   has_rpb=bias, scale=2.0 * like.head_dim**-0.5 if like.op == FUSED else None, heads_kv=HEADS_KV)
 
 
 def _grid(rng: np.random.Generator, shape) -> np.ndarray:
@@ -148,7 +152,7 @@ def make_inputs(problem: Problem, op: str) -> Inputs:
     the fused kernels read; the ops cast it), the fused backward's output and logsumexp from the reference,
     rounded as a forward kernel returns them."""
     rng = np.random.default_rng(SEED)
-    shapes = {"q": problem.qkv_shape, "k": problem.qkv_shape, "v": problem.qkv_shape, "dout": problem.qkv_shape,
+    shapes = {"q": problem.qkv_shape, "k": problem.kv_shape, "v": problem.kv_shape, "dout": problem.qkv_shape,
               "attn": problem.attn_shape, "dattn": problem.attn_shape, "rpb": problem.rpb_shape}
     names = [name for name in OPS[op].inputs if name in shapes]
     host = {name: _grid(rng, shapes[name]) for name in names}

@@ -47,9 +47,22 @@ def _heads_last(x: np.ndarray, like: tuple[int, ...]) -> np.ndarray:
     return np.moveaxis(x, 1, -2).reshape(like)
 
 
+def _kv_heads_first(problem: Problem, x: np.ndarray) -> np.ndarray:
+    """A key/value array ``[batch, *spatial, heads_kv, dim]`` -> ``[batch, heads, tokens, dim]``: each key/value
+    head once for every query head of its group (grouped-query attention; as is without it)."""
+    return np.repeat(_heads_first(x), problem.group, axis=1)
+
+
+def _group_sum(problem: Problem, x: np.ndarray) -> np.ndarray:
+    """``[batch, heads, tokens, dim]`` -> ``[batch, heads_kv, tokens, dim]``: the sum over each group's query
+    heads (a key/value head's gradient)."""
+    batch, heads, tokens, dim = x.shape
+    return x.reshape(batch, heads // problem.group, problem.group, tokens, dim).sum(2)
+
+
 def _scores(problem: Problem, q, k, rpb):
     mask, index = _pairs(problem.axes)
-    scores = problem.scale * (_heads_first(q) @ np.swapaxes(_heads_first(k), -1, -2))
+    scores = problem.scale * (_heads_first(q) @ np.swapaxes(_kv_heads_first(problem, k), -1, -2))
     if rpb is not None:
         scores = scores + rpb.reshape(rpb.shape[0], -1)[:, index]
     return np.where(mask, scores, -np.inf), mask, index
@@ -60,7 +73,7 @@ def forward(problem: Problem, q, k, v, rpb=None):
     scores, _, _ = _scores(problem, q, k, rpb)
     top = scores.max(-1, keepdims=True)
     lse = top[..., 0] + np.log(np.exp(scores - top).sum(-1))
-    out = np.exp(scores - lse[..., None]) @ _heads_first(v)
+    out = np.exp(scores - lse[..., None]) @ _kv_heads_first(problem, v)
     return _heads_last(out, q.shape), np.moveaxis(lse, 1, -1).reshape(q.shape[:-1])
 
 
@@ -70,12 +83,12 @@ def backward(problem: Problem, grad_out, q, k, v, rpb=None):
     top = scores.max(-1, keepdims=True)
     p = np.exp(scores - top)
     p /= p.sum(-1, keepdims=True)
-    g, vv = _heads_first(grad_out), _heads_first(v)
+    g, vv = _heads_first(grad_out), _kv_heads_first(problem, v)
     out = p @ vv
     ds = p * (g @ np.swapaxes(vv, -1, -2) - (g * out).sum(-1, keepdims=True))
-    dq = problem.scale * (ds @ _heads_first(k))
-    dk = problem.scale * (np.swapaxes(ds, -1, -2) @ _heads_first(q))
-    dv = np.swapaxes(p, -1, -2) @ g
+    dq = problem.scale * (ds @ _kv_heads_first(problem, k))
+    dk = _group_sum(problem, problem.scale * (np.swapaxes(ds, -1, -2) @ _heads_first(q)))
+    dv = _group_sum(problem, np.swapaxes(p, -1, -2) @ g)
     drpb = None
     if rpb is not None:
         flat = np.zeros((rpb.shape[0], int(np.prod(rpb.shape[1:]))))
@@ -83,5 +96,4 @@ def backward(problem: Problem, grad_out, q, k, v, rpb=None):
         for h in range(rpb.shape[0]):
             np.add.at(flat[h], index[mask], per_head[h][mask])
         drpb = flat.reshape(rpb.shape)
-    shape = q.shape
-    return _heads_last(dq, shape), _heads_last(dk, shape), _heads_last(dv, shape), drpb
+    return _heads_last(dq, q.shape), _heads_last(dk, k.shape), _heads_last(dv, v.shape), drpb

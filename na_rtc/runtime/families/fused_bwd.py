@@ -152,8 +152,7 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     shared = max(dq_shared_bytes(problem, dq, problem.has_rpb), dkdv_shared_bytes(problem, dkdv))
     if shared > SHARED_BUDGET:
         return False, f"{shared} bytes of shared memory, more than {SHARED_BUDGET}"
-    bh = problem.batch * problem.heads
-    blocks = max(bh * tiling.tiles(problem, dq), bh * tiling.tiles(problem, dkdv),
+    blocks = max(tiling.grid(problem, dq), tiling.kv_grid(problem, dkdv),
                  -(-math.prod(problem.lse_shape) // THREADS))
     return P.within_grid_limit(blocks)
 
@@ -169,7 +168,7 @@ def dq_plan(problem: Problem, policy=None) -> Launch:
 def dkdv_plan(problem: Problem, policy=None) -> Launch:
     hd, _, cfg = _configs(problem)
     return Launch(P.Kernel(_source(problem), dkdv_name(problem.dtype, hd, cfg)),
-                  problem.batch * problem.heads * tiling.tiles(problem, cfg), THREADS, dkdv_shared_bytes(problem, cfg))
+                  tiling.kv_grid(problem, cfg), THREADS, dkdv_shared_bytes(problem, cfg))
 
 
 def delta_plan(problem: Problem, policy=None) -> Launch:

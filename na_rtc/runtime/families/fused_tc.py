@@ -119,9 +119,10 @@ def grid(problem: Problem, policy=None) -> int:
     return tiling.grid(problem, TILES[problem.ndim, cfg.mma_tiles])
 
 
-def backward_grid(problem: Problem) -> int:
-    """Blocks of each mma.sync backward kernel (``fused_tc_bwd.py``): 64 queries (dq) or keys (dkdv) per block."""
-    return tiling.grid(problem, TILES[problem.ndim, 1])
+def backward_grid(problem: Problem, kv: bool = False) -> int:
+    """Blocks of each mma.sync backward kernel (``fused_tc_bwd.py``): 64 queries (dq) or keys (dkdv, ``kv``: per
+    key/value head) per block."""
+    return (tiling.kv_grid if kv else tiling.grid)(problem, TILES[problem.ndim, 1])
 
 
 def covers(problem: Problem, policy=None) -> tuple[bool, str]:

@@ -93,8 +93,8 @@ def dq_plan(problem: Problem, policy=None) -> Launch:
 
 def dkdv_plan(problem: Problem, policy=None) -> Launch:
     hd = head_dim_bucket(problem.head_dim)
-    return Launch(P.Kernel(source_of(NAME), dkdv_name_of(hd, problem.dtype, problem.ndim)), backward_grid(problem),
-                  THREADS, dkdv_shared_bytes(hd, problem.dtype, problem.ndim))
+    return Launch(P.Kernel(source_of(NAME), dkdv_name_of(hd, problem.dtype, problem.ndim)),
+                  backward_grid(problem, kv=True), THREADS, dkdv_shared_bytes(hd, problem.dtype, problem.ndim))
 
 
 def names(ranks=(1, 2)) -> tuple[str, ...]:

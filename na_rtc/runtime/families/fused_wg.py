@@ -162,9 +162,11 @@ def names(ranks=(1, 2)) -> tuple[str, ...]:
     return tuple(kernel_name_of(*instantiation) for instantiation in _forward_instantiations(ranks))
 
 
-def grid(problem: Problem, policy=None) -> int:
-    """Blocks of every kernel of the wgmma families: one per tile of 64 rows a warpgroup."""
-    return tiling.grid(problem, BLOCK_TILES[problem.ndim, block_warpgroups(problem.ndim, policy)])
+def grid(problem: Problem, policy=None, kv: bool = False) -> int:
+    """Blocks of every kernel of the wgmma families: one per tile of 64 rows a warpgroup (``kv``: the dK/dV
+    kernel's, per key/value head)."""
+    tile = BLOCK_TILES[problem.ndim, block_warpgroups(problem.ndim, policy)]
+    return (tiling.kv_grid if kv else tiling.grid)(problem, tile)
 
 
 def covers(problem: Problem, policy=None) -> tuple[bool, str]:

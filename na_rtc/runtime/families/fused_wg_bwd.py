@@ -112,7 +112,8 @@ def dq_plan(problem: Problem, policy=None) -> Launch:
 
 def dkdv_plan(problem: Problem, policy=None) -> Launch:
     hd, wg = head_dim_bucket(problem.head_dim), block_warpgroups(problem.ndim, policy)
-    return Launch(P.Kernel(source_of(NAME), dkdv_name_of(hd, problem.dtype, problem.ndim, wg)), grid(problem, policy),
+    return Launch(P.Kernel(source_of(NAME), dkdv_name_of(hd, problem.dtype, problem.ndim, wg)),
+                  grid(problem, policy, kv=True),
                   block_threads(problem.ndim, wg), dkdv_shared_bytes(hd, problem.dtype, problem.ndim, wg))
 
 

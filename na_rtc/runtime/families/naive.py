@@ -75,10 +75,10 @@ def _roles(family: str, rank: int) -> dict[str, Role]:
         name = f"na_qk_fwd<{CTYPES[problem.dtype]}, {CTYPES[out_dtype]}{r}>"
         return one_thread_per_output(name, math.prod(problem.attn_shape), family)
 
-    def weighted(kernel: str):
+    def weighted(kernel: str, shape: str):
         def plan(problem: Problem, policy, weights_dtype: str, source_dtype: str | None = None) -> Launch:
             name = f"{kernel}<{CTYPES[weights_dtype]}, {CTYPES[problem.dtype]}{r}>"
-            return one_thread_per_output(name, math.prod(problem.qkv_shape), family)
+            return one_thread_per_output(name, math.prod(getattr(problem, shape)), family)
 
         return plan
 
@@ -96,8 +96,8 @@ def _roles(family: str, rank: int) -> dict[str, Role]:
 
     return {
         "qk": Role(_everything, qk, L.qk),
-        "av": Role(_everything, weighted("na_av_fwd"), L.weighted),
-        "inverse": Role(_everything, weighted("na_inv_fwd"), L.weighted),
+        "av": Role(_everything, weighted("na_av_fwd", "qkv_shape"), L.weighted),
+        "inverse": Role(_everything, weighted("na_inv_fwd", "kv_shape"), L.inverse),
         "bias_grad": Role(_everything, bias_grad, L.bias_grad),
         "softmax": Role(_everything, softmax("na_softmax_fwd"), L.softmax),
         "softmax_backward": Role(_everything, softmax("na_softmax_bwd"), L.softmax_backward),

@@ -135,7 +135,7 @@ def _inverse_covers(problem: Problem, policy, weights_dtype: str, source_dtype: 
     shared = inv_shared_bytes(problem, tile)
     if shared > SHARED_BUDGET:
         return False, f"the window needs {shared} bytes of shared memory, more than {SHARED_BUDGET}"
-    blocks = tiling.grid(problem, tile)
+    blocks = tiling.kv_grid(problem, tile)
     return P.within_grid_limit(blocks)
 
 
@@ -144,7 +144,7 @@ def _inverse_planner(family: str):
         hd = head_dim_bucket(problem.head_dim)
         tile = INV_TILES[(problem.ndim, hd, problem.dtype)]
         return Launch(P.Kernel(source_of(family), inv_name(weights_dtype, problem.dtype, hd, tile)),
-                      tiling.grid(problem, tile), INV_THREADS, inv_shared_bytes(problem, tile))
+                      tiling.kv_grid(problem, tile), INV_THREADS, inv_shared_bytes(problem, tile))
 
     return plan
 
@@ -208,7 +208,7 @@ def _family(name: str, rank: int, ranks: frozenset) -> Family:
     # the largest dynamic shared memory any launch of each kernel uses: the budget (larger ones fall back)
     shared = {n: (0 if n == RPB_REDUCE else SHARED_BUDGET) for n in kernels}
     return Family(SOURCE, kernels, threads, shared, name=name,
-                  roles={"inverse": Role(_inverse_covers, _inverse_planner(name), L.weighted),
+                  roles={"inverse": Role(_inverse_covers, _inverse_planner(name), L.inverse),
                          "bias_grad": Role(_bias_grad_covers, _bias_grad_planner(name), L.bias_grad_two_pass)},
                   ranks=ranks)
 
