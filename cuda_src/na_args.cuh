@@ -2,9 +2,13 @@
 // them (na_rtc/runtime/kernel_args.py packs each one):
 //   NA_PROBLEM    batch B, query heads H, query heads per key/value head HPK
 //                 (grouped-query attention: query head h reads key/value head
-//                 h / HPK, NA_KV_HEAD; 1 without grouping), head dim D, then
-//                 per axis its length, kernel, stride, dilation and causal
-//                 flag (x: X kx sx dx cx; y: Y ky sy dy cy; z: Z kz sz dz cz). Every kernel takes all
+//                 h / HPK, NA_KV_HEAD; 1 without grouping), the head dim D of
+//                 query and key, the head dim DV of value, output and their
+//                 gradients (D without a value head dim of its own; the split
+//                 kernels read D only: their launches pass the dim they
+//                 reduce over or write), then per axis its length, kernel,
+//                 stride, dilation and causal flag (x: X kx sx dx cx;
+//                 y: Y ky sy dy cy; z: Z kz sz dz cz). Every kernel takes all
 //                 three axes; a problem of lower rank passes trivial axes
 //                 (length 1, kernel 1: 1D has Y = Z = 1, 2D has Z = 1), and a
 //                 kernel whose RANK template parameter is below 3 never reads
@@ -19,11 +23,13 @@
 #pragma once
 
 #define NA_PROBLEM                                                                                        \
-    long long B, long long H, long long HPK, long long D, long long X, long long kx, long long sx, long long dx, \
-        long long cx, long long Y, long long ky, long long sy, long long dy, long long cy, long long Z,          \
-        long long kz, long long sz, long long dz, long long cz
-// the key/value head query head h reads
-#define NA_KV_HEAD(h) ((h) / HPK)
+    long long B, long long H, long long HPK, long long D, long long DV, long long X, long long kx, long long sx, \
+        long long dx, long long cx, long long Y, long long ky, long long sy, long long dy, long long cy,         \
+        long long Z, long long kz, long long sz, long long dz, long long cz
+// the key/value head query head h reads, and the key/value heads (32-bit divisions: a 64-bit one is a
+// subroutine that costs the split kernels up to 32 registers; head counts are far below 2^31)
+#define NA_KV_HEAD(h) ((long long)((unsigned)(h) / (unsigned)HPK))
+#define NA_KV_HEADS ((long long)((unsigned)H / (unsigned)HPK))
 #define NA_TENSOR(t) \
     long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h, long long t##_l
 #define NA_ROWS(t) long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h

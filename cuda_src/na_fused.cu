@@ -57,8 +57,11 @@ __device__ __forceinline__ na_fused_box_at na_fused_box_coords(long long c, long
     return {c / (hy * hz), (c / hz) % hy, c % hz};
 }
 
+// 3D asks for one block an SM at least: ptxas held the 3D path to 128 registers, which it filled before the value
+// head dim became its own (DV) and then spilled 8 bytes; it takes 129 to 142 without the cap. 0 (no minimum) keeps
+// 1D/2D as they were.
 template <class T, int HD, int TX, int TY, int RANK = 2, int TZ = 1>
-__global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
+__global__ void __launch_bounds__(NA_FUSED_THREADS, RANK == 3 ? 1 : 0) na_fused_fwd(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
     NA_TENSOR(v), const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY * TZ;            // queries per block
@@ -88,8 +91,8 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
     // (in 3D the z stride moves between rows too; below rank 3 it is never read)
     const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h) &&
                        (RANK < 3 || na_rows_vectorizable(k, D, k_l, k_z, 0, 0, 0));
-    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h) &&
-                       (RANK < 3 || na_rows_vectorizable(v, D, v_l, v_z, 0, 0, 0));
+    const bool v_vec = na_rows_vectorizable(v, DV, v_l, v_b, v_x, v_y, v_h) &&
+                       (RANK < 3 || na_rows_vectorizable(v, DV, v_l, v_z, 0, 0, 0));
 
     // this thread's query and its window, relative to the box
     const int tid = threadIdx.x;
@@ -113,6 +116,9 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
         }
     }
 
+    // this lane's dims gl + G e of the value's head dim: e < ev (a count compared with the unrolled e: per-dim
+    // predicates of both head dims spilled)
+    const int ev = (int)na_min(E, (DV - gl + G - 1) / G);
     float qr[E], acc[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
             const na_fused_box_at p = key_at(c0 + r);
             return na_row_ref{NA_AT6(k, b, p.x, p.y, p.z, NA_KV_HEAD(h), 0), r};
         });
-        na_copy_rows(sv, HD, v, cn, D, v_l, v_vec, [&](long long r) {
+        na_copy_rows(sv, HD, v, cn, DV, v_l, v_vec, [&](long long r) {
             const na_fused_box_at p = key_at(c0 + r);
             return na_row_ref{NA_AT6(v, b, p.x, p.y, p.z, NA_KV_HEAD(h), 0), r};
         });
@@ -193,8 +199,7 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
                     sum += p;
 #pragma unroll
                     for (int e = 0; e < E; ++e) {
-                        const int d = gl + G * e;
-                        if (d < D) acc[e] += p * na_load(sv + kk * HD, d);
+                        if (e < ev) acc[e] += p * na_load(sv + kk * HD, gl + G * e);
                     }
                 }
             }
@@ -205,8 +210,7 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS) na_fused_fwd(
     if (!valid) return;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-        const long long d = gl + G * e;
-        if (d < D) na_store<T, float>(out, NA_AT6(o, b, x, y, z, h, d), acc[e] / sum);
+        if (e < ev) na_store<T, float>(out, NA_AT6(o, b, x, y, z, h, gl + G * e), acc[e] / sum);
     }
     if (gl == 0) lse[NA_ATR(l, b, x, y, z, h)] = m + na_log(sum);
 }

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long x = n % X;
     const long long b = n / X;
     float sum = 0.0f;
-    for (long long d = 0; d < D; ++d)
+    for (long long d = 0; d < DV; ++d)
         sum += (float)na_load(g, NA_AT6(g, b, x, y, z, h, d)) * (float)na_load(o, NA_AT6(o, b, x, y, z, h, d));
     if (dlse) sum -= dlse[NA_ATR(dl, b, x, y, z, h)];
     delta[NA_ATR(e, b, x, y, z, h)] = sum;
@@ -108,6 +108,20 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long b = n_ / (HEADS_);                                    \
     const long long gx = tile_x % dx, gy = tile_y % dy, gz = tile_z % az.dilation; \
     const long long tx0 = (tile_x / dx) * (TX_), ty0 = (tile_y / dy) * (TY_), tz0 = (tile_z / az.dilation) * (TZ_);
+
+// q . k over the query/key head dim D and dOut . v over the value head dim DV of staged rows (one loop where
+// they share dims)
+template <class T>
+__device__ __forceinline__ void na_fb_dots(float& dot, float& dp, const T* qr, const T* kr, const T* gr, const T* vr,
+                                           long long D, long long DV) {
+    const long long common = na_min(D, DV);
+    for (long long d = 0; d < common; ++d) {
+        dot += (float)na_load(qr, d) * (float)na_load(kr, d);
+        dp += (float)na_load(gr, d) * (float)na_load(vr, d);
+    }
+    for (long long d = common; d < D; ++d) dot += (float)na_load(qr, d) * (float)na_load(kr, d);
+    for (long long d = common; d < DV; ++d) dp += (float)na_load(gr, d) * (float)na_load(vr, d);
+}
 
 // Row i of a z table, or below rank 3 (no table) the trivial axis' row:
 // window [0, 1), the one query that sees the one key.
@@ -164,12 +178,12 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const T zero = T();
     unsigned char* smem = na_dynamic_shared();
     constexpr int KS = KC + 1;  // ds row stride (floats)
-    const long long RS = na_fb_row<T>(D);
+    const long long RS = na_fb_row<T>(na_max(D, DV));  // rows of either head dim
     // (in 3D the z stride moves between rows too; below rank 3 it is never read)
     const bool k_vec = na_rows_vectorizable(k, D, k_l, k_b, k_x, k_y, k_h) &&
                        (RANK < 3 || na_rows_vectorizable(k, D, k_l, k_z, 0, 0, 0));
-    const bool v_vec = na_rows_vectorizable(v, D, v_l, v_b, v_x, v_y, v_h) &&
-                       (RANK < 3 || na_rows_vectorizable(v, D, v_l, v_z, 0, 0, 0));
+    const bool v_vec = na_rows_vectorizable(v, DV, v_l, v_b, v_x, v_y, v_h) &&
+                       (RANK < 3 || na_rows_vectorizable(v, DV, v_l, v_z, 0, 0, 0));
     T* qs = (T*)smem;
     T* gs = (T*)(smem + na_fb_align16(TQ * RS * (long long)sizeof(T)));
     T* ks = (T*)(smem + 2 * na_fb_align16(TQ * RS * (long long)sizeof(T)));
@@ -178,12 +192,13 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     float* racc = ds + TQ * KS;  // bias partials (bias only)
 
     // tile query qi: (qi / (TY TZ), qi / TZ % TY, qi % TZ), z fastest
-    for (long long i = tid; i < TQ * D; i += NA_FB_THREADS) {
-        const long long qi = i / D, d = i % D, qxi = qi / (TY * TZ), qyi = qi / TZ % TY, qzi = qi % TZ;
+    const long long DM = na_max(D, DV);
+    for (long long i = tid; i < TQ * DM; i += NA_FB_THREADS) {
+        const long long qi = i / DM, d = i % DM, qxi = qi / (TY * TZ), qyi = qi / TZ % TY, qzi = qi % TZ;
         if (qxi < nqx && qyi < nqy && qzi < nqz) {
             const long long x = (tx0 + qxi) * dx + gx, y = (ty0 + qyi) * dy + gy, z = (tz0 + qzi) * az.dilation + gz;
-            qs[qi * RS + d] = q[NA_AT6(q, b, x, y, z, h, d)];
-            gs[qi * RS + d] = g[NA_AT6(g, b, x, y, z, h, d)];
+            qs[qi * RS + d] = d < D ? q[NA_AT6(q, b, x, y, z, h, d)] : zero;
+            gs[qi * RS + d] = d < DV ? g[NA_AT6(g, b, x, y, z, h, d)] : zero;
         } else {
             qs[qi * RS + d] = zero;
             gs[qi * RS + d] = zero;
@@ -222,7 +237,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
             const na_fb_at w = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
             return na_row_ref{NA_AT6(k, b, w.x * dx + gx, w.y * dy + gy, w.z * az.dilation + gz, NA_KV_HEAD(h), 0), r};
         });
-        na_copy_rows(vs, RS, v, nc, D, v_l, v_vec, [&](long long r) {
+        na_copy_rows(vs, RS, v, nc, DV, v_l, v_vec, [&](long long r) {
             const na_fb_at w = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
             return na_row_ref{NA_AT6(v, b, w.x * dx + gx, w.y * dy + gy, w.z * az.dilation + gz, NA_KV_HEAD(h), 0), r};
         });
@@ -241,10 +256,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
                     const T* kr = ks + kk * RS;
                     const T* vr = vs + kk * RS;
                     float dot = 0.0f, dp = 0.0f;
-                    for (long long d = 0; d < D; ++d) {
-                        dot += (float)na_load(qr, d) * (float)na_load(kr, d);
-                        dp += (float)na_load(gr, d) * (float)na_load(vr, d);
-                    }
+                    na_fb_dots(dot, dp, qr, kr, gr, vr, D, DV);
                     float logit = dot * fscale;
                     if (rpb)
                         logit += rpb[h * rpb_h + (w.x - tx0 - qxi + kx - 1) * rpb_x +
@@ -355,7 +367,7 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     __shared__ int key_first_x[TX], key_last_x[TX], key_first_y[TY], key_last_y[TY];
     __shared__ int key_first_z[TZ], key_last_z[TZ];  // 3D only (unused below: the compiler drops them)
 
-    NA_FB_DECODE_BLOCK(TX, TY, TZ, H / HPK)  // h: the key/value head
+    NA_FB_DECODE_BLOCK(TX, TY, TZ, NA_KV_HEADS)  // h: the key/value head
     const long long lgx = na_group_length(ax, gx), lgy = na_group_length(ay, gy), lgz = na_group_length(az, gz);
     if (tx0 >= lgx || ty0 >= lgy || tz0 >= lgz) return;  // an empty tile of a shorter group: the whole block leaves
     const long long nkx = na_min(TX, lgx - tx0), nky = na_min(TY, lgy - ty0), nkz = na_min(TZ, lgz - tz0);
@@ -366,12 +378,12 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const T zero = T();
     unsigned char* smem = na_dynamic_shared();
     constexpr int PS = QC + 1;  // p / ds row stride (floats)
-    const long long RS = na_fb_row<T>(D);
+    const long long RS = na_fb_row<T>(na_max(D, DV));  // rows of either head dim
     // (in 3D the z stride moves between rows too; below rank 3 it is never read)
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h) &&
                        (RANK < 3 || na_rows_vectorizable(q, D, q_l, q_z, 0, 0, 0));
-    const bool g_vec = na_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h) &&
-                       (RANK < 3 || na_rows_vectorizable(g, D, g_l, g_z, 0, 0, 0));
+    const bool g_vec = na_rows_vectorizable(g, DV, g_l, g_b, g_x, g_y, g_h) &&
+                       (RANK < 3 || na_rows_vectorizable(g, DV, g_l, g_z, 0, 0, 0));
     const long long krow = na_fb_align16(TK * RS * (long long)sizeof(T));
     const long long qrow = na_fb_align16(QC * RS * (long long)sizeof(T));
     T* ks = (T*)smem;
@@ -385,12 +397,13 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     int* c_win = (int*)(c_delta + QC);  // [QC][WIN]
 
     // tile key ki: (ki / (TY TZ), ki / TZ % TY, ki % TZ), z fastest
-    for (long long i = tid; i < TK * D; i += NA_FB_THREADS) {
-        const long long ki = i / D, d = i % D, kxi = ki / (TY * TZ), kyi = ki / TZ % TY, kzi = ki % TZ;
+    const long long DM = na_max(D, DV);
+    for (long long i = tid; i < TK * DM; i += NA_FB_THREADS) {
+        const long long ki = i / DM, d = i % DM, kxi = ki / (TY * TZ), kyi = ki / TZ % TY, kzi = ki % TZ;
         if (kxi < nkx && kyi < nky && kzi < nkz) {
             const long long x = (tx0 + kxi) * dx + gx, y = (ty0 + kyi) * dy + gy, z = (tz0 + kzi) * az.dilation + gz;
-            ks[ki * RS + d] = k[NA_AT6(k, b, x, y, z, h, d)];
-            vs[ki * RS + d] = v[NA_AT6(v, b, x, y, z, h, d)];
+            ks[ki * RS + d] = d < D ? k[NA_AT6(k, b, x, y, z, h, d)] : zero;
+            vs[ki * RS + d] = d < DV ? v[NA_AT6(v, b, x, y, z, h, d)] : zero;
         } else {
             ks[ki * RS + d] = zero;
             vs[ki * RS + d] = zero;
@@ -411,92 +424,87 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const float fscale = (float)scale;
 
     // grouped-query attention: the box once per query head hq of the key/value head's group, into one sum
-    const long long box_chunks = (nqueries + QC - 1) / QC;
-    for (long long chunk = 0; chunk < box_chunks * HPK; ++chunk) {
-        const long long hq = h * HPK + chunk / box_chunks, c0 = chunk % box_chunks * QC;
-        const long long nc = na_min(QC, nqueries - c0);
-        __syncthreads();  // the previous chunk is consumed
-        // chunk row r: box query c0 + r
-        na_copy_rows(qs, RS, q, nc, D, q_l, q_vec, [&](long long r) {
-            const na_fb_at i = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
-            return na_row_ref{NA_AT6(q, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, hq, 0), r};
-        });
-        na_copy_rows(gs, RS, g, nc, D, g_l, g_vec, [&](long long r) {
-            const na_fb_at i = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
-            return na_row_ref{NA_AT6(g, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, hq, 0), r};
-        });
-        for (long long i = tid; i < nc; i += NA_FB_THREADS) {
-            const na_fb_at at = na_fb_box_at(c0 + i, bx0, by0, bz0, nby, nbz);
-            const long long x = at.x * dx + gx, y = at.y * dy + gy, z = at.z * az.dilation + gz;
-            long long s0, s1, t0, t1;
-            na_window(ax, x, s0, s1);
-            na_window(ay, y, t0, t1);
-            c_win[WIN * i] = (int)s0;
-            c_win[WIN * i + 1] = (int)s1;
-            c_win[WIN * i + 2] = (int)t0;
-            c_win[WIN * i + 3] = (int)t1;
-            if constexpr (RANK == 3) {
-                na_window(az, z, s0, s1);
-                c_win[WIN * i + 4] = (int)s0;
-                c_win[WIN * i + 5] = (int)s1;
-            }
-            c_lse[i] = lse[NA_ATR(l, b, x, y, z, hq)];
-            c_delta[i] = delta[NA_ATR(e, b, x, y, z, hq)];
-        }
-        __syncthreads();
-        // pass 1: p and ds per (key, query) pair
-        for (int p = tid; p < TK * QC; p += NA_FB_THREADS) {
-            const int ki = p / QC, qq = p % QC;
-            const int kxi = ki / (TY * TZ), kyi = ki / TZ % TY, kzi = ki % TZ;
-            float pr = 0.0f, s = 0.0f;
-            if (qq < nc && kxi < nkx && kyi < nky && kzi < nkz) {
-                const long long jx = tx0 + kxi, jy = ty0 + kyi, jz = tz0 + kzi;  // key group coordinates
-                const int* w = c_win + WIN * qq;
-                if (jx >= w[0] && jx < w[1] && jy >= w[2] && jy < w[3] &&
-                    (RANK < 3 || (jz >= w[WIN - 2] && jz < w[WIN - 1]))) {
-                    const T* qr = qs + qq * RS;
-                    const T* gr = gs + qq * RS;
-                    const T* kr = ks + ki * RS;
-                    const T* vr = vs + ki * RS;
-                    float dot = 0.0f, dp = 0.0f;
-                    for (long long d = 0; d < D; ++d) {
-                        dot += (float)na_load(qr, d) * (float)na_load(kr, d);
-                        dp += (float)na_load(gr, d) * (float)na_load(vr, d);
-                    }
-                    float logit = dot * fscale;
-                    if (rpb) {
-                        const na_fb_at i = na_fb_box_at(c0 + qq, bx0, by0, bz0, nby, nbz);
-                        logit += rpb[hq * rpb_h + (jx - i.x + kx - 1) * rpb_x + (jy - i.y + ky - 1) * rpb_y +
-                                     (jz - i.z + az.kernel - 1) * rpb_z];
-                    }
-                    pr = na_exp(logit - c_lse[qq]);
-                    s = pr * (dp - c_delta[qq]);
+    for (long long hq = h * HPK; hq < (h + 1) * HPK; ++hq) {
+        for (long long c0 = 0; c0 < nqueries; c0 += QC) {
+            const long long nc = na_min(QC, nqueries - c0);
+            __syncthreads();  // the previous chunk is consumed
+            // chunk row r: box query c0 + r
+            na_copy_rows(qs, RS, q, nc, D, q_l, q_vec, [&](long long r) {
+                const na_fb_at i = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
+                return na_row_ref{NA_AT6(q, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, hq, 0), r};
+            });
+            na_copy_rows(gs, RS, g, nc, DV, g_l, g_vec, [&](long long r) {
+                const na_fb_at i = na_fb_box_at(c0 + r, bx0, by0, bz0, nby, nbz);
+                return na_row_ref{NA_AT6(g, b, i.x * dx + gx, i.y * dy + gy, i.z * az.dilation + gz, hq, 0), r};
+            });
+            for (long long i = tid; i < nc; i += NA_FB_THREADS) {
+                const na_fb_at at = na_fb_box_at(c0 + i, bx0, by0, bz0, nby, nbz);
+                const long long x = at.x * dx + gx, y = at.y * dy + gy, z = at.z * az.dilation + gz;
+                long long s0, s1, t0, t1;
+                na_window(ax, x, s0, s1);
+                na_window(ay, y, t0, t1);
+                c_win[WIN * i] = (int)s0;
+                c_win[WIN * i + 1] = (int)s1;
+                c_win[WIN * i + 2] = (int)t0;
+                c_win[WIN * i + 3] = (int)t1;
+                if constexpr (RANK == 3) {
+                    na_window(az, z, s0, s1);
+                    c_win[WIN * i + 4] = (int)s0;
+                    c_win[WIN * i + 5] = (int)s1;
                 }
+                c_lse[i] = lse[NA_ATR(l, b, x, y, z, hq)];
+                c_delta[i] = delta[NA_ATR(e, b, x, y, z, hq)];
             }
-            ps[ki * PS + qq] = pr;
-            dss[ki * PS + qq] = s;
-        }
-        __syncthreads();
-        // pass 2: dk, dv of my key, my dims
-        {
-            const float* pr = ps + my_k * PS;
-            const float* sr = dss + my_k * PS;
-            // queries whose window does not hold my key add nothing (not 0 * q:
-            // a NaN or Inf query must not reach keys it does not see)
-            const long long jx = tx0 + my_k / (TY * TZ), jy = ty0 + my_k / TZ % TY, jz = tz0 + my_k % TZ;
-            for (int qq = 0; qq < nc; ++qq) {
-                const int* w = c_win + WIN * qq;
-                const bool in = jx >= w[0] && jx < w[1] && jy >= w[2] && jy < w[3] &&
-                                (RANK < 3 || (jz >= w[WIN - 2] && jz < w[WIN - 1]));
-                const float pw = pr[qq], sw = sr[qq];
-                const T* qrow_ = qs + qq * RS;
-                const T* grow_ = gs + qq * RS;
+            __syncthreads();
+            // pass 1: p and ds per (key, query) pair
+            for (int p = tid; p < TK * QC; p += NA_FB_THREADS) {
+                const int ki = p / QC, qq = p % QC;
+                const int kxi = ki / (TY * TZ), kyi = ki / TZ % TY, kzi = ki % TZ;
+                float pr = 0.0f, s = 0.0f;
+                if (qq < nc && kxi < nkx && kyi < nky && kzi < nkz) {
+                    const long long jx = tx0 + kxi, jy = ty0 + kyi, jz = tz0 + kzi;  // key group coordinates
+                    const int* w = c_win + WIN * qq;
+                    if (jx >= w[0] && jx < w[1] && jy >= w[2] && jy < w[3] &&
+                        (RANK < 3 || (jz >= w[WIN - 2] && jz < w[WIN - 1]))) {
+                        const T* qr = qs + qq * RS;
+                        const T* gr = gs + qq * RS;
+                        const T* kr = ks + ki * RS;
+                        const T* vr = vs + ki * RS;
+                        float dot = 0.0f, dp = 0.0f;
+                        na_fb_dots(dot, dp, qr, kr, gr, vr, D, DV);
+                        float logit = dot * fscale;
+                        if (rpb) {
+                            const na_fb_at i = na_fb_box_at(c0 + qq, bx0, by0, bz0, nby, nbz);
+                            logit += rpb[hq * rpb_h + (jx - i.x + kx - 1) * rpb_x + (jy - i.y + ky - 1) * rpb_y +
+                                         (jz - i.z + az.kernel - 1) * rpb_z];
+                        }
+                        pr = na_exp(logit - c_lse[qq]);
+                        s = pr * (dp - c_delta[qq]);
+                    }
+                }
+                ps[ki * PS + qq] = pr;
+                dss[ki * PS + qq] = s;
+            }
+            __syncthreads();
+            // pass 2: dk, dv of my key, my dims
+            {
+                const float* pr = ps + my_k * PS;
+                const float* sr = dss + my_k * PS;
+                // queries whose window does not hold my key add nothing (not 0 * q:
+                // a NaN or Inf query must not reach keys it does not see)
+                const long long jx = tx0 + my_k / (TY * TZ), jy = ty0 + my_k / TZ % TY, jz = tz0 + my_k % TZ;
+                for (int qq = 0; qq < nc; ++qq) {
+                    const int* w = c_win + WIN * qq;
+                    const bool in = jx >= w[0] && jx < w[1] && jy >= w[2] && jy < w[3] &&
+                                    (RANK < 3 || (jz >= w[WIN - 2] && jz < w[WIN - 1]));
+                    const float pw = pr[qq], sw = sr[qq];
+                    const T* qrow_ = qs + qq * RS;
+                    const T* grow_ = gs + qq * RS;
 #pragma unroll
-                for (int c = 0; c < DPT; ++c) {
-                    const int d = lane + c * LANES;
-                    if (in && d < D) {
-                        acc_v[c] += pw * (float)na_load(grow_, d);
-                        acc_k[c] += sw * (float)na_load(qrow_, d);
+                    for (int c = 0; c < DPT; ++c) {
+                        const int d = lane + c * LANES;
+                        if (in && d < DV) acc_v[c] += pw * (float)na_load(grow_, d);
+                        if (in && d < D) acc_k[c] += sw * (float)na_load(qrow_, d);
                     }
                 }
             }
@@ -508,10 +516,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 #pragma unroll
         for (int c = 0; c < DPT; ++c) {
             const int d = lane + c * LANES;
-            if (d < D) {
-                na_store<T, float>(dk, NA_AT6(dk, b, x, y, z, h, d), acc_k[c] * fscale);
-                na_store<T, float>(dv, NA_AT6(dv, b, x, y, z, h, d), acc_v[c]);
-            }
+            if (d < D) na_store<T, float>(dk, NA_AT6(dk, b, x, y, z, h, d), acc_k[c] * fscale);
+            if (d < DV) na_store<T, float>(dv, NA_AT6(dv, b, x, y, z, h, d), acc_v[c]);
         }
     }
 }

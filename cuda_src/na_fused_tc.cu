@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
 
     const auto kv = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, NA_KV_HEAD(h), tz,
-        az.dilation, k_z3, v_z3);
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
+        tz, az.dilation, k_z3, v_z3);
 
     // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere), with chunk 0 if Q leaves stage 0 free
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len,
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
         }
     }
 
-    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D, o_z, l_z};
+    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, DV, o_z, l_z};
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         na_tc_store_rows<T, DT, TY, TZ, RANK>(dst, o[mt], m[mt], l[mt], rows[mt], 16 * (MT * warp + mt), lane, tx, ty,

@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     unsigned qf[KSTEPS][4], gf[KSTEPS][4];
     na_tc_dq_fragments<T, HD, P, TX, TY, NA_TC_THREADS, TZ>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
                                                             {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0,
-                                                            b, h, d_len, dx, dy, tx, ty, tz, az.dilation, q_z3, g_z3);
+                                                            b, h, d_len, (int)DV, dx, dy, tx, ty, tz, az.dilation, q_z3,
+                                                            g_z3);
 
     // this lane's rows g and g + 8 of the warp's 16 queries, with their lse and delta
     const na_tc_rows rows = na_tc_query_rows<TY, TZ, RANK>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y, az,
@@ -115,8 +116,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     using kv_stream = na_tc_kv_stream<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>;
     const kv_stream kv_own = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, NA_KV_HEAD(h), tz,
-        az.dilation, k_z3, v_z3);
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
+        tz, az.dilation, k_z3, v_z3);
     __shared__ kv_stream kv_block;  // KV_SHARED: written by thread 0, read after the barrier below
     if (KV_SHARED && tid == 0) kv_block = kv_own;
     const kv_stream& kv = KV_SHARED ? kv_block : kv_own;
@@ -192,13 +193,13 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     constexpr int KSTEPS = HD / 16, NT = QC / 8, DT = HD / 8;
     constexpr int TABLE = RANK == 3 ? 8 : 6;  // words of a chunk's tables per query (na_tc_dkdv.cuh)
     // k-steps of S^T and dP^T unrolled at once: at head dim 128 all 8 (their fragments loaded ahead) spill in
-    // 2D on sm_90 (12 bytes) and in 1D on sm_100 (24 bytes); 4 at a time fit (NA_TC_ARCH: only unrolling
-    // changes, not the math)
-    constexpr int KS_UNROLL = HD == 128 && (TY > 1 || NA_TC_ARCH >= 1000) ? 4 : KSTEPS;
+    // 2D on sm_90 (12 bytes), in 1D on sm_100 (24 bytes) and, since the chunk stream runs over the query heads
+    // of a key/value head, in 1D on sm_90 (24 bytes); 4 at a time fit (only unrolling changes, not the math)
+    constexpr int KS_UNROLL = HD == 128 ? 4 : KSTEPS;
     static_assert(NK == 16 * NA_TC_WARPS && HD % 16 == 0 && QC % 16 == 0, "tile shapes");
     __shared__ na_tc_key_ranges<TX, TY, TZ, RANK> ranges;
 
-    NA_TC_DECODE_BLOCK_HEADS(TX, TY, TZ, RANK, H / HPK)  // h: the key/value head
+    NA_TC_DECODE_BLOCK_HEADS(TX, TY, TZ, RANK, NA_KV_HEADS)  // h: the key/value head
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
     na_tc_key_ranges_fill(ranges, ax, ay, tx, ty, dx, dy, az, tz);
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     if constexpr (RANK == 3) z = {tz, az.dilation, 0, q_z, g_z, l_z, e_z};
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx,
                                                                        dy, tx, ty, tz, z.dz, RANK == 3 ? k_z : 0);
-    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx,
+    na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, (int)DV, dx,
                                                                        dy, tx, ty, tz, z.dz, RANK == 3 ? v_z : 0);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     const int nqueries = qbox.keys;
     const na_tc_key_rows keys = na_tc_key_rows_of<TY, TZ, RANK>(warp, gq, tx, ty, tz);
     const bool q_vec = na_tc_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h, z.q);
-    const bool g_vec = na_tc_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h, z.g);
+    const bool g_vec = na_tc_rows_vectorizable(g, DV, g_l, g_b, g_x, g_y, g_h, z.g);
     const float scale2 = (float)scale * NA_TC_LOG2E;  // logits in log2 units
     float acc_k[DT][4], acc_v[DT][4];
 #pragma unroll
@@ -240,8 +241,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
         const na_tc_group_chunk at = na_tc_group_chunk_of(chunk, box_chunks, h, HPK);
         na_tc_dkdv_load_chunk<T, HD, na_rows_pitch<P>, QC, TY, NA_TC_THREADS, RANK>(
             stage_rows + st * 2 * QC * P, tables + st * TABLE * QC, at.local * QC, qbox, bx0, by0, ranges.group_axes,
-            q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse, {l_b, l_x, l_y, l_h},
-            delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, at.head, z);
+            q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, (int)DV, lse,
+            {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, at.head, z);
     };
 
     // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
@@ -281,7 +282,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
                     na_mma<T>::run(dp, va, gb, dp);
                 }
             }
-            na_tc_dkdv_p_ds(pr[nt], ds[nt], s, dp, in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb, at.head * rpb_h,
+            na_tc_dkdv_p_ds(pr[nt], ds[nt], s, dp, in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb, (long long)at.head * rpb_h,
                             rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
         }
         // dV += p^T dOut and dK += ds^T Q over 16-query steps
@@ -304,5 +305,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dkdv(
     }
 
     na_tc_dkdv_store<T, DT, RANK>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
-                                  keys, t, tx, ty, dx, dy, b, h, D, (float)scale, tz, z.dz, dk_z, dv_z);
+                                  keys, t, tx, ty, dx, dy, b, h, D, DV, (float)scale, tz, z.dz, dk_z,
+                                  dv_z);
 }

@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const unsigned q_address = smem_address + (unsigned)(L::rows(64 * (warp / 4)) * (int)sizeof(T));
 
     const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 3, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, NA_KV_HEAD(h), tz,
-        az.dilation, k_z3, v_z3);
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
+        tz, az.dilation, k_z3, v_z3);
     na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty, tz,
                                                    az.dilation, q_z3);
     kv.load(stages, box, 0);  // with the Q tile: chunk 0 into stage 0
@@ -194,6 +194,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
         }
     }
 
-    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, D, o_z, l_z};
+    const na_tc_output<T> dst = {out, o_b, o_x, o_y, o_h, o_l, lse, l_b, l_x, l_y, l_h, b, h, DV, o_z, l_z};
     na_tc_store_rows<T, DT, TY, TZ, RANK>(dst, o, m, l, rows, 16 * warp, lane, tx, ty, dx, dy, tz, az.dilation);
 }

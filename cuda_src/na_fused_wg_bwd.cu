@@ -86,13 +86,14 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
         na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(tiles_q_g, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx,
                                                        ty, tz, az.dilation, q_z3);
         na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(tiles_q_g + L::rows(NQ), g, g_b, g_x, g_y, g_h, g_l, b, h,
-                                                       d_len, dx, dy, tx, ty, tz, az.dilation, g_z3);
+                                                       (int)DV, dx, dy, tx, ty, tz, az.dilation, g_z3);
         na_cp_async_commit();
         for (long long i = tid; i < (partial_out ? entries : 0); i += THREADS) racc[i] = 0.0f;
     } else {
         na_tc_dq_fragments<T, HD, P, TX, TY, THREADS, TZ>(qf, gf, tiles_q_g, q, {q_b, q_x, q_y, q_h, q_l}, g,
                                                           {g_b, g_x, g_y, g_h, g_l}, racc, partial_out ? entries : 0,
-                                                          b, h, d_len, dx, dy, tx, ty, tz, az.dilation, q_z3, g_z3);
+                                                          b, h, d_len, (int)DV, dx, dy, tx, ty, tz, az.dilation, q_z3,
+                                                          g_z3);
     }
 
     const na_tc_rows rows =
@@ -110,8 +111,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     float(&accf)[HD / 2] = reinterpret_cast<float(&)[HD / 2]>(acc);
     const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, tx, ty, dx, dy, b, NA_KV_HEAD(h), tz,
-        az.dilation, k_z3, v_z3);
+        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
+        tz, az.dilation, k_z3, v_z3);
     if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     kv.load(stages, box, 0);
     // this lane's 4 values of 8-key tile nt into its rows of sds (the bias partials' ds)
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     static_assert(RANK == 3 || TZ == 1, "a z extent in 3D only");
     __shared__ na_tc_key_ranges<TX, TY, TZ, RANK> ranges;
 
-    NA_TC_DECODE_BLOCK_HEADS(TX, TY, TZ, RANK, H / HPK)  // h: the key/value head
+    NA_TC_DECODE_BLOCK_HEADS(TX, TY, TZ, RANK, NA_KV_HEADS)  // h: the key/value head
     if (!tile_ok) return;  // an empty tile of a shorter group: no keys here
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, t = lane & 3;
     na_tc_key_ranges_fill<TX, TY, THREADS>(ranges, ax, ay, tx, ty, dx, dy, az, tz);
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     if constexpr (RANK == 3) z = {tz, az.dilation, 0, q_z, g_z, l_z, e_z};
     na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sk, k, k_b, k_x, k_y, k_h, k_l, b, h, d_len, dx, dy, tx, ty, tz, z.dz,
                                                    RANK == 3 ? k_z : 0);
-    na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, d_len, dx, dy, tx, ty, tz, z.dz,
+    na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sv, v, v_b, v_x, v_y, v_h, v_l, b, h, (int)DV, dx, dy, tx, ty, tz, z.dz,
                                                    RANK == 3 ? v_z : 0);
     na_cp_async_commit();
     __syncthreads();  // the inverse ranges
@@ -271,7 +272,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     }
     const na_tc_key_rows keys = na_tc_key_rows_of<TY, TZ, RANK>(warp, gq, tx, ty, tz);
     const bool q_vec = na_tc_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h, z.q);
-    const bool g_vec = na_tc_rows_vectorizable(g, D, g_l, g_b, g_x, g_y, g_h, z.g);
+    const bool g_vec = na_tc_rows_vectorizable(g, DV, g_l, g_b, g_x, g_y, g_h, z.g);
     const float scale2 = (float)scale * NA_TC_LOG2E;  // logits in log2 units
     float acc_k[DT][4], acc_v[DT][4];
 #pragma unroll
@@ -287,8 +288,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
         const na_tc_group_chunk at = na_tc_group_chunk_of(chunk, box_chunks, h, HPK);
         return na_tc_dkdv_load_chunk<T, HD, L, QC, TY, THREADS, RANK>(
             stages + (chunk & 1) * STAGE, tables + (chunk & 1) * TABLE * QC, at.local * QC, qbox, bx0, by0,
-            ranges.group_axes, q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len, lse,
-            {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, at.head, z);
+            ranges.group_axes, q, {q_b, q_x, q_y, q_h, q_l}, q_vec, g, {g_b, g_x, g_y, g_h, g_l}, g_vec, d_len,
+            (int)DV, lse, {l_b, l_x, l_y, l_h}, delta, {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, at.head, z);
     };
     // chunk c + 1 is issued right after the barrier that makes chunk c visible (every warp is past chunk
     // c - 1 there, so its stage is free) and lands during chunk c: one barrier a chunk
@@ -342,7 +343,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
                 bool in[4];
                 na_tc_dkdv_visible<TY, RANK>(in, c_win, 8 * nt + 2 * t, keys, c_win + 4 * QC);
                 na_tc_dkdv_p_ds(s[nt], dp[nt], s[nt], dp[nt], in, c0, 8 * nt + 2 * t, qbox, bx0, by0, keys, rpb,
-                                at.head * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
+                                (long long)at.head * rpb_h, rpb_x, rpb_y, kx, ky, scale2, c_lse, c_delta, z.bz0, rpb_z, az.kernel);
             }
         }
         unsigned pa[QC / 16][4], da[QC / 16][4];
@@ -369,5 +370,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dkdv(
     }
 
     na_tc_dkdv_store<T, DT, RANK>(dk, {dk_b, dk_x, dk_y, dk_h, dk_l}, acc_k, dv, {dv_b, dv_x, dv_y, dv_h, dv_l}, acc_v,
-                                  keys, t, tx, ty, dx, dy, b, h, D, (float)scale, tz, z.dz, dk_z, dv_z);
+                                  keys, t, tx, ty, dx, dy, b, h, D, DV, (float)scale, tz, z.dz, dk_z,
+                                  dv_z);
 }

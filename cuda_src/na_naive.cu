@@ -130,15 +130,15 @@ __global__ void na_av_fwd(const TA* __restrict__ attn, NA_TENSOR(a), const T* __
 // heads hq reading key/value head h (grouped-query attention: HPK of them,
 // in order) and queries i whose window holds key j of
 // w[b,i,hq,slot(i,j)] * src[b,i,hq,d] (dK from dAttn and Q, dV from Attn and
-// dOut; out has H / HPK heads): deterministic, no atomics
+// dOut; out has NA_KV_HEADS heads): deterministic, no atomics
 template <class TA, class T, int RANK = 2>
 __global__ void na_inv_fwd(const TA* __restrict__ w, NA_TENSOR(w), const T* __restrict__ src, NA_TENSOR(s),
                            T* __restrict__ out, NA_TENSOR(o), double scale, NA_PROBLEM) {
     typedef typename na_acc<T>::type A;
     NA_PROBLEM_AXES(RANK)
     const long long n = na_thread_index();
-    if (n >= B * X * Y * az.length * (H / HPK) * D) return;
-    const na_coords c = na_unravel(n, X, Y, az.length, H / HPK, D);
+    if (n >= B * X * Y * az.length * (NA_KV_HEADS) * D) return;
+    const na_coords c = na_unravel(n, X, Y, az.length, NA_KV_HEADS, D);
     const long long b = c.b, jx = c.x, jy = c.y, jz = c.z, h = c.h, d = c.last;
     long long qx0, qx1, qy0, qy1, qz0 = 0, qz1 = 1;
     na_inverse_range(ax, jx, qx0, qx1);

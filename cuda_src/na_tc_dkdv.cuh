@@ -150,16 +150,16 @@ __device__ __forceinline__ na_tc_key_rows na_tc_key_rows_of(int warp, int gq, co
     return k;
 }
 
-// Chunk c0 .. c0 + QC - 1 of the query box into a stage: its Q rows at sq, its dOut rows QC rows further
-// (layout L) as one cp.async group (the caller waits), then its tables (plain stores; the caller's barrier).
-// Returns whether each query whose table entry this thread wrote is a query of the chunk whose window
-// holds every key of the tile (true where it wrote none): AND-ed over the block, whether the chunk needs
-// no window test. THREADS threads share the work.
+// Chunk c0 .. c0 + QC - 1 of the query box into a stage: its Q rows (head dim d_len) at sq, its dOut rows
+// (head dim v_len) QC rows further (layout L) as one cp.async group (the caller waits), then its tables
+// (plain stores; the caller's barrier). Returns whether each query whose table entry this thread wrote is a
+// query of the chunk whose window holds every key of the tile (true where it wrote none): AND-ed over the
+// block, whether the chunk needs no window test. THREADS threads share the work.
 template <class T, int HD, class L, int QC, int TY, int THREADS = NA_TC_THREADS, int RANK = 2>
 __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c0, const na_tc_box<TY, RANK>& qbox,
                                                       int bx0, int by0, const na_tc_group_axis* axes,
                                                       const T* q, const long long (&qs)[5], bool q_vec, const T* g,
-                                                      const long long (&gs)[5], bool g_vec, int d_len,
+                                                      const long long (&gs)[5], bool g_vec, int d_len, int v_len,
                                                       const float* lse, const long long (&ls)[4],
                                                       const float* delta, const long long (&es)[4],
                                                       const na_tile_axis& tx, const na_tile_axis& ty, long long dx,
@@ -174,7 +174,7 @@ __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c
             na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, gs[0], gs[1], gs[2], gs[3], z.bz0, z.tz.g, z.dz, z.g) :
             na_tc_box_rows_of(bx0, by0, tx.g, ty.g, dx, dy, b, h, gs[0], gs[1], gs[2], gs[3]);
         na_tc_load_box_keys<T, HD, L, QC, THREADS>(sq, q, qs[4], q_vec, d_len, qbox, q_at, c0);
-        na_tc_load_box_keys<T, HD, L, QC, THREADS>(sq + L::rows(QC), g, gs[4], g_vec, d_len, qbox, g_at, c0);
+        na_tc_load_box_keys<T, HD, L, QC, THREADS>(sq + L::rows(QC), g, gs[4], g_vec, v_len, qbox, g_at, c0);
     }
     na_cp_async_commit();
     float* c_lse = table;
@@ -215,14 +215,14 @@ __device__ __forceinline__ bool na_tc_dkdv_load_chunk(T* sq, float* table, int c
 
 // chunk `chunk` of a dK/dV block's stream (box_chunks chunks per query head, key/value head hk): box chunk
 // `local` of query head `head`
+// (int: the HD-128 kernels are at 255 registers)
 struct na_tc_group_chunk {
-    int local;
-    long long head;
+    int local, head;
 };
 __device__ __forceinline__ na_tc_group_chunk na_tc_group_chunk_of(int chunk, int box_chunks, long long hk,
                                                                   long long hpk) {
     const int g = chunk / box_chunks;
-    return {chunk - g * box_chunks, hk * hpk + g};
+    return {chunk - g * box_chunks, (int)hk * (int)hpk + g};
 }
 
 // in[2 i + e] for key row i and the tile's query column col0 + e (col0 = 8 nt + 2t of the chunk); in 1D
@@ -297,13 +297,14 @@ __device__ __forceinline__ void na_tc_dkdv_p_ds_all(float (&pr)[4], float (&ds)[
 }
 
 // dk = scale acc_k, dv = acc_v (strides b, x, y, h, head dim) of the lane's valid key rows, head dims < D
+// (dk) and < DV (dv)
 // (tz, dz, dk_z, dv_z: the z axis and the z strides, RANK 3 only)
 template <class T, int DT, int RANK = 2>
 __device__ __forceinline__ void na_tc_dkdv_store(T* dk, const long long (&ks)[5], const float (&acc_k)[DT][4], T* dv,
                                                  const long long (&vs)[5], const float (&acc_v)[DT][4],
                                                  const na_tc_key_rows& keys, int t, const na_tile_axis& tx,
                                                  const na_tile_axis& ty, long long dx, long long dy, long long b,
-                                                 long long h, long long D, float scale,
+                                                 long long h, long long D, long long DV, float scale,
                                                  const na_tile_axis& tz = NA_TC_NO_Z, long long dz = 1,
                                                  long long dk_z = 0, long long dv_z = 0) {
 #pragma unroll
@@ -317,10 +318,9 @@ __device__ __forceinline__ void na_tc_dkdv_store(T* dk, const long long (&ks)[5]
 #pragma unroll
             for (int e2 = 0; e2 < 2; ++e2) {
                 const long long d = 8 * dt + 2 * t + e2;
-                if (d < D) {
+                if (d < D)
                     na_store<T, float>(dk, NA_TC_AT5(ks, b, x, y, h, d) + k_at, acc_k[dt][2 * i + e2] * scale);
-                    na_store<T, float>(dv, NA_TC_AT5(vs, b, x, y, h, d) + v_at, acc_v[dt][2 * i + e2]);
-                }
+                if (d < DV) na_store<T, float>(dv, NA_TC_AT5(vs, b, x, y, h, d) + v_at, acc_v[dt][2 * i + e2]);
             }
     }
 }

@@ -44,7 +44,8 @@ template <class T, int HD, int P, int TX, int TY, int THREADS = NA_TC_THREADS, i
 __device__ __forceinline__ void na_tc_dq_fragments(unsigned (&qf)[HD / 16][4], unsigned (&gf)[HD / 16][4], T* tiles,
                                                    const T* q, const long long (&qs)[5], const T* g,
                                                    const long long (&gs)[5], float* racc, long long entries,
-                                                   long long b, long long h, int D, long long dx, long long dy,
+                                                   long long b, long long h, int D, int DV, long long dx,
+                                                   long long dy,
                                                    const na_tile_axis& tx, const na_tile_axis& ty,
                                                    const na_tile_axis& tz = NA_TC_NO_Z, long long dz = 1,
                                                    long long q_z = 0, long long g_z = 0) {
@@ -52,7 +53,7 @@ __device__ __forceinline__ void na_tc_dq_fragments(unsigned (&qf)[HD / 16][4], u
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, THREADS, TZ>(tiles, q, qs[0], qs[1], qs[2], qs[3], qs[4], b, h,
                                                                   D, dx, dy, tx, ty, tz, dz, q_z);
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, THREADS, TZ>(tiles + NQ * P, g, gs[0], gs[1], gs[2], gs[3], gs[4],
-                                                                  b, h, D, dx, dy, tx, ty, tz, dz, g_z);
+                                                                  b, h, DV, dx, dy, tx, ty, tz, dz, g_z);
     na_cp_async_commit();
     for (long long i = threadIdx.x; i < entries; i += THREADS) racc[i] = 0.0f;
     na_cp_async_wait_group<0>();

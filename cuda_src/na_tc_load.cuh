@@ -146,7 +146,7 @@ struct na_tc_kv_stream {
     const T* v;
     long long k_step, v_step;  // element strides of the head dim
     bool k_vec, v_vec;
-    int d_len;
+    int k_len, v_len;  // head dims of K and of V (the rest of a row up to HD is zero)
     na_tc_box_rows k_at, v_at;
 
     // chunk `chunk`'s stage: its K rows, then its V rows from L::rows(KC) on
@@ -156,8 +156,8 @@ struct na_tc_kv_stream {
 
     __device__ __forceinline__ void load(T* stages, const na_tc_box<TY, RANK>& box, int chunk) const {
         T* stage = stage_of(stages, chunk);
-        na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage, k, k_step, k_vec, d_len, box, k_at, chunk * KC);
-        na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage + L::rows(KC), v, v_step, v_vec, d_len, box, v_at,
+        na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage, k, k_step, k_vec, k_len, box, k_at, chunk * KC);
+        na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage + L::rows(KC), v, v_step, v_vec, v_len, box, v_at,
                                                    chunk * KC);
         na_cp_async_commit();
     }
@@ -189,11 +189,11 @@ __device__ __forceinline__ bool na_tc_rows_vectorizable(const T* src, long long 
     return na_rows_vectorizable(src, D, s_l, s_b, s_x, s_y, s_h) && s_z % (16 / (long long)sizeof(T)) == 0;
 }
 
-// the stream of one (b, h)'s K and V (strides b, x, y, h, head dim) over the key box of tiles tx, ty (and, in
-// 3D, tz: dilation dz, the tensors' z strides k_z, v_z)
+// the stream of one (b, h)'s K and V (strides b, x, y, h, head dim; head dims D and DV) over the key box of
+// tiles tx, ty (and, in 3D, tz: dilation dz, the tensors' z strides k_z, v_z)
 template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2, int RANK = 2>
 __device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY, THREADS, STAGES, RANK> na_tc_kv_stream_of(
-    const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D,
+    const T* k, const long long (&ks)[5], const T* v, const long long (&vs)[5], long long D, long long DV,
     const na_tile_axis& tx, const na_tile_axis& ty, long long dx, long long dy, long long b, long long h,
     const na_tile_axis& tz = NA_TC_NO_Z, long long dz = 1, long long k_z = 0, long long v_z = 0) {
     return {k,
@@ -201,8 +201,9 @@ __device__ __forceinline__ na_tc_kv_stream<T, HD, L, KC, TY, THREADS, STAGES, RA
             ks[4],
             vs[4],
             na_tc_rows_vectorizable(k, D, ks[4], ks[0], ks[1], ks[2], ks[3], k_z),
-            na_tc_rows_vectorizable(v, D, vs[4], vs[0], vs[1], vs[2], vs[3], v_z),
+            na_tc_rows_vectorizable(v, DV, vs[4], vs[0], vs[1], vs[2], vs[3], v_z),
             (int)D,
+            (int)DV,
             na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, ks[0], ks[1], ks[2], ks[3], tz.h0, tz.g, dz,
                               k_z),
             na_tc_box_rows_of(tx.h0, ty.h0, tx.g, ty.g, dx, dy, b, h, vs[0], vs[1], vs[2], vs[3], tz.h0, tz.g, dz,

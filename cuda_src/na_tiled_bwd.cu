@@ -52,8 +52,9 @@ __device__ __forceinline__ long long na_tinv_box_y(long long TY, long long Y, lo
 template <class T> struct na_tinv_is_bf16 { static constexpr bool value = false; };
 template <> struct na_tinv_is_bf16<bf16_t> { static constexpr bool value = true; };
 
-// The 3D path (RANK 3) at head dim 64 spills 8 to 16 bytes under the cap on sm_100 and sm_120 (every key tile
-// tried: its address state, not its accumulators, fills the registers): one block an SM there.
+// The 3D path (RANK 3) at head dim 64 spills under the cap on every architecture (8 to 16 bytes on sm_100 and
+// sm_120; 40 on sm_90 since its loop over the query heads of a key/value head; every key tile tried: its
+// address state, not its accumulators, fills the registers): one block an SM.
 template <class TA, class T, int HD, int TX, int TY, int RANK = 2>
 __host__ __device__ constexpr int na_tinv_min_blocks() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
@@ -63,7 +64,7 @@ __host__ __device__ constexpr int na_tinv_min_blocks() {
 #endif
            : 2;
 #else
-    return 2;
+    return RANK == 3 && HD == 64 ? 1 : 2;
 #endif
 }
 
@@ -119,7 +120,7 @@ __device__ __forceinline__ void na_tiled_inv_3d(const TA* __restrict__ w, NA_TEN
     const long long tile_z = n % na_tiles_per_axis(az, TZ); n /= na_tiles_per_axis(az, TZ);
     const long long tile_y = n % na_tiles_per_axis(ay, TY); n /= na_tiles_per_axis(ay, TY);
     const long long tile_x = n % na_tiles_per_axis(ax, TX); n /= na_tiles_per_axis(ax, TX);
-    const long long h = n % (H / HPK), b = n / (H / HPK);
+    const long long h = n % (NA_KV_HEADS), b = n / (NA_KV_HEADS);
     const long long gx = tile_x % dx, gy = tile_y % dy, gz = tile_z % dz;
     const long long kx0 = (tile_x / dx) * TX, ky0 = (tile_y / dy) * TY, kz0 = (tile_z / dz) * TZ;
     const long long lgx = na_group_length(ax, gx), lgy = na_group_length(ay, gy), lgz = na_group_length(az, gz);
@@ -236,8 +237,8 @@ __global__ void __launch_bounds__(NA_TINV_THREADS, (na_tinv_min_blocks<TA, T, HD
     long long n = blockIdx.x;
     const long long tile_y = n % nty; n /= nty;
     const long long tile_x = n % ntx; n /= ntx;
-    const long long h = n % (H / HPK);
-    const long long b = n / (H / HPK);
+    const long long h = n % (NA_KV_HEADS);
+    const long long b = n / (NA_KV_HEADS);
     const long long gx = tile_x % dx, gy = tile_y % dy;
     const long long kx0 = (tile_x / dx) * TX, ky0 = (tile_y / dy) * TY;
     const long long lgx = na_group_length(ax, gx), lgy = na_group_length(ay, gy);

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -37,6 +37,24 @@ class Problem:
     #: key/value heads (GQA/MQA: fewer than ``heads``, dividing them; query head h reads key/value head
     #: h // group); None: as many as the query's
     heads_kv: int | None = None
+    #: the value's head dim (and the output's) where it differs from ``head_dim`` (the query's and key's); None:
+    #: the same
+    head_dim_v: int | None = None
+
+    @property
+    def v_dim(self) -> int:
+        """The value's (and the output's) head dim."""
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
+    @property
+    def max_head_dim(self) -> int:
+        """The larger head dim: the fused kernels' head-dim bucket holds both."""
+        return max(self.head_dim, self.v_dim)
+
+    def values_problem(self) -> "Problem":
+        """The problem whose head dim is the value's: what the split kernels take where they reduce over or
+        write value head dims (``av``, the value gradient, ``dOut . V``)."""
+        return self if self.head_dim_v is None else replace(self, head_dim=self.head_dim_v, head_dim_v=None)
 
     @property
     def kv_heads(self) -> int:
@@ -78,13 +96,23 @@ class Problem:
 
     @property
     def qkv_shape(self) -> tuple[int, ...]:
-        """The query's shape (and the output's; the keys' and values' too without GQA)."""
+        """The query's shape (and the output's without ``head_dim_v``; the keys' and values' too without GQA)."""
         return (self.batch, *self.spatial, self.heads, self.head_dim)
 
     @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The output's shape (and dOut's): the query's heads, the value's head dim."""
+        return (self.batch, *self.spatial, self.heads, self.v_dim)
+
+    @property
     def kv_shape(self) -> tuple[int, ...]:
-        """The keys' and values' shape: ``kv_heads`` heads."""
+        """The keys' shape (the values' too without ``head_dim_v``): ``kv_heads`` heads."""
         return (self.batch, *self.spatial, self.kv_heads, self.head_dim)
+
+    @property
+    def v_shape(self) -> tuple[int, ...]:
+        """The values' shape: ``kv_heads`` heads of the value's head dim."""
+        return (self.batch, *self.spatial, self.kv_heads, self.v_dim)
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
@@ -263,17 +291,22 @@ def _check_grad(name: str, grad, primary_name: str, primary, shape) -> None:
                          f"{_layouts.shape_note(primary_name, primary, len(shape) - 3, _layouts.HEADS_LAST)}")
 
 
-def _kv_heads(ndim: int, primary_name: str, primary, heads: int, others) -> int | None:
+def _kv_heads(ndim: int, primary_name: str, primary, heads: int, others, own_head_dim: str = "") -> int | None:
     """The key/value heads of ``others`` (``(name, array)``, shaped like ``primary`` except, with GQA/MQA,
-    along the heads axis): None where they have ``heads``, else a count that divides ``heads``."""
+    along the heads axis, and for the one named ``own_head_dim``, along the head dim): None where they have
+    ``heads``, else a count that divides ``heads``."""
     counts = set()
     for name, x in others:
         shape = tuple(int(s) for s in x.shape)
-        if len(shape) != len(primary.shape) or shape[:-2] + shape[-1:] != tuple(primary.shape[:-2]) + (
-                int(primary.shape[-1]),):
+        own = name == own_head_dim
+        if len(shape) != len(primary.shape) or shape[:-2] + (() if own else shape[-1:]) != tuple(
+                primary.shape[:-2]) + (() if own else (int(primary.shape[-1]),)):
+            what = "fewer heads on axis -2" + (", a head dim of its own" if own else "")
             raise ValueError(
-                f"{name} must have the shape of {primary_name} {tuple(primary.shape)} (with GQA/MQA, fewer heads "
-                f"on axis -2), got {shape}{_layouts.shape_note(primary_name, primary, ndim, _layouts.HEADS_LAST)}")
+                f"{name} must have the shape of {primary_name} {tuple(primary.shape)} (with GQA/MQA, {what}), got "
+                f"{shape}{_layouts.shape_note(primary_name, primary, ndim, _layouts.HEADS_LAST)}")
+        if own and shape[-1] < 1:
+            raise ValueError(f"{name} head_dim (last dimension) must be >= 1, got {shape[-1]}")
         counts.add(shape[-2])
     if len(counts) > 1:
         names = " and ".join(name for name, _ in others)
@@ -301,15 +334,16 @@ def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_cau
     _same_placement("query", query, {"key": key, "value": value})
     dtype = _floating("query", query)
     batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
-    heads_kv = _kv_heads(ndim, "query", query, heads, (("key", key), ("value", value)))
+    heads_kv = _kv_heads(ndim, "query", query, heads, (("key", key), ("value", value)), own_head_dim="value")
     if head_dim < 1:
         raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
     axes = _axes(ndim, spatial, kernel_size, stride, dilation, is_causal, _note("query", query, ndim))
     has_rpb = _check_rpb(rpb, "query", query, axes, heads)
     scale = _scale(scale, head_dim)
     _layouts.warn_if_transposed("query", query, ndim, _layouts.HEADS_LAST)
+    head_dim_v = int(value.shape[-1])
     return Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, scale,
-                   heads_kv)
+                   heads_kv, None if head_dim_v == head_dim else head_dim_v)
 
 
 def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Problem:
@@ -362,9 +396,9 @@ def av_problem(ndim, attn, value, kernel_size, dilation, is_causal) -> Problem:
 
 
 def check_fused_backward(problem: Problem, grad_out, query, output, logsumexp, grad_logsumexp=None) -> None:
-    _check_grad("grad_out", grad_out, "query", query, problem.qkv_shape)
+    _check_grad("grad_out", grad_out, "query", query, problem.out_shape)
     if output is not None:
-        _check_grad("output", output, "query", query, problem.qkv_shape)
+        _check_grad("output", output, "query", query, problem.out_shape)
     for name, rows in (("logsumexp", logsumexp), ("grad_logsumexp", grad_logsumexp)):
         if rows is None:
             continue

@@ -97,7 +97,8 @@ def fused_fwd(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], 
 
 @fused_fwd.register_fake
 def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
-    return query.new_empty(query.shape), query.new_empty(query.shape[:-1], dtype=_lse_dtype(query))
+    return (query.new_empty((*query.shape[:-1], value.shape[-1])),  # the value's head dim
+            query.new_empty(query.shape[:-1], dtype=_lse_dtype(query)))
 
 
 @torch.library.custom_op("na_rtc::fused_bwd", mutates_args=())

@@ -99,7 +99,10 @@ def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
 
     Each query attends to ``kernel_size`` keys around it (the window shifts
     inward at the borders; causal windows hold 1 to ``kernel_size`` keys).
-    ``scale`` defaults to ``head_dim ** -0.5``; ``rpb`` (``[heads, 2k - 1]``,
+    ``key`` and ``value`` may have fewer heads than ``query`` (GQA/MQA: a
+    divisor of its heads), and ``value`` a head dim of its own, which the
+    output takes. ``scale`` defaults to ``head_dim ** -0.5`` (the query's);
+    ``rpb`` (``[heads, 2k - 1]``,
     odd ``k``, not causal) is added to the logits unscaled. With
     ``return_lse=True`` returns ``(output, logsumexp)``, the logsumexp being
     ``[batch, length, heads]`` float32 (float64 for float64 inputs), the

@@ -221,9 +221,10 @@ class _Run:
         self.dtype = self.m.compute_dtype(problem.dtype)
         self.all_valid = all_slots_valid(problem.axes)
         self.shape = (problem.batch, problem.heads, problem.tokens, problem.head_dim)
+        self.shape_v = (*self.shape[:3], problem.v_dim)  # the values', output's and their gradients'
         self.weights_shape = (problem.batch, problem.heads, problem.tokens, problem.slots)
         itemsize = 8 if problem.dtype == "float64" else 4
-        gathered = max(problem.batch, 1) * problem.heads * max(problem.head_dim, 1) * itemsize
+        gathered = max(problem.batch, 1) * problem.heads * max(problem.max_head_dim, 1) * itemsize
         per_query = problem.slots * (gathered + _SLOT_ROW_BYTES)
         self.chunk = max(1, config.reference_chunk_bytes() // per_query)
 
@@ -246,12 +247,12 @@ class _Run:
 
     def kv_output(self, x):
         """A key/value gradient of every query head, ``[B, H, N, D]``: summed over each group's query heads
-        (in head order), heads-last in the keys' shape."""
+        (in head order), heads-last in the keys' shape (the values' head dim for a value gradient)."""
         group = self.problem.group
         if group > 1:
             b, h, n, d = x.shape
             x = x.reshape(b, h // group, group, n, d).sum(2)
-        return self.m.heads_last(x, self.problem.dtype, self.problem.kv_shape)
+        return self.m.heads_last(x, self.problem.dtype, (*self.problem.kv_shape[:-1], x.shape[-1]))
 
     def prepare_rpb(self, rpb):
         """``[heads, *(2k-1)]`` -> ``[heads, prod(2k-1)]`` in the compute dtype."""
@@ -289,7 +290,8 @@ class _Run:
         self.m.scatter_add(target, 1, chunk.bias_index.reshape(-1), per_slot.reshape(per_slot.shape[0], -1))
 
     def output(self, x):
-        return self.m.heads_last(x, self.problem.dtype, self.problem.qkv_shape)
+        """``[B, H, N, D]`` heads-last with the query's heads (D: the query's head dim or the value's)."""
+        return self.m.heads_last(x, self.problem.dtype, (*self.problem.qkv_shape[:-1], x.shape[-1]))
 
     def weights_output(self, x):
         return self.m.heads_last(x, self.problem.dtype, self.problem.attn_shape)
@@ -320,7 +322,7 @@ def fused_forward(problem: Problem, query, key, value, rpb=None, *, keep_compute
     run = _Run(problem, query)
     q, k, v = run.prepare(query), run.prepare_kv(key), run.prepare_kv(value)
     bias = run.prepare_rpb(rpb)
-    out = run.m.zeros(run.shape, run.dtype)
+    out = run.m.zeros(run.shape_v, run.dtype)
     lse = run.m.zeros(run.shape[:3], run.dtype)
     for chunk in run.chunks():
         rows = chunk.rows
@@ -347,7 +349,7 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     delta = m.sum_last(dout * out)  # rowsum(dOut * out): [B, H, N]
     if grad_lse is not None:  # d lse / d logit = p: the logits' gradient gains p * dlse
         delta = delta - run.prepare(grad_lse[..., None])[..., 0]
-    dq, dk, dv = (m.zeros(run.shape, run.dtype) for _ in range(3))
+    dq, dk, dv = m.zeros(run.shape, run.dtype), m.zeros(run.shape, run.dtype), m.zeros(run.shape_v, run.dtype)
     drpb = run.new_rpb_grad(rpb)
     for chunk in run.chunks():
         rows = chunk.rows

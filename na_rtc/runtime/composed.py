@@ -42,7 +42,7 @@ def forward(kernels, problem: Problem, query, key, value, rpb=None):
     """``(out, lse)`` of the fused op, composed."""
     lse = _arrays.empty(query, problem.lse_shape, accumulator_dtype(problem.dtype))
     probs = _probabilities(kernels, problem, query, key, rpb, lse)
-    return kernels.av(problem, probs, value), lse
+    return kernels.av(problem.values_problem(), probs, value), lse
 
 
 def backward(kernels, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
@@ -52,13 +52,14 @@ def backward(kernels, problem: Problem, grad_out, query, key, value, rpb=None, o
     logit = p)."""
     acc = accumulator_dtype(problem.dtype)
     probs = _probabilities(kernels, problem, query, key, rpb)
-    grad_logits = kernels.qk(problem, grad_out, value, None, acc, 1.0, 0.0)
+    values = problem.values_problem()  # dOut . V and dV reduce over or write the value's head dims
+    grad_logits = kernels.qk(values, grad_out, value, None, acc, 1.0, 0.0)
     kernels.softmax_backward(problem, probs, grad_logits)
     if grad_lse is not None:
         grad_logits += probs * _arrays.cast(grad_lse, acc)[..., None]
     dq = kernels.av(problem, grad_logits, key, problem.scale)
     dk = kernels.inverse(problem, grad_logits, query, problem.scale)
-    dv = kernels.inverse(problem, probs, grad_out)
+    dv = kernels.inverse(values, probs, grad_out)
     drpb = None if rpb is None else _arrays.cast(kernels.bias_grad(problem, grad_logits), _arrays.dtype_name(rpb))
     return dq, dk, dv, drpb
 

@@ -5,7 +5,8 @@ function here packs one of them, in the same order; a change to one is a
 change to the other:
 
 * ``NA_PROBLEM`` -> :func:`problem`: batch, query heads, query heads per
-  key/value head (grouped-query attention; 1 without), head dim, then per axis
+  key/value head (grouped-query attention; 1 without), the query's and key's
+  head dim, the value's (and output's) head dim, then per axis
   length, kernel, stride, dilation and causal flag (x, y, then z);
 * ``NA_TENSOR(t)`` -> :func:`tensor`: a ``[b, *spatial, h, last]`` array as
   its pointer and six int64 element strides (batch, x, y, z, head, last);
@@ -40,10 +41,11 @@ _NULL_BIAS = (P.NULL, *(_i64(0),) * (1 + AXES))
 _NULL_ROWS = (P.NULL, *(_i64(0),) * (2 + AXES))
 
 
-@lru_cache(maxsize=256)  # a warm call repeats its problem: its 19 arguments are packed once
+@lru_cache(maxsize=256)  # a warm call repeats its problem: its 20 arguments are packed once
 def problem(problem: Problem) -> tuple[P.Arg, ...]:
     """``NA_PROBLEM``."""
-    args = [_i64(problem.batch), _i64(problem.heads), _i64(problem.group), _i64(problem.head_dim)]
+    args = [_i64(problem.batch), _i64(problem.heads), _i64(problem.group), _i64(problem.head_dim),
+            _i64(problem.v_dim)]
     for axis in problem.axes:
         args += [_i64(axis.length), _i64(axis.kernel_size), _i64(axis.stride), _i64(axis.dilation),
                  _i64(axis.causal)]

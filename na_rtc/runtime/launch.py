@@ -34,9 +34,9 @@ Executor = Callable[[P.LaunchPlan], object]
 def fused_forward(run: Executor, launch: Launch, problem: Problem, query, key, value, rpb_acc=None):
     """``(out, lse)`` of a fused forward kernel (SIMT, mma.sync or wgmma: one argument list): out in the problem
     dtype, lse float32 ``[batch, *spatial, heads]``. ``rpb_acc``: the bias table in float32, or None."""
-    out = _arrays.empty(query, problem.qkv_shape, problem.dtype)
+    out = _arrays.empty(query, problem.out_shape, problem.dtype)
     lse = _arrays.empty(query, problem.lse_shape, "float32")
-    if launch.blocks == 0 or math.prod(problem.qkv_shape) == 0:
+    if launch.blocks == 0 or math.prod(problem.out_shape) == 0:
         return out, lse
     args = (A.tensor(query, problem) + A.tensor(key, problem) + A.tensor(value, problem) + A.bias(rpb_acc, problem)
             + A.tensor(out, problem) + A.rows(lse, problem) + (P.f64(problem.scale),) + A.problem(problem))
@@ -71,7 +71,8 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
         raise ValueError("the fused backward needs the forward's output and logsumexp")
     dtype = problem.dtype
     if math.prod(problem.qkv_shape) == 0:  # batch or heads 0: nothing to launch; a bias gets a zero gradient
-        grads = tuple(_arrays.empty(query, shape, dtype) for shape in (problem.qkv_shape, *(problem.kv_shape,) * 2))
+        grads = tuple(_arrays.empty(query, shape, dtype) for shape in (problem.qkv_shape, problem.kv_shape,
+                                                                       problem.v_shape))
         return (*grads, None if rpb_acc is None else _arrays.zeros(query, problem.rpb_shape, "float32"))
     lse = _arrays.cast(lse, "float32")
     if rpb_acc is not None:
@@ -98,7 +99,7 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
     run(launches.dq.plan(args))
 
     dk = _arrays.empty(query, problem.kv_shape, dtype)  # per key/value head: its query heads summed in the kernel
-    dv = _arrays.empty(query, problem.kv_shape, dtype)
+    dv = _arrays.empty(query, problem.v_shape, dtype)
     args = inputs + A.tensor(dk, problem) + A.tensor(dv, problem) + (P.f64(problem.scale),) + problem_args
     run(launches.dkdv.plan(args))
 

@@ -84,10 +84,19 @@ SEED = 20260
 
 
 def canary_problem(like: Problem) -> Problem:
-    """The canary of the fused kernel that serves ``like``: its dtype, head dim, rank, library and device."""
-    return Problem(FUSED, AXES[like.ndim], BATCH, HEADS, like.head_dim, like.dtype, like.kind, like.device,
-                   has_rpb=True, scale=2.0 * like.head_dim**-0.5,  # a larger scale: a less uniform softmax
-                   heads_kv=HEADS_KV)
+    """The canary of the fused kernel that serves ``like``: its dtype, rank, library and device, and its head-dim
+    bucket: the larger head dim of ``like`` for query and key, and a value head dim of its own below it (the
+    kernels take both at run time, so one canary checks both reads of every call in the bucket)."""
+    head_dim = like.max_head_dim
+    return Problem(FUSED, AXES[like.ndim], BATCH, HEADS, head_dim, like.dtype, like.kind, like.device,
+                   has_rpb=True, scale=2.0 * head_dim**-0.5,  # a larger scale: a less uniform softmax
+                   heads_kv=HEADS_KV, head_dim_v=_value_head_dim(head_dim))
+
+
+def _value_head_dim(head_dim: int) -> int | None:
+    """The canary's value head dim: three quarters of the query's (same bucket; None where that is no other)."""
+    smaller = head_dim * 3 // 4
+    return smaller if 1 <= smaller < head_dim else None
 
 
 def split_canary_problem(like: Problem) -> Problem:
@@ -152,7 +161,7 @@ def make_inputs(problem: Problem, op: str) -> Inputs:
     the fused kernels read; the ops cast it), the fused backward's output and logsumexp from the reference,
     rounded as a forward kernel returns them."""
     rng = np.random.default_rng(SEED)
-    shapes = {"q": problem.qkv_shape, "k": problem.kv_shape, "v": problem.kv_shape, "dout": problem.qkv_shape,
+    shapes = {"q": problem.qkv_shape, "k": problem.kv_shape, "v": problem.v_shape, "dout": problem.out_shape,
               "attn": problem.attn_shape, "dattn": problem.attn_shape, "rpb": problem.rpb_shape}
     names = [name for name in OPS[op].inputs if name in shapes]
     host = {name: _grid(rng, shapes[name]) for name in names}

@@ -74,7 +74,7 @@ def forward(problem: Problem, q, k, v, rpb=None):
     top = scores.max(-1, keepdims=True)
     lse = top[..., 0] + np.log(np.exp(scores - top).sum(-1))
     out = np.exp(scores - lse[..., None]) @ _kv_heads_first(problem, v)
-    return _heads_last(out, q.shape), np.moveaxis(lse, 1, -1).reshape(q.shape[:-1])
+    return _heads_last(out, problem.out_shape), np.moveaxis(lse, 1, -1).reshape(q.shape[:-1])
 
 
 def backward(problem: Problem, grad_out, q, k, v, rpb=None):

@@ -89,10 +89,10 @@ def names(ranks=frozenset({1, 2})) -> tuple[str, ...]:
 
 def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     """float32/float16/bfloat16, head dim <= 256, 1D, 2D or 3D, within the grid limit."""
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     tile = TILES.get((problem.ndim, hd, problem.dtype))
     if tile is None:
-        return False, (f"no fused kernel for {problem.ndim}D {problem.dtype} at head_dim {problem.head_dim} "
+        return False, (f"no fused kernel for {problem.ndim}D {problem.dtype} at head_dim {problem.max_head_dim} "
                        f"(float32/float16/bfloat16, head_dim <= {HEAD_DIMS[-1]})")
     shared = shared_bytes(hd, problem.dtype, problem.ndim)
     if shared > SHARED_BUDGET:
@@ -102,7 +102,7 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
 
 
 def plan(problem: Problem, policy=None) -> Launch:
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     tile = TILES[problem.ndim, hd, problem.dtype]
     family = NAME if problem.ndim in FAMILY.ranks else FAMILY_3D.name
     return Launch(P.Kernel(source_of(family), kernel_name_of(hd, problem.dtype, tile)), tiling.grid(problem, tile),

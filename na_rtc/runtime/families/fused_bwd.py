@@ -121,14 +121,14 @@ def row_stride(head_dim: int, itemsize: int) -> int:
 
 def dq_shared_bytes(problem: Problem, cfg, with_rpb: bool) -> int:
     tq, kc, s = _tile_size(cfg), cfg[-1], tiling.ITEMSIZE[problem.dtype]
-    rs = row_stride(problem.head_dim, s)
+    rs = row_stride(problem.max_head_dim, s)
     return 2 * tiling.align16(tq * rs * s) + 2 * tiling.align16(kc * rs * s) + 4 * tq * (kc + 1) + (
         4 * _entries(problem) if with_rpb else 0)
 
 
 def dkdv_shared_bytes(problem: Problem, cfg) -> int:
     tk, qc, s = _tile_size(cfg), cfg[-1], tiling.ITEMSIZE[problem.dtype]
-    rs = row_stride(problem.head_dim, s)
+    rs = row_stride(problem.max_head_dim, s)
     window_ints = 6 if problem.ndim == 3 else 4  # per staged query: [start, end) per axis (1D runs as 2D)
     return (2 * tiling.align16(tk * rs * s) + 2 * tiling.align16(qc * rs * s) + 8 * tk * (qc + 1)
             + (8 + 4 * window_ints) * qc)
@@ -136,7 +136,7 @@ def dkdv_shared_bytes(problem: Problem, cfg) -> int:
 
 def _configs(problem: Problem):
     """``(hd, dq cfg, dkdv cfg)`` of the table (the problem's dtype and head dim have an entry)."""
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     cfg = TABLE[(problem.ndim, hd, problem.dtype)]
     return hd, cfg["dq"], cfg["dkdv"]
 
@@ -144,9 +144,9 @@ def _configs(problem: Problem):
 def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     """fp32/fp16/bf16, head dim <= 256, 1D/2D/3D, shared memory within the budget and grids within CUDA's
     limit."""
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     if problem.dtype not in DTYPES or (problem.ndim, hd, problem.dtype) not in TABLE:
-        return False, (f"no fused backward for {problem.ndim}D {problem.dtype} at head_dim {problem.head_dim} "
+        return False, (f"no fused backward for {problem.ndim}D {problem.dtype} at head_dim {problem.max_head_dim} "
                        f"(float32/float16/bfloat16, head_dim <= {HEAD_DIM_BUCKETS[-1]})")
     _, dq, dkdv = _configs(problem)
     shared = max(dq_shared_bytes(problem, dq, problem.has_rpb), dkdv_shared_bytes(problem, dkdv))

@@ -115,7 +115,7 @@ def names(ranks=(1, 2)) -> tuple[str, ...]:
 
 def grid(problem: Problem, policy=None) -> int:
     """Blocks of the forward for ``problem``."""
-    cfg = config(head_dim_bucket(problem.head_dim), policy, problem.ndim)
+    cfg = config(head_dim_bucket(problem.max_head_dim), policy, problem.ndim)
     return tiling.grid(problem, TILES[problem.ndim, cfg.mma_tiles])
 
 
@@ -131,9 +131,9 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     in the twin)."""
     if problem.dtype not in DTYPES:
         return False, f"dtype {problem.dtype} (the tensor-core kernels take float16 and bfloat16)"
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     if hd is None:
-        return False, f"head_dim {problem.head_dim} > {HEAD_DIMS[-1]}"
+        return False, f"head_dim {problem.max_head_dim} > {HEAD_DIMS[-1]}"
     if problem.ndim == 3 and problem.axes[2].length > MAX_Z:
         return False, f"a last axis of {problem.axes[2].length} positions (3D: at most {MAX_Z})"
     smem = shared_bytes(hd, problem.dtype, policy, problem.ndim)
@@ -144,12 +144,12 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
 
 
 def kernel_name(problem: Problem, policy=None) -> str:
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     return kernel_name_of(hd, problem.dtype, problem.ndim, config(hd, policy, problem.ndim))
 
 
 def plan(problem: Problem, policy=None) -> Launch:
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     return Launch(P.Kernel(source_of(NAME), kernel_name(problem, policy)), grid(problem, policy), THREADS,
                   shared_bytes(hd, problem.dtype, policy, problem.ndim))
 

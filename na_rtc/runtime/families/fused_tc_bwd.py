@@ -73,7 +73,7 @@ def bias_entries(problem: Problem) -> int:
 def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     """Given the forward's rule (``fused_tc.covers``): the bias partials and the dK/dV kernel within shared
     memory."""
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     dq = dq_shared_bytes(hd, problem.dtype, bias_entries(problem))
     if dq > SHARED_BUDGET:
         return False, f"the dq kernel needs {dq} bytes of shared memory with this bias, more than {SHARED_BUDGET}"
@@ -85,14 +85,14 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
 
 def dq_plan(problem: Problem, policy=None) -> Launch:
     """The dq launch; ``tiles``: query tiles per head (the bias partials' middle dimension)."""
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     blocks = backward_grid(problem)
     return Launch(P.Kernel(source_of(NAME), dq_name_of(hd, problem.dtype, problem.ndim)), blocks, THREADS,
                   dq_shared_bytes(hd, problem.dtype, bias_entries(problem)), blocks // max(problem.heads, 1))
 
 
 def dkdv_plan(problem: Problem, policy=None) -> Launch:
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     return Launch(P.Kernel(source_of(NAME), dkdv_name_of(hd, problem.dtype, problem.ndim)),
                   backward_grid(problem, kv=True), THREADS, dkdv_shared_bytes(hd, problem.dtype, problem.ndim))
 

@@ -172,7 +172,7 @@ def grid(problem: Problem, policy=None, kv: bool = False) -> int:
 def covers(problem: Problem, policy=None) -> tuple[bool, str]:
     """Given what the mma.sync kernels cover (their backward serves this forward's gradients; the dispatcher
     checks ``fused_tc.covers`` first): the forward within its shared memory budget and the grid limit."""
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     wg = block_warpgroups(problem.ndim, policy)
     smem = shared_bytes(hd, problem.dtype, problem.ndim, wg, block_chunk_keys(hd, problem.ndim, wg, policy))
     if smem > SHARED_BUDGET:
@@ -182,13 +182,13 @@ def covers(problem: Problem, policy=None) -> tuple[bool, str]:
 
 
 def kernel_name(problem: Problem, policy=None) -> str:
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     wg = block_warpgroups(problem.ndim, policy)
     return kernel_name_of(hd, problem.dtype, problem.ndim, wg, block_chunk_keys(hd, problem.ndim, wg, policy))
 
 
 def plan(problem: Problem, policy=None) -> Launch:
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     wg = block_warpgroups(problem.ndim, policy)
     kc = block_chunk_keys(hd, problem.ndim, wg, policy)
     return Launch(P.Kernel(source_of(NAME), kernel_name_of(hd, problem.dtype, problem.ndim, wg, kc)),

@@ -86,7 +86,7 @@ def dkdv_shared_bytes(hd: int, dtype: str, ndim: int, warpgroups: int | None = N
 def dq_covers(problem: Problem, policy=None) -> tuple[bool, str]:
     """Given the wgmma forward's and the mma.sync backward's rules: the bias partials within the dq kernel's
     shared memory."""
-    hd = head_dim_bucket(problem.head_dim)
+    hd = head_dim_bucket(problem.max_head_dim)
     wg = block_warpgroups(problem.ndim, policy)
     smem = dq_shared_bytes(hd, problem.dtype, problem.ndim, bias_entries(problem), wg)
     budget = dq_shared_budget(hd, problem.ndim, wg)
@@ -102,7 +102,7 @@ def dkdv_covers(problem: Problem, policy=None) -> tuple[bool, str]:
 
 def dq_plan(problem: Problem, policy=None) -> Launch:
     """The dq launch; ``tiles``: query tiles per head (the bias partials' middle dimension)."""
-    hd, wg = head_dim_bucket(problem.head_dim), block_warpgroups(problem.ndim, policy)
+    hd, wg = head_dim_bucket(problem.max_head_dim), block_warpgroups(problem.ndim, policy)
     blocks = grid(problem, policy)
     return Launch(P.Kernel(source_of(NAME), dq_name_of(hd, problem.dtype, problem.ndim, wg)), blocks,
                   block_threads(problem.ndim, wg), dq_shared_bytes(hd, problem.dtype, problem.ndim,
@@ -111,7 +111,7 @@ def dq_plan(problem: Problem, policy=None) -> Launch:
 
 
 def dkdv_plan(problem: Problem, policy=None) -> Launch:
-    hd, wg = head_dim_bucket(problem.head_dim), block_warpgroups(problem.ndim, policy)
+    hd, wg = head_dim_bucket(problem.max_head_dim), block_warpgroups(problem.ndim, policy)
     return Launch(P.Kernel(source_of(NAME), dkdv_name_of(hd, problem.dtype, problem.ndim, wg)),
                   grid(problem, policy, kv=True),
                   block_threads(problem.ndim, wg), dkdv_shared_bytes(hd, problem.dtype, problem.ndim, wg))

@@ -1,12 +1,15 @@
-"""Grouped key/value heads (GQA/MQA) in the kernels, through the emulator.
+"""Grouped key/value heads (GQA/MQA) and a value head dim of its own in the kernels, through the emulator.
 
 Every kernel family reads key/value head ``h // group`` for query head ``h`` (``HPK`` in ``NA_PROBLEM``), and
 the kernels that write dK/dV run one block per key/value head that sums the query heads of its group inside
-the kernel. Here, against the float64 reference (itself held to the brute-force oracle in test_gqa.py):
+the kernel; the fused kernels take the value's head dim (``DV``) apart from the query's and key's, within
+the bucket of the larger. Here, against the float64 reference (itself held to the brute-force oracle in
+test_gqa.py and test_reference.py):
 
 * the fused forward (out, logsumexp) and backward (dq, dk, dv, drpb, with a logsumexp gradient) on the SIMT,
-  mma.sync and wgmma kernels, 1D to 3D, ratios 2 and 4 and MQA, stride, dilation, causal axes and rpb, query
-  boxes of several chunks per head (the dK/dV kernels' stream crosses from one query head to the next);
+  mma.sync and wgmma kernels, 1D to 3D, ratios 1, 2 and 4 and MQA, value head dims below, equal to and
+  above the query's (across buckets), stride, dilation, causal axes and rpb, query boxes of several chunks
+  per head (the dK/dV kernels' stream crosses from one query head to the next);
 * the composed split kernels (tiled and straightforward) and the split ops with their gradients;
 * nothing K/V-sized is made: the launch plans take the inputs' own key and value, no array of the query's
   heads is allocated for them and nothing is repeated; determinism of the group sums.
@@ -39,6 +42,7 @@ class Case:
     window: dict = dataclasses.field(default_factory=dict, hash=False)
     head_dim: int = 16
     rpb: bool = False
+    head_dim_v: int | None = None  # None: head_dim
 
     @property
     def ndim(self):
@@ -51,18 +55,21 @@ class Case:
 
     def __str__(self):
         window = ",".join(f"{key[:4]}{value}" for key, value in self.window.items())
-        return (f"{self.ndim}d-{'x'.join(map(str, self.spatial))}-h{self.heads}kv{self.heads_kv}-D{self.head_dim}-"
+        dv = "" if self.head_dim_v is None else f"v{self.head_dim_v}"
+        return (f"{self.ndim}d-{'x'.join(map(str, self.spatial))}-h{self.heads}kv{self.heads_kv}-D{self.head_dim}{dv}-"
                 f"{window}{'-rpb' if self.rpb else ''}")
 
 
-#: ratios 2 and 4 and MQA over every rank; stride, dilation, causal axes and rpb; the long 1D box spans several
+#: ratios 1, 2 and 4 and MQA over every rank; value head dims apart from the query's, smaller and larger (into
+#: the next bucket: 16 -> 32, 32 -> 64); stride, dilation, causal axes and rpb; the long 1D box spans several
 #: query chunks of the dK/dV kernels per head
 CASES = [
-    Case((37,), 4, 2, dict(kernel_size=7, stride=2, dilation=2), rpb=True),
+    Case((37,), 4, 2, dict(kernel_size=7, stride=2, dilation=2), rpb=True, head_dim_v=32),
     Case((150,), 4, 1, dict(kernel_size=65, is_causal=True), head_dim=32),
-    Case((9, 11), 4, 1, dict(kernel_size=(3, 5), dilation=(2, 1)), rpb=True),
-    Case((12, 10), 8, 2, dict(kernel_size=5, stride=(2, 1), is_causal=(True, False)), head_dim=32),
-    Case((5, 6, 7), 4, 2, dict(kernel_size=(2, 3, 3), is_causal=(True, False, False))),
+    Case((9, 11), 4, 1, dict(kernel_size=(3, 5), dilation=(2, 1)), rpb=True, head_dim_v=8),
+    Case((12, 10), 8, 2, dict(kernel_size=5, stride=(2, 1), is_causal=(True, False)), head_dim=32, head_dim_v=64),
+    Case((8, 7), 2, 2, dict(kernel_size=3), rpb=True, head_dim=32, head_dim_v=16),
+    Case((5, 6, 7), 4, 2, dict(kernel_size=(2, 3, 3), is_causal=(True, False, False)), head_dim_v=24),
     Case((6, 5, 8), 2, 1, dict(kernel_size=3, dilation=(1, 1, 2)), rpb=True),
 ]
 #: path -> (policy switches, dtype, the kernel-name prefix of its forward and of its dK/dV kernel)
@@ -76,10 +83,13 @@ PATHS = {
 def _inputs(case: Case, dtype: str, seed: int = 0):
     """(q, k, v, dOut, dLSE, rpb) in ``dtype`` (rpb float32) and their float64 copies."""
     rng = np.random.default_rng(seed)
+    dv = case.head_dim_v or case.head_dim
     q_shape = (2, *case.spatial, case.heads, case.head_dim)
     kv_shape = (2, *case.spatial, case.heads_kv, case.head_dim)
-    (q, g), (q64, g64) = make_inputs(rng, q_shape, getattr(torch, dtype), 2)
-    (k, v), (k64, v64) = make_inputs(rng, kv_shape, getattr(torch, dtype), 2)
+    (q,), (q64,) = make_inputs(rng, q_shape, getattr(torch, dtype))
+    (g,), (g64,) = make_inputs(rng, (*q_shape[:-1], dv), getattr(torch, dtype))
+    (k,), (k64,) = make_inputs(rng, kv_shape, getattr(torch, dtype))
+    (v,), (v64,) = make_inputs(rng, (*kv_shape[:-1], dv), getattr(torch, dtype))
     (dlse,), (dlse64,) = make_inputs(rng, q_shape[:-1], torch.float32)
     rpb = rpb64 = None
     if case.rpb:
@@ -122,7 +132,7 @@ def test_fused_kernels_match_the_reference(case, path):
     switches, dtype, forward_kernel, dkdv_kernel = PATHS[path]
     (q, k, v, g, dlse, rpb), inputs64 = _inputs(case, dtype)
     problem = _problem(case, q, k, v, rpb)
-    assert problem.group == case.heads // case.heads_kv
+    assert problem.group == case.heads // case.heads_kv and problem.v_dim == (case.head_dim_v or case.head_dim)
     run = RecordingExecutor()
     kernels = Dispatcher(run, kernel_policy(**switches))
     out, lse = kernels.forward(problem, q, k, v, composed.bias_in_accumulator(problem, rpb))
@@ -156,7 +166,7 @@ def test_split_ops_and_their_gradients(case):
     """na*_qk and na*_av on the emulator backend against the reference, values and gradients (float32)."""
     (q, k, v, _, _, rpb), _ = _inputs(case, "float32")
     qk, av = getattr(na_rtc, f"na{case.ndim}d_qk"), getattr(na_rtc, f"na{case.ndim}d_av")
-    window = {key: value for key, value in case.window.items()}
+    window = case.window
     results = {}
     for backend in ("emulator", "reference"):
         leaves = [None if x is None else x.double().clone().requires_grad_() if backend == "reference" else
@@ -176,7 +186,7 @@ def test_split_ops_and_their_gradients(case):
 def test_nothing_key_value_sized_is_made(path, monkeypatch):
     """The launch plans take the inputs' own key and value; the only arrays of the query's shape made are out
     (forward) and dq (backward), dk and dv have the key/value heads, and nothing is repeated."""
-    case = CASES[2]
+    case = dataclasses.replace(CASES[2], head_dim_v=None)
     dtype = "float16" if path == "mma.sync" else "float32"
     (q, k, v, g, _, _), _ = _inputs(case, dtype)
     problem = _problem(case, q, k, v, None)
@@ -206,7 +216,7 @@ def test_nothing_key_value_sized_is_made(path, monkeypatch):
     forward_allocations, allocated[:] = list(allocated), []
     dq, dk, dv, _ = (kernels.backward(problem, g, q, k, v, None, out, lse) if fused else
                      composed.backward(kernels, problem, g, q, k, v, None, out, lse))
-    assert forward_allocations.count(problem.qkv_shape) == 1
+    assert forward_allocations.count(problem.qkv_shape) == 1 and problem.kv_shape != problem.qkv_shape
     assert allocated.count(problem.qkv_shape) == 1 and allocated.count(problem.kv_shape) == 2
     assert dk.shape == dv.shape == k.shape and not repeats
     pointers = [arg.value for plan in plans for arg in plan.args if arg.kind == "ptr"]
@@ -217,7 +227,7 @@ def test_nothing_key_value_sized_is_made(path, monkeypatch):
 def test_group_sums_are_deterministic(path):
     """Two runs of the backward give the same bits: each key/value head sums its query heads in one order."""
     switches, dtype, _, _ = PATHS[path]
-    case = CASES[5]
+    case = CASES[6]
     (q, k, v, g, dlse, rpb), _ = _inputs(case, dtype)
     problem = _problem(case, q, k, v, rpb)
     kernels = Dispatcher(emulated.run, kernel_policy(**switches))
