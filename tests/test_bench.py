@@ -145,6 +145,38 @@ def test_3d_preset_holds_the_video_shapes():
     assert labels[4] == "3D 16x32x32 k=5x7x7 causal=1x0x0 b2 h8 D64 bf16"
 
 
+QUICK_GQA = next(problem for problem in PRESETS["quick"] if problem.heads_kv is not None)
+
+
+def test_keys_without_gqa_are_unchanged():
+    """Results files are keyed by Spec.key (``--resume`` matches them): heads_kv appears only where it is set."""
+    target = PRESETS["targets"][0]
+    assert target.heads_kv is None
+    assert target.key == "2d-128x128-k13x13-b2-h8-D64-bf16" and target.label == "2D 128x128 k=13 b2 h8 D64 bf16"
+    assert PRESETS["quick"][0].key == "1d-128-k15-b1-h2-D32-fp32"
+    # heads_kv equal to heads is the same work, so the same key; a record written before heads_kv loads as before
+    assert spec((128, 128), 13, batch=2, heads=8, heads_kv=8, head_dim=64, dtype="bf16").key == target.key
+    old_record = {name: value for name, value in target.to_json().items() if name != "heads_kv"}
+    assert runner.spec_from_json(old_record) == target
+
+
+def test_gqa_keys_and_labels_name_the_key_value_heads():
+    gqa, mqa = PRESETS["gqa"]
+    assert (gqa.key, gqa.label) == ("2d-64x64-k13x13-b2-h16-kv4-D64-bf16", "2D 64x64 k=13 b2 h16/kv4 D64 bf16")
+    assert (mqa.key, mqa.heads_kv, mqa.group) == ("2d-64x64-k13x13-b2-h16-kv1-D64-bf16", 1, 16)
+    assert gqa.kv_shape == (2, 64, 64, 4, 64) and gqa.qkv_shape == (2, 64, 64, 16, 64)
+    assert {gqa.key, mqa.key} <= {problem.key for problem in PRESETS["full"]}
+    assert runner.spec_from_json(json.loads(json.dumps(gqa.to_json()))) == gqa
+    # FLOPs count every query head: 4 key/value heads do not make the work smaller
+    assert flops.forward_flops(gqa) == flops.forward_flops(spec((64, 64), 13, batch=2, heads=16, head_dim=64))
+
+
+@pytest.mark.parametrize("heads_kv", [3, 0, 8])
+def test_heads_kv_must_divide_heads(heads_kv):
+    with pytest.raises(ValueError, match=f"heads_kv={heads_kv} must divide heads=4"):
+        spec(16, 3, heads=4, heads_kv=heads_kv)
+
+
 def test_quick_preset_runs_every_rank():
     assert {problem.ndim for problem in PRESETS["quick"]} == {1, 2, 3}
 
@@ -481,6 +513,33 @@ def test_natten_entry_says_why_it_cannot_run(monkeypatch):
     assert reason(strided) == "NATTEN 0.17.5 takes no stride (0.20 and later do)"
 
 
+def _natten_without_gqa(version: str):
+    """NATTEN's 2D op as a release without GQA has it: key/value must have the query's heads."""
+    import types
+
+    def fused(query, key, value, kernel_size, **kwargs):
+        raise ValueError("query, key and value must have the same shape")
+
+    return types.SimpleNamespace(__version__=version, na2d=fused)
+
+
+def test_natten_entry_runs_gqa_where_natten_takes_it(monkeypatch):
+    machine = runner.Machine("cpu", "emulator")
+
+    def natten_row(stand_in, names):
+        monkeypatch.setitem(sys.modules, "natten", stand_in)
+        record = runner.run_problem(QUICK_GQA, runner.select_entries(names, machine), machine,
+                                    timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+        return record["entries"]["natten"]
+
+    row = natten_row(_natten_stand_in("0.21.0", [], ndim=2), ["naive_torch", "natten"])
+    assert row["status"] == "ok" and row["output_check"]["agrees"], row
+    row = natten_row(_natten_without_gqa("0.20.0"), ["natten"])
+    assert row["status"] == "unavailable"
+    assert row["reason"] == ("NATTEN 0.20.0 does not take key/value with fewer heads than the query (GQA/MQA, "
+                             "heads_kv=2 of heads=4): ValueError: query, key and value must have the same shape")
+
+
 def test_3d_moves_to_the_kernels_when_they_serve_it(monkeypatch):
     from na_rtc import backends
     from na_rtc.bench.entries import entry_backend
@@ -527,6 +586,28 @@ def test_naive_torch_says_out_of_memory_before_building_a_video_problems_tables(
     failure = runner._failure(error.value)
     assert failure["status"] == "oom"
     assert failure["reason"].startswith("out of memory: MemoryError: the gathered keys alone would take 6834 GiB")
+
+
+def test_gqa_runs_through_every_cpu_entry():
+    """The quick preset's GQA problem: key/value with 2 heads for 4 query heads through each entry a CPU runs by
+    default; every output agrees with the first entry's (the naive torch gather repeats K/V per group, an
+    independent account of which query head reads which key/value head)."""
+    machine = runner.Machine("cpu", "emulator")
+    selection = runner.select_entries(None, machine)
+    names = [entry.name for entry in selection.run]
+    assert {"fused", "split", "naive_kernels", "reference", "naive_torch", "sdpa"} <= set(names)
+    record = runner.run_problem(QUICK_GQA, selection, machine, timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    assert (record["heads"], record["heads_kv"]) == (4, 2)
+    for name in names:
+        entry = record["entries"][name]
+        assert entry["status"] == "ok", (name, entry)
+        if name not in ("sdpa", "host_overhead"):  # full attention, and nothing computed: never compared
+            assert entry["output_check"]["agrees"], (name, entry["output_check"])
+
+
+def test_explain_prints_gqa_problems():
+    text = cli.explain_plan([QUICK_GQA])
+    assert text.startswith("== 2D 12x12 k=5 b1 h4/kv2 D16 fp32")
 
 
 def test_explain_prints_3d_problems(capsys):
@@ -594,7 +675,7 @@ def test_profile_prints_the_kernel_table(capsys):
     (["--shape", "16", "--kernel", "5", "--heads", "0"], "--heads must be at least 1"),
     (["--preset", "quick", "--shape", "16", "--kernel", "5"], "not both"),
     (["--preset", "quick", "--entries", "fused,nope"], "unknown entries nope"),
-    (["--preset", "quick", "--problem", "99"], "--problem 99: the plan has 5 problems"),
+    (["--preset", "quick", "--problem", "99"], f"--problem 99: the plan has {len(PRESETS['quick'])} problems"),
     (["--preset", "quick", "--repeat", "0"], "--repeat must be positive"),
     (["--readme-table", "/nonexistent/results.json"], "cannot read /nonexistent/results.json"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)

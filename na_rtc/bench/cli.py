@@ -314,7 +314,8 @@ def explain_plan(plan: Sequence[Spec]) -> str:
         # explain reads shapes, dtype and device only: one zero broadcast to each shape, so a video problem's
         # inputs (and its attention weights, tokens x window slots) take no memory
         zero = torch.zeros((), dtype=getattr(torch, problem.dtype), device=machine.device)
-        q = k = v = zero.expand(problem.qkv_shape)
+        q = zero.expand(problem.qkv_shape)
+        k = v = zero.expand(problem.kv_shape)
         window = {"dilation": problem.dilation, "is_causal": problem.causal}
         backend = served_backend(problem.ndim, machine.kernel_backend)
         lines = [f"== {problem.label}"]

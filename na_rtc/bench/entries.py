@@ -29,7 +29,8 @@ class Unavailable(Exception):
 
 @dataclass
 class Inputs:
-    """The one set of inputs every entry of a problem uses, heads-last torch tensors."""
+    """The one set of inputs every entry of a problem uses, heads-last torch tensors (key and value with the
+    problem's key/value heads)."""
 
     query: Any
     key: Any
@@ -82,14 +83,16 @@ class Entry:
 
 
 def make_inputs(spec: Spec, device: str, kernel_backend: str, kernel_backend_missing: str | None = None) -> Inputs:
-    """q, k, v and the output gradient, N(0, 1) in the problem's dtype, seeded by the problem."""
+    """q, k, v and the output gradient, N(0, 1) in the problem's dtype, seeded by the problem; k and v with the
+    problem's key/value heads (GQA/MQA: fewer than q's)."""
     import torch
 
-    # seeded by the problem (crc32: Python's hash() is salted per process), so every run draws the same inputs
+    # seeded by the problem (crc32: Python's hash() is salted per process), so every run draws the same inputs;
+    # drawn in the order q, k, v, g, so problems without GQA draw what they always have
     generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(spec.key.encode()))
     dtype = getattr(torch, spec.dtype)
-    draw = [torch.randn(spec.qkv_shape, generator=generator).to(device=device, dtype=dtype) for _ in range(4)]
-    q, k, v, g = draw
+    shapes = (spec.qkv_shape, spec.kv_shape, spec.kv_shape, spec.qkv_shape)
+    q, k, v, g = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for shape in shapes)
     for x in (q, k, v):
         x.requires_grad_(True)
     return Inputs(q, k, v, g, device, kernel_backend, kernel_backend_missing)

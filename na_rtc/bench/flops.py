@@ -4,6 +4,8 @@ Forward: ``4 * head_dim * batch * heads * sum over queries of neighbor count``
 (a multiply-add is 2 FLOPs; QK and AV are one multiply-add per query, neighbor
 and head-dim element each). Backward counts 2.5x the forward, as
 FlashAttention's and NATTEN's benchmarks do, so forward+backward is 3.5x.
+``heads`` is the query's: with GQA/MQA every query head still does its own QK
+and AV, whatever the key/value heads it shares.
 The neighbor counts and per-op formulas are :mod:`na_rtc.flops`, which torch's
 ``FlopCounterMode`` counts with too.
 """

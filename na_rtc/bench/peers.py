@@ -3,20 +3,26 @@
 - naive torch NA: one unchunked gather of every
   neighborhood plus einsum, in the input dtype; the index tables are built
   once in ``prepare``, outside the timed region. It is what a model author
-  writes first, and what runs out of memory first.
+  writes first, and what runs out of memory first. With GQA/MQA it repeats
+  each key/value head for its group of query heads (timed), as a model
+  author would.
 - FlexAttention: ``torch.compile``-d ``flex_attention`` with a block mask
   whose ``mask_mod`` is the exact NA neighbor test (the same window math,
   :func:`na_rtc.window.window`, as tables). Two token orders: natural
   (row-major) and tiled (tokens of one dilation group and one spatial tile
   contiguous, so a 128-token block is a compact 2D patch or 3D box and more
   blocks are empty; the tile is the one with the fewest non-empty blocks).
+  With GQA/MQA, ``enable_gqa``: key/value heads shared in place.
   The tiled order is applied to the inputs in ``prepare``: a model can keep
   its tokens in that order, so the permutation is not timed. Building the
   block mask is timed separately (``mask_build_ms``).
 - NATTEN, where it is importable: its fused op for the problem's rank
   (``natten.na3d`` from 0.20 on, which takes a stride; 0.17's
-  ``natten.functional.na3d`` without one), on the same heads-last inputs.
-- SDPA: full self-attention over every token, the cost NA avoids.
+  ``natten.functional.na3d`` without one), on the same heads-last inputs;
+  with GQA/MQA only where that op takes fewer key/value heads than query
+  heads (tried on a tiny problem first), else Unavailable.
+- SDPA: full self-attention over every token, the cost NA avoids
+  (``enable_gqa`` with GQA/MQA).
 """
 
 from __future__ import annotations
@@ -95,7 +101,8 @@ def _prepare_naive_torch(spec: Spec, inputs: Inputs) -> Prepared:
     b, h, d = spec.batch, spec.heads, spec.head_dim
 
     def forward():
-        q, k, v = (x.reshape(b, spec.tokens, h, d) for x in inputs.qkv)
+        q = inputs.query.reshape(b, spec.tokens, h, d)
+        k, v = (_per_query_head(x, spec.group).reshape(b, spec.tokens, h, d) for x in (inputs.key, inputs.value))
         # t: query token, s: window slot; k[:, keys] is the one unchunked gather, [b, t, s, h, d]
         logits = torch.einsum("bthd,btshd->bths", q, k[:, keys]) * scale  # [b, t, h, s]
         if invalid is not None:
@@ -104,6 +111,18 @@ def _prepare_naive_torch(spec: Spec, inputs: Inputs) -> Prepared:
         return torch.einsum("bths,btshd->bthd", attn, v[:, keys]).reshape(spec.qkv_shape)
 
     return Prepared(no_grad(forward), lambda: grads(forward(), inputs))
+
+
+def _per_query_head(x, group: int):
+    """Key/value ``[..., heads_kv, D]`` with each head repeated for its ``group`` query heads (a copy with
+    GQA/MQA: the straightforward way, and differentiable, so the gradients sum over each group)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=-2)
+
+
+def _gqa_kwargs(spec: Spec) -> dict:
+    """``enable_gqa`` for FlexAttention and SDPA where key/value have fewer heads; nothing otherwise, so a
+    problem without GQA calls them as before (and SDPA as torch before 2.5 takes it)."""
+    return {"enable_gqa": True} if spec.group > 1 else {}
 
 
 # ---------------------------------------------------------------- FlexAttention
@@ -278,9 +297,10 @@ def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
     q, k, v = (_heads_first(x, order_t, requires_grad=on_gpu) for x in inputs.qkv)
     grad = _heads_first(inputs.grad_out, order_t).detach()
     scale = spec.head_dim**-0.5
+    gqa = _gqa_kwargs(spec)
 
     def forward():
-        return flex(q, k, v, block_mask=block_mask, scale=scale)
+        return flex(q, k, v, block_mask=block_mask, scale=scale, **gqa)
 
     def forward_backward():
         import torch
@@ -323,8 +343,29 @@ def _natten_axes(spec: Spec, values: tuple):
     return values[0] if spec.ndim == 1 else values
 
 
+def _require_natten_gqa(spec: Spec, inputs: Inputs, fused, version: str) -> None:
+    """Unavailable where NATTEN's op refuses key/value with fewer heads than the query. Asked on a tiny problem
+    of the same rank, dtype, head dim and device (one window of tokens per axis, ``spec``'s query heads per
+    key/value head): releases differ, and an error of the real problem must stay an error, not a skip."""
+    import torch
+
+    def zeros(heads):
+        return torch.zeros((1, *spec.kernel, heads, spec.head_dim), dtype=inputs.query.dtype,
+                           device=inputs.query.device)
+
+    try:
+        with torch.no_grad():
+            fused(zeros(spec.group), zeros(1), zeros(1), kernel_size=_natten_axes(spec, spec.kernel))
+    except Exception as error:  # noqa: BLE001 - whatever the release raises for these shapes, it cannot run GQA
+        said = (str(error).splitlines() or [""])[0][:200]
+        raise Unavailable(f"NATTEN {version} does not take key/value with fewer heads than the query (GQA/MQA, "
+                          f"heads_kv={spec.kv_heads} of heads={spec.heads}): {type(error).__name__}: {said}") from error
+
+
 def _prepare_natten(spec: Spec, inputs: Inputs) -> Prepared:
     fused, extra, version = _natten_op(spec)
+    if spec.group > 1:
+        _require_natten_gqa(spec, inputs, fused, version)
     kwargs = {"kernel_size": _natten_axes(spec, spec.kernel), "dilation": _natten_axes(spec, spec.dilation),
               "is_causal": _natten_axes(spec, spec.causal), "scale": spec.head_dim**-0.5, **extra}
 
@@ -342,9 +383,10 @@ def _prepare_sdpa(spec: Spec, inputs: Inputs) -> Prepared:
 
     q, k, v = (_heads_first(x) for x in inputs.qkv)
     grad = _heads_first(inputs.grad_out).detach()
+    gqa = _gqa_kwargs(spec)
 
     def forward():
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **gqa)
 
     def forward_backward():
         import torch

@@ -1,7 +1,8 @@
 """Benchmark problems: one :class:`Spec` per problem, named presets of them.
 
 A spec is everything that decides the work: spatial shape, kernel, dilation,
-stride, causal flags (one per axis), batch, heads, head dim and dtype. Its
+stride, causal flags (one per axis), batch, heads (and key/value heads, with
+GQA/MQA), head dim and dtype. Its
 :attr:`Spec.key` names it in the results JSON, so a resumed run recognises
 problems it has already measured.
 """
@@ -31,6 +32,9 @@ class Spec:
     dtype: str
     #: where the problem comes from (a performance target, a model's stage), shown in reports
     note: str = ""
+    #: key/value heads with GQA/MQA (dividing ``heads``: query head h reads key/value head h // group); None: as
+    #: many as ``heads``. Last and defaulted: positional constructions (runner.spec_from_json) keep their meaning
+    heads_kv: int | None = None
 
     @property
     def ndim(self) -> int:
@@ -41,8 +45,22 @@ class Spec:
         return math.prod(self.spatial)
 
     @property
+    def kv_heads(self) -> int:
+        return self.heads if self.heads_kv is None else self.heads_kv
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head (1 without GQA/MQA)."""
+        return self.heads // self.kv_heads
+
+    @property
     def qkv_shape(self) -> tuple[int, ...]:
+        """The query's (and the output's) shape; key and value have :attr:`kv_shape`."""
         return (self.batch, *self.spatial, self.heads, self.head_dim)
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.spatial, self.kv_heads, self.head_dim)
 
     @property
     def key(self) -> str:
@@ -57,12 +75,15 @@ class Spec:
             parts.append(f"s{axes(self.stride)}")
         if any(self.causal):
             parts.append(f"c{axes(self.causal)}")
-        parts += [f"b{self.batch}", f"h{self.heads}", f"D{self.head_dim}", SHORT_DTYPE[self.dtype]]
+        parts += [f"b{self.batch}", f"h{self.heads}"]
+        if self.heads_kv is not None:  # only when set: every key without GQA stays what results files hold
+            parts.append(f"kv{self.heads_kv}")
+        parts += [f"D{self.head_dim}", SHORT_DTYPE[self.dtype]]
         return "-".join(parts)
 
     @property
     def label(self) -> str:
-        """Short human name: ``2D 128x128 k=13 dil=4 b2 h8 D64 fp16``."""
+        """Short human name: ``2D 128x128 k=13 dil=4 b2 h8 D64 fp16`` (``h16/kv4`` with GQA)."""
         def axes(values):
             return "x".join(str(int(v)) for v in values) if len(set(values)) > 1 else str(int(values[0]))
 
@@ -73,7 +94,8 @@ class Spec:
             text += f" stride={axes(self.stride)}"
         if any(self.causal):
             text += " causal" if all(self.causal) else f" causal={axes(self.causal)}"
-        return text + f" b{self.batch} h{self.heads} D{self.head_dim} {SHORT_DTYPE[self.dtype]}"
+        heads = f"h{self.heads}" if self.heads_kv is None else f"h{self.heads}/kv{self.heads_kv}"
+        return text + f" b{self.batch} {heads} D{self.head_dim} {SHORT_DTYPE[self.dtype]}"
 
     def to_json(self) -> dict:
         record = asdict(self)
@@ -81,9 +103,10 @@ class Spec:
         return record
 
 
-def spec(spatial, kernel, *, dilation=1, stride=1, causal=False, batch=1, heads=4, head_dim=32,
+def spec(spatial, kernel, *, dilation=1, stride=1, causal=False, batch=1, heads=4, heads_kv=None, head_dim=32,
          dtype="float16", note="") -> Spec:
-    """A :class:`Spec` with scalar per-axis arguments broadcast over the axes."""
+    """A :class:`Spec` with scalar per-axis arguments broadcast over the axes; ``heads_kv``: key/value heads
+    (GQA/MQA), dividing ``heads``."""
     spatial = tuple(spatial) if isinstance(spatial, (tuple, list)) else (spatial,)
     ndim = len(spatial)
 
@@ -95,7 +118,17 @@ def spec(spatial, kernel, *, dilation=1, stride=1, causal=False, batch=1, heads=
 
     return Spec(spatial, tuple(int(v) for v in per_axis(kernel)), tuple(int(v) for v in per_axis(dilation)),
                 tuple(int(v) for v in per_axis(stride)), tuple(bool(v) for v in per_axis(causal)),
-                int(batch), int(heads), int(head_dim), DTYPES[dtype], note)
+                int(batch), int(heads), int(head_dim), DTYPES[dtype], note, _grouped_heads(int(heads), heads_kv))
+
+
+def _grouped_heads(heads: int, heads_kv) -> int | None:
+    """``heads_kv`` checked, None where it equals ``heads``: the same work as without GQA gets the same key."""
+    if heads_kv is None or int(heads_kv) == heads:
+        return None
+    if int(heads_kv) < 1 or heads % int(heads_kv):
+        raise ValueError(f"heads_kv={heads_kv} must divide heads={heads} (each key/value head serves "
+                         "heads // heads_kv query heads)")
+    return int(heads_kv)
 
 
 # ---------------------------------------------------------------- presets
@@ -139,6 +172,14 @@ QUICK = (
          note="tiny 2D, dilation + causal"),
     spec((12, 12), 5, stride=2, batch=1, heads=2, head_dim=16, dtype="bf16", note="tiny 2D, stride, bf16"),
     spec((6, 8, 8), (3, 5, 5), batch=1, heads=2, head_dim=16, dtype="fp32", note="tiny 3D"),
+    spec((12, 12), 5, batch=1, heads=4, heads_kv=2, head_dim=16, dtype="fp32", note="tiny 2D, GQA 2:1"),
+)
+
+#: grouped key/value heads, bf16: na_rtc reads each key/value head in place for its group of query heads,
+#: FlexAttention (enable_gqa) likewise, with the same NA block mask
+GQA = (
+    spec((64, 64), 13, batch=2, heads=16, heads_kv=4, head_dim=64, dtype="bf16", note="GQA 4:1"),
+    spec((64, 64), 13, batch=2, heads=16, heads_kv=1, head_dim=64, dtype="bf16", note="MQA 16:1"),
 )
 
 VIDEO_DIFFUSION = "video diffusion (30x48x80 latent)"
@@ -176,19 +217,21 @@ PRESETS: dict[str, tuple[Spec, ...]] = {
     "shapes": SHAPES,
     "dtypes": DTYPE_SWEEP,
     "3d": THREE_D,
+    "gqa": GQA,
     "gpu-check": GPU_CHECK,
-    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D),
+    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D, GQA),
 }
 
 PRESET_HELP = {
-    "quick": "tiny 1D/2D/3D problems (fp32, dilation+causal, stride+bf16); runs on a CPU in well under a minute",
+    "quick": "tiny 1D/2D/3D problems (fp32, dilation+causal, stride+bf16, GQA); runs on a CPU in well under a minute",
     "targets": "the shapes the performance targets are set on (bench --targets judges them; GPU sizes)",
     "shapes": "1D 4096 k=127, 1D 32768 k=2047, 2D 56x56 k=7, 128x128 k=13, 256x256 k=13 (+ dilation 4)",
     "dtypes": "2D 128x128 k=13 with head dims 32/64/128 in fp32/fp16/bf16",
     "3d": "3D bf16: 16x32x32 k=3x7x7, 8x16x16 k=7 dil=1x2x2, 30x48x80 k=18x24x24 (stride 1 and 16x8x8), "
           "16x32x32 k=5x7x7 causal in time (GPU sizes)",
+    "gqa": "2D bf16 64x64 k=13, 16 heads with 4 key/value heads (GQA) and with 1 (MQA) (GPU sizes)",
     "gpu-check": "what make gpu-check measures: the targets, with 3D 16x32x32 k=3x7x7 after the FlexAttention ones",
-    "full": "targets + shapes + dtypes + 3d (several slices on a GPU: use --resume)",
+    "full": "targets + shapes + dtypes + 3d + gqa (several slices on a GPU: use --resume)",
 }
 
 #: earlier preset names, still accepted by ``--preset`` (scripts and make targets may use them); not listed
