@@ -109,18 +109,14 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long gx = tile_x % dx, gy = tile_y % dy, gz = tile_z % az.dilation; \
     const long long tx0 = (tile_x / dx) * (TX_), ty0 = (tile_y / dy) * (TY_), tz0 = (tile_z / az.dilation) * (TZ_);
 
-// q . k over the query/key head dim D and dOut . v over the value head dim DV of staged rows (one loop where
-// they share dims)
+// q . k over the query/key head dim D and dOut . v over the value head dim DV of staged rows, in one loop
 template <class T>
 __device__ __forceinline__ void na_fb_dots(float& dot, float& dp, const T* qr, const T* kr, const T* gr, const T* vr,
                                            long long D, long long DV) {
-    const long long common = na_min(D, DV);
-    for (long long d = 0; d < common; ++d) {
-        dot += (float)na_load(qr, d) * (float)na_load(kr, d);
-        dp += (float)na_load(gr, d) * (float)na_load(vr, d);
+    for (long long d = 0; d < D || d < DV; ++d) {
+        if (d < D) dot += (float)na_load(qr, d) * (float)na_load(kr, d);
+        if (d < DV) dp += (float)na_load(gr, d) * (float)na_load(vr, d);
     }
-    for (long long d = common; d < D; ++d) dot += (float)na_load(qr, d) * (float)na_load(kr, d);
-    for (long long d = common; d < DV; ++d) dp += (float)na_load(gr, d) * (float)na_load(vr, d);
 }
 
 // Row i of a z table, or below rank 3 (no table) the trivial axis' row:
@@ -418,6 +414,10 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long nqueries = na_max(0, bx1 - bx0) * nby * nbz;  // empty: keys nobody sees
 
     const int my_k = tid / LANES, lane = tid % LANES;
+    // this lane's dims lane + LANES c: c < ck of the query/key head dim, c < cv of the value's (counts compared
+    // with the unrolled c: per-dim tests of both head dims cost the 3D kernels some 50 registers)
+    const int ck = (int)na_min(DPT, (D - lane + LANES - 1) / LANES);
+    const int cv = (int)na_min(DPT, (DV - lane + LANES - 1) / LANES);
     float acc_k[DPT], acc_v[DPT];
 #pragma unroll
     for (int c = 0; c < DPT; ++c) acc_k[c] = acc_v[c] = 0.0f;
@@ -503,8 +503,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 #pragma unroll
                     for (int c = 0; c < DPT; ++c) {
                         const int d = lane + c * LANES;
-                        if (in && d < DV) acc_v[c] += pw * (float)na_load(grow_, d);
-                        if (in && d < D) acc_k[c] += sw * (float)na_load(qrow_, d);
+                        if (in && c < cv) acc_v[c] += pw * (float)na_load(grow_, d);
+                        if (in && c < ck) acc_k[c] += sw * (float)na_load(qrow_, d);
                     }
                 }
             }
@@ -516,8 +516,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
 #pragma unroll
         for (int c = 0; c < DPT; ++c) {
             const int d = lane + c * LANES;
-            if (d < D) na_store<T, float>(dk, NA_AT6(dk, b, x, y, z, h, d), acc_k[c] * fscale);
-            if (d < DV) na_store<T, float>(dv, NA_AT6(dv, b, x, y, z, h, d), acc_v[c]);
+            if (c < ck) na_store<T, float>(dk, NA_AT6(dk, b, x, y, z, h, d), acc_k[c] * fscale);
+            if (c < cv) na_store<T, float>(dv, NA_AT6(dv, b, x, y, z, h, d), acc_v[c]);
         }
     }
 }
