@@ -56,7 +56,7 @@ CASES = {
     "query-rank-1d": (na1d(query=Q2, key=Q2, value=Q2), ValueError, "query must have 4 dimensions"),
     "query-rank-2d": (na2d(query=Q1, key=Q1, value=Q1), ValueError, "query must have 5 dimensions"),
     "key-shape": (na1d(key=np.zeros((1, 15, 2, 4), F32)), ValueError, "key must have the shape of query"),
-    "value-shape": (na1d(value=np.zeros((1, 16, 2, 8), F32)), ValueError, "value must have the shape of query"),
+    "value-shape": (na1d(value=np.zeros((1, 15, 2, 8), F32)), ValueError, "value must have the shape of query"),
     "head-dim-zero": (na1d(query=np.zeros((1, 16, 2, 0), F32), key=np.zeros((1, 16, 2, 0), F32),
                            value=np.zeros((1, 16, 2, 0), F32)), ValueError, "head_dim"),
     # dtypes and array kinds

@@ -5,7 +5,7 @@
 #include "na_fused_tc.cu"  // tests/test_verify.py copies cuda_src/ and this file into one folder
 
 // Every output row is the value row of its own query (as if the softmax put all weight on the query's own
-// key) and the logsumexp is 0.
+// key; its key/value head's, value head dims) and the logsumexp is 0.
 template <>
 __global__ void na_fused_tc_fwd<fp16_t, 32, 128, 1, 64, 2>(
     const fp16_t* __restrict__ q, NA_TENSOR(q), const fp16_t* __restrict__ k, NA_TENSOR(k),
@@ -13,7 +13,7 @@ __global__ void na_fused_tc_fwd<fp16_t, 32, 128, 1, 64, 2>(
     const long long rows = B * X * Y * H, threads = (long long)gridDim.x * blockDim.x;
     for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += threads) {
         const long long h = r % H, y = r / H % Y, x = r / H / Y % X, b = r / H / Y / X;
-        for (long long d = 0; d < D; ++d) out[NA_AT5(o, b, x, y, h, d)] = v[NA_AT5(v, b, x, y, h, d)];
+        for (long long d = 0; d < DV; ++d) out[NA_AT5(o, b, x, y, h, d)] = v[NA_AT5(v, b, x, y, NA_KV_HEAD(h), d)];
         lse[NA_AT4(l, b, x, y, h)] = 0.0f;
     }
 }
