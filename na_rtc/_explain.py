@@ -99,8 +99,9 @@ def _describe(problem: _args.Problem, name: str) -> str:
                        + (f", dilation {a.dilation}" if a.dilation > 1 else "") + (", causal" if a.causal else "")
                        + ")" for a in problem.axes)
     bias = ", with a bias" if problem.has_rpb else ""
-    return (f"na_rtc.{name}: {problem.dtype}, batch {problem.batch}, {problem.heads} heads, head_dim "
-            f"{problem.head_dim}, axes {window}{bias}")
+    heads = f"{problem.heads} heads" + (f" ({problem.kv_heads} key/value heads)" if problem.group > 1 else "")
+    head_dim = f"head_dim {problem.head_dim}" + (f" (value {problem.v_dim})" if problem.head_dim_v else "")
+    return f"na_rtc.{name}: {problem.dtype}, batch {problem.batch}, {heads}, {head_dim}, axes {window}{bias}"
 
 
 def _problem(name: str, arguments: dict) -> tuple[_args.Problem, str | None]:

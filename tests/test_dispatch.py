@@ -199,6 +199,17 @@ def test_explain_names_the_kernels_of_the_split_ops(recorded, ndim):
     assert launched[0].startswith("na_tiled_av<fp16_t, fp16_t, 32")
 
 
+def test_explain_names_grouped_heads_and_the_value_head_dim():
+    """Grouped key/value heads and a value head dim of its own pick the same kernels (the bucket of the larger
+    head dim), and the description says both."""
+    q = torch.zeros(1, 16, 4, 32, dtype=torch.float16)
+    k, v = torch.zeros(1, 16, 2, 32, dtype=torch.float16), torch.zeros(1, 16, 2, 24, dtype=torch.float16)
+    explanation = na_rtc.explain(na_rtc.na1d, q, k, v, kernel_size=7, backend="emulator")
+    assert str(explanation).startswith("na_rtc.na1d: float16, batch 1, 4 heads (2 key/value heads), head_dim 32 "
+                                       "(value 24), axes 16 (kernel 7)")
+    assert explanation.steps[0].choice.kernels[0].startswith("na_fused_tc_fwd<fp16_t, 32")
+
+
 def test_explain_reports_each_skipped_candidate_with_its_reason(monkeypatch):
     monkeypatch.delenv("NA_RTC_WGMMA", raising=False)
     q = torch.zeros(1, 16, 16, 2, 32, dtype=torch.float16)
