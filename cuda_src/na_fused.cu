@@ -57,11 +57,16 @@ __device__ __forceinline__ na_fused_box_at na_fused_box_coords(long long c, long
     return {c / (hy * hz), (c / hz) % hy, c % hz};
 }
 
-// 3D asks for one block an SM at least: ptxas held the 3D path to 128 registers, which it filled before the value
-// head dim became its own (DV) and then spilled 8 bytes; it takes 129 to 142 without the cap. 0 (no minimum) keeps
-// 1D/2D as they were.
+// 3D (and on sm_120 every rank) asks for one block an SM at least: ptxas held those to 128 registers, which they
+// filled before the value head dim became its own (DV), and then spilled 8 to 12 bytes; the 3D path takes 129 to
+// 142 without the cap. 0 (no minimum) keeps the others as they were.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+#define NA_FUSED_MIN_BLOCKS(RANK) 1
+#else
+#define NA_FUSED_MIN_BLOCKS(RANK) ((RANK) == 3 ? 1 : 0)
+#endif
 template <class T, int HD, int TX, int TY, int RANK = 2, int TZ = 1>
-__global__ void __launch_bounds__(NA_FUSED_THREADS, RANK == 3 ? 1 : 0) na_fused_fwd(
+__global__ void __launch_bounds__(NA_FUSED_THREADS, NA_FUSED_MIN_BLOCKS(RANK)) na_fused_fwd(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
     NA_TENSOR(v), const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY * TZ;            // queries per block

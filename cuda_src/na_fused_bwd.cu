@@ -345,8 +345,16 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
         for (long long i = tid; i < entries; i += NA_FB_THREADS) partial_out[i] = racc[i];
 }
 
+// sm_100 and newer ask for one block an SM at least: there ptxas held the dK/dV kernel to 128 registers and,
+// since the loop over a key/value head's query heads and the value head dim of its own, spilled 44 to 132
+// bytes (sm_80 to sm_90 fit in 128)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+#define NA_FB_DKDV_MIN_BLOCKS 1
+#else
+#define NA_FB_DKDV_MIN_BLOCKS 0
+#endif
 template <class T, int HD, int TX, int TY, int QC, int RANK = 2, int TZ = 1>
-__global__ void __launch_bounds__(NA_FB_THREADS)
+__global__ void __launch_bounds__(NA_FB_THREADS, NA_FB_DKDV_MIN_BLOCKS)
     na_fused_bwd_dkdv(const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
                       const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
                       const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta,
