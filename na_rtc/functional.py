@@ -10,7 +10,7 @@ call.
 
 from __future__ import annotations
 
-from . import _args, _arrays, backends
+from . import _args, _arrays, backends, extra_tokens
 
 
 def _autocast(*tensors):
@@ -40,10 +40,16 @@ def _run(op: str, problem: _args.Problem, backend: str | None, *arrays):
     return chosen.ops[f"{op}_forward"](problem, *arrays)
 
 
-def _fused(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend):
+def _fused(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
+           additional_keys=None, additional_values=None):
     query, key, value = _autocast(query, key, value)
     problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
+    if additional_keys is not None or additional_values is not None:
+        additional_keys, additional_values = _autocast(additional_keys, additional_values)
+    extra_tokens.check(problem, query, additional_keys, additional_values)
     out, lse = _run(_args.FUSED, problem, backend, query, key, value, rpb)
+    if additional_keys is not None:
+        out, lse = extra_tokens.with_extra_tokens(out, lse, query, additional_keys, additional_values, problem.scale)
     return (out, lse) if return_lse else out
 
 
@@ -94,14 +100,18 @@ def _av_backward(ndim, grad_out, attn, value, kernel_size, dilation, is_causal, 
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
-         return_lse=False, *, backend=None):
+         return_lse=False, *, additional_keys=None, additional_values=None, backend=None):
     """1D neighborhood attention, ``[batch, length, heads, head_dim]``.
 
     Each query attends to ``kernel_size`` keys around it (the window shifts
     inward at the borders; causal windows hold 1 to ``kernel_size`` keys).
     ``key`` and ``value`` may have fewer heads than ``query`` (GQA/MQA: a
     divisor of its heads), and ``value`` a head dim of its own, which the
-    output takes. ``scale`` defaults to ``head_dim ** -0.5`` (the query's);
+    output takes. ``additional_keys``/``additional_values``
+    (``[batch, tokens, heads_kv, head_dim]`` / ``head_dim_v``) are extra
+    tokens every query attends besides its neighborhood, in the same softmax
+    (and logsumexp); the bias applies to the neighborhood only.
+    ``scale`` defaults to ``head_dim ** -0.5`` (the query's);
     ``rpb`` (``[heads, 2k - 1]``,
     odd ``k``, not causal) is added to the logits unscaled. With
     ``return_lse=True`` returns ``(output, logsumexp)``, the logsumexp being
@@ -109,21 +119,23 @@ def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
     natural log of each query's sum of ``exp(logit)``; for torch inputs it is
     differentiable too (what :func:`na_rtc.merge_attentions` needs).
     """
-    return _fused(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+    return _fused(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
+                  additional_keys, additional_values)
 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
-         return_lse=False, *, backend=None):
+         return_lse=False, *, additional_keys=None, additional_values=None, backend=None):
     """2D neighborhood attention, ``[batch, height, width, heads, head_dim]``.
 
     As :func:`na1d` per axis; ``kernel_size``, ``stride``, ``dilation`` and
     ``is_causal`` may be pairs. ``rpb`` is ``[heads, 2kx - 1, 2ky - 1]``.
     """
-    return _fused(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+    return _fused(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
+                  additional_keys, additional_values)
 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
-         return_lse=False, *, backend=None):
+         return_lse=False, *, additional_keys=None, additional_values=None, backend=None):
     """3D neighborhood attention, ``[batch, depth, height, width, heads, head_dim]``.
 
     The first spatial axis is depth or time (NATTEN's ``kernel_size_d`` axis):
@@ -132,7 +144,8 @@ def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
     ``is_causal`` may be triples. ``rpb`` is
     ``[heads, 2kx - 1, 2ky - 1, 2kz - 1]``.
     """
-    return _fused(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+    return _fused(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
+                  additional_keys, additional_values)
 
 
 # ---------------------------------------------------------------- split

@@ -30,10 +30,11 @@ use_experimental_ops=False)`` with NATTEN's state-dict keys (``qkv``,
 Inputs reach na_rtc's kernels as strided views (no copies); split-op results
 are heads-first views of na_rtc's heads-last outputs (not contiguous).
 ``additional_keys``/``additional_values`` (extra tokens every query attends
-to, besides its neighborhood) are supported, computed with torch matmuls:
-in the split ops as NATTEN does (extra columns after the window slots), in
-the fused ops through the split ops and one softmax over both, so gradients
-stay exact; they need torch tensors. ``xformers_kwargs`` is refused.
+to, besides its neighborhood) are supported on torch tensors: in the split
+ops as NATTEN does (extra columns after the window slots, torch matmuls),
+in the fused ops as the native ``na*d(..., additional_keys=,
+additional_values=)`` computes them (one softmax over both, exact
+gradients). ``xformers_kwargs`` is refused.
 """
 
 from __future__ import annotations
@@ -185,33 +186,6 @@ def natten3dav(attn, value, kernel_size_d, kernel_size, dilation_d, dilation):
 # ---------------------------------------------------------------- fused ops (heads-last)
 
 
-def _with_additional(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, extra_k, extra_v):
-    """Fused NA plus extra tokens: one softmax over window slots and extra tokens.
-
-    The fused op over the window and dense attention over the extra tokens, merged through their
-    logsumexps (:func:`na_rtc.merge_attentions`; both logsumexps are differentiable, so the gradients are
-    those of one softmax). No ``[queries, slots]`` logits are stored; the dense part holds
-    ``[queries, tokens]`` in float32 (float64 for float64 inputs).
-    """
-    import torch
-
-    from ..merging import merge_attentions
-
-    batch, heads, dim = query.shape[0], query.shape[-2], query.shape[-1]
-    tokens = _extra_tokens("additional_keys", extra_k, batch, heads, dim, False)
-    if _extra_tokens("additional_values", extra_v, batch, heads, dim, False) != tokens:
-        raise ValueError(f"additional_keys and additional_values must hold the same number of tokens, got "
-                         f"{tuple(extra_k.shape)} and {tuple(extra_v.shape)}")
-    out, lse = _FUSED[ndim](query, key, value, kernel_size, 1, dilation, is_causal, scale, rpb, True)
-    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
-    logits = torch.einsum("bnhd,bthd->bnht", query.reshape(batch, -1, heads, dim).to(compute) * scale,
-                          extra_k.to(compute))
-    extra_out = torch.einsum("bnht,bthd->bnhd", logits.softmax(-1), extra_v.to(compute))
-    merged, _ = merge_attentions([out.to(compute), extra_out.reshape(out.shape)],
-                                 [lse.to(compute), torch.logsumexp(logits, -1).reshape(lse.shape)])
-    return merged.to(query.dtype)
-
-
 def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
            additional_values, xformers_kwargs):
     if xformers_kwargs:
@@ -220,10 +194,13 @@ def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale
     if (additional_keys is None) != (additional_values is None):
         raise ValueError("additional_keys and additional_values must be given together (or both left out)")
     scale = scale or query.shape[-1] ** -0.5  # NATTEN's rule: a falsy scale means the default
-    if additional_keys is None:
-        return _FUSED[ndim](query, key, value, kernel_size, 1, dilation, is_causal, scale, rpb)
-    return _with_additional(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                            additional_values)
+    if additional_keys is not None:  # NATTEN 0.17 took torch tensors only
+        for name, extra in (("additional_keys", additional_keys), ("additional_values", additional_values)):
+            if _arrays.kind_of(extra) != _arrays.TORCH:
+                raise TypeError(f"{name} must be a torch tensor, got {type(extra).__qualname__}")
+    # one softmax over the window and the extra tokens: the native op's (na_rtc.extra_tokens)
+    return _FUSED[ndim](query, key, value, kernel_size, 1, dilation, is_causal, scale, rpb,
+                        additional_keys=additional_keys, additional_values=additional_values)
 
 
 def na1d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
