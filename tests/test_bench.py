@@ -146,6 +146,7 @@ def test_3d_preset_holds_the_video_shapes():
 
 
 QUICK_GQA = next(problem for problem in PRESETS["quick"] if problem.heads_kv is not None)
+QUICK_EXTRA = next(problem for problem in PRESETS["quick"] if problem.extra_tokens)
 
 
 def test_keys_without_gqa_are_unchanged():
@@ -169,6 +170,30 @@ def test_gqa_keys_and_labels_name_the_key_value_heads():
     assert runner.spec_from_json(json.loads(json.dumps(gqa.to_json()))) == gqa
     # FLOPs count every query head: 4 key/value heads do not make the work smaller
     assert flops.forward_flops(gqa) == flops.forward_flops(spec((64, 64), 13, batch=2, heads=16, head_dim=64))
+
+
+def test_extra_token_keys_and_labels_name_the_tokens():
+    """Extra tokens appear in keys and labels only when there are some: every earlier key stays as results
+    files (and --resume) hold it, and a record written before extra_tokens loads as before."""
+    assert (QUICK_EXTRA.key, QUICK_EXTRA.label) == ("1d-128-k15-b1-h2-x7-D32-fp32", "1D 128 k=15 b1 h2 D32 fp32 +7 tokens")
+    assert [problem.key for problem in PRESETS["extra-tokens"]] == [
+        "2d-64x64-k13x13-b2-h16-kv4-x256-D64-bf16", "2d-64x64-k13x13-b2-h16-kv4-x512-D64-bf16",
+        "1d-65536-k80-s16-b1-h24-x512-D128-bf16"]
+    gqa = PRESETS["extra-tokens"][1]
+    assert gqa.label == "2D 64x64 k=13 b2 h16/kv4 D64 bf16 +512 tokens" and gqa.extra_shape == (2, 512, 4, 64)
+    assert {problem.key for problem in PRESETS["extra-tokens"]} <= {problem.key for problem in PRESETS["full"]}
+    assert runner.spec_from_json(json.loads(json.dumps(gqa.to_json()))) == gqa
+    target = PRESETS["targets"][0]
+    assert spec((128, 128), 13, batch=2, heads=8, head_dim=64, dtype="bf16", extra_tokens=0).key == target.key
+    old_record = {name: value for name, value in target.to_json().items() if name != "extra_tokens"}
+    assert runner.spec_from_json(old_record) == target
+    # every query attends the tokens too: 15 neighbors and 7 tokens, 128 queries, 2 heads, head dim 32
+    assert flops.forward_flops(QUICK_EXTRA) == 4 * 32 * 2 * 128 * (15 + 7)
+
+
+def test_extra_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="extra_tokens=-1 must be 0"):
+        spec(16, 3, extra_tokens=-1)
 
 
 @pytest.mark.parametrize("heads_kv", [3, 0, 8])
@@ -603,6 +628,112 @@ def test_gqa_runs_through_every_cpu_entry():
         assert entry["status"] == "ok", (name, entry)
         if name not in ("sdpa", "host_overhead"):  # full attention, and nothing computed: never compared
             assert entry["output_check"]["agrees"], (name, entry["output_check"])
+
+
+def test_extra_tokens_run_through_every_cpu_entry():
+    """The quick preset's extra-token problem through each entry a CPU runs by default: the fused and reference
+    entries (the fused op with additional_keys/additional_values) agree with the naive torch gather (one softmax
+    over its gathered logits and a dense matmul's, an independent account); the entries that cannot take the
+    tokens say why."""
+    machine = runner.Machine("cpu", "emulator")
+    selection = runner.select_entries(None, machine)
+    record = runner.run_problem(QUICK_EXTRA, selection, machine, timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    assert record["extra_tokens"] == 7
+    entries = record["entries"]
+    for name in ("fused", "reference", "naive_torch", "sdpa"):
+        assert entries[name]["status"] == "ok", (name, entries[name])
+    for name in ("reference", "naive_torch"):
+        assert entries[name]["output_check"]["agrees"], (name, entries[name]["output_check"])
+    assert entries["fused"]["notes"]["extra_tokens"].startswith("7: dense torch attention")
+    assert "and the 7 extra tokens" in entries["sdpa"]["notes"]["attends_to"]
+    for name, why in (("split", "the split ops (na*_qk, na*_av) take no extra tokens"),
+                      ("naive_kernels", "compose the split ops (qk, softmax, av), which take no extra tokens"),
+                      ("host_overhead", "the extra tokens run as torch ops beside the kernels")):
+        assert entries[name]["status"] == "unavailable", (name, entries[name])
+        assert why in entries[name]["reason"] and "the fused entry measures the 7 extra tokens" in entries[name]["reason"]
+    ran = [entry.name for entry in selection.run]
+    assert {name for name in ran if entries[name]["status"] == "ok"} | {"split", "naive_kernels", "host_overhead"} \
+        == set(ran)
+
+
+def test_extra_token_gradients_agree_with_the_naive_gather():
+    """The fused entry's backward differentiates the extra keys and values too, as the naive gather's does."""
+    from na_rtc.bench.entries import _prepare_fused, make_inputs
+
+    inputs = make_inputs(QUICK_EXTRA, "cpu", "emulator")
+    assert inputs.extra_k.shape == inputs.extra_v.shape == (1, 7, 2, 32) and inputs.extra_k.requires_grad
+    fused = _prepare_fused(QUICK_EXTRA, inputs).forward_backward()
+    naive = peers._prepare_naive_torch(QUICK_EXTRA, inputs).forward_backward()
+    assert len(fused) == len(naive) == 5
+    for got, expected in zip(fused, naive):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# 2D with GQA and extra tokens, where the tiled order is not the natural one (16x8 tiles)
+FLEX_EXTRA = spec((16, 16), 5, batch=1, heads=2, heads_kv=1, head_dim=16, dtype="fp32", extra_tokens=5)
+
+
+@pytest.mark.parametrize("problem", [QUICK_EXTRA, FLEX_EXTRA], ids=lambda p: p.key)
+@pytest.mark.parametrize("tiled", [False, True], ids=["natural", "tiled"])
+def test_flex_mask_mod_lets_every_query_see_the_extra_tokens(problem, tiled):
+    order = peers.tiled_order(problem, peers.tile_shape(problem)) if tiled else None
+    mask_mod = peers.na_mask_mod(problem, "cpu", order)
+    got = mask_mod(0, 0, torch.arange(problem.tokens)[:, None],
+                   torch.arange(problem.tokens + problem.extra_tokens)[None, :]).numpy()
+    neighbors = _dense_neighbors(problem)
+    if tiled:
+        neighbors = neighbors[np.ix_(order, order)]
+    np.testing.assert_array_equal(got[:, :problem.tokens], neighbors)
+    assert got[:, problem.tokens:].all()  # the extra tokens stay at the end, in either order
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("tiled", [False, True], ids=["natural", "tiled"])
+def test_flex_with_extra_tokens_agrees_with_the_naive_gather_on_cpu(monkeypatch, tiled):
+    """FlexAttention's forward with the extra tokens appended to K/V and the mask letting every query see them
+    agrees with the naive gather. Run eagerly: compiling C++ on the CPU takes seconds per entry and changes
+    none of what the entry builds (token order, K/V with the tokens, mask, block mask over tokens + extra)."""
+    from torch.nn.attention import flex_attention as module
+
+    from na_rtc.bench.entries import make_inputs
+
+    monkeypatch.setattr(peers, "_compiled_flex", lambda flex: module.flex_attention)
+    inputs = make_inputs(FLEX_EXTRA, "cpu", "emulator")
+    flex = peers._prepare_flex(FLEX_EXTRA, inputs, tiled=tiled)
+    assert flex.notes["extra_tokens"].startswith("5, after the spatial tokens")
+    got = flex.natural_output(flex.forward())
+    expected = peers._prepare_naive_torch(FLEX_EXTRA, inputs).forward()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _natten_with_extra_tokens(version: str):
+    """NATTEN's 1D op as a release with extra tokens spells it (0.17: ``natten.functional``), computing na_rtc's."""
+    import types
+
+    import na_rtc
+
+    def fused(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None,
+              additional_keys=None, additional_values=None):
+        return na_rtc.na1d(query, key, value, kernel_size, dilation=dilation, is_causal=is_causal, scale=scale,
+                           additional_keys=additional_keys, additional_values=additional_values)
+
+    return types.SimpleNamespace(__version__=version, functional=types.SimpleNamespace(na1d=fused))
+
+
+def test_natten_entry_runs_extra_tokens_where_its_op_takes_them(monkeypatch):
+    machine = runner.Machine("cpu", "emulator")
+
+    def natten_row(stand_in, names):
+        monkeypatch.setitem(sys.modules, "natten", stand_in)
+        record = runner.run_problem(QUICK_EXTRA, runner.select_entries(names, machine), machine,
+                                    timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+        return record["entries"]["natten"]
+
+    row = natten_row(_natten_with_extra_tokens("0.17.5"), ["naive_torch", "natten"])
+    assert row["status"] == "ok" and row["output_check"]["agrees"], row
+    row = natten_row(_natten_stand_in("0.21.0", [], ndim=1), ["natten"])
+    assert row == {"label": "NATTEN fused", "status": "unavailable",
+                   "reason": "NATTEN 0.21.0's na1d takes no additional_keys/additional_values (the 7 extra tokens)"}
 
 
 def test_explain_prints_gqa_problems():

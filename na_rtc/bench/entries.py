@@ -6,8 +6,8 @@ run, how long a mask took to build). Everything outside those callables
 (layout copies, index tables, masks) happens in ``prepare``, untimed.
 
 An entry that cannot run raises :class:`Unavailable` with the reason (no
-stride in the split ops, no FlexAttention in this torch, no GPU), and the
-runner reports it. The other libraries' entries live in :mod:`.peers` (which builds on this module);
+stride or extra tokens in the split ops, no FlexAttention in this torch, no
+GPU), and the runner reports it. The other libraries' entries live in :mod:`.peers` (which builds on this module);
 :func:`na_rtc.bench.runner.all_entries` lists both.
 """
 
@@ -30,7 +30,7 @@ class Unavailable(Exception):
 @dataclass
 class Inputs:
     """The one set of inputs every entry of a problem uses, heads-last torch tensors (key and value with the
-    problem's key/value heads)."""
+    problem's key/value heads; the extra keys and values, where the problem has extra tokens, likewise)."""
 
     query: Any
     key: Any
@@ -41,10 +41,23 @@ class Inputs:
     kernel_backend: str
     #: why the kernel backend cannot run here (None when it can)
     kernel_backend_missing: str | None = None
+    #: ``[batch, tokens, heads_kv, head_dim]``; None without extra tokens
+    extra_k: Any = None
+    extra_v: Any = None
 
     @property
     def qkv(self):
         return self.query, self.key, self.value
+
+    @property
+    def leaves(self):
+        """What a backward differentiates: q, k, v, and the extra keys and values where there are some."""
+        return self.qkv if self.extra_k is None else (*self.qkv, self.extra_k, self.extra_v)
+
+    @property
+    def extra_kwargs(self) -> dict:
+        """The fused ops' keyword arguments for the extra tokens; none without them, so other calls are as before."""
+        return {} if self.extra_k is None else {"additional_keys": self.extra_k, "additional_values": self.extra_v}
 
 
 @dataclass
@@ -84,18 +97,21 @@ class Entry:
 
 def make_inputs(spec: Spec, device: str, kernel_backend: str, kernel_backend_missing: str | None = None) -> Inputs:
     """q, k, v and the output gradient, N(0, 1) in the problem's dtype, seeded by the problem; k and v with the
-    problem's key/value heads (GQA/MQA: fewer than q's)."""
+    problem's key/value heads (GQA/MQA: fewer than q's); the extra keys and values where it has extra tokens."""
     import torch
 
     # seeded by the problem (crc32: Python's hash() is salted per process), so every run draws the same inputs;
-    # drawn in the order q, k, v, g, so problems without GQA draw what they always have
+    # drawn in the order q, k, v, g, then the extra tokens' keys and values, so problems without GQA or extra
+    # tokens draw what they always have
     generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(spec.key.encode()))
     dtype = getattr(torch, spec.dtype)
-    shapes = (spec.qkv_shape, spec.kv_shape, spec.kv_shape, spec.qkv_shape)
-    q, k, v, g = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for shape in shapes)
-    for x in (q, k, v):
+    shapes = [spec.qkv_shape, spec.kv_shape, spec.kv_shape, spec.qkv_shape]
+    if spec.extra_tokens:
+        shapes += [spec.extra_shape, spec.extra_shape]
+    q, k, v, g, *extra = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for shape in shapes)
+    for x in (q, k, v, *extra):
         x.requires_grad_(True)
-    return Inputs(q, k, v, g, device, kernel_backend, kernel_backend_missing)
+    return Inputs(q, k, v, g, device, kernel_backend, kernel_backend_missing, *extra)
 
 
 def window_kwargs(spec: Spec) -> dict:
@@ -106,7 +122,7 @@ def grads(out, inputs: Inputs, leaves=None):
     """Gradients of ``out`` (with the shared output gradient) for the leaves, not accumulated into ``.grad``."""
     import torch
 
-    leaves = leaves if leaves is not None else inputs.qkv
+    leaves = leaves if leaves is not None else inputs.leaves
     grad = inputs.grad_out if out.shape == inputs.grad_out.shape else inputs.grad_out.reshape(out.shape)
     return torch.autograd.grad(out, leaves, grad)
 
@@ -119,6 +135,12 @@ def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
             return fn()
 
     return run
+
+
+def refuse_extra_tokens(spec: Spec, why: str) -> None:
+    """Unavailable where the problem has extra tokens, which the entry cannot take (``why``)."""
+    if spec.extra_tokens:
+        raise Unavailable(f"{why}; the fused entry measures the {spec.extra_tokens} extra tokens")
 
 
 def _require_kernels(inputs: Inputs) -> None:
@@ -258,7 +280,7 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=
 
     def forward():
         with mode():
-            return fn(*inputs.qkv, spec.kernel, backend=backend, **kwargs)
+            return fn(*inputs.qkv, spec.kernel, backend=backend, **kwargs, **inputs.extra_kwargs)
 
     def forward_backward():
         out = forward()
@@ -269,6 +291,9 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=
     if backend != EVERY_RANK:
         with mode():
             notes.update(_fused_kernels_used(spec, inputs))
+    if spec.extra_tokens:  # where their time goes: the kernels see the neighborhood only
+        notes["extra_tokens"] = (f"{spec.extra_tokens}: dense torch attention over them, merged with the "
+                                 "neighborhood's through the logsumexps")
     return Prepared(no_grad(forward), forward_backward, notes=notes)
 
 
@@ -338,6 +363,7 @@ def _prepare_split(spec: Spec, inputs: Inputs) -> Prepared:
         _require_kernels(inputs)
     if any(s != 1 for s in spec.stride):
         raise Unavailable("the split ops (na*_qk, na*_av) take no stride; only the fused ops do")
+    refuse_extra_tokens(spec, "the split ops (na*_qk, na*_av) take no extra tokens; only the fused ops do")
     qk, av = _public_op(spec, "_qk"), _public_op(spec, "_av")
     scale = spec.head_dim**-0.5
     window = {"dilation": spec.dilation, "is_causal": spec.causal}
@@ -373,6 +399,8 @@ def _prepare_naive_kernels(spec: Spec, inputs: Inputs) -> Prepared:
     from ..runtime.policy import Policy
     from ..runtime.tiling import accumulator_dtype
 
+    refuse_extra_tokens(spec, "the straightforward kernels compose the split ops (qk, softmax, av), which take "
+                              "no extra tokens")
     _require_kernels(inputs)
     _require_rank(spec, inputs)
     kernels = Dispatcher(_executor(inputs), Policy.of(tiled=False))
@@ -436,6 +464,8 @@ def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
     from ..runtime.ops import make_ops
 
     _require_rank(spec, inputs, "the reference backend builds no launch plans to time")
+    refuse_extra_tokens(spec, "the extra tokens run as torch ops beside the kernels, not through the dispatch and "
+                              "launch plans this entry times, which are the same without them")
     plans = []
     table = make_ops(lambda plan: plans.append(plan.kernel.name), inputs.kernel_backend, verification="peek")
     problem = _problem(spec, inputs)

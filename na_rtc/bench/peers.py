@@ -5,7 +5,8 @@
   once in ``prepare``, outside the timed region. It is what a model author
   writes first, and what runs out of memory first. With GQA/MQA it repeats
   each key/value head for its group of query heads (timed), as a model
-  author would.
+  author would. Extra tokens: a dense matmul of the queries against them,
+  its logits concatenated with the neighborhood's for one softmax.
 - FlexAttention: ``torch.compile``-d ``flex_attention`` with a block mask
   whose ``mask_mod`` is the exact NA neighbor test (the same window math,
   :func:`na_rtc.window.window`, as tables). Two token orders: natural
@@ -13,20 +14,25 @@
   contiguous, so a 128-token block is a compact 2D patch or 3D box and more
   blocks are empty; the tile is the one with the fewest non-empty blocks).
   With GQA/MQA, ``enable_gqa``: key/value heads shared in place.
+  Extra tokens follow the spatial tokens in K/V (in either order) and the
+  mask lets every query see them.
   The tiled order is applied to the inputs in ``prepare``: a model can keep
-  its tokens in that order, so the permutation is not timed. Building the
-  block mask is timed separately (``mask_build_ms``).
+  its tokens in that order, so the permutation (and the extra tokens'
+  concatenation) is not timed. Building the block mask is timed separately
+  (``mask_build_ms``).
 - NATTEN, where it is importable: its fused op for the problem's rank
   (``natten.na3d`` from 0.20 on, which takes a stride; 0.17's
   ``natten.functional.na3d`` without one), on the same heads-last inputs;
   with GQA/MQA only where that op takes fewer key/value heads than query
-  heads (tried on a tiny problem first), else Unavailable.
-- SDPA: full self-attention over every token, the cost NA avoids
-  (``enable_gqa`` with GQA/MQA).
+  heads (tried on a tiny problem first), with extra tokens only where it
+  takes ``additional_keys``/``additional_values``; else Unavailable.
+- SDPA: full self-attention over every token and the extra tokens, the cost
+  NA avoids (``enable_gqa`` with GQA/MQA).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -47,6 +53,17 @@ def _heads_first(x, order=None, requires_grad=None):
     if order is not None:
         flat = flat[:, order]
     return flat.transpose(1, 2).contiguous().requires_grad_(x.requires_grad if requires_grad is None else requires_grad)
+
+
+def _heads_first_kv(x, extra, order=None, requires_grad=True):
+    """Key or value as :func:`_heads_first` makes them, the extra tokens' (``extra``, None without) appended
+    after the spatial tokens in whichever order those are: one leaf, whose gradient holds both."""
+    import torch
+
+    kv = _heads_first(x, order, requires_grad=False)
+    if extra is not None:
+        kv = torch.cat([kv, _heads_first(extra, requires_grad=False)], dim=2)
+    return kv.requires_grad_(requires_grad)
 
 
 def _heads_last(out, spec: Spec, order=None):
@@ -107,10 +124,26 @@ def _prepare_naive_torch(spec: Spec, inputs: Inputs) -> Prepared:
         logits = torch.einsum("bthd,btshd->bths", q, k[:, keys]) * scale  # [b, t, h, s]
         if invalid is not None:
             logits = logits.masked_fill(invalid, -math.inf)
+        if inputs.extra_k is not None:
+            return _with_extra_tokens(q, logits, v[:, keys], spec, inputs).reshape(spec.qkv_shape)
         attn = logits.softmax(dim=-1)
         return torch.einsum("bths,btshd->bthd", attn, v[:, keys]).reshape(spec.qkv_shape)
 
     return Prepared(no_grad(forward), lambda: grads(forward(), inputs))
+
+
+def _with_extra_tokens(q, logits, gathered_v, spec: Spec, inputs: Inputs):
+    """Attention over the neighborhood (``logits`` ``[b, t, h, s]``, values gathered ``[b, t, s, h, d]``) and
+    the extra tokens, whose logits come from a dense matmul (every query sees every token): one softmax over the
+    two sets of logits concatenated."""
+    import torch
+
+    extra_k, extra_v = (_per_query_head(x, spec.group) for x in (inputs.extra_k, inputs.extra_v))
+    extra_logits = torch.einsum("bthd,bxhd->bthx", q, extra_k) * spec.head_dim**-0.5  # x: extra token
+    attn = torch.cat([logits, extra_logits], dim=-1).softmax(dim=-1)
+    slots = logits.shape[-1]
+    return (torch.einsum("bths,btshd->bthd", attn[..., :slots], gathered_v)
+            + torch.einsum("bthx,bxhd->bthd", attn[..., slots:], extra_v))
 
 
 def _per_query_head(x, group: int):
@@ -225,7 +258,8 @@ def tiled_order(spec: Spec, tile: tuple[int, ...]) -> np.ndarray:
 
 
 def na_mask_mod(spec: Spec, device: str, order=None):
-    """FlexAttention ``mask_mod``: key ``kv`` is in query ``q``'s neighborhood (:mod:`na_rtc.window`'s window math).
+    """FlexAttention ``mask_mod``: key ``kv`` is in query ``q``'s neighborhood (:mod:`na_rtc.window`'s window math),
+    or one of the problem's extra tokens (positions from ``spec.tokens`` on), which every query sees.
 
     ``order`` maps positions in the (tiled) token order back to natural token indices.
     """
@@ -251,16 +285,27 @@ def na_mask_mod(spec: Spec, device: str, order=None):
             inside = ok if inside is None else inside & ok
         return inside
 
-    return mask_mod
+    return _extra_tokens_visible(mask_mod, spec.tokens) if spec.extra_tokens else mask_mod
 
 
-def _timed_block_mask(module, mask_mod, tokens: int, device: str):
-    """The block mask and the seconds building it took (synchronized)."""
+def _extra_tokens_visible(mask_mod, tokens: int):
+    """``mask_mod`` with every key position from ``tokens`` on (an extra token) visible to every query."""
+
+    def with_extra_tokens(b, h, q_idx, kv_idx):
+        # an extra token's position lies past the window tables (and the order): ask about a spatial key, overruled
+        spatial = kv_idx.clamp(max=tokens - 1)
+        return mask_mod(b, h, q_idx, spatial) | (kv_idx >= tokens)
+
+    return with_extra_tokens
+
+
+def _timed_block_mask(module, mask_mod, tokens: int, kv_tokens: int, device: str):
+    """The block mask (``tokens`` queries, ``kv_tokens`` keys) and the seconds building it took (synchronized)."""
     import torch
 
     def build():
-        return module.create_block_mask(mask_mod, None, None, tokens, tokens, device=device, BLOCK_SIZE=FLEX_BLOCK,
-                                        _compile=device.startswith("cuda"))
+        return module.create_block_mask(mask_mod, None, None, tokens, kv_tokens, device=device,
+                                        BLOCK_SIZE=FLEX_BLOCK, _compile=device.startswith("cuda"))
 
     def sync():
         if device.startswith("cuda"):
@@ -285,7 +330,8 @@ def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
         raise Unavailable(f"the tiled token order (tile {tile}) is the natural order for this problem: "
                           "see the flex_natural entry")
     mask_mod = na_mask_mod(spec, inputs.device, order)
-    block_mask, first_build, build = _timed_block_mask(module, mask_mod, spec.tokens, inputs.device)
+    block_mask, first_build, build = _timed_block_mask(module, mask_mod, spec.tokens, spec.tokens + spec.extra_tokens,
+                                                       inputs.device)
     flex = _compiled_flex(module)
     order_t = None
     if order is not None:
@@ -294,7 +340,9 @@ def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
         order_t = torch.as_tensor(order, device=inputs.device)
     on_gpu = inputs.device.startswith("cuda")
     # on the CPU FlexAttention refuses inputs that require grad, even under no_grad
-    q, k, v = (_heads_first(x, order_t, requires_grad=on_gpu) for x in inputs.qkv)
+    q = _heads_first(inputs.query, order_t, requires_grad=on_gpu)
+    k, v = (_heads_first_kv(x, extra, order_t, requires_grad=on_gpu)
+            for x, extra in ((inputs.key, inputs.extra_k), (inputs.value, inputs.extra_v)))
     grad = _heads_first(inputs.grad_out, order_t).detach()
     scale = spec.head_dim**-0.5
     gqa = _gqa_kwargs(spec)
@@ -310,6 +358,8 @@ def _prepare_flex(spec: Spec, inputs: Inputs, tiled: bool) -> Prepared:
     notes = {"mask_build_ms": build * 1e3, "mask_build_first_ms": first_build * 1e3,
              "block_sparsity_percent": float(block_mask.sparsity()),
              "token_order": f"tiled {'x'.join(map(str, tile))} per dilation group" if tiled else "natural"}
+    if spec.extra_tokens:
+        notes["extra_tokens"] = f"{spec.extra_tokens}, after the spatial tokens in K/V, visible to every query"
     no_backward = None
     if not on_gpu:
         no_backward = "FlexAttention has no backward on the CPU"
@@ -362,12 +412,28 @@ def _require_natten_gqa(spec: Spec, inputs: Inputs, fused, version: str) -> None
                           f"heads_kv={spec.kv_heads} of heads={spec.heads}): {type(error).__name__}: {said}") from error
 
 
+def _require_natten_extra_tokens(spec: Spec, fused, version: str) -> None:
+    """Unavailable where NATTEN's op has no ``additional_keys``/``additional_values`` parameters (releases
+    differ), read from its signature: a call with tokens would be the real problem's, whose errors must stay
+    errors, not skips."""
+    try:
+        parameters = inspect.signature(fused).parameters
+    except (TypeError, ValueError):  # a compiled op without a readable signature: nothing says it takes them
+        parameters = {}
+    if not {"additional_keys", "additional_values"} <= set(parameters):
+        raise Unavailable(f"NATTEN {version}'s na{spec.ndim}d takes no additional_keys/additional_values (the "
+                          f"{spec.extra_tokens} extra tokens)")
+
+
 def _prepare_natten(spec: Spec, inputs: Inputs) -> Prepared:
     fused, extra, version = _natten_op(spec)
     if spec.group > 1:
         _require_natten_gqa(spec, inputs, fused, version)
+    if spec.extra_tokens:
+        _require_natten_extra_tokens(spec, fused, version)
     kwargs = {"kernel_size": _natten_axes(spec, spec.kernel), "dilation": _natten_axes(spec, spec.dilation),
-              "is_causal": _natten_axes(spec, spec.causal), "scale": spec.head_dim**-0.5, **extra}
+              "is_causal": _natten_axes(spec, spec.causal), "scale": spec.head_dim**-0.5, **extra,
+              **inputs.extra_kwargs}
 
     def forward():
         return fused(*inputs.qkv, **kwargs)
@@ -381,7 +447,8 @@ def _prepare_natten(spec: Spec, inputs: Inputs) -> Prepared:
 def _prepare_sdpa(spec: Spec, inputs: Inputs) -> Prepared:
     import torch.nn.functional as F
 
-    q, k, v = (_heads_first(x) for x in inputs.qkv)
+    q = _heads_first(inputs.query)
+    k, v = (_heads_first_kv(x, extra) for x, extra in ((inputs.key, inputs.extra_k), (inputs.value, inputs.extra_v)))
     grad = _heads_first(inputs.grad_out).detach()
     gqa = _gqa_kwargs(spec)
 
@@ -394,7 +461,12 @@ def _prepare_sdpa(spec: Spec, inputs: Inputs) -> Prepared:
         return torch.autograd.grad(forward(), (q, k, v), grad)
 
     return Prepared(no_grad(forward), forward_backward,
-                    notes={"attends_to": f"all {spec.tokens} tokens (full attention, not NA)"}, comparable=False)
+                    notes={"attends_to": _sdpa_attends_to(spec)}, comparable=False)
+
+
+def _sdpa_attends_to(spec: Spec) -> str:
+    extra = f" and the {spec.extra_tokens} extra tokens" if spec.extra_tokens else ""
+    return f"all {spec.tokens} tokens{extra} (full attention, not NA)"
 
 
 FLEX_CPU_NOTE = ("FlexAttention is timed on a GPU only: on the CPU torch has no FlexAttention backward and compiles "

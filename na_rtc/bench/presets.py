@@ -2,7 +2,7 @@
 
 A spec is everything that decides the work: spatial shape, kernel, dilation,
 stride, causal flags (one per axis), batch, heads (and key/value heads, with
-GQA/MQA), head dim and dtype. Its
+GQA/MQA), head dim, dtype and the extra key/value tokens every query attends. Its
 :attr:`Spec.key` names it in the results JSON, so a resumed run recognises
 problems it has already measured.
 """
@@ -35,6 +35,9 @@ class Spec:
     #: key/value heads with GQA/MQA (dividing ``heads``: query head h reads key/value head h // group); None: as
     #: many as ``heads``. Last and defaulted: positional constructions (runner.spec_from_json) keep their meaning
     heads_kv: int | None = None
+    #: extra key/value tokens every query attends besides its neighborhood (``additional_keys``/
+    #: ``additional_values``), one softmax over both; last and defaulted for the same reason as ``heads_kv``
+    extra_tokens: int = 0
 
     @property
     def ndim(self) -> int:
@@ -63,6 +66,11 @@ class Spec:
         return (self.batch, *self.spatial, self.kv_heads, self.head_dim)
 
     @property
+    def extra_shape(self) -> tuple[int, ...]:
+        """The extra keys' (and values') shape, ``[batch, tokens, heads_kv, head_dim]``."""
+        return (self.batch, self.extra_tokens, self.kv_heads, self.head_dim)
+
+    @property
     def key(self) -> str:
         """A stable, readable identity (the note is left out: it does not change the work)."""
         def axes(values):
@@ -78,12 +86,15 @@ class Spec:
         parts += [f"b{self.batch}", f"h{self.heads}"]
         if self.heads_kv is not None:  # only when set: every key without GQA stays what results files hold
             parts.append(f"kv{self.heads_kv}")
+        if self.extra_tokens:  # likewise: every key without extra tokens stays what results files hold
+            parts.append(f"x{self.extra_tokens}")
         parts += [f"D{self.head_dim}", SHORT_DTYPE[self.dtype]]
         return "-".join(parts)
 
     @property
     def label(self) -> str:
-        """Short human name: ``2D 128x128 k=13 dil=4 b2 h8 D64 fp16`` (``h16/kv4`` with GQA)."""
+        """Short human name: ``2D 128x128 k=13 dil=4 b2 h8 D64 fp16`` (``h16/kv4`` with GQA, ``+512 tokens`` at
+        the end with extra tokens)."""
         def axes(values):
             return "x".join(str(int(v)) for v in values) if len(set(values)) > 1 else str(int(values[0]))
 
@@ -95,7 +106,10 @@ class Spec:
         if any(self.causal):
             text += " causal" if all(self.causal) else f" causal={axes(self.causal)}"
         heads = f"h{self.heads}" if self.heads_kv is None else f"h{self.heads}/kv{self.heads_kv}"
-        return text + f" b{self.batch} {heads} D{self.head_dim} {SHORT_DTYPE[self.dtype]}"
+        text += f" b{self.batch} {heads} D{self.head_dim} {SHORT_DTYPE[self.dtype]}"
+        if self.extra_tokens:
+            text += f" +{self.extra_tokens} tokens"
+        return text
 
     def to_json(self) -> dict:
         record = asdict(self)
@@ -104,9 +118,10 @@ class Spec:
 
 
 def spec(spatial, kernel, *, dilation=1, stride=1, causal=False, batch=1, heads=4, heads_kv=None, head_dim=32,
-         dtype="float16", note="") -> Spec:
+         dtype="float16", note="", extra_tokens=0) -> Spec:
     """A :class:`Spec` with scalar per-axis arguments broadcast over the axes; ``heads_kv``: key/value heads
-    (GQA/MQA), dividing ``heads``."""
+    (GQA/MQA), dividing ``heads``; ``extra_tokens``: key/value tokens every query attends besides its
+    neighborhood."""
     spatial = tuple(spatial) if isinstance(spatial, (tuple, list)) else (spatial,)
     ndim = len(spatial)
 
@@ -118,7 +133,8 @@ def spec(spatial, kernel, *, dilation=1, stride=1, causal=False, batch=1, heads=
 
     return Spec(spatial, tuple(int(v) for v in per_axis(kernel)), tuple(int(v) for v in per_axis(dilation)),
                 tuple(int(v) for v in per_axis(stride)), tuple(bool(v) for v in per_axis(causal)),
-                int(batch), int(heads), int(head_dim), DTYPES[dtype], note, _grouped_heads(int(heads), heads_kv))
+                int(batch), int(heads), int(head_dim), DTYPES[dtype], note, _grouped_heads(int(heads), heads_kv),
+                _extra_tokens(extra_tokens))
 
 
 def _grouped_heads(heads: int, heads_kv) -> int | None:
@@ -129,6 +145,12 @@ def _grouped_heads(heads: int, heads_kv) -> int | None:
         raise ValueError(f"heads_kv={heads_kv} must divide heads={heads} (each key/value head serves "
                          "heads // heads_kv query heads)")
     return int(heads_kv)
+
+
+def _extra_tokens(extra_tokens) -> int:
+    if int(extra_tokens) < 0:
+        raise ValueError(f"extra_tokens={extra_tokens} must be 0 (none) or more")
+    return int(extra_tokens)
 
 
 # ---------------------------------------------------------------- presets
@@ -173,6 +195,7 @@ QUICK = (
     spec((12, 12), 5, stride=2, batch=1, heads=2, head_dim=16, dtype="bf16", note="tiny 2D, stride, bf16"),
     spec((6, 8, 8), (3, 5, 5), batch=1, heads=2, head_dim=16, dtype="fp32", note="tiny 3D"),
     spec((12, 12), 5, batch=1, heads=4, heads_kv=2, head_dim=16, dtype="fp32", note="tiny 2D, GQA 2:1"),
+    spec(128, 15, batch=1, heads=2, head_dim=32, dtype="fp32", extra_tokens=7, note="tiny 1D, extra tokens"),
 )
 
 #: grouped key/value heads, bf16: na_rtc reads each key/value head in place for its group of query heads,
@@ -180,6 +203,18 @@ QUICK = (
 GQA = (
     spec((64, 64), 13, batch=2, heads=16, heads_kv=4, head_dim=64, dtype="bf16", note="GQA 4:1"),
     spec((64, 64), 13, batch=2, heads=16, heads_kv=1, head_dim=64, dtype="bf16", note="MQA 16:1"),
+)
+
+#: extra key/value tokens every query attends (text tokens beside image or sequence tokens), bf16: na_rtc's fused
+#: op with additional_keys/additional_values against FlexAttention with the same NA mask, the tokens appended to
+#: K/V and visible to every query
+EXTRA_TOKENS = (
+    spec((64, 64), 13, batch=2, heads=16, heads_kv=4, head_dim=64, dtype="bf16", extra_tokens=256,
+         note="GQA 4:1, 256 extra tokens"),
+    spec((64, 64), 13, batch=2, heads=16, heads_kv=4, head_dim=64, dtype="bf16", extra_tokens=512,
+         note="GQA 4:1, 512 extra tokens"),
+    spec(65536, 80, stride=16, batch=1, heads=24, head_dim=128, dtype="bf16", extra_tokens=512,
+         note="1D long sequence, 512 extra tokens"),
 )
 
 VIDEO_DIFFUSION = "video diffusion (30x48x80 latent)"
@@ -218,20 +253,24 @@ PRESETS: dict[str, tuple[Spec, ...]] = {
     "dtypes": DTYPE_SWEEP,
     "3d": THREE_D,
     "gqa": GQA,
+    "extra-tokens": EXTRA_TOKENS,
     "gpu-check": GPU_CHECK,
-    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D, GQA),
+    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D, GQA, EXTRA_TOKENS),
 }
 
 PRESET_HELP = {
-    "quick": "tiny 1D/2D/3D problems (fp32, dilation+causal, stride+bf16, GQA); runs on a CPU in well under a minute",
+    "quick": "tiny 1D/2D/3D problems (fp32, dilation+causal, stride+bf16, GQA, extra tokens); runs on a CPU in well "
+             "under a minute",
     "targets": "the shapes the performance targets are set on (bench --targets judges them; GPU sizes)",
     "shapes": "1D 4096 k=127, 1D 32768 k=2047, 2D 56x56 k=7, 128x128 k=13, 256x256 k=13 (+ dilation 4)",
     "dtypes": "2D 128x128 k=13 with head dims 32/64/128 in fp32/fp16/bf16",
     "3d": "3D bf16: 16x32x32 k=3x7x7, 8x16x16 k=7 dil=1x2x2, 30x48x80 k=18x24x24 (stride 1 and 16x8x8), "
           "16x32x32 k=5x7x7 causal in time (GPU sizes)",
     "gqa": "2D bf16 64x64 k=13, 16 heads with 4 key/value heads (GQA) and with 1 (MQA) (GPU sizes)",
+    "extra-tokens": "bf16 with extra key/value tokens every query attends: 2D 64x64 k=13, 16 heads with 4 key/value "
+                    "heads, +256 and +512 tokens; 1D 65536 k=80 stride=16, 24 heads, +512 tokens (GPU sizes)",
     "gpu-check": "what make gpu-check measures: the targets, with 3D 16x32x32 k=3x7x7 after the FlexAttention ones",
-    "full": "targets + shapes + dtypes + 3d + gqa (several slices on a GPU: use --resume)",
+    "full": "targets + shapes + dtypes + 3d + gqa + extra-tokens (several slices on a GPU: use --resume)",
 }
 
 #: earlier preset names, still accepted by ``--preset`` (scripts and make targets may use them); not listed

@@ -288,7 +288,7 @@ def _memory_label(machine: Machine) -> str:
 def spec_from_json(record: dict) -> Spec:
     return Spec(tuple(record["spatial"]), tuple(record["kernel"]), tuple(record["dilation"]), tuple(record["stride"]),
                 tuple(bool(c) for c in record["causal"]), record["batch"], record["heads"], record["head_dim"],
-                record["dtype"], record.get("note", ""), record.get("heads_kv"))
+                record["dtype"], record.get("note", ""), record.get("heads_kv"), record.get("extra_tokens", 0))
 
 
 def write(results: dict, path: Path) -> None:
