@@ -9,8 +9,8 @@ CUDA tensors). Each backend also lists the ranks (1D, 2D, 3D) it serves
 (today every backend serves all three): where the default lacks the
 problem's rank, automatic selection takes the reference backend, which
 serves every rank and torch tensors on any device; a forced backend without
-the rank is an error. The same holds for grouped key/value heads (GQA/MQA),
-which only the reference backend serves so far. Arrays are never copied to another device to fit a backend: a
+the rank is an error. Every backend serves grouped key/value heads (GQA/MQA).
+Arrays are never copied to another device to fit a backend: a
 mismatch is an error that says what to do. Meta tensors (shapes without data,
 used to initialize and trace large models) are served by every backend: they
 only reach the custom ops' fake implementations, which compute shapes.

@@ -25,9 +25,6 @@ def check(problem: Problem, query, additional_keys, additional_values) -> None:
         raise ValueError("additional_keys and additional_values must be given together (or both left out)")
     if additional_keys is None:
         return
-    for name, x in (("additional_keys", additional_keys), ("additional_values", additional_values)):
-        if _arrays.kind_of(x) is None:
-            raise TypeError(f"{name} must be a NumPy array, CuPy array or torch tensor, got {type(x).__qualname__}")
     _same_placement("query", query, {"additional_keys": additional_keys, "additional_values": additional_values})
     tokens = None
     for name, x, dim in (("additional_keys", additional_keys, problem.head_dim),
@@ -58,13 +55,12 @@ def attend(query, keys, values, scale: float):
         import torch
 
         logits = torch.einsum("bnkgd,btkd->bnkgt", q, k) * scale
-        lse = torch.logsumexp(logits, -1)
-        out = torch.einsum("bnkgt,btkv->bnkgv", torch.softmax(logits, -1), v) if tokens else \
-            q.new_zeros((*q.shape[:-1], dim_v))
+        lse = torch.logsumexp(logits, -1)  # without tokens: -inf, and the output below 0
+        out = torch.einsum("bnkgt,btkv->bnkgv", torch.softmax(logits, -1), v)
     else:
         xp = _array_module(query)
         logits = xp.einsum("bnkgd,btkd->bnkgt", q, k) * scale
-        if tokens:
+        if tokens:  # NumPy's max of an empty axis raises
             peak = logits.max(-1, keepdims=True)
             peak = xp.where(xp.isfinite(peak), peak, 0.0)
             weights = xp.exp(logits - peak)

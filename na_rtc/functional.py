@@ -44,8 +44,7 @@ def _fused(ndim, query, key, value, kernel_size, stride, dilation, is_causal, sc
            additional_keys=None, additional_values=None):
     query, key, value = _autocast(query, key, value)
     problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
-    if additional_keys is not None or additional_values is not None:
-        additional_keys, additional_values = _autocast(additional_keys, additional_values)
+    additional_keys, additional_values = _autocast(additional_keys, additional_values)
     extra_tokens.check(problem, query, additional_keys, additional_values)
     out, lse = _run(_args.FUSED, problem, backend, query, key, value, rpb)
     if additional_keys is not None:

@@ -548,14 +548,18 @@ def _natten_without_gqa(version: str):
     return types.SimpleNamespace(__version__=version, na2d=fused)
 
 
-def test_natten_entry_runs_gqa_where_natten_takes_it(monkeypatch):
+def _natten_row(monkeypatch, problem, stand_in, names):
+    """The natten entry's record of ``problem`` with ``stand_in`` importable as natten, beside ``names``."""
     machine = runner.Machine("cpu", "emulator")
+    monkeypatch.setitem(sys.modules, "natten", stand_in)
+    record = runner.run_problem(problem, runner.select_entries(names, machine), machine,
+                                timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
+    return record["entries"]["natten"]
 
+
+def test_natten_entry_runs_gqa_where_natten_takes_it(monkeypatch):
     def natten_row(stand_in, names):
-        monkeypatch.setitem(sys.modules, "natten", stand_in)
-        record = runner.run_problem(QUICK_GQA, runner.select_entries(names, machine), machine,
-                                    timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
-        return record["entries"]["natten"]
+        return _natten_row(monkeypatch, QUICK_GQA, stand_in, names)
 
     row = natten_row(_natten_stand_in("0.21.0", [], ndim=2), ["naive_torch", "natten"])
     assert row["status"] == "ok" and row["output_check"]["agrees"], row
@@ -721,13 +725,8 @@ def _natten_with_extra_tokens(version: str):
 
 
 def test_natten_entry_runs_extra_tokens_where_its_op_takes_them(monkeypatch):
-    machine = runner.Machine("cpu", "emulator")
-
     def natten_row(stand_in, names):
-        monkeypatch.setitem(sys.modules, "natten", stand_in)
-        record = runner.run_problem(QUICK_EXTRA, runner.select_entries(names, machine), machine,
-                                    timing.Settings(0, 2, 2, 0.0), log=lambda _: None)
-        return record["entries"]["natten"]
+        return _natten_row(monkeypatch, QUICK_EXTRA, stand_in, names)
 
     row = natten_row(_natten_with_extra_tokens("0.17.5"), ["naive_torch", "natten"])
     assert row["status"] == "ok" and row["output_check"]["agrees"], row
