@@ -18,6 +18,10 @@
 //                 the strides of trivial axes are 0
 //   NA_ROWS(t)    the same for a per-row table (lse, delta): [b, x, y, z, h]
 //   NA_BIAS(t)    the bias table [h, rx, ry, rz]
+//   NA_EXTRA(T)   the extra key/value tokens every query of a fused forward attends besides its neighborhood
+//                 (one softmax over both): keys xk and values xv [b, token, key/value head, last] as
+//                 pointers and int64 element strides, then their count NX (0: none, null pointers); the
+//                 kernels read token t of key/value head NA_KV_HEAD(h) at NA_AT_EXTRA(xk, b, t, h, l)
 // and NA_AT5 / NA_AT4 (a rank-2 element offset, z = 0) and NA_AT6 / NA_ATR
 // (any rank), the element offset of an index in such a tensor.
 #pragma once
@@ -34,6 +38,10 @@
     long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h, long long t##_l
 #define NA_ROWS(t) long long t##_b, long long t##_x, long long t##_y, long long t##_z, long long t##_h
 #define NA_BIAS(t) long long t##_h, long long t##_x, long long t##_y, long long t##_z
+#define NA_EXTRA(T)                                                                                       \
+    const T* __restrict__ xk, long long xk_b, long long xk_n, long long xk_h, long long xk_l,                  \
+        const T* __restrict__ xv, long long xv_b, long long xv_n, long long xv_h, long long xv_l, long long NX
+#define NA_AT_EXTRA(t, b, n, h, l) ((b) * t##_b + (n) * t##_n + (h) * t##_h + (l) * t##_l)
 #define NA_AT5(t, b, x, y, h, l) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h + (l) * t##_l)
 #define NA_AT4(t, b, x, y, h) ((b) * t##_b + (x) * t##_x + (y) * t##_y + (h) * t##_h)
 #define NA_AT6(t, b, x, y, z, h, l) (NA_AT5(t, b, x, y, h, l) + (z) * t##_z)

@@ -3,6 +3,9 @@
 //   out[b,i,h] = sum_{j in N(i)} softmax_j(logit) * v[b,j,h]
 //   lse[b,i,h] = log sum_{j in N(i)} exp(logit),  logit = scale * q_i . k_j + rpb[h, j'-i'+k-1 per axis]
 //
+// and with NX extra tokens (NA_EXTRA) every query also attends each of them, in the same softmax: after the
+// box, the tokens are one more key range, staged in the same chunks, without mask or bias.
+//
 // One block of NA_FUSED_THREADS threads per (batch, head, query tile of
 // TX x TY x TZ group coordinates inside ONE dilation group per axis). Window
 // start and end never decrease with the query inside a group (DESIGN.md
@@ -68,7 +71,7 @@ __device__ __forceinline__ na_fused_box_at na_fused_box_coords(long long c, long
 template <class T, int HD, int TX, int TY, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_FUSED_THREADS, NA_FUSED_MIN_BLOCKS(RANK)) na_fused_fwd(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
-    NA_TENSOR(v), const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
+    NA_TENSOR(v), const typename na_acc<T>::type* __restrict__ rpb, NA_BIAS(rpb), NA_EXTRA(T), T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY * TZ;            // queries per block
     constexpr int G = NA_FUSED_THREADS / NQ;    // lanes per query
     constexpr int E = HD / G;                   // head dims per lane
@@ -143,6 +146,27 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS, NA_FUSED_MIN_BLOCKS(RANK)) n
         return na_fused_box_at{(tx.h0 + at.x) * dx + tx.g, (ty.h0 + at.y) * dy + ty.g,
                                (tz.h0 + at.z) * az.dilation + tz.g};
     };
+    // pass 2 of a chunk (the box's or the extra tokens'): rescale once, accumulate the visible keys
+    const auto accumulate = [&](const float(&s)[KC], float cmax) {
+        const float mnew = cmax > m ? cmax : m;
+        if (mnew == NEG_INF) return;  // no key of this chunk visible to this query, none before: nothing to add
+        const float alpha = na_exp(m - mnew);  // m = -inf: 0 (mnew is not -inf)
+        sum *= alpha;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] *= alpha;
+#pragma unroll
+        for (int kk = 0; kk < KC; ++kk) {
+            if (s[kk] != NEG_INF) {  // visible (a NaN logit is visible: it poisons the query)
+                const float p = na_exp(s[kk] - mnew);
+                sum += p;
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    if (e < ev) acc[e] += p * na_load(sv + kk * HD, gl + G * e);
+                }
+            }
+        }
+        m = mnew;
+    };
     for (long long c0 = 0; c0 < keys; c0 += KC) {
         const int cn = (int)na_min(KC, keys - c0);
         __syncthreads();  // the previous chunk is consumed
@@ -190,26 +214,43 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS, NA_FUSED_MIN_BLOCKS(RANK)) n
             }
         }
 
-        // pass 2: rescale once, accumulate the visible keys
-        const float mnew = cmax > m ? cmax : m;
-        if (mnew != NEG_INF) {  // some key of this query was visible (else nothing to add)
-            const float alpha = na_exp(m - mnew);  // m = -inf: 0 (mnew is not -inf)
-            sum *= alpha;
+        accumulate(s, cmax);
+    }
+
+    // the extra tokens: one more key range after the box, which every valid query sees whole (no window, no
+    // bias), staged like the box's chunks; the online softmax runs on across both ranges
+    const long long kvh = NA_KV_HEAD(h);
+    const bool xk_vec = NX > 0 && na_rows_vectorizable(xk, D, xk_l, xk_b, xk_n, xk_h, 0);
+    const bool xv_vec = NX > 0 && na_rows_vectorizable(xv, DV, xv_l, xv_b, xv_n, xv_h, 0);
+    for (long long t0 = 0; t0 < NX; t0 += KC) {
+        const int cn = (int)na_min(KC, NX - t0);
+        __syncthreads();  // the previous chunk is consumed
+        na_copy_rows(sk, HD, xk, cn, D, xk_l, xk_vec,
+                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xk, b, t0 + r, kvh, 0), r}; });
+        na_copy_rows(sv, HD, xv, cn, DV, xv_l, xv_vec,
+                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xv, b, t0 + r, kvh, 0), r}; });
+        __syncthreads();
+        float s[KC];
+        float cmax = NEG_INF;
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[e] *= alpha;
+        for (int kk = 0; kk < KC; ++kk) {
+            s[kk] = NEG_INF;
+            if (kk < cn) {  // block-uniform
+                float dot = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < KC; ++kk) {
-                if (s[kk] != NEG_INF) {  // visible (a NaN logit is visible: it poisons the query)
-                    const float p = na_exp(s[kk] - mnew);
-                    sum += p;
+                for (int e = 0; e < E; ++e) {
+                    const int d = gl + G * e;
+                    if (d < D) dot += qr[e] * na_load(sk + kk * HD, d);
+                }
 #pragma unroll
-                    for (int e = 0; e < E; ++e) {
-                        if (e < ev) acc[e] += p * na_load(sv + kk * HD, gl + G * e);
-                    }
+                for (int off = G / 2; off > 0; off /= 2) dot += __shfl_xor_sync(NA_FUSED_FULL_MASK, dot, off);
+                if (valid) {
+                    s[kk] = dot * fscale;
+                    cmax = s[kk] > cmax ? s[kk] : cmax;
                 }
             }
-            m = mnew;
         }
+        accumulate(s, cmax);
     }
 
     if (!valid) return;

@@ -55,7 +55,7 @@
 template <class T, int HD, int TX, int TY, int KC, int MT, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
-    NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb),
+    NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb), NA_EXTRA(T),
     T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY * TZ;
     constexpr int P = HD + 8;         // row pitch: 16-byte rows, shifted 4 banks per row for ldmatrix

@@ -60,7 +60,7 @@
 template <class T, int HD, int TX, int TY, int KC, bool QS, int WG, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
-    NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb),
+    NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb), NA_EXTRA(T),
     T* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY * TZ;
     constexpr int THREADS = NA_TC_THREADS * WG;

@@ -40,6 +40,9 @@ class Problem:
     #: the value's head dim (and the output's) where it differs from ``head_dim`` (the query's and key's); None:
     #: the same
     head_dim_v: int | None = None
+    #: extra key/value tokens every query attends besides its neighborhood (the fused ops' ``additional_keys`` /
+    #: ``additional_values``, ``[batch, extra_tokens, kv_heads, head_dim(_v)]``); 0: none
+    extra_tokens: int = 0
 
     @property
     def v_dim(self) -> int:
@@ -117,6 +120,21 @@ class Problem:
     @property
     def lse_shape(self) -> tuple[int, ...]:
         return (self.batch, *self.spatial, self.heads)
+
+    @property
+    def extra_keys_shape(self) -> tuple[int, ...]:
+        """``additional_keys``' shape: ``[batch, extra_tokens, kv_heads, head_dim]``."""
+        return (self.batch, self.extra_tokens, self.kv_heads, self.head_dim)
+
+    @property
+    def extra_values_shape(self) -> tuple[int, ...]:
+        """``additional_values``' shape: ``[batch, extra_tokens, kv_heads, head_dim_v]``."""
+        return (self.batch, self.extra_tokens, self.kv_heads, self.v_dim)
+
+    def without_extra_tokens(self) -> "Problem":
+        """The neighborhood part of a call with extra tokens (what the neighborhood's kernels and gradients
+        take once the forward's output and logsumexp cover both parts)."""
+        return self if not self.extra_tokens else replace(self, extra_tokens=0)
 
 
 # ---------------------------------------------------------------- scalars
@@ -328,7 +346,8 @@ def _note(name: str, x, ndim: int):
 # ---------------------------------------------------------------- problems
 
 
-def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb) -> Problem:
+def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                  additional_keys=None, additional_values=None) -> Problem:
     """Validate the arguments of ``na1d``/``na2d``/``na3d``."""
     kind = _array_kind("query", query)
     _same_placement("query", query, {"key": key, "value": value})
@@ -342,8 +361,34 @@ def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_cau
     scale = _scale(scale, head_dim)
     _layouts.warn_if_transposed("query", query, ndim, _layouts.HEADS_LAST)
     head_dim_v = int(value.shape[-1])
-    return Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, scale,
-                   heads_kv, None if head_dim_v == head_dim else head_dim_v)
+    problem = Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, scale,
+                      heads_kv, None if head_dim_v == head_dim else head_dim_v)
+    tokens = _extra_tokens(problem, query, additional_keys, additional_values)
+    return replace(problem, extra_tokens=tokens) if tokens else problem
+
+
+def _extra_tokens(problem: Problem, query, additional_keys, additional_values) -> int:
+    """The token count of a fused call's extra tokens, validated: both or neither, the query's kind, device and
+    dtype, ``[batch, tokens, heads_kv, head_dim]`` keys and ``head_dim_v`` values of one token count."""
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("additional_keys and additional_values must be given together (or both left out)")
+    if additional_keys is None:
+        return 0
+    _same_placement("query", query, {"additional_keys": additional_keys, "additional_values": additional_values})
+    tokens = None
+    for name, x, dim in (("additional_keys", additional_keys, problem.head_dim),
+                         ("additional_values", additional_values, problem.v_dim)):
+        shape = tuple(int(s) for s in x.shape)
+        layout = (f"[batch, tokens, heads_kv, {'head_dim' if name == 'additional_keys' else 'head_dim_v'}] = "
+                  f"[{problem.batch}, tokens, {problem.kv_heads}, {dim}]")
+        if len(shape) != 4 or shape[0] != problem.batch or shape[2] != problem.kv_heads or shape[3] != dim:
+            raise ValueError(f"{name} must be {layout} (the key's heads, the "
+                             f"{'query' if name == 'additional_keys' else 'value'}'s head dim), got shape {shape}")
+        if tokens is not None and shape[1] != tokens:
+            raise ValueError(f"additional_keys and additional_values must hold the same number of tokens, got "
+                             f"{tokens} and {shape[1]}")
+        tokens = shape[1]
+    return tokens
 
 
 def qk_problem(ndim, query, key, kernel_size, dilation, is_causal, rpb) -> Problem:

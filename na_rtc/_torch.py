@@ -89,14 +89,17 @@ def _recorded(*tensors) -> bool:
 @_without_autocast
 def fused_fwd(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], kernel_size: list[int],
               stride: list[int], dilation: list[int], is_causal: list[bool], scale: float,
-              backend: str) -> tuple[Tensor, Tensor]:
+              backend: str, additional_keys: Optional[Tensor] = None,
+              additional_values: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     problem = _args.fused_problem(len(kernel_size), query, key, value, kernel_size, stride, dilation, is_causal,
-                                  scale, rpb)
-    return _ops(backend)["fused_forward"](problem, query, key, value, rpb)
+                                  scale, rpb, additional_keys, additional_values)
+    extra = (additional_keys, additional_values) if problem.extra_tokens else ()
+    return _ops(backend)["fused_forward"](problem, query, key, value, rpb, *extra)
 
 
 @fused_fwd.register_fake
-def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend):
+def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, additional_keys=None,
+      additional_values=None):
     return (query.new_empty((*query.shape[:-1], value.shape[-1])),  # the value's head dim
             query.new_empty(query.shape[:-1], dtype=_lse_dtype(query)))
 
@@ -106,21 +109,28 @@ def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, b
 def fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor],
               output: Optional[Tensor], logsumexp: Optional[Tensor], kernel_size: list[int], stride: list[int],
               dilation: list[int], is_causal: list[bool], scale: float,
-              backend: str, grad_lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              backend: str, grad_lse: Optional[Tensor] = None, additional_keys: Optional[Tensor] = None,
+              additional_values: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # output and logsumexp may be None (the plain na*d_backward functions): the backend recomputes them;
-    # grad_lse, the logsumexp's gradient, may be None: none reaches it
+    # grad_lse, the logsumexp's gradient, may be None: none reaches it. Without extra tokens their gradients are
+    # empty stand-ins
     problem = _args.fused_problem(len(kernel_size), query, key, value, kernel_size, stride, dilation, is_causal,
-                                  scale, rpb)
-    dq, dk, dv, drpb = _ops(backend)["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp,
-                                                       grad_lse)
-    return dq, dk, dv, _no_rpb_grad(query) if drpb is None else drpb
+                                  scale, rpb, additional_keys, additional_values)
+    extra = (additional_keys, additional_values) if problem.extra_tokens else ()
+    grads = _ops(backend)["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp, grad_lse,
+                                            *extra)
+    dq, dk, dv, drpb = grads[:4]
+    dxk, dxv = grads[4:] if extra else (_no_rpb_grad(query), _no_rpb_grad(query))
+    return dq, dk, dv, _no_rpb_grad(query) if drpb is None else drpb, dxk, dxv
 
 
 @fused_bwd.register_fake
 def _(grad_out, query, key, value, rpb, output, logsumexp, kernel_size, stride, dilation, is_causal, scale, backend,
-      grad_lse=None):
+      grad_lse=None, additional_keys=None, additional_values=None):
     drpb = _no_rpb_grad(query) if rpb is None else rpb.new_empty(rpb.shape)
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), drpb
+    extra = ((additional_keys.new_empty(additional_keys.shape), additional_values.new_empty(additional_values.shape))
+             if additional_keys is not None else (_no_rpb_grad(query), _no_rpb_grad(query)))
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), drpb, *extra
 
 
 # ---------------------------------------------------------------- custom ops: split
@@ -372,36 +382,75 @@ def _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb,
             None if rpb is None else drpb.to(rpb.dtype))
 
 
+def _recorded_with_extra_tokens(backend, problem, grad_out, query, key, value, rpb, grad_lse, extra_keys,
+                                extra_values) -> tuple:
+    """The fused backward with extra tokens, differentiable: the forward recomputed from the split ops (the
+    neighborhood's logits and weighted sum) and torch's matmuls (the tokens'), one softmax over both, and its
+    gradients taken with ``create_graph``, so that they can be differentiated again."""
+    if any(a.stride > 1 for a in problem.axes):
+        raise _not_twice_differentiable(problem)
+    spatial = problem.without_extra_tokens()
+    compute = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
+    inputs = (query, key, value, rpb, extra_keys, extra_values)
+    q, k, v, bias, xk, xv = (None if x is None else x.to(compute) for x in inputs)
+    batch, kv_heads, group = problem.batch, problem.kv_heads, problem.group
+    with torch.enable_grad():
+        scaled = q * problem.scale
+        slots = spatial.slots
+        grouped = scaled.reshape(batch, -1, kv_heads, group, problem.head_dim)
+        extra_logits = torch.einsum("bnkgd,btkd->bnkgt", grouped, xk).reshape(*problem.lse_shape, -1)
+        logits = torch.cat((_qk(backend, spatial, scaled, k, bias), extra_logits), dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse[..., None])
+        extra_out = torch.einsum("bnkgt,btkv->bnkgv", probs[..., slots:].reshape(*grouped.shape[:-1], -1), xv)
+        out = _av(backend, spatial, probs[..., :slots], v) + extra_out.reshape(problem.out_shape)
+        wanted = [x for x in inputs if x is not None and x.requires_grad]
+        outputs, grads_out = [out], [grad_out.to(compute)]
+        if grad_lse is not None:
+            outputs.append(lse)
+            grads_out.append(grad_lse.to(lse.dtype))
+        found = iter(torch.autograd.grad(outputs, wanted, grads_out, create_graph=True, allow_unused=True))
+    grads = [next(found) if x is not None and x.requires_grad else None for x in inputs]
+    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
+
+
 def fused_backward(backend, problem, grad_out, query, key, value, rpb, output=None, logsumexp=None,
-                   grad_lse=None) -> tuple:
-    """``(dq, dk, dv, drpb or None)`` of the fused op, ``grad_lse`` the logsumexp's gradient (or None);
-    differentiable when autograd records it."""
-    if _recorded(grad_out, query, key, value, rpb, grad_lse):
+                   grad_lse=None, extra_keys=None, extra_values=None) -> tuple:
+    """``(dq, dk, dv, drpb or None)`` of the fused op, ``grad_lse`` the logsumexp's gradient (or None), with
+    extra tokens ``(..., d_extra_keys, d_extra_values)``; differentiable when autograd records it."""
+    extra = problem.extra_tokens > 0
+    if _recorded(grad_out, query, key, value, rpb, grad_lse, extra_keys, extra_values):
+        if extra:
+            return _recorded_with_extra_tokens(backend, problem, grad_out, query, key, value, rpb, grad_lse,
+                                               extra_keys, extra_values)
         return _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb, grad_lse)
-    dq, dk, dv, drpb = fused_bwd(grad_out, query, key, value, rpb, output, logsumexp,
-                                 *_fused_args(problem, backend), grad_lse)
-    return dq, dk, dv, None if rpb is None else drpb
+    dq, dk, dv, drpb, dxk, dxv = fused_bwd(grad_out, query, key, value, rpb, output, logsumexp,
+                                           *_fused_args(problem, backend), grad_lse, extra_keys, extra_values)
+    grads = dq, dk, dv, None if rpb is None else drpb
+    return (*grads, dxk, dxv) if extra else grads
 
 
 class FusedNA(torch.autograd.Function):
-    """(query, key, value, rpb) -> (output, logsumexp), both differentiable: a logsumexp's gradient (merging
-    partial attentions needs it) enters the backward as ``delta = rowsum(dOut * out) - dlse``."""
+    """(query, key, value, rpb, extra keys, extra values) -> (output, logsumexp), both differentiable: a
+    logsumexp's gradient (merging partial attentions needs it) enters the backward as
+    ``delta = rowsum(dOut * out) - dlse``."""
 
     @staticmethod
-    def forward(ctx, backend, problem, query, key, value, rpb):
+    def forward(ctx, backend, problem, query, key, value, rpb, extra_keys=None, extra_values=None):
         ctx.backend, ctx.problem = backend, problem
         ctx.set_materialize_grads(False)  # a logsumexp (or output) nothing depends on sends None, not zeros
-        out, lse = fused_fwd(query, key, value, rpb, *_fused_args(problem, backend))
-        ctx.save_for_backward(query, key, value, rpb, out, lse)
+        out, lse = fused_fwd(query, key, value, rpb, *_fused_args(problem, backend), extra_keys, extra_values)
+        ctx.save_for_backward(query, key, value, rpb, out, lse, extra_keys, extra_values)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, rpb, out, lse = ctx.saved_tensors
+        query, key, value, rpb, out, lse, extra_keys, extra_values = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        return (None, None, *fused_backward(ctx.backend, ctx.problem, grad_out, query, key, value, rpb, out, lse,
-                                            grad_lse))
+        grads = fused_backward(ctx.backend, ctx.problem, grad_out, query, key, value, rpb, out, lse, grad_lse,
+                               extra_keys, extra_values)
+        return (None, None, *grads, *((None, None) if len(grads) == 4 else ()))
 
 
 #: op family -> autograd Function

@@ -43,12 +43,11 @@ def _run(op: str, problem: _args.Problem, backend: str | None, *arrays):
 def _fused(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
            additional_keys=None, additional_values=None):
     query, key, value = _autocast(query, key, value)
-    problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
     additional_keys, additional_values = _autocast(additional_keys, additional_values)
-    extra_tokens.check(problem, query, additional_keys, additional_values)
-    out, lse = _run(_args.FUSED, problem, backend, query, key, value, rpb)
-    if additional_keys is not None:
-        out, lse = extra_tokens.with_extra_tokens(out, lse, query, additional_keys, additional_values, problem.scale)
+    problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                                  additional_keys, additional_values)
+    extra = (additional_keys, additional_values) if problem.extra_tokens else ()
+    out, lse = _run(_args.FUSED, problem, backend, query, key, value, rpb, *extra)
     return (out, lse) if return_lse else out
 
 
@@ -76,11 +75,15 @@ def _backward(op: str, problem: _args.Problem, backend: str | None, *arrays):
 
 
 def _fused_backward(ndim, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                    output, logsumexp, grad_logsumexp, backend):
-    problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb)
+                    output, logsumexp, grad_logsumexp, backend, additional_keys=None, additional_values=None):
+    problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
+                                  additional_keys, additional_values)
     _args.check_fused_backward(problem, grad_out, query, output, logsumexp, grad_logsumexp)
+    if not problem.extra_tokens:
+        return _backward(_args.FUSED, problem, backend, grad_out, query, key, value, rpb, output, logsumexp,
+                         grad_logsumexp)
     return _backward(_args.FUSED, problem, backend, grad_out, query, key, value, rpb, output, logsumexp,
-                     grad_logsumexp)
+                     grad_logsumexp, additional_keys, additional_values)
 
 
 def _qk_backward(ndim, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend):
@@ -192,31 +195,37 @@ def na3d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=No
 
 
 def na1d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, backend=None):
+                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, additional_keys=None,
+                  additional_values=None, backend=None):
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na1d` (``drpb`` is None without ``rpb``).
 
     For NumPy/CuPy users without autograd. Pass the forward's ``output`` and
     ``logsumexp`` (``return_lse=True``) to skip recomputing them, and
     ``grad_logsumexp`` (the logsumexp's shape) where the loss depends on the
     logsumexp too (merged attentions): it enters as
-    ``delta = rowsum(grad_out * output) - grad_logsumexp``.
+    ``delta = rowsum(grad_out * output) - grad_logsumexp``. With
+    ``additional_keys``/``additional_values`` (as in :func:`na1d`; then
+    ``output`` and ``logsumexp``, if given, are the forward's with them)
+    returns ``(dq, dk, dv, drpb, d_additional_keys, d_additional_values)``.
     """
     return _fused_backward(1, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                           output, logsumexp, grad_logsumexp, backend)
+                           output, logsumexp, grad_logsumexp, backend, additional_keys, additional_values)
 
 
 def na2d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, backend=None):
+                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, additional_keys=None,
+                  additional_values=None, backend=None):
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na2d`."""
     return _fused_backward(2, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                           output, logsumexp, grad_logsumexp, backend)
+                           output, logsumexp, grad_logsumexp, backend, additional_keys, additional_values)
 
 
 def na3d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, backend=None):
+                  rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, additional_keys=None,
+                  additional_values=None, backend=None):
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na3d`."""
     return _fused_backward(3, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                           output, logsumexp, grad_logsumexp, backend)
+                           output, logsumexp, grad_logsumexp, backend, additional_keys, additional_values)
 
 
 def na1d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):

@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-from . import config
+from . import config, extra_tokens
 from ._arrays import dtype_name
 from ._args import Problem
 from .window import SlotTable, all_slots_valid, slot_rows
@@ -63,6 +63,16 @@ class _NumpyMath:
 
     def cast(self, x, dtype):
         return np.asarray(x, dtype=dtype)
+
+    def tokens_heads_first(self, x, dtype):
+        """Extra tokens ``[batch, tokens, heads, last]`` -> contiguous ``[batch, heads, tokens, last]``."""
+        return np.ascontiguousarray(np.asarray(x).swapaxes(1, 2), dtype=dtype)
+
+    def transpose_last(self, x):
+        return x.swapaxes(-1, -2)
+
+    def concat_last(self, a, b):
+        return np.concatenate((a, b), axis=-1)
 
     def repeat_heads(self, x, times: int):
         """``[B, H, N, D]`` -> ``[B, H * times, N, D]``, head h repeated as heads h * times .. h * times + times - 1."""
@@ -126,6 +136,15 @@ class _TorchMath:
 
     def cast(self, x, dtype):
         return x.to(dtype)
+
+    def tokens_heads_first(self, x, dtype):
+        return x.transpose(1, 2).to(dtype).contiguous()
+
+    def transpose_last(self, x):
+        return x.transpose(-1, -2)
+
+    def concat_last(self, a, b):
+        return self.torch.cat((a, b), dim=-1)
 
     def repeat_heads(self, x, times: int):
         return x.repeat_interleave(times, dim=1)
@@ -225,7 +244,9 @@ class _Run:
         self.weights_shape = (problem.batch, problem.heads, problem.tokens, problem.slots)
         itemsize = 8 if problem.dtype == "float64" else 4
         gathered = max(problem.batch, 1) * problem.heads * max(problem.max_head_dim, 1) * itemsize
-        per_query = problem.slots * (gathered + _SLOT_ROW_BYTES)
+        # extra tokens: each query's logits and weights over them, a few buffers of [B, H, C, T]
+        per_query = (problem.slots * (gathered + _SLOT_ROW_BYTES)
+                     + 4 * problem.extra_tokens * max(problem.batch, 1) * problem.heads * itemsize)
         self.chunk = max(1, config.reference_chunk_bytes() // per_query)
 
     def chunks(self):
@@ -253,6 +274,12 @@ class _Run:
             b, h, n, d = x.shape
             x = x.reshape(b, h // group, group, n, d).sum(2)
         return self.m.heads_last(x, self.problem.dtype, (*self.problem.kv_shape[:-1], x.shape[-1]))
+
+    def prepare_extra(self, x):
+        """Extra tokens ``[B, T, H_kv, D]`` heads-first in the compute dtype with the query's heads:
+        ``[B, H, T, D]``, each key/value head repeated for its group (as :meth:`prepare_kv`)."""
+        x = self.m.tokens_heads_first(x, self.dtype)
+        return x if self.problem.group == 1 else self.m.repeat_heads(x, self.problem.group)
 
     def prepare_rpb(self, rpb):
         """``[heads, *(2k-1)]`` -> ``[heads, prod(2k-1)]`` in the compute dtype."""
@@ -317,17 +344,30 @@ def _softmax_stats(run: _Run, logits):
 # ---------------------------------------------------------------- ops (backend level)
 
 
-def fused_forward(problem: Problem, query, key, value, rpb=None, *, keep_compute_dtype=False):
-    """Output and logsumexp of fused neighborhood attention."""
+def fused_forward(problem: Problem, query, key, value, rpb=None, extra_keys=None, extra_values=None, *,
+                  keep_compute_dtype=False):
+    """Output and logsumexp of fused neighborhood attention; with extra tokens (``[batch, tokens, heads_kv,
+    head_dim(_v)]``), one softmax over each query's neighborhood and every extra token."""
     run = _Run(problem, query)
+    m = run.m
     q, k, v = run.prepare(query), run.prepare_kv(key), run.prepare_kv(value)
     bias = run.prepare_rpb(rpb)
-    out = run.m.zeros(run.shape_v, run.dtype)
-    lse = run.m.zeros(run.shape[:3], run.dtype)
+    extra = problem.extra_tokens > 0
+    if extra:
+        extra_k_t, extra_v = m.transpose_last(run.prepare_extra(extra_keys)), run.prepare_extra(extra_values)
+    out = m.zeros(run.shape_v, run.dtype)
+    lse = m.zeros(run.shape[:3], run.dtype)
     for chunk in run.chunks():
         rows = chunk.rows
-        probs, lse[:, :, rows] = _softmax_stats(run, run.logits(q, k, bias, chunk, problem.scale))
-        out[:, :, rows] = _weighted_sum(probs, run.gather(v, chunk))
+        logits = run.logits(q, k, bias, chunk, problem.scale)
+        if not extra:
+            probs, lse[:, :, rows] = _softmax_stats(run, logits)
+            out[:, :, rows] = _weighted_sum(probs, run.gather(v, chunk))
+            continue
+        # the neighborhood's slots, then the extra tokens: one softmax over both (no bias on the tokens)
+        slots = logits.shape[-1]
+        probs, lse[:, :, rows] = _softmax_stats(run, m.concat_last(logits, problem.scale * (q[:, :, rows] @ extra_k_t)))
+        out[:, :, rows] = _weighted_sum(probs[..., :slots], run.gather(v, chunk)) + probs[..., slots:] @ extra_v
     if keep_compute_dtype:
         return out, lse
     lse_dtype = "float64" if problem.dtype == "float64" else "float32"
@@ -335,9 +375,13 @@ def fused_forward(problem: Problem, query, key, value, rpb=None, *, keep_compute
 
 
 def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
-                   grad_lse=None):
+                   grad_lse=None, extra_keys=None, extra_values=None):
     """Gradients ``(dq, dk, dv, drpb or None)`` of fused neighborhood attention; ``grad_lse``, the
-    logsumexp's gradient (or None), enters as ``delta = rowsum(dOut * out) - grad_lse``."""
+    logsumexp's gradient (or None), enters as ``delta = rowsum(dOut * out) - grad_lse``. With extra tokens,
+    ``(..., d_extra_keys, d_extra_values)`` (:func:`na_rtc.extra_tokens.fused_backward`)."""
+    if problem.extra_tokens:
+        return extra_tokens.fused_backward(fused_backward, fused_forward, problem, grad_out, query, key, value, rpb,
+                                           output, logsumexp, grad_lse, extra_keys, extra_values)
     run = _Run(problem, query)
     m = run.m
     if output is None:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 from .. import _arrays
 from .._args import Problem
+from ..verify.canary import canary_with_extra_tokens
 from ..verify.gate import Candidate, Gate
 from . import composed, registry
 from . import families  # noqa: F401 - registers every kernel family
@@ -37,7 +38,7 @@ from .policy import Policy
 from .tiling import accumulator_dtype
 
 __all__ = ["BACKWARD", "FORWARD", "SPLIT_KERNELS", "Choice", "Dispatcher", "Route", "composed_candidates",
-           "describe_paths", "log_choice", "pair_path"]
+           "describe_paths", "log_choice", "pair_path", "streams_extra_tokens"]
 
 log = logging.getLogger("na_rtc.dispatch")
 
@@ -124,6 +125,12 @@ def _family(name: str, ndim: int) -> registry.Family:
 
 def _no_rank(name: str, ndim: int) -> str:
     return f"the {name} kernels serve {'/'.join(f'{r}D' for r in sorted(registry.get(name).ranks))}, not {ndim}D"
+
+
+def streams_extra_tokens(route: Route) -> bool:
+    """Whether ``route``'s forward kernels take the extra key/value tokens as one more key range (the same in
+    every rank: a 3D twin has its family's roles)."""
+    return registry.get(route.family).roles[route.role].extra_tokens
 
 
 def _role(route_or_key, ndim: int) -> registry.Role:
@@ -293,15 +300,20 @@ class Dispatcher:
         return L.BackwardLaunches(_role(_DELTA, ndim).plan(problem, self.policy), self.plan(problem, dq),
                                   self.plan(problem, dkdv), reduce)
 
-    def forward(self, problem: Problem, query, key, value, rpb_acc=None, path: str | Route | None = None):
+    def forward(self, problem: Problem, query, key, value, rpb_acc=None, path: str | Route | None = None,
+                extra_keys=None, extra_values=None):
         """``(out, lse)`` of the fused forward kernels: on ``path`` (a name of :data:`FORWARD`, unchecked), or
-        the first route that serves. ``rpb_acc``: the bias in the accumulator dtype (float32), or None."""
+        the first route that serves. ``rpb_acc``: the bias in the accumulator dtype (float32), or None;
+        ``extra_keys``/``extra_values``: the extra tokens, for a route that streams them
+        (:func:`streams_extra_tokens`), or None."""
         route = _named(FORWARD, path) if path is not None else self.forward_route(problem)[0]
         if route is None:
             raise ValueError(f"no fused kernel covers this problem ({problem.ndim}D, {problem.dtype}, head_dim "
                              f"{problem.head_dim}); see Dispatcher.choose('forward', problem) for why")
+        if extra_keys is not None and not streams_extra_tokens(route):
+            raise ValueError(f"the {route.path} forward kernels do not stream extra tokens")
         return _role(route, problem.ndim).run(self.run, self.plan(problem, route), problem, query, key, value,
-                                              rpb_acc)
+                                              rpb_acc, extra_keys, extra_values)
 
     def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse, paths=None,
                  grad_lse=None):
@@ -376,10 +388,13 @@ def _candidate(option, run, policy: Policy) -> Candidate:
         def kernels(problem):
             return {_role(option, problem.ndim).plan(problem, policy).name: ("out", "lse")}
 
-        def forward(problem, query, key, value, rpb_acc):
+        def forward(problem, query, key, value, rpb_acc, extra_keys=None, extra_values=None):
             role = _role(option, problem.ndim)
-            return role.run(run, role.plan(problem, policy), problem, query, key, value, rpb_acc)
+            return role.run(run, role.plan(problem, policy), problem, query, key, value, rpb_acc, extra_keys,
+                            extra_values)
 
+        if streams_extra_tokens(option):  # its canary streams extra tokens too
+            return Candidate("forward", option.path, kernels, forward, canary_with_extra_tokens)
         return Candidate("forward", option.path, kernels, forward)
     dispatcher = Dispatcher(run, policy)
 
@@ -415,7 +430,7 @@ def composed_candidates(run, policy: Policy) -> dict[str, Candidate]:
     (which have no other kernels)."""
     from ..verify.canary import split_canary_problem
 
-    def forward(problem, query, key, value, rpb=None):
+    def forward(problem, query, key, value, rpb=None, extra_keys=None, extra_values=None):  # its canary has none
         return composed.forward(Dispatcher(run, policy), problem, query, key, value, rpb)
 
     def backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):

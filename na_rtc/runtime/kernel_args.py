@@ -13,7 +13,10 @@ change to the other:
 * ``NA_ROWS(t)`` -> :func:`rows`: a per-row table (logsumexp, delta) as its
   pointer and five strides (batch, x, y, z, head), or a null pointer;
 * ``NA_BIAS(t)`` -> :func:`bias`: a bias table ``[h, rx, ry, rz]`` as its
-  pointer and four strides, or a null pointer.
+  pointer and four strides, or a null pointer;
+* ``NA_EXTRA(T)`` -> :func:`extra`: the extra key/value tokens of a fused
+  forward (``[b, token, h, last]`` keys and values, each a pointer and four
+  strides), then their count; null pointers and 0 without them.
 
 Every kernel takes three axes. A problem of lower rank passes trivial axes
 after its own (length 1, kernel 1: 1D has y and z trivial, 2D has z), and
@@ -30,7 +33,7 @@ from .. import _arrays
 from .._args import Problem
 from . import plan as P
 
-__all__ = ["bias", "problem", "rows", "tensor"]
+__all__ = ["bias", "extra", "problem", "rows", "tensor"]
 
 _i64 = P.i64
 #: the axes every kernel takes (x, y, z)
@@ -39,6 +42,7 @@ AXES = 3
 _TRIVIAL_AXIS = (_i64(1), _i64(1), _i64(1), _i64(1), _i64(0))
 _NULL_BIAS = (P.NULL, *(_i64(0),) * (1 + AXES))
 _NULL_ROWS = (P.NULL, *(_i64(0),) * (2 + AXES))
+_NO_EXTRA = (P.NULL, *(_i64(0),) * 4, P.NULL, *(_i64(0),) * 5)
 
 
 @lru_cache(maxsize=256)  # a warm call repeats its problem: its 20 arguments are packed once
@@ -72,6 +76,15 @@ def rows(x, problem: Problem) -> tuple[P.Arg, ...]:
     if x is None:
         return _NULL_ROWS
     return (P.ptr(x), *_strides(_arrays.element_strides(x), problem.ndim, 1))
+
+
+def extra(keys, values) -> tuple[P.Arg, ...]:
+    """``NA_EXTRA``: the extra tokens' keys and values ``[b, token, h, last]`` (pointer + 4 element strides
+    each) and the token count, or null pointers and 0 where ``keys`` is None."""
+    if keys is None:
+        return _NO_EXTRA
+    return (P.ptr(keys), *map(_i64, _arrays.element_strides(keys)), P.ptr(values),
+            *map(_i64, _arrays.element_strides(values)), _i64(int(keys.shape[1])))
 
 
 @lru_cache(maxsize=1024)  # layouts repeat from call to call: their arguments are packed once

@@ -31,15 +31,17 @@ Executor = Callable[[P.LaunchPlan], object]
 # ---------------------------------------------------------------- fused ops
 
 
-def fused_forward(run: Executor, launch: Launch, problem: Problem, query, key, value, rpb_acc=None):
+def fused_forward(run: Executor, launch: Launch, problem: Problem, query, key, value, rpb_acc=None,
+                  extra_keys=None, extra_values=None):
     """``(out, lse)`` of a fused forward kernel (SIMT, mma.sync or wgmma: one argument list): out in the problem
-    dtype, lse float32 ``[batch, *spatial, heads]``. ``rpb_acc``: the bias table in float32, or None."""
+    dtype, lse float32 ``[batch, *spatial, heads]``. ``rpb_acc``: the bias table in float32, or None;
+    ``extra_keys``/``extra_values``: the extra tokens (for a kernel that streams them), or None."""
     out = _arrays.empty(query, problem.out_shape, problem.dtype)
     lse = _arrays.empty(query, problem.lse_shape, "float32")
     if launch.blocks == 0 or math.prod(problem.out_shape) == 0:
         return out, lse
     args = (A.tensor(query, problem) + A.tensor(key, problem) + A.tensor(value, problem) + A.bias(rpb_acc, problem)
-            + A.tensor(out, problem) + A.rows(lse, problem) + (P.f64(problem.scale),) + A.problem(problem))
+            + A.extra(extra_keys, extra_values) + A.tensor(out, problem) + A.rows(lse, problem) + (P.f64(problem.scale),) + A.problem(problem))
     run(launch.plan(args))
     return out, lse
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 
-from .. import _arrays
+from .. import _arrays, extra_tokens
 from .._args import Problem
 from ..verify.gate import Gate
 from . import composed
 from . import launch as L
-from .dispatch import SPLIT, Choice, Dispatcher, pair_path, composed_candidates, log, log_choice
+from .dispatch import (SPLIT, Choice, Dispatcher, composed_candidates, log, log_choice, pair_path,
+                       streams_extra_tokens)
 from .policy import Policy
 
 __all__ = ["OpTable", "composed_refusal", "explain_steps", "make_ops", "split_op_refusal"]
@@ -61,17 +62,30 @@ class OpTable:
     def dispatcher(self, problem: Problem) -> Dispatcher:
         return Dispatcher(self.run, Policy.for_call(self.backend, problem), self.gate, self.verification)
 
-    def fused_forward(self, problem: Problem, query, key, value, rpb=None):
-        dispatcher = self.dispatcher(problem)
-        route, skipped = dispatcher.forward_route(problem)
+    def fused_forward(self, problem: Problem, query, key, value, rpb=None, extra_keys=None, extra_values=None):
+        """``(out, lse)``; with extra tokens, streamed by the forward kernels that take them, else merged
+        (:func:`na_rtc.extra_tokens.merged_forward`): the dispatch is the neighborhood's either way."""
+        spatial = problem.without_extra_tokens()
+        dispatcher = self.dispatcher(spatial)
+        route, skipped = dispatcher.forward_route(spatial)
+        if problem.extra_tokens and (route is None or not streams_extra_tokens(route)):
+            return extra_tokens.merged_forward(self.fused_forward, problem, query, key, value, rpb, extra_keys,
+                                               extra_values)
         if route is not None:
             if log.isEnabledFor(logging.DEBUG):
                 log_choice(problem, Choice("forward", route.path, (dispatcher.plan(problem, route).name,), tuple(skipped)))
-            return dispatcher.forward(problem, query, key, value, composed.bias_in_accumulator(problem, rpb), route)
+            return dispatcher.forward(problem, query, key, value, composed.bias_in_accumulator(problem, rpb), route,
+                                      extra_keys, extra_values)
         return self._composed("forward", dispatcher, problem, skipped, query, key, value, rpb)
 
     def fused_backward(self, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
-                       grad_lse=None):
+                       grad_lse=None, extra_keys=None, extra_values=None):
+        """``(dq, dk, dv, drpb)``; with extra tokens ``(..., d_extra_keys, d_extra_values)``
+        (:func:`na_rtc.extra_tokens.fused_backward`)."""
+        if problem.extra_tokens:
+            return extra_tokens.fused_backward(self.fused_backward, self.fused_forward, problem, grad_out, query,
+                                               key, value, rpb, output, logsumexp, grad_lse, extra_keys,
+                                               extra_values)
         dispatcher = self.dispatcher(problem)
         pair, skipped = dispatcher.backward_pair(problem)
         if pair is None:

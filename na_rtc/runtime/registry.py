@@ -66,13 +66,16 @@ class Role(NamedTuple):
     :mod:`na_rtc.runtime.launch` that turns the launch and the arrays into plans (None where the dispatcher
     combines several roles' launches into one op, as the fused backward's dq and dK/dV). ``requires``:
     ``(family, role)`` rules that must hold first; ``covers`` assumes they do (the dispatcher evaluates each
-    rule once per call, so a rule never calls another).
+    rule once per call, so a rule never calls another). ``extra_tokens``: see the field.
     """
 
     covers: Callable[..., tuple[bool, str]]
     plan: Callable[..., Launch]
     run: Callable[..., Any] | None = None
     requires: tuple[tuple[str, str], ...] = ()
+    #: a fused forward whose kernels stream the extra key/value tokens after each query tile's neighborhood
+    #: (``NA_EXTRA``); the op table merges a dense attention over them with the others' results
+    extra_tokens: bool = False
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ class Op:
 
 #: the ops a canary can check, by name: the fused op (its kernels get the bias in float32) and the split ops
 OPS = {
-    FORWARD: Op(("q", "k", "v", "rpb"), ("out", "lse"), "forward"),
+    FORWARD: Op(("q", "k", "v", "rpb", "xk", "xv"), ("out", "lse"), "forward"),
     BACKWARD: Op(("dout", "q", "k", "v", "rpb", "out", "lse"), ("dq", "dk", "dv", "drpb"), "grad"),
     "qk": Op(("q", "k", "rpb"), ("attn",), "forward"),
     "qk_backward": Op(("dattn", "q", "k", "rpb"), ("dq", "dk", "drpb"), "grad"),
@@ -81,6 +81,9 @@ SPLIT_TILE = {1: 64, 2: 8, 3: 4}
 #: runtime argument of every kernel, so one group checks every other
 BATCH, HEADS, HEADS_KV = 1, 2, 1
 SEED = 20260
+#: the extra key/value tokens of the canary of a forward kernel that streams them: more than two of the largest
+#: chunks (64 keys) and a partial one, so that their range wraps the pipeline's stages too
+EXTRA_TOKENS = 141
 
 
 def canary_problem(like: Problem) -> Problem:
@@ -91,6 +94,12 @@ def canary_problem(like: Problem) -> Problem:
     return Problem(FUSED, AXES[like.ndim], BATCH, HEADS, head_dim, like.dtype, like.kind, like.device,
                    has_rpb=True, scale=2.0 * head_dim**-0.5,  # a larger scale: a less uniform softmax
                    heads_kv=HEADS_KV, head_dim_v=_value_head_dim(head_dim))
+
+
+def canary_with_extra_tokens(like: Problem) -> Problem:
+    """The canary of a fused forward kernel that streams extra tokens: :func:`canary_problem` with
+    :data:`EXTRA_TOKENS` of them, so that every instantiation's token range is checked with its neighborhood."""
+    return dataclasses.replace(canary_problem(like), extra_tokens=EXTRA_TOKENS)
 
 
 def _value_head_dim(head_dim: int) -> int | None:
@@ -162,11 +171,15 @@ def make_inputs(problem: Problem, op: str) -> Inputs:
     rounded as a forward kernel returns them."""
     rng = np.random.default_rng(SEED)
     shapes = {"q": problem.qkv_shape, "k": problem.kv_shape, "v": problem.v_shape, "dout": problem.out_shape,
-              "attn": problem.attn_shape, "dattn": problem.attn_shape, "rpb": problem.rpb_shape}
+              "attn": problem.attn_shape, "dattn": problem.attn_shape, "rpb": problem.rpb_shape,
+              "xk": problem.extra_keys_shape, "xv": problem.extra_values_shape}
     names = [name for name in OPS[op].inputs if name in shapes]
     host = {name: _grid(rng, shapes[name]) for name in names}
     if "rpb" in host and not problem.has_rpb:
         host["rpb"] = None
+    for name in ("xk", "xv"):
+        if name in host and not problem.extra_tokens:
+            host[name] = None
     if op == BACKWARD:
         host["out"], host["lse"] = dense.forward(problem, host["q"], host["k"], host["v"], host["rpb"])
     dtypes = {"rpb": "float32", "lse": "float32"}

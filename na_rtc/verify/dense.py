@@ -68,12 +68,19 @@ def _scores(problem: Problem, q, k, rpb):
     return np.where(mask, scores, -np.inf), mask, index
 
 
-def forward(problem: Problem, q, k, v, rpb=None):
-    """``(out, lse)`` of the fused op, float64."""
+def forward(problem: Problem, q, k, v, rpb=None, extra_k=None, extra_v=None):
+    """``(out, lse)`` of the fused op, float64; with extra tokens (``[batch, tokens, heads_kv, dim]``), their
+    scores are more columns of the same softmax, always visible."""
     scores, _, _ = _scores(problem, q, k, rpb)
+    values = _kv_heads_first(problem, v)
+    if extra_k is not None:
+        # [batch, tokens, heads_kv, dim] reads like a 1D [batch, *spatial, heads, dim] array
+        tokens_k, tokens_v = _kv_heads_first(problem, extra_k), _kv_heads_first(problem, extra_v)
+        scores = np.concatenate((scores, problem.scale * (_heads_first(q) @ np.swapaxes(tokens_k, -1, -2))), -1)
+        values = np.concatenate((values, tokens_v), -2)
     top = scores.max(-1, keepdims=True)
     lse = top[..., 0] + np.log(np.exp(scores - top).sum(-1))
-    out = np.exp(scores - lse[..., None]) @ _kv_heads_first(problem, v)
+    out = np.exp(scores - lse[..., None]) @ values
     return _heads_last(out, problem.out_shape), np.moveaxis(lse, 1, -1).reshape(q.shape[:-1])
 
 

@@ -9,7 +9,7 @@
 template <>
 __global__ void na_fused_tc_fwd<fp16_t, 32, 128, 1, 64, 2>(
     const fp16_t* __restrict__ q, NA_TENSOR(q), const fp16_t* __restrict__ k, NA_TENSOR(k),
-    const fp16_t* __restrict__ v, NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb), fp16_t* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
+    const fp16_t* __restrict__ v, NA_TENSOR(v), const float* __restrict__ rpb, NA_BIAS(rpb), NA_EXTRA(fp16_t), fp16_t* __restrict__ out, NA_TENSOR(o), float* __restrict__ lse, NA_ROWS(l), double scale, NA_PROBLEM) {
     const long long rows = B * X * Y * H, threads = (long long)gridDim.x * blockDim.x;
     for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += threads) {
         const long long h = r % H, y = r / H % Y, x = r / H / Y % X, b = r / H / Y / X;

@@ -112,7 +112,7 @@ def plan(problem: Problem, policy=None) -> Launch:
 def _family(name: str, ranks: frozenset) -> Family:
     kernels = _instantiations(ranks)
     return Family(SOURCE, tuple(kernels), dict.fromkeys(kernels, THREADS), kernels, name=name,
-                  roles={"forward": Role(covers, plan, L.fused_forward)}, ranks=ranks)
+                  roles={"forward": Role(covers, plan, L.fused_forward, extra_tokens=True)}, ranks=ranks)
 
 
 FAMILY = register(_family(NAME, frozenset({1, 2})))

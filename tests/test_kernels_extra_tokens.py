@@ -1,0 +1,183 @@
+"""Extra key/value tokens streamed by the fused forward kernels, through the emulator.
+
+A forward kernel whose family says it streams them (``Role.extra_tokens``) takes the extra tokens
+(``NA_EXTRA``) as one more key range after each query tile's neighborhood, in the same online softmax; the
+others' results are merged with dense attention over the tokens (``na_rtc/extra_tokens.py``). Here, against
+the float64 reference (itself held to the brute-force one-softmax oracle in test_extra_tokens.py):
+
+* the forward (out, logsumexp) of each streaming family, 1D to 3D, with GQA, a value head dim of its own,
+  stride, dilation, causal axes and rpb, and 1, 7, 64 and 141 tokens (within one chunk, across chunk
+  boundaries); the launch is the family's kernel with the tokens' pointers, nothing merged;
+* the backward from that forward (the neighborhood's kernels given the output and logsumexp over both, the
+  tokens' dense part) with a logsumexp gradient: dq, dk, dv, drpb and both extra tensors' gradients;
+* a NaN in an extra key reaches every query of its key/value head's group, and only those;
+* the op table streams where the chosen family does, and merges where it does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from helpers import RecordingExecutor, assert_close, kernel_policy, make_inputs
+
+import na_rtc
+from na_rtc import _args, extra_tokens
+from na_rtc.runtime import composed
+from na_rtc.runtime.dispatch import Dispatcher, streams_extra_tokens
+from na_rtc.runtime.ops import make_ops
+
+pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
+                                reason="emulator needs a C++ compiler")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    spatial: tuple
+    heads: int
+    heads_kv: int
+    tokens: int
+    window: dict = dataclasses.field(default_factory=dict, hash=False)
+    head_dim: int = 16
+    rpb: bool = False
+    head_dim_v: int | None = None  # None: head_dim
+
+    @property
+    def ndim(self):
+        return len(self.spatial)
+
+    @property
+    def kernel_size(self):
+        k = self.window["kernel_size"]
+        return (k,) * self.ndim if isinstance(k, int) else tuple(k)
+
+    def __str__(self):
+        window = ",".join(f"{key[:4]}{value}" for key, value in self.window.items())
+        dv = "" if self.head_dim_v is None else f"v{self.head_dim_v}"
+        return (f"{self.ndim}d-{'x'.join(map(str, self.spatial))}-h{self.heads}kv{self.heads_kv}-t{self.tokens}-"
+                f"D{self.head_dim}{dv}-{window}{'-rpb' if self.rpb else ''}")
+
+
+CASES = [
+    Case((37,), 4, 2, 7, dict(kernel_size=7, stride=2, dilation=2), rpb=True, head_dim_v=32),
+    Case((40,), 2, 1, 141, dict(kernel_size=9, is_causal=True), head_dim=32),
+    Case((9, 11), 4, 1, 64, dict(kernel_size=(3, 5), dilation=(2, 1)), rpb=True, head_dim_v=8),
+    Case((10, 8), 4, 4, 1, dict(kernel_size=5, stride=(2, 1), is_causal=(True, False)), head_dim=32),
+    Case((5, 6, 7), 4, 2, 7, dict(kernel_size=(2, 3, 3), is_causal=(True, False, False)), head_dim_v=24),
+    Case((6, 5, 7), 2, 1, 64, dict(kernel_size=3, dilation=(1, 1, 2)), rpb=True),
+]
+#: path -> (policy switches, dtype, the kernel-name prefix of its forward)
+PATHS = {
+    "simt": (dict(), "float32", "na_fused_fwd"),
+}
+
+
+def _inputs(case: Case, dtype: str, seed: int = 0):
+    """(q, k, v, xk, xv, dOut, dLSE, rpb) in ``dtype`` (rpb and dLSE float32) and their float64 copies."""
+    rng = np.random.default_rng(seed)
+    dv = case.head_dim_v or case.head_dim
+    q_shape = (2, *case.spatial, case.heads, case.head_dim)
+    kv_shape = (2, *case.spatial, case.heads_kv, case.head_dim)
+    shapes = [q_shape, kv_shape, (*kv_shape[:-1], dv), (2, case.tokens, case.heads_kv, case.head_dim),
+              (2, case.tokens, case.heads_kv, dv), (*q_shape[:-1], dv)]
+    lowered, exact = [], []
+    for shape in shapes:
+        (x,), (x64,) = make_inputs(rng, shape, getattr(torch, dtype))
+        lowered.append(x)
+        exact.append(torch.from_numpy(x64))
+    (dlse,), (dlse64,) = make_inputs(rng, q_shape[:-1], torch.float32)
+    lowered.append(dlse)
+    exact.append(torch.from_numpy(dlse64))
+    rpb = rpb64 = None
+    if case.rpb:
+        (rpb,), (rpb64,) = make_inputs(rng, (case.heads, *(2 * n - 1 for n in case.kernel_size)), torch.float32)
+        rpb64 = torch.from_numpy(rpb64)
+    return (*lowered, rpb), (*exact, rpb64)
+
+
+def _problem(case: Case, q, k, v, rpb, xk, xv):
+    window = case.window
+    return _args.fused_problem(case.ndim, q, k, v, window["kernel_size"], window.get("stride", 1),
+                               window.get("dilation", 1), window.get("is_causal", False), None, rpb, xk, xv)
+
+
+def _reference(case: Case, q64, k64, v64, xk64, xv64, g64, dlse64, rpb64):
+    """out, lse and (dq, dk, dv, drpb, dxk, dxv) of the float64 reference for a loss with dOut and dLSE."""
+    op = getattr(na_rtc, f"na{case.ndim}d")
+    leaves = [None if x is None else x.clone().requires_grad_() for x in (q64, k64, v64, rpb64, xk64, xv64)]
+    q, k, v, rpb, xk, xv = leaves
+    out, lse = op(q, k, v, **case.window, rpb=rpb, return_lse=True, additional_keys=xk, additional_values=xv,
+                  backend="reference")
+    torch.autograd.backward((out, lse), (g64, dlse64))
+    return out.detach(), lse.detach(), tuple(None if x is None else x.grad for x in (q, k, v, rpb, xk, xv))
+
+
+def _kernel_backward(dispatcher: Dispatcher, dlse):
+    """A fused backward of the op-table's signature on ``dispatcher``'s kernels (the rpb cast as the op table
+    does), with the logsumexp gradient ``dlse``."""
+
+    def backward(problem, grad_out, query, key, value, rpb, output, lse, grad_lse):
+        assert grad_lse is dlse
+        return dispatcher.backward(problem, grad_out, query, key, value, composed.bias_in_accumulator(problem, rpb),
+                                   output, lse, grad_lse=grad_lse)
+
+    return backward
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_streamed_tokens_match_the_reference(case, path):
+    switches, dtype, forward_kernel = PATHS[path]
+    q, k, v, xk, xv, g, dlse, rpb = (inputs := _inputs(case, dtype))[0]
+    problem = _problem(case, q, k, v, rpb, xk, xv)
+    assert problem.extra_tokens == case.tokens
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(**switches))
+    route = kernels.forward_route(problem.without_extra_tokens())[0]
+    assert route.path == path and streams_extra_tokens(route)
+    out, lse = kernels.forward(problem, q, k, v, composed.bias_in_accumulator(problem, rpb), route, xk, xv)
+    assert len(run.names) == 1 and run.names[0].startswith(forward_kernel), run.names
+    grads = extra_tokens.fused_backward(_kernel_backward(kernels, dlse), None, problem, g, q, k, v, rpb, out, lse,
+                                        dlse, xk, xv)
+    out64, lse64, grads64 = _reference(case, *inputs[1])
+    assert_close(out, out64, dtype, "forward", "out")
+    assert_close(lse, lse64, dtype, "forward", "lse")
+    for name, got, want in zip(("dq", "dk", "dv", "drpb", "dxk", "dxv"), grads, grads64):
+        if want is None:
+            assert got is None, name
+            continue
+        assert tuple(got.shape) == tuple(want.shape), name
+        assert_close(got, want, dtype, "grad", name)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_nan_token_reaches_exactly_its_group(path):
+    """A NaN in key/value head 0's extra key: every query of heads 0..group-1 is NaN, the others finite."""
+    switches, dtype, _ = PATHS[path]
+    case = Case((9, 7), 4, 2, 5, dict(kernel_size=3))
+    q, k, v, xk, xv = _inputs(case, dtype)[0][:5]
+    xk[:, 3, 0, 1] = float("nan")
+    problem = _problem(case, q, k, v, None, xk, xv)
+    kernels = Dispatcher(RecordingExecutor(), kernel_policy(**switches))
+    out, lse = kernels.forward(problem, q, k, v, None, None, xk, xv)
+    assert torch.isnan(out[..., :2, :]).all() and torch.isnan(lse[..., :2]).all()
+    assert torch.isfinite(out[..., 2:, :]).all() and torch.isfinite(lse[..., 2:]).all()
+
+
+def test_the_op_table_streams_where_the_family_does_and_the_merge_agrees():
+    """The op table on the emulator: float32 runs the SIMT forward, which streams, so one kernel launch serves
+    the call; the merge (what a family that does not stream gets) gives the same result."""
+    case = CASES[2]
+    (q, k, v, xk, xv, _, _, rpb), exact = _inputs(case, "float32")
+    run = RecordingExecutor()
+    ops = make_ops(run, "emulator", "peek")
+    problem = _problem(case, q, k, v, rpb, xk, xv)
+    out, lse = ops["fused_forward"](problem, q, k, v, rpb, xk, xv)
+    assert len(run.names) == 1 and run.names[0].startswith("na_fused_fwd"), run.names
+    merged_out, merged_lse = extra_tokens.merged_forward(ops["fused_forward"], problem, q, k, v, rpb, xk, xv)
+    out64, lse64, _ = _reference(case, *exact)
+    for got_out, got_lse in ((out, lse), (merged_out, merged_lse)):
+        assert_close(got_out, out64, "float32", "forward", "out")
+        assert_close(got_lse, lse64, "float32", "forward", "lse")
