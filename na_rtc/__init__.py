@@ -2,7 +2,8 @@
 
 Public API: fused ``na1d``/``na2d``/``na3d``, split
 ``na1d_qk``/``na1d_av``/``na2d_qk``/``na2d_av``/``na3d_qk``/``na3d_av``, their backward functions,
-:func:`merge_attentions` (one softmax over several branches' keys, from their outputs and logsumexps), and
+:func:`merge_attentions` (one softmax over several branches' keys, from their outputs and logsumexps),
+:func:`attention` (dense attention with the same conventions, for queries that see every key), and
 backend selection with :func:`use_backend` or ``NA_RTC_BACKEND``, :func:`explain` (which kernels a call would
 run, and why the others were passed over),
 :class:`LayoutWarning` (a tensor whose shape suggests heads-first),
@@ -20,6 +21,7 @@ from ._explain import explain
 from .backends import use_backend
 from .verify.gate import KernelVerificationWarning
 from .merging import merge_attentions
+from .dense_attention import attention
 from .functional import (
     na1d,
     na1d_av,
@@ -66,6 +68,7 @@ __all__ = [
     "na3d_qk_backward",
     "na3d_av_backward",
     "merge_attentions",
+    "attention",
 ]
 # The torch layers (NeighborhoodAttention1D/2D/3D) are left out of __all__ on
 # purpose: `from na_rtc import *` must neither import torch nor fail without

@@ -453,6 +453,33 @@ class FusedNA(torch.autograd.Function):
         return (None, None, *grads, *((None, None) if len(grads) == 4 else ()))
 
 
+class DenseAttention(torch.autograd.Function):
+    """(query, key, value) -> (output, logsumexp) of :func:`na_rtc.attention`: the forward and backward of
+    :mod:`na_rtc.extra_tokens` (chunked matrix products, no ``[queries, keys]`` matrix kept for the backward)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale):
+        from . import extra_tokens
+
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        out, lse = extra_tokens.attend(query, key, value, scale)
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        from . import extra_tokens
+
+        query, key, value, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = extra_tokens.gradients(grad_out, query, key, value, out, lse, grad_lse, ctx.scale)
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None
+
+
 #: op family -> autograd Function
 FUNCTIONS = {"fused": FusedNA, "qk": NAQK, "av": NAAV}
 

@@ -105,33 +105,35 @@ def merged_forward(forward, problem: Problem, query, key, value, rpb, additional
     return out, _arrays.cast(lse, _compute_dtype(query))
 
 
-def gradients(problem: Problem, grad_out, query, additional_keys, additional_values, output, logsumexp,
-              grad_lse=None):
-    """The extra tokens' part of the backward: ``(dq_extra, d_additional_keys, d_additional_values)`` in the
-    compute dtype (float32; float64 for float64), given the forward's ``output`` and ``logsumexp`` over both
-    parts and the logsumexp's gradient (or None). ``dq_extra`` is what the tokens add to dq."""
+def gradients(grad_out, query, keys, values, output, logsumexp, grad_lse, scale: float):
+    """Dense attention's backward given its softmax's statistics: ``(dq, d_keys, d_values)`` in the compute
+    dtype (float32; float64 for float64) for queries ``[batch, *spatial, heads, dim]`` over ``keys``/``values``
+    ``[batch, tokens, heads_kv, dim(_v)]``, from the ``output`` and ``logsumexp`` of the softmax they are part
+    of (over the neighborhood and the tokens, for extra tokens: ``dq`` is then what the tokens add) and the
+    logsumexp's gradient (or None)."""
     compute = _compute_dtype(query)
-    batch, heads, kv_heads, group = problem.batch, problem.heads, problem.kv_heads, problem.group
-    dim, dim_v, tokens, queries = problem.head_dim, problem.v_dim, problem.extra_tokens, problem.tokens
-    q = _arrays.cast(query, compute).reshape(batch, queries, kv_heads, group, dim)
+    batch, heads, dim = int(query.shape[0]), int(query.shape[-2]), int(query.shape[-1])
+    tokens, kv_heads, dim_v = int(keys.shape[1]), int(keys.shape[2]), int(values.shape[-1])
+    group = heads // kv_heads
+    q = _arrays.cast(query, compute).reshape(batch, -1, kv_heads, group, dim)
+    queries = int(q.shape[1])
     dout = _arrays.cast(grad_out, compute).reshape(batch, queries, kv_heads, group, dim_v)
     out = _arrays.cast(output, compute).reshape(batch, queries, kv_heads, group, dim_v)
     lse = _arrays.cast(logsumexp, compute).reshape(batch, queries, kv_heads, group)
     delta = (dout * out).sum(-1)  # rowsum(dOut * out) - dlse: as in every fused backward
     if grad_lse is not None:
         delta = delta - _arrays.cast(grad_lse, compute).reshape(delta.shape)
-    k, v = _arrays.cast(additional_keys, compute), _arrays.cast(additional_values, compute)
+    k, v = _arrays.cast(keys, compute), _arrays.cast(values, compute)
     dq = _arrays.zeros(q, q.shape, compute)
-    dk = _arrays.zeros(q, problem.extra_keys_shape, compute)
-    dv = _arrays.zeros(q, problem.extra_values_shape, compute)
-    scale = problem.scale
+    dk = _arrays.zeros(q, tuple(keys.shape), compute)
+    dv = _arrays.zeros(q, tuple(values.shape), compute)
     for rows in _row_chunks(queries, batch, heads, tokens, 8 if compute == "float64" else 4):
         probs = _exp(_einsum(q, "bnkgd,btkd->bnkgt", q[:, rows], k) * scale - lse[:, rows][..., None])
         dv += _einsum(q, "bnkgt,bnkgv->btkv", probs, dout[:, rows])
         grad_logits = probs * (_einsum(q, "bnkgv,btkv->bnkgt", dout[:, rows], v) - delta[:, rows][..., None])
         dq[:, rows] = scale * _einsum(q, "bnkgt,btkd->bnkgd", grad_logits, k)
         dk += scale * _einsum(q, "bnkgt,bnkgd->btkd", grad_logits, q[:, rows])
-    return dq.reshape(problem.qkv_shape), dk, dv
+    return dq.reshape(tuple(query.shape)), dk, dv
 
 
 def fused_backward(backward, forward, problem: Problem, grad_out, query, key, value, rpb, output, logsumexp,
@@ -144,8 +146,8 @@ def fused_backward(backward, forward, problem: Problem, grad_out, query, key, va
         output, logsumexp = forward(problem, query, key, value, rpb, additional_keys, additional_values)
     dq, dk, dv, drpb = backward(problem.without_extra_tokens(), grad_out, query, key, value, rpb, output, logsumexp,
                                 grad_lse)
-    dq_extra, dxk, dxv = gradients(problem, grad_out, query, additional_keys, additional_values, output, logsumexp,
-                                   grad_lse)
+    dq_extra, dxk, dxv = gradients(grad_out, query, additional_keys, additional_values, output, logsumexp, grad_lse,
+                                   problem.scale)
     dtype = _arrays.dtype_name(query)
     dq = _arrays.cast(_arrays.cast(dq, _arrays.dtype_name(dq_extra)) + dq_extra, dtype)
     return dq, dk, dv, drpb, _arrays.cast(dxk, dtype), _arrays.cast(dxv, dtype)
