@@ -101,7 +101,8 @@ def _describe(problem: _args.Problem, name: str) -> str:
     bias = ", with a bias" if problem.has_rpb else ""
     heads = f"{problem.heads} heads" + (f" ({problem.kv_heads} key/value heads)" if problem.group > 1 else "")
     head_dim = f"head_dim {problem.head_dim}" + (f" (value {problem.v_dim})" if problem.head_dim_v else "")
-    return f"na_rtc.{name}: {problem.dtype}, batch {problem.batch}, {heads}, {head_dim}, axes {window}{bias}"
+    extra = f", {problem.extra_tokens} extra tokens" if problem.extra_tokens else ""
+    return f"na_rtc.{name}: {problem.dtype}, batch {problem.batch}, {heads}, {head_dim}, axes {window}{bias}{extra}"
 
 
 def _problem(name: str, arguments: dict) -> tuple[_args.Problem, str | None]:
@@ -113,8 +114,9 @@ def _problem(name: str, arguments: dict) -> tuple[_args.Problem, str | None]:
     a = arguments
     if kind == _args.FUSED:
         query, key, value = functional._autocast(a["query"], a["key"], a["value"])
+        extra_keys, extra_values = functional._autocast(a["additional_keys"], a["additional_values"])
         return _args.fused_problem(ndim, query, key, value, a["kernel_size"], a["stride"], a["dilation"],
-                                   a["is_causal"], a["scale"], a["rpb"]), None
+                                   a["is_causal"], a["scale"], a["rpb"], extra_keys, extra_values), None
     if kind == _args.QK:
         query, key = functional._autocast(a["query"], a["key"])
         return _args.qk_problem(ndim, query, key, a["kernel_size"], a["dilation"], a["is_causal"], a["rpb"]), None

@@ -194,3 +194,62 @@ def test_the_kind_and_dtype_of_the_query():
     with pytest.raises(TypeError, match="additional_values"):
         na_rtc.na1d(q, q, q, 3, additional_keys=torch.ones(1, 3, 2, 4),
                     additional_values=torch.ones(1, 3, 2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("given_forward", [False, True], ids=["recomputed", "given"])
+def test_plain_backward_functions_take_the_tokens(given_forward):
+    """NumPy: ``na1d_backward(..., additional_keys=, additional_values=)`` returns the six gradients of the one
+    softmax (with a logsumexp gradient), recomputing the forward or from the one passed."""
+    ndim, spatial, heads, heads_kv, head_dim, head_dim_v, tokens, window, has_rpb = CASES[0]
+    inputs = _inputs(*CASES[0])
+    generator = torch.Generator().manual_seed(7)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    q, k, v, ek, ev, rpb = leaves
+    out, lse = _one_softmax(q, k, v, ek, ev, rpb, window)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    grad_lse = torch.randn(lse.shape, generator=generator, dtype=lse.dtype)
+    torch.autograd.backward((out, lse), (grad_out, grad_lse))
+    arrays = [x.numpy() for x in inputs]
+    forward = {}
+    if given_forward:
+        got_out, got_lse = na_rtc.na1d(*arrays[:3], **window, rpb=arrays[5], return_lse=True,
+                                       additional_keys=arrays[3], additional_values=arrays[4])
+        forward = dict(output=got_out, logsumexp=got_lse)
+    grads = na_rtc.na1d_backward(grad_out.numpy(), *arrays[:3], **window, rpb=arrays[5],
+                                 grad_logsumexp=grad_lse.numpy(), additional_keys=arrays[3],
+                                 additional_values=arrays[4], **forward)
+    assert len(grads) == 6
+    for name, got, leaf in zip(("dq", "dk", "dv", "drpb", "d_additional_keys", "d_additional_values"), grads,
+                               (q, k, v, rpb, ek, ev)):
+        assert isinstance(got, np.ndarray) and got.shape == tuple(leaf.shape), name
+        np.testing.assert_allclose(got, leaf.grad.numpy(), rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_second_derivatives():
+    """The backward with extra tokens is differentiable again (a gradient penalty), float64, stride 1."""
+    window = dict(kernel_size=3, dilation=2)
+    q, k, v, ek, ev, _ = _inputs(1, (9,), 2, 1, 3, 2, 3, window, False, batch=1)
+
+    def run(q, k, v, ek, ev):
+        out, lse = na_rtc.na1d(q, k, v, **window, return_lse=True, additional_keys=ek, additional_values=ev)
+        return out, lse
+
+    assert torch.autograd.gradgradcheck(run, [x.requires_grad_() for x in (q, k, v, ek, ev)])
+
+
+def test_custom_ops_with_tokens_pass_opcheck_and_compile():
+    """The custom ops' schema and fake implementations with the tokens, and a fullgraph torch.compile."""
+    q, k, v, ek, ev, rpb = _inputs(*CASES[2])
+    window = [list(CASES[2][-2]["kernel_size"]), [1, 1], list(CASES[2][-2]["dilation"]), [False, False]]
+    args = (q, k, v, rpb, *window, 0.25, "reference", ek, ev)
+    torch.library.opcheck(torch.ops.na_rtc.fused_fwd.default, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.na_rtc.fused_fwd(*args)
+    backward_args = (torch.ones_like(out), q, k, v, rpb, out, lse, *window, 0.25, "reference", None, ek, ev)
+    torch.library.opcheck(torch.ops.na_rtc.fused_bwd.default, backward_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def attend(q, k, v, ek, ev):
+        return na_rtc.na2d(q, k, v, **CASES[2][-2], rpb=rpb, additional_keys=ek, additional_values=ev)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, ek, ev), attend(q, k, v, ek, ev), rtol=0, atol=0)

@@ -181,3 +181,15 @@ def test_the_op_table_streams_where_the_family_does_and_the_merge_agrees():
     for got_out, got_lse in ((out, lse), (merged_out, merged_lse)):
         assert_close(got_out, out64, "float32", "forward", "out")
         assert_close(got_lse, lse64, "float32", "forward", "lse")
+
+
+def test_explain_says_where_the_tokens_go():
+    q, tokens = torch.ones(1, 9, 8, 2, 16), torch.ones(1, 5, 2, 16)
+    text = str(na_rtc.explain("na2d", q, q, q, 3, additional_keys=tokens, additional_values=tokens, backward=True,
+                              backend="emulator"))
+    assert "5 extra tokens" in text and "forward kernel streams the extra tokens" in text, text
+    assert "the extra tokens' part: matrix products" in text, text
+    q, tokens = q.double(), tokens.double()  # no fused kernel: the split kernels composed, the tokens merged
+    text = str(na_rtc.explain("na2d", q, q, q, 3, additional_keys=tokens, additional_values=tokens,
+                              backend="emulator"))
+    assert "merged with this result" in text, text

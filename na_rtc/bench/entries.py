@@ -291,9 +291,10 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=
     if backend != EVERY_RANK:
         with mode():
             notes.update(_fused_kernels_used(spec, inputs))
-    if spec.extra_tokens:  # where their time goes: the kernels see the neighborhood only
-        notes["extra_tokens"] = (f"{spec.extra_tokens}: dense torch attention over them, merged with the "
-                                 "neighborhood's through the logsumexps")
+    if spec.extra_tokens:  # where their time goes
+        notes["extra_tokens"] = (f"{spec.extra_tokens}: forward kernels that stream them take them after each "
+                                 "tile's neighborhood (others' results are merged with dense attention over them); "
+                                 "the backward adds their dense part as chunked matrix products")
     return Prepared(no_grad(forward), forward_backward, notes=notes)
 
 
@@ -464,8 +465,9 @@ def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
     from ..runtime.ops import make_ops
 
     _require_rank(spec, inputs, "the reference backend builds no launch plans to time")
-    refuse_extra_tokens(spec, "the extra tokens run as torch ops beside the kernels, not through the dispatch and "
-                              "launch plans this entry times, which are the same without them")
+    refuse_extra_tokens(spec, "the extra tokens' backward (and the merge of forward kernels that do not stream "
+                              "them) runs matrix products on the device, which this entry, timing host work with "
+                              "nothing launched, cannot leave out")
     plans = []
     table = make_ops(lambda plan: plans.append(plan.kernel.name), inputs.kernel_backend, verification="peek")
     problem = _problem(spec, inputs)

@@ -14,6 +14,7 @@ without running anything, for ``na_rtc.explain``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from .. import _arrays, extra_tokens
@@ -21,7 +22,7 @@ from .._args import Problem
 from ..verify.gate import Gate
 from . import composed
 from . import launch as L
-from .dispatch import (SPLIT, Choice, Dispatcher, composed_candidates, log, log_choice, pair_path,
+from .dispatch import (FORWARD, SPLIT, Choice, Dispatcher, composed_candidates, log, log_choice, pair_path,
                        streams_extra_tokens)
 from .policy import Policy
 
@@ -191,7 +192,7 @@ def explain_steps(backend: str, problem: Problem, backward: bool = False, weight
     for op in ops:
         choice = None
         if fused:
-            choice = dispatcher.choose(op, problem)
+            choice = _with_extra_tokens_note(op, problem, dispatcher.choose(op, problem))
             if choice.path is not None:
                 steps.append((op, choice, (), ""))
                 continue
@@ -202,6 +203,19 @@ def explain_steps(backend: str, problem: Problem, backward: bool = False, weight
                                             for role, args in composed.launches(op, problem, weights))
         steps.append((op, choice, launches, "" if refusal is None else str(refusal)))
     return policy, steps
+
+
+def _with_extra_tokens_note(op: str, problem: Problem, choice: Choice) -> Choice:
+    """``choice`` with a note on where a call's extra tokens go (as :class:`OpTable` runs them)."""
+    if not problem.extra_tokens:
+        return choice
+    if op == "backward":
+        where = "the extra tokens' part: matrix products over chunks of queries, added after the kernels"
+    elif choice.path is not None and streams_extra_tokens(next(r for r in FORWARD if r.path == choice.path)):
+        where = "its forward kernel streams the extra tokens after each tile's neighborhood"
+    else:
+        where = "dense attention over the extra tokens merged with this result through the logsumexps"
+    return dataclasses.replace(choice, note="; ".join(n for n in (choice.note, where) if n))
 
 
 def make_ops(run, backend: str, verification: str = "run") -> dict:
