@@ -10,7 +10,7 @@ call.
 
 from __future__ import annotations
 
-from . import _args, _arrays, backends, extra_tokens
+from . import _args, _arrays, backends
 
 
 def _autocast(*tensors):
