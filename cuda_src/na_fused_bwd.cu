@@ -8,7 +8,8 @@
 //   delta = rowsum(dOut * out) - dlse                  (na_fused_delta; dlse: the
 //                                                       logsumexp's gradient, or 0)
 //   ds    = p * (dOut . v - delta)
-//   dq    = scale * sum_keys ds * k                    (na_fused_bwd_dq, per query tile)
+//   dq    = scale * sum_keys ds * k                    (na_fused_bwd_dq, per query tile; with extra tokens
+//                                                       (NA_EXTRA) their keys too, streamed after the box)
 //   dk    = scale * sum_queries ds * q                 (na_fused_bwd_dkdv, per key tile)
 //   dv    = sum_queries p * dOut
 //   drpb  = sum ds per relative offset                 (partials in na_fused_bwd_dq,
@@ -59,17 +60,7 @@
 #include "na_shared.cuh"
 #include "na_rpb_reduce.cuh"
 #include "na_args.cuh"
-
-#define NA_FB_THREADS 256
-
-__device__ __forceinline__ long long na_fb_align16(long long n) { return (n + 15) / 16 * 16; }
-
-// row stride (elements) of a staged [rows][D] array: an odd number of 4-byte
-// words, so threads reading one dim of consecutive rows hit distinct banks
-template <class T> __device__ __forceinline__ long long na_fb_row(long long D) {
-    if (sizeof(T) >= 4) return D | 1;
-    return (((D * (long long)sizeof(T) + 3) / 4) | 1) * 4 / (long long)sizeof(T);
-}
+#include "na_fb_common.cuh"
 
 // delta[b, i, h] = sum_d dout * out - dlse[b, i, h] (float32), one thread per row. dlse, the gradient of the
 // logsumexp (d lse / d logit = p, so it enters every ds as p * dlse), may be null: no gradient reaches the
@@ -109,16 +100,6 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
     const long long gx = tile_x % dx, gy = tile_y % dy, gz = tile_z % az.dilation; \
     const long long tx0 = (tile_x / dx) * (TX_), ty0 = (tile_y / dy) * (TY_), tz0 = (tile_z / az.dilation) * (TZ_);
 
-// q . k over the query/key head dim D and dOut . v over the value head dim DV of staged rows, in one loop
-template <class T>
-__device__ __forceinline__ void na_fb_dots(float& dot, float& dp, const T* qr, const T* kr, const T* gr, const T* vr,
-                                           long long D, long long DV) {
-    for (long long d = 0; d < D || d < DV; ++d) {
-        if (d < D) dot += (float)na_load(qr, d) * (float)na_load(kr, d);
-        if (d < DV) dp += (float)na_load(gr, d) * (float)na_load(vr, d);
-    }
-}
-
 // Row i of a z table, or below rank 3 (no table) the trivial axis' row:
 // window [0, 1), the one query that sees the one key.
 template <int RANK>
@@ -136,12 +117,16 @@ __device__ __forceinline__ na_fb_at na_fb_box_at(long long c, long long x0, long
     return {x0 + c / (ny * nz), y0 + (c / nz) % ny, z0 + c % nz};
 }
 
+// 3D asks for one block an SM at least: without it ptxas held the head-dim-128 16-bit 3D dq to 128 registers,
+// which spilled 24 bytes on sm_90 once the extra tokens' key range came after the box; 0 (no minimum) keeps
+// 1D/2D as they were
+#define NA_FB_DQ_MIN_BLOCKS(RANK) ((RANK) == 3 ? 1 : 0)
 template <class T, int HD, int TX, int TY, int KC, int RANK = 2, int TZ = 1>
-__global__ void __launch_bounds__(NA_FB_THREADS)
+__global__ void __launch_bounds__(NA_FB_THREADS, NA_FB_DQ_MIN_BLOCKS(RANK))
     na_fused_bwd_dq(const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
                     const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
                     const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta,
-                    NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dq, NA_TENSOR(o), float* __restrict__ rpb_partial,
+                    NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb), NA_EXTRA(T), T* __restrict__ dq, NA_TENSOR(o), float* __restrict__ rpb_partial,
                     double scale, NA_PROBLEM) {
     constexpr int TQ = TX * TY * TZ;
     constexpr int LANES = NA_FB_THREADS / TQ;  // threads per query in pass 2
@@ -327,6 +312,42 @@ __global__ void __launch_bounds__(NA_FB_THREADS)
                     }
                 }
                 racc[en] += sum;
+            }
+        }
+    }
+    // the extra tokens: one more key range after the box, seen whole by every valid query (no window, no bias),
+    // staged in the same rows; their ds adds to dq like the box's
+    const long long kvh = NA_KV_HEAD(h);
+    const bool xk_vec = NX > 0 && na_rows_vectorizable(xk, D, xk_l, xk_b, xk_n, xk_h, 0);
+    const bool xv_vec = NX > 0 && na_rows_vectorizable(xv, DV, xv_l, xv_b, xv_n, xv_h, 0);
+    for (long long t0 = 0; t0 < NX; t0 += KC) {
+        const long long nc = na_min(KC, NX - t0);
+        __syncthreads();  // the previous chunk is consumed
+        na_copy_rows(ks, RS, xk, nc, D, xk_l, xk_vec,
+                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xk, b, t0 + r, kvh, 0), r}; });
+        na_copy_rows(vs, RS, xv, nc, DV, xv_l, xv_vec,
+                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xv, b, t0 + r, kvh, 0), r}; });
+        __syncthreads();
+        for (int p = tid; p < TQ * KC; p += NA_FB_THREADS) {
+            const int qi = p / KC, kk = p % KC;
+            const int qxi = qi / (TY * TZ), qyi = qi / TZ % TY, qzi = qi % TZ;
+            float s = 0.0f;
+            if (kk < nc && qxi < nqx && qyi < nqy && qzi < nqz) {
+                float dot = 0.0f, dp = 0.0f;
+                na_fb_dots(dot, dp, qs + qi * RS, ks + kk * RS, gs + qi * RS, vs + kk * RS, D, DV);
+                s = na_exp(dot * fscale - s_lse[qi]) * (dp - s_delta[qi]);
+            }
+            ds[qi * KS + kk] = s;
+        }
+        __syncthreads();
+        const float* dsr = ds + my_q * KS;
+        for (int kk = 0; kk < nc; ++kk) {
+            const float wt = dsr[kk];
+            const T* kr = ks + kk * RS;
+#pragma unroll
+            for (int c = 0; c < DPT; ++c) {
+                const int d = lane + c * LANES;
+                if (d < D) acc[c] += wt * (float)na_load(kr, d);
             }
         }
     }

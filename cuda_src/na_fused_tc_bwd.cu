@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
     const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
     const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e),
-    const float* __restrict__ rpb, NA_BIAS(rpb), T* __restrict__ dq,
+    const float* __restrict__ rpb, NA_BIAS(rpb), NA_EXTRA(T), T* __restrict__ dq,
     NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY * TZ;
     constexpr int P = HD + 8;

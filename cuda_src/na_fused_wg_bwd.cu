@@ -42,7 +42,7 @@ template <class T, int HD, int TX, int TY, int KC, bool QS, int WG, int RANK = 2
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k), const T* __restrict__ v,
     NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g), const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e), const float* __restrict__ rpb, NA_BIAS(rpb),
-    T* __restrict__ dq, NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
+    NA_EXTRA(T), T* __restrict__ dq, NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     constexpr int NQ = TX * TY * TZ;
     constexpr int THREADS = NA_TC_THREADS * WG;
     constexpr int P = HD + 8;

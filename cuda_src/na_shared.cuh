@@ -40,6 +40,12 @@ __device__ __forceinline__ bool na_rows_vectorizable(const T* base, long long le
            s1 % V == 0 && s2 % V == 0 && s3 % V == 0;
 }
 
+// n / d for 0 <= n < 2^32, 1 <= d < 2^32: a 32-bit division, inline, where a 64-bit one is a subroutine whose
+// calls cost registers saved around them (reported as spills); a staged chunk's pieces are far below 2^32
+__device__ __forceinline__ long long na_div32(long long n, long long d) {
+    return (long long)((unsigned)n / (unsigned)d);
+}
+
 // copy `rows` rows of `len` elements: row r comes from src + ref(r).src (element
 // stride `step`) and goes to dst + ref(r).dst * pitch (`pitch` elements, a
 // whole number of 32-bit words when `vec`); `vec` must be block-uniform and
@@ -51,7 +57,7 @@ __device__ __forceinline__ void na_copy_rows(T* dst, long long pitch, const T* s
         constexpr long long V = 16 / (long long)sizeof(T);
         const long long pieces = len / V;
         for (long long e = threadIdx.x; e < rows * pieces; e += blockDim.x) {
-            const long long r = e / pieces, c = (e % pieces) * V;
+            const long long r = na_div32(e, pieces), c = (e - r * pieces) * V;
             const na_row_ref at = ref(r);
             const na_bytes16 piece = *reinterpret_cast<const na_bytes16*>(src + at.src + c);
             unsigned int* to = reinterpret_cast<unsigned int*>(dst + at.dst * pitch + c);
@@ -63,7 +69,7 @@ __device__ __forceinline__ void na_copy_rows(T* dst, long long pitch, const T* s
         return;
     }
     for (long long e = threadIdx.x; e < rows * len; e += blockDim.x) {
-        const long long r = e / len, c = e % len;
+        const long long r = na_div32(e, len), c = e - r * len;
         const na_row_ref at = ref(r);
         dst[at.dst * pitch + c] = src[at.src + c * step];
     }

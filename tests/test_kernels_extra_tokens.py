@@ -68,9 +68,16 @@ CASES = [
     Case((5, 6, 7), 4, 2, 7, dict(kernel_size=(2, 3, 3), is_causal=(True, False, False)), head_dim_v=24),
     Case((6, 5, 7), 2, 1, 64, dict(kernel_size=3, dilation=(1, 1, 2)), rpb=True),
 ]
-#: path -> (policy switches, dtype, the kernel-name prefix of its forward)
+#: id -> (path, policy switches, dtype, the kernel-name prefix of its forward)
 PATHS = {
-    "simt": (dict(), "float32", "na_fused_fwd"),
+    "simt-fp32": ("simt", dict(), "float32", "na_fused_fwd"),
+    "simt-bf16": ("simt", dict(), "bfloat16", "na_fused_fwd"),
+}
+#: id -> (path, policy switches, dtype, the kernel-name prefix of its dq kernel): the backward pairs whose dq
+#: kernel streams the extra tokens (the tokens' dK/dV kernel follows)
+BACKWARD_PATHS = {
+    "simt-fp32": ("simt", dict(), "float32", "na_fused_bwd_dq"),
+    "simt-fp16": ("simt", dict(), "float16", "na_fused_bwd_dq"),
 }
 
 
@@ -114,36 +121,11 @@ def _reference(case: Case, q64, k64, v64, xk64, xv64, g64, dlse64, rpb64):
     return out.detach(), lse.detach(), tuple(None if x is None else x.grad for x in (q, k, v, rpb, xk, xv))
 
 
-def _kernel_backward(dispatcher: Dispatcher, dlse):
-    """A fused backward of the op-table's signature on ``dispatcher``'s kernels (the rpb cast as the op table
-    does), with the logsumexp gradient ``dlse``."""
-
-    def backward(problem, grad_out, query, key, value, rpb, output, lse, grad_lse):
-        assert grad_lse is dlse
-        return dispatcher.backward(problem, grad_out, query, key, value, composed.bias_in_accumulator(problem, rpb),
-                                   output, lse, grad_lse=grad_lse)
-
-    return backward
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_streamed_tokens_match_the_reference(case, path):
-    switches, dtype, forward_kernel = PATHS[path]
-    q, k, v, xk, xv, g, dlse, rpb = (inputs := _inputs(case, dtype))[0]
-    problem = _problem(case, q, k, v, rpb, xk, xv)
-    assert problem.extra_tokens == case.tokens
-    run = RecordingExecutor()
-    kernels = Dispatcher(run, kernel_policy(**switches))
-    route = kernels.forward_route(problem.without_extra_tokens())[0]
-    assert route.path == path and streams_extra_tokens(route)
-    out, lse = kernels.forward(problem, q, k, v, composed.bias_in_accumulator(problem, rpb), route, xk, xv)
-    assert len(run.names) == 1 and run.names[0].startswith(forward_kernel), run.names
-    grads = extra_tokens.fused_backward(_kernel_backward(kernels, dlse), None, problem, g, q, k, v, rpb, out, lse,
-                                        dlse, xk, xv)
-    out64, lse64, grads64 = _reference(case, *inputs[1])
-    assert_close(out, out64, dtype, "forward", "out")
-    assert_close(lse, lse64, dtype, "forward", "lse")
+def _check(dtype, out, lse, grads, reference):
+    out64, lse64, grads64 = reference
+    if out is not None:
+        assert_close(out, out64, dtype, "forward", "out")
+        assert_close(lse, lse64, dtype, "forward", "lse")
     for name, got, want in zip(("dq", "dk", "dv", "drpb", "dxk", "dxv"), grads, grads64):
         if want is None:
             assert got is None, name
@@ -152,10 +134,57 @@ def test_streamed_tokens_match_the_reference(case, path):
         assert_close(got, want, dtype, "grad", name)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_a_nan_token_reaches_exactly_its_group(path):
+@pytest.mark.parametrize("path_id", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_streamed_forward_matches_the_reference(case, path_id):
+    """The forward kernel alone serves the call (nothing merged); the backward from its output and logsumexp
+    (the neighborhood's kernels of the path, the tokens' part wherever it runs) gives every gradient."""
+    path, switches, dtype, forward_kernel = PATHS[path_id]
+    (q, k, v, xk, xv, g, dlse, rpb), exact = _inputs(case, dtype)
+    problem = _problem(case, q, k, v, rpb, xk, xv)
+    assert problem.extra_tokens == case.tokens
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(**switches))
+    route = kernels.forward_route(problem.without_extra_tokens())[0]
+    assert route.path == path and streams_extra_tokens(route)
+    out, lse = kernels.forward(problem, q, k, v, composed.bias_in_accumulator(problem, rpb), route, xk, xv)
+    assert len(run.names) == 1 and run.names[0].startswith(forward_kernel), run.names
+    ops = make_ops(run, "emulator", "peek")
+    with pytest.MonkeyPatch.context() as patch:  # the op table under the test's policy
+        patch.setattr(ops["fused_backward"].__self__, "dispatcher", lambda problem: kernels)
+        grads = ops["fused_backward"](problem, g, q, k, v, rpb, out, lse, dlse, xk, xv)
+    _check(dtype, out, lse, grads, _reference(case, *exact))
+
+
+@pytest.mark.parametrize("path_id", BACKWARD_PATHS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_streamed_backward_matches_the_reference(case, path_id):
+    """The dq kernel streams the tokens and their own kernel writes their gradients, from the reference's
+    forward (so that the gradients are checked alone)."""
+    path, switches, dtype, dq_kernel = BACKWARD_PATHS[path_id]
+    (q, k, v, xk, xv, g, dlse, rpb), exact = _inputs(case, dtype)
+    problem = _problem(case, q, k, v, rpb, xk, xv)
+    reference = _reference(case, *exact)
+    out, lse = reference[0].to(q.dtype), reference[1].float()
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(**switches))
+    pair = kernels.backward_pair(problem)[0]
+    assert pair[0].path == path and kernels.streams_extra_tokens_backward(problem, pair) == (True, "")
+    grads = kernels.backward(problem, g, q, k, v, composed.bias_in_accumulator(problem, rpb), out, lse,
+                             grad_lse=dlse, extra_keys=xk, extra_values=xv)
+    assert any(name.startswith(dq_kernel) for name in run.names), run.names
+    assert run.names[-1].startswith("na_tokens_bwd_dkdv<"), run.names
+    _check(dtype, None, None, grads, reference)
+    again = kernels.backward(problem, g, q, k, v, composed.bias_in_accumulator(problem, rpb), out, lse,
+                             grad_lse=dlse, extra_keys=xk, extra_values=xv)
+    for first, second in zip(grads, again):  # fixed-order sums: bitwise the same
+        assert first is None or torch.equal(first, second)
+
+
+@pytest.mark.parametrize("path_id", PATHS)
+def test_a_nan_token_reaches_exactly_its_group(path_id):
     """A NaN in key/value head 0's extra key: every query of heads 0..group-1 is NaN, the others finite."""
-    switches, dtype, _ = PATHS[path]
+    _, switches, dtype, _ = PATHS[path_id]
     case = Case((9, 7), 4, 2, 5, dict(kernel_size=3))
     q, k, v, xk, xv = _inputs(case, dtype)[0][:5]
     xk[:, 3, 0, 1] = float("nan")
@@ -188,7 +217,7 @@ def test_explain_says_where_the_tokens_go():
     text = str(na_rtc.explain("na2d", q, q, q, 3, additional_keys=tokens, additional_values=tokens, backward=True,
                               backend="emulator"))
     assert "5 extra tokens" in text and "forward kernel streams the extra tokens" in text, text
-    assert "the extra tokens' part: matrix products" in text, text
+    assert "its dq kernel streams the extra tokens, their own kernel writes their gradients" in text, text
     q, tokens = q.double(), tokens.double()  # no fused kernel: the split kernels composed, the tokens merged
     text = str(na_rtc.explain("na2d", q, q, q, 3, additional_keys=tokens, additional_values=tokens,
                               backend="emulator"))

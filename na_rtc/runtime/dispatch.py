@@ -83,6 +83,8 @@ SPLIT_KERNELS = {
 }
 #: the fused backward's delta and bias-reduction kernels, around every (dq, dK/dV) pair
 _DELTA, _RPB_REDUCE = ("fused_bwd", "delta"), ("fused_bwd", "rpb_reduce")
+#: the extra tokens' dK/dV kernel, after the pair, where the pair's dq kernel streams the tokens
+_TOKENS_DKDV = ("tokens_bwd", "dkdv")
 
 
 def describe_paths(paths: tuple[str, str]) -> str:
@@ -294,11 +296,22 @@ class Dispatcher:
         return _role(route, problem.ndim).plan(problem, self.policy)
 
     def backward_launches(self, problem: Problem, pair) -> L.BackwardLaunches:
+        """The launches of ``pair`` for ``problem``; with extra tokens, the tokens' dK/dV kernel too, which
+        :meth:`streams_extra_tokens_backward` must have admitted."""
         dq, dkdv = pair
         ndim = problem.ndim
         reduce = _role(_RPB_REDUCE, ndim).plan(problem, self.policy) if problem.has_rpb else None
+        tokens = _role(_TOKENS_DKDV, ndim).plan(problem, self.policy) if problem.extra_tokens else None
         return L.BackwardLaunches(_role(_DELTA, ndim).plan(problem, self.policy), self.plan(problem, dq),
-                                  self.plan(problem, dkdv), reduce)
+                                  self.plan(problem, dkdv), reduce, tokens)
+
+    def streams_extra_tokens_backward(self, problem: Problem, pair) -> tuple[bool, str]:
+        """Whether the kernels take ``problem``'s extra tokens in its backward on ``pair``: its dq kernel
+        streams them and the tokens' dK/dV kernel covers the problem (else their part runs as matrix
+        products, :func:`na_rtc.extra_tokens.fused_backward`); ``(ok, why not)``."""
+        if not registry.get(pair[0].family).roles[pair[0].role].extra_tokens:
+            return False, f"the {pair[0].path} dq kernels do not stream extra tokens"
+        return _role(_TOKENS_DKDV, problem.ndim).covers(problem, self.policy)
 
     def forward(self, problem: Problem, query, key, value, rpb_acc=None, path: str | Route | None = None,
                 extra_keys=None, extra_values=None):
@@ -316,10 +329,11 @@ class Dispatcher:
                                               rpb_acc, extra_keys, extra_values)
 
     def backward(self, problem: Problem, grad_out, query, key, value, rpb_acc, output, lse, paths=None,
-                 grad_lse=None):
+                 grad_lse=None, extra_keys=None, extra_values=None):
         """``(dq, dk, dv, drpb)`` of the fused backward kernels, from the forward's ``output`` and ``lse`` (and
         the logsumexp's gradient ``grad_lse``, or None): on ``paths`` (a (dq, dK/dV) pair of path names,
-        unchecked) or the first pair that serves."""
+        unchecked) or the first pair that serves. With extra tokens (where
+        :meth:`streams_extra_tokens_backward` admits the pair), also their gradients."""
         if paths is not None:
             pair = next((p for p in BACKWARD if (p[0].path, p[1].path) == tuple(paths)), None)
             if pair is None:
@@ -329,8 +343,12 @@ class Dispatcher:
         if pair is None:
             raise ValueError("the fused backward kernels do not cover this problem; see "
                              "Dispatcher.choose('backward', problem) for why")
+        if problem.extra_tokens:
+            ok, why = self.streams_extra_tokens_backward(problem, pair)
+            if not ok:
+                raise ValueError(f"the backward kernels do not take these extra tokens: {why}")
         return L.fused_backward(self.run, self.backward_launches(problem, pair), problem, grad_out, query, key, value,
-                                rpb_acc, output, lse, grad_lse)
+                                rpb_acc, output, lse, grad_lse, extra_keys, extra_values)
 
     def _split(self, role: str, problem: Problem, args: tuple, *arrays):
         route, skipped = self.split_route(role, problem, args)
@@ -400,12 +418,17 @@ def _candidate(option, run, policy: Policy) -> Candidate:
 
     def pair_kernels(problem):
         launches = dispatcher.backward_launches(problem, option)
-        return {launches.dq.name: ("dq", "drpb"), launches.dkdv.name: ("dk", "dv")}
+        kernels = {launches.dq.name: ("dq", "drpb"), launches.dkdv.name: ("dk", "dv")}
+        if launches.tokens is not None:
+            kernels[launches.tokens.name] = ("dxk", "dxv")
+        return kernels
 
-    def backward(problem, grad_out, query, key, value, rpb_acc, output, lse):
+    def backward(problem, grad_out, query, key, value, rpb_acc, output, lse, extra_keys=None, extra_values=None):
         return L.fused_backward(run, dispatcher.backward_launches(problem, option), problem, grad_out, query, key,
-                                value, rpb_acc, output, lse)
+                                value, rpb_acc, output, lse, None, extra_keys, extra_values)
 
+    if registry.get(option[0].family).roles[option[0].role].extra_tokens:  # its canary streams tokens too
+        return Candidate("backward", pair_path(option), pair_kernels, backward, canary_with_extra_tokens)
     return Candidate("backward", pair_path(option), pair_kernels, backward)
 
 
@@ -433,7 +456,8 @@ def composed_candidates(run, policy: Policy) -> dict[str, Candidate]:
     def forward(problem, query, key, value, rpb=None, extra_keys=None, extra_values=None):  # its canary has none
         return composed.forward(Dispatcher(run, policy), problem, query, key, value, rpb)
 
-    def backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None):
+    def backward(problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None, extra_keys=None,
+                 extra_values=None):  # its canary has no extra tokens
         return composed.backward(Dispatcher(run, policy), problem, grad_out, query, key, value, rpb)
 
     def split_op(function):

@@ -33,7 +33,7 @@ from .. import _arrays
 from .._args import Problem
 from . import plan as P
 
-__all__ = ["bias", "extra", "problem", "rows", "tensor"]
+__all__ = ["bias", "extra", "extra_grads", "problem", "rows", "tensor"]
 
 _i64 = P.i64
 #: the axes every kernel takes (x, y, z)
@@ -85,6 +85,13 @@ def extra(keys, values) -> tuple[P.Arg, ...]:
         return _NO_EXTRA
     return (P.ptr(keys), *map(_i64, _arrays.element_strides(keys)), P.ptr(values),
             *map(_i64, _arrays.element_strides(values)), _i64(int(keys.shape[1])))
+
+
+def extra_grads(keys, values) -> tuple[P.Arg, ...]:
+    """The extra tokens' gradients, as the tokens' dK/dV kernel writes them: ``[b, token, h, last]`` keys and
+    values, each a pointer and 4 element strides (no count: the tokens' ``NA_EXTRA`` has it)."""
+    return (P.ptr(keys), *map(_i64, _arrays.element_strides(keys)), P.ptr(values),
+            *map(_i64, _arrays.element_strides(values)))
 
 
 @lru_cache(maxsize=1024)  # layouts repeat from call to call: their arguments are packed once

@@ -48,23 +48,28 @@ def fused_forward(run: Executor, launch: Launch, problem: Problem, query, key, v
 
 class BackwardLaunches(NamedTuple):
     """The launches of one fused backward: ``delta = rowsum(dOut * out) - dlse``, the dq and dK/dV kernels (any pair
-    of paths: they share one argument list), and the bias partials' reduction (None without a bias)."""
+    of paths: they share one argument list), the bias partials' reduction (None without a bias), and the extra
+    tokens' dK/dV kernel (None without extra tokens; the dq kernel then streams them too)."""
 
     delta: Launch
     dq: Launch
     dkdv: Launch
     rpb_reduce: Launch | None
+    tokens: Launch | None = None
 
     def kernel_names(self, has_rpb: bool) -> tuple[str, ...]:
         names = (self.delta.name, self.dq.name, self.dkdv.name)
-        return (*names, self.rpb_reduce.name) if has_rpb else names
+        names = (*names, self.rpb_reduce.name) if has_rpb else names
+        return names if self.tokens is None else (*names, self.tokens.name)
 
 
 def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, grad_out, query, key, value, rpb_acc,
-                   output, lse, grad_lse=None):
+                   output, lse, grad_lse=None, extra_keys=None, extra_values=None):
     """``(dq, dk, dv, drpb)``: dq/dk/dv in the problem dtype, drpb float32 ``[heads, *(2k-1)]`` (None without
     ``rpb_acc``). ``output`` and ``lse`` are the forward's (``lse`` float32 ``[b, *spatial, heads]``);
-    ``grad_lse``, the logsumexp's gradient (lse-shaped, or None: none), enters through ``delta``.
+    ``grad_lse``, the logsumexp's gradient (lse-shaped, or None: none), enters through ``delta``. With extra
+    tokens (``launches.tokens`` set), ``(dq, dk, dv, drpb, d_extra_keys, d_extra_values)``: the dq kernel
+    streams them after each tile's neighborhood, and their own kernel writes their gradients.
 
     The dq kernel writes, with a bias, per-tile partial sums of the logit gradient per relative offset
     (float32 ``[heads, tiles, entries]``), which the reduction sums in a fixed order: no atomics, bitwise
@@ -72,10 +77,15 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
     if output is None or lse is None:
         raise ValueError("the fused backward needs the forward's output and logsumexp")
     dtype = problem.dtype
+    tokens = launches.tokens is not None
     if math.prod(problem.qkv_shape) == 0:  # batch or heads 0: nothing to launch; a bias gets a zero gradient
         grads = tuple(_arrays.empty(query, shape, dtype) for shape in (problem.qkv_shape, problem.kv_shape,
                                                                        problem.v_shape))
-        return (*grads, None if rpb_acc is None else _arrays.zeros(query, problem.rpb_shape, "float32"))
+        grads = (*grads, None if rpb_acc is None else _arrays.zeros(query, problem.rpb_shape, "float32"))
+        if tokens:
+            grads += (_arrays.zeros(query, problem.extra_keys_shape, dtype),
+                      _arrays.zeros(query, problem.extra_values_shape, dtype))
+        return grads
     lse = _arrays.cast(lse, "float32")
     if rpb_acc is not None:
         rpb_acc = _arrays.cast(rpb_acc, "float32")
@@ -97,7 +107,8 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
     if rpb_acc is not None:
         partial = _arrays.empty(query, (problem.heads * tiles * entries,), "float32")
         drpb = _arrays.empty(query, problem.rpb_shape, "float32")
-    args = inputs + A.tensor(dq, problem) + (P.ptr(partial), P.f64(problem.scale)) + problem_args
+    extra = A.extra(extra_keys, extra_values) if tokens else A.extra(None, None)
+    args = inputs + extra + A.tensor(dq, problem) + (P.ptr(partial), P.f64(problem.scale)) + problem_args
     run(launches.dq.plan(args))
 
     dk = _arrays.empty(query, problem.kv_shape, dtype)  # per key/value head: its query heads summed in the kernel
@@ -107,7 +118,15 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
 
     if drpb is not None:
         run(launches.rpb_reduce.plan(_reduce_args(partial, tiles, drpb, problem)))
-    return dq, dk, dv, drpb
+    if not tokens:
+        return dq, dk, dv, drpb
+    d_keys = _arrays.empty(query, problem.extra_keys_shape, dtype)
+    d_values = _arrays.empty(query, problem.extra_values_shape, dtype)
+    if problem.extra_tokens:
+        args = (A.tensor(query, problem) + A.tensor(grad_out, problem) + A.rows(lse, problem) + A.rows(delta, problem)
+                + extra + A.extra_grads(d_keys, d_values) + (P.f64(problem.scale),) + problem_args)
+        run(launches.tokens.plan(args))
+    return dq, dk, dv, drpb, d_keys, d_values
 
 
 def _reduce_args(partial, tiles: int, drpb, problem: Problem) -> tuple[P.Arg, ...]:

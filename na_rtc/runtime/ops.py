@@ -22,8 +22,8 @@ from .._args import Problem
 from ..verify.gate import Gate
 from . import composed
 from . import launch as L
-from .dispatch import (FORWARD, SPLIT, Choice, Dispatcher, composed_candidates, log, log_choice, pair_path,
-                       streams_extra_tokens)
+from .dispatch import (BACKWARD, FORWARD, SPLIT, Choice, Dispatcher, composed_candidates, log, log_choice,
+                       pair_path, streams_extra_tokens)
 from .policy import Policy
 
 __all__ = ["OpTable", "composed_refusal", "explain_steps", "make_ops", "split_op_refusal"]
@@ -81,20 +81,23 @@ class OpTable:
 
     def fused_backward(self, problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
                        grad_lse=None, extra_keys=None, extra_values=None):
-        """``(dq, dk, dv, drpb)``; with extra tokens ``(..., d_extra_keys, d_extra_values)``
-        (:func:`na_rtc.extra_tokens.fused_backward`)."""
-        if problem.extra_tokens:
+        """``(dq, dk, dv, drpb)``; with extra tokens ``(..., d_extra_keys, d_extra_values)``: in the kernels where
+        the chosen dq kernel streams them and the tokens' dK/dV kernel covers them, else the neighborhood's
+        kernels and the tokens' part as matrix products (:func:`na_rtc.extra_tokens.fused_backward`)."""
+        dispatcher = self.dispatcher(problem)
+        pair, skipped = dispatcher.backward_pair(problem)
+        if problem.extra_tokens and (pair is None or not dispatcher.streams_extra_tokens_backward(problem, pair)[0]):
             return extra_tokens.fused_backward(self.fused_backward, self.fused_forward, problem, grad_out, query,
                                                key, value, rpb, output, logsumexp, grad_lse, extra_keys,
                                                extra_values)
-        dispatcher = self.dispatcher(problem)
-        pair, skipped = dispatcher.backward_pair(problem)
         if pair is None:
             return self._composed("backward", dispatcher, problem, skipped, grad_out, query, key, value, rpb,
                                   output, logsumexp, grad_lse)
         launches = dispatcher.backward_launches(problem, pair)
         if log.isEnabledFor(logging.DEBUG):
             log_choice(problem, Choice("backward", pair_path(pair), launches.kernel_names(problem.has_rpb), tuple(skipped)))
+        if output is None and problem.extra_tokens:
+            output, logsumexp = self.fused_forward(problem, query, key, value, rpb, extra_keys, extra_values)
         if output is None:  # the plain backward functions may be called without the forward's results
             route, skipped = dispatcher.forward_route(problem)  # the same dispatcher: its rules already evaluated
             if route is None:
@@ -103,9 +106,10 @@ class OpTable:
                 output, logsumexp = dispatcher.forward(problem, query, key, value,
                                                        composed.bias_in_accumulator(problem, rpb), route)
         lse = _arrays.cast(logsumexp, "float32")  # the kernels read a float32 logsumexp
-        dq, dk, dv, drpb = L.fused_backward(self.run, launches, problem, grad_out, query, key, value,
-                                            composed.bias_in_accumulator(problem, rpb), output, lse, grad_lse)
-        return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb))
+        dq, dk, dv, drpb, *tokens = L.fused_backward(self.run, launches, problem, grad_out, query, key, value,
+                                                     composed.bias_in_accumulator(problem, rpb), output, lse, grad_lse,
+                                                     extra_keys, extra_values)
+        return dq, dk, dv, None if rpb is None else _arrays.cast(drpb, _arrays.dtype_name(rpb)), *tokens
 
     def _composed(self, op: str, dispatcher: Dispatcher, problem: Problem, skipped, *arrays):
         """The fused ``op`` as the split kernels composed, where they may serve (else the error saying why)."""
@@ -192,7 +196,7 @@ def explain_steps(backend: str, problem: Problem, backward: bool = False, weight
     for op in ops:
         choice = None
         if fused:
-            choice = _with_extra_tokens_note(op, problem, dispatcher.choose(op, problem))
+            choice = _with_extra_tokens_note(op, problem, dispatcher.choose(op, problem), dispatcher)
             if choice.path is not None:
                 steps.append((op, choice, (), ""))
                 continue
@@ -205,12 +209,16 @@ def explain_steps(backend: str, problem: Problem, backward: bool = False, weight
     return policy, steps
 
 
-def _with_extra_tokens_note(op: str, problem: Problem, choice: Choice) -> Choice:
+def _with_extra_tokens_note(op: str, problem: Problem, choice: Choice, dispatcher: Dispatcher) -> Choice:
     """``choice`` with a note on where a call's extra tokens go (as :class:`OpTable` runs them)."""
     if not problem.extra_tokens:
         return choice
     if op == "backward":
-        where = "the extra tokens' part: matrix products over chunks of queries, added after the kernels"
+        pair = next((p for p in BACKWARD if pair_path(p) == choice.path), None)
+        streamed, why = (False, "") if pair is None else dispatcher.streams_extra_tokens_backward(problem, pair)
+        where = ("its dq kernel streams the extra tokens, their own kernel writes their gradients" if streamed else
+                 "the extra tokens' part: matrix products over chunks of queries, added after the kernels"
+                 + (f" ({why})" if why else ""))
     elif choice.path is not None and streams_extra_tokens(next(r for r in FORWARD if r.path == choice.path)):
         where = "its forward kernel streams the extra tokens after each tile's neighborhood"
     else:

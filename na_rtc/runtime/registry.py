@@ -73,8 +73,9 @@ class Role(NamedTuple):
     plan: Callable[..., Launch]
     run: Callable[..., Any] | None = None
     requires: tuple[tuple[str, str], ...] = ()
-    #: a fused forward whose kernels stream the extra key/value tokens after each query tile's neighborhood
-    #: (``NA_EXTRA``); the op table merges a dense attention over them with the others' results
+    #: a fused forward or dq role whose kernels stream the extra key/value tokens after each query tile's
+    #: neighborhood (``NA_EXTRA``); elsewhere the op table merges dense attention over them (forward) or adds
+    #: their part as matrix products (backward)
     extra_tokens: bool = False
 
 

@@ -52,7 +52,8 @@ class Op:
 #: the ops a canary can check, by name: the fused op (its kernels get the bias in float32) and the split ops
 OPS = {
     FORWARD: Op(("q", "k", "v", "rpb", "xk", "xv"), ("out", "lse"), "forward"),
-    BACKWARD: Op(("dout", "q", "k", "v", "rpb", "out", "lse"), ("dq", "dk", "dv", "drpb"), "grad"),
+    BACKWARD: Op(("dout", "q", "k", "v", "rpb", "out", "lse", "xk", "xv"), ("dq", "dk", "dv", "drpb", "dxk", "dxv"),
+                 "grad"),
     "qk": Op(("q", "k", "rpb"), ("attn",), "forward"),
     "qk_backward": Op(("dattn", "q", "k", "rpb"), ("dq", "dk", "drpb"), "grad"),
     "av": Op(("attn", "v"), ("out",), "forward"),
@@ -81,8 +82,9 @@ SPLIT_TILE = {1: 64, 2: 8, 3: 4}
 #: runtime argument of every kernel, so one group checks every other
 BATCH, HEADS, HEADS_KV = 1, 2, 1
 SEED = 20260
-#: the extra key/value tokens of the canary of a forward kernel that streams them: more than two of the largest
-#: chunks (64 keys) and a partial one, so that their range wraps the pipeline's stages too
+#: the extra key/value tokens of the canary of a forward or dq kernel that streams them: more than two of the
+#: largest chunks (64 keys) and a partial one, so that their range wraps the pipeline's stages too (and, in a
+#: backward, several tiles of the tokens' dK/dV kernel)
 EXTRA_TOKENS = 141
 
 
@@ -97,8 +99,9 @@ def canary_problem(like: Problem) -> Problem:
 
 
 def canary_with_extra_tokens(like: Problem) -> Problem:
-    """The canary of a fused forward kernel that streams extra tokens: :func:`canary_problem` with
-    :data:`EXTRA_TOKENS` of them, so that every instantiation's token range is checked with its neighborhood."""
+    """The canary of fused kernels that stream extra tokens (a forward, or a backward pair whose dq kernel does):
+    :func:`canary_problem` with :data:`EXTRA_TOKENS` of them, so that every instantiation's token range is
+    checked with its neighborhood."""
     return dataclasses.replace(canary_problem(like), extra_tokens=EXTRA_TOKENS)
 
 
@@ -181,7 +184,8 @@ def make_inputs(problem: Problem, op: str) -> Inputs:
         if name in host and not problem.extra_tokens:
             host[name] = None
     if op == BACKWARD:
-        host["out"], host["lse"] = dense.forward(problem, host["q"], host["k"], host["v"], host["rpb"])
+        host["out"], host["lse"] = dense.forward(problem, host["q"], host["k"], host["v"], host["rpb"], host["xk"],
+                                                 host["xv"])
     dtypes = {"rpb": "float32", "lse": "float32"}
     device = {name: _to_device(x, problem, dtypes.get(name, problem.dtype)) for name, x in host.items()}
     return Inputs(host, device)

@@ -84,18 +84,29 @@ def forward(problem: Problem, q, k, v, rpb=None, extra_k=None, extra_v=None):
     return _heads_last(out, problem.out_shape), np.moveaxis(lse, 1, -1).reshape(q.shape[:-1])
 
 
-def backward(problem: Problem, grad_out, q, k, v, rpb=None):
-    """``(dq, dk, dv, drpb)`` of the fused op, float64 (``drpb`` None without ``rpb``)."""
+def backward(problem: Problem, grad_out, q, k, v, rpb=None, extra_k=None, extra_v=None):
+    """``(dq, dk, dv, drpb, d_extra_k, d_extra_v)`` of the fused op, float64 (``drpb`` None without ``rpb``, the
+    extra tokens' gradients None without them): the tokens' scores are more columns of the same softmax."""
     scores, mask, index = _scores(problem, q, k, rpb)
+    keys, values = _kv_heads_first(problem, k), _kv_heads_first(problem, v)
+    spatial = keys.shape[-2]
+    if extra_k is not None:
+        tokens_k, tokens_v = _kv_heads_first(problem, extra_k), _kv_heads_first(problem, extra_v)
+        scores = np.concatenate((scores, problem.scale * (_heads_first(q) @ np.swapaxes(tokens_k, -1, -2))), -1)
+        keys, values = np.concatenate((keys, tokens_k), -2), np.concatenate((values, tokens_v), -2)
     top = scores.max(-1, keepdims=True)
     p = np.exp(scores - top)
     p /= p.sum(-1, keepdims=True)
-    g, vv = _heads_first(grad_out), _kv_heads_first(problem, v)
-    out = p @ vv
-    ds = p * (g @ np.swapaxes(vv, -1, -2) - (g * out).sum(-1, keepdims=True))
-    dq = problem.scale * (ds @ _kv_heads_first(problem, k))
+    g = _heads_first(grad_out)
+    out = p @ values
+    ds = p * (g @ np.swapaxes(values, -1, -2) - (g * out).sum(-1, keepdims=True))
+    dq = problem.scale * (ds @ keys)
     dk = _group_sum(problem, problem.scale * (np.swapaxes(ds, -1, -2) @ _heads_first(q)))
     dv = _group_sum(problem, np.swapaxes(p, -1, -2) @ g)
+    d_extra = (None, None)
+    if extra_k is not None:
+        d_extra = (_heads_last(dk[:, :, spatial:], extra_k.shape), _heads_last(dv[:, :, spatial:], extra_v.shape))
+        dk, dv, ds = dk[:, :, :spatial], dv[:, :, :spatial], ds[..., :spatial]
     drpb = None
     if rpb is not None:
         flat = np.zeros((rpb.shape[0], int(np.prod(rpb.shape[1:]))))
@@ -103,4 +114,4 @@ def backward(problem: Problem, grad_out, q, k, v, rpb=None):
         for h in range(rpb.shape[0]):
             np.add.at(flat[h], index[mask], per_head[h][mask])
         drpb = flat.reshape(rpb.shape)
-    return _heads_last(dq, q.shape), _heads_last(dk, k.shape), _heads_last(dv, v.shape), drpb
+    return _heads_last(dq, q.shape), _heads_last(dk, k.shape), _heads_last(dv, v.shape), drpb, *d_extra

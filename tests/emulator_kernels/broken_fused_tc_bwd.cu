@@ -9,7 +9,7 @@ __global__ void na_fused_tc_bwd_dq<fp16_t, 32, 64, 1, 32>(
     const fp16_t* __restrict__ q, NA_TENSOR(q), const fp16_t* __restrict__ k, NA_TENSOR(k),
     const fp16_t* __restrict__ v, NA_TENSOR(v), const fp16_t* __restrict__ g, NA_TENSOR(g),
     const float* __restrict__ lse, NA_ROWS(l), const float* __restrict__ delta, NA_ROWS(e),
-    const float* __restrict__ rpb, NA_BIAS(rpb), fp16_t* __restrict__ dq,
+    const float* __restrict__ rpb, NA_BIAS(rpb), NA_EXTRA(fp16_t), fp16_t* __restrict__ dq,
     NA_TENSOR(o), float* __restrict__ rpb_partial, double scale, NA_PROBLEM) {
     const long long rows = B * X * Y * H, threads = (long long)gridDim.x * blockDim.x;
     for (long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += threads) {

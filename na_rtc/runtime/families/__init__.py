@@ -15,3 +15,4 @@ from __future__ import annotations
 from ..registry import FAMILIES, Family, family_of  # noqa: F401 - the tables, their type and the kernel lookup
 from . import naive, selftest, selftest_wgmma, tiled, tiled_bwd  # noqa: F401 - each registers its family
 from . import fused_bwd, fused, fused_tc, fused_tc_bwd, fused_wg, fused_wg_bwd  # noqa: F401, I001 - same; this order
+from . import tokens_bwd  # noqa: F401 - same

@@ -209,7 +209,7 @@ def _family(name: str, ranks: frozenset) -> Family:
     # the largest dynamic shared memory any launch of each kernel uses: the budget (larger ones are not covered)
     shared = {n: (SHARED_BUDGET if n.startswith(("na_fused_bwd_dq", "na_fused_bwd_dkdv")) else 0) for n in kernels}
     return Family(SOURCE, kernels, dict.fromkeys(kernels, THREADS), shared, name=name, ranks=ranks, roles={
-        "dq": Role(covers, dq_plan), "dkdv": Role(covers, dkdv_plan),
+        "dq": Role(covers, dq_plan, extra_tokens=True), "dkdv": Role(covers, dkdv_plan),
         "delta": Role(_always, delta_plan), "rpb_reduce": Role(_always, rpb_reduce_plan),
     })
 
