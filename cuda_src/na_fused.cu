@@ -220,15 +220,11 @@ __global__ void __launch_bounds__(NA_FUSED_THREADS, NA_FUSED_MIN_BLOCKS(RANK)) n
     // the extra tokens: one more key range after the box, which every valid query sees whole (no window, no
     // bias), staged like the box's chunks; the online softmax runs on across both ranges
     const long long kvh = NA_KV_HEAD(h);
-    const bool xk_vec = NX > 0 && na_rows_vectorizable(xk, D, xk_l, xk_b, xk_n, xk_h, 0);
-    const bool xv_vec = NX > 0 && na_rows_vectorizable(xv, DV, xv_l, xv_b, xv_n, xv_h, 0);
+    NA_EXTRA_VECTORIZABLE(xk_vec, xv_vec)
     for (long long t0 = 0; t0 < NX; t0 += KC) {
         const int cn = (int)na_min(KC, NX - t0);
         __syncthreads();  // the previous chunk is consumed
-        na_copy_rows(sk, HD, xk, cn, D, xk_l, xk_vec,
-                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xk, b, t0 + r, kvh, 0), r}; });
-        na_copy_rows(sv, HD, xv, cn, DV, xv_l, xv_vec,
-                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xv, b, t0 + r, kvh, 0), r}; });
+        NA_STAGE_EXTRA_ROWS(sk, sv, HD, t0, cn, b, kvh, xk_vec, xv_vec)
         __syncthreads();
         float s[KC];
         float cmax = NEG_INF;

@@ -318,15 +318,11 @@ __global__ void __launch_bounds__(NA_FB_THREADS, NA_FB_DQ_MIN_BLOCKS(RANK))
     // the extra tokens: one more key range after the box, seen whole by every valid query (no window, no bias),
     // staged in the same rows; their ds adds to dq like the box's
     const long long kvh = NA_KV_HEAD(h);
-    const bool xk_vec = NX > 0 && na_rows_vectorizable(xk, D, xk_l, xk_b, xk_n, xk_h, 0);
-    const bool xv_vec = NX > 0 && na_rows_vectorizable(xv, DV, xv_l, xv_b, xv_n, xv_h, 0);
+    NA_EXTRA_VECTORIZABLE(xk_vec, xv_vec)
     for (long long t0 = 0; t0 < NX; t0 += KC) {
         const long long nc = na_min(KC, NX - t0);
         __syncthreads();  // the previous chunk is consumed
-        na_copy_rows(ks, RS, xk, nc, D, xk_l, xk_vec,
-                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xk, b, t0 + r, kvh, 0), r}; });
-        na_copy_rows(vs, RS, xv, nc, DV, xv_l, xv_vec,
-                     [&](long long r) { return na_row_ref{NA_AT_EXTRA(xv, b, t0 + r, kvh, 0), r}; });
+        NA_STAGE_EXTRA_ROWS(ks, vs, RS, t0, nc, b, kvh, xk_vec, xv_vec)
         __syncthreads();
         for (int p = tid; p < TQ * KC; p += NA_FB_THREADS) {
             const int qi = p / KC, kk = p % KC;

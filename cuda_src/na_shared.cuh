@@ -74,3 +74,17 @@ __device__ __forceinline__ void na_copy_rows(T* dst, long long pitch, const T* s
         dst[at.dst * pitch + c] = src[at.src + c * step];
     }
 }
+
+// The extra key/value tokens (NA_EXTRA, na_args.cuh) as the SIMT kernels stage them: whether their rows allow
+// 16-byte loads (block-uniform bools k_vec, v_vec), and rows t0 .. t0 + rows - 1 of key/value head kvh of
+// batch b copied into sk (keys, D elements) and sv (values, DV elements), row pitch `pitch`. In a kernel that
+// takes NA_EXTRA(T) and NA_PROBLEM.
+#define NA_EXTRA_VECTORIZABLE(k_vec, v_vec)                                                    \
+    const bool k_vec = NX > 0 && na_rows_vectorizable(xk, D, xk_l, xk_b, xk_n, xk_h, 0);       \
+    const bool v_vec = NX > 0 && na_rows_vectorizable(xv, DV, xv_l, xv_b, xv_n, xv_h, 0);
+#define NA_STAGE_EXTRA_ROWS(sk, sv, pitch, t0, rows, b, kvh, k_vec, v_vec)                                     \
+    na_copy_rows(sk, pitch, xk, rows, D, xk_l, k_vec,                                                          \
+                 [&](long long r_) { return na_row_ref{NA_AT_EXTRA(xk, b, (t0) + r_, kvh, 0), r_}; });         \
+    na_copy_rows(sv, pitch, xv, rows, DV, xv_l, v_vec,                                                         \
+                 [&](long long r_) { return na_row_ref{NA_AT_EXTRA(xv, b, (t0) + r_, kvh, 0), r_}; });
+

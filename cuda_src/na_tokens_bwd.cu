@@ -59,12 +59,8 @@ __global__ void __launch_bounds__(NA_FB_THREADS, 1) na_tokens_bwd_dkdv(
     float* s_lse = dss + TT * PS;
     float* s_delta = s_lse + QC;
 
-    const bool xk_vec = na_rows_vectorizable(xk, D, xk_l, xk_b, xk_n, xk_h, 0);
-    const bool xv_vec = na_rows_vectorizable(xv, DV, xv_l, xv_b, xv_n, xv_h, 0);
-    na_copy_rows(ks, RS, xk, nt, D, xk_l, xk_vec,
-                 [&](long long r) { return na_row_ref{NA_AT_EXTRA(xk, b, t0 + r, kvh, 0), r}; });
-    na_copy_rows(vs, RS, xv, nt, DV, xv_l, xv_vec,
-                 [&](long long r) { return na_row_ref{NA_AT_EXTRA(xv, b, t0 + r, kvh, 0), r}; });
+    NA_EXTRA_VECTORIZABLE(xk_vec, xv_vec)
+    NA_STAGE_EXTRA_ROWS(ks, vs, RS, t0, nt, b, kvh, xk_vec, xv_vec)
     const bool q_vec = na_rows_vectorizable(q, D, q_l, q_b, q_x, q_y, q_h) && na_rows_vectorizable(q, D, q_l, q_z, 0, 0, 0);
     const bool g_vec = na_rows_vectorizable(g, DV, g_l, g_b, g_x, g_y, g_h) && na_rows_vectorizable(g, DV, g_l, g_z, 0, 0, 0);
 

@@ -260,3 +260,35 @@ def kernel_policy(tensor_cores=False, wgmma=False):
 
     settings = dataclasses.replace(Settings.read(), tensor_cores=bool(tensor_cores), wgmma=bool(wgmma), verify=False)
     return Policy("emulator", None, settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    """One fused problem of the kernel sweeps (tests/test_kernels_*.py): spatial shape, query and key/value
+    heads, the window arguments, head dims, a bias, and extra key/value tokens (0: none)."""
+
+    spatial: tuple
+    heads: int
+    heads_kv: int
+    window: dict = dataclasses.field(default_factory=dict, hash=False)
+    head_dim: int = 16
+    rpb: bool = False
+    head_dim_v: int | None = None  # None: head_dim
+    tokens: int = 0
+
+    @property
+    def ndim(self):
+        return len(self.spatial)
+
+    @property
+    def kernel_size(self):
+        k = self.window["kernel_size"]
+        return (k,) * self.ndim if isinstance(k, int) else tuple(k)
+
+    def __str__(self):
+        window = ",".join(f"{key[:4]}{value}" for key, value in self.window.items())
+        dv = "" if self.head_dim_v is None else f"v{self.head_dim_v}"
+        tokens = f"-t{self.tokens}" if self.tokens else ""
+        return (f"{self.ndim}d-{'x'.join(map(str, self.spatial))}-h{self.heads}kv{self.heads_kv}{tokens}-"
+                f"D{self.head_dim}{dv}-{window}{'-rpb' if self.rpb else ''}")
+

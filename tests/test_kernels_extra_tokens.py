@@ -16,12 +16,11 @@ the float64 reference (itself held to the brute-force one-softmax oracle in test
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from helpers import RecordingExecutor, assert_close, kernel_policy, make_inputs
+from helpers import KernelCase, RecordingExecutor, assert_close, kernel_policy, make_inputs
 
 import na_rtc
 from na_rtc import _args, extra_tokens
@@ -33,40 +32,16 @@ pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    spatial: tuple
-    heads: int
-    heads_kv: int
-    tokens: int
-    window: dict = dataclasses.field(default_factory=dict, hash=False)
-    head_dim: int = 16
-    rpb: bool = False
-    head_dim_v: int | None = None  # None: head_dim
-
-    @property
-    def ndim(self):
-        return len(self.spatial)
-
-    @property
-    def kernel_size(self):
-        k = self.window["kernel_size"]
-        return (k,) * self.ndim if isinstance(k, int) else tuple(k)
-
-    def __str__(self):
-        window = ",".join(f"{key[:4]}{value}" for key, value in self.window.items())
-        dv = "" if self.head_dim_v is None else f"v{self.head_dim_v}"
-        return (f"{self.ndim}d-{'x'.join(map(str, self.spatial))}-h{self.heads}kv{self.heads_kv}-t{self.tokens}-"
-                f"D{self.head_dim}{dv}-{window}{'-rpb' if self.rpb else ''}")
+Case = KernelCase
 
 
 CASES = [
-    Case((37,), 4, 2, 7, dict(kernel_size=7, stride=2, dilation=2), rpb=True, head_dim_v=32),
-    Case((40,), 2, 1, 141, dict(kernel_size=9, is_causal=True), head_dim=32),
-    Case((9, 11), 4, 1, 64, dict(kernel_size=(3, 5), dilation=(2, 1)), rpb=True, head_dim_v=8),
-    Case((10, 8), 4, 4, 1, dict(kernel_size=5, stride=(2, 1), is_causal=(True, False)), head_dim=32),
-    Case((5, 6, 7), 4, 2, 7, dict(kernel_size=(2, 3, 3), is_causal=(True, False, False)), head_dim_v=24),
-    Case((6, 5, 7), 2, 1, 64, dict(kernel_size=3, dilation=(1, 1, 2)), rpb=True),
+    Case((37,), 4, 2, dict(kernel_size=7, stride=2, dilation=2), rpb=True, head_dim_v=32, tokens=7),
+    Case((40,), 2, 1, dict(kernel_size=9, is_causal=True), head_dim=32, tokens=141),
+    Case((9, 11), 4, 1, dict(kernel_size=(3, 5), dilation=(2, 1)), rpb=True, head_dim_v=8, tokens=64),
+    Case((10, 8), 4, 4, dict(kernel_size=5, stride=(2, 1), is_causal=(True, False)), head_dim=32, tokens=1),
+    Case((5, 6, 7), 4, 2, dict(kernel_size=(2, 3, 3), is_causal=(True, False, False)), head_dim_v=24, tokens=7),
+    Case((6, 5, 7), 2, 1, dict(kernel_size=3, dilation=(1, 1, 2)), rpb=True, tokens=64),
 ]
 #: id -> (path, policy switches, dtype, the kernel-name prefix of its forward)
 PATHS = {
@@ -185,7 +160,7 @@ def test_streamed_backward_matches_the_reference(case, path_id):
 def test_a_nan_token_reaches_exactly_its_group(path_id):
     """A NaN in key/value head 0's extra key: every query of heads 0..group-1 is NaN, the others finite."""
     _, switches, dtype, _ = PATHS[path_id]
-    case = Case((9, 7), 4, 2, 5, dict(kernel_size=3))
+    case = Case((9, 7), 4, 2, dict(kernel_size=3), tokens=5)
     q, k, v, xk, xv = _inputs(case, dtype)[0][:5]
     xk[:, 3, 0, 1] = float("nan")
     problem = _problem(case, q, k, v, None, xk, xv)

@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import RecordingExecutor, assert_close, kernel_policy, make_inputs
+from helpers import KernelCase, RecordingExecutor, assert_close, kernel_policy, make_inputs
 
 import na_rtc
 from na_rtc import _args, _arrays
@@ -34,30 +34,7 @@ pytestmark = pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0],
                                 reason="emulator needs a C++ compiler")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    spatial: tuple
-    heads: int
-    heads_kv: int
-    window: dict = dataclasses.field(default_factory=dict, hash=False)
-    head_dim: int = 16
-    rpb: bool = False
-    head_dim_v: int | None = None  # None: head_dim
-
-    @property
-    def ndim(self):
-        return len(self.spatial)
-
-    @property
-    def kernel_size(self):
-        k = self.window["kernel_size"]
-        return (k,) * self.ndim if isinstance(k, int) else tuple(k)
-
-    def __str__(self):
-        window = ",".join(f"{key[:4]}{value}" for key, value in self.window.items())
-        dv = "" if self.head_dim_v is None else f"v{self.head_dim_v}"
-        return (f"{self.ndim}d-{'x'.join(map(str, self.spatial))}-h{self.heads}kv{self.heads_kv}-D{self.head_dim}{dv}-"
-                f"{window}{'-rpb' if self.rpb else ''}")
+Case = KernelCase
 
 
 #: ratios 1, 2 and 4 and MQA over every rank; value head dims apart from the query's, smaller and larger (into
