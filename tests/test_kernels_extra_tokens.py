@@ -71,6 +71,7 @@ CASES = [
 #: path -> (policy switches, dtype, the kernel-name prefix of its forward)
 PATHS = {
     "simt": (dict(), "float32", "na_fused_fwd"),
+    "mma.sync": (dict(tensor_cores=True), "float16", "na_fused_tc_fwd"),
 }
 
 

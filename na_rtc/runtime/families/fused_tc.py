@@ -161,7 +161,7 @@ def _family(name: str, ranks) -> Family:
     shared = {kernel_name_of(hd, dtype, ndim, cfg): shared_bytes_of(hd, dtype, cfg)
               for hd, dtype, ndim, cfg in instantiations}
     return Family(SOURCE, kernels, dict.fromkeys(kernels, THREADS), shared, min_arch=MIN_ARCH, name=name,
-                  roles={"forward": Role(covers, plan, L.fused_forward)}, ranks=frozenset(ranks))
+                  roles={"forward": Role(covers, plan, L.fused_forward, extra_tokens=True)}, ranks=frozenset(ranks))
 
 
 FAMILY = register(_family(NAME, (1, 2)))
