@@ -1,7 +1,8 @@
 // Staging rows of global memory into the tensor-core kernels' shared memory:
 // 16-byte cp.async pieces where the layout allows (element copies otherwise),
 // rows of a key box or of a query tile, and the two-stage stream of K/V
-// chunks that the forward and the dq kernel walk.
+// chunks that the forward and the dq kernel walk (the mma.sync forward's runs
+// on into the extra key/value tokens: na_tc_kv_token_stream).
 #pragma once
 
 #include "na_async.cuh"

@@ -10,6 +10,7 @@ the float64 reference (itself held to the brute-force one-softmax oracle in test
   boundaries); the launch is the family's kernel with the tokens' pointers, nothing merged;
 * the backward from that forward (the neighborhood's kernels given the output and logsumexp over both, the
   tokens' dense part) with a logsumexp gradient: dq, dk, dv, drpb and both extra tensors' gradients;
+* the tokens' rows from views of any layout (strided head dims, unaligned rows, heads-first storage);
 * a NaN in an extra key reaches every query of its key/value head's group, and only those;
 * the op table streams where the chosen family does, and merges where it does not.
 """
@@ -151,6 +152,40 @@ def test_streamed_tokens_match_the_reference(case, path):
             continue
         assert tuple(got.shape) == tuple(want.shape), name
         assert_close(got, want, dtype, "grad", name)
+
+
+def _laid_out(x, layout: str):
+    """``x`` [b, tokens, heads, dim] with the same values in another memory layout."""
+    if layout == "strided dims":  # head-dim stride 2: staged element by element
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "unaligned":  # contiguous, one element past 16 bytes: element by element too
+        flat = torch.zeros(x.numel() + 1, dtype=x.dtype)
+        flat[1:] = x.reshape(-1)
+        return flat[1:].view(x.shape)
+    return x.transpose(1, 2).contiguous().transpose(1, 2)  # heads-first storage: 16-byte pieces, other strides
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["strided dims", "unaligned", "heads first"])
+@pytest.mark.parametrize("case", [Case((37,), 2, 1, 45, dict(kernel_size=5), head_dim=128),
+                                  Case((9, 11), 4, 1, 70, dict(kernel_size=(3, 5)), head_dim=64, head_dim_v=32),
+                                  Case((5, 6, 7), 4, 2, 33, dict(kernel_size=(2, 3, 3)))], ids=str)
+def test_tokens_in_any_layout(case, layout, path):
+    """The tokens' rows staged from views of every kind (the forward alone): head dims strided, rows unaligned,
+    tokens of one head apart; 1D at head dim 128 takes the tensor-core loader's stepped-address path."""
+    switches, dtype, forward_kernel = PATHS[path]
+    (q, k, v, xk, xv, *_), exact = _inputs(case, dtype)
+    xk, xv = _laid_out(xk, layout), _laid_out(xv, layout)
+    problem = _problem(case, q, k, v, None, xk, xv)
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(**switches))
+    out, lse = kernels.forward(problem, q, k, v, None, None, xk, xv)
+    assert len(run.names) == 1 and run.names[0].startswith(forward_kernel), run.names
+    out64, lse64, _ = _reference(case, *exact)
+    assert_close(out, out64, dtype, "forward", "out")
+    assert_close(lse, lse64, dtype, "forward", "lse")
 
 
 @pytest.mark.parametrize("path", PATHS)
