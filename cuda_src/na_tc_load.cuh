@@ -221,8 +221,9 @@ __device__ __forceinline__ na_tc_token_rows<T> na_tc_token_rows_of(
 // token zero, like rows past the box), so that the pipeline runs on across the boundary and a forward walks
 // both ranges in one loop of chunks() chunks (without tokens: the box's alone; chunk 0 is always the box's,
 // which has a key at least). The tokens' addresses (`tokens`, block-uniform) sit in shared memory and are read
-// where a chunk of tokens is issued: held in registers through the chunk loop, they and the values derived
-// from them took the heaviest forwards past 255 registers (spills), and the others 10 to 20 more.
+// where a chunk of tokens is issued (the kernel writes them before a barrier that precedes the first such
+// load): held in registers through the chunk loop, they and the values derived from them took the heaviest
+// forwards past 255 registers (spills), and the others 10 to 20 more.
 template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2, int RANK = 2>
 struct na_tc_kv_token_stream : na_tc_kv_stream<T, HD, L, KC, TY, THREADS, STAGES, RANK> {
     const na_tc_token_rows<T>* tokens;
