@@ -1,7 +1,12 @@
 // Fused neighborhood attention forward on tensor cores (fp16 / bf16, sm_80+).
 //
 // Same arguments, layouts and results as na_fused_fwd (na_fused.cu): out in
-// the input dtype, lse in float32. One block of 4 warps per (batch, head,
+// the input dtype, lse in float32; with NX extra tokens (NA_EXTRA) every query
+// also attends each of them, in the same softmax: after the box, the tokens
+// are one more key range of the same chunk stream (chunks past the box's
+// address token rows, so that the double-buffering runs on across the two),
+// whose logits are scale * q.k without window or bias, -inf past the last
+// token. One block of 4 warps per (batch, head,
 // query tile of TX x TY (x TZ in 3D) = 64 MT group coordinates inside ONE
 // dilation group per axis); warp w owns the tile's queries 16 MT w .. 16 MT
 // (w + 1) - 1 (tile order, the last axis fastest): MT mma tiles of 16 rows,
@@ -27,8 +32,8 @@
 //                max and sum reduced with __shfl_xor_sync), never exp(-inf - -inf);
 //   O += P V     P rounded to T and repacked from the accumulator layout
 //                into A fragments, V with ldmatrix.x4.trans on [key][d] rows.
-// Rows of K/V past the chunk's end and head dims past D are zero in shared
-// memory, so padding contributes exact zeros. A NaN or Inf in a key poisons
+// Rows of K/V past the chunk's end (the box's or the tokens') and head dims
+// past D are zero in shared memory, so padding contributes exact zeros. A NaN or Inf in a key poisons
 // exactly the queries whose windows hold it; a NaN or Inf in a value can also
 // reach the other queries of the block's tile whose 16-row mma tile sees a
 // key of the 16-key step that holds it (as 0 * NaN in P V): fused kernels
@@ -43,7 +48,8 @@
 // memory (na_rtc/runtime/fused_tc.py mirrors it): 4 KC rows of HD + 8
 // elements, two stages of a K and a V chunk; the Q tile is staged there until
 // its fragments are in registers (in stage 1's rows when it fits, so that
-// chunk 0 loads at the same time).
+// chunk 0 loads at the same time). Static shared memory: the tokens' addresses
+// (na_tc_token_rows).
 #include "na_types.cuh"
 #include "na_window.cuh"
 #include "na_shared.cuh"
@@ -80,9 +86,18 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
     T* sq = Q_IN_STAGE1 ? smem + STAGE * P : smem;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, t = lane & 3;
 
-    const auto kv = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
-        tz, az.dilation, k_z3, v_z3);
+    // the box's chunks, then the extra tokens' (none without tokens), whose addresses thread 0 leaves in shared
+    // memory (read after the barrier below that frees the Q rows)
+    __shared__ na_tc_token_rows<T> tokens;
+    if (tid == 0)
+        tokens = na_tc_token_rows_of(xk, xk_b, xk_n, xk_h, xk_l, xv, xv_b, xv_n, xv_h, xv_l, NX, D, DV, b,
+                                     NA_KV_HEAD(h), box);
+    const int box_chunks = (box.keys + KC - 1) / KC;
+    const na_tc_kv_token_stream<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK> kv = {
+        na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
+            k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h), tz,
+            az.dilation, k_z3, v_z3),
+        &tokens, box_chunks};
 
     // the tile's queries (valid ones at row qx * TY + qy, zeros elsewhere), with chunk 0 if Q leaves stage 0 free
     na_tc_load_tile<T, HD, na_rows_pitch<P>, TX, TY, NA_TC_THREADS, TZ>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len,
@@ -115,25 +130,29 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = NEG_INF, l[mt][0] = l[mt][1] = 0.f;
     const float scale2 = (float)scale * NA_TC_LOG2E;
-    const int chunks = (box.keys + KC - 1) / KC;
+    const int chunks = kv.chunks((int)NX);
     __syncthreads();  // every warp holds its Q fragments: the Q rows are free
     if (!Q_IN_STAGE1) kv.load(smem, box, 0);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const T* sk = kv.arrive(smem, box, chunk, chunks);
         const T* sv = sk + KC * P;
-        const int c0 = chunk * KC;
+        // the chunk's first key: a box key, or past the box's chunks a token (block-uniform)
+        const bool token_chunk = chunk >= box_chunks;
+        const int c0 = (token_chunk ? chunk - box_chunks : chunk) * KC;
 
         // S = Q K^T for the chunk's 8-key tiles this warp's queries see; masked logits -inf. Without a
-        // bias, a chunk inside the window of each of the warp's rows takes no test per tile (warp-uniform)
-        const bool chunk_full = !rpb && na_tc_keys_full(common, c0, KC, box);
+        // bias, a chunk inside the window of each of the warp's rows takes no test per tile (warp-uniform).
+        // Every query sees every token (no window, no bias): a chunk of tokens is full but for the last
+        const bool chunk_full = token_chunk ? c0 + KC <= NX : !rpb && na_tc_keys_full(common, c0, KC, box);
         float s[MT][NT][4];
         bool tile_live[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;  // the lane's two columns: keys key0, key0 + 1
             bool in[MT][4];
-            tile_live[nt] = chunk_full || na_tc_visible_tile<TY, MT>(rows, common, c0 + 8 * nt, key0, box, in);
+            if (token_chunk) tile_live[nt] = chunk_full || c0 + 8 * nt < NX;
+            else tile_live[nt] = chunk_full || na_tc_visible_tile<TY, MT>(rows, common, c0 + 8 * nt, key0, box, in);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
             if (tile_live[nt]) {  // warp-uniform: ldmatrix and mma need every lane
@@ -152,6 +171,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_fwd(
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 if (chunk_full) na_tc_scale_rows(s[mt][nt], rows[mt], scale2);
+                // tokens past the last are zero rows, whose logit 0 would count without the column test
+                else if (token_chunk) na_tc_scale_columns(s[mt][nt], rows[mt], key0, (int)NX, scale2);
                 else na_tc_logits(s[mt][nt], in[mt], rows[mt], key0, box, rpb, rpb_x, rpb_y, scale2, rpb_z);
             }
         }

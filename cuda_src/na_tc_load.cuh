@@ -1,7 +1,8 @@
 // Staging rows of global memory into the tensor-core kernels' shared memory:
 // 16-byte cp.async pieces where the layout allows (element copies otherwise),
 // rows of a key box or of a query tile, and the two-stage stream of K/V
-// chunks that the forward and the dq kernel walk.
+// chunks that the forward and the dq kernel walk (the mma.sync forward's runs
+// on into the extra key/value tokens: na_tc_kv_token_stream).
 #pragma once
 
 #include "na_async.cuh"
@@ -177,6 +178,88 @@ struct na_tc_kv_stream {
         __syncthreads();
         if (chunk + STAGES - 1 < chunks) load(stages, box, chunk + STAGES - 1);
         return stage_of(stages, chunk);
+    }
+};
+
+// The extra key/value tokens of one (b, key/value head) (NA_EXTRA), staged as the keys of a box of `count` keys
+// (the box's, with only the key count changed): token n, split as a box key n = (bx hy + by) hz + bz, sits at
+// k_at.at(bx, by, bz) = n token strides after the (b, head)'s token 0. The tensors (from token 0 on), their
+// head-dim strides and whether they stage in 16-byte pieces. Without tokens the pointers may be null (never
+// read).
+template <class T>
+struct na_tc_token_rows {
+    const T* k;
+    const T* v;
+    long long k_step, v_step;
+    na_tc_box_rows k_at, v_at;
+    int count;
+    bool k_vec, v_vec;
+};
+
+// the tokens of (b, key/value head kvh) of NA_EXTRA's xk / xv ([b, token, head, head dim]: strides *_b, *_n,
+// *_h, *_l; NX tokens) with head dims D and DV, as keys of `box` (its hy and hz)
+template <class T, int TY, int RANK>
+__device__ __forceinline__ na_tc_token_rows<T> na_tc_token_rows_of(
+    const T* xk, long long xk_b, long long xk_n, long long xk_h, long long xk_l, const T* xv, long long xv_b,
+    long long xv_n, long long xv_h, long long xv_l, long long NX, long long D, long long DV, long long b,
+    long long kvh, const na_tc_box<TY, RANK>& box) {
+    if (NX == 0) return {xk, xv, 0, 0, {}, {}, 0, false, false};  // null pointers stay null
+    const long long hz = RANK == 3 ? box.hz : 1, hyz = (TY == 1 ? 1 : box.hy) * hz;
+    return {xk + (b * xk_b + kvh * xk_h),
+            xv + (b * xv_b + kvh * xv_h),
+            xk_l,
+            xv_l,
+            {0, hyz * xk_n, hz * xk_n, xk_n},
+            {0, hyz * xv_n, hz * xv_n, xv_n},
+            (int)NX,
+            na_rows_vectorizable(xk, D, xk_l, xk_b, xk_n, xk_h, 0),
+            na_rows_vectorizable(xv, DV, xv_l, xv_b, xv_n, xv_h, 0)};
+}
+
+// The K/V stream of na_tc_kv_stream followed by the extra tokens as one more key range: chunks 0 ..
+// box_chunks - 1 are the box's, chunk box_chunks + i holds tokens KC i .. KC (i + 1) - 1 (rows past the last
+// token zero, like rows past the box), so that the pipeline runs on across the boundary and a forward walks
+// both ranges in one loop of chunks() chunks (without tokens: the box's alone; chunk 0 is always the box's,
+// which has a key at least). The tokens' addresses (`tokens`, block-uniform) sit in shared memory and are read
+// where a chunk of tokens is issued (the kernel writes them before a barrier that precedes the first such
+// load): held in registers through the chunk loop, they and the values derived from them took the heaviest
+// forwards past 255 registers (spills), and the others 10 to 20 more.
+template <class T, int HD, class L, int KC, int TY, int THREADS = NA_TC_THREADS, int STAGES = 2, int RANK = 2>
+struct na_tc_kv_token_stream : na_tc_kv_stream<T, HD, L, KC, TY, THREADS, STAGES, RANK> {
+    const na_tc_token_rows<T>* tokens;
+    int box_chunks;
+
+    // the chunks of both ranges (count: the tokens')
+    __device__ __forceinline__ int chunks(int count) const { return box_chunks + (count + KC - 1) / KC; }
+
+    __device__ __forceinline__ void load(T* stages, const na_tc_box<TY, RANK>& box, int chunk) const {
+        T* stage = this->stage_of(stages, chunk);
+        if (chunk < box_chunks) {
+            na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage, this->k, this->k_step, this->k_vec, this->k_len, box,
+                                                       this->k_at, chunk * KC);
+            na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage + L::rows(KC), this->v, this->v_step, this->v_vec,
+                                                       this->v_len, box, this->v_at, chunk * KC);
+        } else {  // the tokens as keys of a box of x.count keys (na_tc_token_rows)
+            const na_tc_token_rows<T>& x = *tokens;
+            na_tc_box<TY, RANK> range = box;
+            range.keys = x.count;
+            const int c0 = (chunk - box_chunks) * KC;
+            na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage, x.k, x.k_step, x.k_vec, this->k_len, range, x.k_at, c0);
+            na_tc_load_box_keys<T, HD, L, KC, THREADS>(stage + L::rows(KC), x.v, x.v_step, x.v_vec, this->v_len, range,
+                                                       x.v_at, c0);
+        }
+        na_cp_async_commit();
+    }
+
+    // na_tc_kv_stream::arrive over both ranges (`chunks`: chunks()), issuing the next chunk of either
+    template <bool ASYNC_PROXY = false>
+    __device__ __forceinline__ const T* arrive(T* stages, const na_tc_box<TY, RANK>& box, int chunk,
+                                              int chunks) const {
+        na_cp_async_wait_group<0>();
+        if (ASYNC_PROXY) na_fence_proxy_async();
+        __syncthreads();
+        if (chunk + STAGES - 1 < chunks) load(stages, box, chunk + STAGES - 1);
+        return this->stage_of(stages, chunk);
     }
 };
 

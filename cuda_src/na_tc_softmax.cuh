@@ -7,6 +7,7 @@
 //   na_tc_logits         one 8-key tile: scale and bias in log2 units, -inf
 //                        outside each row's window
 //   na_tc_scale_rows     the same for a tile inside both rows' windows, no bias
+//   na_tc_scale_columns  the same for a tile of extra tokens, -inf past the last
 //   na_tc_softmax_chunk  online softmax over a chunk's tiles: logits become
 //                        probabilities, the output and the row sums rescale
 //   na_tc_store_rows     the normalized output and the logsumexp of both rows
@@ -38,6 +39,15 @@ __device__ __forceinline__ void na_tc_scale_rows(float (&s)[4], const na_tc_rows
     const float NEG_INF = __int_as_float(0xff800000);
 #pragma unroll
     for (int c = 0; c < 4; ++c) s[c] = rows.valid[c / 2] ? s[c] * scale2 : NEG_INF;
+}
+
+// the same for an 8-key tile of which only the columns (this lane's key0, key0 + 1) below `count` exist (the
+// extra tokens' last chunk): -inf past them too
+__device__ __forceinline__ void na_tc_scale_columns(float (&s)[4], const na_tc_rows& rows, int key0, int count,
+                                                    float scale2) {
+    const float NEG_INF = __int_as_float(0xff800000);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) s[c] = rows.valid[c / 2] && key0 + c % 2 < count ? s[c] * scale2 : NEG_INF;
 }
 
 // One chunk of the online softmax of a lane's two rows: s (log2-unit logits of

@@ -47,6 +47,8 @@ CASES = [
 PATHS = {
     "simt-fp32": ("simt", dict(), "float32", "na_fused_fwd"),
     "simt-bf16": ("simt", dict(), "bfloat16", "na_fused_fwd"),
+    "mma.sync-fp16": ("mma.sync", dict(tensor_cores=True), "float16", "na_fused_tc_fwd"),
+    "mma.sync-bf16": ("mma.sync", dict(tensor_cores=True), "bfloat16", "na_fused_tc_fwd"),
 }
 #: id -> (path, policy switches, dtype, the kernel-name prefix of its dq kernel): the backward pairs whose dq
 #: kernel streams the extra tokens (the tokens' dK/dV kernel follows)
@@ -154,6 +156,41 @@ def test_streamed_backward_matches_the_reference(case, path_id):
                              grad_lse=dlse, extra_keys=xk, extra_values=xv)
     for first, second in zip(grads, again):  # fixed-order sums: bitwise the same
         assert first is None or torch.equal(first, second)
+
+
+def _laid_out(x, layout: str):
+    """``x`` [b, tokens, heads, dim] with the same values in another memory layout."""
+    if layout == "strided dims":  # head-dim stride 2: staged element by element
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "unaligned":  # contiguous, one element past 16 bytes: element by element too
+        flat = torch.zeros(x.numel() + 1, dtype=x.dtype)
+        flat[1:] = x.reshape(-1)
+        return flat[1:].view(x.shape)
+    return x.transpose(1, 2).contiguous().transpose(1, 2)  # heads-first storage: 16-byte pieces, other strides
+
+
+@pytest.mark.parametrize("path_id", [p for p in PATHS if p.endswith(("fp32", "fp16"))])
+@pytest.mark.parametrize("layout", ["strided dims", "unaligned", "heads first"])
+@pytest.mark.parametrize("case", [Case((37,), 2, 1, dict(kernel_size=5), head_dim=128, tokens=45),
+                                  Case((9, 11), 4, 1, dict(kernel_size=(3, 5)), head_dim=64, head_dim_v=32,
+                                       tokens=70),
+                                  Case((5, 6, 7), 4, 2, dict(kernel_size=(2, 3, 3)), tokens=33)], ids=str)
+def test_tokens_in_any_layout(case, layout, path_id):
+    """The tokens' rows staged from views of every kind (the forward alone): head dims strided, rows unaligned,
+    tokens of one head apart; 1D at head dim 128 takes the tensor-core loader's stepped-address path."""
+    _, switches, dtype, forward_kernel = PATHS[path_id]
+    (q, k, v, xk, xv, *_), exact = _inputs(case, dtype)
+    xk, xv = _laid_out(xk, layout), _laid_out(xv, layout)
+    problem = _problem(case, q, k, v, None, xk, xv)
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(**switches))
+    out, lse = kernels.forward(problem, q, k, v, None, None, xk, xv)
+    assert len(run.names) == 1 and run.names[0].startswith(forward_kernel), run.names
+    out64, lse64, _ = _reference(case, *exact)
+    assert_close(out, out64, dtype, "forward", "out")
+    assert_close(lse, lse64, dtype, "forward", "lse")
 
 
 @pytest.mark.parametrize("path_id", PATHS)

@@ -4,7 +4,9 @@
 threads (4 warps) per (batch, head, query tile of 64 MT group coordinates
 inside one dilation group per axis), 16 MT queries per warp as the rows of its
 MT ``mma.m16n8k16`` tiles; the key box streamed KC keys at a time,
-double-buffered (cp.async loads chunk c + 1 during the math on chunk c). KC and
+double-buffered (cp.async loads chunk c + 1 during the math on chunk c), then
+the extra key/value tokens, if any, as one more key range of the same stream
+(the forward's ``extra_tokens``). KC and
 MT per head dim come from :data:`FORWARD` (3D: :data:`FORWARD_3D`, tiles of 4 x 4 x 4 queries, in the 3D
 twin family ``fused_tc_3d``). Same arguments and results as the
 SIMT kernel (``fused.py``), which serves everything this one does not (fp32,
@@ -161,7 +163,7 @@ def _family(name: str, ranks) -> Family:
     shared = {kernel_name_of(hd, dtype, ndim, cfg): shared_bytes_of(hd, dtype, cfg)
               for hd, dtype, ndim, cfg in instantiations}
     return Family(SOURCE, kernels, dict.fromkeys(kernels, THREADS), shared, min_arch=MIN_ARCH, name=name,
-                  roles={"forward": Role(covers, plan, L.fused_forward)}, ranks=frozenset(ranks))
+                  roles={"forward": Role(covers, plan, L.fused_forward, extra_tokens=True)}, ranks=frozenset(ranks))
 
 
 FAMILY = register(_family(NAME, (1, 2)))
