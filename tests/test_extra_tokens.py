@@ -98,10 +98,10 @@ def test_gradients_are_those_of_the_one_softmax(ndim, spatial, heads, heads_kv, 
                                                 window, has_rpb):
     inputs = _inputs(ndim, spatial, heads, heads_kv, head_dim, head_dim_v, tokens, window, has_rpb)
     grads = {}
-    for how in ("merged", "one softmax"):
+    for how in ("na_rtc", "one softmax"):
         leaves = [None if x is None else x.clone().requires_grad_() for x in inputs]
         q, k, v, ek, ev, rpb = leaves
-        if how == "merged":
+        if how == "na_rtc":
             out, lse = _op(ndim)(q, k, v, **window, rpb=rpb, return_lse=True, additional_keys=ek,
                                  additional_values=ev)
         else:
@@ -110,7 +110,7 @@ def test_gradients_are_those_of_the_one_softmax(ndim, spatial, heads, heads_kv, 
         (out * torch.randn(out.shape, generator=generator, dtype=out.dtype)).sum().backward(retain_graph=True)
         (lse * torch.randn(lse.shape, generator=generator, dtype=lse.dtype)).sum().backward()
         grads[how] = [None if x is None else x.grad for x in leaves]
-    for name, got, want in zip(("q", "k", "v", "additional_keys", "additional_values", "rpb"), grads["merged"],
+    for name, got, want in zip(("q", "k", "v", "additional_keys", "additional_values", "rpb"), grads["na_rtc"],
                                grads["one softmax"]):
         if want is None:
             continue
@@ -159,7 +159,8 @@ def test_numpy_arrays():
 @pytest.mark.skipif(not na_rtc.backends.get("emulator").probe()[0], reason="emulator needs a C++ compiler")
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_the_neighborhood_on_the_kernels(dtype):
-    """The emulator's kernels for the neighborhood, the tokens merged: within the tolerance table of the dtype."""
+    """The public op on the emulator (its kernels stream the tokens: tests/test_kernels_extra_tokens.py has each
+    path): within the tolerance table of the dtype."""
     q, k, v, ek, ev, rpb = _inputs(2, (9, 8), 4, 2, 16, 16, 5, dict(kernel_size=3), True)
     lowered = [x.to(getattr(torch, dtype)) for x in (q, k, v, ek, ev)]
     out, lse = na_rtc.na2d(*lowered[:3], 3, rpb=rpb.float(), return_lse=True, additional_keys=lowered[3],
