@@ -296,12 +296,13 @@ class Dispatcher:
         return _role(route, problem.ndim).plan(problem, self.policy)
 
     def backward_launches(self, problem: Problem, pair) -> L.BackwardLaunches:
-        """The launches of ``pair`` for ``problem``; with extra tokens, the tokens' dK/dV kernel too, which
-        :meth:`streams_extra_tokens_backward` must have admitted."""
+        """The launches of ``pair`` for ``problem``; with extra tokens the kernels take (see
+        :meth:`streams_extra_tokens_backward`), the tokens' dK/dV kernel too."""
         dq, dkdv = pair
         ndim = problem.ndim
         reduce = _role(_RPB_REDUCE, ndim).plan(problem, self.policy) if problem.has_rpb else None
-        tokens = _role(_TOKENS_DKDV, ndim).plan(problem, self.policy) if problem.extra_tokens else None
+        streamed = problem.extra_tokens and self.streams_extra_tokens_backward(problem, pair)[0]
+        tokens = _role(_TOKENS_DKDV, ndim).plan(problem, self.policy) if streamed else None
         return L.BackwardLaunches(_role(_DELTA, ndim).plan(problem, self.policy), self.plan(problem, dq),
                                   self.plan(problem, dkdv), reduce, tokens)
 
