@@ -71,6 +71,7 @@ CASES = [
 #: path -> (policy switches, dtype, the kernel-name prefix of its forward)
 PATHS = {
     "simt": (dict(), "float32", "na_fused_fwd"),
+    "wgmma": (dict(tensor_cores=True, wgmma=True), "bfloat16", "na_fused_wg_fwd"),
 }
 
 
@@ -181,3 +182,38 @@ def test_the_op_table_streams_where_the_family_does_and_the_merge_agrees():
     for got_out, got_lse in ((out, lse), (merged_out, merged_lse)):
         assert_close(got_out, out64, "float32", "forward", "out")
         assert_close(got_lse, lse64, "float32", "forward", "lse")
+
+
+#: the wgmma forward's block settings (as tests/test_fused_wg.py sets them): the table's blocks (two warpgroups),
+#: one warpgroup a block, and 32-key chunks
+WGMMA_SETTINGS = {"table": {}, "1wg": {"NA_RTC_WGMMA_WARPGROUPS": "1"}, "kc32": {"NA_RTC_WGMMA_CHUNK_KEYS": "32"}}
+#: token chunks after boxes of several chunks: in 1D with two warpgroups the second one's box chunks start past
+#: chunk 0 and end before the box's last, and it still takes every token chunk; head dim 128 reads Q from shared
+#: memory (QS) with the table's 64-key chunks in 1D and 2D; a box of one chunk loads a token chunk before the loop
+WGMMA_CASES = [
+    Case((300,), 2, 1, 141, dict(kernel_size=33), head_dim=128),
+    Case((20, 18), 4, 2, 70, dict(kernel_size=7, dilation=(1, 2)), rpb=True, head_dim=64, head_dim_v=40),
+    Case((12,), 2, 2, 200, dict(kernel_size=5), head_dim=128, head_dim_v=72),
+    Case((6, 9, 8), 2, 1, 33, dict(kernel_size=3, is_causal=(False, True, False)), head_dim=32),
+]
+
+
+@pytest.mark.parametrize("setting", WGMMA_SETTINGS)
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=str)
+def test_wgmma_streams_tokens_under_every_block_setting(case, setting, monkeypatch):
+    from na_rtc.runtime.families import fused_wg
+
+    for name, value in WGMMA_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    q, k, v, xk, xv, g, dlse, rpb = (inputs := _inputs(case, "bfloat16"))[0]
+    problem = _problem(case, q, k, v, rpb, xk, xv)
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(tensor_cores=True, wgmma=True))
+    out, lse = kernels.forward(problem, q, k, v, composed.bias_in_accumulator(problem, rpb), None, xk, xv)
+    hd = fused_wg.head_dim_bucket(max(case.head_dim, case.head_dim_v or 0))
+    wanted = fused_wg.kernel_name_of(hd, "bfloat16", case.ndim, warpgroups=1 if setting == "1wg" else None,
+                                     chunk_keys=32 if setting == "kc32" else None)
+    assert run.names == [wanted]
+    out64, lse64, _ = _reference(case, *inputs[1])
+    assert_close(out, out64, "bfloat16", "forward", "out")
+    assert_close(lse, lse64, "bfloat16", "forward", "lse")
