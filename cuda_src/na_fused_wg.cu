@@ -32,6 +32,14 @@
 //   O += P V    KC / 16 wgmma m64nHDk16: P repacked from the S accumulators
 //               into A fragments (registers), V MN-major from shared memory;
 //   then both products are waited for and S' becomes the next chunk's S.
+// Extra tokens (NA_EXTRA, as in the SIMT forward na_fused.cu): every query
+// also attends the NX tokens, in the same softmax. They are one more key range
+// after the box: chunk c at or past the box's chunk count holds token rows
+// (c - box chunks) KC .. + KC - 1 of key/value head NA_KV_HEAD(h), staged by
+// the same three stages, so the pipeline runs on across the boundary; every
+// warpgroup with a valid query takes every token chunk (no window), and their
+// logits are scale * q.k with no bias and no window test, -inf past NX (whose
+// staged rows are zero). Without tokens (NX 0) the chunks are the box's.
 // Unlike the mma.sync forward, every warp computes every 8-key tile of a
 // chunk (a warpgroup product has no per-warp columns): the work is that of
 // the whole box, which pays where the windows of a tile overlap almost
@@ -216,8 +224,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     float(&snf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(sn);
     for (int chunk = 0; chunk < chunks; ++chunk) {
         // kv.arrive over both ranges: wait for chunk + 1 (and this one), make them visible to wgmma and the
-        // block, then issue chunk + 2 into the stage chunk - 1 held (bound by the loop's own count: against the
-        // box's alone ptxas took up to 19 registers more)
+        // block, then issue chunk + 2 into the stage chunk - 1 held (kv.arrive bounded by the box's chunks and the
+        // tokens issued beside it took up to 19 registers more: ptxas wants the loop's own bound here)
         na_cp_async_wait_group<0>();
         na_fence_proxy_async();
         __syncthreads();

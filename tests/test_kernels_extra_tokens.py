@@ -217,3 +217,24 @@ def test_wgmma_streams_tokens_under_every_block_setting(case, setting, monkeypat
     out64, lse64, _ = _reference(case, *inputs[1])
     assert_close(out, out64, "bfloat16", "forward", "out")
     assert_close(lse, lse64, "bfloat16", "forward", "lse")
+
+
+@pytest.mark.parametrize("setting", ["table", "1wg"])
+def test_wgmma_stages_tokens_element_by_element(setting, monkeypatch):
+    """Token rows that 16-byte pieces cannot stage: a key head dim of 20 elements, and the values' head dims 2
+    elements apart (a view): the wgmma forward copies them element by element, zeros past NX and past D."""
+    for name, value in WGMMA_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    case = Case((150,), 2, 1, 45, dict(kernel_size=9), head_dim=20, head_dim_v=24)
+    (q, k, v, xk, xv, _, _, rpb), exact = _inputs(case, "bfloat16")
+    strided = torch.zeros(*xv.shape[:-1], 2 * xv.shape[-1], dtype=xv.dtype)[..., ::2]
+    strided.copy_(xv)
+    assert strided.stride(-1) == 2
+    problem = _problem(case, q, k, v, rpb, xk, strided)
+    run = RecordingExecutor()
+    out, lse = Dispatcher(run, kernel_policy(tensor_cores=True, wgmma=True)).forward(problem, q, k, v, None, None,
+                                                                                     xk, strided)
+    assert len(run.names) == 1 and run.names[0].startswith("na_fused_wg_fwd<"), run.names
+    out64, lse64, _ = _reference(case, *exact)
+    assert_close(out, out64, "bfloat16", "forward", "out")
+    assert_close(lse, lse64, "bfloat16", "forward", "lse")
