@@ -68,6 +68,7 @@
 // v, opaque to the compiler's code motion (an empty asm on the device; the emulator's build keeps it as is)
 template <class V>
 __device__ __forceinline__ V na_wg_opaque(V v) {
+    static_assert(sizeof(V) == 8, "64-bit values (pointers, offsets)");
 #ifdef __CUDA_ARCH__
     asm volatile("" : "+l"(v));
 #endif
