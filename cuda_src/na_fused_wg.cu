@@ -32,6 +32,14 @@
 //   O += P V    KC / 16 wgmma m64nHDk16: P repacked from the S accumulators
 //               into A fragments (registers), V MN-major from shared memory;
 //   then both products are waited for and S' becomes the next chunk's S.
+// Extra tokens (NA_EXTRA, as in the SIMT forward na_fused.cu): every query
+// also attends the NX tokens, in the same softmax. They are one more key range
+// after the box: chunk c at or past the box's chunk count holds token rows
+// (c - box chunks) KC .. + KC - 1 of key/value head NA_KV_HEAD(h), staged by
+// the same three stages, so the pipeline runs on across the boundary; every
+// warpgroup with a valid query takes every token chunk (no window), and their
+// logits are scale * q.k with no bias and no window test, -inf past NX (whose
+// staged rows are zero). Without tokens (NX 0) the chunks are the box's.
 // Unlike the mma.sync forward, every warp computes every 8-key tile of a
 // chunk (a warpgroup product has no per-warp columns): the work is that of
 // the whole box, which pays where the windows of a tile overlap almost
@@ -56,6 +64,42 @@
 #include "na_wgmma.cuh"
 #include "na_tc_softmax.cuh"
 #include "na_args.cuh"
+
+// v, opaque to the compiler's code motion (an empty asm on the device; the emulator's build keeps it as is)
+template <class V>
+__device__ __forceinline__ V na_wg_opaque(V v) {
+    static_assert(sizeof(V) == 8, "64-bit values (pointers, offsets)");
+#ifdef __CUDA_ARCH__
+    asm volatile("" : "+l"(v));
+#endif
+    return v;
+}
+
+// Token rows t0 .. t0 + KC - 1 of one tensor of the extra tokens (NA_EXTRA: row n at src + base + n * row,
+// head dims `step` apart, n < NX) into KC shared rows of layout L; rows past NX and head dims past len zero. As
+// na_tc_load_rows (16-byte cp.async pieces with `vec`, landed at the caller's wait; elements otherwise), one piece
+// an iteration without unrolling: the token chunks are few, and unrolled loads held registers in the chunk loop.
+template <class T, int HD, class L, int KC, int THREADS>
+__device__ __forceinline__ void na_wg_load_tokens(T* dst, const T* src, long long base, long long row,
+                                                  long long step, bool vec, int len, long long t0, long long NX) {
+    if (vec) {
+        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V;
+#pragma unroll 1
+        for (int e = (int)threadIdx.x; e < KC * PIECES; e += THREADS) {
+            int r, c;
+            L::piece(e, PIECES, r, c);
+            c *= V;
+            const bool ok = t0 + r < NX && c < len;
+            na_cp_async_zfill_16(dst + L::at(r, c), ok ? src + base + (t0 + r) * row + c : src, ok ? 16 : 0);
+        }
+        return;
+    }
+#pragma unroll 1
+    for (int e = (int)threadIdx.x; e < KC * HD; e += THREADS) {
+        const int r = e / HD, c = e % HD;
+        dst[L::at(r, c)] = t0 + r < NX && c < len ? src[base + (t0 + r) * row + c * step] : T();
+    }
+}
 
 template <class T, int HD, int TX, int TY, int KC, bool QS, int WG, int RANK = 2, int TZ = 1>
 __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
@@ -85,7 +129,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const int d_len = (int)D;
     // the z strides, constant 0 below rank 3 (the arguments are 0 there too), so that z terms fold away
     const long long q_z3 = RANK == 3 ? q_z : 0, k_z3 = RANK == 3 ? k_z : 0, v_z3 = RANK == 3 ? v_z : 0;
-    const int chunks = (box.keys + KC - 1) / KC;
+    // the box's chunks, then the extra tokens' (NA_EXTRA): one stream, so that the pipeline runs on across
+    // the boundary; chunk c >= box_chunks holds tokens (c - box_chunks) KC .. + KC - 1
+    const int box_chunks = (box.keys + KC - 1) / KC;
+    const int chunks = box_chunks + (int)((NX + KC - 1) / KC);
 
     T* smem = reinterpret_cast<T*>(na_dynamic_shared());
     T* stages = Q_OWN ? smem + L::rows(NQ) : smem;
@@ -98,11 +145,31 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 3, RANK>(
         k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
         tz, az.dilation, k_z3, v_z3);
+    // token chunk c (>= box_chunks) into its stage as one cp.async group (the tokens' strides stay kernel
+    // parameters until then)
+    const auto load_tokens = [&](int c) {
+        T* stage = kv.stage_of(stages, c);
+        // opaque copies: what is computed from them below stays inside this branch (hoisted out of the chunk
+        // loop, the tokens' offsets and checks held registers in every chunk)
+        const long long bb = na_wg_opaque(b), kvh = na_wg_opaque(NA_KV_HEAD(h));
+        const T *xkp = na_wg_opaque(xk), *xvp = na_wg_opaque(xv);
+        const long long t0 = (long long)(c - box_chunks) * KC;
+        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage, xkp, bb * xk_b + kvh * xk_h, xk_n, xk_l,
+                                                 na_rows_vectorizable(xkp, D, xk_l, xk_b, xk_n, xk_h, 0), d_len, t0, NX);
+        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage + L::rows(KC), xvp, bb * xv_b + kvh * xv_h, xv_n, xv_l,
+                                                 na_rows_vectorizable(xvp, DV, xv_l, xv_b, xv_n, xv_h, 0), (int)DV,
+                                                 t0, NX);
+        na_cp_async_commit();
+    };
+    const auto load_chunk = [&](int c) {
+        if (c < box_chunks) kv.load(stages, box, c);
+        else load_tokens(c);
+    };
     na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty, tz,
                                                    az.dilation, q_z3);
-    kv.load(stages, box, 0);  // with the Q tile: chunk 0 into stage 0
+    kv.load(stages, box, 0);  // with the Q tile: chunk 0 into stage 0 (a box has a key at least)
     if (chunks > 1) {
-        kv.load(stages, box, 1);  // lands during the first iteration's softmax
+        load_chunk(1);  // lands during the first iteration's softmax
         na_cp_async_wait_group<1>();
     } else {
         na_cp_async_wait_group<0>();
@@ -119,8 +186,15 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
 
     // the chunks holding keys of this warpgroup's queries; none past the last valid query (its whole x-planes
     // of TY TZ queries, each box x-plane hy hz keys)
-    int chunk_lo = 0, chunk_hi = chunks;
+    int chunk_lo = 0, chunk_hi = box_chunks;
     if (WG > 1) na_tc_warpgroup_chunks<TY * TZ, KC>(ax, tx, dx, box.hy * box.hz, warp / 4, chunk_lo, chunk_hi);
+    // warpgroup-uniform: whether this warpgroup multiplies chunk c: box chunks holding keys of its queries, and
+    // every token chunk where it has a query (chunk_lo == chunk_hi: none)
+    const int tokens_hi = chunk_lo < chunk_hi ? chunks : box_chunks;
+    const auto takes = [&](int c) {
+        if (WG == 1) return c < chunks;
+        return c < box_chunks ? c >= chunk_lo && c < chunk_hi : c < tokens_hi;
+    };
 
     const na_tc_rows rows =
         na_tc_query_rows<TY, TZ, RANK>(16 * warp, lane, ax, ay, tx, ty, h, rpb_h, rpb_x, rpb_y, az, tz, rpb_z);
@@ -150,10 +224,16 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     float(&sf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(s);
     float(&snf)[KC / 2] = reinterpret_cast<float(&)[KC / 2]>(sn);
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const T* stage = kv.template arrive<true>(stages, box, chunk, chunks);  // chunk + 1 has landed too
+        // kv.arrive over both ranges: wait for chunk + 1 (and this one), make them visible to wgmma and the
+        // block, then issue chunk + 2 into the stage chunk - 1 held (kv.arrive bounded by the box's chunks and the
+        // tokens issued beside it took up to 19 registers more: ptxas wants the loop's own bound here)
+        na_cp_async_wait_group<0>();
+        na_fence_proxy_async();
+        __syncthreads();
+        if (chunk + 2 < chunks) load_chunk(chunk + 2);
+        const T* stage = kv.stage_of(stages, chunk);
         unsigned pa[KC / 16][4];  // P as the A of P V: read by the product until the wait below
-        const bool here = chunk >= chunk_lo && chunk < chunk_hi;  // warpgroup-uniform: keys of its queries
-        const bool next_here = chunk + 1 >= chunk_lo && chunk + 1 < chunk_hi;
+        const bool here = takes(chunk), next_here = takes(chunk + 1);
         // chunk 0 (the first of every warpgroup whose keys start there): nothing to overlap its S with; a
         // warpgroup starting later issued its first S as the S' of the chunk before
         if (here && chunk == 0) {
@@ -166,9 +246,18 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
             const unsigned v_address =
                 smem_address + (unsigned)((stage - smem + L::rows(KC)) * (int)sizeof(T));
             const int c0 = chunk * KC;
-            // warp-uniform: without a bias, a chunk inside the window of each of the warp's rows needs no test
-            // per tile (with one, the per-tile path keeps the bias loads from taking registers for all tiles)
-            if (!rpb && na_tc_keys_full<TY>(common, c0, KC, box)) {
+            if (chunk >= box_chunks) {
+                // tokens: every valid row sees each one, no window and no bias; -inf past NX (zero rows)
+                const int n = (int)na_min((long long)KC, NX - (long long)(chunk - box_chunks) * KC);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+                        s[nt][c] = rows.valid[c / 2] && 8 * nt + 2 * t + c % 2 < n ? s[nt][c] * scale2 : NEG_INF;
+            } else if (!rpb && na_tc_keys_full<TY>(common, c0, KC, box)) {
+                // warp-uniform: without a bias, a chunk inside the window of each of the warp's rows needs no
+                // test per tile (with one, the per-tile path keeps the bias loads from taking registers for all
+                // tiles)
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) na_tc_scale_rows(s[nt], rows, scale2);
             } else {

@@ -49,6 +49,7 @@ PATHS = {
     "simt-bf16": ("simt", dict(), "bfloat16", "na_fused_fwd"),
     "mma.sync-fp16": ("mma.sync", dict(tensor_cores=True), "float16", "na_fused_tc_fwd"),
     "mma.sync-bf16": ("mma.sync", dict(tensor_cores=True), "bfloat16", "na_fused_tc_fwd"),
+    "wgmma-bf16": ("wgmma", dict(tensor_cores=True, wgmma=True), "bfloat16", "na_fused_wg_fwd"),
 }
 #: id -> (path, policy switches, dtype, the kernel-name prefix of its dq kernel): the backward pairs whose dq
 #: kernel streams the extra tokens (the tokens' dK/dV kernel follows)
@@ -234,3 +235,60 @@ def test_explain_says_where_the_tokens_go():
     text = str(na_rtc.explain("na2d", q, q, q, 3, additional_keys=tokens, additional_values=tokens,
                               backend="emulator"))
     assert "merged with this result" in text, text
+
+
+#: the wgmma forward's block settings (as tests/test_fused_wg.py sets them): the table's blocks (two warpgroups),
+#: one warpgroup a block, and 32-key chunks
+WGMMA_SETTINGS = {"table": {}, "1wg": {"NA_RTC_WGMMA_WARPGROUPS": "1"}, "kc32": {"NA_RTC_WGMMA_CHUNK_KEYS": "32"}}
+#: token chunks after boxes of several chunks: in 1D with two warpgroups the second one's box chunks start past
+#: chunk 0 and end before the box's last, and it still takes every token chunk; head dim 128 reads Q from shared
+#: memory (QS) with the table's 64-key chunks in 1D and 2D; a box of one chunk loads a token chunk before the loop
+WGMMA_CASES = [
+    Case((300,), 2, 1, dict(kernel_size=33), head_dim=128, tokens=141),
+    Case((20, 18), 4, 2, dict(kernel_size=7, dilation=(1, 2)), rpb=True, head_dim=64, head_dim_v=40, tokens=70),
+    Case((12,), 2, 2, dict(kernel_size=5), head_dim=128, head_dim_v=72, tokens=200),
+    Case((6, 9, 8), 2, 1, dict(kernel_size=3, is_causal=(False, True, False)), head_dim=32, tokens=33),
+]
+
+
+@pytest.mark.parametrize("setting", WGMMA_SETTINGS)
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=str)
+def test_wgmma_streams_tokens_under_every_block_setting(case, setting, monkeypatch):
+    from na_rtc.runtime.families import fused_wg
+
+    for name, value in WGMMA_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    q, k, v, xk, xv, g, dlse, rpb = (inputs := _inputs(case, "bfloat16"))[0]
+    problem = _problem(case, q, k, v, rpb, xk, xv)
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(tensor_cores=True, wgmma=True))
+    out, lse = kernels.forward(problem, q, k, v, composed.bias_in_accumulator(problem, rpb), None, xk, xv)
+    hd = fused_wg.head_dim_bucket(max(case.head_dim, case.head_dim_v or 0))
+    wanted = fused_wg.kernel_name_of(hd, "bfloat16", case.ndim, warpgroups=1 if setting == "1wg" else None,
+                                     chunk_keys=32 if setting == "kc32" else None)
+    assert run.names == [wanted]
+    out64, lse64, _ = _reference(case, *inputs[1])
+    assert_close(out, out64, "bfloat16", "forward", "out")
+    assert_close(lse, lse64, "bfloat16", "forward", "lse")
+
+
+@pytest.mark.parametrize("setting", ["table", "1wg"])
+def test_wgmma_stages_tokens_element_by_element(setting, monkeypatch):
+    """Token rows that 16-byte pieces cannot stage: a key head dim of 20 elements, and the values' head dims 2
+    elements apart (a view): the wgmma forward copies them element by element, zeros past NX and past D."""
+    for name, value in WGMMA_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    case = Case((150,), 2, 1, dict(kernel_size=9), head_dim=20, head_dim_v=24, tokens=45)
+    (q, k, v, xk, xv, _, _, rpb), exact = _inputs(case, "bfloat16")
+    strided = torch.zeros(*xv.shape[:-1], 2 * xv.shape[-1], dtype=xv.dtype)[..., ::2]
+    strided.copy_(xv)
+    assert strided.stride(-1) == 2
+    problem = _problem(case, q, k, v, rpb, xk, strided)
+    run = RecordingExecutor()
+    out, lse = Dispatcher(run, kernel_policy(tensor_cores=True, wgmma=True)).forward(problem, q, k, v, None, None,
+                                                                                     xk, strided)
+    assert len(run.names) == 1 and run.names[0].startswith("na_fused_wg_fwd<"), run.names
+    out64, lse64, _ = _reference(case, *exact)
+    assert_close(out, out64, "bfloat16", "forward", "out")
+    assert_close(lse, lse64, "bfloat16", "forward", "lse")
+

@@ -203,7 +203,8 @@ def _family(name: str, ranks) -> Family:
     return Family(
         SOURCE, names(ranks), {kernel_name_of(*i): block_threads(i[2], i[3]) for i in instantiations_},
         {kernel_name_of(*i): shared_bytes(*i) for i in instantiations_}, archs=(ARCH,), arch_specific=True,
-        name=name, roles={"forward": Role(covers, plan, L.fused_forward, requires=(("fused_tc", "forward"),))},
+        name=name, roles={"forward": Role(covers, plan, L.fused_forward, requires=(("fused_tc", "forward"),),
+                                   extra_tokens=True)},
         ranks=frozenset(ranks))
 
 
