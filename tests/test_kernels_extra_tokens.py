@@ -55,6 +55,8 @@ PATHS = {
 BACKWARD_PATHS = {
     "simt-fp32": ("simt", dict(), "float32", "na_fused_bwd_dq"),
     "simt-fp16": ("simt", dict(), "float16", "na_fused_bwd_dq"),
+    "mma.sync-fp16": ("mma.sync", dict(tensor_cores=True), "float16", "na_fused_tc_bwd_dq"),
+    "mma.sync-bf16": ("mma.sync", dict(tensor_cores=True), "bfloat16", "na_fused_tc_bwd_dq"),
 }
 
 
