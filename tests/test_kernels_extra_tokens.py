@@ -160,6 +160,30 @@ def test_streamed_backward_matches_the_reference(case, path_id):
         assert first is None or torch.equal(first, second)
 
 
+@pytest.mark.parametrize("path_id", BACKWARD_PATHS)
+def test_slots_past_the_last_token_add_nothing_to_dq(path_id):
+    """Every logit far below 0 (scale q.k between about -170 and -120, so lse near -120): exp(-lse) overflows
+    float32, so a slot of the tokens' last, partial chunk (5 tokens) that counted (a zero row, logit 0) would
+    make its ds infinite and dq NaN through 0 * inf. The gradients still match the reference."""
+    path, switches, dtype, dq_kernel = BACKWARD_PATHS[path_id]
+    case = Case((37,), 2, 1, dict(kernel_size=5), tokens=5)
+    (q, k, v, xk, xv, g, dlse, _), _ = _inputs(case, dtype)
+    q = (6 + 0.5 * q.float().clamp(-1, 1)).to(q.dtype)  # queries in [5.5, 6.5], keys in [-6.5, -5.5]
+    k, xk = ((-6 + 0.5 * x.float().clamp(-1, 1)).to(x.dtype) for x in (k, xk))
+    problem = _problem(case, q, k, v, None, xk, xv)
+    reference = _reference(case, *(x.double() for x in (q, k, v, xk, xv, g, dlse)), None)
+    assert reference[1].max() < -100
+    out, lse = reference[0].to(q.dtype), reference[1].float()
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(**switches))
+    pair = kernels.backward_pair(problem)[0]
+    assert pair[0].path == path and kernels.streams_extra_tokens_backward(problem, pair) == (True, "")
+    grads = kernels.backward(problem, g, q, k, v, None, out, lse, grad_lse=dlse, extra_keys=xk, extra_values=xv)
+    assert any(name.startswith(dq_kernel) for name in run.names), run.names
+    assert torch.isfinite(grads[0]).all()
+    _check(dtype, None, None, grads, reference)
+
+
 def _laid_out(x, layout: str):
     """``x`` [b, tokens, heads, dim] with the same values in another memory layout."""
     if layout == "strided dims":  # head-dim stride 2: staged element by element
