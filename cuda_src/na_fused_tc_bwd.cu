@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     __shared__ kv_stream kv_block;  // KV_SHARED: written by thread 0, read after the barrier below
     if (KV_SHARED && tid == 0) kv_block = kv_own;
     const kv_stream& kv = KV_SHARED ? kv_block : kv_own;
-    const int chunks = kv.chunks((int)NX);
     __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
+    const int chunks = kv.chunks((int)NX);  // (KV_SHARED: read after the barrier)
     kv.load(tiles_q_g, box, 0);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
