@@ -21,7 +21,15 @@
 //   registers, dQ += ds K (K through ldmatrix.x2.trans). With a bias, ds also
 //   goes to shared memory and the block adds, per relative offset, the ds of
 //   its queries in tile order (the order of the SIMT kernel) into per-tile
-//   partials [h, tiles, entries].
+//   partials [h, tiles, entries]. With NX extra tokens (NA_EXTRA) the tokens
+//   of the query head's key/value head follow the box as one more key range of
+//   the same chunk stream (na_tc_kv_token_stream: chunks past the box's
+//   address token rows, so that the double-buffering runs on across the two;
+//   their addresses in static shared memory): S and dP as for the box, ds =
+//   exp(scale q.k - lse) (dOut.v - delta) for every valid query, without window
+//   or bias, 0 past the last token, and dQ += ds K; the bias partials take the
+//   box's chunks only. The tokens' own dK and dV are na_tokens_bwd_dkdv's
+//   (na_tokens_bwd.cu).
 // na_fused_tc_bwd_dkdv<T, HD, TX, TY, QC>: one block per (b, h, key
 //   tile of 64 group coordinates); warp w owns keys 16w..16w+15. The queries
 //   whose windows can hold a key of the tile (one box, na_inverse_range per
@@ -40,6 +48,8 @@
 //         then 64 x (KC + 1) floats of ds and one float per bias entry;
 //   dkdv: 2 x 64 rows (K, V), 2 x 2 x QC rows (Q, dOut: two stages), then per stage
 //         QC floats of lse, QC of delta and 4 QC ints of window bounds (in 3D 6 QC).
+// Static shared memory of the dq kernel: the extra tokens' addresses (na_tc_token_rows), and where its
+// template says so the K/V stream (KV_SHARED) and the rows' lse and delta (STATS_SHARED).
 // In 3D (RANK 3) both kernels take tiles of TX x TY x TZ = 64 queries or keys
 // (z fastest) and walk 3D boxes row-major; below rank 3 the z axis is the
 // trivial one and every z term is a compile-time constant.
@@ -58,9 +68,11 @@ __device__ __forceinline__ long long na_tcb_align16(long long n) { return (n + 1
 // KV_SHARED: the K/V stream's addresses and strides (block-uniform, about 24 registers: na_tc_kv_stream) are
 // kept in static shared memory and read once a chunk, instead of in registers through the chunk loop. At
 // head dim 128 the kernel is at 255 registers, and ptxas for sm_100 and sm_120 spills 4 to 16 bytes with
-// them in registers (sm_80 to sm_90 do not, and keep them there).
+// them in registers; so does sm_80 to sm_90 in 1D and 2D (4 to 8 bytes) since the chunk loop runs on into
+// the extra tokens. The 3D kernel on sm_80 to sm_90 keeps them in registers: with them in shared memory
+// sm_90 spills 4 bytes there.
 template <class T, int HD, int TX, int TY, int KC, int RANK = 2, int TZ = 1,
-          bool KV_SHARED = (HD == 128 && NA_TC_ARCH >= 1000)>
+          bool KV_SHARED = (HD == 128 && (RANK < 3 || NA_TC_ARCH >= 1000))>
 __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     const T* __restrict__ q, NA_TENSOR(q), const T* __restrict__ k, NA_TENSOR(k),
     const T* __restrict__ v, NA_TENSOR(v), const T* __restrict__ g, NA_TENSOR(g),
@@ -99,7 +111,6 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     // the common-window shortcut costs 4 registers: HD 128 (at 255) would spill
     const na_tc_warp_window common =
         HD < 128 ? na_tc_common_window<1, RANK>(&rows) : na_tc_warp_window{1, 0, 1, 0, 1, 0};
-    const int chunks = (box.keys + KC - 1) / KC;
     // STATS_SHARED: the lane's lse and delta stay in static shared memory (each thread its own four words, read
     // at every use: the barriers of the chunk loop keep them from being hoisted into registers). The 3D kernel
     // at head dim 128 spills 4 bytes on sm_90 with them in registers.
@@ -114,20 +125,31 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
     float acc[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    using kv_stream = na_tc_kv_stream<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>;
-    const kv_stream kv_own = na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
-        k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
-        tz, az.dilation, k_z3, v_z3);
+    // the box's chunks, then the extra tokens' (none without tokens), whose addresses thread 0 leaves in shared
+    // memory (read after the barrier below, where a chunk of tokens is issued: na_tc_kv_token_stream)
+    __shared__ na_tc_token_rows<T> tokens;
+    if (tid == 0)
+        tokens = na_tc_token_rows_of(xk, xk_b, xk_n, xk_h, xk_l, xv, xv_b, xv_n, xv_h, xv_l, NX, D, DV, b,
+                                     NA_KV_HEAD(h), box);
+    const int box_chunks = (box.keys + KC - 1) / KC;
+    using kv_stream = na_tc_kv_token_stream<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>;
+    const kv_stream kv_own = {na_tc_kv_stream_of<T, HD, na_rows_pitch<P>, KC, TY, NA_TC_THREADS, 2, RANK>(
+                                  k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b,
+                                  NA_KV_HEAD(h), tz, az.dilation, k_z3, v_z3),
+                              &tokens, box_chunks};
     __shared__ kv_stream kv_block;  // KV_SHARED: written by thread 0, read after the barrier below
     if (KV_SHARED && tid == 0) kv_block = kv_own;
     const kv_stream& kv = KV_SHARED ? kv_block : kv_own;
     __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
+    const int chunks = kv.chunks((int)NX);  // (KV_SHARED: read after the barrier)
     kv.load(tiles_q_g, box, 0);
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
-        const int c0 = chunk * KC, cn = box.keys - c0 < KC ? box.keys - c0 : KC;
         const T* sk = kv.arrive(tiles_q_g, box, chunk, chunks);
         const T* sv = sk + KC * P;
+        // the chunk's first key: a box key, or past the box's chunks a token (block-uniform)
+        const bool token_chunk = chunk >= box_chunks;
+        const int c0 = (token_chunk ? chunk - box_chunks : chunk) * KC;
 
         float ds[NT][4];
         bool live[NT];
@@ -135,7 +157,13 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
         for (int nt = 0; nt < NT; ++nt) {
             const int key0 = c0 + 8 * nt + 2 * t;
             bool in_tiles[1][4];
-            live[nt] = na_tc_visible_tile(&rows, common, c0 + 8 * nt, key0, box, in_tiles);
+            if (token_chunk) {  // every valid query sees every token (no window, no bias); none past the last
+                live[nt] = c0 + 8 * nt < NX;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) in_tiles[0][c] = rows.valid[c / 2] && key0 + c % 2 < NX;
+            } else {
+                live[nt] = na_tc_visible_tile(&rows, common, c0 + 8 * nt, key0, box, in_tiles);
+            }
             const bool (&in)[4] = in_tiles[0];
             float s[4] = {0.f, 0.f, 0.f, 0.f}, dp[4] = {0.f, 0.f, 0.f, 0.f};
             if (live[nt]) {  // warp-uniform
@@ -149,9 +177,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                     na_mma<T>::run(dp, gf[ks], vb, dp);
                 }
             }
-            na_tc_dq_ds(ds[nt], s, dp, in, rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse, row_delta,
-                        rpb_z);
-            if (partial_out)
+            na_tc_dq_ds(ds[nt], s, dp, in, rows, key0, box, token_chunk ? nullptr : rpb, rpb_x, rpb_y, (float)scale,
+                        row_lse, row_delta, rpb_z);
+            if (partial_out && !token_chunk)
 #pragma unroll
                 for (int c = 0; c < 4; ++c) sds[(16 * warp + gq + 8 * (c / 2)) * KS + 8 * nt + 2 * t + c % 2] = ds[nt][c];
         }
@@ -168,8 +196,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS, 1) na_fused_tc_bwd_dq(
                 na_mma<T>::run(acc[dt], pa, kb, acc[dt]);
             }
         }
-        // bias partials: entry (rx, ry) gets the ds of every query of the tile whose key at that offset is in the chunk
-        if (partial_out) {
+        // bias partials (the box's chunks: the tokens have no bias): entry (rx, ry) gets the ds of every query of
+        // the tile whose key at that offset is in the chunk
+        if (partial_out && !token_chunk) {
+            const int cn = box.keys - c0 < KC ? box.keys - c0 : KC;
             __syncthreads();  // every warp's ds of this chunk is in sds
             na_tc_dq_bias_chunk<TY, KS, NA_TC_THREADS, RANK, TZ>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn,
                                                                   az.kernel, tz);

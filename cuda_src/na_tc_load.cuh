@@ -1,8 +1,8 @@
 // Staging rows of global memory into the tensor-core kernels' shared memory:
 // 16-byte cp.async pieces where the layout allows (element copies otherwise),
 // rows of a key box or of a query tile, and the two-stage stream of K/V
-// chunks that the forward and the dq kernel walk (the mma.sync forward's runs
-// on into the extra key/value tokens: na_tc_kv_token_stream).
+// chunks that the forward and the dq kernel walk (the mma.sync forward's and
+// dq kernel's run on into the extra key/value tokens: na_tc_kv_token_stream).
 #pragma once
 
 #include "na_async.cuh"
@@ -218,8 +218,8 @@ __device__ __forceinline__ na_tc_token_rows<T> na_tc_token_rows_of(
 
 // The K/V stream of na_tc_kv_stream followed by the extra tokens as one more key range: chunks 0 ..
 // box_chunks - 1 are the box's, chunk box_chunks + i holds tokens KC i .. KC (i + 1) - 1 (rows past the last
-// token zero, like rows past the box), so that the pipeline runs on across the boundary and a forward walks
-// both ranges in one loop of chunks() chunks (without tokens: the box's alone; chunk 0 is always the box's,
+// token zero, like rows past the box), so that the pipeline runs on across the boundary and a forward or a dq
+// kernel walks both ranges in one loop of chunks() chunks (without tokens: the box's alone; chunk 0 is always the box's,
 // which has a key at least). The tokens' addresses (`tokens`, block-uniform) sit in shared memory and are read
 // where a chunk of tokens is issued (the kernel writes them before a barrier that precedes the first such
 // load): held in registers through the chunk loop, they and the values derived from them took the heaviest

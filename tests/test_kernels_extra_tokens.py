@@ -56,6 +56,8 @@ PATHS = {
 BACKWARD_PATHS = {
     "simt-fp32": ("simt", dict(), "float32", "na_fused_bwd_dq"),
     "simt-fp16": ("simt", dict(), "float16", "na_fused_bwd_dq"),
+    "mma.sync-fp16": ("mma.sync", dict(tensor_cores=True), "float16", "na_fused_tc_bwd_dq"),
+    "mma.sync-bf16": ("mma.sync", dict(tensor_cores=True), "bfloat16", "na_fused_tc_bwd_dq"),
 }
 
 
@@ -134,8 +136,17 @@ def test_streamed_forward_matches_the_reference(case, path_id):
     _check(dtype, out, lse, grads, _reference(case, *exact))
 
 
+#: the backward's cases: also head dim 128 (the mma.sync dq kernel's stream addresses in shared memory in 1D
+#: and 2D, in registers in 3D), with a partial head dim (rows staged element by element) and rpb
+BACKWARD_CASES = CASES + [
+    Case((37,), 2, 1, dict(kernel_size=5, dilation=2), head_dim=128, tokens=45),
+    Case((9, 11), 4, 2, dict(kernel_size=(3, 5)), rpb=True, head_dim=100, tokens=70),
+    Case((5, 6, 7), 2, 1, dict(kernel_size=3), head_dim=128, tokens=33),
+]
+
+
 @pytest.mark.parametrize("path_id", BACKWARD_PATHS)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
 def test_streamed_backward_matches_the_reference(case, path_id):
     """The dq kernel streams the tokens and their own kernel writes their gradients, from the reference's
     forward (so that the gradients are checked alone)."""
@@ -157,6 +168,30 @@ def test_streamed_backward_matches_the_reference(case, path_id):
                              grad_lse=dlse, extra_keys=xk, extra_values=xv)
     for first, second in zip(grads, again):  # fixed-order sums: bitwise the same
         assert first is None or torch.equal(first, second)
+
+
+@pytest.mark.parametrize("path_id", BACKWARD_PATHS)
+def test_slots_past_the_last_token_add_nothing_to_dq(path_id):
+    """Every logit far below 0 (scale q.k between about -170 and -120, so lse near -120): exp(-lse) overflows
+    float32, so a slot of the tokens' last, partial chunk (5 tokens) that counted (a zero row, logit 0) would
+    make its ds infinite and dq NaN through 0 * inf. The gradients still match the reference."""
+    path, switches, dtype, dq_kernel = BACKWARD_PATHS[path_id]
+    case = Case((37,), 2, 1, dict(kernel_size=5), tokens=5)
+    (q, k, v, xk, xv, g, dlse, _), _ = _inputs(case, dtype)
+    q = (6 + 0.5 * q.float().clamp(-1, 1)).to(q.dtype)  # queries in [5.5, 6.5], keys in [-6.5, -5.5]
+    k, xk = ((-6 + 0.5 * x.float().clamp(-1, 1)).to(x.dtype) for x in (k, xk))
+    problem = _problem(case, q, k, v, None, xk, xv)
+    reference = _reference(case, *(x.double() for x in (q, k, v, xk, xv, g, dlse)), None)
+    assert reference[1].max() < -100
+    out, lse = reference[0].to(q.dtype), reference[1].float()
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(**switches))
+    pair = kernels.backward_pair(problem)[0]
+    assert pair[0].path == path and kernels.streams_extra_tokens_backward(problem, pair) == (True, "")
+    grads = kernels.backward(problem, g, q, k, v, None, out, lse, grad_lse=dlse, extra_keys=xk, extra_values=xv)
+    assert any(name.startswith(dq_kernel) for name in run.names), run.names
+    assert torch.isfinite(grads[0]).all()
+    _check(dtype, None, None, grads, reference)
 
 
 def _laid_out(x, layout: str):

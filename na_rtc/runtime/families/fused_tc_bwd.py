@@ -121,7 +121,7 @@ def _family(name: str, ranks) -> Family:
     instantiations (the forward's rule is required of the rank's own forward family)."""
     kernels = names(ranks)
     return Family(SOURCE, kernels, dict.fromkeys(kernels, THREADS), _shared(ranks), min_arch=MIN_ARCH, name=name,
-                  roles={"dq": Role(covers, dq_plan, requires=_FORWARD),
+                  roles={"dq": Role(covers, dq_plan, requires=_FORWARD, extra_tokens=True),
                          "dkdv": Role(covers, dkdv_plan, requires=_FORWARD)}, ranks=frozenset(ranks))
 
 
