@@ -191,7 +191,13 @@ def _problem(spec: Spec, inputs: Inputs):
     from .. import _args
 
     q, k, v = inputs.qkv
-    return _args.fused_problem(spec.ndim, q, k, v, spec.kernel, spec.stride, spec.dilation, spec.causal, None, None)
+    return _args.fused_problem(spec.ndim, q, k, v, spec.kernel, spec.stride, spec.dilation, spec.causal, None, None,
+                               *_extra(inputs))
+
+
+def _extra(inputs: Inputs) -> tuple:
+    """The extra keys and values, detached, or () without extra tokens."""
+    return () if inputs.extra_k is None else (inputs.extra_k.detach(), inputs.extra_v.detach())
 
 
 def _executor(inputs: Inputs):
@@ -465,21 +471,23 @@ def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
     from ..runtime.ops import make_ops
 
     _require_rank(spec, inputs, "the reference backend builds no launch plans to time")
-    refuse_extra_tokens(spec, "the extra tokens' backward (and the merge of forward kernels that do not stream "
-                              "them) runs matrix products on the device, which this entry, timing host work with "
-                              "nothing launched, cannot leave out")
     plans = []
     table = make_ops(lambda plan: plans.append(plan.kernel.name), inputs.kernel_backend, verification="peek")
     problem = _problem(spec, inputs)
     q, k, v = (x.detach() for x in inputs.qkv)
     grad_out = inputs.grad_out
+    extra = _extra(inputs)
+    if extra and not _tokens_stay_in_kernels(table, problem):
+        refuse_extra_tokens(spec, "where the chosen dq kernel does not stream the extra tokens their part of the "
+                                  "backward runs matrix products on the device, which this entry, timing host work "
+                                  "with nothing launched, cannot leave out")
 
     def forward():
-        return table["fused_forward"](problem, q, k, v)[0]
+        return table["fused_forward"](problem, q, k, v, None, *extra)[0]
 
     def forward_backward():
-        out, lse = table["fused_forward"](problem, q, k, v)
-        return table["fused_backward"](problem, grad_out, q, k, v, None, out, lse)
+        out, lse = table["fused_forward"](problem, q, k, v, None, *extra)
+        return table["fused_backward"](problem, grad_out, q, k, v, None, out, lse, None, *extra)
 
     forward()
     counts = {"plans_forward": len(plans)}
@@ -489,6 +497,18 @@ def _prepare_host_overhead(spec: Spec, inputs: Inputs) -> Prepared:
     notes = {"backend": inputs.kernel_backend, **counts, "host_us_forward": round(_host_us(forward), 2),
              "host_us_forward_backward": round(_host_us(forward_backward), 2)}
     return Prepared(forward, forward_backward, notes=notes, comparable=False)
+
+
+def _tokens_stay_in_kernels(table, problem) -> bool:
+    """Whether the op table's kernels take the problem's extra tokens in its forward and backward (nothing of
+    theirs runs as matrix products)."""
+    from ..runtime.dispatch import streams_extra_tokens
+
+    dispatcher = table["fused_forward"].__self__.dispatcher(problem)
+    route = dispatcher.forward_route(problem.without_extra_tokens())[0]
+    pair = dispatcher.backward_pair(problem)[0]
+    return (route is not None and streams_extra_tokens(route) and pair is not None
+            and dispatcher.streams_extra_tokens_backward(problem, pair)[0])
 
 
 # ---------------------------------------------------------------- the table
