@@ -2,7 +2,8 @@
 // 16-byte cp.async pieces where the layout allows (element copies otherwise),
 // rows of a key box or of a query tile, and the two-stage stream of K/V
 // chunks that the forward and the dq kernel walk (the mma.sync forward's and
-// dq kernel's run on into the extra key/value tokens: na_tc_kv_token_stream).
+// dq kernel's run on into the extra key/value tokens: na_tc_kv_token_stream;
+// the wgmma kernels stage theirs with na_wg_load_tokens).
 #pragma once
 
 #include "na_async.cuh"
@@ -310,4 +311,41 @@ __device__ __forceinline__ void na_tc_load_tile(T* dst, const T* src, long long 
         at = rows.at<(TZ == 1 ? 2 : 3)>(qx, qy, qz);
         return qx < tx.n && qy < ty.n && (TZ == 1 || qz < tz.n);
     });
+}
+
+// v, opaque to the compiler's code motion (an empty asm on the device; the emulator's build keeps it as is)
+template <class V>
+__device__ __forceinline__ V na_wg_opaque(V v) {
+    static_assert(sizeof(V) == 8, "64-bit values (pointers, offsets)");
+#ifdef __CUDA_ARCH__
+    asm volatile("" : "+l"(v));
+#endif
+    return v;
+}
+
+// The wgmma kernels' token chunks (the forward's, na_fused_wg.cu, and the dq kernel's, na_fused_wg_bwd.cu).
+// Token rows t0 .. t0 + KC - 1 of one tensor of the extra tokens (NA_EXTRA: row n at src + base + n * row,
+// head dims `step` apart, n < NX) into KC shared rows of layout L; rows past NX and head dims past len zero. As
+// na_tc_load_rows (16-byte cp.async pieces with `vec`, landed at the caller's wait; elements otherwise), one piece
+// an iteration without unrolling: the token chunks are few, and unrolled loads held registers in the chunk loop.
+template <class T, int HD, class L, int KC, int THREADS>
+__device__ __forceinline__ void na_wg_load_tokens(T* dst, const T* src, long long base, long long row,
+                                                  long long step, bool vec, int len, long long t0, long long NX) {
+    if (vec) {
+        constexpr int V = 16 / (int)sizeof(T), PIECES = HD / V;
+#pragma unroll 1
+        for (int e = (int)threadIdx.x; e < KC * PIECES; e += THREADS) {
+            int r, c;
+            L::piece(e, PIECES, r, c);
+            c *= V;
+            const bool ok = t0 + r < NX && c < len;
+            na_cp_async_zfill_16(dst + L::at(r, c), ok ? src + base + (t0 + r) * row + c : src, ok ? 16 : 0);
+        }
+        return;
+    }
+#pragma unroll 1
+    for (int e = (int)threadIdx.x; e < KC * HD; e += THREADS) {
+        const int r = e / HD, c = e % HD;
+        dst[L::at(r, c)] = t0 + r < NX && c < len ? src[base + (t0 + r) * row + c * step] : T();
+    }
 }
