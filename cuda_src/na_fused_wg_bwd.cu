@@ -1,5 +1,6 @@
 // The fused backward on Hopper's warpgroup tensor cores (wgmma, sm_90a; fp16 /
-// bf16): the dq kernel, then the dK/dV kernel. They keep the steps of the
+// bf16): the dq kernel (which also streams the extra key/value tokens after
+// its key box), then the dK/dV kernel. They keep the steps of the
 // mma.sync backward (na_fused_tc_bwd.cu), with the products as warpgroup
 // products, and share the forward's block decode, staging and core-matrix
 // layouts (na_fused_wg.cu, na_tc_load.cuh); every kernel has blocks of WG
@@ -26,6 +27,14 @@
 //   dQ += ds K                  KC / 16 wgmma m64nHDk16, ds from registers, K
 //                               MN-major (as V in the forward's P V);
 // with a bias, ds also goes to shared memory for the per-tile partials.
+// Extra tokens (NA_EXTRA, as in the wgmma forward na_fused_wg.cu): streamed
+// after the box as one more key range: chunk c at or past the box's chunk
+// count holds token rows (c - box chunks) KC .. + KC - 1 of key/value head
+// NA_KV_HEAD(h), staged by the same two stages (rows past NX zero); every
+// warpgroup with a valid query takes every token chunk, whose ds is
+// p (dp - delta) with p = exp(scale q.k - lse) (no bias, no window test; 0
+// past NX), and dQ += ds K as for the box. The bias partials are the box's
+// keys' alone. Without tokens (NX 0) the chunks are the box's.
 // Every warp multiplies every key of the chunk (see the forward): a NaN in a
 // K or V row can reach every query of the tile. QS (operands in shared
 // memory): S and dP in the SS form, Q and dOut read as core matrices from
@@ -102,7 +111,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     // with QS too (8 bytes with one warpgroup); an empty window never holds a tile
     const na_tc_warp_window common = HD < 128 || (QS && RANK < 3) ? na_tc_common_window<1, RANK>(&rows)
                                                                   : na_tc_warp_window{1, 0, 1, 0, 1, 0};
-    const int chunks = (box.keys + KC - 1) / KC;
+    // the box's chunks, then the extra tokens' (NA_EXTRA; as in the forward): one stream, so that the
+    // pipeline runs on across the boundary; chunk c >= box_chunks holds tokens (c - box_chunks) KC .. + KC - 1
+    const int box_chunks = (box.keys + KC - 1) / KC;
+    const int chunks = box_chunks + (int)((NX + KC - 1) / KC);
     float row_lse[2], row_delta[2];
     na_tc_row_stats<TY, TZ, RANK>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
                                   {e_b, e_x, e_y, e_h}, tx, ty, dx, dy, b, h, tz, az.dilation, l_z, e_z);
@@ -113,8 +125,22 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 2, RANK>(
         k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
         tz, az.dilation, k_z3, v_z3);
+    // token chunk c (>= box_chunks) into its stage as one cp.async group (as the forward's load_tokens: the
+    // tokens' offsets and checks computed here from opaque copies, not held through the chunk loop)
+    const auto load_tokens = [&](int c) {
+        T* stage = kv.stage_of(stages, c);
+        const long long bb = na_wg_opaque(b), kvh = na_wg_opaque(NA_KV_HEAD(h));
+        const T *xkp = na_wg_opaque(xk), *xvp = na_wg_opaque(xv);
+        const long long t0 = (long long)(c - box_chunks) * KC;
+        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage, xkp, bb * xk_b + kvh * xk_h, xk_n, xk_l,
+                                                 na_rows_vectorizable(xkp, D, xk_l, xk_b, xk_n, xk_h, 0), d_len, t0, NX);
+        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage + L::rows(KC), xvp, bb * xv_b + kvh * xv_h, xv_n, xv_l,
+                                                 na_rows_vectorizable(xvp, DV, xv_l, xv_b, xv_n, xv_h, 0), (int)DV,
+                                                 t0, NX);
+        na_cp_async_commit();
+    };
     if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
-    kv.load(stages, box, 0);
+    kv.load(stages, box, 0);  // a box has a key at least
     // this lane's 4 values of 8-key tile nt into its rows of sds (the bias partials' ds)
     const auto put_ds = [&](int nt, const float(&d)[4]) {
 #pragma unroll
@@ -123,9 +149,21 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
 
     for (int chunk = 0; chunk < chunks; ++chunk) {
         const int c0 = chunk * KC, cn = box.keys - c0 < KC ? box.keys - c0 : KC;
-        const T* sk = kv.template arrive<true>(stages, box, chunk, chunks);
-        // warpgroup-uniform: keys of its queries here (otherwise its ds rows are zero for the bias partials)
-        if (WG == 1 || (chunk >= wg_chunks[warp / 4][0] && chunk < wg_chunks[warp / 4][1])) {
+        // kv.arrive over both ranges: wait for this chunk, make it visible to wgmma and the block, then issue
+        // chunk + 1 (of the box or of the tokens) into the stage chunk - 1 held
+        na_cp_async_wait_group<0>();
+        na_fence_proxy_async();
+        __syncthreads();
+        if (chunk + 1 < chunks) {
+            if (chunk + 1 < box_chunks) kv.load(stages, box, chunk + 1);
+            else load_tokens(chunk + 1);
+        }
+        const T* sk = kv.stage_of(stages, chunk);
+        const bool tokens = chunk >= box_chunks;  // block-uniform
+        // warpgroup-uniform: keys of its queries here (otherwise its ds rows are zero for the bias partials);
+        // every token chunk where it has a query (lo == hi: none)
+        if (WG == 1 || (tokens ? wg_chunks[warp / 4][0] < wg_chunks[warp / 4][1]
+                               : chunk >= wg_chunks[warp / 4][0] && chunk < wg_chunks[warp / 4][1])) {
             const unsigned k_address = smem_address + (unsigned)((sk - tiles_q_g) * (int)sizeof(T));
             const unsigned v_address = k_address + (unsigned)(L::rows(KC) * (int)sizeof(T));
 
@@ -152,16 +190,29 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
             na_wgmma_hold(dpf);
 
             float ds[NT][4];
-            const bool chunk_full = !rpb && na_tc_keys_full<TY>(common, c0, KC, box);  // warp-uniform
+            if (tokens) {
+                // tokens: every valid row sees each one, no window and no bias; p = 0 past NX (zero rows)
+                const int n = (int)na_min((long long)KC, NX - (long long)(chunk - box_chunks) * KC);
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const int key0 = c0 + 8 * nt + 2 * t;
-                bool in[1][4];
-                if (chunk_full) in[0][0] = in[0][1] = rows.valid[0], in[0][2] = in[0][3] = rows.valid[1];
-                else na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
-                na_tc_dq_ds(ds[nt], s[nt], dp[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, (float)scale, row_lse,
-                            row_delta, rpb_z);
-                if (partial_out) put_ds(nt, ds[nt]);
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+                        ds[nt][c] = rows.valid[c / 2] && 8 * nt + 2 * t + c % 2 < n
+                                        ? na_exp(s[nt][c] * (float)scale - row_lse[c / 2]) *
+                                              (dp[nt][c] - row_delta[c / 2])
+                                        : 0.f;
+            } else {
+                const bool chunk_full = !rpb && na_tc_keys_full<TY>(common, c0, KC, box);  // warp-uniform
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const int key0 = c0 + 8 * nt + 2 * t;
+                    bool in[1][4];
+                    if (chunk_full) in[0][0] = in[0][1] = rows.valid[0], in[0][2] = in[0][3] = rows.valid[1];
+                    else na_tc_visible_elements<TY, 1>(&rows, common, c0 + 8 * nt, key0, box, in);
+                    na_tc_dq_ds(ds[nt], s[nt], dp[nt], in[0], rows, key0, box, rpb, rpb_x, rpb_y, (float)scale,
+                                row_lse, row_delta, rpb_z);
+                    if (partial_out) put_ds(nt, ds[nt]);
+                }
             }
 
             // dQ += ds K over 16-key steps: ds from registers, K's k-step is two row groups
@@ -169,12 +220,12 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
             na_wgmma_rs_tiles<T, HD, KC>(accf, da, ds, k_address, ROW_GROUP);
             na_wgmma_wait<0>();
             na_wgmma_hold(accf);
-        } else if (partial_out) {
+        } else if (partial_out && !tokens) {
             const float zero[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) put_ds(nt, zero);
         }
-        if (partial_out) {
+        if (partial_out && !tokens) {  // the bias partials: the box's keys only
             __syncthreads();  // every warp's ds of this chunk is in sds
             na_tc_dq_bias_chunk<TY, KS, THREADS, RANK, TZ>(racc, sds, entries, kx, ky, tx, ty, box, c0, cn, az.kernel,
                                                            tz);
