@@ -58,6 +58,7 @@ BACKWARD_PATHS = {
     "simt-fp16": ("simt", dict(), "float16", "na_fused_bwd_dq"),
     "mma.sync-fp16": ("mma.sync", dict(tensor_cores=True), "float16", "na_fused_tc_bwd_dq"),
     "mma.sync-bf16": ("mma.sync", dict(tensor_cores=True), "bfloat16", "na_fused_tc_bwd_dq"),
+    "wgmma-bf16": ("wgmma", dict(tensor_cores=True, wgmma=True), "bfloat16", "na_fused_wg_bwd_dq"),
 }
 
 
@@ -327,3 +328,34 @@ def test_wgmma_stages_tokens_element_by_element(setting, monkeypatch):
     assert_close(out, out64, "bfloat16", "forward", "out")
     assert_close(lse, lse64, "bfloat16", "forward", "lse")
 
+
+#: the wgmma dq kernel's cases: the forward's (token chunks after boxes of several chunks, the second warpgroup's
+#: box chunks starting past chunk 0 and ending before the box's last; a bias, whose partials take no token), and
+#: 2D at head dim 128, where the dq kernel reads Q and dOut from shared memory (QS)
+WGMMA_DQ_CASES = [*WGMMA_CASES, Case((9, 11), 2, 1, dict(kernel_size=3), rpb=True, head_dim=128, tokens=45)]
+
+
+@pytest.mark.parametrize("setting", ["table", "1wg"])
+@pytest.mark.parametrize("case", WGMMA_DQ_CASES, ids=str)
+def test_wgmma_dq_streams_tokens_under_every_block_setting(case, setting, monkeypatch):
+    """The wgmma dq kernel under the table's blocks (two warpgroups) and one warpgroup a block (its chunk size
+    is the family's own: NA_RTC_WGMMA_CHUNK_KEYS sets the forward's); every gradient against the reference."""
+    from na_rtc.runtime.families import fused_wg, fused_wg_bwd
+
+    for name, value in WGMMA_SETTINGS[setting].items():
+        monkeypatch.setenv(name, value)
+    (q, k, v, xk, xv, g, dlse, rpb), exact = _inputs(case, "bfloat16")
+    problem = _problem(case, q, k, v, rpb, xk, xv)
+    reference = _reference(case, *exact)
+    out, lse = reference[0].to(q.dtype), reference[1].float()
+    run = RecordingExecutor()
+    kernels = Dispatcher(run, kernel_policy(tensor_cores=True, wgmma=True))
+    pair = kernels.backward_pair(problem)[0]
+    assert pair[0].path == "wgmma" and kernels.streams_extra_tokens_backward(problem, pair) == (True, "")
+    grads = kernels.backward(problem, g, q, k, v, composed.bias_in_accumulator(problem, rpb), out, lse,
+                             grad_lse=dlse, extra_keys=xk, extra_values=xv)
+    hd = fused_wg.head_dim_bucket(max(case.head_dim, case.head_dim_v or 0))
+    wanted = fused_wg_bwd.dq_name_of(hd, "bfloat16", case.ndim, warpgroups=1 if setting == "1wg" else None)
+    assert wanted in run.names, run.names
+    assert run.names[-1].startswith("na_tokens_bwd_dkdv<"), run.names
+    _check("bfloat16", None, None, grads, reference)

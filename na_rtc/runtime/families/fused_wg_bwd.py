@@ -2,7 +2,8 @@
 
 * ``na_fused_wg_bwd_dq<T, HD, TX, TY, KC, QS, WG>``: dq as warpgroup products
   (S, dP, dQ += ds K) over the key box, KC keys at a time (QS: Q and dOut from
-  shared memory, in 2D and 3D at head dim 128);
+  shared memory, in 2D and 3D at head dim 128), then over the extra tokens
+  (``extra_tokens=True``: streamed after the box, as the wgmma forward does);
 * ``na_fused_wg_bwd_dkdv<T, HD, TX, TY, QC, WG>``: dK and dV per key tile over
   its query box, QC queries at a time (S^T, dP^T in the SS form, then
   dV += P^T dOut, dK += dS^T Q).
@@ -140,7 +141,7 @@ def _family(name: str, ranks) -> Family:
     """The family (``ranks`` (1, 2)) or its 3D twin (``(3,)``): the same rules and planners (the required rules
     are the 3D twins' for a 3D call), each its instantiations."""
     return Family(SOURCE, names(ranks), *_launch_sizes(ranks), archs=(ARCH,), arch_specific=True, name=name,
-                  roles={"dq": Role(dq_covers, dq_plan, requires=_REQUIRES),
+                  roles={"dq": Role(dq_covers, dq_plan, requires=_REQUIRES, extra_tokens=True),
                          "dkdv": Role(dkdv_covers, dkdv_plan, requires=_REQUIRES)}, ranks=frozenset(ranks))
 
 
