@@ -111,20 +111,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
         tz, az.dilation, k_z3, v_z3);
     // token chunk c (>= box_chunks) into its stage as one cp.async group (the tokens' strides stay kernel
     // parameters until then)
-    const auto load_tokens = [&](int c) {
-        T* stage = kv.stage_of(stages, c);
-        // opaque copies: what is computed from them below stays inside this branch (hoisted out of the chunk
-        // loop, the tokens' offsets and checks held registers in every chunk)
-        const long long bb = na_wg_opaque(b), kvh = na_wg_opaque(NA_KV_HEAD(h));
-        const T *xkp = na_wg_opaque(xk), *xvp = na_wg_opaque(xv);
-        const long long t0 = (long long)(c - box_chunks) * KC;
-        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage, xkp, bb * xk_b + kvh * xk_h, xk_n, xk_l,
-                                                 na_rows_vectorizable(xkp, D, xk_l, xk_b, xk_n, xk_h, 0), d_len, t0, NX);
-        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage + L::rows(KC), xvp, bb * xv_b + kvh * xv_h, xv_n, xv_l,
-                                                 na_rows_vectorizable(xvp, DV, xv_l, xv_b, xv_n, xv_h, 0), (int)DV,
-                                                 t0, NX);
-        na_cp_async_commit();
-    };
+    NA_WG_TOKEN_LOADER(load_tokens, T, HD, L, KC, THREADS, kv, stages, box_chunks, d_len)
     const auto load_chunk = [&](int c) {
         if (c < box_chunks) kv.load(stages, box, c);
         else load_tokens(c);

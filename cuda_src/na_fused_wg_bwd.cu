@@ -125,20 +125,8 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     const auto kv = na_tc_kv_stream_of<T, HD, L, KC, TY, THREADS, 2, RANK>(
         k, {k_b, k_x, k_y, k_h, k_l}, v, {v_b, v_x, v_y, v_h, v_l}, D, DV, tx, ty, dx, dy, b, NA_KV_HEAD(h),
         tz, az.dilation, k_z3, v_z3);
-    // token chunk c (>= box_chunks) into its stage as one cp.async group (as the forward's load_tokens: the
-    // tokens' offsets and checks computed here from opaque copies, not held through the chunk loop)
-    const auto load_tokens = [&](int c) {
-        T* stage = kv.stage_of(stages, c);
-        const long long bb = na_wg_opaque(b), kvh = na_wg_opaque(NA_KV_HEAD(h));
-        const T *xkp = na_wg_opaque(xk), *xvp = na_wg_opaque(xv);
-        const long long t0 = (long long)(c - box_chunks) * KC;
-        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage, xkp, bb * xk_b + kvh * xk_h, xk_n, xk_l,
-                                                 na_rows_vectorizable(xkp, D, xk_l, xk_b, xk_n, xk_h, 0), d_len, t0, NX);
-        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage + L::rows(KC), xvp, bb * xv_b + kvh * xv_h, xv_n, xv_l,
-                                                 na_rows_vectorizable(xvp, DV, xv_l, xv_b, xv_n, xv_h, 0), (int)DV,
-                                                 t0, NX);
-        na_cp_async_commit();
-    };
+    // token chunk c (>= box_chunks) into its stage as one cp.async group (as the forward's)
+    NA_WG_TOKEN_LOADER(load_tokens, T, HD, L, KC, THREADS, kv, stages, box_chunks, d_len)
     if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
     kv.load(stages, box, 0);  // a box has a key at least
     // this lane's 4 values of 8-key tile nt into its rows of sds (the bias partials' ds)

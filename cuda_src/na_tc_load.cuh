@@ -349,3 +349,24 @@ __device__ __forceinline__ void na_wg_load_tokens(T* dst, const T* src, long lon
         dst[L::at(r, c)] = t0 + r < NX && c < len ? src[base + (t0 + r) * row + c * step] : T();
     }
 }
+
+// The wgmma kernels' loader of token chunk c (>= box_chunks; NA_EXTRA's keys and values of key/value head
+// NA_KV_HEAD(h)) into its stage of the stream `kv`, as one cp.async group: a lambda `name(c)` in a kernel that
+// takes NA_EXTRA(T) and NA_PROBLEM. Its offsets and checks come from opaque copies (na_wg_opaque), so that what
+// is computed from them stays inside the lambda: hoisted out of the chunk loop they held registers in every
+// chunk.
+#define NA_WG_TOKEN_LOADER(name, T, HD, L, KC, THREADS, kv, stages, box_chunks, d_len)                         \
+    const auto name = [&](int c) {                                                                             \
+        T* stage = kv.stage_of(stages, c);                                                                     \
+        const long long bb = na_wg_opaque(b), kvh = na_wg_opaque(NA_KV_HEAD(h));                               \
+        const T *xkp = na_wg_opaque(xk), *xvp = na_wg_opaque(xv);                                              \
+        const long long t0 = (long long)(c - (box_chunks)) * (KC);                                             \
+        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage, xkp, bb * xk_b + kvh * xk_h, xk_n, xk_l,                \
+                                                 na_rows_vectorizable(xkp, D, xk_l, xk_b, xk_n, xk_h, 0),      \
+                                                 d_len, t0, NX);                                               \
+        na_wg_load_tokens<T, HD, L, KC, THREADS>(stage + L::rows(KC), xvp, bb * xv_b + kvh * xv_h, xv_n,       \
+                                                 xv_l, na_rows_vectorizable(xvp, DV, xv_l, xv_b, xv_n, xv_h, 0), \
+                                                 (int)DV, t0, NX);                                             \
+        na_cp_async_commit();                                                                                  \
+    };
+
