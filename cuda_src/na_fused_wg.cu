@@ -94,8 +94,10 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     // the z strides, constant 0 below rank 3 (the arguments are 0 there too), so that z terms fold away
     const long long q_z3 = RANK == 3 ? q_z : 0, k_z3 = RANK == 3 ? k_z : 0, v_z3 = RANK == 3 ? v_z : 0;
     // the box's chunks, then the extra tokens' (NA_EXTRA): one stream, so that the pipeline runs on across
-    // the boundary; chunk c >= box_chunks holds tokens (c - box_chunks) KC .. + KC - 1
-    const int box_chunks = (box.keys + KC - 1) / KC;
+    // the boundary; chunk c >= box_chunks holds tokens (c - box_chunks) KC .. + KC - 1. An empty box (dense
+    // attention: no window) is one chunk of zero rows outside every window, so that chunk 0 is always the box's
+    // (loading it from the tokens too costs the one-warpgroup kernels up to 45 registers)
+    const int box_chunks = box.keys > 0 ? (box.keys + KC - 1) / KC : 1;
     const int chunks = box_chunks + (int)((NX + KC - 1) / KC);
 
     T* smem = reinterpret_cast<T*>(na_dynamic_shared());
@@ -118,7 +120,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_fwd(
     };
     na_tc_load_tile<T, HD, L, TX, TY, THREADS, TZ>(sq, q, q_b, q_x, q_y, q_h, q_l, b, h, d_len, dx, dy, tx, ty, tz,
                                                    az.dilation, q_z3);
-    kv.load(stages, box, 0);  // with the Q tile: chunk 0 into stage 0 (a box has a key at least)
+    kv.load(stages, box, 0);  // with the Q tile: chunk 0 into stage 0 (a box has a chunk at least)
     if (chunks > 1) {
         load_chunk(1);  // lands during the first iteration's softmax
         na_cp_async_wait_group<1>();

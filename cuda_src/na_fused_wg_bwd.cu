@@ -112,8 +112,9 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     const na_tc_warp_window common = HD < 128 || (QS && RANK < 3) ? na_tc_common_window<1, RANK>(&rows)
                                                                   : na_tc_warp_window{1, 0, 1, 0, 1, 0};
     // the box's chunks, then the extra tokens' (NA_EXTRA; as in the forward): one stream, so that the
-    // pipeline runs on across the boundary; chunk c >= box_chunks holds tokens (c - box_chunks) KC .. + KC - 1
-    const int box_chunks = (box.keys + KC - 1) / KC;
+    // pipeline runs on across the boundary; chunk c >= box_chunks holds tokens (c - box_chunks) KC .. + KC - 1;
+    // an empty box (dense attention) is one chunk of zero rows outside every window, as in the forward
+    const int box_chunks = box.keys > 0 ? (box.keys + KC - 1) / KC : 1;
     const int chunks = box_chunks + (int)((NX + KC - 1) / KC);
     float row_lse[2], row_delta[2];
     na_tc_row_stats<TY, TZ, RANK>(row_lse, row_delta, rows, 16 * warp, lane, lse, {l_b, l_x, l_y, l_h}, delta,
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(NA_TC_THREADS * WG, 1) na_fused_wg_bwd_dq(
     // token chunk c (>= box_chunks) into its stage as one cp.async group (as the forward's)
     NA_WG_TOKEN_LOADER(load_tokens, T, HD, L, KC, THREADS, kv, stages, box_chunks, d_len)
     if (!QS) __syncthreads();  // every warp holds its Q and dOut fragments: the stages are free
-    kv.load(stages, box, 0);  // a box has a key at least
+    kv.load(stages, box, 0);  // a box has a chunk at least
     // this lane's 4 values of 8-key tile nt into its rows of sds (the bias partials' ds)
     const auto put_ds = [&](int nt, const float(&d)[4]) {
 #pragma unroll

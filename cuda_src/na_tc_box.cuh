@@ -156,4 +156,7 @@ __device__ __forceinline__ void na_tc_warpgroup_chunks(const na_axis& ax, const 
     na_window(ax, (tx.q0 + last) * dx + tx.g, s1, e1);
     lo = (int)(s0 - tx.h0) * hy / KC;
     hi = ((int)(e1 - tx.h0) * hy + KC - 1) / KC;
+    // a window holds a key at least, but for dense attention's empty ones (an empty box, counted as one chunk of
+    // zero rows): never empty with queries, so that lo < hi says "takes the token chunks" in every case
+    if (hi <= lo) hi = lo + 1;
 }

@@ -131,6 +131,11 @@ class Problem:
         """``additional_values``' shape: ``[batch, extra_tokens, kv_heads, head_dim_v]``."""
         return (self.batch, self.extra_tokens, self.kv_heads, self.v_dim)
 
+    @property
+    def empty_neighborhood(self) -> bool:
+        """Whether no query has a window slot: dense attention over the extra tokens alone (:func:`dense_problem`)."""
+        return self.slots == 0
+
     def without_extra_tokens(self) -> "Problem":
         """The neighborhood part of a call with extra tokens (what the neighborhood's kernels and gradients
         take once the forward's output and logsumexp cover both parts)."""
@@ -365,6 +370,38 @@ def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_cau
                       heads_kv, None if head_dim_v == head_dim else head_dim_v)
     tokens = _extra_tokens(problem, query, additional_keys, additional_values)
     return replace(problem, extra_tokens=tokens) if tokens else problem
+
+
+def dense_problem(query, key, value, scale) -> Problem:
+    """Validate the arguments of ``na_rtc.attention`` (``[batch, tokens, heads(_kv), head_dim(_v)]`` arrays) and
+    return its problem: the fused op with an empty neighborhood and the keys as extra tokens. The one axis has
+    the query's length and kernel 0 with one stride block over the whole axis, so that every window is the
+    empty ``[s, s)`` of the window math (window.py) and every query tile's key box is empty: the kernels
+    stream the extra tokens alone."""
+    _array_kind("query", query)
+    _same_placement("query", query, {"key": key, "value": value})
+    dtype = _floating("query", query)
+    shapes = {name: tuple(int(s) for s in x.shape) for name, x in (("query", query), ("key", key), ("value", value))}
+    for name, shape in shapes.items():
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, tokens, heads, head_dim], got shape {shape}")
+    (batch, queries, heads, dim), (_, keys, heads_kv, key_dim), value_shape = shapes.values()
+    if dim < 1:
+        raise ValueError(f"query head_dim (last dimension) must be >= 1, got {dim}")
+    if key_dim != dim or shapes["key"][0] != batch:
+        raise ValueError(f"key must be [batch, keys, heads_kv, head_dim] = [{batch}, keys, heads_kv, {dim}] (the "
+                         f"query's batch and head dim), got shape {shapes['key']}")
+    if value_shape[:3] != shapes["key"][:3] or value_shape[3] < 1:
+        raise ValueError(f"value must be [batch, keys, heads_kv, head_dim_v] with the key's batch, keys and heads "
+                         f"{shapes['key'][:3]}, got shape {value_shape}")
+    if heads_kv < 1 or heads % heads_kv:
+        raise ValueError(f"key has {heads_kv} heads, which must divide query's {heads} heads (GQA/MQA: each "
+                         f"key/value head serves heads // heads_kv query heads)")
+    empty = Axis(queries, 0, max(queries, 1))
+    head_dim_v = value_shape[3]
+    return Problem(FUSED, (empty,), batch, heads, dim, dtype, _arrays.kind_of(query), _arrays.device_of(query),
+                   scale=_scale(scale, dim), heads_kv=heads_kv, head_dim_v=None if head_dim_v == dim else head_dim_v,
+                   extra_tokens=keys)
 
 
 def _extra_tokens(problem: Problem, query, additional_keys, additional_values) -> int:

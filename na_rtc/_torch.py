@@ -453,31 +453,58 @@ class FusedNA(torch.autograd.Function):
         return (None, None, *grads, *((None, None) if len(grads) == 4 else ()))
 
 
+# ---------------------------------------------------------------- custom ops: dense attention
+
+
+@torch.library.custom_op("na_rtc::attention_fwd", mutates_args=())
+@_without_autocast
+def attention_fwd(query: Tensor, key: Tensor, value: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    # the fused op with an empty neighborhood and the keys as its extra tokens (_args.dense_problem)
+    problem = _args.dense_problem(query, key, value, scale)
+    return _ops(backend)["fused_forward"](problem, query, key, value, None, key, value)
+
+
+@attention_fwd.register_fake
+def _(query, key, value, scale, backend):
+    return (query.new_empty((*query.shape[:-1], value.shape[-1])),
+            query.new_empty(query.shape[:-1], dtype=_lse_dtype(query)))
+
+
+@torch.library.custom_op("na_rtc::attention_bwd", mutates_args=())
+@_without_autocast
+def attention_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, output: Tensor, logsumexp: Tensor,
+                  grad_lse: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    problem = _args.dense_problem(query, key, value, scale)
+    dq, _, _, _, dk, dv = _ops(backend)["fused_backward"](problem, grad_out, query, key, value, None, output,
+                                                          logsumexp, grad_lse, key, value)
+    return dq, dk, dv
+
+
+@attention_bwd.register_fake
+def _(grad_out, query, key, value, output, logsumexp, grad_lse, scale, backend):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
 class DenseAttention(torch.autograd.Function):
-    """(query, key, value) -> (output, logsumexp) of :func:`na_rtc.attention`: the forward and backward of
-    :mod:`na_rtc.extra_tokens` (chunked matrix products, no ``[queries, keys]`` matrix kept for the backward)."""
+    """(query, key, value) -> (output, logsumexp) of :func:`na_rtc.attention`, both differentiable: the
+    backend's fused op with an empty neighborhood and the keys as extra tokens, forward and backward."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scale):
-        from . import extra_tokens
-
-        ctx.scale = scale
+    def forward(ctx, backend, scale, query, key, value):
+        ctx.backend, ctx.scale = backend, scale
         ctx.set_materialize_grads(False)
-        out, lse = extra_tokens.attend(query, key, value, scale)
-        out = out.to(query.dtype)
+        out, lse = attention_fwd(query, key, value, scale, backend.name)
         ctx.save_for_backward(query, key, value, out, lse)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        from . import extra_tokens
-
         query, key, value, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = extra_tokens.gradients(grad_out, query, key, value, out, lse, grad_lse, ctx.scale)
-        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None
+        dq, dk, dv = attention_bwd(grad_out, query, key, value, out, lse, grad_lse, ctx.scale, ctx.backend.name)
+        return None, None, dq, dk, dv
 
 
 #: op family -> autograd Function

@@ -99,7 +99,11 @@ def with_extra_tokens(out, lse, query, additional_keys, additional_values, scale
 def merged_forward(forward, problem: Problem, query, key, value, rpb, additional_keys, additional_values):
     """``(out, lse)`` of a call with extra tokens where ``forward`` (a backend's fused forward) takes the
     neighborhood only: its attention merged with dense attention over the tokens, lse float32 (float64 for
-    float64 inputs), as the backends return it."""
+    float64 inputs), as the backends return it. An empty neighborhood (``na_rtc.attention``) is the dense part
+    alone."""
+    if problem.empty_neighborhood:
+        out, lse = attend(query, additional_keys, additional_values, problem.scale)
+        return _arrays.cast(out, _arrays.dtype_name(query)), lse
     out, lse = forward(problem.without_extra_tokens(), query, key, value, rpb)
     out, lse = with_extra_tokens(out, lse, query, additional_keys, additional_values, problem.scale)
     return out, _arrays.cast(lse, _compute_dtype(query))
@@ -141,15 +145,20 @@ def fused_backward(backward, forward, problem: Problem, grad_out, query, key, va
     """``(dq, dk, dv, drpb, d_additional_keys, d_additional_values)`` of a fused call with extra tokens, from a
     backend's fused ``backward`` and ``forward`` (the forward runs only where ``output`` is None): the
     neighborhood's gradients from the backend given the output and logsumexp over both parts, the tokens'
-    from :func:`gradients`; every gradient in its input's dtype."""
+    from :func:`gradients`; every gradient in its input's dtype. An empty neighborhood (``na_rtc.attention``)
+    has no keys of its own: dk, dv and drpb are None."""
     if output is None:
         output, logsumexp = forward(problem, query, key, value, rpb, additional_keys, additional_values)
-    dq, dk, dv, drpb = backward(problem.without_extra_tokens(), grad_out, query, key, value, rpb, output, logsumexp,
-                                grad_lse)
     dq_extra, dxk, dxv = gradients(grad_out, query, additional_keys, additional_values, output, logsumexp, grad_lse,
                                    problem.scale)
     dtype = _arrays.dtype_name(query)
-    dq = _arrays.cast(_arrays.cast(dq, _arrays.dtype_name(dq_extra)) + dq_extra, dtype)
+    if problem.empty_neighborhood:
+        dq, dk, dv, drpb = dq_extra, None, None, None
+    else:
+        dq, dk, dv, drpb = backward(problem.without_extra_tokens(), grad_out, query, key, value, rpb, output,
+                                    logsumexp, grad_lse)
+        dq = _arrays.cast(dq, _arrays.dtype_name(dq_extra)) + dq_extra
+    dq = _arrays.cast(dq, dtype)
     return dq, dk, dv, drpb, _arrays.cast(dxk, dtype), _arrays.cast(dxv, dtype)
 
 

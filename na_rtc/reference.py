@@ -347,7 +347,10 @@ def _softmax_stats(run: _Run, logits):
 def fused_forward(problem: Problem, query, key, value, rpb=None, extra_keys=None, extra_values=None, *,
                   keep_compute_dtype=False):
     """Output and logsumexp of fused neighborhood attention; with extra tokens (``[batch, tokens, heads_kv,
-    head_dim(_v)]``), one softmax over each query's neighborhood and every extra token."""
+    head_dim(_v)]``), one softmax over each query's neighborhood and every extra token; an empty neighborhood
+    (``na_rtc.attention``) is dense attention over the tokens (:func:`na_rtc.extra_tokens.attend`)."""
+    if problem.empty_neighborhood:
+        return extra_tokens.merged_forward(fused_forward, problem, query, key, value, rpb, extra_keys, extra_values)
     run = _Run(problem, query)
     m = run.m
     q, k, v = run.prepare(query), run.prepare_kv(key), run.prepare_kv(value)
@@ -379,7 +382,7 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     """Gradients ``(dq, dk, dv, drpb or None)`` of fused neighborhood attention; ``grad_lse``, the
     logsumexp's gradient (or None), enters as ``delta = rowsum(dOut * out) - grad_lse``. With extra tokens,
     ``(..., d_extra_keys, d_extra_values)`` (:func:`na_rtc.extra_tokens.fused_backward`)."""
-    if problem.extra_tokens:
+    if problem.extra_tokens or problem.empty_neighborhood:
         return extra_tokens.fused_backward(fused_backward, fused_forward, problem, grad_out, query, key, value, rpb,
                                            output, logsumexp, grad_lse, extra_keys, extra_values)
     run = _Run(problem, query)

@@ -82,6 +82,27 @@ def test_no_keys():
     assert (q.grad == 0).all()
 
 
+def test_custom_ops_pass_opcheck_and_compile():
+    """The forward and backward custom ops' schemas and fake implementations, a fullgraph torch.compile, and meta
+    tensors (shapes only)."""
+    q, k, v = (x.float() for x in _draw(8, (2, 5, 4, 8), (2, 9, 2, 8), (2, 9, 2, 6)))
+    torch.library.opcheck(torch.ops.na_rtc.attention_fwd.default, (q, k, v, 0.3, "reference"),
+                          test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.na_rtc.attention_fwd(q, k, v, 0.3, "reference")
+    torch.library.opcheck(torch.ops.na_rtc.attention_bwd.default,
+                          (torch.ones_like(out), q, k, v, out, lse, torch.ones_like(lse), 0.3, "reference"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def attend(q, k, v):
+        return na_rtc.attention(q, k, v, scale=0.3, return_lse=True)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(q, k, v), attend(q, k, v)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    out, lse = na_rtc.attention(*(x.to("meta") for x in (q, k, v)), return_lse=True)
+    assert out.shape == (2, 5, 4, 6) and lse.shape == (2, 5, 4) and lse.dtype == torch.float32
+
+
 @pytest.mark.parametrize("shapes, match", [
     (((1, 3, 2, 4), (1, 5, 2, 6), (1, 5, 2, 4)), r"key must be \[batch, keys, heads_kv, head_dim\]"),
     (((1, 3, 2, 4), (1, 5, 2, 4), (1, 6, 2, 4)), "value must be"),
@@ -93,3 +114,103 @@ def test_bad_input_is_named(shapes, match):
         na_rtc.attention(*(torch.ones(s) for s in shapes))
     with pytest.raises(TypeError, match="key"):
         na_rtc.attention(torch.ones(1, 3, 2, 4), np.ones((1, 3, 2, 4)), torch.ones(1, 3, 2, 4))
+
+
+# ---------------------------------------------------------------- on the kernels (emulator)
+
+_EMULATOR = na_rtc.backends.get("emulator")
+needs_emulator = pytest.mark.skipif(not _EMULATOR.probe()[0], reason="emulator needs a C++ compiler")
+
+#: id -> (dtype, settings, the kernel-name prefixes of the forward and the dq kernel)
+KERNEL_PATHS = {
+    "simt-fp32": ("float32", {}, "na_fused_fwd<", "na_fused_bwd_dq<"),
+    "simt-bf16": ("bfloat16", {"NA_RTC_TENSOR_CORES": "0"}, "na_fused_fwd<", "na_fused_bwd_dq<"),
+    "mma.sync-fp16": ("float16", {}, "na_fused_tc_fwd<", "na_fused_tc_bwd_dq<"),
+    "mma.sync-bf16": ("bfloat16", {}, "na_fused_tc_fwd<", "na_fused_tc_bwd_dq<"),
+    "wgmma-1wg-bf16": ("bfloat16", {"NA_RTC_WGMMA": "1", "NA_RTC_WGMMA_WARPGROUPS": "1"}, "na_fused_wg_fwd<",
+                       "na_fused_wg_bwd_dq<"),
+    "wgmma-2wg-fp16": ("float16", {"NA_RTC_WGMMA": "1", "NA_RTC_WGMMA_WARPGROUPS": "2"}, "na_fused_wg_fwd<",
+                       "na_fused_wg_bwd_dq<"),
+}
+#: (batch, queries, keys, heads, heads_kv, head_dim, head_dim_v): keys across chunk boundaries with a partial last
+#: chunk, a partial query tile; 130 queries leave the last tile's second warpgroup without a query (with two
+#: warpgroups) and the first with two
+KERNEL_CASES = [
+    (2, 37, 141, 4, 2, 32, 24),
+    (1, 130, 5, 2, 1, 64, 64),
+]
+
+
+class _Recorder:
+    """The emulator's executor, remembering the kernels it ran."""
+
+    def __init__(self):
+        from na_rtc.runtime import emulated
+
+        self.names, self._run = [], emulated.run
+
+    def __call__(self, plan):
+        self.names.append(plan.kernel.name)
+        return self._run(plan)
+
+
+@needs_emulator
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "b{}-q{}-k{}-h{}kv{}-d{}v{}".format(*c))
+@pytest.mark.parametrize("path_id", KERNEL_PATHS)
+def test_the_kernels_stream_the_keys_forward_and_backward(path_id, case, monkeypatch):
+    """On the emulator backend one forward kernel serves the call (the keys streamed as extra tokens after an
+    empty key box), and the backward is the dq kernel plus the tokens' dK/dV kernel, no dK/dV kernel of a
+    neighborhood; output, logsumexp and every gradient (through both) against float64 softmax attention."""
+    from na_rtc.runtime.ops import make_ops
+
+    dtype, settings, forward_kernel, dq_kernel = KERNEL_PATHS[path_id]
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    recorder = _Recorder()
+    monkeypatch.setattr(_EMULATOR, "_ops", make_ops(recorder, "emulator", "peek"))
+    batch, queries, keys, heads, heads_kv, dim, dim_v = case
+    q, k, v, g, glse = _draw(5, (batch, queries, heads, dim), (batch, keys, heads_kv, dim),
+                             (batch, keys, heads_kv, dim_v), (batch, queries, heads, dim_v), (batch, queries, heads))
+    leaves = [x.to(getattr(torch, dtype)).requires_grad_() for x in (q, k, v)]
+    out, lse = na_rtc.attention(*leaves, return_lse=True, backend="emulator")
+    assert len(recorder.names) == 1 and recorder.names[0].startswith(forward_kernel), recorder.names
+    exact = [x.detach().double().requires_grad_() for x in leaves]  # the inputs as the kernels read them
+    want_out, want_lse = _softmax_attention(*exact)
+    assert_close(out, want_out.detach(), dtype, "forward", "out")
+    assert_close(lse, want_lse.detach(), dtype, "forward", "lse")
+    del recorder.names[:]
+    torch.autograd.backward((out, lse), (g.to(out.dtype), glse.float()))
+    torch.autograd.backward((want_out, want_lse), (g.to(out.dtype).double(), glse.float().double()))
+    assert any(n.startswith(dq_kernel) for n in recorder.names), recorder.names
+    assert recorder.names[-1].startswith("na_tokens_bwd_dkdv<"), recorder.names
+    assert not any("dkdv" in n and not n.startswith("na_tokens") for n in recorder.names), recorder.names
+    for name, got, want in zip(("dq", "dk", "dv"), leaves, exact):
+        assert_close(got.grad, want.grad, dtype, "grad", name)
+
+
+@needs_emulator
+def test_numpy_arrays_on_the_kernels(monkeypatch):
+    recorder = _Recorder()
+    from na_rtc.runtime.ops import make_ops
+
+    monkeypatch.setattr(_EMULATOR, "_ops", make_ops(recorder, "emulator", "peek"))
+    q, k, v = _draw(6, (1, 9, 4, 16), (1, 70, 2, 16), (1, 70, 2, 8))
+    out, lse = na_rtc.attention(q.float().numpy(), k.float().numpy(), v.float().numpy(), return_lse=True,
+                                backend="emulator")
+    assert recorder.names and recorder.names[0].startswith("na_fused_fwd<"), recorder.names
+    want_out, want_lse = _softmax_attention(*(x.float().double() for x in (q, k, v)))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    assert_close(out, want_out.numpy(), "float32", "forward", "out")
+    assert_close(lse, want_lse.numpy(), "float32", "forward", "lse")
+
+
+@needs_emulator
+def test_float64_and_no_keys_on_the_emulator_backend():
+    """No float64 kernel: the matrix products serve (exact); no keys: zeros and -inf, no kernel launched."""
+    q, k, v = _draw(7, (1, 6, 2, 8), (1, 9, 1, 8), (1, 9, 1, 8))
+    out, lse = na_rtc.attention(q, k, v, return_lse=True, backend="emulator")
+    want_out, want_lse = _softmax_attention(q, k, v)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+    out, lse = na_rtc.attention(q.float(), k[:, :0].float(), v[:, :0].float(), return_lse=True, backend="emulator")
+    assert (out == 0).all() and torch.isneginf(lse).all()

@@ -69,7 +69,8 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
     ``rpb_acc``). ``output`` and ``lse`` are the forward's (``lse`` float32 ``[b, *spatial, heads]``);
     ``grad_lse``, the logsumexp's gradient (lse-shaped, or None: none), enters through ``delta``. With extra
     tokens (``launches.tokens`` set), ``(dq, dk, dv, drpb, d_extra_keys, d_extra_values)``: the dq kernel
-    streams them after each tile's neighborhood, and their own kernel writes their gradients.
+    streams them after each tile's neighborhood, and their own kernel writes their gradients; with an empty
+    neighborhood (``na_rtc.attention``) dk and dv are None and no dK/dV kernel of the neighborhood runs.
 
     The dq kernel writes, with a bias, per-tile partial sums of the logit gradient per relative offset
     (float32 ``[heads, tiles, entries]``), which the reduction sums in a fixed order: no atomics, bitwise
@@ -111,10 +112,12 @@ def fused_backward(run: Executor, launches: BackwardLaunches, problem: Problem, 
     args = inputs + extra + A.tensor(dq, problem) + (P.ptr(partial), P.f64(problem.scale)) + problem_args
     run(launches.dq.plan(args))
 
-    dk = _arrays.empty(query, problem.kv_shape, dtype)  # per key/value head: its query heads summed in the kernel
-    dv = _arrays.empty(query, problem.v_shape, dtype)
-    args = inputs + A.tensor(dk, problem) + A.tensor(dv, problem) + (P.f64(problem.scale),) + problem_args
-    run(launches.dkdv.plan(args))
+    dk = dv = None  # an empty neighborhood (dense attention over the tokens) has no keys of its own
+    if not problem.empty_neighborhood:
+        dk = _arrays.empty(query, problem.kv_shape, dtype)  # per key/value head: its query heads summed in the kernel
+        dv = _arrays.empty(query, problem.v_shape, dtype)
+        args = inputs + A.tensor(dk, problem) + A.tensor(dv, problem) + (P.f64(problem.scale),) + problem_args
+        run(launches.dkdv.plan(args))
 
     if drpb is not None:
         run(launches.rpb_reduce.plan(_reduce_args(partial, tiles, drpb, problem)))
