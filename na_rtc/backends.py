@@ -176,6 +176,12 @@ def _load_reference() -> dict:
     return reference.OPS
 
 
+def _load_blocked() -> dict:
+    from . import blocked
+
+    return blocked.OPS
+
+
 def executor(name: str):
     """The function that runs a launch plan on backend ``name`` (``cuda`` or ``emulator``)."""
     from .runtime import cuda, emulated
@@ -206,6 +212,17 @@ register(
         frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), (_arrays.TORCH, "cuda"), _META}),
         lambda: (True, "NumPy arrays and torch tensors (CPU; CUDA tensors when forced)"),
         _load_reference,
+    )
+)
+register(
+    Backend(
+        "blocked",
+        "block-sparse dense attention on the array library's matrix products; NumPy arrays and torch tensors on "
+        "any device",
+        frozenset({(_arrays.NUMPY, "cpu"), (_arrays.TORCH, "cpu"), (_arrays.TORCH, "cuda"), (_arrays.TORCH, "mps"),
+                   (_arrays.TORCH, "xpu"), _META}),
+        lambda: (True, "NumPy arrays and torch tensors on any device"),
+        _load_blocked,
     )
 )
 register(

@@ -1,0 +1,203 @@
+"""The blocked backend: neighborhood attention as block-sparse dense attention, on any array library's matrix
+products (NumPy on the CPU; torch on any device: CPU, Apple MPS, AMD ROCm, Intel XPU, NVIDIA CUDA).
+
+Queries are cut into tiles inside one dilation group per axis (:mod:`na_rtc.blocked.tiles`); each tile
+attends the box of keys its windows cover, densely, with the exact NA mask of the window math (causal,
+stride, dilation and even kernels included) and the bias gathered for the box. That is more multiply-adds than
+the neighborhood itself (a 8 x 8 tile of 13 x 13 windows sees a 20 x 20 box: 2.4x the window's keys) but in
+large batched matrix products, which every array library runs near its hardware's speed, where the reference
+backend gathers every (query, slot) pair. The query heads of one key/value head (GQA/MQA) are rows of the
+same products: the keys and values are never repeated per query head.
+
+The forward computes each chunk of tiles' logits, softmax and output, and keeps the logsumexp; the backward
+recomputes the chunk's probabilities from it (no ``[queries, box]`` matrix is kept between the two) and adds
+the key and value gradients of overlapping boxes. Tiles are processed in chunks whose ``[batch, heads, tile
+queries, box keys]`` logits fit ``NA_RTC_REFERENCE_CHUNK_MB`` (the reference backend's budget; a few such
+buffers are alive at once): beyond working copies of its inputs and outputs, an op holds about four times the
+budget. Extra key/value tokens are merged with the neighborhood through the logsumexps
+(:mod:`na_rtc.extra_tokens`); the split ops (``qk``/``av``) are the reference backend's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _arrays, config, extra_tokens, reference
+from .._args import Problem
+from .._array_math import math_for
+from ..window import Axis
+from .tiles import Tiles, tiles_of
+
+__all__ = ["OPS", "TILES", "fused_backward", "fused_forward", "tile_shape"]
+
+#: queries per tile per axis, by rank (a tile is clamped to an axis shorter than it)
+TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+
+
+def tile_shape(axes: tuple[Axis, ...]) -> tuple[int, ...]:
+    return TILES[len(axes)]
+
+
+class _Run:
+    """One op's state: the math shim, compute dtype, the tiles and their chunks, heads-first working copies with
+    a zero row at index ``N`` (where padding queries and keys point)."""
+
+    def __init__(self, problem: Problem, like):
+        self.problem = problem
+        self.m = math_for(problem, like)
+        self.dtype = self.m.compute_dtype(problem.dtype)
+        self.tiles: Tiles = tiles_of(problem.axes, tile_shape(problem.axes))
+        itemsize = 8 if problem.dtype == "float64" else 4
+        per_tile = max(problem.batch, 1) * problem.heads * self.tiles.tile_queries * self.tiles.box_keys * itemsize
+        self.step = max(1, config.reference_chunk_bytes() // per_tile)
+        self.bias_pad = None
+
+    def padded(self, x, last=None):
+        """``[batch, *spatial, heads, last]`` heads-first in the compute dtype, one zero token row appended."""
+        p = self.problem
+        flat = self.m.heads_first(x, p, self.dtype)
+        out = self.m.zeros((*flat.shape[:2], p.tokens + 1, *flat.shape[3:]), self.dtype)
+        out[:, :, :p.tokens] = flat
+        return out
+
+    def zeros(self, heads: int, last: int | None):
+        p = self.problem
+        return self.m.zeros((p.batch, heads, p.tokens + 1) + (() if last is None else (last,)), self.dtype)
+
+    def chunks(self):
+        """``(queries [c * Tq], keys [c * Kb], mask [c, G * Tq, Kb], bias [c, Tq, Kb] or None)`` per chunk, on
+        the arrays' device."""
+        tiles, m, group = self.tiles, self.m, self.problem.group
+        for start in range(0, tiles.count, self.step):
+            part = slice(start, min(start + self.step, tiles.count))
+            mask = tiles.mask[part]
+            if group > 1:  # the group's query heads are rows g * Tq + t of each tile
+                mask = np.tile(mask, (1, group, 1))
+            bias = m.index(tiles.bias[part]) if self.problem.has_rpb else None
+            yield (m.index(tiles.queries[part].reshape(-1)), m.index(tiles.keys[part].reshape(-1)),
+                   m.index(np.ascontiguousarray(mask)), bias)
+
+    # ------------------------------------------------------------ [B, heads, tokens, ...] <-> tile rows
+
+    def query_rows(self, x, index, count: int):
+        """Query-side ``[B, H, N + 1, ...]`` -> ``[B, Hkv, c, G * Tq, ...]`` (the rows of each tile's products)."""
+        p, tq = self.problem, self.tiles.tile_queries
+        rows = self.m.gather_tokens(x, index)  # [B, H, c * Tq, ...]
+        tail = tuple(rows.shape[3:])
+        rows = rows.reshape(p.batch, p.kv_heads, p.group, count, tq, *tail).swapaxes(2, 3)
+        return rows.reshape(p.batch, p.kv_heads, count, p.group * tq, *tail)
+
+    def put_query_rows(self, target, index, rows, count: int):
+        """The inverse of :meth:`query_rows` into ``target`` (every query belongs to one tile)."""
+        p, tq = self.problem, self.tiles.tile_queries
+        tail = tuple(rows.shape[4:])
+        rows = rows.reshape(p.batch, p.kv_heads, count, p.group, tq, *tail).swapaxes(2, 3)
+        self.m.put_tokens(target, index, rows.reshape(p.batch, p.heads, count * tq, *tail))
+
+    def key_rows(self, x, index, count: int):
+        """Key-side ``[B, Hkv, N + 1, D]`` -> ``[B, Hkv, c, Kb, D]``."""
+        return self.m.gather_tokens(x, index).reshape(x.shape[0], x.shape[1], count, self.tiles.box_keys, -1)
+
+    def add_key_rows(self, target, index, rows):
+        """Add ``[B, Hkv, c, Kb, D]`` to the keys they came from (boxes overlap)."""
+        b, h = rows.shape[:2]
+        self.m.scatter_add(target, 2, index, rows.reshape(b, h, -1, rows.shape[-1]))
+
+    def bias_rows(self, rpb, bias_index, count: int):
+        """The bias of each (query, box key) pair, ``[Hkv, c, G * Tq, Kb]`` (0 outside the window)."""
+        p, tq, kb = self.problem, self.tiles.tile_queries, self.tiles.box_keys
+        if self.bias_pad is None:
+            table = self.m.cast(rpb.reshape(p.heads, -1), self.dtype)
+            self.bias_pad = self.m.concat_last(table, self.m.zeros((p.heads, 1), self.dtype))
+        rows = self.bias_pad[:, bias_index]  # [H, c, Tq, Kb]
+        rows = rows.reshape(p.kv_heads, p.group, count, tq, kb).swapaxes(1, 2)
+        return rows.reshape(p.kv_heads, count, p.group * tq, kb)
+
+    def logits(self, q_rows, k_rows, rpb, mask, bias_index, count: int):
+        """``scale * q.k (+ bias)`` per (query, box key), ``-inf`` outside the windows."""
+        logits = (q_rows @ self.m.transpose_last(k_rows)) * self.problem.scale
+        if bias_index is not None:
+            logits = logits + self.bias_rows(rpb, bias_index, count)
+        return self.m.where(mask, logits, -np.inf)
+
+    def heads_last(self, x, shape, dtype_name: str | None = None):
+        """Drop the padding row: ``[B, heads, N + 1, ...]`` -> heads-last ``shape``."""
+        return self.m.heads_last(x[:, :, :self.problem.tokens], dtype_name or self.problem.dtype, shape)
+
+
+def fused_forward(problem: Problem, query, key, value, rpb=None, extra_keys=None, extra_values=None):
+    """``(out, lse)`` of the fused op (lse float32; float64 for float64 inputs)."""
+    if problem.extra_tokens or problem.empty_neighborhood:
+        return extra_tokens.merged_forward(fused_forward, problem, query, key, value, rpb, extra_keys, extra_values)
+    if math.prod(problem.qkv_shape) == 0:
+        return reference.fused_forward(problem, query, key, value, rpb)
+    run = _Run(problem, query)
+    q, k, v = run.padded(query), run.padded(key), run.padded(value)
+    out, lse = run.zeros(problem.heads, problem.v_dim), run.zeros(problem.heads, None)
+    for queries, keys, mask, bias_index in run.chunks():
+        count = int(mask.shape[0])
+        logits = run.logits(run.query_rows(q, queries, count), run.key_rows(k, keys, count), rpb, mask, bias_index,
+                            count)
+        peak = run.m.amax(logits)
+        weights = run.m.exp(logits - peak)
+        total = run.m.sum_last(weights)
+        rows_out = (weights / total[..., None]) @ run.key_rows(v, keys, count)
+        run.put_query_rows(out, queries, rows_out, count)
+        run.put_query_rows(lse, queries, peak[..., 0] + run.m.log(total), count)
+    lse_dtype = "float64" if problem.dtype == "float64" else "float32"
+    return run.heads_last(out, problem.out_shape), run.heads_last(lse, problem.lse_shape, lse_dtype)
+
+
+def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
+                   grad_lse=None, extra_keys=None, extra_values=None):
+    """``(dq, dk, dv, drpb or None)``; ``delta = rowsum(dOut * out) - grad_lse``; with extra tokens
+    ``(..., d_extra_keys, d_extra_values)`` (:func:`na_rtc.extra_tokens.fused_backward`)."""
+    if problem.extra_tokens or problem.empty_neighborhood:
+        return extra_tokens.fused_backward(fused_backward, fused_forward, problem, grad_out, query, key, value, rpb,
+                                           output, logsumexp, grad_lse, extra_keys, extra_values)
+    if math.prod(problem.qkv_shape) == 0:
+        return reference.fused_backward(problem, grad_out, query, key, value, rpb, output, logsumexp, grad_lse)
+    if output is None:
+        output, logsumexp = fused_forward(problem, query, key, value, rpb)
+    run = _Run(problem, query)
+    m = run.m
+    q, k, v = run.padded(query), run.padded(key), run.padded(value)
+    dout, out = run.padded(grad_out), run.padded(output)
+    lse = run.padded(logsumexp[..., None])[..., 0]
+    delta = m.sum_last(dout * out)  # rowsum(dOut * out), 0 in the padding row
+    if grad_lse is not None:
+        delta = delta - run.padded(grad_lse[..., None])[..., 0]
+    dq = run.zeros(problem.heads, problem.head_dim)
+    dk, dv = run.zeros(problem.kv_heads, problem.head_dim), run.zeros(problem.kv_heads, problem.v_dim)
+    drpb = None
+    if rpb is not None:
+        drpb = m.zeros((problem.heads, math.prod(problem.rpb_shape[1:]) + 1), run.dtype)
+    for queries, keys, mask, bias_index in run.chunks():
+        count = int(mask.shape[0])
+        q_rows, k_rows, v_rows = run.query_rows(q, queries, count), run.key_rows(k, keys, count), run.key_rows(
+            v, keys, count)
+        probs = m.exp(run.logits(q_rows, k_rows, rpb, mask, bias_index, count)
+                      - run.query_rows(lse[..., None], queries, count))
+        dout_rows = run.query_rows(dout, queries, count)
+        run.add_key_rows(dv, keys, m.transpose_last(probs) @ dout_rows)
+        grad_logits = probs * (dout_rows @ m.transpose_last(v_rows) - run.query_rows(delta[..., None], queries, count))
+        run.put_query_rows(dq, queries, (grad_logits @ k_rows) * problem.scale, count)
+        run.add_key_rows(dk, keys, (m.transpose_last(grad_logits) @ q_rows) * problem.scale)
+        if drpb is not None:
+            per_pair = grad_logits.sum(0).reshape(problem.kv_heads, count, problem.group, -1).swapaxes(1, 2)
+            m.scatter_add(drpb, 1, bias_index.reshape(-1), per_pair.reshape(problem.heads, -1))
+    grads = (run.heads_last(dq, problem.qkv_shape), run.heads_last(dk, problem.kv_shape),
+             run.heads_last(dv, problem.v_shape))
+    if drpb is None:
+        return (*grads, None)
+    return (*grads, m.finish(drpb[:, :-1], _arrays.dtype_name(rpb), problem.rpb_shape))
+
+
+#: The blocked backend's op table (the split ops are the reference's).
+OPS = {
+    **reference.OPS,
+    "fused_forward": fused_forward,
+    "fused_backward": fused_backward,
+}
