@@ -66,6 +66,10 @@ class NumpyMath:
         return x.sum(axis=-1)
 
     exp = staticmethod(np.exp)
+
+    def exp_(self, x):
+        """``exp`` in place."""
+        return np.exp(x, out=x)
     log = staticmethod(np.log)
     where = staticmethod(np.where)
 
@@ -146,6 +150,9 @@ class TorchMath:
 
     def exp(self, x):
         return self.torch.exp(x)
+
+    def exp_(self, x):
+        return x.exp_()
 
     def log(self, x):
         return self.torch.log(x)

@@ -238,7 +238,8 @@ def selected_backend() -> Probe:
     except Exception as error:  # noqa: BLE001
         return _missing(f"unknown ({_describe_error(error)})")
     if name is None:
-        return Probe(True, None, f"automatic (cuda for GPU arrays, {_cpu_default()} for CPU arrays)")
+        return Probe(True, None, f"automatic (cuda for NVIDIA GPU arrays, {_cpu_default()} for CPU arrays and "
+                                 "torch's other devices)")
     return _found(name)
 
 

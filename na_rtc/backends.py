@@ -4,8 +4,11 @@ A backend is a table of ops (``fused_forward``, ``fused_backward``,
 ``qk_forward``, ...; see :data:`na_rtc.reference.OPS`) plus what it can serve.
 Selection order for a call: ``use_backend(...)`` if active, else the
 ``NA_RTC_BACKEND`` environment variable, else the default for the array kind
-(``reference`` for CPU arrays and meta tensors, ``cuda`` for CuPy arrays and
-CUDA tensors). Each backend also lists the ranks (1D, 2D, 3D) it serves
+and device (``cuda`` for CuPy arrays and torch tensors on NVIDIA GPUs;
+``blocked`` for NumPy arrays, CPU and meta tensors and torch's other devices:
+Apple MPS, Intel XPU, AMD GPUs under ROCm builds of torch). The ``reference``
+backend is the executable spec every backend is tested against, chosen by
+name. Each backend also lists the ranks (1D, 2D, 3D) it serves
 (today every backend serves all three): where the default lacks the
 problem's rank, automatic selection takes the reference backend, which
 serves every rank and torch tensors on any device; a forced backend without
@@ -116,7 +119,21 @@ def current_backend_name() -> str | None:
 
 
 def _default_name(kind: str, device: str) -> str:
-    return "reference" if device in ("cpu", "meta") and kind != _arrays.CUPY else "cuda"
+    """``cuda`` for CuPy arrays and torch tensors on NVIDIA GPUs; ``blocked`` for everything else: NumPy arrays,
+    torch tensors on the CPU, Apple MPS, Intel XPU, meta, and on AMD GPUs, which ROCm builds of torch call
+    ``cuda`` devices but which cannot run the kernels' PTX."""
+    if kind == _arrays.CUPY:
+        return "cuda"
+    if device.split(":")[0] == "cuda" and not _rocm_torch():
+        return "cuda"
+    return "blocked"
+
+
+def _rocm_torch() -> bool:
+    """Whether torch is a ROCm (HIP) build: its ``cuda`` devices are AMD GPUs."""
+    import torch
+
+    return getattr(torch.version, "hip", None) is not None
 
 
 #: the backend automatic selection falls back on for a rank the default lacks: it serves every rank

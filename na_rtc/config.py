@@ -11,9 +11,9 @@ from pathlib import Path
 
 #: Names of every environment variable na_rtc reads, with what it does.
 SETTINGS = {
-    "NA_RTC_BACKEND": "force a backend for every call: reference, emulator or cuda",
+    "NA_RTC_BACKEND": "force a backend for every call: blocked, reference, emulator or cuda",
     "NA_RTC_CACHE_DIR": "where compiled kernels are cached (default: the user cache dir)",
-    "NA_RTC_REFERENCE_CHUNK_MB": "memory budget of one query chunk in the reference backend (default 32)",
+    "NA_RTC_REFERENCE_CHUNK_MB": "memory budget of one query chunk in the reference backend and of one chunk of tiles in the blocked backend (default 32)",
     "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: small (default) or large",
     "NA_RTC_EMULATOR_CHECKED": "1: the emulator runs every launch on guarded buffer copies (out-of-bounds checks)",
     "NA_RTC_EMULATOR_THREADS": "OS threads the emulator runs blocks on (default: all cores)",

@@ -470,11 +470,12 @@ def make_runner(arrays: str = "auto"):
 def backend_label(runner, ndim: int | None = None) -> str:
     """The backend the runner's calls run on (of a problem with ``ndim`` axes: automatic selection takes the
     reference backend where the default's kernels lack that rank)."""
-    from na_rtc import backends
+    from na_rtc import _arrays, backends
 
     name = backends.current_backend_name()
     if name is None:
-        name = "cuda" if runner.device.startswith("cuda") else "reference"
+        kind = _arrays.NUMPY if isinstance(runner, NumpyRunner) else _arrays.TORCH
+        name = backends._default_name(kind, runner.device)
         if ndim is not None and ndim not in backends.get(name).ranks:
             name = "reference"
     return f"{name} ({runner.kind})"
@@ -765,6 +766,9 @@ def run(
     if any(row.backend.startswith("reference") for row in rows):
         say("(the reference backend is the executable spec, chunked gathers on the CPU: "
             "speed is the cuda kernels' job)")
+    if any(row.backend.startswith("blocked") for row in rows):
+        say("(the blocked backend: NA as block-sparse dense attention on the CPU's matrix products; "
+            "the cuda kernels serve NVIDIA GPUs)")
     failed = [row for row in rows if row.passed is False]
     if failed:
         say(f"FAILED: {len(failed)} of {len(rows)} problems do not match the definition")

@@ -53,6 +53,7 @@ class _Run:
         per_tile = max(problem.batch, 1) * problem.heads * self.tiles.tile_queries * self.tiles.box_keys * itemsize
         self.step = max(1, config.reference_chunk_bytes() // per_tile)
         self.bias_pad = None
+        self.flash = _cpu_flash_attention(problem, like)
 
     def padded(self, x, last=None):
         """``[batch, *spatial, heads, last]`` heads-first in the compute dtype, one zero token row appended."""
@@ -66,18 +67,22 @@ class _Run:
         p = self.problem
         return self.m.zeros((p.batch, heads, p.tokens + 1) + (() if last is None else (last,)), self.dtype)
 
-    def chunks(self):
-        """``(queries [c * Tq], keys [c * Kb], mask [c, G * Tq, Kb], bias [c, Tq, Kb] or None)`` per chunk, on
-        the arrays' device."""
-        tiles, m, group = self.tiles, self.m, self.problem.group
+    def chunks(self, rpb):
+        """``(queries [c * Tq], keys [c * Kb], added, bias [c, Tq, Kb] or None)`` per chunk of ``c`` tiles, on the
+        arrays' device: ``added`` is what each logit gets beside ``q.k``: the bias (with ``rpb``) inside the
+        windows, ``-inf`` outside, ``[(Hkv,) c, G * Tq, Kb]`` in the compute dtype."""
+        tiles, m, p = self.tiles, self.m, self.problem
         for start in range(0, tiles.count, self.step):
-            part = slice(start, min(start + self.step, tiles.count))
-            mask = tiles.mask[part]
-            if group > 1:  # the group's query heads are rows g * Tq + t of each tile
-                mask = np.tile(mask, (1, group, 1))
-            bias = m.index(tiles.bias[part]) if self.problem.has_rpb else None
-            yield (m.index(tiles.queries[part].reshape(-1)), m.index(tiles.keys[part].reshape(-1)),
-                   m.index(np.ascontiguousarray(mask)), bias)
+            stop = min(start + self.step, tiles.count)
+            queries, keys, mask, bias = tiles.chunk(start, stop, rpb is not None)
+            outside = np.where(mask, 0.0, -np.inf)
+            if p.group > 1:  # the group's query heads are rows g * Tq + t of each tile
+                outside = np.tile(outside, (1, p.group, 1))
+            added = m.cast(m.index(outside), self.dtype)
+            if bias is not None:
+                bias = m.index(bias)
+                added = self.bias_rows(rpb, bias, stop - start) + added
+            yield m.index(queries.reshape(-1)), m.index(keys.reshape(-1)), added, bias, stop - start
 
     # ------------------------------------------------------------ [B, heads, tokens, ...] <-> tile rows
 
@@ -115,16 +120,44 @@ class _Run:
         rows = rows.reshape(p.kv_heads, p.group, count, tq, kb).swapaxes(1, 2)
         return rows.reshape(p.kv_heads, count, p.group * tq, kb)
 
-    def logits(self, q_rows, k_rows, rpb, mask, bias_index, count: int):
-        """``scale * q.k (+ bias)`` per (query, box key), ``-inf`` outside the windows."""
-        logits = (q_rows @ self.m.transpose_last(k_rows)) * self.problem.scale
-        if bias_index is not None:
-            logits = logits + self.bias_rows(rpb, bias_index, count)
-        return self.m.where(mask, logits, -np.inf)
+    def logits(self, q_rows, k_rows, added):
+        """``scale * q.k`` (the query rows come scaled) plus ``added`` per (query, box key): a new array that the
+        caller may change in place."""
+        logits = q_rows @ self.m.transpose_last(k_rows)
+        logits += added
+        return logits
 
     def heads_last(self, x, shape, dtype_name: str | None = None):
         """Drop the padding row: ``[B, heads, N + 1, ...]`` -> heads-last ``shape``."""
         return self.m.heads_last(x[:, :, :self.problem.tokens], dtype_name or self.problem.dtype, shape)
+
+
+def _cpu_flash_attention(problem: Problem, like):
+    """torch's fused CPU attention kernels ``(forward, backward)`` where they serve this problem (torch tensors on
+    the CPU, one head dim for query, key and value), else None: they run the masked softmax of a chunk's tiles
+    blockwise in one pass and return its logsumexp, several times faster than the matrix products and
+    elementwise passes they replace. They are torch's own operators, not a public API: where a torch build lacks
+    them the matrix products serve."""
+    if problem.kind != _arrays.TORCH or like.device.type != "cpu" or problem.head_dim_v is not None:
+        return None
+    import torch
+
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    return None if forward is None or backward is None else (forward, backward)
+
+
+def _flash_rows(x, batch_rows: int):
+    """``[B, Hkv, c, rows, ...]`` -> ``[B * Hkv, c, rows, ...]`` (the fused kernels' [batch, heads, L, E])."""
+    return x.reshape(batch_rows, *x.shape[2:])
+
+
+def _flash_mask(added, problem: Problem):
+    """The chunk's ``added`` as the fused kernels' 4D mask: ``[1, c, G * Tq, Kb]`` (no bias: the same for every
+    batch and head) or, with a bias per head, ``[B * Hkv, c, G * Tq, Kb]``."""
+    if added.dim() == 3:
+        return added[None]
+    return added[None].expand(problem.batch, *added.shape).reshape(-1, *added.shape[1:])
 
 
 def fused_forward(problem: Problem, query, key, value, rpb=None, extra_keys=None, extra_values=None):
@@ -134,18 +167,28 @@ def fused_forward(problem: Problem, query, key, value, rpb=None, extra_keys=None
     if math.prod(problem.qkv_shape) == 0:
         return reference.fused_forward(problem, query, key, value, rpb)
     run = _Run(problem, query)
+    m = run.m
     q, k, v = run.padded(query), run.padded(key), run.padded(value)
+    q *= problem.scale
     out, lse = run.zeros(problem.heads, problem.v_dim), run.zeros(problem.heads, None)
-    for queries, keys, mask, bias_index in run.chunks():
-        count = int(mask.shape[0])
-        logits = run.logits(run.query_rows(q, queries, count), run.key_rows(k, keys, count), rpb, mask, bias_index,
-                            count)
-        peak = run.m.amax(logits)
-        weights = run.m.exp(logits - peak)
-        total = run.m.sum_last(weights)
-        rows_out = (weights / total[..., None]) @ run.key_rows(v, keys, count)
-        run.put_query_rows(out, queries, rows_out, count)
-        run.put_query_rows(lse, queries, peak[..., 0] + run.m.log(total), count)
+    batch_rows = problem.batch * problem.kv_heads
+    for queries, keys, added, _, count in run.chunks(rpb):
+        if run.flash is not None:
+            rows = [_flash_rows(x, batch_rows) for x in (run.query_rows(q, queries, count),
+                                                          run.key_rows(k, keys, count), run.key_rows(v, keys, count))]
+            rows_out, rows_lse = run.flash[0](*rows, 0.0, False, attn_mask=_flash_mask(added, problem), scale=1.0)
+            shape = (problem.batch, problem.kv_heads, *rows_lse.shape[1:])
+            run.put_query_rows(out, queries, rows_out.reshape(*shape, -1), count)
+            run.put_query_rows(lse, queries, rows_lse.reshape(shape), count)
+            continue
+        weights = run.logits(run.query_rows(q, queries, count), run.key_rows(k, keys, count), added)
+        peak = m.amax(weights)
+        weights -= peak
+        m.exp_(weights)
+        total = m.sum_last(weights)
+        weights /= total[..., None]
+        run.put_query_rows(out, queries, weights @ run.key_rows(v, keys, count), count)
+        run.put_query_rows(lse, queries, peak[..., 0] + m.log(total), count)
     lse_dtype = "float64" if problem.dtype == "float64" else "float32"
     return run.heads_last(out, problem.out_shape), run.heads_last(lse, problem.lse_shape, lse_dtype)
 
@@ -164,6 +207,7 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     run = _Run(problem, query)
     m = run.m
     q, k, v = run.padded(query), run.padded(key), run.padded(value)
+    q *= problem.scale
     dout, out = run.padded(grad_out), run.padded(output)
     lse = run.padded(logsumexp[..., None])[..., 0]
     delta = m.sum_last(dout * out)  # rowsum(dOut * out), 0 in the padding row
@@ -174,17 +218,31 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     drpb = None
     if rpb is not None:
         drpb = m.zeros((problem.heads, math.prod(problem.rpb_shape[1:]) + 1), run.dtype)
-    for queries, keys, mask, bias_index in run.chunks():
-        count = int(mask.shape[0])
-        q_rows, k_rows, v_rows = run.query_rows(q, queries, count), run.key_rows(k, keys, count), run.key_rows(
-            v, keys, count)
-        probs = m.exp(run.logits(q_rows, k_rows, rpb, mask, bias_index, count)
-                      - run.query_rows(lse[..., None], queries, count))
-        dout_rows = run.query_rows(dout, queries, count)
+    # the fused CPU kernels' backward takes no logsumexp gradient and returns no bias gradient
+    flash = run.flash if rpb is None and grad_lse is None else None
+    batch_rows = problem.batch * problem.kv_heads
+    for queries, keys, added, bias_index, count in run.chunks(rpb):
+        q_rows, k_rows = run.query_rows(q, queries, count), run.key_rows(k, keys, count)
+        v_rows, dout_rows = run.key_rows(v, keys, count), run.query_rows(dout, queries, count)
+        if flash is not None:
+            rows = [_flash_rows(x, batch_rows) for x in (dout_rows, q_rows, k_rows, v_rows,
+                                                          run.query_rows(out, queries, count))]
+            rows_lse = _flash_rows(run.query_rows(lse[..., None], queries, count)[..., 0], batch_rows)
+            grads = flash[1](*rows, rows_lse, 0.0, False, attn_mask=_flash_mask(added, problem), scale=1.0)
+            dq_rows, dk_rows, dv_rows = (g.reshape(problem.batch, problem.kv_heads, *g.shape[1:]) for g in grads)
+            run.put_query_rows(dq, queries, dq_rows * problem.scale, count)
+            run.add_key_rows(dk, keys, dk_rows)  # the query rows come scaled
+            run.add_key_rows(dv, keys, dv_rows)
+            continue
+        probs = run.logits(q_rows, k_rows, added)
+        probs -= run.query_rows(lse[..., None], queries, count)
+        m.exp_(probs)
         run.add_key_rows(dv, keys, m.transpose_last(probs) @ dout_rows)
-        grad_logits = probs * (dout_rows @ m.transpose_last(v_rows) - run.query_rows(delta[..., None], queries, count))
+        grad_logits = dout_rows @ m.transpose_last(v_rows)
+        grad_logits -= run.query_rows(delta[..., None], queries, count)
+        grad_logits *= probs
         run.put_query_rows(dq, queries, (grad_logits @ k_rows) * problem.scale, count)
-        run.add_key_rows(dk, keys, (m.transpose_last(grad_logits) @ q_rows) * problem.scale)
+        run.add_key_rows(dk, keys, m.transpose_last(grad_logits) @ q_rows)  # the query rows come scaled
         if drpb is not None:
             per_pair = grad_logits.sum(0).reshape(problem.kv_heads, count, problem.group, -1).swapaxes(1, 2)
             m.scatter_add(drpb, 1, bias_index.reshape(-1), per_pair.reshape(problem.heads, -1))

@@ -26,30 +26,6 @@ from ..window import Axis, group_length, window
 
 
 @dataclass(frozen=True)
-class Tiles:
-    """Every tile of a problem: ``queries [tiles, Tq]``, ``keys [tiles, Kb]`` (int64 flat indices, ``N`` for
-    padding), ``mask [tiles, Tq, Kb]`` (bool), ``bias [tiles, Tq, Kb]`` (int64 flat bias-table entries; the
-    table's size for pairs outside the window)."""
-
-    queries: np.ndarray
-    keys: np.ndarray
-    mask: np.ndarray
-    bias: np.ndarray
-
-    @property
-    def count(self) -> int:
-        return int(self.queries.shape[0])
-
-    @property
-    def tile_queries(self) -> int:
-        return int(self.queries.shape[1])
-
-    @property
-    def box_keys(self) -> int:
-        return int(self.keys.shape[1])
-
-
-@dataclass(frozen=True)
 class _AxisTiles:
     """One axis' tiles: query and key positions (-1: padding), the in-window mask and the bias offsets."""
 
@@ -87,44 +63,67 @@ def _axis_tiles(axis: Axis, tile: int) -> _AxisTiles:
     return _AxisTiles(q_pos, k_pos, mask, np.clip(bias, 0, 2 * axis.kernel_size - 2))
 
 
+class Tiles:
+    """Every tile of a problem, built per axis (small) and combined a chunk of tiles at a time (:meth:`chunk`),
+    so that no table over every tile's (query, box key) pairs is held: in 3D a 4 x 4 x 4 tile of 7 x 7 x 7
+    windows has a 1000-key box."""
+
+    def __init__(self, axes: tuple[Axis, ...], tile: tuple[int, ...]):
+        self.axes = axes
+        self.per_axis = [_axis_tiles(a, t) for a, t in zip(axes, tile)]
+        self.counts = tuple(int(at.queries.shape[0]) for at in self.per_axis)
+        self.count = math.prod(self.counts)
+        self.tile_queries = math.prod(int(at.queries.shape[1]) for at in self.per_axis)
+        self.box_keys = math.prod(int(at.keys.shape[1]) for at in self.per_axis)
+        self.tokens = math.prod(a.length for a in axes)
+        self.bias_entries = math.prod(2 * a.kernel_size - 1 for a in axes)
+
+    def chunk(self, start: int, stop: int, bias: bool):
+        """Tiles ``start .. stop - 1`` (row-major over the axes' tiles): ``(queries [c, Tq], keys [c, Kb], mask
+        [c, Tq, Kb], bias [c, Tq, Kb] or None)``; int64 flat token indices (``N``: padding), the in-window mask,
+        flat bias-table entries (``bias_entries`` outside the window)."""
+        ndim, tokens = len(self.axes), self.tokens
+        index = np.unravel_index(np.arange(start, stop), self.counts)
+        lengths = [a.length for a in self.axes]
+        queries = keys = mask = flat_bias = None
+        for i, (at, rows) in enumerate(zip(self.per_axis, index)):
+            stride = math.prod(lengths[i + 1:])
+            # this axis' entries, shaped to broadcast over the others: [c, t_0 .. t_ndim-1, j_0 .. j_ndim-1]
+            q = _spread(at.queries[rows], i, ndim, 1)
+            k = _spread(at.keys[rows], i, ndim, 1)
+            queries = _combine(queries, q, stride)
+            keys = _combine(keys, k, stride)
+            m = _spread(at.mask[rows], i, ndim, 2)
+            mask = m if mask is None else mask & m
+            if bias:
+                b = _spread(at.bias[rows], i, ndim, 2)
+                flat_bias = b if flat_bias is None else flat_bias * (2 * self.axes[i].kernel_size - 1) + b
+        count = stop - start
+        queries = np.where(queries < 0, tokens, queries).reshape(count, -1)
+        keys = np.where(keys < 0, tokens, keys).reshape(count, -1)
+        full = (count, *(at.queries.shape[1] for at in self.per_axis), *(at.keys.shape[1] for at in self.per_axis))
+        mask = np.broadcast_to(mask, full).reshape(count, self.tile_queries, self.box_keys).copy()
+        if bias:
+            flat_bias = np.broadcast_to(flat_bias, full).reshape(count, self.tile_queries, self.box_keys)
+            flat_bias = np.where(mask, flat_bias, self.bias_entries)
+        # a padding query (no valid key) sees the box's first key, which every box has: a finite softmax
+        mask[queries == tokens, 0] = True
+        return queries.astype(np.int64), keys.astype(np.int64), mask, flat_bias
+
+
+def _spread(x, axis: int, ndim: int, parts: int):
+    """One axis' ``[c, T]`` (``parts`` 1) or ``[c, T, box]`` (``parts`` 2) table shaped ``[c, 1.., T, 1..]`` or
+    ``[c, 1.., T, 1.., 1.., box, 1..]``: its own place among the axes' query (and key) dimensions."""
+    shape = [x.shape[0]]
+    for part in range(parts):
+        shape += [x.shape[1 + part] if i == axis else 1 for i in range(ndim)]
+    return x.reshape(shape)
+
+
 @functools.lru_cache(maxsize=32)
 def tiles_of(axes: tuple[Axis, ...], tile: tuple[int, ...]) -> Tiles:
     """The tiles of a problem's ``axes`` with ``tile`` queries per axis (clamped to the axis' first group)."""
-    per_axis = [_axis_tiles(a, t) for a, t in zip(axes, tile)]
-    ndim = len(axes)
-    lengths = [a.length for a in axes]
-    tokens = math.prod(lengths)
-    # the product of the axes' tiles: index [tile_x, tile_y, ..., t_x, t_y, ..., j_x, j_y, ...]
-    queries = keys = None
-    for i, at in enumerate(per_axis):
-        q = at.queries.reshape((1,) * i + (at.queries.shape[0],) + (1,) * (ndim - 1 - i)
-                               + (1,) * i + (at.queries.shape[1],) + (1,) * (ndim - 1 - i))
-        k = at.keys.reshape((1,) * i + (at.keys.shape[0],) + (1,) * (ndim - 1 - i)
-                            + (1,) * i + (at.keys.shape[1],) + (1,) * (ndim - 1 - i))
-        stride = math.prod(lengths[i + 1:])
-        queries = _combine(queries, q, stride)
-        keys = _combine(keys, k, stride)
-    count = math.prod(at.queries.shape[0] for at in per_axis)
-    queries = np.where(queries < 0, tokens, queries).reshape(count, -1)
-    keys = np.where(keys < 0, tokens, keys).reshape(count, -1)
-    mask, bias = None, None
-    bias_sizes = [2 * a.kernel_size - 1 for a in axes]
-    for i, at in enumerate(per_axis):
-        shape = ((1,) * i + (at.mask.shape[0],) + (1,) * (ndim - 1 - i)
-                 + (1,) * i + (at.mask.shape[1],) + (1,) * (ndim - 1 - i)
-                 + (1,) * i + (at.mask.shape[2],) + (1,) * (ndim - 1 - i))
-        m, b = at.mask.reshape(shape), at.bias.reshape(shape)
-        mask = m if mask is None else mask & m
-        bias = b if bias is None else bias * bias_sizes[i] + b
-    box = keys.shape[1]
-    mask = np.broadcast_to(mask, _full_shape(per_axis)).reshape(count, -1, box)
-    bias = np.broadcast_to(bias, _full_shape(per_axis)).reshape(count, -1, box)
-    bias = np.where(mask, bias, math.prod(bias_sizes))
-    # a padding query (no valid key) sees the box's first key, which every box has: a finite softmax
-    padding = queries == tokens
-    mask = mask.copy()
-    mask[padding, 0] = True
-    return Tiles(queries.astype(np.int64), keys.astype(np.int64), mask, bias.astype(np.int64))
+    return Tiles(axes, tile)
 
 
 def _combine(flat, positions, stride: int):
@@ -132,8 +131,3 @@ def _combine(flat, positions, stride: int):
     if flat is None:
         return np.where(positions < 0, -1, positions * stride)
     return np.where((flat < 0) | (positions < 0), -1, flat + positions * stride)
-
-
-def _full_shape(per_axis) -> tuple[int, ...]:
-    return (tuple(at.mask.shape[0] for at in per_axis) + tuple(at.mask.shape[1] for at in per_axis)
-            + tuple(at.mask.shape[2] for at in per_axis))
