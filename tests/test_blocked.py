@@ -21,7 +21,10 @@ tiles and the key box of their windows. What this file proves:
   plus a few chunk budgets and the tile tables;
 * the custom ops with backend "blocked" pass ``torch.library.opcheck``; a fullgraph ``torch.compile`` equals
   eager, bitwise;
-* two runs give bitwise equal outputs and gradients (torch and NumPy).
+* two runs give bitwise equal outputs and gradients (torch and NumPy);
+* non-finite inputs: a NaN key poisons exactly the queries that see it (RELIABILITY.md); a NaN value (forward)
+  or key (backward) reaches no query outside the tiles whose key box holds it, and (a known bug, strict
+  xfail) more than the queries that see it.
 """
 
 from __future__ import annotations
@@ -175,6 +178,38 @@ CASES = [
     Case(K((9, 6, 5), 4, 2, dict(kernel_size=(3, 2, 5), dilation=(3, 2, 1), is_causal=(True, True, False)),
            head_dim=8), "float64", chunk_mb=0.01),
 ]
+
+
+def _random_cases(count: int, seed: int = 2026):
+    """``count`` seeded random problems (reproducible ids): rank, sizes (below, at and past a tile), kernel,
+    stride, dilation, causal axes, rpb where allowed (odd kernels, not causal), GQA/MQA, value head dim, extra
+    tokens, float64 or float32 (the tight tolerances), heads-first or not."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < count:
+        ndim = int(rng.integers(1, 4))
+        tile = blocked.TILES[ndim][0]
+        spatial, kernel, stride, dilation, causal = [], [], [], [], []
+        for _ in range(ndim):
+            k = int(rng.integers(2, 8 if ndim > 1 else 12))
+            d = int(rng.integers(1, 4))
+            length = int(rng.integers(k * d, max(k * d + 1, 2 * tile + 3 if ndim < 3 else 10)))
+            spatial.append(length), kernel.append(k), dilation.append(d)
+            stride.append(int(rng.integers(1, k + 1)) if rng.random() < 0.4 else 1)
+            causal.append(bool(rng.random() < 0.3))
+        rpb = all(k % 2 for k in kernel) and not any(causal) and rng.random() < 0.6
+        heads_kv = int(rng.choice([1, 2]))
+        heads = heads_kv * int(rng.choice([1, 2, 4]))
+        window = dict(kernel_size=tuple(kernel), stride=tuple(stride), dilation=tuple(dilation),
+                      is_causal=tuple(causal))
+        kernel_case = K(tuple(spatial), heads, heads_kv, window, head_dim=int(rng.choice([4, 8])), rpb=rpb,
+                        head_dim_v=int(rng.choice([4, 8, 12])), tokens=int(rng.choice([0, 0, 1, 7, 64])))
+        cases.append(Case(kernel_case, str(rng.choice(["float64", "float32"])), bool(rng.random() < 0.5),
+                          float(rng.choice([0.01, 0.05])) if rng.random() < 0.5 else None))
+    return cases
+
+
+CASES += _random_cases(12)
 
 
 def _rpb_dtype(dtype: str) -> str:
@@ -441,6 +476,70 @@ def test_fullgraph_compile_equals_eager():
         results.append([out.detach(), lse.detach(), *(leaf.grad for leaf in leaves)])
     for name, eager, got in zip(("out", "lse", *LEAVES), *results):
         torch.testing.assert_close(got, eager, rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- non-finite inputs
+
+
+NAN_WINDOW = dict(kernel_size=(3, 5), dilation=(1, 2), is_causal=(True, False))
+NAN_SPATIAL = (12, 20)
+NAN_TOKEN = (6, 9)
+
+
+def _nan_problem(where: str):
+    """float32 NumPy q, k, v (2 query heads, 1 key/value head) with a NaN in ``where`` ("key"/"value") at
+    NAN_TOKEN; the map of the queries whose neighborhood holds it; the map of the queries of every tile whose
+    key box holds it."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, *NAN_SPATIAL, 2, 4)).astype(np.float32)
+    k, v = (rng.standard_normal((1, *NAN_SPATIAL, 1, 4)).astype(np.float32) for _ in range(2))
+    (k if where == "key" else v)[(0, *NAN_TOKEN)] = np.nan
+    axes = tuple(Axis(n, kk, 1, d, c) for n, kk, d, c in zip(NAN_SPATIAL, *NAN_WINDOW.values()))
+    grids = np.meshgrid(*(np.arange(n) for n in NAN_SPATIAL), indexing="ij")
+    seen = np.ones(NAN_SPATIAL, bool)
+    for axis, grid, j in zip(axes, grids, NAN_TOKEN):
+        seen &= is_neighbor(axis, grid, j)
+    tiles = tiles_of(axes, blocked.tile_shape(axes))
+    token = int(np.ravel_multi_index(NAN_TOKEN, NAN_SPATIAL))
+    reach = np.zeros(math.prod(NAN_SPATIAL) + 1, bool)
+    reach[tiles.queries[(tiles.keys == token).any(1)]] = True
+    return (q, k, v), seen, reach[:-1].reshape(NAN_SPATIAL)
+
+
+def _nonfinite_queries(x):
+    return ~np.isfinite(x).reshape(*NAN_SPATIAL, -1).all(-1)
+
+
+def test_a_nan_key_poisons_exactly_the_queries_that_see_it():
+    """RELIABILITY.md's contract for keys holds in the forward: masked logits are replaced, not multiplied."""
+    (q, k, v), seen, _ = _nan_problem("key")
+    assert 0 < seen.sum() < seen.size
+    out = na_rtc.na2d(q, k, v, **NAN_WINDOW, backend="blocked")
+    assert np.array_equal(_nonfinite_queries(out), seen)
+
+
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_a_nan_reaches_no_query_outside_the_tiles_whose_box_holds_it(where):
+    """What the blocked backend does today: a NaN value (forward) or key (backward dq), multiplied by the zero
+    probability of a masked pair inside a tile's box, reaches the queries of every tile whose box holds it, and
+    no other query; the queries that see it are always non-finite."""
+    (q, k, v), seen, reach = _nan_problem(where)
+    assert seen.sum() < reach.sum() < reach.size
+    out, lse = na_rtc.na2d(q, k, v, **NAN_WINDOW, return_lse=True, backend="blocked")
+    dq = na_rtc.na2d_backward(np.ones_like(out), q, k, v, **NAN_WINDOW, output=out, logsumexp=lse,
+                              backend="blocked")[0]
+    for name, result in (("out", out), ("dq", dq)):
+        poisoned = _nonfinite_queries(result)
+        assert (poisoned >= seen).all() and (poisoned <= reach).all(), name
+
+
+@pytest.mark.xfail(strict=True, reason="blocked backend bug: a NaN value inside a tile's key box reaches queries "
+                   "whose window does not hold it (0 * NaN in the probabilities @ values product); RELIABILITY.md "
+                   "promises every other query stays finite")
+def test_a_nan_value_poisons_exactly_the_queries_that_see_it():
+    (q, k, v), seen, _ = _nan_problem("value")
+    out = na_rtc.na2d(q, k, v, **NAN_WINDOW, backend="blocked")
+    assert np.array_equal(_nonfinite_queries(out), seen)
 
 
 # ---------------------------------------------------------------- determinism
