@@ -382,7 +382,9 @@ def _python(code: str) -> dict:
 def test_memory_stays_under_the_reference_bound_2d_128x128():
     """As test_api.py's test_reference_memory_stays_bounded_2d_128x128 (the same problem and measure): 128 x 128
     tokens, 4 heads, head_dim 32, k=13, fp32 forward+backward on the blocked backend grows the process by less
-    than the reference's 1 GB bound."""
+    than the reference's 1 GB bound (~700 MB measured, the reference ~420 MB). The process's peak is the
+    allocator's as much as the op's (it barely moves when the chunking ignores the budget): the NumPy test
+    below holds the op's own allocations to the documented bound."""
     result = _python(
         """
         import json, resource, torch, na_rtc
