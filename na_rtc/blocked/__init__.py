@@ -250,7 +250,11 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
              run.heads_last(dv, problem.v_shape))
     if drpb is None:
         return (*grads, None)
-    return (*grads, m.finish(drpb[:, :-1], _arrays.dtype_name(rpb), problem.rpb_shape))
+    # drop the padding entry into a fresh contiguous table: the slice is a strided view, and the custom op's fake
+    # implementation (and torch.compile) promise a contiguous bias gradient
+    table = m.zeros((problem.heads, drpb.shape[1] - 1), run.dtype)
+    table[:] = drpb[:, :-1]
+    return (*grads, m.finish(table, _arrays.dtype_name(rpb), problem.rpb_shape))
 
 
 #: The blocked backend's op table (the split ops are the reference's).
