@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import na_rtc
+from helpers import assert_close
 from na_rtc import backends
 
 RNG = np.random.default_rng(7)
@@ -89,17 +90,19 @@ def test_top_level_and_reference_module_agree():
     q, k, v = (_numpy(SHAPES[2], np.float64) for _ in range(3))
     from na_rtc import reference
 
-    np.testing.assert_array_equal(na_rtc.na2d(q, k, v, (3, 5)), reference.na2d(q, k, v, (3, 5)))
+    with na_rtc.use_backend("reference"):
+        np.testing.assert_array_equal(na_rtc.na2d(q, k, v, (3, 5)), reference.na2d(q, k, v, (3, 5)))
+    assert_close(na_rtc.na2d(q, k, v, (3, 5)), reference.na2d(q, k, v, (3, 5)), "float64", "forward")  # blocked
     assert reference.na2d.__name__ == "na2d" and "2D neighborhood attention" in reference.na2d.__doc__
 
 
 # ---------------------------------------------------------------- backends
 
 
-def test_default_backend_for_cpu_arrays_is_reference():
+def test_default_backend_for_cpu_arrays_is_blocked():
     assert backends.current_backend_name() is None
     problem = na_rtc._args.fused_problem(1, *(np.zeros(SHAPES[1]),) * 3, 5, 1, 1, False, None, None)
-    assert backends.select(problem).name == "reference"
+    assert backends.select(problem).name == "blocked"
 
 
 def test_use_backend_as_context_manager_restores():
@@ -123,7 +126,7 @@ def test_use_backend_plain_call_persists_until_reset():
         assert _selected(q) == "emulator"
     finally:
         token.__exit__(None, None, None)
-    assert _selected(q) == "reference"
+    assert _selected(q) == "blocked"
 
 
 def test_environment_variable_selects_backend(monkeypatch):
@@ -147,17 +150,30 @@ def _problem_on(kind, device, ndim):
 
 # (array kind, device, rank) -> the backend automatic selection picks
 AUTOMATIC = {
-    "numpy-2d": (("numpy", "cpu", 2), "reference"),
-    "numpy-3d": (("numpy", "cpu", 3), "reference"),
+    "numpy-2d": (("numpy", "cpu", 2), "blocked"),
+    "numpy-3d": (("numpy", "cpu", 3), "blocked"),
+    "torch-cpu-1d": (("torch", "cpu", 1), "blocked"),
     "torch-cuda-2d": (("torch", "cuda:0", 2), "cuda"),
     "torch-cuda-3d": (("torch", "cuda:1", 3), "cuda"),
-    "meta-3d": (("torch", "meta", 3), "reference"),
+    "torch-mps-2d": (("torch", "mps", 2), "blocked"),
+    "torch-xpu-3d": (("torch", "xpu:0", 3), "blocked"),
+    "meta-3d": (("torch", "meta", 3), "blocked"),
 }
 
 
 @pytest.mark.parametrize("placement, expected", AUTOMATIC.values(), ids=AUTOMATIC.keys())
 def test_automatic_selection_by_placement_and_rank(placement, expected):
     assert backends.select(_problem_on(*placement)).name == expected
+
+
+def test_rocm_builds_of_torch_run_their_cuda_devices_on_the_blocked_backend(monkeypatch):
+    """A ROCm build reports its AMD GPUs as ``cuda`` devices, which cannot run the kernels' PTX."""
+    import torch
+
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    assert backends.select(_problem_on("torch", "cuda:0", 2)).name == "blocked"
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert backends.select(_problem_on("torch", "cuda:0", 2)).name == "cuda"
 
 
 def test_cupy_arrays_in_3d_run_on_the_cuda_backend(monkeypatch):
@@ -179,7 +195,7 @@ def kernels_without_3d(monkeypatch):
         monkeypatch.setattr(backends.get(name), "ranks", frozenset({1, 2}))
 
 
-@pytest.mark.parametrize("placement, expected", [(("torch", "cuda:1", 3), "reference"), (("numpy", "cpu", 2), "reference"),
+@pytest.mark.parametrize("placement, expected", [(("torch", "cuda:1", 3), "reference"), (("numpy", "cpu", 2), "blocked"),
                                                  (("torch", "cuda:0", 2), "cuda")],
                          ids=["torch-cuda-3d", "numpy-2d", "torch-cuda-2d"])
 def test_automatic_selection_falls_back_to_the_reference_for_a_rank_the_default_lacks(kernels_without_3d, placement,
@@ -234,8 +250,8 @@ def test_na3d_on_a_kernel_backend_without_3d_is_refused_before_any_kernel_runs(k
 
 def test_describe_lists_every_backend_with_a_reason():
     described = {name: (available, reason) for name, available, reason in backends.describe()}
-    assert set(described) == {"reference", "cuda", "emulator"}
-    assert described["reference"][0] is True
+    assert set(described) == {"blocked", "reference", "cuda", "emulator"}
+    assert described["reference"][0] is True and described["blocked"][0] is True
     assert all(reason for _, reason in described.values())
 
 

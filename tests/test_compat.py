@@ -329,7 +329,7 @@ def test_errors_name_the_argument(call, error, match):
 class _Recorder:
     def __init__(self, monkeypatch):
         self.calls = []
-        ops = backends.get("reference").ops
+        ops = backends.get("blocked").ops  # the default backend of CPU tensors
         for name, op in list(ops.items()):
             monkeypatch.setitem(ops, name, self._wrap(name, op))
 

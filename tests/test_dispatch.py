@@ -244,7 +244,9 @@ def test_explain_says_why_no_fused_kernel_serves_and_what_the_call_raises():
 
 def test_explain_follows_the_backend_choice_and_checks_the_arguments():
     q = np.zeros((1, 20, 2, 16), np.float32)
-    reference = na_rtc.explain("na1d", q, q, q, 5)  # CPU arrays: the reference backend by default
+    blocked = na_rtc.explain("na1d", q, q, q, 5)  # CPU arrays: the blocked backend by default
+    assert blocked.backend == "blocked" and blocked.steps == () and "block-sparse" in str(blocked)
+    reference = na_rtc.explain("na1d", q, q, q, 5, backend="reference")
     assert reference.backend == "reference" and reference.steps == () and "reference" in str(reference)
     with pytest.raises(ValueError, match="explain takes one of na1d, na1d_qk"):
         na_rtc.explain("na4d_qk", q, q, 5)

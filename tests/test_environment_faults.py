@@ -189,7 +189,7 @@ def test_no_gpu_for_a_cuda_request(monkeypatch):
     with pytest.raises(RuntimeError, match=r"cuda backend is not available here: no usable GPU"):
         dispatch_cuda("cupy")
     verdict = env.hardware_verdict()
-    assert verdict.text.startswith("no GPU: CPU arrays run on the reference backend")
+    assert verdict.text.startswith("no GPU: CPU arrays run on the blocked backend")
 
 
 def test_zero_devices_for_a_cuda_request(monkeypatch):
@@ -324,7 +324,7 @@ INFO_STATES = {
     "nvrtc-missing": (_state_nvrtc_missing, ["bindings present, library not loadable", "libnvrtc",
                                              "GPU found but NVRTC is not usable"]),
     "no-gpu": (_state_no_gpu, ["no GPU or no CUDA driver (CUDARuntimeError: cudaErrorInsufficientDriver",
-                               "no GPU: CPU arrays run on the reference backend"]),
+                               "no GPU: CPU arrays run on the blocked backend"]),
     "newer-arch": (_state_newer_arch, ["sm_130", "supported through PTX"]),
     "too-old-arch": (_state_too_old_arch, ["sm_70", f"unsupported with NVRTC 13.0 (sm_75+ only): {install_command('cuda12')}"]),
     "old-driver": (_state_old_driver, ["driver CUDA 12.4", "older than NVRTC 13: update the driver"]),

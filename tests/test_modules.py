@@ -118,9 +118,9 @@ def _randomize_rpb(module):
 
 
 class Recorder:
-    """Counts calls of the reference backend's op table (and keeps the arguments)."""
+    """Counts calls of a backend's op table, by default the one CPU tensors run on (and keeps the arguments)."""
 
-    def __init__(self, monkeypatch, backend="reference"):
+    def __init__(self, monkeypatch, backend="blocked"):
         self.calls = []
         ops = backends.get(backend).ops
         for name, op in list(ops.items()):

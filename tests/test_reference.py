@@ -672,7 +672,9 @@ def test_numpy_and_torch_references_agree(dtype, case):
 
 @pytest.mark.parametrize("op", ["na1d", "na1d_qk", "na1d_av", "na2d", "na2d_qk", "na2d_av", "na3d", "na3d_qk",
                                 "na3d_av"])
-def test_top_level_cpu_arrays_use_reference(op):
+def test_the_reference_module_is_the_reference_backend(op):
+    """``na_rtc.reference`` holds the public functions pinned to the reference backend (CPU arrays take the blocked
+    backend by default)."""
     case = {"na1d": FUSED_CASES[0], "na2d": FUSED_CASES[9], "na3d": CASES_3D[0]}[op[:4]]
     q, k, v, rpb, _, weights, _ = split_data(case)
     if op.endswith("_qk"):
@@ -681,7 +683,7 @@ def test_top_level_cpu_arrays_use_reference(op):
         args, kwargs = (weights, v), case.split_kwargs()
     else:
         args, kwargs = (q, k, v), dict(case.fused_kwargs(), rpb=rpb)
-    np.testing.assert_array_equal(getattr(na_rtc, op)(*args, **kwargs),
+    np.testing.assert_array_equal(getattr(na_rtc, op)(*args, **kwargs, backend="reference"),
                                   getattr(R, op)(*args, **kwargs))
 
 

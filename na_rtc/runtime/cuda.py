@@ -47,7 +47,7 @@ def availability() -> tuple[bool, str]:
     except Exception as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
         return False, (f"no usable GPU or CUDA driver ({type(error).__name__}: {first_line}); "
-                       "CPU arrays run on the reference or emulator backend")
+                       "CPU arrays run on the blocked, reference or emulator backend")
     if count == 0:
         return False, "no GPU found (CUDA reports 0 devices; check CUDA_VISIBLE_DEVICES)"
     try:
