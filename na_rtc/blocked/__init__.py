@@ -32,8 +32,16 @@ from .tiles import Tiles, tiles_of
 
 __all__ = ["OPS", "TILES", "fused_backward", "fused_forward", "tile_shape"]
 
-#: queries per tile per axis, by rank (a tile is clamped to an axis shorter than it)
-TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+#: queries per tile per axis, by rank (a tile is clamped to an axis shorter than it). Chosen by measurement on
+#: this project's 2-core CPU (torch 2.13, fp32, batch 1, 4 heads, head dim 32, one thread, fastest of 4 runs
+#: taken in turns, forward+backward ms; python -m na_rtc bench --preset portable times the chosen ones):
+#:   1D 4096 k=127:          32: 65, 64: 57, 128: 55, 256: 67
+#:   2D 128x128 k=13:        8x8: 388, 4x16: 401, 16x8: 418, 4x8: 453, 6x6: 460, 12x12: 470, 16x16: 512
+#:   2D 64x64 k=7 dil 2:     4x8: 64, 8x4: 68, 8x8: 73, 16x16: 78, 4x4: 82, 2x8: 100
+#:   2D 56x56 k=7, batch 8:  8x8: 345, 4x8: 360, 7x7: 365, 14x14: 415, 4x4: 592
+#:   3D 16x32x32 k=(3,7,7):  2x4x8: 561, 2x8x8: 587, 1x8x8: 593, 2x4x4: 594, 4x4x4: 636, 4x8x8: 840
+#:   3D 16x16x16 k=5:        2x8x8: 119, 2x4x8: 121, 4x4x8: 127, 4x4x4: 136
+TILES = {1: (64,), 2: (8, 8), 3: (2, 4, 8)}
 
 
 def tile_shape(axes: tuple[Axis, ...]) -> tuple[int, ...]:
