@@ -202,6 +202,46 @@ def test_heads_kv_must_divide_heads(heads_kv):
         spec(16, 3, heads=4, heads_kv=heads_kv)
 
 
+def test_portable_preset_holds_the_portable_shapes():
+    """fp32, batch 1, 4 heads, head dim 32 (the NAT-tiny stage at batch 8), each a valid NA problem."""
+    problems = PRESETS["portable"]
+    assert [problem.key for problem in problems] == [
+        "2d-128x128-k13x13-b1-h4-D32-fp32",
+        "1d-4096-k127-b1-h4-D32-fp32",
+        "2d-64x64-k7x7-d2x2-b1-h4-D32-fp32",
+        "3d-16x32x32-k3x7x7-b1-h4-D32-fp32",
+        "2d-56x56-k7x7-b8-h4-D32-fp32",
+    ]
+    for problem in problems:
+        _args._axes(problem.ndim, problem.spatial, problem.kernel, problem.stride, problem.dilation, problem.causal)
+    assert {problem.key for problem in problems} <= {problem.key for problem in PRESETS["full"]}
+    assert "portable" in cli._list() and problems[-1].note == "NAT-tiny stage 1"
+
+
+def test_portable_preset_runs_on_a_cpu_with_full_attention_for_the_nat_stage():
+    """Every problem is within the CPU run's size limit for the NA entries; SDPA (full attention) runs on the
+    NAT-tiny stage's 3136 tokens and is left out, with the reason, where 16384 tokens would take minutes."""
+    cpu = runner.Machine("cpu", "emulator")
+    table = {entry.name: entry for entry in runner.all_entries()}
+
+    def limit(name, problem):
+        return runner._size_limit(table[name], problem, cpu, flops.forward_flops(problem))
+
+    *others, nat = PRESETS["portable"]
+    assert nat.tokens == 3136 and nat.batch == 8
+    for problem in PRESETS["portable"]:
+        for name in ("blocked", "reference", "naive_torch"):
+            assert limit(name, problem) is None, (name, problem.key)
+    assert limit("sdpa", nat) is None
+    for problem in others:
+        if problem.tokens == 16384:
+            assert "full attention over 16384 tokens is too large for a CPU run" in limit("sdpa", problem)
+        else:
+            assert limit("sdpa", problem) is None
+    big = PRESETS["portable"][0]  # a GPU runs full attention at every size
+    assert runner._size_limit(table["sdpa"], big, runner.Machine("cuda:0", "cuda"), flops.forward_flops(big)) is None
+
+
 def test_quick_preset_runs_every_rank():
     assert {problem.ndim for problem in PRESETS["quick"]} == {1, 2, 3}
 

@@ -93,6 +93,8 @@ class Entry:
     falls_back: bool = False
     #: runs na_rtc's reference backend whatever the problem
     reference: bool = False
+    #: computes full attention over every token (not NA): sized by that work on a CPU
+    full_attention: bool = False
     #: runs this na_rtc backend whatever the problem (a backend without kernels, such as ``blocked``)
     backend: str | None = None
 

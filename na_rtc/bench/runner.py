@@ -26,6 +26,10 @@ SCHEMA = "na_rtc-bench/1"
 EMULATOR_FLOP_LIMIT = 2e7
 #: forward FLOPs above which nothing is run on a CPU-only machine
 CPU_FLOP_LIMIT = 2e9
+#: forward FLOPs of full attention (all tokens against all) above which it is not run on a CPU-only machine: the
+#: NAT-tiny stage (56x56, batch 8, 4 heads, head dim 32: 40 GFLOP) runs, 16384 tokens (137 GFLOP at 4 heads of
+#: 32) would take most of a minute per problem
+CPU_FULL_ATTENTION_FLOP_LIMIT = 5e10
 #: forward FLOPs above which the reference backend is not asked on a GPU: it runs one chunk of queries at a
 #: time (as many chunks as queries where a window holds thousands of keys), the spec rather than a kernel
 REFERENCE_GPU_FLOP_LIMIT = 1e11
@@ -101,6 +105,10 @@ def _size_limit(entry: Entry, spec: Spec, machine: Machine, forward_flops: int) 
             return (f"too large for the reference backend ({forward_flops / 1e9:.0f} GFLOP forward, limit "
                     f"{REFERENCE_GPU_FLOP_LIMIT / 1e9:.0f} on a GPU)")
         return None
+    if entry.full_attention and flops.full_attention_flops(spec) > CPU_FULL_ATTENTION_FLOP_LIMIT:
+        full = flops.full_attention_flops(spec)
+        return (f"full attention over {spec.tokens} tokens is too large for a CPU run ({full / 1e9:.0f} GFLOP "
+                f"forward, limit {CPU_FULL_ATTENTION_FLOP_LIMIT / 1e9:.0f}); GPU figures need a GPU")
     if backend == "emulator" and forward_flops > EMULATOR_FLOP_LIMIT:
         return (f"too large for the emulator ({forward_flops / 1e6:.0f} MFLOP forward, limit "
                 f"{EMULATOR_FLOP_LIMIT / 1e6:.0f}); GPU figures need a GPU")
