@@ -1172,6 +1172,16 @@ def test_blocked_entry_notes_say_what_the_boxes_cost():
     assert notes["box_vs_window_products"] == round(16 * 64 * 400 / (32 * 32 * 169), 2)
 
 
+def test_a_cpu_run_without_kernel_entries_is_not_called_an_emulator_check():
+    machine, settings = runner.Machine("cpu", "emulator"), timing.Settings(0, 2, 2, 0.0)
+    [note] = runner.new_results("portable", [], ["blocked", "reference", "naive_torch", "sdpa"], machine,
+                                settings)["notes"]
+    assert note.startswith("CPU-only machine, no na_rtc kernels") and "emulator" not in note
+    [note] = runner.new_results("quick", [], ["blocked", "fused"], machine, settings)["notes"]
+    assert note == runner.GPU_NOTE
+    assert runner.new_results("quick", [], ["blocked"], runner.Machine("cuda:0", "cuda"), settings)["notes"] == []
+
+
 def test_blocked_entry_needs_no_kernels():
     """The blocked backend runs where na_rtc's kernel backend cannot: its entry does not ask for it."""
     from na_rtc.bench.entries import _prepare_blocked, _prepare_fused, make_inputs

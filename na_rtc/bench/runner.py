@@ -35,6 +35,9 @@ CPU_FULL_ATTENTION_FLOP_LIMIT = 5e10
 REFERENCE_GPU_FLOP_LIMIT = 1e11
 GPU_NOTE = ("CPU-only machine: na_rtc's kernels ran on the emulator (the CUDA C kernels executed on the CPU) at "
             "small sizes. These figures check the harness; they say nothing about GPU speed. GPU figures need a GPU.")
+#: the note of a CPU-only run whose entries launch none of na_rtc's kernels (the portable backends, torch)
+CPU_NOTE = ("CPU-only machine, no na_rtc kernels among the entries: these are CPU figures of torch on this CPU (na_rtc's "
+            "reference and blocked backends, the baselines); they say nothing about GPU speed.")
 
 
 @dataclass
@@ -278,11 +281,17 @@ def new_results(preset: str | None, plan: list[Spec], selection_names: list[str]
                      "memory": memory_label, "entries": selection_names, "kernel_backend": machine.kernel_backend,
                      "flops": "4 * head_dim * batch * heads * sum over queries of exact neighbor count; "
                               "backward 2.5x forward"},
-        "notes": [] if machine.gpu else [GPU_NOTE],
+        "notes": [] if machine.gpu else [_cpu_note(selection_names)],
         "plan": [spec.to_json() for spec in plan],
         "problems": [],
         "slices": [],
     }
+
+
+def _cpu_note(selection_names: list[str]) -> str:
+    """What a CPU-only run's figures are: the emulator's harness check where an entry launches na_rtc's kernels."""
+    kernels = {entry.name for entry in all_entries() if entry.uses_kernels}
+    return GPU_NOTE if kernels & set(selection_names) else CPU_NOTE
 
 
 def _memory_label(machine: Machine) -> str:
