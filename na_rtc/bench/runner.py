@@ -36,8 +36,8 @@ REFERENCE_GPU_FLOP_LIMIT = 1e11
 GPU_NOTE = ("CPU-only machine: na_rtc's kernels ran on the emulator (the CUDA C kernels executed on the CPU) at "
             "small sizes. These figures check the harness; they say nothing about GPU speed. GPU figures need a GPU.")
 #: the note of a CPU-only run whose entries launch none of na_rtc's kernels (the portable backends, torch)
-CPU_NOTE = ("CPU-only machine, no na_rtc kernels among the entries: these are CPU figures of torch on this CPU (na_rtc's "
-            "reference and blocked backends, the baselines); they say nothing about GPU speed.")
+CPU_NOTE = ("CPU-only machine, no na_rtc kernels among the entries: these are CPU figures of torch on this CPU "
+            "(na_rtc's reference and blocked backends, the baselines); they say nothing about GPU speed.")
 
 
 @dataclass
