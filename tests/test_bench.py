@@ -202,6 +202,46 @@ def test_heads_kv_must_divide_heads(heads_kv):
         spec(16, 3, heads=4, heads_kv=heads_kv)
 
 
+def test_portable_preset_holds_the_portable_shapes():
+    """fp32, batch 1, 4 heads, head dim 32 (the NAT-tiny stage at batch 8), each a valid NA problem."""
+    problems = PRESETS["portable"]
+    assert [problem.key for problem in problems] == [
+        "2d-128x128-k13x13-b1-h4-D32-fp32",
+        "1d-4096-k127-b1-h4-D32-fp32",
+        "2d-64x64-k7x7-d2x2-b1-h4-D32-fp32",
+        "3d-16x32x32-k3x7x7-b1-h4-D32-fp32",
+        "2d-56x56-k7x7-b8-h4-D32-fp32",
+    ]
+    for problem in problems:
+        _args._axes(problem.ndim, problem.spatial, problem.kernel, problem.stride, problem.dilation, problem.causal)
+    assert {problem.key for problem in problems} <= {problem.key for problem in PRESETS["full"]}
+    assert "portable" in cli._list() and problems[-1].note == "NAT-tiny stage 1"
+
+
+def test_portable_preset_runs_on_a_cpu_with_full_attention_for_the_nat_stage():
+    """Every problem is within the CPU run's size limit for the NA entries; SDPA (full attention) runs on the
+    NAT-tiny stage's 3136 tokens and is left out, with the reason, where 16384 tokens would take minutes."""
+    cpu = runner.Machine("cpu", "emulator")
+    table = {entry.name: entry for entry in runner.all_entries()}
+
+    def limit(name, problem):
+        return runner._size_limit(table[name], problem, cpu, flops.forward_flops(problem))
+
+    *others, nat = PRESETS["portable"]
+    assert nat.tokens == 3136 and nat.batch == 8
+    for problem in PRESETS["portable"]:
+        for name in ("blocked", "reference", "naive_torch"):
+            assert limit(name, problem) is None, (name, problem.key)
+    assert limit("sdpa", nat) is None
+    for problem in others:
+        if problem.tokens == 16384:
+            assert "full attention over 16384 tokens is too large for a CPU run" in limit("sdpa", problem)
+        else:
+            assert limit("sdpa", problem) is None
+    big = PRESETS["portable"][0]  # a GPU runs full attention at every size
+    assert runner._size_limit(table["sdpa"], big, runner.Machine("cuda:0", "cuda"), flops.forward_flops(big)) is None
+
+
 def test_quick_preset_runs_every_rank():
     assert {problem.ndim for problem in PRESETS["quick"]} == {1, 2, 3}
 
@@ -295,7 +335,7 @@ def test_tiled_order_groups_a_dilation_group():
 HARNESS_PROBLEM = ["--shape", "10x10", "--kernel", "3", "--dilation", "2,1", "--causal", "1,0", "--dtype", "fp32",
                    "--heads", "1", "--head-dim", "8", "--batch", "1"]
 HARNESS_FLOPS = 4 * 8 * 24 * 30
-HARNESS_ENTRIES = ("reference", "fused", "naive_kernels", "naive_torch", "sdpa")
+HARNESS_ENTRIES = ("reference", "blocked", "fused", "naive_kernels", "naive_torch", "sdpa")
 
 
 @pytest.fixture(scope="module")
@@ -581,6 +621,7 @@ def test_3d_moves_to_the_kernels_when_they_serve_it(monkeypatch):
     for name in ("fused", "split", "naive_kernels"):
         assert entry_backend(table[name], TINY_3D, "emulator") == "emulator"
     assert entry_backend(table["reference"], TINY_3D, "emulator") == "reference"
+    assert entry_backend(table["blocked"], TINY_3D, "emulator") == "blocked"
     assert entry_backend(table["naive_torch"], TINY_3D, "emulator") is None
 
 
@@ -1079,3 +1120,74 @@ def test_the_earlier_preset_name_still_selects_the_target_shapes():
     preset, plan = cli.plan_from_args(cli.build_parser().parse_args(["--preset", "issues"]), None)
     assert preset == "targets" and plan == list(PRESETS["targets"])
     assert "issues" not in cli._list() and "issues" not in cli.build_parser().format_help()
+
+
+# ---------------------------------------------------------------- the blocked backend's entry
+
+# dilation, causal and a window shifted at the borders; a partial tile (10 is not a multiple of 8)
+TINY_BLOCKED = spec((10, 12), (3, 5), dilation=(1, 2), causal=(True, False), batch=2, heads=2, head_dim=8,
+                    dtype="fp32")
+
+
+def test_blocked_runs_by_default_on_a_cpu_beside_the_reference_and_the_naive_gather():
+    names = [entry.name for entry in runner.select_entries(None, runner.Machine("cpu", "emulator")).run]
+    assert {"blocked", "reference", "naive_torch", "sdpa"} <= set(names)
+    gpu = [entry.name for entry in runner.select_entries(None, runner.Machine("cuda:0", "cuda")).run]
+    assert "blocked" not in gpu and "reference" not in gpu  # --entries blocked runs it on a GPU
+
+
+@pytest.mark.parametrize("problem", [TINY_BLOCKED, TINY_3D, QUICK_GQA, QUICK_EXTRA], ids=lambda p: p.key)
+def test_blocked_entry_runs_the_blocked_backend_and_agrees_with_the_naive_gather(monkeypatch, problem):
+    """The entry's forward and forward+backward are the blocked backend's fused op (its op table is called),
+    and they agree with the naive torch gather's, gradients included (extra tokens' too)."""
+    from na_rtc import backends
+    from na_rtc.bench.entries import _prepare_blocked, make_inputs
+
+    calls = []
+    ops = backends.get("blocked").ops
+    for name in ("fused_forward", "fused_backward"):
+        monkeypatch.setitem(ops, name, lambda *args, _op=ops[name], _name=name, **kwargs:
+                            calls.append(_name) or _op(*args, **kwargs))
+    inputs = make_inputs(problem, "cpu", "emulator")
+    blocked = _prepare_blocked(problem, inputs)
+    naive = peers._prepare_naive_torch(problem, inputs)
+    torch.testing.assert_close(blocked.forward(), naive.forward(), atol=1e-4, rtol=1e-4)
+    assert calls == ["fused_forward"]
+    got, expected = blocked.forward_backward(), naive.forward_backward()
+    assert calls == ["fused_forward", "fused_forward", "fused_backward"]
+    assert len(got) == len(expected) == len(inputs.leaves)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert blocked.notes["backend"] == "blocked" and "forward_kernels" not in blocked.notes
+
+
+def test_blocked_entry_notes_say_what_the_boxes_cost():
+    """The notes give the tiles and the products of the key boxes against the neighborhoods': a 2D 8x8 tile of
+    13x13 windows sees a 20x20 box away from the borders."""
+    from na_rtc.bench.entries import _prepare_blocked, make_inputs
+
+    problem = spec((32, 32), 13, heads=1, head_dim=8, dtype="fp32")
+    notes = _prepare_blocked(problem, make_inputs(problem, "cpu", "emulator")).notes
+    assert (notes["tile"], notes["tiles"], notes["box_keys"]) == ("8x8", 16, 400)
+    assert notes["box_vs_window_products"] == round(16 * 64 * 400 / (32 * 32 * 169), 2)
+
+
+def test_a_cpu_run_without_kernel_entries_is_not_called_an_emulator_check():
+    machine, settings = runner.Machine("cpu", "emulator"), timing.Settings(0, 2, 2, 0.0)
+    [note] = runner.new_results("portable", [], ["blocked", "reference", "naive_torch", "sdpa"], machine,
+                                settings)["notes"]
+    assert note.startswith("CPU-only machine, no na_rtc kernels") and "emulator" not in note
+    [note] = runner.new_results("quick", [], ["blocked", "fused"], machine, settings)["notes"]
+    assert note == runner.GPU_NOTE
+    assert runner.new_results("quick", [], ["blocked"], runner.Machine("cuda:0", "cuda"), settings)["notes"] == []
+
+
+def test_blocked_entry_needs_no_kernels():
+    """The blocked backend runs where na_rtc's kernel backend cannot: its entry does not ask for it."""
+    from na_rtc.bench.entries import _prepare_blocked, _prepare_fused, make_inputs
+
+    problem = spec(16, 5, heads=1, head_dim=8, dtype="fp32")
+    inputs = make_inputs(problem, "cpu", "emulator", kernel_backend_missing="no compiler here")
+    with pytest.raises(runner.Unavailable, match="no compiler here"):
+        _prepare_fused(problem, inputs)
+    assert _prepare_blocked(problem, inputs).forward().shape == problem.qkv_shape

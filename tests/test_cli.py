@@ -113,8 +113,54 @@ def test_demo_numpy_quick_passes(capsys):
     assert main(["demo", "--quick", "--arrays", "numpy", "--no-png"]) == 0
     out = capsys.readouterr().out
     assert "reference (numpy)" in out
-    assert "full attention" in out
+    assert "full attention" in out and "torch SDPA (cpu)" in out
     assert "FAIL" not in out
+
+
+@pytest.mark.parametrize("arrays", ["torch", "numpy"])
+def test_demo_full_attention_is_torch_sdpa(monkeypatch, arrays):
+    """The full-attention row times torch's scaled_dot_product_attention (warmed up like the NA rows), and what
+    it computes is full attention: the dense definition without a mask."""
+    import numpy as np
+    import torch
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(args[0].shape) or sdpa(*args, **kwargs))
+    runner = demo.make_runner(arrays)
+    problem = demo.Problem("2D", (6, 5), 3, heads=2, head_dim=8)
+    row = demo.run_full_attention(runner, problem, 2, demo.PeakMemory("cpu"))
+    assert row.backend == ("torch SDPA (torch autograd)" if arrays == "torch" else "torch SDPA (cpu)")
+    assert row.forward_s > 0 and row.forward_backward_s > 0 and not row.note
+    assert calls == [(1, 2, 30, 8)] * 5  # warm-up, 2 timed fwd+bwd, 2 timed fwd; [B, H, tokens, D]
+    shape = (1, 30, 2, 8)
+    q, k, v, dout = demo._inputs(shape, seed=4)
+    got = runner.full_forward_backward(*(runner.to_array(a) for a in (q, k, v, dout)))
+    expected = demo.dense_attention(*(a.astype(np.float64) for a in (q, k, v, dout)), 8**-0.5)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(runner.to_numpy(a), b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(runner.to_numpy(runner.full_forward(*(runner.to_array(a) for a in (q, k, v)))),
+                               expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_demo_without_torch_compares_with_a_dense_softmax(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError: a NumPy-only install
+    runner = demo.NumpyRunner()
+    assert runner.full_label == "dense softmax (numpy)"
+    q, k, v = demo._inputs((1, 7, 1, 4), seed=5)[:3]
+    assert runner.full_forward(q, k, v).shape == q.shape
+
+
+def test_demo_runs_the_backend_it_is_asked_for(capsys):
+    """--backend blocked: every row runs (and is checked) on the blocked backend; the choice ends with the run."""
+    from na_rtc import backends
+
+    assert main(["demo", "--quick", "--arrays", "numpy", "--no-png", "--backend", "blocked"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith(("pass", "FAIL"))]
+    assert len(rows) == len(demo.QUICK_PROBLEMS)
+    assert all(" blocked (numpy) " in row and row.endswith("pass") for row in rows), rows
+    assert backends.current_backend_name() is None
 
 
 def test_demo_checks_a_3d_problem(capsys):

@@ -93,6 +93,10 @@ class Entry:
     falls_back: bool = False
     #: runs na_rtc's reference backend whatever the problem
     reference: bool = False
+    #: computes full attention over every token (not NA): sized by that work on a CPU
+    full_attention: bool = False
+    #: runs this na_rtc backend whatever the problem (a backend without kernels, such as ``blocked``)
+    backend: str | None = None
 
 
 def make_inputs(spec: Spec, device: str, kernel_backend: str, kernel_backend_missing: str | None = None) -> Inputs:
@@ -176,6 +180,8 @@ def entry_backend(entry: Entry, spec: Spec, kernel_backend: str) -> str | None:
     """The na_rtc backend ``entry`` runs ``spec`` on (None: not na_rtc's)."""
     if entry.reference:
         return EVERY_RANK
+    if entry.backend is not None:
+        return entry.backend
     if not entry.uses_kernels:
         return None
     return served_backend(spec.ndim, kernel_backend) if entry.falls_back else kernel_backend
@@ -279,7 +285,8 @@ def _backend_notes(spec: Spec, inputs: Inputs, backend: str) -> dict:
 def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=contextlib.nullcontext) -> Prepared:
     """``mode``: a context manager the calls run under (a setting that steers the dispatch)."""
     backend = backend or served_backend(spec.ndim, inputs.kernel_backend)
-    if backend != EVERY_RANK:
+    kernels = backend == inputs.kernel_backend  # not the reference or blocked backend: na_rtc's kernels
+    if kernels:
         _require_kernels(inputs)
     fn = _public_op(spec)
     kwargs = window_kwargs(spec)
@@ -294,7 +301,7 @@ def _prepare_fused(spec: Spec, inputs: Inputs, backend: str | None = None, mode=
             return grads(out, inputs)
 
     notes = _backend_notes(spec, inputs, backend)
-    if backend != EVERY_RANK:
+    if kernels:
         with mode():
             notes.update(_fused_kernels_used(spec, inputs))
     if spec.extra_tokens:  # where their time goes
@@ -316,6 +323,27 @@ def _prepare_reference(spec: Spec, inputs: Inputs) -> Prepared:
     the reference backend itself)."""
     _require_rank(spec, inputs, "the fused entry measures it")
     return _prepare_fused(spec, inputs, EVERY_RANK)
+
+
+def _prepare_blocked(spec: Spec, inputs: Inputs) -> Prepared:
+    """The fused op on the blocked backend: query tiles attend the box of keys their windows cover as dense
+    matrix products, with the exact NA mask inside the box. Its notes give the tiles and how many more
+    query-key products the boxes hold than the neighborhoods (the price of the dense products)."""
+    from ..blocked import tile_shape
+    from ..blocked.tiles import tiles_of
+    from .flops import axes_of, neighbor_pairs
+
+    prepared = _prepare_fused(spec, inputs, "blocked")
+    axes = axes_of(spec)
+    tiles = tiles_of(axes, tile_shape(axes))
+    pairs = neighbor_pairs(spec)
+    prepared.notes.update({
+        "tile": "x".join(map(str, tile_shape(axes))),
+        "tiles": tiles.count, "box_keys": tiles.box_keys,
+        "box_vs_window_products": round(tiles.count * tiles.tile_queries * tiles.box_keys / pairs, 2) if pairs
+        else None,
+    })
+    return prepared
 
 
 def _prepare_other_forward(spec: Spec, inputs: Inputs, table: Prepared, mode, already: str) -> Prepared:
@@ -542,6 +570,8 @@ def na_rtc_entries() -> list[Entry]:
         Entry("naive_kernels", "na_rtc straightforward kernels", _prepare_naive_kernels, families=("naive",),
               uses_kernels=True),
         Entry("reference", "na_rtc reference (torch)", _prepare_reference, default_gpu=False, reference=True),
+        Entry("blocked", "na_rtc blocked (block-sparse torch matmuls)", _prepare_blocked, default_gpu=False,
+              backend="blocked"),
         Entry("host_overhead", "na_rtc host overhead of a warm fused call: dispatch and launch plans, nothing "
               "launched (notes: microseconds per call)", _prepare_host_overhead, computes=False),
     ]

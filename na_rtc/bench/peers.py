@@ -482,7 +482,7 @@ def peer_entries() -> list[Entry]:
               default_cpu=False, cpu_note=FLEX_CPU_NOTE),
         Entry("natten", "NATTEN fused", _prepare_natten, default_cpu=False,
               cpu_note="NATTEN's fused kernels are timed on a GPU (name it with --entries to try it here)"),
-        Entry("sdpa", "torch SDPA (full attention)", _prepare_sdpa),
+        Entry("sdpa", "torch SDPA (full attention)", _prepare_sdpa, full_attention=True),
     ]
 
 

@@ -13,12 +13,14 @@ from pathlib import Path
 from .report import FLEX, device_summary, speedup
 
 #: entries drawn in the speedup panels (the baselines themselves are 1 by definition)
-SPEEDUP_ENTRIES = ("fused", "split", "naive_kernels", "reference", "flex_natural", "flex_tiled", "sdpa")
-MEMORY_ENTRIES = ("fused", "split", "naive_kernels", "reference", "naive_torch", "flex_natural", "flex_tiled", "sdpa")
+SPEEDUP_ENTRIES = ("fused", "split", "naive_kernels", "reference", "blocked", "flex_natural", "flex_tiled", "sdpa")
+MEMORY_ENTRIES = ("fused", "split", "naive_kernels", "reference", "blocked", "naive_torch", "flex_natural",
+                  "flex_tiled", "sdpa")
 MODES = (("forward", "fwd", None), ("forward_backward", "fwd+bwd", "//"))
-ALL_ENTRIES = ("fused", "split", "naive_kernels", "reference", "naive_torch", "flex_natural", "flex_tiled", "sdpa")
+ALL_ENTRIES = ("fused", "split", "naive_kernels", "reference", "naive_torch", "flex_natural", "flex_tiled", "sdpa",
+               "blocked")
 #: one color per entry in every panel (matplotlib's tab10)
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 
 
 class PlotUnavailable(RuntimeError):

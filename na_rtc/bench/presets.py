@@ -232,6 +232,19 @@ THREE_D = (
 )
 
 
+NAT_TINY = "NAT-tiny stage 1"
+
+#: what the portable backends (reference, blocked) are measured on beside the naive torch gather, fp32 as a
+#: CPU computes; the NAT-tiny stage also against full attention over its 3136 tokens (the sdpa entry)
+PORTABLE = (
+    spec((128, 128), 13, batch=1, heads=4, head_dim=32, dtype="fp32", note="2D large kernel"),
+    spec(4096, 127, batch=1, heads=4, head_dim=32, dtype="fp32", note="1D long kernel"),
+    spec((64, 64), 7, dilation=2, batch=1, heads=4, head_dim=32, dtype="fp32", note="2D dilated"),
+    spec((16, 32, 32), (3, 7, 7), batch=1, heads=4, head_dim=32, dtype="fp32", note="3D video"),
+    spec((56, 56), 7, batch=8, heads=4, head_dim=32, dtype="fp32", note=NAT_TINY),
+)
+
+
 def _unique(*groups) -> tuple[Spec, ...]:
     seen, out = set(), []
     for group in groups:
@@ -255,7 +268,8 @@ PRESETS: dict[str, tuple[Spec, ...]] = {
     "gqa": GQA,
     "extra-tokens": EXTRA_TOKENS,
     "gpu-check": GPU_CHECK,
-    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D, GQA, EXTRA_TOKENS),
+    "portable": PORTABLE,
+    "full": _unique(TARGETS, SHAPES, DTYPE_SWEEP, THREE_D, GQA, EXTRA_TOKENS, PORTABLE),
 }
 
 PRESET_HELP = {
@@ -270,7 +284,11 @@ PRESET_HELP = {
     "extra-tokens": "bf16 with extra key/value tokens every query attends: 2D 64x64 k=13, 16 heads with 4 key/value "
                     "heads, +256 and +512 tokens; 1D 65536 k=80 stride=16, 24 heads, +512 tokens (GPU sizes)",
     "gpu-check": "what make gpu-check measures: the targets, with 3D 16x32x32 k=3x7x7 after the FlexAttention ones",
-    "full": "targets + shapes + dtypes + 3d + gqa + extra-tokens (several slices on a GPU: use --resume)",
+    "portable": "fp32 for the portable backends (reference, blocked) beside the naive torch gather: 2D 128x128 "
+                "k=13, 1D 4096 k=127, 2D 64x64 k=7 dil=2, 3D 16x32x32 k=3x7x7, NAT-tiny 56x56 k=7 b8 (also against "
+                "SDPA full attention); fits a CPU run",
+    "full": "targets + shapes + dtypes + 3d + gqa + extra-tokens + portable (several slices on a GPU: use "
+            "--resume)",
 }
 
 #: earlier preset names, still accepted by ``--preset`` (scripts and make targets may use them); not listed

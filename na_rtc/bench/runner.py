@@ -26,11 +26,18 @@ SCHEMA = "na_rtc-bench/1"
 EMULATOR_FLOP_LIMIT = 2e7
 #: forward FLOPs above which nothing is run on a CPU-only machine
 CPU_FLOP_LIMIT = 2e9
+#: forward FLOPs of full attention (all tokens against all) above which it is not run on a CPU-only machine: the
+#: NAT-tiny stage (56x56, batch 8, 4 heads, head dim 32: 40 GFLOP) runs, 16384 tokens (137 GFLOP at 4 heads of
+#: 32) would take most of a minute per problem
+CPU_FULL_ATTENTION_FLOP_LIMIT = 5e10
 #: forward FLOPs above which the reference backend is not asked on a GPU: it runs one chunk of queries at a
 #: time (as many chunks as queries where a window holds thousands of keys), the spec rather than a kernel
 REFERENCE_GPU_FLOP_LIMIT = 1e11
 GPU_NOTE = ("CPU-only machine: na_rtc's kernels ran on the emulator (the CUDA C kernels executed on the CPU) at "
             "small sizes. These figures check the harness; they say nothing about GPU speed. GPU figures need a GPU.")
+#: the note of a CPU-only run whose entries launch none of na_rtc's kernels (the portable backends, torch)
+CPU_NOTE = ("CPU-only machine, no na_rtc kernels among the entries: these are CPU figures of torch on this CPU "
+            "(na_rtc's reference and blocked backends, the baselines); they say nothing about GPU speed.")
 
 
 @dataclass
@@ -101,6 +108,10 @@ def _size_limit(entry: Entry, spec: Spec, machine: Machine, forward_flops: int) 
             return (f"too large for the reference backend ({forward_flops / 1e9:.0f} GFLOP forward, limit "
                     f"{REFERENCE_GPU_FLOP_LIMIT / 1e9:.0f} on a GPU)")
         return None
+    if entry.full_attention and flops.full_attention_flops(spec) > CPU_FULL_ATTENTION_FLOP_LIMIT:
+        full = flops.full_attention_flops(spec)
+        return (f"full attention over {spec.tokens} tokens is too large for a CPU run ({full / 1e9:.0f} GFLOP "
+                f"forward, limit {CPU_FULL_ATTENTION_FLOP_LIMIT / 1e9:.0f}); GPU figures need a GPU")
     if backend == "emulator" and forward_flops > EMULATOR_FLOP_LIMIT:
         return (f"too large for the emulator ({forward_flops / 1e6:.0f} MFLOP forward, limit "
                 f"{EMULATOR_FLOP_LIMIT / 1e6:.0f}); GPU figures need a GPU")
@@ -270,11 +281,17 @@ def new_results(preset: str | None, plan: list[Spec], selection_names: list[str]
                      "memory": memory_label, "entries": selection_names, "kernel_backend": machine.kernel_backend,
                      "flops": "4 * head_dim * batch * heads * sum over queries of exact neighbor count; "
                               "backward 2.5x forward"},
-        "notes": [] if machine.gpu else [GPU_NOTE],
+        "notes": [] if machine.gpu else [_cpu_note(selection_names)],
         "plan": [spec.to_json() for spec in plan],
         "problems": [],
         "slices": [],
     }
+
+
+def _cpu_note(selection_names: list[str]) -> str:
+    """What a CPU-only run's figures are: the emulator's harness check where an entry launches na_rtc's kernels."""
+    kernels = {entry.name for entry in all_entries() if entry.uses_kernels}
+    return GPU_NOTE if kernels & set(selection_names) else CPU_NOTE
 
 
 def _memory_label(machine: Machine) -> str:
