@@ -112,7 +112,7 @@ def test_demo_writes_png(tmp_path):
 def test_demo_numpy_quick_passes(capsys):
     assert main(["demo", "--quick", "--arrays", "numpy", "--no-png"]) == 0
     out = capsys.readouterr().out
-    assert "reference (numpy)" in out
+    assert "blocked (numpy)" in out
     assert "full attention" in out and "torch SDPA (cpu)" in out
     assert "FAIL" not in out
 
@@ -164,12 +164,13 @@ def test_demo_runs_the_backend_it_is_asked_for(capsys):
 
 
 def test_demo_checks_a_3d_problem(capsys):
-    """Both tables hold a 3D problem (na3d against the dense masked definition); on a CPU the reference serves it."""
+    """Both tables hold a 3D problem (na3d against the dense masked definition); on a CPU the blocked backend
+    serves it."""
     assert {problem.ndim for problem in demo.PROBLEMS} == {1, 2, 3}
     [problem] = [problem for problem in demo.QUICK_PROBLEMS if problem.ndim == 3]
     assert demo.run(out=None, arrays="numpy", quick=True) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(problem.label + " ")]
-    assert rows[0].split()[2:4] == [problem.shape_text(), "reference"] and rows[0].endswith("pass")
+    assert rows[0].split()[2:4] == [problem.shape_text(), "blocked"] and rows[0].endswith("pass")
     assert rows[1].startswith(f"{problem.label} vs full attention over {problem.tokens} tokens")
 
 
