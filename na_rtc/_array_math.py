@@ -37,6 +37,9 @@ class NumpyMath:
     def concat_last(self, a, b):
         return np.concatenate((a, b), axis=-1)
 
+    def concat(self, a, b, axis: int):
+        return np.concatenate((a, b), axis=axis)
+
     def repeat_heads(self, x, times: int):
         """``[B, H, N, D]`` -> ``[B, H * times, N, D]``, head h repeated as heads h * times .. h * times + times - 1."""
         return np.repeat(x, times, axis=1)
@@ -120,6 +123,9 @@ class TorchMath:
 
     def concat_last(self, a, b):
         return self.torch.cat((a, b), dim=-1)
+
+    def concat(self, a, b, axis: int):
+        return self.torch.cat((a, b), dim=axis)
 
     def repeat_heads(self, x, times: int):
         return x.repeat_interleave(times, dim=1)

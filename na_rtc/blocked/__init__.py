@@ -58,7 +58,9 @@ class _Run:
         self.dtype = self.m.compute_dtype(problem.dtype)
         self.tiles: Tiles = tiles_of(problem.axes, tile_shape(problem.axes))
         itemsize = 8 if problem.dtype == "float64" else 4
-        per_tile = max(problem.batch, 1) * problem.heads * self.tiles.tile_queries * self.tiles.box_keys * itemsize
+        self.extra = problem.extra_tokens  # appended to every box (every query sees them, no bias)
+        per_tile = (max(problem.batch, 1) * problem.heads * self.tiles.tile_queries
+                    * (self.tiles.box_keys + self.extra) * itemsize)
         self.step = max(1, config.reference_chunk_bytes() // per_tile)
         self.bias_pad = None
         self.flash = _cpu_flash_attention(problem, like)
@@ -90,6 +92,8 @@ class _Run:
             if bias is not None:
                 bias = m.index(bias)
                 added = self.bias_rows(rpb, bias, stop - start) + added
+            if self.extra:
+                added = self.token_columns(added)
             yield m.index(queries.reshape(-1)), m.index(keys.reshape(-1)), added, bias, stop - start
 
     # ------------------------------------------------------------ [B, heads, tokens, ...] <-> tile rows
@@ -109,14 +113,37 @@ class _Run:
         rows = rows.reshape(p.batch, p.kv_heads, count, p.group, tq, *tail).swapaxes(2, 3)
         self.m.put_tokens(target, index, rows.reshape(p.batch, p.heads, count * tq, *tail))
 
-    def key_rows(self, x, index, count: int):
-        """Key-side ``[B, Hkv, N + 1, D]`` -> ``[B, Hkv, c, Kb, D]``."""
-        return self.m.gather_tokens(x, index).reshape(x.shape[0], x.shape[1], count, self.tiles.box_keys, -1)
+    def key_rows(self, x, index, count: int, tokens=None):
+        """Key-side ``[B, Hkv, N + 1, D]`` -> ``[B, Hkv, c, Kb, D]``; with ``tokens`` (heads-first extra tokens)
+        appended to every box, ``[B, Hkv, c, Kb + T, D]``."""
+        rows = self.m.gather_tokens(x, index).reshape(x.shape[0], x.shape[1], count, self.tiles.box_keys, -1)
+        return rows if tokens is None else self.with_tokens(rows, tokens, count)
 
-    def add_key_rows(self, target, index, rows):
-        """Add ``[B, Hkv, c, Kb, D]`` to the keys they came from (boxes overlap)."""
+    def add_key_rows(self, target, index, rows, tokens_target=None):
+        """Add ``[B, Hkv, c, Kb (+ T), D]`` to the keys they came from (boxes overlap; the extra tokens' part,
+        summed over the tiles, to ``tokens_target`` ``[B, Hkv, T, D]``)."""
         b, h = rows.shape[:2]
+        if tokens_target is not None:
+            tokens_target += rows[:, :, :, self.tiles.box_keys:].sum(2)
+            rows = rows[:, :, :, :self.tiles.box_keys]
         self.m.scatter_add(target, 2, index, rows.reshape(b, h, -1, rows.shape[-1]))
+
+    # ------------------------------------------------------------ extra tokens: more keys in every box
+
+    def tokens(self, x):
+        """Extra tokens ``[B, T, Hkv, D]`` heads-first in the compute dtype: ``[B, Hkv, T, D]``."""
+        return self.m.tokens_heads_first(x, self.dtype)
+
+    def with_tokens(self, box_rows, tokens, count: int):
+        """``[B, Hkv, c, Kb, D]`` with the tokens appended to every box: ``[B, Hkv, c, Kb + T, D]``."""
+        b, h, t, d = tokens.shape
+        every = self.m.zeros((b, h, count, t, d), self.dtype)
+        every += tokens[:, :, None]
+        return self.m.concat(box_rows, every, -2)
+
+    def token_columns(self, added):
+        """``added`` with a 0 for every extra token (no window, no bias): ``[..., Kb + T]``."""
+        return self.m.concat_last(added, self.m.zeros((*added.shape[:-1], self.extra), self.dtype))
 
     def bias_rows(self, rpb, bias_index, count: int):
         """The bias of each (query, box key) pair, ``[Hkv, c, G * Tq, Kb]`` (0 outside the window)."""
@@ -169,33 +196,35 @@ def _flash_mask(added, problem: Problem):
 
 
 def fused_forward(problem: Problem, query, key, value, rpb=None, extra_keys=None, extra_values=None):
-    """``(out, lse)`` of the fused op (lse float32; float64 for float64 inputs)."""
-    if problem.extra_tokens or problem.empty_neighborhood:
+    """``(out, lse)`` of the fused op (lse float32; float64 for float64 inputs); extra tokens are keys appended
+    to every tile's box (an empty neighborhood, ``na_rtc.attention``: dense attention over them alone)."""
+    if problem.empty_neighborhood:
         return extra_tokens.merged_forward(fused_forward, problem, query, key, value, rpb, extra_keys, extra_values)
     if math.prod(problem.qkv_shape) == 0:
-        return reference.fused_forward(problem, query, key, value, rpb)
+        return reference.fused_forward(problem, query, key, value, rpb, extra_keys, extra_values)
     run = _Run(problem, query)
     m = run.m
     q, k, v = run.padded(query), run.padded(key), run.padded(value)
     q *= problem.scale
+    xk, xv = (run.tokens(x) for x in (extra_keys, extra_values)) if run.extra else (None, None)
     out, lse = run.zeros(problem.heads, problem.v_dim), run.zeros(problem.heads, None)
     batch_rows = problem.batch * problem.kv_heads
     for queries, keys, added, _, count in run.chunks(rpb):
+        k_rows, v_rows = run.key_rows(k, keys, count, xk), run.key_rows(v, keys, count, xv)
         if run.flash is not None:
-            rows = [_flash_rows(x, batch_rows) for x in (run.query_rows(q, queries, count),
-                                                          run.key_rows(k, keys, count), run.key_rows(v, keys, count))]
+            rows = [_flash_rows(x, batch_rows) for x in (run.query_rows(q, queries, count), k_rows, v_rows)]
             rows_out, rows_lse = run.flash[0](*rows, 0.0, False, attn_mask=_flash_mask(added, problem), scale=1.0)
             shape = (problem.batch, problem.kv_heads, *rows_lse.shape[1:])
             run.put_query_rows(out, queries, rows_out.reshape(*shape, -1), count)
             run.put_query_rows(lse, queries, rows_lse.reshape(shape), count)
             continue
-        weights = run.logits(run.query_rows(q, queries, count), run.key_rows(k, keys, count), added)
+        weights = run.logits(run.query_rows(q, queries, count), k_rows, added)
         peak = m.amax(weights)
         weights -= peak
         m.exp_(weights)
         total = m.sum_last(weights)
         weights /= total[..., None]
-        run.put_query_rows(out, queries, weights @ run.key_rows(v, keys, count), count)
+        run.put_query_rows(out, queries, weights @ v_rows, count)
         run.put_query_rows(lse, queries, peak[..., 0] + m.log(total), count)
     lse_dtype = "float64" if problem.dtype == "float64" else "float32"
     return run.heads_last(out, problem.out_shape), run.heads_last(lse, problem.lse_shape, lse_dtype)
@@ -204,14 +233,16 @@ def fused_forward(problem: Problem, query, key, value, rpb=None, extra_keys=None
 def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None,
                    grad_lse=None, extra_keys=None, extra_values=None):
     """``(dq, dk, dv, drpb or None)``; ``delta = rowsum(dOut * out) - grad_lse``; with extra tokens
-    ``(..., d_extra_keys, d_extra_values)`` (:func:`na_rtc.extra_tokens.fused_backward`)."""
-    if problem.extra_tokens or problem.empty_neighborhood:
+    ``(..., d_extra_keys, d_extra_values)``, summed over the boxes they were appended to (an empty neighborhood:
+    :func:`na_rtc.extra_tokens.fused_backward`)."""
+    if problem.empty_neighborhood:
         return extra_tokens.fused_backward(fused_backward, fused_forward, problem, grad_out, query, key, value, rpb,
                                            output, logsumexp, grad_lse, extra_keys, extra_values)
     if math.prod(problem.qkv_shape) == 0:
-        return reference.fused_backward(problem, grad_out, query, key, value, rpb, output, logsumexp, grad_lse)
+        return reference.fused_backward(problem, grad_out, query, key, value, rpb, output, logsumexp, grad_lse,
+                                        extra_keys, extra_values)
     if output is None:
-        output, logsumexp = fused_forward(problem, query, key, value, rpb)
+        output, logsumexp = fused_forward(problem, query, key, value, rpb, extra_keys, extra_values)
     run = _Run(problem, query)
     m = run.m
     q, k, v = run.padded(query), run.padded(key), run.padded(value)
@@ -223,6 +254,10 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
         delta = delta - run.padded(grad_lse[..., None])[..., 0]
     dq = run.zeros(problem.heads, problem.head_dim)
     dk, dv = run.zeros(problem.kv_heads, problem.head_dim), run.zeros(problem.kv_heads, problem.v_dim)
+    xk = xv = dxk = dxv = None
+    if run.extra:
+        xk, xv = run.tokens(extra_keys), run.tokens(extra_values)
+        dxk, dxv = m.zeros(xk.shape, run.dtype), m.zeros(xv.shape, run.dtype)
     drpb = None
     if rpb is not None:
         drpb = m.zeros((problem.heads, math.prod(problem.rpb_shape[1:]) + 1), run.dtype)
@@ -230,8 +265,8 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     flash = run.flash if rpb is None and grad_lse is None else None
     batch_rows = problem.batch * problem.kv_heads
     for queries, keys, added, bias_index, count in run.chunks(rpb):
-        q_rows, k_rows = run.query_rows(q, queries, count), run.key_rows(k, keys, count)
-        v_rows, dout_rows = run.key_rows(v, keys, count), run.query_rows(dout, queries, count)
+        q_rows, k_rows = run.query_rows(q, queries, count), run.key_rows(k, keys, count, xk)
+        v_rows, dout_rows = run.key_rows(v, keys, count, xv), run.query_rows(dout, queries, count)
         if flash is not None:
             rows = [_flash_rows(x, batch_rows) for x in (dout_rows, q_rows, k_rows, v_rows,
                                                           run.query_rows(out, queries, count))]
@@ -239,30 +274,33 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
             grads = flash[1](*rows, rows_lse, 0.0, False, attn_mask=_flash_mask(added, problem), scale=1.0)
             dq_rows, dk_rows, dv_rows = (g.reshape(problem.batch, problem.kv_heads, *g.shape[1:]) for g in grads)
             run.put_query_rows(dq, queries, dq_rows * problem.scale, count)
-            run.add_key_rows(dk, keys, dk_rows)  # the query rows come scaled
-            run.add_key_rows(dv, keys, dv_rows)
+            run.add_key_rows(dk, keys, dk_rows, dxk)  # the query rows come scaled
+            run.add_key_rows(dv, keys, dv_rows, dxv)
             continue
         probs = run.logits(q_rows, k_rows, added)
         probs -= run.query_rows(lse[..., None], queries, count)
         m.exp_(probs)
-        run.add_key_rows(dv, keys, m.transpose_last(probs) @ dout_rows)
+        run.add_key_rows(dv, keys, m.transpose_last(probs) @ dout_rows, dxv)
         grad_logits = dout_rows @ m.transpose_last(v_rows)
         grad_logits -= run.query_rows(delta[..., None], queries, count)
         grad_logits *= probs
         run.put_query_rows(dq, queries, (grad_logits @ k_rows) * problem.scale, count)
-        run.add_key_rows(dk, keys, m.transpose_last(grad_logits) @ q_rows)  # the query rows come scaled
+        run.add_key_rows(dk, keys, m.transpose_last(grad_logits) @ q_rows, dxk)  # the query rows come scaled
         if drpb is not None:
-            per_pair = grad_logits.sum(0).reshape(problem.kv_heads, count, problem.group, -1).swapaxes(1, 2)
+            per_pair = grad_logits[..., :run.tiles.box_keys].sum(0).reshape(problem.kv_heads, count, problem.group, -1).swapaxes(1, 2)
             m.scatter_add(drpb, 1, bias_index.reshape(-1), per_pair.reshape(problem.heads, -1))
     grads = (run.heads_last(dq, problem.qkv_shape), run.heads_last(dk, problem.kv_shape),
              run.heads_last(dv, problem.v_shape))
-    if drpb is None:
-        return (*grads, None)
-    # drop the padding entry into a fresh contiguous table: the slice is a strided view, and the custom op's fake
-    # implementation (and torch.compile) promise a contiguous bias gradient
-    table = m.zeros((problem.heads, drpb.shape[1] - 1), run.dtype)
-    table[:] = drpb[:, :-1]
-    return (*grads, m.finish(table, _arrays.dtype_name(rpb), problem.rpb_shape))
+    if drpb is not None:
+        # drop the padding entry into a fresh contiguous table: the slice is a strided view, and the custom op's
+        # fake implementation (and torch.compile) promise a contiguous bias gradient
+        table = m.zeros((problem.heads, drpb.shape[1] - 1), run.dtype)
+        table[:] = drpb[:, :-1]
+        drpb = m.finish(table, _arrays.dtype_name(rpb), problem.rpb_shape)
+    if not run.extra:
+        return (*grads, drpb)
+    return (*grads, drpb, m.heads_last(dxk, problem.dtype, problem.extra_keys_shape),
+            m.heads_last(dxv, problem.dtype, problem.extra_values_shape))
 
 
 #: The blocked backend's op table (the split ops are the reference's).
