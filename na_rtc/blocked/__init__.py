@@ -65,7 +65,7 @@ class _Run:
         self.bias_pad = None
         self.flash = _cpu_flash_attention(problem, like)
 
-    def padded(self, x, last=None):
+    def padded(self, x):
         """``[batch, *spatial, heads, last]`` heads-first in the compute dtype, one zero token row appended."""
         p = self.problem
         flat = self.m.heads_first(x, p, self.dtype)
