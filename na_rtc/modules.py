@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _args
+from . import _args, distributed
 from . import _torch  # noqa: F401 - the ops and their FLOP formulas, registered once a layer can exist
 from .functional import na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk, na3d, na3d_av, na3d_qk
 
@@ -36,6 +36,7 @@ __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAt
 
 # ndim -> (fused, qk, av)
 _OPS = {1: (na1d, na1d_qk, na1d_av), 2: (na2d, na2d_qk, na2d_av), 3: (na3d, na3d_qk, na3d_av)}
+_CONTEXT_PARALLEL_OPS = {1: distributed.na1d, 2: distributed.na2d, 3: distributed.na3d}
 
 # ndim -> the input layout, for errors
 _INPUT = {1: "[batch, length, embed_dim]", 2: "[batch, height, width, embed_dim]",
@@ -109,7 +110,7 @@ class _NeighborhoodAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, kernel_size, *positional, stride=1, dilation=1, is_causal=False,
                  rel_pos_bias=False, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
-                 num_kv_heads=None):
+                 num_kv_heads=None, process_group=None, shard_dim=0):
         if positional:
             raise _positional_after_kernel_size(type(self), positional)
         super().__init__()
@@ -154,6 +155,10 @@ class _NeighborhoodAttention(nn.Module):
         # APIs may replace the public attributes with the old int forms.
         self._window = (kernel, strides, dilations, causal)
         self._min_size = tuple(k * d for k, d in zip(kernel, dilations))
+        # context parallelism: the input is this rank's slab of spatial axis shard_dim (na_rtc.distributed)
+        if isinstance(shard_dim, bool) or not isinstance(shard_dim, int) or not 0 <= shard_dim < ndim:
+            raise ValueError(f"shard_dim must be a spatial axis index in [0, {ndim}), got {shard_dim!r}")
+        self.process_group, self.shard_dim = process_group, shard_dim
 
         # one projection, outputs [q | k | v]: num_heads query heads, num_kv_heads key and value heads each
         self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
@@ -201,11 +206,18 @@ class _NeighborhoodAttention(nn.Module):
                 f"attn_drop={self.attn_drop.p} in training needs the split ops, which have no stride, but "
                 f"stride={strides}; use attn_drop=0 (or proj_drop) with stride > 1, or call .eval()")
 
+        if self.process_group is not None and split:
+            raise ValueError(
+                f"attn_drop={self.attn_drop.p} in training needs the split ops, which have no context-parallel "
+                f"version; use attn_drop=0 (or proj_drop) with process_group, or call .eval()")
+
         spatial = tuple(x.shape[1:-1])
         # NATTEN's modules zero-pad inputs smaller than the window at the end
         # of each axis (before the qkv projection) and crop the output back;
         # the ops themselves require kernel_size * dilation <= size.
-        pads = tuple(max(0, m - n) for m, n in zip(self._min_size, spatial))
+        pads = tuple(max(0, m - n) for m, n in zip(self._min_size, self._global_size(spatial)))
+        if self.process_group is not None and not self._holds_axis_end(spatial):
+            pads = tuple(0 if axis == self.shard_dim else p for axis, p in enumerate(pads))
         if any(pads):
             spec = []
             for p in reversed(pads):
@@ -223,6 +235,9 @@ class _NeighborhoodAttention(nn.Module):
             attn = qk(q * self.scale, k, kernel, dilations, causal, rpb=self.rpb)
             attn = self.attn_drop(attn.softmax(dim=-1))
             out = av(attn, v, kernel, dilations, causal)
+        elif self.process_group is not None:
+            out = _CONTEXT_PARALLEL_OPS[self.ndim](q, k, v, kernel, strides, dilations, causal, scale=self.scale,
+                                             rpb=self.rpb, group=self.process_group, shard_dim=self.shard_dim)
         else:
             out = fused(q, k, v, kernel, strides, dilations, causal, scale=self.scale, rpb=self.rpb)
         out = out.reshape(batch, *padded, self.embed_dim)
@@ -230,11 +245,32 @@ class _NeighborhoodAttention(nn.Module):
             out = out[(slice(None), *(slice(0, n) for n in spatial))]
         return self.proj_drop(self.proj(out))
 
+    def _slab_lengths(self, spatial) -> tuple[int, ...]:
+        from .distributed.comm import communicator
+        from .distributed.validate import slab_lengths
+
+        return slab_lengths(communicator(self.process_group), spatial[self.shard_dim])
+
+    def _global_size(self, spatial) -> tuple[int, ...]:
+        """The input's spatial size, along the shard axis the sum of every rank's slab."""
+        if self.process_group is None:
+            return spatial
+        total = sum(self._slab_lengths(spatial))
+        return tuple(total if axis == self.shard_dim else n for axis, n in enumerate(spatial))
+
+    def _holds_axis_end(self, spatial) -> bool:
+        """Whether this rank's slab ends the shard axis (the last rank pads a short axis, as one process
+        pads its end)."""
+        from .distributed.comm import communicator
+
+        return communicator(self.process_group).rank == len(self._slab_lengths(spatial)) - 1
+
     def extra_repr(self) -> str:
         kv = f"num_kv_heads={self.num_kv_heads}, " if self.num_kv_heads != self.num_heads else ""
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {kv}head_dim={self.head_dim}, "
                 f"kernel_size={self._window[0]}, stride={self._window[1]}, dilation={self._window[2]}, "
-                f"is_causal={self._window[3]}, rel_pos_bias={self.rpb is not None}, scale={self.scale:g}")
+                f"is_causal={self._window[3]}, rel_pos_bias={self.rpb is not None}, scale={self.scale:g}"
+                + ("" if self.process_group is None else f", context parallel over shard_dim={self.shard_dim}"))
 
 
 # help() and inspect show the keyword-only signature, without the catch-all that exists only to explain the
@@ -249,7 +285,8 @@ class NeighborhoodAttention1D(_NeighborhoodAttention):
 
     ``NeighborhoodAttention1D(embed_dim, num_heads, kernel_size, *, stride=1,
     dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
-    qk_scale=None, attn_drop=0.0, proj_drop=0.0, num_kv_heads=None)``.
+    qk_scale=None, attn_drop=0.0, proj_drop=0.0, num_kv_heads=None,
+    process_group=None, shard_dim=0)``.
     ``num_kv_heads`` (GQA/MQA; default ``num_heads``) must divide ``num_heads``:
     query head ``h`` attends with key/value head ``h // (num_heads // num_kv_heads)``,
     and ``qkv`` has ``(num_heads + 2 * num_kv_heads) * head_dim`` outputs, in the
@@ -261,6 +298,15 @@ class NeighborhoodAttention1D(_NeighborhoodAttention):
     (``[num_heads, 2k - 1]`` when ``rel_pos_bias``), ``proj`` (Linear).
     Inputs shorter than ``kernel_size * dilation`` are zero-padded at the end
     and the output cropped back.
+
+    With a ``process_group`` (a torch.distributed group, e.g.
+    ``torch.distributed.group.WORLD``) the layer is context parallel: its input
+    is this rank's contiguous slab of spatial axis ``shard_dim`` (see
+    :mod:`na_rtc.distributed`; :func:`na_rtc.distributed.shard` cuts it), the
+    output is the slab's rows, and the parameters' gradients are this rank's
+    share (all-reduce them with ``SUM``). A short axis is padded at the end of
+    the whole axis (on the last rank). ``attn_drop > 0`` in training has no
+    context-parallel version and raises ``ValueError``.
     """
 
     ndim = 1
