@@ -109,6 +109,9 @@ CASES = [
     Case((7, 6, 8), (3, 3, 5), (2, 5), stride=(1, 2, 1), rpb=True),
     Case((6, 9, 5), (3, 3, 2), (3, 2, 4), shard_dim=1, dilation=(2, 3, 1), causal=(False, True, False)),
     Case((5, 6, 11), (2, 3, 3), (4, 3, 4), shard_dim=2, extra=2, head_dim_v=3, heads=2, heads_kv=1),
+    # slabs wide enough for the interior to run while the halo travels (the cases above mostly are not)
+    Case((60,), (5,), (25, 35), stride=(2,), dilation=(2,), causal=(True,)),
+    Case((40, 6), (7, 3), (20, 20), dilation=(2, 1), rpb=True, extra=2),
 ]
 
 
@@ -139,6 +142,34 @@ EMULATOR_CASES = [
 def test_slabs_equal_one_process_on_the_kernels(case):
     ranks = run_ranks(case.world, lambda comm: rank_result(case, comm, "emulator"))
     check(case, ranks, full_result(case))
+
+
+def test_the_interior_is_computed_while_the_halo_travels(monkeypatch):
+    """Order on every rank: the exchange is issued, the interior computed, the exchange awaited, the border
+    computed; the result is still one process's."""
+    import threading
+
+    from na_rtc.distributed import ops
+
+    case = Case((64,), (7,), (32, 32))
+    current = threading.local()
+    fused = ops.functional._fused
+
+    def recording(ndim, query, *args, **kwargs):
+        if hasattr(current, "events"):  # a virtual rank's call (the single-process reference is not one)
+            current.events.append(f"compute {query.shape[1]} rows")
+        return fused(ndim, query, *args, **kwargs)
+
+    monkeypatch.setattr(ops.functional, "_fused", recording)
+
+    def rank(comm):
+        current.events = comm.world.events[comm.rank]
+        return rank_result(case, comm, "reference")
+
+    check(case, run_ranks(2, rank), full_result(case))
+    for events in run_ranks.last_world.events:
+        forward = events[:events.index("wait") + 2]
+        assert forward == ["all_gather", "exchange", "compute 32 rows", "wait", "compute 9 rows"], events
 
 
 def test_replicated_gradients_exist_on_a_rank_without_rows():

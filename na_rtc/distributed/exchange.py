@@ -22,7 +22,7 @@ import torch
 
 from .halo import HaloPlan
 
-__all__ = ["HaloExchange", "Traffic", "TRAFFIC", "pack_rows", "row_bytes", "unpack_rows"]
+__all__ = ["HaloExchange", "PendingHalo", "Traffic", "TRAFFIC", "pack_rows", "row_bytes", "unpack_rows"]
 
 
 class Traffic:
@@ -75,26 +75,36 @@ def _index(rows, offset: int, device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device) - offset
 
 
-def exchange_forward(comm, plan: HaloPlan, dim: int, tensors):
-    """The tensors over the plan's local axis (see the module docstring); also counts bytes in ``comm``."""
-    device = tensors[0].device
-    sends = [(peer, pack_rows(tensors, dim, _index(rows, plan.query_start, device))) for peer, rows in plan.sends]
-    receives = _receive_buffers(tensors, dim, plan.receives, device)
-    TRAFFIC.count(sends, receives)
-    pending = comm.exchange(sends, receives)
-    extended = []
-    for t in tensors:
-        shape = list(t.shape)
-        shape[dim] = plan.key_stop - plan.key_start
-        e = t.new_zeros(shape)
-        e.narrow(dim, plan.query_start - plan.key_start, t.shape[dim]).copy_(t)
-        extended.append(e)
-    pending.wait()
-    for (owner, rows), (_, buffer) in zip(plan.receives, receives):
-        index = _index(rows, plan.key_start, device)
-        for e, part in zip(extended, unpack_rows(buffer, tensors, dim, len(rows))):
-            e.index_copy_(dim, index, part)
-    return extended
+class PendingHalo:
+    """A forward exchange in flight: the tensors over the local axis hold the slab (zeros elsewhere) until
+    :meth:`finish` waits for the received rows and writes them in."""
+
+    def __init__(self, comm, plan: HaloPlan, dim: int, tensors):
+        device = tensors[0].device
+        sends = [(peer, pack_rows(tensors, dim, _index(rows, plan.query_start, device)))
+                 for peer, rows in plan.sends]
+        self._receives = _receive_buffers(tensors, dim, plan.receives, device)
+        TRAFFIC.count(sends, self._receives)
+        self._pending = comm.exchange(sends, self._receives)
+        self._plan, self._dim, self._templates = plan, dim, tensors
+        self.extended = []
+        for t in tensors:
+            shape = list(t.shape)
+            shape[dim] = plan.key_stop - plan.key_start
+            e = t.new_zeros(shape)
+            e.narrow(dim, plan.query_start - plan.key_start, t.shape[dim]).copy_(t)
+            self.extended.append(e)
+
+    def finish(self) -> None:
+        if self._pending is None:
+            return
+        self._pending.wait()
+        self._pending = None
+        with torch.no_grad():  # the received rows are data: the exchange's backward returns their gradients
+            for (_, rows), (_, buffer) in zip(self._plan.receives, self._receives):
+                index = _index(rows, self._plan.key_start, buffer.device)
+                for e, part in zip(self.extended, unpack_rows(buffer, self._templates, self._dim, len(rows))):
+                    e.index_copy_(self._dim, index, part)
 
 
 def exchange_backward(comm, plan: HaloPlan, dim: int, grads):
@@ -115,14 +125,20 @@ def exchange_backward(comm, plan: HaloPlan, dim: int, grads):
 
 
 class HaloExchange(torch.autograd.Function):
-    """``apply(comm, plan, dim, *slabs)`` -> the slabs over the plan's local axis, differentiable."""
+    """``apply(comm, plan, dim, started, *slabs)`` -> the slabs over the plan's local axis, differentiable.
+
+    The forward starts the exchange and returns at once: the received rows are in the outputs only after
+    ``started[0].finish()`` (``started`` is an empty list the forward appends its :class:`PendingHalo` to),
+    so that the caller can compute what needs no halo in between."""
 
     @staticmethod
-    def forward(ctx, comm, plan, dim, *slabs):
+    def forward(ctx, comm, plan, dim, started, *slabs):
         ctx.comm, ctx.plan, ctx.dim = comm, plan, dim
-        return tuple(exchange_forward(comm, plan, dim, slabs))
+        pending = PendingHalo(comm, plan, dim, slabs)
+        started.append(pending)
+        return tuple(pending.extended)
 
     @staticmethod
     def backward(ctx, *grads):
         # autograd materializes the gradients of unused outputs as zeros: every one is a tensor
-        return (None, None, None, *exchange_backward(ctx.comm, ctx.plan, ctx.dim, grads))
+        return (None, None, None, None, *exchange_backward(ctx.comm, ctx.plan, ctx.dim, grads))

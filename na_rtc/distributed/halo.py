@@ -162,3 +162,70 @@ def plan_halo(axis: Axis, lengths: tuple[int, ...], rank: int) -> HaloPlan:
     receives = tuple((o, rows) for o in range(size) if o != rank for rows in [_owned(bounds, o, needed[rank])] if rows)
     sends = tuple((p, rows) for p in range(size) if p != rank for rows in [_owned(bounds, rank, needed[p])] if rows)
     return HaloPlan(rank, axis, bounds, key_start, key_stop, receives, sends)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Queries ``[query_start, query_stop)`` computed on the local axis ``[key_start, key_stop)`` (global
+    rows), on which every one of them has its global window."""
+
+    query_start: int
+    query_stop: int
+    key_start: int
+    key_stop: int
+
+
+def _piece(axis: Axis, first: int, stop: int) -> Piece | None:
+    """The piece of queries ``[first, stop)``, or None when no local axis reproduces their windows."""
+    key_start, key_stop = _local_axis_range(axis, first, stop, needed_rows(axis, first, stop))
+    try:
+        _check_local_windows(axis, first, stop, key_start, key_stop)
+    except RuntimeError:
+        return None
+    return Piece(first, stop, key_start, key_stop)
+
+
+def _inside(piece: Piece | None, lo: int, hi: int) -> bool:
+    return piece is not None and lo <= piece.key_start and piece.key_stop <= hi
+
+
+@functools.lru_cache(maxsize=256)
+def overlap_pieces(plan: HaloPlan) -> tuple[Piece, ...] | None:
+    """``(interior, left border, right border)`` (a border may be None) when the slab's interior is worth
+    computing while the halo travels, else None.
+
+    The interior's queries and keys lie inside the slab (it needs no received row); the borders' local axes
+    lie inside the plan's. Each piece's local axis holds rows of queries that are not its own, which are
+    computed and discarded; the split pays off when the interior holds at least half of the slab."""
+    axis, first, stop = plan.axis, plan.query_start, plan.query_stop
+    if not plan.receives or stop - first < 2:
+        return None
+    queries = np.arange(first, stop, dtype=np.int64)
+    starts, ends = window(axis, queries)
+    g = queries % axis.dilation
+    fits = (starts * axis.dilation + g >= first) & ((ends - 1) * axis.dilation + g < stop)
+    if not fits.any():
+        return None
+    lo, hi = int(queries[fits][0]), int(queries[fits][-1]) + 1
+    period = axis.dilation * axis.stride
+    interior = None
+    for shrink_left in range(2 * period + 1):  # the alignment and the causal leader may need a few rows
+        for shrink_right in range(2 * period + 1):
+            a, b = lo + shrink_left, hi - shrink_right
+            if b - a < (stop - first + 1) // 2:
+                break
+            candidate = _piece(axis, a, b)
+            if _inside(candidate, first, stop):
+                interior = candidate
+                break
+        if interior is not None:
+            break
+    if interior is None:
+        return None
+    borders = [_piece(axis, q0, q1) if q1 > q0 else None
+               for q0, q1 in ((first, interior.query_start), (interior.query_stop, stop))]
+    if not all(b is None or _inside(b, plan.key_start, plan.key_stop) for b in borders) or \
+            any(q1 > q0 and b is None for b, (q0, q1) in zip(borders, ((first, interior.query_start),
+                                                                      (interior.query_stop, stop)))):
+        return None
+    return (interior, *borders)

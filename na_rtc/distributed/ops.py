@@ -8,6 +8,10 @@ single-GPU window math gives every query of the slab its global window
 (:mod:`.halo`), hence the same function as one process. The padding rows are
 queries whose outputs are discarded: their gradients are zero, so they add
 nothing to dK, dV or the bias gradient.
+
+When the slab has an interior that needs no halo (:func:`.halo.overlap_pieces`),
+the exchange is started, the interior computed on the slab's own rows, and
+only then the exchange awaited and the two borders computed on the halo.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from .. import functional
 from .comm import communicator
 from .exchange import HaloExchange
+from .halo import Piece, overlap_pieces
 from .validate import validate
 
 __all__ = ["context_parallel"]
@@ -53,13 +58,38 @@ def context_parallel(ndim, query, key, value, kernel_size, stride, dilation, is_
     dim = 1 + shard_dim
     if plan.query_stop == plan.query_start:
         out, lse = _empty_slab(query, value, tensors.values())
-    else:
-        key, value = HaloExchange.apply(comm, plan, dim, key, value)
-        before = plan.query_start - plan.key_start
-        after = plan.key_stop - plan.query_stop
-        out, lse = functional._fused(ndim, _pad(query, dim, before, after), key, value, kernel_size, stride,
-                                     dilation, is_causal, scale, rpb, True, backend, additional_keys,
-                                     additional_values)
-        rows = plan.query_stop - plan.query_start
-        out, lse = out.narrow(dim, before, rows), lse.narrow(dim, before, rows)
+        return (out, lse) if return_lse else out
+
+    def attend(piece, q_rows, keys, values, key_offset):
+        """The piece's queries (rows ``q_rows`` of this slab's query, global offset ``plan.query_start``)
+        against ``keys``/``values`` (global offset ``key_offset``) on the piece's local axis."""
+        before, after = piece.query_start - piece.key_start, piece.key_stop - piece.query_stop
+        local_keys, local_values = (t.narrow(dim, piece.key_start - key_offset, piece.key_stop - piece.key_start)
+                                    for t in (keys, values))
+        out, lse = functional._fused(ndim, _pad(q_rows, dim, before, after), local_keys, local_values,
+                                     kernel_size, stride, dilation, is_causal, scale, rpb, True, backend,
+                                     additional_keys, additional_values)
+        rows = piece.query_stop - piece.query_start
+        return out.narrow(dim, before, rows), lse.narrow(dim, before, rows)
+
+    def rows_of(piece):
+        return query.narrow(dim, piece.query_start - plan.query_start, piece.query_stop - piece.query_start)
+
+    started = []
+    key_ext, value_ext = HaloExchange.apply(comm, plan, dim, started, key, value)
+    pieces = overlap_pieces(plan)
+    if pieces is None:  # one computation on the slab and its halo
+        started[0].finish()
+        whole = Piece(plan.query_start, plan.query_stop, plan.key_start, plan.key_stop)
+        out, lse = attend(whole, query, key_ext, value_ext, plan.key_start)
+    else:  # the interior while the halo travels, then the borders
+        interior, left, right = pieces
+        parts = {"interior": attend(interior, rows_of(interior), key, value, plan.query_start)}
+        started[0].finish()
+        for name, piece in (("left", left), ("right", right)):
+            if piece is not None:
+                parts[name] = attend(piece, rows_of(piece), key_ext, value_ext, plan.key_start)
+        ordered = [parts[name] for name in ("left", "interior", "right") if name in parts]
+        out = torch.cat([o for o, _ in ordered], dim=dim)
+        lse = torch.cat([lse for _, lse in ordered], dim=dim)
     return (out, lse) if return_lse else out
