@@ -3,7 +3,8 @@
 Each world size starts its processes once and runs all its cases in them
 (``gloo_worker.py``): the reference backend for the broad set, the emulator
 (the CUDA kernels on the CPU) for three fixed cases, a mismatched rank,
-shard/gather, and torch.compile of a context-parallel layer.
+slab lengths that change on some ranks only, shard/gather, and torch.compile
+of a context-parallel layer.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def gloo_cases(world: int):
     cases = [(f"reference-{c.id()}", "reference", c) for c in CASES if c.world == world]
     cases += [(f"reference-{_resized(c, world).id()}", "reference", _resized(c, world)) for c in CASES[:6:2]]
     cases += [(_resized(c, world).id(), "emulator", _resized(c, world)) for c in EMULATOR_CASES]
-    cases += [(name, name, None) for name in ("_mismatch", "_round_trip")]
+    cases += [(name, name, None) for name in ("_mismatch", "_round_trip", "_changing_lengths")]
     if world == 2:
         cases.append(("_compiled_layer", "_compiled_layer", None))
     return cases

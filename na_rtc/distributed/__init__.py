@@ -14,8 +14,10 @@ rank's share of their gradient: all-reduce them with ``SUM`` (as data-parallel
 training does) to get the single-process gradient of the summed loss.
 
 torch only; NCCL on GPUs (every tensor on the rank's current CUDA device) or
-gloo on CPUs. Shapes and arguments are validated collectively once per
-signature, so a bad input on one rank raises the same error on every rank.
+gloo on CPUs. Every call starts with a small all-gather on which the ranks
+agree about the layout; shapes and arguments are validated collectively once
+per layout, so a bad input on one rank raises the same error on every rank
+(:mod:`.validate`).
 """
 
 from __future__ import annotations

@@ -1,18 +1,26 @@
 """Collective validation: a bad input on one rank raises the same error on every rank, never a hang.
 
-Each rank describes its call (shapes with the slab's extent left out, dtypes,
-devices, arguments) and its slab length; the descriptions are gathered once
-per (group, description, slab length) and compared, then the call is checked
-as one problem over the concatenated slabs (on meta tensors: no data, no
-device work). Every rank sees the same gathered facts, so every rank raises
-the same ``ValueError``/``TypeError``, or none does. Successful checks are
-cached with the rank's halo plan, so steady-state calls add no host
-synchronization. The cache assumes what SPMD training does: when one rank's
-slab length changes, every rank's call changes with it.
+Every call starts with one small all-gather: each rank's slab length and a
+digest of its call's description (shapes with the slab's extent left out,
+dtypes, devices, arguments). What follows depends only on what was gathered,
+so every rank takes the same branch: when the digests agree and this layout
+was validated before, the cached halo plan is used; otherwise the full
+descriptions are gathered, compared, and the call is checked as one problem
+over the concatenated slabs (on meta tensors: no data, no device work), and
+every rank raises the same ``ValueError``/``TypeError``, or none does.
+
+Why a gather on every call, not a cache keyed by what a rank sees locally:
+ranks' slab lengths can change independently (``torch.tensor_split`` of 16
+rows over three ranks gives 6, 5, 5; of 15 rows 5, 5, 5), so a rank whose own
+slab did not change cannot know that the layout did, and a rank-local cache
+would send it into a stale halo exchange while the others gather: a hang.
+The gather is two integers per rank; over NCCL it waits for the GPU stream
+(a host synchronization), over gloo it is a CPU round trip.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +103,8 @@ def _meta(t, dim: int, length: int):
 
 
 def validate(comm, ndim: int, shard_dim, tensors: dict, arguments: dict) -> Validated:
-    """Check one context-parallel call on every rank of ``comm`` (see the module docstring).
+    """Check one context-parallel call on every rank of ``comm`` (see the module docstring); the cache holds
+    the same entries on every rank (its keys are gathered facts), so every rank evicts at the same call.
 
     ``tensors``: query, key, value, rpb, additional_keys, additional_values; ``arguments``: kernel_size,
     stride, dilation, is_causal, scale (as the user passed them).
@@ -107,8 +116,10 @@ def validate(comm, ndim: int, shard_dim, tensors: dict, arguments: dict) -> Vali
                    *((name, _slab_free(_describe(t), dim) if name in ("query", "key", "value") else _describe(t))
                      for name, t in tensors.items()),
                    *((name, repr(value)) for name, value in arguments.items()))
-    key = (comm.key(), ndim, description, slab)
-    if error is None and key in _CACHE:
+    digest = zlib.crc32(repr((description, error)).encode())
+    agreed = tuple(comm.all_gather_object((slab, digest)))
+    key = (comm.key(), ndim, description, agreed)
+    if error is None and len({d for _, d in agreed}) == 1 and key in _CACHE:
         return _CACHE[key]
     gathered = comm.all_gather_object((description, slab, error))
     where = f"na_rtc.distributed.na{ndim}d: "
@@ -138,10 +149,8 @@ def validate(comm, ndim: int, shard_dim, tensors: dict, arguments: dict) -> Vali
     return validated
 
 
+@torch.compiler.disable  # a collective: torch.compile breaks the graph here
 def slab_lengths(comm, slab: int) -> tuple[int, ...]:
-    """Every rank's slab length, gathered once per (group, this rank's length) and cached (the layers pad
-    inputs shorter than the window along the global axis)."""
-    key = (comm.key(), "slab lengths", int(slab))
-    if key not in _CACHE:
-        _CACHE[key] = tuple(int(n) for n in comm.all_gather_object(int(slab)))
-    return _CACHE[key]
+    """Every rank's slab length (one small all-gather; the layers pad inputs shorter than the window along
+    the global axis)."""
+    return tuple(int(n) for n in comm.all_gather_object(int(slab)))
