@@ -132,3 +132,28 @@ def test_nat_digits_quick_training(tmp_path):
     accuracy = float(re.search(r"test accuracy (\S+)%", out).group(1))
     assert accuracy > 20.0, out  # above chance (10%) after a few batches
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- context_parallel.py
+
+
+def test_context_parallel_example_matches_one_process():
+    """Two gloo CPU processes under torchrun: the script checks its slabs against one process itself."""
+    torch = pytest.importorskip("torch")
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("needs torch.distributed with the gloo backend (this torch build has none)")
+    environment = dict(os.environ, OMP_NUM_THREADS="1", NA_RTC_EMULATOR_THREADS="1")
+    # the checkout's na_rtc, as the test process imports it (the script's own folder is examples/)
+    root = str(EXAMPLES.parent)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environment.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(EXAMPLES / "context_parallel.py")],
+        check=False, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "ok: context-parallel output and gradients match one process (2 ranks)" in out, out
+    lines = re.findall(r"^rank (\d)/2: .*halo sent (\d+) B", out, re.MULTILINE)
+    sent = {int(rank): int(count) for rank, count in lines}
+    assert sorted(sent) == [0, 1], out
+    assert all(count > 0 for count in sent.values()), out
