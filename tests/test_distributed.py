@@ -110,8 +110,9 @@ CASES = [
     Case((6, 9, 5), (3, 3, 2), (3, 2, 4), shard_dim=1, dilation=(2, 3, 1), causal=(False, True, False)),
     Case((5, 6, 11), (2, 3, 3), (4, 3, 4), shard_dim=2, extra=2, head_dim_v=3, heads=2, heads_kv=1),
     # slabs wide enough for the interior to run while the halo travels (the cases above mostly are not)
-    Case((60,), (5,), (25, 35), stride=(2,), dilation=(2,), causal=(True,)),
-    Case((40, 6), (7, 3), (20, 20), dilation=(2, 1), rpb=True, extra=2),
+    Case((200,), (5,), (90, 110), stride=(2,), dilation=(2,), causal=(True,)),
+    Case((320, 3), (5, 3), (160, 160), dilation=(2, 1), rpb=True, extra=2),
+    Case((90, 3, 2), (3, 3, 2), (40, 50), stride=(3, 1, 1), heads=2, heads_kv=1),
 ]
 
 
@@ -151,7 +152,7 @@ def test_the_interior_is_computed_while_the_halo_travels(monkeypatch):
 
     from na_rtc.distributed import ops
 
-    case = Case((64,), (7,), (32, 32))
+    case = Case((256,), (7,), (128, 128))
     current = threading.local()
     fused = ops.functional._fused
 
@@ -169,7 +170,7 @@ def test_the_interior_is_computed_while_the_halo_travels(monkeypatch):
     check(case, run_ranks(2, rank), full_result(case))
     for events in run_ranks.last_world.events:
         forward = events[:events.index("wait") + 2]
-        assert forward == ["all_gather", "all_gather", "exchange", "compute 32 rows", "wait", "compute 9 rows"], events
+        assert forward == ["all_gather", "all_gather", "exchange", "compute 128 rows", "wait", "compute 9 rows"], events
 
 
 def test_replicated_gradients_exist_on_a_rank_without_rows():

@@ -164,6 +164,10 @@ def plan_halo(axis: Axis, lengths: tuple[int, ...], rank: int) -> HaloPlan:
     return HaloPlan(rank, axis, bounds, key_start, key_stop, receives, sends)
 
 
+#: the most rows the pieces of an overlapped call may compute, relative to one computation over slab and halo
+OVERLAP_EXTRA_WORK = 1.125
+
+
 @dataclass(frozen=True)
 class Piece:
     """Queries ``[query_start, query_stop)`` computed on the local axis ``[key_start, key_stop)`` (global
@@ -196,7 +200,8 @@ def overlap_pieces(plan: HaloPlan) -> tuple[Piece, ...] | None:
 
     The interior's queries and keys lie inside the slab (it needs no received row); the borders' local axes
     lie inside the plan's. Each piece's local axis holds rows of queries that are not its own, which are
-    computed and discarded; the split pays off when the interior holds at least half of the slab."""
+    computed and discarded: the split is taken when all pieces together compute at most
+    ``OVERLAP_EXTRA_WORK`` times the rows of the single computation (wide slabs, short halos)."""
     axis, first, stop = plan.axis, plan.query_start, plan.query_stop
     if not plan.receives or stop - first < 2:
         return None
@@ -222,10 +227,13 @@ def overlap_pieces(plan: HaloPlan) -> tuple[Piece, ...] | None:
             break
     if interior is None:
         return None
-    borders = [_piece(axis, q0, q1) if q1 > q0 else None
-               for q0, q1 in ((first, interior.query_start), (interior.query_stop, stop))]
-    if not all(b is None or _inside(b, plan.key_start, plan.key_stop) for b in borders) or \
-            any(q1 > q0 and b is None for b, (q0, q1) in zip(borders, ((first, interior.query_start),
-                                                                      (interior.query_stop, stop)))):
+    ranges = ((first, interior.query_start), (interior.query_stop, stop))
+    borders = [_piece(axis, q0, q1) if q1 > q0 else None for q0, q1 in ranges]
+    if any(q1 > q0 and not _inside(b, plan.key_start, plan.key_stop) for b, (q0, q1) in zip(borders, ranges)):
+        return None
+    # every piece computes all rows of its local axis: the split is worth it only while those rows add
+    # little to the one computation over slab and halo
+    rows = sum(p.key_stop - p.key_start for p in (interior, *borders) if p is not None)
+    if rows > OVERLAP_EXTRA_WORK * (plan.key_stop - plan.key_start):
         return None
     return (interior, *borders)
