@@ -86,6 +86,7 @@ class PendingHalo:
         self._receives = _receive_buffers(tensors, dim, plan.receives, device)
         TRAFFIC.count(sends, self._receives)
         self._pending = comm.exchange(sends, self._receives)
+        self._sends = sends  # alive until the exchange completes, whatever the backend keeps
         self._plan, self._dim, self._templates = plan, dim, tensors
         self.extended = []
         for t in tensors:
@@ -99,7 +100,7 @@ class PendingHalo:
         if self._pending is None:
             return
         self._pending.wait()
-        self._pending = None
+        self._pending = self._sends = None
         with torch.no_grad():  # the received rows are data: the exchange's backward returns their gradients
             for (_, rows), (_, buffer) in zip(self._plan.receives, self._receives):
                 index = _index(rows, self._plan.key_start, buffer.device)
