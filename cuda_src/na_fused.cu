@@ -8,8 +8,9 @@
 //
 // One block of NA_FUSED_THREADS threads per (batch, head, query tile of
 // TX x TY x TZ group coordinates inside ONE dilation group per axis). Window
-// start and end never decrease with the query inside a group (DESIGN.md
-// section 2), so the union of the tile's windows is the box [start(first
+// start and end never decrease with the query inside a group
+// (docs/design/definition.md#monotone-windows-and-the-inverse-neighborhood),
+// so the union of the tile's windows is the box [start(first
 // query), end(last query)) per axis. The box is walked in row-major order
 // (x, then y, then z) in chunks of KC keys: K and V rows of a chunk are staged
 // in dynamic shared memory (raw elements, 16-byte loads where the layout

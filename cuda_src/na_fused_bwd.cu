@@ -29,7 +29,7 @@
 //
 // na_fused_bwd_dq<T, HD, TX, TY, KC[, 3, TZ]>: one block per (b, h, query tile of
 // TX x TY (x TZ) queries). The union of the tile's windows is one box (window bounds never
-// decrease with the query, DESIGN.md section 2, and the 2D union of products
+// decrease with the query, docs/design/definition.md#monotone-windows-and-the-inverse-neighborhood, and the 2D union of products
 // is the product of the per-axis unions), streamed KC keys at a time (the box
 // linearized x-major) through shared memory. Pass 1: thread p computes
 // ds for pairs (query p / KC, key p % KC), p += 256 (zero outside the query's

@@ -12,7 +12,7 @@
 // (w + 1) - 1 (tile order, the last axis fastest): MT mma tiles of 16 rows,
 // which share every K and V fragment the warp loads (MT = 2 halves the
 // shared-memory reads per mma). The key box (union of the tile's windows,
-// DESIGN.md section 2) is walked in row-major order in chunks of KC keys,
+// docs/design/definition.md) is walked in row-major order in chunks of KC keys,
 // double-buffered in shared memory: while the warps compute on chunk c,
 // cp.async copies bring chunk c + 1 (na_async.cuh; element copies instead
 // where rows are strided or unaligned). Per chunk and warp:
@@ -37,7 +37,7 @@
 // exactly the queries whose windows hold it; a NaN or Inf in a value can also
 // reach the other queries of the block's tile whose 16-row mma tile sees a
 // key of the 16-key step that holds it (as 0 * NaN in P V): fused kernels
-// may poison queries of the same tile (DESIGN.md section 8).
+// may poison queries of the same tile (docs/design/testing.md#non-finite-inputs).
 //
 // Template parameters: element type T (fp16_t, bf16_t), head-dim bucket HD
 // (32 | HD; runtime D <= HD), query tile TX x TY (TX * TY = 64 MT; 1D: TY =

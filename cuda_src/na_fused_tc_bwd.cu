@@ -39,7 +39,7 @@
 //   through ldmatrix.x2.trans).
 // Pairs outside a query's window have p = ds = 0 but still pass through the
 // mma, so a NaN or Inf in a K, V, Q or dOut row can reach the gradients of
-// other rows of the same warp tile (DESIGN.md section 8: fused kernels may
+// other rows of the same warp tile (docs/design/testing.md#non-finite-inputs: fused kernels may
 // poison the queries of a tile); the SIMT backward skips such pairs.
 //
 // Dynamic shared memory (na_rtc/runtime/fused_tc.py mirrors it), rows of

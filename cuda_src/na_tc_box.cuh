@@ -26,7 +26,7 @@ __device__ __forceinline__ int na_divide(const na_divisor& dv, int n) {
 
 // One axis of a tile's dilation group for window math in 32-bit group
 // coordinates: na_tc_group_window(a, i') gives na_window(axis, i' * d + g)
-// (na_window.cuh, DESIGN.md section 2) without its 64-bit divisions, for
+// (na_window.cuh, docs/design/definition.md) without its 64-bit divisions, for
 // windows computed inside a kernel's chunk loop.
 struct na_tc_group_axis {
     int kernel, stride, lg, causal;
@@ -52,7 +52,7 @@ __device__ __forceinline__ void na_tc_group_window(const na_tc_group_axis& a, in
 }
 
 // The key box of a block's query tile (the union of its queries' windows,
-// DESIGN.md section 2), walked row-major: box key n sits at box coordinates
+// docs/design/definition.md), walked row-major: box key n sits at box coordinates
 // (n / hy, n % hy), origin (tx.h0, ty.h0); in 3D (RANK 3) at (n / hz / hy,
 // n / hz % hy, n % hz), origin (tx.h0, ty.h0, tz.h0). 1D tiles (TY == 1) have
 // hy == 1; below RANK 3 hz is 1 and the z coordinate of every key is 0, so

@@ -164,7 +164,7 @@ __device__ __forceinline__ long long na_tc_bias_index(const na_tc_rows& r, int i
 
 // The keys every valid row of a warp sees: the intersection of their windows
 // (box coordinates) over the warp's MT mma tiles. An 8-key tile inside it
-// needs no per-element window test (DESIGN.md section 7: mask only partially
+// needs no per-element window test (docs/design/kernels.md#where-the-speed-comes-from: mask only partially
 // covered tiles). z bounds: RANK 3 only.
 struct na_tc_warp_window {
     int x0, x1, y0, y1, z0, z1;

@@ -1,7 +1,8 @@
 // Query tiles inside one dilation group per axis, shared by the tiled and
 // fused kernels: which queries a block owns and the box of keys their
-// windows cover (window bounds are monotone inside a group, DESIGN.md
-// section 2, so the box is the first query's start to the last query's end).
+// windows cover (window bounds are monotone inside a group,
+// docs/design/definition.md#monotone-windows-and-the-inverse-neighborhood,
+// so the box is the first query's start to the last query's end).
 #pragma once
 
 #include "na_window.cuh"

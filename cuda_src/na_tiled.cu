@@ -8,7 +8,7 @@
 // into dynamic shared memory once, as raw elements (16-byte vector loads
 // where the layout allows: na_copy_rows in na_shared.cuh), then computes every
 // (query, slot) / (query, d) pair from there. Window start and end never
-// decrease with the query inside a group (DESIGN.md section 2), so the halo
+// decrease with the query inside a group (docs/design/definition.md#monotone-windows-and-the-inverse-neighborhood), so the halo
 // per axis is [start(first query), end(last query)): at most T + k - 1 wide
 // for stride 1, the only stride the dispatcher launches these with.
 //

@@ -7,7 +7,7 @@
 //
 // na_tiled_inv: one block per (b, h, key tile of TX x TY keys). The queries
 // whose windows hold a key of the tile form one box (contiguous per axis; at
-// most TX + 2kx - 2 by TY + 2ky - 2, DESIGN.md section 2; checked exhaustively
+// most TX + 2kx - 2 by TY + 2ky - 2, docs/design/definition.md#monotone-windows-and-the-inverse-neighborhood; checked exhaustively
 // for L < 60 with stride 1). The box's source
 // rows are staged in dynamic shared memory TX query rows (x) at a time, each
 // chunk the full box height (y), in the element type. Every key is owned by a

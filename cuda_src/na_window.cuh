@@ -1,6 +1,6 @@
 // Per-axis neighborhood window math: the CUDA mirror of na_rtc/window.py.
 //
-// Keep the two in step: every formula here is DESIGN.md section 2 and has the
+// Keep the two in step: every formula here is docs/design/definition.md and has the
 // same name as its Python twin. Positions are int64; windows are in group
 // coordinates (i' = i / dilation) and key positions are j' * dilation + g.
 #pragma once

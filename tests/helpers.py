@@ -1,4 +1,4 @@
-"""Shared test helpers: the tolerance table (DESIGN.md section 8), comparison
+"""Shared test helpers: the tolerance table (docs/design/testing.md#tolerances), comparison
 and input generation. Import as ``from helpers import ...`` (pytest puts the
 ``tests/`` directory on ``sys.path``; there is no ``tests/__init__.py``).
 """
@@ -27,7 +27,7 @@ __all__ = [
     "sweep_bias",
 ]
 
-# DESIGN.md section 8, the one table: dtype -> kind -> (atol, rtol).
+# docs/design/testing.md#tolerances, the one table: dtype -> kind -> (atol, rtol).
 # "forward": out, lse, attn.  "grad": dq, dk, dv, dattn, drpb. TOLERANCES (imported above) lives in the
 # package, because first-use kernel verification on a user's GPU holds the kernels to the same table.
 
@@ -103,7 +103,7 @@ def assert_close(actual, expected, dtype, kind: str, name: str = "value") -> Non
 
 def make_inputs(rng: np.random.Generator, shape, dtype, count: int = 1, *, requires_grad=False):
     """Draw ``count`` arrays of ``shape`` from N(0, 1), rounded to ``dtype``
-    (DESIGN.md section 8).
+    (docs/design/testing.md#tolerances).
 
     ``dtype`` is a torch dtype (gives torch CPU tensors, rounded by torch, so
     bf16 works) or a NumPy dtype / name (gives NumPy arrays rounded by

@@ -1,4 +1,4 @@
-"""Brute-force oracle: DESIGN.md section 2 transcribed literally, with loops.
+"""Brute-force oracle: docs/design/definition.md transcribed literally, with loops.
 
 One, two or three spatial axes: per axis the literal window, and in 2D/3D a
 key is a neighbor when it is one on every axis (``itertools.product`` over the

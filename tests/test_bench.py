@@ -254,7 +254,7 @@ def test_quick_preset_fits_the_emulator_limit():
 
 
 def _dense_neighbors(problem) -> np.ndarray:
-    """Brute force over every (query, key) pair with the per-axis neighbor test of DESIGN.md section 2."""
+    """Brute force over every (query, key) pair with the per-axis neighbor test of docs/design/definition.md."""
     coords = np.indices(problem.spatial).reshape(problem.ndim, -1)
     mask = np.ones((problem.tokens, problem.tokens), dtype=bool)
     for axis_coords, length, k, s, d, c in zip(coords, problem.spatial, problem.kernel, problem.stride,

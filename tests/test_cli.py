@@ -203,7 +203,7 @@ def test_demo_fails_when_an_output_is_wrong(monkeypatch, capsys):
 
 
 def test_dense_definition_without_mask_is_full_attention():
-    """With k equal to the axis length, NA is full attention (DESIGN.md section 2)."""
+    """With k equal to the axis length, NA is full attention (docs/design/definition.md#special-cases)."""
     np = pytest.importorskip("numpy")
     problem = demo.Problem("full", (9,), 9, heads=2, head_dim=4)
     q, k, v, dout = demo._inputs(problem.shape, seed=3)

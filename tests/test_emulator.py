@@ -666,7 +666,7 @@ def test_a_missing_compiler_is_a_clear_error(fresh_cache, monkeypatch):
         emulator.load_module(TINY, ["tiny_add"])
 
 
-# ---------------------------------------------------------------- cache faults (DESIGN.md section 5's guarantees)
+# ---------------------------------------------------------------- cache faults (docs/design/compile-cache-launch.md#the-cache)
 
 
 def _library(cache_root) -> Path:

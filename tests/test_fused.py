@@ -5,7 +5,7 @@
   odd and even, stride 1 to k, dilation 1 to 4, every causal combination,
   rpb, scale, head dims 16 to 128 and an odd one, fp32/fp16/bf16, heads-first
   views, batch and heads > 1, sizes that are not multiples of the tile), with
-  the DESIGN.md section 8 tolerances (``NA_RTC_SWEEP=large``: 400 draws);
+  the tolerances of docs/design/testing.md#tolerances (``NA_RTC_SWEEP=large``: 400 draws);
 * kernel size equal to the input size (non-causal) is full attention;
 * run-to-run determinism (bitwise);
 * a NaN key poisons every query whose window holds it, and no query of a
@@ -111,7 +111,7 @@ def _reference(cfg: Config, q64, k64, v64, bias64):
 
 
 def assert_forward_matches_reference(cfg: Config, out, lse):
-    """A kernel's (out, lse) on the sweep inputs of ``cfg`` against the float64 reference (DESIGN.md 8)."""
+    """A kernel's (out, lse) on the sweep inputs of ``cfg`` against the float64 reference (docs/design/testing.md#tolerances)."""
     (q, _, _), (q64, k64, v64) = sweep_inputs(cfg, 3)
     _, bias64 = sweep_bias(cfg)
     want_out, want_lse = _reference(cfg, q64, k64, v64, bias64)

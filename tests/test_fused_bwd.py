@@ -1,7 +1,7 @@
 """Fused backward kernels (``cuda_src/na_fused_bwd.cu``) on the emulator.
 
 dq, dk, dv and drpb of the fused backward (:meth:`~na_rtc.runtime.dispatch.Dispatcher.backward`)
-against the float64 reference backward (DESIGN.md section 8, grad row), with
+against the float64 reference backward (docs/design/testing.md#tolerances, grad column), with
 the forward's output and logsumexp taken from the reference (so these tests do
 not depend on the fused forward kernel). A seeded sweep covers 1D / 2D, odd and
 even kernels (2..13 in 2D, up to 65 in 1D), dilation 1..4, stride 1..k, causal

@@ -4,7 +4,7 @@
   and 2D, kernel sizes 2 to 65 and 255, dilation, stride 1 to k, every causal
   combination, rpb, scale, head dims up to 128, heads-first views, sizes that
   are not multiples of the tile) against the float64 reference: output and
-  logsumexp within the DESIGN.md section 8 tolerances; plus LONG_BOXES, key
+  logsumexp within the tolerances of docs/design/testing.md#tolerances; plus LONG_BOXES, key
   boxes of many chunks for every (ndim, head dim), which the random sweep's
   small boxes do not reach;
 * the tensor-core and SIMT kernels agree on the same inputs;

@@ -3,8 +3,8 @@
 * the fp16/bf16 cases of the fused-backward sweep (tests/test_fused_bwd.py: 1D
   and 2D, kernels up to 67, stride, dilation, every causal combination, rpb,
   head dims up to 128, heads-first views, batch and heads > 1) against the
-  float64 reference: dq, dk, dv, drpb within the DESIGN.md section 8
-  tolerances, from the reference's out and lse; plus LONG_BOX_CASES, boxes
+  float64 reference: dq, dk, dv, drpb within the
+  tolerances of docs/design/testing.md#tolerances, from the reference's out and lse; plus LONG_BOX_CASES, boxes
   of many chunks for every (ndim, head dim);
 * the tensor-core and SIMT backward agree;
 * dispatch (tensor cores where the policy allows and they cover the problem)

@@ -2,7 +2,7 @@
 
 * the fp16/bf16 configurations of the fused sweep (the ones the mma.sync
   forward takes, tests/test_fused_tc.py) against the float64 reference:
-  output and logsumexp within the DESIGN.md section 8 tolerances, and the
+  output and logsumexp within the tolerances of docs/design/testing.md#tolerances, and the
   long key boxes (four chunks and more: every stage reused, in 1D the
   second warpgroup starting past chunk 0), with one and two warpgroups;
 * it agrees with the mma.sync forward on the same inputs;

@@ -6,8 +6,8 @@ scale and layout (contiguous or heads-first views). Half the draws are made
 wrong in exactly one argument (a mutation that knows which argument it broke).
 Every call must either
 
-* return the brute-force oracle's result (tests/oracle.py, DESIGN.md
-  section 2 with loops) within the DESIGN.md section 8 tolerances, or
+* return the brute-force oracle's result (tests/oracle.py,
+  docs/design/definition.md with loops) within the tolerances of docs/design/testing.md#tolerances, or
 * raise ValueError / TypeError whose message names the broken argument,
 
 on the reference backend and on the emulator (the CUDA C kernels on the CPU).
@@ -147,7 +147,7 @@ def _expected(call: Call, arrays64, bias64):
 
 
 def _refused_by_design(call: Call, backend: str, error: Exception) -> bool:
-    """float64 with stride > 1 on a kernel backend: no fused kernel, no split fallback (DESIGN.md section 3)."""
+    """float64 with stride > 1 on a kernel backend: no fused kernel, no split fallback (docs/design/api.md#the-fallback-rule)."""
     return (backend != "reference" and call.op == "fused" and call.dtype == "float64"
             and any(s > 1 for s in call.stride) and isinstance(error, ValueError) and "stride" in str(error))
 

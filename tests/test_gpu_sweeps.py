@@ -2,8 +2,8 @@
 test_fused_bwd, test_tiled and test_tiled_bwd (and the long key boxes of
 test_fused_tc and test_fused_tc_bwd), run through the public API on
 the ``cuda`` backend (so the dispatcher picks the same fused / tiled kernels
-as in the emulator sweeps) against the float64 reference, with the DESIGN.md
-section 8 tolerances; plus run-to-run determinism on the GPU.
+as in the emulator sweeps) against the float64 reference, with the tolerances
+of docs/design/testing.md#tolerances; plus run-to-run determinism on the GPU.
 
 Skipped without a usable GPU; ``make gpu-check`` runs them.
 """

@@ -3,7 +3,7 @@ emulator (CPU, always) and on the GPU (``gpu`` marker, skipped without one).
 
 Every op and every gradient over a seeded sweep of configurations (1D/2D,
 odd/even kernels, dilation, causal per axis, rpb, heads-first views, every
-dtype), with the DESIGN.md section 8 tolerances. ``NA_RTC_SWEEP=large``
+dtype), with the tolerances of docs/design/testing.md#tolerances. ``NA_RTC_SWEEP=large``
 multiplies the number of configurations.
 """
 
@@ -136,7 +136,7 @@ def test_split_ops_and_gradients(backend, cfg):
     (weights, grad_attn), (weights64, grad_attn64) = _inputs(cfg, 2, (*_shape(cfg)[:-1], slots), seed=1)
     rpb, rpb64 = _rpb(cfg, q)
     scale = cfg.head_dim**-0.5
-    q = q * scale  # split-op tests pre-scale the query (DESIGN.md section 8), rounded to the dtype
+    q = q * scale  # split-op tests pre-scale the query (docs/design/testing.md#kernels), rounded to the dtype
     q64 = to_numpy64(q)
     q, k, v, g, weights, grad_attn, rpb = (place(x, backend) for x in (q, k, v, g, weights, grad_attn, rpb))
     attn = f["qk"](q, k, **cfg.window, rpb=rpb, backend=backend)

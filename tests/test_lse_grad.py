@@ -4,7 +4,7 @@
 * the reference in float64 against numerical derivatives (gradcheck, and gradgradcheck through the recorded
   double-backward path), 1D to 3D with stride, dilation, causal axes and a bias;
 * every kernel path (SIMT, mma.sync, wgmma, the composed split kernels) on the emulator against the float64
-  reference, with a loss that reads the output and the logsumexp, within the DESIGN.md section 8 tolerances;
+  reference, with a loss that reads the output and the logsumexp, within the tolerances of docs/design/testing.md#tolerances;
 * the plain ``na*d_backward`` functions with ``grad_logsumexp`` (NumPy and torch) against autograd, and their
   bad input;
 * a logsumexp nothing depends on (or an output nothing depends on) costs nothing and changes nothing.

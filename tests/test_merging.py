@@ -3,7 +3,7 @@
 * NA over a window merged with dense attention over extra tokens, and two NA branches over two key tensors,
   equal one softmax over the union built from the brute-force neighbor masks of ``oracle.py``: outputs,
   logsumexps and the gradients of q, k, v, the extra tokens and rpb (float64, 1e-9; on the emulator's kernels
-  within the DESIGN.md section 8 tolerances, through their differentiable logsumexp);
+  within the tolerances of docs/design/testing.md#tolerances, through their differentiable logsumexp);
 * a branch without keys (logsumexp -inf) changes nothing; rows without any key give 0 and -inf with finite
   gradients;
 * NumPy and torch give the same merge; dtypes; bad input named.

@@ -1,5 +1,5 @@
-"""NeighborhoodAttention1D/2D/3D (DESIGN.md section 3): the layer against a dense
-masked-attention layer written by hand from section 2, the choice between the
+"""NeighborhoodAttention1D/2D/3D (docs/design/api.md#functions): the layer against a dense
+masked-attention layer written by hand from docs/design/definition.md, the choice between the
 fused and the split path, padding of small inputs, state dicts across
 backends, validation, torch.compile and autocast."""
 

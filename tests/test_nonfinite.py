@@ -1,4 +1,4 @@
-"""Non-finite inputs poison exactly the queries that see them (DESIGN.md section 8).
+"""Non-finite inputs poison exactly the queries that see them (docs/design/testing.md#non-finite-inputs).
 
 A NaN or Inf in a key or value makes the output of every query whose
 neighborhood holds it non-finite, and leaves every other query finite,
@@ -66,7 +66,7 @@ def _poisoned_inputs(config, bad, poisoned):
     token = tuple(2 if c else n // 2 for n, c in zip(config["spatial"], config["is_causal"]))
     (k if poisoned == "key" else v)[(0, *token, 1)] = bad
     # an Inf key gives a logit of +-inf; -inf is a legitimate zero weight, so
-    # make every query's dot product with it +inf (DESIGN.md's "non-finite"
+    # make every query's dot product with it +inf (the "non-finite" rule of docs/design/testing.md
     # holds for NaN anywhere, Inf values, and +inf logits)
     q[..., 1, :] = np.abs(q[..., 1, :]) + 0.1
     return (q, k, v), token

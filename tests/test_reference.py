@@ -3,7 +3,7 @@
 Forward ops are compared with the brute-force loops of ``oracle.py``; the
 backward functions with torch autograd through dense, independently built
 float64 oracles (neighbor masks from the same loops), and with ``gradcheck``.
-Identities of DESIGN.md section 2 and the section 8 tolerance table for
+Identities of docs/design/definition.md and the tolerance table (docs/design/testing.md#tolerances) for
 low-precision inputs complete the picture.
 """
 

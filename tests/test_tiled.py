@@ -3,8 +3,8 @@
 * against the float64 reference over a seeded sweep (1D/2D, kernel sizes 3 to
   13 and 63, odd and even, dilation 1 to 4, causal per axis, rpb, scale,
   fill, head dims 16 to 128 and odd buckets, fp32/fp16/bf16, heads-first
-  views, sizes that are not multiples of the tile), with the DESIGN.md
-  section 8 tolerances;
+  views, sizes that are not multiples of the tile), with the
+  tolerances of docs/design/testing.md#tolerances;
 * against the naive kernels bit for bit (same accumulation order, same
   compiler);
 * the dispatcher's choice: tiled where a tiled kernel covers the problem,

@@ -2,7 +2,7 @@
 
 dK = inverse(dAttn, Q), dV = inverse(Attn, dOut) and dRPB = bias_grad(dAttn)
 through the dispatcher's split kernels (tiled where covered) against the
-float64 reference (DESIGN.md section 8 tolerances), over a seeded sweep (1D /
+float64 reference (docs/design/testing.md#tolerances), over a seeded sweep (1D /
 2D, odd and even kernels 2..13 plus a 1D k = 63, dilation 1..4, causal per
 axis, head dims 16/24/32/40/64/128, fp32 / fp16 / bf16, heads-first views,
 sizes that are not tile multiples). ``na_tiled_inv`` sums in ``na_inv_fwd``'s

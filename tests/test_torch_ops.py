@@ -1,4 +1,4 @@
-"""The torch.library custom ops behind the autograd Functions (DESIGN.md section 3):
+"""The torch.library custom ops behind the autograd Functions (docs/design/api.md#torch-integration):
 registered with fake implementations that agree with the real ones, so
 torch.compile and export can trace them."""
 

@@ -1,4 +1,4 @@
-"""Bad input gets a TypeError/ValueError that names the argument (DESIGN.md section 8).
+"""Bad input gets a TypeError/ValueError that names the argument (docs/design/testing.md#bad-input).
 
 One table: each row is a call that must fail, the exception type, and a piece
 of the message that names the argument and what is allowed.

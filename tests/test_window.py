@@ -1,4 +1,4 @@
-"""na_rtc.window against the literal definition (DESIGN.md section 2)."""
+"""na_rtc.window against the literal definition (docs/design/definition.md)."""
 
 from __future__ import annotations
 
@@ -228,7 +228,7 @@ def _all_axes(max_length):
     pytest.param(MAX_L, id="L<48", marks=pytest.mark.slow),
 ])
 def test_exhaustive_monotonic_and_inverse_bound(max_length):
-    """DESIGN.md section 2's two properties, for every axis up to max_length
+    """The two properties of docs/design/definition.md#monotone-windows-and-the-inverse-neighborhood, for every axis up to max_length
     (window.py is checked against the literal definition above)."""
     for axis in _all_axes(max_length):
         q = np.arange(axis.length)

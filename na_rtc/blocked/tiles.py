@@ -1,5 +1,6 @@
 """The tiles of the blocked backend: query tiles inside one dilation group per axis, the key box their windows
-cover, and the exact NA mask and bias indices inside the box (DESIGN notes: window math in ``na_rtc/window.py``).
+cover, and the exact NA mask and bias indices inside the box (window math: ``na_rtc/window.py``,
+which implements ``docs/design/definition.md``).
 
 A tile is a run of ``T`` consecutive queries of one dilation group on each axis (1D runs, 2D rectangles, 3D
 boxes); window bounds never decrease with the query inside a group, so the keys its queries see lie in the box

@@ -57,7 +57,7 @@ def _window_rows(axis: Axis, first: int, stop: int):
         ig = queries[sel] // axis.dilation
         lg = (axis.length - g + axis.dilation - 1) // axis.dilation
         # causal windows end at the query, but their start follows the block's leader
-        # (DESIGN: the last query of a stride block); the local axis must reach it
+        # (docs/design/definition.md#causal-windows: the last query of a stride block); the local axis must reach it
         leader = np.minimum((ig // axis.stride) * axis.stride + axis.stride - 1, lg - 1)
         out.append((int(g), int(starts[sel].min()), int(ends[sel].max()), int(leader.max())))
     return out
