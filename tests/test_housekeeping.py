@@ -85,11 +85,12 @@ def test_ci_adds_the_extras_before_the_tests_that_use_them():
 
 
 #: the documents that cite tests as ``tests/<file>.py::<test>``
-CITING = ("README.md", "RELIABILITY.md", "benchmarks/README.md", "cuda_src/README.md")
+CITING = ("README.md", "benchmarks/README.md", "cuda_src/README.md") + tuple(
+    p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").rglob("*.md")))
 
 
 def test_every_test_the_documents_cite_exists():
-    """A row of RELIABILITY.md is only as good as the test it names: a renamed or removed test leaves the row
+    """A row of docs/reliability.md is only as good as the test it names: a renamed or removed test leaves the row
     citing nothing. Every cited ``file::test`` must be a test function (or class) defined in that file."""
     cited = set()
     for document in CITING:

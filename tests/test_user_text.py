@@ -8,8 +8,8 @@ pull request by number, or "DESIGN.md". What is scanned:
 
 - every string literal of the package (``na_rtc/**/*.py``): docstrings,
   messages, help texts, report labels; comments are not scanned,
-- the documentation a user gets: README.md, RELIABILITY.md,
-  benchmarks/README.md and the Markdown shipped inside the wheel,
+- the documentation a user gets: README.md, the pages under docs/ (the site `make docs`
+  builds), benchmarks/README.md and the Markdown shipped inside the wheel,
 - what the command line prints: ``--help`` of every command, ``bench --list``
   and ``python -m na_rtc.gpu_check --help``.
 """
@@ -30,7 +30,8 @@ FORBIDDEN = {
     "the design notes": re.compile(r"\bDESIGN(?:\.md|\s+section)", re.IGNORECASE),
 }
 
-DOCUMENTS = ("README.md", "RELIABILITY.md", "benchmarks/README.md", "cuda_src/README.md")
+DOCUMENTS = ("README.md", "benchmarks/README.md", "cuda_src/README.md") + tuple(
+    p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").rglob("*.md")))
 
 
 def violations(text: str, where: str) -> list[str]:
