@@ -28,18 +28,19 @@ GPU_PYTHON ?= python3
 RESULTS ?= benchmarks/results
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-nvrtc venv-examples demo test wheel clean distclean gpu-check check-all
+.PHONY: help venv venv-nvrtc venv-examples demo test docs wheel clean distclean gpu-check check-all
 
 help:
 	@echo "make demo       set up $(VENV) (once), run 1D/2D/3D NA forward+backward, check it, write na_rtc_demo.png"
 	@echo "make test       set up $(VENV) (once), run the test suite (PYTEST_ARGS=... passes arguments to pytest);"
 	@echo "                tests that need NVRTC or scikit-learn skip until make venv-nvrtc / venv-examples"
+	@echo "make docs       build the documentation site (docs/, mkdocs.yml) into site/ with mkdocs build --strict"
 	@echo "make wheel      build the wheel into $(DIST)/"
 	@echo "make gpu-check  on a GPU machine, with its own python (no .venv, no network): GPU self-tests,"
 	@echo "                gpu-marked tests, quick benchmark; JSON into RESULTS=$(RESULTS)"
 	@echo "make check-all  compile every kernel for one GPU of each class it may run on (sm_75 ... sm_120) and"
 	@echo "                check spills, registers and shared memory (CI checks sm_80, sm_90 and one more a run)"
-	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests]"
+	@echo "make venv       only set up $(VENV): torch (CPU, unless NA_RTC_SKIP_TORCH=1), then na_rtc editable with [tests,docs]"
 	@echo "make venv-nvrtc     add NVRTC to $(VENV) ([nvrtc]: check, precompile and the tests that compile with NVRTC)"
 	@echo "make venv-examples  add the examples' packages to $(VENV) ([examples]: scikit-learn, tqdm for examples/nat_digits.py)"
 	@echo "make clean      remove build outputs and caches (keeps $(VENV))"
@@ -47,8 +48,8 @@ help:
 
 # Set up once; redone only when pyproject.toml changes (the install is
 # editable, so code changes need no reinstall). Torch goes in first, pinned,
-# so that the [tests] install never pulls a different torch build. Only what
-# the tests and the demo use goes in here; NVRTC, the examples' packages and
+# so that the [tests,docs] install never pulls a different torch build. Only what
+# the tests, the demo and make docs use goes in here (the docs tools are small, pure Python); NVRTC, the examples' packages and
 # the wheel builder are added by the targets that use them (below).
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -59,7 +60,7 @@ $(STAMP): pyproject.toml
 		echo "$(VPY) -m pip install $(TORCH_PIP_ARGS) $(TORCH_SPEC)"; \
 		$(VPY) -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; \
 	fi
-	$(VPY) -m pip install -e ".[tests]"
+	$(VPY) -m pip install -e ".[tests,docs]"
 	touch $@
 
 $(NVRTC_STAMP): $(STAMP)
@@ -83,6 +84,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# The documentation site: docs/*.md and the API reference from the docstrings (mkdocstrings reads the
+# sources statically), built offline into site/. --strict: a broken link or reference fails the build.
+docs: $(STAMP)
+	$(VPY) -m mkdocs build --strict -f mkdocs.yml
 
 # Deliberately not on the .venv: GPU machines have no network, so this runs
 # the checkout with the python that is there (torch, cupy, NVRTC installed).
@@ -109,7 +115,7 @@ wheel: $(BUILD_STAMP)
 	$(VPY) -m build --wheel --outdir $(DIST) .
 
 clean:
-	rm -rf build $(DIST) *.egg-info .pytest_cache .hypothesis na_rtc_demo.png nat_digits_*.png
+	rm -rf build site $(DIST) *.egg-info .pytest_cache .hypothesis na_rtc_demo.png nat_digits_*.png
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean

@@ -338,7 +338,7 @@ def _fused_path(arch: int) -> str:
 
 
 def _device_verdict(arch: int, nvrtc: tuple[int, int], archs: list[int], driver: int | None) -> str:
-    """The README's supported-hardware table, applied to one device."""
+    """The supported-hardware table (docs/getting-started.md), applied to one device."""
     if arch < 70:
         return f"unsupported: na_rtc needs sm_70 or newer, this is sm_{arch}"
     from ._install import install_command

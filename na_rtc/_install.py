@@ -143,7 +143,7 @@ def _libcuda_probe() -> tuple[int | None, list[int]]:
 
 def cuda_extra() -> tuple[str | None, str]:
     """Which extra serves this machine, ``"cuda13"`` or ``"cuda12"``, and why
-    (the README's supported-hardware table); ``(None, reason)`` when the driver cannot tell."""
+    (the supported-hardware table of docs/getting-started.md); ``(None, reason)`` when the driver cannot tell."""
     driver, archs = _libcuda_probe()
     if driver is None:
         return None, "no CUDA driver found to choose by"

@@ -135,7 +135,7 @@ def _precompile(jobs: int, limit: float | None = None) -> dict:
 
 #: the benchmark entries gpu-check runs unless told otherwise: what the performance targets compare (the
 #: dispatcher's fused op, its GPU variants, FlexAttention in both token orders), NATTEN where it is importable
-#: and the cheap baselines of the README table. Left out: the SIMT fused kernels, the split ops and the
+#: and the cheap baselines of the table in docs/performance.md. Left out: the SIMT fused kernels, the split ops and the
 #: straightforward kernels, slow on the large target shapes, which would cost the slice problems
 #: (``--bench-entries all`` runs them too)
 BENCH_ENTRIES = ("fused", "fused_tc_rows16", "fused_wgmma", "fused_wgmma_1wg", "fused_wgmma_kc32", "naive_torch",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -912,6 +913,19 @@ def _gpu_like_results() -> dict:
     return {"schema": runner.SCHEMA, "preset": "targets", "environment": environment,
             "settings": {"clock": "CUDA events", "memory": "torch CUDA allocator peak"}, "notes": [],
             "problems": [record]}
+
+
+def test_readme_table_goes_between_the_markers_of_the_performance_page(capsys):
+    """The table ``--readme-table`` prints belongs between the ``bench-table`` markers of
+    docs/performance.md (the README is only the front door now); the help says where it goes."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "performance.md").read_text()
+    start = "<!-- bench-table: python -m na_rtc bench --readme-table FILE.json -->"
+    assert page.count(start) == 1 and page.count("<!-- /bench-table -->") == 1
+    between = page[page.index(start) + len(start):page.index("<!-- /bench-table -->")]
+    assert between.strip().startswith("Measured on ") and "| problem | fused fwd ms (TFLOP/s) |" in between
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "docs/performance.md" in " ".join(capsys.readouterr().out.split())
 
 
 def test_readme_table_speedups():

@@ -525,7 +525,7 @@ def _nonfinite_queries(x):
 
 @pytest.mark.parametrize("where", ["key", "value"])
 def test_a_nan_reaches_no_query_outside_the_tiles_whose_box_holds_it(where):
-    """The documented reach of a non-finite input on the blocked backend (README limitations, RELIABILITY.md): a
+    """The documented reach of a non-finite input on the blocked backend (docs/guide.md limitations, docs/reliability.md): a
     NaN key or value, added to the masked logits or multiplied by the zero probability of a masked pair inside a
     tile's box, reaches the queries of every tile whose box holds it, and no other query, forward and backward;
     the queries that see it are always non-finite."""

@@ -1,4 +1,4 @@
-"""The supported-hardware table (README), as ``info`` applies it; the install commands its verdicts and
+"""The supported-hardware table (docs/getting-started.md), as ``info`` applies it; the install commands its verdicts and
 the errors give; what ``info`` says runs CPU arrays."""
 
 import json

@@ -40,10 +40,10 @@ def test_skips_are_counted_by_reason(tmp_path):
     assert lines[start + 1:start + 3] == ["  3  needs a thing", "  1  no usable GPU"], done.stdout
 
 
-def test_demo_and_example_outputs_are_ignored_by_git():
+def test_demo_example_and_docs_outputs_are_ignored_by_git():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    outputs = ["na_rtc_demo.png", "nat_digits_nat.png", "nat_digits_dinat.png"]
+    outputs = ["na_rtc_demo.png", "nat_digits_nat.png", "nat_digits_dinat.png", "site/index.html"]
     done = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=ROOT, capture_output=True, text=True)
     assert done.stdout.split() == outputs, done.stdout + done.stderr
 
@@ -63,8 +63,10 @@ def _installs(commands: str) -> list[str]:
 
 
 def test_make_venv_installs_what_the_tests_need_and_no_more(tmp_path):
+    """make venv: the tests' tools and the docs site's (small, pure Python: make docs runs on the same .venv);
+    nothing heavier."""
     installs = _installs(_make_dry_run("venv", tmp_path))
-    assert any('-e ".[tests]"' in line for line in installs), installs
+    assert any('-e ".[tests,docs]"' in line for line in installs), installs
     assert not any(word in line for line in installs for word in ("nvrtc", "examples", "build")), installs
 
 
@@ -85,11 +87,12 @@ def test_ci_adds_the_extras_before_the_tests_that_use_them():
 
 
 #: the documents that cite tests as ``tests/<file>.py::<test>``
-CITING = ("README.md", "RELIABILITY.md", "benchmarks/README.md", "cuda_src/README.md")
+CITING = ("README.md", "benchmarks/README.md", "cuda_src/README.md") + tuple(
+    p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").rglob("*.md")))
 
 
 def test_every_test_the_documents_cite_exists():
-    """A row of RELIABILITY.md is only as good as the test it names: a renamed or removed test leaves the row
+    """A row of docs/reliability.md is only as good as the test it names: a renamed or removed test leaves the row
     citing nothing. Every cited ``file::test`` must be a test function (or class) defined in that file."""
     cited = set()
     for document in CITING:

@@ -1,4 +1,4 @@
-"""The logsumexp is differentiable (README, "API summary"): every fused backward takes its gradient dLSE as
+"""The logsumexp is differentiable (docs/guide.md, "API summary"): every fused backward takes its gradient dLSE as
 ``delta = rowsum(dOut * out) - dLSE`` (d lse / d logit = p, so every logit's gradient gains ``p * dLSE``).
 
 * the reference in float64 against numerical derivatives (gradcheck, and gradgradcheck through the recorded

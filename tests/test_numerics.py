@@ -7,7 +7,7 @@
 * fp16 overflow: the fused op keeps logits in fp32, so fp16 inputs whose dot
   products pass 65504 are fine; the split ``qk`` returns logits in the input
   dtype, so fp16 logits beyond the fp16 range are +-inf, exactly where the
-  float64 logits round to infinity (documented in README and RELIABILITY.md).
+  float64 logits round to infinity (documented in docs/guide.md and docs/reliability.md).
 * Degenerate but valid inputs: all-zero queries and keys (uniform weights),
   empty batches; axes shorter than kernel_size * dilation (a single token)
   are refused with an error naming kernel_size.

@@ -1,4 +1,10 @@
-"""The README's Python examples run as written (the front door must stay true)."""
+"""The documentation's Python examples run as written (the front door and the pages must stay true).
+
+Every ```python block of README.md and of docs/**/*.md runs, each in a fresh namespace. A block that
+cannot run here says so on its first line: ``# gpu-only`` (needs an NVIDIA GPU) or ``# not run:
+<reason>``; keep such marks rare. Blocks fenced otherwise (plain ``` for shell commands, ```python with
+a title or other attributes) are not Python examples and are not run.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,37 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README] + sorted(DOCS.rglob("*.md"))
+SETTINGS_PAGE = DOCS / "settings.md"
+SKIP_MARKS = ("# gpu-only", "# not run:")
 
 
-def test_readme_has_python_examples():
-    assert len(BLOCKS) >= 2
+def _blocks():
+    for page in PAGES:
+        for i, source in enumerate(re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)):
+            yield page.relative_to(ROOT).as_posix(), i, source
 
 
-@pytest.mark.parametrize("source", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_block_runs(source):
+BLOCKS = list(_blocks())
+
+
+def test_readme_and_docs_have_python_examples():
+    assert sum(1 for page, _, _ in BLOCKS if page == "README.md") >= 2
+    assert sum(1 for page, _, _ in BLOCKS if page.startswith("docs/")) >= 8
+    marked = [f"{page}#{i}" for page, i, source in BLOCKS if source.lstrip().startswith(SKIP_MARKS)]
+    assert len(marked) <= 3, f"keep the blocks that do not run rare: {marked}"
+
+
+@pytest.mark.parametrize("page,index,source", BLOCKS, ids=[f"{page}#{i}" for page, i, _ in BLOCKS])
+def test_documented_block_runs(page, index, source):
+    first = source.lstrip().splitlines()[0] if source.strip() else ""
+    if first.startswith(SKIP_MARKS):
+        pytest.skip(f"{page} block {index}: {first.lstrip('# ')}")
     namespace: dict = {}
-    exec(compile(source, str(README), "exec"), namespace)
+    exec(compile(source, f"{page} (python block {index})", "exec"), namespace)
     if "out2" in namespace:  # the split-op example claims it equals the fused output
         import numpy as np
 
@@ -28,6 +53,19 @@ def test_readme_block_runs(source):
 def test_every_setting_is_documented():
     from na_rtc import config
 
-    text = README.read_text()
+    text = SETTINGS_PAGE.read_text()
     missing = [name for name in config.SETTINGS if f"`{name}`" not in text]
-    assert not missing, f"settings missing from README's settings table: {missing}"
+    assert not missing, f"settings missing from the table of docs/settings.md: {missing}"
+    documented = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M))
+    unknown = sorted(documented - set(config.SETTINGS))
+    assert not unknown, f"docs/settings.md documents settings na_rtc.config.SETTINGS does not have: {unknown}"
+
+
+def test_the_mkdocs_nav_names_every_page_and_only_pages_that_exist():
+    """mkdocs.yml's nav lists every page under docs/ (the design notes included), and every page it lists
+    exists; `mkdocs build --strict` checks the same where mkdocs is installed."""
+    nav = re.findall(r"^\s*-\s+(?:[^:\n]+:\s+)?([\w/.-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    assert set(nav) - pages == set(), f"nav lists missing pages: {sorted(set(nav) - pages)}"
+    unlisted = sorted(pages - set(nav))
+    assert not unlisted, f"pages not in mkdocs.yml's nav: {unlisted}"

@@ -9,7 +9,7 @@ One module per job, so each can be read and tested alone:
 - :mod:`.peers`    the other libraries' entries (naive torch NA, FlexAttention, NATTEN, SDPA)
 - :mod:`.compile`  first-call compile and cached-load time of the kernel families
 - :mod:`.runner`   runs problems x entries in resumable, time-budgeted slices
-- :mod:`.report`   JSON environment, markdown tables, the README table
+- :mod:`.report`   JSON environment, markdown tables, the table of docs/performance.md
 - :mod:`.plot`     the PNG chart, drawn from the JSON
 - :mod:`.profile`  one problem under ``torch.profiler``
 - :mod:`.cli`      the command line

@@ -3,7 +3,7 @@
 Modes: run a preset or one free-form problem (the default), ``--profile``
 one problem, ``--list`` presets and entries, or report from an existing JSON
 (``--from-json`` for the markdown and chart, ``--readme-table`` for the
-README's performance section, ``--targets`` for the performance targets
+performance table of docs/performance.md, ``--targets`` for the performance targets
 of the fused kernels against FlexAttention, met or not).
 
 Exit status: 0 done, 2 bad arguments, 3 the slice budget ran out with
@@ -65,7 +65,7 @@ ARGUMENTS: tuple[tuple[tuple[str, ...], dict], ...] = (
                    "help": "also draw the chart (default: beside the JSON); needs matplotlib"}),
     (("--from-json",), {"metavar": "JSON", "help": "do not run: print the report of this results file "
                                                   "(and --plot it)"}),
-    (("--readme-table",), {"metavar": "JSON", "help": "do not run: print the README performance table of "
+    (("--readme-table",), {"metavar": "JSON", "help": "do not run: print the performance table of docs/performance.md from "
                                                      "this results file"}),
     (("--targets",), {"metavar": "JSON", "help": "do not run: print the performance targets of the fused "
                                                 "kernels against FlexAttention, met or not, from this results file"}),

@@ -1,7 +1,7 @@
 """What a results JSON says about where it was measured, and its markdown tables.
 
 The tables are drawn from the JSON alone (never from live objects), so a
-results file from a GPU machine can be turned into the README table anywhere.
+results file from a GPU machine can be turned into the performance table of docs/performance.md anywhere.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------- the README's performance table
+# ---------------------------------------------------------------- the performance table of docs/performance.md
 
 
 def _problem_cell(problem: dict, fused: dict, settings: dict) -> str:
@@ -277,7 +277,8 @@ def _problem_cell(problem: dict, fused: dict, settings: dict) -> str:
 
 
 def readme_table(results: dict) -> str:
-    """The compact table for README's performance section: fused na_rtc against each baseline."""
+    """The compact table for docs/performance.md (between its ``bench-table`` markers): fused na_rtc against
+    each baseline."""
     env = results["environment"]
     settings = results.get("settings", {})
     gpu = env.get("device_type") == "cuda"
