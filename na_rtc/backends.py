@@ -31,9 +31,15 @@ from ._args import Problem
 
 @dataclass
 class Backend:
-    """One way of executing the ops."""
+    """One way of executing the ops: a named table of ops and what it can serve.
 
+    :func:`names` lists the registered ones (``cuda``, ``emulator``,
+    ``reference``, ``blocked``); :func:`describe` says which are available here.
+    """
+
+    #: what :func:`use_backend` and ``backend=`` take
     name: str
+    #: one line on what it runs and where
     summary: str
     #: which (array kind, device type) pairs it can run, e.g. ("numpy", "cpu")
     serves: frozenset
@@ -47,6 +53,11 @@ class Backend:
 
     @property
     def ops(self) -> dict:
+        """The op table (``fused_forward``, ``fused_backward``, ``qk_forward``, ...), loaded on first use.
+
+        :raises RuntimeError: the backend is not available here (its probe's
+            reason: no GPU, no CuPy or NVRTC, no C++ compiler, ...).
+        """
         if self._ops is None:
             available, reason = self.probe()
             if not available:
@@ -63,6 +74,7 @@ def register(backend: Backend) -> None:
 
 
 def names() -> tuple[str, ...]:
+    """The registered backends' names, in registration order (a tuple of str)."""
     return tuple(_REGISTRY)
 
 
@@ -74,7 +86,11 @@ def get(name: str) -> Backend:
 
 
 def describe() -> list[tuple[str, bool, str]]:
-    """``(name, available, reason)`` for every registered backend, for ``info``."""
+    """``(name, available, reason)`` for every registered backend, as ``python -m na_rtc info`` lists them.
+
+    Probes each backend (cheap checks: imports, a GPU, a compiler); raises
+    nothing. ``reason`` says what is missing or what the backend serves.
+    """
     return [(b.name, *b.probe()) for b in _REGISTRY.values()]
 
 
@@ -90,8 +106,13 @@ class use_backend:
     """Force a backend for subsequent calls (process-wide).
 
     ``na_rtc.use_backend("emulator")`` sets it until changed;
-    ``with na_rtc.use_backend("emulator"): ...`` restores the previous choice
-    on exit. ``use_backend(None)`` returns to automatic selection.
+    ``with na_rtc.use_backend("emulator"): ...`` restores the previous choice on
+    exit. ``use_backend(None)`` returns to automatic selection. A call's own
+    ``backend=`` still wins over it.
+
+    :param name: a name from :func:`names` (``"cuda"``, ``"emulator"``,
+        ``"reference"``, ``"blocked"``), or None.
+    :raises ValueError: an unknown name (raised here, not at the next call).
     """
 
     def __init__(self, name: str | None):
@@ -114,7 +135,10 @@ class use_backend:
 
 
 def current_backend_name() -> str | None:
-    """The forced backend (``use_backend`` or ``NA_RTC_BACKEND``), or None for automatic."""
+    """The forced backend (``use_backend`` or ``NA_RTC_BACKEND``), or None for automatic selection.
+
+    :returns: a backend name (str) or None; raises nothing.
+    """
     return _forced or config.backend_override()
 
 

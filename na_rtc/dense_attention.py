@@ -18,16 +18,36 @@ __all__ = ["attention"]
 
 
 def attention(query, key, value, *, scale=None, return_lse=False, backend=None):
-    """Softmax attention of every query over every key: ``[batch, queries, heads, head_dim]`` over
-    ``key``/``value`` ``[batch, keys, heads_kv, head_dim]`` / ``head_dim_v``.
+    """Softmax attention of every query over every key, with the NA ops' conventions.
 
-    Query and key lengths may differ; ``heads_kv`` divides ``heads`` (query head h reads key/value head
-    ``h // (heads // heads_kv)``). ``scale`` defaults to ``head_dim ** -0.5``. Returns the output
-    ``[batch, queries, heads, head_dim_v]`` in the query's dtype and, with ``return_lse=True``, the logsumexp
-    ``[batch, queries, heads]`` (float32; float64 for float64 inputs; ``-inf`` without keys). NumPy arrays, CuPy
-    arrays and torch tensors; torch tensors are differentiable through output and logsumexp (first
-    derivatives). ``backend`` picks one by name as in the NA ops (default: :func:`na_rtc.use_backend`'s, else
-    the device's).
+    Query and key lengths may differ. On the ``cuda`` and ``emulator`` backends
+    the fused kernels stream the keys, never holding a ``[queries, keys]``
+    matrix.
+
+    :param query: ``[batch, queries, heads, head_dim]``: float16, bfloat16,
+        float32 or float64; a NumPy array, CuPy array or torch tensor.
+    :param key: ``[batch, keys, heads_kv, head_dim]``, ``heads_kv`` dividing
+        ``heads`` (query head ``h`` reads key/value head ``h // (heads //
+        heads_kv)``); the query's kind, device and dtype.
+    :param value: ``[batch, keys, heads_kv, head_dim_v]``; the same.
+    :param scale: a real number multiplying ``q . k``; default
+        ``head_dim ** -0.5``.
+    :param return_lse: also return the logsumexp.
+    :param backend: a backend name for this call, as in :func:`na_rtc.na1d`
+        (default: :func:`na_rtc.use_backend`'s, else the device's).
+    :returns: the output ``[batch, queries, heads, head_dim_v]`` in the query's
+        kind, dtype and device and, with ``return_lse=True``, ``(output,
+        logsumexp)``, the logsumexp ``[batch, queries, heads]`` (float32; float64
+        for float64 inputs; ``-inf`` without keys). torch tensors are
+        differentiable through output and logsumexp (first derivatives).
+    :raises TypeError: an input that is not a NumPy/CuPy/torch array, inputs of
+        different kinds or dtypes, a dtype that is not floating, a ``scale`` that
+        is not a real number.
+    :raises ValueError: an input that is not 4-dimensional, shapes that disagree
+        (batch, key length, head dims, ``heads_kv`` not dividing ``heads``),
+        inputs on different devices, an unknown ``backend`` or one that cannot
+        run the arrays' device.
+    :raises RuntimeError: the chosen backend is not available on this machine.
     """
     from .functional import _autocast
 

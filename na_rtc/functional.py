@@ -106,20 +106,62 @@ def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
     """1D neighborhood attention, ``[batch, length, heads, head_dim]``.
 
     Each query attends to ``kernel_size`` keys around it (the window shifts
-    inward at the borders; causal windows hold 1 to ``kernel_size`` keys).
-    ``key`` and ``value`` may have fewer heads than ``query`` (GQA/MQA: a
-    divisor of its heads), and ``value`` a head dim of its own, which the
-    output takes. ``additional_keys``/``additional_values``
-    (``[batch, tokens, heads_kv, head_dim]`` / ``head_dim_v``) are extra
-    tokens every query attends besides its neighborhood, in the same softmax
-    (and logsumexp); the bias applies to the neighborhood only.
-    ``scale`` defaults to ``head_dim ** -0.5`` (the query's);
-    ``rpb`` (``[heads, 2k - 1]``,
-    odd ``k``, not causal) is added to the logits unscaled. With
-    ``return_lse=True`` returns ``(output, logsumexp)``, the logsumexp being
-    ``[batch, length, heads]`` float32 (float64 for float64 inputs), the
-    natural log of each query's sum of ``exp(logit)``; for torch inputs it is
-    differentiable too (what :func:`na_rtc.merge_attentions` needs).
+    inward at the borders; causal windows hold 1 to ``kernel_size`` keys), in
+    one softmax of ``scale * q . k`` (plus the bias) over its window and the
+    extra tokens, if any.
+
+    :param query: ``[batch, length, heads, head_dim]``: float16, bfloat16,
+        float32 or float64; a NumPy array, CuPy array or torch tensor
+        (strided views are read in place, no copy).
+    :param key: ``[batch, length, heads_kv, head_dim]``, ``heads_kv`` a
+        divisor of ``heads`` (GQA/MQA: query head ``h`` reads key/value head
+        ``h // (heads // heads_kv)``); the query's kind, device and dtype.
+    :param value: ``[batch, length, heads_kv, head_dim_v]``; ``head_dim_v``
+        may differ from ``head_dim`` (the output takes it); kind, device and
+        dtype as the query's.
+    :param kernel_size: window size, ``>= 2`` and ``kernel_size * dilation
+        <= length``; an int, or a tuple with one int per spatial axis (as are
+        ``stride``, ``dilation`` and ``is_causal``).
+    :param stride: ``1 <= stride <= kernel_size``: the queries of a block of
+        ``stride`` share one window.
+    :param dilation: ``>= 1``: a window takes every ``dilation``-th token.
+    :param is_causal: a query's window holds only itself and earlier tokens.
+    :param scale: a real number multiplying ``q . k``; default
+        ``head_dim ** -0.5`` (the query's head dim).
+    :param rpb: relative positional bias ``[heads, 2 * kernel_size - 1]``
+        (odd ``kernel_size``, not causal), added to the scaled logits of the
+        neighborhood (not of extra tokens); the inputs' dtype, or float32 next
+        to float16/bfloat16 inputs.
+    :param return_lse: also return the logsumexp.
+    :param additional_keys: ``[batch, tokens, heads_kv, head_dim]``: extra
+        tokens every query attends besides its neighborhood, in the same
+        softmax (and logsumexp); given together with ``additional_values``.
+    :param additional_values: ``[batch, tokens, heads_kv, head_dim_v]``.
+    :param backend: a backend name (``"cuda"``, ``"emulator"``,
+        ``"reference"``, ``"blocked"``) for this call only; None: the one
+        :func:`na_rtc.use_backend` or ``NA_RTC_BACKEND`` forces, else the
+        default for the arrays' device.
+    :returns: the output ``[batch, length, heads, head_dim_v]`` with the
+        query's kind, dtype and device; with ``return_lse=True`` the pair
+        ``(output, logsumexp)``, the logsumexp ``[batch, length, heads]``
+        float32 (float64 for float64 inputs), the natural log of each query's
+        sum of ``exp(logit)``. torch outputs are differentiable, the
+        logsumexp too (what :func:`na_rtc.merge_attentions` needs).
+    :raises TypeError: an input that is not a NumPy/CuPy/torch array, inputs
+        of different kinds or dtypes, a dtype that is not floating, an ``rpb``
+        dtype other than those above, window arguments that are not ints
+        (bools for ``is_causal``) or tuples of one per axis, a ``scale`` that
+        is not a real number.
+    :raises ValueError: a wrong number of dimensions, shapes that disagree
+        (batch, length, head dim, ``heads_kv`` not dividing ``heads``, extra
+        tokens' shapes), inputs on different devices, ``kernel_size < 2``,
+        ``dilation < 1``, ``stride`` outside ``[1, kernel_size]``,
+        ``kernel_size * dilation > length``, an ``rpb`` with an even
+        ``kernel_size``, with ``is_causal`` or of the wrong shape, only one of
+        ``additional_keys``/``additional_values``, an unknown ``backend``, or
+        a backend that cannot run the arrays' device or rank.
+    :raises RuntimeError: the chosen backend is not available on this
+        machine (e.g. ``cuda`` without a GPU, CuPy or NVRTC).
     """
     return _fused(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
                   additional_keys, additional_values)
@@ -129,8 +171,23 @@ def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
          return_lse=False, *, additional_keys=None, additional_values=None, backend=None):
     """2D neighborhood attention, ``[batch, height, width, heads, head_dim]``.
 
-    As :func:`na1d` per axis; ``kernel_size``, ``stride``, ``dilation`` and
-    ``is_causal`` may be pairs. ``rpb`` is ``[heads, 2kx - 1, 2ky - 1]``.
+    As :func:`na1d` on each axis; what differs:
+
+    :param query: ``[batch, height, width, heads, head_dim]``.
+    :param key: ``[batch, height, width, heads_kv, head_dim]``.
+    :param value: ``[batch, height, width, heads_kv, head_dim_v]``.
+    :param kernel_size: an int or a pair ``(kx, ky)``, as are ``stride``,
+        ``dilation`` and ``is_causal`` (``kernel_size * dilation`` must fit
+        each axis).
+    :param rpb: ``[heads, 2kx - 1, 2ky - 1]``.
+    :param additional_keys: ``[batch, tokens, heads_kv, head_dim]``, as in 1D
+        (the tokens have no spatial layout).
+    :returns: the output ``[batch, height, width, heads, head_dim_v]``, and
+        with ``return_lse=True`` the logsumexp ``[batch, height, width,
+        heads]``, as in :func:`na1d`.
+    :raises TypeError: as :func:`na1d`.
+    :raises ValueError: as :func:`na1d`, checked per axis.
+    :raises RuntimeError: as :func:`na1d`.
     """
     return _fused(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
                   additional_keys, additional_values)
@@ -140,11 +197,22 @@ def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
          return_lse=False, *, additional_keys=None, additional_values=None, backend=None):
     """3D neighborhood attention, ``[batch, depth, height, width, heads, head_dim]``.
 
-    The first spatial axis is depth or time (NATTEN's ``kernel_size_d`` axis):
-    causal in time only is ``is_causal=(True, False, False)``. As
-    :func:`na1d` per axis; ``kernel_size``, ``stride``, ``dilation`` and
-    ``is_causal`` may be triples. ``rpb`` is
-    ``[heads, 2kx - 1, 2ky - 1, 2kz - 1]``.
+    As :func:`na1d` on each axis. The first spatial axis is depth or time
+    (NATTEN's ``kernel_size_d`` axis): causal in time only is
+    ``is_causal=(True, False, False)``. What differs:
+
+    :param query: ``[batch, depth, height, width, heads, head_dim]``.
+    :param key: ``[batch, depth, height, width, heads_kv, head_dim]``.
+    :param value: ``[batch, depth, height, width, heads_kv, head_dim_v]``.
+    :param kernel_size: an int or a triple ``(kx, ky, kz)``, as are
+        ``stride``, ``dilation`` and ``is_causal``.
+    :param rpb: ``[heads, 2kx - 1, 2ky - 1, 2kz - 1]``.
+    :returns: the output ``[batch, depth, height, width, heads,
+        head_dim_v]``, and with ``return_lse=True`` the logsumexp ``[batch,
+        depth, height, width, heads]``, as in :func:`na1d`.
+    :raises TypeError: as :func:`na1d`.
+    :raises ValueError: as :func:`na1d`, checked per axis.
+    :raises RuntimeError: as :func:`na1d`.
     """
     return _fused(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
                   additional_keys, additional_values)
@@ -156,38 +224,95 @@ def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
 def na1d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
     """Attention logits ``[batch, length, heads, kernel_size]``: ``q . k`` per window slot.
 
-    Not scaled (pre-scale the query); ``rpb`` added; ``-inf`` in causal slots
-    past the query.
+    The first half of the split ops (:func:`na1d_qk`, a softmax of your own,
+    :func:`na1d_av`), for code that needs the attention weights. Not scaled
+    (pre-scale the query); ``rpb`` is added; slots outside a causal window
+    are ``-inf``.
+
+    :param query: ``[batch, length, heads, head_dim]``; float16, bfloat16,
+        float32 or float64; NumPy, CuPy or torch.
+    :param key: ``[batch, length, heads_kv, head_dim]``, ``heads_kv``
+        dividing ``heads``; the query's kind, device and dtype.
+    :param kernel_size: as in :func:`na1d` (no stride here), as are
+        ``dilation`` and ``is_causal``.
+    :param rpb: ``[heads, 2 * kernel_size - 1]``, as in :func:`na1d`.
+    :param backend: as in :func:`na1d`.
+    :returns: the logits, in the query's kind, dtype and device; slot ``t``
+        is the window's ``t``-th key in order along the axis.
+    :raises TypeError: as :func:`na1d` (kinds, dtypes, window arguments).
+    :raises ValueError: as :func:`na1d` (dimensions, shapes, devices, window
+        sizes, ``rpb``, backend).
+    :raises RuntimeError: as :func:`na1d`.
     """
     return _qk(1, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na2d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
-    """Attention logits ``[batch, height, width, heads, kx * ky]``; slot ``t = tx * ky + ty``."""
+    """Attention logits ``[batch, height, width, heads, kx * ky]``; slot ``t = tx * ky + ty``.
+
+    As :func:`na1d_qk` per axis: ``query`` ``[batch, height, width, heads,
+    head_dim]``, ``key`` ``[batch, height, width, heads_kv, head_dim]``;
+    ``kernel_size``, ``dilation`` and ``is_causal`` an int or a pair;
+    ``rpb`` ``[heads, 2kx - 1, 2ky - 1]``. Raises as :func:`na1d_qk`.
+    """
     return _qk(2, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na3d_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
     """Attention logits ``[batch, depth, height, width, heads, kx * ky * kz]``; slot
-    ``t = (tx * ky + ty) * kz + tz``."""
+    ``t = (tx * ky + ty) * kz + tz``.
+
+    As :func:`na1d_qk` per axis: ``query`` ``[batch, depth, height, width,
+    heads, head_dim]``, ``key`` with ``heads_kv`` heads; ``kernel_size``,
+    ``dilation`` and ``is_causal`` an int or a triple; ``rpb`` ``[heads,
+    2kx - 1, 2ky - 1, 2kz - 1]``. Raises as :func:`na1d_qk`.
+    """
     return _qk(3, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na1d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
     """Weighted sum of neighbor values: ``attn [batch, length, heads, k]`` x ``value``.
 
-    Weights of slots outside a causal window are ignored.
+    The second half of the split ops. Weights of slots outside a causal
+    window are ignored.
+
+    :param attn: ``[batch, length, heads, kernel_size]`` attention weights
+        (slot order of :func:`na1d_qk`); the value's kind, device and dtype.
+    :param value: ``[batch, length, heads_kv, head_dim]``, ``heads_kv``
+        dividing ``heads``; float16, bfloat16, float32 or float64.
+    :param kernel_size: as in :func:`na1d_qk`, as are ``dilation`` and
+        ``is_causal``.
+    :param backend: as in :func:`na1d`.
+    :returns: ``[batch, length, heads, head_dim]`` in the value's kind, dtype
+        and device.
+    :raises TypeError: as :func:`na1d` (kinds, dtypes, window arguments).
+    :raises ValueError: as :func:`na1d`, and an ``attn`` whose last dimension
+        is not ``kernel_size`` or whose other dimensions do not match
+        ``value``'s.
+    :raises RuntimeError: as :func:`na1d`.
     """
     return _av(1, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 def na2d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
-    """2D :func:`na1d_av`: ``attn [batch, height, width, heads, kx * ky]``."""
+    """2D :func:`na1d_av`: ``attn [batch, height, width, heads, kx * ky]``.
+
+    ``value`` is ``[batch, height, width, heads_kv, head_dim]``; returns
+    ``[batch, height, width, heads, head_dim]``; ``kernel_size``,
+    ``dilation`` and ``is_causal`` an int or a pair. Raises as
+    :func:`na1d_av`.
+    """
     return _av(2, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 def na3d_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
-    """3D :func:`na1d_av`: ``attn [batch, depth, height, width, heads, kx * ky * kz]``."""
+    """3D :func:`na1d_av`: ``attn [batch, depth, height, width, heads, kx * ky * kz]``.
+
+    ``value`` is ``[batch, depth, height, width, heads_kv, head_dim]``;
+    returns ``[batch, depth, height, width, heads, head_dim]``;
+    ``kernel_size``, ``dilation`` and ``is_causal`` an int or a triple.
+    Raises as :func:`na1d_av`.
+    """
     return _av(3, attn, value, kernel_size, dilation, is_causal, backend)
 
 
@@ -199,14 +324,31 @@ def na1d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1
                   additional_values=None, backend=None):
     """Gradients ``(dq, dk, dv, drpb)`` of :func:`na1d` (``drpb`` is None without ``rpb``).
 
-    For NumPy/CuPy users without autograd. Pass the forward's ``output`` and
-    ``logsumexp`` (``return_lse=True``) to skip recomputing them, and
-    ``grad_logsumexp`` (the logsumexp's shape) where the loss depends on the
-    logsumexp too (merged attentions): it enters as
-    ``delta = rowsum(grad_out * output) - grad_logsumexp``. With
-    ``additional_keys``/``additional_values`` (as in :func:`na1d`; then
-    ``output`` and ``logsumexp``, if given, are the forward's with them)
-    returns ``(dq, dk, dv, drpb, d_additional_keys, d_additional_values)``.
+    For NumPy/CuPy users without autograd (torch tensors work too). The
+    arguments after ``grad_out`` are :func:`na1d`'s, with the same shapes and
+    rules.
+
+    :param grad_out: ``[batch, length, heads, head_dim_v]``, the loss's
+        gradient with respect to the output; the query's kind, device and
+        dtype.
+    :param output: the forward's output, given together with ``logsumexp``
+        to skip recomputing them (``return_lse=True``); with extra tokens,
+        the forward's with them.
+    :param logsumexp: the forward's ``[batch, length, heads]`` logsumexp.
+    :param grad_logsumexp: ``[batch, length, heads]``, where the loss depends
+        on the logsumexp too (merged attentions); it enters as ``delta =
+        rowsum(grad_out * output) - grad_logsumexp``. A floating dtype; the
+        query's kind and device.
+    :returns: ``(dq, dk, dv, drpb)`` shaped as ``query``, ``key``, ``value``
+        and ``rpb``, in their dtypes; with ``additional_keys`` /
+        ``additional_values``, ``(dq, dk, dv, drpb, d_additional_keys,
+        d_additional_values)``.
+    :raises TypeError: as :func:`na1d`, and for a gradient, output or
+        logsumexp of another kind or dtype.
+    :raises ValueError: as :func:`na1d`, and for ``grad_out``, ``output``,
+        ``logsumexp`` or ``grad_logsumexp`` of the wrong shape or device, or
+        ``output`` without ``logsumexp`` (or the reverse).
+    :raises RuntimeError: as :func:`na1d`.
     """
     return _fused_backward(1, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                            output, logsumexp, grad_logsumexp, backend, additional_keys, additional_values)
@@ -215,7 +357,13 @@ def na1d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1
 def na2d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                   rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, additional_keys=None,
                   additional_values=None, backend=None):
-    """Gradients ``(dq, dk, dv, drpb)`` of :func:`na2d`."""
+    """Gradients ``(dq, dk, dv, drpb)`` of :func:`na2d`.
+
+    As :func:`na1d_backward` with :func:`na2d`'s shapes: ``grad_out`` and
+    ``output`` ``[batch, height, width, heads, head_dim_v]``, ``logsumexp``
+    and ``grad_logsumexp`` ``[batch, height, width, heads]``. Returns and
+    raises as :func:`na1d_backward`.
+    """
     return _fused_backward(2, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                            output, logsumexp, grad_logsumexp, backend, additional_keys, additional_values)
 
@@ -223,38 +371,82 @@ def na2d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1
 def na3d_backward(grad_out, query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
                   rpb=None, output=None, logsumexp=None, grad_logsumexp=None, *, additional_keys=None,
                   additional_values=None, backend=None):
-    """Gradients ``(dq, dk, dv, drpb)`` of :func:`na3d`."""
+    """Gradients ``(dq, dk, dv, drpb)`` of :func:`na3d`.
+
+    As :func:`na1d_backward` with :func:`na3d`'s shapes: ``grad_out`` and
+    ``output`` ``[batch, depth, height, width, heads, head_dim_v]``,
+    ``logsumexp`` and ``grad_logsumexp`` ``[batch, depth, height, width,
+    heads]``. Returns and raises as :func:`na1d_backward`.
+    """
     return _fused_backward(3, grad_out, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                            output, logsumexp, grad_logsumexp, backend, additional_keys, additional_values)
 
 
 def na1d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
-    """Gradients ``(dq, dk, drpb)`` of :func:`na1d_qk` (``drpb`` is None without ``rpb``)."""
+    """Gradients ``(dq, dk, drpb)`` of :func:`na1d_qk` (``drpb`` is None without ``rpb``).
+
+    :param grad_attn: ``[batch, length, heads, kernel_size]``, the gradient
+        with respect to the logits; the query's kind, device and dtype. The
+        other arguments are :func:`na1d_qk`'s.
+    :returns: ``(dq, dk, drpb)`` shaped as ``query``, ``key`` and ``rpb``.
+    :raises TypeError: as :func:`na1d_qk`, and a ``grad_attn`` of another
+        kind or dtype.
+    :raises ValueError: as :func:`na1d_qk`, and a ``grad_attn`` of the wrong
+        shape or device.
+    :raises RuntimeError: as :func:`na1d`.
+    """
     return _qk_backward(1, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na2d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
-    """Gradients ``(dq, dk, drpb)`` of :func:`na2d_qk`."""
+    """Gradients ``(dq, dk, drpb)`` of :func:`na2d_qk`.
+
+    As :func:`na1d_qk_backward`; ``grad_attn`` is ``[batch, height, width,
+    heads, kx * ky]``.
+    """
     return _qk_backward(2, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na3d_qk_backward(grad_attn, query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend=None):
-    """Gradients ``(dq, dk, drpb)`` of :func:`na3d_qk`."""
+    """Gradients ``(dq, dk, drpb)`` of :func:`na3d_qk`.
+
+    As :func:`na1d_qk_backward`; ``grad_attn`` is ``[batch, depth, height,
+    width, heads, kx * ky * kz]``.
+    """
     return _qk_backward(3, grad_attn, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
 
 def na1d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
-    """Gradients ``(dattn, dv)`` of :func:`na1d_av`."""
+    """Gradients ``(dattn, dv)`` of :func:`na1d_av`.
+
+    :param grad_out: ``[batch, length, heads, head_dim]``, the gradient with
+        respect to the output; the value's kind, device and dtype. The other
+        arguments are :func:`na1d_av`'s.
+    :returns: ``(dattn, dv)`` shaped as ``attn`` and ``value``.
+    :raises TypeError: as :func:`na1d_av`, and a ``grad_out`` of another kind
+        or dtype.
+    :raises ValueError: as :func:`na1d_av`, and a ``grad_out`` of the wrong
+        shape or device.
+    :raises RuntimeError: as :func:`na1d`.
+    """
     return _av_backward(1, grad_out, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 def na2d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
-    """Gradients ``(dattn, dv)`` of :func:`na2d_av`."""
+    """Gradients ``(dattn, dv)`` of :func:`na2d_av`.
+
+    As :func:`na1d_av_backward`; ``grad_out`` is ``[batch, height, width,
+    heads, head_dim]``.
+    """
     return _av_backward(2, grad_out, attn, value, kernel_size, dilation, is_causal, backend)
 
 
 def na3d_av_backward(grad_out, attn, value, kernel_size, dilation=1, is_causal=False, *, backend=None):
-    """Gradients ``(dattn, dv)`` of :func:`na3d_av`."""
+    """Gradients ``(dattn, dv)`` of :func:`na3d_av`.
+
+    As :func:`na1d_av_backward`; ``grad_out`` is ``[batch, depth, height,
+    width, heads, head_dim]``.
+    """
     return _av_backward(3, grad_out, attn, value, kernel_size, dilation, is_causal, backend)
 
 

@@ -19,12 +19,27 @@ __all__ = ["merge_attentions"]
 def merge_attentions(outputs, lses):
     """Merge partial attentions over disjoint key sets: ``(output, logsumexp)`` of one softmax over the union.
 
-    ``outputs``: a sequence of arrays ``[..., dim]`` of one kind (NumPy, CuPy or torch), device, shape and
-    dtype; ``lses``: their natural-log logsumexps ``[...]`` (an output's shape without the last axis), as
-    ``na*d(..., return_lse=True)`` returns them. The math runs in float32 (float64 where a logsumexp or the
-    outputs are float64); the output comes back in the outputs' dtype, the logsumexp in the math's. A branch
-    whose logsumexp is ``-inf`` (no keys) leaves the others unchanged; where every branch has none, the output
-    is 0 and the logsumexp ``-inf``, with no NaN in values or gradients.
+    The math runs in float32 (float64 where a logsumexp or the outputs are
+    float64). A branch whose logsumexp is ``-inf`` (no keys) leaves the others
+    unchanged; where every branch has none, the output is 0 and the logsumexp
+    ``-inf``, with no NaN in values or gradients. torch inputs are differentiable
+    through outputs and logsumexps.
+
+    :param outputs: a list or tuple of arrays ``[..., dim]`` (e.g. ``[batch,
+        *spatial, heads, head_dim_v]``), one per branch, of one kind (NumPy, CuPy
+        or torch), device, shape and floating dtype.
+    :param lses: their natural-log logsumexps ``[...]`` (an output's shape
+        without the last axis), as ``na*d(..., return_lse=True)`` and
+        :func:`na_rtc.attention` return them; the outputs' kind and device, any
+        floating dtype.
+    :returns: ``(output, logsumexp)``: the output in the outputs' dtype, the
+        logsumexp in the math's (float32 or float64).
+    :raises TypeError: ``outputs`` or ``lses`` not a list or tuple, an entry that
+        is not a NumPy/CuPy/torch array or of another kind than ``outputs[0]``, a
+        dtype that is not floating, outputs of different dtypes.
+    :raises ValueError: no branch, different numbers of outputs and logsumexps,
+        arrays on different devices, outputs of different shapes, a logsumexp
+        whose shape is not its output's without the last axis.
     """
     outputs, lses = _checked(outputs, lses)
     compute = "float64" if any(_arrays.dtype_name(x) == "float64" for x in (*outputs, *lses)) else "float32"

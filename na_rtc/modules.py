@@ -198,6 +198,13 @@ class _NeighborhoodAttention(nn.Module):
         return self.training and self.attn_drop.p > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on ``x`` ``[batch, *spatial, embed_dim]``: the output, of the same shape.
+
+        :raises TypeError: ``x`` is not a torch tensor.
+        :raises ValueError: ``x`` of the wrong rank or last dimension, or
+            ``attn_drop > 0`` in training with ``stride > 1`` or a
+            ``process_group``; otherwise what the fused op raises.
+        """
         self._check_input(x)
         kernel, strides, dilations, causal = self._window
         split = self._use_split_path()
@@ -281,56 +288,92 @@ _NeighborhoodAttention.__init__.__signature__ = inspect.signature(_NeighborhoodA
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):
-    """1D neighborhood attention layer on ``[batch, length, embed_dim]``.
+    """1D neighborhood attention layer on ``[batch, length, embed_dim]`` (torch).
 
-    ``NeighborhoodAttention1D(embed_dim, num_heads, kernel_size, *, stride=1,
-    dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
+    A qkv projection, :func:`na_rtc.na1d` over ``num_heads`` heads and an output
+    projection. ``NeighborhoodAttention1D(embed_dim, num_heads, kernel_size, *,
+    stride=1, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
     qk_scale=None, attn_drop=0.0, proj_drop=0.0, num_kv_heads=None,
-    process_group=None, shard_dim=0)``.
-    ``num_kv_heads`` (GQA/MQA; default ``num_heads``) must divide ``num_heads``:
-    query head ``h`` attends with key/value head ``h // (num_heads // num_kv_heads)``,
-    and ``qkv`` has ``(num_heads + 2 * num_kv_heads) * head_dim`` outputs, in the
-    order ``[q | k | v]``. Everything after
-    ``kernel_size`` is keyword-only: NATTEN versions disagree on what came
-    fourth (dilation in 0.14-0.17, stride later), so a positional call could
-    silently mean something else; for the historical signatures use
-    :mod:`na_rtc.compat`. Parameters: ``qkv`` (Linear), ``rpb``
-    (``[num_heads, 2k - 1]`` when ``rel_pos_bias``), ``proj`` (Linear).
-    Inputs shorter than ``kernel_size * dilation`` are zero-padded at the end
-    and the output cropped back.
+    process_group=None, shard_dim=0)``. Everything after ``kernel_size`` is
+    keyword-only: NATTEN versions disagree on what came fourth (dilation in
+    0.14-0.17, stride later), so a positional call could silently mean something
+    else; for the historical signatures use :mod:`na_rtc.compat`.
 
-    With a ``process_group`` (a torch.distributed group, e.g.
-    ``torch.distributed.group.WORLD``) the layer is context parallel: its input
-    is this rank's contiguous slab of spatial axis ``shard_dim`` (see
-    :mod:`na_rtc.distributed`; :func:`na_rtc.distributed.shard` cuts it), the
-    output is the slab's rows, and the parameters' gradients are this rank's
-    share (all-reduce them with ``SUM``). A short axis is padded at the end of
-    the whole axis (on the last rank). ``attn_drop > 0`` in training has no
-    context-parallel version and raises ``ValueError``.
+    Weights: ``qkv`` (Linear, ``(num_heads + 2 * num_kv_heads) * head_dim``
+    outputs in the order ``[q | k | v]``), ``rpb`` (``[num_heads, 2k - 1]`` when
+    ``rel_pos_bias``), ``proj`` (Linear).
+
+    Calling the layer on ``x`` ``[batch, length, embed_dim]`` (any floating
+    dtype the ops take; autocast applies) returns ``[batch, length,
+    embed_dim]``. Inputs shorter than ``kernel_size * dilation`` are zero-padded
+    at the end and the output cropped back (with ``process_group``, at the end of
+    the whole axis, on the last rank). A call raises ``TypeError`` for an input
+    that is not a tensor, ``ValueError`` for one of the wrong rank or last
+    dimension, and ``ValueError`` for ``attn_drop > 0`` in training together with
+    ``stride > 1`` or with ``process_group`` (the split ops have neither);
+    otherwise what :func:`na_rtc.na1d` raises.
+
+    :param embed_dim: channels of the input and output, a positive int divisible
+        by ``num_heads`` (``head_dim = embed_dim // num_heads``).
+    :param num_heads: query heads, a positive int.
+    :param kernel_size: window size, an int ``>= 2`` (or one per axis), as are
+        ``stride`` (``1`` to ``kernel_size``), ``dilation`` (``>= 1``) and
+        ``is_causal``; see :func:`na_rtc.na1d`.
+    :param rel_pos_bias: a learned relative positional bias (odd
+        ``kernel_size``, not causal).
+    :param qkv_bias: a bias in the qkv projection.
+    :param qk_scale: the logit scale, a real number; default
+        ``head_dim ** -0.5``.
+    :param attn_drop: dropout probability on the attention weights in training
+        (``[0, 1)``); above 0 the layer runs the split ops, which have no stride.
+    :param proj_drop: dropout probability after the output projection, ``[0, 1)``.
+    :param num_kv_heads: key/value heads (GQA/MQA), a divisor of ``num_heads``
+        (default ``num_heads``): query head ``h`` attends with key/value head
+        ``h // (num_heads // num_kv_heads)``.
+    :param process_group: a torch.distributed group: the layer is context
+        parallel (:mod:`na_rtc.distributed`): its input is this rank's contiguous
+        slab of spatial axis ``shard_dim`` (:func:`na_rtc.distributed.shard` cuts
+        it), the output is the slab's rows, and the parameters' gradients are
+        this rank's share (all-reduce them with ``SUM``).
+    :param shard_dim: the spatial axis the slabs split, ``0 <= shard_dim <
+        ndim``.
+    :raises TypeError: a positional argument after ``kernel_size``, or
+        arguments of the wrong type (window arguments not ints/bools, a flag not
+        a bool, ``qk_scale`` or a dropout probability not a real number).
+    :raises ValueError: sizes that are not positive, ``embed_dim`` not divisible
+        by ``num_heads``, ``num_kv_heads`` not dividing ``num_heads``, window
+        arguments out of range, ``rel_pos_bias`` with an even ``kernel_size`` or
+        with ``is_causal``, a dropout probability outside ``[0, 1)``, a
+        ``shard_dim`` that is not a spatial axis.
     """
 
     ndim = 1
 
 
 class NeighborhoodAttention2D(_NeighborhoodAttention):
-    """2D neighborhood attention layer on ``[batch, height, width, embed_dim]``.
+    """2D neighborhood attention layer on ``[batch, height, width, embed_dim]`` (torch).
 
-    As :class:`NeighborhoodAttention1D`; ``kernel_size``, ``stride``,
-    ``dilation`` and ``is_causal`` may be pairs; ``rpb`` is
-    ``[num_heads, 2kx - 1, 2ky - 1]``.
+    As :class:`NeighborhoodAttention1D`, with the same constructor arguments,
+    errors and parameters; what differs: ``kernel_size``, ``stride``,
+    ``dilation`` and ``is_causal`` may be pairs, ``rpb`` is ``[num_heads,
+    2kx - 1, 2ky - 1]``, ``shard_dim`` is 0 or 1, and a call maps ``[batch,
+    height, width, embed_dim]`` to the same shape with :func:`na_rtc.na2d`.
     """
 
     ndim = 2
 
 
 class NeighborhoodAttention3D(_NeighborhoodAttention):
-    """3D neighborhood attention layer on ``[batch, depth, height, width, embed_dim]``.
+    """3D neighborhood attention layer on ``[batch, depth, height, width, embed_dim]`` (torch).
 
-    The first spatial axis is depth or time (NATTEN's ``kernel_size_d``
-    axis): a video layer causal in time only takes
-    ``is_causal=(True, False, False)``. As :class:`NeighborhoodAttention1D`;
-    ``kernel_size``, ``stride``, ``dilation`` and ``is_causal`` may be
-    triples; ``rpb`` is ``[num_heads, 2kd - 1, 2kh - 1, 2kw - 1]``.
+    As :class:`NeighborhoodAttention1D`, with the same constructor arguments,
+    errors and parameters. The first spatial axis is depth or time (NATTEN's
+    ``kernel_size_d`` axis): a video layer causal in time only takes
+    ``is_causal=(True, False, False)``. What differs: ``kernel_size``,
+    ``stride``, ``dilation`` and ``is_causal`` may be triples, ``rpb`` is
+    ``[num_heads, 2kd - 1, 2kh - 1, 2kw - 1]``, ``shard_dim`` is 0, 1 or 2, and a
+    call maps ``[batch, depth, height, width, embed_dim]`` to the same shape
+    with :func:`na_rtc.na3d`.
     """
 
     ndim = 3

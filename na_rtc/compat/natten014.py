@@ -58,34 +58,77 @@ def _av(ndim, attn, value, kernel_size, dilation):
 
 
 def natten1dqkrpb(query, key, rpb, kernel_size, dilation):
-    """Logits ``query . key`` per window slot plus ``rpb`` (``[heads, 2k - 1]`` or None):
-    ``[batch, heads, length, dim]`` -> ``[batch, heads, length, kernel_size]``."""
+    """NATTEN 0.14's 1D logits: ``query . key`` per window slot plus ``rpb``, heads-first.
+
+    The query is not scaled (NATTEN's modules pre-scale it). Runs
+    :func:`na_rtc.na1d_qk` on heads-last views (no copies).
+
+    :param query: ``[batch, heads, length, dim]``: float16, bfloat16, float32 or
+        float64; a torch tensor (or NumPy/CuPy array).
+    :param key: the query's shape, kind, device and dtype.
+    :param rpb: ``[heads, 2 * kernel_size - 1]`` (odd ``kernel_size``) or None.
+    :param kernel_size: window size, an int ``>= 2``.
+    :param dilation: an int ``>= 1``.
+    :returns: ``[batch, heads, length, kernel_size]``, a heads-first view of
+        na_rtc's output (not contiguous: ``reshape``, not ``view``).
+    :raises TypeError: an input that is not a NumPy/CuPy/torch array, inputs of
+        different kinds or dtypes, a dtype that is not floating, window arguments
+        that are not ints.
+    :raises ValueError: a wrong number of dimensions, ``key`` not shaped as
+        ``query``, an ``rpb`` of the wrong shape, with an even ``kernel_size``,
+        ``kernel_size < 2``, ``dilation < 1``, ``kernel_size * dilation`` larger
+        than an axis, inputs on different devices.
+    """
     return _qk(1, query, key, rpb, kernel_size, dilation)
 
 
 def natten1dqk(query, key, kernel_size, dilation):
-    """:func:`natten1dqkrpb` without a bias."""
+    """:func:`natten1dqkrpb` without a bias: same arguments (less ``rpb``), returns and errors."""
     return _qk(1, query, key, None, kernel_size, dilation)
 
 
 def natten1dav(attn, value, kernel_size, dilation):
-    """``attn [batch, heads, length, kernel_size]`` x neighbor values -> ``[batch, heads, length, dim]``."""
+    """NATTEN 0.14's 1D weighted sum of neighbor values, heads-first.
+
+    :param attn: ``[batch, heads, length, kernel_size]`` attention weights; the
+        value's kind, device and dtype.
+    :param value: ``[batch, heads, length, dim]``: float16, bfloat16, float32 or
+        float64.
+    :param kernel_size: window size, an int ``>= 2``.
+    :param dilation: an int ``>= 1``.
+    :returns: ``[batch, heads, length, dim]``, a heads-first view (not
+        contiguous).
+    :raises TypeError: an input that is not a NumPy/CuPy/torch array, inputs of
+        different kinds or dtypes, a dtype that is not floating, window arguments
+        that are not ints.
+    :raises ValueError: a wrong number of dimensions, ``attn`` whose leading
+        dimensions differ from ``value``'s or whose last is not the window's
+        slots, ``kernel_size < 2``, ``dilation < 1``, ``kernel_size * dilation``
+        larger than an axis, inputs on different devices.
+    """
     return _av(1, attn, value, kernel_size, dilation)
 
 
 def natten2dqkrpb(query, key, rpb, kernel_size, dilation):
-    """2D :func:`natten1dqkrpb`: ``[batch, heads, height, width, dim]`` ->
-    ``[batch, heads, height, width, kernel_size ** 2]``; ``rpb`` is ``[heads, 2k - 1, 2k - 1]``."""
+    """2D :func:`natten1dqkrpb`: ``[batch, heads, height, width, dim]`` -> ``[batch, heads, height, width, kernel_size ** 2]``.
+
+    ``rpb`` is ``[heads, 2k - 1, 2k - 1]`` or None; ``kernel_size`` and
+    ``dilation`` one int for both axes. Errors as :func:`natten1dqkrpb`.
+    """
     return _qk(2, query, key, rpb, kernel_size, dilation)
 
 
 def natten2dqk(query, key, kernel_size, dilation):
-    """:func:`natten2dqkrpb` without a bias."""
+    """:func:`natten2dqkrpb` without a bias: same arguments (less ``rpb``), returns and errors."""
     return _qk(2, query, key, None, kernel_size, dilation)
 
 
 def natten2dav(attn, value, kernel_size, dilation):
-    """2D :func:`natten1dav`."""
+    """2D :func:`natten1dav`: ``attn [batch, heads, height, width, kernel_size ** 2]`` and ``value [batch, heads, height, width, dim]``.
+
+    Returns ``[batch, heads, height, width, dim]`` (a heads-first view); errors
+    as :func:`natten1dav`.
+    """
     return _av(2, attn, value, kernel_size, dilation)
 
 
@@ -116,7 +159,27 @@ class _Natten014Layer:
 
 
 class NeighborhoodAttention1D(_Natten014Layer, _Native1D):
-    """NATTEN 0.14's ``NeighborhoodAttention1D`` on ``[batch, length, dim]``."""
+    """NATTEN 0.14's ``NeighborhoodAttention1D`` on ``[batch, length, dim]``: na_rtc's layer with 0.14's signature.
+
+    State-dict keys are NATTEN's (``qkv``, ``rpb``, ``proj``), so 0.14
+    checkpoints load as they are; ``kernel_size``, ``dilation`` and
+    ``window_size`` stay plain ints. Calls, shapes and call errors are
+    :class:`na_rtc.NeighborhoodAttention1D`'s.
+
+    :param dim: channels, divisible by ``num_heads``.
+    :param num_heads: heads.
+    :param kernel_size: window size, one int ``>= 2`` (odd with ``bias``).
+    :param dilation: one int ``>= 1`` (None means 1, as in 0.14).
+    :param bias: the relative positional bias ``rpb`` (on by default, as in
+        0.14).
+    :param qkv_bias: a bias in the qkv projection.
+    :param qk_scale: the logit scale; a falsy value means ``head_dim ** -0.5``.
+    :param attn_drop: dropout on the attention weights in training, ``[0, 1)``.
+    :param proj_drop: dropout after the output projection, ``[0, 1)``.
+    :raises TypeError: ``kernel_size`` or ``dilation`` not an int (na_rtc's own
+        layer takes per-axis tuples), or what na_rtc's layer raises.
+    :raises ValueError: what na_rtc's layer raises.
+    """
 
     def __init__(self, dim, num_heads, kernel_size, dilation=1, bias=True, qkv_bias=True, qk_scale=None,
                  attn_drop=0.0, proj_drop=0.0):
@@ -125,7 +188,11 @@ class NeighborhoodAttention1D(_Natten014Layer, _Native1D):
 
 
 class NeighborhoodAttention2D(_Natten014Layer, _Native2D):
-    """NATTEN 0.14's ``NeighborhoodAttention2D`` on ``[batch, height, width, dim]``."""
+    """NATTEN 0.14's ``NeighborhoodAttention2D`` on ``[batch, height, width, dim]``.
+
+    As :class:`NeighborhoodAttention1D` (same arguments, one int for both axes,
+    same errors); ``rpb`` is ``[num_heads, 2k - 1, 2k - 1]``.
+    """
 
     def __init__(self, dim, num_heads, kernel_size, dilation=1, bias=True, qkv_bias=True, qk_scale=None,
                  attn_drop=0.0, proj_drop=0.0):

@@ -119,33 +119,100 @@ def _av(ndim, attn, value, kernel_size, dilation, additional_values, is_causal):
 
 
 def na1d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
-    """Logits ``[batch, heads, length, kernel_size (+ additional tokens)]``; the query is not scaled."""
+    """NATTEN 0.17's 1D logits, heads-first: ``[batch, heads, length, kernel_size (+ additional tokens)]``.
+
+    ``query . key`` per window slot (the query is not scaled), plus ``rpb``;
+    ``-inf`` in causal slots past the query. Extra keys add columns after the
+    window's slots, as NATTEN computes them (a torch matmul).
+
+    :param query: ``[batch, heads, length, dim]``: float16, bfloat16, float32 or
+        float64; a torch tensor (or NumPy/CuPy array without additional keys).
+    :param key: the query's shape, kind, device and dtype.
+    :param kernel_size: an int ``>= 2`` (or a 1-tuple).
+    :param dilation: an int ``>= 1``.
+    :param additional_keys: ``[batch, heads, tokens, dim]`` torch tensor, or None.
+    :param is_causal: causal windows.
+    :param rpb: ``[heads, 2 * kernel_size - 1]`` (odd ``kernel_size``, not
+        causal) or None.
+    :returns: the logits, a heads-first view of na_rtc's output (not contiguous)
+        or, with additional keys, a new tensor.
+    :raises TypeError: an input that is not a NumPy/CuPy/torch array, inputs of
+        different kinds or dtypes, a dtype that is not floating, window arguments
+        that are not ints.
+    :raises ValueError: a wrong number of dimensions, ``key`` not shaped as
+        ``query``, an ``rpb`` of the wrong shape, with an even ``kernel_size``,
+        ``kernel_size < 2``, ``dilation < 1``, ``kernel_size * dilation`` larger
+        than an axis, inputs on different devices, an ``rpb`` with
+        ``is_causal``, ``additional_keys`` of the wrong shape (not a torch
+        tensor: ``TypeError``).
+    """
     return _qk(1, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
 
 
 def na1d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
-    """Weighted sum of neighbor (and additional) values: ``[batch, heads, length, dim]``."""
+    """NATTEN 0.17's 1D weighted sum of neighbor (and additional) values, heads-first: ``[batch, heads, length, dim]``.
+
+    :param attn: ``[batch, heads, length, kernel_size (+ tokens)]`` weights; the
+        value's kind, device and dtype.
+    :param value: ``[batch, heads, length, dim]``: float16, bfloat16, float32 or
+        float64.
+    :param kernel_size: an int ``>= 2``.
+    :param dilation: an int ``>= 1``.
+    :param additional_values: ``[batch, heads, tokens, dim]`` torch tensor (the
+        weights' last ``tokens`` columns apply to it), or None.
+    :param is_causal: causal windows (weights of slots past the query are
+        ignored).
+    :returns: ``[batch, heads, length, dim]``.
+    :raises TypeError: an input that is not a NumPy/CuPy/torch array, inputs of
+        different kinds or dtypes, a dtype that is not floating, window arguments
+        that are not ints.
+    :raises ValueError: a wrong number of dimensions, ``attn`` whose leading
+        dimensions differ from ``value``'s or whose last is not the window's
+        slots, ``kernel_size < 2``, ``dilation < 1``, ``kernel_size * dilation``
+        larger than an axis, inputs on different devices, and with
+        ``additional_values`` (a torch tensor, else ``TypeError``) of the
+        wrong shape or an ``attn`` whose last dimension is not ``kernel_size
+        + tokens``.
+    """
     return _av(1, attn, value, kernel_size, dilation, additional_values, is_causal)
 
 
 def na2d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
-    """Logits ``[batch, heads, height, width, kx * ky (+ additional tokens)]``."""
+    """2D :func:`na1d_qk`: logits ``[batch, heads, height, width, kx * ky (+ additional tokens)]``.
+
+    ``query``/``key`` ``[batch, heads, height, width, dim]``; ``kernel_size``,
+    ``dilation`` and ``is_causal`` an int or a pair; ``rpb`` ``[heads, 2kx - 1,
+    2ky - 1]``. Errors as :func:`na1d_qk`.
+    """
     return _qk(2, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
 
 
 def na2d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
-    """Weighted sum of neighbor (and additional) values: ``[batch, heads, height, width, dim]``."""
+    """2D :func:`na1d_av`: ``[batch, heads, height, width, dim]``.
+
+    ``attn`` ``[batch, heads, height, width, kx * ky (+ tokens)]``, ``value``
+    ``[batch, heads, height, width, dim]``. Errors as :func:`na1d_av`.
+    """
     return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal)
 
 
 def na3d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
-    """Logits ``[batch, heads, depth, height, width, kd * kh * kw (+ additional tokens)]``."""
+    """3D :func:`na1d_qk`: logits ``[batch, heads, depth, height, width, kd * kh * kw (+ additional tokens)]``.
+
+    ``query``/``key`` ``[batch, heads, depth, height, width, dim]``;
+    ``kernel_size``, ``dilation`` and ``is_causal`` an int or a triple; ``rpb``
+    ``[heads, 2kd - 1, 2kh - 1, 2kw - 1]``. Errors as :func:`na1d_qk`.
+    """
     return _qk(3, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
 
 
 def na3d_av(attn, value, kernel_size, dilation, additional_values=None, is_causal=False):
-    """Weighted sum of neighbor (and additional) values: ``[batch, heads, depth, height, width, dim]``.
-    ``dilation`` has no default, as in NATTEN 0.17's ``na3d_av``."""
+    """3D :func:`na1d_av`: ``[batch, heads, depth, height, width, dim]``.
+
+    ``dilation`` has no default, as in NATTEN 0.17's ``na3d_av``. ``attn``
+    ``[batch, heads, depth, height, width, kd * kh * kw (+ tokens)]``. Errors as
+    :func:`na1d_av`.
+    """
     return _av(3, attn, value, kernel_size, dilation, additional_values, is_causal)
 
 
@@ -164,21 +231,36 @@ def _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation) -> tuple[
 
 
 def natten3dqkrpb(query, key, rpb, kernel_size_d, kernel_size, dilation_d, dilation):
-    """Logits ``query . key`` per window slot plus ``rpb`` (``[heads, 2kd - 1, 2k - 1, 2k - 1]`` or None):
-    ``[batch, heads, depth, height, width, dim]`` -> ``[..., kernel_size_d * kernel_size ** 2]``."""
+    """NATTEN 0.15's 3D logits plus ``rpb``: ``[batch, heads, depth, height, width, dim]`` -> ``[..., kernel_size_d * kernel_size ** 2]``.
+
+    As :func:`na3d_qk`, with one size and dilation for depth and one shared by
+    height and width.
+
+    :param rpb: ``[heads, 2kd - 1, 2k - 1, 2k - 1]`` or None.
+    :param kernel_size_d: the depth window, an int.
+    :param kernel_size: the height and width window, an int.
+    :param dilation_d: the depth dilation, an int.
+    :param dilation: the height and width dilation, an int.
+    :raises TypeError: one of the four window arguments is not an int; else as
+        :func:`na3d_qk`.
+    :raises ValueError: as :func:`na3d_qk`.
+    """
     kernel, dilations = _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation)
     return _qk(3, query, key, kernel, dilations, None, False, rpb)
 
 
 def natten3dqk(query, key, kernel_size_d, kernel_size, dilation_d, dilation):
-    """:func:`natten3dqkrpb` without a bias."""
+    """:func:`natten3dqkrpb` without a bias: same arguments (less ``rpb``), returns and errors."""
     kernel, dilations = _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation)
     return _qk(3, query, key, kernel, dilations, None, False, None)
 
 
 def natten3dav(attn, value, kernel_size_d, kernel_size, dilation_d, dilation):
-    """``attn [..., kernel_size_d * kernel_size ** 2]`` x neighbor values -> ``[batch, heads, depth, height,
-    width, dim]``."""
+    """NATTEN 0.15's 3D weighted sum: ``attn [..., kernel_size_d * kernel_size ** 2]`` -> ``[batch, heads, depth, height, width, dim]``.
+
+    Window arguments as :func:`natten3dqkrpb`; errors as :func:`na3d_av`, and
+    ``TypeError`` for a window argument that is not an int.
+    """
     kernel, dilations = _depth_and_plane(kernel_size_d, kernel_size, dilation_d, dilation)
     return _av(3, attn, value, kernel, dilations, None, False)
 
@@ -205,22 +287,56 @@ def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale
 
 def na1d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
          additional_values=None, xformers_kwargs=None):
-    """Fused 1D NA on heads-last ``[batch, length, heads, dim]``; ``scale`` defaults to ``dim ** -0.5``.
-    ``additional_keys``/``additional_values`` are ``[batch, tokens, heads, dim]``."""
+    """NATTEN 0.17's fused 1D NA on heads-last ``[batch, length, heads, dim]``.
+
+    :func:`na_rtc.na1d` with NATTEN 0.17's argument order (no stride); one
+    softmax over the window and the extra tokens.
+
+    :param query: ``[batch, length, heads, dim]``: float16, bfloat16, float32 or
+        float64; NumPy, CuPy or torch.
+    :param key: ``[batch, length, heads, dim]``, the query's kind, device and
+        dtype.
+    :param value: ``[batch, length, heads, dim]``, the same.
+    :param kernel_size: as :func:`na_rtc.na1d`'s, as are ``dilation``,
+        ``is_causal`` and ``rpb``.
+    :param scale: default ``dim ** -0.5``; a falsy value means the default, as
+        in NATTEN.
+    :param additional_keys: ``[batch, tokens, heads, dim]`` torch tensor, with
+        ``additional_values``, or None.
+    :param additional_values: ``[batch, tokens, heads, dim]`` torch tensor.
+    :param xformers_kwargs: refused (must be None or empty).
+    :returns: ``[batch, length, heads, dim]``.
+    :raises NotImplementedError: ``xformers_kwargs`` given.
+    :raises TypeError: additional tokens that are not torch tensors; else as
+        :func:`na_rtc.na1d`.
+    :raises ValueError: only one of ``additional_keys``/``additional_values``;
+        else as :func:`na_rtc.na1d`.
+    """
     return _fused(1, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
                   additional_values, xformers_kwargs)
 
 
 def na2d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
          additional_values=None, xformers_kwargs=None):
-    """Fused 2D NA on heads-last ``[batch, height, width, heads, dim]``."""
+    """NATTEN 0.17's fused 2D NA on heads-last ``[batch, height, width, heads, dim]``.
+
+    As :func:`na1d` with :func:`na_rtc.na2d`'s shapes: window arguments an int
+    or a pair, ``rpb`` ``[heads, 2kx - 1, 2ky - 1]``, additional tokens
+    ``[batch, tokens, heads, dim]``. Returns ``[batch, height, width, heads,
+    dim]``; errors as :func:`na1d`.
+    """
     return _fused(2, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
                   additional_values, xformers_kwargs)
 
 
 def na3d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
          additional_values=None, xformers_kwargs=None):
-    """Fused 3D NA on heads-last ``[batch, depth, height, width, heads, dim]``."""
+    """NATTEN 0.17's fused 3D NA on heads-last ``[batch, depth, height, width, heads, dim]``.
+
+    As :func:`na1d` with :func:`na_rtc.na3d`'s shapes: window arguments an int
+    or a triple, ``rpb`` ``[heads, 2kd - 1, 2kh - 1, 2kw - 1]``. Returns
+    ``[batch, depth, height, width, heads, dim]``; errors as :func:`na1d`.
+    """
     return _fused(3, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
                   additional_values, xformers_kwargs)
 
@@ -247,7 +363,26 @@ class _Natten017Layer:
 
 
 class NeighborhoodAttention1D(_Natten017Layer, _Native1D):
-    """NATTEN 0.17's ``NeighborhoodAttention1D`` on ``[batch, length, dim]``."""
+    """NATTEN 0.17's ``NeighborhoodAttention1D`` on ``[batch, length, dim]``: na_rtc's layer with 0.17's signature.
+
+    State-dict keys are NATTEN's (``qkv``, ``rpb``, ``proj``). Calls, shapes
+    and errors are :class:`na_rtc.NeighborhoodAttention1D`'s.
+
+    :param dim: channels, divisible by ``num_heads``.
+    :param num_heads: heads.
+    :param kernel_size: window size, an int ``>= 2`` (or one per axis), as are
+        ``dilation`` and ``is_causal``.
+    :param rel_pos_bias: a learned relative positional bias ``rpb`` (odd
+        ``kernel_size``, not causal).
+    :param qkv_bias: a bias in the qkv projection.
+    :param qk_scale: the logit scale; a falsy value means ``head_dim ** -0.5``.
+    :param attn_drop: dropout on the attention weights in training, ``[0, 1)``.
+    :param proj_drop: dropout after the output projection, ``[0, 1)``.
+    :param use_experimental_ops: accepted and kept; changes nothing (na_rtc's
+        ops always trace with torch.compile).
+    :raises TypeError: what na_rtc's layer raises.
+    :raises ValueError: what na_rtc's layer raises.
+    """
 
     def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
                  qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False):
@@ -256,7 +391,11 @@ class NeighborhoodAttention1D(_Natten017Layer, _Native1D):
 
 
 class NeighborhoodAttention2D(_Natten017Layer, _Native2D):
-    """NATTEN 0.17's ``NeighborhoodAttention2D`` on ``[batch, height, width, dim]``."""
+    """NATTEN 0.17's ``NeighborhoodAttention2D`` on ``[batch, height, width, dim]``.
+
+    As :class:`NeighborhoodAttention1D` (same arguments and errors; window
+    arguments an int or a pair); ``rpb`` is ``[num_heads, 2kx - 1, 2ky - 1]``.
+    """
 
     def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
                  qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False):
@@ -265,8 +404,12 @@ class NeighborhoodAttention2D(_Natten017Layer, _Native2D):
 
 
 class NeighborhoodAttention3D(_Natten017Layer, _Native3D):
-    """NATTEN 0.17's ``NeighborhoodAttention3D`` on ``[batch, depth, height, width, dim]``; ``rpb`` is
-    ``[num_heads, 2kd - 1, 2kh - 1, 2kw - 1]``."""
+    """NATTEN 0.17's ``NeighborhoodAttention3D`` on ``[batch, depth, height, width, dim]``.
+
+    As :class:`NeighborhoodAttention1D` (same arguments and errors; window
+    arguments an int or a triple); ``rpb`` is ``[num_heads, 2kd - 1, 2kh - 1,
+    2kw - 1]``.
+    """
 
     def __init__(self, dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=False, qkv_bias=True,
                  qk_scale=None, attn_drop=0.0, proj_drop=0.0, use_experimental_ops=False):

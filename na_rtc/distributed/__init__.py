@@ -34,24 +34,55 @@ __all__ = ["na1d", "na2d", "na3d", "shard", "gather", "bytes_exchanged", "reset_
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
          return_lse=False, *, additional_keys=None, additional_values=None, group=None, shard_dim=0, backend=None):
-    """Context-parallel :func:`na_rtc.na1d`: this rank's slab ``[batch, rows, heads, head_dim]`` of the
-    sequence. ``group``: a torch.distributed process group (``None``: the default one); ``shard_dim``: the
-    spatial axis the slabs split (0 in 1D). The other arguments are :func:`na_rtc.na1d`'s; ``rpb`` and the
-    additional tokens are replicated (the same on every rank)."""
+    """Context-parallel :func:`na_rtc.na1d`: this rank's slab of the sequence in, its slab of the output out.
+
+    Every rank of ``group`` calls it (a collective), each with its own contiguous
+    slab of the sequence, in rank order; slabs may be uneven and thinner than the
+    window. The other arguments are :func:`na_rtc.na1d`'s, with its dtypes and
+    rules, checked on the whole sequence; ``rpb`` and the additional tokens are
+    replicated (the same on every rank).
+
+    :param query: this rank's slab ``[batch, rows, heads, head_dim]``, a torch
+        tensor (NCCL: on the rank's current CUDA device; gloo: on the CPU).
+    :param key: ``[batch, rows, heads_kv, head_dim]``, the same rows.
+    :param value: ``[batch, rows, heads_kv, head_dim_v]``, the same rows.
+    :param group: a torch.distributed process group (``None``: the default one).
+    :param shard_dim: the spatial axis the slabs split (0 in 1D).
+    :returns: this rank's slab of the output ``[batch, rows, heads, head_dim_v]``
+        (and, with ``return_lse=True``, of the logsumexp ``[batch, rows, heads]``),
+        equal to the same rows of :func:`na_rtc.na1d` on the concatenated slabs;
+        differentiable, each rank getting the gradients of its own slabs.
+    :raises TypeError: as :func:`na_rtc.na1d`, or a ``group`` that is not a
+        process group; raised on every rank alike.
+    :raises ValueError: as :func:`na_rtc.na1d` for the concatenated slabs, ranks
+        whose arguments or shapes differ other than in the slab's length,
+        ``shard_dim`` outside the spatial axes, or torch.distributed not
+        initialized; raised on every rank alike.
+    """
     return context_parallel(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                             return_lse, additional_keys, additional_values, group, shard_dim, backend)
 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
          return_lse=False, *, additional_keys=None, additional_values=None, group=None, shard_dim=0, backend=None):
-    """Context-parallel :func:`na_rtc.na2d` (see :func:`na1d`); ``shard_dim`` 0 splits rows, 1 columns."""
+    """Context-parallel :func:`na_rtc.na2d`: as :func:`na1d`, on slabs ``[batch, height, width, heads, head_dim]``.
+
+    ``shard_dim`` 0 splits rows (height), 1 columns (width); the slab's length
+    along it may differ between ranks, every other dimension may not. Returns this
+    rank's slab of :func:`na_rtc.na2d`'s output (and logsumexp); raises as
+    :func:`na1d`.
+    """
     return context_parallel(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                             return_lse, additional_keys, additional_values, group, shard_dim, backend)
 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, rpb=None,
          return_lse=False, *, additional_keys=None, additional_values=None, group=None, shard_dim=0, backend=None):
-    """Context-parallel :func:`na_rtc.na3d` (see :func:`na1d`); ``shard_dim`` 0 splits depth (time)."""
+    """Context-parallel :func:`na_rtc.na3d`: as :func:`na1d`, on slabs ``[batch, depth, height, width, heads, head_dim]``.
+
+    ``shard_dim`` 0 splits depth (time), 1 height, 2 width. Returns this rank's
+    slab of :func:`na_rtc.na3d`'s output (and logsumexp); raises as :func:`na1d`.
+    """
     return context_parallel(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
                             return_lse, additional_keys, additional_values, group, shard_dim, backend)
 
@@ -66,18 +97,45 @@ def _spatial_dim(x, shard_dim) -> int:
 
 
 def shard(x, shard_dim=0, group=None):
-    """This rank's contiguous slab of the full tensor ``x`` (``[batch, *spatial, ...]``) along spatial axis
-    ``shard_dim``: ``torch.tensor_split(x, world_size, dim=1 + shard_dim)[rank]`` (the first
-    ``length % world_size`` ranks get one row more). A view, differentiable."""
+    """This rank's contiguous slab of the full tensor ``x`` along spatial axis ``shard_dim``.
+
+    ``torch.tensor_split(x, world_size, dim=1 + shard_dim)[rank]``: the first
+    ``length % world_size`` ranks get one row more. A view, differentiable.
+
+    :param x: the full tensor, the same on every rank, any dtype:
+        ``[batch, *spatial, heads, head_dim]`` or a layer's input ``[batch,
+        *spatial, embed_dim]``.
+    :param shard_dim: the spatial axis to split (0 is the first).
+    :param group: a torch.distributed process group (``None``: the default one).
+    :returns: the slab, a view of ``x``.
+    :raises TypeError: ``x`` is not a torch tensor, or ``group`` not a process
+        group.
+    :raises ValueError: ``shard_dim`` is not a spatial axis of ``x``, or
+        torch.distributed is not initialized.
+    """
     dim = _spatial_dim(x, shard_dim)
     comm = communicator(group)
     return torch.tensor_split(x, comm.size, dim=dim)[comm.rank]
 
 
 def gather(x, shard_dim=0, group=None):
-    """The full tensor from every rank's slab ``x`` along spatial axis ``shard_dim``, in rank order (slabs
-    may be uneven; every other dimension must match). Every rank gets it. Not differentiable (a result for
-    checks and logging: the gradient of a slab is that rank's own)."""
+    """The full tensor from every rank's slab ``x`` along spatial axis ``shard_dim``, in rank order.
+
+    A collective: every rank calls it and gets the whole tensor. Slabs may be
+    uneven. Not differentiable (a result for checks and logging: the gradient of a
+    slab is that rank's own).
+
+    :param x: this rank's slab, a torch tensor ``[batch, *spatial, ...]``; every
+        dimension but ``shard_dim``'s, and the dtype, the same on every rank.
+    :param shard_dim: the spatial axis the slabs split.
+    :param group: a torch.distributed process group (``None``: the default one).
+    :returns: the concatenated tensor, on ``x``'s device.
+    :raises TypeError: ``x`` is not a torch tensor, or ``group`` not a process
+        group.
+    :raises ValueError: ``shard_dim`` is not a spatial axis of ``x``, slabs that
+        differ in dtype or in another dimension, or torch.distributed not
+        initialized.
+    """
     dim = _spatial_dim(x, shard_dim)
     comm = communicator(group)
     shapes = comm.all_gather_object((tuple(x.shape), str(x.dtype)))
@@ -98,8 +156,12 @@ def gather(x, shard_dim=0, group=None):
 
 
 def bytes_exchanged() -> dict:
-    """Bytes this process sent and received in halo exchanges (forward and backward) since the last
-    :func:`reset_bytes_exchanged`: ``{"sent": ..., "received": ...}``."""
+    """Bytes this process sent and received in halo exchanges since the last :func:`reset_bytes_exchanged`.
+
+    Forward and backward exchanges both count. Raises nothing.
+
+    :returns: ``{"sent": int, "received": int}``.
+    """
     return {"sent": TRAFFIC.sent, "received": TRAFFIC.received}
 
 

@@ -23,7 +23,15 @@ class PendingExchange(Protocol):
 
 @runtime_checkable
 class Communicator(Protocol):
-    """What :mod:`na_rtc.distributed` asks of a group of ranks."""
+    """What :mod:`na_rtc.distributed` asks of a group of ranks (a protocol).
+
+    Pass an object with these attributes and methods as ``group`` to use another
+    transport than torch.distributed (a simulated group, for instance).
+    :class:`ProcessGroupCommunicator` is the one for a torch.distributed group.
+
+    :ivar rank: this rank's index in the group, ``0 <= rank < size``.
+    :ivar size: the number of ranks.
+    """
 
     rank: int
     size: int
@@ -54,7 +62,13 @@ class _Requests:
 
 
 class ProcessGroupCommunicator:
-    """:class:`Communicator` on a torch.distributed process group (``None``: the default group)."""
+    """:class:`Communicator` on a torch.distributed process group.
+
+    :param group: the process group (``None``: the default group). torch.distributed
+        must be initialized (``torch.distributed.init_process_group``; torchrun
+        sets up its environment).
+    :raises ValueError: torch.distributed is not available or not initialized.
+    """
 
     def __init__(self, group=None):
         import torch.distributed as dist
@@ -69,11 +83,13 @@ class ProcessGroupCommunicator:
         self._dist = dist
 
     def all_gather_object(self, obj) -> list:
+        """As :meth:`Communicator.all_gather_object`."""
         gathered = [None] * self.size
         self._dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
     def exchange(self, sends, receives) -> PendingExchange:
+        """As :meth:`Communicator.exchange`: batched ``isend``/``irecv`` on the group."""
         dist = self._dist
         ops = [dist.P2POp(dist.isend, buffer, group=self.group, group_peer=peer) for peer, buffer in sends]
         ops += [dist.P2POp(dist.irecv, buffer, group=self.group, group_peer=peer) for peer, buffer in receives]
