@@ -9,30 +9,37 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: Names of every environment variable na_rtc reads, with what it does.
+#: Names of every environment variable na_rtc reads, with what it does (Markdown: the documentation
+#: site's settings page is generated from this table, docs/_ext/generated.py).
 SETTINGS = {
-    "NA_RTC_BACKEND": "force a backend for every call: blocked, reference, emulator or cuda",
-    "NA_RTC_CACHE_DIR": "where compiled kernels are cached (default: the user cache dir)",
-    "NA_RTC_REFERENCE_CHUNK_MB": "memory budget of one query chunk in the reference backend and of one chunk of tiles in the blocked backend (default 32)",
-    "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: small (default) or large",
-    "NA_RTC_EMULATOR_CHECKED": "1: the emulator runs every launch on guarded buffer copies (out-of-bounds checks)",
+    "NA_RTC_BACKEND": "force a backend: `blocked`, `reference`, `emulator` or `cuda`",
+    "NA_RTC_CACHE_DIR": "compiled-kernel cache (default `~/.cache/na_rtc`)",
+    "NA_RTC_REFERENCE_CHUNK_MB": "memory budget of one reference query chunk and of one chunk of blocked tiles "
+                                 "(default 32)",
+    "NA_RTC_SWEEP": "size of the randomized kernel test sweeps: `small` (default) or `large`",
+    "NA_RTC_EMULATOR_CHECKED": "`1`: emulator launches run on guarded buffer copies and report out-of-bounds "
+                               "accesses",
     "NA_RTC_EMULATOR_THREADS": "OS threads the emulator runs blocks on (default: all cores)",
-    "NA_RTC_EMULATOR_SCHEDULE": "forward (default) or reverse: the order the emulator runs a block's threads "
-                                "in; a kernel with a shared-memory race gives wrong results in one of them",
-    "NA_RTC_TENSOR_CORES": "0: fp16/bf16 fused ops on the SIMT kernels even where tensor-core kernels serve "
-                           "(default 1: tensor cores on sm_80+ and in the emulator)",
-    "NA_RTC_TC_WARP_ROWS": "16 or 32: query rows per warp of the tensor-core forward where both are built "
-                           "(head dims up to 64; default: the table in runtime/families/fused_tc.py), for benchmarking",
-    "NA_RTC_WGMMA": "1: fp16/bf16 fused ops on sm_90 GPUs (and in the emulator) use the Hopper wgmma kernels "
-                    "for the forward and backward (default 0: opt-in until GPU runs have measured them)",
-    "NA_RTC_WGMMA_WARPGROUPS": "1 or 2: warpgroups per block of the Hopper wgmma kernels (64 queries or "
-                               "keys each; default 2, which share every staged chunk), for benchmarking",
-    "NA_RTC_WGMMA_CHUNK_KEYS": "32 or 64: keys per staged chunk of the Hopper wgmma forward with the table's "
-                               "warpgroups (default 64: the table in runtime/families/fused_wg.py), for benchmarking",
-    "NA_RTC_VERIFY": "0: do not verify kernels on the GPU before their first use (default 1: each kernel "
-                     "instantiation is checked once per GPU, driver and na_rtc version on a small problem against a "
-                     "float64 reference, and one that gives wrong results is not used; python -m na_rtc selftest)",
-    "CXX": "C++ compiler the emulator builds kernels with (default g++, then clang++)",
+    "NA_RTC_EMULATOR_SCHEDULE": "`reverse`: the emulator runs each block's threads highest index first (default "
+                                "`forward`); a shared-memory race between threads gives wrong results under one of "
+                                "the two, so the tests run the tensor-core kernels under both",
+    "NA_RTC_TENSOR_CORES": "`0`: fp16/bf16 fused ops on the SIMT kernels (default `1`: tensor cores on sm_80+ GPUs "
+                           "and in the emulator)",
+    "NA_RTC_TC_WARP_ROWS": "`16` or `32`: query rows per warp of the tensor-core forward where both are built "
+                           "(head dims up to 64; default: the table in `na_rtc/runtime/families/fused_tc.py`), for "
+                           "benchmarking",
+    "NA_RTC_WGMMA": "`1`: fp16/bf16 fused ops on sm_90 GPUs (H100, H200; and in the emulator) use the Hopper "
+                    "`wgmma` kernels for the forward and the backward (default `0`: opt-in until GPU runs have "
+                    "measured them)",
+    "NA_RTC_WGMMA_WARPGROUPS": "`1` or `2`: warpgroups per block of the wgmma kernels (default `2`: a block of 128 "
+                               "queries or keys, 16 x 8 in 2D, whose warpgroups share each staged chunk; `1`: 64, "
+                               "8 x 8 in 2D); for benchmarking",
+    "NA_RTC_WGMMA_CHUNK_KEYS": "`32` or `64`: keys per staged chunk of the wgmma forward with two warpgroups a "
+                               "block (default `64`; `32` pads less of a 2D key box but pays the per-chunk rescale "
+                               "and barrier twice as often); for benchmarking",
+    "NA_RTC_VERIFY": "`0`: no first-use verification of kernels on the GPU (default `1`: see [First run on a "
+                     "GPU](getting-started.md#first-run-on-a-gpu))",
+    "CXX": "the C++ compiler the emulator builds kernels with (default `g++`, then `clang++`)",
 }
 
 
