@@ -275,6 +275,23 @@ def test_bad_group_and_array_kinds():
     assert all(isinstance(e, TypeError) and "torch" in str(e) for e in errors)
 
 
+def test_device_rules_of_the_communication_backend():
+    """gloo exchanges CPU tensors only, NCCL tensors on the rank's current CUDA device: every rank raises."""
+    def fn(comm):
+        comm.backend = "gloo"
+        q, k, v = (t.to("meta") for t in _qkv())
+        cp.na1d(q, k, v, 5, group=comm)
+    errors = _errors(2, fn)
+    assert all(isinstance(e, ValueError) and "gloo group exchanges CPU tensors only" in str(e) for e in errors)
+
+    def nccl(comm):
+        comm.backend = "nccl"
+        cp.na1d(*_qkv(), 5, group=comm)
+    errors = _errors(2, nccl)
+    assert all(isinstance(e, ValueError) and "with NCCL every tensor must be on the rank's current CUDA device"
+               in str(e) for e in errors)
+
+
 def test_uninitialized_default_group():
     if torch.distributed.is_initialized():
         pytest.skip("a default process group exists in this process")

@@ -78,6 +78,11 @@ def _local_error(ndim: int, shard_dim, tensors: dict, comm) -> str | None:
         if t.dim() == query.dim() and t.shape[dim] != query.shape[dim]:
             return f"ValueError: {name}'s slab has {t.shape[dim]} rows along shard_dim {shard_dim} but query's " \
                    f"has {query.shape[dim]}: a rank holds the same rows of query, key and value"
+    if getattr(comm, "backend", None) == "gloo":
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+                return f"ValueError: {name} is on {t.device}, but a gloo group exchanges CPU tensors only: use " \
+                       f"an NCCL group for CUDA tensors (torch.distributed.init_process_group('nccl'))"
     if getattr(comm, "backend", None) == "nccl":
         current = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         for name, t in tensors.items():
