@@ -43,6 +43,10 @@ class Problem:
     #: extra key/value tokens every query attends besides its neighborhood (the fused ops' ``additional_keys`` /
     #: ``additional_values``, ``[batch, extra_tokens, kv_heads, head_dim(_v)]``); 0: none
     extra_tokens: int = 0
+    #: the queries, where they are not every position: per axis the positions ``[first, stop)`` the query,
+    #: output and logsumexp cover (their spatial shape is the box's), keys and values covering the whole axes
+    #: (context parallelism computes a slab's queries against slab and halo); None: every position
+    query_box: tuple[tuple[int, int], ...] | None = None
 
     @property
     def v_dim(self) -> int:
@@ -94,18 +98,32 @@ class Problem:
         return (self.heads, *(2 * k - 1 for k in self.kernel_size))
 
     @property
+    def query_spatial(self) -> tuple[int, ...]:
+        """The spatial shape of the query, output and logsumexp (the box's, or every position's)."""
+        return self.spatial if self.query_box is None else tuple(stop - first for first, stop in self.query_box)
+
+    @property
+    def query_tokens(self) -> int:
+        return math.prod(self.query_spatial)
+
+    def every_query(self) -> "Problem":
+        """The problem over every position (no query box): what a backend without boxes computes."""
+        return replace(self, query_box=None)
+
+    @property
     def attn_shape(self) -> tuple[int, ...]:
         return (self.batch, *self.spatial, self.heads, self.slots)
 
     @property
     def qkv_shape(self) -> tuple[int, ...]:
-        """The query's shape (and the output's without ``head_dim_v``; the keys' and values' too without GQA)."""
-        return (self.batch, *self.spatial, self.heads, self.head_dim)
+        """The query's shape (and the output's without ``head_dim_v``; the keys' and values' too without GQA and
+        a query box)."""
+        return (self.batch, *self.query_spatial, self.heads, self.head_dim)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
         """The output's shape (and dOut's): the query's heads, the value's head dim."""
-        return (self.batch, *self.spatial, self.heads, self.v_dim)
+        return (self.batch, *self.query_spatial, self.heads, self.v_dim)
 
     @property
     def kv_shape(self) -> tuple[int, ...]:
@@ -119,7 +137,7 @@ class Problem:
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
-        return (self.batch, *self.spatial, self.heads)
+        return (self.batch, *self.query_spatial, self.heads)
 
     @property
     def extra_keys_shape(self) -> tuple[int, ...]:
@@ -351,14 +369,38 @@ def _note(name: str, x, ndim: int):
 # ---------------------------------------------------------------- problems
 
 
+class _Shaped:
+    """Something with a shape, standing in for an array in the shape checks."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _query_box(ndim: int, query, key, query_box) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """The validated query box (per axis ``(first, stop)`` inside the key's positions, holding the query's
+    rows) and the query's shape over every position, for the shape checks that compare it with the key's."""
+    _unpack_heads_last("key", key, ndim)
+    positions = tuple(int(s) for s in key.shape[1:-2])
+    box = tuple((int(first), int(first) + int(n)) for first, n in zip(query_box, query.shape[1:-2]))
+    if len(box) != ndim or any(not 0 <= first < stop <= length for (first, stop), length in zip(box, positions)):
+        raise ValueError(f"query rows from {tuple(query_box)} with query spatial shape "
+                         f"{tuple(query.shape[1:-2])} must lie inside the key's positions {positions}")
+    return box, (query.shape[0], *positions, *query.shape[-2:])
+
+
 def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                  additional_keys=None, additional_values=None) -> Problem:
-    """Validate the arguments of ``na1d``/``na2d``/``na3d``."""
+                  additional_keys=None, additional_values=None, query_start=None) -> Problem:
+    """Validate the arguments of ``na1d``/``na2d``/``na3d``. ``query_start`` (internal: context parallelism):
+    per axis the position of the query's first row among the key's positions; the query covers a box of them."""
     kind = _array_kind("query", query)
     _same_placement("query", query, {"key": key, "value": value})
     dtype = _floating("query", query)
-    batch, spatial, heads, head_dim = _unpack_heads_last("query", query, ndim)
-    heads_kv = _kv_heads(ndim, "query", query, heads, (("key", key), ("value", value)), own_head_dim="value")
+    _unpack_heads_last("query", query, ndim)
+    box, shaped = (None, query) if query_start is None else _query_box(ndim, query, key, query_start)
+    if box is not None:
+        shaped = _Shaped(shaped)
+    batch, spatial, heads, head_dim = _unpack_heads_last("query", shaped, ndim)
+    heads_kv = _kv_heads(ndim, "query", shaped, heads, (("key", key), ("value", value)), own_head_dim="value")
     if head_dim < 1:
         raise ValueError(f"query head_dim (last dimension) must be >= 1, got {head_dim}")
     axes = _axes(ndim, spatial, kernel_size, stride, dilation, is_causal, _note("query", query, ndim))
@@ -367,7 +409,7 @@ def fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_cau
     _layouts.warn_if_transposed("query", query, ndim, _layouts.HEADS_LAST)
     head_dim_v = int(value.shape[-1])
     problem = Problem(FUSED, axes, batch, heads, head_dim, dtype, kind, _arrays.device_of(query), has_rpb, scale,
-                      heads_kv, None if head_dim_v == head_dim else head_dim_v)
+                      heads_kv, None if head_dim_v == head_dim else head_dim_v, query_box=box)
     tokens = _extra_tokens(problem, query, additional_keys, additional_values)
     return replace(problem, extra_tokens=tokens) if tokens else problem
 

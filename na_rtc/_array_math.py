@@ -7,6 +7,8 @@ matrix products over (batch, heads, ...).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._args import Problem
@@ -21,7 +23,8 @@ class NumpyMath:
 
     def heads_first(self, x, problem: Problem, dtype):
         """``[batch, *spatial, heads, last]`` -> contiguous ``[batch, heads, tokens, last]``."""
-        flat = np.asarray(x).reshape(problem.batch, problem.tokens, *x.shape[-2:])
+        x = np.asarray(x)
+        flat = x.reshape(problem.batch, math.prod(x.shape[1:-2]), *x.shape[-2:])  # queries (a box) or keys
         return np.ascontiguousarray(flat.swapaxes(1, 2), dtype=dtype)
 
     def cast(self, x, dtype):
@@ -109,7 +112,7 @@ class TorchMath:
         return self.torch.float64 if dtype_name == "float64" else self.torch.float32
 
     def heads_first(self, x, problem: Problem, dtype):
-        flat = x.reshape(problem.batch, problem.tokens, *x.shape[-2:])
+        flat = x.reshape(problem.batch, math.prod(x.shape[1:-2]), *x.shape[-2:])  # queries (a box) or keys
         return flat.transpose(1, 2).to(dtype).contiguous()
 
     def cast(self, x, dtype):

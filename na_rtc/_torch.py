@@ -49,6 +49,11 @@ def _fused_args(problem: _args.Problem, backend) -> tuple:
     return (*_window(problem), problem.scale, backend.name)
 
 
+def _query_start(problem: _args.Problem) -> list[int] | None:
+    """The fused custom ops' ``query_start``: where a query box starts (None: every position)."""
+    return None if problem.query_box is None else [first for first, _ in problem.query_box]
+
+
 def _ops(backend: str) -> dict:
     return backends.get(backend).ops
 
@@ -90,16 +95,17 @@ def _recorded(*tensors) -> bool:
 def fused_fwd(query: Tensor, key: Tensor, value: Tensor, rpb: Optional[Tensor], kernel_size: list[int],
               stride: list[int], dilation: list[int], is_causal: list[bool], scale: float,
               backend: str, additional_keys: Optional[Tensor] = None,
-              additional_values: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+              additional_values: Optional[Tensor] = None, query_start: Optional[list[int]] = None
+              ) -> tuple[Tensor, Tensor]:
     problem = _args.fused_problem(len(kernel_size), query, key, value, kernel_size, stride, dilation, is_causal,
-                                  scale, rpb, additional_keys, additional_values)
+                                  scale, rpb, additional_keys, additional_values, query_start)
     extra = (additional_keys, additional_values) if problem.extra_tokens else ()
     return _ops(backend)["fused_forward"](problem, query, key, value, rpb, *extra)
 
 
 @fused_fwd.register_fake
 def _(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale, backend, additional_keys=None,
-      additional_values=None):
+      additional_values=None, query_start=None):
     return (query.new_empty((*query.shape[:-1], value.shape[-1])),  # the value's head dim
             query.new_empty(query.shape[:-1], dtype=_lse_dtype(query)))
 
@@ -110,12 +116,13 @@ def fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, rpb: 
               output: Optional[Tensor], logsumexp: Optional[Tensor], kernel_size: list[int], stride: list[int],
               dilation: list[int], is_causal: list[bool], scale: float,
               backend: str, grad_lse: Optional[Tensor] = None, additional_keys: Optional[Tensor] = None,
-              additional_values: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              additional_values: Optional[Tensor] = None, query_start: Optional[list[int]] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # output and logsumexp may be None (the plain na*d_backward functions): the backend recomputes them;
     # grad_lse, the logsumexp's gradient, may be None: none reaches it. Without extra tokens their gradients are
     # empty stand-ins
     problem = _args.fused_problem(len(kernel_size), query, key, value, kernel_size, stride, dilation, is_causal,
-                                  scale, rpb, additional_keys, additional_values)
+                                  scale, rpb, additional_keys, additional_values, query_start)
     extra = (additional_keys, additional_values) if problem.extra_tokens else ()
     grads = _ops(backend)["fused_backward"](problem, grad_out, query, key, value, rpb, output, logsumexp, grad_lse,
                                             *extra)
@@ -126,7 +133,7 @@ def fused_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, rpb: 
 
 @fused_bwd.register_fake
 def _(grad_out, query, key, value, rpb, output, logsumexp, kernel_size, stride, dilation, is_causal, scale, backend,
-      grad_lse=None, additional_keys=None, additional_values=None):
+      grad_lse=None, additional_keys=None, additional_values=None, query_start=None):
     drpb = _no_rpb_grad(query) if rpb is None else rpb.new_empty(rpb.shape)
     extra = ((additional_keys.new_empty(additional_keys.shape), additional_values.new_empty(additional_values.shape))
              if additional_keys is not None else (_no_rpb_grad(query), _no_rpb_grad(query)))
@@ -419,13 +426,23 @@ def fused_backward(backend, problem, grad_out, query, key, value, rpb, output=No
     """``(dq, dk, dv, drpb or None)`` of the fused op, ``grad_lse`` the logsumexp's gradient (or None), with
     extra tokens ``(..., d_extra_keys, d_extra_values)``; differentiable when autograd records it."""
     extra = problem.extra_tokens > 0
+    if problem.query_box is not None and _recorded(grad_out, query, key, value, rpb, grad_lse, extra_keys,
+                                                   extra_values):
+        # the split ops have no query box: the recorded backward runs on every position (query_box.py)
+        from . import query_box
+
+        pad = functools.partial(query_box._pad, problem)
+        grads = fused_backward(backend, problem.every_query(), pad(grad_out), pad(query), key, value, rpb,
+                               pad(output), pad(logsumexp), pad(grad_lse), extra_keys, extra_values)
+        return (query_box._crop(problem, grads[0]), *grads[1:])
     if _recorded(grad_out, query, key, value, rpb, grad_lse, extra_keys, extra_values):
         if extra:
             return _recorded_with_extra_tokens(backend, problem, grad_out, query, key, value, rpb, grad_lse,
                                                extra_keys, extra_values)
         return _fused_backward_recorded(backend, problem, grad_out, query, key, value, rpb, grad_lse)
     dq, dk, dv, drpb, dxk, dxv = fused_bwd(grad_out, query, key, value, rpb, output, logsumexp,
-                                           *_fused_args(problem, backend), grad_lse, extra_keys, extra_values)
+                                           *_fused_args(problem, backend), grad_lse, extra_keys, extra_values,
+                                           _query_start(problem))
     grads = dq, dk, dv, None if rpb is None else drpb
     return (*grads, dxk, dxv) if extra else grads
 
@@ -439,7 +456,8 @@ class FusedNA(torch.autograd.Function):
     def forward(ctx, backend, problem, query, key, value, rpb, extra_keys=None, extra_values=None):
         ctx.backend, ctx.problem = backend, problem
         ctx.set_materialize_grads(False)  # a logsumexp (or output) nothing depends on sends None, not zeros
-        out, lse = fused_fwd(query, key, value, rpb, *_fused_args(problem, backend), extra_keys, extra_values)
+        out, lse = fused_fwd(query, key, value, rpb, *_fused_args(problem, backend), extra_keys, extra_values,
+                             _query_start(problem))
         ctx.save_for_backward(query, key, value, rpb, out, lse, extra_keys, extra_values)
         return out, lse
 

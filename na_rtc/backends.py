@@ -218,9 +218,9 @@ def _load_reference() -> dict:
 
 
 def _load_blocked() -> dict:
-    from . import blocked
+    from . import blocked, query_box
 
-    return blocked.OPS
+    return query_box.on_every_query(blocked.OPS)
 
 
 def executor(name: str):
@@ -232,9 +232,10 @@ def executor(name: str):
 
 def _kernel_ops(name: str) -> Callable[[], dict]:
     def load() -> dict:
+        from . import query_box
         from .runtime import ops
 
-        return ops.make_ops(executor(name), name)
+        return query_box.on_every_query(ops.make_ops(executor(name), name))
 
     return load
 

@@ -41,11 +41,13 @@ def _run(op: str, problem: _args.Problem, backend: str | None, *arrays):
 
 
 def _fused(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
-           additional_keys=None, additional_values=None):
+           additional_keys=None, additional_values=None, query_start=None):
+    """The fused ops; ``query_start`` (context parallelism): the query covers a box of the key's positions
+    starting there (``Problem.query_box``)."""
     query, key, value = _autocast(query, key, value)
     additional_keys, additional_values = _autocast(additional_keys, additional_values)
     problem = _args.fused_problem(ndim, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb,
-                                  additional_keys, additional_values)
+                                  additional_keys, additional_values, query_start)
     extra = (additional_keys, additional_values) if problem.extra_tokens else ()
     out, lse = _run(_args.FUSED, problem, backend, query, key, value, rpb, *extra)
     return (out, lse) if return_lse else out

@@ -88,7 +88,7 @@ class _Run:
         self.m = math_for(problem, like)
         self.dtype = self.m.compute_dtype(problem.dtype)
         self.all_valid = all_slots_valid(problem.axes)
-        self.shape = (problem.batch, problem.heads, problem.tokens, problem.head_dim)
+        self.shape = (problem.batch, problem.heads, problem.query_tokens, problem.head_dim)
         self.shape_v = (*self.shape[:3], problem.v_dim)  # the values', output's and their gradients'
         self.weights_shape = (problem.batch, problem.heads, problem.tokens, problem.slots)
         itemsize = 8 if problem.dtype == "float64" else 4
@@ -100,10 +100,10 @@ class _Run:
 
     def chunks(self):
         """The query chunks in order, each with its slot rows (built per chunk, never for all queries)."""
-        axes, tokens = self.problem.axes, self.problem.tokens
+        axes, tokens, box = self.problem.axes, self.problem.query_tokens, self.problem.query_box
         for start in range(0, tokens, self.chunk):
             stop = min(start + self.chunk, tokens)
-            yield _Chunk(slice(start, stop), self.m.table(slot_rows(axes, start, stop)), self.all_valid)
+            yield _Chunk(slice(start, stop), self.m.table(slot_rows(axes, start, stop, box)), self.all_valid)
 
     def prepare(self, x):
         """Heads-first, compute dtype."""
@@ -245,7 +245,9 @@ def fused_backward(problem: Problem, grad_out, query, key, value, rpb=None, outp
     delta = m.sum_last(dout * out)  # rowsum(dOut * out): [B, H, N]
     if grad_lse is not None:  # d lse / d logit = p: the logits' gradient gains p * dlse
         delta = delta - run.prepare(grad_lse[..., None])[..., 0]
-    dq, dk, dv = m.zeros(run.shape, run.dtype), m.zeros(run.shape, run.dtype), m.zeros(run.shape_v, run.dtype)
+    keys = (*run.shape[:2], problem.tokens)  # every position (a query box holds fewer queries)
+    dq, dk, dv = m.zeros(run.shape, run.dtype), m.zeros((*keys, problem.head_dim), run.dtype), \
+        m.zeros((*keys, problem.v_dim), run.dtype)
     drpb = run.new_rpb_grad(rpb)
     for chunk in run.chunks():
         rows = chunk.rows

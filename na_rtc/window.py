@@ -177,25 +177,28 @@ def slot_table(axis: Axis) -> SlotTable:
     return SlotTable(keys, valid, bias)
 
 
-def slot_rows(axes: tuple[Axis, ...], start: int, stop: int) -> SlotTable:
+def slot_rows(axes: tuple[Axis, ...], start: int, stop: int, box=None) -> SlotTable:
     """Rows ``[start, stop)`` of :func:`flat_slot_table`, built from the per-axis tables alone.
 
     Memory is ``(stop - start) * prod(kernel_sizes)`` entries, whatever the
     total number of tokens: the reference backend asks for one query chunk at
     a time, so 3D problems (kernel volumes of hundreds of slots) never hold a
-    table over all (query, slot) pairs.
+    table over all (query, slot) pairs. With ``box`` (per axis ``(first,
+    stop)`` positions) the rows are the queries of that box, flattened
+    row-major over the box; keys stay flat indices over the whole axes.
     """
+    box = tuple((0, axis.length) for axis in axes) if box is None else box
     tokens = np.arange(start, stop, dtype=np.int64)
     rows = len(tokens)
     keys = np.zeros((rows, 1), dtype=np.int64)
     valid = np.ones((rows, 1), dtype=bool)
     bias = np.zeros((rows, 1), dtype=np.int64)
     inner = 1
-    for axis in axes:
-        inner *= axis.length
-    for axis in axes:
-        inner //= axis.length
-        coord = (tokens // inner) % axis.length  # row-major: the first axis varies slowest
+    for first, last in box:
+        inner *= last - first
+    for axis, (first, last) in zip(axes, box):
+        inner //= last - first
+        coord = first + (tokens // inner) % (last - first)  # row-major: the first axis varies slowest
         table = slot_table(axis)
         # outer product of (slots so far) x (this axis' slots), row-major
         keys = (keys[:, :, None] * axis.length + table.keys[coord][:, None, :]).reshape(rows, -1)

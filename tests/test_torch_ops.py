@@ -44,6 +44,9 @@ SAMPLES = {
     "av_fwd-3d": (torch.ops.na_rtc.av_fwd, (ATTN3, Q3, [2, 3, 3], [1, 1, 1], [False, True, False], "reference")),
     "av_bwd-3d": (torch.ops.na_rtc.av_bwd, (Q3, ATTN3, Q3 - 1, [2, 3, 3], [2, 1, 1], [True, False, False],
                                             "reference")),
+    # a query box (context parallelism): the query covers rows 3..9 of the key's 12, the keyword at the end
+    "fused_fwd-1d-query-box": (torch.ops.na_rtc.fused_fwd, (Q1[:, 3:10], Q1 + 1, Q1 - 1, RPB1, [5], [1], [2],
+                                                            [False], 0.3, "reference", None, None, [3])),
     # GQA/MQA: key and value with fewer heads (the reference serves it)
     "fused_fwd-1d-gqa": (torch.ops.na_rtc.fused_fwd, (Q1, KV1, KV1 - 1, RPB1, [5], [1], [2], [False], 0.3,
                                                       "reference")),

@@ -199,8 +199,8 @@ def overlap_pieces(plan: HaloPlan) -> tuple[Piece, ...] | None:
     computing while the halo travels, else None.
 
     The interior's queries and keys lie inside the slab (it needs no received row); the borders' local axes
-    lie inside the plan's. Each piece's local axis holds rows of queries that are not its own, which are
-    computed and discarded: the split is taken when all pieces together compute at most
+    lie inside the plan's. Each piece's local axis holds rows of queries that are not its own, which a backend
+    without native query boxes computes and discards: the split is taken when all pieces together compute at most
     ``OVERLAP_EXTRA_WORK`` times the rows of the single computation (wide slabs, short halos)."""
     axis, first, stop = plan.axis, plan.query_start, plan.query_stop
     if not plan.receives or stop - first < 2:

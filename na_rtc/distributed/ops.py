@@ -1,13 +1,14 @@
 """Context-parallel fused neighborhood attention: validate collectively, exchange the halo, compute locally.
 
 A rank's call: its key/value slabs become tensors over the plan's local axis
-(slab and halo, :mod:`.exchange`), its queries are zero-padded to the same
-axis, and the single-GPU op (any backend) runs on them; the slab's rows of the
-output and logsumexp are returned. The local axis is chosen so that the
-single-GPU window math gives every query of the slab its global window
-(:mod:`.halo`), hence the same function as one process. The padding rows are
-queries whose outputs are discarded: their gradients are zero, so they add
-nothing to dK, dV or the bias gradient.
+(slab and halo, :mod:`.exchange`), and the single-GPU fused op (any backend)
+runs the slab's queries against them as a query box of that axis
+(``Problem.query_box``). The local axis is chosen so that the single-GPU
+window math gives every query of the slab its global window (:mod:`.halo`),
+hence the same function as one process. A backend without native query boxes
+pads the queries to the whole local axis and drops the padding rows' outputs
+(:mod:`na_rtc.query_box`): their gradients are zero, so they add nothing to
+dK, dV or the bias gradient.
 
 When the slab has an interior that needs no halo (:func:`.halo.overlap_pieces`),
 the exchange is started, the interior computed on the slab's own rows, and
@@ -25,14 +26,6 @@ from .halo import Piece, overlap_pieces
 from .validate import validate
 
 __all__ = ["context_parallel"]
-
-
-def _pad(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
-    """``x`` with ``before``/``after`` zero rows on dimension ``dim`` (differentiable)."""
-    if not before and not after:
-        return x
-    spec = [0, 0] * (x.dim() - 1 - dim) + [before, after]
-    return torch.nn.functional.pad(x, spec)
 
 
 def _empty_slab(query, value, tensors):
@@ -63,14 +56,13 @@ def context_parallel(ndim, query, key, value, kernel_size, stride, dilation, is_
     def attend(piece, q_rows, keys, values, key_offset):
         """The piece's queries (rows ``q_rows`` of this slab's query, global offset ``plan.query_start``)
         against ``keys``/``values`` (global offset ``key_offset``) on the piece's local axis."""
-        before, after = piece.query_start - piece.key_start, piece.key_stop - piece.query_stop
         local_keys, local_values = (t.narrow(dim, piece.key_start - key_offset, piece.key_stop - piece.key_start)
                                     for t in (keys, values))
-        out, lse = functional._fused(ndim, _pad(q_rows, dim, before, after), local_keys, local_values,
-                                     kernel_size, stride, dilation, is_causal, scale, rpb, True, backend,
-                                     additional_keys, additional_values)
-        rows = piece.query_stop - piece.query_start
-        return out.narrow(dim, before, rows), lse.narrow(dim, before, rows)
+        # the queries are a box of the local axis: a backend with native boxes computes only them, the others
+        # pad them to every row (query_box.py)
+        start = [piece.query_start - piece.key_start if axis == shard_dim else 0 for axis in range(ndim)]
+        return functional._fused(ndim, q_rows, local_keys, local_values, kernel_size, stride, dilation, is_causal,
+                                 scale, rpb, True, backend, additional_keys, additional_values, start)
 
     def rows_of(piece):
         return query.narrow(dim, piece.query_start - plan.query_start, piece.query_stop - piece.query_start)

@@ -1,0 +1,84 @@
+"""Query boxes on backends that compute every position.
+
+A fused problem with a query box (``Problem.query_box``: the query, output and logsumexp cover a box of
+positions, keys and values every position; context parallelism's slab queries against slab and halo) runs on a
+backend without native boxes by padding the query-side arrays with zeros to every position, computing, and
+keeping the box. Padded queries' outputs are dropped; in the backward their output gradient is zero (and so is
+their logsumexp gradient), so they add nothing to dK, dV or the bias gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+from . import _arrays
+
+
+def _pad(problem, x):
+    """``x`` (``[batch, *box, ...]``) inside zeros of ``[batch, *spatial, ...]``."""
+    if x is None:
+        return None
+    widths = [(0, 0)] + [(first, length - stop) for (first, stop), length in zip(problem.query_box, problem.spatial)]
+    widths += [(0, 0)] * (len(x.shape) - len(widths))
+    if _arrays.kind_of(x) == _arrays.TORCH:
+        import torch
+
+        return torch.nn.functional.pad(x, [w for pair in reversed(widths) for w in pair])
+    if _arrays.kind_of(x) == _arrays.CUPY:
+        import cupy
+
+        return cupy.pad(x, widths)
+    import numpy
+
+    return numpy.pad(x, widths)
+
+
+def _crop(problem, x):
+    """The box of ``x`` (``[batch, *spatial, ...]``), in arrays of its own (an op returns no views: torch's
+    custom ops compare storage offsets with their fake implementations)."""
+    if x is None:
+        return None
+    box = x[(slice(None), *(slice(first, stop) for first, stop in problem.query_box))]
+    return box.clone() if _arrays.kind_of(x) == _arrays.TORCH else box.copy()
+
+
+class _OnEveryQuery(Mapping):
+    """A backend's op table whose fused forward and backward take query boxes by padding; every op is looked
+    up in the backend's own table at each call (so a replaced entry, a test's spy, is the one that runs)."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getitem__(self, name):
+        op = self._ops[name]
+        wrap = {"fused_forward": _forward, "fused_backward": _backward}.get(name)
+        return op if wrap is None else functools.partial(wrap, op)
+
+    def __iter__(self):
+        return iter(self._ops)
+
+    def __len__(self):
+        return len(self._ops)
+
+
+def _forward(forward, problem, query, key, value, rpb=None, *extra, **kwargs):
+    if problem.query_box is None:
+        return forward(problem, query, key, value, rpb, *extra, **kwargs)
+    out, lse = forward(problem.every_query(), _pad(problem, query), key, value, rpb, *extra, **kwargs)
+    return _crop(problem, out), _crop(problem, lse)
+
+
+def _backward(backward, problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None, grad_lse=None,
+              *extra):
+    if problem.query_box is None:
+        return backward(problem, grad_out, query, key, value, rpb, output, logsumexp, grad_lse, *extra)
+    grads = backward(problem.every_query(), *(_pad(problem, x) for x in (grad_out, query)), key, value, rpb,
+                     *(_pad(problem, x) for x in (output, logsumexp, grad_lse)), *extra)
+    return (_crop(problem, grads[0]), *grads[1:])
+
+
+def on_every_query(ops) -> Mapping:
+    """``ops`` (a backend's op table) with fused forward and backward that take problems with a query box by
+    padding."""
+    return _OnEveryQuery(ops)
