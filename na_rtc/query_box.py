@@ -10,7 +10,7 @@ their logsumexp gradient), so they add nothing to dK, dV or the bias gradient.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 
 from . import _arrays
 
@@ -43,17 +43,26 @@ def _crop(problem, x):
     return box.clone() if _arrays.kind_of(x) == _arrays.TORCH else box.copy()
 
 
-class _OnEveryQuery(Mapping):
-    """A backend's op table whose fused forward and backward take query boxes by padding; every op is looked
-    up in the backend's own table at each call (so a replaced entry, a test's spy, is the one that runs)."""
+class _OnEveryQuery(MutableMapping):
+    """A backend's op table whose fused forward and backward take query boxes by padding. Every op is looked
+    up in the backend's own table at each call, and entries set here are set there (unwrapped), so that a
+    replaced entry (a test's spy) is the one that runs."""
 
     def __init__(self, ops):
         self._ops = ops
 
     def __getitem__(self, name):
         op = self._ops[name]
-        wrap = {"fused_forward": _forward, "fused_backward": _backward}.get(name)
+        wrap = _WRAPS.get(name)
         return op if wrap is None else functools.partial(wrap, op)
+
+    def __setitem__(self, name, op):
+        if isinstance(op, functools.partial) and op.func in _WRAPS.values():
+            op = op.args[0]
+        self._ops[name] = op
+
+    def __delitem__(self, name):
+        del self._ops[name]
 
     def __iter__(self):
         return iter(self._ops)
@@ -78,7 +87,10 @@ def _backward(backward, problem, grad_out, query, key, value, rpb=None, output=N
     return (_crop(problem, grads[0]), *grads[1:])
 
 
-def on_every_query(ops) -> Mapping:
+_WRAPS = {"fused_forward": _forward, "fused_backward": _backward}
+
+
+def on_every_query(ops) -> MutableMapping:
     """``ops`` (a backend's op table) with fused forward and backward that take problems with a query box by
     padding."""
     return _OnEveryQuery(ops)
