@@ -431,10 +431,10 @@ def fused_backward(backend, problem, grad_out, query, key, value, rpb, output=No
         # the split ops have no query box: the recorded backward runs on every position (query_box.py)
         from . import query_box
 
-        pad = functools.partial(query_box._pad, problem)
+        pad = functools.partial(query_box.pad, problem)
         grads = fused_backward(backend, problem.every_query(), pad(grad_out), pad(query), key, value, rpb,
                                pad(output), pad(logsumexp), pad(grad_lse), extra_keys, extra_values)
-        return (query_box._crop(problem, grads[0]), *grads[1:])
+        return (query_box.crop(problem, grads[0]), *grads[1:])
     if _recorded(grad_out, query, key, value, rpb, grad_lse, extra_keys, extra_values):
         if extra:
             return _recorded_with_extra_tokens(backend, problem, grad_out, query, key, value, rpb, grad_lse,

@@ -156,8 +156,8 @@ class _NeighborhoodAttention(nn.Module):
         self._window = (kernel, strides, dilations, causal)
         self._min_size = tuple(k * d for k, d in zip(kernel, dilations))
         # context parallelism: the input is this rank's slab of spatial axis shard_dim (na_rtc.distributed)
-        if isinstance(shard_dim, bool) or not isinstance(shard_dim, int) or not 0 <= shard_dim < ndim:
-            raise ValueError(f"shard_dim must be a spatial axis index in [0, {ndim}), got {shard_dim!r}")
+        if (error := distributed.validate.shard_dim_error(shard_dim, ndim)) is not None:
+            raise ValueError(error)
         self.process_group, self.shard_dim = process_group, shard_dim
 
         # one projection, outputs [q | k | v]: num_heads query heads, num_kv_heads key and value heads each
@@ -222,9 +222,7 @@ class _NeighborhoodAttention(nn.Module):
         # NATTEN's modules zero-pad inputs smaller than the window at the end
         # of each axis (before the qkv projection) and crop the output back;
         # the ops themselves require kernel_size * dilation <= size.
-        pads = tuple(max(0, m - n) for m, n in zip(self._min_size, self._global_size(spatial)))
-        if self.process_group is not None and not self._holds_axis_end(spatial):
-            pads = tuple(0 if axis == self.shard_dim else p for axis, p in enumerate(pads))
+        pads = self._padding(spatial)
         if any(pads):
             spec = []
             for p in reversed(pads):
@@ -252,25 +250,18 @@ class _NeighborhoodAttention(nn.Module):
             out = out[(slice(None), *(slice(0, n) for n in spatial))]
         return self.proj_drop(self.proj(out))
 
-    def _slab_lengths(self, spatial) -> tuple[int, ...]:
-        from .distributed.comm import communicator
-        from .distributed.validate import slab_lengths
-
-        return slab_lengths(communicator(self.process_group), spatial[self.shard_dim])
-
-    def _global_size(self, spatial) -> tuple[int, ...]:
-        """The input's spatial size, along the shard axis the sum of every rank's slab."""
-        if self.process_group is None:
-            return spatial
-        total = sum(self._slab_lengths(spatial))
-        return tuple(total if axis == self.shard_dim else n for axis, n in enumerate(spatial))
-
-    def _holds_axis_end(self, spatial) -> bool:
-        """Whether this rank's slab ends the shard axis (the last rank pads a short axis, as one process
-        pads its end)."""
-        from .distributed.comm import communicator
-
-        return communicator(self.process_group).rank == len(self._slab_lengths(spatial)) - 1
+    def _padding(self, spatial) -> tuple[int, ...]:
+        """Rows to append on each axis up to ``kernel_size * dilation``. Context parallel, the shard axis is
+        every rank's slab together (one gather of their lengths) and only the last rank, which holds the
+        axis' end, pads it, as one process pads its end."""
+        sizes, pads_shard_axis = spatial, True
+        if self.process_group is not None:
+            comm = distributed.communicator(self.process_group)
+            lengths = distributed.validate.slab_lengths(comm, spatial[self.shard_dim])
+            sizes = tuple(sum(lengths) if axis == self.shard_dim else n for axis, n in enumerate(spatial))
+            pads_shard_axis = comm.rank == len(lengths) - 1
+        return tuple(0 if axis == self.shard_dim and not pads_shard_axis else max(0, m - n)
+                     for axis, (m, n) in enumerate(zip(self._min_size, sizes)))
 
     def extra_repr(self) -> str:
         kv = f"num_kv_heads={self.num_kv_heads}, " if self.num_kv_heads != self.num_heads else ""

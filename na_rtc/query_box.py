@@ -15,7 +15,7 @@ from collections.abc import MutableMapping
 from . import _arrays
 
 
-def _pad(problem, x):
+def pad(problem, x):
     """``x`` (``[batch, *box, ...]``) inside zeros of ``[batch, *spatial, ...]``."""
     if x is None:
         return None
@@ -34,7 +34,7 @@ def _pad(problem, x):
     return numpy.pad(x, widths)
 
 
-def _crop(problem, x):
+def crop(problem, x):
     """The box of ``x`` (``[batch, *spatial, ...]``), in arrays of its own (an op returns no views: torch's
     custom ops compare storage offsets with their fake implementations)."""
     if x is None:
@@ -74,17 +74,17 @@ class _OnEveryQuery(MutableMapping):
 def _forward(forward, problem, query, key, value, rpb=None, *extra, **kwargs):
     if problem.query_box is None:
         return forward(problem, query, key, value, rpb, *extra, **kwargs)
-    out, lse = forward(problem.every_query(), _pad(problem, query), key, value, rpb, *extra, **kwargs)
-    return _crop(problem, out), _crop(problem, lse)
+    out, lse = forward(problem.every_query(), pad(problem, query), key, value, rpb, *extra, **kwargs)
+    return crop(problem, out), crop(problem, lse)
 
 
 def _backward(backward, problem, grad_out, query, key, value, rpb=None, output=None, logsumexp=None, grad_lse=None,
               *extra):
     if problem.query_box is None:
         return backward(problem, grad_out, query, key, value, rpb, output, logsumexp, grad_lse, *extra)
-    grads = backward(problem.every_query(), *(_pad(problem, x) for x in (grad_out, query)), key, value, rpb,
-                     *(_pad(problem, x) for x in (output, logsumexp, grad_lse)), *extra)
-    return (_crop(problem, grads[0]), *grads[1:])
+    grads = backward(problem.every_query(), *(pad(problem, x) for x in (grad_out, query)), key, value, rpb,
+                     *(pad(problem, x) for x in (output, logsumexp, grad_lse)), *extra)
+    return (crop(problem, grads[0]), *grads[1:])
 
 
 _WRAPS = {"fused_forward": _forward, "fused_backward": _backward}

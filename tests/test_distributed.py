@@ -358,3 +358,18 @@ def test_layer_arguments():
     with pytest.raises(ValueError, match="attn_drop"):
         layer(torch.randn(1, 6, 8))
     assert "context parallel over shard_dim=0" in repr(layer)
+
+
+def test_a_layer_gathers_slab_lengths_once_per_call():
+    """A context-parallel layer's call: one gather of slab lengths (its padding) and the op's layout
+    agreement; the full check only on the first call."""
+    layer = na_rtc.NeighborhoodAttention1D(8, 2, 3)
+
+    def fn(comm):
+        mine = copy.deepcopy(layer)
+        mine.process_group = comm
+        for _ in range(2):
+            mine(torch.randn(1, 5, 8))
+    run_ranks(2, fn)
+    for events in run_ranks.last_world.events:
+        assert events.count("all_gather") == 3 + 2

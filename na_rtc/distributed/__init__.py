@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import validate
 from .comm import Communicator, ProcessGroupCommunicator, communicator
 from .exchange import TRAFFIC, pack_rows, row_bytes, unpack_rows
 from .ops import context_parallel
@@ -90,9 +91,8 @@ def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, 
 def _spatial_dim(x, shard_dim) -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__qualname__}")
-    if isinstance(shard_dim, bool) or not isinstance(shard_dim, int) or not 0 <= shard_dim < x.dim() - 2:
-        raise ValueError(f"shard_dim must be a spatial axis of x (x is [batch, *spatial, ...] with shape "
-                         f"{tuple(x.shape)}: 0 to {x.dim() - 3}), got {shard_dim!r}")
+    if (error := validate.shard_dim_error(shard_dim, x.dim() - 2)) is not None:
+        raise ValueError(f"{error} (x is [batch, *spatial, ...] with shape {tuple(x.shape)})")
     return 1 + shard_dim
 
 

@@ -61,14 +61,21 @@ def _slab_free(desc, dim: int):
     return (tuple(shape), *desc[1:])
 
 
+def shard_dim_error(shard_dim, ndim: int) -> str | None:
+    """What is wrong with ``shard_dim`` for ``ndim`` spatial axes (a message), or None."""
+    if isinstance(shard_dim, bool) or not isinstance(shard_dim, int) or not 0 <= shard_dim < ndim:
+        return f"shard_dim must be a spatial axis index in [0, {ndim}), got {shard_dim!r}"
+    return None
+
+
 def _local_error(ndim: int, shard_dim, tensors: dict, comm) -> str | None:
     """What is wrong with this rank's call on its own (a message), checked before anything is gathered."""
     for name in ("query", "key", "value"):
         if not isinstance(tensors[name], torch.Tensor):
             return f"TypeError: {name} must be a torch tensor (na_rtc.distributed is torch only), got " \
                    f"{type(tensors[name]).__qualname__}"
-    if isinstance(shard_dim, bool) or not isinstance(shard_dim, int) or not 0 <= shard_dim < ndim:
-        return f"ValueError: shard_dim must be a spatial axis index in [0, {ndim}), got {shard_dim!r}"
+    if (shard_error := shard_dim_error(shard_dim, ndim)) is not None:
+        return f"ValueError: {shard_error}"
     dim = 1 + shard_dim
     query = tensors["query"]
     if query.dim() != ndim + 3:
